@@ -1,0 +1,68 @@
+"""HTTP client of the worker API: the only way a worker changes anything in the control plane."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+API_PREFIX = "/api/worker/v1"
+
+
+class StaleAttempt(Exception):
+    """The control plane has moved on to a newer attempt (HTTP 409): stop, change nothing."""
+
+
+class NotAssigned(Exception):
+    """The job is not assigned to this worker (HTTP 403/404): a forged or stale wake-up."""
+
+
+class WorkerClient:
+    def __init__(self, server: str, token: str, timeout: float = 30.0, retries: int = 4):
+        self.server = server.rstrip("/")
+        self.retries = retries
+        self._http = httpx.Client(
+            base_url=self.server + API_PREFIX,
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "tunedeck-worker"},
+            timeout=timeout,
+        )
+
+    def __repr__(self) -> str:  # never show the token
+        return f"WorkerClient({self.server!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries on transport errors and 5xx; posts are idempotent on the server side."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.post(path, json=payload)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if response.status_code == 409:
+                    raise StaleAttempt(response.json().get("detail", "stale attempt"))
+                if response.status_code in (403, 404):
+                    raise NotAssigned(response.json().get("detail", "not assigned"))
+                if response.status_code < 500 or attempt == self.retries:
+                    response.raise_for_status()
+                    return dict(response.json())
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    def claim(self, run_id: int, attempt: int) -> dict[str, Any]:
+        return self._post(f"/jobs/{run_id}/claim", {"attempt": attempt})["spec"]  # type: ignore[no-any-return]
+
+    def events(self, run_id: int, attempt: int, events: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._post(f"/jobs/{run_id}/events", {"attempt": attempt, "events": events})
+
+    def status(self, run_id: int, attempt: int, state: str, **fields: Any) -> dict[str, Any]:
+        return self._post(f"/jobs/{run_id}/status", {"attempt": attempt, "state": state, **fields})
+
+    def heartbeat(self, inventory: dict[str, Any]) -> dict[str, Any]:
+        return self._post("/heartbeat", {"inventory": inventory})

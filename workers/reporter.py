@@ -1,0 +1,109 @@
+"""Reporters carry a job's log lines, metrics and final status to wherever they are recorded.
+
+A runner only talks to a `Reporter`. `MemoryReporter` keeps everything in lists (tests,
+notebooks); `HttpReporter` posts batches to the worker API, fenced by (job, attempt).
+Every event carries a per-attempt sequence number so a retried batch is stored once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from workers.client import WorkerClient
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Buffers events and sends them in batches; remembers whether cancel was requested."""
+
+    flush_interval = 1.0
+    max_buffer = 200
+
+    def __init__(self) -> None:
+        self._buffer: list[dict[str, Any]] = []
+        self._seq = 0
+        self._last_flush = time.monotonic()
+        self.cancel_requested = False
+
+    def _event(self, kind: str, message: str = "", level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self._seq += 1
+        self._buffer.append(
+            {"seq": self._seq, "kind": kind, "level": level, "message": message, "data": data or {}, "time": time.time()}
+        )
+        if len(self._buffer) >= self.max_buffer:
+            self.flush()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._event("log", message, level)
+
+    def metric(self, **values: Any) -> None:
+        self._event("metric", data=values)
+
+    def maybe_flush(self) -> None:
+        """Flush if the last one is older than flush_interval: keeps the page live and cancel prompt."""
+        if time.monotonic() - self._last_flush >= self.flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        self._last_flush = time.monotonic()
+        try:
+            reply = self._send_events(batch)
+        except Exception:
+            self._buffer = batch + self._buffer  # keep them for the next try; the server dedupes by seq
+            raise
+        self.cancel_requested = self.cancel_requested or bool(reply.get("cancel"))
+
+    def finish(self, state: str, result: dict[str, Any] | None = None, error: str = "") -> None:
+        self.flush()
+        self._send_status(state, result or {}, error)
+
+    def started(self) -> None:
+        reply = self._send_status("running", {}, "")
+        self.cancel_requested = bool(reply.get("cancel"))
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class MemoryReporter(Reporter):
+    def __init__(self, cancel_after_events: int | None = None) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+        self.states: list[tuple[str, dict[str, Any], str]] = []
+        self.cancel_after_events = cancel_after_events
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        self.events.extend(batch)
+        cancel = self.cancel_after_events is not None and len(self.events) >= self.cancel_after_events
+        return {"cancel": cancel}
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        self.states.append((state, result, error))
+        return {"cancel": False}
+
+    @property
+    def logs(self) -> list[str]:
+        return [e["message"] for e in self.events if e["kind"] == "log"]
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.events if e["kind"] == "metric"]
+
+
+class HttpReporter(Reporter):
+    def __init__(self, client: WorkerClient, run_id: int, attempt: int) -> None:
+        super().__init__()
+        self.client, self.run_id, self.attempt = client, run_id, attempt
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.client.events(self.run_id, self.attempt, batch)
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        return self.client.status(self.run_id, self.attempt, state, result=result, error=error)
