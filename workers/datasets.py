@@ -130,8 +130,7 @@ def _parquet_records(data: bytes, report: DatasetReport) -> Iterator[tuple[int, 
     except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
         report.add(Problem(1, f"not a readable Parquet file: {exc}"))
         return
-    for index, record in enumerate(table.to_pylist(), start=1):
-        yield index, record
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def detect_format(record: dict[str, Any]) -> str | None:

@@ -195,7 +195,9 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter) -> Any:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.train.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=spec.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,157 @@
+"""Django settings, read from the environment only (see the README's configuration table)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from workers.config import (
+    ConfigError,
+    artifact_store_root,
+    celery_settings,
+    env_bool,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+    var_dir,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = var_dir()
+
+
+def _secret_key(debug: bool) -> str:
+    """SECRET_KEY from the environment; the embedded default generates one once under var/."""
+    key = env_secret("SECRET_KEY")
+    if key:
+        return key
+    if env_str("DATABASE_URL") and not debug:
+        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) is required when DATABASE_URL is set and DEBUG is off")
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50), encoding="utf-8")
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _database(url: str) -> dict[str, Any]:
+    if not url:
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{VAR_DIR / 'tunedeck.sqlite3'}"
+    try:
+        config: dict[str, Any] = dict(dj_database_url.parse(url, conn_max_age=0))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL is not a database URL Tunedeck understands: {exc}") from exc
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        config["OPTIONS"] = {
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+        }
+        config["TEST"] = {"NAME": str(VAR_DIR / "test-tunedeck.sqlite3")}
+    elif config["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured(f"DATABASE_URL: use postgresql:// or sqlite:// (got {config['ENGINE']})")
+    return config
+
+
+try:
+    DEBUG = env_bool("DEBUG", False)
+    SECRET_KEY = _secret_key(DEBUG)
+    ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+    CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+    DATABASES = {"default": _database(env_str("DATABASE_URL"))}
+    ARTIFACT_STORE = artifact_store_root()
+    _celery = celery_settings()
+    DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("TUNEDECK_MAX_UPLOAD_MB", 512, minimum=1) * 1024 * 1024
+    # Workers silent for this long are marked offline and their runs go back to the queue.
+    WORKER_OFFLINE_AFTER = env_int("TUNEDECK_WORKER_OFFLINE_AFTER", 120, minimum=10)
+    # A dispatched run not claimed within this many seconds gets its wake-up sent again.
+    DISPATCH_RESEND_AFTER = env_int("TUNEDECK_DISPATCH_RESEND_AFTER", 30, minimum=5)
+    MAX_ATTEMPTS = env_int("TUNEDECK_MAX_ATTEMPTS", 3, minimum=1)
+except ConfigError as exc:
+    raise ImproperlyConfigured(str(exc)) from exc
+
+FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+CELERY_BROKER_URL = _celery["broker_url"]
+CELERY = _celery
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "webapp.catalog",
+    "webapp.training",
+    "webapp.fleet",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "webapp.urls"
+ASGI_APPLICATION = "webapp.asgi.application"
+WSGI_APPLICATION = "webapp.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    }
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+WHITENOISE_USE_FINDERS = True  # serve straight from static/ without a collectstatic step
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "runs"
+LOGOUT_REDIRECT_URL = "login"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+}

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from workers import spec
+from workers.store import ArtifactStore
+
+
+class RunState(models.TextChoices):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES = (RunState.DISPATCHED, RunState.RUNNING)
+FINAL_STATES = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+# Which state a worker may report from which: anything else is refused with 409.
+WORKER_TRANSITIONS = {
+    RunState.DISPATCHED: {RunState.RUNNING, RunState.FAILED, RunState.CANCELLED},
+    RunState.RUNNING: {RunState.RUNNING, RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED},
+}
+
+
+class TrainingRun(models.Model):
+    name = models.CharField(max_length=200, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="runs")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
+    lora_config = models.ForeignKey(LoraConfig, on_delete=models.PROTECT, related_name="runs")
+    hyperparameters = models.JSONField(default=dict)
+    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
+    attempt = models.PositiveIntegerField(default=0)
+    worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    last_loss = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_report_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # The scheduler's scan: queued runs oldest first; and the active runs of a worker.
+            models.Index(fields=["state", "id"], name="run_state_id"),
+            # The runs list filtered by owner, newest first.
+            models.Index(fields=["owner", "-id"], name="run_owner_id"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"run {self.pk}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    def train_params(self) -> spec.TrainParams:
+        return spec.build(spec.TrainParams, self.hyperparameters)
+
+    def output_uri(self, attempt: int) -> str:
+        return ArtifactStore.uri("runs", self.pk, f"attempt-{attempt}", "adapter")
+
+    def job_spec(self) -> spec.TrainSpec:
+        return spec.TrainSpec(
+            run_id=self.pk,
+            attempt=self.attempt,
+            base_model=self.base_model.model_ref(),
+            dataset=spec.DatasetRef(uri=self.dataset.uri, format=self.dataset.format),
+            lora=self.lora_config.lora_params(),
+            train=self.train_params(),
+            output_uri=self.output_uri(self.attempt),
+        )
+
+
+class RunEvent(models.Model):
+    """Append-only log lines and metric points; the id orders them and is the SSE cursor."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="events")
+    attempt = models.PositiveIntegerField()
+    # Per-attempt sequence number from the worker (dedupes retried batches); null for the
+    # control plane's own lines (dispatched, requeued...). NULLs never collide in the constraint.
+    seq = models.PositiveIntegerField(null=True, blank=True)
+    kind = models.CharField(max_length=16)  # log | metric | status
+    level = models.CharField(max_length=16, default="info")
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "attempt", "seq"], name="event_unique_seq"),
+        ]
+        indexes = [
+            # The live tail: events of a run after a cursor id.
+            models.Index(fields=["run", "id"], name="event_run_id"),
+            # The loss chart: metric points of a run.
+            models.Index(fields=["run", "kind", "id"], name="event_run_kind_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}#{self.pk} {self.kind}"
+
+
+class Adapter(models.Model):
+    run = models.OneToOneField(TrainingRun, on_delete=models.CASCADE, related_name="adapter")
+    uri = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    trainable_params = models.BigIntegerField()
+    total_params = models.BigIntegerField()
+    final_loss = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"adapter of {self.run}"

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+
+from webapp.catalog.models import BaseModel
+from webapp.training import ledger
+from webapp.training.charts import line_chart
+from webapp.training.forms import RunForm
+from webapp.training.models import Adapter, RunEvent, TrainingRun
+from workers.spec import suggest_train_params
+from workers.store import ArtifactStore
+
+LOG_TAIL = 500
+STREAM_POLL_S = 0.5
+STREAM_PING_S = 15.0
+
+
+def _run_for(request: HttpRequest, pk: int) -> TrainingRun:
+    """Runs are visible to the whole team; only the owner or staff may act on one (see _check_can_act)."""
+    return get_object_or_404(TrainingRun.objects.select_related("base_model", "dataset", "lora_config", "owner", "worker"), pk=pk)
+
+
+def _check_can_act(request: HttpRequest, run: TrainingRun) -> None:
+    user = request.user
+    if not (user.is_staff or run.owner_id == user.pk):  # type: ignore[union-attr]
+        raise PermissionDenied("only the run's owner or an admin can do this")
+
+
+@login_required
+def runs_list(request: HttpRequest) -> HttpResponse:
+    runs = TrainingRun.objects.select_related("base_model", "dataset", "owner", "lora_config")[:200]
+    template = "training/partials/runs_rows.html" if request.htmx else "training/runs_list.html"  # type: ignore[attr-defined]
+    return render(request, template, {"runs": runs})
+
+
+def _suggested(base_model_id: Any) -> Any:
+    base = BaseModel.objects.filter(pk=base_model_id).first() if str(base_model_id or "").isdigit() else None
+    base = base or BaseModel.objects.first()
+    return suggest_train_params(base.num_parameters if base else None), base
+
+
+@login_required
+def run_new(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        form = RunForm(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            run = TrainingRun.objects.create(
+                name=data["name"],
+                owner=request.user,
+                base_model=data["base_model"],
+                dataset=data["dataset"],
+                lora_config=data["lora_config"],
+                hyperparameters=data["hyperparameters"],
+            )
+            ledger.note(run, f"Queued by {request.user}")
+            return redirect("run-detail", pk=run.pk)
+        status = 400
+    else:
+        clone = TrainingRun.objects.filter(pk=request.GET.get("clone") or 0).first()
+        suggested, base = _suggested(request.GET.get("base_model"))
+        initial: dict[str, Any] = {"base_model": base}
+        if clone:
+            initial = {"base_model": clone.base_model, "dataset": clone.dataset, "lora_config": clone.lora_config,
+                       "name": f"{clone.name or f'run {clone.pk}'} (copy)", **clone.hyperparameters}
+        form = RunForm(initial=initial, suggested=suggested)
+        status = 200
+        if request.htmx:  # type: ignore[attr-defined]
+            return render(request, "training/partials/train_fields.html", {"form": form})
+    return render(request, "training/run_new.html", {"form": form}, status=status)
+
+
+def _chart_context(run: TrainingRun) -> dict[str, Any]:
+    metrics = RunEvent.objects.filter(run=run, kind="metric", attempt=run.attempt).values_list("data", flat=True)
+    loss = [(int(d["step"]), float(d["loss"])) for d in metrics if d.get("loss") is not None]
+    return {"loss_chart": line_chart(loss)}
+
+
+def _status_context(run: TrainingRun) -> dict[str, Any]:
+    adapter = Adapter.objects.filter(run=run).first()
+    return {"run": run, "adapter": adapter, **_chart_context(run)}
+
+
+@login_required
+def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    run = _run_for(request, pk)
+    tail = list(RunEvent.objects.filter(run=run).exclude(kind="metric").order_by("-id")[:LOG_TAIL])[::-1]
+    last_id = RunEvent.objects.filter(run=run).order_by("-id").values_list("id", flat=True).first() or 0
+    context = {**_status_context(run), "events": tail, "last_event_id": last_id,
+               "can_act": request.user.is_staff or run.owner_id == request.user.pk}  # type: ignore[union-attr]
+    return render(request, "training/run_detail.html", context)
+
+
+@login_required
+def run_status(request: HttpRequest, pk: int) -> HttpResponse:
+    return render(request, "training/partials/run_status.html", _status_context(_run_for(request, pk)))
+
+
+@login_required
+@require_POST
+def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    run = _run_for(request, pk)
+    _check_can_act(request, run)
+    if ledger.request_cancel(run):
+        messages.info(request, "Cancel requested.")
+    else:
+        messages.warning(request, f"The run is already {run.state}.")
+    return redirect("run-detail", pk=run.pk)
+
+
+@login_required
+def adapter_download(request: HttpRequest, pk: int) -> FileResponse:
+    adapter = Adapter.objects.filter(run_id=pk).first()
+    if adapter is None:
+        raise Http404("this run has no adapter")
+    archive = ArtifactStore(settings.ARTIFACT_STORE).zip_dir(adapter.uri)
+    return FileResponse(archive.open("rb"), as_attachment=True, filename=f"tunedeck-run-{pk}-adapter.zip")
+
+
+def _sse(event: str, data: str, event_id: int | None = None) -> str:
+    lines = [f"event: {event}"] + ([f"id: {event_id}"] if event_id is not None else [])
+    lines += [f"data: {line}" for line in data.splitlines() or [""]]
+    return "\n".join(lines) + "\n\n"
+
+
+def _cursor(request: HttpRequest) -> int:
+    """Resume after the Last-Event-ID header (a native reconnect) or ?after= (a new connection)."""
+    values = [request.headers.get("Last-Event-ID", ""), request.GET.get("after", "")]
+    return max((int(v) for v in values if v.strip().isdigit()), default=0)
+
+
+def _next_batch(run_id: int, after: int) -> tuple[list[str], int, bool, bool]:
+    """Rendered SSE messages after the cursor, the new cursor, whether metrics came, whether final."""
+    events = list(RunEvent.objects.filter(run_id=run_id, id__gt=after).order_by("id")[:500])
+    out, saw_metric = [], False
+    for event in events:
+        if event.kind == "metric":
+            saw_metric = True
+            out.append(_sse("tick", "", event.id))  # advances the client's cursor past metric rows too
+        else:
+            out.append(_sse("log", render_to_string("training/partials/log_line.html", {"e": event}), event.id))
+        after = event.id
+    state = TrainingRun.objects.values_list("state", flat=True).get(pk=run_id)
+    final = state in ("succeeded", "failed", "cancelled") and len(events) < 500
+    if saw_metric or final or events:
+        run = TrainingRun.objects.select_related("worker").get(pk=run_id)
+        out.append(_sse("status", render_to_string("training/partials/run_status.html", _status_context(run))))
+    return out, after, saw_metric, final
+
+
+async def _stream(run_id: int, after: int) -> AsyncIterator[str]:
+    yield "retry: 2000\n\n"
+    last_sent = asyncio.get_running_loop().time()
+    while True:
+        messages_, after, _, final = await sync_to_async(_next_batch)(run_id, after)
+        for message in messages_:
+            yield message
+        now = asyncio.get_running_loop().time()
+        if messages_:
+            last_sent = now
+        if final:
+            yield _sse("done", "")
+            return
+        if now - last_sent > STREAM_PING_S:
+            yield ": ping\n\n"
+            last_sent = now
+        await asyncio.sleep(STREAM_POLL_S)
+
+
+async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
+    user = await request.auser()
+    if not user.is_authenticated:
+        return HttpResponse("login required", status=401)
+    if not await TrainingRun.objects.filter(pk=pk).aexists():
+        raise Http404("no such run")
+    response = StreamingHttpResponse(_stream(pk, _cursor(request)), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response

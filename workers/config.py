@@ -1,0 +1,124 @@
+"""Strict settings helpers shared by the control plane and the workers (no Django here).
+
+Every value comes from the environment; a bad value stops the process with a message that
+names the variable and says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "filesystem", "memory")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def env_secret(name: str, default: str = "") -> str:
+    """Read NAME, or the file named by NAME_FILE (Docker secrets)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from exc
+    return env_str(name, default)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use one of: 1, 0, true, false, yes, no, on, off)")
+
+
+def env_int(name: str, default: int, minimum: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return list(default)
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def var_dir() -> Path:
+    """Where the embedded default keeps its database, broker files, secret key and artifacts."""
+    return Path(env_str("TUNEDECK_VAR", "var")).expanduser().resolve()
+
+
+def artifact_store_root() -> Path:
+    return Path(env_str("ARTIFACT_STORE") or var_dir() / "artifacts").expanduser().resolve()
+
+
+def broker_url() -> str:
+    url = env_str("CELERY_BROKER_URL") or env_str("REDIS_URL") or "filesystem://"
+    scheme = urlsplit(url).scheme
+    if scheme not in BROKER_SCHEMES:
+        raise ConfigError(f"broker URL {url!r}: scheme must be one of {', '.join(BROKER_SCHEMES)}")
+    return url
+
+
+def broker_transport_options(url: str) -> dict[str, Any]:
+    """The filesystem transport needs a folder that every process of the installation shares."""
+    if not url.startswith("filesystem://"):
+        return {"visibility_timeout": 3600}
+    folder = var_dir() / "broker"
+    for sub in ("queue", "processed", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
+        "store_processed": False,
+    }
+
+
+def celery_settings() -> dict[str, Any]:
+    """Celery settings fit for long GPU jobs: one at a time, JSON only, the message a mere wake-up."""
+    url = broker_url()
+    return {
+        "broker_url": url,
+        "broker_transport_options": broker_transport_options(url),
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "worker_prefetch_multiplier": 1,
+        # Early ack: the database row is the ledger, the scheduler re-sends lost wake-ups, and a
+        # late ack would let Redis redeliver a multi-hour job after its visibility timeout.
+        "task_acks_late": False,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def queue_for(worker_name: str) -> str:
+    """Each registered worker consumes its own queue; wake-ups for its jobs go there."""
+    return f"tunedeck.worker.{worker_name}"
