@@ -137,7 +137,7 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = BASE_DIR / "static"  # served from the source tree (WhiteNoise, finders on)
 WHITENOISE_USE_FINDERS = True  # serve straight from static/ without a collectstatic step
 
 LOGIN_URL = "login"

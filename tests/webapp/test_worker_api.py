@@ -1,0 +1,110 @@
+"""The worker API: a worker sees only its own jobs, and reports from an older attempt change nothing."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from tests.webapp.factories import demo_objects, make_run, make_worker
+from webapp.training import ledger
+from webapp.training.models import RunEvent, TrainingRun
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def setup(tiny_model_dir, store_dir):  # type: ignore[no-untyped-def]
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    run = make_run(user, base, dataset, config)
+    worker, token = make_worker("w1")
+    other, other_token = make_worker("w2")
+    return run, worker, token, other_token
+
+
+def post(token: str, path: str, payload: dict):  # type: ignore[no-untyped-def]
+    return Client().post(f"/api/worker/v1{path}", payload, content_type="application/json",
+                         headers={"Authorization": f"Bearer {token}"})
+
+
+def test_it_gives_the_spec_only_to_the_assigned_worker(setup) -> None:  # type: ignore[no-untyped-def]
+    run, worker, token, other_token = setup
+    attempt = ledger.dispatch(run.pk, worker)
+    wrong = post(other_token, f"/jobs/{run.pk}/claim", {"attempt": attempt})
+    assert wrong.status_code == 404 and "spec" not in wrong.json()
+    assert post("tdw_forged", f"/jobs/{run.pk}/claim", {"attempt": attempt}).status_code == 401
+    ok = post(token, f"/jobs/{run.pk}/claim", {"attempt": attempt})
+    assert ok.status_code == 200
+    assert ok.json()["spec"]["attempt"] == attempt and ok.json()["spec"]["run_id"] == run.pk
+
+
+def test_reports_from_an_older_attempt_get_409_and_change_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    run, worker, token, _ = setup
+    first = ledger.dispatch(run.pk, worker)
+    post(token, f"/jobs/{run.pk}/status", {"attempt": first, "state": "running"})
+    ledger.requeue_or_fail(TrainingRun.objects.get(pk=run.pk), "worker lost", max_attempts=3)
+    second = ledger.dispatch(run.pk, worker)
+    assert second == first + 1
+    before = RunEvent.objects.count()
+
+    stale_events = post(token, f"/jobs/{run.pk}/events",
+                        {"attempt": first, "events": [{"seq": 1, "kind": "log", "message": "late"}]})
+    stale_status = post(token, f"/jobs/{run.pk}/status",
+                        {"attempt": first, "state": "failed", "error": "old attempt died"})
+    assert (stale_events.status_code, stale_status.status_code) == (409, 409)
+    run.refresh_from_db()
+    assert (run.state, run.attempt, run.error) == ("dispatched", second, "")
+    assert RunEvent.objects.count() == before
+
+
+def test_a_retried_event_batch_is_stored_once_and_returns_the_cancel_flag(setup) -> None:  # type: ignore[no-untyped-def]
+    run, worker, token, _ = setup
+    attempt = ledger.dispatch(run.pk, worker)
+    batch = {"attempt": attempt, "events": [
+        {"seq": 1, "kind": "log", "message": "<script>alert(1)</script>"},
+        {"seq": 2, "kind": "metric", "data": {"step": 3, "total_steps": 10, "loss": 1.5}},
+    ]}
+    assert post(token, f"/jobs/{run.pk}/events", batch).json()["cancel"] is False
+    ledger.request_cancel(run)
+    assert post(token, f"/jobs/{run.pk}/events", batch).json()["cancel"] is True
+    assert list(RunEvent.objects.filter(run=run, seq__isnull=False).values_list("seq", flat=True)) == [1, 2]
+    run.refresh_from_db()
+    assert (run.step, run.total_steps, run.last_loss) == (3, 10, 1.5)
+
+
+def test_log_text_is_escaped_on_the_run_page(setup, client) -> None:  # type: ignore[no-untyped-def]
+    run, worker, token, _ = setup
+    attempt = ledger.dispatch(run.pk, worker)
+    post(token, f"/jobs/{run.pk}/events",
+         {"attempt": attempt, "events": [{"seq": 1, "kind": "log", "message": "<script>alert(1)</script>"}]})
+    client.login(username="owner", password="owner-pass-123")
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_an_unknown_target_module_is_refused_at_creation_with_the_valid_names(setup, client) -> None:  # type: ignore[no-untyped-def]
+    run, *_ = setup
+    run.lora_config.target_modules = ["q_proj", "query_key_value"]
+    run.lora_config.save()
+    client.login(username="owner", password="owner-pass-123")
+    form = {"base_model": run.base_model.pk, "dataset": run.dataset.pk, "lora_config": run.lora_config.pk,
+            **{k: v for k, v in run.hyperparameters.items() if not isinstance(v, bool)}}
+    response = client.post("/runs/new/", form)
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert "query_key_value not found in tiny" in text and "gate_proj, k_proj, o_proj" in text
+    assert TrainingRun.objects.count() == 1
+
+
+def test_a_dataset_with_a_malformed_line_is_rejected_naming_the_line(client, store_dir) -> None:  # type: ignore[no-untyped-def]
+    from django.contrib.auth import get_user_model
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    get_user_model().objects.create_user("u", password="u-pass-12345")
+    client.login(username="u", password="u-pass-12345")
+    upload = SimpleUploadedFile("bad.jsonl", b'{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n')
+    response = client.post("/datasets/", {"name": "bad", "file": upload})
+    assert response.status_code == 400
+    assert "line 3: invalid JSON" in response.content.decode()
+    from webapp.catalog.models import Dataset
+
+    assert not Dataset.objects.exists() and not list(store_dir.rglob("*.jsonl"))
