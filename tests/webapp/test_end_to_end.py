@@ -1,0 +1,131 @@
+"""End to end through HTTP: a real worker process, the real broker, the real scheduler code.
+
+Runs on whatever the environment configures: the embedded default (SQLite + filesystem
+broker) or PostgreSQL + Redis (CI runs both).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.webapp.factories import demo_objects, make_worker
+from webapp.catalog.models import BaseModel
+from webapp.fleet.scheduler import schedule_once
+from webapp.training.models import RunEvent, TrainingRun
+from workers.demo import toy_rows
+from workers.evaluate import completion_loss
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+WORKER_NAME = f"e2e-{uuid.uuid4().hex[:8]}"
+WORKER_TOKEN = f"tdw_{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def worker_process(live_server, tmp_path_factory):  # type: ignore[no-untyped-def]
+    store = tmp_path_factory.mktemp("e2e-store")
+    env = {**os.environ, "TUNEDECK_SERVER": live_server.url, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
+           "ARTIFACT_STORE": str(store), "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
+    log = open(store / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield proc, store
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def setup(worker_process, tiny_model_dir, settings):  # type: ignore[no-untyped-def]
+    proc, store = worker_process
+    settings.ARTIFACT_STORE = store
+    objects = demo_objects(tiny_model_dir)
+    make_worker(WORKER_NAME, token=WORKER_TOKEN)
+    return (proc, store, *objects)
+
+
+def browser(live_server) -> httpx.Client:  # type: ignore[no-untyped-def]
+    client = httpx.Client(base_url=live_server.url, follow_redirects=True, timeout=30)
+    page = client.get("/login/")
+    client.post("/login/", data={"username": "owner", "password": "owner-pass-123", "csrfmiddlewaretoken": csrf(page.text)})
+    return client
+
+
+def csrf(html: str) -> str:
+    return re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html).group(1)  # type: ignore[union-attr]
+
+
+def create_run(client: httpx.Client, base, dataset, config, **overrides) -> TrainingRun:  # type: ignore[no-untyped-def]
+    form = client.get("/runs/new/")
+    data = {"csrfmiddlewaretoken": csrf(form.text), "name": "e2e", "base_model": base.pk, "dataset": dataset.pk,
+            "lora_config": config.pk, "learning_rate": 5e-3, "num_epochs": 3, "max_steps": 0, "batch_size": 16,
+            "grad_accum": 1, "max_seq_length": 64, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
+            "weight_decay": 0, "max_grad_norm": 1.0, "seed": 42, "logging_steps": 2, "completion_only_loss": "on"}
+    response = client.post("/runs/new/", data={**data, **overrides})
+    assert response.status_code == 200 and re.search(r"/runs/\d+/$", str(response.url)), response.text[:2000]
+    return TrainingRun.objects.get(pk=int(str(response.url).rstrip("/").rsplit("/", 1)[1]))
+
+
+def wait_for(run: TrainingRun, states: tuple[str, ...], timeout: float = 240, until=None) -> TrainingRun:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        schedule_once()
+        run.refresh_from_db()
+        if run.state in states and (until is None or until(run)):
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"run {run.pk} still {run.state} after {timeout}s: {[e.message for e in run.events.all()][-10:]}")
+
+
+def test_a_run_created_over_http_trains_on_a_real_worker_and_its_adapter_beats_the_base(setup, live_server) -> None:  # type: ignore[no-untyped-def]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, store, user, base, dataset, config = setup
+    client = browser(live_server)
+    run = wait_for(create_run(client, base, dataset, config), ("succeeded", "failed", "cancelled"))
+    assert run.state == "succeeded", run.error
+
+    seqs = list(RunEvent.objects.filter(run=run, attempt=run.attempt, seq__isnull=False).order_by("id").values_list("seq", flat=True))
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 20
+    stream = client.get(f"/runs/{run.pk}/stream/", headers={"Last-Event-ID": str(RunEvent.objects.filter(run=run).order_by("id")[5].pk)})
+    ids = [int(i) for i in re.findall(r"^id: (\d+)$", stream.text, re.M)]
+    assert ids == list(RunEvent.objects.filter(run=run).order_by("id").values_list("id", flat=True))[6:]
+
+    download = client.get(f"/runs/{run.pk}/adapter.zip")
+    assert download.status_code == 200 and download.content[:2] == b"PK"
+    adapter_dir = store / run.adapter.uri.removeprefix("store://")
+    tokenizer = AutoTokenizer.from_pretrained(base.source)
+    held_out = toy_rows(64, seed=4242)
+    base_loss = completion_loss(AutoModelForCausalLM.from_pretrained(base.source), tokenizer, held_out)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.source), adapter_dir)
+    tuned_loss = completion_loss(tuned, tokenizer, held_out)
+    assert tuned_loss < base_loss * 0.6, (base_loss, tuned_loss)
+
+
+def test_a_bad_base_path_fails_readably_the_worker_keeps_serving_and_cancel_stops_a_run(setup, live_server) -> None:  # type: ignore[no-untyped-def]
+    proc, _, user, base, dataset, config = setup
+    client = browser(live_server)
+    ghost = BaseModel.objects.create(name="ghost", source="/nonexistent/model", linear_modules=base.linear_modules,
+                                     max_positions=256, num_parameters=1000)
+    failed = wait_for(create_run(client, ghost, dataset, config), ("succeeded", "failed", "cancelled"))
+    assert failed.state == "failed" and "/nonexistent/model" in failed.error and "does not exist" in failed.error
+    assert any("does not exist" in e.message for e in failed.events.all())
+    assert proc.poll() is None
+
+    long_run = create_run(client, base, dataset, config, max_steps=3000, logging_steps=1)
+    running = wait_for(long_run, ("running",), until=lambda r: r.step >= 5)
+    page = client.get(f"/runs/{running.pk}/")
+    client.post(f"/runs/{running.pk}/cancel/", data={"csrfmiddlewaretoken": csrf(page.text)})
+    step_at_cancel = TrainingRun.objects.get(pk=running.pk).step
+    done = wait_for(running, ("succeeded", "failed", "cancelled"), timeout=60)
+    assert done.state == "cancelled"
+    assert done.step - step_at_cancel < 60, (step_at_cancel, done.step)
+    assert done.step < 3000
