@@ -137,7 +137,8 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "static"  # served from the source tree (WhiteNoise, finders on)
+STATIC_ROOT = VAR_DIR / "static"  # for collectstatic; WhiteNoise serves static/ directly via finders
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_USE_FINDERS = True  # serve straight from static/ without a collectstatic step
 
 LOGIN_URL = "login"
