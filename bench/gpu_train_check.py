@@ -148,7 +148,7 @@ def write_dataset(store: ArtifactStore, args: argparse.Namespace) -> str:
 
 def timing(metrics: list[dict[str, Any]], times: list[float], warmup: int) -> dict[str, Any]:
     """steps/s and tokens/s between the metric event at step `warmup` and the last one."""
-    points = [(m, t) for m, t in zip(metrics, times) if m.get("loss") is not None]
+    points = [(m, t) for m, t in zip(metrics, times, strict=True) if m.get("loss") is not None]
     if len(points) < 2:
         return {}
     start = min(max(warmup, 1), len(points) - 2) if len(points) > 2 else 0

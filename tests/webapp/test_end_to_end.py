@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -34,7 +33,7 @@ def worker_process(live_server, tmp_path_factory):  # type: ignore[no-untyped-de
     store = tmp_path_factory.mktemp("e2e-store")
     env = {**os.environ, "TUNEDECK_SERVER": live_server.url, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
            "ARTIFACT_STORE": str(store), "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
-    log = open(store / "worker.log", "wb")  # noqa: SIM115
+    log = open(store / "worker.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
     yield proc, store
     proc.terminate()
@@ -88,7 +87,7 @@ def test_a_run_created_over_http_trains_on_a_real_worker_and_its_adapter_beats_t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, store, user, base, dataset, config = setup
+    _, store, _user, base, dataset, config = setup
     client = browser(live_server)
     run = wait_for(create_run(client, base, dataset, config), ("succeeded", "failed", "cancelled"))
     assert run.state == "succeeded", run.error
@@ -111,7 +110,7 @@ def test_a_run_created_over_http_trains_on_a_real_worker_and_its_adapter_beats_t
 
 
 def test_a_bad_base_path_fails_readably_the_worker_keeps_serving_and_cancel_stops_a_run(setup, live_server) -> None:  # type: ignore[no-untyped-def]
-    proc, _, user, base, dataset, config = setup
+    proc, _, _user, base, dataset, config = setup
     client = browser(live_server)
     ghost = BaseModel.objects.create(name="ghost", source="/nonexistent/model", linear_modules=base.linear_modules,
                                      max_positions=256, num_parameters=1000)

@@ -17,7 +17,7 @@ def setup(tiny_model_dir, store_dir):  # type: ignore[no-untyped-def]
     user, base, dataset, config = demo_objects(tiny_model_dir)
     run = make_run(user, base, dataset, config)
     worker, token = make_worker("w1")
-    other, other_token = make_worker("w2")
+    _other, other_token = make_worker("w2")
     return run, worker, token, other_token
 
 
