@@ -27,10 +27,6 @@ def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 
 
-def help_text(cls: type, name: str) -> str:
-    return str(next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name))
-
-
 @dataclass
 class LoraParams:
     r: int = _help("Rank of the low-rank update matrices.", 16)

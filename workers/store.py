@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -57,12 +56,6 @@ class ArtifactStore:
             os.replace(tmp, archive)
         return archive
 
-    def remove(self, uri: str) -> None:
-        target = self.path(uri)
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def sha256_of(path: Path) -> str:

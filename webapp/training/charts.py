@@ -19,6 +19,14 @@ class Chart:
     height: int = HEIGHT
     pad: int = PAD
 
+    @property
+    def x_end(self) -> int:
+        return self.width - self.pad
+
+    @property
+    def y_end(self) -> int:
+        return self.height - self.pad
+
 
 def line_chart(series: list[tuple[int, float]], max_points: int = 400) -> Chart:
     if len(series) > max_points:  # keep the shape, not every point
