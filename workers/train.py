@@ -17,7 +17,8 @@ from transformers import PrinterCallback, TrainerCallback
 
 from workers.client import StaleAttempt
 from workers.datasets import DatasetError, load_trl_rows
-from workers.modelinfo import ModelNotFound, check_source, linear_module_names, unknown_targets
+from workers.modelinfo import ModelNotFound, check_source
+from workers.peftsetup import RunnerError, build_peft_config, quantization_config
 from workers.reporter import Reporter
 from workers.spec import TrainSpec
 from workers.store import ArtifactStore, sha256_of, size_of
@@ -29,10 +30,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
-
-
-class RunnerError(Exception):
-    """A problem the user can fix, reported as the run's failure reason without a traceback."""
 
 
 class Cancelled(Exception):
@@ -171,7 +168,7 @@ def _load_tokenizer(spec: TrainSpec, rows: list[dict[str, Any]], reporter: Repor
 
 def _load_model(spec: TrainSpec, device: Device, reporter: Reporter) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     ref, lora = spec.base_model, spec.lora
     dtype = getattr(torch, device.dtype_name)
@@ -180,13 +177,9 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter) -> Any:
         kwargs["revision"] = ref.revision
     if device.kind == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    if lora.quantization == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=lora.quant_type,
-            bnb_4bit_use_double_quant=lora.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        )
+    quantization = quantization_config(lora, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     quant = f"4-bit {lora.quant_type.upper()}" if lora.quantization == "4bit" else "unquantized"
     reporter.log(f"Loading {ref.source} ({quant}, compute {device.dtype_name}) on {device.kind}")
     reporter.flush()
@@ -208,24 +201,7 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter) -> Any:
 
 
 def _peft_config(spec: TrainSpec, model: Any) -> Any:
-    from peft import LoraConfig
-
-    lora = spec.lora
-    unknown = unknown_targets(lora.target_modules, linear_module_names(model))
-    if unknown:
-        raise RunnerError(
-            f"unknown target module(s) {', '.join(unknown)}; this model's linear modules are "
-            f"{', '.join(linear_module_names(model))}"
-        )
-    targets: str | list[str] = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
+    return build_peft_config(spec.lora, model)
 
 
 def _sft_config(spec: TrainSpec, device: Device, store: ArtifactStore) -> Any:

@@ -9,7 +9,7 @@ from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from workers import spec
 from workers.modelinfo import unknown_targets
 
-CHOICE_FIELDS = {"lr_scheduler": spec.SCHEDULERS}
+CHOICE_FIELDS = spec.CHOICES
 
 
 def _form_field(f: dataclasses.Field[Any], initial: Any) -> forms.Field:

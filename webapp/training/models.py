@@ -83,6 +83,7 @@ class TrainingRun(models.Model):
             lora=self.lora_config.lora_params(),
             train=self.train_params(),
             output_uri=self.output_uri(self.attempt),
+            checkpoint_uri=ArtifactStore.uri("runs", self.pk, "checkpoints"),
         )
 
 
