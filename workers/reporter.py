@@ -42,6 +42,9 @@ class Reporter:
     def metric(self, **values: Any) -> None:
         self._event("metric", data=values)
 
+    def checkpoint(self, step: int, **values: Any) -> None:
+        self._event("checkpoint", f"Checkpoint saved at step {step}", data={"step": step, **values})
+
     def maybe_flush(self) -> None:
         """Flush if the last one is older than flush_interval: keeps the page live and cancel prompt."""
         if time.monotonic() - self._last_flush >= self.flush_interval:

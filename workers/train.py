@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import logging
 import platform
+import random
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
 from workers.client import StaleAttempt
 from workers.datasets import DatasetError, load_trl_rows
+from workers.engine import (
+    Plan,
+    PlanError,
+    padding_free_collator,
+    plan_estimator,
+    prepare_model,
+    register_varlen_attention,
+    resolve_plan,
+    sft_arguments,
+)
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, build_peft_config, quantization_config
 from workers.reporter import Reporter
@@ -96,28 +108,35 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     started = time.monotonic()
     reporter.log(f"Attempt {spec.attempt} on {platform.node()}: loading the dataset")
     fmt, rows = load_trl_rows(store.path(spec.dataset.uri))
-    reporter.log(f"Dataset: {len(rows)} rows, format {fmt}")
+    train_rows, eval_rows = _split_eval(spec, store, rows)
+    reporter.log(
+        f"Dataset: {len(rows)} rows, format {fmt}" + (f"; {len(eval_rows)} held out for evaluation" if eval_rows else "")
+    )
 
     device = pick_device(spec.lora.compute_dtype)
+    plan = _plan(spec, device)
+    reporter.log(f"Plan: {plan.describe()}")
     tokenizer = _load_tokenizer(spec, rows, reporter)
-    model = _load_model(spec, device, reporter)
+    model = _load_model(spec, device, reporter, plan)
     _check_cancel(reporter)
 
     from datasets import Dataset
-    from trl import SFTTrainer
 
-    trainer = SFTTrainer(
-        model=model,
-        args=_sft_config(spec, device, store),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=_peft_config(spec, model),
-        callbacks=[ReporterCallback(reporter)],
+    callbacks: list[Any] = [ReporterCallback(reporter)]
+    if spec.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(spec.train.early_stopping_patience, reporter))
+    trainer = make_trainer(
+        spec, plan, model, tokenizer,
+        Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks, _sft_config(spec, plan, store, has_eval=bool(eval_rows)),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reporter.log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    output = trainer.train()
+    resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
+    if resume:
+        reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if reporter.cancel_requested:
         raise Cancelled()
 
@@ -126,6 +145,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     result = {
         "adapter_uri": spec.output_uri,
         "size_bytes": size_of(adapter_dir),
@@ -134,13 +154,104 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         "total_params": total,
         "final_loss": losses[-1] if losses else output.training_loss,
         "train_loss": output.training_loss,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
         "steps": trainer.state.global_step,
+        "resumed_from_step": _step_of(resume) if resume else None,
         "runtime_s": round(time.monotonic() - started, 2),
         "device": device.kind,
         "dtype": device.dtype_name,
+        "plan": plan.as_dict(),
+        **_peak_memory(device),
     }
     reporter.log(f"Adapter saved ({result['size_bytes']:,} bytes, sha256 {str(result['sha256'])[:12]}…)")
     return result
+
+
+def make_trainer(
+    spec: TrainSpec, plan: Plan, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
+    callbacks: list[Any], args: Any,
+) -> Any:
+    """The SFTTrainer that carries out the plan (shared with bench/train_throughput.py)."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=_peft_config(spec, model),
+        callbacks=callbacks,
+    )
+    if plan.batching == "padding_free":
+        trainer.data_collator = padding_free_collator(tokenizer)
+    return trainer
+
+
+def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]]) -> tuple[list, list]:
+    if spec.eval_dataset is not None:
+        _, eval_rows = load_trl_rows(store.path(spec.eval_dataset.uri))
+        return rows, eval_rows
+    fraction = spec.train.eval_fraction
+    if not fraction:
+        return rows, []
+    count = max(1, round(len(rows) * fraction))
+    if count >= len(rows):
+        raise RunnerError(f"eval_fraction {fraction} leaves no training rows out of {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(spec.train.seed).shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def _plan(spec: TrainSpec, device: Device) -> Plan:
+    from transformers import AutoConfig
+
+    ref = spec.base_model
+    check_source(ref.source)
+    config = AutoConfig.from_pretrained(
+        ref.source, revision=ref.revision or None, trust_remote_code=ref.trust_remote_code
+    )
+    num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 1)
+    gpu_total = 0
+    if device.kind == "cuda":
+        import torch
+
+        gpu_total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        plan = resolve_plan(
+            spec.train, spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
+            gpu_total_bytes=gpu_total, estimator=plan_estimator(config, spec),
+        )
+    except PlanError as exc:
+        raise RunnerError(str(exc)) from exc
+    if plan.attention == "varlen":
+        register_varlen_attention()
+    return plan
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint-N folder (the trainer state is written last)."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists() and _step_of(p) is not None]
+    return max(done, key=lambda p: _step_of(p) or 0, default=None)
+
+
+def _step_of(path: Path) -> int | None:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _peak_memory(device: Device) -> dict[str, Any]:
+    if device.kind != "cuda":
+        return {}
+    import torch
+
+    return {
+        "peak_memory_reserved": torch.cuda.max_memory_reserved(),
+        "peak_memory_allocated": torch.cuda.max_memory_allocated(),
+    }
 
 
 def _check_cancel(reporter: Reporter) -> None:
@@ -166,13 +277,18 @@ def _load_tokenizer(spec: TrainSpec, rows: list[dict[str, Any]], reporter: Repor
     return tokenizer
 
 
-def _load_model(spec: TrainSpec, device: Device, reporter: Reporter) -> Any:
+def _load_model(spec: TrainSpec, device: Device, reporter: Reporter, plan: Plan) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     ref, lora = spec.base_model, spec.lora
     dtype = getattr(torch, device.dtype_name)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": ref.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": ref.trust_remote_code,
+        "attn_implementation": plan.attn_implementation,
+    }
     if ref.revision:
         kwargs["revision"] = ref.revision
     if device.kind == "cuda":
@@ -184,17 +300,7 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter) -> Any:
     reporter.log(f"Loading {ref.source} ({quant}, compute {device.dtype_name}) on {device.kind}")
     reporter.flush()
     model = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
-    if lora.quantization == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif spec.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    prepare_model(model, plan)
     if device.kind == "cuda":
         reporter.log(f"GPU memory after load: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
     return model
@@ -204,13 +310,21 @@ def _peft_config(spec: TrainSpec, model: Any) -> Any:
     return build_peft_config(spec.lora, model)
 
 
-def _sft_config(spec: TrainSpec, device: Device, store: ArtifactStore) -> Any:
+def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: bool) -> Any:
     from trl import SFTConfig
 
     hp = spec.train
-    scratch = store.path(spec.output_uri).parent / "trainer"
+    checkpoints = spec.checkpoint_uri and hp.save_steps > 0
+    output_dir = store.path(spec.checkpoint_uri) if checkpoints else store.path(spec.output_uri).parent / "trainer"
+    evaluation: dict[str, Any] = {}
+    if has_eval:
+        evaluation = {
+            "eval_strategy": "steps" if hp.eval_steps else "epoch",
+            "eval_steps": hp.eval_steps or None,
+            "per_device_eval_batch_size": hp.batch_size,
+        }
     return SFTConfig(
-        output_dir=str(scratch),
+        output_dir=str(output_dir),
         learning_rate=hp.learning_rate,
         num_train_epochs=hp.num_epochs,
         max_steps=hp.max_steps if hp.max_steps > 0 else -1,
@@ -219,20 +333,51 @@ def _sft_config(spec: TrainSpec, device: Device, store: ArtifactStore) -> Any:
         max_length=hp.max_seq_length,
         warmup_steps=hp.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=hp.lr_scheduler,
+        optim=OPTIMIZER_NAMES.get(hp.optimizer, hp.optimizer),
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
+        data_seed=hp.seed,
         logging_steps=hp.logging_steps,
         completion_only_loss=hp.completion_only_loss,
-        gradient_checkpointing=False,  # enabled on the model above, where it belongs with k-bit prep
-        bf16=device.kind == "cuda" and device.dtype_name == "bfloat16",
-        fp16=device.kind == "cuda" and device.dtype_name == "float16",
-        use_cpu=device.kind == "cpu",
-        save_strategy="no",
+        neftune_noise_alpha=hp.neftune_noise_alpha or None,
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=hp.save_steps or 500,
+        save_total_limit=hp.keep_checkpoints,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **evaluation,
+        **sft_arguments(plan, hp),
     )
+
+
+OPTIMIZER_NAMES = {"adamw_8bit": "adamw_bnb_8bit"}
+
+
+class EarlyStopping(TrainerCallback):  # type: ignore[misc]
+    """Stop once the eval loss has not improved for `patience` evaluations (no best-model reload needed)."""
+
+    def __init__(self, patience: int, reporter: Reporter) -> None:
+        self.patience, self.reporter = patience, reporter
+        self.best: float | None = None
+        self.bad = 0
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if self.best is None or loss < self.best:
+            self.best, self.bad = loss, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.reporter.log(
+                f"Early stopping at step {state.global_step}: eval loss {loss:.4f} has not improved on "
+                f"{self.best:.4f} for {self.bad} evaluation(s)",
+                level="warning",
+            )
+            control.should_training_stop = True
 
 
 class ReporterCallback(TrainerCallback):  # type: ignore[misc]
@@ -254,8 +399,15 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
         if self.reporter.cancel_requested:
             control.should_training_stop = True
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.reporter.checkpoint(state.global_step, epoch=state.epoch)
+        self.reporter.maybe_flush()
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
+        if "eval_loss" in logs:
+            self.reporter.metric(step=state.global_step, total_steps=state.max_steps, eval_loss=float(logs["eval_loss"]))
+            self.reporter.log(f"step {state.global_step}/{state.max_steps} eval loss {logs['eval_loss']:.4f}")
         if "loss" not in logs:
             return
         now = time.monotonic()

@@ -1,0 +1,530 @@
+"""QLoRA training throughput: three standard recipes against Tunedeck's runner, side by side.
+
+Same model shape, same synthetic data (random token ids, lengths lognormal with median 300
+and sigma 0.8, clipped to [16, 2048], fixed seed), same LoRA (r16, alpha 32, all 7 projections),
+same 4-bit NF4 + double-quant base, bf16 compute. One process, one GPU, recipes in turn:
+
+  (a) every sample padded to 2048, batch 4, prepare_model_for_kbit_training, SDPA (transformers Trainer)
+  (b) dynamic padding to the batch's longest, batch 8
+  (c) first-fit packing into 2048-token rows with per-sample position ids (block-diagonal mask), batch 4,
+      Liger kernels incl. fused linear cross-entropy
+  (d) Tunedeck's runner (workers/engine.py through trl's SFTTrainer), throughput and memory modes
+
+Prints real tokens/s (tokens that carry a label), padded tokens/s (all positions computed),
+peak memory allocated/reserved, step time, MFU and the ratios of (d) to (a), (b), (c).
+
+    python bench/train_throughput.py                 # Llama-3.1-8B shape on the GPU
+    python bench/train_throughput.py --tiny          # a tiny Llama on the CPU, in seconds
+    python bench/train_throughput.py --probe-max-len c,d-throughput   # longest batch-1 sequence
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
+LLAMA_8B = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+}
+TINY = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Result:
+    recipe: str
+    steps: int = 0
+    step_time: float = 0.0
+    real_tokens_per_s: float = 0.0
+    padded_tokens_per_s: float = 0.0
+    real_share: float = 0.0
+    tokens_per_step: float = 0.0
+    peak_allocated: int = 0
+    peak_reserved: int = 0
+    mfu: float = 0.0
+    plan: str = ""
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- model and data ---------------------------------------------------------------------------
+
+
+def make_model_dir(root: Path, tiny: bool) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = root / ("tiny-llama" if tiny else "llama-3.1-8b-shape")
+    if (out / "config.json").exists():
+        return out
+    config = LlamaConfig(**(TINY if tiny else LLAMA_8B), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    _tokenizer(config.vocab_size).save_pretrained(out)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"random-weight model saved to {out} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return out
+
+
+def _tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer over the id range: the data is token ids already, this only names them."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
+
+
+def synthetic_lengths(count: int, seed: int = 0, max_len: int = 2048) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.lognormal(mean=math.log(300), sigma=0.8, size=count)
+    return [int(x) for x in np.clip(lengths, 16, max_len)]
+
+
+def synthetic_examples(count: int, vocab: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 1)
+    return [rng.integers(4, vocab, size=n).tolist() for n in synthetic_lengths(count, seed, max_len)]
+
+
+def first_fit_pack(examples: list[list[int]], row_len: int) -> list[list[list[int]]]:
+    """First-fit decreasing: rows of at most row_len tokens, each a list of whole examples."""
+    rows: list[list[list[int]]] = []
+    space: list[int] = []
+    for ex in sorted(examples, key=len, reverse=True):
+        for i, free in enumerate(space):
+            if len(ex) <= free:
+                rows[i].append(ex)
+                space[i] -= len(ex)
+                break
+        else:
+            rows.append([ex])
+            space.append(row_len - len(ex))
+    return rows
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+
+class Meter:
+    """Step timer (synchronised) that skips warm-up steps and counts the tokens of each step."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.times: list[float] = []
+        self.real: list[int] = []
+        self.padded: list[int] = []
+        self._pending_real = 0
+        self._pending_padded = 0
+        self._t0 = 0.0
+
+    def count(self, batch: dict[str, Any]) -> None:
+        labels = batch["labels"]
+        self._pending_real += int((labels != -100).sum())
+        self._pending_padded += int(labels.numel())
+
+    def step_begin(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def step_end(self, step: int) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step > self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+            self.real.append(self._pending_real)
+            self.padded.append(self._pending_padded)
+        self._pending_real = self._pending_padded = 0
+
+
+def meter_callback(meter: Meter) -> Any:
+    from transformers import TrainerCallback
+
+    class _Cb(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            meter.step_begin()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            meter.step_end(state.global_step)
+
+    return _Cb()
+
+
+def counting(collator: Any, meter: Meter) -> Any:
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collator(features)
+        meter.count(batch)
+        return batch
+
+    return collate
+
+
+def matmul_params(model_dir: Path) -> tuple[float, float]:
+    """(N_base, N_lora): matmul weights of the decoder layers + head, and LoRA parameters (r16, 7 projections)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    h, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    lora = 16 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+    return float(per_layer * layers + h * c.vocab_size), float(lora * layers)
+
+
+def summarise(name: str, meter: Meter, n_base: float, n_lora: float, plan: str = "") -> Result:
+    import torch
+
+    total_time = sum(meter.times)
+    res = Result(recipe=name, steps=len(meter.times), plan=plan)
+    if not total_time:
+        res.error = "no measured steps"
+        return res
+    res.step_time = total_time / len(meter.times)
+    res.real_tokens_per_s = sum(meter.real) / total_time
+    res.padded_tokens_per_s = sum(meter.padded) / total_time
+    res.real_share = sum(meter.real) / max(1, sum(meter.padded))
+    res.tokens_per_step = sum(meter.real) / len(meter.times)
+    if torch.cuda.is_available():
+        res.peak_allocated = torch.cuda.max_memory_allocated()
+        res.peak_reserved = torch.cuda.max_memory_reserved()
+        res.mfu = (6 * n_lora + 4 * n_base) * res.real_tokens_per_s / PEAK_BF16_FLOPS
+    return res
+
+
+def fresh_gpu() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# --- the standard recipes (a), (b), (c) ----------------------------------------------------------
+
+
+def _standard_model(model_dir: Path, liger: bool) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+    kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _standard_args(out: Path, batch: int, steps: int) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=2e-4,
+        logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, bf16=cuda, use_cpu=not cuda,
+        gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+    )
+
+
+def run_standard(recipe: str, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+
+    n_base, n_lora = matmul_params(model_dir)
+    meter = Meter(args.warmup)
+    row_len = args.row_len
+    if recipe == "a":
+        batch = 4
+        rows = [{"input_ids": ex, "labels": ex} for ex in examples]
+
+        def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+            ids = torch.zeros(len(features), row_len, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, f in enumerate(features):
+                ids[k, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+                mask[k, : len(f["input_ids"])] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    elif recipe == "b":
+        batch = 8
+        rows = [{"input_ids": ex, "labels": ex} for ex in examples]
+
+        def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+            longest = max(len(f["input_ids"]) for f in features)
+            ids = torch.zeros(len(features), longest, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, f in enumerate(features):
+                ids[k, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+                mask[k, : len(f["input_ids"])] = 1
+            return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    else:
+        batch = 4
+        rows = [{"docs": docs} for docs in first_fit_pack(examples, row_len)]
+
+        def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+            ids = torch.zeros(len(features), row_len, dtype=torch.long)
+            pos = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for k, f in enumerate(features):
+                at = 0
+                for doc in f["docs"]:
+                    n = len(doc)
+                    ids[k, at: at + n] = torch.tensor(doc)
+                    pos[k, at: at + n] = torch.arange(n)
+                    labels[k, at + 1: at + n] = ids[k, at + 1: at + n]  # no label across a boundary
+                    at += n
+                # the row's tail padding continues the positions as its own "document"
+                pos[k, at:] = torch.arange(row_len - at)
+            return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+    fresh_gpu()
+    model = _standard_model(model_dir, liger=recipe == "c" and args.liger)
+    fresh_gpu()
+    trainer = Trainer(
+        model=model, args=_standard_args(args.out / recipe, batch, args.warmup + args.steps),
+        train_dataset=Dataset.from_list(rows), data_collator=counting(collate, meter),
+        callbacks=[meter_callback(meter)],
+    )
+    trainer.train()
+    res = summarise(recipe, meter, n_base, n_lora)
+    del trainer, model
+    fresh_gpu()
+    return res
+
+
+# --- Tunedeck's runner (d) ------------------------------------------------------------------------
+
+
+def tunedeck_spec(model_dir: Path, mode: str, rows: int, row_len: int, grad_accum: int = 1, **train: Any) -> Any:
+    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
+
+    return TrainSpec(
+        run_id=0, attempt=1, base_model=ModelRef(source=str(model_dir)), dataset=DatasetRef(uri="", format="text"),
+        lora=LoraParams(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, quantization="4bit", quant_type="nf4",
+                        double_quant=True),
+        train=TrainParams(mode=mode, batch_size=rows, grad_accum=grad_accum, max_seq_length=row_len,
+                          completion_only_loss=False, learning_rate=2e-4, warmup_ratio=0.0, save_steps=0,
+                          logging_steps=10**6, **train),
+        output_uri="",
+    )
+
+
+def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
+    from datasets import Dataset
+
+    from workers import train as runner
+    from workers.reporter import MemoryReporter
+
+    n_base, n_lora = matmul_params(model_dir)
+    meter = Meter(args.warmup)
+    fresh_gpu()
+    device = runner.pick_device(spec.lora.compute_dtype)
+    plan = runner._plan(spec, device)
+    reporter = MemoryReporter()
+    model = runner._load_model(spec, device, reporter, plan)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fresh_gpu()
+    spec.train.max_steps = args.warmup + args.steps
+    from trl import SFTConfig
+
+    sft_args = SFTConfig(
+        output_dir=str(args.out / name), per_device_train_batch_size=spec.train.batch_size,
+        gradient_accumulation_steps=spec.train.grad_accum, max_steps=spec.train.max_steps,
+        max_length=spec.train.max_seq_length, learning_rate=2e-4, logging_steps=10**6, save_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, completion_only_loss=False,
+        dataset_num_proc=None, **runner.sft_arguments(plan, spec.train),
+    )
+    trainer = runner.make_trainer(
+        spec, plan, model, tokenizer, Dataset.from_list([{"input_ids": ex} for ex in examples]), None,
+        [meter_callback(meter)], sft_args,
+    )
+    trainer.data_collator = counting(trainer.data_collator, meter)
+    trainer.train()
+    res = summarise(name, meter, n_base, n_lora, plan=plan.describe())
+    res.extra["estimate_bytes"] = plan.estimate_bytes
+    del trainer, model
+    fresh_gpu()
+    return res
+
+
+# --- longest batch-1 sequence ------------------------------------------------------------------------
+
+
+def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> int:
+    """Double the length until a training step runs out of memory, then bisect (steps of 4k)."""
+    import torch
+
+    def fits(length: int) -> bool:
+        examples = [list(range(4, 4 + length))]
+        fresh_gpu()
+        try:
+            if recipe == "c":
+                sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
+                run_standard("c", model_dir, examples, sub)
+            else:
+                mode = recipe.split("-", 1)[1]
+                sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1})
+                run_tunedeck(recipe, tunedeck_spec(model_dir, mode, 1, length), model_dir, examples, sub)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            fresh_gpu()
+
+    lo, hi = 0, args.probe_start
+    while fits(hi):
+        print(f"  {recipe}: {hi} tokens fit", flush=True)
+        lo, hi = hi, hi * 2
+        if hi > args.probe_limit:
+            return lo
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def print_table(results: list[Result]) -> None:
+    gib = 2**30
+    print()
+    print("| recipe | real tok/s | padded tok/s | real share | tokens/step | step s | alloc GiB | reserved GiB | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.error:
+            print(f"| {r.recipe} | failed: {r.error} |||||||||")
+            continue
+        print(
+            f"| {r.recipe} | {r.real_tokens_per_s:,.0f} | {r.padded_tokens_per_s:,.0f} | {r.real_share:.0%} | "
+            f"{r.tokens_per_step:,.0f} | {r.step_time:.3f} | {r.peak_allocated / gib:.1f} | "
+            f"{r.peak_reserved / gib:.1f} | {r.mfu:.1%} |"
+        )
+    base = {r.recipe: r for r in results if r.recipe in ("a", "b", "c") and not r.error}
+    for r in results:
+        if r.recipe.startswith("d") and not r.error:
+            ratios = ", ".join(
+                f"(d)/({k}) = {r.real_tokens_per_s / b.real_tokens_per_s:.2f}x" for k, b in base.items()
+            )
+            print(f"{r.recipe}: {ratios}   [{r.plan}]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny Llama on the CPU (checks the script runs)")
+    parser.add_argument("--recipes", default="a,b,c,d-throughput,d-memory")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per recipe")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
+    parser.add_argument("--row-len", type=int, default=2048)
+    parser.add_argument("--d-rows", type=int, default=4, help="packed rows per micro-batch in throughput mode")
+    parser.add_argument("--d-memory-rows", type=int, default=2, help="rows per micro-batch in memory mode")
+    parser.add_argument("--d-memory-accum", type=int, default=2, help="micro-batches per step in memory mode")
+    parser.add_argument("--d-extra", default="{}", help="JSON of extra TrainParams for (d), e.g. '{\"attention\": \"flex\"}'")
+    parser.add_argument("--no-liger", dest="liger", action="store_false", help="recipe (c) without Liger")
+    parser.add_argument("--probe-max-len", default="", help="recipes to probe for the longest batch-1 sequence")
+    parser.add_argument("--probe-start", type=int, default=16384)
+    parser.add_argument("--probe-limit", type=int, default=1 << 20)
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tunedeck-bench"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/tunedeck-bench/out"))
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    if args.tiny:
+        args.row_len = min(args.row_len, 256)
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        args.liger = False
+
+    model_dir = make_model_dir(args.model_dir, args.tiny)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    per_step = max(args.d_rows, 4) * args.row_len
+    count = int((args.warmup + args.steps + 2) * per_step / 300) + 64
+    examples = synthetic_examples(count, vocab, args.row_len)
+    extra = json.loads(args.d_extra)
+    if args.tiny:
+        extra.setdefault("liger_kernels", "off")
+
+    results: list[Result] = []
+    for recipe in [r for r in args.recipes.split(",") if r]:
+        print(f"== recipe {recipe}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if recipe in ("a", "b", "c"):
+                res = run_standard(recipe, model_dir, examples, args)
+            elif recipe == "d-throughput":
+                spec = tunedeck_spec(model_dir, "throughput", args.d_rows, args.row_len, **extra)
+                res = run_tunedeck(recipe, spec, model_dir, examples, args)
+            elif recipe == "d-memory":
+                spec = tunedeck_spec(model_dir, "memory", args.d_memory_rows, args.row_len, args.d_memory_accum, **extra)
+                res = run_tunedeck(recipe, spec, model_dir, examples, args)
+            else:
+                raise SystemExit(f"unknown recipe {recipe!r}")
+        except Exception as exc:  # a recipe that fails (e.g. out of memory) is reported, the others still run
+            import traceback
+
+            traceback.print_exc()
+            res = Result(recipe=recipe, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            fresh_gpu()
+        print(f"   {recipe}: {res.real_tokens_per_s:,.0f} real tok/s ({time.perf_counter() - t0:.0f}s)", flush=True)
+        results.append(res)
+    print_table(results)
+
+    probes = {}
+    for recipe in [r for r in args.probe_max_len.split(",") if r]:
+        probes[recipe] = probe_max_len(recipe, model_dir, args)
+        print(f"longest batch-1 sequence, {recipe}: {probes[recipe]:,} tokens", flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"results": [r.__dict__ for r in results], "max_len": probes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

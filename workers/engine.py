@@ -1,0 +1,336 @@
+"""How a run trains fast: the execution plan and the pieces that carry it out.
+
+The train runner (workers/train.py) and the throughput benchmark (bench/train_throughput.py)
+share this module, so the benchmark measures exactly what users run.
+
+The plan resolves every "auto" switch of TrainParams from the device it runs on:
+
+- batching: examples packed (best-fit decreasing) into rows of max_seq_length, each keeping
+  its own position ids; the micro-batch is flattened into one padding-free row.
+- attention: varlen FlashAttention from PyTorch (`torch.nn.attention.varlen`) over those
+  rows, so no work is spent across example boundaries or on padding; FlexAttention block
+  masks or SDPA where it is not available.
+- frozen weights stay in the compute dtype (no fp32 upcast of embeddings, norms and head),
+  Liger Triton kernels for RMSNorm, SwiGLU and RoPE, and trl's fused LM head, which projects
+  only the positions that carry a label, in tiles, without materialising the logits.
+- gradient checkpointing only on as many decoder layers as memory needs (throughput mode),
+  or on every layer with the checkpoints offloaded to CPU (memory mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from workers.spec import LoraParams, TrainParams
+
+log = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = "tunedeck_varlen"
+PROMPT_METHODS = ("prefix_tuning", "prompt_tuning")  # virtual tokens: no packing, no varlen rows
+
+
+class PlanError(ValueError):
+    """A switch that cannot work on this device or with this method, with the field that asks for it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class Plan:
+    device: str  # cuda | cpu
+    dtype: str  # bfloat16 | float16 | float32
+    mode: str  # throughput | memory
+    batching: str  # pad | pack | padding_free
+    attention: str  # varlen | flex | sdpa | eager
+    checkpoint_layers: int  # decoder layers recomputed in the backward pass (0 = none)
+    num_layers: int
+    activation_offload: bool
+    liger: bool
+    compile: bool
+    gpu_total_bytes: int = 0
+    estimate_bytes: int | None = None
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.checkpoint_layers > 0
+
+    @property
+    def attn_implementation(self) -> str:
+        return {"varlen": VARLEN_ATTENTION, "flex": "flex_attention"}.get(self.attention, self.attention)
+
+    def describe(self) -> str:
+        ckpt = (
+            "off" if not self.checkpoint_layers
+            else f"{self.checkpoint_layers}/{self.num_layers} layers" + (" offloaded to CPU" if self.activation_offload else "")
+        )
+        parts = [
+            f"mode {self.mode}", f"batching {self.batching}", f"attention {self.attention}",
+            f"gradient checkpointing {ckpt}", f"Liger kernels {'on' if self.liger else 'off'}",
+        ]
+        if self.compile:
+            parts.append("torch.compile")
+        if self.estimate_bytes:
+            parts.append(f"estimated peak {self.estimate_bytes / 2**30:.1f} GiB")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def varlen_available() -> bool:
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def liger_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def _switch(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def resolve_plan(
+    train: TrainParams,
+    lora: LoraParams,
+    *,
+    device: str,
+    dtype: str,
+    num_layers: int,
+    gpu_total_bytes: int = 0,
+    estimator: Any = None,
+) -> Plan:
+    """Turn the run's switches into a plan for this device; refuse combinations that cannot work.
+
+    `estimator(plan) -> bytes` predicts the peak for a candidate plan; with it, throughput mode
+    recomputes only as many layers as needed to stay under 90% of the GPU.
+    """
+    cuda = device == "cuda"
+    prompt_method = lora.method in PROMPT_METHODS if hasattr(lora, "method") else False
+    mode = "throughput" if train.mode == "auto" else train.mode
+
+    batching = train.batching
+    if batching == "auto":
+        batching = "pack" if cuda and not prompt_method else "pad"
+    if prompt_method and batching != "pad":
+        raise PlanError("batching", f"{lora.method} prepends virtual tokens to each example: use pad")
+
+    attention = train.attention
+    if attention == "auto":
+        if batching != "pad" and varlen_available():
+            attention = "varlen"
+        else:
+            attention = "sdpa"
+    if attention == "varlen":
+        if not varlen_available():
+            raise PlanError("attention", "varlen needs a CUDA GPU of compute capability 8.0+ and PyTorch >= 2.10")
+        if batching == "pad":
+            raise PlanError("attention", "varlen attention works on packed or padding-free rows, not padded batches")
+    if attention == "flex" and not cuda:
+        raise PlanError("attention", "FlexAttention training needs a CUDA GPU")
+
+    liger = _switch(train.liger_kernels, liger_available())
+    if liger and not liger_available():
+        raise PlanError("liger_kernels", "Liger kernels need a CUDA GPU and the liger-kernel package")
+
+    if mode == "memory":
+        offload = _switch(train.activation_offload, cuda)
+    else:
+        offload = _switch(train.activation_offload, False)
+    if offload and not cuda:
+        raise PlanError("activation_offload", "offloading activations needs a CUDA GPU")
+
+    plan = Plan(
+        device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
+        checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
+        compile=train.torch_compile, gpu_total_bytes=gpu_total_bytes,
+    )
+    if train.gradient_checkpointing == "off":
+        plan.checkpoint_layers = 0
+    elif train.gradient_checkpointing == "auto":
+        if not cuda:
+            plan.checkpoint_layers = 0
+        elif mode == "throughput" and estimator is not None and gpu_total_bytes:
+            plan.checkpoint_layers = _fewest_checkpointed_layers(plan, estimator, budget=int(gpu_total_bytes * 0.9))
+    if plan.activation_offload and not plan.checkpoint_layers:
+        raise PlanError("activation_offload", "offloading keeps the checkpointed layer inputs on CPU: it needs gradient checkpointing")
+    if estimator is not None:
+        plan.estimate_bytes = int(estimator(plan))
+    return plan
+
+
+def _fewest_checkpointed_layers(plan: Plan, estimator: Any, budget: int) -> int:
+    """Each recomputed layer trades its saved activations for one extra forward: do as few as fit."""
+    none = estimator(dataclasses.replace(plan, checkpoint_layers=0))
+    if none <= budget:
+        return 0
+    every = estimator(dataclasses.replace(plan, checkpoint_layers=plan.num_layers))
+    if every >= budget:
+        return plan.num_layers
+    saving_per_layer = (none - every) / plan.num_layers
+    return min(plan.num_layers, math.ceil((none - budget) / saving_per_layer))
+
+
+# --- attention over packed rows ------------------------------------------------------------
+
+
+def _varlen_attention_forward(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+    scaling: float | None = None, **kwargs: Any,
+) -> tuple[Any, None]:
+    """Causal attention per example of a packed row: (b, h, s, d) in, (b, s, h, d) out."""
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    cu_seq = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu_seq is None:
+        if attention_mask is not None and batch > 1:
+            raise ValueError("varlen attention got a padded batch; use batching=pack or padding_free")
+        # One row per batch item, each a single example.
+        cu_seq = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
+        max_len = seq
+    if isinstance(max_len, torch.Tensor):
+        max_len = int(max_len)
+    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    if kv_heads != heads and not _VARLEN_GQA:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    extra: dict[str, Any] = {"is_causal": True, "scale": scaling}
+    if _VARLEN_GQA and kv_heads != heads:
+        extra["enable_gqa"] = True
+    out = varlen_attn(q, k, v, cu_seq.to(torch.int32), cu_seq.to(torch.int32), max_len, max_len, **extra)
+    return out.view(batch, seq, heads, dim), None
+
+
+_VARLEN_GQA = False
+
+
+def register_varlen_attention() -> None:
+    global _VARLEN_GQA
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+
+    _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention_forward)
+
+
+# --- model preparation ---------------------------------------------------------------------
+
+
+def prepare_model(model: Any, plan: Plan) -> Any:
+    """Kernels and checkpointing on the base model, before PEFT wraps it."""
+    if plan.liger:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        # trl's fused LM head already avoids the logits: only the per-layer kernels here.
+        _apply_liger_kernel_to_instance(
+            model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+            cross_entropy=False, fused_linear_cross_entropy=False,
+        )
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        for param in model.parameters():
+            param.requires_grad_(False)  # frozen, and left in the compute dtype: no fp32 upcast
+    if plan.checkpoint_layers:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        limit_checkpointed_layers(model, plan.checkpoint_layers)
+    return model
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def limit_checkpointed_layers(model: Any, count: int) -> None:
+    """Recompute only `count` decoder layers, spread evenly (the rest keep their activations)."""
+    layers = decoder_layers(model)
+    if not layers or count >= len(layers):
+        return
+    chosen = {round(i * len(layers) / count) for i in range(count)} if count else set()
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+
+
+def sft_arguments(plan: Plan, train: TrainParams) -> dict[str, Any]:
+    """The SFTConfig keywords that carry the plan out (the caller adds the rest)."""
+    args: dict[str, Any] = {
+        "packing": plan.batching == "pack",
+        "packing_strategy": "bfd",
+        "padding_free": plan.batching == "pack",
+        "activation_offloading": plan.activation_offload,
+        "torch_compile": plan.compile,
+        "gradient_checkpointing": False,  # enabled per layer in prepare_model
+        "bf16": plan.device == "cuda" and plan.dtype == "bfloat16",
+        "fp16": plan.device == "cuda" and plan.dtype == "float16",
+        "use_cpu": plan.device == "cpu",
+        "model_init_kwargs": None,
+    }
+    return args
+
+
+def padding_free_collator(tokenizer: Any) -> Any:
+    """Flatten a micro-batch of (already truncated) examples into one row with per-example positions."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+
+
+def plan_estimator(config: Any, spec: Any) -> Any:
+    """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood."""
+    try:
+        from workers import estimate as est  # TODO(engine): drop the guard once estimate lands
+    except Exception:
+        return None
+    try:
+        shape = est.ModelShape.from_config(config)
+    except (ValueError, AttributeError):
+        return None
+    lora, train = spec.lora, spec.train
+
+    def predict(plan: Plan, checkpointing: bool) -> int:
+        dtype_bytes = 4 if plan.dtype == "float32" else 2
+        return int(est.estimate(
+            shape,
+            method=getattr(lora, "method", "lora"),
+            quantization=lora.quantization,
+            double_quant=lora.double_quant,
+            compute_dtype_bytes=dtype_bytes,
+            r=lora.r,
+            targets=lora.target_modules,
+            seq_len=train.max_seq_length,
+            micro_batch=train.batch_size,
+            batching=plan.batching,
+            gradient_checkpointing=checkpointing,
+            activation_offload=plan.activation_offload and checkpointing,
+            optimizer=train.optimizer,
+            liger=plan.liger,
+            attention=plan.attention,
+        ).total)
+
+    def estimator(plan: Plan) -> int:
+        if plan.checkpoint_layers in (0, plan.num_layers):
+            return predict(plan, bool(plan.checkpoint_layers))
+        none, every = predict(plan, False), predict(plan, True)
+        return int(none - (none - every) * plan.checkpoint_layers / plan.num_layers)
+
+    return estimator
