@@ -396,6 +396,24 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     return res
 
 
+def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[str, Any], rows: int = 0) -> Any:
+    """`d-<mode>[@key=value+...]`: rows, accum and any TrainParams field (e.g. gradient_checkpointing=off)."""
+    name, _, options = recipe.partition("@")
+    mode = name.split("-", 1)[1]
+    memory = mode == "memory"
+    settings: dict[str, Any] = dict(extra)
+    settings["rows"] = args.d_memory_rows if memory else args.d_rows
+    settings["accum"] = args.d_memory_accum if memory else 1
+    for pair in filter(None, options.split("+")):
+        key, _, value = pair.partition("=")
+        settings[key] = int(value) if value.isdigit() else value
+    rows = rows or int(settings.pop("rows"))
+    accum = int(settings.pop("accum"))
+    if rows == 1:
+        accum = 1
+    return tunedeck_spec(model_dir, mode, rows, args.row_len, accum, **settings)
+
+
 # --- longest batch-1 sequence ------------------------------------------------------------------------
 
 
@@ -411,9 +429,8 @@ def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> int
                 sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
                 run_standard("c", model_dir, examples, sub)
             else:
-                mode = recipe.split("-", 1)[1]
-                sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1})
-                run_tunedeck(recipe, tunedeck_spec(model_dir, mode, 1, length), model_dir, examples, sub)
+                sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
+                run_tunedeck(recipe, d_spec(recipe, model_dir, sub, {}, rows=1), model_dir, examples, sub)
             return True
         except torch.OutOfMemoryError:
             return False
@@ -500,12 +517,8 @@ def main() -> None:
         try:
             if recipe in ("a", "b", "c"):
                 res = run_standard(recipe, model_dir, examples, args)
-            elif recipe == "d-throughput":
-                spec = tunedeck_spec(model_dir, "throughput", args.d_rows, args.row_len, **extra)
-                res = run_tunedeck(recipe, spec, model_dir, examples, args)
-            elif recipe == "d-memory":
-                spec = tunedeck_spec(model_dir, "memory", args.d_memory_rows, args.row_len, args.d_memory_accum, **extra)
-                res = run_tunedeck(recipe, spec, model_dir, examples, args)
+            elif recipe.startswith("d-"):
+                res = run_tunedeck(recipe, d_spec(recipe, model_dir, args, extra), model_dir, examples, args)
             else:
                 raise SystemExit(f"unknown recipe {recipe!r}")
         except Exception as exc:  # a recipe that fails (e.g. out of memory) is reported, the others still run

@@ -168,17 +168,19 @@ def resolve_plan(
     if plan.activation_offload and not plan.checkpoint_layers:
         raise PlanError("activation_offload", "offloading keeps the checkpointed layer inputs on CPU: it needs gradient checkpointing")
     if estimator is not None:
-        plan.estimate_bytes = int(estimator(plan))
+        plan.estimate_bytes = estimator(plan)
     return plan
 
 
 def _fewest_checkpointed_layers(plan: Plan, estimator: Any, budget: int) -> int:
     """Each recomputed layer trades its saved activations for one extra forward: do as few as fit."""
     none = estimator(dataclasses.replace(plan, checkpoint_layers=0))
+    if none is None:
+        return plan.num_layers
     if none <= budget:
         return 0
     every = estimator(dataclasses.replace(plan, checkpoint_layers=plan.num_layers))
-    if every >= budget:
+    if every is None or every >= budget:
         return plan.num_layers
     saving_per_layer = (none - every) / plan.num_layers
     return min(plan.num_layers, math.ceil((none - budget) / saving_per_layer))
@@ -210,25 +212,30 @@ def _varlen_attention_forward(
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
-    if kv_heads != heads and not _VARLEN_GQA:
+    if kv_heads != heads and "enable_gqa" not in _VARLEN_PARAMS:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    extra: dict[str, Any] = {"is_causal": True, "scale": scaling}
-    if _VARLEN_GQA and kv_heads != heads:
+    extra: dict[str, Any] = {"scale": scaling}
+    if "is_causal" in _VARLEN_PARAMS:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)  # PyTorch 2.11: causal is a window reaching 0 tokens to the right
+    if kv_heads != heads and "enable_gqa" in _VARLEN_PARAMS:
         extra["enable_gqa"] = True
-    out = varlen_attn(q, k, v, cu_seq.to(torch.int32), cu_seq.to(torch.int32), max_len, max_len, **extra)
+    cu_seq = cu_seq.to(torch.int32)
+    out = varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **extra)
     return out.view(batch, seq, heads, dim), None
 
 
-_VARLEN_GQA = False
+_VARLEN_PARAMS: frozenset[str] = frozenset()
 
 
 def register_varlen_attention() -> None:
-    global _VARLEN_GQA
+    global _VARLEN_PARAMS
     from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
 
-    _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
     AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention_forward)
 
 

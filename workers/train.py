@@ -41,6 +41,7 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+log = logging.getLogger(__name__)
 FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
 
 
@@ -221,13 +222,29 @@ def _plan(spec: TrainSpec, device: Device) -> Plan:
     try:
         plan = resolve_plan(
             spec.train, spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
-            gpu_total_bytes=gpu_total, estimator=plan_estimator(config, spec),
+            gpu_total_bytes=gpu_total, estimator=_estimator(config, spec),
         )
     except PlanError as exc:
         raise RunnerError(str(exc)) from exc
     if plan.attention == "varlen":
         register_varlen_attention()
     return plan
+
+
+def _estimator(config: Any, spec: TrainSpec) -> Any:
+    """The memory estimator for this run, or None: a shape it does not know must not stop training."""
+    estimator = plan_estimator(config, spec)
+    if estimator is None:
+        return None
+
+    def safe(plan: Plan) -> int | None:
+        try:
+            return int(estimator(plan))
+        except Exception as exc:  # the estimate is advice; log and plan without it
+            log.warning("memory estimate failed: %s", exc)
+            return None
+
+    return safe
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -296,8 +313,9 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter, plan: Plan)
     quantization = quantization_config(lora, dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    quant = f"4-bit {lora.quant_type.upper()}" if lora.quantization == "4bit" else "unquantized"
-    reporter.log(f"Loading {ref.source} ({quant}, compute {device.dtype_name}) on {device.kind}")
+    from workers.peftsetup import quantization_label
+
+    reporter.log(f"Loading {ref.source} ({quantization_label(lora)}, compute {device.dtype_name}) on {device.kind}")
     reporter.flush()
     model = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
     prepare_model(model, plan)
