@@ -377,8 +377,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     from trl import SFTConfig
 
     sft_args = SFTConfig(
-        output_dir=str(args.out / name), per_device_train_batch_size=spec.train.batch_size,
-        gradient_accumulation_steps=spec.train.grad_accum, max_steps=spec.train.max_steps,
+        output_dir=str(args.out / name), max_steps=spec.train.max_steps,
         max_length=spec.train.max_seq_length, learning_rate=2e-4, logging_steps=10**6, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, completion_only_loss=False,
         dataset_num_proc=None, **runner.sft_arguments(plan, spec.train),
@@ -417,36 +416,38 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
 # --- longest batch-1 sequence ------------------------------------------------------------------------
 
 
-def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> int:
-    """Double the length until a training step runs out of memory, then bisect (steps of 4k)."""
+def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one batch-1 step at a few lengths, extrapolated (it grows linearly: attention is
+    FlashAttention-style in every recipe) to the GPU's capacity; `--probe-verify` runs one step there."""
     import torch
 
-    def fits(length: int) -> bool:
-        examples = [list(range(4, 4 + length))]
-        fresh_gpu()
-        try:
-            if recipe == "c":
-                sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
-                run_standard("c", model_dir, examples, sub)
-            else:
-                sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
-                run_tunedeck(recipe, d_spec(recipe, model_dir, sub, {}, rows=1), model_dir, examples, sub)
-            return True
-        except torch.OutOfMemoryError:
-            return False
-        finally:
-            fresh_gpu()
+    def one_step(length: int) -> int:
+        examples = [[4 + (i % 1000) for i in range(length)]]
+        sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
+        if recipe == "c":
+            res = run_standard("c", model_dir, examples, sub)
+        else:
+            res = run_tunedeck(recipe, d_spec(recipe, model_dir, sub, {}, rows=1), model_dir, examples, sub)
+        print(f"  {recipe}: {length:,} tokens, peak reserved {res.peak_reserved / 2**30:.1f} GiB, "
+              f"step {res.step_time:.1f}s", flush=True)
+        return res.peak_reserved
 
-    lo, hi = 0, args.probe_start
-    while fits(hi):
-        print(f"  {recipe}: {hi} tokens fit", flush=True)
-        lo, hi = hi, hi * 2
-        if hi > args.probe_limit:
-            return lo
-    while hi - lo > 4096:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    lengths = [int(x) for x in args.probe_lengths.split(",")]
+    peaks = [one_step(n) for n in lengths]
+    slope = (peaks[-1] - peaks[0]) / (lengths[-1] - lengths[0])
+    capacity = torch.cuda.get_device_properties(0).total_memory
+    out: dict[str, Any] = {
+        "points": dict(zip(lengths, peaks, strict=True)),
+        "bytes_per_token": slope,
+        "extrapolated_max": int(lengths[0] + (capacity - peaks[0]) / slope),
+    }
+    if args.probe_verify and recipe.startswith("d"):
+        try:
+            out["verified"] = {args.probe_verify: one_step(args.probe_verify)}
+        except torch.OutOfMemoryError as exc:
+            out["verified"] = {args.probe_verify: f"out of memory: {str(exc)[:120]}"}
+            fresh_gpu()
+    return out
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -488,8 +489,8 @@ def main() -> None:
     parser.add_argument("--d-extra", default="{}", help="JSON of extra TrainParams for (d), e.g. '{\"attention\": \"flex\"}'")
     parser.add_argument("--no-liger", dest="liger", action="store_false", help="recipe (c) without Liger")
     parser.add_argument("--probe-max-len", default="", help="recipes to probe for the longest batch-1 sequence")
-    parser.add_argument("--probe-start", type=int, default=16384)
-    parser.add_argument("--probe-limit", type=int, default=1 << 20)
+    parser.add_argument("--probe-lengths", default="16384,32768", help="batch-1 lengths measured for the probe")
+    parser.add_argument("--probe-verify", type=int, default=0, help="then run one (d) step at this length")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tunedeck-bench"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/tunedeck-bench/out"))
     parser.add_argument("--json-out", type=Path)
@@ -534,7 +535,8 @@ def main() -> None:
     probes = {}
     for recipe in [r for r in args.probe_max_len.split(",") if r]:
         probes[recipe] = probe_max_len(recipe, model_dir, args)
-        print(f"longest batch-1 sequence, {recipe}: {probes[recipe]:,} tokens", flush=True)
+        print(f"longest batch-1 sequence, {recipe}: ~{probes[recipe]['extrapolated_max']:,} tokens "
+              f"({probes[recipe]['bytes_per_token'] / 1024:.0f} KiB/token) {probes[recipe].get('verified', '')}", flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"results": [r.__dict__ for r in results], "max_len": probes}, indent=2))
 

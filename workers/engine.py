@@ -55,6 +55,8 @@ class Plan:
     activation_offload: bool
     liger: bool
     compile: bool
+    micro_batch: int = 1  # what one forward pass takes (rows or examples)
+    grad_accum: int = 1  # micro-batches per optimizer step
     gpu_total_bytes: int = 0
     estimate_bytes: int | None = None
 
@@ -72,7 +74,8 @@ class Plan:
             else f"{self.checkpoint_layers}/{self.num_layers} layers" + (" offloaded to CPU" if self.activation_offload else "")
         )
         parts = [
-            f"mode {self.mode}", f"batching {self.batching}", f"attention {self.attention}",
+            f"mode {self.mode}", f"batching {self.batching}", f"micro-batch {self.micro_batch} x {self.grad_accum}",
+            f"attention {self.attention}",
             f"gradient checkpointing {ckpt}", f"Liger kernels {'on' if self.liger else 'off'}",
         ]
         if self.compile:
@@ -156,20 +159,51 @@ def resolve_plan(
     plan = Plan(
         device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
         checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
-        compile=train.torch_compile, gpu_total_bytes=gpu_total_bytes,
+        compile=train.torch_compile, micro_batch=train.batch_size, grad_accum=train.grad_accum,
+        gpu_total_bytes=gpu_total_bytes,
     )
+    if mode == "memory" and cuda and batching != "pad" and train.gradient_checkpointing != "off":
+        _split_micro_batch(plan, max(1, MEMORY_MODE_TOKENS // train.max_seq_length))
     if train.gradient_checkpointing == "off":
         plan.checkpoint_layers = 0
     elif train.gradient_checkpointing == "auto":
         if not cuda:
             plan.checkpoint_layers = 0
         elif mode == "throughput" and estimator is not None and gpu_total_bytes:
-            plan.checkpoint_layers = _fewest_checkpointed_layers(plan, estimator, budget=int(gpu_total_bytes * 0.9))
+            _fit_without_recompute(plan, estimator, budget=int(gpu_total_bytes * 0.9))
     if plan.activation_offload and not plan.checkpoint_layers:
         raise PlanError("activation_offload", "offloading keeps the checkpointed layer inputs on CPU: it needs gradient checkpointing")
     if estimator is not None:
         plan.estimate_bytes = estimator(plan)
     return plan
+
+
+# Memory mode runs at most this many tokens per forward pass (more accumulation, same optimizer step).
+MEMORY_MODE_TOKENS = 4096
+
+
+def _split_micro_batch(plan: Plan, rows: int) -> None:
+    """Smaller micro-batches, more of them: the same examples per optimizer step."""
+    while plan.micro_batch > rows and plan.micro_batch % 2 == 0:
+        plan.micro_batch //= 2
+        plan.grad_accum *= 2
+
+
+def _fit_without_recompute(plan: Plan, estimator: Any, budget: int) -> None:
+    """Throughput mode: recomputation costs more than smaller micro-batches (measured on an H100: 8k tokens per
+    pass without checkpointing ran 1.3x faster than 14k with half the layers recomputed). Halve the micro-batch
+    while that avoids checkpointing; otherwise checkpoint as few layers as fit."""
+    candidate = dataclasses.replace(plan, checkpoint_layers=0)
+    while True:
+        fits = estimator(candidate)
+        if fits is not None and fits <= budget:
+            plan.micro_batch, plan.grad_accum, plan.checkpoint_layers = candidate.micro_batch, candidate.grad_accum, 0
+            return
+        if candidate.micro_batch == 1 or candidate.micro_batch % 2:
+            break
+        candidate.micro_batch //= 2
+        candidate.grad_accum *= 2
+    plan.checkpoint_layers = _fewest_checkpointed_layers(plan, estimator, budget)
 
 
 def _fewest_checkpointed_layers(plan: Plan, estimator: Any, budget: int) -> int:
@@ -281,6 +315,8 @@ def limit_checkpointed_layers(model: Any, count: int) -> None:
 def sft_arguments(plan: Plan, train: TrainParams) -> dict[str, Any]:
     """The SFTConfig keywords that carry the plan out (the caller adds the rest)."""
     args: dict[str, Any] = {
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
         "packing": plan.batching == "pack",
         "packing_strategy": "bfd",
         "padding_free": plan.batching == "pack",
@@ -325,7 +361,7 @@ def plan_estimator(config: Any, spec: Any) -> Any:
             r=lora.r,
             targets=lora.target_modules,
             seq_len=train.max_seq_length,
-            micro_batch=train.batch_size,
+            micro_batch=plan.micro_batch,
             batching=plan.batching,
             gradient_checkpointing=checkpointing,
             activation_offload=plan.activation_offload and checkpointing,

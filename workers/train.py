@@ -346,8 +346,6 @@ def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: boo
         learning_rate=hp.learning_rate,
         num_train_epochs=hp.num_epochs,
         max_steps=hp.max_steps if hp.max_steps > 0 else -1,
-        per_device_train_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.grad_accum,
         max_length=hp.max_seq_length,
         warmup_steps=hp.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=hp.lr_scheduler,
