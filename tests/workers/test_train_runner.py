@@ -110,3 +110,56 @@ def test_cancel_stops_training_within_a_few_steps(tiny_model_dir: Path, store: A
     assert reporter.states[-1][0] == "cancelled"
     steps = [m["step"] for m in reporter.metrics if "loss" in m]
     assert max(steps) < 20
+
+
+class DyingReporter(MemoryReporter):
+    """A worker that dies (raises) when it reports a given step, like a machine lost mid-run."""
+
+    def __init__(self, die_at_step: int) -> None:
+        super().__init__()
+        self.die_at_step = die_at_step
+
+    def metric(self, **values: object) -> None:
+        if values.get("step") == self.die_at_step and "loss" in values:
+            raise RuntimeError("worker lost")
+        super().metric(**values)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    from workers.train import run_training
+
+    def spec(attempt: int, checkpoints: str) -> TrainSpec:
+        s = make_spec(tiny_model_dir)
+        s.attempt, s.checkpoint_uri = attempt, checkpoints
+        s.output_uri = f"{checkpoints}-out/attempt-{attempt}"
+        s.train.max_steps, s.train.save_steps, s.train.logging_steps, s.train.keep_checkpoints = 12, 4, 1, 2
+        s.train.lr_scheduler, s.train.warmup_ratio = "cosine", 0.2
+        return s
+
+    whole = MemoryReporter()
+    whole_result = run_training(spec(1, "store://runs/whole/checkpoints"), whole, store)
+    assert whole_result is not None and whole_result["resumed_from_step"] is None
+
+    dying = DyingReporter(die_at_step=7)
+    assert run_training(spec(1, "store://runs/cut/checkpoints"), dying, store) is None
+    assert dying.states[-1][0] == "failed"
+    assert [e["data"]["step"] for e in dying.events if e["kind"] == "checkpoint"] == [4]
+
+    resumed = MemoryReporter()
+    result = run_training(spec(2, "store://runs/cut/checkpoints"), resumed, store)
+    assert result is not None, resumed.states[-1]
+    assert result["resumed_from_step"] == 4
+    assert any("Resuming from checkpoint checkpoint-4" in line for line in resumed.logs)
+    assert result["steps"] == whole_result["steps"] == 12
+
+    def curve(reporter: MemoryReporter) -> dict[int, tuple[float, float]]:
+        return {m["step"]: (m["learning_rate"], m["loss"]) for m in reporter.metrics if "loss" in m}
+
+    expected, got = curve(whole), curve(resumed)
+    assert sorted(got) == list(range(5, 13))  # picks up after the checkpoint, not from step 1
+    for step in got:
+        assert got[step][0] == pytest.approx(expected[step][0], rel=1e-6)  # the same LR schedule
+    assert got[12][1] == pytest.approx(expected[12][1], abs=0.05)
+    assert result["final_loss"] == pytest.approx(whole_result["final_loss"], abs=0.05)
+    kept = sorted(p.name for p in store.path("store://runs/cut/checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-12", "checkpoint-8"]  # the last two are kept

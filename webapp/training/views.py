@@ -83,9 +83,10 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 
 def _chart_context(run: TrainingRun) -> dict[str, Any]:
-    metrics = RunEvent.objects.filter(run=run, kind="metric", attempt=run.attempt).values_list("data", flat=True)
-    loss = [(int(d["step"]), float(d["loss"])) for d in metrics if d.get("loss") is not None]
-    return {"loss_chart": line_chart(loss)}
+    # A resumed attempt repeats the steps after its checkpoint: the latest attempt's point wins.
+    metrics = RunEvent.objects.filter(run=run, kind="metric").order_by("id").values_list("data", flat=True)
+    by_step = {int(d["step"]): float(d["loss"]) for d in metrics if d.get("loss") is not None}
+    return {"loss_chart": line_chart(sorted(by_step.items()))}
 
 
 def _status_context(run: TrainingRun) -> dict[str, Any]:
