@@ -106,6 +106,19 @@ def _switch(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
 
+def check_switches(train: TrainParams, lora: LoraParams) -> dict[str, str]:
+    """Combinations refused on any device: checked before a run is queued, and again by the plan."""
+    errors: dict[str, str] = {}
+    method = getattr(lora, "method", "lora")
+    if method in PROMPT_METHODS and train.batching in ("pack", "padding_free"):
+        errors["batching"] = f"{method} prepends virtual tokens to each example: use pad (or auto)"
+    if train.attention == "varlen" and train.batching == "pad":
+        errors["attention"] = "varlen attention works on packed or padding-free rows, not padded batches"
+    if train.activation_offload == "on" and train.gradient_checkpointing == "off":
+        errors["activation_offload"] = "offloading moves the checkpointed layer inputs to CPU: it needs gradient checkpointing"
+    return errors
+
+
 def resolve_plan(
     train: TrainParams,
     lora: LoraParams,
@@ -121,15 +134,15 @@ def resolve_plan(
     `estimator(plan) -> bytes` predicts the peak for a candidate plan; with it, throughput mode
     recomputes only as many layers as needed to stay under 90% of the GPU.
     """
+    for name, message in check_switches(train, lora).items():
+        raise PlanError(name, message)
     cuda = device == "cuda"
-    prompt_method = lora.method in PROMPT_METHODS if hasattr(lora, "method") else False
+    prompt_method = getattr(lora, "method", "lora") in PROMPT_METHODS
     mode = "throughput" if train.mode == "auto" else train.mode
 
     batching = train.batching
     if batching == "auto":
         batching = "pack" if cuda and not prompt_method else "pad"
-    if prompt_method and batching != "pad":
-        raise PlanError("batching", f"{lora.method} prepends virtual tokens to each example: use pad")
 
     attention = train.attention
     if attention == "auto":
@@ -140,8 +153,6 @@ def resolve_plan(
     if attention == "varlen":
         if not varlen_available():
             raise PlanError("attention", "varlen needs a CUDA GPU of compute capability 8.0+ and PyTorch >= 2.10")
-        if batching == "pad":
-            raise PlanError("attention", "varlen attention works on packed or padding-free rows, not padded batches")
     if attention == "flex" and not cuda:
         raise PlanError("attention", "FlexAttention training needs a CUDA GPU")
 
@@ -169,10 +180,10 @@ def resolve_plan(
     elif train.gradient_checkpointing == "auto":
         if not cuda:
             plan.checkpoint_layers = 0
-        elif mode == "throughput" and estimator is not None and gpu_total_bytes:
+        elif mode == "throughput" and estimator is not None and gpu_total_bytes and not offload:
             _fit_without_recompute(plan, estimator, budget=int(gpu_total_bytes * 0.9))
     if plan.activation_offload and not plan.checkpoint_layers:
-        raise PlanError("activation_offload", "offloading keeps the checkpointed layer inputs on CPU: it needs gradient checkpointing")
+        plan.activation_offload = False  # auto chose recompute-free: nothing is left to offload
     if estimator is not None:
         plan.estimate_bytes = estimator(plan)
     return plan

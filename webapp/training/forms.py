@@ -7,6 +7,7 @@ from django import forms
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from workers import spec
+from workers.engine import check_switches
 from workers.modelinfo import unknown_targets
 
 CHOICE_FIELDS = spec.CHOICES
@@ -51,6 +52,11 @@ class RunForm(forms.Form):
         base: BaseModel | None = data.get("base_model")
         for name, message in params.validate(base.max_positions if base else None).items():
             self.add_error(name, message)
+        config_for_switches: LoraConfig | None = data.get("lora_config")
+        if config_for_switches:
+            for name, message in check_switches(params, config_for_switches.lora_params()).items():
+                if name not in self.errors:
+                    self.add_error(name, message)
         config: LoraConfig | None = data.get("lora_config")
         if base and config:
             unknown = unknown_targets(config.target_modules, base.linear_modules)

@@ -91,7 +91,21 @@ def _chart_context(run: TrainingRun) -> dict[str, Any]:
 
 def _status_context(run: TrainingRun) -> dict[str, Any]:
     adapter = Adapter.objects.filter(run=run).first()
-    return {"run": run, "adapter": adapter, **_chart_context(run)}
+    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), **_chart_context(run)}
+
+
+def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
+    """Measured GPU peak next to what the plan estimated, once a GPU run has finished."""
+    metrics = adapter.metrics if adapter else {}
+    if not metrics.get("peak_memory_reserved"):
+        return None
+    plan = metrics.get("plan") or {}
+    return {
+        "measured": metrics["peak_memory_reserved"],
+        "allocated": metrics.get("peak_memory_allocated"),
+        "estimated": plan.get("estimate_bytes"),
+        "plan": plan,
+    }
 
 
 @login_required
