@@ -1,42 +1,358 @@
 from __future__ import annotations
 
+import csv
 import io
 import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.datasets import DatasetError, load_trl_rows, to_trl_row, validate_bytes
+from workers.datasets import MAX_PROBLEMS, DatasetError, load_trl_rows, to_trl_row, validate_bytes
 
 
 def jsonl(*rows: object) -> bytes:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
 
 
+def json_array(*rows: dict[str, Any]) -> bytes:
+    """One item per line after the opening bracket: item k starts on line k + 1."""
+    return ("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n").encode()
+
+
+def csv_file(*rows: dict[str, Any]) -> bytes:
+    """Header on line 1, row k on line k + 1; lists of turns are written as JSON cells."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return out.getvalue().encode()
+
+
+def parquet(*rows: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(list(rows)), buffer)
+    return buffer.getvalue()
+
+
+# name suffix, writer, and the number a problem in row k carries
+FILE_TYPES: dict[str, tuple[Callable[..., bytes], Callable[[int], int]]] = {
+    ".jsonl": (jsonl, lambda k: k),
+    ".json": (json_array, lambda k: k + 1),
+    ".csv": (csv_file, lambda k: k + 1),
+    ".parquet": (parquet, lambda k: k),
+}
+
+
+def chat(*turns: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def sharegpt(*turns: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"from": who, "value": value} for who, value in turns]
+
+
+# format: (three good rows, a broken second row, the field it names, words of the message)
+FORMATS: dict[str, tuple[list[dict[str, Any]], dict[str, Any], str, str]] = {
+    "text": (
+        [{"text": "The sum of 1 and 2 is 3."}, {"text": "Reverse: abc -> cba"}, {"text": "plain text"}],
+        {"text": "  "},
+        "text",
+        "must not be empty",
+    ),
+    "prompt_completion": (
+        [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "2 + 2 =", "completion": " 4"}, {"prompt": "x", "completion": "y"}],
+        {"prompt": "3 + 3 =", "completion": ""},
+        "completion",
+        "must not be empty",
+    ),
+    "alpaca": (
+        [
+            {"instruction": "What is 1 + 1?", "input": "", "output": "2"},
+            {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7"},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+        ],
+        {"instruction": "", "input": "", "output": "5"},
+        "instruction",
+        "must not be empty",
+    ),
+    "sharegpt": (
+        [
+            {"conversations": sharegpt(("human", "What is 1 + 1?"), ("gpt", "2"))},
+            {"conversations": sharegpt(("system", "Be terse."), ("human", "2 + 2?"), ("gpt", "4"))},
+            {"conversations": sharegpt(("human", "hi"), ("gpt", "hello"), ("human", "bye"), ("gpt", "bye!"))},
+        ],
+        {"conversations": sharegpt(("human", "3 + 3?"), ("bot", "6"))},
+        "conversations[1].from",
+        "must be one of",
+    ),
+    "messages": (
+        [
+            {"messages": chat(("system", "You add numbers."), ("user", "1 + 1?"), ("assistant", "2"))},
+            {"messages": chat(("user", "2 + 2?"), ("assistant", "4"))},
+            {"messages": chat(("user", "hi"), ("assistant", "hello"), ("user", "3 + 4?"), ("assistant", "7"))},
+        ],
+        {"messages": chat(("system", "You add numbers."), ("user", ""), ("assistant", "6"))},
+        "messages[1].content",
+        "empty turn",
+    ),
+}
+
+CASES = [(fmt, ext) for fmt in FORMATS for ext in FILE_TYPES]
+
+
+@pytest.mark.parametrize(("fmt", "ext"), CASES)
+def test_a_good_file_of_each_format_and_type_validates(fmt: str, ext: str) -> None:
+    good, *_ = FORMATS[fmt]
+    write, _ = FILE_TYPES[ext]
+    report = validate_bytes(write(*good), f"data{ext}")
+    assert report.problems == []
+    assert report.ok and report.format == fmt and report.row_count == 3
+
+
+@pytest.mark.parametrize(("fmt", "ext"), CASES)
+def test_a_broken_row_is_named_by_its_line_or_row_and_field(fmt: str, ext: str) -> None:
+    good, broken, field, words = FORMATS[fmt]
+    write, number_of = FILE_TYPES[ext]
+    report = validate_bytes(write(good[0], broken, good[2]), f"data{ext}")
+    assert not report.ok
+    assert [(p.line, p.field) for p in report.problems] == [(number_of(2), field)]
+    assert words in report.problems[0].message
+    unit = "row" if ext == ".parquet" else "line"
+    assert str(report.problems[0]).startswith(f"{unit} {number_of(2)}, field '{field}': ")
+
+
+@pytest.mark.parametrize("ext", list(FILE_TYPES))
+def test_every_file_type_converts_to_the_same_trl_rows(ext: str, tmp_path: Path) -> None:
+    for fmt, (good, *_) in FORMATS.items():
+        write, _ = FILE_TYPES[ext]
+        path = tmp_path / f"{fmt}{ext}"
+        path.write_bytes(write(*good))
+        assert load_trl_rows(path) == (fmt, [to_trl_row(fmt, row) for row in good]), fmt
+
+
+# --- bad JSON ---------------------------------------------------------------------------------------------------
+
+
 def test_it_names_the_line_and_problem_of_a_malformed_row() -> None:
-    data = jsonl({"text": "fine"}, '{"text": "broken', {"text": "fine too"})
+    data = jsonl({"text": "fine"}, '{"text": "broken', {"text": "fine too"}, "[1, 2]")
     report = validate_bytes(data, "train.jsonl")
     assert not report.ok
+    assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [(2, "invalid JSON"), (4, "expected a JSON object, got an array")]
+    assert str(report.problems[0]).startswith("line 2: invalid JSON")
+
+
+def test_a_json_array_names_the_line_each_item_starts_on() -> None:
+    rows = [{"text": "a"}, {"text": ""}, {"text": "c"}, "not an object"]
+    data = json.dumps(rows, indent=2).encode()  # each object spans three lines
+    report = validate_bytes(data, "data.json")
+    assert [(p.line, p.field) for p in report.problems] == [(5, "text"), (11, "")]
+    assert "expected a JSON object in the array, got a string" in report.problems[1].message
+
+
+def test_a_json_array_with_a_syntax_error_names_its_line() -> None:
+    data = b'[\n  {"text": "a"},\n  {"text": "b",,\n  {"text": "c"}\n]\n'
+    report = validate_bytes(data, "data.json")
+    assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [(3, "invalid JSON")]
+    assert not validate_bytes(b'[{"text": "a"} {"text": "b"}]', "data.json").ok
+
+
+def test_json_lines_saved_as_json_are_read_line_by_line() -> None:
+    report = validate_bytes(jsonl({"text": "a"}, "{oops", {"text": "c"}), "export.json")
     assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [(2, "invalid JSON")]
-    assert "line 2" in str(report.problems[0])
+    assert validate_bytes(jsonl({"text": "a"}), "one.json").ok
+
+
+def test_a_json_object_that_is_not_an_array_is_refused() -> None:
+    report = validate_bytes(json.dumps({"data": [{"text": "a"}]}, indent=2).encode(), "squad.json")
+    assert [str(p) for p in report.problems] == ["line 1: a .json dataset must be an array of objects (or one object per line)"]
+
+
+def test_a_csv_cell_of_turns_must_hold_json() -> None:
+    data = b'messages\n"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""yo""}]"\n[{"oops\n'
+    report = validate_bytes(data, "chat.csv")
+    assert report.row_count == 1
+    assert [(p.line, p.field, p.message.split(":")[0]) for p in report.problems] == [
+        (3, "messages", "must hold a JSON list of turns")
+    ]
+
+
+def test_an_unreadable_parquet_file_is_reported_without_a_traceback() -> None:
+    report = validate_bytes(b"PAR1 this is not parquet", "data.parquet")
+    assert not report.ok and report.problems[0].line == 0
+    assert str(report.problems[0]).startswith("not a readable Parquet file")
+
+
+# --- missing fields ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", list(FILE_TYPES))
+def test_missing_and_null_fields_are_named(ext: str) -> None:
+    write, number_of = FILE_TYPES[ext]
+    rows: list[dict[str, Any]] = [
+        {"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": None}, {"prompt": None, "completion": "c"}
+    ]
+    if ext == ".csv":  # a CSV cell cannot be null, only empty
+        rows = [{k: v or "" for k, v in row.items()} for row in rows]
+    report = validate_bytes(write(*rows), f"data{ext}")
+    assert [(p.line, p.field) for p in report.problems] == [(number_of(2), "completion"), (number_of(3), "prompt")]
+    expected = "must not be empty" if ext == ".csv" else "missing"
+    assert {p.message for p in report.problems} == {expected}
+
+
+def test_rows_without_known_fields_or_of_another_format_are_named() -> None:
+    data = jsonl({"instruction": "i", "output": "o"}, {"question": "q", "answer": "a"}, {"text": "t"})
+    report = validate_bytes(data, "mixed.jsonl")
+    assert [(p.line, p.message.split(" (")[0].split(" but")[0]) for p in report.problems] == [
+        (2, "no known fields"),
+        (3, "row is text"),
+    ]
+    assert "found question, answer" in report.problems[0].message
+
+
+def test_a_non_string_field_is_named_with_its_type() -> None:
+    report = validate_bytes(jsonl({"instruction": "i", "input": 3, "output": ["o"]}), "d.jsonl")
+    assert {(p.field, p.message) for p in report.problems} == {
+        ("output", "must be a string, got an array"),
+        ("input", "must be a string, got a number"),
+    }
+
+
+def test_a_csv_row_with_the_wrong_number_of_fields_is_named() -> None:
+    data = b"prompt,completion\n1 + 1 =,2\n2 + 2 =,4,extra\n3 + 3 =\n"
+    report = validate_bytes(data, "d.csv")
+    assert [(p.line, p.message) for p in report.problems] == [
+        (3, "has 3 fields but the header has 2"),
+        (4, "has 1 fields but the header has 2"),
+    ]
+
+
+def test_a_csv_record_is_named_by_the_line_it_starts_on() -> None:
+    data = b'text\n"a cell\nover three\nlines"\n""\nlast\n'
+    report = validate_bytes(data, "d.csv")
+    assert report.row_count == 3
+    assert [(p.line, p.field) for p in report.problems] == [(5, "text")]
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_default_limit_is_read() -> None:
+    long_text = "x" * 200_000
+    report = validate_bytes(f"text\n{long_text}\n".encode(), "long.csv")
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("ext", list(FILE_TYPES))
+def test_a_file_without_rows_is_refused(ext: str) -> None:
+    data = parquet_empty() if ext == ".parquet" else {".jsonl": b"\n\n", ".json": b"[]", ".csv": b"text\n"}[ext]
+    report = validate_bytes(data, f"empty{ext}")
+    assert not report.ok and [str(p) for p in report.problems] == ["the file has no rows"]
+
+
+def parquet_empty() -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), buffer)
+    return buffer.getvalue()
+
+
+# --- turns: empty, wrong roles, out of order ----------------------------------------------------------------------
 
 
 def test_it_reports_missing_fields_empty_turns_and_wrong_roles_with_lines() -> None:
     data = jsonl(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
+        {"messages": chat(("user", "hi"), ("assistant", "hello"))},
+        {"messages": chat(("user", ""), ("assistant", "x"))},
         {"messages": [{"role": "robot", "content": "beep"}]},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "hi"}, "assistant: hello"]},
+        {"messages": chat(("user", "hi"), ("assistant", "   "))},
     )
     report = validate_bytes(data, "chat.jsonl")
-    found = {(p.line, p.field) for p in report.problems}
-    assert found == {(2, "messages[0].content"), (3, "messages[0].role")}
+    found = {(p.line, p.field, p.message.split(",")[0]) for p in report.problems}
+    assert found == {
+        (2, "messages[0].content", "empty turn"),
+        (3, "messages[0].role", "must be one of system"),
+        (4, "messages", "must be a non-empty list of turns"),
+        (5, "messages[1]", "must be an object with 'role' and 'content'"),
+        (6, "messages[1].content", "empty turn"),
+    }
 
 
-def test_it_refuses_non_utf8_with_the_line() -> None:
-    data = b'{"text": "ok"}\n{"text": "caf\xe9"}\n'
-    report = validate_bytes(data, "latin.jsonl")
-    assert report.problems[0].line == 2 and "UTF-8" in report.problems[0].message
+ORDER_CASES = [
+    ([("user", "q")], "", "has no assistant turn to learn from"),
+    ([("system", "s"), ("user", "q")], "", "has no assistant turn to learn from"),
+    ([("user", "q"), ("system", "s"), ("assistant", "a")], "[1]", "a system turn may only come first"),
+    ([("assistant", "hello"), ("user", "q"), ("assistant", "a")], "[0]", "the conversation must open with a user turn"),
+    ([("user", "q"), ("user", "again"), ("assistant", "a")], "[1]", "two user turns in a row"),
+    ([("user", "q"), ("assistant", "a"), ("assistant", "more")], "[2]", "two assistant turns in a row"),
+    ([("user", "q"), ("assistant", "a"), ("user", "thanks")], "[2]", "the conversation must end with an assistant turn"),
+]
+
+
+@pytest.mark.parametrize(("turns", "where", "message"), ORDER_CASES)
+def test_roles_out_of_order_are_named_in_chat_messages(turns: list[tuple[str, str]], where: str, message: str) -> None:
+    report = validate_bytes(jsonl({"messages": chat(("user", "ok"), ("assistant", "fine"))}, {"messages": chat(*turns)}), "c.jsonl")
+    assert [(p.line, p.field) for p in report.problems] == [(2, f"messages{where}.role" if where else "messages")]
+    assert report.problems[0].message.startswith(message)
+
+
+@pytest.mark.parametrize(("turns", "where", "message"), ORDER_CASES)
+def test_roles_out_of_order_are_named_in_sharegpt(turns: list[tuple[str, str]], where: str, message: str) -> None:
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    conversations = sharegpt(*[(names[role], text) for role, text in turns])
+    report = validate_bytes(jsonl({"conversations": conversations}), "s.jsonl")
+    assert [(p.line, p.field) for p in report.problems] == [(1, f"conversations{where}.from" if where else "conversations")]
+    assert report.problems[0].message.startswith(message)
+
+
+# --- encodings ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".csv"])
+def test_it_names_every_line_that_is_not_utf8(ext: str) -> None:
+    good = {".jsonl": b'{"text": "ok"}', ".json": b'[{"text": "ok"},', ".csv": b"text\nok"}[ext]
+    data = good + b'\n{"text": "caf\xe9"}\n{"text": "fine"}\n{"text": "na\xefve"}\n'
+    report = validate_bytes(data, f"latin{ext}")
+    lines = [2, 4] if ext != ".csv" else [3, 5]
+    assert [p.line for p in report.problems] == lines
+    assert all("not valid UTF-8" in p.message for p in report.problems)
+    assert "byte 0xe9" in report.problems[0].message
+
+
+def test_a_parquet_string_that_is_not_utf8_names_its_row_and_column() -> None:
+    column = pa.array([b"ok", b"caf\xe9", b"fine"], type=pa.binary()).view(pa.string())
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": column}), buffer)
+    report = validate_bytes(buffer.getvalue(), "latin.parquet")
+    assert [str(p) for p in report.problems] == ["row 2, field 'text': not valid UTF-8 (byte 0xe9)"]
+
+
+def test_a_utf16_file_is_named_as_such() -> None:
+    report = validate_bytes('{"text": "hi"}\n'.encode("utf-16"), "d.jsonl")
+    assert [str(p) for p in report.problems] == ["line 1: the file is UTF-16 encoded: save it as UTF-8"]
+
+
+def test_a_utf8_byte_order_mark_is_accepted() -> None:
+    assert validate_bytes(b"\xef\xbb\xbftext\nhello\n", "d.csv").ok
+    assert validate_bytes(b'\xef\xbb\xbf{"text": "hello"}\n', "d.jsonl").ok
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_row() -> None:
+    # str.splitlines() splits on U+2028 and U+0085, which JSON strings may hold unescaped.
+    data = (json.dumps({"text": "one\u2028two\x85three"}, ensure_ascii=False) + "\n").encode()
+    report = validate_bytes(data, "d.jsonl")
+    assert report.ok and report.row_count == 1, report.problems
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+
+
+def test_the_report_keeps_the_first_problems_and_says_it_left_some_out() -> None:
+    report = validate_bytes(jsonl(*[{"text": ""} for _ in range(MAX_PROBLEMS + 10)]), "d.jsonl")
+    assert len(report.problems) == MAX_PROBLEMS and report.truncated
+    assert report.as_dict()["problems"][0] == {"line": 1, "unit": "line", "field": "text", "message": "must not be empty"}
 
 
 @pytest.mark.parametrize(
@@ -46,30 +362,30 @@ def test_it_refuses_non_utf8_with_the_line() -> None:
         ({"prompt": "p", "completion": "c"}, "prompt_completion"),
         ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
         ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
     ],
 )
 def test_it_detects_each_format(record: dict, fmt: str) -> None:
     assert validate_bytes(jsonl(record), "d.jsonl").format == fmt
 
 
-def test_csv_and_parquet_are_read_with_row_numbers() -> None:
-    csv_data = b"instruction,output\nWhat is 1 + 1?,2\n,missing\n"
-    report = validate_bytes(csv_data, "d.csv")
-    assert report.format == "alpaca" and [(p.line, p.field) for p in report.problems] == [(3, "instruction")]
-    buffer = io.BytesIO()
-    pq.write_table(pa.table({"text": ["a", "b"]}), buffer)
-    assert validate_bytes(buffer.getvalue(), "d.parquet").row_count == 2
+# --- conversion ----------------------------------------------------------------------------------------------------
 
 
 def test_chat_rows_become_prompt_and_completion_on_the_last_assistant_turn() -> None:
-    row = to_trl_row("messages", {"messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
-    ]})
-    assert [t["role"] for t in row["prompt"]] == ["system", "user"]
-    assert row["completion"] == [{"role": "assistant", "content": "a"}]
+    row = to_trl_row("messages", {"messages": chat(("system", "s"), ("user", "u"), ("assistant", "a"), ("user", "u2"), ("assistant", "a2"))})
+    assert [t["role"] for t in row["prompt"]] == ["system", "user", "assistant", "user"]
+    assert row["completion"] == [{"role": "assistant", "content": "a2"}]
 
 
-def test_load_raises_with_the_first_problems(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sharegpt_rows_get_chat_roles_and_alpaca_rows_join_instruction_and_input() -> None:
+    row = to_trl_row("sharegpt", {"conversations": sharegpt(("system", "s"), ("human", "q"), ("gpt", "a"))})
+    assert row == {"prompt": chat(("system", "s"), ("user", "q")), "completion": chat(("assistant", "a"))}
+    row = to_trl_row("alpaca", {"instruction": "Add.", "input": "1 2", "output": "3"})
+    assert row == {"prompt": chat(("user", "Add.\n\n1 2")), "completion": chat(("assistant", "3"))}
+
+
+def test_load_raises_with_the_first_problems(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_bytes(jsonl({"instruction": "x", "output": "y"}, "[1, 2]"))
     with pytest.raises(DatasetError, match=r"bad.jsonl: line 2: expected a JSON object"):
