@@ -27,7 +27,7 @@ def test_packed_rows_attend_only_within_their_example(kv_heads: int) -> None:
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     out, _ = _varlen_attention_forward(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=max(lengths))
     assert out.shape == (1, total, heads, dim)
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True, enable_gqa=kv_heads != heads
         ).transpose(1, 2)
