@@ -103,3 +103,27 @@ def build_tiny_llama(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_tiny_gpt2(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Save a random-weight GPT-2 (Conv1D layers: c_attn, c_proj, c_fc) and the toy tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden_size,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

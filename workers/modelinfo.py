@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.spec import LoraParams, TrainParams
 
 
 class ModelNotFound(ValueError):
@@ -19,6 +22,8 @@ class ModelInfo:
     max_positions: int | None = None
     linear_modules: list[str] = field(default_factory=list)
     has_chat_template: bool = False
+    family: str = ""  # architecture family whose module names the target presets use ("" when unknown)
+    target_presets: dict[str, list[str]] = field(default_factory=dict)  # preset -> module names it adapts
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,10 +79,159 @@ def inspect_model(source: str, revision: str = "", trust_remote_code: bool = Fal
         max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
         linear_modules=linear_module_names(model),
         has_chat_template=has_template,
+        family=getattr(family_of(config.model_type, linear_module_names(model)), "name", ""),
+        target_presets=preset_table(linear_module_names(model), config.model_type),
     )
 
 
 def unknown_targets(targets: list[str], linear_modules: list[str]) -> list[str]:
-    if targets == ["all-linear"]:
+    """Explicit targets whose last name part is no linear module of the model (presets are not names)."""
+    from workers.spec import TARGET_PRESETS
+
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
         return []
-    return [t for t in targets if t not in linear_modules]
+    return [t for t in targets if t.rsplit(".", 1)[-1] not in linear_modules]
+
+
+# --- architecture families and target presets -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module names of one architecture family; a dotted name matches as a suffix (attn.c_proj), as in PEFT."""
+
+    name: str
+    model_types: tuple[str, ...]
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+
+    def present(self, names: tuple[str, ...], linear_modules: list[str]) -> list[str]:
+        return [n for n in names if n.rsplit(".", 1)[-1] in linear_modules]
+
+
+FAMILIES = (
+    Family(
+        "llama",
+        ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+         "olmo", "olmo2", "granite", "smollm3"),
+        attention=("q_proj", "k_proj", "v_proj", "o_proj"),
+        mlp=("gate_proj", "up_proj", "down_proj"),
+    ),
+    # GPT-2's Conv1D layers: c_proj is both the attention output and the MLP output, told apart by the parent.
+    Family("gpt2", ("gpt2",), attention=("attn.c_attn", "attn.c_proj"), mlp=("mlp.c_fc", "mlp.c_proj")),
+    Family(
+        "bloom",
+        ("bloom", "falcon", "gpt_neox"),
+        attention=("query_key_value", "dense"),
+        mlp=("dense_h_to_4h", "dense_4h_to_h"),
+    ),
+)
+
+
+def family_of(model_type: str, linear_modules: list[str]) -> Family | None:
+    """The family by model_type, else the first whose attention projections are all among the modules."""
+    for family in FAMILIES:
+        if model_type in family.model_types and family.present(family.attention, linear_modules):
+            return family
+    for family in FAMILIES:
+        if len(family.present(family.attention, linear_modules)) == len(family.attention):
+            return family
+    return None
+
+
+class TargetError(ValueError):
+    pass
+
+
+def resolve_targets(targets: list[str], linear_modules: list[str], model_type: str = "", model_name: str = "") -> list[str]:
+    """Explicit module names for a target list or preset, checked against the model's linear modules."""
+    from workers.spec import TARGET_PRESETS
+
+    listing = f"the linear modules of {model_name or 'this model'} are: {', '.join(linear_modules)}"
+    preset = targets[0] if len(targets) == 1 and targets[0] in TARGET_PRESETS else None
+    if preset == "all-linear":
+        return list(linear_modules)
+    if preset is None:
+        unknown = unknown_targets(targets, linear_modules)
+        if unknown:
+            raise TargetError(f"{', '.join(unknown)} not found; {listing}")
+        return list(targets)
+    family = family_of(model_type, linear_modules)
+    if family is None:
+        raise TargetError(
+            f"the {preset} preset needs a known architecture (Llama-like, GPT-2, BLOOM/Falcon); "
+            f"list the modules instead: {listing}"
+        )
+    attention = family.present(family.attention, linear_modules)
+    if preset == "attention":
+        return attention
+    mlp = family.present(family.mlp, linear_modules)
+    if len(mlp) != len(family.mlp):
+        raise TargetError(f"this model's MLP layers are not all linear modules ({family.name} family); {listing}")
+    return attention + mlp
+
+
+def preset_table(linear_modules: list[str], model_type: str = "") -> dict[str, list[str]]:
+    """What each target preset adapts on this model (presets that do not apply are left out)."""
+    from workers.spec import TARGET_PRESETS
+
+    table = {}
+    for preset in TARGET_PRESETS:
+        try:
+            table[preset] = resolve_targets([preset], linear_modules, model_type)
+        except TargetError:
+            continue
+    return table
+
+
+def feedforward_targets(lora: LoraParams, targets: list[str], linear_modules: list[str], model_type: str = "") -> list[str]:
+    """IA3's feed-forward modules: the ones given, else the targets that are the family's MLP layers.
+
+    A bare name that is both attention and MLP (GPT-2's c_proj under all-linear) is left out: it scales outputs.
+    """
+    if lora.feedforward_modules:
+        return list(lora.feedforward_modules)
+    family = family_of(model_type, linear_modules)
+    if family is None:
+        return []
+    mlp_only = {n.rsplit(".", 1)[-1] for n in family.mlp} - {n.rsplit(".", 1)[-1] for n in family.attention}
+    return [t for t in targets if t in family.mlp or t in mlp_only]
+
+
+def check_adapter(
+    lora: LoraParams,
+    linear_modules: list[str],
+    model_type: str = "",
+    *,
+    train: TrainParams | None = None,
+    max_positions: int | None = None,
+    model_name: str = "",
+) -> dict[str, str]:
+    """All field-named errors of an adapter on a model: the adapter's own checks plus those that need the
+    model's linear module names (as stored for a base model), so the control plane can refuse a run before
+    queueing it and the runner refuses the same things."""
+    errors = lora.validate(train)
+    if lora.method in ("lora", "ia3") and "target_modules" not in errors:
+        try:
+            targets = resolve_targets(lora.target_modules, linear_modules, model_type, model_name)
+        except TargetError as exc:
+            errors["target_modules"] = str(exc)
+        else:
+            if lora.method == "ia3" and "feedforward_modules" not in errors:
+                message = _feedforward_error(lora, targets)
+                if message:
+                    errors["feedforward_modules"] = message
+    if lora.method in ("prefix_tuning", "prompt_tuning") and train is not None and max_positions:
+        if train.max_seq_length + lora.num_virtual_tokens > max_positions:
+            errors["num_virtual_tokens"] = (
+                f"max_seq_length {train.max_seq_length} + {lora.num_virtual_tokens} virtual tokens exceeds the "
+                f"model's {max_positions} positions"
+            )
+    return errors
+
+
+def _feedforward_error(lora: LoraParams, targets: list[str]) -> str:
+    outside = [m for m in lora.feedforward_modules if m not in targets]
+    if outside:
+        return f"{', '.join(outside)} not among the targets ({', '.join(targets)}): feed-forward modules must be targets too"
+    return ""

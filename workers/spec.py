@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-QUANTIZATIONS = ("none", "4bit")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 BIASES = ("none", "all", "lora_only")
+METHODS = ("lora", "ia3", "prefix_tuning", "prompt_tuning")
+PROMPT_LEARNING_METHODS = ("prefix_tuning", "prompt_tuning")  # virtual tokens prepended to every example
+# LoRA initialisations (PEFT's init_lora_weights); pissa_fast is PiSSA by fast SVD (16 subspace iterations).
+INITS = ("default", "gaussian", "pissa", "pissa_fast", "olora", "orthogonal", "loftq")
+# Inits that move part of the base weight into the adapter: saved as a plain LoRA of rank 2r (see peftsetup).
+MUTATING_INITS = ("pissa", "pissa_fast", "olora")
+PROMPT_INITS = ("random", "sample_vocab", "text")
+# Target presets, resolved per architecture family from the model's own module names (workers/modelinfo.py).
+TARGET_PRESETS = ("all-linear", "attention", "attention+mlp")
 DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
 
 
@@ -28,40 +38,201 @@ def _help(text: str, default: Any) -> Any:
 
 @dataclass
 class LoraParams:
-    r: int = _help("Rank of the low-rank update matrices.", 16)
-    alpha: int = _help("Scaling numerator: the update is scaled by alpha / r.", 32)
-    dropout: float = _help("Dropout on the LoRA input during training.", 0.05)
+    method: str = _help(
+        "Adapter method: LoRA (low-rank updates; DoRA, rsLoRA are switches), IA3 (learned scaling vectors), "
+        "prefix tuning (trained per-layer key/value prefixes), prompt tuning (trained input tokens).",
+        "lora",
+    )
+    r: int = _help("LoRA: rank of the low-rank update matrices.", 16)
+    alpha: int = _help("LoRA: scaling numerator; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).", 32)
+    dropout: float = _help("LoRA: dropout on the adapter input during training.", 0.05)
     target_modules: list[str] = _help(
-        "Linear module names to adapt, or ['all-linear'] for every linear layer but the output head.",
+        "LoRA, IA3: modules to adapt, by name (q_proj, attn.c_proj…) or one preset: all-linear, attention "
+        "(attention projections only) or attention+mlp, resolved from the model's own modules.",
         ["all-linear"],
     )
-    bias: str = _help("Which biases to train: none, all, or only those of adapted layers.", "none")
-    quantization: str = _help("Load the base in 4-bit (QLoRA) or unquantized.", "none")
+    bias: str = _help("LoRA: which biases to train: none, all, or only those of adapted layers.", "none")
+    use_dora: bool = _help(
+        "LoRA: DoRA, which splits each update into magnitude and direction (better at low rank, slower steps).", False
+    )
+    use_rslora: bool = _help("LoRA: rsLoRA, scaling by alpha / sqrt(r) so that high ranks keep learning.", False)
+    init: str = _help(
+        "LoRA: initialisation: default (B = 0), gaussian, pissa or pissa_fast (principal singular vectors), olora "
+        "(QR), orthogonal, loftq (cancels the 4-bit quantization error).",
+        "default",
+    )
+    modules_to_save: list[str] = _help(
+        "Extra modules trained in full and saved with the adapter, e.g. lm_head or embed_tokens.", []
+    )
+    feedforward_modules: list[str] = _help(
+        "IA3: which targets are feed-forward layers (their input is scaled, not their output); empty picks the "
+        "MLP layers among the targets.",
+        [],
+    )
+    num_virtual_tokens: int = _help("Prefix and prompt tuning: number of trained virtual tokens.", 20)
+    prefix_projection: bool = _help(
+        "Prefix tuning: produce the prefixes through a trained two-layer MLP (more parameters, steadier training).",
+        False,
+    )
+    projection_hidden_size: int = _help("Prefix tuning: hidden size of that MLP; 0 uses the model's hidden size.", 0)
+    prompt_init: str = _help(
+        "Prompt tuning: start the virtual tokens random, from sampled vocabulary embeddings, or from a text.",
+        "sample_vocab",
+    )
+    prompt_init_text: str = _help("Prompt tuning: the text whose token embeddings start the virtual tokens.", "")
+    quantization: str = _help(
+        "Load the frozen base unquantized, in 8-bit (bitsandbytes LLM.int8) or in 4-bit (QLoRA).", "none"
+    )
     quant_type: str = _help("4-bit data type: NF4 (normal float, best for weights) or FP4.", "nf4")
-    double_quant: bool = _help("Quantize the quantization constants too (saves ~0.4 bit/param).", True)
+    double_quant: bool = _help("4-bit: quantize the quantization constants too (saves ~0.4 bit/param).", True)
     compute_dtype: str = _help(
         "Dtype for matmuls: auto picks bf16 where supported, else fp16 on GPU, fp32 on CPU.", "auto"
     )
 
-    def validate(self) -> dict[str, str]:
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def target_preset(self) -> str | None:
+        """The preset named by target_modules, or None for an explicit list."""
+        if len(self.target_modules) == 1 and self.target_modules[0] in TARGET_PRESETS:
+            return self.target_modules[0]
+        return None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def summary(self) -> str:
+        """One line for lists: 'DoRA r=16 alpha=32 on attention, 4-bit NF4'."""
+        if self.is_lora:
+            name = "+".join(n for n, on in (("DoRA", self.use_dora), ("rsLoRA", self.use_rslora)) if on) or "LoRA"
+            text = f"{name} r={self.r} alpha={self.alpha} on {', '.join(self.target_modules)}"
+            if self.init != "default":
+                text += f", {self.init} init"
+        elif self.method == "ia3":
+            text = f"IA3 on {', '.join(self.target_modules)}"
+        else:
+            text = f"{self.method.replace('_', ' ').capitalize()}, {self.num_virtual_tokens} virtual tokens"
+        if self.quantization == "4bit":
+            text += f", 4-bit {self.quant_type.upper()}"
+        elif self.quantization == "8bit":
+            text += ", 8-bit"
+        return text
+
+    def validate(self, train: TrainParams | None = None) -> dict[str, str]:
+        """Field-named errors of the adapter alone (and with the run's TrainParams when given).
+
+        Checks that need the model (target names, presets) are in workers.modelinfo.check_adapter.
+        """
         errors: dict[str, str] = {}
-        if not 1 <= self.r <= 1024:
-            errors["r"] = "must be between 1 and 1024"
-        if self.alpha <= 0:
-            errors["alpha"] = "must be positive"
-        if not 0.0 <= self.dropout < 1.0:
-            errors["dropout"] = "must be in [0, 1)"
-        if not self.target_modules or any(not str(m).strip() for m in self.target_modules):
-            errors["target_modules"] = "name at least one module (or all-linear)"
         for name, allowed in (
+            ("method", METHODS),
             ("bias", BIASES),
+            ("init", INITS),
+            ("prompt_init", PROMPT_INITS),
             ("quantization", QUANTIZATIONS),
             ("quant_type", QUANT_TYPES),
             ("compute_dtype", COMPUTE_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 errors[name] = f"must be one of {', '.join(allowed)}"
+        if not 1 <= self.r <= 1024:
+            errors["r"] = "must be between 1 and 1024"
+        if self.alpha <= 0:
+            errors["alpha"] = "must be positive"
+        if not 0.0 <= self.dropout < 1.0:
+            errors["dropout"] = "must be in [0, 1)"
+        if self.method in ("lora", "ia3"):
+            self._validate_targets(errors)
+        if errors.get("method"):
+            return errors
+        self._validate_lora_switches(errors)
+        self._validate_init(errors)
+        if self.feedforward_modules and self.method != "ia3":
+            errors["feedforward_modules"] = "applies to IA3 only; leave it empty"
+        elif self.feedforward_modules and not self.target_preset:
+            outside = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if outside:
+                errors["feedforward_modules"] = (
+                    f"{', '.join(outside)} not among the target modules: IA3 feed-forward modules must be targets too"
+                )
+        self._validate_prompt_learning(errors, train)
         return errors
+
+    def _validate_targets(self, errors: dict[str, str]) -> None:
+        names = [str(m).strip() for m in self.target_modules]
+        if not names or any(not n for n in names):
+            errors["target_modules"] = f"name at least one module, or one preset ({', '.join(TARGET_PRESETS)})"
+        elif len(names) > 1 and set(names) & set(TARGET_PRESETS):
+            preset = sorted(set(names) & set(TARGET_PRESETS))[0]
+            errors["target_modules"] = f"{preset} is a preset: use it alone, or list module names without it"
+        elif len(set(names)) != len(names):
+            errors["target_modules"] = "lists a module twice"
+
+    def _validate_lora_switches(self, errors: dict[str, str]) -> None:
+        lora_only = {
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "init": self.init != "default",
+            "bias": self.bias != "none",
+        }
+        for name, used in lora_only.items():
+            if used and not self.is_lora and name not in errors:
+                errors[name] = f"applies to LoRA only, not {self.method}"
+        if self.is_lora and self.use_dora and self.quantization == "8bit":
+            # PEFT's DoRA re-reads the int8 weight scales that bitsandbytes drops after the first forward pass.
+            errors["use_dora"] = "DoRA does not train on an 8-bit base (bitsandbytes/PEFT); use 4-bit or none"
+
+    def _validate_init(self, errors: dict[str, str]) -> None:
+        if not self.is_lora or "init" in errors:
+            return
+        if self.init == "loftq":
+            if self.quantization != "4bit":
+                errors["init"] = "loftq initialises the adapter from the 4-bit quantization error: set quantization to 4bit"
+            elif self.use_dora:
+                errors["init"] = "loftq cannot be combined with DoRA (the magnitude is set before LoftQ runs)"
+            elif "alpha" not in errors and abs(self.scaling - 1.0) > 1e-6:
+                scale = "alpha / sqrt(r)" if self.use_rslora else "alpha / r"
+                errors["alpha"] = (
+                    f"loftq sets B·A to the quantization residual unscaled, so {scale} must be 1 "
+                    f"(it is {self.scaling:g})"
+                )
+        elif self.init in MUTATING_INITS:
+            if self.quantization != "none":
+                errors["init"] = (
+                    f"{self.init} moves part of each base weight into the adapter and needs the full-precision "
+                    "weights: set quantization to none"
+                )
+            elif self.use_dora:
+                errors["init"] = f"{self.init} cannot be combined with DoRA: the adapter could not be converted back to the original base"
+        elif self.init == "orthogonal" and self.r % 2:
+            errors["r"] = "the orthogonal init needs an even rank"
+
+    def _validate_prompt_learning(self, errors: dict[str, str], train: TrainParams | None) -> None:
+        if self.method not in PROMPT_LEARNING_METHODS:
+            return
+        if not 1 <= self.num_virtual_tokens <= 1024:
+            errors["num_virtual_tokens"] = "must be between 1 and 1024"
+        if self.projection_hidden_size < 0:
+            errors["projection_hidden_size"] = "must be 0 (the model's hidden size) or positive"
+        elif self.projection_hidden_size and not (self.method == "prefix_tuning" and self.prefix_projection):
+            errors["projection_hidden_size"] = "applies to prefix tuning with prefix_projection on; set it to 0"
+        if self.prefix_projection and self.method != "prefix_tuning":
+            errors["prefix_projection"] = "applies to prefix tuning only"
+        if self.method == "prompt_tuning" and "prompt_init" not in errors:
+            if self.prompt_init == "text" and not self.prompt_init_text.strip():
+                errors["prompt_init_text"] = "give the text the virtual tokens start from (prompt_init is text)"
+            elif self.prompt_init != "text" and self.prompt_init_text:
+                errors["prompt_init_text"] = "is used only when prompt_init is text"
+        if train is not None and train.batching in ("pack", "padding_free"):
+            errors["batching"] = (
+                f"{self.method} prepends virtual tokens to each example, so examples cannot share a row: use pad "
+                "(auto pads for this method)"
+            )
+        if train is not None and self.method == "prefix_tuning" and train.gradient_checkpointing == "on":
+            errors["gradient_checkpointing"] = "prefix tuning does not work with gradient checkpointing (PEFT): set it off"
 
 
 @dataclass

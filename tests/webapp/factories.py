@@ -18,8 +18,8 @@ def demo_objects(model_dir: Path, quantization: str = "none"):  # type: ignore[n
     base = register_base_model("tiny", str(model_dir))
     data = "".join(json.dumps(r) + "\n" for r in toy_rows(512, 0)).encode()
     dataset = register_dataset("toy", "toy.jsonl", data)
-    config = LoraConfig.objects.create(name="cfg", r=16, alpha=32, dropout=0.0, target_modules=["all-linear"],
-                                       quantization=quantization)
+    config = LoraConfig.objects.create(name="cfg", params={"r": 16, "alpha": 32, "dropout": 0.0,
+                                                           "target_modules": ["all-linear"], "quantization": quantization})
     return user, base, dataset, config
 
 

@@ -83,7 +83,7 @@ def test_log_text_is_escaped_on_the_run_page(setup, client) -> None:  # type: ig
 
 def test_an_unknown_target_module_is_refused_at_creation_with_the_valid_names(setup, client) -> None:  # type: ignore[no-untyped-def]
     run, *_ = setup
-    run.lora_config.target_modules = ["q_proj", "query_key_value"]
+    run.lora_config.params["target_modules"] = ["q_proj", "query_key_value"]
     run.lora_config.save()
     client.login(username="owner", password="owner-pass-123")
     form = {"base_model": run.base_model.pk, "dataset": run.dataset.pk, "lora_config": run.lora_config.pk,
@@ -91,7 +91,7 @@ def test_an_unknown_target_module_is_refused_at_creation_with_the_valid_names(se
     response = client.post("/runs/new/", form)
     assert response.status_code == 400
     text = response.content.decode()
-    assert "query_key_value not found in tiny" in text and "gate_proj, k_proj, o_proj" in text
+    assert "target_modules: query_key_value not found; the linear modules of tiny are: down_proj, gate_proj" in text
     assert TrainingRun.objects.count() == 1
 
 

@@ -1,5 +1,6 @@
 from django.contrib import admin
 
+from webapp.catalog.forms import LoraConfigForm
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 
 
@@ -18,4 +19,11 @@ class DatasetAdmin(admin.ModelAdmin):
 
 @admin.register(LoraConfig)
 class LoraConfigAdmin(admin.ModelAdmin):
-    list_display = ["name", "method", "r", "alpha", "dropout", "quantization", "target_modules"]
+    form = LoraConfigForm
+    list_display = ["name", "method", "summary", "created_by", "created_at"]
+    list_filter = ["method"]
+    search_fields = ["name"]
+
+    @admin.display(description="Adapter")
+    def summary(self, obj: LoraConfig) -> str:
+        return obj.summary()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from django.contrib.auth import get_user_model
 
@@ -15,6 +16,16 @@ DEMO_MODEL = "demo-tiny-llama"
 DEMO_DATASET = "demo-addition"
 DEMO_CONFIG = "demo-lora-all-linear"
 QLORA_CONFIG = "qlora-4bit-nf4"
+# Adapter presets: LoraParams fields that differ from the defaults (targets resolve per architecture).
+LORA_PRESETS: dict[str, dict[str, Any]] = {
+    DEMO_CONFIG: {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
+    "lora-attention-only": {"r": 16, "alpha": 32, "target_modules": ["attention"]},
+    "lora-attention-mlp": {"r": 16, "alpha": 32, "target_modules": ["attention+mlp"]},
+    QLORA_CONFIG: {
+        "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"],
+        "quantization": "4bit", "quant_type": "nf4", "double_quant": True,
+    },
+}
 
 
 def ensure_demo_content() -> list[str]:
@@ -29,16 +40,9 @@ def ensure_demo_content() -> list[str]:
         lines = "".join(f'{{"instruction": "{r["instruction"]}", "output": "{r["output"]}"}}\n' for r in toy_rows(512, 0))
         register_dataset(DEMO_DATASET, f"{DEMO_DATASET}.jsonl", lines.encode())
         created.append(f"dataset {DEMO_DATASET}")
-    presets = {
-        DEMO_CONFIG: {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
-        QLORA_CONFIG: {
-            "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"],
-            "quantization": "4bit", "quant_type": "nf4", "double_quant": True,
-        },
-    }
-    for name, fields in presets.items():
+    for name, fields in LORA_PRESETS.items():
         if not LoraConfig.objects.filter(name=name).exists():
-            LoraConfig.objects.create(name=name, **fields)
+            LoraConfig.objects.create(name=name, params=fields)
             created.append(f"LoRA config {name}")
     return created
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from django.conf import settings
@@ -55,18 +56,17 @@ class Dataset(models.Model):
         return self.name
 
 
+METHOD_LABELS = {"lora": "LoRA", "ia3": "IA3", "prefix_tuning": "Prefix tuning", "prompt_tuning": "Prompt tuning"}
+METHOD_CHOICES = [(m, METHOD_LABELS.get(m, m)) for m in spec.METHODS]
+
+
 class LoraConfig(models.Model):
+    """A named, reusable adapter preset. `params` holds a whole `workers.spec.LoraParams` (every field, so a
+    saved config keeps its meaning when defaults change); `method` repeats params["method"] for lists."""
+
     name = models.CharField(max_length=200, unique=True)
-    method = models.CharField(max_length=16, choices=[("lora", "LoRA")], default="lora")
-    r = models.PositiveIntegerField(default=16)
-    alpha = models.PositiveIntegerField(default=32)
-    dropout = models.FloatField(default=0.05)
-    target_modules = models.JSONField(default=list)
-    bias = models.CharField(max_length=16, choices=_choices(spec.BIASES), default="none")
-    quantization = models.CharField(max_length=8, choices=_choices(spec.QUANTIZATIONS), default="none")
-    quant_type = models.CharField(max_length=8, choices=_choices(spec.QUANT_TYPES), default="nf4")
-    double_quant = models.BooleanField(default=True)
-    compute_dtype = models.CharField(max_length=16, choices=_choices(spec.COMPUTE_DTYPES), default="auto")
+    method = models.CharField(max_length=16, choices=METHOD_CHOICES, default="lora", editable=False)
+    params = models.JSONField(default=dict, blank=True, help_text="The adapter's LoraParams, field by field.")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -76,9 +76,17 @@ class LoraConfig(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # Normalise on every save: unknown keys are refused, missing ones get their defaults.
+        params = self.lora_params()
+        self.params, self.method = dataclasses.asdict(params), params.method
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and "params" in update_fields:
+            kwargs["update_fields"] = {*update_fields, "method"}
+        super().save(*args, **kwargs)
+
     def lora_params(self) -> spec.LoraParams:
-        fields: dict[str, Any] = {
-            name: getattr(self, name)
-            for name in ("r", "alpha", "dropout", "target_modules", "bias", "quantization", "quant_type", "double_quant", "compute_dtype")
-        }
-        return spec.LoraParams(**fields)
+        return spec.build(spec.LoraParams, self.params or {})
+
+    def summary(self) -> str:
+        return self.lora_params().summary()

@@ -8,7 +8,7 @@ from django import forms
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from workers import spec
 from workers.engine import check_switches
-from workers.modelinfo import unknown_targets
+from workers.modelinfo import check_adapter
 
 CHOICE_FIELDS = spec.CHOICES
 
@@ -59,13 +59,17 @@ class RunForm(forms.Form):
                     self.add_error(name, message)
         config: LoraConfig | None = data.get("lora_config")
         if base and config:
-            unknown = unknown_targets(config.target_modules, base.linear_modules)
-            if unknown:
-                self.add_error(
-                    "lora_config",
-                    f"target module(s) {', '.join(unknown)} not found in {base.name}; "
-                    f"its linear modules are: {', '.join(base.linear_modules)}",
-                )
+            # The same checks the worker makes, from the base's stored module names: refused before queueing.
+            adapter_errors = check_adapter(
+                config.lora_params(), base.linear_modules, base.model_type,
+                train=params, max_positions=base.max_positions, model_name=base.name,
+            )
+            for name, message in adapter_errors.items():
+                if name in TRAIN_FIELDS:
+                    if name not in self.errors:
+                        self.add_error(name, message)
+                else:
+                    self.add_error("lora_config", f"{config.name}: {name}: {message}")
         data["hyperparameters"] = dataclasses.asdict(params)
         return data
 
