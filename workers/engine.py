@@ -351,40 +351,38 @@ def padding_free_collator(tokenizer: Any) -> Any:
 
 def plan_estimator(config: Any, spec: Any) -> Any:
     """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood."""
-    try:
-        from workers import estimate as est  # TODO(engine): drop the guard once estimate lands
-    except Exception:
-        return None
+    from workers import estimate as est
+
     try:
         shape = est.ModelShape.from_config(config)
-    except (ValueError, AttributeError):
+    except ValueError:
         return None
     lora, train = spec.lora, spec.train
+    method = getattr(lora, "method", "lora")
+    if method == "lora" and getattr(lora, "use_dora", False):
+        method = "dora"
 
-    def predict(plan: Plan, checkpointing: bool) -> int:
-        dtype_bytes = 4 if plan.dtype == "float32" else 2
+    def estimator(plan: Plan) -> int:
         return int(est.estimate(
             shape,
-            method=getattr(lora, "method", "lora"),
+            method=method,
             quantization=lora.quantization,
             double_quant=lora.double_quant,
-            compute_dtype_bytes=dtype_bytes,
+            compute_dtype_bytes=4 if plan.dtype == "float32" else 2,
             r=lora.r,
             targets=lora.target_modules,
+            dropout=lora.dropout,
             seq_len=train.max_seq_length,
             micro_batch=plan.micro_batch,
             batching=plan.batching,
-            gradient_checkpointing=checkpointing,
-            activation_offload=plan.activation_offload and checkpointing,
+            checkpoint_layers=plan.checkpoint_layers,
+            activation_offload=plan.activation_offload and plan.checkpoint_layers > 0,
             optimizer=train.optimizer,
             liger=plan.liger,
+            fused_lm_head=True,  # trl's SFTTrainer always projects through its tiled LM head
             attention=plan.attention,
+            num_virtual_tokens=getattr(lora, "num_virtual_tokens", est.VIRTUAL_TOKENS),
+            modules_to_save=getattr(lora, "modules_to_save", ()) or (),
         ).total)
-
-    def estimator(plan: Plan) -> int:
-        if plan.checkpoint_layers in (0, plan.num_layers):
-            return predict(plan, bool(plan.checkpoint_layers))
-        none, every = predict(plan, False), predict(plan, True)
-        return int(none - (none - every) * plan.checkpoint_layers / plan.num_layers)
 
     return estimator
