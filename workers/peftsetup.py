@@ -72,6 +72,9 @@ def build_peft_config(lora: LoraParams, model: Any) -> Any:
     missing = [m for m in lora.modules_to_save if not _has_module(model, m)]
     if missing:
         errors["modules_to_save"] = f"{', '.join(missing)} not found in the model"
+    if lora.use_dora and lora.quantization == "8bit" and _on_cpu(model):
+        # bitsandbytes' CPU int8 path drops the weight scales that DoRA's weight norm reads on the next step.
+        errors["use_dora"] = "DoRA on an 8-bit base does not train on CPU (it does on CUDA); use 4-bit or none here"
     if lora.method == "prefix_tuning" and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         errors["gradient_checkpointing"] = "prefix tuning does not work with gradient checkpointing (PEFT): set it off"
     if errors:
@@ -136,6 +139,10 @@ def _uses_conv1d(model: Any) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return any(isinstance(m, Conv1D) for m in model.modules())
+
+
+def _on_cpu(model: Any) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 def _has_module(model: Any, name: str) -> bool:

@@ -181,9 +181,6 @@ class LoraParams:
         for name, used in lora_only.items():
             if used and not self.is_lora and name not in errors:
                 errors[name] = f"applies to LoRA only, not {self.method}"
-        if self.is_lora and self.use_dora and self.quantization == "8bit":
-            # PEFT's DoRA re-reads the int8 weight scales that bitsandbytes drops after the first forward pass.
-            errors["use_dora"] = "DoRA does not train on an 8-bit base (bitsandbytes/PEFT); use 4-bit or none"
 
     def _validate_init(self, errors: dict[str, str]) -> None:
         if not self.is_lora or "init" in errors:
