@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -406,7 +407,8 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
     for pair in filter(None, options.split("+")):
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
-    rows = rows or int(settings.pop("rows"))
+    default_rows = int(settings.pop("rows"))
+    rows = rows or default_rows
     accum = int(settings.pop("accum"))
     if rows == 1:
         accum = 1
@@ -494,7 +496,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tunedeck-bench"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/tunedeck-bench/out"))
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--expandable-segments", action="store_true",
+                        help="PyTorch's expandable-segments allocator (what Tunedeck workers use) for every recipe")
     args = parser.parse_args()
+    if args.expandable_segments:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if args.tiny:
         args.row_len = min(args.row_len, 256)
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)

@@ -7,6 +7,7 @@ it reports through the reporter and writes the adapter into the artifact store.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import random
 import time
@@ -41,6 +42,9 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Packed batches vary in shape from step to step; expandable segments keep the allocator from
+# fragmenting (read once, when CUDA starts: a worker sets it before its first job).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 log = logging.getLogger(__name__)
 FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
 
