@@ -56,6 +56,7 @@ class Plan:
     liger: bool
     compile: bool
     micro_batch: int = 1  # what one forward pass takes (rows or examples)
+    mlp_chunk_tokens: int = 0  # memory mode, long rows: the MLP runs (and is recomputed) this many tokens at a time
     grad_accum: int = 1  # micro-batches per optimizer step
     gpu_total_bytes: int = 0
     estimate_bytes: int | None = None
@@ -78,6 +79,8 @@ class Plan:
             f"attention {self.attention}",
             f"gradient checkpointing {ckpt}", f"Liger kernels {'on' if self.liger else 'off'}",
         ]
+        if self.mlp_chunk_tokens:
+            parts.append(f"MLP in {self.mlp_chunk_tokens}-token tiles")
         if self.compile:
             parts.append("torch.compile")
         if self.estimate_bytes:
@@ -175,6 +178,8 @@ def resolve_plan(
     )
     if mode == "memory" and cuda and batching != "pad" and train.gradient_checkpointing != "off":
         _split_micro_batch(plan, max(1, MEMORY_MODE_TOKENS // train.max_seq_length))
+        if train.max_seq_length > MLP_CHUNK_TOKENS:
+            plan.mlp_chunk_tokens = MLP_CHUNK_TOKENS
     if train.gradient_checkpointing == "off":
         plan.checkpoint_layers = 0
     elif train.gradient_checkpointing == "auto":
@@ -191,6 +196,8 @@ def resolve_plan(
 
 # Memory mode runs at most this many tokens per forward pass (more accumulation, same optimizer step).
 MEMORY_MODE_TOKENS = 4096
+# ...and runs the MLP of longer rows in tiles of this many tokens (its intermediates are 3x the hidden size).
+MLP_CHUNK_TOKENS = 8192
 
 
 def _split_micro_batch(plan: Plan, rows: int) -> None:
@@ -290,13 +297,7 @@ def register_varlen_attention() -> None:
 def prepare_model(model: Any, plan: Plan) -> Any:
     """Kernels and checkpointing on the base model, before PEFT wraps it."""
     if plan.liger:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-        # trl's fused LM head already avoids the logits: only the per-layer kernels here.
-        _apply_liger_kernel_to_instance(
-            model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
-            cross_entropy=False, fused_linear_cross_entropy=False,
-        )
+        apply_liger(model)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         for param in model.parameters():
             param.requires_grad_(False)  # frozen, and left in the compute dtype: no fp32 upcast
@@ -304,7 +305,60 @@ def prepare_model(model: Any, plan: Plan) -> Any:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         limit_checkpointed_layers(model, plan.checkpoint_layers)
+    if plan.mlp_chunk_tokens:
+        tile_mlp(model, plan.mlp_chunk_tokens)
     return model
+
+
+_LIGER_PATCHED: dict[Any, dict[str, Any]] = {}
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's per-layer kernels on this model. Liger also rebinds names in the model's modeling module
+    (RoPE, norm and MLP classes) for every later model of that type; `restore_kernels()` puts them back
+    once the run is over, so a later job in the same worker (on CPU, or without Liger) is unaffected."""
+    import importlib
+
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    module = importlib.import_module(type(model).__module__)
+    _LIGER_PATCHED.setdefault(module, dict(vars(module)))
+    # trl's fused LM head already avoids the logits: only the per-layer kernels here.
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+        cross_entropy=False, fused_linear_cross_entropy=False,
+    )
+
+
+def restore_kernels() -> None:
+    for module, saved in _LIGER_PATCHED.items():
+        for name in [n for n in vars(module) if n not in saved]:
+            delattr(module, name)
+        for name, value in saved.items():
+            if getattr(module, name, None) is not value:
+                setattr(module, name, value)
+    _LIGER_PATCHED.clear()
+
+
+def tile_mlp(model: Any, chunk_tokens: int) -> None:
+    """Run each decoder layer's MLP over the sequence in tiles, each its own checkpoint: inside the
+    recomputed layer only one tile's intermediates are alive (for very long rows in memory mode)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        inner = mlp.forward
+
+        def forward(x: Any, _inner: Any = inner) -> Any:
+            if x.shape[1] <= chunk_tokens or not torch.is_grad_enabled():
+                return _inner(x)
+            tiles = [checkpoint(_inner, t, use_reentrant=False) for t in x.split(chunk_tokens, dim=1)]
+            return torch.cat(tiles, dim=1)
+
+        mlp.forward = forward
 
 
 def decoder_layers(model: Any) -> list[Any]:

@@ -28,6 +28,7 @@ from workers.engine import (
     prepare_model,
     register_varlen_attention,
     resolve_plan,
+    restore_kernels,
     sft_arguments,
 )
 from workers.modelinfo import ModelNotFound, check_source
@@ -103,6 +104,7 @@ def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> d
         reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
         return None
     finally:
+        restore_kernels()
         for name in FORWARDED_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
     reporter.finish("succeeded", result)

@@ -92,3 +92,24 @@ def test_only_the_chosen_decoder_layers_recompute(tiny_model_dir) -> None:  # ty
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     limit_checkpointed_layers(model, 1)
     assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True, False]
+
+
+def test_tiled_mlp_gives_the_same_loss_and_gradients() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.engine import tile_mlp
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    plain, tiled = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    tiled.load_state_dict(plain.state_dict())
+    tiled.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tile_mlp(tiled, 16)
+    ids = torch.randint(0, 100, (1, 70))  # 5 tiles, the last one short
+    for model in (plain, tiled):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    for a, b in zip(plain.parameters(), tiled.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
