@@ -180,8 +180,10 @@ def resolve_plan(
         _split_micro_batch(plan, max(1, MEMORY_MODE_TOKENS // train.max_seq_length))
         if train.max_seq_length > MLP_CHUNK_TOKENS:
             plan.mlp_chunk_tokens = MLP_CHUNK_TOKENS
-    if train.gradient_checkpointing == "off":
+    prefix = getattr(lora, "method", "lora") == "prefix_tuning"  # PEFT's prefix tuning cannot recompute
+    if train.gradient_checkpointing == "off" or (prefix and train.gradient_checkpointing == "auto"):
         plan.checkpoint_layers = 0
+        plan.activation_offload = False
     elif train.gradient_checkpointing == "auto":
         if not cuda:
             plan.checkpoint_layers = 0

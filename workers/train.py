@@ -32,7 +32,7 @@ from workers.engine import (
     sft_arguments,
 )
 from workers.modelinfo import ModelNotFound, check_source
-from workers.peftsetup import RunnerError, build_peft_config, quantization_config
+from workers.peftsetup import RunnerError, build_peft_config, prepare_adapter, quantization_config, save_adapter
 from workers.reporter import Reporter
 from workers.spec import TrainSpec
 from workers.store import ArtifactStore, sha256_of, size_of
@@ -113,6 +113,9 @@ def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> d
 
 def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
     started = time.monotonic()
+    problems = {**spec.train.validate(has_eval_dataset=spec.eval_dataset is not None), **spec.lora.validate(spec.train)}
+    if problems:  # the control plane checks before queueing; a spec from elsewhere gets the same answer
+        raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
     reporter.log(f"Attempt {spec.attempt} on {platform.node()}: loading the dataset")
     fmt, rows = load_trl_rows(store.path(spec.dataset.uri))
     train_rows, eval_rows = _split_eval(spec, store, rows)
@@ -138,6 +141,8 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         callbacks, _sft_config(spec, plan, store, has_eval=bool(eval_rows)),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
+    for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, _work_dir(spec, store)):
+        reporter.log(line)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reporter.log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
@@ -149,7 +154,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
 
     adapter_dir = store.path(spec.output_uri)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    save_adapter(trainer.model, spec.lora, adapter_dir, _work_dir(spec, store))
     tokenizer.save_pretrained(adapter_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -193,6 +198,13 @@ def make_trainer(
     if plan.batching == "padding_free":
         trainer.data_collator = padding_free_collator(tokenizer)
     return trainer
+
+
+def _work_dir(spec: TrainSpec, store: ArtifactStore) -> Path:
+    """The run's own scratch folder, the same for every attempt."""
+    if spec.checkpoint_uri:
+        return store.path(spec.checkpoint_uri)
+    return store.path(spec.output_uri).parent / "trainer"
 
 
 def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]]) -> tuple[list, list]:
@@ -339,7 +351,7 @@ def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: boo
 
     hp = spec.train
     checkpoints = spec.checkpoint_uri and hp.save_steps > 0
-    output_dir = store.path(spec.checkpoint_uri) if checkpoints else store.path(spec.output_uri).parent / "trainer"
+    output_dir = _work_dir(spec, store)
     evaluation: dict[str, Any] = {}
     if has_eval:
         evaluation = {

@@ -6,6 +6,7 @@ broker) or PostgreSQL + Redis (CI runs both).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import RunEvent, TrainingRun
 from workers.demo import toy_rows
 from workers.evaluate import completion_loss
+from workers.spec import suggest_train_params
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 WORKER_NAME = f"e2e-{uuid.uuid4().hex[:8]}"
@@ -63,10 +65,11 @@ def csrf(html: str) -> str:
 
 def create_run(client: httpx.Client, base, dataset, config, **overrides) -> TrainingRun:  # type: ignore[no-untyped-def]
     form = client.get("/runs/new/")
+    # What a browser posts for the form's suggested values (an unchecked box is left out).
+    suggested = dataclasses.asdict(suggest_train_params(base.num_parameters))
+    fields = {k: ("on" if v is True else v) for k, v in suggested.items() if v is not False}
     data = {"csrfmiddlewaretoken": csrf(form.text), "name": "e2e", "base_model": base.pk, "dataset": dataset.pk,
-            "lora_config": config.pk, "learning_rate": 5e-3, "num_epochs": 3, "max_steps": 0, "batch_size": 16,
-            "grad_accum": 1, "max_seq_length": 64, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
-            "weight_decay": 0, "max_grad_norm": 1.0, "seed": 42, "logging_steps": 2, "completion_only_loss": "on"}
+            "lora_config": config.pk, **fields}
     response = client.post("/runs/new/", data={**data, **overrides})
     assert response.status_code == 200 and re.search(r"/runs/\d+/$", str(response.url)), response.text[:2000]
     return TrainingRun.objects.get(pk=int(str(response.url).rstrip("/").rsplit("/", 1)[1]))

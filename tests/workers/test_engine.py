@@ -113,3 +113,10 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
     for a, b in zip(plain.parameters(), tiled.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_prefix_tuning_never_recomputes_and_refuses_checkpointing(on_gpu: None) -> None:
+    lora = LoraParams(method="prefix_tuning")
+    plan = resolve_plan(TrainParams(mode="memory"), lora, device="cuda", dtype="bfloat16", num_layers=32)
+    assert plan.checkpoint_layers == 0 and plan.batching == "pad" and not plan.activation_offload
+    assert "gradient_checkpointing" in lora.validate(TrainParams(gradient_checkpointing="on"))

@@ -158,12 +158,10 @@ def test_loftq_on_the_4bit_base_trains_and_loads_on_the_4bit_base(
     load_back(tiny_model_dir, adapter_dir, quantization="4bit")
 
 
-@pytest.mark.xfail(strict=True, reason="workers/train.py does not call peftsetup.prepare_adapter yet")
 def test_the_runner_applies_loftq(loftq_run: tuple[Path, MemoryReporter]) -> None:
     assert any(line.startswith("LoftQ:") for line in loftq_run[1].logs)
 
 
-@pytest.mark.xfail(strict=True, reason="workers/train.py does not call peftsetup.prepare_adapter/save_adapter yet")
 def test_the_runner_saves_pissa_as_a_plain_lora_of_twice_the_rank(tiny_model_dir: Path, store: ArtifactStore) -> None:
     adapter_dir, _ = train(tiny_model_dir, store, "pissa-hook", init="pissa", r=4, alpha=4)
     assert adapter_config(adapter_dir)["r"] == 8
