@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -439,6 +440,8 @@ def plan_estimator(config: Any, spec: Any) -> Any:
             attention=plan.attention,
             num_virtual_tokens=getattr(lora, "num_virtual_tokens", est.VIRTUAL_TOKENS),
             modules_to_save=getattr(lora, "modules_to_save", ()) or (),
+            mlp_chunk_tokens=plan.mlp_chunk_tokens,
+            expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         ).total)
 
     return estimator
