@@ -407,11 +407,10 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
     for pair in filter(None, options.split("+")):
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
-    default_rows = int(settings.pop("rows"))
-    rows = rows or default_rows
-    accum = int(settings.pop("accum"))
-    if rows == 1:
+    default_rows, accum = int(settings.pop("rows")), int(settings.pop("accum"))
+    if rows:  # the length probe: one sequence, one pass
         accum = 1
+    rows = rows or default_rows
     return tunedeck_spec(model_dir, mode, rows, args.row_len, accum, **settings)
 
 
