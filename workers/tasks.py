@@ -14,6 +14,10 @@ from typing import Any
 
 from celery import Celery, signals
 
+# Read once when CUDA starts (the heartbeat's inventory may start it before the first job):
+# packed batches change shape every step, and expandable segments keep the allocator unfragmented.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 from workers.client import NotAssigned, StaleAttempt, WorkerClient
 from workers.config import (
     ConfigError,
