@@ -92,6 +92,7 @@ INSTALLED_APPS = [
     "webapp.catalog",
     "webapp.training",
     "webapp.fleet",
+    "webapp.dashboard",
 ]
 
 MIDDLEWARE = [
@@ -104,6 +105,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "webapp.security.SecurityHeadersMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"

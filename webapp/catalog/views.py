@@ -6,7 +6,7 @@ from django.db import IntegrityError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
-from webapp.catalog.models import Dataset
+from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_dataset
 from webapp.training.forms import DatasetUploadForm
 from workers.datasets import DatasetError
@@ -37,3 +37,13 @@ def datasets(request: HttpRequest) -> HttpResponse:
                 return redirect("datasets")
     context = {"form": form, "problems": problems, "datasets": Dataset.objects.all()}
     return render(request, "catalog/datasets.html", context, status=status)
+
+
+@login_required
+def base_models(request: HttpRequest) -> HttpResponse:
+    return render(request, "catalog/base_models.html", {"models": BaseModel.objects.all()})
+
+
+@login_required
+def lora_configs(request: HttpRequest) -> HttpResponse:
+    return render(request, "catalog/lora_configs.html", {"configs": LoraConfig.objects.all()})

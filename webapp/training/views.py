@@ -204,3 +204,9 @@ async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+@login_required
+def adapters_list(request: HttpRequest) -> HttpResponse:
+    adapters = Adapter.objects.select_related("run__base_model", "run__dataset", "run__lora_config").order_by("-id")
+    return render(request, "training/adapters.html", {"adapters": adapters[:200]})

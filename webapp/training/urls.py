@@ -1,0 +1,16 @@
+from django.urls import path
+
+from webapp.training import views
+
+urlpatterns = [
+    path("runs/", views.runs_list, name="runs"),
+    path("runs/new/", views.run_new, name="run-new"),
+    path("runs/<int:pk>/", views.run_detail, name="run-detail"),
+    path("runs/<int:pk>/status/", views.run_status, name="run-status"),
+    path("runs/<int:pk>/stream/", views.run_stream, name="run-stream"),
+    path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
+    path("runs/<int:pk>/adapter.zip", views.adapter_download, name="adapter-download"),
+]
+urlpatterns += [
+    path("adapters/", views.adapters_list, name="adapters"),
+]
