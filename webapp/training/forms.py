@@ -4,8 +4,10 @@ import dataclasses
 from typing import Any
 
 from django import forms
+from django.contrib.auth import get_user_model
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.training.models import RunState
 from workers import spec
 from workers.engine import check_switches
 from workers.modelinfo import check_adapter
@@ -72,6 +74,40 @@ class RunForm(forms.Form):
                     self.add_error("lora_config", f"{config.name}: {name}: {message}")
         data["hyperparameters"] = dataclasses.asdict(params)
         return data
+
+
+# Sort keys of the runs list -> the model field; each has an index with id as the tie-breaker.
+RUN_SORTS = {"created": "id", "name": "name", "state": "state", "step": "step", "loss": "last_loss"}
+RUN_SORT_CHOICES = [(f"{sign}{key}", f"{key} ({'descending' if sign else 'ascending'})")
+                    for key in RUN_SORTS for sign in ("-", "")]
+
+
+class RunFilterForm(forms.Form):
+    """The runs list's GET filters; every field is optional and a bad value is simply ignored."""
+
+    state = forms.ChoiceField(required=False, choices=[("", "Any state"), *RunState.choices])
+    owner = forms.ModelChoiceField(required=False, queryset=None, empty_label="Anyone")
+    base_model = forms.ModelChoiceField(required=False, queryset=BaseModel.objects.order_by("name"),
+                                        empty_label="Any base model")
+    dataset = forms.ModelChoiceField(required=False, queryset=Dataset.objects.order_by("name"),
+                                     empty_label="Any dataset")
+    sort = forms.ChoiceField(required=False, choices=RUN_SORT_CHOICES, initial="-created")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["owner"].queryset = get_user_model().objects.filter(is_active=True).order_by("username")
+
+    def filters(self) -> dict[str, Any]:
+        """Queryset filter kwargs from the valid fields (an invalid field is dropped, not an error page)."""
+        self.is_valid()
+        data = getattr(self, "cleaned_data", {})
+        return {name: data[name] for name in ("state", "owner", "base_model", "dataset") if data.get(name)}
+
+    def ordering(self) -> tuple[str, bool]:
+        """(sort key such as "-loss", descending?) with the default when absent or invalid."""
+        self.is_valid()
+        key = getattr(self, "cleaned_data", {}).get("sort") or "-created"
+        return key, key.startswith("-")
 
 
 class DatasetUploadForm(forms.Form):

@@ -13,7 +13,15 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from webapp.training.models import ACTIVE_STATES, WORKER_TRANSITIONS, Adapter, RunEvent, RunState, TrainingRun
+from webapp.training.models import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    WORKER_TRANSITIONS,
+    Adapter,
+    RunEvent,
+    RunState,
+    TrainingRun,
+)
 
 
 def note(run: TrainingRun | int, message: str, level: str = "info") -> None:
@@ -153,3 +161,33 @@ def record_status(run: TrainingRun, attempt: int, state: str, result: dict[str, 
                     "metrics": result,
                 },
             )
+
+
+RETRYABLE_STATES = (RunState.FAILED, RunState.CANCELLED)
+
+
+def retry(run: TrainingRun, by: Any) -> bool:
+    """Put a failed or cancelled run back in the queue.
+
+    The attempt is kept: the scheduler bumps it when it dispatches, so reports of the old
+    attempt stay fenced out, and the new attempt resumes from the run's latest checkpoint
+    (checkpoints live per run, not per attempt).
+    """
+    with transaction.atomic():
+        updated = TrainingRun.objects.filter(pk=run.pk, attempt=run.attempt, state__in=RETRYABLE_STATES).update(
+            state=RunState.QUEUED, cancel_requested=False, error="", worker=None,
+            dispatched_at=None, claimed_at=None, started_at=None, finished_at=None,
+        )
+        if updated:
+            note(run, f"Retry requested by {by}: the next attempt resumes from the latest checkpoint")
+    return bool(updated)
+
+
+def delete_finished(run: TrainingRun) -> bool:
+    """Delete a run with its events and adapter row, only if it has finished (never under a worker's feet)."""
+    with transaction.atomic():
+        locked = TrainingRun.objects.select_for_update().filter(pk=run.pk, state__in=FINAL_STATES).first()
+        if locked is None:
+            return False
+        locked.delete()  # events and the adapter row go with it (on_delete=CASCADE)
+    return True

@@ -55,6 +55,13 @@ class TrainingRun(models.Model):
             models.Index(fields=["state", "id"], name="run_state_id"),
             # The runs list filtered by owner, newest first.
             models.Index(fields=["owner", "-id"], name="run_owner_id"),
+            # The runs list filtered by base model or dataset, newest first.
+            models.Index(fields=["base_model", "-id"], name="run_base_id"),
+            models.Index(fields=["dataset", "-id"], name="run_dataset_id"),
+            # The runs list sorted by name, step or loss (id breaks ties so pages are stable).
+            models.Index(fields=["name", "id"], name="run_name_id"),
+            models.Index(fields=["step", "id"], name="run_step_id"),
+            models.Index(fields=["last_loss", "id"], name="run_loss_id"),
         ]
 
     def __str__(self) -> str:

@@ -14,3 +14,7 @@ urlpatterns = [
 urlpatterns += [
     path("adapters/", views.adapters_list, name="adapters"),
 ]
+urlpatterns += [
+    path("runs/<int:pk>/retry/", views.run_retry, name="run-retry"),
+    path("runs/<int:pk>/delete/", views.run_delete, name="run-delete"),
+]

@@ -9,6 +9,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import F
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -16,15 +18,20 @@ from django.views.decorators.http import require_POST
 
 from webapp.catalog.models import BaseModel
 from webapp.training import ledger
-from webapp.training.charts import line_chart
-from webapp.training.forms import RunForm
-from webapp.training.models import Adapter, RunEvent, TrainingRun
+from webapp.training.charts import run_charts
+from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm
+from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
 from workers.spec import suggest_train_params
 from workers.store import ArtifactStore
 
 LOG_TAIL = 500
 STREAM_POLL_S = 0.5
 STREAM_PING_S = 15.0
+RUNS_PER_PAGE = 50
+ADAPTERS_PER_PAGE = 50
+# A runs list page keeps polling its rows while one of these can still change on its own.
+LIVE_STATES = (RunState.QUEUED, *ACTIVE_STATES)
+RUN_COLUMNS = [("created", "Created"), ("name", "Name"), ("state", "State"), ("step", "Progress"), ("loss", "Loss")]
 
 
 def _run_for(request: HttpRequest, pk: int) -> TrainingRun:
@@ -38,11 +45,46 @@ def _check_can_act(request: HttpRequest, run: TrainingRun) -> None:
         raise PermissionDenied("only the run's owner or an admin can do this")
 
 
+def _can_act(request: HttpRequest, run: TrainingRun) -> bool:
+    return bool(request.user.is_staff or run.owner_id == request.user.pk)  # type: ignore[union-attr]
+
+
+def _run_ordering(sort: str, descending: bool) -> list[Any]:
+    field = RUN_SORTS[sort.lstrip("-")]
+    if field == "id":
+        return ["-id" if descending else "id"]
+    # Runs without a loss yet sort last either way; id breaks ties so pages never overlap.
+    primary = F(field).desc(nulls_last=True) if descending else F(field).asc(nulls_last=True)
+    return [primary, "-id" if descending else "id"]
+
+
+def _sort_headers(sort: str) -> list[dict[str, str]]:
+    """Column headers: each links to its ascending sort, or to the other direction when it is the current one."""
+    headers = []
+    for key, label in RUN_COLUMNS:
+        current = sort.lstrip("-") == key
+        descending = sort.startswith("-")
+        headers.append({
+            "label": label,
+            "sort": (key if descending else f"-{key}") if current else (f"-{key}" if key == "created" else key),
+            "aria": ("descending" if descending else "ascending") if current else "none",
+        })
+    return headers
+
+
 @login_required
 def runs_list(request: HttpRequest) -> HttpResponse:
-    runs = TrainingRun.objects.select_related("base_model", "dataset", "owner", "lora_config")[:200]
+    """The page, or (for htmx's polling) only its rows: same filters, same sort, same page."""
+    form = RunFilterForm(request.GET)
+    sort, descending = form.ordering()
+    runs = (TrainingRun.objects.filter(**form.filters())
+            .select_related("base_model", "dataset", "owner")
+            .order_by(*_run_ordering(sort, descending)))
+    page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    context = {"form": form, "page": page, "runs": page.object_list, "headers": _sort_headers(sort),
+               "live": any(run.state in LIVE_STATES for run in page.object_list)}
     template = "training/partials/runs_rows.html" if request.htmx else "training/runs_list.html"  # type: ignore[attr-defined]
-    return render(request, template, {"runs": runs})
+    return render(request, template, context)
 
 
 def _suggested(base_model_id: Any) -> Any:
@@ -83,15 +125,19 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 
 def _chart_context(run: TrainingRun) -> dict[str, Any]:
-    # A resumed attempt repeats the steps after its checkpoint: the latest attempt's point wins.
     metrics = RunEvent.objects.filter(run=run, kind="metric").order_by("id").values_list("data", flat=True)
-    by_step = {int(d["step"]): float(d["loss"]) for d in metrics if d.get("loss") is not None}
-    return {"loss_chart": line_chart(sorted(by_step.items()))}
+    return {"charts": run_charts(metrics)}
+
+
+def _checkpoints(run: TrainingRun) -> list[dict[str, Any]]:
+    rows = RunEvent.objects.filter(run=run, kind="checkpoint").order_by("id").values("id", "attempt", "data", "created_at")
+    return [{**row, "step": row["data"].get("step") if isinstance(row["data"], dict) else None} for row in rows]
 
 
 def _status_context(run: TrainingRun) -> dict[str, Any]:
     adapter = Adapter.objects.filter(run=run).first()
-    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), **_chart_context(run)}
+    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": _checkpoints(run),
+            **_chart_context(run)}
 
 
 def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
@@ -111,10 +157,11 @@ def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
 @login_required
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = _run_for(request, pk)
+    if request.htmx:  # type: ignore[attr-defined]
+        return render(request, "training/partials/run_status.html", _status_context(run))
     tail = list(RunEvent.objects.filter(run=run).exclude(kind="metric").order_by("-id")[:LOG_TAIL])[::-1]
     last_id = RunEvent.objects.filter(run=run).order_by("-id").values_list("id", flat=True).first() or 0
-    context = {**_status_context(run), "events": tail, "last_event_id": last_id,
-               "can_act": request.user.is_staff or run.owner_id == request.user.pk}  # type: ignore[union-attr]
+    context = {**_status_context(run), "events": tail, "last_event_id": last_id, "can_act": _can_act(request, run)}
     return render(request, "training/run_detail.html", context)
 
 
@@ -133,6 +180,33 @@ def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.warning(request, f"The run is already {run.state}.")
     return redirect("run-detail", pk=run.pk)
+
+
+@login_required
+@require_POST
+def run_retry(request: HttpRequest, pk: int) -> HttpResponse:
+    run = _run_for(request, pk)
+    _check_can_act(request, run)
+    if ledger.retry(run, request.user):
+        messages.info(request, "Queued again: the next attempt resumes from the latest checkpoint.")
+    else:
+        messages.warning(request, f"Only a failed or cancelled run can be retried; this one is {run.state}.")
+    return redirect("run-detail", pk=run.pk)
+
+
+@login_required
+def run_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET asks for confirmation; POST deletes (a finished run only, with its events and adapter row)."""
+    run = _run_for(request, pk)
+    _check_can_act(request, run)
+    if request.method == "POST":
+        if ledger.delete_finished(run):
+            messages.info(request, f"Deleted {run}.")
+            return redirect("runs")
+        messages.warning(request, f"A {run.state} run cannot be deleted: cancel it first.")
+        return redirect("run-detail", pk=run.pk)
+    counts = {"events": RunEvent.objects.filter(run=run).count(), "adapter": Adapter.objects.filter(run=run).exists()}
+    return render(request, "training/run_delete.html", {"run": run, **counts})
 
 
 @login_required
@@ -208,5 +282,11 @@ async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
 
 @login_required
 def adapters_list(request: HttpRequest) -> HttpResponse:
-    adapters = Adapter.objects.select_related("run__base_model", "run__dataset", "run__lora_config").order_by("-id")
-    return render(request, "training/adapters.html", {"adapters": adapters[:200]})
+    adapters = Adapter.objects.select_related(
+        "run__base_model", "run__dataset", "run__lora_config", "run__owner"
+    ).order_by("-id")
+    page = Paginator(adapters, ADAPTERS_PER_PAGE).get_page(request.GET.get("page"))
+    for adapter in page.object_list:
+        adapter.trainable_pct = 100 * adapter.trainable_params / adapter.total_params if adapter.total_params else None
+        adapter.eval_loss = adapter.metrics.get("eval_loss") if isinstance(adapter.metrics, dict) else None
+    return render(request, "training/adapters.html", {"adapters": page.object_list, "page": page})

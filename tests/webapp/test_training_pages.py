@@ -1,0 +1,273 @@
+"""The training pages: runs list (filters, sort, pages, live rows), run detail, actions and the adapters list."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.fleet.models import Worker
+from webapp.training import ledger
+from webapp.training.models import Adapter, RunEvent, TrainingRun
+from webapp.training.views import _next_batch
+
+pytestmark = pytest.mark.django_db
+HOSTILE = ['<img src=x onerror=alert(1)>', '<div hx-get=/x>']
+
+
+@pytest.fixture
+def team(django_user_model):  # type: ignore[no-untyped-def]
+    users = {
+        "owner": django_user_model.objects.create_user("owner", password="pw-owner-123"),
+        "mate": django_user_model.objects.create_user("mate", password="pw-mate-123"),
+        "staff": django_user_model.objects.create_user("boss", password="pw-boss-123", is_staff=True),
+    }
+    bases = [BaseModel.objects.create(name=f"base-{i}", source=f"/models/{i}") for i in range(2)]
+    datasets = [Dataset.objects.create(name=f"data-{i}", uri=f"file:///d{i}", original_filename="d.jsonl", format="text",
+                                       row_count=10, size_bytes=100, sha256="0" * 64) for i in range(2)]
+    config = LoraConfig.objects.create(name="cfg", params={"r": 8, "alpha": 16})
+    return users, bases, datasets, config
+
+
+def make(team: Any, owner: str = "owner", base: int = 0, data: int = 0, **fields: Any) -> TrainingRun:
+    users, bases, datasets, config = team
+    return TrainingRun.objects.create(owner=users[owner], base_model=bases[base], dataset=datasets[data],
+                                      lora_config=config, hyperparameters={"learning_rate": 2e-4, "epochs": 1}, **fields)
+
+
+def login(client: Client, who: str) -> Client:
+    assert client.login(username={"owner": "owner", "mate": "mate", "staff": "boss"}[who],
+                        password={"owner": "pw-owner-123", "mate": "pw-mate-123", "staff": "pw-boss-123"}[who])
+    return client
+
+
+def ids_on(page: str) -> list[int]:
+    return [int(i) for i in re.findall(r'id="run-(\d+)-state"', page)]
+
+
+# ---- runs list ---------------------------------------------------------------------------------
+
+def test_it_filters_by_state_owner_base_model_and_dataset_and_keeps_the_values(team, client) -> None:  # type: ignore[no-untyped-def]
+    users, bases, datasets, _ = team
+    a = make(team, state="failed")
+    b = make(team, owner="mate", base=1)
+    c = make(team, data=1, state="running")
+    login(client, "mate")
+    assert ids_on(client.get("/runs/", {"state": "failed"}).content.decode()) == [a.pk]
+    assert ids_on(client.get("/runs/", {"owner": users["mate"].pk}).content.decode()) == [b.pk]
+    assert ids_on(client.get("/runs/", {"base_model": bases[1].pk}).content.decode()) == [b.pk]
+    page = client.get("/runs/", {"dataset": datasets[1].pk, "state": "running"}).content.decode()
+    assert ids_on(page) == [c.pk]
+    assert '<option value="running" selected>' in page
+    assert re.search(rf'<option value="{datasets[1].pk}" selected>', page)
+    # A bad value is ignored rather than an error page.
+    assert sorted(ids_on(client.get("/runs/", {"state": "bogus", "owner": "x"}).content.decode())) == [a.pk, b.pk, c.pk]
+
+
+def test_it_sorts_by_loss_name_step_and_created_with_missing_losses_last(team, client) -> None:  # type: ignore[no-untyped-def]
+    r1 = make(team, name="beta", last_loss=0.5, step=30)
+    r2 = make(team, name="alpha", last_loss=None, step=10)
+    r3 = make(team, name="gamma", last_loss=0.1, step=20)
+    login(client, "owner")
+    assert ids_on(client.get("/runs/").content.decode()) == [r3.pk, r2.pk, r1.pk]  # newest first
+    assert ids_on(client.get("/runs/", {"sort": "created"}).content.decode()) == [r1.pk, r2.pk, r3.pk]
+    assert ids_on(client.get("/runs/", {"sort": "loss"}).content.decode()) == [r3.pk, r1.pk, r2.pk]
+    assert ids_on(client.get("/runs/", {"sort": "-loss"}).content.decode()) == [r1.pk, r3.pk, r2.pk]
+    assert ids_on(client.get("/runs/", {"sort": "name"}).content.decode()) == [r2.pk, r1.pk, r3.pk]
+    assert ids_on(client.get("/runs/", {"sort": "-step"}).content.decode()) == [r1.pk, r3.pk, r2.pk]
+
+
+def test_pages_cover_every_run_once_and_links_keep_the_filters(team, client) -> None:  # type: ignore[no-untyped-def]
+    runs = [make(team, state="failed") for _ in range(120)] + [make(team, state="succeeded")]
+    login(client, "owner")
+    seen: list[int] = []
+    for number in (1, 2, 3):
+        page = client.get("/runs/", {"state": "failed", "sort": "step", "page": number}).content.decode()
+        seen += ids_on(page)
+    assert sorted(seen) == sorted(r.pk for r in runs[:120]) and len(seen) == 120
+    first = client.get("/runs/", {"state": "failed", "sort": "step"}).content.decode()
+    assert "?state=failed&amp;sort=step&amp;page=2" in first and "page 1 of 3" in first
+
+
+def test_the_rows_partial_polls_only_while_a_visible_run_is_active(team, client) -> None:  # type: ignore[no-untyped-def]
+    make(team, state="succeeded")
+    login(client, "owner")
+    rows = client.get("/runs/", headers={"HX-Request": "true"}).content.decode()
+    assert rows.lstrip().startswith('<tbody id="runs-rows"') and "<html" not in rows and "hx-trigger" not in rows
+    running = make(team, state="running")
+    rows = client.get("/runs/", {"state": "running"}, headers={"HX-Request": "true"}).content.decode()
+    assert 'hx-trigger="every 3s"' in rows and 'hx-get="/runs/?state=running"' in rows
+    assert f'id="run-{running.pk}-state">running<' in rows
+    # Filtered to finished runs only: nothing on the page can change, so no polling.
+    page = client.get("/runs/", {"state": "succeeded"}).content.decode()
+    assert "hx-trigger" not in page
+
+
+def test_the_runs_list_query_count_does_not_grow_with_runs(team, client, django_assert_max_num_queries) -> None:  # type: ignore[no-untyped-def]
+    login(client, "owner")
+    make(team)
+    with django_assert_max_num_queries(10):
+        client.get("/runs/")
+    for i in range(60):
+        make(team, owner="mate" if i % 2 else "owner", base=i % 2, data=i % 2, state="running")
+    with django_assert_max_num_queries(10):
+        assert client.get("/runs/", {"sort": "loss", "page": 2}).status_code == 200
+
+
+# ---- run detail ----------------------------------------------------------------------------------
+
+def add_events(run: TrainingRun, n: int) -> None:
+    rows = []
+    for i in range(n):
+        rows.append(RunEvent(run=run, attempt=1, seq=3 * i, kind="log", message=f"line {i}"))
+        rows.append(RunEvent(run=run, attempt=1, seq=3 * i + 1, kind="metric", data={
+            "step": i + 1, "total_steps": n, "loss": 2.0 / (i + 1), "learning_rate": 1e-4, "grad_norm": 0.5,
+            "tokens_per_s": 1000 + i, **({"eval_loss": 1.5} if i % 5 == 0 else {})}))
+        if i % 10 == 0:
+            rows.append(RunEvent(run=run, attempt=1, seq=3 * i + 2, kind="checkpoint", data={"step": i + 1},
+                                 message=f"Checkpoint saved at step {i + 1}"))
+    RunEvent.objects.bulk_create(rows)
+
+
+def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker.objects.create(name="gpu-7", state="online")
+    run = make(team, state="running", attempt=1, worker=worker, step=30, total_steps=30)
+    add_events(run, 30)
+    login(client, "mate")
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "learning_rate" in page and "cfg" in page and "gpu-7" in page
+    for title in ("Loss", "Learning rate", "Grad norm", "Throughput"):
+        assert f"<strong>{title}</strong>" in page
+    assert page.count("<polyline") == 5  # train + eval loss, lr, grad norm, tokens/s
+    assert 'class="series eval"' in page
+    assert "Checkpoints (3)" in page and "latest: a retry resumes here" in page
+    assert "tunedeck/training.js" in page and "<script>" not in page and "style=" not in page
+    assert 'id="log-search"' in page and 'id="follow"' in page
+    # The same view serves the status partial to htmx.
+    partial = client.get(f"/runs/{run.pk}/", headers={"HX-Request": "true"}).content.decode()
+    assert "<html" not in partial and "<polyline" in partial
+
+
+def test_the_run_page_query_count_does_not_grow_with_events(team, client, django_assert_max_num_queries) -> None:  # type: ignore[no-untyped-def]
+    run = make(team, state="running", attempt=1)
+    add_events(run, 3)
+    login(client, "owner")
+    with django_assert_max_num_queries(12):
+        client.get(f"/runs/{run.pk}/")
+    add_events_more = [RunEvent(run=run, attempt=2, seq=i, kind="log", message="x") for i in range(400)]
+    RunEvent.objects.bulk_create(add_events_more)
+    with django_assert_max_num_queries(12):
+        assert client.get(f"/runs/{run.pk}/").status_code == 200
+
+
+def test_hostile_log_text_is_text_on_the_page_and_in_the_stream(team, client) -> None:  # type: ignore[no-untyped-def]
+    run = make(team, state="failed", attempt=1, error=HOSTILE[0])
+    RunEvent.objects.bulk_create([RunEvent(run=run, attempt=1, seq=i, kind="log", message=m) for i, m in enumerate(HOSTILE)])
+    login(client, "mate")
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    # The stream's messages, as its generator yields them (the view runs them in a worker thread,
+    # which would not see this test's uncommitted rows).
+    messages, _, _, final = _next_batch(run.pk, 0)
+    body = "".join(messages)
+    assert final
+    for text in (page, body):
+        assert "<img src=x" not in text and "<div hx-get=/x>" not in text
+        assert "&lt;img src=x onerror=alert(1)&gt;" in text and "&lt;div hx-get=/x&gt;" in text
+    assert body.count("event: log") == 2 and "event: status" in body
+
+
+# ---- actions and permissions -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["cancel", "retry", "delete"])
+def test_a_teammate_sees_the_run_but_may_not_act_on_it(team, client, action) -> None:  # type: ignore[no-untyped-def]
+    run = make(team, state="failed" if action != "cancel" else "running")
+    login(client, "mate")
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert page and 'id="retry-run"' not in page and 'id="delete-run"' not in page and 'id="cancel-run"' not in page
+    assert client.post(f"/runs/{run.pk}/{action}/").status_code == 403
+    if action == "delete":
+        assert client.get(f"/runs/{run.pk}/delete/").status_code == 403
+    run.refresh_from_db()
+    assert TrainingRun.objects.filter(pk=run.pk).exists() and not run.cancel_requested and run.state != "queued"
+
+
+@pytest.mark.parametrize("path", ["", "cancel/", "retry/", "delete/", "status/"])
+def test_someone_not_logged_in_is_sent_to_log_in(team, client, path) -> None:  # type: ignore[no-untyped-def]
+    run = make(team, state="failed")
+    response = client.post(f"/runs/{run.pk}/{path}") if path in ("cancel/", "retry/", "delete/") else client.get(f"/runs/{run.pk}/{path}")
+    assert response.status_code == 302 and "/login/" in response["Location"]
+    assert client.get("/runs/").status_code == 302 and client.get("/adapters/").status_code == 302
+    assert TrainingRun.objects.get(pk=run.pk).state == "failed"
+
+
+@pytest.mark.parametrize("who", ["owner", "staff"])
+def test_the_owner_or_staff_can_cancel_retry_and_delete(team, client, who) -> None:  # type: ignore[no-untyped-def]
+    login(client, who)
+    queued = make(team)
+    client.post(f"/runs/{queued.pk}/cancel/")
+    assert TrainingRun.objects.get(pk=queued.pk).state == "cancelled"
+    client.post(f"/runs/{queued.pk}/retry/")
+    assert TrainingRun.objects.get(pk=queued.pk).state == "queued"
+    done = make(team, state="succeeded")
+    assert client.post(f"/runs/{done.pk}/delete/").status_code == 302
+    assert not TrainingRun.objects.filter(pk=done.pk).exists()
+
+
+def test_retry_moves_a_failed_run_back_to_queued_keeping_the_attempt_for_the_scheduler(team, client) -> None:  # type: ignore[no-untyped-def]
+    worker = Worker.objects.create(name="w", state="online")
+    run = make(team, state="failed", attempt=2, worker=worker, error="CUDA out of memory", cancel_requested=True)
+    login(client, "owner")
+    assert 'id="retry-run"' in client.get(f"/runs/{run.pk}/").content.decode()
+    response = client.post(f"/runs/{run.pk}/retry/")
+    assert response.status_code == 302
+    run.refresh_from_db()
+    assert (run.state, run.attempt, run.worker_id, run.error, run.cancel_requested, run.finished_at) == (
+        "queued", 2, None, "", False, None)
+    assert RunEvent.objects.filter(run=run, kind="status", message__contains="Retry requested").exists()
+    assert ledger.dispatch(run.pk, worker) == 3  # the scheduler bumps it; attempt 2's reports are now stale
+    # A run that is not failed or cancelled is not retried.
+    done = make(team, state="succeeded", attempt=1)
+    client.post(f"/runs/{done.pk}/retry/")
+    assert TrainingRun.objects.get(pk=done.pk).state == "succeeded"
+
+
+def test_delete_asks_first_then_removes_events_and_adapter_and_refuses_an_active_run(team, client) -> None:  # type: ignore[no-untyped-def]
+    run = make(team, state="succeeded", attempt=1)
+    add_events(run, 5)
+    Adapter.objects.create(run=run, uri="file:///a", size_bytes=10, sha256="0" * 64, trainable_params=1, total_params=10)
+    login(client, "owner")
+    confirm = client.get(f"/runs/{run.pk}/delete/")
+    assert confirm.status_code == 200 and 'id="confirm-delete"' in confirm.content.decode()
+    assert TrainingRun.objects.filter(pk=run.pk).exists()  # a GET deletes nothing
+    assert client.post(f"/runs/{run.pk}/delete/").status_code == 302
+    assert not TrainingRun.objects.filter(pk=run.pk).exists()
+    assert not RunEvent.objects.filter(run_id=run.pk).exists() and not Adapter.objects.filter(run_id=run.pk).exists()
+    active = make(team, state="running", attempt=1)
+    assert 'id="confirm-delete"' not in client.get(f"/runs/{active.pk}/delete/").content.decode()
+    client.post(f"/runs/{active.pk}/delete/")
+    assert TrainingRun.objects.filter(pk=active.pk).exists()
+
+
+# ---- adapters ----------------------------------------------------------------------------------------
+
+def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_one(  # type: ignore[no-untyped-def]
+        team, client, django_assert_max_num_queries) -> None:
+    def adapter(i: int) -> Adapter:
+        run = make(team, base=i % 2, data=i % 2, state="succeeded", name=f"run-{i}")
+        return Adapter.objects.create(run=run, uri=f"file:///a{i}", size_bytes=2048, sha256="0" * 64,
+                                      trainable_params=1000, total_params=1_000_000, final_loss=0.25,
+                                      metrics={"final_loss": 0.25, "eval_loss": 0.375})
+    first = adapter(0)
+    login(client, "mate")
+    with django_assert_max_num_queries(8):
+        page = client.get("/adapters/").content.decode()
+    assert "run-0" in page and "base-0" in page and "data-0" in page and "cfg" in page
+    assert "0.2500" in page and "0.3750" in page and "2.0\xa0KB" in page and "0.100%" in page
+    assert f"/runs/{first.pk}/adapter.zip" in page and "disabled" in page
+    for i in range(1, 30):
+        adapter(i)
+    with django_assert_max_num_queries(8):
+        assert client.get("/adapters/").status_code == 200
