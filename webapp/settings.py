@@ -158,3 +158,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
 }
+
+# Dataset uploads: the upload form refuses larger files (the same setting as DATA_UPLOAD_MAX_MEMORY_SIZE above).
+TUNEDECK_MAX_UPLOAD_MB = DATA_UPLOAD_MAX_MEMORY_SIZE // (1024 * 1024)

@@ -1,15 +1,165 @@
+"""Catalog pages: base models, LoRA configs and datasets. Each view serves its full page and, for htmx
+requests, the partial it swaps (form errors come back with status 200 to htmx, which swaps only 2xx)."""
+
 from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import IntegrityError
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
+from webapp.catalog.charts import histogram_chart
+from webapp.catalog.demo import LORA_PRESETS
+from webapp.catalog.forms import (
+    LORA_FIELDS,
+    AnalysisForm,
+    BaseModelForm,
+    DatasetUploadForm,
+    EstimateForm,
+    LoraConfigForm,
+)
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.catalog.services import register_dataset
-from webapp.training.forms import DatasetUploadForm
+from webapp.catalog.services import (
+    STATS_SAMPLE_ROWS,
+    dataset_rows,
+    inspect_source,
+    length_stats_for,
+    model_shape,
+    register_base_model,
+    register_dataset,
+    tokenizer_for,
+)
+from workers import spec
 from workers.datasets import DatasetError
+from workers.estimate import GiB, estimate_for_spec
+from workers.modelinfo import ModelNotFound
+from workers.preview import render_row
+
+
+def _invalid_status(request: HttpRequest) -> int:
+    return 200 if request.htmx else 400
+
+
+# --- Base models -------------------------------------------------------------------------------------------
+
+
+@login_required
+def base_models(request: HttpRequest) -> HttpResponse:
+    """List and register. "Inspect" shows what the model is before anything is saved; "Save" registers."""
+    form = BaseModelForm(request.POST or None)
+    info = None
+    status = 200
+    if request.method == "POST":
+        saving = request.POST.get("action") == "save"
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                info = inspect_source(data["source"], data["revision"])
+                if saving:
+                    base = register_base_model(data["name"], data["source"], data["revision"], request.user)
+            except ModelNotFound as exc:
+                form.add_error("source", str(exc))
+            except IntegrityError:
+                form.add_error("name", f"a base model named {data['name']} already exists")
+            else:
+                if saving:
+                    messages.success(request, f"Base model {base.name} registered.")
+                    if request.htmx:
+                        return HttpResponseClientRedirect(reverse("base-models"))
+                    return redirect("base-models")
+        if form.errors:
+            status = _invalid_status(request)
+    context = {"form": form, "info": info}
+    if request.htmx:
+        return render(request, "catalog/partials/base_model_form.html", context, status=status)
+    context["models"] = BaseModel.objects.all()
+    return render(request, "catalog/base_models.html", context, status=status)
+
+
+# --- LoRA configs ------------------------------------------------------------------------------------------
+
+
+@login_required
+def lora_configs(request: HttpRequest) -> HttpResponse:
+    """List (presets marked) and create, starting from defaults or from an existing config (?from=<id>)."""
+    initial = None
+    if request.method == "GET" and request.GET.get("from", "").isdigit():
+        template = LoraConfig.objects.filter(pk=request.GET["from"]).first()
+        if template:
+            initial = {**template_initial(template), "name": f"{template.name}-copy"}
+    form = LoraConfigForm(request.POST or None, initial=initial)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            config = form.save(commit=False)
+            config.created_by = request.user if request.user.is_authenticated else None
+            config.save()
+            messages.success(request, f"LoRA config {config.name} saved: {config.summary()}.")
+            return redirect("lora-configs")
+        status = 400
+    estimate_form = EstimateForm(request.POST or None, initial={"base_model": BaseModel.objects.first()})
+    context = {
+        "form": form,
+        "estimate_form": estimate_form,
+        "configs": LoraConfig.objects.all(),
+        "presets": set(LORA_PRESETS),
+        "estimate": _estimate(form, estimate_form),
+    }
+    return render(request, "catalog/lora_configs.html", context, status=status)
+
+
+def template_initial(config: LoraConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config.lora_params())
+
+
+@login_required
+@require_POST
+def lora_config_estimate(request: HttpRequest) -> HttpResponse:
+    """The live estimate of the create form: trainable parameters and GPU memory for the chosen base."""
+    context = {"estimate": _estimate(LoraConfigForm(request.POST), EstimateForm(request.POST))}
+    return render(request, "catalog/partials/lora_estimate.html", context)
+
+
+def _estimate(form: LoraConfigForm, estimate_form: EstimateForm) -> dict[str, Any]:
+    lora = form.lora_params() if form.is_bound else spec.build(spec.LoraParams, {k: v for k, v in form.initial.items() if k in LORA_FIELDS})
+    if lora is None:
+        problems = [f"{name}: {'; '.join(errors)}" for name, errors in form.errors.items() if name != "name"]
+        return {"problems": problems}
+    if estimate_form.is_bound and not estimate_form.is_valid():
+        return {"problems": [f"{name}: {'; '.join(e)}" for name, e in estimate_form.errors.items()]}
+    choice = estimate_form.cleaned_data if estimate_form.is_bound else {"gpu_gb": 80, **estimate_form.initial}
+    base: BaseModel | None = choice["base_model"]
+    if base is None:
+        return {"problems": ["choose a base model to estimate for"]}
+    gpu_bytes = int(choice["gpu_gb"] * 1e9)
+    train = spec.TrainParams()
+    try:
+        result = estimate_for_spec(model_shape(base), lora, train, gpu_memory_bytes=gpu_bytes)
+    except (ValueError, ModelNotFound) as exc:  # an unsupported architecture, unknown targets
+        return {"problems": [str(exc)], "base": base}
+    est = result.estimate
+    return {
+        "base": base,
+        "train": train,
+        "result": result,
+        "trainable": est.trainable_params,
+        "share": est.trainable_params / base.num_parameters if base.num_parameters else None,
+        "parts": [(name, value / GiB) for name, value in est.parts().items()],
+        "device_gib": est.device_total / GiB,
+        "gpu_gib": gpu_bytes / GiB,
+        "fits": est.device_total <= gpu_bytes,
+    }
+
+
+# --- Datasets ----------------------------------------------------------------------------------------------
 
 
 @login_required
@@ -18,7 +168,6 @@ def datasets(request: HttpRequest) -> HttpResponse:
     problems: list[str] = []
     status = 200
     if request.method == "POST":
-        status = 400
         if form.is_valid():
             upload = form.cleaned_data["file"]
             try:
@@ -34,16 +183,51 @@ def datasets(request: HttpRequest) -> HttpResponse:
                 form.add_error("name", "a dataset with this name already exists")
             else:
                 messages.success(request, f"Dataset {dataset.name}: {dataset.row_count} rows, format {dataset.format}.")
-                return redirect("datasets")
-    context = {"form": form, "problems": problems, "datasets": Dataset.objects.all()}
+                url = reverse("dataset-detail", args=[dataset.pk])
+                return HttpResponseClientRedirect(url) if request.htmx else redirect(url)
+        status = _invalid_status(request)
+    context = {"form": form, "problems": problems}
+    if request.htmx:
+        return render(request, "catalog/partials/dataset_upload.html", context, status=status)
+    context["datasets"] = Dataset.objects.all()
     return render(request, "catalog/datasets.html", context, status=status)
 
 
 @login_required
-def base_models(request: HttpRequest) -> HttpResponse:
-    return render(request, "catalog/base_models.html", {"models": BaseModel.objects.all()})
+def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, pk=pk)
+    form = AnalysisForm(request.GET or None, initial={"batching": "pack", "completion_only_loss": True, "row": 1})
+    context: dict[str, Any] = {"dataset": dataset, "form": form, "analysis": _analysis(dataset, form)}
+    if request.htmx:
+        return render(request, "catalog/partials/dataset_analysis.html", context)
+    context["preview"] = [json.dumps(row, indent=2, ensure_ascii=False) for row in dataset.preview]
+    context["bases"] = BaseModel.objects.all()
+    return render(request, "catalog/dataset_detail.html", context)
 
 
-@login_required
-def lora_configs(request: HttpRequest) -> HttpResponse:
-    return render(request, "catalog/lora_configs.html", {"configs": LoraConfig.objects.all()})
+def _analysis(dataset: Dataset, form: AnalysisForm) -> dict[str, Any] | None:
+    """Length histogram, truncation and one rendered row for the chosen base model (None until one is)."""
+    if not form.is_bound or not form.is_valid() or form.cleaned_data["base_model"] is None:
+        return None
+    data = form.cleaned_data
+    base: BaseModel = data["base_model"]
+    max_length = data["max_length"] or min(spec.TrainParams().max_seq_length, base.max_positions or 10**9)
+    completion_only = data["completion_only_loss"]
+    try:
+        tokenizer = tokenizer_for(base)
+        stats = length_stats_for(dataset, base, max_length, data["batching"], completion_only)
+        rows = dataset_rows(dataset)
+        row_number = min(data["row"] or 1, len(rows))
+        rendered = render_row(tokenizer, rows[row_number - 1], completion_only, max_length, data["batching"])
+    except (ModelNotFound, DatasetError, OSError, ValueError) as exc:
+        return {"error": str(exc), "base": base}
+    return {
+        "base": base,
+        "max_length": max_length,
+        "stats": stats,
+        "chart": histogram_chart(stats.histogram, max_length),
+        "sampled": dataset.row_count > STATS_SAMPLE_ROWS,
+        "row_number": row_number,
+        "row_count": len(rows),
+        "rendered": rendered,
+    }
