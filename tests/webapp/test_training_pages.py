@@ -146,6 +146,8 @@ def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -
     assert "Checkpoints (3)" in page and "latest: a retry resumes here" in page
     assert "tunedeck/training.js" in page and "<script>" not in page and "style=" not in page
     assert 'id="log-search"' in page and 'id="follow"' in page
+    # A line's class must not be the bare "log" of its box (it took the box's 360px height).
+    assert 'class="line kind-log info"' in page and 'class="line log' not in page
     # The same view serves the status partial to htmx.
     partial = client.get(f"/runs/{run.pk}/", headers={"HX-Request": "true"}).content.decode()
     assert "<html" not in partial and "<polyline" in partial
