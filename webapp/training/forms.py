@@ -108,8 +108,3 @@ class RunFilterForm(forms.Form):
         self.is_valid()
         key = getattr(self, "cleaned_data", {}).get("sort") or "-created"
         return key, key.startswith("-")
-
-
-class DatasetUploadForm(forms.Form):
-    name = forms.SlugField(max_length=200, help_text="A unique name (letters, digits, - and _).")
-    file = forms.FileField(help_text="JSONL, JSON, CSV or Parquet.")
