@@ -116,28 +116,33 @@ def asgi_server(server_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
                 proc.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def worker_process(asgi_server: str, server_env: dict[str, str], shared_store: Path) -> Iterator[subprocess.Popen]:
+@pytest.fixture
+def worker_process(transactional_db, asgi_server: str, server_env: dict[str, str],  # type: ignore[no-untyped-def]
+                   shared_store: Path, tmp_path: Path) -> Iterator[subprocess.Popen]:
     """A real worker (`tunedeck worker`) reporting to the ASGI server with WORKER_TOKEN.
 
-    Each test that trains registers the token with make_worker(WORKER_NAME, token=WORKER_TOKEN): the
-    database is flushed between tests, and the worker keeps retrying its heartbeat meanwhile.
+    Its row is created first: the worker's first heartbeat must be accepted. One process per test,
+    since the database (and so the worker's row) is flushed between tests.
     """
+    from tests.webapp.factories import make_worker
+
+    make_worker(WORKER_NAME, token=WORKER_TOKEN)
     env = {**server_env, "TUNEDECK_SERVER": asgi_server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
            "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
     for name in ("DATABASE_URL", "SECRET_KEY"):  # a worker never sees database credentials
         env.pop(name, None)
-    log = (shared_store / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
-    log.close()
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        yield proc
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 @pytest.fixture

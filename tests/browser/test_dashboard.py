@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import PASSWORD, USERNAME, WORKER_NAME, WORKER_TOKEN, log_in
+from tests.browser.conftest import PASSWORD, USERNAME, log_in
 from tests.webapp.factories import make_run, make_worker
 from webapp.training import ledger
 from webapp.training.models import RunEvent, TrainingRun
@@ -51,11 +51,11 @@ def db_log_ids(run_id: int) -> list[int]:
 
 
 def chart_points(page) -> int:  # type: ignore[no-untyped-def]
-    caption = page.locator("figure.chart figcaption")
-    if not caption.count():
+    """Points drawn on the loss chart: the (first) series of the SVG labelled "... loss by step"."""
+    line = page.get_by_role("img", name=re.compile(r"loss by step", re.I)).first.locator("polyline").first
+    if not line.count():
         return 0
-    match = re.search(r"\((\d+) points?\)", caption.inner_text())
-    return int(match.group(1)) if match else 0
+    return len((line.get_attribute("points") or "").split())
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.25):  # type: ignore[no-untyped-def]
@@ -68,7 +68,7 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.25):  # typ
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def wait_state(run_id: int, states: tuple[str, ...], timeout: float = 150, until=None) -> TrainingRun:  # type: ignore[no-untyped-def]
+def wait_state(run_id: int, states: tuple[str, ...], timeout: float = 90, until=None, worker=None) -> TrainingRun:  # type: ignore[no-untyped-def]
     def check() -> TrainingRun | None:
         run = TrainingRun.objects.get(pk=run_id)
         return run if run.state in states and (until is None or until(run)) else None
@@ -77,7 +77,8 @@ def wait_state(run_id: int, states: tuple[str, ...], timeout: float = 150, until
         return wait_until(check, timeout, f"run {run_id} to reach {states}")
     except AssertionError:
         run = TrainingRun.objects.get(pk=run_id)
-        raise AssertionError(f"run {run_id} still {run.state}: {[e.message for e in run.events.all()][-10:]}") from None
+        log = worker.log_path.read_text(errors="replace")[-3000:] if worker else ""
+        raise AssertionError(f"run {run_id} still {run.state}: {[e.message for e in run.events.all()][-10:]}\n{log}") from None
 
 
 def test_login_through_the_form(context, demo, screenshot) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +111,8 @@ def test_upload_a_dataset_and_see_its_format_and_preview(page, screenshot, tmp_p
     expect(page.get_by_role("heading", name="Datasets", exact=True)).to_be_visible()
     page.get_by_label("Name").fill("chat-sums")
     page.get_by_label("File").set_input_files(str(upload))
-    page.get_by_role("button", name="Upload").click()
+    with page.expect_navigation():  # the POST answers with a redirect: to the list or the new dataset's page
+        page.get_by_role("button", name="Upload").click()
     if not re.search(r"/datasets/\d+/$", page.url):  # back on the list: open the dataset from its row
         row = page.get_by_role("row").filter(has_text="chat-sums")
         expect(row).to_contain_text("messages")
@@ -143,12 +145,12 @@ def test_a_run_trains_live_survives_a_reload_and_its_adapter_downloads(  # type:
     from transformers import AutoModelForCausalLM
 
     _, _, dataset, config = demo
-    make_worker(WORKER_NAME, token=WORKER_TOKEN)
-    run_id = create_run_in_form(page, dataset, config, "browser-live", max_steps=40, logging_steps=1)
+    run_id = create_run_in_form(page, dataset, config, "browser-live", max_steps=30, logging_steps=1)
     expect(page.get_by_role("heading", name=re.compile(rf"Run {run_id}"))).to_be_visible()
 
     # Live, without a reload: the state, the log and the loss chart update while the tiny model trains.
-    expect(page.locator("#run-state")).to_have_text("running", timeout=90_000)
+    wait_state(run_id, ("running",), worker=worker_process)
+    expect(page.locator("#run-state")).to_have_text("running")
     first_lines = len(log_ids(page))
     wait_until(lambda: chart_points(page) >= 2, 90, "the loss chart to show two points")
     wait_until(lambda: len(log_ids(page)) > first_lines, 30, "new log lines to stream in")
@@ -166,7 +168,7 @@ def test_a_run_trains_live_survives_a_reload_and_its_adapter_downloads(  # type:
     wait_until(lambda: log_ids(page) == db_log_ids(run_id), 10, "the page's log to match the stored events")
     ids = log_ids(page)
     assert len(ids) == len(set(ids)) and ids == db_log_ids(run_id)
-    expect(page.get_by_role("img", name="Training loss by step")).to_be_visible()
+    expect(page.get_by_role("img", name=re.compile(r"loss by step", re.I)).first).to_be_visible()
     screenshot(page, "run-detail-succeeded")
 
     # The adapter, downloaded as the browser does, loads on the tiny model.
@@ -195,15 +197,15 @@ def test_a_run_trains_live_survives_a_reload_and_its_adapter_downloads(  # type:
 
 def test_cancel_a_running_run_from_its_page(page, demo, worker_process, scheduler, screenshot) -> None:  # type: ignore[no-untyped-def]
     _, _, dataset, config = demo
-    make_worker(WORKER_NAME, token=WORKER_TOKEN)
     run_id = create_run_in_form(page, dataset, config, "browser-cancel", max_steps=3000, logging_steps=1)
-    expect(page.locator("#run-state")).to_have_text("running", timeout=90_000)
-    wait_state(run_id, ("running",), until=lambda r: r.step >= 2)
+    wait_state(run_id, ("running",), until=lambda r: r.step >= 2, worker=worker_process)
     page.get_by_role("button", name="Cancel").click()
     expect(page.get_by_text("Cancel requested.")).to_be_visible()
     expect(page.locator("#run-state")).to_have_text("cancelled", timeout=60_000)  # live, through the stream
     run = TrainingRun.objects.get(pk=run_id)
     assert run.state == "cancelled" and run.step < 3000
+    page.reload()  # (the Cancel button sits outside the live region: it goes away on a reload)
+    expect(page.locator("#run-state")).to_have_text("cancelled")
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     screenshot(page, "run-detail-cancelled")
 
