@@ -1,0 +1,262 @@
+"""Page speed on a large PostgreSQL database: p50/p95 per page next to the login page.
+
+    python bench/page_speed.py                       # seeds tunedeck_bench once, then measures
+    python bench/page_speed.py --requests 100 --reseed
+
+Seeds (once; --reseed starts over) a separate database with 10,000 runs and 1,000,000 events
+(COPY), one run holding a large share of them, then requests each page with Django's test
+Client in-process, round-robin so every page sees the same machine load, and prints p50/p95 in
+milliseconds and the ratio to the login page's p95. With --explain, each page's slowest query is
+printed with its time, so a slow page names its query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SERVER_URL = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def ensure_database(name: str, reseed: bool) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{SERVER_URL}/postgres", autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists and reseed:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            exists = None
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+            print(f"created database {name}", flush=True)
+
+
+def setup_django(db: str) -> None:
+    os.environ["DATABASE_URL"] = f"{SERVER_URL}/{db}"
+    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
+    os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", interactive=False, verbosity=0)
+
+
+def seed(runs_n: int, events_n: int, big_share: float = 0.2) -> dict[str, int]:
+    """Users, catalog rows, workers, runs in every state, adapters, and events by COPY."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection, transaction
+
+    from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+    from webapp.fleet.models import Worker
+    from webapp.training.models import Adapter, TrainingRun
+
+    User = get_user_model()
+    if TrainingRun.objects.count() >= runs_n:
+        big = TrainingRun.objects.filter(name="bench-big").values_list("pk", flat=True).first()
+        print(f"database already seeded ({TrainingRun.objects.count()} runs); --reseed to start over", flush=True)
+        return {"big_run": big or TrainingRun.objects.order_by("pk").values_list("pk", flat=True)[0]}
+    rng = random.Random(7)
+    t0 = time.perf_counter()
+    with transaction.atomic():
+        admin = User.objects.create_user("bench-admin", password="bench-pass-123", is_staff=True, is_superuser=True)
+        users = [admin] + [User.objects.create_user(f"user{i}", password="bench-pass-123") for i in range(20)]
+        bases = [BaseModel.objects.create(name=f"base-{i}", source=f"org/model-{i}", num_parameters=10**9 * (i + 1))
+                 for i in range(8)]
+        datasets = [Dataset.objects.create(name=f"data-{i}", uri=f"file:///data/{i}.jsonl", original_filename=f"{i}.jsonl",
+                                           format="text", row_count=1000, size_bytes=10**6, sha256="0" * 64)
+                    for i in range(12)]
+        configs = [LoraConfig.objects.create(name=f"cfg-{i}", params={"r": 8 * (i + 1), "alpha": 16})
+                   for i in range(6)]
+        workers = []
+        for i in range(16):
+            w = Worker(name=f"gpu-{i:02d}", state="online" if i < 14 else "offline", labels=["h100", f"rack-{i // 4}"],
+                       last_heartbeat=datetime.now(UTC) - timedelta(seconds=rng.randint(1, 60)),
+                       inventory={"hostname": f"node{i}", "cpus": 32, "gpus": [
+                           {"name": "NVIDIA H100 80GB HBM3", "memory_total": 85 * 10**9,
+                            "memory_used": rng.randint(1, 80) * 10**9, "utilization": rng.randint(0, 100)}]})
+            w.set_new_token()
+            workers.append(w)
+        Worker.objects.bulk_create(workers)
+        workers = list(Worker.objects.order_by("pk"))
+        now = datetime.now(UTC)
+        rows = []
+        for i in range(runs_n):
+            # Oldest first; the newest few are queued, 12 active, the rest finished.
+            from_end = runs_n - i
+            state = ("queued" if from_end <= 40 else "running" if from_end <= 50 else "dispatched" if from_end <= 52
+                     else rng.choices(["succeeded", "failed", "cancelled"], [8, 1, 1])[0])
+            created = now - timedelta(minutes=from_end * 5)
+            active = state in ("running", "dispatched")
+            total = rng.choice([500, 1000, 2000])
+            step = rng.randint(1, total - 1) if state == "running" else total if state == "succeeded" else 0
+            rows.append(TrainingRun(
+                name="bench-big" if i == runs_n - 45 else f"run-{i}", owner=rng.choice(users), base_model=rng.choice(bases),
+                dataset=rng.choice(datasets), lora_config=rng.choice(configs), hyperparameters={"learning_rate": 2e-4},
+                state=state, attempt=1 if state != "queued" else 0, worker=workers[from_end % 14] if active else None,
+                step=step, total_steps=total if state != "queued" else 0,
+                last_loss=rng.uniform(0.5, 3.0) if step else None, created_at=created,
+                started_at=created + timedelta(minutes=1) if state not in ("queued", "dispatched") else None,
+                finished_at=created + timedelta(minutes=4) if state in ("succeeded", "failed", "cancelled") else None,
+            ))
+        TrainingRun.objects.bulk_create(rows, batch_size=2000)
+        # auto_now_add overrides created_at in bulk_create: set it back from the run number.
+        with connection.cursor() as cur:
+            cur.execute("UPDATE training_trainingrun SET created_at = now() - (%s - id) * interval '5 minutes'",
+                        [TrainingRun.objects.order_by("-pk").values_list("pk", flat=True)[0]])
+        runs = list(TrainingRun.objects.order_by("pk").values_list("pk", "state", "attempt", "total_steps"))
+        Adapter.objects.bulk_create([
+            Adapter(run_id=pk, uri=f"file:///artifacts/runs/{pk}/adapter", size_bytes=rng.randint(10**6, 10**9),
+                    sha256="0" * 64, trainable_params=10**7, total_params=10**9, final_loss=rng.uniform(0.5, 2),
+                    metrics={"eval_loss": rng.uniform(0.5, 2)})
+            for pk, state, _, _ in runs if state == "succeeded"
+        ], batch_size=2000)
+    print(f"seeded {len(runs)} runs, workers, adapters in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    big = TrainingRun.objects.get(name="bench-big").pk
+    big_n = int(events_n * big_share)
+    plan: list[tuple[int, int, int]] = [(big, 1, big_n)]  # (run, attempt, events)
+    others = [(pk, max(1, attempt)) for pk, state, attempt, _ in runs if pk != big and state != "queued"]
+    per = (events_n - big_n) // len(others)
+    extra = (events_n - big_n) - per * len(others)
+    plan += [(pk, attempt, per + (1 if k < extra else 0)) for k, (pk, attempt) in enumerate(others)]
+    t0 = time.perf_counter()
+    written = 0
+    base_time = now - timedelta(days=30)
+    with connection.cursor() as cur, cur.cursor.copy(
+        "COPY training_runevent (run_id, attempt, seq, kind, level, message, data, created_at) FROM STDIN"
+    ) as copy:
+        for run_id, attempt, n in plan:
+            start = base_time + timedelta(seconds=run_id * 60)
+            for seq in range(n):
+                # Two of three events are metric points (one per step), the rest log lines.
+                if seq % 3:
+                    step = seq * 2 // 3 + 1
+                    kind, message = "metric", ""
+                    data = json.dumps({"step": step, "loss": round(3.0 / (1 + step / 200), 4), "learning_rate": 2e-4})
+                else:
+                    kind, message, data = "log", f"step {seq}: loss is going down, tokens/s {rng.randint(900, 1100)}", "{}"
+                copy.write_row((run_id, attempt, seq, kind, "info", message, data, start + timedelta(seconds=seq)))
+                written += 1
+                if written % 100_000 == 0:
+                    print(f"  events: {written:,} / {events_n:,} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    big_steps = (big_n - 1) * 2 // 3 + 1
+    TrainingRun.objects.filter(pk=big).update(state="running", step=big_steps, total_steps=big_steps * 2, attempt=1)
+    with connection.cursor() as cur:
+        cur.execute("ANALYZE")
+    print(f"copied {written:,} events in {time.perf_counter() - t0:.1f}s (run {big} holds {big_n:,})", flush=True)
+    return {"big_run": big}
+
+
+def measure(pages: dict[str, tuple[object, str, dict[str, str]]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Round-robin over the pages so that each sees the same load; milliseconds per request."""
+    times: dict[str, list[float]] = {name: [] for name in pages}
+    for r in range(warmup + rounds):
+        for name, (client, url, headers) in pages.items():
+            t0 = time.perf_counter()
+            response = client.get(url, headers=headers)  # type: ignore[attr-defined]
+            elapsed = (time.perf_counter() - t0) * 1000
+            if response.status_code != 200:
+                raise SystemExit(f"{name}: {url} answered {response.status_code}")
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def slowest_queries(client: object, url: str, headers: dict[str, str]) -> list[tuple[float, str]]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as ctx:
+        client.get(url, headers=headers)  # type: ignore[attr-defined]
+    return sorted(((float(q["time"]) * 1000, q["sql"]) for q in ctx.captured_queries), reverse=True)
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default="tunedeck_bench")
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=60, help="Measured requests per page.")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reseed", action="store_true")
+    parser.add_argument("--explain", action="store_true", help="Print each page's slowest queries.")
+    parser.add_argument("--target-ms", type=float, default=100.0)
+    args = parser.parse_args()
+
+    ensure_database(args.db, args.reseed)
+    setup_django(args.db)
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "testserver"]
+    info = seed(args.runs, args.events)
+    big = info["big_run"]
+    from webapp.training.models import RunEvent, TrainingRun
+
+    print(f"database: {TrainingRun.objects.count():,} runs, ~{RunEvent.objects.count():,} events; "
+          f"run {big} has {RunEvent.objects.filter(run_id=big).count():,}", flush=True)
+    user = get_user_model().objects.get(username="bench-admin")
+    client = Client()
+    client.force_login(user)
+    anonymous = Client()
+    owner = get_user_model().objects.filter(username="user3").values_list("pk", flat=True).first()
+    htmx = {"HX-Request": "true"}
+    pages: dict[str, tuple[object, str, dict[str, str]]] = {
+        "login (baseline)": (anonymous, "/login/", {}),
+        "overview": (client, "/", {}),
+        "overview (htmx poll)": (client, "/", htmx),
+        "workers": (client, "/workers/", {}),
+        "runs list": (client, "/runs/", {}),
+        "runs list, filtered": (client, f"/runs/?state=succeeded&owner={owner}&sort=-loss", {}),
+        "runs list, sorted by name, p.20": (client, "/runs/?sort=name&page=20", {}),
+        "runs list (htmx poll)": (client, "/runs/", htmx),
+        f"run detail ({RunEvent.objects.filter(run_id=big).count() // 1000}k events)": (client, f"/runs/{big}/", {}),
+        "run status partial (big run)": (client, f"/runs/{big}/status/", {}),
+        "adapters list": (client, "/adapters/", {}),
+    }
+    print(f"measuring {args.requests} requests per page (+{args.warmup} warm-up), round-robin…", flush=True)
+    times = measure(pages, args.requests, args.warmup)
+    base95 = p(times["login (baseline)"], 0.95)
+    print()
+    print(f"{'page':<36} {'p50 ms':>8} {'p95 ms':>8} {'p95/login':>10}")
+    slow = []
+    for name, values in times.items():
+        p50, p95 = p(values, 0.5), p(values, 0.95)
+        flag = "  SLOW" if p95 > args.target_ms else ""
+        print(f"{name:<36} {p50:>8.1f} {p95:>8.1f} {p95 / base95:>9.1f}x{flag}")
+        if flag:
+            slow.append(name)
+    print(f"\n{len(times)} pages; target p95 < {args.target_ms:.0f} ms: "
+          + ("all met" if not slow else "missed by " + ", ".join(slow)))
+    if args.explain or slow:
+        for name in (pages if args.explain else slow):
+            c, url, headers = pages[name]
+            queries = slowest_queries(c, url, headers)
+            total = sum(t for t, _ in queries)
+            print(f"\n{name}: {len(queries)} queries, {total:.1f} ms in the database; slowest:")
+            for t, sql in queries[:3]:
+                print(f"  {t:7.1f} ms  {sql[:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
