@@ -25,7 +25,20 @@
     if (log && (!follow || follow.checked)) log.scrollTop = log.scrollHeight;
   });
 
+  // When the run's state changes (status partial swapped in), parts outside the status panel that
+  // depend on it (the action buttons) refresh themselves on "run-state-changed".
+  var shownState = null;
+  document.addEventListener("htmx:afterSwap", function () {
+    var badge = document.getElementById("run-state");
+    if (!badge) return;
+    var state = badge.textContent.trim();
+    if (shownState !== null && state !== shownState) document.body.dispatchEvent(new Event("run-state-changed"));
+    shownState = state;
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
+    var badge = document.getElementById("run-state");
+    if (badge) shownState = badge.textContent.trim();
     var log = document.getElementById("log");
     if (log) log.scrollTop = log.scrollHeight;
   });

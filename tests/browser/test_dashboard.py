@@ -204,7 +204,10 @@ def test_cancel_a_running_run_from_its_page(page, demo, worker_process, schedule
     expect(page.locator("#run-state")).to_have_text("cancelled", timeout=60_000)  # live, through the stream
     run = TrainingRun.objects.get(pk=run_id)
     assert run.state == "cancelled" and run.step < 3000
-    page.reload()  # (the Cancel button sits outside the live region: it goes away on a reload)
+    # The actions follow the state live: Cancel goes, Retry and Delete come, without a reload.
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0, timeout=15_000)
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
+    page.reload()
     expect(page.locator("#run-state")).to_have_text("cancelled")
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     screenshot(page, "run-detail-cancelled")

@@ -157,6 +157,8 @@ def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
 @login_required
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = _run_for(request, pk)
+    if request.htmx and request.GET.get("part") == "actions":  # type: ignore[attr-defined]
+        return render(request, "training/partials/run_actions.html", {"run": run, "can_act": _can_act(request, run)})
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "training/partials/run_status.html", _status_context(run))
     tail = list(RunEvent.objects.filter(run=run).exclude(kind="metric").order_by("-id")[:LOG_TAIL])[::-1]
