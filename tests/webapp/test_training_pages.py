@@ -120,16 +120,20 @@ def test_the_runs_list_query_count_does_not_grow_with_runs(team, client, django_
 # ---- run detail ----------------------------------------------------------------------------------
 
 def add_events(run: TrainingRun, n: int) -> None:
-    rows = []
+    """What a worker reports, through the ledger as the worker API stores it."""
+    from webapp.training.ledger import record_events
+
+    events = []
     for i in range(n):
-        rows.append(RunEvent(run=run, attempt=1, seq=3 * i, kind="log", message=f"line {i}"))
-        rows.append(RunEvent(run=run, attempt=1, seq=3 * i + 1, kind="metric", data={
+        events.append({"seq": 3 * i, "kind": "log", "message": f"line {i}"})
+        events.append({"seq": 3 * i + 1, "kind": "metric", "data": {
             "step": i + 1, "total_steps": n, "loss": 2.0 / (i + 1), "learning_rate": 1e-4, "grad_norm": 0.5,
-            "tokens_per_s": 1000 + i, **({"eval_loss": 1.5} if i % 5 == 0 else {})}))
+            "tokens_per_s": 1000 + i, **({"eval_loss": 1.5} if i % 5 == 0 else {})}})
         if i % 10 == 0:
-            rows.append(RunEvent(run=run, attempt=1, seq=3 * i + 2, kind="checkpoint", data={"step": i + 1},
-                                 message=f"Checkpoint saved at step {i + 1}"))
-    RunEvent.objects.bulk_create(rows)
+            events.append({"seq": 3 * i + 2, "kind": "checkpoint", "data": {"step": i + 1},
+                           "message": f"Checkpoint saved at step {i + 1}"})
+    record_events(run, run.attempt, events)
+    run.refresh_from_db()
 
 
 def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -> None:  # type: ignore[no-untyped-def]
@@ -237,8 +241,9 @@ def test_retry_moves_a_failed_run_back_to_queued_keeping_the_attempt_for_the_sch
 
 
 def test_delete_asks_first_then_removes_events_and_adapter_and_refuses_an_active_run(team, client) -> None:  # type: ignore[no-untyped-def]
-    run = make(team, state="succeeded", attempt=1)
+    run = make(team, state="running", attempt=1)
     add_events(run, 5)
+    TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
     Adapter.objects.create(run=run, uri="file:///a", size_bytes=10, sha256="0" * 64, trainable_params=1, total_params=10)
     login(client, "owner")
     confirm = client.get(f"/runs/{run.pk}/delete/")
@@ -273,3 +278,17 @@ def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_o
         adapter(i)
     with django_assert_max_num_queries(8):
         assert client.get("/adapters/").status_code == 200
+
+
+def test_metric_points_merge_resumed_attempts_and_stay_bounded() -> None:
+    from webapp.training.ledger import MAX_METRIC_POINTS, merge_points
+
+    points = merge_points([], [{"step": s, "loss": 10.0 - s / 10} for s in range(1, 11)])
+    points = merge_points(points, [{"step": 10, "eval_loss": 9.5}])  # an eval point at a trained step merges
+    assert len(points) == 10 and points[-1] == {"step": 10, "loss": 9.0, "eval_loss": 9.5}
+    resumed = merge_points(points, [{"step": 5, "loss": 1.0}, {"step": 6, "loss": 0.9}])  # attempt 2 from step 4
+    assert [p["step"] for p in resumed] == [1, 2, 3, 4, 5, 6] and resumed[4]["loss"] == 1.0
+    many = merge_points([], [{"step": s, "loss": 1.0, **({"eval_loss": 2.0} if s % 500 == 0 else {})}
+                             for s in range(1, 3 * MAX_METRIC_POINTS)])
+    assert len(many) <= MAX_METRIC_POINTS and many[-1]["step"] == 3 * MAX_METRIC_POINTS - 1
+    assert sum("eval_loss" in p for p in many) == (3 * MAX_METRIC_POINTS - 1) // 500  # eval points all kept

@@ -121,16 +121,50 @@ def record_events(run: TrainingRun, attempt: int, events: list[dict[str, Any]]) 
     ]
     RunEvent.objects.bulk_create(rows, ignore_conflicts=True)  # a retried batch is stored once
     progress: dict[str, Any] = {"last_report_at": timezone.now()}
-    for event in events:
-        data = event.get("data") or {}
-        if event.get("kind") == "metric":
-            if "step" in data:
-                progress["step"] = int(data["step"])
-            if data.get("total_steps"):
-                progress["total_steps"] = int(data["total_steps"])
-            if data.get("loss") is not None:
-                progress["last_loss"] = float(data["loss"])
-    TrainingRun.objects.filter(pk=run.pk, attempt=attempt).update(**progress)
+    metrics = [e.get("data") or {} for e in events if e.get("kind") == "metric"]
+    for data in metrics:
+        if "step" in data:
+            progress["step"] = int(data["step"])
+        if data.get("total_steps"):
+            progress["total_steps"] = int(data["total_steps"])
+        if data.get("loss") is not None:
+            progress["last_loss"] = float(data["loss"])
+    with transaction.atomic():
+        fenced = TrainingRun.objects.filter(pk=run.pk, attempt=attempt)
+        if metrics:
+            points = fenced.select_for_update().values_list("metric_points", flat=True).first()
+            if points is not None:
+                progress["metric_points"] = merge_points(points, metrics)
+        fenced.update(**progress)
+
+
+METRIC_KEYS = ("step", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
+MAX_METRIC_POINTS = 2000
+
+
+def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold metric events into a run's compact curve: one point per step (a train point and an eval
+    point at the same step merge; a resumed attempt's steps replace those after its checkpoint);
+    past MAX_METRIC_POINTS every other point goes, eval points kept."""
+    points = list(points)
+    for data in metrics:
+        if data.get("step") is None:
+            continue
+        point = {k: data[k] for k in METRIC_KEYS if isinstance(data.get(k), (int, float))}
+        step = int(data["step"])
+        if points and points[-1]["step"] > step:
+            points = [p for p in points if p["step"] < step]
+        if points and points[-1]["step"] == step:
+            points[-1].update(point)
+        else:
+            points.append(point)
+    while len(points) > MAX_METRIC_POINTS:
+        last = len(points) - 1
+        thinned = [p for i, p in enumerate(points) if i % 2 == 0 or i == last or "eval_loss" in p]
+        if len(thinned) == len(points):
+            break
+        points = thinned
+    return points
 
 
 def record_status(run: TrainingRun, attempt: int, state: str, result: dict[str, Any], error: str) -> None:

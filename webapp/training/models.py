@@ -41,6 +41,9 @@ class TrainingRun(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     last_loss = models.FloatField(null=True, blank=True)
+    # The run's metric curve, kept compact for the charts (see ledger.merge_points): reading a page
+    # never scans the run's events, however long it trained.
+    metric_points = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)

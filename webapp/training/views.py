@@ -125,8 +125,7 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 
 def _chart_context(run: TrainingRun) -> dict[str, Any]:
-    metrics = RunEvent.objects.filter(run=run, kind="metric").order_by("id").values_list("data", flat=True)
-    return {"charts": run_charts(metrics)}
+    return {"charts": run_charts(run.metric_points)}
 
 
 def _checkpoints(run: TrainingRun) -> list[dict[str, Any]]:
@@ -161,8 +160,9 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         return render(request, "training/partials/run_actions.html", {"run": run, "can_act": _can_act(request, run)})
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "training/partials/run_status.html", _status_context(run))
-    tail = list(RunEvent.objects.filter(run=run).exclude(kind="metric").order_by("-id")[:LOG_TAIL])[::-1]
-    last_id = RunEvent.objects.filter(run=run).order_by("-id").values_list("id", flat=True).first() or 0
+    # Ordered as the (run, id) index is, so the database walks it backwards from the end.
+    tail = list(RunEvent.objects.filter(run=run).exclude(kind="metric").order_by("-run_id", "-id")[:LOG_TAIL])[::-1]
+    last_id = RunEvent.objects.filter(run=run).order_by("-run_id", "-id").values_list("id", flat=True).first() or 0
     context = {**_status_context(run), "events": tail, "last_event_id": last_id, "can_act": _can_act(request, run)}
     return render(request, "training/run_detail.html", context)
 
