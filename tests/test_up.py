@@ -37,7 +37,10 @@ def test_tunedeck_up_starts_serves_a_login_and_stops_cleanly(tmp_path: Path) -> 
             page = client.get("/login/")
             token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
             runs = client.post("/login/", data={"username": "admin", "password": "first-admin-pass", "csrfmiddlewaretoken": token})
-            assert runs.status_code == 200 and "No runs yet" in runs.text and "admin" in runs.text
+            overview = runs  # logging in lands on the overview
+            assert overview.status_code == 200 and "Overview" in overview.text and "admin" in overview.text
+            runs = client.get("/runs/")
+            assert runs.status_code == 200 and "No runs match" in runs.text
             form = client.get("/runs/new/").text
             assert "demo-tiny-llama" in form and "demo-addition" in form and "demo-lora-all-linear" in form
         finally:

@@ -145,7 +145,8 @@ def test_a_run_trains_live_survives_a_reload_and_its_adapter_downloads(  # type:
     from transformers import AutoModelForCausalLM
 
     _, _, dataset, config = demo
-    run_id = create_run_in_form(page, dataset, config, "browser-live", max_steps=30, logging_steps=1)
+    # Long enough (a few seconds on a fast machine) to still be training at the reload below.
+    run_id = create_run_in_form(page, dataset, config, "browser-live", max_steps=240, logging_steps=1)
     expect(page.get_by_role("heading", name=re.compile(rf"Run {run_id}"))).to_be_visible()
 
     # Live, without a reload: the state, the log and the loss chart update while the tiny model trains.
