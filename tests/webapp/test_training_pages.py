@@ -273,7 +273,7 @@ def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_o
         page = client.get("/adapters/").content.decode()
     assert "run-0" in page and "base-0" in page and "data-0" in page and "cfg" in page
     assert "0.2500" in page and "0.3750" in page and "2.0\xa0KB" in page and "0.100%" in page
-    assert f"/runs/{first.pk}/adapter.zip" in page and "disabled" in page
+    assert f"/runs/{first.run_id}/adapter.zip" in page and "disabled" in page
     for i in range(1, 30):
         adapter(i)
     with django_assert_max_num_queries(8):
