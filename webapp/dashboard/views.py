@@ -83,6 +83,7 @@ def _active_rows(now: datetime) -> list[ActiveRow]:
     runs = (
         TrainingRun.objects.filter(state__in=ACTIVE_STATES)
         .select_related("base_model", "dataset", "owner", "worker")
+        .defer("hyperparameters", "metric_points", "error")
         .annotate(
             rate_last_step=_metric_at(0, "metric_step"),
             rate_last_at=_metric_at(0, "created_at"),
@@ -109,7 +110,8 @@ def _active_rows(now: datetime) -> list[ActiveRow]:
 def overview_context() -> dict[str, Any]:
     now = timezone.now()
     queued = TrainingRun.objects.filter(state=RunState.QUEUED)
-    queue = list(queued.select_related("base_model", "dataset", "owner").order_by("id")[:QUEUE_LIMIT])
+    queue = list(queued.select_related("base_model", "dataset", "owner").defer("hyperparameters", "metric_points")
+                 .order_by("id")[:QUEUE_LIMIT])
     queue_count = len(queue) if len(queue) < QUEUE_LIMIT else queued.count()
     workers = list(annotate_current_run(Worker.objects.order_by("name"))[:WORKER_LIMIT])
     for worker in workers:

@@ -75,6 +75,10 @@ def _sort_headers(sort: str) -> list[dict[str, str]]:
     return headers
 
 
+# A list row needs neither the settings nor the metric curve (up to 2,000 points each).
+LIST_DEFERRED = ("hyperparameters", "metric_points", "error")
+
+
 @login_required
 def runs_list(request: HttpRequest) -> HttpResponse:
     """The page, or (for htmx's polling) only its rows: same filters, same sort, same page."""
@@ -82,6 +86,7 @@ def runs_list(request: HttpRequest) -> HttpResponse:
     sort, descending = form.ordering()
     runs = (TrainingRun.objects.filter(**form.filters())
             .select_related("base_model", "dataset", "owner")
+            .defer(*LIST_DEFERRED)
             .order_by(*_run_ordering(sort, descending)))
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
     context = {"form": form, "page": page, "runs": page.object_list, "headers": _sort_headers(sort),
