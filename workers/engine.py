@@ -28,12 +28,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from workers.spec import LoraParams, TrainParams
+from workers.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
 
 log = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "tunedeck_varlen"
-PROMPT_METHODS = ("prefix_tuning", "prompt_tuning")  # virtual tokens: no packing, no varlen rows
 
 
 class PlanError(ValueError):
@@ -61,10 +60,6 @@ class Plan:
     grad_accum: int = 1  # micro-batches per optimizer step
     gpu_total_bytes: int = 0
     estimate_bytes: int | None = None
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.checkpoint_layers > 0
 
     @property
     def attn_implementation(self) -> str:
@@ -113,8 +108,8 @@ def _switch(value: str, auto: bool) -> bool:
 def check_switches(train: TrainParams, lora: LoraParams) -> dict[str, str]:
     """Combinations refused on any device: checked before a run is queued, and again by the plan."""
     errors: dict[str, str] = {}
-    method = getattr(lora, "method", "lora")
-    if method in PROMPT_METHODS and train.batching in ("pack", "padding_free"):
+    method = lora.method
+    if method in PROMPT_LEARNING_METHODS and train.batching in ("pack", "padding_free"):
         errors["batching"] = f"{method} prepends virtual tokens to each example: use pad (or auto)"
     if train.attention == "varlen" and train.batching == "pad":
         errors["attention"] = "varlen attention works on packed or padding-free rows, not padded batches"
@@ -141,7 +136,7 @@ def resolve_plan(
     for name, message in check_switches(train, lora).items():
         raise PlanError(name, message)
     cuda = device == "cuda"
-    prompt_method = getattr(lora, "method", "lora") in PROMPT_METHODS
+    prompt_method = lora.method in PROMPT_LEARNING_METHODS
     mode = "throughput" if train.mode == "auto" else train.mode
 
     batching = train.batching
@@ -181,7 +176,7 @@ def resolve_plan(
         _split_micro_batch(plan, max(1, MEMORY_MODE_TOKENS // train.max_seq_length))
         if train.max_seq_length > MLP_CHUNK_TOKENS:
             plan.mlp_chunk_tokens = MLP_CHUNK_TOKENS
-    prefix = getattr(lora, "method", "lora") == "prefix_tuning"  # PEFT's prefix tuning cannot recompute
+    prefix = lora.method == "prefix_tuning"  # PEFT's prefix tuning cannot recompute
     if train.gradient_checkpointing == "off" or (prefix and train.gradient_checkpointing == "auto"):
         plan.checkpoint_layers = 0
         plan.activation_offload = False
@@ -394,7 +389,6 @@ def sft_arguments(plan: Plan, train: TrainParams) -> dict[str, Any]:
         "bf16": plan.device == "cuda" and plan.dtype == "bfloat16",
         "fp16": plan.device == "cuda" and plan.dtype == "float16",
         "use_cpu": plan.device == "cpu",
-        "model_init_kwargs": None,
     }
     return args
 
@@ -415,8 +409,8 @@ def plan_estimator(config: Any, spec: Any) -> Any:
     except ValueError:
         return None
     lora, train = spec.lora, spec.train
-    method = getattr(lora, "method", "lora")
-    if method == "lora" and getattr(lora, "use_dora", False):
+    method = lora.method
+    if method == "lora" and lora.use_dora:
         method = "dora"
 
     def estimator(plan: Plan) -> int:
@@ -438,8 +432,8 @@ def plan_estimator(config: Any, spec: Any) -> Any:
             liger=plan.liger,
             fused_lm_head=True,  # trl's SFTTrainer always projects through its tiled LM head
             attention=plan.attention,
-            num_virtual_tokens=getattr(lora, "num_virtual_tokens", est.VIRTUAL_TOKENS),
-            modules_to_save=getattr(lora, "modules_to_save", ()) or (),
+            num_virtual_tokens=lora.num_virtual_tokens,
+            modules_to_save=lora.modules_to_save,
             mlp_chunk_tokens=plan.mlp_chunk_tokens,
             expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         ).total)

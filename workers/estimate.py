@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from workers.spec import PROMPT_LEARNING_METHODS, QUANTIZATIONS
+
 GiB = 2**30
 MiB = 2**20
 
@@ -148,8 +150,6 @@ EXPANDABLE_FRAGMENTATION = 0.05
 CUDA_CONTEXT_BYTES = 600 * MiB
 
 METHODS = ("lora", "rslora", "dora", "ia3", "prefix_tuning", "prompt_tuning")
-PROMPT_METHODS = ("prefix_tuning", "prompt_tuning")
-QUANTIZATIONS = ("none", "8bit", "4bit")
 BATCHINGS = ("pad", "pack", "padding_free")
 ATTENTIONS = ("varlen", "flex", "sdpa", "eager")
 
@@ -565,7 +565,7 @@ def _norm_saved_bytes(run: _Run, elements: int) -> int:
 
 def _adapter_input_bytes(run: _Run) -> int:
     """What the adapters keep of their inputs, per token and layer (a quantized or frozen base keeps none)."""
-    if run.method in PROMPT_METHODS:
+    if run.method in PROMPT_LEARNING_METHODS:
         return 0
     chosen = run.shape.targeted(run.targets)
     b = run.dtype_bytes
@@ -901,7 +901,7 @@ def estimate_for_spec(
     mode = "throughput" if train.mode == "auto" else train.mode
     batching = train.batching
     if batching == "auto":
-        batching = "pad" if method in PROMPT_METHODS else "pack"
+        batching = "pad" if method in PROMPT_LEARNING_METHODS else "pack"
     attention = train.attention
     if attention == "auto":
         attention = "varlen" if batching != "pad" and varlen_available else "sdpa"

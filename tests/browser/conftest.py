@@ -40,6 +40,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Ask a child process to stop; kill it if it has not within 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[object]:
     if not CHROMIUM.exists():
@@ -108,12 +118,7 @@ def asgi_server(server_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
                 time.sleep(0.2)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+            stop(proc)
 
 
 @pytest.fixture
@@ -137,12 +142,7 @@ def worker_process(transactional_db, asgi_server: str, server_env: dict[str, str
                                 stderr=subprocess.STDOUT)
         proc.log_path = log_path  # type: ignore[attr-defined]
         yield proc
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop(proc)
 
 
 @pytest.fixture

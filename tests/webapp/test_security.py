@@ -7,13 +7,13 @@ import re
 import pytest
 from django.test import Client
 
-from tests.webapp.test_training_pages import login, make, team  # noqa: F401  (team is a fixture)
+from tests.webapp.team import login, make
 from webapp.training.models import TrainingRun
 
 pytestmark = pytest.mark.django_db
 
 
-def test_an_htmx_post_needs_the_csrf_token_the_page_carries(team) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_htmx_post_needs_the_csrf_token_the_page_carries(team) -> None:  # type: ignore[no-untyped-def]
     run = make(team, state="running", attempt=1)
     client = login(Client(enforce_csrf_checks=True), "owner")
     page = client.get(f"/runs/{run.pk}/").content.decode()
@@ -29,7 +29,7 @@ def test_an_htmx_post_needs_the_csrf_token_the_page_carries(team) -> None:  # ty
     assert TrainingRun.objects.get(pk=run.pk).cancel_requested
 
 
-def test_pages_forbid_inline_script_and_framing(team, client) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_pages_forbid_inline_script_and_framing(team, client) -> None:  # type: ignore[no-untyped-def]
     login(client, "mate")
     for url in ("/", "/runs/", "/datasets/", "/base-models/", "/lora-configs/", "/adapters/"):
         response = client.get(url)
