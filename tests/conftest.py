@@ -17,3 +17,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def store_dir(tmp_path: Path, settings) -> Path:  # type: ignore[no-untyped-def]
     settings.ARTIFACT_STORE = tmp_path / "artifacts"
     return Path(settings.ARTIFACT_STORE)
+
+
+@pytest.fixture(scope="session")
+def task_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Two LoRA adapters of the tiny model, trained on different toy tasks ("add" and "double").
+
+    Returns (store, {task: adapter store URI}); the datasets are at store://datasets/<task>.jsonl.
+    Shared by the compare, merge and evaluate tests: training both takes a few seconds on the CPU.
+    """
+    from workers.demo import write_toy_dataset
+    from workers.reporter import MemoryReporter
+    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+    from workers.store import ArtifactStore
+    from workers.train import run_training
+
+    store = ArtifactStore(tmp_path_factory.mktemp("task-adapters"))
+    uris = {}
+    for run_id, task in enumerate(("add", "double"), start=1):
+        write_toy_dataset(store.path(f"store://datasets/{task}.jsonl"), task=task, seed=run_id)
+        spec = TrainSpec(
+            run_id=run_id,
+            attempt=1,
+            base_model=ModelRef(source=str(tiny_model_dir)),
+            dataset=DatasetRef(uri=f"store://datasets/{task}.jsonl", format="alpaca"),
+            lora=LoraParams(dropout=0.0, r=8, alpha=16),
+            train=suggest_train_params(100_000),
+            output_uri=f"store://runs/{run_id}/attempt-1/adapter",
+        )
+        reporter = MemoryReporter()
+        result = run_training(spec, reporter, store)
+        assert result is not None, reporter.logs[-3:]
+        uris[task] = result["adapter_uri"]
+    return store, uris

@@ -32,10 +32,23 @@ def toy_rows(count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def write_toy_dataset(path: Path, count: int = 512, seed: int = 0) -> Path:
+def double_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """A second toy task with its own prompt form, for tests of several adapters: 'Double 17' -> '34'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a = rng.randint(0, 49)
+        rows.append({"instruction": f"Double {a}", "output": str(2 * a)})
+    return rows
+
+
+TOY_TASKS = {"add": toy_rows, "double": double_rows}
+
+
+def write_toy_dataset(path: Path, count: int = 512, seed: int = 0, task: str = "add") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
-        for row in toy_rows(count, seed):
+        for row in TOY_TASKS[task](count, seed):
             fh.write(json.dumps(row) + "\n")
     return path
 

@@ -42,6 +42,10 @@ class Reporter:
     def metric(self, **values: Any) -> None:
         self._event("metric", data=values)
 
+    def output(self, row: int, column: str, text: str, done: bool = False) -> None:
+        """Newly generated text of one cell of a comparison (appended to what came before)."""
+        self._event("output", data={"row": row, "column": column, "text": text, "done": done})
+
     def checkpoint(self, step: int, **values: Any) -> None:
         self._event("checkpoint", f"Checkpoint saved at step {step}", data={"step": step, **values})
 
