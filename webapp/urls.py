@@ -7,6 +7,7 @@ urlpatterns = [
     path("", include("webapp.training.urls")),
     path("", include("webapp.catalog.urls")),
     path("", include("webapp.fleet.urls")),
+    path("", include("webapp.playground.urls")),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

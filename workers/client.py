@@ -55,14 +55,19 @@ class WorkerClient:
             delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
 
-    def claim(self, run_id: int, attempt: int) -> dict[str, Any]:
-        return self._post(f"/jobs/{run_id}/claim", {"attempt": attempt})["spec"]  # type: ignore[no-any-return]
+    # Training runs are under /jobs/, adapter jobs (compare, merge, combine, evaluate, push) under /adapter-jobs/.
+    def claim(self, run_id: int, attempt: int, path: str = "jobs") -> dict[str, Any]:
+        return self.claim_job(run_id, attempt, path)["spec"]  # type: ignore[no-any-return]
 
-    def events(self, run_id: int, attempt: int, events: list[dict[str, Any]]) -> dict[str, Any]:
-        return self._post(f"/jobs/{run_id}/events", {"attempt": attempt, "events": events})
+    def claim_job(self, job_id: int, attempt: int, path: str = "jobs") -> dict[str, Any]:
+        """The whole claim reply: the spec, the job's kind and its cancel flag."""
+        return self._post(f"/{path}/{job_id}/claim", {"attempt": attempt})
 
-    def status(self, run_id: int, attempt: int, state: str, **fields: Any) -> dict[str, Any]:
-        return self._post(f"/jobs/{run_id}/status", {"attempt": attempt, "state": state, **fields})
+    def events(self, run_id: int, attempt: int, events: list[dict[str, Any]], path: str = "jobs") -> dict[str, Any]:
+        return self._post(f"/{path}/{run_id}/events", {"attempt": attempt, "events": events})
+
+    def status(self, run_id: int, attempt: int, state: str, path: str = "jobs", **fields: Any) -> dict[str, Any]:
+        return self._post(f"/{path}/{run_id}/status", {"attempt": attempt, "state": state, **fields})
 
     def heartbeat(self, inventory: dict[str, Any]) -> dict[str, Any]:
         return self._post("/heartbeat", {"inventory": inventory})

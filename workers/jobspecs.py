@@ -208,7 +208,33 @@ class EvaluateSpec:
         return errors
 
 
+@dataclass
+class PushSpec:
+    """Upload an adapter or a merged model folder to a Hugging Face Hub repository."""
+
+    job_id: int
+    attempt: int
+    source_uri: str
+    repo_id: str
+    private: bool = True
+    commit_message: str = "Upload from Tunedeck"
+    endpoint: str = "https://huggingface.co"
+    token: str = ""  # added by the control plane when the worker claims the job; never stored with the job
+
+    def __repr__(self) -> str:  # never show the token
+        return f"PushSpec(job_id={self.job_id}, source_uri={self.source_uri!r}, repo_id={self.repo_id!r})"
+
+    def validate(self) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        if not self.token:
+            errors["token"] = "no Hugging Face token is configured (TUNEDECK_HF_TOKEN on the control plane)"
+        if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
+            errors["repo_id"] = f"must be namespace/name, got {self.repo_id!r}"
+        return errors
+
+
 JOB_SPECS: dict[str, type[Any]] = {
+    "push": PushSpec,
     "compare": CompareSpec,
     "merge": MergeSpec,
     "combine": CombineSpec,

@@ -27,6 +27,7 @@ class Reporter:
         self._seq = 0
         self._last_flush = time.monotonic()
         self.cancel_requested = False
+        self._open_outputs: dict[tuple[int, str], dict[str, Any]] = {}
 
     def _event(self, kind: str, message: str = "", level: str = "info", data: dict[str, Any] | None = None) -> None:
         self._seq += 1
@@ -43,8 +44,18 @@ class Reporter:
         self._event("metric", data=values)
 
     def output(self, row: int, column: str, text: str, done: bool = False) -> None:
-        """Newly generated text of one cell of a comparison (appended to what came before)."""
+        """Newly generated text of one cell of a comparison (appended to what came before).
+
+        Deltas of one cell within one flush window travel as one event: a grid of 9 columns x 64
+        prompts sends at most one event per cell per flush, not one per token."""
+        pending = self._open_outputs.get((row, column))
+        if pending is not None:
+            pending["data"]["text"] += text
+            pending["data"]["done"] = done
+            return
         self._event("output", data={"row": row, "column": column, "text": text, "done": done})
+        if self._buffer:  # (empty if that event filled the buffer and went out at once)
+            self._open_outputs[(row, column)] = self._buffer[-1]
 
     def checkpoint(self, step: int, **values: Any) -> None:
         self._event("checkpoint", f"Checkpoint saved at step {step}", data={"step": step, **values})
@@ -56,6 +67,7 @@ class Reporter:
 
     def flush(self) -> None:
         batch, self._buffer = self._buffer, []
+        self._open_outputs = {}
         self._last_flush = time.monotonic()
         try:
             reply = self._send_events(batch)
@@ -105,12 +117,12 @@ class MemoryReporter(Reporter):
 
 
 class HttpReporter(Reporter):
-    def __init__(self, client: WorkerClient, run_id: int, attempt: int) -> None:
+    def __init__(self, client: WorkerClient, run_id: int, attempt: int, path: str = "jobs") -> None:
         super().__init__()
-        self.client, self.run_id, self.attempt = client, run_id, attempt
+        self.client, self.run_id, self.attempt, self.path = client, run_id, attempt, path
 
     def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.client.events(self.run_id, self.attempt, batch)
+        return self.client.events(self.run_id, self.attempt, batch, path=self.path)
 
     def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
-        return self.client.status(self.run_id, self.attempt, state, result=result, error=error)
+        return self.client.status(self.run_id, self.attempt, state, path=self.path, result=result, error=error)

@@ -63,6 +63,49 @@ def run_job(job_id: int, attempt: int) -> None:
     log.info("job %s attempt %s done", job_id, attempt)
 
 
+# The runner of each adapter job kind, imported when a job of that kind arrives.
+ADAPTER_RUNNERS = {
+    "compare": ("workers.generate", "run_compare"),
+    "merge": ("workers.merge", "run_merge"),
+    "combine": ("workers.merge", "run_combine"),
+    "evaluate": ("workers.evaluate", "run_evaluate"),
+    "push": ("workers.push", "run_push"),
+}
+
+
+@app.task(name="tunedeck.run_adapter_job", ignore_result=True)
+def run_adapter_job(job_id: int, attempt: int) -> None:
+    import importlib
+
+    from workers.jobspecs import spec_from_dict
+    from workers.reporter import HttpReporter
+    from workers.store import ArtifactStore
+
+    try:
+        claimed = client().claim_job(job_id, attempt, path="adapter-jobs")
+    except (NotAssigned, StaleAttempt) as exc:
+        log.warning("adapter job %s attempt %s not ours to run: %s", job_id, attempt, exc)
+        return
+    kind = str(claimed.get("kind"))
+    reporter = HttpReporter(client(), job_id, attempt, path="adapter-jobs")
+    if kind == "compare":
+        reporter.flush_interval = 0.25  # the grid fills token by token
+    try:
+        module, name = ADAPTER_RUNNERS[kind]
+        spec = spec_from_dict(kind, claimed["spec"])
+    except (KeyError, TypeError, ValueError) as exc:  # a control plane newer than this worker
+        reporter.started()
+        reporter.log(f"This worker cannot run this {kind} job: {exc}", level="error")
+        reporter.finish("failed", error=f"the worker cannot read this {kind} job: {exc}")
+        return
+    log.info("%s job %s attempt %s claimed", kind, job_id, attempt)
+    try:
+        getattr(importlib.import_module(module), name)(spec, reporter, ArtifactStore(artifact_store_root()))
+    except StaleAttempt as exc:
+        log.warning("adapter job %s attempt %s superseded: %s", job_id, attempt, exc)
+    log.info("%s job %s attempt %s done", kind, job_id, attempt)
+
+
 def inventory() -> dict[str, Any]:
     info: dict[str, Any] = {"hostname": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:

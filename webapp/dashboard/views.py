@@ -118,7 +118,7 @@ def overview_context() -> dict[str, Any]:
         worker.gpus = gpu_rows(worker.inventory)
     active = _active_rows(now)
     adapters = (
-        Adapter.objects.select_related("run__base_model", "run__owner").order_by("-id")[:ADAPTER_LIMIT]
+        Adapter.objects.select_related("base_model", "owner").order_by("-id")[:ADAPTER_LIMIT]
     )
     return {
         "now": now,

@@ -55,16 +55,20 @@ def _attempt(payload: dict[str, Any]) -> int:
 
 
 @worker_endpoint
-def claim(worker: Worker, payload: dict[str, Any], job_id: int) -> dict[str, Any]:
-    run = ledger.claim(worker, job_id, _attempt(payload))
-    spec = json.loads(TrainingRun.objects.get(pk=run.pk).job_spec().to_json())
-    return {"spec": spec, "cancel": run.cancel_requested}
+def claim(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
+    job = model.objects.get(pk=ledger.claim(worker, job_id, _attempt(payload), model).pk)
+    spec = job.job_spec()
+    return {
+        "spec": json.loads(spec.to_json()) if hasattr(spec, "to_json") else spec,
+        "kind": getattr(job, "kind", "train"),
+        "cancel": job.cancel_requested,
+    }
 
 
 @worker_endpoint
-def events(worker: Worker, payload: dict[str, Any], job_id: int) -> dict[str, Any]:
+def events(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
     attempt = _attempt(payload)
-    run = ledger.fenced_run(worker, job_id, attempt)
+    run = ledger.fenced_run(worker, job_id, attempt, model)
     batch = payload.get("events", [])
     if not isinstance(batch, list):
         raise ValueError("events must be a list")
@@ -73,11 +77,11 @@ def events(worker: Worker, payload: dict[str, Any], job_id: int) -> dict[str, An
 
 
 @worker_endpoint
-def status(worker: Worker, payload: dict[str, Any], job_id: int) -> dict[str, Any]:
+def status(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
     attempt = _attempt(payload)
-    run = ledger.fenced_run(worker, job_id, attempt)
+    run = ledger.fenced_run(worker, job_id, attempt, model)
     ledger.record_status(run, attempt, str(payload["state"]), payload.get("result") or {}, str(payload.get("error", "")))
-    return {"cancel": TrainingRun.objects.values_list("cancel_requested", flat=True).get(pk=run.pk)}
+    return {"cancel": model.objects.values_list("cancel_requested", flat=True).get(pk=run.pk)}
 
 
 @worker_endpoint
@@ -87,5 +91,7 @@ def heartbeat(worker: Worker, payload: dict[str, Any]) -> dict[str, Any]:
     if worker.state == WorkerState.OFFLINE:
         worker.state = WorkerState.ONLINE
     worker.save(update_fields=["last_heartbeat", "inventory", "state"])
-    cancel = list(worker.runs.filter(cancel_requested=True, state__in=("dispatched", "running")).values_list("pk", flat=True))
-    return {"name": worker.name, "state": worker.state, "cancel": cancel}
+    active = {"cancel_requested": True, "state__in": ("dispatched", "running")}
+    cancel = list(worker.runs.filter(**active).values_list("pk", flat=True))
+    cancel_jobs = list(worker.adapter_jobs.filter(**active).values_list("pk", flat=True))
+    return {"name": worker.name, "state": worker.state, "cancel": cancel, "cancel_adapter_jobs": cancel_jobs}

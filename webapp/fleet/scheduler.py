@@ -16,7 +16,11 @@ from django.utils import timezone
 from webapp.celery import send_wakeup
 from webapp.fleet.models import Worker, WorkerState
 from webapp.training import ledger
+from webapp.playground.models import AdapterJob
 from webapp.training.models import ACTIVE_STATES, RunState, TrainingRun
+
+# Every kind of job the workers run: training runs and adapter jobs (compare, merge, combine, evaluate, push).
+JOB_MODELS = (TrainingRun, AdapterJob)
 
 log = logging.getLogger(__name__)
 
@@ -30,42 +34,53 @@ def mark_lost_workers() -> int:
         if Worker.objects.filter(pk=worker.pk, last_heartbeat__lt=cutoff).update(state=WorkerState.OFFLINE):
             count += 1
             log.warning("worker %s missed its heartbeats: marked offline", worker.name)
-            for run in TrainingRun.objects.filter(worker=worker, state__in=ACTIVE_STATES):
-                ledger.requeue_or_fail(run, f"Worker {worker.name} stopped answering", settings.MAX_ATTEMPTS)
+            for model in JOB_MODELS:
+                for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES):
+                    ledger.requeue_or_fail(job, f"Worker {worker.name} stopped answering", settings.MAX_ATTEMPTS)
     return count
 
 
 def resend_unclaimed() -> int:
     """A wake-up may be lost (broker restart): send it again. The claim makes duplicates harmless."""
     cutoff = timezone.now() - timedelta(seconds=settings.DISPATCH_RESEND_AFTER)
-    stale = TrainingRun.objects.filter(state=RunState.DISPATCHED, claimed_at=None, dispatched_at__lt=cutoff)
     count = 0
-    for run in stale.select_related("worker"):
-        if run.worker and TrainingRun.objects.filter(pk=run.pk, attempt=run.attempt, claimed_at=None).update(
-            dispatched_at=timezone.now()
-        ):
-            send_wakeup(run.worker.name, run.pk, run.attempt)
-            count += 1
+    for model in JOB_MODELS:
+        stale = model.objects.filter(state=RunState.DISPATCHED, claimed_at=None, dispatched_at__lt=cutoff)
+        for job in stale.select_related("worker"):
+            if job.worker and model.objects.filter(pk=job.pk, attempt=job.attempt, claimed_at=None).update(
+                dispatched_at=timezone.now()
+            ):
+                send_wakeup(job.worker.name, job.pk, job.attempt, model.TASK)
+                count += 1
     return count
 
 
 def idle_workers() -> list[Worker]:
-    busy = TrainingRun.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).values("worker_id")
-    return list(Worker.objects.filter(state=WorkerState.ONLINE).exclude(pk__in=busy).order_by("last_heartbeat"))
+    workers = Worker.objects.filter(state=WorkerState.ONLINE)
+    for model in JOB_MODELS:
+        workers = workers.exclude(pk__in=model.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).values("worker_id"))
+    return list(workers.order_by("last_heartbeat"))
 
 
 def dispatch_queued() -> int:
+    """Oldest queued job first, whatever its kind, one per idle worker."""
     workers = idle_workers()
     if not workers:
         return 0
-    queued = list(TrainingRun.objects.filter(state=RunState.QUEUED).order_by("id").values_list("pk", flat=True)[: len(workers)])
+    queued = sorted(
+        ((created, model, pk) for model in JOB_MODELS
+        for pk, created in model.objects.filter(state=RunState.QUEUED).order_by("id").values_list("pk", "created_at")[
+            : len(workers)
+        ]),
+        key=lambda item: (item[0], item[2]),
+    )
     placed = 0
-    for run_id, worker in zip(queued, workers, strict=False):
+    for (_, model, job_id), worker in zip(queued, workers, strict=False):
         with transaction.atomic():
-            attempt = ledger.dispatch(run_id, worker)
+            attempt = ledger.dispatch(job_id, worker, model)
             if attempt is not None:
                 name = worker.name
-                transaction.on_commit(lambda r=run_id, a=attempt, n=name: send_wakeup(n, r, a))
+                transaction.on_commit(lambda j=job_id, a=attempt, n=name, t=model.TASK: send_wakeup(n, j, a, t))
                 placed += 1
     return placed
 

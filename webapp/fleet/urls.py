@@ -1,6 +1,7 @@
 from django.urls import path
 
 from webapp.fleet import api, views
+from webapp.playground.models import AdapterJob
 
 urlpatterns = [
     path("workers/", views.workers, name="workers"),
@@ -8,4 +9,9 @@ urlpatterns = [
     path("api/worker/v1/jobs/<int:job_id>/events", api.events, name="worker-events"),
     path("api/worker/v1/jobs/<int:job_id>/status", api.status, name="worker-status"),
     path("api/worker/v1/heartbeat", api.heartbeat, name="worker-heartbeat"),
+]
+# Adapter jobs (compare, merge, combine, evaluate, push): the same three calls, fenced the same way.
+urlpatterns += [
+    path(f"api/worker/v1/adapter-jobs/<int:job_id>/{name}", view, {"model": AdapterJob}, name=f"worker-adapter-job-{name}")
+    for name, view in (("claim", api.claim), ("events", api.events), ("status", api.status))
 ]

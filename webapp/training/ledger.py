@@ -17,24 +17,34 @@ from webapp.training.models import (
     ACTIVE_STATES,
     FINAL_STATES,
     WORKER_TRANSITIONS,
-    Adapter,
-    RunEvent,
     RunState,
     TrainingRun,
 )
 
 
-def note(run: TrainingRun | int, message: str, level: str = "info") -> None:
-    """A control-plane line in the run's log (seq is null: it is not one of a worker's events)."""
-    run_id = run if isinstance(run, int) else run.pk
-    attempt = TrainingRun.objects.filter(pk=run_id).values_list("attempt", flat=True).first() or 0
-    RunEvent.objects.create(run_id=run_id, attempt=attempt, kind="status", level=level, message=message)
+def _events_of(model: Any) -> tuple[Any, str]:
+    """The event model of a job model and the name of its foreign key (both kinds call it `events`)."""
+    related = model.events
+    return related.rel.related_model, related.field.name
 
 
-def dispatch(run_id: int, worker: Any) -> int | None:
-    """Place a queued run on a worker; returns the new attempt, or None if someone else won."""
+def note(job: Any, message: str, level: str = "info", model: Any = None) -> None:
+    """A control-plane line in the job's log (seq is null: it is not one of a worker's events).
+
+    `job` is a run or an adapter job, or the id of a run (or of a `model` row)."""
+    model = model or (TrainingRun if isinstance(job, int) else type(job))
+    job_id = job if isinstance(job, int) else job.pk
+    event_model, fk = _events_of(model)
+    attempt = model.objects.filter(pk=job_id).values_list("attempt", flat=True).first() or 0
+    event_model.objects.create(
+        **{f"{fk}_id": job_id}, attempt=attempt, kind="status", level=level, message=message
+    )
+
+
+def dispatch(job_id: int, worker: Any, model: Any = TrainingRun) -> int | None:
+    """Place a queued job on a worker; returns the new attempt, or None if someone else won."""
     now = timezone.now()
-    updated = TrainingRun.objects.filter(pk=run_id, state=RunState.QUEUED, cancel_requested=False).update(
+    updated = model.objects.filter(pk=job_id, state=RunState.QUEUED, cancel_requested=False).update(
         state=RunState.DISPATCHED,
         attempt=F("attempt") + 1,
         worker=worker,
@@ -43,12 +53,12 @@ def dispatch(run_id: int, worker: Any) -> int | None:
     )
     if not updated:
         return None
-    attempt = TrainingRun.objects.values_list("attempt", flat=True).get(pk=run_id)
-    note(run_id, f"Attempt {attempt} dispatched to worker {worker.name}")
+    attempt = model.objects.values_list("attempt", flat=True).get(pk=job_id)
+    note(job_id, f"Attempt {attempt} dispatched to worker {worker.name}", model=model)
     return int(attempt)
 
 
-def requeue_or_fail(run: TrainingRun, reason: str, max_attempts: int) -> str:
+def requeue_or_fail(run: Any, reason: str, max_attempts: int) -> str:
     """Take an active run back from a lost worker: requeue it, or fail it after max_attempts."""
     if run.cancel_requested:
         target, error = RunState.CANCELLED, ""
@@ -59,21 +69,22 @@ def requeue_or_fail(run: TrainingRun, reason: str, max_attempts: int) -> str:
     fields: dict[str, Any] = {"state": target, "worker": None, "error": error}
     if target != RunState.QUEUED:
         fields["finished_at"] = timezone.now()
-    updated = TrainingRun.objects.filter(pk=run.pk, attempt=run.attempt, state__in=ACTIVE_STATES).update(**fields)
+    updated = type(run).objects.filter(pk=run.pk, attempt=run.attempt, state__in=ACTIVE_STATES).update(**fields)
     if updated:
-        note(run, f"{reason}: run {'requeued' if target == RunState.QUEUED else target}", level="warning")
+        note(run, f"{reason}: {run.NOUN} {'requeued' if target == RunState.QUEUED else target}", level="warning")
     return str(target)
 
 
-def request_cancel(run: TrainingRun) -> bool:
-    """Cancel a queued run at once; flag an active one for its worker to stop at the next step."""
+def request_cancel(run: Any) -> bool:
+    """Cancel a queued job at once; flag an active one for its worker to stop at the next step."""
+    model = type(run)
     with transaction.atomic():
-        if TrainingRun.objects.filter(pk=run.pk, state=RunState.QUEUED).update(
+        if model.objects.filter(pk=run.pk, state=RunState.QUEUED).update(
             state=RunState.CANCELLED, cancel_requested=True, finished_at=timezone.now()
         ):
             note(run, "Cancelled before it started")
             return True
-        if TrainingRun.objects.filter(pk=run.pk, state__in=ACTIVE_STATES).update(cancel_requested=True):
+        if model.objects.filter(pk=run.pk, state__in=ACTIVE_STATES).update(cancel_requested=True):
             note(run, "Cancel requested: the worker stops at its next step", level="warning")
             return True
     return False
@@ -85,31 +96,33 @@ class Rejected(Exception):
         self.status, self.detail = status, detail
 
 
-def fenced_run(worker: Any, run_id: int, attempt: int) -> TrainingRun:
-    """The run if this worker holds this attempt of it; 404 for someone else's job, 409 if stale."""
-    run = TrainingRun.objects.filter(pk=run_id).first()
+def fenced_run(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun) -> Any:
+    """The job if this worker holds this attempt of it; 404 for someone else's job, 409 if stale."""
+    run = model.objects.filter(pk=run_id).first()
     if run is None or run.worker_id != worker.pk:
         raise Rejected(404, "no such job assigned to this worker")
     if attempt != run.attempt:
-        raise Rejected(409, f"attempt {attempt} is stale: the run is at attempt {run.attempt}")
+        raise Rejected(409, f"attempt {attempt} is stale: the {run.NOUN} is at attempt {run.attempt}")
     return run
 
 
-def claim(worker: Any, run_id: int, attempt: int) -> TrainingRun:
-    run = fenced_run(worker, run_id, attempt)
+def claim(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun) -> Any:
+    run = fenced_run(worker, run_id, attempt, model)
     if run.state == RunState.DISPATCHED and run.claimed_at is None:
-        TrainingRun.objects.filter(pk=run.pk, attempt=attempt, claimed_at=None).update(claimed_at=timezone.now())
+        model.objects.filter(pk=run.pk, attempt=attempt, claimed_at=None).update(claimed_at=timezone.now())
     elif run.state not in ACTIVE_STATES:
-        raise Rejected(409, f"the run is {run.state}")
+        raise Rejected(409, f"the {run.NOUN} is {run.state}")
     return run
 
 
-def record_events(run: TrainingRun, attempt: int, events: list[dict[str, Any]]) -> None:
+def record_events(run: Any, attempt: int, events: list[dict[str, Any]]) -> None:
     if run.state not in ACTIVE_STATES:
-        raise Rejected(409, f"the run is {run.state}")
+        raise Rejected(409, f"the {run.NOUN} is {run.state}")
+    model = type(run)
+    event_model, fk = _events_of(model)
     rows = [
-        RunEvent(
-            run=run,
+        event_model(
+            **{fk: run},
             attempt=attempt,
             seq=int(e["seq"]),
             kind=str(e.get("kind", "log"))[:16],
@@ -119,7 +132,13 @@ def record_events(run: TrainingRun, attempt: int, events: list[dict[str, Any]]) 
         )
         for e in events
     ]
-    RunEvent.objects.bulk_create(rows, ignore_conflicts=True)  # a retried batch is stored once
+    with transaction.atomic():
+        seqs = [row.seq for row in rows]
+        stored = set(event_model.objects.filter(**{fk: run}, attempt=attempt, seq__in=seqs).values_list("seq", flat=True))
+        event_model.objects.bulk_create(rows, ignore_conflicts=True)  # a retried batch is stored once
+        fold = getattr(run, "fold_events", None)
+        if fold is not None:  # e.g. a comparison's streamed text, appended to its cells once
+            fold([e for e in events if int(e["seq"]) not in stored])
     progress: dict[str, Any] = {"last_report_at": timezone.now()}
     metrics = [e.get("data") or {} for e in events if e.get("kind") == "metric"]
     for data in metrics:
@@ -127,11 +146,11 @@ def record_events(run: TrainingRun, attempt: int, events: list[dict[str, Any]]) 
             progress["step"] = int(data["step"])
         if data.get("total_steps"):
             progress["total_steps"] = int(data["total_steps"])
-        if data.get("loss") is not None:
+        if data.get("loss") is not None and model is TrainingRun:
             progress["last_loss"] = float(data["loss"])
     with transaction.atomic():
-        fenced = TrainingRun.objects.filter(pk=run.pk, attempt=attempt)
-        if metrics:
+        fenced = model.objects.filter(pk=run.pk, attempt=attempt)
+        if metrics and model is TrainingRun:
             points = fenced.select_for_update().values_list("metric_points", flat=True).first()
             if points is not None:
                 progress["metric_points"] = merge_points(points, metrics)
@@ -167,7 +186,7 @@ def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) ->
     return points
 
 
-def record_status(run: TrainingRun, attempt: int, state: str, result: dict[str, Any], error: str) -> None:
+def record_status(run: Any, attempt: int, state: str, result: dict[str, Any], error: str) -> None:
     if state == run.state and run.is_final:
         return  # a retried final report: already recorded
     allowed_from = [s for s, targets in WORKER_TRANSITIONS.items() if state in targets]
@@ -180,27 +199,18 @@ def record_status(run: TrainingRun, attempt: int, state: str, result: dict[str, 
     else:
         fields.update(finished_at=now, error=error[:10000])
     with transaction.atomic():
-        if not TrainingRun.objects.filter(pk=run.pk, attempt=attempt, state__in=allowed_from).update(**fields):
+        if not type(run).objects.filter(pk=run.pk, attempt=attempt, state__in=allowed_from).update(**fields):
             raise Rejected(409, f"cannot go from {run.state} to {state}")
         if state == RunState.SUCCEEDED:
-            Adapter.objects.update_or_create(
-                run=run,
-                defaults={
-                    "uri": result["adapter_uri"],
-                    "size_bytes": int(result["size_bytes"]),
-                    "sha256": str(result["sha256"]),
-                    "trainable_params": int(result["trainable_params"]),
-                    "total_params": int(result["total_params"]),
-                    "final_loss": result.get("final_loss"),
-                    "metrics": result,
-                },
-            )
+            run.record_result(result)
+        elif state == RunState.RUNNING and hasattr(run, "on_start"):
+            run.on_start()
 
 
 RETRYABLE_STATES = (RunState.FAILED, RunState.CANCELLED)
 
 
-def retry(run: TrainingRun, by: Any) -> bool:
+def retry(run: Any, by: Any) -> bool:
     """Put a failed or cancelled run back in the queue.
 
     The attempt is kept: the scheduler bumps it when it dispatches, so reports of the old
@@ -208,19 +218,21 @@ def retry(run: TrainingRun, by: Any) -> bool:
     (checkpoints live per run, not per attempt).
     """
     with transaction.atomic():
-        updated = TrainingRun.objects.filter(pk=run.pk, attempt=run.attempt, state__in=RETRYABLE_STATES).update(
+        updated = type(run).objects.filter(pk=run.pk, attempt=run.attempt, state__in=RETRYABLE_STATES).update(
             state=RunState.QUEUED, cancel_requested=False, error="", worker=None,
             dispatched_at=None, claimed_at=None, started_at=None, finished_at=None,
         )
         if updated:
-            note(run, f"Retry requested by {by}: the next attempt resumes from the latest checkpoint")
+            note(run, f"Retry requested by {by}: " + (
+                "the next attempt resumes from the latest checkpoint" if isinstance(run, TrainingRun) else "queued again"
+            ))
     return bool(updated)
 
 
-def delete_finished(run: TrainingRun) -> bool:
-    """Delete a run with its events and adapter row, only if it has finished (never under a worker's feet)."""
+def delete_finished(run: Any) -> bool:
+    """Delete a job with its events (and a run's adapter row), only if it has finished (never under a worker's feet)."""
     with transaction.atomic():
-        locked = TrainingRun.objects.select_for_update().filter(pk=run.pk, state__in=FINAL_STATES).first()
+        locked = type(run).objects.select_for_update().filter(pk=run.pk, state__in=FINAL_STATES).first()
         if locked is None:
             return False
         locked.delete()  # events and the adapter row go with it (on_delete=CASCADE)

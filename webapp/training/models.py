@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 
@@ -27,6 +29,8 @@ WORKER_TRANSITIONS = {
 
 
 class TrainingRun(models.Model):
+    NOUN = "run"
+    TASK = "tunedeck.run_job"  # the worker's Celery task for this kind of job
     name = models.CharField(max_length=200, blank=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs")
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="runs")
@@ -84,6 +88,28 @@ class TrainingRun(models.Model):
     def output_uri(self, attempt: int) -> str:
         return ArtifactStore.uri("runs", self.pk, f"attempt-{attempt}", "adapter")
 
+    def record_result(self, result: dict[str, Any]) -> None:
+        """A succeeded attempt's adapter (called by the ledger inside the state change's transaction)."""
+        lora = self.lora_config.lora_params()
+        Adapter.objects.update_or_create(
+            run=self,
+            defaults={
+                "name": self.name or f"run {self.pk}",
+                "owner_id": self.owner_id,
+                "base_model_id": self.base_model_id,
+                "method": lora.method,
+                "rank": lora.r if lora.is_lora else 0,
+                "quantization": lora.quantization,
+                "uri": result["adapter_uri"],
+                "size_bytes": int(result["size_bytes"]),
+                "sha256": str(result["sha256"]),
+                "trainable_params": int(result["trainable_params"]),
+                "total_params": int(result["total_params"]),
+                "final_loss": result.get("final_loss"),
+                "metrics": result,
+            },
+        )
+
     def job_spec(self) -> spec.TrainSpec:
         return spec.TrainSpec(
             run_id=self.pk,
@@ -127,8 +153,24 @@ class RunEvent(models.Model):
         return f"{self.run_id}#{self.pk} {self.kind}"
 
 
+class AdapterOrigin(models.TextChoices):
+    TRAINED = "trained"
+    COMBINED = "combined"
+
+
 class Adapter(models.Model):
-    run = models.OneToOneField(TrainingRun, on_delete=models.CASCADE, related_name="adapter")
+    """An adapter in the artifact store: the output of a run, or a weighted combination of others."""
+
+    name = models.CharField(max_length=200, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="adapters")
+    base_model = models.ForeignKey(BaseModel, null=True, on_delete=models.PROTECT, related_name="adapters")
+    origin = models.CharField(max_length=16, choices=AdapterOrigin.choices, default=AdapterOrigin.TRAINED)
+    run = models.OneToOneField(TrainingRun, null=True, blank=True, on_delete=models.CASCADE, related_name="adapter")
+    # Lineage of a combined adapter: its parents and their weights (see AdapterParent).
+    parents = models.ManyToManyField("self", symmetrical=False, through="AdapterParent", related_name="children")
+    method = models.CharField(max_length=32, default="lora")
+    rank = models.PositiveIntegerField(default=0)
+    quantization = models.CharField(max_length=8, default="none")  # the base's quantization during training
     uri = models.CharField(max_length=500)
     size_bytes = models.BigIntegerField()
     sha256 = models.CharField(max_length=64)
@@ -138,5 +180,28 @@ class Adapter(models.Model):
     metrics = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        ordering = ["-id"]
+
     def __str__(self) -> str:
-        return f"adapter of {self.run}"
+        return self.name or (f"run {self.run_id}" if self.run_id else f"adapter {self.pk}")
+
+    @property
+    def key(self) -> str:
+        """Its name inside a job (a PEFT adapter name, a comparison column)."""
+        return f"a{self.pk}"
+
+    def ref(self) -> Any:
+        from workers.jobspecs import AdapterRef
+
+        return AdapterRef(key=self.key, label=str(self), uri=self.uri, method=self.method, r=self.rank)
+
+
+class AdapterParent(models.Model):
+    child = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="parent_links")
+    parent = models.ForeignKey(Adapter, on_delete=models.PROTECT, related_name="child_links")
+    weight = models.FloatField()
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["child", "parent"], name="adapter_parent_unique")]

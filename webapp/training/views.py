@@ -322,9 +322,11 @@ async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
 
 @login_required
 def adapters_list(request: HttpRequest) -> HttpResponse:
-    adapters = Adapter.objects.select_related(
-        "run__base_model", "run__dataset", "run__lora_config", "run__owner"
-    ).order_by("-id")
+    adapters = (
+        Adapter.objects.select_related("base_model", "owner", "run__dataset", "run__lora_config")
+        .prefetch_related("parents")
+        .order_by("-id")
+    )
     page = Paginator(adapters, ADAPTERS_PER_PAGE).get_page(request.GET.get("page"))
     for adapter in page.object_list:
         adapter.trainable_pct = 100 * adapter.trainable_params / adapter.total_params if adapter.total_params else None

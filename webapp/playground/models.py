@@ -1,0 +1,301 @@
+"""Work with finished adapters: comparisons (prompt sets, outputs, votes), merges, combinations, evaluations.
+
+Each of these runs as an `AdapterJob` on a worker, with the same ledger as a training run
+(state, attempt fencing, cancel flag, events); what a job produces is recorded by
+`AdapterJob.record_result` inside the transaction that marks it succeeded.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Value
+from django.db.models.functions import Concat
+
+from webapp.catalog.models import BaseModel, Dataset
+from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, RunState
+from workers.jobspecs import BASE_KEY
+
+
+class JobKind(models.TextChoices):
+    COMPARE = "compare"
+    MERGE = "merge"
+    COMBINE = "combine"
+    EVALUATE = "evaluate"
+    PUSH = "push"
+
+
+class AdapterJob(models.Model):
+    NOUN = "job"
+    TASK = "tunedeck.run_adapter_job"
+
+    kind = models.CharField(max_length=16, choices=JobKind.choices)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="adapter_jobs")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="adapter_jobs")
+    # The job spec's fields chosen by the control plane (without job_id and attempt, added at claim).
+    params = models.JSONField(default=dict)
+    # The adapters the job reads (in column order for comparisons and evaluations).
+    adapters = models.ManyToManyField(Adapter, related_name="jobs", blank=True)
+    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
+    attempt = models.PositiveIntegerField(default=0)
+    worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="adapter_jobs")
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    result = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_report_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["state", "id"], name="adapterjob_state_id")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} job {self.pk}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    def output_uri(self) -> str:
+        from workers.store import ArtifactStore
+
+        return ArtifactStore.uri("jobs", self.pk, "output")
+
+    def job_spec(self) -> dict[str, Any]:
+        spec = {**self.params, "job_id": self.pk, "attempt": self.attempt}
+        if self.kind == JobKind.PUSH:
+            spec["token"] = settings.HF_TOKEN  # handed to the worker at claim time only, never stored
+        return spec
+
+    def on_start(self) -> None:
+        """An attempt starts: a comparison generates every cell again."""
+        if self.kind == JobKind.COMPARE:
+            ComparisonCell.objects.filter(comparison__job=self).delete()
+
+    def fold_events(self, events: list[dict[str, Any]]) -> None:
+        """Append streamed text to the comparison's cells, so a page opened mid-run shows it at once."""
+        if self.kind != JobKind.COMPARE:
+            return
+        deltas: dict[tuple[int, str], str] = {}
+        for event in events:
+            data = event.get("data") or {}
+            if event.get("kind") == "output" and "row" in data and "column" in data:
+                key = (int(data["row"]), str(data["column"])[:64])
+                deltas[key] = deltas.get(key, "") + str(data.get("text", ""))
+        if not deltas:
+            return
+        comparison = Comparison.objects.get(job=self)
+        existing = {
+            (c.row, c.column): c for c in ComparisonCell.objects.filter(comparison=comparison, done=False)
+        }
+        for (row, column), text in deltas.items():
+            cell = existing.get((row, column))
+            if cell is None:
+                ComparisonCell.objects.get_or_create(comparison=comparison, row=row, column=column, defaults={"text": text})
+            else:
+                ComparisonCell.objects.filter(pk=cell.pk).update(text=Concat(F("text"), Value(text)))
+
+    def record_result(self, result: dict[str, Any]) -> None:
+        """What a succeeded job produced (called by the ledger inside the state change's transaction)."""
+        AdapterJob.objects.filter(pk=self.pk).update(result=result)
+        if self.kind == JobKind.COMPARE:
+            Comparison.objects.get(job=self).store_outputs(result.get("outputs", []))
+        elif self.kind == JobKind.MERGE:
+            self._record_merge(result)
+        elif self.kind == JobKind.COMBINE:
+            self._record_combination(result)
+
+    def _record_merge(self, result: dict[str, Any]) -> None:
+        adapter = self.adapters.get()
+        check = result.get("check") or {}
+        MergedModel.objects.update_or_create(
+            job=self,
+            defaults={
+                "adapter": adapter,
+                "uri": result["merged_uri"],
+                "dtype": str(result.get("dtype", "")),
+                "size_bytes": int(result["size_bytes"]),
+                "sha256": str(result["sha256"]),
+                "verified": bool(result.get("verified")),
+                "figures": check,
+            },
+        )
+
+    def _record_combination(self, result: dict[str, Any]) -> None:
+        parents = list(self.adapters.all())
+        weights = self.params.get("weights", [])
+        by_key = {p.key: p for p in parents}
+        ordered = [by_key[a["key"]] for a in self.params.get("adapters", []) if a["key"] in by_key]
+        adapter = Adapter.objects.create(
+            name=self.params.get("name") or f"{self.params.get('combination_type')} of " + " + ".join(map(str, ordered)),
+            owner_id=self.owner_id,
+            base_model_id=self.base_model_id,
+            origin=AdapterOrigin.COMBINED,
+            method="lora",
+            rank=int(result.get("r") or 0),
+            quantization="none",
+            uri=result["adapter_uri"],
+            size_bytes=int(result["size_bytes"]),
+            sha256=str(result["sha256"]),
+            trainable_params=int(result.get("trainable_params") or 0),
+            total_params=int(result.get("total_params") or 0),
+            metrics={**result, "job_id": self.pk},
+        )
+        AdapterParent.objects.bulk_create(
+            AdapterParent(child=adapter, parent=p, weight=float(w)) for p, w in zip(ordered, weights, strict=False)
+        )
+        AdapterJob.objects.filter(pk=self.pk).update(result={**result, "adapter_id": adapter.pk})
+
+
+class JobEvent(models.Model):
+    """Append-only log lines, progress and streamed outputs of an adapter job; the id is the SSE cursor."""
+
+    job = models.ForeignKey(AdapterJob, on_delete=models.CASCADE, related_name="events")
+    attempt = models.PositiveIntegerField()
+    seq = models.PositiveIntegerField(null=True, blank=True)
+    kind = models.CharField(max_length=16)  # log | metric | status | output
+    level = models.CharField(max_length=16, default="info")
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["job", "attempt", "seq"], name="jobevent_unique_seq")]
+        indexes = [models.Index(fields=["job", "id"], name="jobevent_job_id")]
+
+
+class PromptSet(models.Model):
+    """A reusable list of prompts, each with an optional reference answer."""
+
+    name = models.CharField(max_length=200)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="prompt_sets")
+    rows = models.JSONField(default=list)  # [{"prompt": str, "reference": str}]
+    source_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def has_references(self) -> bool:
+        return any(row.get("reference") for row in self.rows)
+
+
+class Comparison(models.Model):
+    """A base, up to 8 adapters (and the base itself) and a prompt set, generated side by side by one job."""
+
+    name = models.CharField(max_length=200, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="comparisons")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="comparisons")
+    prompt_set = models.ForeignKey(PromptSet, on_delete=models.PROTECT, related_name="comparisons")
+    include_base = models.BooleanField(default=True)
+    generation = models.JSONField(default=dict)
+    job = models.OneToOneField(AdapterJob, null=True, on_delete=models.SET_NULL, related_name="comparison")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.name or f"comparison {self.pk}"
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(key, label) of each column, in order: the base first, then the adapters as chosen."""
+        columns = [(BASE_KEY, f"{self.base_model} (base)")] if self.include_base else []
+        params = self.job.params if self.job else {}
+        return columns + [(a["key"], a["label"]) for a in params.get("adapters", [])]
+
+    def store_outputs(self, outputs: list[dict[str, Any]]) -> None:
+        """The final texts (authoritative: the streamed deltas only fill the grid while it runs)."""
+        for out in outputs:
+            ComparisonCell.objects.update_or_create(
+                comparison=self,
+                row=int(out["row"]),
+                column=str(out["column"])[:64],
+                defaults={"text": str(out["text"]), "tokens": int(out.get("tokens") or 0), "done": True},
+            )
+
+    def blind_order(self, user_id: int, row: int) -> list[str]:
+        """The order a voter sees a row's outputs in: shuffled per voter and row, stable across page loads."""
+        keys = [key for key, _ in self.columns()]
+        random.Random(f"{self.pk}:{user_id}:{row}").shuffle(keys)
+        return keys
+
+    def win_rates(self) -> list[dict[str, Any]]:
+        """Per column: wins, rows voted, and the share of decided votes it won (ties count for nobody)."""
+        votes = list(self.votes.values_list("choice", flat=True))
+        decided = [v for v in votes if v != Vote.TIE]
+        return [
+            {
+                "key": key,
+                "label": label,
+                "wins": decided.count(key),
+                "rate": decided.count(key) / len(decided) if decided else None,
+            }
+            for key, label in self.columns()
+        ] + [{"key": Vote.TIE, "label": "Tie", "wins": len(votes) - len(decided), "rate": None}]
+
+
+class ComparisonCell(models.Model):
+    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="cells")
+    row = models.PositiveIntegerField()
+    column = models.CharField(max_length=64)
+    text = models.TextField(blank=True)
+    tokens = models.PositiveIntegerField(default=0)
+    done = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["row", "id"]
+        constraints = [models.UniqueConstraint(fields=["comparison", "row", "column"], name="cell_unique")]
+
+
+class Vote(models.Model):
+    """A teammate's blind pick of the best output of one row (or a tie): one per person per row."""
+
+    TIE = "tie"
+
+    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="votes")
+    row = models.PositiveIntegerField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="votes")
+    choice = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["comparison", "row", "user"], name="vote_once_per_row")]
+
+
+class MergedModel(models.Model):
+    """A full model: an adapter merged into its base, with the figures of the check that followed."""
+
+    adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="merged_models")
+    job = models.OneToOneField(AdapterJob, null=True, on_delete=models.SET_NULL, related_name="merged_model")
+    uri = models.CharField(max_length=500)
+    dtype = models.CharField(max_length=16)
+    size_bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    verified = models.BooleanField(default=False)
+    figures = models.JSONField(default=dict, blank=True)  # the check: logit differences, agreement, tolerance
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.adapter} merged ({self.dtype})"

@@ -1,0 +1,245 @@
+"""Starting adapter jobs: checks that the request makes sense, then one queued AdapterJob row.
+
+Everything here raises `JobError` with field-named messages before anything is stored, so
+a refused request loses nothing and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from webapp.catalog.models import BaseModel, Dataset
+from webapp.playground.models import AdapterJob, Comparison, JobKind, PromptSet
+from webapp.training import ledger
+from webapp.training.models import Adapter, TrainingRun
+from workers import jobspecs
+from workers.datasets import DatasetError, load_trl_rows
+from workers.spec import DatasetRef
+from workers.store import ArtifactStore
+
+MAX_PROMPTS = 512
+
+
+class JobError(ValueError):
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+def common_base(adapters: list[Adapter]) -> BaseModel:
+    """The one base model all the adapters belong to; refuses a mix, naming who was trained on what."""
+    if not adapters:
+        raise JobError({"adapters": "pick at least one adapter"})
+    bases = {a.base_model_id for a in adapters}
+    if len(bases) > 1 or None in bases:
+        described = ", ".join(f"{a} on {a.base_model or 'an unknown base'}" for a in adapters)
+        raise JobError({"adapters": f"the adapters must share one base model; got {described}"})
+    base = adapters[0].base_model
+    assert base is not None
+    return base
+
+
+def default_load(adapters: list[Adapter]) -> jobspecs.LoadParams:
+    """Load the base as the adapters were trained on it when they agree (all 4-bit: 4-bit), else unquantized."""
+    quantizations = {a.quantization for a in adapters}
+    return jobspecs.LoadParams(quantization=quantizations.pop() if len(quantizations) == 1 else "none")
+
+
+def _queue(kind: str, owner: Any, base: BaseModel, spec: Any, adapters: list[Adapter]) -> AdapterJob:
+    problems = spec.validate()
+    if problems:
+        raise JobError(problems)
+    params = dataclasses.asdict(spec)
+    for transient in ("job_id", "attempt", "token"):
+        params.pop(transient, None)
+    with transaction.atomic():
+        job = AdapterJob.objects.create(kind=kind, owner=owner, base_model=base, params=params)
+        job.adapters.set(adapters)
+        if "output_uri" in params:  # known only once the row has its id
+            job.params["output_uri"] = job.output_uri()
+            job.save(update_fields=["params"])
+        ledger.note(job, f"Queued by {owner}")
+    return job
+
+
+def start_compare(
+    owner: Any,
+    prompt_set: PromptSet,
+    adapters: list[Adapter],
+    generation: jobspecs.GenerationParams,
+    include_base: bool = True,
+    name: str = "",
+    load: jobspecs.LoadParams | None = None,
+) -> Comparison:
+    base = common_base(adapters) if adapters else None
+    if base is None:
+        raise JobError({"adapters": "pick at least one adapter to compare with its base"})
+    spec = jobspecs.CompareSpec(
+        job_id=0,
+        attempt=0,
+        base_model=base.model_ref(),
+        adapters=[a.ref() for a in adapters],
+        prompts=[jobspecs.PromptRow(**row) for row in prompt_set.rows],
+        generation=generation,
+        load=load or default_load(adapters),
+        include_base=include_base,
+    )
+    with transaction.atomic():
+        job = _queue(JobKind.COMPARE, owner, base, spec, adapters)
+        return Comparison.objects.create(
+            name=name,
+            owner=owner,
+            base_model=base,
+            prompt_set=prompt_set,
+            include_base=include_base,
+            generation=dataclasses.asdict(generation),
+            job=job,
+        )
+
+
+def start_merge(owner: Any, adapter: Adapter, dtype: str = "auto") -> AdapterJob:
+    base = common_base([adapter])
+    spec = jobspecs.MergeSpec(
+        job_id=0, attempt=0, base_model=base.model_ref(), adapter=adapter.ref(), output_uri="pending", dtype=dtype
+    )
+    return _queue(JobKind.MERGE, owner, base, spec, [adapter])
+
+
+def start_combine(
+    owner: Any,
+    adapters: list[Adapter],
+    weights: list[float],
+    combination_type: str,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    svd_rank: int | None = None,
+    name: str = "",
+) -> AdapterJob:
+    base = common_base(adapters)
+    spec = jobspecs.CombineSpec(
+        job_id=0,
+        attempt=0,
+        base_model=base.model_ref(),
+        adapters=[a.ref() for a in adapters],
+        weights=weights,
+        combination_type=combination_type,
+        output_uri="pending",
+        density=density,
+        majority_sign_method=majority_sign_method,
+        svd_rank=svd_rank,
+    )
+    job = _queue(JobKind.COMBINE, owner, base, spec, adapters)
+    if name:
+        job.params["name"] = name  # the new adapter's name (not part of the worker's spec)
+        AdapterJob.objects.filter(pk=job.pk).update(params={**job.params})
+    return job
+
+
+def start_evaluate(
+    owner: Any,
+    adapters: list[Adapter],
+    dataset: Dataset | None = None,
+    held_out_of: TrainingRun | None = None,
+    include_base: bool = True,
+    max_rows: int = 200,
+    generation: jobspecs.GenerationParams | None = None,
+) -> AdapterJob:
+    """Score adapters on a dataset with references, or on the held-out split of a run's own dataset."""
+    base = common_base(adapters)
+    split: dict[str, Any] = {}
+    if held_out_of is not None:
+        train = held_out_of.train_params()
+        if not train.eval_fraction:
+            raise JobError({"held_out_of": f"run {held_out_of.pk} held nothing out (its eval_fraction is 0)"})
+        dataset = held_out_of.dataset
+        split = {"split": "held_out", "eval_fraction": train.eval_fraction, "seed": train.seed}
+    if dataset is None:
+        raise JobError({"dataset": "pick a dataset with reference answers, or a run's held-out split"})
+    if dataset.format == "text":
+        raise JobError({"dataset": f"{dataset} is plain text: evaluation needs prompts with reference answers"})
+    spec = jobspecs.EvaluateSpec(
+        job_id=0,
+        attempt=0,
+        base_model=base.model_ref(),
+        adapters=[a.ref() for a in adapters],
+        dataset=DatasetRef(uri=dataset.uri, format=dataset.format),
+        include_base=include_base,
+        max_rows=max_rows,
+        generation=generation or jobspecs.GenerationParams(max_new_tokens=64),
+        load=default_load(adapters),
+        **split,
+    )
+    job = _queue(JobKind.EVALUATE, owner, base, spec, adapters)
+    AdapterJob.objects.filter(pk=job.pk).update(params={**job.params, "dataset_id": dataset.pk, "dataset_name": str(dataset)})
+    return job
+
+
+def start_push(owner: Any, adapter: Adapter, source_uri: str, repo_id: str, private: bool = True) -> AdapterJob:
+    if not settings.HF_TOKEN:
+        raise JobError({"repo_id": "pushing needs a Hugging Face token: set TUNEDECK_HF_TOKEN on the server"})
+    spec = jobspecs.PushSpec(
+        job_id=0,
+        attempt=0,
+        source_uri=source_uri,
+        repo_id=repo_id.strip(),
+        private=private,
+        commit_message=f"Upload {adapter} from Tunedeck",
+        endpoint=settings.HF_ENDPOINT,
+        token=settings.HF_TOKEN,
+    )
+    return _queue(JobKind.PUSH, owner, common_base([adapter]), spec, [adapter])
+
+
+# --- prompt sets ------------------------------------------------------------------------------------
+
+
+def parse_prompts(text: str) -> list[dict[str, str]]:
+    """Typed prompts: one per line, or blocks separated by a line holding only '---' (multi-line prompts)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    if any(line.strip() == "---" for line in lines):
+        blocks, current = [], []
+        for line in lines:
+            if line.strip() == "---":
+                blocks.append("\n".join(current))
+                current = []
+            else:
+                current.append(line)
+        blocks.append("\n".join(current))
+        prompts = [b.strip() for b in blocks]
+    else:
+        prompts = [line.strip() for line in lines]
+    rows = [{"prompt": p, "reference": ""} for p in prompts if p]
+    if not rows:
+        raise JobError({"prompts": "type at least one prompt"})
+    if len(rows) > MAX_PROMPTS:
+        raise JobError({"prompts": f"at most {MAX_PROMPTS} prompts, got {len(rows)}"})
+    return rows
+
+
+def _content(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "\n".join(str(turn.get("content", "")) for turn in value if isinstance(turn, dict))
+
+
+def dataset_prompts(dataset: Dataset, count: int) -> list[dict[str, str]]:
+    """The first `count` rows of a dataset as prompts with their reference answers (the last user turn
+    of a conversation is its prompt; its final assistant turn the reference)."""
+    if dataset.format == "text":
+        raise JobError({"dataset": f"{dataset} is plain text: it has no prompts with answers"})
+    try:
+        _, rows = load_trl_rows(ArtifactStore(settings.ARTIFACT_STORE).path(dataset.uri))
+    except (DatasetError, OSError, ValueError) as exc:
+        raise JobError({"dataset": f"{dataset} cannot be read: {exc}"}) from exc
+    out = []
+    for row in rows[: max(1, min(count, MAX_PROMPTS))]:
+        prompt = row.get("prompt", row.get("messages", []))
+        if isinstance(prompt, list):
+            users = [t for t in prompt if t.get("role") == "user"]
+            prompt = users[-1]["content"] if users else _content(prompt)
+        out.append({"prompt": str(prompt), "reference": _content(row.get("completion", ""))})
+    return out

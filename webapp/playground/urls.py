@@ -1,0 +1,24 @@
+from django.urls import path
+
+from webapp.playground import views
+
+urlpatterns = [
+    path("adapters/<int:pk>/", views.adapter_detail, name="adapter-detail"),
+    path("adapters/<int:pk>/download.zip", views.adapter_zip, name="adapter-zip"),
+    path("adapters/<int:pk>/merge/", views.adapter_merge, name="adapter-merge"),
+    path("adapters/<int:pk>/push/", views.adapter_push, name="adapter-push"),
+    path("adapters/combine/", views.combine_new, name="combine-new"),
+    path("merged/<int:pk>/download.zip", views.merged_zip, name="merged-zip"),
+    path("merged/<int:pk>/files/<str:name>", views.merged_file, name="merged-file"),
+    path("compare/", views.comparisons, name="comparisons"),
+    path("compare/new/", views.compare_new, name="compare-new"),
+    path("compare/<int:pk>/", views.comparison_detail, name="comparison-detail"),
+    path("compare/<int:pk>/vote/", views.comparison_vote, name="comparison-vote"),
+    path("evaluations/new/", views.evaluate_new, name="evaluate-new"),
+    path("jobs/", views.jobs, name="jobs"),
+    path("jobs/<int:pk>/", views.job_detail, name="job-detail"),
+    path("jobs/<int:pk>/status/", views.job_status, name="job-status"),
+    path("jobs/<int:pk>/stream/", views.job_stream, name="job-stream"),
+    path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
+    path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
+]

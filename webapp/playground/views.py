@@ -1,0 +1,550 @@
+from __future__ import annotations
+
+import asyncio
+import html
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+
+from webapp.playground import services
+from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
+from webapp.playground.models import AdapterJob, Comparison, ComparisonCell, JobEvent, JobKind, MergedModel, PromptSet, Vote
+from webapp.training import ledger
+from webapp.training.models import Adapter
+from webapp.training.views import STREAM_PING_S, STREAM_POLL_S, _cursor, _sse, log_line
+from workers import jobspecs
+from workers.store import ArtifactStore
+
+LOG_TAIL = 500
+
+
+def _store() -> ArtifactStore:
+    return ArtifactStore(settings.ARTIFACT_STORE)
+
+
+def _check_can_act(request: HttpRequest, owner_id: int | None) -> None:
+    user = request.user
+    if not (user.is_staff or owner_id == user.pk):  # type: ignore[union-attr]
+        raise PermissionDenied("only its owner or an admin can do this")
+
+
+def _selected_ids(request: HttpRequest) -> list[int]:
+    return [int(v) for v in request.GET.getlist("adapters") if v.isdigit()]
+
+
+def _form_errors(form: Any, error: services.JobError) -> None:
+    for name, message in error.errors.items():
+        form.add_error(name if name in form.fields else None, message)
+
+
+# --- adapters -----------------------------------------------------------------------------------------
+
+
+@login_required
+def adapter_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    adapter = get_object_or_404(Adapter.objects.select_related("base_model", "owner", "run__dataset", "run__lora_config"), pk=pk)
+    context = {
+        "adapter": adapter,
+        "parents": adapter.parent_links.select_related("parent"),
+        "children": adapter.children.all(),
+        "merged": adapter.merged_models.select_related("job"),
+        "jobs": adapter.jobs.select_related("owner").order_by("-id")[:20],
+        "merge_form": MergeForm(),
+        "push_form": PushForm() if settings.HF_TOKEN else None,
+        "can_act": request.user.is_staff or adapter.owner_id == request.user.pk,  # type: ignore[union-attr]
+    }
+    return render(request, "playground/adapter_detail.html", context)
+
+
+@login_required
+def adapter_zip(request: HttpRequest, pk: int) -> HttpResponseBase:
+    adapter = get_object_or_404(Adapter, pk=pk)
+    folder = _store().path(adapter.uri)
+    if not folder.is_dir():
+        raise Http404("the adapter's files are missing from the artifact store")
+    return _zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
+
+
+@login_required
+@require_POST
+def adapter_merge(request: HttpRequest, pk: int) -> HttpResponse:
+    adapter = get_object_or_404(Adapter.objects.select_related("base_model"), pk=pk)
+    form = MergeForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Merge refused: {form.errors.as_text()}")
+        return redirect("adapter-detail", pk=pk)
+    try:
+        job = services.start_merge(request.user, adapter, form.cleaned_data["dtype"])
+    except services.JobError as exc:
+        messages.error(request, f"Merge refused: {exc}")
+        return redirect("adapter-detail", pk=pk)
+    return redirect("job-detail", pk=job.pk)
+
+
+@login_required
+@require_POST
+def adapter_push(request: HttpRequest, pk: int) -> HttpResponse:
+    adapter = get_object_or_404(Adapter.objects.select_related("base_model"), pk=pk)
+    _check_can_act(request, adapter.owner_id)
+    form = PushForm(request.POST)
+    merged_id = request.POST.get("merged")
+    source = adapter.uri
+    if merged_id:
+        source = get_object_or_404(MergedModel, pk=merged_id, adapter=adapter).uri
+    try:
+        if not form.is_valid():
+            raise services.JobError({k: " ".join(v) for k, v in form.errors.items()})
+        job = services.start_push(request.user, adapter, source, form.cleaned_data["repo_id"], form.cleaned_data["private"])
+    except services.JobError as exc:
+        messages.error(request, f"Push refused: {exc}")
+        return redirect("adapter-detail", pk=pk)
+    return redirect("job-detail", pk=job.pk)
+
+
+@login_required
+def combine_new(request: HttpRequest) -> HttpResponse:
+    form = CombineForm(request.POST or None, initial={"adapters": _selected_ids(request)})
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            job = services.start_combine(
+                request.user, list(data["adapters"]), data["weights"], data["combination_type"],
+                density=data["density"], majority_sign_method=data["majority_sign_method"],
+                svd_rank=data["svd_rank"], name=data["name"],
+            )
+        except services.JobError as exc:
+            _form_errors(form, exc)
+        else:
+            return redirect("job-detail", pk=job.pk)
+    return render(request, "playground/combine_new.html", {"form": form})
+
+
+# --- merged models --------------------------------------------------------------------------------------
+
+
+class _Pipe:
+    """A write-only file object whose writes are collected and handed out as the zip is built."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.offset = 0
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(bytes(data))
+        self.offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.offset
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self.chunks = b"".join(self.chunks), []
+        return data
+
+
+def stream_zip(folder: Path, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """A zip of a folder, produced while it is sent: constant memory whatever the model's size.
+
+    Safetensors shards are stored, not deflated (they do not compress, and unpacking stays a copy)."""
+    pipe = _Pipe()
+    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:  # type: ignore[arg-type]
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo.from_file(file, str(file.relative_to(folder)))
+            info.compress_type = zipfile.ZIP_STORED if file.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+            with file.open("rb") as source, archive.open(info, "w", force_zip64=True) as target:
+                while block := source.read(chunk_size):
+                    target.write(block)
+                    yield pipe.take()
+            yield pipe.take()
+    yield pipe.take()
+
+
+def _zip_response(folder: Path, filename: str) -> StreamingHttpResponse:
+    response = StreamingHttpResponse((c for c in stream_zip(folder) if c), content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+@login_required
+def merged_zip(request: HttpRequest, pk: int) -> HttpResponseBase:
+    merged = get_object_or_404(MergedModel, pk=pk)
+    folder = _store().path(merged.uri)
+    if not folder.is_dir():
+        raise Http404("the merged model's files are missing from the artifact store")
+    return _zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
+
+
+@login_required
+def merged_file(request: HttpRequest, pk: int, name: str) -> FileResponse:
+    """One file of a merged model (a shard, the config...), for tools that fetch files one by one."""
+    merged = get_object_or_404(MergedModel, pk=pk)
+    folder = _store().path(merged.uri)
+    target = (folder / name).resolve()
+    if "/" in name or "\\" in name or not target.is_relative_to(folder) or not target.is_file():
+        raise Http404("no such file in this merged model")
+    return FileResponse(target.open("rb"), as_attachment=True, filename=name)
+
+
+def merged_files(merged: MergedModel) -> list[dict[str, Any]]:
+    folder = _store().path(merged.uri)
+    if not folder.is_dir():
+        return []
+    return [{"name": f.name, "size": f.stat().st_size} for f in sorted(folder.iterdir()) if f.is_file()]
+
+
+# --- comparisons ----------------------------------------------------------------------------------------
+
+
+@login_required
+def comparisons(request: HttpRequest) -> HttpResponse:
+    rows = Comparison.objects.select_related("owner", "base_model", "prompt_set", "job").order_by("-id")[:100]
+    prompt_sets = PromptSet.objects.select_related("owner").order_by("-id")[:100]
+    return render(request, "playground/comparisons.html", {"comparisons": rows, "prompt_sets": prompt_sets})
+
+
+def _compare_initial(request: HttpRequest) -> dict[str, Any]:
+    initial: dict[str, Any] = {"adapters": _selected_ids(request)}
+    source = Comparison.objects.filter(pk=request.GET.get("from") or 0).select_related("job").first()
+    if source is not None:  # re-run a saved comparison: same prompts and settings, adapters to choose
+        initial.update(source.generation, prompt_set=source.prompt_set_id, include_base=source.include_base,
+                       name=f"{source} (again)")
+        if not initial["adapters"] and source.job:
+            initial["adapters"] = list(source.job.adapters.values_list("pk", flat=True))
+    if request.GET.get("prompt_set", "").isdigit():
+        initial["prompt_set"] = int(request.GET["prompt_set"])
+    return initial
+
+
+@login_required
+def compare_new(request: HttpRequest) -> HttpResponse:
+    form = CompareForm(request.POST or None, initial=_compare_initial(request))
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            with transaction.atomic():
+                prompt_set = data["prompt_set"] or _new_prompt_set(request, data)
+                comparison = services.start_compare(
+                    request.user, prompt_set, data["adapters"], form.generation(),
+                    include_base=data["include_base"], name=data["name"],
+                )
+        except services.JobError as exc:
+            _form_errors(form, exc)
+        else:
+            return redirect("comparison-detail", pk=comparison.pk)
+    return render(request, "playground/compare_new.html", {"form": form})
+
+
+def _new_prompt_set(request: HttpRequest, data: dict[str, Any]) -> PromptSet:
+    if data.get("dataset"):
+        rows = services.dataset_prompts(data["dataset"], data.get("dataset_rows") or 32)
+        default_name = f"{len(rows)} rows of {data['dataset']}"
+    else:
+        rows = services.parse_prompts(data["prompts"])
+        default_name = f"{len(rows)} prompts"
+    return PromptSet.objects.create(
+        name=data.get("prompt_set_name") or default_name, owner=request.user, rows=rows, source_dataset=data.get("dataset")
+    )
+
+
+def _grid(comparison: Comparison) -> tuple[list[dict[str, Any]], int]:
+    """Rows of the grid with every column's text so far, and the event id they include (the stream's cursor).
+
+    Read under the comparison's row lock, which the worker API's fold also takes, so the texts and
+    the cursor agree: nothing streamed twice, nothing missed."""
+    with transaction.atomic():
+        Comparison.objects.select_for_update().filter(pk=comparison.pk).first()
+        cells = {(c.row, c.column): c for c in comparison.cells.all()}
+        last = JobEvent.objects.filter(job_id=comparison.job_id).aggregate(last=Max("id"))["last"] or 0
+    columns = comparison.columns()
+    rows = []
+    for index, prompt in enumerate(comparison.prompt_set.rows):
+        rows.append({
+            "index": index,
+            "prompt": prompt.get("prompt", ""),
+            "reference": prompt.get("reference", ""),
+            "cells": [{"key": key, "label": label, "cell": cells.get((index, key))} for key, label in columns],
+        })
+    return rows, last
+
+
+@login_required
+def comparison_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    comparison = get_object_or_404(Comparison.objects.select_related("owner", "base_model", "prompt_set", "job"), pk=pk)
+    rows, last = _grid(comparison)
+    context = {
+        "comparison": comparison,
+        "job": comparison.job,
+        "columns": comparison.columns(),
+        "rows": rows,
+        "last_event_id": last,
+        "win_rates": comparison.win_rates(),
+        "vote_count": comparison.votes.count(),
+        "my_votes": comparison.votes.filter(user=request.user).count(),
+    }
+    return render(request, "playground/comparison_detail.html", context)
+
+
+def _vote_row(comparison: Comparison, user: Any, index: int, cells: dict[tuple[int, str], ComparisonCell],
+              votes: dict[int, str]) -> dict[str, Any]:
+    prompt = comparison.prompt_set.rows[index]
+    labels = dict(comparison.columns())
+    order = comparison.blind_order(user.pk, index)
+    choice = votes.get(index)
+    return {
+        "index": index,
+        "prompt": prompt.get("prompt", ""),
+        "reference": prompt.get("reference", ""),
+        "choice": choice,
+        "choice_label": "Tie" if choice == Vote.TIE else labels.get(choice or "", ""),
+        "options": [
+            {"n": n, "key": key, "label": labels[key] if choice else "", "cell": cells.get((index, key))}
+            for n, key in enumerate(order, start=1)
+        ],
+    }
+
+
+@login_required
+def comparison_vote(request: HttpRequest, pk: int) -> HttpResponse:
+    """Blind voting: each row's outputs in an order shuffled per voter, names hidden until the row is voted."""
+    comparison = get_object_or_404(Comparison.objects.select_related("prompt_set", "job", "base_model"), pk=pk)
+    if request.method == "POST":
+        return _cast_vote(request, comparison)
+    cells = {(c.row, c.column): c for c in comparison.cells.all()}
+    votes = dict(comparison.votes.filter(user=request.user).values_list("row", "choice"))
+    rows = [_vote_row(comparison, request.user, i, cells, votes) for i in range(len(comparison.prompt_set.rows))]
+    context = {"comparison": comparison, "rows": rows, "ready": comparison.job and comparison.job.state == "succeeded"}
+    return render(request, "playground/comparison_vote.html", context)
+
+
+def _cast_vote(request: HttpRequest, comparison: Comparison) -> HttpResponse:
+    row, choice = request.POST.get("row", ""), request.POST.get("choice", "")
+    keys = {key for key, _ in comparison.columns()}
+    if not row.isdigit() or int(row) >= len(comparison.prompt_set.rows):
+        return HttpResponse(f"row: no row {html.escape(row)} in this comparison", status=400)
+    if choice != Vote.TIE and choice not in keys:
+        return HttpResponse("choice: pick one of the outputs, or a tie", status=400)
+    if not comparison.job or comparison.job.state != "succeeded":
+        return HttpResponse("the comparison has not finished: vote once every output is complete", status=409)
+    try:
+        with transaction.atomic():
+            Vote.objects.create(comparison=comparison, row=int(row), user=request.user, choice=choice)
+    except IntegrityError:
+        return HttpResponse(f"you already voted on row {int(row) + 1}: one vote per person per row", status=409)
+    cells = {(c.row, c.column): c for c in comparison.cells.filter(row=int(row))}
+    context = {"comparison": comparison, "row": _vote_row(comparison, request.user, int(row), cells, {int(row): choice})}
+    if request.htmx:  # type: ignore[attr-defined]
+        return render(request, "playground/partials/vote_row.html", context)
+    return redirect("comparison-vote", pk=comparison.pk)
+
+
+# --- evaluations ----------------------------------------------------------------------------------------
+
+
+@login_required
+def evaluate_new(request: HttpRequest) -> HttpResponse:
+    form = EvaluateForm(request.POST or None, initial={"adapters": _selected_ids(request)})
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            job = services.start_evaluate(
+                request.user, list(data["adapters"]), dataset=data["dataset"], held_out_of=data["held_out_of"],
+                include_base=data["include_base"], max_rows=data["max_rows"],
+                generation=jobspecs.GenerationParams(max_new_tokens=data["max_new_tokens"]),
+            )
+        except services.JobError as exc:
+            _form_errors(form, exc)
+        else:
+            return redirect("job-detail", pk=job.pk)
+    return render(request, "playground/evaluate_new.html", {"form": form})
+
+
+SCORE_METRICS = [
+    ("loss", "Loss on references", False),
+    ("perplexity", "Perplexity", False),
+    ("exact_match", "Exact match", True),
+    ("rouge_l", "ROUGE-L F1", True),
+]
+
+
+def evaluation_table(job: AdapterJob) -> dict[str, Any] | None:
+    """Scores per column, and for each metric bars scaled to its best value (plotted as CSS bars)."""
+    result = job.result or {}
+    scores = result.get("scores") or {}
+    if not scores:
+        return None
+    labels = {jobspecs.BASE_KEY: f"{job.base_model} (base)"}
+    labels.update({a["key"]: a["label"] for a in job.params.get("adapters", [])})
+    columns = [c for c in result.get("columns", list(scores)) if c in scores]
+    metrics = []
+    for key, title, higher_is_better in SCORE_METRICS:
+        values = [scores[c].get(key) for c in columns]
+        numbers = [v for v in values if isinstance(v, (int, float))]
+        if not numbers:
+            continue
+        top = max(numbers) or 1.0
+        best = max(numbers) if higher_is_better else min(numbers)
+        metrics.append({
+            "key": key, "title": title, "higher_is_better": higher_is_better,
+            "bars": [
+                {"label": labels.get(c, c), "value": v, "pct": round(100 * v / top, 1) if isinstance(v, (int, float)) and top else 0,
+                 "best": v == best}
+                for c, v in zip(columns, values, strict=True)
+            ],
+        })
+    rows = [{"label": labels.get(c, c), **scores[c]} for c in columns]
+    return {"metrics": metrics, "rows": rows, "samples": result.get("samples", [])[:20], "labels": labels, "columns": columns}
+
+
+# --- jobs -----------------------------------------------------------------------------------------------
+
+
+@login_required
+def jobs(request: HttpRequest) -> HttpResponse:
+    kind = request.GET.get("kind", "")
+    rows = AdapterJob.objects.select_related("owner", "base_model", "worker").order_by("-id")
+    if kind in JobKind.values:
+        rows = rows.filter(kind=kind)
+    return render(request, "playground/jobs.html", {"jobs": rows[:200], "kind": kind, "kinds": JobKind.choices})
+
+
+def _job_context(job: AdapterJob) -> dict[str, Any]:
+    context: dict[str, Any] = {"job": job}
+    if job.kind == JobKind.EVALUATE:
+        context["evaluation"] = evaluation_table(job)
+    if job.kind == JobKind.MERGE:
+        merged = MergedModel.objects.filter(job=job).first()
+        context["merged"] = merged
+        context["merged_files"] = merged_files(merged) if merged else []
+    if job.kind == JobKind.COMBINE and (job.result or {}).get("adapter_id"):
+        context["new_adapter"] = Adapter.objects.filter(pk=job.result["adapter_id"]).first()
+    return context
+
+
+@login_required
+def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(AdapterJob.objects.select_related("owner", "base_model", "worker"), pk=pk)
+    if job.kind == JobKind.COMPARE and hasattr(job, "comparison"):
+        return redirect("comparison-detail", pk=job.comparison.pk)
+    events = list(JobEvent.objects.filter(job=job).exclude(kind__in=("metric", "output")).order_by("-id")[:LOG_TAIL])
+    last = JobEvent.objects.filter(job=job).aggregate(last=Max("id"))["last"] or 0
+    context = {
+        **_job_context(job),
+        "adapters": job.adapters.all(),
+        "log_lines": [log_line(e) for e in reversed(events)],  # type: ignore[arg-type]
+        "last_event_id": last,
+        "can_act": request.user.is_staff or job.owner_id == request.user.pk,  # type: ignore[union-attr]
+    }
+    return render(request, "playground/job_detail.html", context)
+
+
+@login_required
+def job_status(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(AdapterJob.objects.select_related("base_model", "worker"), pk=pk)
+    return render(request, "playground/partials/job_status.html", _job_context(job))
+
+
+@login_required
+@require_POST
+def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(AdapterJob, pk=pk)
+    _check_can_act(request, job.owner_id)
+    if not ledger.request_cancel(job):
+        messages.info(request, f"{job} has already finished.")
+    if request.POST.get("next"):
+        return redirect(_safe_next(request.POST["next"]))
+    return redirect("job-detail", pk=pk)
+
+
+@login_required
+@require_POST
+def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(AdapterJob, pk=pk)
+    _check_can_act(request, job.owner_id)
+    if not ledger.retry(job, request.user):
+        messages.info(request, f"Only a failed or cancelled job can be retried; {job} is {job.state}.")
+    return redirect("job-detail", pk=pk)
+
+
+def _safe_next(target: str) -> str:
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+# --- live stream ----------------------------------------------------------------------------------------
+
+
+def cell_event(row: int, column: str) -> str:
+    """The SSE event name of one grid cell (column keys are a<id> or __base__: safe in a name)."""
+    return f"c-{int(row)}-{''.join(ch for ch in column if ch.isalnum() or ch == '_')}"
+
+
+def _job_batch(job_id: int, after: int, known_state: str | None) -> tuple[list[str], int, str, bool]:
+    events = list(JobEvent.objects.filter(job_id=job_id, id__gt=after).order_by("id")[:500])
+    out, saw_metric = [], False
+    for event in events:
+        if event.kind == "output":
+            data = event.data or {}
+            out.append(_sse(cell_event(data.get("row", 0), str(data.get("column", ""))),
+                            html.escape(str(data.get("text", ""))), event.id))
+        elif event.kind == "metric":
+            saw_metric = True
+            out.append(_sse("tick", "", event.id))
+        else:
+            out.append(_sse("log", log_line(event), event.id))  # type: ignore[arg-type]
+        after = event.id
+    job = AdapterJob.objects.select_related("base_model", "worker").get(pk=job_id)
+    final = job.is_final and len(events) < 500
+    if saw_metric or final or job.state != known_state:
+        out.append(_sse("status", render_to_string("playground/partials/job_status.html", _job_context(job))))
+    return out, after, job.state, final
+
+
+async def _stream(job_id: int, after: int) -> AsyncIterator[str]:
+    yield "retry: 2000\n\n"
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    next_batch = sync_to_async(_job_batch, thread_sensitive=False)
+    state: str | None = None
+    while True:
+        chunk, after, state, final = await next_batch(job_id, after, state)
+        for message in chunk:
+            yield message
+        now = loop.time()
+        if chunk:
+            last_sent = now
+        if final:
+            yield _sse("done", "")
+            return
+        if now - last_sent > STREAM_PING_S:
+            yield ": ping\n\n"
+            last_sent = now
+        await asyncio.sleep(STREAM_POLL_S)
+
+
+async def job_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
+    user = await request.auser()
+    if not user.is_authenticated:
+        return HttpResponse("login required", status=401)
+    if not await AdapterJob.objects.filter(pk=pk).aexists():
+        raise Http404("no such job")
+    response = StreamingHttpResponse(_stream(pk, _cursor(request)), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
