@@ -1,0 +1,483 @@
+"""Side-by-side generation from a base model and its adapters: the compare runner and the pieces it shares.
+
+The base is loaded once and every adapter is attached to it under its key. A grid of cells (prompt row by
+column, a column being an adapter key or `BASE_KEY`) is generated either in mixed-adapter batches (PEFT's
+`adapter_names`: every column of a prompt in the same `generate()` call, one pass over the base weights per
+step for all of them) or, for adapters PEFT cannot mix in a batch, one column after another with
+`set_adapter` / `disable_adapter`. Both paths pad the same prompts to the same length, so greedy outputs agree.
+
+`run_compare(spec, reporter, store)` has the contract of the train runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from workers.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
+from workers.modelinfo import check_source
+from workers.peftsetup import RunnerError, quantization_config, quantization_label
+from workers.reporter import Reporter
+from workers.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
+from workers.store import ArtifactStore
+from workers.train import FALLBACK_CHAT_TEMPLATE, Device, pick_device
+
+Cell = tuple[int, str]  # (prompt row, column)
+OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's rows, and their generated ids so far
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def load_for_inference(
+    base: ModelRef, adapters: list[AdapterRef], load: LoadParams, store: ArtifactStore, reporter: Reporter | None = None
+) -> tuple[Any, Any, Device]:
+    """Load tokenizer + base once (quantization per `load`, device/dtype as workers.train.pick_device), then every
+    adapter onto it under its `key` (PeftModel.from_pretrained for the first, load_adapter for the rest).
+    Returns (model, tokenizer, device), the model in eval mode. With no adapters returns the plain base model.
+    Left padding, pad token set, chat template fallback when the tokenizer has none.
+
+    Raises RunnerError naming the adapter for a missing folder, adapters of different PEFT types (one PeftModel
+    holds one type) and an adapter whose weights do not fit this base."""
+    folders = {ref.key: _adapter_folder(ref, store) for ref in adapters}
+    _check_one_peft_type(adapters, folders)
+    check_source(base.source)
+    device = pick_device(load.compute_dtype)
+    tokenizer = _load_tokenizer(base, reporter)
+    model = _load_base(base, load, device, reporter)
+    for ref in adapters:
+        model = _attach_adapter(model, ref, folders[ref.key], base)
+        _say(reporter, f"Adapter {_name(ref)} loaded as {ref.key!r}")
+    model.eval()
+    return model, tokenizer, device
+
+
+def _say(reporter: Reporter | None, message: str, level: str = "info") -> None:
+    if reporter is not None:
+        reporter.log(message, level=level)
+
+
+def _name(ref: AdapterRef) -> str:
+    return f"{ref.label or ref.key!r} ({ref.uri})"
+
+
+def _adapter_folder(ref: AdapterRef, store: ArtifactStore) -> Path:
+    try:
+        folder = store.path(ref.uri)
+    except ValueError as exc:
+        raise RunnerError(f"adapter {_name(ref)}: {exc}") from exc
+    if not folder.is_dir():
+        raise RunnerError(f"adapter {_name(ref)}: the folder does not exist in the artifact store")
+    if not (folder / "adapter_config.json").is_file():
+        raise RunnerError(f"adapter {_name(ref)}: no adapter_config.json in the folder (not a PEFT adapter)")
+    return folder
+
+
+def _check_one_peft_type(adapters: list[AdapterRef], folders: dict[str, Path]) -> None:
+    from peft import PeftConfig
+
+    types: dict[str, list[str]] = {}
+    for ref in adapters:
+        try:
+            peft_type = str(PeftConfig.from_pretrained(str(folders[ref.key])).peft_type.value).lower()
+        except Exception as exc:  # PEFT raises several kinds for a broken config
+            raise RunnerError(f"adapter {_name(ref)}: unreadable adapter_config.json: {exc}") from exc
+        types.setdefault(peft_type, []).append(ref.label or ref.key)
+    if len(types) > 1:
+        kinds = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in types.items())
+        raise RunnerError(f"adapters: PEFT holds adapters of one type per model, these mix several ({kinds})")
+
+
+def _load_tokenizer(base: ModelRef, reporter: Reporter | None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        base.source, revision=base.revision or None, trust_remote_code=base.trust_remote_code
+    )
+    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        _say(reporter, "The tokenizer has no chat template: using a ChatML-style template.", level="warning")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _load_base(base: ModelRef, load: LoadParams, device: Device, reporter: Reporter | None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quantized = LoraParams(quantization=load.quantization, compute_dtype=load.compute_dtype)
+    dtype = getattr(torch, device.dtype_name)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": base.trust_remote_code}
+    if base.revision:
+        kwargs["revision"] = base.revision
+    if device.kind == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    quantization = quantization_config(quantized, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    label = quantization_label(quantized)
+    _say(reporter, f"Loading {base.source} ({label}, compute {device.dtype_name}) on {device.kind}")
+    return AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+
+
+def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -> Any:
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if isinstance(model, PeftModel):
+                missing = model.load_adapter(str(folder), adapter_name=peft_adapter_name(ref.key)).missing_keys
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=peft_adapter_name(ref.key))
+                missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise RunnerError(f"adapter {_name(ref)} does not fit the base {base.source}: {_load_failure(exc)}") from exc
+    if missing:
+        raise RunnerError(
+            f"adapter {_name(ref)} does not fit the base {base.source}: the base has layers the adapter has no "
+            f"weights for ({str(missing[0])[:200]}); was it trained on another base model?"
+        )
+    return model
+
+
+def peft_adapter_name(key: str) -> str:
+    """The name an adapter key is loaded under in PEFT: the key itself, unless torch or PEFT would trip on it.
+
+    PEFT keeps adapters in ModuleDicts, so a key like "double" or "train" (an nn.Module method) cannot be a name,
+    and a name inside a PEFT weight prefix ("lo" in "lora_") can get its weights re-initialised on loading."""
+    import torch
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    clashes = (
+        "." in key
+        or hasattr(torch.nn.ModuleDict(), key)
+        or any(key in prefix for prefix in PEFT_TYPE_TO_PREFIX_MAPPING.values())
+    )
+    return f"adapter_{hashlib.sha1(key.encode()).hexdigest()[:12]}" if clashes else key
+
+
+def _load_failure(exc: Exception) -> str:
+    """The first concrete line of a PEFT/torch loading error (size mismatches come one per line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+    if mismatch:
+        return f"{mismatch} (shapes differ: was it trained on another base model?)"
+    return lines[0] if lines else type(exc).__name__
+
+
+# --- which adapters share a batch -------------------------------------------------------------------------
+
+
+def can_batch(adapters: list[AdapterRef]) -> bool:
+    """Whether PEFT can serve these adapters in one mixed batch (adapter_names=[...]), as far as the refs tell.
+
+    Only LoRA layers read `adapter_names`: prompt-learning methods pass it on to the base model and IA3 drops it
+    (every row would get the active adapter). DoRA and merged layers are refused by PEFT too, but those show only
+    once loaded: `mixed_batch_refusals(model)` checks the loaded model."""
+    return not _ref_refusals(adapters)
+
+
+def _ref_refusals(adapters: list[AdapterRef]) -> list[str]:
+    return [
+        f"{ref.label or ref.key}: {ref.method.replace('_', ' ')} adapters cannot be mixed in one batch"
+        + (" (virtual tokens change the input itself)" if ref.method in PROMPT_LEARNING_METHODS else "")
+        for ref in adapters
+        if ref.method != "lora"
+    ]
+
+
+def mixed_batch_refusals(model: Any) -> list[str]:
+    """Why PEFT would refuse (or silently misapply) `adapter_names` on this loaded model; empty when it can batch."""
+    from peft import PeftModel, PeftType
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return []
+    reasons = [
+        f"{key}: {config.peft_type.value} adapters cannot be mixed in one batch"
+        for key, config in model.peft_config.items()
+        if config.peft_type != PeftType.LORA
+    ]
+    if reasons:
+        return reasons
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    dora = sorted({key for layer in layers for key, on in layer.use_dora.items() if on})
+    reasons += [f"{key}: DoRA adapters cannot be mixed in one batch (PEFT)" for key in dora]
+    if any(layer.merged for layer in layers):
+        reasons.append("an adapter is merged into the base weights; mixed batches need unmerged adapters")
+    return reasons
+
+
+# --- generation --------------------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt; with `chat_template` a user turn followed by the assistant's opening."""
+    if not chat_template:
+        return [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def generate_grid(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    columns: list[str],
+    params: GenerationParams,
+    *,
+    batched: bool = True,
+    batch_size: int = 64,
+    on_text: Callable[[int, str, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[tuple[int, str], str]:
+    """Generate the answer of every (prompt row, column) cell. Columns are adapter keys and/or BASE_KEY.
+
+    batched=True: every column of a prompt in the same generate() call (PEFT mixed-adapter batches);
+    batched=False: one column after another (set_adapter, disable_adapter for the base). Greedy when
+    temperature == 0, else seeded sampling. on_text(row, column, delta) is called as text appears; the deltas
+    of a cell concatenate to its final text. should_stop() is polled every decode step and ends generation
+    early (the cells then hold what was generated so far). Returns {(row, column): text}, special tokens skipped.
+    """
+    texts, _ = generate_text_grid(
+        model,
+        tokenizer,
+        prompts,
+        columns,
+        params,
+        batched=batched,
+        batch_size=batch_size,
+        on_text=on_text,
+        should_stop=should_stop,
+    )
+    return texts
+
+
+def generate_text_grid(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    columns: list[str],
+    params: GenerationParams,
+    *,
+    batched: bool = True,
+    batch_size: int = 64,
+    on_text: Callable[[int, str, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[Cell, str], dict[Cell, list[int]]]:
+    """`generate_grid` that also returns each cell's generated token ids (up to and including its EOS)."""
+    stream = TextStream(tokenizer, on_text, _eos_ids(model)) if on_text is not None else None
+    ids = generate_token_grid(
+        model,
+        encode_prompts(tokenizer, prompts, params.chat_template),
+        columns,
+        params,
+        pad_token_id=tokenizer.pad_token_id,
+        batched=batched,
+        batch_size=batch_size,
+        on_step=stream.step if stream is not None else None,
+        should_stop=should_stop,
+    )
+    texts = {cell: decode(tokenizer, cell_ids) for cell, cell_ids in ids.items()}
+    if stream is not None:
+        stream.finish(texts)
+    return texts, ids
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    # No clean-up of spaces: it can rewrite earlier text, and streamed text must only ever grow.
+    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def generate_token_grid(
+    model: Any,
+    prompt_ids: list[list[int]],
+    columns: list[str],
+    params: GenerationParams,
+    *,
+    pad_token_id: int,
+    batched: bool = True,
+    batch_size: int = 64,
+    min_new_tokens: int = 0,
+    on_step: OnStep | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[Cell, list[int]]:
+    """The token level of `generate_grid`: prompts as token ids, answers as token ids (cut after the first EOS).
+
+    Prompts go `batch_size` at a time; batched, each call holds every column of those prompts, sequential, each
+    call holds one column of them: either way a prompt is padded to the same length, so greedy answers agree.
+    """
+    _check_columns(model, columns, batched)
+    import torch
+
+    torch.manual_seed(params.seed)
+    eos = _eos_ids(model)
+    options = _generation_options(params, pad_token_id, min_new_tokens)
+    chunks = [list(range(i, min(i + batch_size, len(prompt_ids)))) for i in range(0, len(prompt_ids), batch_size)]
+    if batched:
+        calls = [([(row, col) for row in chunk for col in columns], nullcontext()) for chunk in chunks]
+    else:
+        calls = [([(row, col) for row in chunk], _column_context(model, col)) for col in columns for chunk in chunks]
+    results: dict[Cell, list[int]] = {}
+    for cells, context in calls:
+        if should_stop is not None and should_stop():
+            break
+        with context:
+            generated = _generate(
+                model,
+                [prompt_ids[row] for row, _ in cells],
+                cells,
+                pad_token_id,
+                options,
+                batched,
+                on_step,
+                should_stop,
+            )
+        for cell, row_ids in zip(cells, generated, strict=True):
+            results[cell] = _cut_at_eos(row_ids, eos)
+    return results
+
+
+def _check_columns(model: Any, columns: list[str], batched: bool) -> None:
+    from peft import PeftModel
+
+    loaded = set(model.peft_config) if isinstance(model, PeftModel) else set()
+    unknown = [c for c in columns if c != BASE_KEY and peft_adapter_name(c) not in loaded]
+    if unknown:
+        raise ValueError(f"columns {', '.join(unknown)} are not adapters loaded in the model")
+    refusals = mixed_batch_refusals(model) if batched else []
+    if refusals:
+        raise ValueError("mixed-adapter batches are not possible here: " + "; ".join(refusals))
+
+
+@contextmanager
+def _column_context(model: Any, column: str) -> Iterator[None]:
+    """The model set up for one column: the adapter active, or every adapter off for the base."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        yield
+    elif column == BASE_KEY:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(peft_adapter_name(column))
+        yield
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def _generation_options(params: GenerationParams, pad_token_id: int, min_new_tokens: int) -> dict[str, Any]:
+    """Every decoding setting explicit, so that a model's own generation_config.json does not change them."""
+    options: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "min_new_tokens": min_new_tokens,
+        "pad_token_id": pad_token_id,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "do_sample": params.temperature > 0,
+    }
+    if params.temperature > 0:
+        options.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+    return options
+
+
+def _generate(
+    model: Any,
+    rows: list[list[int]],
+    cells: list[Cell],
+    pad_token_id: int,
+    options: dict[str, Any],
+    batched: bool,
+    on_step: OnStep | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[list[int]]:
+    """One generate() call over left-padded rows; returns each row's generated ids."""
+    import torch
+    from peft import PeftModel
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    kwargs = dict(options)
+    if batched and isinstance(model, PeftModel):
+        kwargs["adapter_names"] = [column if column == BASE_KEY else peft_adapter_name(column) for _, column in cells]
+    if on_step is not None or should_stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StepHook(cells, width, on_step, should_stop)])
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return [list(map(int, row)) for row in output[:, width:].tolist()]
+
+
+def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+class _StepHook:
+    """A stopping criterion that never stops a row by itself: it passes each step's ids on and polls for cancel."""
+
+    def __init__(
+        self, cells: list[Cell], prompt_width: int, on_step: OnStep | None, should_stop: Callable[[], bool] | None
+    ):
+        self.cells, self.prompt_width, self.on_step, self.should_stop = cells, prompt_width, on_step, should_stop
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if self.on_step is not None:
+            self.on_step(self.cells, input_ids[:, self.prompt_width :])
+        stop = self.should_stop is not None and self.should_stop()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class TextStream:
+    """Turns each step's generated ids into text deltas per cell.
+
+    Text is held back while it ends in an incomplete character (U+FFFD), and a cell stops streaming at its EOS.
+    `finish` sends what is left, so a cell's deltas add up to its final text."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[int, str, str], None], eos: set[int]) -> None:
+        self.tokenizer, self.on_text, self.eos = tokenizer, on_text, eos
+        self.sent: dict[Cell, str] = {}
+        self.done: set[Cell] = set()
+
+    def step(self, cells: list[Cell], generated: Any) -> None:
+        for cell, ids in zip(cells, generated.tolist(), strict=True):
+            if cell in self.done:
+                continue
+            answer = _cut_at_eos(ids, self.eos)
+            if len(answer) < len(ids) or (answer and answer[-1] in self.eos):
+                self.done.add(cell)
+            self._send(cell, decode(self.tokenizer, answer))
+
+    def finish(self, texts: dict[Cell, str]) -> None:
+        for cell, text in texts.items():
+            self._send(cell, text, final=True)
+
+    def _send(self, cell: Cell, text: str, final: bool = False) -> None:
+        sent = self.sent.get(cell, "")
+        if not final and text.endswith("\ufffd"):
+            return
+        if not text.startswith(sent):
+            # Only a decoder that rewrites earlier text gets here; what was sent stays, the rest follows.
+            return
+        if len(text) > len(sent):
+            self.sent[cell] = text
+            self.on_text(cell[0], cell[1], text[len(sent) :])
