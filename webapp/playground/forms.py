@@ -34,7 +34,8 @@ class GenerationForm(forms.Form):
             form_field.help_text = form_field.help_text or helps.get(name, "")
 
     def generation(self) -> jobspecs.GenerationParams:
-        return jobspecs.GenerationParams(**{name: self.cleaned_data[name] for name in self.fields if name in self.cleaned_data})
+        names = {f.name for f in dataclasses.fields(jobspecs.GenerationParams)}
+        return jobspecs.GenerationParams(**{name: self.cleaned_data[name] for name in names if name in self.cleaned_data})
 
 
 class CompareForm(GenerationForm):
