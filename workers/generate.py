@@ -12,22 +12,153 @@ step for all of them) or, for adapters PEFT cannot mix in a batch, one column af
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from workers.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
-from workers.modelinfo import check_source
+from workers.client import StaleAttempt
+from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams
+from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, quantization_config, quantization_label
 from workers.reporter import Reporter
 from workers.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
 from workers.store import ArtifactStore
-from workers.train import FALLBACK_CHAT_TEMPLATE, Device, pick_device
+from workers.train import (
+    FALLBACK_CHAT_TEMPLATE,
+    FORWARDED_LOGGERS,
+    Cancelled,
+    Device,
+    _check_cancel,
+    _ReporterLogHandler,
+    pick_device,
+)
 
 Cell = tuple[int, str]  # (prompt row, column)
 OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's rows, and their generated ids so far
+
+
+# --- the runner -------------------------------------------------------------------------------------------
+
+
+def run_compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
+    """Run one attempt of a comparison and report its outcome; returns the result on success."""
+    handler = _ReporterLogHandler(reporter)
+    for name in FORWARDED_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        reporter.started()
+        result = _compare(spec, reporter, store)
+    except StaleAttempt:
+        raise  # a newer attempt owns the job: report nothing more
+    except Cancelled:
+        reporter.log("Cancelled: generation stopped at the user's request.", level="warning")
+        reporter.finish("cancelled")
+        return None
+    except (RunnerError, ModelNotFound) as exc:
+        reporter.log(f"Failed: {exc}", level="error")
+        reporter.finish("failed", error=str(exc))
+        return None
+    except Exception as exc:
+        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
+        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        return None
+    finally:
+        for name in FORWARDED_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+    reporter.finish("succeeded", result)
+    return result
+
+
+def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
+    started = time.monotonic()
+    problems = spec.validate()
+    if problems:  # the control plane checks before queueing; a spec from elsewhere gets the same answer
+        raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
+    columns = ([BASE_KEY] if spec.include_base else []) + [a.key for a in spec.adapters]
+    reporter.log(f"Comparing {len(columns)} column(s) on {len(spec.prompts)} prompt(s)")
+    model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
+    _check_cancel(reporter)
+
+    refusals = mixed_batch_refusals(model, {a.key: a.label or a.key for a in spec.adapters})
+    batched = can_batch(spec.adapters) and not refusals
+    if batched:
+        reporter.log("Batched: every column of a prompt in one generate() call (PEFT mixed-adapter batches)")
+    else:
+        reasons = refusals or _ref_refusals(spec.adapters)
+        reporter.log("Sequential, one column after another: " + "; ".join(reasons), level="warning")
+    reporter.flush()
+    stream = _OutputStream(reporter)
+    generating = time.monotonic()
+    texts, ids = generate_text_grid(
+        model,
+        tokenizer,
+        [p.prompt for p in spec.prompts],
+        columns,
+        spec.generation,
+        batched=batched,
+        batch_size=spec.batch_size,
+        on_text=stream.add,
+        should_stop=stream.poll,
+    )
+    stream.send()
+    seconds = time.monotonic() - generating
+    if reporter.cancel_requested:
+        raise Cancelled()
+
+    eos = eos_ids(model)
+    outputs = [
+        {
+            "row": row,
+            "column": column,
+            "text": texts[(row, column)],
+            "tokens": sum(t not in eos for t in ids[(row, column)]),
+        }
+        for row in range(len(spec.prompts))
+        for column in columns
+    ]
+    generated = sum(len(cell_ids) for cell_ids in ids.values())
+    reporter.log(f"Generated {generated:,} tokens in {seconds:.1f} s ({generated / max(seconds, 1e-9):,.0f} tokens/s)")
+    return {
+        "outputs": outputs,
+        "mode": "batched" if batched else "sequential",
+        "columns": columns,
+        "runtime_s": round(time.monotonic() - started, 2),
+        "generation_s": round(seconds, 2),
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / max(seconds, 1e-9), 1),
+        "device": device.kind,
+        "dtype": device.dtype_name,
+    }
+
+
+class _OutputStream:
+    """Text deltas to the reporter, merged per cell between flushes: one event per cell and flush, not per token."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.pending: dict[Cell, str] = {}
+        self.last_send = time.monotonic()
+
+    def add(self, row: int, column: str, text: str) -> None:
+        self.pending[(row, column)] = self.pending.get((row, column), "") + text
+
+    def poll(self) -> bool:
+        """Called every decode step: sends what is due and says whether to stop (cancel requested)."""
+        if time.monotonic() - self.last_send >= self.reporter.flush_interval:
+            self.send()
+        self.reporter.maybe_flush()
+        return self.reporter.cancel_requested
+
+    def send(self) -> None:
+        for (row, column), text in self.pending.items():
+            self.reporter.output(row, column, text)
+        self.pending.clear()
+        self.last_send = time.monotonic()
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -193,23 +324,26 @@ def _ref_refusals(adapters: list[AdapterRef]) -> list[str]:
     ]
 
 
-def mixed_batch_refusals(model: Any) -> list[str]:
-    """Why PEFT would refuse (or silently misapply) `adapter_names` on this loaded model; empty when it can batch."""
+def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> list[str]:
+    """Why PEFT would refuse (or silently misapply) `adapter_names` on this loaded model; empty when it can batch.
+
+    `labels` (adapter key -> label) names the adapters in the reasons; by default they go by their PEFT names."""
     from peft import PeftModel, PeftType
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(model, PeftModel):
         return []
+    names = {peft_adapter_name(key): label for key, label in (labels or {}).items()}
     reasons = [
-        f"{key}: {config.peft_type.value} adapters cannot be mixed in one batch"
-        for key, config in model.peft_config.items()
+        f"{names.get(name, name)}: {config.peft_type.value.lower()} adapters cannot be mixed in one batch"
+        for name, config in model.peft_config.items()
         if config.peft_type != PeftType.LORA
     ]
     if reasons:
         return reasons
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    dora = sorted({key for layer in layers for key, on in layer.use_dora.items() if on})
-    reasons += [f"{key}: DoRA adapters cannot be mixed in one batch (PEFT)" for key in dora]
+    dora = sorted({name for layer in layers for name, on in layer.use_dora.items() if on})
+    reasons += [f"{names.get(name, name)}: DoRA adapters cannot be mixed in one batch (PEFT)" for name in dora]
     if any(layer.merged for layer in layers):
         reasons.append("an adapter is merged into the base weights; mixed batches need unmerged adapters")
     return reasons
@@ -276,7 +410,7 @@ def generate_text_grid(
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[Cell, str], dict[Cell, list[int]]]:
     """`generate_grid` that also returns each cell's generated token ids (up to and including its EOS)."""
-    stream = TextStream(tokenizer, on_text, _eos_ids(model)) if on_text is not None else None
+    stream = TextStream(tokenizer, on_text, eos_ids(model)) if on_text is not None else None
     ids = generate_token_grid(
         model,
         encode_prompts(tokenizer, prompts, params.chat_template),
@@ -321,7 +455,7 @@ def generate_token_grid(
     import torch
 
     torch.manual_seed(params.seed)
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     options = _generation_options(params, pad_token_id, min_new_tokens)
     chunks = [list(range(i, min(i + batch_size, len(prompt_ids)))) for i in range(0, len(prompt_ids), batch_size)]
     if batched:
@@ -375,7 +509,8 @@ def _column_context(model: Any, column: str) -> Iterator[None]:
         yield
 
 
-def _eos_ids(model: Any) -> set[int]:
+def eos_ids(model: Any) -> set[int]:
+    """The token ids that end an answer (the model's generation config)."""
     eos = model.generation_config.eos_token_id
     return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 

@@ -1,0 +1,252 @@
+"""The compare runner and grid generation, with real PEFT adapters on the tiny random Llama (no mocks, no network).
+
+The `task_adapters` fixture trains two LoRA adapters: "add" ('What is 23 + 41?' -> '64') and "double"
+('Double 17' -> '34'). The prompts here come from fresh seeds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.demo import build_tiny_llama, double_rows, toy_rows
+from workers.generate import generate_grid, load_for_inference, run_compare
+from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
+from workers.reporter import MemoryReporter
+from workers.spec import ModelRef
+
+GREEDY = GenerationParams(max_new_tokens=8)
+COLUMNS = [BASE_KEY, "add", "double"]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, str]]:
+    """40 prompts of each task; `task` says which."""
+    return [{**r, "task": "add"} for r in toy_rows(40, seed=1001)] + [
+        {**r, "task": "double"} for r in double_rows(40, seed=1002)
+    ]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path, task_adapters) -> tuple[Any, Any]:  # type: ignore[no-untyped-def]
+    store, uris = task_adapters
+    refs = [AdapterRef(key=task, label=f"{task} adapter", uri=uri) for task, uri in uris.items()]
+    model, tokenizer, device = load_for_inference(ModelRef(source=str(tiny_model_dir)), refs, LoadParams(), store)
+    assert (device.kind, device.dtype_name) == ("cpu", "float32")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def grids(loaded, rows) -> dict[str, dict[tuple[int, str], str]]:  # type: ignore[no-untyped-def]
+    """Greedy answers of every prompt and column, batched and sequential (batches of 32 prompts)."""
+    model, tokenizer = loaded
+    prompts = [r["instruction"] for r in rows]
+    return {
+        mode: generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY, batched=mode == "batched", batch_size=32)
+        for mode in ("batched", "sequential")
+    }
+
+
+def answer_error(text: str, reference: str) -> int:
+    """|answer - reference| for an answer that is a number; 100 (more than any numeric miss here) otherwise."""
+    match = re.fullmatch(r"\s*(\d{1,4})\s*", text)
+    return min(abs(int(match.group(1)) - int(reference)), 100) if match else 100
+
+
+def test_each_adapter_answers_its_own_task_best(grids, rows) -> None:  # type: ignore[no-untyped-def]
+    grid = grids["batched"]
+    error: dict[tuple[str, str], float] = {}
+    for task in ("add", "double"):
+        indices = [i for i, r in enumerate(rows) if r["task"] == task]
+        for column in COLUMNS:
+            error[(task, column)] = sum(answer_error(grid[(i, column)], rows[i]["output"]) for i in indices) / len(
+                indices
+            )
+    table = ", ".join(f"{task} prompts / {column}: {e:.1f}" for (task, column), e in error.items())
+    for task in ("add", "double"):
+        others = min(e for (t, column), e in error.items() if t == task and column != task)
+        # The own adapter's mean error is well under every other column's (base: 100, no numbers at all).
+        assert error[(task, task)] < 0.6 * others, f"mean absolute answer error: {table}"
+    exact = sum(grid[(i, "double")].strip() == r["output"] for i, r in enumerate(rows) if r["task"] == "double")
+    assert exact >= 20, f"the double adapter got {exact}/40 exactly right"
+
+
+def test_batched_and_sequential_greedy_answers_are_identical(grids, rows) -> None:  # type: ignore[no-untyped-def]
+    batched, sequential = grids["batched"], grids["sequential"]
+    assert set(batched) == set(sequential) == {(i, c) for i in range(len(rows)) for c in COLUMNS}
+    differing = [cell for cell in batched if batched[cell] != sequential[cell]]
+    assert differing == [], [(cell, batched[cell], sequential[cell]) for cell in differing[:5]]
+    # The columns really differ, so an ignored adapter_names (one adapter for every row) would show.
+    for a, b in ((BASE_KEY, "add"), (BASE_KEY, "double"), ("add", "double")):
+        same = sum(batched[(i, a)] == batched[(i, b)] for i in range(len(rows)))
+        assert same < len(rows) // 4, f"{a} and {b} agree on {same} of {len(rows)} prompts"
+
+
+def make_spec(model_dir: Path, adapters: list[AdapterRef], prompts: list[str], **options: Any) -> CompareSpec:
+    return CompareSpec(
+        job_id=1,
+        attempt=1,
+        base_model=ModelRef(source=str(model_dir)),
+        adapters=adapters,
+        prompts=[PromptRow(prompt=p) for p in prompts],
+        **options,
+    )
+
+
+def task_refs(uris: dict[str, str]) -> list[AdapterRef]:
+    return [AdapterRef(key=task, label=f"{task} adapter", uri=uri, r=8) for task, uri in uris.items()]
+
+
+def streamed(reporter: MemoryReporter) -> dict[tuple[int, str], list[str]]:
+    deltas: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for event in reporter.events:
+        if event["kind"] == "output":
+            deltas[(event["data"]["row"], event["data"]["column"])].append(event["data"]["text"])
+    return deltas
+
+
+def test_run_compare_streams_every_cell_and_reports_the_grid(tiny_model_dir: Path, task_adapters, rows) -> None:  # type: ignore[no-untyped-def]
+    store, uris = task_adapters
+    prompts = [r["instruction"] for r in rows[:3] + rows[40:43]]
+    spec = make_spec(tiny_model_dir, task_refs(uris), prompts, generation=GREEDY, batch_size=4)
+    reporter = MemoryReporter()
+    reporter.flush_interval = 0.0  # every decode step sends its text: the events show the token-by-token stream
+
+    result = run_compare(spec, reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    assert [s for s, _, _ in reporter.states] == ["running", "succeeded"]
+    assert result["mode"] == "batched" and result["columns"] == COLUMNS
+    assert any(line.startswith("Batched") for line in reporter.logs)
+    assert [(o["row"], o["column"]) for o in result["outputs"]] == [(i, c) for i in range(6) for c in COLUMNS]
+    deltas = streamed(reporter)
+    final = {(o["row"], o["column"]): o["text"] for o in result["outputs"]}
+    assert set(deltas) <= set(final)
+    assert {cell: "".join(deltas.get(cell, [])) for cell in final} == final
+    assert max(len(parts) for parts in deltas.values()) > 1, "text came in one piece per cell, not as it appeared"
+    assert all(o["tokens"] >= 1 for o in result["outputs"] if o["text"])
+    assert result["generated_tokens"] >= sum(o["tokens"] for o in result["outputs"]) > 0
+    assert result["tokens_per_s"] > 0 and (result["device"], result["dtype"]) == ("cpu", "float32")
+
+
+def test_sampling_is_reproducible_with_its_seed(loaded, rows) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = loaded
+    prompts = [r["instruction"] for r in rows[::10]]
+
+    def sample(seed: int) -> dict[tuple[int, str], str]:
+        params = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=seed)
+        return generate_grid(model, tokenizer, prompts, COLUMNS, params)
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert first != generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY)
+
+
+def test_cancel_stops_generation(tiny_model_dir: Path, task_adapters, rows) -> None:  # type: ignore[no-untyped-def]
+    store, uris = task_adapters
+    spec = make_spec(tiny_model_dir, task_refs(uris), [r["instruction"] for r in rows], generation=GREEDY, batch_size=8)
+    reporter = MemoryReporter(cancel_after_events=20)
+    reporter.flush_interval = 0.0
+
+    assert run_compare(spec, reporter, store) is None
+
+    assert [s for s, _, _ in reporter.states] == ["running", "cancelled"]
+    rows_with_text = {row for row, _ in streamed(reporter)}
+    assert 0 < len(rows_with_text) <= 8, "stopped within the first generate() call of 8 prompts"
+
+
+def test_missing_adapter_folder_fails_naming_the_adapter(tiny_model_dir: Path, task_adapters) -> None:  # type: ignore[no-untyped-def]
+    store, uris = task_adapters
+    missing = AdapterRef(key="gone", label="deleted run", uri="store://runs/999/attempt-1/adapter")
+    reporter = MemoryReporter()
+
+    assert run_compare(make_spec(tiny_model_dir, [*task_refs(uris), missing], ["Double 3"]), reporter, store) is None
+
+    state, _, error = reporter.states[-1]
+    assert state == "failed"
+    assert "'deleted run'" in error and "store://runs/999/attempt-1/adapter" in error and "does not exist" in error
+
+
+def test_adapter_of_another_base_fails_naming_the_adapter(tiny_model_dir: Path, task_adapters, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    store, uris = task_adapters
+    other = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "other", hidden_size=32))
+    foreign = get_peft_model(other, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    foreign.save_pretrained(store.path("store://tests/foreign-adapter"))
+    ref = AdapterRef(key="foreign", label="narrow model adapter", uri="store://tests/foreign-adapter")
+    reporter = MemoryReporter()
+
+    assert run_compare(make_spec(tiny_model_dir, [*task_refs(uris), ref], ["Double 3"]), reporter, store) is None
+
+    state, _, error = reporter.states[-1]
+    assert state == "failed"
+    assert "'narrow model adapter'" in error and "does not fit the base" in error
+    assert "size mismatch" in error and "another base model" in error
+
+
+@pytest.fixture(scope="module")
+def prompt_tuning_uri(tiny_model_dir: Path, task_adapters) -> str:  # type: ignore[no-untyped-def]
+    """An untrained prompt-tuning adapter (random virtual tokens) of the tiny model, saved in the store."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    store, _ = task_adapters
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="RANDOM"),
+    )
+    model.save_pretrained(store.path("store://tests/prompt-tuning"))
+    return "store://tests/prompt-tuning"
+
+
+def test_prompt_tuning_adapter_falls_back_to_sequential(
+    tiny_model_dir: Path, task_adapters, prompt_tuning_uri, rows
+) -> None:  # type: ignore[no-untyped-def]
+    store, _ = task_adapters
+    ref = AdapterRef(key="soft", label="soft prompt", uri=prompt_tuning_uri, method="prompt_tuning")
+    prompts = [r["instruction"] for r in rows[::8]]
+    reporter = MemoryReporter()
+
+    result = run_compare(make_spec(tiny_model_dir, [ref], prompts, generation=GREEDY), reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    assert result["mode"] == "sequential"
+    assert any("Sequential" in line and "soft prompt" in line for line in reporter.logs)
+    texts = {(o["row"], o["column"]): o["text"] for o in result["outputs"]}
+    base, _tokenizer, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), [], LoadParams(), store)
+    plain = generate_grid(base, _tokenizer, prompts, [BASE_KEY], GREEDY)
+    assert all(texts[(i, BASE_KEY)] == plain[(i, BASE_KEY)] for i in range(len(prompts))), "base column = plain base"
+    assert sum(texts[(i, "soft")] != texts[(i, BASE_KEY)] for i in range(len(prompts))) >= len(prompts) // 2
+
+
+def test_adapters_of_different_peft_types_fail_before_loading(
+    tiny_model_dir: Path, task_adapters, prompt_tuning_uri
+) -> None:  # type: ignore[no-untyped-def]
+    store, uris = task_adapters
+    soft = AdapterRef(key="soft", label="soft prompt", uri=prompt_tuning_uri, method="prompt_tuning")
+    reporter = MemoryReporter()
+
+    assert run_compare(make_spec(tiny_model_dir, [*task_refs(uris), soft], ["Double 3"]), reporter, store) is None
+
+    error = reporter.states[-1][2]
+    assert "lora: add adapter, double adapter" in error and "prompt_tuning: soft prompt" in error
+
+
+def test_invalid_spec_fails_with_field_named_problems(tiny_model_dir: Path, task_adapters) -> None:  # type: ignore[no-untyped-def]
+    store, uris = task_adapters
+    spec = make_spec(tiny_model_dir, task_refs(uris), [], generation=GenerationParams(max_new_tokens=0))
+    reporter = MemoryReporter()
+
+    assert run_compare(spec, reporter, store) is None
+
+    error = reporter.states[-1][2]
+    assert "max_new_tokens: must be between 1 and 4096" in error and "prompts: the prompt set is empty" in error
