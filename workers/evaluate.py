@@ -1,30 +1,427 @@
-"""Held-out scoring: mean loss of the completion tokens given the prompt, through the chat template."""
+"""Evaluation: score adapters (and their base) on a dataset whose rows carry reference answers.
+
+`run_evaluate(spec, reporter, store)` has the contract of the train runner. For every column (the
+base, then each adapter) it measures:
+
+- loss: mean cross-entropy over the reference answer's tokens given the prompt (prompt tokens
+  masked, every reference token weighted alike), and perplexity = exp(loss);
+- from greedy answers (spec.generation, temperature 0 by default): exact match and ROUGE-L F1
+  against the reference (see workers.scoring), and the mean answer length in tokens.
+
+Prompts are tokenized the way training saw them: conversational rows (alpaca, messages, sharegpt)
+through the chat template, plain prompt/completion rows as raw text with EOS after the completion;
+the same prompt tokens feed the loss and the generation (GenerationParams.chat_template is not used).
+
+`completion_loss(model, tokenizer, rows)` is the loss part alone, for instruction/output rows.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import random
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
+
+from workers.client import StaleAttempt
+from workers.datasets import DatasetError, load_trl_rows, to_trl_row
+from workers.jobspecs import BASE_KEY, EvaluateSpec
+from workers.modelinfo import ModelNotFound
+from workers.peftsetup import RunnerError
+from workers.reporter import Reporter
+from workers.scoring import exact_match, rouge_l
+from workers.store import ArtifactStore
+from workers.train import FORWARDED_LOGGERS, Cancelled, _ReporterLogHandler
+
+SAMPLE_ROWS = 20
+MAX_LOSS_BATCH_ROWS = 32
+LOGITS_BUDGET_BYTES = 512 * 2**20  # float32 logits of one loss batch; bounds memory for large vocabularies
+GENERATION_CHUNK = 16  # prompts per progress report while generating (each with every column)
+
+
+@dataclass
+class EvalRow:
+    prompt: list[dict[str, str]] | str  # chat turns before the reference answer, or plain prompt text
+    reference: str
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+    def shown_prompt(self) -> str:
+        """The prompt as a person reads it: the user turn alone, or every turn with its role."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) == 1:
+            return self.prompt[0]["content"]
+        return "\n".join(f"{turn['role']}: {turn['content']}" for turn in self.prompt)
+
+
+@dataclass
+class Encoded:
+    ids: list[int]  # prompt and reference
+    start: int  # index of the first reference token
+    prompt_ids: list[int]  # what generation continues from
+
+
+# --- rows --------------------------------------------------------------------------------------------------
+
+
+def eval_rows(fmt: str, rows: list[dict[str, Any]], name: str = "dataset") -> list[EvalRow]:
+    """Prompt and reference answer of each trl row; a dataset without reference answers is refused."""
+    if fmt == "text":
+        raise RunnerError(
+            f"{name}: plain text rows have no reference answers to score; evaluation needs prompt/completion, "
+            "instruction/output (alpaca) or chat rows (messages, conversations) ending with an assistant turn"
+        )
+    result = []
+    for number, row in enumerate(rows, start=1):
+        if "prompt" not in row:
+            raise RunnerError(
+                f"{name}: row {number} has no prompt before its answer (a chat must open with a user turn)"
+            )
+        completion = row["completion"]
+        if isinstance(completion, str):
+            result.append(EvalRow(row["prompt"], completion))
+        else:  # the completion of a conversational row is the last assistant turn
+            result.append(EvalRow(list(row["prompt"]), completion[-1]["content"]))
+    return result
+
+
+def held_out_indices(count: int, fraction: float, seed: int) -> list[int]:
+    """Indices (ascending) of the rows a training run with this eval_fraction and seed held out.
+
+    The same draw as workers.train._split_eval: shuffle range(count) with random.Random(seed), take the
+    first round(count * fraction) (at least one)."""
+    held = max(1, round(count * fraction))
+    if held >= count:
+        raise RunnerError(f"eval_fraction {fraction} leaves no training rows out of {count}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:held])
+
+
+def select_rows(spec: EvaluateSpec, rows: list[EvalRow]) -> list[EvalRow]:
+    if spec.split == "held_out":
+        rows = [rows[i] for i in held_out_indices(len(rows), spec.eval_fraction, spec.seed)]
+    return rows[: spec.max_rows] if spec.max_rows else rows
+
+
+# --- tokens ------------------------------------------------------------------------------------------------
+
+
+def _chat_ids(tokenizer: Any, turns: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode(tokenizer: Any, row: EvalRow) -> Encoded:
+    """Token ids of prompt + reference, and where the reference starts (where the two tokenizations diverge)."""
+    if isinstance(row.prompt, str):
+        completion = row.reference
+        eos = tokenizer.eos_token or ""
+        if eos and not completion.endswith(eos):
+            completion += eos
+        prompt_ids = list(tokenizer(row.prompt)["input_ids"])
+        ids = list(tokenizer(row.prompt + completion)["input_ids"])
+    else:
+        prompt_ids = _chat_ids(tokenizer, row.prompt, add_generation_prompt=True)
+        ids = _chat_ids(tokenizer, [*row.prompt, {"role": "assistant", "content": row.reference}], False)
+    start = 0
+    while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
+        start += 1
+    return Encoded(ids, max(start, 1), prompt_ids)
+
+
+# --- loss --------------------------------------------------------------------------------------------------
+
+
+def _loss_batches(encoded: list[Encoded], vocab_size: int) -> list[list[int]]:
+    """Row indices grouped by similar length, each group's padded logits within LOGITS_BUDGET_BYTES."""
+    budget = max(64, LOGITS_BUDGET_BYTES // (4 * max(vocab_size, 1)))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids)):
+        width = len(encoded[index].ids)  # sorted: the longest so far
+        if current and ((len(current) + 1) * width > budget or len(current) >= MAX_LOSS_BATCH_ROWS):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def reference_nll(
+    model: Any,
+    encoded: list[Encoded],
+    pad_token_id: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
+    """Summed cross-entropy of every reference token and how many there are (right-padded batches).
+
+    on_batch(rows) is called after each batch; it may raise to stop."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in _loss_batches(encoded, _vocab_size(model)):
+            rows = [encoded[i] for i in batch]
+            width = max(len(r.ids) for r in rows)
+            input_ids = torch.tensor([r.ids + [pad_token_id] * (width - len(r.ids)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows], device=device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            logits = logits[:, -width:]  # prompt tuning prepends its virtual tokens' positions
+            targets = torch.zeros_like(input_ids, dtype=torch.bool)
+            for j, r in enumerate(rows):
+                targets[j, r.start : len(r.ids)] = True
+            # Position t predicts token t + 1.
+            picked = logits[:, :-1][targets[:, 1:]].float()
+            wanted = input_ids[:, 1:][targets[:, 1:]]
+            total += float(torch.nn.functional.cross_entropy(picked, wanted, reduction="sum"))
+            count += int(wanted.numel())
+            if on_batch is not None:
+                on_batch(len(batch))
+    return total, count
 
 
 def completion_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> float:
     """Mean cross-entropy over the answer tokens of instruction/output rows (prompt tokens masked)."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            prompt = [{"role": "user", "content": row["instruction"]}]
-            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            full_ids = tokenizer.apply_chat_template(
-                [*prompt, {"role": "assistant", "content": row["output"]}], tokenize=True
-            )
-            if hasattr(prompt_ids, "input_ids"):  # BatchEncoding in newer transformers
-                prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
-            ids = torch.tensor([full_ids], device=model.device)
-            labels = ids.clone()
-            labels[0, : len(prompt_ids)] = -100
-            out = model(input_ids=ids, labels=labels)
-            answer_tokens = int((labels != -100).sum()) - 1  # labels are shifted inside the model
-            total += float(out.loss) * answer_tokens
-            count += answer_tokens
+    trl_rows = [to_trl_row("alpaca", row) for row in rows]
+    encoded = [encode(tokenizer, r) for r in eval_rows("alpaca", trl_rows)]
+    total, count = reference_nll(model, encoded, _pad_id(tokenizer))
     return total / max(count, 1)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """Any id does for padding on the right: attention never looks ahead, padded positions are not scored."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+@contextmanager
+def _column(model: Any, column: str) -> Iterator[None]:
+    """The model as one column sees it: that adapter active, or every adapter off for the base."""
+    from peft import PeftModel
+
+    from workers.generate import peft_adapter_name
+
+    if not isinstance(model, PeftModel):
+        yield
+    elif column == BASE_KEY:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(peft_adapter_name(column))
+        yield
+
+
+# --- the runner --------------------------------------------------------------------------------------------
+
+
+def run_evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
+    """Run one attempt and report its outcome; returns the result on success."""
+    handler = _ReporterLogHandler(reporter)
+    for name in FORWARDED_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        reporter.started()
+        with _forwarded_warnings(reporter):
+            result = _evaluate(spec, reporter, store)
+    except StaleAttempt:
+        raise
+    except Cancelled:
+        reporter.log("Cancelled: evaluation stopped at the user's request.", level="warning")
+        reporter.finish("cancelled")
+        return None
+    except (RunnerError, DatasetError, ModelNotFound) as exc:
+        reporter.log(f"Failed: {exc}", level="error")
+        reporter.finish("failed", error=str(exc))
+        return None
+    except Exception as exc:
+        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
+        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        return None
+    finally:
+        for name in FORWARDED_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+    reporter.finish("succeeded", result)
+    return result
+
+
+@contextmanager
+def _forwarded_warnings(reporter: Reporter) -> Iterator[None]:
+    """Python warnings raised meanwhile (transformers' generation advice, PEFT's) go to the job's log, once each."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+
+        def show(message: Any, category: type[Warning], filename: str, lineno: int, *args: Any, **kwargs: Any) -> None:
+            reporter.log(f"{category.__name__}: {message}", level="warning")
+
+        warnings.showwarning = show
+        yield
+
+
+class _Progress:
+    """Work units done (a row's loss or a row's answer, per column), sent as step / total_steps metrics."""
+
+    def __init__(self, reporter: Reporter, total: int) -> None:
+        self.reporter, self.total, self.done = reporter, total, 0
+
+    def advance(self, units: int, **values: Any) -> None:
+        self.done += units
+        self.reporter.metric(step=self.done, total_steps=self.total, **values)
+        self.reporter.maybe_flush()
+        if self.reporter.cancel_requested:
+            raise Cancelled()
+
+
+def _check_cancel(reporter: Reporter) -> None:
+    reporter.flush()
+    if reporter.cancel_requested:
+        raise Cancelled()
+
+
+def _load_rows(spec: EvaluateSpec, store: ArtifactStore) -> tuple[str, list[EvalRow], int]:
+    try:
+        path = store.path(spec.dataset.uri)
+    except ValueError as exc:
+        raise RunnerError(f"dataset: {exc}") from exc
+    if not path.is_file():
+        raise RunnerError(f"dataset {spec.dataset.uri}: the file does not exist in the artifact store")
+    fmt, trl_rows = load_trl_rows(path)
+    rows = eval_rows(fmt, trl_rows, path.name)
+    return fmt, select_rows(spec, rows), len(rows)
+
+
+def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
+    from workers.generate import load_for_inference
+
+    started = time.monotonic()
+    problems = spec.validate()
+    if problems:
+        raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
+    fmt, rows, available = _load_rows(spec, store)
+    split = f"the held-out {spec.eval_fraction:g} (seed {spec.seed})" if spec.split == "held_out" else "all rows"
+    reporter.log(f"Dataset: {available} rows, format {fmt}; scoring {len(rows)} of {split}")
+    columns = ([BASE_KEY] if spec.include_base else []) + [a.key for a in spec.adapters]
+    labels = {BASE_KEY: "base model", **{a.key: a.label or a.key for a in spec.adapters}}
+    _check_cancel(reporter)
+
+    model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
+    _check_cancel(reporter)
+    encoded = [encode(tokenizer, row) for row in rows]
+    progress = _Progress(reporter, total=2 * len(columns) * len(rows))
+    scores = {column: _loss_of(model, tokenizer, encoded, column, labels[column], progress) for column in columns}
+    outputs, lengths = _answers(model, tokenizer, spec, encoded, columns, labels, progress)
+    for column in columns:
+        texts = [outputs[(i, column)] for i in range(len(rows))]
+        scores[column].update(
+            exact_match=_mean(exact_match(t, r.reference) for t, r in zip(texts, rows, strict=True)),
+            rouge_l=_mean(rouge_l(t, r.reference) for t, r in zip(texts, rows, strict=True)),
+            mean_output_tokens=_mean(lengths[(i, column)] for i in range(len(rows))),
+        )
+        s = scores[column]
+        reporter.log(
+            f"{labels[column]}: exact match {s['exact_match']:.3f}, ROUGE-L {s['rouge_l']:.3f}, "
+            f"{s['mean_output_tokens']:.1f} tokens per answer"
+        )
+    samples = [
+        {
+            "prompt": row.shown_prompt(),
+            "reference": row.reference,
+            "outputs": {column: outputs[(i, column)] for column in columns},
+        }
+        for i, row in enumerate(rows[:SAMPLE_ROWS])
+    ]
+    return {
+        "columns": columns,
+        "labels": {column: labels[column] for column in columns},
+        "scores": scores,
+        "samples": samples,
+        "split": spec.split,
+        "rows": len(rows),
+        "format": fmt,
+        "device": device.kind,
+        "runtime_s": round(time.monotonic() - started, 2),
+    }
+
+
+def _loss_of(model: Any, tokenizer: Any, encoded: list[Encoded], column: str, label: str, progress: _Progress) -> dict:
+    with _column(model, column):
+        total, count = reference_nll(
+            model, encoded, _pad_id(tokenizer), on_batch=lambda n: progress.advance(n, phase="loss", column=column)
+        )
+    loss = total / max(count, 1)
+    perplexity = math.exp(loss) if loss < 700 else math.inf
+    progress.reporter.log(f"{label}: loss {loss:.4f}, perplexity {perplexity:.2f} over {count} reference tokens")
+    return {"loss": loss, "perplexity": perplexity, "rows": len(encoded), "reference_tokens": count}
+
+
+def _answers(
+    model: Any,
+    tokenizer: Any,
+    spec: EvaluateSpec,
+    encoded: list[Encoded],
+    columns: list[str],
+    labels: dict[str, str],
+    progress: _Progress,
+) -> tuple[dict[tuple[int, str], str], dict[tuple[int, str], int]]:
+    """Every column's answer to every row (text, and its length in tokens without the EOS)."""
+    from workers.generate import decode, eos_ids, generate_token_grid, mixed_batch_refusals
+
+    reporter = progress.reporter
+    refusals = mixed_batch_refusals(model, labels)
+    if refusals:
+        reporter.log("Answers column by column: " + "; ".join(refusals))
+    ends = eos_ids(model)
+    decoding = (
+        "greedy" if spec.generation.temperature == 0 else f"sampling at temperature {spec.generation.temperature:g}"
+    )
+    reporter.log(f"Generating answers ({decoding}, at most {spec.generation.max_new_tokens} tokens)")
+    reporter.flush()
+
+    def should_stop() -> bool:
+        reporter.maybe_flush()
+        return reporter.cancel_requested
+
+    texts: dict[tuple[int, str], str] = {}
+    lengths: dict[tuple[int, str], int] = {}
+    for start in range(0, len(encoded), GENERATION_CHUNK):
+        chunk = encoded[start : start + GENERATION_CHUNK]
+        ids = generate_token_grid(
+            model,
+            [e.prompt_ids for e in chunk],
+            columns,
+            spec.generation,
+            pad_token_id=tokenizer.pad_token_id,
+            batched=not refusals,
+            batch_size=GENERATION_CHUNK,
+            should_stop=should_stop,
+        )
+        if reporter.cancel_requested:
+            raise Cancelled()
+        for (row, column), cell_ids in ids.items():
+            texts[(start + row, column)] = decode(tokenizer, cell_ids)
+            lengths[(start + row, column)] = len([t for t in cell_ids if t not in ends])
+        progress.advance(len(chunk) * len(columns), phase="generate")
+    return texts, lengths
+
+
+def _mean(values: Any) -> float:
+    items = list(values)
+    return sum(items) / len(items) if items else 0.0
