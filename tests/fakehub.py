@@ -85,7 +85,9 @@ class FakeHub:
         self._tickets: dict[str, str] = {}  # upload ticket -> oid it may carry
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
 
     @property
     def url(self) -> str:

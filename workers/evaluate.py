@@ -325,6 +325,14 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
     model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
     _check_cancel(reporter)
     encoded = [encode(tokenizer, row) for row in rows]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    cut = fit_context(encoded, limit, spec.generation.max_new_tokens)
+    if cut:
+        reporter.log(
+            f"{cut} row(s) longer than the model's {limit}-token context: their reference is scored up to the limit "
+            f"and their prompt shortened from the start for generation",
+            level="warning",
+        )
     progress = _Progress(reporter, total=2 * len(columns) * len(rows))
     scores = {column: _loss_of(model, tokenizer, encoded, column, labels[column], progress) for column in columns}
     outputs, lengths = _answers(model, tokenizer, spec, encoded, columns, labels, progress)
@@ -367,9 +375,32 @@ def _loss_of(model: Any, tokenizer: Any, encoded: list[Encoded], column: str, la
             model, encoded, _pad_id(tokenizer), on_batch=lambda n: progress.advance(n, phase="loss", column=column)
         )
     loss = total / max(count, 1)
-    perplexity = math.exp(loss) if loss < 700 else math.inf
+    if not math.isfinite(loss):  # JSON (and PostgreSQL's jsonb) has no NaN or infinity
+        progress.reporter.log(f"{label}: the loss is {loss} (overflow in {_dtype_of(model)}?)", level="warning")
+        return {"loss": None, "perplexity": None, "rows": len(encoded), "reference_tokens": count}
+    perplexity = math.exp(min(loss, 700.0))
     progress.reporter.log(f"{label}: loss {loss:.4f}, perplexity {perplexity:.2f} over {count} reference tokens")
     return {"loss": loss, "perplexity": perplexity, "rows": len(encoded), "reference_tokens": count}
+
+
+def _dtype_of(model: Any) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def fit_context(encoded: list[Encoded], limit: int | None, max_new_tokens: int) -> int:
+    """Cut rows to the model's context: the loss sequence at its end, the generation prompt from its start
+    (the latest tokens stay, with room for the answer). Returns how many rows were cut."""
+    if not limit:
+        return 0
+    cut = 0
+    keep = max(1, limit - max_new_tokens)
+    for e in encoded:
+        if len(e.ids) > limit or len(e.prompt_ids) > keep:
+            cut += 1
+            e.ids = e.ids[:limit]
+            e.start = min(e.start, len(e.ids))  # a prompt that fills the context leaves nothing to score
+            e.prompt_ids = e.prompt_ids[-keep:]
+    return cut
 
 
 def _answers(

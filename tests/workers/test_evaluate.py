@@ -136,6 +136,20 @@ def test_batched_loss_equals_the_loss_of_each_row_alone(tiny_model_dir: Path, ta
     assert encoded[-1].ids[-1] == tokenizer.eos_token_id  # plain rows end with EOS, as trl trains them
 
 
+def test_rows_longer_than_the_context_are_cut_to_fit() -> None:
+    from workers.evaluate import Encoded, fit_context
+
+    short = Encoded(ids=list(range(10)), start=6, prompt_ids=list(range(6)))
+    long_answer = Encoded(ids=list(range(30)), start=5, prompt_ids=list(range(5)))
+    long_prompt = Encoded(ids=list(range(40)), start=25, prompt_ids=list(range(25)))
+    assert fit_context([short, long_answer, long_prompt], limit=20, max_new_tokens=8) == 2
+    assert (short.ids, short.start, short.prompt_ids) == (list(range(10)), 6, list(range(6)))
+    assert (long_answer.ids, long_answer.start, long_answer.prompt_ids) == (list(range(20)), 5, list(range(5)))
+    assert long_prompt.ids == list(range(20)) and long_prompt.start == 20  # nothing of its answer fits
+    assert long_prompt.prompt_ids == list(range(13, 25))  # the latest 12 tokens, room for 8 new ones
+    assert fit_context([Encoded(list(range(50)), 3, [0, 1, 2])], limit=None, max_new_tokens=8) == 0
+
+
 def test_completion_loss_still_scores_instruction_output_rows(tiny_model_dir: Path, task_adapters: Any) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
