@@ -263,10 +263,12 @@ def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # Adapter weights in the base's dtype: PEFT's default upcast of bf16/fp16 to fp32 helps training only.
+            options = {"adapter_name": peft_adapter_name(ref.key), "autocast_adapter_dtype": False}
             if isinstance(model, PeftModel):
-                missing = model.load_adapter(str(folder), adapter_name=peft_adapter_name(ref.key)).missing_keys
+                missing = model.load_adapter(str(folder), **options).missing_keys
             else:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=peft_adapter_name(ref.key))
+                model = PeftModel.from_pretrained(model, str(folder), **options)
                 missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
     except (RuntimeError, ValueError, KeyError) as exc:
         raise RunnerError(f"adapter {_name(ref)} does not fit the base {base.source}: {_load_failure(exc)}") from exc

@@ -1,0 +1,237 @@
+"""Side-by-side generation from k adapters: PEFT mixed-adapter batches against the base alone and a set_adapter loop.
+
+A Llama-shaped model with random weights is built in memory (Llama-3.1-8B shape in bf16 on the GPU; `--tiny` for
+a small one on the CPU), k random LoRA adapters are added (r 16 on all 7 projections, random B so they differ),
+and the same prompts (random token ids, lengths lognormal with median 80 and sigma 0.6, clipped to [16, 384],
+seed 0, left-padded) are answered three ways, through the code a compare job runs (workers/generate.py):
+
+  base alone   the prompts once, on the model without adapters                  (prompts rows per call)
+  batched      every adapter's answer to a prompt in the same generate() call   (prompts x k rows per call)
+  loop         one adapter after another, set_adapter between calls             (k calls of prompts rows)
+
+Greedy decoding of exactly --new-tokens tokens per answer (min_new_tokens = max_new_tokens, so no EOS ends a
+row early). Each mode is warmed up, then timed twice: with 1 new token (the prompts' forward pass) and in full.
+Goal: k = 8 batched in at most 1.5x the base-alone time, and at least 5x faster than the loop.
+
+    python bench/compare_adapters.py                  # Llama-3.1-8B shape, bf16, on the GPU
+    python bench/compare_adapters.py --tiny           # a tiny Llama on the CPU, in seconds
+    python bench/compare_adapters.py --k 8 --prompts 32 --new-tokens 128 --prompt-median 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# fmt: off
+LLAMA_8B = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+}
+TINY = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+}
+# fmt: on
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAD, BOS, EOS = 0, 1, 2
+GOAL_BATCHED_OVER_BASE, GOAL_LOOP_OVER_BATCHED = 1.5, 5.0
+
+
+def build_model(tiny: bool, device: str, dtype: Any) -> Any:
+    """Random weights created directly on the device in the target dtype (no fp32 copy, nothing on disk)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**(TINY if tiny else LLAMA_8B), pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def add_adapters(model: Any, count: int) -> tuple[Any, list[str]]:
+    """`count` random LoRA adapters under the keys a0, a1, ... (non-zero B, so every adapter changes the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from workers.generate import peft_adapter_name
+
+    keys = [f"a{i}" for i in range(count)]
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(1)
+    # Adapter weights in the base's dtype, as workers.generate.load_for_inference loads them.
+    peft_model = get_peft_model(model, config, adapter_name=peft_adapter_name(keys[0]), autocast_adapter_dtype=False)
+    for key in keys[1:]:
+        peft_model.add_adapter(peft_adapter_name(key), config, autocast_adapter_dtype=False)
+    return peft_model.eval(), keys
+
+
+def make_prompts(count: int, vocab: int, median: int, seed: int = 0) -> list[list[int]]:
+    """Token ids of chat-sized prompts: lengths lognormal (sigma 0.6) around `median`, clipped to [median/5, 4.8x]."""
+    rng = random.Random(seed)
+    low, high = max(2, median // 5), round(4.8 * median)
+    lengths = [min(max(round(rng.lognormvariate(math.log(median), 0.6)), low), high) for _ in range(count)]
+    return [[BOS] + [rng.randrange(EOS + 1, vocab) for _ in range(n - 1)] for n in lengths]
+
+
+@dataclass
+class Timing:
+    seconds: float  # the whole run (median of the repeats)
+    prefill: float  # a run of 1 new token: the prompts' forward pass and one step
+    output: dict[tuple[int, str], list[int]]
+
+
+def measure(
+    model: Any, prompts: list[list[int]], columns: list[str], batched: bool, args: argparse.Namespace
+) -> Timing:
+    from workers.generate import generate_token_grid
+    from workers.jobspecs import GenerationParams
+
+    def run(tokens: int) -> dict[tuple[int, str], list[int]]:
+        return generate_token_grid(
+            model, prompts, columns, GenerationParams(max_new_tokens=tokens, temperature=0.0), pad_token_id=PAD,
+            batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens,
+        )  # fmt: skip
+
+    run(2)  # warm-up: kernels, allocator
+    prefill, _ = timed(lambda: run(1), args.device, args.repeats)
+    seconds, output = timed(lambda: run(args.new_tokens), args.device, args.repeats)
+    return Timing(seconds, prefill, output)
+
+
+def timed(run: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]:
+    """Median seconds of `repeats` runs and the last run's output."""
+    import torch
+
+    times, output = [], None
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        output = run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), output
+
+
+def peak_gib(device: str) -> str:
+    """Peak GPU memory allocated since the last call."""
+    import torch
+
+    if device != "cuda":
+        return "-"
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return f"{peak:.1f}"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", default="1,2,4,8", help="adapter counts to measure, comma-separated")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per run")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per answer, exactly (default 64; --tiny 16)")
+    parser.add_argument("--prompt-median", type=int, help="median prompt length in tokens (default 80; --tiny 12)")
+    parser.add_argument("--batch-size", type=int, default=0, help="prompts per generate() call (default: all)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (checks the script runs)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+        help="auto: bfloat16 on the GPU, float32 on the CPU",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the median is shown)")
+    args = parser.parse_args()
+    args.ks = sorted({int(k) for k in args.k.split(",")})
+    args.new_tokens = args.new_tokens or (16 if args.tiny else 64)
+    args.prompt_median = args.prompt_median or (12 if args.tiny else 80)
+    return args
+
+
+def main() -> None:
+    import torch
+
+    from workers.jobspecs import BASE_KEY
+
+    args = parse_args()
+    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.device == "cpu":
+        # Random weights feed denormal floats to CPU matmuls, which crawl on them; flushing them to zero is a
+        # per-thread setting, so the work stays on this thread.
+        torch.set_flush_denormal(True)
+        torch.set_num_threads(1)
+
+    model = build_model(args.tiny, args.device, dtype)
+    prompts = make_prompts(args.prompts, model.config.vocab_size, args.prompt_median)
+    lengths = sorted(len(p) for p in prompts)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "the CPU"
+    size = sum(p.numel() for p in model.parameters()) / 1e9
+    shape = "tiny Llama" if args.tiny else "Llama-3.1-8B shape"
+    print(f"{shape} ({size:.2f}B parameters, random), {str(dtype).removeprefix('torch.')} on {where}; "
+          f"torch {torch.__version__}")  # fmt: skip
+    print(f"{args.prompts} prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), "
+          f"left-padded; {args.new_tokens} new tokens per answer, greedy; LoRA r=16 on {', '.join(TARGETS)}")  # fmt: skip
+
+    base = measure(model, prompts, [BASE_KEY], True, args)
+    base_peak = peak_gib(args.device)
+    peft_model, keys = add_adapters(model, max(args.ks))
+    rows = []
+    for k in args.ks:
+        batched = measure(peft_model, prompts, keys[:k], True, args)
+        batched_peak = peak_gib(args.device)
+        loop = measure(peft_model, prompts, keys[:k], False, args)
+        same = sum(batched.output[cell] == loop.output[cell] for cell in batched.output) / len(batched.output)
+        rows.append((k, batched, loop, batched_peak, same))
+    print_table(args, base, base_peak, rows)
+
+
+def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: list[tuple]) -> None:
+    tokens = args.prompts * args.new_tokens
+    print()
+    print("| k | base alone s | batched s | loop s | batched / base | loop / batched | base tok/s | batched tok/s "
+          "| loop tok/s | peak GiB base / batched | same answers batched vs loop |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, batched, loop, batched_peak, same in rows:
+        print(
+            f"| {k} | {base.seconds:.2f} ({base.prefill:.2f}) | {batched.seconds:.2f} ({batched.prefill:.2f}) "
+            f"| {loop.seconds:.2f} ({loop.prefill:.2f}) | {batched.seconds / base.seconds:.2f}x "
+            f"| {loop.seconds / batched.seconds:.2f}x | {tokens / base.seconds:,.0f} "
+            f"| {k * tokens / batched.seconds:,.0f} | {k * tokens / loop.seconds:,.0f} "
+            f"| {base_peak} / {batched_peak} | {100 * same:.0f}% |"
+        )
+    print()
+    print("base alone: the prompts on the model without adapters. batched: prompts x k rows in one generate() call "
+          "(PEFT adapter_names). loop: k calls, set_adapter between them. In brackets: seconds of a run of 1 new "
+          "token (the prompts' forward pass). tok/s: answer tokens of all rows per second. Same answers: greedy "
+          "token ids equal in both modes (float32 gives 100%; bf16 kernels may round differently by batch shape).")  # fmt: skip
+    k, batched, loop, _, _ = rows[-1]
+    over_base, speedup = batched.seconds / base.seconds, loop.seconds / batched.seconds
+    verdict = {True: "met", False: "not met"}
+    print(f"Goal at k = {k}: batched <= {GOAL_BATCHED_OVER_BASE}x base alone: {over_base:.2f}x "
+          f"({verdict[over_base <= GOAL_BATCHED_OVER_BASE]}); loop / batched >= {GOAL_LOOP_OVER_BATCHED}x: "
+          f"{speedup:.2f}x ({verdict[speedup >= GOAL_LOOP_OVER_BATCHED]})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
