@@ -281,6 +281,7 @@ class _Progress:
 
     def __init__(self, reporter: Reporter, total: int) -> None:
         self.reporter, self.total, self.done = reporter, total, 0
+        reporter.metric(step=0, total_steps=total)
 
     def advance(self, units: int, **values: Any) -> None:
         self.done += units
