@@ -126,13 +126,13 @@ def test_the_merged_folder_loads_as_a_plain_model_and_answers_like_the_adapter(
 
     out = store.path(merged[0]["merged_uri"])
     assert {"config.json", "generation_config.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model: Any = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.dtype == torch.float32 and not any(n for n, _ in model.named_modules() if "lora" in n)
     adapted = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), store.path("store://adapters/add")
     )
-    prompt = tokenizer.apply_chat_template(
+    prompt: Any = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 12 + 30?"}],
         add_generation_prompt=True,
         return_tensors="pt",
@@ -140,7 +140,8 @@ def test_the_merged_folder_loads_as_a_plain_model_and_answers_like_the_adapter(
     )
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():
-        ours, theirs = model.generate(**prompt, **kwargs), adapted.generate(**prompt, **kwargs)
+        ours: Any = model.generate(**prompt, **kwargs)
+        theirs: Any = adapted.generate(**prompt, **kwargs)
     assert torch.equal(ours, theirs)
     assert ours.shape[1] > prompt["input_ids"].shape[1]
 
@@ -303,7 +304,7 @@ def make_adapter(base_dir: Path, out: Path, **options: Any) -> Path:
                 param.mul_(0.1)
             elif "lora_magnitude_vector" in name or "modules_to_save" in name:
                 param.mul_(1 + 0.5 * torch.rand_like(param))
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 
@@ -368,7 +369,7 @@ def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path
     (base / "model.safetensors").unlink()
     model.save_pretrained(base, max_shard_size="4MB")
     get_peft_model(model, LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False)).save_pretrained(
-        tmp_path / "adapter"
+        str(tmp_path / "adapter")
     )
     del model
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
@@ -419,7 +420,7 @@ def test_an_adapter_of_another_base_or_method_is_refused(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
     )
-    ia3.save_pretrained(store.path("store://adapters/ia3"))
+    ia3.save_pretrained(str(store.path("store://adapters/ia3")))
     for adapter, message in (
         ("narrow", "has shape [32, 32] but the base's tensor is [64, 64]: the adapter was trained on another base"),
         ("ia3", "'ia3 adapter' is a IA3 adapter (adapter_config.json); only LoRA adapters are merged"),
@@ -498,7 +499,7 @@ def test_peft_factorwise_linear_is_not_the_weighted_sum(tiny_model_dir: Path, st
     model.load_adapter(store.path("store://adapters/double"), adapter_name="second")
     model.add_weighted_adapter(["first", "second"], [0.7, 0.3], "peft_linear", combination_type="linear")
     add, double = hand_deltas(store.path("store://adapters/add")), hand_deltas(store.path("store://adapters/double"))
-    layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    layer: Any = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
     expected = (
         0.7 * add["base_model.model.model.layers.0.self_attn.q_proj"]
         + 0.3 * double["base_model.model.model.layers.0.self_attn.q_proj"]
@@ -567,7 +568,7 @@ def test_non_lora_and_dora_adapters_are_refused_naming_them(tiny_model_dir: Path
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
     )
-    ia3.save_pretrained(store.path("store://adapters/ia3-combine"))
+    ia3.save_pretrained(str(store.path("store://adapters/ia3-combine")))
     make_adapter(
         tiny_model_dir,
         store.path("store://adapters/dora"),
