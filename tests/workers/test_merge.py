@@ -434,18 +434,23 @@ def test_an_adapter_of_another_base_or_method_is_refused(
 
 
 def hand_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """ΔW = (alpha / r) · B @ A per adapted module, in float64, read straight from the adapter's files."""
+    """ΔW = scaling · B @ A per adapted module, in float64, read straight from the adapter's files.
+
+    scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (the adapters here have no rank or alpha patterns).
+    """
     from safetensors.torch import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert not config["use_rslora"] and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     deltas = {}
     for key, a in tensors.items():
         if key.endswith(".lora_A.weight"):
             module = key.removesuffix(".lora_A.weight")
             b = tensors[f"{module}.lora_B.weight"]
-            deltas[module] = config["lora_alpha"] / a.shape[0] * (b.double() @ a.double())
+            r = a.shape[0]
+            scaling = config["lora_alpha"] / (r**0.5 if config["use_rslora"] else r)
+            deltas[module] = scaling * (b.double() @ a.double())
     return deltas
 
 
@@ -534,29 +539,36 @@ def test_every_combination_type_gives_an_adapter_that_loads_on_the_base(
     assert torch.isfinite(adapted).all() and (adapted - plain).abs().max() > 1e-3
 
 
-def test_mixed_ranks_combine_exactly_with_linear_and_are_refused_where_ranks_must_match(
+def test_mixed_ranks_and_rslora_combine_exactly_with_linear_and_are_refused_where_ranks_must_match(
     tiny_model_dir: Path, store: ArtifactStore
 ) -> None:
     make_adapter(
-        tiny_model_dir, store.path("store://adapters/small"), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+        tiny_model_dir,
+        store.path("store://adapters/small"),
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
     )
     # The AdapterRefs leave r unknown (0): the ranks are read from the adapters' files.
-    result, reporter = combine(
-        tiny_model_dir, store, "ties", "store://combined/mixed-ties", ("add", "small"), ranks=(0, 0)
-    )
+    pair, ranks = ("small", "add"), (0, 0)
+    result, reporter = combine(tiny_model_dir, store, "ties", "store://combined/mixed-ties", pair, ranks=ranks)
     assert result is None
     error = reporter.states[-1][2]
     assert "ties adds the adapters' A and B factors entry-wise" in error
-    assert "'add adapter' r=8" in error and "'small adapter' r=4" in error
+    assert "'small adapter' r=4" in error and "'add adapter' r=8" in error
 
-    result, reporter = combine(
-        tiny_model_dir, store, "linear", "store://combined/mixed", ("add", "small"), ranks=(0, 0)
-    )
+    # PEFT copies the first adapter's config (here rsLoRA) into the new one; the saved config must not rescale.
+    result, reporter = combine(tiny_model_dir, store, "linear", "store://combined/mixed", pair, ranks=ranks)
     assert result is not None, reporter.states[-1]
     assert result["r"] == 12 and result["weighted_sum_rel_error"] < 1e-6
-    add, small = hand_deltas(store.path("store://adapters/add")), hand_deltas(store.path("store://adapters/small"))
-    for module, delta in hand_deltas(store.path(result["adapter_uri"])).items():
-        expected = 0.7 * add[module] + (0.3 * small[module] if module in small else 0)
+    folder = store.path(result["adapter_uri"])
+    assert json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is False
+    small, add = hand_deltas(store.path("store://adapters/small")), hand_deltas(store.path("store://adapters/add"))
+    combined = hand_deltas(folder)
+    assert set(combined) == set(add) > set(small)
+    for module, delta in combined.items():
+        expected = 0.7 * small.get(module, torch.zeros_like(delta)) + 0.3 * add[module]
         assert float((delta - expected).abs().max()) <= 1e-6 * float(expected.abs().max()), module
 
 
