@@ -6,7 +6,8 @@ and the same prompts (random token ids, lengths lognormal with median 80 and sig
 seed 0, left-padded) are answered three ways, through the code a compare job runs (workers/generate.py):
 
   base alone   the prompts once, on the model without adapters                  (prompts rows per call)
-  batched      every adapter's answer to a prompt in the same generate() call   (prompts x k rows per call)
+  batched      every adapter's answer to a prompt in the same generate() call   (prompts x k rows per call),
+               the adapters stacked per layer (stacked_lora), and again through PEFT's adapter_names
   loop         one adapter after another, set_adapter between calls             (k calls of prompts rows)
 
 Greedy decoding of exactly --new-tokens tokens per answer (min_new_tokens = max_new_tokens, so no EOS ends a
@@ -100,16 +101,15 @@ class Timing:
     output: dict[tuple[int, str], list[int]]
 
 
-def measure(
-    model: Any, prompts: list[list[int]], columns: list[str], batched: bool, args: argparse.Namespace
-) -> Timing:
+def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: bool, args: argparse.Namespace,
+            stacked: bool = True) -> Timing:  # fmt: skip
     from workers.generate import generate_token_grid
     from workers.jobspecs import GenerationParams
 
     def run(tokens: int) -> dict[tuple[int, str], list[int]]:
         return generate_token_grid(
             model, prompts, columns, GenerationParams(max_new_tokens=tokens, temperature=0.0), pad_token_id=PAD,
-            batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens,
+            batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens, stacked=stacked,
         )  # fmt: skip
 
     run(2)  # warm-up: kernels, allocator
@@ -200,32 +200,36 @@ def main() -> None:
     for k in args.ks:
         batched = measure(peft_model, prompts, keys[:k], True, args)
         batched_peak = peak_gib(args.device)
+        peft = measure(peft_model, prompts, keys[:k], True, args, stacked=False)
         loop = measure(peft_model, prompts, keys[:k], False, args)
         same = sum(batched.output[cell] == loop.output[cell] for cell in batched.output) / len(batched.output)
-        rows.append((k, batched, loop, batched_peak, same))
+        rows.append((k, batched, peft, loop, batched_peak, same))
     print_table(args, base, base_peak, rows)
 
 
 def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: list[tuple]) -> None:
     tokens = args.prompts * args.new_tokens
     print()
-    print("| k | base alone s | batched s | loop s | batched / base | loop / batched | base tok/s | batched tok/s "
-          "| loop tok/s | peak GiB base / batched | same answers batched vs loop |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for k, batched, loop, batched_peak, same in rows:
+    print(
+        "| k | base alone s | batched s | batched, PEFT adapter_names s | loop s | batched / base "
+        "| loop / batched | tok/s base / batched / loop | peak GiB base / batched | same answers batched, loop |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, batched, peft, loop, batched_peak, same in rows:
         print(
             f"| {k} | {base.seconds:.2f} ({base.prefill:.2f}) | {batched.seconds:.2f} ({batched.prefill:.2f}) "
-            f"| {loop.seconds:.2f} ({loop.prefill:.2f}) | {batched.seconds / base.seconds:.2f}x "
-            f"| {loop.seconds / batched.seconds:.2f}x | {tokens / base.seconds:,.0f} "
-            f"| {k * tokens / batched.seconds:,.0f} | {k * tokens / loop.seconds:,.0f} "
+            f"| {peft.seconds:.2f} ({peft.prefill:.2f}) | {loop.seconds:.2f} ({loop.prefill:.2f}) "
+            f"| {batched.seconds / base.seconds:.2f}x | {loop.seconds / batched.seconds:.2f}x "
+            f"| {tokens / base.seconds:,.0f} / {k * tokens / batched.seconds:,.0f} / {k * tokens / loop.seconds:,.0f} "
             f"| {base_peak} / {batched_peak} | {100 * same:.0f}% |"
         )
     print()
-    print("base alone: the prompts on the model without adapters. batched: prompts x k rows in one generate() call "
-          "(PEFT adapter_names). loop: k calls, set_adapter between them. In brackets: seconds of a run of 1 new "
-          "token (the prompts' forward pass). tok/s: answer tokens of all rows per second. Same answers: greedy "
-          "token ids equal in both modes (float32 gives 100%; bf16 kernels may round differently by batch shape).")  # fmt: skip
-    k, batched, loop, _, _ = rows[-1]
+    print("base alone: the prompts on the model without adapters. batched: prompts x k rows in one generate() call, "
+          "the adapters stacked per layer (workers.generate.stacked_lora, what a compare job uses); the same through "
+          "PEFT's adapter_names for reference. loop: k calls, set_adapter between them. In brackets: seconds of a "
+          "run of 1 new token (the prompts' forward pass). tok/s: answer tokens of all rows per second. Same "
+          "answers: greedy token ids equal (float32 gives 100%; bf16 kernels may round differently by batch shape).")  # fmt: skip
+    k, batched, _, loop, _, _ = rows[-1]
     over_base, speedup = batched.seconds / base.seconds, loop.seconds / batched.seconds
     verdict = {True: "met", False: "not met"}
     print(f"Goal at k = {k}: batched <= {GOAL_BATCHED_OVER_BASE}x base alone: {over_base:.2f}x "

@@ -1,10 +1,11 @@
 """Side-by-side generation from a base model and its adapters: the compare runner and the pieces it shares.
 
 The base is loaded once and every adapter is attached to it under its key. A grid of cells (prompt row by
-column, a column being an adapter key or `BASE_KEY`) is generated either in mixed-adapter batches (PEFT's
-`adapter_names`: every column of a prompt in the same `generate()` call, one pass over the base weights per
-step for all of them) or, for adapters PEFT cannot mix in a batch, one column after another with
-`set_adapter` / `disable_adapter`. Both paths pad the same prompts to the same length, so greedy outputs agree.
+column, a column being an adapter key or `BASE_KEY`) is generated either in mixed-adapter batches (every
+column of a prompt in the same `generate()` call, one pass over the base weights per step for all of them;
+LoRA layers compute all adapters at once with `stacked_lora`, or through PEFT's `adapter_names`) or, for
+adapters PEFT cannot mix in a batch, one column after another with `set_adapter` / `disable_adapter`. Both
+paths pad the same prompts to the same length, so greedy outputs agree.
 
 `run_compare(spec, reporter, store)` has the contract of the train runner.
 """
@@ -17,7 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         batch_size=spec.batch_size,
         on_text=stream.add,
         should_stop=stream.poll,
+        stream_interval=reporter.flush_interval,
     )
     stream.send()
     seconds = time.monotonic() - generating
@@ -137,7 +139,9 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
 
 
 class _OutputStream:
-    """Text deltas to the reporter, merged per cell between flushes: one event per cell and flush, not per token."""
+    """Text deltas to the reporter, merged per cell between flushes: one event per cell and flush, not per token.
+
+    The text is decoded at the pace of the flushes too (`stream_interval`), so streaming costs the GPU nothing."""
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
@@ -214,13 +218,17 @@ def _check_one_peft_type(adapters: list[AdapterRef], folders: dict[str, Path]) -
     types: dict[str, list[str]] = {}
     for ref in adapters:
         try:
-            peft_type = str(PeftConfig.from_pretrained(str(folders[ref.key])).peft_type.value).lower()
+            peft_type = _peft_type_name(PeftConfig.from_pretrained(str(folders[ref.key])))
         except Exception as exc:  # PEFT raises several kinds for a broken config
             raise RunnerError(f"adapter {_name(ref)}: unreadable adapter_config.json: {exc}") from exc
         types.setdefault(peft_type, []).append(ref.label or ref.key)
     if len(types) > 1:
         kinds = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in types.items())
         raise RunnerError(f"adapters: PEFT holds adapters of one type per model, these mix several ({kinds})")
+
+
+def _peft_type_name(config: Any) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type)).lower()
 
 
 def _load_tokenizer(base: ModelRef, reporter: Reporter | None) -> Any:
@@ -264,11 +272,11 @@ def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # Adapter weights in the base's dtype: PEFT's default upcast of bf16/fp16 to fp32 helps training only.
-            options = {"adapter_name": peft_adapter_name(ref.key), "autocast_adapter_dtype": False}
+            name = peft_adapter_name(ref.key)
             if isinstance(model, PeftModel):
-                missing = model.load_adapter(str(folder), **options).missing_keys
+                missing = model.load_adapter(str(folder), name, autocast_adapter_dtype=False).missing_keys
             else:
-                model = PeftModel.from_pretrained(model, str(folder), **options)
+                model = PeftModel.from_pretrained(model, str(folder), name, autocast_adapter_dtype=False)
                 missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
     except (RuntimeError, ValueError, KeyError) as exc:
         raise RunnerError(f"adapter {_name(ref)} does not fit the base {base.source}: {_load_failure(exc)}") from exc
@@ -337,7 +345,7 @@ def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> li
         return []
     names = {peft_adapter_name(key): label for key, label in (labels or {}).items()}
     reasons = [
-        f"{names.get(name, name)}: {config.peft_type.value.lower()} adapters cannot be mixed in one batch"
+        f"{names.get(name, name)}: {_peft_type_name(config)} adapters cannot be mixed in one batch"
         for name, config in model.peft_config.items()
         if config.peft_type != PeftType.LORA
     ]
@@ -410,9 +418,12 @@ def generate_text_grid(
     batch_size: int = 64,
     on_text: Callable[[int, str, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stream_interval: float = 0.0,
 ) -> tuple[dict[Cell, str], dict[Cell, list[int]]]:
-    """`generate_grid` that also returns each cell's generated token ids (up to and including its EOS)."""
-    stream = TextStream(tokenizer, on_text, eos_ids(model)) if on_text is not None else None
+    """`generate_grid` that also returns each cell's generated token ids (up to and including its EOS).
+
+    `stream_interval`: the least seconds between two rounds of on_text calls (0: every decode step)."""
+    stream = TextStream(tokenizer, on_text, eos_ids(model), stream_interval) if on_text is not None else None
     ids = generate_token_grid(
         model,
         encode_prompts(tokenizer, prompts, params.chat_template),
@@ -447,11 +458,14 @@ def generate_token_grid(
     min_new_tokens: int = 0,
     on_step: OnStep | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stacked: bool = True,
 ) -> dict[Cell, list[int]]:
     """The token level of `generate_grid`: prompts as token ids, answers as token ids (cut after the first EOS).
 
-    Prompts go `batch_size` at a time; batched, each call holds every column of those prompts, sequential, each
-    call holds one column of them: either way a prompt is padded to the same length, so greedy answers agree.
+    Prompts go `batch_size` at a time; batched, each call holds every column of those prompts (rows column by
+    column), sequential, each call holds one column of them: either way a prompt is padded to the same length,
+    so greedy answers agree. Batched LoRA layers compute all columns' adapters in two batched matmuls
+    (`stacked_lora`) where they can, else through PEFT's `adapter_names`; `stacked=False` forces the latter.
     """
     _check_columns(model, columns, batched)
     import torch
@@ -460,28 +474,33 @@ def generate_token_grid(
     eos = eos_ids(model)
     options = _generation_options(params, pad_token_id, min_new_tokens)
     chunks = [list(range(i, min(i + batch_size, len(prompt_ids)))) for i in range(0, len(prompt_ids), batch_size)]
+    calls: list[tuple[list[Cell], AbstractContextManager[Any]]]
     if batched:
-        calls = [([(row, col) for row in chunk for col in columns], nullcontext()) for chunk in chunks]
+        calls = [([(row, col) for col in columns for row in chunk], nullcontext()) for chunk in chunks]
     else:
         calls = [([(row, col) for row in chunk], _column_context(model, col)) for col in columns for chunk in chunks]
     results: dict[Cell, list[int]] = {}
-    for cells, context in calls:
-        if should_stop is not None and should_stop():
-            break
-        with context:
-            generated = _generate(
-                model,
-                [prompt_ids[row] for row, _ in cells],
-                cells,
-                pad_token_id,
-                options,
-                batched,
-                on_step,
-                should_stop,
-            )
-        for cell, row_ids in zip(cells, generated, strict=True):
-            results[cell] = _cut_at_eos(row_ids, eos)
+    with stacked_lora(model, columns) if batched and stacked else nullcontext(False) as stacking:
+        names = _adapter_names(model, columns) if batched and not stacking else None
+        for cells, context in calls:
+            if should_stop is not None and should_stop():
+                break
+            rows = [prompt_ids[row] for row, _ in cells]
+            row_names = [name for name in names for _ in range(len(cells) // len(columns))] if names else None
+            with context:
+                generated = _generate(model, rows, cells, pad_token_id, options, row_names, on_step, should_stop)
+            for cell, row_ids in zip(cells, generated, strict=True):
+                results[cell] = _cut_at_eos(row_ids, eos)
     return results
+
+
+def _adapter_names(model: Any, columns: list[str]) -> list[str] | None:
+    """PEFT's adapter_names of the columns (BASE_KEY is PEFT's name for the base too); None for a plain model."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    return [column if column == BASE_KEY else peft_adapter_name(column) for column in columns]
 
 
 def _check_columns(model: Any, columns: list[str], batched: bool) -> None:
@@ -538,13 +557,12 @@ def _generate(
     cells: list[Cell],
     pad_token_id: int,
     options: dict[str, Any],
-    batched: bool,
+    adapter_names: list[str] | None,
     on_step: OnStep | None,
     should_stop: Callable[[], bool] | None,
 ) -> list[list[int]]:
     """One generate() call over left-padded rows; returns each row's generated ids."""
     import torch
-    from peft import PeftModel
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -552,12 +570,115 @@ def _generate(
     input_ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     kwargs = dict(options)
-    if batched and isinstance(model, PeftModel):
-        kwargs["adapter_names"] = [column if column == BASE_KEY else peft_adapter_name(column) for _, column in cells]
+    if adapter_names is not None:
+        kwargs["adapter_names"] = adapter_names
     if on_step is not None or should_stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StepHook(cells, width, on_step, should_stop)])
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return [list(map(int, row)) for row in output[:, width:].tolist()]
+
+
+@contextmanager
+def stacked_lora(model: Any, columns: list[str]) -> Iterator[bool]:
+    """Mixed-adapter batches in two batched matmuls per LoRA layer, for rows laid out column by column.
+
+    Inside, every LoRA layer computes base(x), then for the rows of each adapter column (an equal share of the
+    batch, in `columns` order) x·Aᵀ·Bᵀ·scaling with all adapters stacked, added in place; BASE_KEY rows get the
+    base alone. This is PEFT's mixed-batch arithmetic without its per-layer, per-step lists of row indices
+    (Python loops over every row and an index copy to the GPU for each adapter of each layer). Yields False and
+    changes nothing where a layer is not a plain, unmerged LoRA Linear of plain LoRA adapters (quantized base,
+    DoRA, LoRA bias) or the model has extra trained modules (modules_to_save): PEFT's adapter_names then."""
+    layers = _stackable_layers(model, columns)
+    if layers is None:
+        yield False
+        return
+    try:
+        for layer, stack in layers:
+            layer.forward = _StackedForward(layer, stack, len(columns))
+        yield True
+    finally:
+        for layer, _ in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack | None]] | None:
+    from peft import PeftModel, PeftType
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not isinstance(model, PeftModel) or columns == [BASE_KEY] * len(columns):
+        return None
+    if any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
+        return None
+    names = [None if column == BASE_KEY else peft_adapter_name(column) for column in columns]
+    layers: list[tuple[Any, _Stack | None]] = []
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return None
+        if not isinstance(module, LoraLayer):
+            continue
+        if type(module) is not LoraLinear or module.merged:
+            return None
+        present = [(i, name) for i, name in enumerate(names) if name is not None and name in module.lora_A]
+        plain = all(
+            not module.use_dora.get(name) and name not in module.lora_variant and module.lora_B[name].bias is None
+            for _, name in present
+        )
+        if not plain:
+            return None
+        layers.append((module, _Stack.of(module, present) if present else None))
+    return layers
+
+
+class _Stack:
+    """One layer's adapters of the columns, stacked: A (m, r, in), B (m, out, r), zero-padded to the largest r."""
+
+    def __init__(self, a: Any, b: Any, scale: Any, columns: list[int]) -> None:
+        import torch
+
+        self.a_t, self.b_t, self.scale = a.transpose(1, 2), b.transpose(1, 2), scale
+        self.columns = columns
+        first = columns[0]
+        self.span = (first, first + len(columns)) if columns == list(range(first, first + len(columns))) else None
+        self.index = torch.tensor(columns, device=a.device)
+
+    @classmethod
+    def of(cls, layer: Any, present: list[tuple[int, str]]) -> _Stack:
+        import torch
+
+        weight = layer.lora_A[present[0][1]].weight
+        rank = max(layer.r[name] for _, name in present)
+        a = torch.zeros(len(present), rank, layer.in_features, dtype=weight.dtype, device=weight.device)
+        b = torch.zeros(len(present), layer.out_features, rank, dtype=weight.dtype, device=weight.device)
+        for i, (_, name) in enumerate(present):
+            r = layer.r[name]
+            a[i, :r] = layer.lora_A[name].weight
+            b[i, :, :r] = layer.lora_B[name].weight
+        scale = torch.tensor([layer.scaling[name] for _, name in present], dtype=weight.dtype, device=weight.device)
+        return cls(a, b, scale.view(-1, 1, 1), [column for column, _ in present])
+
+
+class _StackedForward:
+    def __init__(self, layer: Any, stack: _Stack | None, columns: int) -> None:
+        self.base_layer, self.stack, self.columns = layer.base_layer, stack, columns
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        result = self.base_layer(x, *args, **kwargs)
+        stack = self.stack
+        if stack is None:
+            return result
+        rows = x.reshape(self.columns, -1, x.shape[-1])  # (column, its rows x positions, in)
+        part = rows[stack.span[0] : stack.span[1]] if stack.span else rows.index_select(0, stack.index)
+        delta = torch.bmm(torch.bmm(part.to(stack.a_t.dtype), stack.a_t), stack.b_t) * stack.scale
+        out = result.view(self.columns, -1, result.shape[-1])
+        if stack.span:
+            out[stack.span[0] : stack.span[1]] += delta.to(out.dtype)
+        else:
+            out.index_add_(0, stack.index, delta.to(out.dtype))
+        return result
 
 
 def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
@@ -588,14 +709,21 @@ class TextStream:
     """Turns each step's generated ids into text deltas per cell.
 
     Text is held back while it ends in an incomplete character (U+FFFD), and a cell stops streaming at its EOS.
-    `finish` sends what is left, so a cell's deltas add up to its final text."""
+    `finish` sends what is left, so a cell's deltas add up to its final text. With `interval` > 0 the ids are
+    decoded at most that often (seconds): decoding every row at every step costs more than a GPU step."""
 
-    def __init__(self, tokenizer: Any, on_text: Callable[[int, str, str], None], eos: set[int]) -> None:
-        self.tokenizer, self.on_text, self.eos = tokenizer, on_text, eos
+    def __init__(
+        self, tokenizer: Any, on_text: Callable[[int, str, str], None], eos: set[int], interval: float = 0.0
+    ) -> None:
+        self.tokenizer, self.on_text, self.eos, self.interval = tokenizer, on_text, eos, interval
         self.sent: dict[Cell, str] = {}
         self.done: set[Cell] = set()
+        self.last_decode = time.monotonic()
 
     def step(self, cells: list[Cell], generated: Any) -> None:
+        if self.interval and time.monotonic() - self.last_decode < self.interval:
+            return
+        self.last_decode = time.monotonic()
         for cell, ids in zip(cells, generated.tolist(), strict=True):
             if cell in self.done:
                 continue
@@ -613,7 +741,8 @@ class TextStream:
         if not final and text.endswith("\ufffd"):
             return
         if not text.startswith(sent):
-            # Only a decoder that rewrites earlier text gets here; what was sent stays, the rest follows.
+            # Only a decoder that rewrites earlier text gets here (not byte-level BPE or SentencePiece with the
+            # clean-up off): the cell streams no more, and the final text stays authoritative.
             return
         if len(text) > len(sent):
             self.sent[cell] = text

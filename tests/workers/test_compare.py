@@ -14,17 +14,30 @@ from typing import Any
 import pytest
 
 from workers.demo import build_tiny_llama, double_rows, toy_rows
-from workers.generate import generate_grid, load_for_inference, run_compare
+from workers.generate import (
+    decode,
+    encode_prompts,
+    generate_grid,
+    generate_token_grid,
+    load_for_inference,
+    run_compare,
+)
 from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.reporter import MemoryReporter
 from workers.spec import ModelRef
+from workers.store import ArtifactStore
+
+Adapters = tuple[ArtifactStore, dict[str, str]]  # the task_adapters fixture: (store, {task: adapter URI})
+Rows = list[dict[str, str]]
+Grid = dict[tuple[int, str], list[int]]
+Loaded = tuple[Any, Any]  # (model, tokenizer)
 
 GREEDY = GenerationParams(max_new_tokens=8)
 COLUMNS = [BASE_KEY, "add", "double"]
 
 
 @pytest.fixture(scope="module")
-def rows() -> list[dict[str, str]]:
+def rows() -> Rows:
     """40 prompts of each task; `task` says which."""
     return [{**r, "task": "add"} for r in toy_rows(40, seed=1001)] + [
         {**r, "task": "double"} for r in double_rows(40, seed=1002)
@@ -32,7 +45,7 @@ def rows() -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path, task_adapters) -> tuple[Any, Any]:  # type: ignore[no-untyped-def]
+def loaded(tiny_model_dir: Path, task_adapters: Adapters) -> Loaded:
     store, uris = task_adapters
     refs = [AdapterRef(key=task, label=f"{task} adapter", uri=uri) for task, uri in uris.items()]
     model, tokenizer, device = load_for_inference(ModelRef(source=str(tiny_model_dir)), refs, LoadParams(), store)
@@ -41,14 +54,24 @@ def loaded(tiny_model_dir: Path, task_adapters) -> tuple[Any, Any]:  # type: ign
 
 
 @pytest.fixture(scope="module")
-def grids(loaded, rows) -> dict[str, dict[tuple[int, str], str]]:  # type: ignore[no-untyped-def]
-    """Greedy answers of every prompt and column, batched and sequential (batches of 32 prompts)."""
+def grids(loaded: Loaded, rows: Rows) -> dict[str, Grid]:
+    """Greedy answers (token ids) of every prompt and column in batches of 32 prompts: batched with the adapters
+    stacked per layer (the default), batched through PEFT's adapter_names, and one column after another."""
     model, tokenizer = loaded
-    prompts = [r["instruction"] for r in rows]
+    prompt_ids = encode_prompts(tokenizer, [r["instruction"] for r in rows], chat_template=True)
+    modes: dict[str, dict[str, Any]] = {"batched": {}, "peft": {"stacked": False}, "sequential": {"batched": False}}
     return {
-        mode: generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY, batched=mode == "batched", batch_size=32)
-        for mode in ("batched", "sequential")
+        mode: generate_token_grid(
+            model, prompt_ids, COLUMNS, GREEDY, pad_token_id=tokenizer.pad_token_id, batch_size=32, **options
+        )
+        for mode, options in modes.items()
     }
+
+
+@pytest.fixture(scope="module")
+def answers(loaded: Loaded, grids: dict[str, Grid]) -> dict[tuple[int, str], str]:
+    _, tokenizer = loaded
+    return {cell: decode(tokenizer, ids) for cell, ids in grids["batched"].items()}
 
 
 def answer_error(text: str, reference: str) -> int:
@@ -57,8 +80,8 @@ def answer_error(text: str, reference: str) -> int:
     return min(abs(int(match.group(1)) - int(reference)), 100) if match else 100
 
 
-def test_each_adapter_answers_its_own_task_best(grids, rows) -> None:  # type: ignore[no-untyped-def]
-    grid = grids["batched"]
+def test_each_adapter_answers_its_own_task_best(answers: dict[tuple[int, str], str], rows: Rows) -> None:
+    grid = answers
     error: dict[tuple[str, str], float] = {}
     for task in ("add", "double"):
         indices = [i for i, r in enumerate(rows) if r["task"] == task]
@@ -75,15 +98,22 @@ def test_each_adapter_answers_its_own_task_best(grids, rows) -> None:  # type: i
     assert exact >= 20, f"the double adapter got {exact}/40 exactly right"
 
 
-def test_batched_and_sequential_greedy_answers_are_identical(grids, rows) -> None:  # type: ignore[no-untyped-def]
-    batched, sequential = grids["batched"], grids["sequential"]
-    assert set(batched) == set(sequential) == {(i, c) for i in range(len(rows)) for c in COLUMNS}
-    differing = [cell for cell in batched if batched[cell] != sequential[cell]]
-    assert differing == [], [(cell, batched[cell], sequential[cell]) for cell in differing[:5]]
-    # The columns really differ, so an ignored adapter_names (one adapter for every row) would show.
+@pytest.mark.parametrize("batched", ["batched", "peft"])
+def test_batched_and_sequential_greedy_answers_are_identical(
+    grids: dict[str, Grid], rows: Rows, loaded: Loaded, batched: str
+) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    batched_ids, sequential = grids[batched], grids["sequential"]
+    assert set(batched_ids) == set(sequential) == {(i, c) for i in range(len(rows)) for c in COLUMNS}
+    differing = [cell for cell in batched_ids if batched_ids[cell] != sequential[cell]]
+    assert differing == [], [(cell, batched_ids[cell], sequential[cell]) for cell in differing[:5]]
+    # The columns really differ, so one adapter applied to every row would show.
     for a, b in ((BASE_KEY, "add"), (BASE_KEY, "double"), ("add", "double")):
-        same = sum(batched[(i, a)] == batched[(i, b)] for i in range(len(rows)))
+        same = sum(batched_ids[(i, a)] == batched_ids[(i, b)] for i in range(len(rows)))
         assert same < len(rows) // 4, f"{a} and {b} agree on {same} of {len(rows)} prompts"
+    model, _ = loaded
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer)), "layers restored"
 
 
 def make_spec(model_dir: Path, adapters: list[AdapterRef], prompts: list[str], **options: Any) -> CompareSpec:
@@ -109,7 +139,9 @@ def streamed(reporter: MemoryReporter) -> dict[tuple[int, str], list[str]]:
     return deltas
 
 
-def test_run_compare_streams_every_cell_and_reports_the_grid(tiny_model_dir: Path, task_adapters, rows) -> None:  # type: ignore[no-untyped-def]
+def test_run_compare_streams_every_cell_and_reports_the_grid(
+    tiny_model_dir: Path, task_adapters: Adapters, rows: Rows
+) -> None:
     store, uris = task_adapters
     prompts = [r["instruction"] for r in rows[:3] + rows[40:43]]
     spec = make_spec(tiny_model_dir, task_refs(uris), prompts, generation=GREEDY, batch_size=4)
@@ -133,7 +165,7 @@ def test_run_compare_streams_every_cell_and_reports_the_grid(tiny_model_dir: Pat
     assert result["tokens_per_s"] > 0 and (result["device"], result["dtype"]) == ("cpu", "float32")
 
 
-def test_sampling_is_reproducible_with_its_seed(loaded, rows) -> None:  # type: ignore[no-untyped-def]
+def test_sampling_is_reproducible_with_its_seed(loaded: Loaded, rows: Rows) -> None:
     model, tokenizer = loaded
     prompts = [r["instruction"] for r in rows[::10]]
 
@@ -147,7 +179,7 @@ def test_sampling_is_reproducible_with_its_seed(loaded, rows) -> None:  # type: 
     assert first != generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY)
 
 
-def test_cancel_stops_generation(tiny_model_dir: Path, task_adapters, rows) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_stops_generation(tiny_model_dir: Path, task_adapters: Adapters, rows: Rows) -> None:
     store, uris = task_adapters
     spec = make_spec(tiny_model_dir, task_refs(uris), [r["instruction"] for r in rows], generation=GREEDY, batch_size=8)
     reporter = MemoryReporter(cancel_after_events=20)
@@ -160,7 +192,7 @@ def test_cancel_stops_generation(tiny_model_dir: Path, task_adapters, rows) -> N
     assert 0 < len(rows_with_text) <= 8, "stopped within the first generate() call of 8 prompts"
 
 
-def test_missing_adapter_folder_fails_naming_the_adapter(tiny_model_dir: Path, task_adapters) -> None:  # type: ignore[no-untyped-def]
+def test_missing_adapter_folder_fails_naming_the_adapter(tiny_model_dir: Path, task_adapters: Adapters) -> None:
     store, uris = task_adapters
     missing = AdapterRef(key="gone", label="deleted run", uri="store://runs/999/attempt-1/adapter")
     reporter = MemoryReporter()
@@ -172,14 +204,16 @@ def test_missing_adapter_folder_fails_naming_the_adapter(tiny_model_dir: Path, t
     assert "'deleted run'" in error and "store://runs/999/attempt-1/adapter" in error and "does not exist" in error
 
 
-def test_adapter_of_another_base_fails_naming_the_adapter(tiny_model_dir: Path, task_adapters, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_adapter_of_another_base_fails_naming_the_adapter(
+    tiny_model_dir: Path, task_adapters: Adapters, tmp_path: Path
+) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     store, uris = task_adapters
     other = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "other", hidden_size=32))
     foreign = get_peft_model(other, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    foreign.save_pretrained(store.path("store://tests/foreign-adapter"))
+    foreign.save_pretrained(str(store.path("store://tests/foreign-adapter")))
     ref = AdapterRef(key="foreign", label="narrow model adapter", uri="store://tests/foreign-adapter")
     reporter = MemoryReporter()
 
@@ -192,7 +226,7 @@ def test_adapter_of_another_base_fails_naming_the_adapter(tiny_model_dir: Path, 
 
 
 @pytest.fixture(scope="module")
-def prompt_tuning_uri(tiny_model_dir: Path, task_adapters) -> str:  # type: ignore[no-untyped-def]
+def prompt_tuning_uri(tiny_model_dir: Path, task_adapters: Adapters) -> str:
     """An untrained prompt-tuning adapter (random virtual tokens) of the tiny model, saved in the store."""
     import torch
     from peft import PromptTuningConfig, get_peft_model
@@ -204,13 +238,13 @@ def prompt_tuning_uri(tiny_model_dir: Path, task_adapters) -> str:  # type: igno
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="RANDOM"),
     )
-    model.save_pretrained(store.path("store://tests/prompt-tuning"))
+    model.save_pretrained(str(store.path("store://tests/prompt-tuning")))
     return "store://tests/prompt-tuning"
 
 
 def test_prompt_tuning_adapter_falls_back_to_sequential(
-    tiny_model_dir: Path, task_adapters, prompt_tuning_uri, rows
-) -> None:  # type: ignore[no-untyped-def]
+    tiny_model_dir: Path, task_adapters: Adapters, prompt_tuning_uri: str, rows: Rows
+) -> None:
     store, _ = task_adapters
     ref = AdapterRef(key="soft", label="soft prompt", uri=prompt_tuning_uri, method="prompt_tuning")
     prompts = [r["instruction"] for r in rows[::8]]
@@ -229,8 +263,8 @@ def test_prompt_tuning_adapter_falls_back_to_sequential(
 
 
 def test_adapters_of_different_peft_types_fail_before_loading(
-    tiny_model_dir: Path, task_adapters, prompt_tuning_uri
-) -> None:  # type: ignore[no-untyped-def]
+    tiny_model_dir: Path, task_adapters: Adapters, prompt_tuning_uri: str
+) -> None:
     store, uris = task_adapters
     soft = AdapterRef(key="soft", label="soft prompt", uri=prompt_tuning_uri, method="prompt_tuning")
     reporter = MemoryReporter()
@@ -241,7 +275,7 @@ def test_adapters_of_different_peft_types_fail_before_loading(
     assert "lora: add adapter, double adapter" in error and "prompt_tuning: soft prompt" in error
 
 
-def test_invalid_spec_fails_with_field_named_problems(tiny_model_dir: Path, task_adapters) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_spec_fails_with_field_named_problems(tiny_model_dir: Path, task_adapters: Adapters) -> None:
     store, uris = task_adapters
     spec = make_spec(tiny_model_dir, task_refs(uris), [], generation=GenerationParams(max_new_tokens=0))
     reporter = MemoryReporter()
