@@ -387,7 +387,8 @@ def generate_grid(
 ) -> dict[tuple[int, str], str]:
     """Generate the answer of every (prompt row, column) cell. Columns are adapter keys and/or BASE_KEY.
 
-    batched=True: every column of a prompt in the same generate() call (PEFT mixed-adapter batches);
+    batched=True: every column of a prompt in the same generate() call (mixed-adapter batches: `stacked_lora`,
+    or PEFT's adapter_names where a layer is not plain LoRA);
     batched=False: one column after another (set_adapter, disable_adapter for the base). Greedy when
     temperature == 0, else seeded sampling. on_text(row, column, delta) is called as text appears; the deltas
     of a cell concatenate to its final text. should_stop() is polled every decode step and ends generation
