@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -487,15 +487,6 @@ class LoraFile:
             lora.modules[module] = LoraModule(a, b, scaling, embedding, found.get("magnitude"))
         return lora
 
-    def deltas(self, transposed: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Any]]:
-        """(weight name, float32 ΔW) per adapted module; DoRA adapters have no additive delta."""
-        if self.config.get("use_dora"):
-            raise ValueError("a DoRA adapter rescales each merged weight: it has no additive delta")
-        fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
-        for module, lora in self.modules.items():
-            transpose = transposed(module) if transposed is not None else fan_in_fan_out
-            yield f"{module}.weight", lora.delta(transpose)
-
 
 def lora_scaling(config: dict[str, Any], module: str, r: int) -> float:
     """PEFT's scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA; alpha_pattern overrides alpha."""
@@ -504,17 +495,6 @@ def lora_scaling(config: dict[str, Any], module: str, r: int) -> float:
     alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
     alpha: Any = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
-def adapter_deltas(adapter_dir: Path, model: Any = None) -> dict[str, Any]:
-    """Every adapted weight's float32 ΔW = scaling · B @ A, keyed by the weight's name in the model.
-
-    With `model` (real or on the meta device), each module's own type decides the layout (Conv1D weights are
-    stored transposed); without it the adapter's fan_in_fan_out flag does.
-    """
-    lora = LoraFile.read(Path(adapter_dir))
-    transposed = None if model is None else (lambda module: _stores_transposed(model, module))
-    return dict(lora.deltas(transposed))
 
 
 def _is_conv1d(module: Any) -> bool:
@@ -592,7 +572,8 @@ def stream_merge(
 
     Each base tensor is read alone (its file is opened and closed around it), merged in float32 on the GPU when
     there is one, cast once to `dtype` and kept until its output shard is full. Output shards hold consecutive
-    tensors, so at most one output shard, one tensor in float32 and the adapter are in memory at a time.
+    tensors, so what is in memory at a time is one output shard (twice while safetensors serialises it), one
+    tensor in float32 with its delta, and the adapter.
     Raises StreamingUnsupported (before writing anything) when the adapter needs PEFT's own merge.
     """
     import torch
@@ -697,7 +678,7 @@ def _plan_entries(base_dir: Path, lora: LoraFile, model: Any, dtype: Any) -> tup
     for target, source in tied.items():
         target_key, source_key = checkpoint_key(target), checkpoint_key(source)
         if target_key in touched or source_key in touched:
-            if not getattr(model.config, "tie_word_embeddings", False):
+            if target != _output_embeddings_name(model) or not getattr(model.config, "tie_word_embeddings", False):
                 raise StreamingUnsupported(f"the adapter changes {target}, which the model ties to {source}")
             untie[source_key] = target_key
 
@@ -782,6 +763,11 @@ def _tied_pairs(model: Any) -> dict[str, str]:
     return dict(tied)
 
 
+def _output_embeddings_name(model: Any) -> str:
+    head = model.get_output_embeddings()
+    return next((f"{name}.weight" for name, module in model.named_modules() if module is head), "")
+
+
 def _fp32_modules(model: Any, dtype: Any) -> set[str]:
     """Modules transformers keeps in float32 when it loads this model in `dtype` (a merged copy must too)."""
     import torch
@@ -845,7 +831,7 @@ def peft_merge(
     merged = model.merge_and_unload(safe_merge=True)
     merged.save_pretrained(out_dir, max_shard_size=parse_size(max_shard_size), safe_serialization=True)
     del base, model, merged
-    gc.collect()
+    _release_memory()
     return {"merged_weights": merged_weights, "untied": False}
 
 
@@ -930,22 +916,26 @@ def verify_merge(
     torch_dtype = getattr(torch, dtype)
 
     reference = _load_with_adapter(ref, adapter_dir, torch_dtype)
-    effect = []
+    effect = _Diffs()
     with torch.no_grad():
         for probe, continuation in zip(probes, _greedy(reference, probes, tokenizer), strict=True):
             probe.continuation = continuation
             probe.logits = _logits(reference, probe)
         with reference.disable_adapter():
-            effect = [_logits(reference, probe) - probe.logits for probe in probes]
-    _free(reference)
+            for probe in probes:
+                effect.add(_logits(reference, probe), probe.logits)
+    del reference
+    _release_memory()
 
     merged = _load_plain(merged_dir, torch_dtype)
     figures = _compare(merged, probes, tokenizer)
-    _free(merged)
+    del merged
+    _release_memory()
     tolerance = TOLERANCES[dtype]
     scale = max(float(p.logits.abs().max()) for p in probes)
     verified = (
-        math.isfinite(figures["max_abs_logit_diff"])
+        figures["max_abs_logit_diff"] is not None
+        and math.isfinite(scale)
         and figures["max_abs_logit_diff"] <= tolerance.max_rel * scale
         and figures["mean_abs_logit_diff"] <= tolerance.mean_rel * scale
     )
@@ -962,10 +952,7 @@ def verify_merge(
         },
         "probes": len(probes),
         "greedy_tokens": GREEDY_TOKENS,
-        "adapter_effect": {
-            "max_abs_logit_diff": max(float(e.abs().max()) for e in effect),
-            "mean_abs_logit_diff": float(torch.cat([e.flatten() for e in effect]).abs().mean()),
-        },
+        "adapter_effect": effect.figures(),
         "quantized_gap": None,
     }
     if quantization != "none":
@@ -991,7 +978,8 @@ def _quantized_gap(
     except Exception as exc:  # bitsandbytes missing or without this platform: the figure is optional
         return {"quantization": quantization, "error": f"{type(exc).__name__}: {exc}"}
     gap = {"quantization": quantization, **_compare(quantized, probes, tokenizer)}
-    _free(quantized)
+    del quantized
+    _release_memory()
     return gap
 
 
@@ -1059,10 +1047,10 @@ def _load_with_adapter(
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-def _free(model: Any) -> None:
+def _release_memory() -> None:
+    """Give back what a model just deleted held (host memory, and the CUDA cache)."""
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -1102,36 +1090,51 @@ def _logits(model: Any, probe: _Probe) -> Any:
     return model(input_ids=sequence).logits[0].float().cpu()
 
 
+@dataclass
+class _Diffs:
+    """Running max and mean of |a - b| over logits, without keeping them; None where a logit is not finite."""
+
+    largest: float = 0.0
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, a: Any, b: Any) -> None:
+        diff = (a - b).abs()
+        largest = float(diff.max())
+        self.largest = max(self.largest, largest) if math.isfinite(largest) else math.inf
+        self.total += float(diff.sum())
+        self.count += diff.numel()
+
+    def figures(self) -> dict[str, float | None]:
+        if not math.isfinite(self.largest):
+            return {"max_abs_logit_diff": None, "mean_abs_logit_diff": None}
+        return {"max_abs_logit_diff": self.largest, "mean_abs_logit_diff": self.total / max(self.count, 1)}
+
+
 def _compare(model: Any, probes: list[_Probe], tokenizer: Any) -> dict[str, Any]:
     """The model's logits on the probes' sequences against the reference's, and its own greedy continuations."""
     import torch
 
-    diffs, agree, positions = [], 0, 0
+    diffs, agree, positions = _Diffs(), 0, 0
     with torch.no_grad():
         continuations = _greedy(model, probes, tokenizer)
         for probe in probes:
             logits = _logits(model, probe)
-            diffs.append((logits - probe.logits).abs().flatten())
+            diffs.add(logits, probe.logits)
             agree += int((logits.argmax(-1) == probe.logits.argmax(-1)).sum())
             positions += logits.shape[0]
-    every = torch.cat(diffs)
-    return {
-        "max_abs_logit_diff": float(every.max()),
-        "mean_abs_logit_diff": float(every.mean()),
-        "token_agreement": agree / positions,
-        "greedy_agreement": sum(torch.equal(c, p.continuation) for c, p in zip(continuations, probes, strict=True))
-        / len(probes),
-    }
+    same = sum(torch.equal(c, p.continuation) for c, p in zip(continuations, probes, strict=True))
+    return {**diffs.figures(), "token_agreement": agree / positions, "greedy_agreement": same / len(probes)}
 
 
 def _log_check(check: dict[str, Any], reporter: Reporter) -> None:
     tol = check["tolerance"]
     figures = (
-        f"max |Δlogit| {check['max_abs_logit_diff']:.3g} (tolerance {tol['max_abs']:.3g}), mean "
-        f"{check['mean_abs_logit_diff']:.3g} (tolerance {tol['mean_abs']:.3g}), argmax agreement "
+        f"max |Δlogit| {_fmt(check['max_abs_logit_diff'])} (tolerance {tol['max_abs']:.3g}), mean "
+        f"{_fmt(check['mean_abs_logit_diff'])} (tolerance {tol['mean_abs']:.3g}), argmax agreement "
         f"{100 * check['token_agreement']:.1f}%, identical {check['greedy_tokens']}-token greedy continuations "
         f"{100 * check['greedy_agreement']:.0f}% over {check['probes']} probes; the adapter itself moves the logits "
-        f"by {check['adapter_effect']['mean_abs_logit_diff']:.3g} on average"
+        f"by {_fmt(check['adapter_effect']['mean_abs_logit_diff'])} on average"
     )
     if check["verified"]:
         reporter.log(f"Check passed: the merged model matches the adapter on its base in {tol['dtype']}: {figures}")
@@ -1147,10 +1150,14 @@ def _log_check(check: dict[str, Any], reporter: Reporter) -> None:
     elif gap:
         reporter.log(
             f"For information, the adapter on the {gap['quantization']} base it was trained on differs from the "
-            f"merged model by max |Δlogit| {gap['max_abs_logit_diff']:.3g}, mean {gap['mean_abs_logit_diff']:.3g}; "
+            f"merged model by max |Δlogit| {_fmt(gap['max_abs_logit_diff'])}, mean {_fmt(gap['mean_abs_logit_diff'])}; "
             f"argmax agreement {100 * gap['token_agreement']:.1f}%, identical greedy continuations "
             f"{100 * gap['greedy_agreement']:.0f}%"
         )
+
+
+def _fmt(value: float | None) -> str:
+    return "not finite (NaN or infinite logits)" if value is None else f"{value:.3g}"
 
 
 # --- combining adapters ------------------------------------------------------------------------------------------

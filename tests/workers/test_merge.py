@@ -211,6 +211,10 @@ def test_a_corrupted_merge_is_flagged_and_a_rounding_sized_change_is_not(
     nudged = verify_merge(tiny_model_dir, adapter, corrupted("nudged", weight, lambda w: w * (1 + 1e-6)), "float32")
     assert nudged["verified"] is True and nudged["max_abs_logit_diff"] < dropped["max_abs_logit_diff"] / 100
 
+    # NaN weights give NaN logits: not verified, and no figure pretends otherwise.
+    broken = verify_merge(tiny_model_dir, adapter, corrupted("nan", weight, lambda w: w * float("nan")), "float32")
+    assert broken["verified"] is False and broken["max_abs_logit_diff"] is None
+
 
 def test_a_qlora_adapter_merges_into_the_unquantized_base(tiny_model_dir: Path, store: ArtifactStore) -> None:
     from workers.demo import write_toy_dataset
