@@ -7,6 +7,7 @@ Each of these runs as an `AdapterJob` on a worker, with the same ledger as a tra
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -17,7 +18,7 @@ from django.db.models.functions import Concat
 
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, RunState
-from workers.jobspecs import BASE_KEY
+from workers.jobspecs import BASE_KEY, JOB_SPECS
 
 
 class JobKind(models.TextChoices):
@@ -75,7 +76,9 @@ class AdapterJob(models.Model):
         return ArtifactStore.uri("jobs", self.pk, "output")
 
     def job_spec(self) -> dict[str, Any]:
-        spec = {**self.params, "job_id": self.pk, "attempt": self.attempt}
+        """The worker's spec: the params that are spec fields (others, like a new adapter's name, stay here)."""
+        names = {f.name for f in dataclasses.fields(JOB_SPECS[self.kind])}
+        spec = {**{k: v for k, v in self.params.items() if k in names}, "job_id": self.pk, "attempt": self.attempt}
         if self.kind == JobKind.PUSH:
             spec["token"] = settings.HF_TOKEN  # handed to the worker at claim time only, never stored
         return spec

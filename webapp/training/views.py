@@ -233,7 +233,8 @@ def adapter_download(request: HttpRequest, pk: int) -> FileResponse:
 
 def _sse(event: str, data: str, event_id: int | None = None) -> str:
     lines = [f"event: {event}"] + ([f"id: {event_id}"] if event_id is not None else [])
-    lines += [f"data: {line}" for line in data.splitlines() or [""]]
+    # split("\n"), not splitlines(): a trailing newline of streamed text must survive ("6\n" -> "data: 6", "data: ")
+    lines += [f"data: {line}" for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     return "\n".join(lines) + "\n\n"
 
 
