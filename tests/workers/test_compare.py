@@ -284,3 +284,47 @@ def test_invalid_spec_fails_with_field_named_problems(tiny_model_dir: Path, task
 
     error = reporter.states[-1][2]
     assert "max_new_tokens: must be between 1 and 4096" in error and "prompts: the prompt set is empty" in error
+
+
+def save_random_lora(model_dir: Path, store: ArtifactStore, uri: str, seed: int, **lora: Any) -> str:
+    """A LoRA of the tiny model with random (non-zero) B, so that it changes the answers untrained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(str(store.path(uri)))
+    return uri
+
+
+def test_stacked_adapters_of_other_ranks_and_targets_match_sequential(
+    tiny_model_dir: Path, task_adapters: Adapters, rows: Rows
+) -> None:
+    store, uris = task_adapters
+    narrow = save_random_lora(tiny_model_dir, store, "store://tests/r4-qv", 1, r=4, target_modules=["q_proj", "v_proj"])
+    refs = [*task_refs(uris), AdapterRef(key="narrow", uri=narrow, r=4)]
+    model, tokenizer, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), refs, LoadParams(), store)
+    prompt_ids = encode_prompts(tokenizer, [r["instruction"] for r in rows[::4]], chat_template=True)
+    # The base between adapters: the stacked rows are not one contiguous block (index_select / index_add_).
+    columns = ["narrow", BASE_KEY, "add", "double"]
+
+    def grid(**options: Any) -> Grid:
+        return generate_token_grid(model, prompt_ids, columns, GREEDY, pad_token_id=tokenizer.pad_token_id, **options)
+
+    stacked, sequential = grid(), grid(batched=False)
+    assert stacked == sequential
+    assert sum(stacked[(i, "narrow")] != stacked[(i, BASE_KEY)] for i in range(len(prompt_ids))) >= len(prompt_ids) // 2
+
+
+def test_dora_adapter_falls_back_to_sequential(tiny_model_dir: Path, task_adapters: Adapters, rows: Rows) -> None:
+    store, uris = task_adapters
+    dora = save_random_lora(tiny_model_dir, store, "store://tests/dora", 2, r=8, use_dora=True)
+    refs = [*task_refs(uris), AdapterRef(key="dora", label="DoRA run", uri=dora, r=8)]
+    reporter = MemoryReporter()
+
+    result = run_compare(make_spec(tiny_model_dir, refs, [r["instruction"] for r in rows[::10]]), reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    assert result["mode"] == "sequential"
+    assert any(line.startswith("Sequential") and "DoRA run: DoRA" in line for line in reporter.logs)
