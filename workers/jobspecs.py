@@ -228,8 +228,11 @@ class PushSpec:
         errors: dict[str, str] = {}
         if not self.token:
             errors["token"] = "no Hugging Face token is configured (TUNEDECK_HF_TOKEN on the control plane)"
-        if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
-            errors["repo_id"] = f"must be namespace/name, got {self.repo_id!r}"
+        from workers.hub import repo_id_problem
+
+        problem = repo_id_problem(self.repo_id)
+        if problem:
+            errors["repo_id"] = problem
         return errors
 
 

@@ -12,6 +12,11 @@ from workers.reporter import Reporter
 from workers.store import ArtifactStore
 
 
+def _say(reporter: Reporter, line: str) -> None:
+    reporter.log(line)
+    reporter.maybe_flush()
+
+
 def run_push(spec: PushSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     reporter.started()
     started = time.monotonic()
@@ -29,7 +34,7 @@ def run_push(spec: PushSpec, reporter: Reporter, store: ArtifactStore) -> dict[s
             endpoint=spec.endpoint,
             private=spec.private,
             commit_message=spec.commit_message,
-            progress=lambda line: (reporter.log(line), reporter.maybe_flush()),
+            progress=lambda line: _say(reporter, line),
         )
     except StaleAttempt:
         raise

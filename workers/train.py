@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import random
 import time
 import traceback
 from dataclasses import dataclass
@@ -211,15 +210,11 @@ def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]
     if spec.eval_dataset is not None:
         _, eval_rows = load_trl_rows(store.path(spec.eval_dataset.uri))
         return rows, eval_rows
-    fraction = spec.train.eval_fraction
-    if not fraction:
+    if not spec.train.eval_fraction:
         return rows, []
-    count = max(1, round(len(rows) * fraction))
-    if count >= len(rows):
-        raise RunnerError(f"eval_fraction {fraction} leaves no training rows out of {len(rows)}")
-    order = list(range(len(rows)))
-    random.Random(spec.train.seed).shuffle(order)
-    held = set(order[:count])
+    from workers.evaluate import held_out_indices  # the one definition of the split, shared with evaluations
+
+    held = set(held_out_indices(len(rows), spec.train.eval_fraction, spec.train.seed))
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 

@@ -211,7 +211,7 @@ def test_the_push_token_reaches_the_worker_at_claim_and_is_never_stored(team: An
 def test_the_scheduler_places_adapter_jobs_and_runs_oldest_first_one_per_worker(team: Any) -> None:
     run = make(team)
     job = compare(team, adapter(team)).job
-    w1, _ = make_worker("w1")
+    make_worker("w1")
     assert scheduler.dispatch_queued() == 1
     run.refresh_from_db()
     job.refresh_from_db()

@@ -180,6 +180,9 @@ class JobEvent(models.Model):
         constraints = [models.UniqueConstraint(fields=["job", "attempt", "seq"], name="jobevent_unique_seq")]
         indexes = [models.Index(fields=["job", "id"], name="jobevent_job_id")]
 
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.pk} {self.kind}"
+
 
 class PromptSet(models.Model):
     """A reusable list of prompts, each with an optional reference answer."""
@@ -268,6 +271,9 @@ class ComparisonCell(models.Model):
         ordering = ["row", "id"]
         constraints = [models.UniqueConstraint(fields=["comparison", "row", "column"], name="cell_unique")]
 
+    def __str__(self) -> str:
+        return f"row {self.row} · {self.column}"
+
 
 class Vote(models.Model):
     """A teammate's blind pick of the best output of one row (or a tie): one per person per row."""
@@ -282,6 +288,9 @@ class Vote(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["comparison", "row", "user"], name="vote_once_per_row")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} on row {self.row}: {self.choice}"
 
 
 class MergedModel(models.Model):

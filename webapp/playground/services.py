@@ -201,7 +201,8 @@ def parse_prompts(text: str) -> list[dict[str, str]]:
     """Typed prompts: one per line, or blocks separated by a line holding only '---' (multi-line prompts)."""
     lines = text.replace("\r\n", "\n").split("\n")
     if any(line.strip() == "---" for line in lines):
-        blocks, current = [], []
+        blocks: list[str] = []
+        current: list[str] = []
         for line in lines:
             if line.strip() == "---":
                 blocks.append("\n".join(current))

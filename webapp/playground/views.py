@@ -21,7 +21,16 @@ from django.views.decorators.http import require_POST
 
 from webapp.playground import services
 from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
-from webapp.playground.models import AdapterJob, Comparison, ComparisonCell, JobEvent, JobKind, MergedModel, PromptSet, Vote
+from webapp.playground.models import (
+    AdapterJob,
+    Comparison,
+    ComparisonCell,
+    JobEvent,
+    JobKind,
+    MergedModel,
+    PromptSet,
+    Vote,
+)
 from webapp.training import ledger
 from webapp.training.models import Adapter
 from webapp.training.views import STREAM_PING_S, STREAM_POLL_S, _cursor, _sse, log_line
@@ -163,7 +172,7 @@ def stream_zip(folder: Path, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 
     Safetensors shards are stored, not deflated (they do not compress, and unpacking stays a copy)."""
     pipe = _Pipe()
-    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:  # type: ignore[arg-type]
+    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:  # type: ignore[call-overload]
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             info = zipfile.ZipInfo.from_file(file, str(file.relative_to(folder)))
             info.compress_type = zipfile.ZIP_STORED if file.suffix == ".safetensors" else zipfile.ZIP_DEFLATED

@@ -205,3 +205,6 @@ class AdapterParent(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [models.UniqueConstraint(fields=["child", "parent"], name="adapter_parent_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.parent_id} x {self.weight} -> {self.child_id}"
