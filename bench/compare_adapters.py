@@ -69,6 +69,24 @@ def build_model(tiny: bool, device: str, dtype: Any) -> Any:
     return model.eval()
 
 
+def quantize_4bit(model: Any, dtype: Any) -> Any:
+    """The same random model reloaded in 4-bit NF4 with double quant (saved to a scratch folder first), as a
+    comparison of QLoRA adapters loads its base."""
+    import tempfile
+
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="compare-bench-") as folder:
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        return LlamaForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype, device_map="cuda").eval()
+
+
 def add_adapters(model: Any, count: int) -> tuple[Any, list[str]]:
     """`count` random LoRA adapters under the keys a0, a1, ... (non-zero B, so every adapter changes the output)."""
     import torch
@@ -83,6 +101,10 @@ def add_adapters(model: Any, count: int) -> tuple[Any, list[str]]:
     peft_model = get_peft_model(model, config, adapter_name=peft_adapter_name(keys[0]), autocast_adapter_dtype=False)
     for key in keys[1:]:
         peft_model.add_adapter(peft_adapter_name(key), config, autocast_adapter_dtype=False)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
     return peft_model.eval(), keys
 
 
@@ -157,6 +179,10 @@ def parse_args() -> argparse.Namespace:
         "--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
         help="auto: bfloat16 on the GPU, float32 on the CPU",
     )  # fmt: skip
+    parser.add_argument(
+        "--quantization", default="none", choices=("none", "4bit"),
+        help="4bit: the base in NF4 with double quant (GPU only), as a comparison of QLoRA adapters loads it",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the median is shown)")
     args = parser.parse_args()
     args.ks = sorted({int(k) for k in args.k.split(",")})
@@ -183,12 +209,17 @@ def main() -> None:
         torch.set_num_threads(1)
 
     model = build_model(args.tiny, args.device, dtype)
+    size = sum(p.numel() for p in model.parameters()) / 1e9
+    if args.quantization == "4bit":
+        if args.device != "cuda":
+            raise SystemExit("--quantization 4bit needs a GPU")
+        model = quantize_4bit(model, dtype)
     prompts = make_prompts(args.prompts, model.config.vocab_size, args.prompt_median)
     lengths = sorted(len(p) for p in prompts)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "the CPU"
-    size = sum(p.numel() for p in model.parameters()) / 1e9
     shape = "tiny Llama" if args.tiny else "Llama-3.1-8B shape"
-    print(f"{shape} ({size:.2f}B parameters, random), {str(dtype).removeprefix('torch.')} on {where}; "
+    print(f"{shape} ({size:.2f}B parameters, random), {str(dtype).removeprefix('torch.')}"
+          f"{' over a 4-bit NF4 base' if args.quantization == '4bit' else ''} on {where}; "
           f"torch {torch.__version__}")  # fmt: skip
     print(f"{args.prompts} prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), "
           f"left-padded; {args.new_tokens} new tokens per answer, greedy; LoRA r=16 on {', '.join(TARGETS)}")  # fmt: skip

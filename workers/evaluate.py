@@ -36,7 +36,7 @@ from workers.peftsetup import RunnerError
 from workers.reporter import Reporter
 from workers.scoring import exact_match, rouge_l
 from workers.store import ArtifactStore
-from workers.train import FORWARDED_LOGGERS, Cancelled, _ReporterLogHandler
+from workers.train import FORWARDED_LOGGERS, Cancelled, ReporterLogHandler
 
 SAMPLE_ROWS = 20
 MAX_LOSS_BATCH_ROWS = 32
@@ -235,7 +235,7 @@ def _column(model: Any, column: str) -> Iterator[None]:
 
 def run_evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt and report its outcome; returns the result on success."""
-    handler = _ReporterLogHandler(reporter)
+    handler = ReporterLogHandler(reporter)
     for name in FORWARDED_LOGGERS:
         logging.getLogger(name).addHandler(handler)
     try:
@@ -291,7 +291,7 @@ class _Progress:
             raise Cancelled()
 
 
-def _check_cancel(reporter: Reporter) -> None:
+def check_cancel(reporter: Reporter) -> None:
     reporter.flush()
     if reporter.cancel_requested:
         raise Cancelled()
@@ -321,10 +321,10 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
     reporter.log(f"Dataset: {available} rows, format {fmt}; scoring {len(rows)} of {split}")
     columns = ([BASE_KEY] if spec.include_base else []) + [a.key for a in spec.adapters]
     labels = {BASE_KEY: "base model", **{a.key: a.label or a.key for a in spec.adapters}}
-    _check_cancel(reporter)
+    check_cancel(reporter)
 
     model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
-    _check_cancel(reporter)
+    check_cancel(reporter)
     encoded = [encode(tokenizer, row) for row in rows]
     limit = getattr(model.config, "max_position_embeddings", None)
     cut = fit_context(encoded, limit, spec.generation.max_new_tokens)

@@ -34,8 +34,8 @@ from workers.train import (
     FORWARDED_LOGGERS,
     Cancelled,
     Device,
-    _check_cancel,
-    _ReporterLogHandler,
+    ReporterLogHandler,
+    check_cancel,
     pick_device,
 )
 
@@ -48,7 +48,7 @@ OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's r
 
 def run_compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt of a comparison and report its outcome; returns the result on success."""
-    handler = _ReporterLogHandler(reporter)
+    handler = ReporterLogHandler(reporter)
     for name in FORWARDED_LOGGERS:
         logging.getLogger(name).addHandler(handler)
     try:
@@ -83,7 +83,7 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     columns = ([BASE_KEY] if spec.include_base else []) + [a.key for a in spec.adapters]
     reporter.log(f"Comparing {len(columns)} column(s) on {len(spec.prompts)} prompt(s)")
     model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
-    _check_cancel(reporter)
+    check_cancel(reporter)
 
     refusals = mixed_batch_refusals(model, {a.key: a.label or a.key for a in spec.adapters})
     batched = can_batch(spec.adapters) and not refusals
@@ -587,8 +587,8 @@ def stacked_lora(model: Any, columns: list[str]) -> Iterator[bool]:
     batch, in `columns` order) x·Aᵀ·Bᵀ·scaling with all adapters stacked, added in place; BASE_KEY rows get the
     base alone. This is PEFT's mixed-batch arithmetic without its per-layer, per-step lists of row indices
     (Python loops over every row and an index copy to the GPU for each adapter of each layer). Yields False and
-    changes nothing where a layer is not a plain, unmerged LoRA Linear of plain LoRA adapters (quantized base,
-    DoRA, LoRA bias) or the model has extra trained modules (modules_to_save): PEFT's adapter_names then."""
+    changes nothing where a layer is not a plain, unmerged LoRA Linear (over a full-precision or bitsandbytes
+    base) of plain LoRA adapters (DoRA, LoRA bias) or the model has extra trained modules (modules_to_save): PEFT's adapter_names then."""
     layers = _stackable_layers(model, columns)
     if layers is None:
         yield False
@@ -608,6 +608,15 @@ def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack 
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
+    # Plain LoRA Linear layers over a full-precision or a bitsandbytes 4-/8-bit base: the stacked forward
+    # runs the base layer as it is (quantized or not) and adds the adapters' deltas in their own dtype.
+    stackable = {LoraLinear}
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        stackable |= {getattr(lora_bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, name)}
+    except ImportError:  # bitsandbytes missing: no quantized bases either
+        pass
     if not isinstance(model, PeftModel) or columns == [BASE_KEY] * len(columns):
         return None
     if any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
@@ -619,7 +628,7 @@ def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack 
             return None
         if not isinstance(module, LoraLayer):
             continue
-        if type(module) is not LoraLinear or module.merged:
+        if type(module) not in stackable or module.merged:
             return None
         present = [(i, name) for i, name in enumerate(names) if name is not None and name in module.lora_A]
         plain = all(

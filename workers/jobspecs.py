@@ -18,15 +18,16 @@ T = TypeVar("T")
 
 MAX_ADAPTERS = 8
 BASE_KEY = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches, and our column key for the base
-# Every combination type of PEFT's add_weighted_adapter.
+# Every combination type of PEFT's add_weighted_adapter. linear is the exact weighted sum of the deltas
+# (through PEFT's cat), not PEFT's factor-wise linear (see workers/merge.py).
 COMBINATIONS = (
     "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
     "magnitude_prune", "magnitude_prune_svd",
 )
 DENSITY_COMBINATIONS = tuple(c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude")))
 SVD_COMBINATIONS = tuple(c for c in COMBINATIONS if c == "svd" or c.endswith("_svd"))
-# Types that add the adapters' delta weights entry-wise (not by concatenating or via SVD): equal ranks needed.
-EQUAL_RANK_COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# Types that combine the adapters' A and B factors entry-wise (not the deltas): equal ranks needed.
+EQUAL_RANK_COMBINATIONS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -37,6 +38,8 @@ class AdapterRef:
     uri: str = _help("Store URI of the adapter folder (adapter_config.json + adapter_model.safetensors).", "")
     method: str = _help("The adapter's method (lora, ia3, prefix_tuning, prompt_tuning).", "lora")
     r: int = _help("LoRA rank (0 when not a LoRA).", 0)
+    quantization: str = _help("Quantization of the base the adapter was trained on: none, 8bit or 4bit (QLoRA).", "none")
+    quant_type: str = _help("4-bit type it was trained with (nf4 or fp4).", "nf4")
 
 
 @dataclass
@@ -119,7 +122,7 @@ class MergeSpec:
     base_model: ModelRef
     adapter: AdapterRef
     output_uri: str
-    dtype: str = "auto"  # dtype of the merged weights; auto: the base's own dtype (float32 on the CPU)
+    dtype: str = "auto"  # dtype of the merged weights; auto: the base checkpoint's own dtype (float32 if it names none)
     max_shard_size: str = "2GB"
     probe_prompts: list[str] = field(default_factory=list)  # empty: a fixed built-in probe set
 
@@ -164,7 +167,7 @@ class CombineSpec:
         if self.combination_type in EQUAL_RANK_COMBINATIONS and len(ranks) > 1:
             errors["adapters"] = (
                 f"{self.combination_type} adds the adapters entry-wise and needs equal ranks; got ranks "
-                f"{', '.join(str(a.r) for a in self.adapters)} (use cat or an svd type for mixed ranks)"
+                f"{', '.join(str(a.r) for a in self.adapters)} (use linear, cat or an svd type for mixed ranks)"
             )
         if self.combination_type in DENSITY_COMBINATIONS:
             if self.density is None or not 0.0 < self.density <= 1.0:

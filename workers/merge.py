@@ -38,7 +38,7 @@ from workers.peftsetup import RunnerError
 from workers.reporter import Reporter
 from workers.spec import ModelRef
 from workers.store import ArtifactStore, sha256_of, size_of
-from workers.train import FORWARDED_LOGGERS, Cancelled, _ReporterLogHandler
+from workers.train import FORWARDED_LOGGERS, Cancelled, ReporterLogHandler
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def run_combine(spec: CombineSpec, reporter: Reporter, store: ArtifactStore) -> 
 
 
 def _run_job(reporter: Reporter, body: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-    handler = _ReporterLogHandler(reporter)
+    handler = ReporterLogHandler(reporter)
     for name in FORWARDED_LOGGERS:
         logging.getLogger(name).addHandler(handler)
     try:
@@ -170,7 +170,7 @@ def _forward_warnings(caught: list[warnings.WarningMessage], reporter: Reporter)
             reporter.log(text, level="warning")
 
 
-def _check_cancel(reporter: Reporter) -> None:
+def check_cancel(reporter: Reporter) -> None:
     reporter.maybe_flush()
     if reporter.cancel_requested:
         raise Cancelled()
@@ -246,7 +246,7 @@ def _write_merged(
 
     def progress(done: int, total: int) -> None:
         reporter.log(f"Wrote shard {done}/{total}")
-        _check_cancel(reporter)
+        check_cancel(reporter)
 
     trust_remote_code = spec.base_model.trust_remote_code
     try:
@@ -264,7 +264,7 @@ def _write_merged(
             method = "peft"
         peak_rss = _peak_rss_bytes()
         write_companions(base_dir, adapter_dir, part, trust_remote_code)
-        _check_cancel(reporter)
+        check_cancel(reporter)
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise

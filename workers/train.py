@@ -69,7 +69,7 @@ def pick_device(compute_dtype: str) -> Device:
     return Device("cpu", "float32" if compute_dtype == "auto" else compute_dtype)
 
 
-class _ReporterLogHandler(logging.Handler):
+class ReporterLogHandler(logging.Handler):
     """Forward the ML libraries' warnings into the run's log."""
 
     def __init__(self, reporter: Reporter):
@@ -82,7 +82,7 @@ class _ReporterLogHandler(logging.Handler):
 
 def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt and report its outcome; returns the result on success."""
-    handler = _ReporterLogHandler(reporter)
+    handler = ReporterLogHandler(reporter)
     for name in FORWARDED_LOGGERS:
         logging.getLogger(name).addHandler(handler)
     try:
@@ -127,7 +127,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     reporter.log(f"Plan: {plan.describe()}")
     tokenizer = _load_tokenizer(spec, rows, reporter)
     model = _load_model(spec, device, reporter, plan)
-    _check_cancel(reporter)
+    check_cancel(reporter)
 
     from datasets import Dataset
 
@@ -284,7 +284,7 @@ def _peak_memory(device: Device) -> dict[str, Any]:
     }
 
 
-def _check_cancel(reporter: Reporter) -> None:
+def check_cancel(reporter: Reporter) -> None:
     reporter.flush()
     if reporter.cancel_requested:
         raise Cancelled()

@@ -54,12 +54,12 @@ def test_adapters_of_different_bases_are_refused_with_who_was_trained_on_what(te
     assert not AdapterJob.objects.exists() and not Comparison.objects.exists()
 
 
-def test_linear_combination_of_unequal_ranks_is_refused_naming_the_ranks(team: Any) -> None:
+def test_a_factorwise_combination_of_unequal_ranks_is_refused_naming_the_ranks(team: Any) -> None:
     a, b = adapter(team, rank=8, name="r8"), adapter(team, rank=16, name="r16")
     with pytest.raises(services.JobError) as refused:
-        services.start_combine(team[0]["owner"], [a, b], [0.5, 0.5], "linear")
+        services.start_combine(team[0]["owner"], [a, b], [0.5, 0.5], "ties", density=0.5)
     assert "equal ranks" in str(refused.value) and "8, 16" in str(refused.value)
-    job = services.start_combine(team[0]["owner"], [a, b], [0.5, 0.5], "cat")  # cat takes any ranks
+    job = services.start_combine(team[0]["owner"], [a, b], [0.5, 0.5], "linear")  # the exact sum takes any ranks
     assert job.state == "queued" and job.params["output_uri"] == f"store://jobs/{job.pk}/output"
 
 

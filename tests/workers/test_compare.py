@@ -328,3 +328,24 @@ def test_dora_adapter_falls_back_to_sequential(tiny_model_dir: Path, task_adapte
     assert result is not None, reporter.states[-1]
     assert result["mode"] == "sequential"
     assert any(line.startswith("Sequential") and "DoRA run: DoRA" in line for line in reporter.logs)
+
+
+def test_a_4bit_base_is_batched_by_stacking_and_matches_sequential(
+    tiny_model_dir: Path, task_adapters: Adapters, rows: Rows
+) -> None:
+    """QLoRA adapters are compared on the 4-bit base they were trained on: the stacked path covers bitsandbytes
+    layers too (the base layer runs quantized, the deltas are added), with the same answers as one by one."""
+    from workers.generate import stacked_lora
+
+    store, uris = task_adapters
+    refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
+    model, tokenizer, _ = load_for_inference(
+        ModelRef(source=str(tiny_model_dir)), refs, LoadParams(quantization="4bit"), store
+    )
+    with stacked_lora(model, COLUMNS) as stacking:
+        assert stacking is True
+    prompts = [r["instruction"] for r in rows[::8]]
+    batched = generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY, batched=True)
+    sequential = generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY, batched=False)
+    assert batched == sequential
+    assert any(batched[(i, "add")] != batched[(i, BASE_KEY)] for i in range(len(prompts)))

@@ -15,8 +15,8 @@ from django.utils import timezone
 
 from webapp.celery import send_wakeup
 from webapp.fleet.models import Worker, WorkerState
-from webapp.training import ledger
 from webapp.playground.models import AdapterJob
+from webapp.training import ledger
 from webapp.training.models import ACTIVE_STATES, RunState, TrainingRun
 
 # Every kind of job the workers run: training runs and adapter jobs (compare, merge, combine, evaluate, push).

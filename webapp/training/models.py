@@ -194,7 +194,9 @@ class Adapter(models.Model):
     def ref(self) -> Any:
         from workers.jobspecs import AdapterRef
 
-        return AdapterRef(key=self.key, label=str(self), uri=self.uri, method=self.method, r=self.rank)
+        return AdapterRef(
+            key=self.key, label=str(self), uri=self.uri, method=self.method, r=self.rank, quantization=self.quantization
+        )
 
 
 class AdapterParent(models.Model):
