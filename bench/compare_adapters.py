@@ -11,7 +11,7 @@ seed 0, left-padded) are answered three ways, through the code a compare job run
   loop         one adapter after another, set_adapter between calls             (k calls of prompts rows)
 
 Greedy decoding of exactly --new-tokens tokens per answer (min_new_tokens = max_new_tokens, so no EOS ends a
-row early). Each mode is warmed up, then timed twice: with 1 new token (the prompts' forward pass) and in full.
+row early). Each mode is warmed up with a full run, then timed twice: with 1 new token (the prompts' forward pass) and in full.
 Goal: k = 8 batched in at most 1.5x the base-alone time, and at least 5x faster than the loop.
 
     python bench/compare_adapters.py                  # Llama-3.1-8B shape, bf16, on the GPU
@@ -134,7 +134,7 @@ def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: b
             batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens, stacked=stacked,
         )  # fmt: skip
 
-    run(2)  # warm-up: kernels, allocator
+    run(tokens=args.new_tokens)  # warm-up at full length: kernels, allocator, attention plans of every cache length
     prefill, _ = timed(lambda: run(1), args.device, args.repeats)
     seconds, output = timed(lambda: run(args.new_tokens), args.device, args.repeats)
     return Timing(seconds, prefill, output)
