@@ -26,3 +26,21 @@ def test_train_throughput_tiny_runs_every_recipe(tmp_path: Path) -> None:
         assert 0 < result["real_share"] <= 1
     assert results["a"]["real_share"] < results["c"]["real_share"]  # padding to the row length wastes tokens
     assert "micro-batch 1 x 2" in results["d-memory@rows=1+accum=2"]["plan"]
+
+
+def test_compare_adapters_tiny_prints_every_mode_and_same_answers() -> None:
+    run = subprocess.run(
+        [sys.executable, "bench/compare_adapters.py", "--tiny", "--k", "2", "--prompts", "8", "--new-tokens", "4"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| 2 |"))
+    assert row.rstrip().endswith("| 100% |"), row  # float32: batched and loop give the same greedy answers
+    assert "Goal at k = 2" in run.stdout
+
+
+def test_merge_memory_tiny_merges_both_ways_and_checks() -> None:
+    run = subprocess.run(
+        [sys.executable, "bench/merge_memory.py", "--tiny"], cwd=ROOT, check=True, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert "| streamed |" in run.stdout and "| peft |" in run.stdout and "streamed / PEFT" in run.stdout
