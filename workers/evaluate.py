@@ -17,26 +17,21 @@ the same prompt tokens feed the loss and the generation (GenerationParams.chat_t
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
-import traceback
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers.client import StaleAttempt
 from workers.datasets import DatasetError, load_trl_rows, to_trl_row
+from workers.jobrunner import Cancelled, check_cancel, run_reported
 from workers.jobspecs import BASE_KEY, EvaluateSpec
 from workers.modelinfo import ModelNotFound
 from workers.peftsetup import RunnerError
 from workers.reporter import Reporter
 from workers.scoring import exact_match, rouge_l
 from workers.store import ArtifactStore
-from workers.train import FORWARDED_LOGGERS, Cancelled, ReporterLogHandler
 
 SAMPLE_ROWS = 20
 MAX_LOSS_BATCH_ROWS = 32
@@ -213,67 +208,17 @@ def _vocab_size(model: Any) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
-@contextmanager
-def _column(model: Any, column: str) -> Iterator[None]:
-    """The model as one column sees it: that adapter active, or every adapter off for the base."""
-    from peft import PeftModel
-
-    from workers.generate import peft_adapter_name
-
-    if not isinstance(model, PeftModel):
-        yield
-    elif column == BASE_KEY:
-        with model.disable_adapter():
-            yield
-    else:
-        model.set_adapter(peft_adapter_name(column))
-        yield
-
-
 # --- the runner --------------------------------------------------------------------------------------------
 
 
 def run_evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt and report its outcome; returns the result on success."""
-    handler = ReporterLogHandler(reporter)
-    for name in FORWARDED_LOGGERS:
-        logging.getLogger(name).addHandler(handler)
-    try:
-        reporter.started()
-        with _forwarded_warnings(reporter):
-            result = _evaluate(spec, reporter, store)
-    except StaleAttempt:
-        raise
-    except Cancelled:
-        reporter.log("Cancelled: evaluation stopped at the user's request.", level="warning")
-        reporter.finish("cancelled")
-        return None
-    except (RunnerError, DatasetError, ModelNotFound) as exc:
-        reporter.log(f"Failed: {exc}", level="error")
-        reporter.finish("failed", error=str(exc))
-        return None
-    except Exception as exc:
-        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
-        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        return None
-    finally:
-        for name in FORWARDED_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-    reporter.finish("succeeded", result)
-    return result
-
-
-@contextmanager
-def _forwarded_warnings(reporter: Reporter) -> Iterator[None]:
-    """Python warnings raised meanwhile (transformers' generation advice, PEFT's) go to the job's log, once each."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-
-        def show(message: Any, category: type[Warning], filename: str, lineno: int, *args: Any, **kwargs: Any) -> None:
-            reporter.log(f"{category.__name__}: {message}", level="warning")
-
-        warnings.showwarning = show
-        yield
+    return run_reported(
+        reporter,
+        lambda: _evaluate(spec, reporter, store),
+        expected=(RunnerError, DatasetError, ModelNotFound),
+        cancelled_message="Cancelled: evaluation stopped at the user's request.",
+    )
 
 
 class _Progress:
@@ -289,12 +234,6 @@ class _Progress:
         self.reporter.maybe_flush()
         if self.reporter.cancel_requested:
             raise Cancelled()
-
-
-def check_cancel(reporter: Reporter) -> None:
-    reporter.flush()
-    if reporter.cancel_requested:
-        raise Cancelled()
 
 
 def _load_rows(spec: EvaluateSpec, store: ArtifactStore) -> tuple[str, list[EvalRow], int]:
@@ -371,7 +310,9 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
 
 
 def _loss_of(model: Any, tokenizer: Any, encoded: list[Encoded], column: str, label: str, progress: _Progress) -> dict:
-    with _column(model, column):
+    from workers.generate import column_context
+
+    with column_context(model, column):
         total, count = reference_nll(
             model, encoded, _pad_id(tokenizer), on_batch=lambda n: progress.advance(n, phase="loss", column=column)
         )

@@ -13,31 +13,21 @@ paths pad the same prompts to the same length, so greedy outputs agree.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from workers.client import StaleAttempt
+from workers.jobrunner import Cancelled, check_cancel, run_reported
 from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, quantization_config, quantization_label
 from workers.reporter import Reporter
 from workers.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
 from workers.store import ArtifactStore
-from workers.train import (
-    FALLBACK_CHAT_TEMPLATE,
-    FORWARDED_LOGGERS,
-    Cancelled,
-    Device,
-    ReporterLogHandler,
-    check_cancel,
-    pick_device,
-)
+from workers.train import FALLBACK_CHAT_TEMPLATE, Device, pick_device
 
 Cell = tuple[int, str]  # (prompt row, column)
 OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's rows, and their generated ids so far
@@ -48,31 +38,12 @@ OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's r
 
 def run_compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt of a comparison and report its outcome; returns the result on success."""
-    handler = ReporterLogHandler(reporter)
-    for name in FORWARDED_LOGGERS:
-        logging.getLogger(name).addHandler(handler)
-    try:
-        reporter.started()
-        result = _compare(spec, reporter, store)
-    except StaleAttempt:
-        raise  # a newer attempt owns the job: report nothing more
-    except Cancelled:
-        reporter.log("Cancelled: generation stopped at the user's request.", level="warning")
-        reporter.finish("cancelled")
-        return None
-    except (RunnerError, ModelNotFound) as exc:
-        reporter.log(f"Failed: {exc}", level="error")
-        reporter.finish("failed", error=str(exc))
-        return None
-    except Exception as exc:
-        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
-        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        return None
-    finally:
-        for name in FORWARDED_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-    reporter.finish("succeeded", result)
-    return result
+    return run_reported(
+        reporter,
+        lambda: _compare(spec, reporter, store),
+        expected=(RunnerError, ModelNotFound),
+        cancelled_message="Cancelled: generation stopped at the user's request.",
+    )
 
 
 def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
@@ -479,7 +450,7 @@ def generate_token_grid(
     if batched:
         calls = [([(row, col) for col in columns for row in chunk], nullcontext()) for chunk in chunks]
     else:
-        calls = [([(row, col) for row in chunk], _column_context(model, col)) for col in columns for chunk in chunks]
+        calls = [([(row, col) for row in chunk], column_context(model, col)) for col in columns for chunk in chunks]
     results: dict[Cell, list[int]] = {}
     with stacked_lora(model, columns) if batched and stacked else nullcontext(False) as stacking:
         names = _adapter_names(model, columns) if batched and not stacking else None
@@ -517,7 +488,7 @@ def _check_columns(model: Any, columns: list[str], batched: bool) -> None:
 
 
 @contextmanager
-def _column_context(model: Any, column: str) -> Iterator[None]:
+def column_context(model: Any, column: str) -> Iterator[None]:
     """The model set up for one column: the adapter active, or every adapter off for the base."""
     from peft import PeftModel
 

@@ -10,14 +10,12 @@ import logging
 import os
 import platform
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from workers.client import StaleAttempt
 from workers.datasets import DatasetError, load_trl_rows
 from workers.engine import (
     Plan,
@@ -30,6 +28,9 @@ from workers.engine import (
     restore_kernels,
     sft_arguments,
 )
+from workers.jobrunner import FORWARDED_LOGGERS as FORWARDED_LOGGERS  # re-exported for older imports
+from workers.jobrunner import Cancelled, check_cancel, run_reported
+from workers.jobrunner import ReporterLogHandler as ReporterLogHandler
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, build_peft_config, prepare_adapter, quantization_config, save_adapter
 from workers.reporter import Reporter
@@ -46,11 +47,6 @@ FALLBACK_CHAT_TEMPLATE = (
 # fragmenting (read once, when CUDA starts: a worker sets it before its first job).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 log = logging.getLogger(__name__)
-FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
-
-
-class Cancelled(Exception):
-    pass
 
 
 @dataclass
@@ -69,45 +65,15 @@ def pick_device(compute_dtype: str) -> Device:
     return Device("cpu", "float32" if compute_dtype == "auto" else compute_dtype)
 
 
-class ReporterLogHandler(logging.Handler):
-    """Forward the ML libraries' warnings into the run's log."""
-
-    def __init__(self, reporter: Reporter):
-        super().__init__(level=logging.WARNING)
-        self.reporter = reporter
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.reporter.log(f"{record.name}: {record.getMessage()}", level=record.levelname.lower())
-
-
 def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt and report its outcome; returns the result on success."""
-    handler = ReporterLogHandler(reporter)
-    for name in FORWARDED_LOGGERS:
-        logging.getLogger(name).addHandler(handler)
-    try:
-        reporter.started()
-        result = _train(spec, reporter, store)
-    except StaleAttempt:
-        raise  # a newer attempt owns the run: report nothing more
-    except Cancelled:
-        reporter.log("Cancelled: training stopped at the user's request.", level="warning")
-        reporter.finish("cancelled")
-        return None
-    except (RunnerError, DatasetError, ModelNotFound) as exc:
-        reporter.log(f"Failed: {exc}", level="error")
-        reporter.finish("failed", error=str(exc))
-        return None
-    except Exception as exc:
-        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
-        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        return None
-    finally:
-        restore_kernels()
-        for name in FORWARDED_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-    reporter.finish("succeeded", result)
-    return result
+    return run_reported(
+        reporter,
+        lambda: _train(spec, reporter, store),
+        expected=(RunnerError, DatasetError, ModelNotFound),
+        cancelled_message="Cancelled: training stopped at the user's request.",
+        cleanup=restore_kernels,
+    )
 
 
 def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
@@ -282,12 +248,6 @@ def _peak_memory(device: Device) -> dict[str, Any]:
         "peak_memory_reserved": torch.cuda.max_memory_reserved(),
         "peak_memory_allocated": torch.cuda.max_memory_allocated(),
     }
-
-
-def check_cancel(reporter: Reporter) -> None:
-    reporter.flush()
-    if reporter.cancel_requested:
-        raise Cancelled()
 
 
 def _load_tokenizer(spec: TrainSpec, rows: list[dict[str, Any]], reporter: Reporter) -> Any:

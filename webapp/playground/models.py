@@ -17,7 +17,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, RunState
+from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, LedgerJob
 from workers.jobspecs import BASE_KEY, JOB_SPECS
 
 
@@ -29,7 +29,7 @@ class JobKind(models.TextChoices):
     PUSH = "push"
 
 
-class AdapterJob(models.Model):
+class AdapterJob(LedgerJob):
     NOUN = "job"
     TASK = "tunedeck.run_adapter_job"
 
@@ -40,20 +40,8 @@ class AdapterJob(models.Model):
     params = models.JSONField(default=dict)
     # The adapters the job reads (in column order for comparisons and evaluations).
     adapters = models.ManyToManyField(Adapter, related_name="jobs", blank=True)
-    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
-    attempt = models.PositiveIntegerField(default=0)
     worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="adapter_jobs")
-    cancel_requested = models.BooleanField(default=False)
-    error = models.TextField(blank=True)
-    step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
     result = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    dispatched_at = models.DateTimeField(null=True, blank=True)
-    claimed_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    last_report_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -61,14 +49,6 @@ class AdapterJob(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} job {self.pk}"
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
     def output_uri(self) -> str:
         from workers.store import ArtifactStore

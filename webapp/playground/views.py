@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import asyncio
 import html
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -33,7 +31,7 @@ from webapp.playground.models import (
 )
 from webapp.training import ledger
 from webapp.training.models import Adapter
-from webapp.training.views import STREAM_PING_S, STREAM_POLL_S, _cursor, _sse, log_line
+from webapp.training.views import _cursor, _sse, event_stream, log_line, sse_response
 from workers import jobspecs
 from workers.store import ArtifactStore
 
@@ -524,36 +522,11 @@ def _job_batch(job_id: int, after: int, known_state: str | None) -> tuple[list[s
     return out, after, job.state, final
 
 
-async def _stream(job_id: int, after: int) -> AsyncIterator[str]:
-    yield "retry: 2000\n\n"
-    loop = asyncio.get_running_loop()
-    last_sent = loop.time()
-    next_batch = sync_to_async(_job_batch, thread_sensitive=False)
-    state: str | None = None
-    while True:
-        chunk, after, state, final = await next_batch(job_id, after, state)
-        for message in chunk:
-            yield message
-        now = loop.time()
-        if chunk:
-            last_sent = now
-        if final:
-            yield _sse("done", "")
-            return
-        if now - last_sent > STREAM_PING_S:
-            yield ": ping\n\n"
-            last_sent = now
-        await asyncio.sleep(STREAM_POLL_S)
-
-
 async def job_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
     user = await request.auser()
     if not user.is_authenticated:
         return HttpResponse("login required", status=401)
     if not await AdapterJob.objects.filter(pk=pk).aexists():
         raise Http404("no such job")
-    response = StreamingHttpResponse(_stream(pk, _cursor(request)), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return sse_response(event_stream(_job_batch, pk, _cursor(request)))
 

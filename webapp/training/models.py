@@ -28,7 +28,36 @@ WORKER_TRANSITIONS = {
 }
 
 
-class TrainingRun(models.Model):
+class LedgerJob(models.Model):
+    """The fields every kind of worker job keeps in its row, the ledger of the job (see ledger.py):
+    state, attempt (fencing), the cancel flag, progress and the timestamps of each transition."""
+
+    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
+    attempt = models.PositiveIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_report_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+class TrainingRun(LedgerJob):
     NOUN = "run"
     TASK = "tunedeck.run_job"  # the worker's Celery task for this kind of job
     name = models.CharField(max_length=200, blank=True)
@@ -37,23 +66,11 @@ class TrainingRun(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
     lora_config = models.ForeignKey(LoraConfig, on_delete=models.PROTECT, related_name="runs")
     hyperparameters = models.JSONField(default=dict)
-    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
-    attempt = models.PositiveIntegerField(default=0)
     worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
-    cancel_requested = models.BooleanField(default=False)
-    error = models.TextField(blank=True)
-    step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
     last_loss = models.FloatField(null=True, blank=True)
     # The run's metric curve, kept compact for the charts (see ledger.merge_points): reading a page
     # never scans the run's events, however long it trained.
     metric_points = models.JSONField(default=list, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    dispatched_at = models.DateTimeField(null=True, blank=True)
-    claimed_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    last_report_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -73,14 +90,6 @@ class TrainingRun(models.Model):
 
     def __str__(self) -> str:
         return self.name or f"run {self.pk}"
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
     def train_params(self) -> spec.TrainParams:
         return spec.build(spec.TrainParams, self.hyperparameters)

@@ -286,18 +286,21 @@ def _next_batch(run_id: int, after: int, known_state: str | None = None) -> tupl
     return out, after, state, final
 
 
-async def _stream(run_id: int, after: int) -> AsyncIterator[str]:
+async def event_stream(next_batch: Any, job_id: int, after: int) -> AsyncIterator[str]:
+    """The SSE loop of a job's page: `next_batch(job_id, after, state)` returns (messages, cursor, state, final).
+
+    Polls run in the shared thread pool (not Django's one sync thread), so many open pages do not queue
+    behind each other; a ping keeps proxies from closing a quiet stream; "done" ends it."""
     yield "retry: 2000\n\n"
-    last_sent = asyncio.get_running_loop().time()
-    # Polls run in the shared thread pool (not Django's one sync thread), so many open pages do not
-    # queue behind each other.
-    next_batch = sync_to_async(_next_batch, thread_sensitive=False)
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    poll = sync_to_async(next_batch, thread_sensitive=False)
     state: str | None = None
     while True:
-        messages_, after, state, final = await next_batch(run_id, after, state)
+        messages_, after, state, final = await poll(job_id, after, state)
         for message in messages_:
             yield message
-        now = asyncio.get_running_loop().time()
+        now = loop.time()
         if messages_:
             last_sent = now
         if final:
@@ -309,16 +312,20 @@ async def _stream(run_id: int, after: int) -> AsyncIterator[str]:
         await asyncio.sleep(STREAM_POLL_S)
 
 
+def sse_response(stream: AsyncIterator[str]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
 async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
     user = await request.auser()
     if not user.is_authenticated:
         return HttpResponse("login required", status=401)
     if not await TrainingRun.objects.filter(pk=pk).aexists():
         raise Http404("no such run")
-    response = StreamingHttpResponse(_stream(pk, _cursor(request)), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return sse_response(event_stream(_next_batch, pk, _cursor(request)))
 
 
 @login_required

@@ -1,0 +1,96 @@
+"""What every job runner shares: one attempt reported from start to finish.
+
+`run_reported(reporter, body)` sends "running", runs the body, and reports exactly one final state:
+succeeded with the body's result, cancelled (the body raised `Cancelled`), or failed with a readable
+reason (one of the expected errors: the message alone; anything else: its traceback in the log). The ML
+libraries' log warnings and Python warnings go to the job's log meanwhile. A `StaleAttempt` (a newer
+attempt owns the job) is re-raised with nothing more reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from workers.client import StaleAttempt
+from workers.reporter import Reporter
+
+FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
+
+
+class Cancelled(Exception):
+    """The user asked to stop: the runner stops where it is and the job ends cancelled."""
+
+
+class ReporterLogHandler(logging.Handler):
+    """Forward the ML libraries' warnings into the job's log."""
+
+    def __init__(self, reporter: Reporter):
+        super().__init__(level=logging.WARNING)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.log(f"{record.name}: {record.getMessage()}", level=record.levelname.lower())
+
+
+def check_cancel(reporter: Reporter) -> None:
+    """Send what is buffered (the reply says whether cancel was asked) and stop if it was."""
+    reporter.flush()
+    if reporter.cancel_requested:
+        raise Cancelled()
+
+
+def run_reported(
+    reporter: Reporter,
+    body: Callable[[], dict[str, Any]],
+    expected: tuple[type[Exception], ...] = (),
+    cancelled_message: str = "Cancelled at the user's request.",
+    cleanup: Callable[[], None] | None = None,
+) -> dict[str, Any] | None:
+    """Run one attempt of a job and report its outcome; returns the result on success, else None."""
+    handler = ReporterLogHandler(reporter)
+    for name in FORWARDED_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                reporter.started()
+                result = body()
+            finally:
+                forward_warnings(caught, reporter)
+    except StaleAttempt:
+        raise  # a newer attempt owns the job: report nothing more
+    except Cancelled:
+        reporter.log(cancelled_message, level="warning")
+        reporter.finish("cancelled")
+        return None
+    except expected as exc:
+        reporter.log(f"Failed: {exc}", level="error")
+        reporter.finish("failed", error=str(exc))
+        return None
+    except Exception as exc:
+        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
+        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        return None
+    finally:
+        if cleanup is not None:
+            cleanup()
+        for name in FORWARDED_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+    reporter.finish("succeeded", result)
+    return result
+
+
+def forward_warnings(caught: list[warnings.WarningMessage], reporter: Reporter) -> None:
+    """The libraries' Python warnings (PEFT and transformers speak through them), each distinct one once;
+    deprecation notices are for the code's authors, not the job's log."""
+    seen: set[str] = set()
+    for item in caught:
+        text = f"{item.category.__name__}: {item.message}"
+        if text not in seen and not issubclass(item.category, (DeprecationWarning, FutureWarning)):
+            seen.add(text)
+            reporter.log(text, level="warning")
