@@ -236,7 +236,8 @@ def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_o
         team, client, django_assert_max_num_queries) -> None:
     def adapter(i: int) -> Adapter:
         run = make(team, base=i % 2, data=i % 2, state="succeeded", name=f"run-{i}")
-        return Adapter.objects.create(run=run, uri=f"file:///a{i}", size_bytes=2048, sha256="0" * 64,
+        return Adapter.objects.create(run=run, name=run.name, owner=run.owner, base_model=run.base_model,
+                                      uri=f"file:///a{i}", size_bytes=2048, sha256="0" * 64,
                                       trainable_params=1000, total_params=1_000_000, final_loss=0.25,
                                       metrics={"final_loss": 0.25, "eval_loss": 0.375})
     first = adapter(0)
@@ -245,7 +246,8 @@ def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_o
         page = client.get("/adapters/").content.decode()
     assert "run-0" in page and "base-0" in page and "data-0" in page and "cfg" in page
     assert "0.2500" in page and "0.3750" in page and "2.0\xa0KB" in page and "0.100%" in page
-    assert f"/runs/{first.run_id}/adapter.zip" in page and "disabled" in page
+    assert f"/adapters/{first.pk}/download.zip" in page and f"/runs/{first.run_id}/" in page
+    assert 'formaction="/compare/new/"' in page and f'name="adapters" value="{first.pk}"' in page
     for i in range(1, 30):
         adapter(i)
     with django_assert_max_num_queries(8):
