@@ -324,3 +324,12 @@ def test_merged_models_download_as_a_streamed_zip_and_files_one_by_one(team: Any
     assert b"".join(one.streaming_content) == b'{"model_type": "llama"}'
     assert client.get(f"/merged/{merged.pk}/files/..").status_code == 404
     assert client.get(f"/merged/{merged.pk}/files/secret.txt").status_code == 404
+
+
+def test_a_worker_busy_with_an_adapter_job_shows_it(team: Any, client: Client) -> None:
+    job = compare(team, adapter(team)).job
+    worker, _ = make_worker("gpu-1")
+    ledger.dispatch(job.pk, worker, AdapterJob)
+    login(client, "staff")
+    assert f"compare job {job.pk}" in client.get("/workers/").content.decode()
+    assert f"compare job {job.pk}" in client.get("/").content.decode()

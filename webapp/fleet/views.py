@@ -35,12 +35,19 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
 
 
 def annotate_current_run(workers: QuerySet[Worker]) -> QuerySet[Worker]:
-    """Each worker with the id and name of its active run (None when idle), in the same query."""
+    """Each worker with the id and name of its active run or adapter job (None when idle), in the same query."""
+    from webapp.playground.models import AdapterJob
+
     active = TrainingRun.objects.filter(worker=OuterRef("pk"), state__in=ACTIVE_STATES).order_by("-id")
+    job = AdapterJob.objects.filter(worker=OuterRef("pk"), state__in=ACTIVE_STATES).order_by("-id")
     return workers.annotate(
         current_run_id=Subquery(active.values("pk")[:1]),
         current_run_name=Subquery(active.values("name")[:1]),
         current_run_state=Subquery(active.values("state")[:1]),
+        # or the adapter job it runs (compare, merge...)
+        current_job_id=Subquery(job.values("pk")[:1]),
+        current_job_kind=Subquery(job.values("kind")[:1]),
+        current_job_state=Subquery(job.values("state")[:1]),
     )
 
 
