@@ -52,7 +52,7 @@ def build(folder: Path, tiny: bool) -> tuple[Path, Path]:
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.02)  # a visible change: the check must find the merge right, not trivially equal
-    peft_model.save_pretrained(adapter_dir)
+    peft_model.save_pretrained(str(adapter_dir))
     del model, peft_model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -61,7 +61,7 @@ def build(folder: Path, tiny: bool) -> tuple[Path, Path]:
 
 def child(kind: str, base_dir: str, adapter_dir: str, out_dir: str) -> None:
     """One merge in this process; prints a JSON line with seconds and peak RSS above the starting RSS."""
-    import torch  # noqa: F401  (imports and the CUDA context are not counted)
+    import torch  # imports and the CUDA context are not counted
 
     from workers.merge import peft_merge, stream_merge
 
@@ -135,14 +135,52 @@ def main() -> None:
     print("| merge | seconds | peak host RSS above start | of the model's size |")
     print("|---|---|---|---|")
     for kind, row in sorted(rows.items(), reverse=True):
-        print(f"| {kind} | {row['seconds']:.1f} | {row['peak_bytes'] / 2**30:.2f} GiB | {row['peak_bytes'] / size:.2f}x |")
+        print(
+            f"| {kind} | {row['seconds']:.1f} | {row['peak_bytes'] / 2**30:.2f} GiB | {row['peak_bytes'] / size:.2f}x |"
+        )
     streamed, peft = rows["streamed"], rows["peft"]
     print()
     print(f"streamed / PEFT: time {streamed['seconds'] / peft['seconds']:.2f}x, "
           f"peak RSS {streamed['peak_bytes'] / peft['peak_bytes']:.3f}x")  # fmt: skip
-    figures = {k: check.get(k) for k in ("verified", "max_abs_logit_diff", "mean_abs_logit_diff", "token_agreement",
-                                         "greedy_agreement", "tolerance")}  # fmt: skip
-    print(f"check of the streamed merge ({check_s:.0f} s, on {'the GPU' if torch.cuda.is_available() else 'the CPU'}): {figures}")
+    where = "the GPU" if torch.cuda.is_available() else "the CPU"
+    print()
+    print_check(check, f"check of the streamed merge ({check_s:.0f} s, on {where})")
+
+
+def print_check(check: dict, title: str) -> None:
+    """The check's figures: the merged model and the bfloat16 reference against the float32 reference, the bounds,
+    and the figures against the bfloat16 reference (for information where the noise-floor rule applies)."""
+    tol, exact = check["tolerance"], check.get("exact_reference") or {}
+    print(f"{title}: {'VERIFIED' if check['verified'] else 'NOT VERIFIED'}, {tol['dtype']} rule {tol['rule']!r} "
+          f"({tol['description']}); logit scale S {check['logit_scale']:.4g}")  # fmt: skip
+    if tol.get("fallback_reason"):
+        print(f"fixed bound used because {tol['fallback_reason']}")
+
+    def row(name: str, figures: dict | None, note: str = "") -> None:
+        if not figures or figures.get("max_abs_logit_diff") is None:
+            print(f"| {name} | not finite | | | | |")
+            return
+        print(f"| {name} | {figures['max_abs_logit_diff']:.4g} | {figures['mean_abs_logit_diff']:.4g} | "
+              f"{100 * figures['token_agreement']:.1f}% | {100 * figures['greedy_agreement']:.0f}% | {note} |")  # fmt: skip
+
+    print()
+    print("| against | max abs dlogit | mean abs dlogit | argmax agreement | greedy agreement | |")
+    print("|---|---|---|---|---|---|")
+    if tol["rule"] == "noise_floor":
+        row("merged vs float32 reference (exact)", exact["merged"], "judged")
+        row(f"{tol['dtype']} reference vs float32 reference", exact["low_precision_reference"], "the noise floor")
+        print(f"| bound: {tol['max_margin']:g}x / {tol['mean_margin']:g}x the noise floor, plus the floor | "
+              f"{tol['max_abs']:.4g} | {tol['mean_abs']:.4g} | | | |")  # fmt: skip
+        row(f"merged vs {tol['dtype']} reference", check, "for information")
+        ratios = [tol[f"merged_to_reference_{k}"] for k in ("max", "mean")]
+        max_ratio, mean_ratio = ("n/a" if r is None else f"{r:.3g}x" for r in ratios)
+        print()
+        print(f"error against float32, merged / {tol['dtype']} reference: max {max_ratio}, mean {mean_ratio} "
+              f"(allowed {tol['max_margin']:g}x and {tol['mean_margin']:g}x, plus the floor)")  # fmt: skip
+    else:
+        row(f"merged vs {tol['dtype']} reference", check, "judged")
+        print(f"| bound: fixed {tol['max_rel']:g} / {tol['mean_rel']:g} of S | {tol['max_abs']:.4g} | "
+              f"{tol['mean_abs']:.4g} | | | |")  # fmt: skip
 
 
 if __name__ == "__main__":
