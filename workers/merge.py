@@ -25,21 +25,18 @@ import resource
 import shutil
 import sys
 import time
-import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.client import StaleAttempt
 from workers.jobspecs import EQUAL_RANK_COMBINATIONS, SVD_COMBINATIONS, AdapterRef, CombineSpec, MergeSpec
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError
 from workers.reporter import Reporter
 from workers.spec import ModelRef
 from workers.store import ArtifactStore, sha256_of, size_of
-from workers.train import FORWARDED_LOGGERS, Cancelled, ReporterLogHandler
+from workers.jobrunner import Cancelled, run_reported
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +145,7 @@ TOLERANCES = {
         max_rel=1e-2, mean_rel=1.25e-3, max_margin=2.0, mean_margin=1.5, floor_max_rel=1.25e-4, floor_mean_rel=1.25e-5
     ),
 }
+EXPECTED_ERRORS = (RunnerError, ModelNotFound)  # their message alone says what went wrong
 FLOAT32_HEADROOM = 1.2  # the float32 reference is run when its weights times this fit in the free memory
 
 
@@ -156,55 +154,12 @@ FLOAT32_HEADROOM = 1.2  # the float32 reference is run when its weights times th
 
 def run_merge(spec: MergeSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Merge spec.adapter into spec.base_model, save the full model at spec.output_uri and check it."""
-    return _run_job(reporter, lambda: _merge(spec, reporter, store))
+    return run_reported(reporter, lambda: _merge(spec, reporter, store), expected=EXPECTED_ERRORS)
 
 
 def run_combine(spec: CombineSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Combine spec.adapters into one new LoRA adapter saved at spec.output_uri (see combine_adapters)."""
-    return _run_job(reporter, lambda: _combine(spec, reporter, store))
-
-
-def _run_job(reporter: Reporter, body: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-    handler = ReporterLogHandler(reporter)
-    for name in FORWARDED_LOGGERS:
-        logging.getLogger(name).addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                reporter.started()
-                result = body()
-            finally:
-                _forward_warnings(caught, reporter)
-    except StaleAttempt:
-        raise  # a newer attempt owns the job: report nothing more
-    except Cancelled:
-        reporter.log("Cancelled at the user's request.", level="warning")
-        reporter.finish("cancelled")
-        return None
-    except (RunnerError, ModelNotFound) as exc:
-        reporter.log(f"Failed: {exc}", level="error")
-        reporter.finish("failed", error=str(exc))
-        return None
-    except Exception as exc:
-        reporter.log("".join(traceback.format_exception(exc)).rstrip(), level="error")
-        reporter.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        return None
-    finally:
-        for name in FORWARDED_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-    reporter.finish("succeeded", result)
-    return result
-
-
-def _forward_warnings(caught: list[warnings.WarningMessage], reporter: Reporter) -> None:
-    """The libraries' Python warnings (PEFT speaks through them), each distinct one once."""
-    seen: set[str] = set()
-    for item in caught:
-        text = f"{item.category.__name__}: {item.message}"
-        if text not in seen and not issubclass(item.category, (DeprecationWarning, FutureWarning)):
-            seen.add(text)
-            reporter.log(text, level="warning")
+    return run_reported(reporter, lambda: _combine(spec, reporter, store), expected=EXPECTED_ERRORS)
 
 
 def check_cancel(reporter: Reporter) -> None:

@@ -28,9 +28,7 @@ from workers.engine import (
     restore_kernels,
     sft_arguments,
 )
-from workers.jobrunner import FORWARDED_LOGGERS as FORWARDED_LOGGERS  # re-exported for older imports
 from workers.jobrunner import Cancelled, check_cancel, run_reported
-from workers.jobrunner import ReporterLogHandler as ReporterLogHandler
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, build_peft_config, prepare_adapter, quantization_config, save_adapter
 from workers.reporter import Reporter

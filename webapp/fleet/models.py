@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from django.conf import settings
 from django.db import models
 
 TOKEN_PREFIX = "tdw_"
@@ -17,16 +18,30 @@ class WorkerState(models.TextChoices):
     ONLINE = "online"
     DRAINING = "draining"
     OFFLINE = "offline"
+    # An admin drained it: it finishes its jobs and takes no new ones until resumed (heartbeats keep it so).
 
 
 class Worker(models.Model):
     name = models.SlugField(max_length=100, unique=True)
-    token_hash = models.CharField(max_length=64, unique=True)
+    # Only hashes are stored. A revoked worker has no token; after a rotation the previous token stays
+    # valid until previous_token_expires (the overlap window), then is refused.
+    token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    previous_token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    previous_token_expires = models.DateTimeField(null=True, blank=True)
+    token_issued_at = models.DateTimeField(null=True, blank=True)
     labels = models.JSONField(default=list, blank=True)
+    # Optional limits set by an admin: at most this much GPU memory per job (bytes), at most this many jobs at once.
+    max_gpu_bytes = models.BigIntegerField(null=True, blank=True)
+    max_jobs = models.PositiveSmallIntegerField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=WorkerState.choices, default=WorkerState.OFFLINE)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     inventory = models.JSONField(default=dict, blank=True)
+    # Recent telemetry samples from heartbeats, oldest first: [{"t": epoch_s, "gpus": [{"memory_used", "utilization"}]}].
+    telemetry = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         ordering = ["name"]

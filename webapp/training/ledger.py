@@ -19,6 +19,7 @@ from webapp.training.models import (
     WORKER_TRANSITIONS,
     RunState,
     TrainingRun,
+    queue_clock,
 )
 
 
@@ -41,32 +42,54 @@ def note(job: Any, message: str, level: str = "info", model: Any = None) -> None
     )
 
 
-def dispatch(job_id: int, worker: Any, model: Any = TrainingRun) -> int | None:
-    """Place a queued job on a worker; returns the new attempt, or None if someone else won."""
+def dispatch(job_id: int, worker: Any, model: Any = TrainingRun, gpu_indices: list[int] | None = None) -> int | None:
+    """Place a queued job on a worker (holding those of its GPUs); returns the new attempt, or None if someone
+    else won."""
     now = timezone.now()
     updated = model.objects.filter(pk=job_id, state=RunState.QUEUED, cancel_requested=False).update(
         state=RunState.DISPATCHED,
         attempt=F("attempt") + 1,
         worker=worker,
+        gpu_indices=list(gpu_indices or []),
+        wait_reason="",
         dispatched_at=now,
         claimed_at=None,
     )
     if not updated:
         return None
     attempt = model.objects.values_list("attempt", flat=True).get(pk=job_id)
-    note(job_id, f"Attempt {attempt} dispatched to worker {worker.name}", model=model)
+    gpus = f" (GPU {', '.join(map(str, gpu_indices))})" if gpu_indices else ""
+    note(job_id, f"Attempt {attempt} dispatched to worker {worker.name}{gpus}", model=model)
     return int(attempt)
 
 
-def requeue_or_fail(run: Any, reason: str, max_attempts: int) -> str:
-    """Take an active run back from a lost worker: requeue it, or fail it after max_attempts."""
+def attempt_entry(job: Any, outcome: str, reason: str) -> dict[str, Any]:
+    """One line of a job's attempt_log: how the attempt it is at ended, and why."""
+    return {
+        "attempt": job.attempt,
+        "worker": job.worker.name if job.worker_id and job.worker else None,
+        "outcome": outcome,
+        "reason": reason,
+        "at": timezone.now().isoformat(),
+    }
+
+
+def requeue_or_fail(run: Any, reason: str, max_attempts: int, failure: bool = True) -> str:
+    """Take an active job back from its worker: requeue it, or fail it once it has failed max_attempts times.
+
+    A lost worker is a failure; a graceful handover (the worker was shut down and checkpointed first) is not,
+    and always requeues."""
+    failures = run.failures + (1 if failure else 0)
     if run.cancel_requested:
         target, error = RunState.CANCELLED, ""
-    elif run.attempt >= max_attempts:
-        target, error = RunState.FAILED, f"{reason}; gave up after {run.attempt} attempt(s)"
+    elif failure and failures >= max_attempts:
+        target, error = RunState.FAILED, f"{reason}; gave up after {failures} failed attempt(s)"
     else:
         target, error = RunState.QUEUED, ""
-    fields: dict[str, Any] = {"state": target, "worker": None, "error": error}
+    fields: dict[str, Any] = {
+        "state": target, "worker": None, "gpu_indices": [], "error": error, "failures": failures,
+        "attempt_log": [*run.attempt_log, attempt_entry(run, "lost" if failure else "handed over", reason)],
+    }
     if target != RunState.QUEUED:
         fields["finished_at"] = timezone.now()
     updated = type(run).objects.filter(pk=run.pk, attempt=run.attempt, state__in=ACTIVE_STATES).update(**fields)
@@ -186,9 +209,16 @@ def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) ->
     return points
 
 
+INTERRUPTED = "interrupted"  # a worker's report: it was shut down, saved a checkpoint, and hands the job back
+
+
 def record_status(run: Any, attempt: int, state: str, result: dict[str, Any], error: str) -> None:
     if state == run.state and run.is_final:
         return  # a retried final report: already recorded
+    if state == INTERRUPTED:
+        if run.state in ACTIVE_STATES:
+            requeue_or_fail(run, error or f"Worker {run.worker} shut down", max_attempts=0, failure=False)
+        return
     allowed_from = [s for s, targets in WORKER_TRANSITIONS.items() if state in targets]
     if not allowed_from:
         raise Rejected(400, f"unknown state {state!r}")
@@ -197,7 +227,8 @@ def record_status(run: Any, attempt: int, state: str, result: dict[str, Any], er
     if state == RunState.RUNNING:
         fields["started_at"] = now
     else:
-        fields.update(finished_at=now, error=error[:10000])
+        fields.update(finished_at=now, error=error[:10000], gpu_indices=[])
+        fields["attempt_log"] = [*run.attempt_log, attempt_entry(run, state, error[:500])]
     with transaction.atomic():
         if not type(run).objects.filter(pk=run.pk, attempt=attempt, state__in=allowed_from).update(**fields):
             raise Rejected(409, f"cannot go from {run.state} to {state}")
@@ -219,8 +250,8 @@ def retry(run: Any, by: Any) -> bool:
     """
     with transaction.atomic():
         updated = type(run).objects.filter(pk=run.pk, attempt=run.attempt, state__in=RETRYABLE_STATES).update(
-            state=RunState.QUEUED, cancel_requested=False, error="", worker=None,
-            dispatched_at=None, claimed_at=None, started_at=None, finished_at=None,
+            state=RunState.QUEUED, cancel_requested=False, error="", worker=None, failures=0, gpu_indices=[],
+            queue_order=queue_clock(), dispatched_at=None, claimed_at=None, started_at=None, finished_at=None,
         )
         if updated:
             note(run, f"Retry requested by {by}: " + (

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.conf import settings
@@ -28,6 +29,11 @@ WORKER_TRANSITIONS = {
 }
 
 
+def queue_clock() -> float:
+    """A new job's place in its owner's queue: after everything queued before it."""
+    return time.time()
+
+
 class LedgerJob(models.Model):
     """The fields every kind of worker job keeps in its row, the ledger of the job (see ledger.py):
     state, attempt (fencing), the cancel flag, progress and the timestamps of each transition."""
@@ -44,6 +50,23 @@ class LedgerJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     last_report_at = models.DateTimeField(null=True, blank=True)
+    # Placement (see fleet/scheduler.py): higher priority first; within a priority, each owner's jobs go in
+    # queue_order (the owner may reorder their queued jobs, staff anyone's), owners taking turns.
+    priority = models.SmallIntegerField(default=0)
+    queue_order = models.FloatField(default=queue_clock)
+    # What a worker needs to take the job: all of these labels, this much free GPU memory (None: any device,
+    # CPU included), this many GPUs.
+    needs_labels = models.JSONField(default=list, blank=True)
+    needs_gpu_bytes = models.BigIntegerField(null=True, blank=True)
+    needs_gpus = models.PositiveSmallIntegerField(default=1)
+    # The GPUs of its worker the current attempt holds (indices into the worker's inventory).
+    gpu_indices = models.JSONField(default=list, blank=True)
+    # Why a queued job waits (set by the scheduler; empty when it is simply next in line).
+    wait_reason = models.CharField(max_length=500, blank=True)
+    # Attempts lost to a worker's failure (a graceful handover does not count); past MAX_ATTEMPTS the job fails.
+    failures = models.PositiveSmallIntegerField(default=0)
+    # One entry per finished attempt: {"attempt", "worker", "outcome", "reason", "at"}.
+    attempt_log = models.JSONField(default=list, blank=True)
 
     class Meta:
         abstract = True
