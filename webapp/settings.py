@@ -74,6 +74,8 @@ try:
     # A dispatched run not claimed within this many seconds gets its wake-up sent again.
     DISPATCH_RESEND_AFTER = env_int("TUNEDECK_DISPATCH_RESEND_AFTER", 30, minimum=5)
     MAX_ATTEMPTS = env_int("TUNEDECK_MAX_ATTEMPTS", 3, minimum=1)
+    # After a worker's token is rotated, the old one keeps working for this many seconds.
+    TOKEN_OVERLAP = env_int("TUNEDECK_TOKEN_OVERLAP", 3600, minimum=0)
     # Pushing adapters and merged models to the Hugging Face Hub is offered when a token is set.
     HF_TOKEN = env_secret("TUNEDECK_HF_TOKEN")
     HF_ENDPOINT = env_str("TUNEDECK_HF_ENDPOINT", "https://huggingface.co")

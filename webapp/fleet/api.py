@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.db.models import Q
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -26,6 +27,20 @@ def _error(status: int, detail: str) -> JsonResponse:
     return JsonResponse({"detail": detail}, status=status)
 
 
+def authenticate(request: HttpRequest) -> Worker | None:
+    """The worker whose current token, or previous token within its overlap window, is the bearer token.
+
+    Only hashes are compared; a revoked worker has neither, so nothing matches it.
+    """
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "Bearer" or not token:
+        return None
+    digest = hash_token(token)
+    current = Q(token_hash=digest)
+    previous = Q(previous_token_hash=digest, previous_token_expires__gt=timezone.now())
+    return Worker.objects.filter(current | previous).first()
+
+
 def worker_endpoint(handler: Handler) -> Callable[..., JsonResponse]:
     """Authenticate the bearer token, parse the JSON body, map ledger rejections to statuses."""
 
@@ -33,8 +48,7 @@ def worker_endpoint(handler: Handler) -> Callable[..., JsonResponse]:
     @require_POST
     @wraps(handler)
     def view(request: HttpRequest, **kwargs: Any) -> JsonResponse:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        worker = Worker.objects.filter(token_hash=hash_token(token)).first() if scheme == "Bearer" and token else None
+        worker = authenticate(request)
         if worker is None:
             return _error(401, "invalid worker token")
         try:

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 TOKEN_PREFIX = "tdw_"
 
@@ -53,4 +55,25 @@ class Worker(models.Model):
         """Give the worker a fresh token and return it: the only time it is ever visible."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         self.token_hash = hash_token(token)
+        self.token_issued_at = timezone.now()
         return token
+
+    def rotate_token(self, overlap_seconds: int) -> str:
+        """A new token; the current one stays valid for overlap_seconds so the machine can be switched over."""
+        if self.token_hash:
+            self.previous_token_hash = self.token_hash
+            self.previous_token_expires = timezone.now() + timedelta(seconds=overlap_seconds)
+        return self.set_new_token()
+
+    def revoke_token(self) -> None:
+        """Refuse the current and the previous token from now on; rotating gives the worker a new one."""
+        self.token_hash = self.previous_token_hash = self.previous_token_expires = None
+
+    @property
+    def revoked(self) -> bool:
+        return not self.token_hash
+
+    def previous_token_valid_until(self) -> datetime | None:
+        """When the token replaced by the last rotation stops working (None: no such token, or already refused)."""
+        expires = self.previous_token_expires
+        return expires if self.previous_token_hash and expires and expires > timezone.now() else None
