@@ -35,6 +35,9 @@ def test_it_gives_the_spec_only_to_the_assigned_worker(setup) -> None:  # type: 
     ok = post(token, f"/jobs/{run.pk}/claim", {"attempt": attempt})
     assert ok.status_code == 200
     assert ok.json()["spec"]["attempt"] == attempt and ok.json()["spec"]["run_id"] == run.pk
+    # A redelivered wake-up claims again: refused, so the job never runs twice.
+    again = post(token, f"/jobs/{run.pk}/claim", {"attempt": attempt})
+    assert again.status_code == 409 and "already claimed" in again.json()["detail"]
 
 
 def test_reports_from_an_older_attempt_get_409_and_change_nothing(setup) -> None:  # type: ignore[no-untyped-def]

@@ -130,11 +130,15 @@ def fenced_run(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun)
 
 
 def claim(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun) -> Any:
+    """The one claim of an attempt: a redelivered or duplicated wake-up finds it claimed and gets 409, so a job
+    never runs twice."""
     run = fenced_run(worker, run_id, attempt, model)
-    if run.state == RunState.DISPATCHED and run.claimed_at is None:
-        model.objects.filter(pk=run.pk, attempt=attempt, claimed_at=None).update(claimed_at=timezone.now())
-    elif run.state not in ACTIVE_STATES:
+    if run.state not in ACTIVE_STATES:
         raise Rejected(409, f"the {run.NOUN} is {run.state}")
+    if not model.objects.filter(pk=run.pk, attempt=attempt, state=RunState.DISPATCHED, claimed_at=None).update(
+        claimed_at=timezone.now()
+    ):
+        raise Rejected(409, f"attempt {attempt} of the {run.NOUN} is already claimed")
     return run
 
 
