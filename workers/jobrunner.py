@@ -1,10 +1,12 @@
 """What every job runner shares: one attempt reported from start to finish.
 
 `run_reported(reporter, body)` sends "running", runs the body, and reports exactly one final state:
-succeeded with the body's result, cancelled (the body raised `Cancelled`), or failed with a readable
-reason (one of the expected errors: the message alone; anything else: its traceback in the log). The ML
-libraries' log warnings and Python warnings go to the job's log meanwhile. A `StaleAttempt` (a newer
-attempt owns the job) is re-raised with nothing more reported.
+succeeded with the body's result, cancelled (the body raised `Cancelled`), interrupted (the body raised
+`Interrupted`, or stopped because the worker is shutting down: the job goes back to the queue without
+counting as a failure), or failed with a readable reason (one of the expected errors: the message alone;
+anything else: its traceback in the log). The ML libraries' log warnings and Python warnings go to the
+job's log meanwhile. A `StaleAttempt` (a newer attempt owns the job) is re-raised with nothing more
+reported.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ from typing import Any
 from workers.client import StaleAttempt
 from workers.reporter import Reporter
 
+INTERRUPTED = "interrupted"  # the final report of an attempt that hands its job back
 FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
 
 
 class Cancelled(Exception):
-    """The user asked to stop: the runner stops where it is and the job ends cancelled."""
+    """The job must stop (see `Reporter.cancel_requested`): the runner stops where it is."""
+
+
+class Interrupted(Exception):
+    """The worker is shutting down: the runner has saved what it can and hands the job back."""
 
 
 class ReporterLogHandler(logging.Handler):
@@ -39,6 +46,8 @@ class ReporterLogHandler(logging.Handler):
 def check_cancel(reporter: Reporter) -> None:
     """Send what is buffered (the reply says whether cancel was asked) and stop if it was."""
     reporter.flush()
+    if reporter.interrupt_reason and not reporter.user_cancelled:
+        raise Interrupted(reporter.interrupt_reason)
     if reporter.cancel_requested:
         raise Cancelled()
 
@@ -64,9 +73,19 @@ def run_reported(
                 forward_warnings(caught, reporter)
     except StaleAttempt:
         raise  # a newer attempt owns the job: report nothing more
-    except Cancelled:
-        reporter.log(cancelled_message, level="warning")
-        reporter.finish("cancelled")
+    except (Cancelled, Interrupted) as exc:
+        # Runners raise Cancelled for any stop; the reporter knows which one it was.
+        if reporter.superseded:
+            raise StaleAttempt("a newer attempt owns this job") from exc
+        reason = reporter.interrupt_reason
+        if isinstance(exc, Interrupted):
+            reason = reason or str(exc) or "the worker is shutting down"
+        if reporter.user_cancelled or not reason:
+            reporter.log(cancelled_message, level="warning")
+            reporter.finish("cancelled")
+            return None
+        reporter.log(f"Interrupted: {reason}. The job goes back to the queue.", level="warning")
+        reporter.finish(INTERRUPTED, error=reason)
         return None
     except expected as exc:
         reporter.log(f"Failed: {exc}", level="error")

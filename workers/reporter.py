@@ -3,21 +3,30 @@
 A runner only talks to a `Reporter`. `MemoryReporter` keeps everything in lists (tests,
 notebooks); `HttpReporter` posts batches to the worker API, fenced by (job, attempt).
 Every event carries a per-attempt sequence number so a retried batch is stored once.
+
+A job stops early for three reasons, all seen through `cancel_requested` (the flag every runner
+checks at its steps): the user cancelled it (the control plane says so in its replies), the
+worker is shutting down (`interrupt_reason`: the job is handed back, to resume elsewhere), or a
+newer attempt owns it (`superseded`: a 409 reply, or the worker was told so: report nothing more).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from workers.client import WorkerClient
+from workers.client import StaleAttempt, WorkerClient
 
 log = logging.getLogger(__name__)
 
 
+SUPERSEDED = "superseded"  # what a stop check returns when a newer attempt owns the job
+
+
 class Reporter:
-    """Buffers events and sends them in batches; remembers whether cancel was requested."""
+    """Buffers events and sends them in batches; remembers whether the job must stop, and why."""
 
     flush_interval = 1.0
     max_buffer = 200
@@ -26,8 +35,30 @@ class Reporter:
         self._buffer: list[dict[str, Any]] = []
         self._seq = 0
         self._last_flush = time.monotonic()
-        self.cancel_requested = False
+        self.user_cancelled = False
+        self.interrupt_reason = ""
+        self.superseded = False
+        # Polled at every step (it must be cheap): "" to go on, SUPERSEDED, or why the job is handed back.
+        self.stop_check: Callable[[], str] | None = None
         self._open_outputs: dict[tuple[int, str], dict[str, Any]] = {}
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the job must stop at its next step: cancelled, interrupted or superseded."""
+        return self.user_cancelled or bool(self.interrupt_reason) or self.superseded
+
+    @cancel_requested.setter
+    def cancel_requested(self, value: bool) -> None:
+        self.user_cancelled = value
+
+    def poll_stop(self) -> None:
+        if self.stop_check is None or self.interrupt_reason or self.superseded:
+            return
+        reason = self.stop_check()
+        if reason == SUPERSEDED:
+            self.superseded = True
+        elif reason:
+            self.interrupt_reason = reason
 
     def _event(self, kind: str, message: str = "", level: str = "info", data: dict[str, Any] | None = None) -> None:
         self._seq += 1
@@ -62,27 +93,41 @@ class Reporter:
 
     def maybe_flush(self) -> None:
         """Flush if the last one is older than flush_interval: keeps the page live and cancel prompt."""
+        self.poll_stop()
         if time.monotonic() - self._last_flush >= self.flush_interval:
             self.flush()
 
     def flush(self) -> None:
+        self.poll_stop()
+        if self.superseded:
+            raise StaleAttempt("a newer attempt owns this job")
         batch, self._buffer = self._buffer, []
         self._open_outputs = {}
         self._last_flush = time.monotonic()
         try:
             reply = self._send_events(batch)
+        except StaleAttempt:
+            self.superseded = True  # every later step check stops, even where this exception is swallowed
+            raise
         except Exception:
             self._buffer = batch + self._buffer  # keep them for the next try; the server dedupes by seq
             raise
-        self.cancel_requested = self.cancel_requested or bool(reply.get("cancel"))
+        self.user_cancelled = self.user_cancelled or bool(reply.get("cancel"))
 
     def finish(self, state: str, result: dict[str, Any] | None = None, error: str = "") -> None:
         self.flush()
-        self._send_status(state, result or {}, error)
+        self._status(state, result or {}, error)
 
     def started(self) -> None:
-        reply = self._send_status("running", {}, "")
-        self.cancel_requested = bool(reply.get("cancel"))
+        reply = self._status("running", {}, "")
+        self.user_cancelled = bool(reply.get("cancel"))
+
+    def _status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        try:
+            return self._send_status(state, result, error)
+        except StaleAttempt:
+            self.superseded = True
+            raise
 
     def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         raise NotImplementedError

@@ -95,7 +95,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
 
     from datasets import Dataset
 
-    callbacks: list[Any] = [ReporterCallback(reporter)]
+    callbacks: list[Any] = [ReporterCallback(reporter), HandoverCallback(reporter)]
     if spec.train.early_stopping_patience:
         callbacks.append(EarlyStopping(spec.train.early_stopping_patience, reporter))
     trainer = make_trainer(
@@ -364,6 +364,21 @@ class EarlyStopping(TrainerCallback):  # type: ignore[misc]
                 f"{self.best:.4f} for {self.bad} evaluation(s)",
                 level="warning",
             )
+            control.should_training_stop = True
+
+
+class HandoverCallback(TrainerCallback):  # type: ignore[misc]
+    """When the worker shuts down: save a checkpoint at this step (where the run keeps checkpoints) and stop,
+    so that the next attempt resumes from here."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.reporter.poll_stop()
+        if self.reporter.interrupt_reason and not self.reporter.user_cancelled:
+            if args.save_strategy != "no":
+                control.should_save = True
             control.should_training_stop = True
 
 
