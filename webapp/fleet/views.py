@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
+from datetime import timedelta
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
-from django.utils.cache import patch_vary_headers
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.utils.cache import add_never_cache_headers, patch_vary_headers
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.debug import sensitive_variables
+from django.views.decorators.http import require_POST
 
-from webapp.fleet.models import Worker
+from webapp.fleet.forms import RegisterWorkerForm, WorkerSettingsForm
+from webapp.fleet.models import Worker, WorkerState
 from webapp.training.models import ACTIVE_STATES, TrainingRun
 
 POLL_SECONDS = 10
+# Sparklines: the drawing box of one series, in SVG user units.
+SPARK_WIDTH, SPARK_HEIGHT = 120, 24
+TOKEN_FILE = "~/.tunedeck-token"
 
 
 def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -55,39 +68,252 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def gpu_rows(inventory: Any) -> list[dict[str, Any]]:
+def _gpu_row(index: int, gpu: dict[str, Any], latest: dict[str, Any]) -> dict[str, Any]:
+    """One GPU's figures: the inventory's, else the latest telemetry sample's."""
+    total = _number(gpu.get("memory_total")) or _number(latest.get("memory_total"))
+    used = _number(gpu.get("memory_used"))
+    util = _number(gpu.get("utilization"))
+    used = used if used is not None else _number(latest.get("memory_used"))
+    util = util if util is not None else _number(latest.get("utilization"))
+    return {
+        "index": index,
+        "name": str(gpu.get("name") or "GPU"),
+        "memory_total": total,
+        "memory_used": used,
+        "memory_percent": round(100 * used / total) if used is not None and total else None,
+        "utilization": round(util) if util is not None else None,
+    }
+
+
+def gpu_rows(inventory: Any, telemetry: Any = None) -> list[dict[str, Any]]:
     """The GPUs of a heartbeat's inventory, with whatever telemetry the worker sent.
 
     The inventory is the worker's JSON, so every field is checked: a malformed one is left out.
-    Telemetry (memory_used, utilization) is optional; memory_total alone is the inventory.
+    Telemetry (memory_used, utilization) is optional; memory_total alone is the inventory. With
+    `telemetry` (Worker.telemetry), each GPU also gets its sparklines under "spark".
     """
     gpus = inventory.get("gpus") if isinstance(inventory, dict) else None
+    gpus = [gpu if isinstance(gpu, dict) else None for gpu in (gpus if isinstance(gpus, list) else [])]
+    samples = _samples(telemetry)
+    latest = samples[-1]["gpus"] if samples else []
+    sparks = sparklines(samples)
     rows = []
-    for index, gpu in enumerate(gpus if isinstance(gpus, list) else []):
-        if not isinstance(gpu, dict):
+    for index in range(max(len(gpus), len(sparks))):
+        gpu = gpus[index] if index < len(gpus) else {}
+        if gpu is None:
             continue
-        total, used = _number(gpu.get("memory_total")), _number(gpu.get("memory_used"))
-        util = _number(gpu.get("utilization"))
-        rows.append({
-            "index": index,
-            "name": str(gpu.get("name") or "GPU"),
-            "memory_total": total,
-            "memory_used": used,
-            "memory_percent": round(100 * used / total) if used is not None and total else None,
-            "utilization": round(util) if util is not None else None,
-        })
+        last = latest[index] if index < len(latest) and isinstance(latest[index], dict) else {}
+        row = _gpu_row(index, gpu, last)
+        row["spark"] = sparks[index] if index < len(sparks) else None
+        rows.append(row)
+    return rows
+
+
+def _samples(telemetry: Any) -> list[dict[str, Any]]:
+    """Well-formed telemetry samples ({"t": epoch_s, "gpus": [...]}), oldest first."""
+    if not isinstance(telemetry, list):
+        return []
+    samples = [s for s in telemetry if isinstance(s, dict) and _number(s.get("t")) is not None
+               and isinstance(s.get("gpus"), list)]
+    return sorted(samples, key=lambda s: float(s["t"]))
+
+
+def _polyline(points: list[tuple[float, float]], start: float, span: float) -> str:
+    """SVG points for (time, fraction 0..1) pairs: time across the box, the fraction upwards (1 unit margins)."""
+    if len(points) == 1:  # one sample: a level line across the box
+        points = [(start, points[0][1]), (start + span, points[0][1])]
+        span = span or 1.0
+    height = SPARK_HEIGHT - 2
+    return " ".join(f"{SPARK_WIDTH * (t - start) / span:.1f},{1 + height * (1 - min(max(f, 0.0), 1.0)):.1f}"
+                    for t, f in points)
+
+
+def sparklines(samples: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """Per GPU index: polylines of memory used (share of its total) and utilisation over the samples' time span."""
+    series: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for sample in samples:
+        t = float(sample["t"])
+        for index, gpu in enumerate(sample["gpus"]):
+            if not isinstance(gpu, dict):
+                continue
+            entry = series.setdefault(index, {"memory": [], "utilization": []})
+            used, total, util = (_number(gpu.get(k)) for k in ("memory_used", "memory_total", "utilization"))
+            if used is not None and total:
+                entry["memory"].append((t, used / total))
+            if util is not None:
+                entry["utilization"].append((t, util / 100))
+    if not series:
+        return []
+    start = float(samples[0]["t"])
+    span = float(samples[-1]["t"]) - start
+    sparks: list[dict[str, Any] | None] = [None] * (max(series) + 1)
+    for index, entry in series.items():
+        memory, util = entry["memory"], entry["utilization"]
+        if not memory and not util:
+            continue
+        sparks[index] = {
+            "width": SPARK_WIDTH, "height": SPARK_HEIGHT, "samples": max(len(memory), len(util)),
+            "memory": _polyline(memory, start, span) if memory else "",
+            "memory_last": round(100 * min(max(memory[-1][1], 0.0), 1.0)) if memory else None,
+            "utilization": _polyline(util, start, span) if util else "",
+            "utilization_last": round(100 * min(max(util[-1][1], 0.0), 1.0)) if util else None,
+        }
+    return sparks
+
+
+def _worker_rows(workers: QuerySet[Worker]) -> list[Worker]:
+    rows = list(annotate_current_run(workers))
+    for worker in rows:
+        worker.gpus = gpu_rows(worker.inventory, worker.telemetry)  # type: ignore[attr-defined]
+        inventory = worker.inventory if isinstance(worker.inventory, dict) else {}
+        worker.host = {k: inventory.get(k) for k in ("hostname", "cpus", "python", "torch") if inventory.get(k)}  # type: ignore[attr-defined]
+        worker.busy = bool(worker.current_run_id or worker.current_job_id)  # type: ignore[attr-defined]
     return rows
 
 
 @staff_required
 def workers(request: HttpRequest) -> HttpResponse:
-    rows = list(annotate_current_run(Worker.objects.order_by("name")))
-    for worker in rows:
-        worker.gpus = gpu_rows(worker.inventory)  # type: ignore[attr-defined]
-        inventory = worker.inventory if isinstance(worker.inventory, dict) else {}
-        worker.host = {k: inventory.get(k) for k in ("hostname", "cpus", "python", "torch") if inventory.get(k)}  # type: ignore[attr-defined]
+    return _workers_page(request, RegisterWorkerForm())
+
+
+def _workers_page(request: HttpRequest, form: RegisterWorkerForm, status: int = 200) -> HttpResponse:
+    rows = _worker_rows(Worker.objects.order_by("name"))
     partial = bool(getattr(request, "htmx", False))
     template = "fleet/partials/workers_rows.html" if partial else "fleet/workers.html"
-    response = render(request, template, {"workers": rows, "poll_seconds": POLL_SECONDS})
+    response = render(request, template, {"workers": rows, "poll_seconds": POLL_SECONDS, "form": form}, status=status)
     patch_vary_headers(response, ["HX-Request"])
     return response
+
+
+def _server_url(request: HttpRequest) -> str:
+    """This control plane's URL as the browser reached it: what a worker on another machine should use."""
+    return request.build_absolute_uri("/").rstrip("/")
+
+
+@sensitive_variables("token")
+def _token_page(request: HttpRequest, worker: Worker, token: str, rotated: bool) -> HttpResponse:
+    """The token, shown this once, and the commands that start the worker with it. Never cached."""
+    server = shlex.quote(_server_url(request))
+    context = {
+        "worker": worker, "token": token, "rotated": rotated, "server": server,
+        "env_command": f"TUNEDECK_WORKER_TOKEN={token} tunedeck worker --server {server}",
+        "file_commands": [f"(umask 077 && echo {token} > {TOKEN_FILE})",
+                          f"tunedeck worker --server {server} --token-file {TOKEN_FILE}"],
+        "overlap_until": worker.previous_token_valid_until(),
+    }
+    response = render(request, "fleet/worker_token.html", context)
+    add_never_cache_headers(response)
+    return response
+
+
+@staff_required
+@require_POST
+@sensitive_variables("token")
+def worker_register(request: HttpRequest) -> HttpResponse:
+    form = RegisterWorkerForm(request.POST)
+    registered = form.register(created_by=request.user) if form.is_valid() else None
+    if registered is None:
+        return _workers_page(request, form, status=400)
+    worker, token = registered
+    return _token_page(request, worker, token, rotated=False)
+
+
+def _worker_for(pk: int) -> Worker:
+    rows = _worker_rows(Worker.objects.filter(pk=pk))
+    if not rows:
+        get_object_or_404(Worker, pk=pk)
+    return rows[0]
+
+
+@staff_required
+def worker_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """The worker's settings (labels, limits: POST saves them), its token and its actions."""
+    worker = _worker_for(pk)
+    status = 200
+    if request.method == "POST":
+        form = WorkerSettingsForm(request.POST)
+        if form.is_valid():
+            form.apply(worker)
+            worker.save(update_fields=["labels", "max_gpu_bytes", "max_jobs"])
+            messages.success(request, f"Saved the labels and limits of {worker.name}.")
+            return redirect("worker-detail", pk=worker.pk)
+        status = 400
+    else:
+        form = WorkerSettingsForm(initial=WorkerSettingsForm.initial_for(worker))
+    context = {"worker": worker, "form": form, "overlap_until": worker.previous_token_valid_until()}
+    return render(request, "fleet/worker_detail.html", context, status=status)
+
+
+@staff_required
+@require_POST
+@sensitive_variables("token")
+def worker_rotate(request: HttpRequest, pk: int) -> HttpResponse:
+    """A new token shown once; the old one keeps working for TOKEN_OVERLAP seconds (a revoked worker: none does)."""
+    with transaction.atomic():
+        worker = get_object_or_404(Worker.objects.select_for_update(), pk=pk)
+        token = worker.rotate_token(settings.TOKEN_OVERLAP)
+        worker.save(update_fields=["token_hash", "token_issued_at", "previous_token_hash", "previous_token_expires"])
+    return _token_page(request, worker, token, rotated=True)
+
+
+@staff_required
+@require_POST
+def worker_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    worker = get_object_or_404(Worker, pk=pk)
+    worker.revoke_token()
+    worker.save(update_fields=["token_hash", "previous_token_hash", "previous_token_expires"])
+    messages.warning(request, f"Revoked the token of {worker.name}: it is refused from now on. Rotate to give it a new one.")
+    return redirect("worker-detail", pk=worker.pk)
+
+
+def _back(request: HttpRequest) -> HttpResponse:
+    """To the page the form was on (a local path only), else the workers page."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()},
+                                                  require_https=request.is_secure()):
+        return redirect(target)
+    return redirect("workers")
+
+
+@staff_required
+@require_POST
+def worker_drain(request: HttpRequest, pk: int) -> HttpResponse:
+    """An online worker finishes its jobs and takes no new ones until resumed."""
+    worker = get_object_or_404(Worker, pk=pk)
+    if Worker.objects.filter(pk=pk, state=WorkerState.ONLINE).update(state=WorkerState.DRAINING):
+        messages.info(request, f"Draining {worker.name}: it finishes its current jobs and takes no new ones.")
+    else:
+        messages.warning(request, f"Only an online worker can be drained; {worker.name} is {worker.state}.")
+    return _back(request)
+
+
+@staff_required
+@require_POST
+def worker_resume(request: HttpRequest, pk: int) -> HttpResponse:
+    """A draining worker takes jobs again: online if it has been heard from lately, else offline until it is."""
+    worker = get_object_or_404(Worker, pk=pk)
+    cutoff = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER)
+    alive = worker.last_heartbeat is not None and worker.last_heartbeat >= cutoff
+    state = WorkerState.ONLINE if alive else WorkerState.OFFLINE
+    if Worker.objects.filter(pk=pk, state=WorkerState.DRAINING).update(state=state):
+        messages.info(request, f"Resumed {worker.name}: it is {state} and takes new jobs.")
+    else:
+        messages.warning(request, f"{worker.name} is not draining (it is {worker.state}).")
+    return _back(request)
+
+
+@staff_required
+def worker_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET asks for confirmation; POST deletes a worker that holds no active job (its past jobs keep their rows)."""
+    worker = _worker_for(pk)
+    if request.method == "POST":
+        with transaction.atomic():
+            locked = get_object_or_404(Worker.objects.select_for_update(), pk=pk)
+            if locked.runs.filter(state__in=ACTIVE_STATES).exists() or locked.adapter_jobs.filter(
+                    state__in=ACTIVE_STATES).exists():
+                messages.warning(request, f"{worker.name} has an active job: drain it and wait until the job ends.")
+                return redirect("worker-detail", pk=pk)
+            locked.delete()
+        messages.info(request, f"Deleted worker {worker.name}; its token is refused from now on.")
+        return redirect("workers")
+    return render(request, "fleet/worker_delete.html", {"worker": worker})
