@@ -53,7 +53,12 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.server:
         os.environ["TUNEDECK_SERVER"] = args.server
-    if args.token_file:
+    # An explicit --token or --token-file wins over whatever the environment holds (a _FILE variable
+    # would otherwise take precedence over the token itself).
+    if args.token:
+        os.environ["TUNEDECK_WORKER_TOKEN"] = args.token
+        os.environ.pop("TUNEDECK_WORKER_TOKEN_FILE", None)
+    elif args.token_file:
         os.environ["TUNEDECK_WORKER_TOKEN_FILE"] = args.token_file
     from workers.tasks import start_worker
 
@@ -175,9 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--interval", type=float, default=1.0)
     sched.set_defaults(func=cmd_scheduler)
 
-    worker = sub.add_parser("worker", help="Run a worker (on a GPU machine): needs the server URL and a token.")
-    worker.add_argument("--server", default=os.environ.get("TUNEDECK_SERVER", ""), help="Control plane URL.")
-    worker.add_argument("--token-file", help="File holding the worker token (else TUNEDECK_WORKER_TOKEN).")
+    worker = sub.add_parser(
+        "worker", help="Run a worker (on a GPU machine): needs the server URL and a token.",
+        description="Run a worker: needs the control plane URL and the worker's token (shown once when an admin "
+                    "registers the worker or rotates its token). The token comes from --token, --token-file, "
+                    "or the environment: TUNEDECK_WORKER_TOKEN, or TUNEDECK_WORKER_TOKEN_FILE naming a file.")
+    worker.add_argument("--server", default=os.environ.get("TUNEDECK_SERVER", ""),
+                        help="Control plane URL, e.g. https://tunedeck.example.com (default: TUNEDECK_SERVER).")
+    token = worker.add_mutually_exclusive_group()
+    token.add_argument("--token", help="The worker token (visible to other users in process listings: prefer "
+                                       "--token-file or TUNEDECK_WORKER_TOKEN).")
+    token.add_argument("--token-file", help="File holding the worker token (default: TUNEDECK_WORKER_TOKEN_FILE, "
+                                            "else TUNEDECK_WORKER_TOKEN).")
     worker.add_argument("--queue", action="append", help="Extra queue to consume (repeatable).")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
