@@ -119,13 +119,17 @@ def _samples(telemetry: Any) -> list[dict[str, Any]]:
 
 
 def _polyline(points: list[tuple[float, float]], start: float, span: float) -> str:
-    """SVG points for (time, fraction 0..1) pairs: time across the box, the fraction upwards (1 unit margins)."""
+    """SVG points for (time, percent) pairs: time across the box, 0..100% upwards (1 unit margins)."""
     if len(points) == 1:  # one sample: a level line across the box
         points = [(start, points[0][1]), (start + span, points[0][1])]
         span = span or 1.0
     height = SPARK_HEIGHT - 2
-    return " ".join(f"{SPARK_WIDTH * (t - start) / span:.1f},{1 + height * (1 - min(max(f, 0.0), 1.0)):.1f}"
-                    for t, f in points)
+    return " ".join(f"{SPARK_WIDTH * (t - start) / span:.1f},{1 + height * (1 - _percent(p) / 100):.1f}"
+                    for t, p in points)
+
+
+def _percent(value: float) -> float:
+    return min(max(value, 0.0), 100.0)
 
 
 def sparklines(samples: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
@@ -139,9 +143,9 @@ def sparklines(samples: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
             entry = series.setdefault(index, {"memory": [], "utilization": []})
             used, total, util = (_number(gpu.get(k)) for k in ("memory_used", "memory_total", "utilization"))
             if used is not None and total:
-                entry["memory"].append((t, used / total))
+                entry["memory"].append((t, 100 * used / total))
             if util is not None:
-                entry["utilization"].append((t, util / 100))
+                entry["utilization"].append((t, util))
     if not series:
         return []
     start = float(samples[0]["t"])
@@ -154,9 +158,9 @@ def sparklines(samples: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
         sparks[index] = {
             "width": SPARK_WIDTH, "height": SPARK_HEIGHT, "samples": max(len(memory), len(util)),
             "memory": _polyline(memory, start, span) if memory else "",
-            "memory_last": round(100 * min(max(memory[-1][1], 0.0), 1.0)) if memory else None,
+            "memory_last": round(_percent(memory[-1][1])) if memory else None,
             "utilization": _polyline(util, start, span) if util else "",
-            "utilization_last": round(100 * min(max(util[-1][1], 0.0), 1.0)) if util else None,
+            "utilization_last": round(_percent(util[-1][1])) if util else None,
         }
     return sparks
 
