@@ -159,7 +159,23 @@ class LoraParams:
                     f"{', '.join(outside)} not among the target modules: IA3 feed-forward modules must be targets too"
                 )
         self._validate_prompt_learning(errors, train)
+        if train is not None and train.sharded:
+            self._validate_sharding(errors)
         return errors
+
+    def _validate_sharding(self, errors: dict[str, str]) -> None:
+        """What FSDP cannot shard, refused on the strategy field with the reason (ddp runs all of these)."""
+        reason = ""
+        if self.quantization == "8bit":
+            reason = "FSDP cannot shard 8-bit (LLM.int8) weights, whose row scales live outside the weight tensor"
+        elif not self.is_lora:
+            reason = f"FSDP runs LoRA adapters only; {self.method} keeps its trained tensors beside the sharded weights"
+        elif self.use_dora:
+            reason = "DoRA recomputes the norm of each whole base weight every step, which FSDP holds only in shards"
+        elif self.init in MUTATING_INITS or self.init == "loftq":
+            reason = f"the {self.init} init reads and rewrites whole base weights on one process before sharding"
+        if reason and "strategy" not in errors:
+            errors["strategy"] = f"{reason}: use ddp (or one GPU)"
 
     def _validate_targets(self, errors: dict[str, str]) -> None:
         names = [str(m).strip() for m in self.target_modules]
@@ -296,6 +312,17 @@ class TrainParams:
     early_stopping_patience: int = _help(
         "Stop when the eval loss has not improved for this many evaluations; 0 is off (needs an eval set).", 0
     )
+    num_gpus: int = _help(
+        "GPUs of one worker the run trains on (1-8), one process each; the global batch (batch_size x grad_accum) "
+        "and the optimizer steps stay those of one GPU.",
+        1,
+    )
+    strategy: str = _help(
+        "Several GPUs: ddp (every GPU holds the whole model, each trains its share of the batch) or fsdp (base "
+        "weights, adapter, gradients and optimizer states sharded across the GPUs, for bases too big for one; a "
+        "4-bit base is stored in the compute dtype so it can be sharded). Ignored for one GPU.",
+        "ddp",
+    )
 
     def validate(self, max_positions: int | None = None, has_eval_dataset: bool = False) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -330,7 +357,34 @@ class TrainParams:
                 errors[name] = f"must be one of {', '.join(allowed)}"
         if self.early_stopping_patience and not (self.eval_fraction > 0 or has_eval_dataset):
             errors["early_stopping_patience"] = "needs an eval set: set eval_fraction or an eval dataset"
+        if not 1 <= self.num_gpus <= MAX_GPUS:
+            errors["num_gpus"] = f"must be between 1 and {MAX_GPUS}"
+        elif "batch_size" not in errors and "grad_accum" not in errors and self.per_rank_batch() is None:
+            errors["num_gpus"] = (
+                f"the global batch (batch_size {self.batch_size} x grad_accum {self.grad_accum}) must split evenly "
+                f"across {self.num_gpus} GPUs: make grad_accum or batch_size a multiple of {self.num_gpus}"
+            )
         return errors
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_gpus > 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP across several GPUs (one GPU has nothing to shard)."""
+        return self.distributed and self.strategy == "fsdp"
+
+    def per_rank_batch(self) -> tuple[int, int] | None:
+        """(micro-batch, accumulation) of each of the num_gpus processes with the same global batch as one GPU,
+        so the optimizer steps and the learning-rate schedule match: the accumulation is divided where it
+        can be, else the micro-batch; None when neither divides."""
+        n = max(1, self.num_gpus)
+        if self.grad_accum % n == 0:
+            return self.batch_size, self.grad_accum // n
+        if self.batch_size % n == 0:
+            return self.batch_size // n, self.grad_accum
+        return None
 
 
 SCHEDULERS = (
@@ -341,6 +395,8 @@ OPTIMIZERS = (
     "lion_8bit", "paged_lion_8bit",
 )
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
+STRATEGIES = ("ddp", "fsdp")
+MAX_GPUS = 8
 MODES = ("auto", "throughput", "memory")
 AUTO_ON_OFF = ("auto", "on", "off")
 ATTENTIONS = ("auto", "varlen", "flex", "sdpa", "eager")
@@ -353,6 +409,7 @@ CHOICES = {
     "activation_offload": AUTO_ON_OFF,
     "attention": ATTENTIONS,
     "liger_kernels": AUTO_ON_OFF,
+    "strategy": STRATEGIES,
 }
 # Values stored before a field became a choice: read them as the choice they meant.
 LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}

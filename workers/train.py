@@ -6,9 +6,11 @@ it reports through the reporter and writes the adapter into the artifact store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 from transformers import PrinterCallback, TrainerCallback
 
 from workers.datasets import DatasetError, load_trl_rows
+from workers.distributed import COLLECTIVE_TIMEOUT_S, Rank, StopTogether, current_rank, gather
 from workers.engine import (
     Plan,
     PlanError,
@@ -86,6 +89,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         f"Dataset: {len(rows)} rows, format {fmt}" + (f"; {len(eval_rows)} held out for evaluation" if eval_rows else "")
     )
 
+    rank = current_rank()
     device = pick_device(spec.lora.compute_dtype)
     plan = _plan(spec, device)
     reporter.log(f"Plan: {plan.describe()}")
@@ -104,20 +108,26 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         callbacks, _sft_config(spec, plan, store, has_eval=bool(eval_rows)),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
-    for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, _work_dir(spec, store)):
+    # Only rank 0 keeps what prepare_adapter writes (the initial adapter of PiSSA/OLoRA, read back on save).
+    scratch = _work_dir(spec, store) if rank.is_main else Path(tempfile.mkdtemp(prefix=f"tunedeck-rank{rank.rank}-"))
+    for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, scratch):
         reporter.log(line)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reporter.log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
     if resume:
         reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
+    if rank.distributed:
+        trainer.add_callback(StopTogether(reporter))  # last, so that it sees every other callback's stop
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if reporter.cancel_requested:
         raise Cancelled()
 
     adapter_dir = store.path(spec.output_uri)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_adapter(trainer.model, spec.lora, adapter_dir, _work_dir(spec, store))
+    _save(trainer, spec, rank, adapter_dir, scratch)
+    peaks = gather(_peak_memory(device))
+    if not rank.is_main:
+        return {}
     tokenizer.save_pretrained(adapter_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -136,10 +146,34 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         "device": device.kind,
         "dtype": device.dtype_name,
         "plan": plan.as_dict(),
-        **_peak_memory(device),
+        **peaks[0],
+        **_distribution(spec, rank, peaks),
     }
     reporter.log(f"Adapter saved ({result['size_bytes']:,} bytes, sha256 {str(result['sha256'])[:12]}…)")
     return result
+
+
+def _save(trainer: Any, spec: TrainSpec, rank: Rank, adapter_dir: Path, work_dir: Path) -> None:
+    """The adapter, un-sharded, written by rank 0 (FSDP gathers the shards on every rank first)."""
+    if rank.is_main:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+    if spec.train.sharded:
+        trainer.save_model(str(adapter_dir))  # a full state dict (fsdp_config), saved by rank 0 alone
+    elif rank.is_main:
+        save_adapter(trainer.model, spec.lora, adapter_dir, work_dir)
+
+
+def _distribution(spec: TrainSpec, rank: Rank, peaks: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rank.distributed:
+        return {}
+    micro, accum = spec.train.per_rank_batch() or (spec.train.batch_size, spec.train.grad_accum)
+    extra: dict[str, Any] = {
+        "num_processes": rank.world_size, "strategy": spec.train.strategy, "per_process_batch": [micro, accum],
+    }
+    if any(peaks):
+        extra["peak_memory_reserved_per_rank"] = [p.get("peak_memory_reserved") for p in peaks]
+        extra["peak_memory_allocated_per_rank"] = [p.get("peak_memory_allocated") for p in peaks]
+    return extra
 
 
 def make_trainer(
@@ -198,7 +232,7 @@ def _plan(spec: TrainSpec, device: Device) -> Plan:
         gpu_total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         plan = resolve_plan(
-            spec.train, spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
+            rank_train_params(spec.train), spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
             gpu_total_bytes=gpu_total, estimator=_estimator(config, spec),
         )
     except PlanError as exc:
@@ -206,6 +240,14 @@ def _plan(spec: TrainSpec, device: Device) -> Plan:
     if plan.attention == "varlen":
         register_varlen_attention()
     return plan
+
+
+def rank_train_params(train: Any) -> Any:
+    """The TrainParams one process runs: the global batch split across num_gpus processes."""
+    if not train.distributed:
+        return train
+    micro, accum = train.per_rank_batch() or (train.batch_size, train.grad_accum)
+    return dataclasses.replace(train, batch_size=micro, grad_accum=accum)
 
 
 def _estimator(config: Any, spec: TrainSpec) -> Any:
@@ -282,6 +324,10 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter, plan: Plan)
     if device.kind == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     quantization = quantization_config(lora, dtype)
+    if quantization is not None and lora.quantization == "4bit" and spec.train.sharded:
+        # FSDP shards tensors of one float dtype: the packed 4-bit weights are stored in the compute dtype.
+        quantization.bnb_4bit_quant_storage = dtype
+        reporter.log(f"FSDP: 4-bit weights stored as {device.dtype_name} (bnb_4bit_quant_storage) so they can be sharded")
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     from workers.peftsetup import quantization_label
@@ -334,9 +380,35 @@ def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: boo
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        ddp_timeout=COLLECTIVE_TIMEOUT_S,
         **evaluation,
         **sft_arguments(plan, hp),
+        **_parallel_arguments(hp, plan),
     )
+
+
+# FSDP2 (fully_shard) by default; TUNEDECK_FSDP_VERSION=1 selects FSDP1 where a stack needs it.
+FSDP_VERSION_ENV = "TUNEDECK_FSDP_VERSION"
+
+
+def _parallel_arguments(hp: Any, plan: Plan) -> dict[str, Any]:
+    """DDP or FSDP keywords for a multi-process run. Checkpoints hold full (un-sharded) state dicts so that
+    a retry may resume on another number of processes."""
+    if not hp.distributed:
+        return {}
+    if not hp.sharded:
+        return {"ddp_find_unused_parameters": False}  # every adapter weight is used in every step
+    version = int(os.environ.get(FSDP_VERSION_ENV, "2"))
+    config: dict[str, Any] = {
+        "version": version,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # decoder layers; PEFT's policy adds the adapter layers
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": False,  # recomputation is set per layer by the plan
+    }
+    if version == 1:
+        config.update(use_orig_params=False, sync_module_states=True, reshard_after_forward="full_shard")
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
 
 
 OPTIMIZER_NAMES = {"adamw_8bit": "adamw_bnb_8bit"}

@@ -1,0 +1,264 @@
+"""Multi-process training on the CPU: torchrun with the gloo backend, the tiny model, the real launcher.
+
+Each run here starts a torchrun group of 2 real processes through `workers.launch.run_training_job`; the
+reporter is an in-memory one held by the test process, as the Celery task holds the HTTP one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.demo import write_toy_dataset
+from workers.reporter import MemoryReporter
+from workers.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
+from workers.store import ArtifactStore
+
+# A group that does not end within this long has hung (a run here takes seconds).
+HANG_S = 300
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    store = ArtifactStore(tmp_path / "store")
+    write_toy_dataset(store.path("store://datasets/toy.jsonl"))
+    return store
+
+
+def make_spec(model_dir: Path, name: str, num_gpus: int, **train: Any) -> TrainSpec:
+    params = TrainParams(
+        learning_rate=5e-3, max_steps=6, batch_size=8, grad_accum=2, max_seq_length=64, warmup_ratio=0.0,
+        logging_steps=1, save_steps=0, gradient_checkpointing="off", num_gpus=num_gpus,
+    )
+    for key, value in train.items():
+        setattr(params, key, value)
+    return TrainSpec(
+        run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
+        dataset=DatasetRef(uri="store://datasets/toy.jsonl", format="alpaca"),
+        lora=LoraParams(dropout=0.0, r=8, alpha=16), train=params,
+        output_uri=f"store://runs/{name}/adapter",
+    )
+
+
+def launch(spec: TrainSpec, reporter: MemoryReporter, store: ArtifactStore) -> dict[str, Any] | None:
+    """run_training_job in a thread, so that a hung group fails the test instead of blocking it."""
+    from workers.launch import run_training_job
+
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training_job(spec, lambda: reporter, store)))
+    thread.start()
+    thread.join(timeout=HANG_S)
+    assert not thread.is_alive(), f"the launcher did not return within {HANG_S} s: {reporter.logs[-5:]}"
+    return outcome.get("result")
+
+
+def lora_tensors(store: ArtifactStore, result: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(store.path(result["adapter_uri"]) / "adapter_model.safetensors")
+
+
+def group_processes() -> list[int]:
+    """Live processes of a torchrun group started by this test process (its descendants running a rank)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"torch.distributed.run" in cmdline or b"workers.distributed" in cmdline:
+            if state != "Z" and _descends_from(int(entry.name), os.getpid()):
+                found.append(int(entry.name))
+    return found
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+def rank_pid(rank: int) -> int | None:
+    for pid in group_processes():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"workers.distributed" in cmdline and f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def test_two_process_ddp_matches_one_process_and_reports_once(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    single = MemoryReporter()
+    one = launch(make_spec(tiny_model_dir, "one", 1), single, store)
+    assert one is not None, single.states[-1]
+
+    group = MemoryReporter()
+    two = launch(make_spec(tiny_model_dir, "two", 2), group, store)
+    assert two is not None, (group.states[-1], group.logs[-10:])
+    assert group_processes() == []
+
+    # One reporter, one account: one running and one final state, one gap-free sequence, no line twice.
+    assert [s for s, _, _ in group.states] == ["running", "succeeded"]
+    seqs = [e["seq"] for e in group.events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert sum(line.startswith("Training: ") for line in group.logs) == 1
+    assert any("Launching 2 processes (ddp) on the CPU (gloo): micro-batch 8 x 1" in line for line in group.logs)
+    steps = [m["step"] for m in group.metrics if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert two["num_processes"] == 2 and two["per_process_batch"] == [8, 1]
+    assert two["steps"] == one["steps"] == 6
+
+    # Same global batch, seed and sample order: the only possible difference is the order of float sums
+    # (the all-reduce adds the ranks' gradients where one process accumulates its micro-batches in turn).
+    # With two halves both add the same two partial sums, and the weights come out bit-identical here;
+    # the bound, 1e-5 of each tensor's largest value, leaves room for fp32 rounding of another summation
+    # order (ring all-reduce, more ranks) and is far below what a different sample order does (another
+    # seed moves these tensors by more than their own size).
+    a, b = lora_tensors(store, one), lora_tensors(store, two)
+    assert set(a) == set(b) and any("lora_B" in k for k in a)
+    for name in a:
+        scale = float(a[name].abs().max())
+        assert scale > 0, name
+        assert float((a[name] - b[name]).abs().max()) <= 1e-5 * scale, name
+    loss_one = [m["loss"] for m in single.metrics if "loss" in m]
+    loss_two = [m["loss"] for m in group.metrics if "loss" in m]
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+
+
+def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    def spec(attempt: int, num_gpus: int) -> TrainSpec:
+        s = make_spec(tiny_model_dir, "cut", num_gpus, max_steps=40, save_steps=4, keep_checkpoints=3)
+        s.attempt, s.checkpoint_uri = attempt, "store://runs/cut/checkpoints"
+        s.output_uri = f"store://runs/cut/attempt-{attempt}/adapter"
+        return s
+
+    class KillRankOne(MemoryReporter):
+        """SIGKILLs rank 1 as soon as the first checkpoint is reported, like a GPU process lost mid-run."""
+
+        killed: int | None = None
+
+        def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+            if self.killed is None and any(e["kind"] == "checkpoint" for e in batch):
+                self.killed = rank_pid(1)
+                assert self.killed is not None
+                os.kill(self.killed, signal.SIGKILL)
+            return super()._send_events(batch)
+
+    dying = KillRankOne()
+    assert launch(spec(1, 2), dying, store) is None
+    assert dying.killed is not None
+    state, _, error = dying.states[-1]
+    assert state == "failed"
+    assert "rank 1 of 2 died (signal SIGKILL)" in error, error
+    assert group_processes() == []  # no rank left behind
+    saved = [e["data"]["step"] for e in dying.events if e["kind"] == "checkpoint"]
+    assert saved and saved[0] == 4
+
+    # The retry: a new attempt on the same checkpoint folder, here on 2 processes again.
+    retry = MemoryReporter()
+    result = launch(spec(2, 2), retry, store)
+    assert result is not None, (retry.states[-1], retry.logs[-10:])
+    assert result["resumed_from_step"] >= 4 and result["steps"] == 40
+    assert any("Resuming from checkpoint checkpoint-" in line for line in retry.logs)
+    first = min(m["step"] for m in retry.metrics if "loss" in m)
+    assert first == result["resumed_from_step"] + 1
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    """Checkpoints are un-sharded and the data order is that of the global batch: a retry on one GPU
+    continues the same run, with the learning-rate schedule and the losses of an uninterrupted one."""
+
+    def spec(name: str, num_gpus: int, max_steps: int, attempt: int = 1) -> TrainSpec:
+        s = make_spec(tiny_model_dir, name, num_gpus, max_steps=max_steps, save_steps=4, lr_scheduler="linear")
+        s.attempt, s.checkpoint_uri = attempt, f"store://runs/{name}/checkpoints"
+        s.output_uri = f"store://runs/{name}/attempt-{attempt}/adapter"
+        return s
+
+    whole = MemoryReporter()
+    assert launch(spec("whole", 1, 8), whole, store) is not None
+
+    first = MemoryReporter()  # two processes, stopped after the checkpoint at step 4
+    assert launch(spec("moved", 2, 8), first, store) is not None
+    for name in ("checkpoint-8",):  # keep only the step-4 checkpoint: as if the group had died after it
+        import shutil
+
+        shutil.rmtree(store.path(f"store://runs/moved/checkpoints/{name}"))
+    resumed = MemoryReporter()
+    result = launch(spec("moved", 1, 8, attempt=2), resumed, store)
+    assert result is not None, resumed.states[-1]
+    assert result["resumed_from_step"] == 4 and result["steps"] == 8
+
+    def curve(reporter: MemoryReporter) -> dict[int, tuple[float, float]]:
+        return {m["step"]: (m["learning_rate"], m["loss"]) for m in reporter.metrics if "loss" in m}
+
+    expected, got = curve(whole), curve(resumed)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step][0] == pytest.approx(expected[step][0], rel=1e-6)
+        assert got[step][1] == pytest.approx(expected[step][1], rel=1e-3)  # the same samples, the same weights
+
+
+@pytest.mark.parametrize(
+    ("train", "lora", "field", "words"),
+    [
+        ({"num_gpus": 0}, {}, "num_gpus", "between 1 and 8"),
+        ({"num_gpus": 9}, {}, "num_gpus", "between 1 and 8"),
+        ({"num_gpus": 3, "batch_size": 8, "grad_accum": 2}, {}, "num_gpus", "multiple of 3"),
+        ({"strategy": "zero3"}, {}, "strategy", "one of ddp, fsdp"),
+        ({"num_gpus": 2, "strategy": "fsdp"}, {"quantization": "8bit"}, "strategy", "8-bit"),
+        ({"num_gpus": 2, "strategy": "fsdp"}, {"use_dora": True}, "strategy", "DoRA"),
+        ({"num_gpus": 2, "strategy": "fsdp"}, {"method": "ia3"}, "strategy", "LoRA adapters only"),
+        ({"num_gpus": 2, "strategy": "fsdp"}, {"init": "pissa"}, "strategy", "pissa"),
+        ({"num_gpus": 2, "strategy": "fsdp"}, {"quantization": "4bit", "init": "loftq", "alpha": 16}, "strategy", "loftq"),
+    ],
+)
+def test_bad_combinations_are_refused_on_the_field(
+    train: dict[str, Any], lora: dict[str, Any], field: str, words: str
+) -> None:
+    params, adapter = TrainParams(**train), LoraParams(r=16, **lora)
+    errors = {**params.validate(), **adapter.validate(params)}
+    assert field in errors and words in errors[field], errors
+
+
+@pytest.mark.parametrize(
+    ("train", "lora"),
+    [
+        ({"num_gpus": 2, "strategy": "fsdp"}, {"quantization": "4bit"}),  # storage set by the runner
+        ({"num_gpus": 2, "strategy": "ddp"}, {"quantization": "8bit", "use_dora": True}),
+        ({"num_gpus": 1, "strategy": "fsdp"}, {"quantization": "8bit"}),  # one GPU: the strategy is ignored
+        ({"num_gpus": 3, "batch_size": 6, "grad_accum": 1}, {}),
+    ],
+)
+def test_good_combinations_pass(train: dict[str, Any], lora: dict[str, Any]) -> None:
+    params = TrainParams(**train)
+    assert {**params.validate(), **LoraParams(**lora).validate(params)} == {}
+
+
+def test_the_global_batch_is_split_accumulation_first() -> None:
+    assert TrainParams(num_gpus=2, batch_size=8, grad_accum=4).per_rank_batch() == (8, 2)
+    assert TrainParams(num_gpus=4, batch_size=8, grad_accum=1).per_rank_batch() == (2, 1)
+    assert TrainParams(num_gpus=3, batch_size=8, grad_accum=2).per_rank_batch() is None
+
+
+def test_a_refused_spec_fails_before_any_process_starts(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    reporter = MemoryReporter()
+    assert launch(make_spec(tiny_model_dir, "bad", 3), reporter, store) is None
+    state, _, error = reporter.states[-1]
+    assert state == "failed" and "num_gpus" in error and "multiple of 3" in error
+    assert not any(line.startswith("Launching") for line in reporter.logs)
