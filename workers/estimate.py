@@ -148,6 +148,10 @@ EXPANDABLE_FRAGMENTATION = 0.05
 # The CUDA context, kernels and libraries: outside the allocator (not in max_memory_reserved)
 # but on the card, so compared with a GPU's free memory.
 CUDA_CONTEXT_BYTES = 600 * MiB
+# --- Several GPUs ------------------------------------------------------------------------------
+# FSDP gathers one wrapped decoder layer's weights for its forward/backward and prefetches the next:
+# two layers' worth of full weights sit beside each GPU's shard.
+FSDP_GATHERED_LAYERS = 2
 
 METHODS = ("lora", "rslora", "dora", "ia3", "prefix_tuning", "prompt_tuning")
 BATCHINGS = ("pad", "pack", "padding_free")
@@ -708,6 +712,12 @@ def _loss_temporary_bytes(run: _Run) -> int:
 def _adapter_bytes(run: _Run) -> int:
     """Trainable parameters, their gradients (same dtype) and the optimizer's states. Modules trained
     in full (modules_to_save) are copies in the compute dtype."""
+    params, states = _adapter_parts(run)
+    return 2 * params + states
+
+
+def _adapter_parts(run: _Run) -> tuple[int, int]:
+    """(trainable parameter bytes, optimizer state bytes)."""
     s = run.shape
     matrices, vectors = _adapter_elements(s, run.targets, run.r, run.method, run.virtual_tokens)
     full = s.saved_module_parameters(run.modules_to_save)
@@ -719,7 +729,24 @@ def _adapter_bytes(run: _Run) -> int:
         + optimizer_state_bytes(run.optimizer, vectors, FP32, 0)
         + optimizer_state_bytes(run.optimizer, full, run.dtype_bytes, 0)
     )
-    return 2 * params + states
+    return params, states
+
+
+def _sharded(parts: dict[str, int], run: _Run, num_gpus: int, strategy: str) -> dict[str, int]:
+    """One GPU's share. DDP replicates everything and adds its gradient buckets (a second copy of the
+    trainable gradients); FSDP divides the weights (4-bit storage included), the adapter, its gradients
+    and optimizer states by the number of GPUs and gathers whole layers as it goes. Activations, logits
+    and temporaries are those of the GPU's own micro-batch either way."""
+    if num_gpus <= 1:
+        return parts
+    if strategy != "fsdp":
+        return {**parts, "adapter": parts["adapter"] + _adapter_parts(run)[0]}
+    layer_weights = parts["weights"] // max(1, run.shape.num_layers)
+    return {
+        **parts,
+        "weights": math.ceil(parts["weights"] / num_gpus) + FSDP_GATHERED_LAYERS * layer_weights,
+        "adapter": math.ceil(parts["adapter"] / num_gpus),
+    }
 
 
 # --- The estimate ---------------------------------------------------------------------------------------
@@ -740,6 +767,8 @@ class Estimate:
     overhead: int
     trainable_params: int = 0
     tokens: int = 0  # per micro-batch
+    num_gpus: int = 1  # the figures are per GPU: each of num_gpus holds this much
+    strategy: str = "single"  # single, ddp or fsdp
     cuda_context: int = CUDA_CONTEXT_BYTES  # on the card but outside the allocator: not in total
     peak_phase: str = "backward"  # loss (logits alive) or backward (a layer's backward)
 
@@ -761,7 +790,8 @@ class Estimate:
     def summary(self) -> str:
         parts = ", ".join(f"{name} {value / GiB:.1f}" for name, value in self.parts().items())
         moment = "while the loss runs" if self.peak_phase == "loss" else "in a layer's backward"
-        return f"{self.total / GiB:.1f} GiB: {parts} (peak {moment})"
+        per_gpu = f" per GPU on {self.num_gpus} ({self.strategy})" if self.num_gpus > 1 else ""
+        return f"{self.total / GiB:.1f} GiB{per_gpu}: {parts} (peak {moment})"
 
 
 def estimate(
@@ -789,6 +819,8 @@ def estimate(
     modules_to_save: Sequence[str] = (),
     mlp_chunk_tokens: int = 0,
     expandable_segments: bool = False,
+    num_gpus: int = 1,
+    strategy: str = "ddp",
 ) -> Estimate:
     """Peak GPU memory (allocator reserve) of one training step, by part at the peak's moment.
 
@@ -798,7 +830,8 @@ def estimate(
     says otherwise, a fused linear cross-entropy. `checkpoint_layers` recomputes only that many
     layers (default: all with gradient_checkpointing, none without). `upcast_frozen` models
     prepare_model_for_kbit_training's fp32 frozen weights, which the Tunedeck runner avoids.
-    `modules_to_save` counts trained copies of embeddings and head.
+    `modules_to_save` counts trained copies of embeddings and head. With `num_gpus` > 1 the figures are
+    one GPU's, `micro_batch` being that GPU's own, under `strategy` ddp (replicated) or fsdp (sharded).
     """
     if checkpoint_layers is None:
         checkpoint_layers = shape.num_layers if gradient_checkpointing else 0
@@ -826,6 +859,7 @@ def estimate(
         "logits": logits,
         "temporary": temporary,
     }
+    parts = _sharded(parts, run, num_gpus, strategy)
     # Tensors made and freed within the step fragment the allocator's cache: reserved memory exceeds
     # the allocated peak by a share of that working set, more than by a share of the whole.
     working = sum(loss) if at_loss else sum(backward)
@@ -836,6 +870,7 @@ def estimate(
         trainable_params=shape.adapter_parameters(run.targets, r, method, num_virtual_tokens)
         + shape.saved_module_parameters(run.modules_to_save),
         tokens=run.tokens, peak_phase="loss" if at_loss else "backward",
+        num_gpus=max(1, num_gpus), strategy=(strategy if num_gpus > 1 else "single"),
     )
 
 
@@ -911,12 +946,13 @@ def estimate_for_spec(
     options: dict[str, Any] = {
         "method": method, "quantization": lora.quantization, "double_quant": lora.double_quant,
         "compute_dtype_bytes": COMPUTE_DTYPE_BYTES.get(lora.compute_dtype, 2), "r": lora.r,
-        "targets": lora.target_modules, "dropout": lora.dropout, "seq_len": seq_len, "micro_batch": train.batch_size,
+        "targets": lora.target_modules, "dropout": lora.dropout, "seq_len": seq_len, "micro_batch": _gpu_micro_batch(train),
         "batching": batching, "optimizer": train.optimizer, "liger": _switch(train.liger_kernels, True),
         "fused_lm_head": True,  # trl's SFTTrainer always installs its chunked LM head
         "attention": attention,
         "num_virtual_tokens": getattr(lora, "num_virtual_tokens", VIRTUAL_TOKENS),
         "modules_to_save": getattr(lora, "modules_to_save", []),
+        "num_gpus": getattr(train, "num_gpus", 1), "strategy": getattr(train, "strategy", "ddp"),
     }
     notes: list[str] = []
     layers = shape.num_layers
@@ -943,6 +979,12 @@ def estimate_for_spec(
         liger=options["liger"], tokens_per_micro_batch=result.tokens,
     )
     return SpecEstimate(result, choices, notes)
+
+
+def _gpu_micro_batch(train: Any) -> int:
+    """Each GPU's micro-batch: the global batch is split across num_gpus (see TrainParams.per_rank_batch)."""
+    split = train.per_rank_batch() if hasattr(train, "per_rank_batch") else None
+    return split[0] if split else train.batch_size
 
 
 def _fewest_checkpointed_layers(shape: ModelShape, options: dict[str, Any], budget: int) -> int:

@@ -262,3 +262,56 @@ def test_a_refused_spec_fails_before_any_process_starts(tiny_model_dir: Path, st
     state, _, error = reporter.states[-1]
     assert state == "failed" and "num_gpus" in error and "multiple of 3" in error
     assert not any(line.startswith("Launching") for line in reporter.logs)
+
+
+# --- the memory estimate per GPU -------------------------------------------------------------------------
+
+LLAMA_70B = {
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}
+
+
+def llama_70b() -> Any:
+    from transformers import AutoConfig
+
+    from workers.estimate import ModelShape
+
+    return ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_70B))
+
+
+def test_fsdp_divides_what_it_shards_and_keeps_activations_per_gpu() -> None:
+    from workers.estimate import FSDP_GATHERED_LAYERS, GiB, estimate
+
+    shape = llama_70b()
+    one = estimate(shape, quantization="4bit", seq_len=2048, micro_batch=1)
+    two = estimate(shape, quantization="4bit", seq_len=2048, micro_batch=1, num_gpus=2, strategy="fsdp")
+    layer = one.weights // shape.num_layers
+    assert two.weights == pytest.approx(one.weights / 2 + FSDP_GATHERED_LAYERS * layer, abs=1)
+    assert two.adapter == pytest.approx(one.adapter / 2, abs=1)
+    assert (two.activations, two.logits, two.temporary) == (one.activations, one.logits, one.temporary)
+    assert one.weights > 35 * GiB and two.total < 0.6 * one.total  # a 70B in 4-bit: ~20 GiB a GPU on two
+    assert two.num_gpus == 2 and "per GPU on 2 (fsdp)" in two.summary()
+
+
+def test_ddp_replicates_and_adds_its_gradient_buckets() -> None:
+    from workers.estimate import estimate
+
+    shape = llama_70b()
+    one = estimate(shape, quantization="4bit", seq_len=2048, micro_batch=2)
+    two = estimate(shape, quantization="4bit", seq_len=2048, micro_batch=2, num_gpus=2, strategy="ddp")
+    assert two.weights == one.weights and two.activations == one.activations
+    assert one.adapter < two.adapter < 1.5 * one.adapter  # one more copy of the adapter's gradients
+
+
+def test_the_spec_estimate_uses_each_gpus_share_of_the_batch() -> None:
+    from workers.estimate import estimate_for_spec
+
+    shape, lora = llama_70b(), LoraParams(quantization="4bit")
+    one = estimate_for_spec(shape, lora, TrainParams(batch_size=4, grad_accum=1, max_seq_length=2048))
+    fsdp = estimate_for_spec(
+        shape, lora, TrainParams(batch_size=4, grad_accum=1, max_seq_length=2048, num_gpus=4, strategy="fsdp")
+    )
+    assert fsdp.estimate.tokens == one.estimate.tokens // 4  # micro-batch 4 split across 4 GPUs
+    assert fsdp.estimate.total < one.estimate.total / 2
+    assert fsdp.as_dict()["estimate"]["num_gpus"] == 4
