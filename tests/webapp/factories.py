@@ -32,7 +32,9 @@ def make_run(user, base, dataset, config, **hp) -> TrainingRun:  # type: ignore[
 
 
 def make_worker(name: str = "w1", token: str | None = None) -> tuple[Worker, str]:
-    worker = Worker(name=name, state="online")
+    from django.utils import timezone
+
+    worker = Worker(name=name, state="online", last_heartbeat=timezone.now())  # the scheduler wants a recent heartbeat
     fresh = worker.set_new_token()
     if token:
         from webapp.fleet.models import hash_token

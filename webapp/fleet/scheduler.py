@@ -1,19 +1,23 @@
-"""The scheduler: places queued runs on idle workers and takes runs back from lost workers.
+"""The scheduler: places queued jobs on workers that fit them and takes jobs back from lost workers.
 
-One pass is `schedule_once()`; `manage.py scheduler` (started by `tunedeck up`) loops it.
-Wake-ups are sent only after the placing transaction commits.
+One pass is `schedule_once()`; `manage.py scheduler` (started by `tunedeck up`) loops it. The rules
+(order, fairness, GPUs, wait reasons) are in `fleet/placement.py`; this module reads the rows, commits
+each placement with the ledger's conditional update and sends the wake-up after the commit.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count, Max
 from django.utils import timezone
 
 from webapp.celery import send_wakeup
+from webapp.fleet import placement
 from webapp.fleet.models import Worker, WorkerState
 from webapp.playground.models import AdapterJob
 from webapp.training import ledger
@@ -21,12 +25,13 @@ from webapp.training.models import ACTIVE_STATES, RunState, TrainingRun
 
 # Every kind of job the workers run: training runs and adapter jobs (compare, merge, combine, evaluate, push).
 JOB_MODELS = (TrainingRun, AdapterJob)
+MODEL_BY_KIND = {model.__name__: model for model in JOB_MODELS}
 
 log = logging.getLogger(__name__)
 
 
 def mark_lost_workers() -> int:
-    """Workers silent past WORKER_OFFLINE_AFTER go offline; their active runs are taken back."""
+    """Workers silent past WORKER_OFFLINE_AFTER go offline; their active jobs are taken back (and their GPUs freed)."""
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER)
     lost = Worker.objects.exclude(state=WorkerState.OFFLINE).filter(last_heartbeat__lt=cutoff)
     count = 0
@@ -55,35 +60,174 @@ def resend_unclaimed() -> int:
     return count
 
 
-def idle_workers() -> list[Worker]:
-    workers = Worker.objects.filter(state=WorkerState.ONLINE)
+# --- Reading the fleet and the queue ---------------------------------------------------------------------
+
+
+def inventory_gpus(inventory: Any) -> tuple[placement.Gpu, ...]:
+    """The GPUs a worker's heartbeat reported; a malformed entry is left out, a worker without any is CPU-only."""
+    gpus = inventory.get("gpus") if isinstance(inventory, dict) else None
+    if not isinstance(gpus, list):
+        return ()
+    found = []
+    for position, gpu in enumerate(gpus):
+        if not isinstance(gpu, dict) or not isinstance(gpu.get("memory_total"), int):
+            continue
+        index = gpu.get("index", position)
+        free = gpu.get("memory_free")
+        found.append(placement.Gpu(index=index if isinstance(index, int) else position, total=gpu["memory_total"],
+                                   free=free if isinstance(free, int) else None))
+    return tuple(found)
+
+
+def online_workers() -> list[Worker]:
+    """Workers that may take jobs: online (not draining or offline) with a heartbeat within WORKER_OFFLINE_AFTER."""
+    cutoff = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER)
+    return list(Worker.objects.filter(state=WorkerState.ONLINE, last_heartbeat__gte=cutoff).order_by("name"))
+
+
+def _active_jobs(worker_ids: list[int]) -> list[tuple[int, int, list[Any], int]]:
+    """(worker id, owner id, held GPU indices, GPUs needed) of every active job on these workers."""
+    rows: list[tuple[int, int, list[Any], int]] = []
     for model in JOB_MODELS:
-        workers = workers.exclude(pk__in=model.objects.filter(state__in=ACTIVE_STATES, worker__isnull=False).values("worker_id"))
-    return list(workers.order_by("last_heartbeat"))
+        rows += model.objects.filter(state__in=ACTIVE_STATES, worker_id__in=worker_ids).values_list(
+            "worker_id", "owner_id", "gpu_indices", "needs_gpus")
+    return rows
+
+
+def _slot(worker: Worker, active: list[tuple[int, int, list[Any], int]]) -> placement.Slot:
+    slot = placement.Slot(
+        id=worker.pk, name=worker.name, labels=frozenset(str(label) for label in worker.labels or []),
+        gpus=inventory_gpus(worker.inventory), max_gpu_bytes=worker.max_gpu_bytes, max_jobs=worker.max_jobs,
+    )
+    unknown = 0
+    for _, _, held, needs in active:
+        indices = [i for i in held if isinstance(i, int)] if isinstance(held, list) else []
+        slot.hold(indices)
+        unknown += 0 if indices else max(1, needs)
+    # An active job that records no GPUs (placed before GPUs were tracked) holds some anyway: the lowest free ones.
+    for gpu in slot.free_gpus()[:unknown] if slot.gpus else []:
+        slot.held.add(gpu.index)
+    return slot
+
+
+def fleet() -> tuple[dict[int, Worker], list[placement.Slot]]:
+    workers = {w.pk: w for w in online_workers()}
+    active = _active_jobs(list(workers))
+    slots = [_slot(w, [row for row in active if row[0] == w.pk]) for w in workers.values()]
+    return workers, slots
+
+
+def _timestamp(value: datetime | None) -> float:
+    return value.timestamp() if value else 0.0
+
+
+def queued_jobs() -> list[placement.Job]:
+    jobs = []
+    for model in JOB_MODELS:
+        rows = model.objects.filter(state=RunState.QUEUED).values_list(
+            "pk", "owner_id", "created_at", "priority", "queue_order", "needs_labels", "needs_gpu_bytes", "needs_gpus",
+            "wait_reason")
+        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason in rows:
+            jobs.append(placement.Job(
+                key=(model.__name__, pk), owner=owner, created=_timestamp(created), priority=priority,
+                queue_order=queue_order, needs_labels=tuple(str(x) for x in labels or []),
+                needs_gpu_bytes=gpu_bytes, needs_gpus=gpus, wait_reason=reason,
+            ))
+    return jobs
+
+
+def owners_history(owners: set[int]) -> tuple[dict[int, int], dict[int, float]]:
+    """Per owner: active jobs now, and when one of their jobs was last dispatched (the fairness rule's inputs)."""
+    active: dict[int, int] = {}
+    served: dict[int, float] = {}
+    for model in JOB_MODELS:
+        mine = model.objects.filter(owner_id__in=owners)
+        for owner, n in mine.filter(state__in=ACTIVE_STATES).values("owner_id").annotate(n=Count("pk")).values_list(
+                "owner_id", "n"):
+            active[owner] = active.get(owner, 0) + n
+        for owner, last in mine.filter(dispatched_at__isnull=False).values("owner_id").annotate(
+                last=Max("dispatched_at")).values_list("owner_id", "last"):
+            served[owner] = max(served.get(owner, 0.0), _timestamp(last))
+    return active, served
+
+
+# --- One pass ----------------------------------------------------------------------------------------------
+
+
+def _commit(job: placement.Job, worker: Worker, slot: placement.Slot, gpus: list[int]) -> bool:
+    """Place one job: its row moves to dispatched only if it is still queued and the GPUs are still free;
+    the wake-up goes after the commit. The worker's row is locked so two passes never hand out one GPU twice."""
+    model = MODEL_BY_KIND[job.key[0]]
+    with transaction.atomic():
+        Worker.objects.select_for_update().filter(pk=worker.pk).values_list("pk", flat=True).first()
+        now = _slot(worker, _active_jobs([worker.pk]))
+        if now.full or set(gpus) & now.held:
+            return False
+        attempt = ledger.dispatch(job.key[1], worker, model, gpu_indices=gpus)
+        if attempt is None:
+            return False
+        name, job_id, task = worker.name, job.key[1], model.TASK
+        transaction.on_commit(lambda: send_wakeup(name, job_id, attempt, task))
+    return True
+
+
+def _write_reasons(jobs: list[placement.Job], reasons: dict[tuple[str, int], str]) -> None:
+    """Store each queued job's wait reason, only where it changed (not a write per job per pass)."""
+    for job in jobs:
+        reason = reasons.get(job.key)
+        if reason is not None and reason[:500] != job.wait_reason:
+            MODEL_BY_KIND[job.key[0]].objects.filter(pk=job.key[1], state=RunState.QUEUED).update(wait_reason=reason[:500])
 
 
 def dispatch_queued() -> int:
-    """Oldest queued job first, whatever its kind, one per idle worker."""
-    workers = idle_workers()
-    if not workers:
+    """Place every queued job that fits somewhere now, in the placement order; returns how many were placed."""
+    jobs = queued_jobs()
+    if not jobs:
         return 0
-    queued = sorted(
-        ((created, model, pk) for model in JOB_MODELS
-        for pk, created in model.objects.filter(state=RunState.QUEUED).order_by("id").values_list("pk", "created_at")[
-            : len(workers)
-        ]),
-        key=lambda item: (item[0], item[2]),
-    )
-    placed = 0
-    for (_, model, job_id), worker in zip(queued, workers, strict=False):
-        with transaction.atomic():
-            attempt = ledger.dispatch(job_id, worker, model)
-            if attempt is not None:
-                name = worker.name
-                transaction.on_commit(lambda j=job_id, a=attempt, n=name, t=model.TASK: send_wakeup(n, j, a, t))
-                placed += 1
+    workers, slots = fleet()
+    active, served = owners_history({job.owner for job in jobs})
+    plan = placement.plan(jobs, slots, active, served)
+    placed = sum(_commit(job, workers[slot.id], slot, gpus) for job, slot, gpus in plan.placements)
+    _write_reasons(jobs, plan.reasons)
     return placed
+
+
+def idle_workers() -> list[Worker]:
+    """Online workers with room for another job."""
+    workers, slots = fleet()
+    return [workers[slot.id] for slot in slots if not slot.full]
 
 
 def schedule_once() -> dict[str, int]:
     return {"lost_workers": mark_lost_workers(), "resent": resend_unclaimed(), "dispatched": dispatch_queued()}
+
+
+# --- What a job needs, set when it is created ----------------------------------------------------------------
+
+
+def run_gpu_bytes(base: Any, lora: Any, train: Any) -> int | None:
+    """needs_gpu_bytes of a run: the engine's estimate on the smallest GPU it could use (every layer recomputed
+    where the plan is left to decide), or, where the base's config cannot be read, its weights plus a margin.
+    None (it may run on a CPU) when that is below placement.CPU_MAX_BYTES or the size is unknown."""
+    from webapp.catalog.services import model_shape
+    from workers.estimate import estimate_for_spec
+    from workers.modelinfo import ModelNotFound
+
+    try:
+        estimate: float | None = estimate_for_spec(model_shape(base), lora, train).estimate.device_total
+    except (ModelNotFound, ValueError):  # an unreadable config, an architecture the estimator does not know
+        per_param = placement.WEIGHT_BYTES_PER_PARAM.get(getattr(lora, "quantization", "none"), 2.0)
+        estimate = placement.rough_bytes(base.num_parameters, per_param)
+    return placement.gpu_bytes_or_cpu(estimate)
+
+
+def run_needs(base: Any, lora: Any, train: Any, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The placement fields of a new run (each of its GPUs needs the single-GPU estimate: the safe side)."""
+    return {"needs_gpu_bytes": run_gpu_bytes(base, lora, train),
+            "needs_gpus": placement.needs_from_hyperparameters(hyperparameters)}
+
+
+def adapter_job_needs(kind: str, base: Any) -> dict[str, Any]:
+    """The placement fields of a new adapter job: its base's weights in bf16 (float32 for a merge's check)
+    plus a margin; a push needs no GPU."""
+    return {"needs_gpu_bytes": placement.adapter_job_bytes(kind, base.num_parameters), "needs_gpus": 1}
