@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset
+from webapp.fleet.scheduler import adapter_job_needs
 from webapp.playground.models import AdapterJob, Comparison, JobKind, PromptSet
 from webapp.training import ledger
 from webapp.training.models import Adapter, TrainingRun
@@ -57,7 +58,8 @@ def _queue(kind: str, owner: Any, base: BaseModel, spec: Any, adapters: list[Ada
     for transient in ("job_id", "attempt", "token"):
         params.pop(transient, None)
     with transaction.atomic():
-        job = AdapterJob.objects.create(kind=kind, owner=owner, base_model=base, params=params)
+        job = AdapterJob.objects.create(kind=kind, owner=owner, base_model=base, params=params,
+                                        **adapter_job_needs(kind, base))
         job.adapters.set(adapters)
         if "output_uri" in params:  # known only once the row has its id
             job.params["output_uri"] = job.output_uri()

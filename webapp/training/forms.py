@@ -35,6 +35,18 @@ class RunForm(forms.Form):
     base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), help_text="The model to adapt.")
     dataset = forms.ModelChoiceField(queryset=Dataset.objects.all(), help_text="Training rows.")
     lora_config = forms.ModelChoiceField(queryset=LoraConfig.objects.all(), label="LoRA config")
+    # Placement (fleet/scheduler.py): which workers may take the run, and how soon (only staff go above 0).
+    worker_labels = forms.CharField(
+        required=False, max_length=1000, label="Run on workers labelled",
+        help_text="Optional: comma-separated labels, e.g. a100, team-nlp; only a worker with all of them takes the run.")
+    priority = forms.IntegerField(
+        required=False, initial=0, min_value=-100, max_value=100,
+        help_text="Higher runs first; 0 is normal, below 0 lets others go first. Only admins may set it above 0.")
+
+    def clean_worker_labels(self) -> list[str]:
+        from webapp.fleet.forms import parse_labels
+
+        return parse_labels(self.cleaned_data.get("worker_labels") or "")
 
     def __init__(self, *args: Any, suggested: spec.TrainParams | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
