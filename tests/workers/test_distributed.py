@@ -315,3 +315,33 @@ def test_the_spec_estimate_uses_each_gpus_share_of_the_batch() -> None:
     assert fsdp.estimate.tokens == one.estimate.tokens // 4  # micro-batch 4 split across 4 GPUs
     assert fsdp.estimate.total < one.estimate.total / 2
     assert fsdp.as_dict()["estimate"]["num_gpus"] == 4
+
+
+# --- the run form ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_run_form_offers_both_fields_and_names_the_refused_one(tiny_model_dir: Path, store_dir: Path, client) -> None:  # type: ignore[no-untyped-def]
+    from tests.webapp.factories import demo_objects, make_run
+    from webapp.training.models import TrainingRun
+
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    run = make_run(user, base, dataset, config)
+    client.login(username="owner", password="owner-pass-123")
+    page = client.get("/runs/new/").content.decode()
+    assert 'name="num_gpus"' in page and 'name="strategy"' in page and '<option value="fsdp"' in page
+
+    form = {
+        "base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
+        **{k: v for k, v in run.hyperparameters.items() if not isinstance(v, bool)},
+    }
+    config.params.update(use_dora=True)
+    config.save()
+    response = client.post("/runs/new/", {**form, "num_gpus": 2, "strategy": "fsdp"})
+    assert response.status_code == 400 and "DoRA recomputes the norm" in response.content.decode()
+    response = client.post("/runs/new/", {**form, "num_gpus": 3, "grad_accum": 1, "batch_size": 16})
+    assert response.status_code == 400 and "must split evenly across 3 GPUs" in response.content.decode()
+    response = client.post("/runs/new/", {**form, "num_gpus": 2, "strategy": "ddp"})
+    assert response.status_code == 302
+    created = TrainingRun.objects.latest("id")
+    assert created.hyperparameters["num_gpus"] == 2 and created.hyperparameters["strategy"] == "ddp"
