@@ -222,7 +222,8 @@ def run_gpu_bytes(base: Any, lora: Any, train: Any) -> int | None:
 
 
 def run_needs(base: Any, lora: Any, train: Any, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """The placement fields of a new run (each of its GPUs needs the single-GPU estimate: the safe side)."""
+    """The placement fields of a new run: needs_gpu_bytes is what each of its GPUs needs (the estimator
+    shares the work out by the run's num_gpus and strategy)."""
     return {"needs_gpu_bytes": run_gpu_bytes(base, lora, train),
             "needs_gpus": placement.needs_from_hyperparameters(hyperparameters)}
 

@@ -1,0 +1,453 @@
+"""The scheduler's placement: where queued jobs land, in what order, why a job waits, and reordering.
+
+Real database rows (SQLite by default, PostgreSQL with DATABASE_URL), workers with heartbeat inventories,
+one `schedule_once()` pass at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from tests.webapp.factories import demo_objects
+from tests.webapp.team import login, make
+from webapp.catalog.models import BaseModel
+from webapp.fleet import placement
+from webapp.fleet.models import Worker
+from webapp.fleet.scheduler import schedule_once
+from webapp.playground import services
+from webapp.playground.models import AdapterJob
+from webapp.training import ledger, queue
+from webapp.training.models import Adapter, TrainingRun
+from workers import spec
+from workers.estimate import ModelShape, estimate_for_spec
+
+pytestmark = pytest.mark.django_db
+GiB = 2**30
+
+
+def worker(name: str, gpus: tuple[float, ...] = (), labels: tuple[str, ...] = (), state: str = "online",
+           free: tuple[float, ...] | None = None, **fields: Any) -> Worker:
+    """A worker as its heartbeats leave it: GPUs of these sizes (GiB), optionally with less memory free."""
+    inventory = {
+        "gpus": [{"index": i, "name": "NVIDIA test GPU", "memory_total": int(size * GiB),
+                  **({"memory_free": int(free[i] * GiB)} if free else {})} for i, size in enumerate(gpus)],
+        "memory_total": 64 * GiB, "cpus": 8,
+    }
+    return Worker.objects.create(name=name, state=state, labels=list(labels), inventory=inventory,
+                                 last_heartbeat=timezone.now(), **fields)
+
+
+def job(team: Any, owner: str = "owner", gib: float | None = 4, gpus: int = 1, labels: tuple[str, ...] = (),
+        **fields: Any) -> TrainingRun:
+    return make(team, owner, needs_gpu_bytes=int(gib * GiB) if gib is not None else None, needs_gpus=gpus,
+                needs_labels=list(labels), **fields)
+
+
+def fresh(*runs: TrainingRun) -> list[TrainingRun]:
+    return [TrainingRun.objects.select_related("worker").get(pk=r.pk) for r in runs]
+
+
+def where(run: TrainingRun) -> tuple[str | None, list[int]]:
+    (run,) = fresh(run)
+    return (run.worker.name if run.worker else None), run.gpu_indices
+
+
+def finish(run: TrainingRun) -> None:
+    """The worker reports the attempt failed: its GPUs are free again."""
+    (run,) = fresh(run)
+    ledger.record_status(run, run.attempt, "failed", {}, "stopped for the test")
+
+
+# --- where jobs land -------------------------------------------------------------------------------------
+
+
+def test_jobs_land_only_on_workers_whose_labels_and_memory_fit(team: Any) -> None:
+    worker("small", gpus=(24,), labels=("team-nlp",))
+    worker("big", gpus=(80, 80), labels=("a100",))
+    large = job(team, gib=40)
+    nlp = job(team, gib=10, labels=("team-nlp",))
+    a100 = job(team, gib=10, labels=("a100",))
+    assert schedule_once()["dispatched"] == 3
+    assert where(large) == ("big", [0]) and where(a100) == ("big", [1]) and where(nlp) == ("small", [0])
+
+
+def test_small_jobs_take_the_smallest_gpu_that_fits_keeping_big_ones_free(team: Any) -> None:
+    worker("big", gpus=(80,))
+    worker("small", gpus=(24,))
+    small = job(team, gib=10)
+    schedule_once()
+    assert where(small) == ("small", [0])
+
+
+def test_a_job_too_large_for_every_worker_stays_queued_and_says_the_sizes(team: Any) -> None:
+    worker("small", gpus=(24,))
+    worker("big", gpus=(80,), max_gpu_bytes=40 * GiB)  # an admin's limit per job
+    huge = job(team, gib=60)
+    labelled = job(team, gib=4, labels=("a100", "team-nlp"))
+    schedule_once()
+    huge, labelled = fresh(huge, labelled)
+    assert huge.state == "queued" and huge.worker is None
+    assert huge.wait_reason == "needs ~60 GiB of GPU memory; the largest GPU of an online worker can give a job 39.5 GiB"
+    assert labelled.wait_reason == "needs labels a100, team-nlp; no online worker has them all"
+
+
+def test_a_multi_gpu_job_that_no_worker_can_hold_says_how_many_gpus_the_largest_has(team: Any) -> None:
+    worker("one", gpus=(80,))
+    wide = job(team, gib=10, gpus=2)
+    schedule_once()
+    (wide,) = fresh(wide)
+    assert wide.state == "queued" and wide.wait_reason == "needs 2 GPUs; the largest online worker has 1"
+
+
+def test_with_no_worker_online_every_job_says_so_and_draining_or_silent_workers_take_nothing(team: Any) -> None:
+    worker("draining", gpus=(80,), state="draining")
+    worker("offline", gpus=(80,), state="offline")
+    silent = worker("silent", gpus=(80,))
+    Worker.objects.filter(pk=silent.pk).update(last_heartbeat=None)  # registered, never heard from
+    waiting = job(team)
+    assert schedule_once()["dispatched"] == 0
+    (waiting,) = fresh(waiting)
+    assert waiting.state == "queued" and waiting.wait_reason == "no worker is online"
+    Worker.objects.filter(name="draining").update(state="online")
+    schedule_once()
+    assert where(waiting) == ("draining", [0])
+
+
+def test_a_worker_past_its_heartbeat_timeout_takes_nothing_and_its_jobs_are_requeued_with_their_gpus_freed(
+    team: Any, settings: Any
+) -> None:
+    w = worker("w", gpus=(80, 80))
+    run = job(team, gpus=2)
+    schedule_once()
+    assert where(run) == ("w", [0, 1])
+    Worker.objects.filter(pk=w.pk).update(last_heartbeat=timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER + 5))
+    outcome = schedule_once()
+    (run,) = fresh(run)
+    assert outcome["lost_workers"] == 1 and run.state == "queued" and run.gpu_indices == [] and run.worker is None
+    assert run.wait_reason == "no worker is online"
+    assert [(e["worker"], e["outcome"]) for e in run.attempt_log] == [("w", "lost")]
+
+
+def test_a_cpu_only_worker_takes_only_jobs_that_can_run_on_the_cpu(team: Any) -> None:
+    worker("cpu")  # its heartbeat reported "gpus": []
+    gpu_job = job(team, gib=8)
+    cpu_job = job(team, gib=None)
+    schedule_once()
+    gpu_job, cpu_job = fresh(gpu_job, cpu_job)
+    assert cpu_job.state == "dispatched" and cpu_job.worker.name == "cpu" and cpu_job.gpu_indices == []
+    assert gpu_job.state == "queued" and gpu_job.wait_reason == "needs ~8 GiB of GPU memory; no online worker has a GPU"
+
+
+def test_cpu_capable_jobs_go_to_cpu_workers_first_and_a_gpu_worker_takes_them_when_those_are_busy(team: Any) -> None:
+    worker("gpu", gpus=(24,))
+    worker("cpu")
+    first, second = job(team, gib=None), job(team, gib=None)
+    schedule_once()
+    assert where(first) == ("cpu", []) and where(second) == ("gpu", [0])
+
+
+def test_a_job_that_cannot_be_placed_now_does_not_block_the_jobs_behind_it(team: Any) -> None:
+    worker("big", gpus=(80,))
+    worker("small", gpus=(24,))
+    occupying = job(team, gib=40)
+    schedule_once()
+    assert where(occupying) == ("big", [0])
+    never = job(team, gib=200)  # fits no worker: skipped
+    blocked = job(team, gib=40)  # fits only "big", which is busy
+    behind = job(team, gib=10)
+    schedule_once()
+    never, blocked, behind = fresh(never, blocked, behind)
+    assert behind.state == "dispatched" and behind.worker.name == "small"
+    assert never.state == "queued" and never.wait_reason.startswith("needs ~200 GiB of GPU memory")
+    assert blocked.state == "queued" and blocked.wait_reason == "waiting for a free GPU (next in line)"
+    finish(occupying)
+    schedule_once()
+    assert where(blocked) == ("big", [0])
+
+
+def test_waiting_jobs_count_the_jobs_ahead_of_them_and_unchanged_reasons_are_not_written_again(team: Any) -> None:
+    worker("w", gpus=(24,))
+    runs = [job(team) for _ in range(4)]
+    schedule_once()
+    reasons = [r.wait_reason for r in fresh(*runs)]
+    assert reasons == ["", "waiting for a free GPU (next in line)", "waiting for a free GPU (1 job ahead)",
+                       "waiting for a free GPU (2 jobs ahead)"]
+    with CaptureQueriesContext(connection) as queries:
+        schedule_once()
+    assert not [q for q in queries.captured_queries if "wait_reason" in q["sql"] and q["sql"].startswith("UPDATE")]
+
+
+def test_gpu_memory_used_outside_tunedeck_makes_a_job_wait_saying_so(team: Any) -> None:
+    worker("shared", gpus=(80,), free=(6,))
+    big = job(team, gib=20)
+    small = job(team, gib=4)
+    schedule_once()
+    big, small = fresh(big, small)
+    assert big.state == "queued"
+    assert big.wait_reason == "waiting for GPU memory used outside Tunedeck: GPU 0 of shared has 6 GiB free (next in line)"
+    assert small.state == "dispatched" and small.gpu_indices == [0]
+
+
+def test_max_jobs_caps_a_worker_below_one_job_per_gpu(team: Any) -> None:
+    worker("w", gpus=(80, 80, 80), max_jobs=2)
+    runs = [job(team) for _ in range(3)]
+    assert schedule_once()["dispatched"] == 2
+    assert sorted(where(r)[1][0] for r in runs[:2]) == [0, 1] and fresh(runs[2])[0].state == "queued"
+
+
+# --- GPUs held by a job ---------------------------------------------------------------------------------
+
+
+def test_a_two_gpu_job_goes_only_where_two_gpus_are_free_holds_both_and_the_next_job_waits_for_them(team: Any) -> None:
+    worker("single", gpus=(80,), labels=("pool",))
+    worker("pair", gpus=(24, 24), labels=("pool",))
+    wide = job(team, gib=10, gpus=2, labels=("pool",))
+    schedule_once()
+    assert where(wide) == ("pair", [0, 1])
+    Worker.objects.filter(name="single").update(state="draining")
+    narrow = job(team, gib=10)
+    schedule_once()
+    (narrow,) = fresh(narrow)
+    assert narrow.state == "queued" and narrow.wait_reason == "waiting for a free GPU (next in line)"
+    finish(wide)
+    schedule_once()
+    assert where(narrow) == ("pair", [0])
+
+
+def test_a_two_gpu_job_waits_while_one_of_the_pair_is_held(team: Any) -> None:
+    worker("pair", gpus=(24, 24))
+    one = job(team, gib=10)
+    schedule_once()
+    wide = job(team, gib=10, gpus=2)
+    schedule_once()
+    (wide,) = fresh(wide)
+    assert where(one) == ("pair", [0]) and wide.state == "queued"
+    assert wide.wait_reason == "waiting for a free GPU (next in line)"
+
+
+# --- order: priority, fairness, each owner's queue -----------------------------------------------------------
+
+
+def test_one_users_twenty_runs_do_not_hold_back_another_users_single_run(team: Any) -> None:
+    worker("w", gpus=(80,))
+    batch = [job(team, "owner") for _ in range(20)]
+    single = job(team, "mate")
+    schedule_once()
+    assert fresh(batch[0])[0].state == "dispatched"
+    assert fresh(single)[0].wait_reason == "waiting for a free GPU (next in line)"
+    finish(batch[0])
+    schedule_once()
+    assert fresh(single)[0].state == "dispatched"  # the second job placed
+
+
+def test_two_free_gpus_go_to_two_owners_before_the_second_job_of_either(team: Any) -> None:
+    worker("w", gpus=(80, 80))
+    batch = [job(team, "owner") for _ in range(20)]
+    single = job(team, "mate")
+    schedule_once()
+    assert [r.state for r in fresh(batch[0], batch[1], single)] == ["dispatched", "queued", "dispatched"]
+
+
+def test_the_owner_with_fewer_active_jobs_goes_first(team: Any) -> None:
+    worker("w", gpus=(80,))
+    running = job(team, "owner")
+    schedule_once()
+    worker("w2", gpus=(80,))
+    older = job(team, "owner")
+    newer = job(team, "mate")
+    schedule_once()
+    assert where(running)[0] == "w" and fresh(newer)[0].state == "dispatched" and fresh(older)[0].state == "queued"
+
+
+def test_priority_beats_age(team: Any) -> None:
+    worker("w", gpus=(80,))
+    old = job(team, "owner")
+    urgent = job(team, "mate", priority=5)
+    schedule_once()
+    assert fresh(urgent)[0].state == "dispatched" and fresh(old)[0].state == "queued"
+
+
+def test_reordering_an_owners_queue_changes_which_of_their_jobs_is_placed_first(team: Any, client: Client) -> None:
+    worker("w", gpus=(80,))
+    first, second, third = job(team), job(team), job(team)
+    login(client, "owner")
+    response = client.post(f"/runs/{third.pk}/reorder/", {"where": "top"})
+    assert response.status_code == 302 and response["Location"] == f"/runs/{third.pk}/"
+    schedule_once()
+    assert [r.state for r in fresh(first, second, third)] == ["queued", "queued", "dispatched"]
+
+
+def test_moves_up_down_top_and_bottom_keep_the_rest_of_the_queue_in_order(team: Any) -> None:
+    runs = [job(team) for _ in range(4)]
+    other = job(team, "mate")
+
+    def order() -> list[int]:
+        return [r.pk for r in sorted(fresh(*runs), key=lambda r: r.queue_order)]
+
+    a, b, c, d = (r.pk for r in runs)
+    assert queue.move(runs[2], "up") and order() == [a, c, b, d]
+    assert queue.move(runs[2], "down") and order() == [a, b, c, d]
+    assert queue.move(runs[0], "bottom") and order() == [b, c, d, a]
+    assert queue.move(runs[3], "top") and order() == [d, b, c, a]
+    assert queue.move(runs[3], "up") and order() == [d, b, c, a]  # already first
+    assert fresh(other)[0].queue_order == other.queue_order  # another owner's queue is untouched
+
+
+def test_jobs_created_in_the_same_instant_can_still_be_reordered(team: Any) -> None:
+    runs = [job(team) for _ in range(3)]
+    TrainingRun.objects.filter(pk__in=[r.pk for r in runs]).update(queue_order=1000.0)
+    assert queue.move(runs[2], "top")
+    ordered = sorted(fresh(*runs), key=lambda r: r.queue_order)
+    assert [r.pk for r in ordered] == [runs[2].pk, runs[0].pk, runs[1].pk]
+
+
+def test_only_the_owner_or_staff_may_reorder_and_only_queued_jobs_move(team: Any, client: Client) -> None:
+    run, later = job(team), job(team)
+    login(client, "mate")
+    assert client.post(f"/runs/{later.pk}/reorder/", {"where": "top"}).status_code == 403
+    assert client.get(f"/runs/{later.pk}/reorder/").status_code == 405
+    client.logout()
+    assert client.post(f"/runs/{later.pk}/reorder/", {"where": "top"}).status_code == 302  # to the login page
+    assert fresh(later)[0].queue_order == later.queue_order
+    login(client, "staff")
+    response = client.post(f"/runs/{later.pk}/reorder/", {"where": "top", "next": "/runs/?state=queued"}, follow=True)
+    assert response.redirect_chain[-1][0] == "/runs/?state=queued"
+    assert fresh(later)[0].queue_order < fresh(run)[0].queue_order
+    response = client.post(f"/runs/{later.pk}/reorder/", {"where": "sideways", "next": "https://evil.example/"}, follow=True)
+    assert response.redirect_chain[-1][0] == f"/runs/{later.pk}/"
+    assert "Unknown move “sideways”: use one of top, up, down, bottom." in response.content.decode()
+    TrainingRun.objects.filter(pk=run.pk).update(state="running")
+    response = client.post(f"/runs/{run.pk}/reorder/", {"where": "top"}, follow=True)
+    assert "Only a queued run can be moved" in response.content.decode()
+
+
+def test_adapter_jobs_share_their_owners_queue_and_can_be_reordered_by_the_owner(team: Any, client: Client) -> None:
+    users, bases, _, _ = team
+    adapter = Adapter.objects.create(name="a", owner=users["owner"], base_model=bases[0], rank=8, uri="store://a",
+                                     size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+    run = job(team, gib=None)
+    merge = services.start_merge(users["owner"], adapter)
+    worker("cpu")
+    login(client, "mate")
+    assert client.post(f"/jobs/{merge.pk}/reorder/", {"where": "top"}).status_code == 403
+    login(client, "owner")
+    assert client.post(f"/jobs/{merge.pk}/reorder/", {"where": "top"}).status_code == 302
+    schedule_once()
+    assert AdapterJob.objects.get(pk=merge.pk).state == "dispatched" and fresh(run)[0].state == "queued"
+
+
+# --- what the pages show -----------------------------------------------------------------------------------
+
+
+def test_the_run_page_shows_why_a_queued_run_waits_and_every_attempt(team: Any, client: Client) -> None:
+    worker("w", gpus=(24,))
+    run = job(team, gib=38)
+    schedule_once()
+    TrainingRun.objects.filter(pk=run.pk).update(attempt_log=[
+        {"attempt": 1, "worker": "<b>gpu-1</b>", "outcome": "lost", "reason": "Worker gpu-1 stopped answering",
+         "at": "2025-01-02T03:04:05.000000+00:00"}])
+    login(client, "owner")
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "needs ~38 GiB of GPU memory; the largest GPU of an online worker can give a job 23.5 GiB" in page
+    assert "Worker gpu-1 stopped answering" in page and "&lt;b&gt;gpu-1&lt;/b&gt;" in page and "<b>gpu-1" not in page
+    assert f'action="/runs/{run.pk}/reorder/"' in page
+    assert f'action="/runs/{run.pk}/reorder/"' in client.get("/runs/").content.decode()
+    login(client, "mate")
+    assert f'action="/runs/{run.pk}/reorder/"' not in client.get(f"/runs/{run.pk}/").content.decode()
+
+
+def test_the_job_page_shows_why_a_queued_adapter_job_waits(team: Any, client: Client) -> None:
+    users, bases, _, _ = team
+    BaseModel.objects.filter(pk=bases[0].pk).update(num_parameters=8_000_000_000)
+    adapter = Adapter.objects.create(name="a", owner=users["owner"], base_model=BaseModel.objects.get(pk=bases[0].pk),
+                                     rank=8, uri="store://a", size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+    merge = services.start_merge(users["owner"], adapter)
+    worker("w", gpus=(24,))
+    schedule_once()
+    login(client, "owner")
+    page = client.get(f"/jobs/{merge.pk}/").content.decode()
+    assert "needs ~36.8 GiB of GPU memory; the largest GPU of an online worker can give a job 23.5 GiB" in page
+    assert f'action="/jobs/{merge.pk}/reorder/"' in page
+
+
+# --- what a job needs, set at creation -------------------------------------------------------------------------
+
+
+def test_adapter_jobs_need_their_bases_weights_in_bf16_a_merge_in_float32_and_a_push_no_gpu(team: Any, settings: Any) -> None:
+    users, bases, _, _ = team
+    BaseModel.objects.filter(pk=bases[0].pk).update(num_parameters=8_000_000_000)
+    base = BaseModel.objects.get(pk=bases[0].pk)
+    adapter = Adapter.objects.create(name="a", owner=users["owner"], base_model=base, rank=8, uri="store://a",
+                                     size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+    other = Adapter.objects.create(name="o", owner=users["owner"], base_model=base, rank=8, uri="store://o",
+                                   size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+    merge = services.start_merge(users["owner"], adapter)
+    combine = services.start_combine(users["owner"], [adapter, other], [1.0, 1.0], "linear")
+    settings.HF_TOKEN = "hf_test_token_value"
+    push = services.start_push(users["owner"], adapter, adapter.uri, "team/model")
+    assert AdapterJob.objects.get(pk=merge.pk).needs_gpu_bytes == int(8e9 * 4 * 1.2 + GiB)
+    assert AdapterJob.objects.get(pk=combine.pk).needs_gpu_bytes == int(8e9 * 2 * 1.2 + GiB)
+    assert AdapterJob.objects.get(pk=push.pk).needs_gpu_bytes is None
+    small = Adapter.objects.create(name="b", owner=users["owner"], base_model=bases[1], rank=8, uri="store://b",
+                                   size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+    assert AdapterJob.objects.get(pk=services.start_merge(users["owner"], small).pk).needs_gpu_bytes is None  # size unknown
+
+
+def _form(base: BaseModel, dataset: Any, config: Any, **overrides: Any) -> dict[str, Any]:
+    params = dataclasses.asdict(spec.suggest_train_params(base.num_parameters))
+    return {"base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
+            **{k: v for k, v in params.items() if not isinstance(v, bool)}, **overrides}
+
+
+def test_a_new_run_gets_its_estimate_labels_and_priority_and_only_staff_raise_priority(
+    tiny_model_dir: Path, store_dir: Path, client: Client, django_user_model: Any, tmp_path: Path
+) -> None:
+    _user, tiny, dataset, config = demo_objects(tiny_model_dir)
+    django_user_model.objects.create_user("boss", password="pw-boss-123", is_staff=True)
+    client.login(username="owner", password="owner-pass-123")
+
+    response = client.post("/runs/new/", _form(tiny, dataset, config, worker_labels="a100, Team NLP"))
+    assert response.status_code == 400 and "“Team NLP”: a label is a lowercase slug" in response.content.decode()
+    response = client.post("/runs/new/", _form(tiny, dataset, config, priority=5))
+    assert response.status_code == 400 and "only an admin can set a priority above 0" in response.content.decode()
+    response = client.post("/runs/new/", _form(tiny, dataset, config, worker_labels="a100, team-nlp", priority=-1))
+    assert response.status_code == 302
+    run = TrainingRun.objects.latest("id")
+    assert (run.needs_labels, run.priority, run.needs_gpus) == (["a100", "team-nlp"], -1, 1)
+    assert run.needs_gpu_bytes is None  # the tiny model is estimated well under 2 GiB: it may run on a CPU
+
+    # A Llama-3.1-8B-shaped base (config only): the engine's estimate, as the catalog's estimate shows it.
+    big_dir = tmp_path / "llama-8b-shape"
+    big_dir.mkdir()
+    (big_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192}))
+    big = BaseModel.objects.create(name="llama-8b-shape", source=str(big_dir), model_type="llama", max_positions=8192,
+                                   num_parameters=8_030_000_000, linear_modules=tiny.linear_modules)
+    client.login(username="boss", password="pw-boss-123")
+    response = client.post("/runs/new/", _form(big, dataset, config, priority=5))
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    run = TrainingRun.objects.latest("id")
+    from transformers import AutoConfig
+
+    expected = estimate_for_spec(ModelShape.from_config(AutoConfig.from_pretrained(big_dir)), config.lora_params(),
+                                 run.train_params()).estimate.device_total
+    assert run.priority == 5 and run.needs_gpu_bytes == expected and run.needs_gpu_bytes > 10 * GiB
+    assert client.get(f"/runs/new/?clone={run.pk}").status_code == 200
+
+
+def test_a_runs_gpu_count_comes_from_its_num_gpus_setting() -> None:
+    assert placement.needs_from_hyperparameters({"num_gpus": 4}) == 4
+    assert placement.needs_from_hyperparameters({}) == 1
+    assert placement.needs_from_hyperparameters({"num_gpus": "two"}) == 1
