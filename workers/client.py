@@ -69,5 +69,8 @@ class WorkerClient:
     def status(self, run_id: int, attempt: int, state: str, path: str = "jobs", **fields: Any) -> dict[str, Any]:
         return self._post(f"/{path}/{run_id}/status", {"attempt": attempt, "state": state, **fields})
 
-    def heartbeat(self, inventory: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/heartbeat", {"inventory": inventory})
+    def heartbeat(self, **payload: Any) -> dict[str, Any]:
+        """Say this worker is alive: `inventory`, `telemetry`, `running` jobs, `starting` or `shutting_down`.
+
+        The reply names the worker and its labels, and lists jobs to cancel and jobs to stop (moved on)."""
+        return self._post("/heartbeat", payload)

@@ -101,7 +101,7 @@ def broker_transport_options(url: str) -> dict[str, Any]:
 
 
 def celery_settings() -> dict[str, Any]:
-    """Celery settings fit for long GPU jobs: one at a time, JSON only, the message a mere wake-up."""
+    """Celery settings fit for long GPU jobs: one at a time per process, JSON only, the message a mere wake-up."""
     url = broker_url()
     return {
         "broker_url": url,
@@ -122,3 +122,8 @@ def celery_settings() -> dict[str, Any]:
 def queue_for(worker_name: str) -> str:
     """Each registered worker consumes its own queue; wake-ups for its jobs go there."""
     return f"tunedeck.worker.{worker_name}"
+
+
+def label_queue(label: str) -> str:
+    """A queue every worker with this label consumes (besides its own)."""
+    return f"tunedeck.label.{label}"

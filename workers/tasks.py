@@ -248,6 +248,7 @@ class Heartbeat:
         self.stopped = threading.Event()
         self._wake = threading.Event()
         self._beats_since_inventory: int | None = None  # None: the control plane has not got it yet
+        self.banner = ""
 
     def beat(self, starting: bool = False) -> dict[str, Any]:
         from workers import telemetry
@@ -296,6 +297,7 @@ _heartbeat: Heartbeat | None = None
 @signals.worker_ready.connect
 def _start_heartbeat(**kwargs: Any) -> None:
     if _heartbeat is not None:
+        log.info("%s", _heartbeat.banner)  # once Celery's logging is set up
         threading.Thread(target=_heartbeat.loop, daemon=True, name="heartbeat").start()
 
 
@@ -337,9 +339,8 @@ def start_worker(extra_queues: list[str], loglevel: str = "INFO") -> None:
 
         gpus = telemetry.gpu_count()
         concurrency = max(gpus, 1)
-        log.info(
-            "worker %s consuming %s with concurrency %d (%s)", name, ", ".join(queues), concurrency,
-            f"one job per GPU, {gpus} GPU(s)" if gpus else "no GPU: one job at a time",
+        _heartbeat.banner = "worker {} consuming {} with concurrency {} ({})".format(
+            name, ", ".join(queues), concurrency, f"one job per GPU, {gpus} GPU(s)" if gpus else "no GPU: one job at a time"
         )
         app.worker_main([
             "worker",

@@ -6,10 +6,12 @@ A worker can only see and change jobs assigned to it, and only for the attempt i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Q
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
@@ -18,7 +20,7 @@ from django.views.decorators.http import require_POST
 
 from webapp.fleet.models import Worker, WorkerState, hash_token
 from webapp.training import ledger
-from webapp.training.models import TrainingRun
+from webapp.training.models import ACTIVE_STATES, TrainingRun
 
 Handler = Callable[..., dict[str, Any]]
 
@@ -76,6 +78,7 @@ def claim(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = Tra
         "spec": json.loads(spec.to_json()) if hasattr(spec, "to_json") else spec,
         "kind": getattr(job, "kind", "train"),
         "cancel": job.cancel_requested,
+        "gpu_indices": job.gpu_indices,
     }
 
 
@@ -98,14 +101,164 @@ def status(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = Tr
     return {"cancel": model.objects.values_list("cancel_requested", flat=True).get(pk=run.pk)}
 
 
+TELEMETRY_SAMPLES = 60  # heartbeats of history per worker (10 minutes at the default interval)
+
+
 @worker_endpoint
 def heartbeat(worker: Worker, payload: dict[str, Any]) -> dict[str, Any]:
+    """The worker is alive: store its inventory and telemetry, say which of its jobs to cancel or stop.
+
+    A worker that comes back after being presumed dead goes online again; a draining one stays draining;
+    one that says it is shutting down goes offline at once, so nothing more is placed on it while its
+    jobs hand back."""
+    inventory = _inventory(payload.get("inventory"))
+    sample = _sample(payload.get("telemetry"))
+    running = _running(payload.get("running"))
+    starting, leaving = _flag(payload, "starting"), _flag(payload, "shutting_down")
+
+    fields = ["last_heartbeat"]
     worker.last_heartbeat = timezone.now()
-    worker.inventory = payload.get("inventory") or {}
-    if worker.state == WorkerState.OFFLINE:
-        worker.state = WorkerState.ONLINE
-    worker.save(update_fields=["last_heartbeat", "inventory", "state"])
+    if inventory is not None:
+        worker.inventory, fields = inventory, [*fields, "inventory"]
+    if sample is not None:
+        worker.inventory = _with_live_values(worker.inventory, sample)
+        point = {"t": int(time.time()), "gpus": [
+            {key: gpu.get(key) for key in ("memory_used", "memory_total", "utilization")} for gpu in sample["gpus"]
+        ]}
+        recent = worker.telemetry if isinstance(worker.telemetry, list) else []
+        worker.telemetry = [*recent, point][-TELEMETRY_SAMPLES:]
+        fields = [*dict.fromkeys([*fields, "inventory", "telemetry"])]
+    worker.save(update_fields=fields)
+    # State changes are conditional updates: an admin draining the worker meanwhile is never undone.
+    if leaving:
+        Worker.objects.filter(pk=worker.pk, state=WorkerState.ONLINE).update(state=WorkerState.OFFLINE)
+    else:
+        Worker.objects.filter(pk=worker.pk, state=WorkerState.OFFLINE).update(state=WorkerState.ONLINE)
+    worker.refresh_from_db(fields=["state", "labels"])
+    if starting:
+        _take_back_orphans(worker)
+
     active = {"cancel_requested": True, "state__in": ("dispatched", "running")}
     cancel = list(worker.runs.filter(**active).values_list("pk", flat=True))
     cancel_jobs = list(worker.adapter_jobs.filter(**active).values_list("pk", flat=True))
-    return {"name": worker.name, "state": worker.state, "cancel": cancel, "cancel_adapter_jobs": cancel_jobs}
+    return {
+        "name": worker.name, "state": worker.state, "labels": worker.labels or [],
+        "cancel": cancel, "cancel_adapter_jobs": cancel_jobs, "stop": _moved_on(worker, running),
+    }
+
+
+def _job_models() -> dict[str, Any]:
+    from webapp.playground.models import AdapterJob
+
+    return {"jobs": TrainingRun, "adapter-jobs": AdapterJob}
+
+
+def _moved_on(worker: Worker, running: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs the worker runs whose attempt the ledger no longer gives it (e.g. moved while it was presumed
+    dead): it must stop them."""
+    models, stop = _job_models(), []
+    for job in running:
+        row = models[job["path"]].objects.filter(pk=job["id"]).values("worker_id", "attempt", "state").first()
+        if not (row and row["worker_id"] == worker.pk and row["attempt"] == job["attempt"] and row["state"] in ACTIVE_STATES):
+            stop.append(job)
+    return stop
+
+
+def _take_back_orphans(worker: Worker) -> None:
+    """A worker process that starts runs nothing yet: jobs it had claimed before died with its previous process."""
+    for model in _job_models().values():
+        for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES, claimed_at__isnull=False):
+            ledger.requeue_or_fail(job, f"Worker {worker.name} restarted while running it", settings.MAX_ATTEMPTS)
+
+
+def _flag(payload: dict[str, Any], field: str) -> bool:
+    value = payload.get(field, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false")
+    return value
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a JSON object")
+    return value
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{field} must be a list")
+    return value
+
+
+def _number(value: Any, field: str, integer: bool = False, maximum: float | None = None) -> Any:
+    """A non-negative number (or null: a query the GPU does not support), within maximum if given."""
+    if value is None:
+        return None
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0 or (maximum is not None and value > maximum):
+        what = "integer" if integer else "number"
+        bound = f" of at most {maximum:g}" if maximum is not None else ""
+        raise ValueError(f"{field} must be a non-negative {what}{bound} or null, not {value!r}")
+    return value
+
+
+def _gpus(value: Any, field: str) -> list[dict[str, Any]]:
+    gpus = _list(value, field)
+    for i, gpu in enumerate(gpus):
+        where = f"{field}[{i}]"
+        _object(gpu, where)
+        _number(gpu.get("index"), f"{where}.index", integer=True)
+        for key in ("memory_total", "memory_free", "memory_used"):
+            _number(gpu.get(key), f"{where}.{key}", integer=True)
+        _number(gpu.get("utilization"), f"{where}.utilization", maximum=100)
+        _number(gpu.get("temperature"), f"{where}.temperature")
+        for key in ("name", "uuid"):
+            if gpu.get(key) is not None and not isinstance(gpu[key], str):
+                raise ValueError(f"{where}.{key} must be a string")
+    return gpus
+
+
+def _inventory(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    inventory = _object(value, "inventory")
+    _gpus(inventory.get("gpus", []), "inventory.gpus")
+    return inventory
+
+
+def _sample(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    sample = _object(value, "telemetry")
+    for key in ("memory_available", "memory_total"):
+        _number(sample.get(key), f"telemetry.{key}", integer=True)
+    _gpus(sample.get("gpus", []), "telemetry.gpus")
+    return {**sample, "gpus": sample.get("gpus", [])}
+
+
+def _running(value: Any) -> list[dict[str, Any]]:
+    jobs = []
+    for i, job in enumerate(_list(value if value is not None else [], "running")):
+        where = f"running[{i}]"
+        _object(job, where)
+        if job.get("path") not in _job_models():
+            raise ValueError(f"{where}.path must be one of {', '.join(_job_models())}")
+        for key in ("id", "attempt"):
+            if _number(job.get(key), f"{where}.{key}", integer=True) is None:
+                raise ValueError(f"{where}.{key} is required")
+        jobs.append({"path": job["path"], "id": job["id"], "attempt": job["attempt"]})
+    return jobs
+
+
+def _with_live_values(inventory: Any, sample: dict[str, Any]) -> dict[str, Any]:
+    """The inventory with each GPU's memory, utilisation and temperature from the latest sample, so that what
+    the scheduler and the workers page read is current between full inventories."""
+    if not isinstance(inventory, dict) or not isinstance(inventory.get("gpus"), list):
+        return inventory if isinstance(inventory, dict) else {}
+    live = {gpu.get("index"): gpu for gpu in sample["gpus"] if gpu.get("index") is not None}
+    gpus = []
+    for gpu in inventory["gpus"]:
+        update = live.get(gpu.get("index")) if isinstance(gpu, dict) else None
+        keys = ("memory_total", "memory_free", "memory_used", "utilization", "temperature")
+        gpus.append({**gpu, **{k: update[k] for k in keys if k in update}} if update else gpu)
+    return {**inventory, "gpus": gpus}
