@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.jobrunner import Cancelled, run_reported
 from workers.jobspecs import EQUAL_RANK_COMBINATIONS, SVD_COMBINATIONS, AdapterRef, CombineSpec, MergeSpec
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError
 from workers.reporter import Reporter
 from workers.spec import ModelRef
 from workers.store import ArtifactStore, sha256_of, size_of
-from workers.jobrunner import Cancelled, run_reported
 
 log = logging.getLogger(__name__)
 

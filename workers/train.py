@@ -465,7 +465,7 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_time = time.monotonic()
         self.reporter.log(f"Training: {state.max_steps} steps, {args.num_train_epochs:g} epoch(s)")
-        self.reporter.metric(step=0, total_steps=state.max_steps)
+        self.reporter.metric(step=state.global_step, total_steps=state.max_steps)  # a resumed attempt starts past 0
         self.reporter.flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -190,7 +190,8 @@ MAX_METRIC_POINTS = 2000
 
 def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fold metric events into a run's compact curve: one point per step (a train point and an eval
-    point at the same step merge; a resumed attempt's steps replace those after its checkpoint);
+    point at the same step merge; a resumed attempt's steps replace those after its checkpoint, whose own
+    point stays);
     past MAX_METRIC_POINTS every other point goes, eval points kept."""
     points = list(points)
     for data in metrics:
@@ -198,8 +199,8 @@ def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) ->
             continue
         point = {k: data[k] for k in METRIC_KEYS if isinstance(data.get(k), (int, float))}
         step = int(data["step"])
-        if points and points[-1]["step"] > step:
-            points = [p for p in points if p["step"] < step]
+        if points and points[-1]["step"] > step:  # a new attempt, from its checkpoint's step
+            points = [p for p in points if p["step"] <= step]
         if points and points[-1]["step"] == step:
             points[-1].update(point)
         else:

@@ -1,0 +1,264 @@
+"""The fleet under failure, with real worker processes, the real broker and the real scheduler code.
+
+- A worker killed with SIGKILL mid-training: after the heartbeat timeout its run resumes on another
+  worker from the latest checkpoint and ends where an uninterrupted run of the same seed ends.
+- A duplicated wake-up runs the job once.
+- A Redis restart during a run (a private Redis server, so the shared one is never touched): the run
+  succeeds, nothing runs twice, no event is lost, and the worker takes the next job after reconnecting.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.webapp.factories import demo_objects, make_run, make_worker
+from webapp.fleet.models import Worker
+from webapp.fleet.scheduler import schedule_once
+from webapp.training.models import RunEvent, TrainingRun
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+
+# Long enough that a kill lands between checkpoints, short enough for CI: checkpoints every 10 steps.
+HP = {"max_steps": 80, "save_steps": 10, "keep_checkpoints": 2, "logging_steps": 1, "seed": 7,
+      "eval_fraction": 0.0, "batch_size": 4, "max_seq_length": 64, "warmup_ratio": 0.1, "lr_scheduler": "cosine"}
+
+
+class Fleet:
+    """Worker processes started with `tunedeck worker` against the live server, sharing one artifact store."""
+
+    def __init__(self, server: str, store: Path, env: dict[str, str] | None = None):
+        self.server, self.store, self.env = server, store, env or {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        token = f"tdw_{uuid.uuid4().hex}"
+        if not Worker.objects.filter(name=name).exists():
+            make_worker(name, token=token)
+        else:
+            from webapp.fleet.models import hash_token
+
+            Worker.objects.filter(name=name).update(token_hash=hash_token(token))
+        env = {**os.environ, **self.env, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": token,
+               "ARTIFACT_STORE": str(self.store), "TUNEDECK_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1"}
+        self.logs[name] = self.store / f"worker-{name}-{len(self.procs)}.log"
+        with open(self.logs[name], "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def wait_ready(self, *names: str, timeout: float = 120) -> None:
+        """Until each worker has consumed its queue (its log says so) and sent a heartbeat."""
+        until(lambda: all("ready." in self.log(n) for n in names)
+              and Worker.objects.filter(name__in=names, last_heartbeat__isnull=False).count() == len(names),
+              timeout, lambda: {n: self.log(n)[-2000:] for n in names})
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def until(check: Callable[[], Any], timeout: float, describe: Callable[[], Any] = lambda: "", tick: bool = False) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tick:
+            schedule_once()
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s: {describe()}")
+
+
+def run_until(run: TrainingRun, states: tuple[str, ...], timeout: float = 300) -> TrainingRun:
+    def check() -> bool:
+        run.refresh_from_db()
+        return run.state in states
+
+    until(check, timeout, lambda: (run.state, [e.message for e in run.events.order_by("id")][-12:]), tick=True)
+    return run
+
+
+@pytest.fixture
+def fleet(live_server, tmp_path, settings) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    settings.ARTIFACT_STORE = tmp_path
+    settings.WORKER_OFFLINE_AFTER = 6
+    settings.DISPATCH_RESEND_AFTER = 3
+    fleet = Fleet(live_server.url, tmp_path)
+    yield fleet
+    fleet.stop()
+
+
+def lr_by_step(run: TrainingRun) -> dict[int, float]:
+    return {p["step"]: p["learning_rate"] for p in run.metric_points if "learning_rate" in p}
+
+
+def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_checkpoint(
+    fleet: Fleet, tiny_model_dir: Path
+) -> None:
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    fleet.start("w-alpha")
+    fleet.start("w-beta")
+    fleet.wait_ready("w-alpha", "w-beta")
+    reference = make_run(user, base, dataset, config, **HP)
+    victim = make_run(user, base, dataset, config, **HP)
+
+    # Kill the victim's worker once the run has saved its second checkpoint (and well before it ends).
+    def checkpointed() -> bool:
+        victim.refresh_from_db()
+        assert victim.state not in ("succeeded", "failed"), "the run ended before the kill"
+        return RunEvent.objects.filter(run=victim, kind="checkpoint", attempt=1, data__step__gte=20).exists()
+
+    until(checkpointed, 300, lambda: [e.message for e in victim.events.order_by("id")][-8:], tick=True)
+    victim.refresh_from_db()
+    lost = victim.worker.name
+    os.killpg(fleet.procs[lost].pid, signal.SIGKILL)
+    step_at_kill = victim.step
+
+    run_until(victim, ("succeeded", "failed"), timeout=400)
+    run_until(reference, ("succeeded", "failed"), timeout=300)
+    assert reference.state == "succeeded", reference.error
+    assert victim.state == "succeeded", victim.error
+    survivor = "w-beta" if lost == "w-alpha" else "w-alpha"
+    assert victim.attempt == 2 and victim.worker.name == survivor
+    assert victim.failures == 1
+    assert [e["outcome"] for e in victim.attempt_log] == ["lost", "succeeded"]
+    assert lost in victim.attempt_log[0]["reason"]
+    assert Worker.objects.get(name=lost).state == "offline"
+
+    resumed = victim.adapter.metrics["resumed_from_step"]
+    assert resumed is not None and 20 <= resumed <= step_at_kill + 10, (resumed, step_at_kill)
+    # The resumed run ends where the uninterrupted one does: same step count, same learning-rate schedule,
+    # the same loss within a small tolerance (the data order and the RNG state are restored with the checkpoint).
+    assert victim.adapter.metrics["steps"] == reference.adapter.metrics["steps"] == HP["max_steps"]
+    ref_lr, vic_lr = lr_by_step(reference), lr_by_step(victim)
+    assert sorted(vic_lr) == sorted(ref_lr) == list(range(1, HP["max_steps"] + 1))
+    assert all(abs(vic_lr[s] - ref_lr[s]) <= 1e-9 + 1e-6 * abs(ref_lr[s]) for s in ref_lr)
+    ref_loss, vic_loss = reference.adapter.final_loss, victim.adapter.final_loss
+    assert abs(vic_loss - ref_loss) <= 0.02 * abs(ref_loss), (vic_loss, ref_loss)
+    # The dead worker's attempt left no report after the kill: every event after the handover is attempt 2's.
+    handover = victim.events.filter(kind="status", message__contains="requeued").first()
+    assert handover is not None
+    assert not victim.events.filter(id__gt=handover.id, attempt=1).exists()
+
+
+def test_the_same_wake_up_delivered_twice_runs_the_job_once(fleet: Fleet, tiny_model_dir: Path) -> None:
+    from webapp.celery import send_wakeup
+    from webapp.training import ledger
+
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    fleet.start("w-dup")
+    fleet.wait_ready("w-dup")
+    run = make_run(user, base, dataset, config, **{**HP, "max_steps": 6, "save_steps": 0})
+    worker = Worker.objects.get(name="w-dup")
+    attempt = ledger.dispatch(run.pk, worker)
+    assert attempt == 1
+    for _ in range(3):  # the scheduler's wake-up, a broker redelivery, a resend
+        send_wakeup(worker.name, run.pk, attempt)
+    run_until(run, ("succeeded", "failed"), timeout=300)
+    assert run.state == "succeeded", run.error
+    # The two extra deliveries are refused at claim (already claimed, or the run already over: whichever comes first).
+    until(lambda: fleet.log("w-dup").count("not ours to run") == 2, 60, lambda: fleet.log("w-dup")[-3000:])
+    assert run.attempt == 1
+    assert run.events.filter(kind="status", message__startswith="Attempt").count() == 1
+    started = [e for e in run.events.filter(kind="log") if e.message.startswith("Trainable parameters")]
+    assert len(started) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A Redis server of the test's own on a free port (nothing kept on disk), restartable at will."""
+
+    def __init__(self, folder: Path):
+        self.port, self.folder = _free_port(), folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        until(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip()
+              == b"PONG", 30)
+
+    def shutdown(self) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private Redis")
+def test_a_redis_restart_during_a_run_loses_nothing_and_runs_nothing_twice(
+    live_server, tmp_path, settings, monkeypatch, tiny_model_dir: Path  # type: ignore[no-untyped-def]
+) -> None:
+    from celery import Celery
+
+    import webapp.celery
+    from workers.config import celery_settings
+
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    settings.ARTIFACT_STORE = tmp_path
+    settings.DISPATCH_RESEND_AFTER = 3
+    monkeypatch.setenv("CELERY_BROKER_URL", redis.url)
+    sender = Celery("tunedeck-test")
+    sender.conf.update(celery_settings())
+    monkeypatch.setattr(webapp.celery, "app", sender)  # the control plane's wake-ups go to the private Redis
+    fleet = Fleet(live_server.url, tmp_path, env={"CELERY_BROKER_URL": redis.url})
+    try:
+        user, base, dataset, config = demo_objects(tiny_model_dir)
+        fleet.start("w-redis")
+        fleet.wait_ready("w-redis")
+        run = make_run(user, base, dataset, config, **HP)
+
+        def training() -> bool:
+            run.refresh_from_db()
+            return run.state == "running" and run.step >= 5
+
+        until(training, 300, lambda: (run.state, fleet.log("w-redis")[-2000:]), tick=True)
+        redis.shutdown()
+        time.sleep(3)
+        redis.start()
+        run_until(run, ("succeeded", "failed"), timeout=400)
+        assert run.state == "succeeded", run.error
+        assert run.attempt == 1  # it ran once, never redispatched
+        # No event lost: the worker's events of the attempt are numbered without a gap.
+        seqs = sorted(run.events.filter(attempt=1, seq__isnull=False).values_list("seq", flat=True))
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert [p["step"] for p in run.metric_points] == list(range(0, HP["max_steps"] + 1))
+
+        # After the restart the worker has reconnected and takes the next job (its wake-up resent if it was lost).
+        second = make_run(user, base, dataset, config, **{**HP, "max_steps": 4, "save_steps": 0})
+        run_until(second, ("succeeded", "failed"), timeout=300)
+        assert second.state == "succeeded" and second.attempt == 1, second.error
+    finally:
+        fleet.stop()
+        redis.shutdown()
