@@ -7,6 +7,7 @@ reporter is an in-memory one held by the test process, as the Celery task holds 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -180,12 +181,18 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(tiny_model_dir: P
     assert first == result["resumed_from_step"] + 1
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    """Checkpoints are un-sharded and the data order is that of the global batch: a retry on one GPU
-    continues the same run, with the learning-rate schedule and the losses of an uninterrupted one."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_process_checkpoint_resumes_in_one_process(
+    tiny_model_dir: Path, store: ArtifactStore, strategy: str
+) -> None:
+    """Checkpoints are un-sharded (FSDP saves full state dicts) and the data order is that of the global
+    batch: a retry on one GPU continues the same run, with the learning-rate schedule and the losses of an
+    uninterrupted one."""
 
     def spec(name: str, num_gpus: int, max_steps: int, attempt: int = 1) -> TrainSpec:
-        s = make_spec(tiny_model_dir, name, num_gpus, max_steps=max_steps, save_steps=4, lr_scheduler="linear")
+        s = make_spec(
+            tiny_model_dir, name, num_gpus, max_steps=max_steps, save_steps=4, lr_scheduler="linear", strategy=strategy
+        )
         s.attempt, s.checkpoint_uri = attempt, f"store://runs/{name}/checkpoints"
         s.output_uri = f"store://runs/{name}/attempt-{attempt}/adapter"
         return s
@@ -193,12 +200,11 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tiny_model_dir: Path, s
     whole = MemoryReporter()
     assert launch(spec("whole", 1, 8), whole, store) is not None
 
-    first = MemoryReporter()  # two processes, stopped after the checkpoint at step 4
+    first = MemoryReporter()
     assert launch(spec("moved", 2, 8), first, store) is not None
-    for name in ("checkpoint-8",):  # keep only the step-4 checkpoint: as if the group had died after it
-        import shutil
-
-        shutil.rmtree(store.path(f"store://runs/moved/checkpoints/{name}"))
+    assert [s for s, _, _ in first.states] == ["running", "succeeded"]
+    # Keep only the step-4 checkpoint, as if the group had died after it.
+    shutil.rmtree(store.path("store://runs/moved/checkpoints/checkpoint-8"))
     resumed = MemoryReporter()
     result = launch(spec("moved", 1, 8, attempt=2), resumed, store)
     assert result is not None, resumed.states[-1]
@@ -254,6 +260,17 @@ def test_the_global_batch_is_split_accumulation_first() -> None:
     assert TrainParams(num_gpus=2, batch_size=8, grad_accum=4).per_rank_batch() == (8, 2)
     assert TrainParams(num_gpus=4, batch_size=8, grad_accum=1).per_rank_batch() == (2, 1)
     assert TrainParams(num_gpus=3, batch_size=8, grad_accum=2).per_rank_batch() is None
+
+
+def test_fsdp_qlora_shards_a_4bit_base_stored_in_the_compute_dtype(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    reporter = MemoryReporter()
+    spec = make_spec(tiny_model_dir, "qlora", 2, strategy="fsdp", max_steps=3)
+    spec.lora.quantization = "4bit"
+    result = launch(spec, reporter, store)
+    assert result is not None, (reporter.states[-1], reporter.logs[-10:])
+    assert any("FSDP: 4-bit weights stored as float32 (bnb_4bit_quant_storage)" in line for line in reporter.logs)
+    assert result["strategy"] == "fsdp" and result["steps"] == 3
+    assert any("lora_A" in name for name in lora_tensors(store, result))  # gathered and saved whole by rank 0
 
 
 def test_a_refused_spec_fails_before_any_process_starts(tiny_model_dir: Path, store: ArtifactStore) -> None:
