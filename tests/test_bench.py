@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,3 +46,21 @@ def test_merge_memory_tiny_merges_both_ways_and_checks() -> None:
         timeout=600,
     )
     assert "| streamed |" in run.stdout and "| peft |" in run.stdout and "streamed / PEFT" in run.stdout
+
+
+def test_multi_gpu_tiny_trains_through_the_launcher_on_one_and_two_processes(tmp_path: Path) -> None:
+    """The 70B path on a tiny shape: written layer by layer straight into 4-bit, FSDP over 2 CPU processes."""
+    out = tmp_path / "multi.json"
+    subprocess.run(
+        [sys.executable, "bench/multi_gpu.py", "--shape", "tiny", "--device", "cpu", "--prequantize", "--steps", "2",
+         "--warmup", "1", "--model-dir", str(tmp_path / "models"), "--json-out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=600,
+    )
+    report = json.loads(out.read_text())
+    one, two = report["results"]
+    assert not one["error"] and not two["error"], (one, two)
+    assert one["steps"] == two["steps"] == 3 and one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
+    assert "micro-batch 4 x 2" in one["plan"] and "micro-batch 4 x 1" in two["plan"]  # the same global batch
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
+    assert report["scaling_efficiency"] > 0
+    assert list((tmp_path / "models" / "llama-tiny-nf4").glob("*.safetensors"))
