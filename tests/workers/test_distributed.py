@@ -142,6 +142,15 @@ def test_two_process_ddp_matches_one_process_and_reports_once(tiny_model_dir: Pa
     assert loss_two == pytest.approx(loss_one, rel=1e-4)
 
 
+def test_cancel_stops_every_rank_at_the_same_step(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    reporter = MemoryReporter(cancel_after_events=15)  # the "server" answers cancel once 15 events are in
+    reporter.flush_interval = 0.0
+    assert launch(make_spec(tiny_model_dir, "stop", 2, max_steps=2000), reporter, store) is None
+    assert reporter.states[-1][0] == "cancelled"
+    assert max(m["step"] for m in reporter.metrics if "loss" in m) < 100
+    assert group_processes() == []  # every rank left on its own: a rank still training would hang the group
+
+
 def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(tiny_model_dir: Path, store: ArtifactStore) -> None:
     def spec(attempt: int, num_gpus: int) -> TrainSpec:
         s = make_spec(tiny_model_dir, "cut", num_gpus, max_steps=40, save_steps=4, keep_checkpoints=3)
