@@ -29,11 +29,12 @@ FINAL = ("succeeded", "failed", "cancelled")
 @pytest.fixture
 def adapters(worker_process, task_adapters, tiny_model_dir, settings):  # type: ignore[no-untyped-def]  # noqa: F811
     """The two task adapters copied into the worker's store and registered on the tiny base."""
-    _, store = worker_process
+    store = worker_process.store
     settings.ARTIFACT_STORE = store
     source, uris = task_adapters
     user, base, _, _ = demo_objects(tiny_model_dir)
     make_worker(WORKER_NAME, token=WORKER_TOKEN)
+    worker_process.start()  # once its token is registered
     rows = {}
     for task, uri in uris.items():
         target = store / "adapters" / task

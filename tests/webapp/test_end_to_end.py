@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -30,26 +31,42 @@ WORKER_NAME = f"e2e-{uuid.uuid4().hex[:8]}"
 WORKER_TOKEN = f"tdw_{uuid.uuid4().hex}"
 
 
+class WorkerProcess:
+    """One `tunedeck worker` for the module, started once its token is registered (a refused token stops it)."""
+
+    def __init__(self, server: str, store: Any):
+        self.server, self.store = server, store
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = open(store / "worker.log", "wb")
+
+    def start(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            env = {**os.environ, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
+                   "ARTIFACT_STORE": str(self.store), "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
+            self.proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=self.log,
+                                         stderr=subprocess.STDOUT)
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
 @pytest.fixture(scope="module")
 def worker_process(live_server, tmp_path_factory):  # type: ignore[no-untyped-def]
-    store = tmp_path_factory.mktemp("e2e-store")
-    env = {**os.environ, "TUNEDECK_SERVER": live_server.url, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
-           "ARTIFACT_STORE": str(store), "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
-    log = open(store / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc, store
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    worker = WorkerProcess(live_server.url, tmp_path_factory.mktemp("e2e-store"))
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture
 def setup(worker_process, tiny_model_dir, settings):  # type: ignore[no-untyped-def]
-    proc, store = worker_process
-    settings.ARTIFACT_STORE = store
+    settings.ARTIFACT_STORE = worker_process.store
     objects = demo_objects(tiny_model_dir)
-    make_worker(WORKER_NAME, token=WORKER_TOKEN)
-    return (proc, store, *objects)
+    make_worker(WORKER_NAME, token=WORKER_TOKEN)  # (again for each test: the database is emptied between tests)
+    return (worker_process.start(), worker_process.store, *objects)
 
 
 def browser(live_server) -> httpx.Client:  # type: ignore[no-untyped-def]
