@@ -96,16 +96,25 @@ def gather(value: Any) -> list[Any]:
 
 
 class StopTogether(TrainerCallback):  # type: ignore[misc]
-    """All ranks stop at the same step: a stop asked on any rank (rank 0's cancel, early stopping, a
-    shutdown) is agreed on at the end of every step, and a cancel is known to every rank."""
+    """All ranks stop (and save) at the same step. What any rank decided at the end of a step (rank 0's
+    cancel, handover or supersession learnt from the launcher, early stopping, a checkpoint to write) is
+    agreed on in one collective, so that no rank waits alone in the next one."""
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        cancel, stop = any_rank(self.reporter.cancel_requested, bool(control.should_training_stop))
-        self.reporter.cancel_requested = cancel
-        control.should_training_stop = stop or cancel
+        r = self.reporter
+        cancel, interrupt, superseded, stop, save = any_rank(
+            r.user_cancelled, bool(r.interrupt_reason), r.superseded,
+            bool(control.should_training_stop), bool(control.should_save),
+        )
+        r.user_cancelled = cancel
+        r.superseded = superseded
+        if interrupt and not r.interrupt_reason:
+            r.interrupt_reason = "the worker is shutting down"
+        control.should_training_stop = stop or cancel or interrupt or superseded
+        control.should_save = save
 
 
 class _Outcome(Reporter):
@@ -148,11 +157,18 @@ class RelayReporter(_Outcome):
 
     def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         self.connection.send(("events", batch))
-        return dict(self.connection.recv())
+        return self._reply()
 
     def _relay_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
         self.connection.send(("status", {"state": state, "result": result, "error": error}))
-        return dict(self.connection.recv())
+        return self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        """The launcher's reporter's flags: cancel, a handover's reason, a newer attempt."""
+        reply = dict(self.connection.recv())
+        self.interrupt_reason = self.interrupt_reason or str(reply.get("interrupt") or "")
+        self.superseded = self.superseded or bool(reply.get("superseded"))
+        return reply
 
 
 def _die_with_parent() -> None:

@@ -133,6 +133,8 @@ class GroupLaunch:
         relay.join(timeout=10)
         if self.stale is not None:
             raise self.stale
+        if self.reporter.superseded:
+            raise StaleAttempt("a newer attempt owns this job")
         return self._report(code, output.read_text(encoding="utf-8", errors="replace"))
 
     def _wait(self) -> int:
@@ -148,6 +150,8 @@ class GroupLaunch:
             if self.stale is not None:
                 self._kill_group()
                 continue
+            with self.lock:
+                self.reporter.poll_stop()
             if time.monotonic() - self.last_relay > POLL_S:
                 with self.lock:
                     self.last_relay = time.monotonic()
@@ -157,7 +161,7 @@ class GroupLaunch:
                         self.stale = exc
                     except Exception as exc:  # the server may be restarting; rank 0 keeps going
                         log.warning("report failed: %s", exc)
-            if self.reporter.cancel_requested and cancelled_at is None:
+            if self.reporter.cancel_requested and cancelled_at is None:  # cancelled, handed over or superseded
                 cancelled_at = time.monotonic()
             if cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
                 with self.lock:
@@ -182,7 +186,11 @@ class GroupLaunch:
                         self._forward(payload)
                     elif payload["state"] != "running":
                         self.final = payload
-                    reply = {"cancel": self.reporter.cancel_requested or self.stale is not None}
+                    self.reporter.poll_stop()
+                    reply = {
+                        "cancel": self.reporter.user_cancelled, "interrupt": self.reporter.interrupt_reason,
+                        "superseded": self.reporter.superseded or self.stale is not None,
+                    }
                 try:
                     connection.send(reply)
                 except OSError:

@@ -175,17 +175,17 @@ def run_job(job_id: int, attempt: int) -> None:
         return
     use_gpus(claimed.get("gpu_indices"))  # before the ML stack is imported
 
+    from workers.launch import run_training_job
     from workers.reporter import HttpReporter
     from workers.spec import TrainSpec
     from workers.store import ArtifactStore
-    from workers.train import run_training
 
     spec = TrainSpec.from_dict(claimed["spec"])
     log.info("job %s attempt %s claimed", job_id, attempt)
     reporter = HttpReporter(client(), job_id, attempt)
     with running_job("jobs", job_id, attempt, reporter):
         try:
-            run_training(spec, reporter, ArtifactStore(artifact_store_root()))
+            run_training_job(spec, lambda: reporter, ArtifactStore(artifact_store_root()))
         except StaleAttempt as exc:
             log.warning("job %s attempt %s superseded: %s", job_id, attempt, exc)
     log.info("job %s attempt %s done", job_id, attempt)

@@ -151,6 +151,24 @@ def test_cancel_stops_every_rank_at_the_same_step(tiny_model_dir: Path, store: A
     assert group_processes() == []  # every rank left on its own: a rank still training would hang the group
 
 
+def test_a_handover_checkpoints_on_every_rank_at_one_step_and_hands_the_job_back(
+    tiny_model_dir: Path, store: ArtifactStore
+) -> None:
+    from workers.jobrunner import INTERRUPTED
+
+    reporter = MemoryReporter()
+    reporter.stop_check = lambda: "the worker is shutting down" if len(reporter.events) > 15 else ""
+    spec = make_spec(tiny_model_dir, "handover", 2, max_steps=2000, save_steps=1000)
+    spec.checkpoint_uri = "store://runs/handover/checkpoints"
+    assert launch(spec, reporter, store) is None
+    state, _, reason = reporter.states[-1]
+    assert state == INTERRUPTED and "shutting down" in reason
+    saved = [e["data"]["step"] for e in reporter.events if e["kind"] == "checkpoint"]
+    assert len(saved) == 1 and 0 < saved[0] < 1000  # the handover's own checkpoint, written at the stop
+    assert (store.path(spec.checkpoint_uri) / f"checkpoint-{saved[0]}" / "trainer_state.json").exists()
+    assert group_processes() == []
+
+
 def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes(tiny_model_dir: Path, store: ArtifactStore) -> None:
     def spec(attempt: int, num_gpus: int) -> TrainSpec:
         s = make_spec(tiny_model_dir, "cut", num_gpus, max_steps=40, save_steps=4, keep_checkpoints=3)
