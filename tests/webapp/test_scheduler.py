@@ -18,7 +18,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from tests.webapp.factories import demo_objects
+from tests.webapp.factories import demo_objects, make_worker
 from tests.webapp.team import login, make
 from webapp.catalog.models import BaseModel
 from webapp.fleet import placement
@@ -136,6 +136,26 @@ def test_a_worker_past_its_heartbeat_timeout_takes_nothing_and_its_jobs_are_requ
     assert outcome["lost_workers"] == 1 and run.state == "queued" and run.gpu_indices == [] and run.worker is None
     assert run.wait_reason == "no worker is online"
     assert [(e["worker"], e["outcome"]) for e in run.attempt_log] == [("w", "lost")]
+
+
+def test_a_silent_draining_worker_loses_its_jobs_but_stays_draining_when_it_comes_back(team: Any, settings: Any) -> None:
+    w, token = make_worker("d")
+    run = job(team, gib=None)
+    schedule_once()
+    assert where(run)[0] == "d"
+    Worker.objects.filter(pk=w.pk).update(
+        state="draining", last_heartbeat=timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER + 5)
+    )
+    schedule_once()
+    (run,) = fresh(run)
+    assert run.state == "queued" and run.worker is None and run.attempt_log[-1]["outcome"] == "lost"
+    assert Worker.objects.get(pk=w.pk).state == "draining"
+    beat = Client().post("/api/worker/v1/heartbeat", {"inventory": {"gpus": []}}, content_type="application/json",
+                         headers={"Authorization": f"Bearer {token}"})
+    assert beat.status_code == 200
+    schedule_once()
+    assert Worker.objects.get(pk=w.pk).state == "draining"  # the admin's drain survives the silence
+    assert fresh(run)[0].state == "queued"
 
 
 def test_a_cpu_only_worker_takes_only_jobs_that_can_run_on_the_cpu(team: Any) -> None:

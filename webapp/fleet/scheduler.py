@@ -31,17 +31,22 @@ log = logging.getLogger(__name__)
 
 
 def mark_lost_workers() -> int:
-    """Workers silent past WORKER_OFFLINE_AFTER go offline; their active jobs are taken back (and their GPUs freed)."""
+    """Workers silent past WORKER_OFFLINE_AFTER lose their active jobs (taken back, their GPUs freed). An online
+    one goes offline; a draining one stays draining, so that the admin's drain still holds when it comes back."""
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_OFFLINE_AFTER)
-    lost = Worker.objects.exclude(state=WorkerState.OFFLINE).filter(last_heartbeat__lt=cutoff)
+    silent = Worker.objects.exclude(state=WorkerState.OFFLINE).filter(last_heartbeat__lt=cutoff)
     count = 0
-    for worker in lost:
-        if Worker.objects.filter(pk=worker.pk, last_heartbeat__lt=cutoff).update(state=WorkerState.OFFLINE):
+    for worker in silent:
+        if worker.state == WorkerState.ONLINE:
+            if not Worker.objects.filter(pk=worker.pk, state=WorkerState.ONLINE, last_heartbeat__lt=cutoff).update(
+                state=WorkerState.OFFLINE
+            ):
+                continue
             count += 1
             log.warning("worker %s missed its heartbeats: marked offline", worker.name)
-            for model in JOB_MODELS:
-                for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES):
-                    ledger.requeue_or_fail(job, f"Worker {worker.name} stopped answering", settings.MAX_ATTEMPTS)
+        for model in JOB_MODELS:
+            for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES):
+                ledger.requeue_or_fail(job, f"Worker {worker.name} stopped answering", settings.MAX_ATTEMPTS)
     return count
 
 
