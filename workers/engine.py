@@ -436,6 +436,8 @@ def plan_estimator(config: Any, spec: Any) -> Any:
             modules_to_save=lora.modules_to_save,
             mlp_chunk_tokens=plan.mlp_chunk_tokens,
             expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            num_gpus=train.num_gpus,  # one GPU's share: DDP replicates, FSDP shards
+            strategy=train.strategy,
         ).total)
 
     return estimator
