@@ -83,7 +83,7 @@ def main() -> int:
     ]
     report: dict = {}
     try:
-        worker = _wait(lambda: Worker.objects.filter(name="gpu-box", last_heartbeat__isnull=False).first(), 180,
+        worker = _wait(lambda: _check_alive(procs, var) or Worker.objects.filter(name="gpu-box", last_heartbeat__isnull=False).first(), 180,
                        lambda: (var / "worker.log").read_text()[-3000:])
         report["inventory"] = worker.inventory
         print("worker inventory (heartbeat, NVML):")
@@ -97,6 +97,7 @@ def main() -> int:
         t0 = time.monotonic()
         deadline = t0 + args.timeout
         while time.monotonic() < deadline:
+            _check_alive(procs, var)
             states = {r.pk: TrainingRun.objects.get(pk=r.pk).state for r in runs}
             if all(s in ("succeeded", "failed", "cancelled") for s in states.values()):
                 break
@@ -148,6 +149,13 @@ def _figures(run: object) -> dict:
         "tokens_per_s": next((p["tokens_per_s"] for p in reversed(run.metric_points) if "tokens_per_s" in p), None),
         **{k: v for k, v in metrics.items() if "peak" in k or "memory" in k},
     }
+
+
+def _check_alive(procs: list, var: Path) -> None:
+    """Stop at once when the web server, the scheduler or the worker has exited."""
+    for name, proc in zip(("web", "scheduler", "worker"), procs, strict=True):
+        if proc.poll() is not None:
+            raise SystemExit(f"the {name} process exited ({proc.returncode}):\n{(var / f'{name}.log').read_text()[-4000:]}")
 
 
 def _wait(check, timeout, describe):  # type: ignore[no-untyped-def]

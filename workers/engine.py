@@ -33,6 +33,7 @@ from workers.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
 log = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "tunedeck_varlen"
+MAX_FLASH_HEAD_DIM = 256  # FlashAttention's kernels (varlen included) handle head dimensions up to this
 
 
 class PlanError(ValueError):
@@ -127,6 +128,7 @@ def resolve_plan(
     num_layers: int,
     gpu_total_bytes: int = 0,
     estimator: Any = None,
+    head_dim: int = 0,
 ) -> Plan:
     """Turn the run's switches into a plan for this device; refuse combinations that cannot work.
 
@@ -144,14 +146,18 @@ def resolve_plan(
         batching = "pack" if cuda and not prompt_method else "pad"
 
     attention = train.attention
+    flash_head = head_dim <= MAX_FLASH_HEAD_DIM  # 0: unknown, taken as fitting
     if attention == "auto":
-        if batching != "pad" and varlen_available():
+        if batching != "pad" and varlen_available() and flash_head:
             attention = "varlen"
         else:
             attention = "sdpa"
     if attention == "varlen":
         if not varlen_available():
             raise PlanError("attention", "varlen needs a CUDA GPU of compute capability 8.0+ and PyTorch >= 2.10")
+        if not flash_head:
+            raise PlanError("attention", f"varlen FlashAttention takes heads of at most {MAX_FLASH_HEAD_DIM} dimensions; "
+                            f"this model's have {head_dim}: use sdpa")
     if attention == "flex" and not cuda:
         raise PlanError("attention", "FlexAttention training needs a CUDA GPU")
 

@@ -233,13 +233,23 @@ def _plan(spec: TrainSpec, device: Device) -> Plan:
     try:
         plan = resolve_plan(
             rank_train_params(spec.train), spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
-            gpu_total_bytes=gpu_total, estimator=_estimator(config, spec),
+            gpu_total_bytes=gpu_total, estimator=_estimator(config, spec), head_dim=_head_dim(config),
         )
     except PlanError as exc:
         raise RunnerError(str(exc)) from exc
     if plan.attention == "varlen":
         register_varlen_attention()
     return plan
+
+
+def _head_dim(config: Any) -> int:
+    """The attention head dimension of a transformers config (0 when it does not say)."""
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return hidden // heads if heads and hidden else 0
 
 
 def rank_train_params(train: Any) -> Any:
@@ -358,7 +368,7 @@ def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: boo
             "eval_steps": hp.eval_steps or None,
             "per_device_eval_batch_size": hp.batch_size,
         }
-    return SFTConfig(
+    config = SFTConfig(
         output_dir=str(output_dir),
         learning_rate=hp.learning_rate,
         num_train_epochs=hp.num_epochs,
@@ -385,6 +395,11 @@ def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: boo
         **sft_arguments(plan, hp),
         **_parallel_arguments(hp, plan),
     )
+    if not hp.distributed and config.n_gpu > 1:
+        # One process trains on one GPU (the first visible): never nn.DataParallel over the others. A worker
+        # narrows CUDA_VISIBLE_DEVICES to the GPUs of the attempt anyway; this covers a process that sees more.
+        config._n_gpu = 1
+    return config
 
 
 # FSDP2 (fully_shard) by default; TUNEDECK_FSDP_VERSION=1 selects FSDP1 where a stack needs it.

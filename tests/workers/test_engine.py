@@ -120,3 +120,12 @@ def test_prefix_tuning_never_recomputes_and_refuses_checkpointing(on_gpu: None) 
     plan = resolve_plan(TrainParams(mode="memory"), lora, device="cuda", dtype="bfloat16", num_layers=32)
     assert plan.checkpoint_layers == 0 and plan.batching == "pad" and not plan.activation_offload
     assert "gradient_checkpointing" in lora.validate(TrainParams(gradient_checkpointing="on"))
+
+
+def test_heads_wider_than_flash_attention_takes_get_sdpa_or_a_clear_refusal(on_gpu: None) -> None:
+    wide = {"device": "cuda", "dtype": "bfloat16", "num_layers": 12, "head_dim": 512}
+    assert resolve_plan(TrainParams(), LoraParams(), **wide).attention == "sdpa"  # auto: packed rows, sdpa
+    assert resolve_plan(TrainParams(), LoraParams(), **{**wide, "head_dim": 128}).attention == "varlen"
+    with pytest.raises(PlanError) as refused:
+        resolve_plan(TrainParams(attention="varlen"), LoraParams(), **wide)
+    assert refused.value.field == "attention" and "512" in str(refused.value) and "256" in str(refused.value)
