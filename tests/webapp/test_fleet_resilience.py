@@ -14,18 +14,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.webapp.factories import demo_objects, make_run, make_worker
+from tests.webapp.factories import demo_objects, make_run
+from tests.webapp.fleetprocs import Fleet, run_until, until
 from webapp.fleet.models import Worker
-from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import RunEvent, TrainingRun
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
@@ -33,68 +30,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 # Long enough that a kill lands between checkpoints, short enough for CI: checkpoints every 10 steps.
 HP = {"max_steps": 80, "save_steps": 10, "keep_checkpoints": 2, "logging_steps": 1, "seed": 7,
       "eval_fraction": 0.0, "batch_size": 4, "max_seq_length": 64, "warmup_ratio": 0.1, "lr_scheduler": "cosine"}
-
-
-class Fleet:
-    """Worker processes started with `tunedeck worker` against the live server, sharing one artifact store."""
-
-    def __init__(self, server: str, store: Path, env: dict[str, str] | None = None):
-        self.server, self.store, self.env = server, store, env or {}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: dict[str, Path] = {}
-
-    def start(self, name: str) -> subprocess.Popen[bytes]:
-        token = f"tdw_{uuid.uuid4().hex}"
-        if not Worker.objects.filter(name=name).exists():
-            make_worker(name, token=token)
-        else:
-            from webapp.fleet.models import hash_token
-
-            Worker.objects.filter(name=name).update(token_hash=hash_token(token))
-        env = {**os.environ, **self.env, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": token,
-               "ARTIFACT_STORE": str(self.store), "TUNEDECK_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1"}
-        self.logs[name] = self.store / f"worker-{name}-{len(self.procs)}.log"
-        with open(self.logs[name], "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")
-
-    def wait_ready(self, *names: str, timeout: float = 120) -> None:
-        """Until each worker has consumed its queue (its log says so) and sent a heartbeat."""
-        until(lambda: all("ready." in self.log(n) for n in names)
-              and Worker.objects.filter(name__in=names, last_heartbeat__isnull=False).count() == len(names),
-              timeout, lambda: {n: self.log(n)[-2000:] for n in names})
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-
-
-def until(check: Callable[[], Any], timeout: float, describe: Callable[[], Any] = lambda: "", tick: bool = False) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tick:
-            schedule_once()
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s: {describe()}")
-
-
-def run_until(run: TrainingRun, states: tuple[str, ...], timeout: float = 300) -> TrainingRun:
-    def check() -> bool:
-        run.refresh_from_db()
-        return run.state in states
-
-    until(check, timeout, lambda: (run.state, [e.message for e in run.events.order_by("id")][-12:]), tick=True)
-    return run
 
 
 @pytest.fixture

@@ -6,45 +6,21 @@ environment configures (SQLite + filesystem broker, or PostgreSQL + Redis).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.webapp.factories import demo_objects, make_run, make_worker
+from tests.webapp.factories import demo_objects, make_run
+from tests.webapp.fleetprocs import Fleet, run_until, until
 from webapp.fleet.models import Worker
-from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import TrainingRun
 from workers import tasks
 from workers.client import StaleAttempt
 from workers.jobrunner import Cancelled, check_cancel, run_reported
 from workers.reporter import SUPERSEDED, MemoryReporter
-
-
-def start_worker(live_server, store: Path, name: str, token: str) -> tuple[subprocess.Popen, Path]:  # type: ignore[no-untyped-def]
-    env = {**os.environ, "TUNEDECK_SERVER": live_server.url, "TUNEDECK_WORKER_TOKEN": token,
-           "ARTIFACT_STORE": str(store), "TUNEDECK_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1"}
-    log = store / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    return proc, log
-
-
-def wait_until(check, what: str, timeout: float = 240):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        schedule_once()
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.e2e
@@ -59,13 +35,12 @@ def test_sigterm_checkpoints_the_run_hands_it_back_and_another_worker_resumes_it
     # Checkpoints are configured, but the regular ones come only every 1000 steps: the one the next
     # attempt resumes from can only be the handover's.
     run = make_run(user, base, dataset, config, max_steps=120, save_steps=1000, logging_steps=1)
-    first_name, first_token = f"first-{uuid.uuid4().hex[:6]}", f"tdw_{uuid.uuid4().hex}"
-    make_worker(first_name, token=first_token)
-    first, first_log = start_worker(live_server, store, first_name, first_token)
-    second = None
+    fleet = Fleet(live_server.url, store)
+    first_name, second_name = f"first-{uuid.uuid4().hex[:6]}", f"second-{uuid.uuid4().hex[:6]}"
+    first = fleet.start(first_name)
     try:
-        wait_until(lambda: TrainingRun.objects.filter(pk=run.pk, state="running", step__gte=3).exists(),
-                   "the run to be training on the first worker")
+        until(lambda: TrainingRun.objects.filter(pk=run.pk, state="running", step__gte=3).exists(), 240,
+              lambda: "the run to be training on the first worker", tick=True)
         assert TrainingRun.objects.get(pk=run.pk).worker.name == first_name
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
@@ -78,29 +53,23 @@ def test_sigterm_checkpoints_the_run_hands_it_back_and_another_worker_resumes_it
         assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists()
         saved_at = int(checkpoints[0].name.split("-")[1])
         assert 3 <= saved_at < 120
-        log_text = first_log.read_text(errors="replace")
+        log_text = fleet.log(first_name)
         assert "with concurrency 1 (no GPU: one job at a time)" in log_text
         assert "running jobs save a checkpoint at their next step" in log_text
         messages = list(run.events.values_list("message", flat=True))
         assert any(m.startswith("Interrupted: the worker is shutting down") for m in messages)
         assert f"Checkpoint saved at step {saved_at}" in messages
 
-        second_name, second_token = f"second-{uuid.uuid4().hex[:6]}", f"tdw_{uuid.uuid4().hex}"
-        Worker.objects.filter(pk=make_worker(second_name, token=second_token)[0].pk).update(labels=["cpu-pool"])
-        second, second_log = start_worker(live_server, store, second_name, second_token)
-        done = wait_until(lambda: TrainingRun.objects.filter(pk=run.pk, state__in=("succeeded", "failed")).first(),
-                          "the run to finish on the second worker")
+        fleet.start(second_name, labels=("cpu-pool",))
+        done = run_until(run, ("succeeded", "failed"), timeout=240)
         assert done.state == "succeeded", done.error
         assert (done.failures, done.attempt, done.step) == (0, 2, 120)
         assert done.adapter.metrics["resumed_from_step"] == saved_at and done.adapter.metrics["steps"] == 120
         assert any(f"Resuming from checkpoint checkpoint-{saved_at}" in m for m in done.events.values_list("message", flat=True))
         # The labels came back in the first heartbeat: their shared queues are consumed too.
-        assert f"consuming tunedeck.worker.{second_name}, tunedeck.label.cpu-pool with" in second_log.read_text(errors="replace")
+        assert f"consuming tunedeck.worker.{second_name}, tunedeck.label.cpu-pool with" in fleet.log(second_name)
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+        fleet.stop()
 
 
 # --- The pieces, in one process -------------------------------------------------------------------------
