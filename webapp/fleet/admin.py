@@ -6,4 +6,6 @@ from webapp.fleet.models import Worker
 @admin.register(Worker)
 class WorkerAdmin(admin.ModelAdmin):
     list_display = ["name", "state", "labels", "last_heartbeat"]
-    readonly_fields = ["token_hash", "last_heartbeat", "inventory"]
+    # Tokens change only through the workers page (register, rotate, revoke); heartbeats own the rest.
+    readonly_fields = ["token_hash", "previous_token_hash", "previous_token_expires", "token_issued_at",
+                       "last_heartbeat", "inventory", "telemetry", "created_by"]
