@@ -94,6 +94,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_htmx",
+    "rest_framework",
+    "webapp.api",
     "webapp.catalog",
     "webapp.training",
     "webapp.fleet",
