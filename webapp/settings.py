@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ def _database(url: str) -> dict[str, Any]:
     return config
 
 
+def _api_rate(name: str, default: str) -> str:
+    value = env_str(name, default).strip()
+    if not re.fullmatch(r"[1-9][0-9]*/(second|minute|hour|day)", value):
+        raise ConfigError(f"{name} must look like 600/minute (a count, then second, minute, hour or day); got {value!r}")
+    return value
+
+
 try:
     DEBUG = env_bool("DEBUG", False)
     SECRET_KEY = _secret_key(DEBUG)
@@ -79,6 +87,9 @@ try:
     # Pushing adapters and merged models to the Hugging Face Hub is offered when a token is set.
     HF_TOKEN = env_secret("TUNEDECK_HF_TOKEN")
     HF_ENDPOINT = env_str("TUNEDECK_HF_ENDPOINT", "https://huggingface.co")
+    # REST API request rates: per user (API key or session), and per address for anonymous calls.
+    TUNEDECK_API_RATE = _api_rate("TUNEDECK_API_RATE", "600/minute")
+    TUNEDECK_API_ANON_RATE = _api_rate("TUNEDECK_API_ANON_RATE", "60/minute")
 except ConfigError as exc:
     raise ImproperlyConfigured(str(exc)) from exc
 
@@ -95,6 +106,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "webapp.api",
     "webapp.catalog",
     "webapp.training",
@@ -114,6 +127,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "webapp.security.SecurityHeadersMiddleware",
+    "webapp.api.etag.ApiETagMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -169,3 +183,34 @@ LOGGING = {
 
 # Dataset uploads: the upload form refuses larger files (the same setting as DATA_UPLOAD_MAX_MEMORY_SIZE above).
 TUNEDECK_MAX_UPLOAD_MB = DATA_UPLOAD_MAX_MEMORY_SIZE // (1024 * 1024)
+
+# REST API (/api/v1/): API keys or the session, scopes, cursor pages, RFC 9457 problems, rates, OpenAPI.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "webapp.api.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["webapp.api.auth.ScopePermission"],
+    "DEFAULT_PAGINATION_CLASS": "webapp.api.pagination.CursorPage",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "webapp.api.problems.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["webapp.api.throttling.UserRate", "webapp.api.throttling.AnonRate"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DATETIME_FORMAT": "iso-8601",  # UTC (TIME_ZONE) with a Z suffix
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tunedeck API",
+    "DESCRIPTION": "LoRA/QLoRA fine-tuning: catalog, runs, adapters, jobs and workers. "
+                   "Authenticate with `Authorization: Bearer <API key>`; errors are RFC 9457 problems.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "SWAGGER_UI_DIST": "SIDECAR",  # served from our own static files: the docs work offline and under the CSP
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
