@@ -1,4 +1,5 @@
-"""The `tunedeck` command: `up` (everything on one machine), `web`, `scheduler`, `worker`, `manage`.
+"""The `tunedeck` command: `up` (everything on one machine), `web`, `scheduler`, `worker`, `manage`, and the
+client commands over the REST API (`login`, `datasets`, `runs`, `adapters`, …: webapp/client/).
 
 `worker` never imports Django: a GPU machine runs it with the broker URL, the server URL and
 its token only.
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     manage = sub.add_parser("manage", help="Django management commands (migrate, createsuperuser, …).")
     manage.add_argument("rest", nargs=argparse.REMAINDER)
     manage.set_defaults(func=cmd_manage)
+
+    from webapp.client import register as register_client  # the REST API client: httpx only, never Django
+
+    register_client(sub)
     return parser
 
 

@@ -1,0 +1,151 @@
+"""`tunedeck adapters` (list, show, download), `compare` and `merge`: adapter jobs, optionally waited on."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from typing import Any
+
+from webapp.client.api import Api
+from webapp.client.errors import FAILED, OK
+from webapp.client.output import details, emit_json, field, note, progress, ref, table
+from webapp.client.runs import FINAL, POLL_S
+from webapp.client.transfer import download
+
+ADAPTER_COLUMNS = [("id", field("id")), ("name", field("name")), ("origin", field("origin")),
+                   ("run", lambda a: ref(a.get("run"))), ("base model", lambda a: ref(a.get("base_model"))),
+                   ("method", field("method")), ("rank", field("rank")), ("loss", field("final_loss")),
+                   ("bytes", field("size_bytes")), ("created", field("created_at"))]
+
+
+def adapters_list(args: argparse.Namespace, api: Api) -> int:
+    rows = list(api.pages("adapters/", limit=args.limit, base_model=args.base_model, run=args.run))
+    if args.json:
+        emit_json(rows)
+    else:
+        table(rows, ADAPTER_COLUMNS, "no adapters yet")
+    return OK
+
+
+def adapters_show(args: argparse.Namespace, api: Api) -> int:
+    adapter = api.get(f"adapters/{args.id}/")
+    if args.json:
+        emit_json(adapter)
+    else:
+        details(adapter)
+    return OK
+
+
+def adapters_download(args: argparse.Namespace, api: Api) -> int:
+    target = download(api, f"adapters/{args.id}/download/", args.output, f"tunedeck-adapter-{args.id}.zip",
+                      quiet=args.quiet, force=args.force)
+    if args.json:
+        emit_json({"adapter": args.id, "path": str(target), "bytes": target.stat().st_size})
+    else:
+        print(f"Saved adapter {args.id} to {target} (PeftModel.from_pretrained loads it once unzipped)")
+    return OK
+
+
+def _job_id(obj: dict[str, Any]) -> int | None:
+    job = obj.get("job")
+    if isinstance(job, dict):
+        return int(job["id"])
+    return int(job) if job is not None else None
+
+
+def wait_for_job(api: Api, job_id: int, quiet: bool) -> dict[str, Any]:
+    """Poll the adapter job until it ends, its steps (or items) as a bar on stderr."""
+    job: dict[str, Any] = api.get(f"jobs/{job_id}/")
+    label = f"{job.get('kind', 'job')} job {job_id}"
+    with progress(job.get("total_steps"), f"{label} {job.get('state')}", quiet=quiet) as bar:
+        while True:
+            total = job.get("total_steps") or 0
+            if total and bar.total != total:
+                bar.total = total
+            bar.set_description(f"{label} {job.get('state')}", refresh=False)
+            bar.update(int(job.get("step") or 0) - bar.n)
+            if job.get("state") in FINAL:
+                break
+            time.sleep(POLL_S)
+            job = api.get(f"jobs/{job_id}/")
+    return job
+
+
+def _job_outcome(job: dict[str, Any]) -> int:
+    if job.get("state") != "succeeded":
+        note(f"{job.get('kind', 'job')} job {job.get('id')} {job.get('state')}"
+             + (f": {job['error']}" if job.get("error") else ""))
+        return FAILED
+    return OK
+
+
+def compare(args: argparse.Namespace, api: Api) -> int:
+    body: dict[str, Any] = {"adapters": args.adapter, "include_base": not args.no_base,
+                            "prompts": args.prompt}
+    if args.base_model is not None:
+        from webapp.client.runspec import resolve
+
+        body["base_model"] = resolve(api, "base_model", args.base_model)
+    if args.max_new_tokens is not None:
+        body["max_new_tokens"] = args.max_new_tokens
+    if args.name:
+        body["name"] = args.name
+    comparison = api.post("comparisons/", body, idempotency_key=str(uuid.uuid4())).json()
+    code = OK
+    job_id = _job_id(comparison)
+    if args.wait and job_id is not None:
+        code = _job_outcome(wait_for_job(api, job_id, args.quiet))
+        comparison = api.get(f"comparisons/{comparison['id']}/")
+    if args.json:
+        emit_json(comparison)
+    elif args.wait:
+        print_grid(comparison)
+    else:
+        print(f"Comparison {comparison.get('id')} queued (job {job_id}); "
+              f"`tunedeck compare show {comparison.get('id')}` once it ends")
+    return code
+
+
+def compare_show(args: argparse.Namespace, api: Api) -> int:
+    comparison = api.get(f"comparisons/{args.id}/")
+    if args.json:
+        emit_json(comparison)
+    else:
+        print_grid(comparison)
+    return OK
+
+
+def print_grid(comparison: dict[str, Any]) -> None:
+    """Each prompt, then each column's output under it; win rates where votes were cast."""
+    rows = comparison.get("rows") or comparison.get("grid") or []
+    columns = [ref(c) if not isinstance(c, str) else c for c in comparison.get("columns") or []]
+    print(f"Comparison {comparison.get('id')} ({comparison.get('state') or ref(comparison.get('job'))})")
+    for index, row in enumerate(rows, start=1):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        outputs = row.get("outputs", []) if isinstance(row, dict) else row
+        print(f"\n[{index}] {prompt if prompt is not None else ''}")
+        for col, output in enumerate(outputs):
+            name = columns[col] if col < len(columns) else f"column {col + 1}"
+            text = output.get("text") if isinstance(output, dict) else output
+            print(f"  {name}: {'' if text is None else text}")
+    if comparison.get("win_rates"):
+        print("\nwin rates:")
+        details(comparison["win_rates"])
+
+
+def merge(args: argparse.Namespace, api: Api) -> int:
+    job = api.post(f"adapters/{args.adapter_id}/merge/", {"dtype": args.dtype},
+                   idempotency_key=str(uuid.uuid4())).json()
+    job_id = _job_id(job) or job.get("id")
+    code = OK
+    if args.wait and job_id is not None:
+        job = wait_for_job(api, int(job_id), args.quiet)
+        code = _job_outcome(job)
+    if args.json:
+        emit_json(job)
+    else:
+        result = job.get("result") or {}
+        merged = job.get("merge") or (result.get("merge") if isinstance(result, dict) else None)
+        print(f"Merge job {job_id} {job.get('state')}" + (f"; merged model {ref(merged)}" if merged else ""))
+    return code

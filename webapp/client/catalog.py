@@ -1,0 +1,85 @@
+"""`tunedeck datasets`, `models` and `lora-configs`."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from pathlib import Path
+
+from webapp.client.api import Api
+from webapp.client.output import details, emit_json, field, note, ref, table
+from webapp.client.transfer import upload
+
+DATASET_COLUMNS = [("id", field("id")), ("name", field("name")), ("format", field("format")),
+                   ("rows", field("row_count")), ("bytes", field("size_bytes")), ("created", field("created_at"))]
+MODEL_COLUMNS = [("id", field("id")), ("name", field("name")), ("source", field("source")),
+                 ("architecture", field("architecture")), ("params", field("num_parameters"))]
+CONFIG_COLUMNS = [("id", field("id")), ("name", field("name")),
+                  ("method", lambda c: (c.get("params") or {}).get("method", "lora")),
+                  ("r", lambda c: (c.get("params") or {}).get("r")),
+                  ("quantization", lambda c: (c.get("params") or {}).get("quantization", "none"))]
+
+
+def _list(args: argparse.Namespace, api: Api, path: str, columns: list, empty: str, **filters: object) -> int:
+    rows = list(api.pages(path, limit=args.limit, **filters))
+    if args.json:
+        emit_json(rows)
+    else:
+        table(rows, columns, empty)
+    return 0
+
+
+def _show(args: argparse.Namespace, api: Api, path: str) -> int:
+    obj = api.get(path)
+    if args.json:
+        emit_json(obj)
+    else:
+        details(obj)
+    return 0
+
+
+def datasets_list(args: argparse.Namespace, api: Api) -> int:
+    return _list(args, api, "datasets/", DATASET_COLUMNS, "no datasets yet: `tunedeck datasets upload FILE`")
+
+
+def datasets_show(args: argparse.Namespace, api: Api) -> int:
+    return _show(args, api, f"datasets/{args.id}/")
+
+
+def datasets_upload(args: argparse.Namespace, api: Api) -> int:
+    file = Path(args.file)
+    name = args.name or file.stem
+    dataset = upload(api, "datasets/", file, {"name": name}, quiet=args.quiet,
+                     idempotency_key=args.idempotency_key or str(uuid.uuid4()))
+    if args.json:
+        emit_json(dataset)
+        return 0
+    print(f"Dataset {dataset.get('id')} {dataset.get('name')!r}: {dataset.get('row_count')} rows, "
+          f"format {dataset.get('format')}")
+    report = dataset.get("report") or {}
+    for warning in report.get("warnings", []) if isinstance(report, dict) else []:
+        note(f"warning: {warning if isinstance(warning, str) else ref(warning)}")
+    return 0
+
+
+def models_list(args: argparse.Namespace, api: Api) -> int:
+    return _list(args, api, "base-models/", MODEL_COLUMNS, "no base models yet: `tunedeck models register NAME SOURCE`")
+
+
+def models_register(args: argparse.Namespace, api: Api) -> int:
+    body = {"name": args.name, "source": args.source, "revision": args.revision or ""}
+    model = api.post("base-models/", body, idempotency_key=str(uuid.uuid4())).json()
+    if args.json:
+        emit_json(model)
+    else:
+        print(f"Base model {model.get('id')} {model.get('name')!r}: {model.get('architecture') or '?'}, "
+              f"{model.get('num_parameters') or '?'} parameters")
+    return 0
+
+
+def configs_list(args: argparse.Namespace, api: Api) -> int:
+    return _list(args, api, "lora-configs/", CONFIG_COLUMNS, "no LoRA configs yet")
+
+
+def configs_show(args: argparse.Namespace, api: Api) -> int:
+    return _show(args, api, f"lora-configs/{args.id}/")

@@ -1,0 +1,88 @@
+"""What the commands print: JSON for scripts (stdout), tables and key/value blocks for people, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from tqdm import tqdm
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def ref(value: Any) -> str:
+    """A related object shown by name where the API nests it, else as its id."""
+    if isinstance(value, dict):
+        return str(value.get("name") or value.get("username") or value.get("id") or "")
+    return "" if value is None else str(value)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ref(value)
+    if isinstance(value, list):
+        return ",".join(ref(v) for v in value)
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], empty: str = "nothing here") -> None:
+    if not rows:
+        print(empty)
+        return
+    grid = [[name.upper() for name, _ in columns]]
+    grid += [[cell(get(row)) for _, get in columns] for row in rows]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
+    for r in grid:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def field(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda row: row.get(name)
+
+
+def details(obj: dict[str, Any], skip: Sequence[str] = ()) -> None:
+    """A key/value block; nested dicts are indented one level, long lists summarised."""
+    width = max((len(k) for k in obj if k not in skip), default=0)
+    for key, value in obj.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict) and value and not ("id" in value and "name" in value):
+            print(f"{key}:")
+            inner = max(len(str(k)) for k in value)
+            for k, v in value.items():
+                print(f"  {str(k).ljust(inner)}  {_scalar(v)}")
+        else:
+            print(f"{key.ljust(width)}  {_scalar(value)}")
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, dict):
+        return ref(value) if "id" in value and "name" in value else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        if len(value) > 8 and all(isinstance(v, dict) for v in value):
+            return f"[{len(value)} items: --json shows them]"
+        return json.dumps(value, ensure_ascii=False) if any(isinstance(v, dict | list) for v in value) \
+            else ", ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def progress(total: int | None, desc: str, unit: str = "it", quiet: bool = False, bytes_: bool = False) -> tqdm:
+    """A progress bar on stderr (stdout stays clean for --json)."""
+    kwargs: dict[str, Any] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024} if bytes_ else {"unit": unit}
+    return tqdm(total=total or None, desc=desc, file=sys.stderr, disable=quiet, dynamic_ncols=True,
+                mininterval=0.2, **kwargs)
+
+
+def note(message: str, stream: IO[str] | None = None) -> None:
+    print(message, file=stream or sys.stderr, flush=True)

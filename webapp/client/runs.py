@@ -1,0 +1,172 @@
+"""`tunedeck runs`: list, show, create (from YAML, optionally waiting), logs (optionally following), cancel,
+retry, clone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from typing import Any
+
+from webapp.client import runspec
+from webapp.client.api import Api
+from webapp.client.errors import FAILED, OK
+from webapp.client.output import details, emit_json, field, note, progress, ref, table
+
+FINAL = ("succeeded", "failed", "cancelled")
+POLL_S = 1.0
+RUN_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("state")),
+               ("step", lambda r: f"{r.get('step', 0)}/{r.get('total_steps') or '?'}"),
+               ("loss", field("last_loss")), ("base model", lambda r: ref(r.get("base_model"))),
+               ("dataset", lambda r: ref(r.get("dataset"))), ("owner", lambda r: ref(r.get("owner"))),
+               ("created", field("created_at"))]
+
+
+def runs_list(args: argparse.Namespace, api: Api) -> int:
+    rows = list(api.pages("runs/", limit=args.limit, state=args.state, owner=args.owner,
+                          base_model=args.base_model, dataset=args.dataset))
+    if args.json:
+        emit_json(rows)
+    else:
+        table(rows, RUN_COLUMNS, "no runs match")
+    return 0
+
+
+def runs_show(args: argparse.Namespace, api: Api) -> int:
+    run = api.get(f"runs/{args.id}/")
+    if args.json:
+        emit_json(run)
+    else:
+        details(run, skip=("metric_points",))
+    return 0
+
+
+def wait_for_run(api: Api, run_id: int, quiet: bool) -> dict[str, Any]:
+    """Poll the run until it ends, a bar of its steps on stderr; return the final run."""
+    run: dict[str, Any] = api.get(f"runs/{run_id}/")
+    with progress(run.get("total_steps"), f"run {run_id} {run.get('state')}", unit="step", quiet=quiet) as bar:
+        while True:
+            total = run.get("total_steps") or 0
+            if total and bar.total != total:
+                bar.total = total
+            bar.set_description(f"run {run_id} {run.get('state')}", refresh=False)
+            loss = run.get("last_loss")
+            if loss is not None:
+                bar.set_postfix_str(f"loss {loss:.4g}", refresh=False)
+            bar.update(int(run.get("step") or 0) - bar.n)
+            if run.get("state") in FINAL:
+                break
+            time.sleep(POLL_S)
+            run = api.get(f"runs/{run_id}/")
+    return run
+
+
+def _finish(args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """Print the run's end and give the exit code: 0 succeeded, 1 failed or cancelled."""
+    state = run.get("state")
+    if args.json:
+        emit_json(run)
+    else:
+        line = f"Run {run.get('id')} {state}"
+        if state == "succeeded" and run.get("last_loss") is not None:
+            line += f": final loss {run['last_loss']:.4g}"
+        adapter = run.get("adapter")
+        if adapter:
+            line += f"; adapter {ref(adapter) if not isinstance(adapter, dict) else adapter.get('id')}"
+        print(line)
+        if run.get("error"):
+            note(f"error: {run['error']}")
+    return OK if state == "succeeded" else FAILED
+
+
+def runs_create(args: argparse.Namespace, api: Api) -> int:
+    spec = runspec.load(args.file)
+    key = args.idempotency_key or str(uuid.uuid4())
+    response = api.post("runs/", runspec.body(api, spec), idempotency_key=key)
+    run = response.json()
+    replayed = response.headers.get("Idempotent-Replayed") == "true"
+    if not args.wait:
+        if args.json:
+            emit_json(run)
+        else:
+            print(f"Run {run.get('id')} {run.get('state')}" + (" (already created with this Idempotency-Key)"
+                                                                 if replayed else ""))
+        return OK
+    note(f"Run {run.get('id')} created ({run.get('state')}); waiting for it to end (Ctrl-C stops waiting, "
+         "not the run)")
+    return _finish(args, wait_for_run(api, int(run["id"]), args.quiet))
+
+
+def format_event(event: dict[str, Any]) -> str:
+    when = str(event.get("created_at") or "")
+    clock = when[11:19] if len(when) >= 19 else when
+    kind = event.get("kind", "")
+    message = str(event.get("message") or "")
+    if kind == "metric" and not message:
+        data = event.get("data") or {}
+        message = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items())
+    level = event.get("level", "info")
+    marker = f" {level.upper()}" if level not in ("info", "") else ""
+    return f"{clock} [{kind}]{marker} {message}"
+
+
+def runs_logs(args: argparse.Namespace, api: Api) -> int:
+    """Page through the run's events by `after`; with -f keep polling until the run ends and all is read."""
+    after = int(args.after or 0)
+    state = None
+    while True:
+        page = api.get(f"runs/{args.id}/events/", after=after)
+        events = page.get("results", [])
+        state = page.get("state", state)
+        for event in events:
+            if args.json:
+                sys.stdout.write(_json_line(event))
+            elif event.get("kind") != "metric" or args.metrics:
+                print(format_event(event))
+        sys.stdout.flush()
+        next_after = page.get("next_after")
+        if next_after is None and events:
+            next_after = max(int(e.get("id", 0)) for e in events)
+        moved = next_after is not None and int(next_after) > after
+        after = int(next_after) if moved else after
+        if moved:
+            continue  # more may be waiting: read on before deciding to stop
+        if not args.follow or state in FINAL:
+            break
+        time.sleep(POLL_S)
+    if args.follow and not args.json:
+        note(f"run {args.id} {state}")
+    return OK if not args.follow or state == "succeeded" else FAILED
+
+
+def _json_line(event: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(event, ensure_ascii=False) + "\n"
+
+
+def _action(args: argparse.Namespace, api: Api, action: str, verb: str, creates: bool = False) -> int:
+    response = api.post(f"runs/{args.id}/{action}/", idempotency_key=str(uuid.uuid4()) if creates else None)
+    run = response.json() if response.content else {}
+    if getattr(args, "wait", False) and run.get("id"):
+        return _finish(args, wait_for_run(api, int(run["id"]), args.quiet))
+    if args.json:
+        emit_json(run)
+    elif creates and run.get("id") not in (None, args.id):
+        print(f"Run {run.get('id')} {run.get('state')} ({verb} run {args.id})")
+    else:
+        print(f"Run {args.id} {verb}" + (f": {run.get('state')}" if run.get("state") else ""))
+    return OK
+
+
+def runs_cancel(args: argparse.Namespace, api: Api) -> int:
+    return _action(args, api, "cancel", "cancel requested")
+
+
+def runs_retry(args: argparse.Namespace, api: Api) -> int:
+    return _action(args, api, "retry", "retried", creates=True)
+
+
+def runs_clone(args: argparse.Namespace, api: Api) -> int:
+    return _action(args, api, "clone", "cloned from", creates=True)

@@ -1,0 +1,97 @@
+"""Run specs in YAML: the API's JSON body for POST /api/v1/runs/, with catalog objects named or numbered.
+
+    name: addition-r16
+    base_model: tiny            # a name or an id
+    dataset: toy-addition
+    lora_config: attention+mlp
+    hyperparameters: {max_steps: 40, learning_rate: 0.0002}
+    priority: 0
+    labels: [a100]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webapp.client.api import Api
+from webapp.client.errors import USAGE, CliError
+
+FIELDS = ("name", "base_model", "dataset", "lora_config", "hyperparameters", "priority", "labels")
+# Which field names which catalog list.
+CATALOG = {"base_model": ("base-models/", "base model"), "dataset": ("datasets/", "dataset"),
+           "lora_config": ("lora-configs/", "LoRA config")}
+
+
+def load(path: str) -> dict[str, Any]:
+    """Parse and check the spec's shape; every problem names the file and the field."""
+    try:
+        text = Path(path).read_text(encoding="utf-8") if path != "-" else _stdin()
+    except OSError as exc:
+        raise CliError(f"cannot read the run spec {path}: {exc.strerror}", USAGE) from exc
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise CliError(f"{path}{at} is not valid YAML: {getattr(exc, 'problem', exc)}", USAGE) from exc
+    if not isinstance(spec, dict):
+        raise CliError(f"{path}: a run spec is a mapping of {', '.join(FIELDS)}", USAGE)
+    problems = []
+    for key in spec:
+        if key not in FIELDS:
+            problems.append(f"{key}: unknown field (a run spec has {', '.join(FIELDS)}; training settings go "
+                            "under hyperparameters)")
+    for key in ("base_model", "dataset", "lora_config"):
+        if spec.get(key) in (None, ""):
+            problems.append(f"{key}: required (a name or an id)")
+        elif not isinstance(spec[key], str | int) or isinstance(spec[key], bool):
+            problems.append(f"{key}: a name or an id, got {type(spec[key]).__name__}")
+    if not isinstance(spec.get("hyperparameters", {}), dict):
+        problems.append("hyperparameters: a mapping of training settings, e.g. {max_steps: 100}")
+    labels = spec.get("labels", [])
+    if isinstance(labels, str):
+        spec["labels"] = [s.strip() for s in labels.split(",") if s.strip()]
+    elif not (isinstance(labels, list) and all(isinstance(s, str) for s in labels)):
+        problems.append("labels: a list of worker labels, e.g. [a100]")
+    if "priority" in spec and (not isinstance(spec["priority"], int) or isinstance(spec["priority"], bool)):
+        problems.append("priority: a whole number")
+    if problems:
+        raise CliError(f"the run spec {path} is not valid", USAGE, problems)
+    return spec
+
+
+def _stdin() -> str:
+    import sys
+
+    return sys.stdin.read()
+
+
+def resolve(api: Api, field: str, value: str | int) -> int:
+    """An id as is; a name looked up in its catalog list (refused when no object or several carry it)."""
+    if isinstance(value, int):
+        return value
+    if value.strip().isdigit():
+        return int(value.strip())
+    path, noun = CATALOG[field]
+    matches = [item["id"] for item in api.pages(path, name=value) if item.get("name") == value]
+    if not matches:
+        raise CliError(f"{field}: no {noun} is named {value!r} (`tunedeck {_command(field)} list` shows them)", USAGE)
+    if len(matches) > 1:
+        raise CliError(f"{field}: {len(matches)} {noun}s are named {value!r} (ids {', '.join(map(str, matches))}): "
+                       "give the id", USAGE)
+    return int(matches[0])
+
+
+def _command(field: str) -> str:
+    return {"base_model": "models", "dataset": "datasets", "lora_config": "lora-configs"}[field]
+
+
+def body(api: Api, spec: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body to POST: catalog names replaced by ids."""
+    out = dict(spec)
+    for key in CATALOG:
+        out[key] = resolve(api, key, spec[key])
+    return out
