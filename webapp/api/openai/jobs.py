@@ -1,0 +1,265 @@
+"""`POST /v1/fine_tuning/jobs`: an OpenAI job request turned into a Tunedeck run, through the run form's
+validation (the same checks, placement fields included, as the browser's New run page).
+
+The request:
+
+    {"model": "<base model name, or a hub id / local path registered on the fly>",
+     "training_file": "file-<dataset id>",
+     "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 0.5},   # or "auto"
+     # (or the same under "method": {"type": "supervised", "supervised": {"hyperparameters": {...}}})
+     "suffix": "<the run's name>", "seed": 7,
+     "tunedeck": {                                    # optional; the SDK sends it with extra_body=
+         "lora_config": "<a saved LoRA config's name or id>",  # or
+         "lora": {...LoraParams fields...},           # an inline adapter config (saved, or reused if equal)
+         "hyperparameters": {...TrainParams fields...},
+         "worker_labels": ["a100"], "priority": 0}}
+
+n_epochs, batch_size and seed set TrainParams' num_epochs, batch_size and seed; learning_rate_multiplier
+multiplies Tunedeck's suggested learning rate for the base's size. "auto" (or leaving one out) keeps that
+suggestion. Setting a field both the OpenAI way and in tunedeck.hyperparameters is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from webapp.api.openai.errors import OpenAIError
+from webapp.api.openai.serializers import FILE_PREFIX, parse_id
+from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.catalog.services import inspect_source, register_base_model
+from webapp.fleet.scheduler import run_needs
+from webapp.training import ledger
+from webapp.training.forms import TRAIN_FIELDS, RunForm
+from webapp.training.models import TrainingRun
+from workers import spec
+from workers.modelinfo import ModelNotFound
+
+TOP_LEVEL = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
+             "metadata", "integrations", "tunedeck"}
+OPENAI_HYPERPARAMETERS = {"n_epochs": "num_epochs", "batch_size": "batch_size",
+                          "learning_rate_multiplier": "learning_rate"}
+TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "worker_labels", "priority"}
+SUFFIX_MAX = 64
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def _object(value: Any, param: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{param} must be an object", param, "invalid_type")
+    return value
+
+
+def _refuse_unknown(data: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise _bad(f"unknown field(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(known))}",
+                   prefix + unknown[0], "unknown_parameter")
+
+
+def resolve_model(model: Any, user: Any) -> BaseModel:
+    """A registered base model by name (or by source); else a hub id or local path, registered if it inspects."""
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model is required: a registered base model's name, a Hugging Face hub id or a local path",
+                   "model", "missing_required_parameter" if not model else "invalid_type")
+    model = model.strip()
+    base = BaseModel.objects.filter(name=model).first() or BaseModel.objects.filter(source=model).order_by("id").first()
+    if base is not None:
+        return base
+    try:
+        inspect_source(model)
+        return register_base_model(model[:200], model, "", user)
+    except ModelNotFound as exc:
+        raise _bad(f"model {model!r} is not a registered base model, and registering it failed: {exc}",
+                   "model", "model_not_found") from None
+    except IntegrityError:  # registered by a concurrent request meanwhile
+        return BaseModel.objects.get(name=model[:200])
+
+
+def resolve_file(value: Any, param: str) -> Dataset:
+    if not isinstance(value, str) or not value:
+        raise _bad(f"{param} is required: the id of an uploaded file (file-…)", param, "missing_required_parameter")
+    try:
+        pk = parse_id(value, FILE_PREFIX, "file")
+    except OpenAIError as exc:
+        raise _bad(exc.message, param, "file_not_found") from None
+    dataset = Dataset.objects.filter(pk=pk).first()
+    if dataset is None:
+        raise _bad(f"No such file: {value!r}", param, "file_not_found")
+    return dataset
+
+
+def _openai_hyperparameters(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The OpenAI hyperparameters (top level or under method.supervised) and the path they were given at."""
+    top = _object(body.get("hyperparameters"), "hyperparameters")
+    method = _object(body.get("method"), "method")
+    nested: dict[str, Any] = {}
+    where = "hyperparameters"
+    if method:
+        _refuse_unknown(method, {"type", "supervised"}, "method")
+        if method.get("type", "supervised") != "supervised":
+            raise _bad(f"method.type {method.get('type')!r} is not supported: Tunedeck trains supervised "
+                       "(LoRA/QLoRA adapters) only", "method.type", "unsupported_value")
+        supervised = _object(method.get("supervised"), "method.supervised")
+        _refuse_unknown(supervised, {"hyperparameters"}, "method.supervised")
+        nested = _object(supervised.get("hyperparameters"), "method.supervised.hyperparameters")
+    if top and nested:
+        raise _bad("give hyperparameters either at the top level or in method.supervised.hyperparameters, not both",
+                   "hyperparameters")
+    if nested:
+        top, where = nested, "method.supervised.hyperparameters"
+    _refuse_unknown(top, set(OPENAI_HYPERPARAMETERS), where)
+    return top, where
+
+
+def _number(value: Any, param: str, kind: type) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok or value <= 0:
+        raise _bad(f"{param} must be \"auto\" or a positive {'integer' if kind is int else 'number'}; got {value!r}",
+                   param)
+    return kind(value)
+
+
+def train_values(body: dict[str, Any], tunedeck: dict[str, Any], base: BaseModel) -> tuple[dict[str, Any], dict[str, str]]:
+    """The run's TrainParams as a dict, and for each field set the OpenAI way, the param that set it."""
+    extras = _object(tunedeck.get("hyperparameters"), "tunedeck.hyperparameters")
+    _refuse_unknown(extras, set(TRAIN_FIELDS), "tunedeck.hyperparameters")
+    suggested = spec.suggest_train_params(base.num_parameters)
+    values = {**dataclasses.asdict(suggested), **extras}
+    origins: dict[str, str] = {}
+    openai_hp, where = _openai_hyperparameters(body)
+    for name, value in openai_hp.items():
+        if value is None or value == "auto":
+            continue
+        field, param = OPENAI_HYPERPARAMETERS[name], f"{where}.{name}"
+        if field in extras:
+            raise _bad(f"{param} and tunedeck.hyperparameters.{field} both set {field}: give one", param)
+        if name == "learning_rate_multiplier":
+            values[field] = _number(value, param, float) * suggested.learning_rate
+        else:
+            values[field] = _number(value, param, int)
+        origins[field] = param
+    if body.get("seed") is not None:
+        if "seed" in extras:
+            raise _bad("seed and tunedeck.hyperparameters.seed both set the seed: give one", "seed")
+        seed = body["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise _bad(f"seed must be a non-negative integer; got {seed!r}", "seed")
+        values["seed"], origins["seed"] = seed, "seed"
+    return values, origins
+
+
+def _lora_params(value: dict[str, Any]) -> spec.LoraParams:
+    _refuse_unknown(value, {f.name for f in dataclasses.fields(spec.LoraParams)}, "tunedeck.lora")
+    try:
+        params = spec.LoraParams(**value)
+        errors = params.validate()
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise _bad(f"tunedeck.lora: {exc}", "tunedeck.lora") from None
+    if errors:
+        name = next(iter(errors))
+        text = "; ".join(f"tunedeck.lora.{k}: {v}" for k, v in errors.items())
+        raise _bad(text, f"tunedeck.lora.{name}")
+    return params
+
+
+def lora_config_for(tunedeck: dict[str, Any], user: Any) -> LoraConfig:
+    """A saved config by name or id; or the inline `lora` (or the default LoRA) as a config, reusing an equal one."""
+    named, inline = tunedeck.get("lora_config"), tunedeck.get("lora")
+    if named is not None and inline is not None:
+        raise _bad("give tunedeck.lora_config (a saved config) or tunedeck.lora (inline parameters), not both",
+                   "tunedeck.lora")
+    if named is not None:
+        found = LoraConfig.objects.filter(name=str(named)).first()
+        if found is None and str(named).isdigit():
+            found = LoraConfig.objects.filter(pk=int(str(named))).first()
+        if found is None:
+            raise _bad(f"no LoRA config named {named!r}", "tunedeck.lora_config", "not_found")
+        return found
+    params = _lora_params(_object(inline, "tunedeck.lora"))
+    normalized = dataclasses.asdict(params)
+    for config in LoraConfig.objects.filter(method=params.method).order_by("id"):
+        if config.params == normalized:
+            return config
+    name, n = params.summary()[:190], 1
+    while LoraConfig.objects.filter(name=name if n == 1 else f"{name} ({n})").exists():
+        n += 1
+    return LoraConfig.objects.create(name=name if n == 1 else f"{name} ({n})", params=normalized, created_by=user)
+
+
+FORM_PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "lora_config": "tunedeck.lora",
+               "worker_labels": "tunedeck.worker_labels", "priority": "tunedeck.priority"}
+
+
+def _form_error(form: RunForm, origins: dict[str, str]) -> OpenAIError:
+    named = []
+    for field, messages in form.errors.items():
+        param = origins.get(field) or FORM_PARAMS.get(field) or (
+            f"tunedeck.hyperparameters.{field}" if field in TRAIN_FIELDS else None)
+        named.append((param, "; ".join(str(m) for m in messages)))
+    text = "; ".join(f"{param}: {message}" if param else message for param, message in named)
+    return _bad(text, named[0][0] if named else None)
+
+
+def _labels(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
+    if isinstance(value, str):
+        return value
+    raise _bad("tunedeck.worker_labels must be a list of labels (or a comma-separated string)",
+               "tunedeck.worker_labels", "invalid_type")
+
+
+def create_job(body: Any, user: Any) -> TrainingRun:
+    """Validate the whole request, then queue the run; every refusal is an OpenAIError naming its param."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None, "invalid_type")
+    _refuse_unknown(body, TOP_LEVEL, "")
+    for name in ("metadata", "integrations"):
+        if body.get(name):
+            raise _bad(f"{name} is not supported by Tunedeck", name, "unsupported_parameter")
+    if body.get("validation_file"):
+        resolve_file(body["validation_file"], "validation_file")
+        raise _bad("a separate validation file is not supported yet: Tunedeck holds out a fraction of the training "
+                   "file instead (set tunedeck.hyperparameters.eval_fraction, e.g. 0.1)",
+                   "validation_file", "unsupported_parameter")
+    suffix = body.get("suffix") or ""
+    if not isinstance(suffix, str) or len(suffix) > SUFFIX_MAX:
+        raise _bad(f"suffix must be a string of at most {SUFFIX_MAX} characters", "suffix")
+    tunedeck = _object(body.get("tunedeck"), "tunedeck")
+    _refuse_unknown(tunedeck, TUNEDECK_KEYS, "tunedeck")
+    dataset = resolve_file(body.get("training_file"), "training_file")
+    base = resolve_model(body.get("model"), user)
+    values, origins = train_values(body, tunedeck, base)
+    labels = _labels(tunedeck.get("worker_labels"))
+    with transaction.atomic():  # an inline LoRA config saved for a job that is then refused goes with it
+        config = lora_config_for(tunedeck, user)
+        data = {"name": suffix, "base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
+                "worker_labels": labels, "priority": tunedeck.get("priority", 0), **values}
+        form = RunForm(data)
+        if form.is_valid() and (form.cleaned_data.get("priority") or 0) > 0 and not user.is_staff:
+            form.add_error("priority", "only an admin can set a priority above 0")
+        if not form.is_valid():
+            raise _form_error(form, origins)
+        cleaned = form.cleaned_data
+        train = spec.build(spec.TrainParams, cleaned["hyperparameters"])
+        run = TrainingRun.objects.create(
+            name=cleaned["name"], owner=user, base_model=base, dataset=dataset, lora_config=config,
+            hyperparameters=cleaned["hyperparameters"], priority=cleaned.get("priority") or 0,
+            needs_labels=cleaned.get("worker_labels") or [],
+            **run_needs(base, config.lora_params(), train, cleaned["hyperparameters"]),
+        )
+        ledger.note(run, f"Queued by {user} through the OpenAI-compatible API")
+    return run
