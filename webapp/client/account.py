@@ -36,7 +36,8 @@ def login(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"server": server, "config": str(path), "user": me})
     else:
-        print(f"Logged in to {server} as {me.get('username', '?')}; key stored in {path}")
+        who = f" as {me['username']}" if me.get("username") else ""
+        print(f"Logged in to {server}{who}; key stored in {path}")
     return 0
 
 

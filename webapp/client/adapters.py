@@ -9,12 +9,12 @@ from typing import Any
 
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import details, emit_json, field, note, progress, ref, table
+from webapp.client.output import details, emit_json, field, note, progress, table
 from webapp.client.runs import FINAL, POLL_S
 from webapp.client.transfer import download
 
 ADAPTER_COLUMNS = [("id", field("id")), ("name", field("name")), ("origin", field("origin")),
-                   ("run", lambda a: ref(a.get("run"))), ("base model", lambda a: ref(a.get("base_model"))),
+                   ("run", field("run")), ("base model", lambda a: a.get("base_model_name") or a.get("base_model")),
                    ("method", field("method")), ("rank", field("rank")), ("loss", field("final_loss")),
                    ("bytes", field("size_bytes")), ("created", field("created_at"))]
 
@@ -118,20 +118,17 @@ def compare_show(args: argparse.Namespace, api: Api) -> int:
 
 def print_grid(comparison: dict[str, Any]) -> None:
     """Each prompt, then each column's output under it; win rates where votes were cast."""
-    rows = comparison.get("rows") or comparison.get("grid") or []
-    columns = [ref(c) if not isinstance(c, str) else c for c in comparison.get("columns") or []]
-    print(f"Comparison {comparison.get('id')} ({comparison.get('state') or ref(comparison.get('job'))})")
-    for index, row in enumerate(rows, start=1):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        outputs = row.get("outputs", []) if isinstance(row, dict) else row
-        print(f"\n[{index}] {prompt if prompt is not None else ''}")
-        for col, output in enumerate(outputs):
-            name = columns[col] if col < len(columns) else f"column {col + 1}"
-            text = output.get("text") if isinstance(output, dict) else output
-            print(f"  {name}: {'' if text is None else text}")
-    if comparison.get("win_rates"):
+    print(f"Comparison {comparison.get('id')} ({comparison.get('state')})")
+    for row in comparison.get("rows") or []:
+        print(f"\n[{row.get('index', 0) + 1}] {row.get('prompt', '')}")
+        if row.get("reference"):
+            print(f"  reference: {row['reference']}")
+        for cell in row.get("cells") or []:
+            print(f"  {cell.get('label')}: {cell.get('text', '')}")
+    rates = [r for r in comparison.get("win_rates") or [] if r.get("rate") is not None]
+    if rates:
         print("\nwin rates:")
-        details(comparison["win_rates"])
+        table(rates, [("column", field("label")), ("wins", field("wins")), ("rate", field("rate"))])
 
 
 def merge(args: argparse.Namespace, api: Api) -> int:
@@ -145,7 +142,7 @@ def merge(args: argparse.Namespace, api: Api) -> int:
     if args.json:
         emit_json(job)
     else:
-        result = job.get("result") or {}
-        merged = job.get("merge") or (result.get("merge") if isinstance(result, dict) else None)
-        print(f"Merge job {job_id} {job.get('state')}" + (f"; merged model {ref(merged)}" if merged else ""))
+        merged = job.get("merged_model")
+        print(f"Merge job {job_id} {job.get('state')}" + (f"; merged model {merged} (merges/{merged}/)"
+                                                           if merged else ""))
     return code

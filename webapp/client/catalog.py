@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import re
 import uuid
 from pathlib import Path
 
 from webapp.client.api import Api
-from webapp.client.output import details, emit_json, field, note, ref, table
+from webapp.client.output import details, emit_json, field, table
 from webapp.client.transfer import upload
 
 DATASET_COLUMNS = [("id", field("id")), ("name", field("name")), ("format", field("format")),
                    ("rows", field("row_count")), ("bytes", field("size_bytes")), ("created", field("created_at"))]
 MODEL_COLUMNS = [("id", field("id")), ("name", field("name")), ("source", field("source")),
                  ("architecture", field("architecture")), ("params", field("num_parameters"))]
-CONFIG_COLUMNS = [("id", field("id")), ("name", field("name")),
-                  ("method", lambda c: (c.get("params") or {}).get("method", "lora")),
-                  ("r", lambda c: (c.get("params") or {}).get("r")),
-                  ("quantization", lambda c: (c.get("params") or {}).get("quantization", "none"))]
+CONFIG_COLUMNS = [("id", field("id")), ("name", field("name")), ("method", field("method")),
+                  ("summary", field("summary"))]
 
 
 def _list(args: argparse.Namespace, api: Api, path: str, columns: list, empty: str, **filters: object) -> int:
@@ -48,7 +47,7 @@ def datasets_show(args: argparse.Namespace, api: Api) -> int:
 
 def datasets_upload(args: argparse.Namespace, api: Api) -> int:
     file = Path(args.file)
-    name = args.name or file.stem
+    name = args.name or re.sub(r"[^A-Za-z0-9_-]+", "-", file.stem).strip("-") or "dataset"  # names are slugs
     dataset = upload(api, "datasets/", file, {"name": name}, quiet=args.quiet,
                      idempotency_key=args.idempotency_key or str(uuid.uuid4()))
     if args.json:
@@ -56,9 +55,6 @@ def datasets_upload(args: argparse.Namespace, api: Api) -> int:
         return 0
     print(f"Dataset {dataset.get('id')} {dataset.get('name')!r}: {dataset.get('row_count')} rows, "
           f"format {dataset.get('format')}")
-    report = dataset.get("report") or {}
-    for warning in report.get("warnings", []) if isinstance(report, dict) else []:
-        note(f"warning: {warning if isinstance(warning, str) else ref(warning)}")
     return 0
 
 

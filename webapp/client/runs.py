@@ -16,10 +16,11 @@ from webapp.client.output import details, emit_json, field, note, progress, ref,
 
 FINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 1.0
+EVENTS_PAGE = 1000
 RUN_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("state")),
                ("step", lambda r: f"{r.get('step', 0)}/{r.get('total_steps') or '?'}"),
-               ("loss", field("last_loss")), ("base model", lambda r: ref(r.get("base_model"))),
-               ("dataset", lambda r: ref(r.get("dataset"))), ("owner", lambda r: ref(r.get("owner"))),
+               ("loss", field("last_loss")), ("base model", lambda r: r.get("base_model_name") or r.get("base_model")),
+               ("dataset", lambda r: r.get("dataset_name") or r.get("dataset")), ("owner", field("owner")),
                ("created", field("created_at"))]
 
 
@@ -116,7 +117,7 @@ def runs_logs(args: argparse.Namespace, api: Api) -> int:
     after = int(args.after or 0)
     state = None
     while True:
-        page = api.get(f"runs/{args.id}/events/", after=after)
+        page = api.get(f"runs/{args.id}/events/", after=after, limit=EVENTS_PAGE)
         events = page.get("results", [])
         state = page.get("state", state)
         for event in events:
@@ -125,14 +126,12 @@ def runs_logs(args: argparse.Namespace, api: Api) -> int:
             elif event.get("kind") != "metric" or args.metrics:
                 print(format_event(event))
         sys.stdout.flush()
-        next_after = page.get("next_after")
-        if next_after is None and events:
-            next_after = max(int(e.get("id", 0)) for e in events)
-        moved = next_after is not None and int(next_after) > after
-        after = int(next_after) if moved else after
-        if moved:
-            continue  # more may be waiting: read on before deciding to stop
-        if not args.follow or state in FINAL:
+        after = max(after, int(page.get("next_after") or 0))
+        if page.get("final", state in FINAL and not events):
+            break  # the run has ended and every event is read
+        if page.get("has_more", bool(events)):
+            continue
+        if not args.follow:
             break
         time.sleep(POLL_S)
     if args.follow and not args.json:
