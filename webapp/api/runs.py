@@ -1,0 +1,329 @@
+"""Runs over the API: list with filters, create (validated as the run form validates), get, cancel, retry,
+clone, delete; their events (JSON pages and an SSE stream), metric curve and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from django.db import transaction
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from webapp.api import access
+from webapp.api.common import (
+    Ref,
+    VisibleObjectMixin,
+    choice_param,
+    form_errors,
+    int_param,
+    owner_param,
+    raise_field_errors,
+)
+from webapp.api.events import (
+    EventPageSerializer,
+    EventStreamRenderer,
+    FirstRenderer,
+    events_page,
+    json_batch,
+    stream_response,
+)
+from webapp.api.idempotency import idempotent, run_idempotent
+from webapp.api.problems import problem
+from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.fleet.scheduler import run_needs
+from webapp.training import ledger
+from webapp.training.forms import TRAIN_FIELDS, RunForm
+from webapp.training.models import RunEvent, RunState, TrainingRun
+from workers import spec
+from workers.spec import TrainParams, build, suggest_train_params
+
+INT32 = 2**31 - 1
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, naming each (a misspelt setting must not be silently ignored)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = sorted(str(k) for k in data if k not in self.fields)
+            if unknown:
+                known = ", ".join(self.fields)
+                raise serializers.ValidationError({k[:100]: [f"unknown field (known: {known})"] for k in unknown[:20]})
+        return super().to_internal_value(data)
+
+
+def _train_field(f: dataclasses.Field[Any]) -> serializers.Field:
+    help_text = f"{f.metadata.get('help', '')} Default: {f.default!r} (tiny models get larger steps)."
+    if f.name in spec.CHOICES:
+        return serializers.ChoiceField(choices=list(spec.CHOICES[f.name]), required=False, help_text=help_text)
+    if f.type in ("bool", bool):
+        return serializers.BooleanField(required=False, help_text=help_text)
+    if f.type in ("int", int):
+        return serializers.IntegerField(required=False, min_value=-INT32, max_value=INT32, help_text=help_text)
+    return serializers.FloatField(required=False, help_text=help_text)
+
+
+# Every TrainParams field, optional: what is left out takes the value the run form suggests for the base model.
+HyperparametersSerializer = type(
+    "Hyperparameters", (StrictSerializer,), {f.name: _train_field(f) for f in dataclasses.fields(TrainParams)}
+)
+
+
+class RunCreateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    base_model = Ref("base model", queryset=BaseModel.objects.all())
+    dataset = Ref("dataset", queryset=Dataset.objects.all())
+    lora_config = Ref("LoRA config", queryset=LoraConfig.objects.all())
+    hyperparameters = HyperparametersSerializer(required=False)
+    priority = serializers.IntegerField(
+        required=False, default=0, min_value=-100, max_value=100,
+        help_text="Higher runs first; 0 is normal. Only staff may set it above 0.")
+    labels = serializers.ListField(
+        child=serializers.CharField(max_length=50), required=False, default=list, max_length=20,
+        help_text="Only a worker with all of these labels takes the run (lowercase slugs, e.g. a100).")
+
+
+class CloneSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True,
+                                 help_text="The new run's name; default: the source's name with (copy).")
+
+
+class RunSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    base_model_name = serializers.CharField(source="base_model.name", read_only=True)
+    dataset_name = serializers.CharField(source="dataset.name", read_only=True)
+    lora_config_name = serializers.CharField(source="lora_config.name", read_only=True)
+    labels = serializers.ListField(source="needs_labels", child=serializers.CharField(), read_only=True)
+    worker = serializers.CharField(source="worker.name", allow_null=True, read_only=True, default=None)
+    adapter = serializers.IntegerField(source="adapter_id", allow_null=True, read_only=True,
+                                       help_text="The id of the run's adapter, once it has succeeded.")
+    progress = serializers.FloatField(read_only=True)
+    hyperparameters = serializers.DictField(read_only=True)
+    attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
+
+    class Meta:
+        model = TrainingRun
+        fields = [
+            "id", "name", "state", "owner", "base_model", "base_model_name", "dataset", "dataset_name",
+            "lora_config", "lora_config_name", "hyperparameters", "priority", "labels", "needs_gpu_bytes",
+            "needs_gpus", "attempt", "cancel_requested", "error", "step", "total_steps", "progress", "last_loss",
+            "worker", "wait_reason", "attempt_log", "adapter", "created_at", "dispatched_at", "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class MetricsSerializer(serializers.Serializer):
+    run = serializers.IntegerField()
+    points = serializers.ListField(
+        child=serializers.DictField(child=serializers.FloatField()),
+        help_text="One point per step, oldest first: step, loss, eval_loss, learning_rate, grad_norm, tokens_per_s "
+                  "(each where reported); long curves are thinned, eval points kept.")
+
+
+class CheckpointSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="The checkpoint event's id.")
+    attempt = serializers.IntegerField()
+    step = serializers.IntegerField(allow_null=True)
+    data = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+
+
+class CheckpointListSerializer(serializers.Serializer):
+    results = CheckpointSerializer(many=True)
+
+
+# --- creating a run -------------------------------------------------------------------------------------
+
+
+def _rename(name: str) -> str:
+    if name in TRAIN_FIELDS:
+        return f"hyperparameters.{name}"
+    return "labels" if name == "worker_labels" else name
+
+
+def create_run(user: Any, data: dict[str, Any]) -> TrainingRun:
+    """A queued run from validated API input, checked exactly as the run form checks it (settings not given
+    take the values the form suggests for the base model); a refusal is a 400 naming each field."""
+    base: BaseModel = data["base_model"]
+    hyperparameters = {**dataclasses.asdict(suggest_train_params(base.num_parameters)), **(data.get("hyperparameters") or {})}
+    priority = data.get("priority") or 0
+    form = RunForm(data={
+        "name": data.get("name") or "", "base_model": base.pk, "dataset": data["dataset"].pk,
+        "lora_config": data["lora_config"].pk, "worker_labels": ", ".join(data.get("labels") or []),
+        "priority": priority, **hyperparameters,
+    })
+    if form.is_valid() and priority > 0 and not user.is_staff:
+        form.add_error("priority", "only an admin can set a priority above 0")
+    if form.errors:
+        raise_field_errors(form_errors(form), _rename)
+    cleaned = form.cleaned_data
+    needs = run_needs(cleaned["base_model"], cleaned["lora_config"].lora_params(),
+                      build(TrainParams, cleaned["hyperparameters"]), cleaned["hyperparameters"])
+    with transaction.atomic():
+        run = TrainingRun.objects.create(
+            name=cleaned["name"], owner=user, base_model=cleaned["base_model"], dataset=cleaned["dataset"],
+            lora_config=cleaned["lora_config"], hyperparameters=cleaned["hyperparameters"],
+            priority=cleaned.get("priority") or 0, needs_labels=cleaned.get("worker_labels") or [], **needs,
+        )
+        ledger.note(run, f"Queued by {user}")
+    return run
+
+
+def clone_input(source: TrainingRun, user: Any, name: str | None) -> dict[str, Any]:
+    """The inputs of `source` as a new run's (a priority above 0 is kept for staff only)."""
+    title = name if name else f"{source.name or f'run {source.pk}'} (copy)"[:200]
+    hyperparameters = {k: v for k, v in (source.hyperparameters or {}).items() if k in TRAIN_FIELDS}
+    return {
+        "name": title, "base_model": source.base_model, "dataset": source.dataset, "lora_config": source.lora_config,
+        "hyperparameters": hyperparameters, "labels": list(source.needs_labels or []),
+        "priority": source.priority if user.is_staff else min(source.priority, 0),
+    }
+
+
+# --- the endpoints -------------------------------------------------------------------------------------
+
+RUN_BATCH = json_batch(TrainingRun, RunEvent, "run")
+
+ID_FILTER = OpenApiTypes.INT
+EVENT_PARAMS = [
+    OpenApiParameter("after", OpenApiTypes.INT, description="Only events with a larger id (the cursor).", required=False),
+    OpenApiParameter("limit", OpenApiTypes.INT, description="At most this many (1-1000, default 200).", required=False),
+    OpenApiParameter("kind", OpenApiTypes.STR, description="Only events of this kind (log, metric, status, …).",
+                     required=False),
+]
+STREAM_DOC = extend_schema(
+    summary="The job's events as Server-Sent Events",
+    description="`event: event` per stored event (JSON, `id:` the event id), `event: state` when the state "
+                "changes, `event: done` once the job has finished and every event is sent. Resume with "
+                "`Last-Event-ID` (or `?after=`): nothing is lost and nothing repeated.",
+    parameters=[OpenApiParameter("after", OpenApiTypes.INT, required=False,
+                                 description="Start after this event id (as Last-Event-ID).")],
+    responses={(200, "text/event-stream"): OpenApiResponse(OpenApiTypes.STR, description="An event stream.")},
+)
+
+
+@extend_schema_view(
+    list=extend_schema(parameters=[
+        OpenApiParameter("state", OpenApiTypes.STR, enum=RunState.values, required=False),
+        OpenApiParameter("owner", OpenApiTypes.STR, required=False, description="A username, or `me`."),
+        OpenApiParameter("base_model", ID_FILTER, required=False),
+        OpenApiParameter("dataset", ID_FILTER, required=False),
+    ]),
+    create=extend_schema(request=RunCreateSerializer, responses={201: RunSerializer}),
+    destroy=extend_schema(description="Delete a finished run with its events and adapter (409 while it runs)."),
+)
+class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
+    serializer_class = RunSerializer
+    noun = "run"
+
+    def get_queryset(self) -> Any:
+        from django.db.models import OuterRef, Subquery
+
+        from webapp.training.models import Adapter
+
+        adapter = Adapter.objects.filter(run=OuterRef("pk")).values("pk")[:1]
+        rows = (TrainingRun.objects.select_related("owner", "base_model", "dataset", "lora_config", "worker")
+                .defer("metric_points").annotate(adapter_id=Subquery(adapter)))
+        return access.visible(self.request.user, rows)
+
+    def filter_queryset(self, queryset: Any) -> Any:
+        if self.action != "list":
+            return queryset
+        request = self.request
+        state = choice_param(request, "state", RunState.values)
+        if state:
+            queryset = queryset.filter(state=state)
+        for name in ("base_model", "dataset"):
+            number = int_param(request, name)
+            if number is not None:
+                queryset = queryset.filter(**{f"{name}_id": number})
+        return owner_param(request, queryset)
+
+    def _answer(self, run_id: int, code: int = status.HTTP_200_OK) -> Response:
+        return Response(RunSerializer(self.get_queryset().get(pk=run_id)).data, status=code)
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        def handler() -> Response:
+            data = RunCreateSerializer(data=request.data, context={"request": request})
+            data.is_valid(raise_exception=True)
+            run = create_run(request.user, data.validated_data)
+            return self._answer(run.pk, status.HTTP_201_CREATED)
+
+        return run_idempotent(request, handler)  # type: ignore[return-value]
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        run = self.get_object()
+        access.check_can_change(request.user, run.owner_id, "run")
+        if not ledger.delete_finished(run):
+            return problem(409, f"a {run.state} run cannot be deleted: cancel it first", instance=request.path)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses={200: RunSerializer},
+                   description="Cancel a queued run at once; an active run stops at its next step (409 once finished).")
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        run = self.get_object()
+        access.check_can_change(request.user, run.owner_id, "run")
+        if not ledger.request_cancel(run):
+            return problem(409, f"the run has already finished: it is {run.state}", instance=request.path)
+        return self._answer(run.pk)
+
+    @extend_schema(request=None, responses={200: RunSerializer},
+                   description="Queue a failed or cancelled run again; it resumes from its latest checkpoint.")
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str) -> Response:
+        run = self.get_object()
+        access.check_can_change(request.user, run.owner_id, "run")
+        if not ledger.retry(run, request.user):
+            return problem(409, f"only a failed or cancelled run can be retried; this one is {run.state}",
+                           instance=request.path)
+        return self._answer(run.pk)
+
+    @extend_schema(request=CloneSerializer, responses={201: RunSerializer},
+                   description="A new queued run with the same base model, dataset, LoRA config, settings and labels.")
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def clone(self, request: Request, pk: str) -> Response:
+        source = self.get_object()
+        body = CloneSerializer(data=request.data if isinstance(request.data, Mapping) else {})
+        body.is_valid(raise_exception=True)
+        run = create_run(request.user, clone_input(source, request.user, body.validated_data.get("name")))
+        return self._answer(run.pk, status.HTTP_201_CREATED)
+
+    @extend_schema(parameters=EVENT_PARAMS, responses={200: EventPageSerializer})
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: str) -> Response:
+        run = self.get_object()
+        return Response(events_page(request, RunEvent.objects.filter(run=run), run.state))
+
+    @STREAM_DOC
+    @action(detail=True, methods=["get"], url_path="events/stream", renderer_classes=[JSONRenderer, EventStreamRenderer],
+            content_negotiation_class=FirstRenderer, pagination_class=None)
+    def stream(self, request: Request, pk: str) -> Any:
+        run = self.get_object()
+        return stream_response(request, RUN_BATCH, run.pk)
+
+    @extend_schema(responses={200: MetricsSerializer})
+    @action(detail=True, methods=["get"])
+    def metrics(self, request: Request, pk: str) -> Response:
+        run = self.get_object()
+        points = TrainingRun.objects.values_list("metric_points", flat=True).get(pk=run.pk)
+        return Response({"run": run.pk, "points": points or []})
+
+    @extend_schema(responses={200: CheckpointListSerializer})
+    @action(detail=True, methods=["get"])
+    def checkpoints(self, request: Request, pk: str) -> Response:
+        from webapp.training.views import _checkpoints
+
+        run = self.get_object()
+        return Response({"results": CheckpointSerializer(_checkpoints(run), many=True).data})
+
+
