@@ -12,5 +12,6 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("webapp.api.urls")),
+    path("account/api-keys/", include("webapp.api.keys_views")),
     path("v1/", include("webapp.api.openai.urls")),  # the OpenAI-compatible subset
 ]

@@ -42,8 +42,9 @@ def _title(status: int) -> str:
 
 
 def problem(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
-            code: str | None = None, headers: dict[str, str] | None = None, instance: str | None = None) -> Response:
-    """A problem response for a view to return directly."""
+            code: str | None = None, headers: dict[str, str] | None = None, instance: str | None = None,
+            extra: dict[str, Any] | None = None) -> Response:
+    """A problem response for a view to return directly (`extra`: more members, e.g. a validation report)."""
     body: dict[str, Any] = {"type": "about:blank", "title": title or _title(status), "status": status,
                             "detail": detail}
     if instance is not None:
@@ -52,6 +53,7 @@ def problem(status: int, detail: str, errors: dict[str, list[str]] | None = None
         body["code"] = code
     if errors:
         body["errors"] = errors
+    body.update(extra or {})
     return ProblemResponse(body, status=status, headers=headers)
 
 

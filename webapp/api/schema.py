@@ -18,3 +18,8 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
             "bearerFormat": "tdk_…",
             "description": "An API key made on the API keys page (scopes: read, write, admin).",
         }
+
+
+def only_api_v1(endpoints: list[tuple[str, Any, Any, Any]], **kwargs: Any) -> list[tuple[str, Any, Any, Any]]:
+    """The schema describes /api/v1/; the OpenAI-compatible /v1/ follows OpenAI's own published description."""
+    return [endpoint for endpoint in endpoints if endpoint[0].startswith("/api/v1/")]

@@ -1,0 +1,330 @@
+"""The REST API's common ground: keys and scopes, problems, cursor pages, ETags, rates, idempotency,
+the schema and its docs page, and the API keys page."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.cache import cache
+from django.core.management import call_command
+from django.test import Client
+from django.urls import include, path
+from django.utils import timezone
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from tests.webapp.factories import make_worker
+from tests.webapp.team import login
+from webapp.api.models import ApiKey, IdempotencyRecord
+from webapp.catalog.models import LoraConfig
+
+
+class AdminOnly(APIView):
+    admin_scope = True
+
+    def get(self, request: Any) -> Response:
+        return Response({"ok": True})
+
+
+# This module is also the URLconf of the tests marked below: the site's URLs plus a staff-only view.
+urlpatterns = [
+    path("api/v1/test-admin/", AdminOnly.as_view()),
+    path("", include("webapp.urls")),
+]
+
+
+def bearer(raw: str) -> dict[str, str]:
+    return {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+
+
+def key_for(user: Any, *scopes: str, **kw: Any) -> str:
+    return ApiKey.issue(user, "test", list(scopes or ("read", "write")), **kw)[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rates() -> None:
+    cache.clear()  # request counts of the rate limiter live in the cache
+
+
+def problem_of(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["type"] == "about:blank"
+    assert body["instance"] == response.wsgi_request.path
+    return body
+
+
+# --- authentication and scopes -----------------------------------------------------------------------------
+
+
+def test_it_refuses_missing_invalid_revoked_and_expired_keys(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    users = team[0]
+    body = problem_of(client.get("/api/v1/lora-configs/"), 401)
+    assert "credentials were not provided" in body["detail"]
+    assert client.get("/api/v1/lora-configs/")["WWW-Authenticate"].startswith("Bearer")
+
+    assert problem_of(client.get("/api/v1/lora-configs/", **bearer("tdk_not-a-key")), 401)["detail"] == "invalid API key"
+
+    key, raw = ApiKey.issue(users["owner"], "old", ["read"])
+    assert client.get("/api/v1/lora-configs/", **bearer(raw)).status_code == 200
+    key.revoked_at = timezone.now()
+    key.save()
+    assert "revoked" in problem_of(client.get("/api/v1/lora-configs/", **bearer(raw)), 401)["detail"]
+
+    raw = key_for(users["owner"], "read", expires_at=timezone.now() - timedelta(minutes=1))
+    assert "expired" in problem_of(client.get("/api/v1/lora-configs/", **bearer(raw)), 401)["detail"]
+
+
+def test_it_refuses_a_worker_token_with_a_message(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    _worker, token = make_worker()
+    body = problem_of(client.get("/api/v1/lora-configs/", **bearer(token)), 401)
+    assert "worker token" in body["detail"] and "/api/worker/" in body["detail"]
+
+
+def test_it_marks_when_a_key_was_last_used(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    key, raw = ApiKey.issue(team[0]["owner"], "k", ["read"])
+    assert key.last_used_at is None
+    client.get("/api/v1/lora-configs/", **bearer(raw))
+    key.refresh_from_db()
+    assert key.last_used_at is not None
+
+
+def test_a_read_only_key_cannot_write(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    raw = key_for(team[0]["owner"], "read")
+    response = client.post("/api/v1/lora-configs/", {"name": "x"}, content_type="application/json", **bearer(raw))
+    assert "lacks the 'write' scope" in problem_of(response, 403)["detail"]
+    assert not LoraConfig.objects.filter(name="x").exists()
+
+
+@pytest.mark.urls("tests.webapp.test_api_core")
+def test_admin_endpoints_need_staff_and_the_admin_scope(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    users = team[0]
+    assert "for staff" in problem_of(client.get("/api/v1/test-admin/", **bearer(key_for(users["owner"], "admin"))),
+                                     403)["detail"]
+    assert "'admin' scope" in problem_of(client.get("/api/v1/test-admin/", **bearer(key_for(users["staff"], "write"))),
+                                         403)["detail"]
+    assert client.get("/api/v1/test-admin/", **bearer(key_for(users["staff"], "admin"))).json() == {"ok": True}
+    login(client, "mate")
+    assert problem_of(client.get("/api/v1/test-admin/"), 403)
+    login(client, "staff")  # a staff session has every scope
+    assert client.get("/api/v1/test-admin/").status_code == 200
+
+
+def test_a_session_post_needs_the_csrf_token(team) -> None:  # type: ignore[no-untyped-def]
+    client = login(Client(enforce_csrf_checks=True), "owner")
+    response = client.post("/api/v1/lora-configs/", {"name": "x"}, content_type="application/json")
+    assert "CSRF" in problem_of(response, 403)["detail"]
+
+
+# --- problems, pages, ETags, rates --------------------------------------------------------------------------
+
+
+def test_errors_are_problems_naming_each_field(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    raw = key_for(team[0]["owner"])
+    response = client.post("/api/v1/lora-configs/", {"params": {"r": 0, "dropout": 2}},
+                           content_type="application/json", **bearer(raw))
+    body = problem_of(response, 400)
+    assert body["errors"]["name"] == ["This field is required."]
+    assert "name: This field is required." in body["detail"]
+
+    body = problem_of(client.post("/api/v1/lora-configs/", {"name": "bad", "params": {"r": 0, "dropout": 2}},
+                                  content_type="application/json", **bearer(raw)), 400)
+    assert set(body["errors"]) == {"params.r", "params.dropout"}, body
+    body = problem_of(client.get("/api/v1/lora-configs/999999/", **bearer(raw)), 404)
+    assert body["detail"]
+
+
+def test_timestamps_are_iso_8601_utc(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    item = client.get(f"/api/v1/lora-configs/{team[3].pk}/", **bearer(key_for(team[0]["owner"]))).json()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", item["created_at"]), item["created_at"]
+
+
+def test_lists_are_cursor_pages_newest_first(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    for i in range(4):
+        LoraConfig.objects.create(name=f"c{i}", params={"r": 4})
+    auth = bearer(key_for(team[0]["owner"]))
+    first = client.get("/api/v1/lora-configs/?page_size=3", **auth).json()
+    assert set(first) == {"next", "previous", "results"} and first["previous"] is None
+    second = client.get(first["next"], **auth).json()
+    ids = [r["id"] for r in first["results"]] + [r["id"] for r in second["results"]]
+    assert len(first["results"]) == 3 and len(second["results"]) == 2 and second["next"] is None
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5 == LoraConfig.objects.count()
+    assert len(client.get("/api/v1/lora-configs/?page_size=1000", **auth).json()["results"]) == 5  # capped at 200
+
+
+def test_reads_carry_an_etag_and_answer_304(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    auth = bearer(key_for(team[0]["owner"]))
+    first = client.get("/api/v1/lora-configs/", **auth)
+    etag = first["ETag"]
+    assert etag.startswith('W/"')
+    again = client.get("/api/v1/lora-configs/", HTTP_IF_NONE_MATCH=etag, **auth)
+    assert again.status_code == 304 and again.content == b"" and again["ETag"] == etag
+    LoraConfig.objects.create(name="newer", params={})
+    changed = client.get("/api/v1/lora-configs/", HTTP_IF_NONE_MATCH=etag, **auth)
+    assert changed.status_code == 200 and changed["ETag"] != etag
+    assert client.get("/lora-configs/").get("ETag") is None  # pages are not the API
+
+
+def test_too_many_requests_get_429_with_retry_after(client: Client, team, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.TUNEDECK_API_RATE = "2/minute"
+    auth = bearer(key_for(team[0]["owner"]))
+    assert [client.get("/api/v1/lora-configs/", **auth).status_code for _ in range(2)] == [200, 200]
+    response = client.get("/api/v1/lora-configs/", **auth)
+    problem_of(response, 429)
+    assert 1 <= int(response["Retry-After"]) <= 60
+    other = bearer(key_for(team[0]["mate"]))  # per user: a teammate is not held back
+    assert client.get("/api/v1/lora-configs/", **other).status_code == 200
+
+
+def test_anonymous_calls_have_their_own_rate(client: Client, db, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.TUNEDECK_API_ANON_RATE = "1/minute"  # what anonymous callers reach: the schema and the docs
+    assert client.get("/api/v1/schema/").status_code == 200
+    assert client.get("/api/v1/schema/")["Retry-After"]
+    assert client.get("/api/v1/schema/").status_code == 429
+
+
+# --- idempotency -------------------------------------------------------------------------------------------
+
+
+def test_a_retried_post_replays_the_first_answer(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    auth = {**bearer(key_for(team[0]["owner"])), "HTTP_IDEMPOTENCY_KEY": "abc-1"}
+    body = {"name": "once", "params": {"r": 4}}
+    first = client.post("/api/v1/lora-configs/", body, content_type="application/json", **auth)
+    again = client.post("/api/v1/lora-configs/", body, content_type="application/json", **auth)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again["Location"] == first["Location"]
+    assert again["Idempotent-Replayed"] == "true" and not first.has_header("Idempotent-Replayed")
+    assert LoraConfig.objects.filter(name="once").count() == 1
+
+    other = client.post("/api/v1/lora-configs/", {**body, "name": "twice"}, content_type="application/json", **auth)
+    assert "another request" in problem_of(other, 422)["detail"]
+    assert not LoraConfig.objects.filter(name="twice").exists()
+
+    # Keys are per user: a teammate's same key is a new request.
+    mate = {**bearer(key_for(team[0]["mate"])), "HTTP_IDEMPOTENCY_KEY": "abc-1"}
+    assert client.post("/api/v1/lora-configs/", {"name": "mate"}, content_type="application/json", **mate).status_code == 201
+
+
+def test_a_failed_first_attempt_does_not_hold_the_key(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    auth = {**bearer(key_for(team[0]["owner"])), "HTTP_IDEMPOTENCY_KEY": "k2"}
+    bad = client.post("/api/v1/lora-configs/", {"name": "x", "params": {"r": -1}}, content_type="application/json", **auth)
+    problem_of(bad, 400)
+    assert not IdempotencyRecord.objects.exists()
+    good = client.post("/api/v1/lora-configs/", {"name": "x", "params": {"r": 2}}, content_type="application/json", **auth)
+    assert good.status_code == 201
+
+
+def test_a_retry_while_the_first_is_running_gets_409(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    from webapp.api.idempotency import fingerprint  # the in-flight record is what a running first attempt leaves
+    from rest_framework.test import APIRequestFactory
+    from rest_framework.request import Request
+    from rest_framework.parsers import JSONParser
+
+    body = {"name": "slow", "params": {}}
+    raw = APIRequestFactory().post("/api/v1/lora-configs/", body, format="json")
+    IdempotencyRecord.objects.create(user=team[0]["owner"], key="k3", method="POST", path="/api/v1/lora-configs/",
+                                     request_hash=fingerprint(Request(raw, parsers=[JSONParser()])))
+    response = client.post("/api/v1/lora-configs/", body, content_type="application/json",
+                           HTTP_IDEMPOTENCY_KEY="k3", **bearer(key_for(team[0]["owner"])))
+    assert "still in progress" in problem_of(response, 409)["detail"]
+    assert not LoraConfig.objects.filter(name="slow").exists()
+
+
+# --- schema and docs ---------------------------------------------------------------------------------------
+
+
+def test_the_schema_generates_without_warnings(tmp_path: Path, db) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "schema.yaml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(out))
+    text = out.read_text()
+    for endpoint in ("/api/v1/base-models/", "/api/v1/datasets/", "/api/v1/lora-configs/{id}/"):
+        assert f"{endpoint}:" in text, endpoint
+    assert "scheme: bearer" in text
+
+
+def test_the_docs_page_uses_only_same_origin_files(client: Client, db) -> None:  # type: ignore[no-untyped-def]
+    page = client.get("/api/v1/docs/")
+    assert page.status_code == 200
+    assert "script-src 'self'" in page["Content-Security-Policy"]
+    html = page.content.decode()
+    scripts = re.findall(r"<script([^>]*)>", html)
+    assert len(scripts) == 3
+    for attrs in scripts:
+        src = re.search(r'src="([^"]+)"', attrs)
+        assert src and src.group(1).startswith("/") and not src.group(1).startswith("//"), attrs
+        served = client.get(src.group(1))
+        assert served.status_code == 200 and "javascript" in served["Content-Type"], src.group(1)
+    assert "<style" not in html and " style=" not in html
+    for href in re.findall(r'<link rel="stylesheet" href="([^"]+)"', html):
+        assert href.startswith("/static/") and client.get(href).status_code == 200, href
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json")
+    assert schema.status_code == 200 and schema.json()["openapi"].startswith("3.")
+
+
+# --- the API keys page -------------------------------------------------------------------------------------
+
+
+def test_a_new_key_is_shown_once_and_works(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    login(client, "owner")
+    page = client.get("/account/api-keys/")
+    assert page.status_code == 200 and b'value="admin"' not in page.content  # admin scope: staff only
+    assert b'href="/account/api-keys/"' in page.content  # the nav link
+    response = client.post("/account/api-keys/", {"name": "laptop <b>", "scopes": ["read"]})
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"] or "no-cache" in response["Cache-Control"]
+    html = response.content.decode()
+    secret = re.search(r'id="api-key-secret">(tdk_[^<]+)<', html).group(1)  # type: ignore[union-attr]
+    assert f'curl -H &quot;Authorization: Bearer {secret}&quot; http://testserver/api/v1/runs/' in html
+    assert "laptop &lt;b&gt;" in html and "laptop <b>" not in html
+    assert client.get("/api/v1/lora-configs/", **bearer(secret)).status_code == 200
+    later = client.get("/account/api-keys/").content.decode()
+    assert secret not in later and secret[:12] in later and "active" in later
+
+
+def test_admin_scope_is_refused_to_non_staff(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    login(client, "owner")
+    response = client.post("/account/api-keys/", {"name": "k", "scopes": ["admin"]})
+    assert response.status_code == 400 and not ApiKey.objects.exists()
+    login(client, "staff")
+    assert b'value="admin"' in client.get("/account/api-keys/").content
+    assert client.post("/account/api-keys/", {"name": "k", "scopes": ["admin"]}).status_code == 200
+    assert ApiKey.objects.get().scopes == ["admin"]
+
+
+def test_an_expiry_date_in_the_past_is_refused(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    login(client, "owner")
+    yesterday = (timezone.now() - timedelta(days=1)).date().isoformat()
+    response = client.post("/account/api-keys/", {"name": "k", "scopes": ["read"], "expires": yesterday})
+    assert response.status_code == 400 and b"is in the past" in response.content
+    today = timezone.now().date()
+    client.post("/account/api-keys/", {"name": "k", "scopes": ["read"], "expires": today.isoformat()})
+    key = ApiKey.objects.get()
+    assert key.expires_at is not None and key.expires_at.date() == today + timedelta(days=1)
+
+
+def test_revoking_a_key_refuses_it_and_others_keys_are_invisible(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    users = team[0]
+    key, raw = ApiKey.issue(users["owner"], "mine", ["read"])
+    theirs, _ = ApiKey.issue(users["mate"], "mate's key", ["read"])
+    login(client, "owner")
+    assert b"mate&#x27;s key" not in client.get("/account/api-keys/").content
+    assert client.post(f"/account/api-keys/{theirs.pk}/revoke/").status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.revoked_at is None
+    assert client.get(f"/account/api-keys/{key.pk}/revoke/").status_code == 405
+    assert client.post(f"/account/api-keys/{key.pk}/revoke/").status_code == 302
+    assert "revoked" in problem_of(client.get("/api/v1/lora-configs/", **bearer(raw)), 401)["detail"]
+    assert "revoked" in client.get("/account/api-keys/").content.decode()
+
+
+def test_revoking_needs_the_csrf_token(team) -> None:  # type: ignore[no-untyped-def]
+    key, _ = ApiKey.issue(team[0]["owner"], "mine", ["read"])
+    client = login(Client(enforce_csrf_checks=True), "owner")
+    assert client.post(f"/account/api-keys/{key.pk}/revoke/").status_code == 403
+    key.refresh_from_db()
+    assert key.revoked_at is None
