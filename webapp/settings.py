@@ -213,5 +213,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Choice sets shared by several fields (job states, the engine's auto/on/off switches) get one name each.
+    "ENUM_NAME_OVERRIDES": {"RunStateEnum": "webapp.training.models.RunState", "WorkerStateEnum": "webapp.fleet.models.WorkerState",
+                            "AutoOnOffEnum": "workers.spec.AUTO_ON_OFF"},
     "PREPROCESSING_HOOKS": ["webapp.api.schema.only_api_v1"],
 }

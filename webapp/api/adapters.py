@@ -280,7 +280,8 @@ class ColumnSerializer(serializers.Serializer):
 
 class ComparisonSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
-    state = serializers.CharField(source="job.state", allow_null=True, read_only=True, default=None)
+    state = serializers.CharField(source="job.state", allow_null=True, read_only=True, default=None,
+                                  help_text="The comparison job's state.")
     generation = serializers.DictField(read_only=True)
     columns = serializers.SerializerMethodField()
 
