@@ -206,7 +206,10 @@ def _form_error(form: RunForm, origins: dict[str, str]) -> OpenAIError:
     for field, messages in form.errors.items():
         param = origins.get(field) or FORM_PARAMS.get(field) or (
             f"tunedeck.hyperparameters.{field}" if field in TRAIN_FIELDS else None)
-        named.append((param, "; ".join(str(m) for m in messages)))
+        text = "; ".join(str(m) for m in messages)
+        if field in spec.CHOICES and "valid choice" in text:  # the form's message does not list them
+            text += f" (one of: {', '.join(spec.CHOICES[field])})"
+        named.append((param, text))
     text = "; ".join(f"{param}: {message}" if param else message for param, message in named)
     return _bad(text, named[0][0] if named else None)
 

@@ -8,6 +8,7 @@ with what the OpenAI shape has no field for.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from django.utils import timezone
 from webapp.api.openai.errors import OpenAIError
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.training.models import RunEvent, RunState, TrainingRun
-from workers.spec import suggest_train_params
+from workers.spec import TrainParams, suggest_train_params
 
 FILE_PREFIX, JOB_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "file-", "ftjob-", "ftevent-", "ftckpt-"
 ORGANIZATION = "tunedeck"  # the whole team is one organization: everyone sees every job
@@ -77,8 +78,20 @@ def fine_tuned_model(run: TrainingRun) -> str:
     return f"{run.base_model.name}:ft-{run.pk}"
 
 
+def train_params(run: TrainingRun) -> TrainParams:
+    """The run's settings; fields a row stored under another version are dropped rather than failing a list."""
+    try:
+        return run.train_params()
+    except (TypeError, ValueError):
+        known = {f.name for f in dataclasses.fields(TrainParams)}
+        try:
+            return TrainParams(**{k: v for k, v in (run.hyperparameters or {}).items() if k in known})
+        except TypeError:
+            return TrainParams()
+
+
 def openai_hyperparameters(run: TrainingRun) -> dict[str, Any]:
-    hp = run.train_params()
+    hp = train_params(run)
     epochs = hp.num_epochs
     return {
         "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
@@ -115,7 +128,7 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
         "model": run.base_model.name,
         "organization_id": ORGANIZATION,
         "result_files": [],
-        "seed": run.train_params().seed,
+        "seed": train_params(run).seed,
         "status": STATUSES.get(RunState(run.state), "queued"),
         "trained_tokens": None,  # the runner does not count them
         "training_file": f"{FILE_PREFIX}{run.dataset_id}",
