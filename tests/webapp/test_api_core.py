@@ -220,10 +220,11 @@ def test_a_failed_first_attempt_does_not_hold_the_key(client: Client, team) -> N
 
 
 def test_a_retry_while_the_first_is_running_gets_409(client: Client, team) -> None:  # type: ignore[no-untyped-def]
-    from webapp.api.idempotency import fingerprint  # the in-flight record is what a running first attempt leaves
-    from rest_framework.test import APIRequestFactory
-    from rest_framework.request import Request
     from rest_framework.parsers import JSONParser
+    from rest_framework.request import Request
+    from rest_framework.test import APIRequestFactory
+
+    from webapp.api.idempotency import fingerprint  # the in-flight record is what a running first attempt leaves
 
     body = {"name": "slow", "params": {}}
     raw = APIRequestFactory().post("/api/v1/lora-configs/", body, format="json")
