@@ -1,0 +1,252 @@
+"""Runs over the REST API: create (validated as the run form), list filters, get, cancel, retry, clone,
+delete, events (JSON pages and the SSE stream), metrics and checkpoints, idempotent creation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient, Client
+
+from tests.webapp.api_helpers import Team, bearer, key_for, make_team, problem_of
+from tests.webapp.factories import make_run
+from webapp.training.models import RunEvent, TrainingRun
+from workers.spec import suggest_train_params
+
+
+@pytest.fixture
+def api_team(tiny_model_dir: Path, store_dir: Path, db: Any) -> Team:
+    return make_team(tiny_model_dir)
+
+
+def post(client: Client, path: str, body: Any, raw: str, **headers: Any) -> Any:
+    return client.post(path, json.dumps(body), content_type="application/json", **bearer(raw), **headers)
+
+
+# --- create -------------------------------------------------------------------------------------------------
+
+
+def test_a_run_is_created_with_the_forms_defaults_labels_and_placement(client: Client, api_team: Team) -> None:
+    raw = key_for(api_team.owner)
+    response = post(client, "/api/v1/runs/", api_team.run_body(hyperparameters={"max_steps": 3}, labels=["a100"],
+                                                               priority=-2), raw)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    run = TrainingRun.objects.get(pk=body["id"])
+    suggested = suggest_train_params(api_team.base.num_parameters)
+    assert run.owner == api_team.owner and run.state == "queued" and body["owner"] == "owner"
+    assert run.hyperparameters["max_steps"] == 3 and run.hyperparameters["learning_rate"] == suggested.learning_rate
+    assert (run.needs_labels, run.priority, run.needs_gpus) == (["a100"], -2, 1)
+    assert body["labels"] == ["a100"] and body["base_model_name"] == "tiny" and body["adapter"] is None
+    assert body["created_at"].endswith("Z")
+    assert RunEvent.objects.filter(run=run, message="Queued by owner").exists()
+
+
+def test_bad_fields_are_400_problems_naming_each_field(client: Client, api_team: Team) -> None:
+    raw = key_for(api_team.owner)
+    body = problem_of(post(client, "/api/v1/runs/", {"name": "x"}, raw), 400)
+    assert set(body["errors"]) == {"base_model", "dataset", "lora_config"}
+
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(base_model=999999, dataset="seven"), raw), 400)
+    assert body["errors"]["base_model"] == ["no base model with id 999999"]
+    assert body["errors"]["dataset"] == ["no dataset with id seven"]
+
+    # Hyperparameter problems (types, the run form's checks, unknown names) are under hyperparameters.<field>.
+    hp = {"learning_rate": 5.0, "batch_size": "many", "lr": 0.1, "lr_scheduler": "sometimes"}
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(hyperparameters=hp), raw), 400)
+    assert set(body["errors"]) == {"hyperparameters.lr"}, body  # unknown names first: nothing else is looked at
+    del hp["lr"]
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(hyperparameters=hp), raw), 400)
+    assert set(body["errors"]) == {"hyperparameters.batch_size", "hyperparameters.lr_scheduler"}, body
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(hyperparameters={"learning_rate": 5.0}), raw), 400)
+    assert list(body["errors"]) == ["hyperparameters.learning_rate"] and "hyperparameters.learning_rate" in body["detail"]
+
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(labels=["Team NLP"]), raw), 400)
+    assert "a label is a lowercase slug" in body["errors"]["labels"][0]
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(priority=5), raw), 400)
+    assert body["errors"]["priority"] == ["only an admin can set a priority above 0"]
+    body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(colour="blue"), raw), 400)
+    assert "unknown field" in body["errors"]["colour"][0]
+    assert not TrainingRun.objects.exists()
+
+    response = post(client, "/api/v1/runs/", api_team.run_body(priority=5), key_for(api_team.boss))
+    assert response.status_code == 201 and response.json()["priority"] == 5
+
+
+def test_the_same_post_with_the_same_key_creates_one_run(client: Client, api_team: Team) -> None:
+    raw = key_for(api_team.owner)
+    first = post(client, "/api/v1/runs/", api_team.run_body(), raw, HTTP_IDEMPOTENCY_KEY="nightly-42")
+    again = post(client, "/api/v1/runs/", api_team.run_body(), raw, HTTP_IDEMPOTENCY_KEY="nightly-42")
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again["Idempotent-Replayed"] == "true"
+    assert TrainingRun.objects.count() == 1
+    other = post(client, "/api/v1/runs/", api_team.run_body(name="other"), raw, HTTP_IDEMPOTENCY_KEY="nightly-42")
+    problem_of(other, 422)
+    assert post(client, "/api/v1/runs/", api_team.run_body(), raw, HTTP_IDEMPOTENCY_KEY="nightly-43").status_code == 201
+    assert TrainingRun.objects.count() == 2
+
+
+# --- read ---------------------------------------------------------------------------------------------------
+
+
+def test_the_list_filters_by_state_owner_base_model_and_dataset(client: Client, api_team: Team) -> None:
+    t = api_team
+    mine = make_run(t.owner, t.base, t.dataset, t.config)
+    theirs = make_run(t.mate, t.base, t.dataset, t.config, )
+    TrainingRun.objects.filter(pk=theirs.pk).update(state="failed")
+    raw = key_for(t.owner, "read")
+
+    def ids(query: str) -> list[int]:
+        response = client.get(f"/api/v1/runs/{query}", **bearer(raw))
+        assert response.status_code == 200, response.content
+        return [r["id"] for r in response.json()["results"]]
+
+    assert ids("") == [theirs.pk, mine.pk]  # everyone on the team sees every run, newest first
+    assert ids("?state=failed") == [theirs.pk] and ids("?owner=me") == [mine.pk] and ids("?owner=mate") == [theirs.pk]
+    assert ids(f"?base_model={t.base.pk}&dataset={t.dataset.pk}") == [theirs.pk, mine.pk]
+    assert ids(f"?dataset={t.dataset.pk + 1}") == []
+    assert "state" in problem_of(client.get("/api/v1/runs/?state=done", **bearer(raw)), 400)["errors"]
+    assert "no user named 'nobody'" in problem_of(client.get("/api/v1/runs/?owner=nobody", **bearer(raw)), 400)["detail"]
+    assert "base_model" in problem_of(client.get("/api/v1/runs/?base_model=x", **bearer(raw)), 400)["errors"]
+
+
+def test_an_unknown_or_malformed_id_is_a_404_problem(client: Client, api_team: Team) -> None:
+    raw = key_for(api_team.owner, "read")
+    for path in ("/api/v1/runs/999999/", "/api/v1/runs/abc/", "/api/v1/runs/99999999999999999999999/",
+                 "/api/v1/runs/0/events/", "/api/v1/runs/999/metrics/"):
+        assert problem_of(client.get(path, **bearer(raw)), 404)["detail"].startswith("no run with id")
+
+
+# --- actions ------------------------------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_run_then_409_once_finished(client: Client, api_team: Team) -> None:
+    t = api_team
+    run = make_run(t.owner, t.base, t.dataset, t.config)
+    raw = key_for(t.owner)
+    response = post(client, f"/api/v1/runs/{run.pk}/cancel/", {}, raw)
+    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    body = problem_of(post(client, f"/api/v1/runs/{run.pk}/cancel/", {}, raw), 409)
+    assert "already finished" in body["detail"] and "cancelled" in body["detail"]
+
+    running = make_run(t.owner, t.base, t.dataset, t.config)
+    TrainingRun.objects.filter(pk=running.pk).update(state="running", attempt=1)
+    response = post(client, f"/api/v1/runs/{running.pk}/cancel/", {}, raw)
+    assert response.status_code == 200 and response.json()["cancel_requested"] is True
+    assert response.json()["state"] == "running"  # its worker stops it at the next step
+
+
+def test_retry_a_failed_run_and_409_for_a_queued_one(client: Client, api_team: Team) -> None:
+    t = api_team
+    run = make_run(t.owner, t.base, t.dataset, t.config)
+    raw = key_for(t.owner)
+    assert "only a failed or cancelled run" in problem_of(post(client, f"/api/v1/runs/{run.pk}/retry/", {}, raw), 409)["detail"]
+    TrainingRun.objects.filter(pk=run.pk).update(state="failed", error="boom", attempt=1)
+    response = post(client, f"/api/v1/runs/{run.pk}/retry/", {}, raw)
+    assert response.status_code == 200 and response.json()["state"] == "queued" and response.json()["error"] == ""
+
+
+def test_delete_only_a_finished_run(client: Client, api_team: Team) -> None:
+    t = api_team
+    run = make_run(t.owner, t.base, t.dataset, t.config)
+    TrainingRun.objects.filter(pk=run.pk).update(state="running")
+    raw = key_for(t.owner)
+    assert "cancel it first" in problem_of(client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw)), 409)["detail"]
+    TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
+    assert client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw)).status_code == 204
+    assert not TrainingRun.objects.filter(pk=run.pk).exists()
+    problem_of(client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw)), 404)
+
+
+def test_clone_queues_a_new_run_with_the_same_inputs_for_the_caller(client: Client, api_team: Team) -> None:
+    t = api_team
+    source = make_run(t.owner, t.base, t.dataset, t.config, max_steps=7)
+    TrainingRun.objects.filter(pk=source.pk).update(state="succeeded", name="nightly", needs_labels=["a100"], priority=3)
+    raw = key_for(t.mate)
+    response = post(client, f"/api/v1/runs/{source.pk}/clone/", {}, raw, HTTP_IDEMPOTENCY_KEY="c1")
+    assert response.status_code == 201, response.content
+    clone = TrainingRun.objects.get(pk=response.json()["id"])
+    assert clone.pk != source.pk and clone.owner == t.mate and clone.state == "queued" and clone.name == "nightly (copy)"
+    assert (clone.base_model, clone.dataset, clone.lora_config) == (t.base, t.dataset, t.config)
+    assert clone.hyperparameters["max_steps"] == 7 and clone.needs_labels == ["a100"]
+    assert clone.priority == 0  # a priority above 0 is for staff to give
+    replay = post(client, f"/api/v1/runs/{source.pk}/clone/", {}, raw, HTTP_IDEMPOTENCY_KEY="c1")
+    assert replay.json()["id"] == clone.pk and TrainingRun.objects.count() == 2
+    named = post(client, f"/api/v1/runs/{source.pk}/clone/", {"name": "again"}, raw)
+    assert named.status_code == 201 and named.json()["name"] == "again"
+    assert "unknown field" in problem_of(post(client, f"/api/v1/runs/{source.pk}/clone/", {"nme": "x"}, raw), 400)["detail"]
+
+
+# --- events, metrics, checkpoints ---------------------------------------------------------------------------
+
+
+def _events(run: TrainingRun, count: int) -> list[RunEvent]:
+    return [RunEvent.objects.create(run=run, attempt=1, seq=i, kind="metric" if i % 3 == 2 else "log",
+                                    message=f"line {i}", data={"step": i}) for i in range(count)]
+
+
+def test_event_pages_follow_the_after_cursor(client: Client, api_team: Team) -> None:
+    t = api_team
+    run = make_run(t.owner, t.base, t.dataset, t.config)
+    events = _events(run, 5)
+    raw = key_for(t.mate, "read")
+    page = client.get(f"/api/v1/runs/{run.pk}/events/?limit=2", **bearer(raw)).json()
+    assert [e["message"] for e in page["results"]] == ["line 0", "line 1"]
+    assert page["next_after"] == events[1].id and page["has_more"] is True and page["state"] == "queued"
+    assert page["final"] is False
+    page = client.get(f"/api/v1/runs/{run.pk}/events/?after={page['next_after']}", **bearer(raw)).json()
+    assert [e["id"] for e in page["results"]] == [e.id for e in events[2:]] and page["has_more"] is False
+    page = client.get(f"/api/v1/runs/{run.pk}/events/?after={events[-1].id}&kind=log", **bearer(raw)).json()
+    assert page["results"] == [] and page["next_after"] == events[-1].id
+    metrics = client.get(f"/api/v1/runs/{run.pk}/events/?kind=metric", **bearer(raw)).json()["results"]
+    assert [e["data"] for e in metrics] == [{"step": 2}]
+    for query in ("after=-1", "after=x", "limit=0", "limit=5000"):
+        problem_of(client.get(f"/api/v1/runs/{run.pk}/events/?{query}", **bearer(raw)), 400)
+    TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
+    page = client.get(f"/api/v1/runs/{run.pk}/events/?after={events[-1].id}", **bearer(raw)).json()
+    assert page["final"] is True and page["state"] == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)  # the stream polls from other threads: the rows must be committed
+def test_the_stream_sends_the_events_after_last_event_id_then_ends(tiny_model_dir, store_dir) -> None:  # type: ignore[no-untyped-def]
+    t = Team(tiny_model_dir)
+    run = make_run(t.owner, t.base, t.dataset, t.config)
+    TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
+    events, raw = _events(run, 4), key_for(t.mate, "read")
+    async_to_sync(_stream_checks)(run, events, raw)
+
+
+async def _stream_checks(run: TrainingRun, events: list[RunEvent], raw: str) -> None:
+    client = AsyncClient()
+    auth = {"Authorization": f"Bearer {raw}"}
+    response = await client.get(f"/api/v1/runs/{run.pk}/events/stream/",
+                                headers={**auth, "Last-Event-ID": str(events[1].id), "Accept": "text/event-stream"})
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/event-stream")
+    body = b"".join([chunk async for chunk in response.streaming_content]).decode()
+    sent = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: {\"id\"")]
+    assert [e["id"] for e in sent] == [e.id for e in events[2:]]  # only those after Last-Event-ID, once each
+    assert f"id: {events[3].id}" in body and 'data: {"state":"succeeded"}' in body
+    assert body.rstrip().endswith("event: done\ndata:")
+
+    missing = await client.get("/api/v1/runs/999999/events/stream/", headers={**auth, "Accept": "text/event-stream"})
+    assert missing.status_code == 404 and missing["Content-Type"] == "application/problem+json"
+    bad = await client.get(f"/api/v1/runs/{run.pk}/events/stream/", headers={**auth, "Last-Event-ID": "x1"})
+    assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["errors"]
+    anonymous = await client.get(f"/api/v1/runs/{run.pk}/events/stream/")
+    assert anonymous.status_code == 401
+
+
+def test_metrics_and_checkpoints(client: Client, api_team: Team) -> None:
+    t = api_team
+    run = make_run(t.owner, t.base, t.dataset, t.config)
+    points = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0, "eval_loss": 2.2}]
+    TrainingRun.objects.filter(pk=run.pk).update(metric_points=points)
+    saved = RunEvent.objects.create(run=run, attempt=1, seq=1, kind="checkpoint", message="saved",
+                                    data={"step": 2, "uri": "store://runs/1/checkpoints/step-2"})
+    raw = key_for(t.mate, "read")
+    assert client.get(f"/api/v1/runs/{run.pk}/metrics/", **bearer(raw)).json() == {"run": run.pk, "points": points}
+    body = client.get(f"/api/v1/runs/{run.pk}/checkpoints/", **bearer(raw)).json()
+    assert [(c["id"], c["step"], c["attempt"]) for c in body["results"]] == [(saved.pk, 2, 1)]
