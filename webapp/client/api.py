@@ -52,8 +52,10 @@ def problem_error(response: httpx.Response) -> CliError:
     if isinstance(body, dict):
         title = str(body.get("title") or response.reason_phrase or f"HTTP {status}")
         detail = str(body.get("detail") or "")
-        message = f"{title}: {detail}" if detail and detail != title else title
         details = flatten_errors(body.get("errors"))
+        # A detail that only summarises the field errors listed below is not repeated.
+        summarised = details and all(any(part in line for line in details) for part in detail.split("; "))
+        message = f"{title}: {detail}" if detail and detail != title and not summarised else title
     else:
         text = " ".join(response.text.split())[:300]
         message = f"HTTP {status} {response.reason_phrase}" + (f": {text}" if text and "<" not in text[:1] else "")
