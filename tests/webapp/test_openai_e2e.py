@@ -1,0 +1,126 @@
+"""The OpenAI-compatible API end to end, through the official `openai` package against a live server with a
+real `tunedeck worker` process training the tiny model: upload a file, create a job, poll it to `succeeded`
+(the scheduler ticking meanwhile), list its events and checkpoints, then cancel a second job mid-training."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.webapp.factories import demo_objects
+from tests.webapp.fleetprocs import Fleet, until
+from webapp.api.models import ApiKey
+from webapp.catalog.models import Dataset
+from webapp.training.models import Adapter, TrainingRun
+from workers.demo import toy_rows
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+FINAL = ("succeeded", "failed", "cancelled")
+# Small enough for two slow cores: a handful of steps, a checkpoint every 3.
+TUNEDECK = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
+            "hyperparameters": {"max_steps": 6, "save_steps": 3, "keep_checkpoints": 2, "logging_steps": 1,
+                                "max_seq_length": 64, "gradient_checkpointing": "off"}}
+
+
+@pytest.fixture
+def fleet(live_server: Any, tmp_path: Path, settings: Any) -> Iterator[Fleet]:
+    settings.ARTIFACT_STORE = tmp_path
+    fleet = Fleet(live_server.url, tmp_path)
+    yield fleet
+    fleet.stop()
+
+
+def chat_file(count: int) -> bytes:
+    rows = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in toy_rows(count, seed=3)]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def wait_for_job(client: openai.OpenAI, job_id: str, done: Any, timeout: float = 240) -> Any:
+    """Retrieve the job through the SDK until `done(job)`, with the scheduler ticking (it places queued runs)."""
+    seen: dict[str, Any] = {}
+
+    def check() -> bool:
+        seen["job"] = client.fine_tuning.jobs.retrieve(job_id)
+        return bool(done(seen["job"]))
+
+    def describe() -> Any:
+        run = TrainingRun.objects.get(pk=int(job_id.removeprefix("ftjob-")))
+        return seen.get("job"), [e.message for e in run.events.order_by("id")][-12:]
+
+    until(check, timeout, describe, tick=True)
+    return seen["job"]
+
+
+def test_the_openai_package_uploads_trains_polls_lists_and_cancels(fleet: Fleet, live_server: Any,
+                                                                   tiny_model_dir: Path) -> None:
+    user, _base, _dataset, _config = demo_objects(tiny_model_dir)
+    _, raw = ApiKey.issue(user, "sdk", ["write"])
+    fleet.start("w-openai")
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key=raw, max_retries=0)
+
+    # Files: a bad one is refused with the line and field, a good one becomes a dataset.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.files.create(file=("bad.jsonl", chat_file(3) + b'{"messages": [{"role": "user"}]}\n'),
+                            purpose="fine-tune")
+    assert "line 4" in str(refused.value) and "messages[0].content" in str(refused.value)
+    file = client.files.create(file=("add.jsonl", chat_file(96)), purpose="fine-tune")
+    assert (file.object, file.status, file.filename, file.purpose) == ("file", "processed", "add.jsonl", "fine-tune")
+    assert Dataset.objects.get(pk=int(file.id.removeprefix("file-"))).format == "messages"
+    assert client.files.retrieve(file.id).bytes == file.bytes
+    assert file.id in [f.id for f in client.files.list()]
+
+    with pytest.raises(openai.PermissionDeniedError):  # a read-only key reads but cannot create
+        read_only = openai.OpenAI(base_url=live_server.url + "/v1", api_key=ApiKey.issue(user, "ro", ["read"])[1],
+                                  max_retries=0)
+        read_only.fine_tuning.jobs.create(model="tiny", training_file=file.id)
+
+    fleet.wait_ready("w-openai")
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=file.id, suffix="adder", seed=11,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 8, "n_epochs": 1}}},
+        extra_body={"tunedeck": TUNEDECK},
+    )
+    assert (job.status, job.model, job.training_file, job.seed) == ("queued", "tiny", file.id, 11)
+
+    job = wait_for_job(client, job.id, lambda j: j.status in FINAL)
+    run = TrainingRun.objects.get(pk=int(job.id.removeprefix("ftjob-")))
+    assert job.status == "succeeded", (job.error, run.error)
+    assert job.fine_tuned_model == f"tiny:ft-{run.pk}" and job.finished_at is not None and job.error is None
+    adapter = Adapter.objects.get(run=run)
+    assert adapter.metrics["steps"] == 6 and job.to_dict()["tunedeck"]["adapter_id"] == adapter.pk
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=10))  # the SDK follows `after` page to page
+    assert len(events) == run.events.count()
+    numbers = [int(e.id.removeprefix("ftevent-")) for e in events]
+    assert numbers == sorted(numbers, reverse=True)  # newest first
+    metrics = [e for e in events if e.type == "metrics" and e.data and "train_loss" in e.data]
+    assert sorted(e.data["step"] for e in metrics) == [1, 2, 3, 4, 5, 6]
+    assert any("Adapter saved" in e.message for e in events)
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 3]
+    assert all(c.metrics.train_loss is not None and c.fine_tuning_job_id == job.id for c in checkpoints)
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"tiny:ft-{run.pk}:ckpt-step-6"
+
+    # A second job, cancelled while it trains: the worker stops at its next step.
+    long = {**TUNEDECK, "hyperparameters": {**TUNEDECK["hyperparameters"], "max_steps": 5000, "save_steps": 0}}
+    second = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, extra_body={"tunedeck": long},
+                                            extra_headers={"Idempotency-Key": "second-job"})
+    retried = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, extra_body={"tunedeck": long},
+                                             extra_headers={"Idempotency-Key": "second-job"})
+    assert retried.id == second.id and TrainingRun.objects.count() == 2
+    wait_for_job(client, second.id, lambda j: j.status == "running" and j.to_dict()["tunedeck"]["step"] > 0)
+    assert client.fine_tuning.jobs.cancel(second.id).status == "running"  # until the worker stops
+    cancelled = wait_for_job(client, second.id, lambda j: j.status in FINAL, timeout=120)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    assert TrainingRun.objects.get(pk=int(second.id.removeprefix("ftjob-"))).step < 5000
+
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=10)] == [second.id, job.id]
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)  # it already succeeded
