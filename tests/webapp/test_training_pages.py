@@ -266,3 +266,14 @@ def test_metric_points_merge_resumed_attempts_and_stay_bounded() -> None:
                              for s in range(1, 3 * MAX_METRIC_POINTS)])
     assert len(many) <= MAX_METRIC_POINTS and many[-1]["step"] == 3 * MAX_METRIC_POINTS - 1
     assert sum("eval_loss" in p for p in many) == (3 * MAX_METRIC_POINTS - 1) // 500  # eval points all kept
+
+
+def test_the_stream_cursor_takes_ascii_digits_only() -> None:
+    from django.test import RequestFactory
+
+    from webapp.training.views import _cursor
+
+    factory = RequestFactory()
+    assert _cursor(factory.get("/runs/1/stream/", {"after": "12"}, headers={"Last-Event-ID": "40"})) == 40
+    assert _cursor(factory.get("/runs/1/stream/", headers={"Last-Event-ID": "²"})) == 0  # isdigit() but not int()
+    assert _cursor(factory.get("/runs/1/stream/", {"after": "-3"})) == 0

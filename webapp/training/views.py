@@ -250,7 +250,8 @@ def _sse(event: str, data: str, event_id: int | None = None) -> str:
 def _cursor(request: HttpRequest) -> int:
     """Resume after the Last-Event-ID header (a native reconnect) or ?after= (a new connection)."""
     values = [request.headers.get("Last-Event-ID", ""), request.GET.get("after", "")]
-    return max((int(v) for v in values if v.strip().isdigit()), default=0)
+    # Only ASCII digits: str.isdigit() also accepts "²" and other digits int() refuses.
+    return max((int(v) for v in values if v.strip().isascii() and v.strip().isdigit()), default=0)
 
 
 def log_line(event: RunEvent) -> str:
