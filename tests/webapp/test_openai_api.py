@@ -170,6 +170,9 @@ def test_unknown_files_are_404(world: dict[str, Any]) -> None:
     api = world["api"]["owner"]
     for file_id in ("file-999999", "file-abc", "12"):
         assert error_of(api.get(f"files/{file_id}"), 404)["type"] == "not_found_error"
+    lost = Dataset.objects.create(name="lost", uri="store://datasets/gone.jsonl", original_filename="gone.jsonl",
+                                  format="text", row_count=1, size_bytes=1, sha256="0" * 64)
+    assert "missing" in error_of(api.get(f"files/file-{lost.pk}/content"), 404)["message"]
     assert error_of(api.get("files", limit=0), 400)["param"] == "limit"
     assert error_of(api.get("files", after="nope"), 400)["param"] == "after"
 

@@ -12,6 +12,7 @@ from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     response = drf_exception_handler(exc, context)  # sets WWW-Authenticate, Retry-After, Allow
     if response is None:
         log.exception("unexpected error in %s", context.get("view").__class__.__name__)
+        set_rollback()
         return error_response(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal server error", code="server_error")
     detail = exc.detail if isinstance(exc, exceptions.APIException) else response.data
     message, param = _message_of(detail)

@@ -154,7 +154,13 @@ class FileDetail(OpenAIView):
 class FileContent(OpenAIView):
     def get(self, request: Request, file_id: str) -> Any:
         dataset = _dataset(file_id)
-        return FileResponse(open(store().path(dataset.uri), "rb"), as_attachment=True,
+        try:
+            path = store().path(dataset.uri)
+        except ValueError:  # not in the artifact store
+            path = None
+        if path is None or not path.is_file():
+            raise OpenAIError(404, f"the content of {file_id} is missing from the artifact store", "id", "not_found")
+        return FileResponse(path.open("rb"), as_attachment=True,
                             filename=dataset.original_filename, content_type="application/octet-stream")
 
 
