@@ -9,14 +9,14 @@ from typing import Any
 
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import details, emit_json, field, note, progress, table
+from webapp.client.output import details, emit_json, field, note, progress, table, when
 from webapp.client.runs import FINAL, POLL_S
 from webapp.client.transfer import download
 
 ADAPTER_COLUMNS = [("id", field("id")), ("name", field("name")), ("origin", field("origin")),
                    ("run", field("run")), ("base model", lambda a: a.get("base_model_name") or a.get("base_model")),
                    ("method", field("method")), ("rank", field("rank")), ("loss", field("final_loss")),
-                   ("bytes", field("size_bytes")), ("created", field("created_at"))]
+                   ("bytes", field("size_bytes")), ("created", when("created_at"))]
 
 
 def adapters_list(args: argparse.Namespace, api: Api) -> int:

@@ -8,11 +8,11 @@ import uuid
 from pathlib import Path
 
 from webapp.client.api import Api
-from webapp.client.output import details, emit_json, field, table
+from webapp.client.output import details, emit_json, field, table, when
 from webapp.client.transfer import upload
 
 DATASET_COLUMNS = [("id", field("id")), ("name", field("name")), ("format", field("format")),
-                   ("rows", field("row_count")), ("bytes", field("size_bytes")), ("created", field("created_at"))]
+                   ("rows", field("row_count")), ("bytes", field("size_bytes")), ("created", when("created_at"))]
 MODEL_COLUMNS = [("id", field("id")), ("name", field("name")), ("source", field("source")),
                  ("architecture", field("architecture")), ("params", field("num_parameters"))]
 CONFIG_COLUMNS = [("id", field("id")), ("name", field("name")), ("method", field("method")),

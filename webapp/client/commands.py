@@ -8,6 +8,7 @@ validation error (the server's field errors are printed); 3 authentication or pe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,9 @@ def run(handler: Callable[..., int], needs_api: bool = True) -> Callable[[argpar
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `tunedeck runs logs 7 | head`: the reader left, which is no failure
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
 
     return call
 

@@ -51,6 +51,15 @@ def field(name: str) -> Callable[[dict[str, Any]], Any]:
     return lambda row: row.get(name)
 
 
+def when(name: str) -> Callable[[dict[str, Any]], Any]:
+    """An ISO 8601 UTC timestamp cut to the minute for a table: 2026-11-30T10:49:36.003Z → 2026-11-30 10:49Z."""
+    def get(row: dict[str, Any]) -> str:
+        value = str(row.get(name) or "")
+        return f"{value[:10]} {value[11:16]}Z" if len(value) >= 16 and value[10] == "T" else value
+
+    return get
+
+
 def details(obj: dict[str, Any], skip: Sequence[str] = ()) -> None:
     """A key/value block; nested dicts are indented one level, long lists summarised."""
     width = max((len(k) for k in obj if k not in skip), default=0)

@@ -12,7 +12,7 @@ from typing import Any
 from webapp.client import runspec
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import details, emit_json, field, note, progress, ref, table
+from webapp.client.output import details, emit_json, field, note, progress, ref, table, when
 
 FINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 1.0
@@ -21,7 +21,7 @@ RUN_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("st
                ("step", lambda r: f"{r.get('step', 0)}/{r.get('total_steps') or '?'}"),
                ("loss", field("last_loss")), ("base model", lambda r: r.get("base_model_name") or r.get("base_model")),
                ("dataset", lambda r: r.get("dataset_name") or r.get("dataset")), ("owner", field("owner")),
-               ("created", field("created_at"))]
+               ("created", when("created_at"))]
 
 
 def runs_list(args: argparse.Namespace, api: Api) -> int:
