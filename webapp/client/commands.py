@@ -81,7 +81,7 @@ def register(sub: Any) -> None:
     login.add_argument("--key", help="The API key (tdk_…); without it the key is read from stdin, which keeps it "
                                      "out of process listings and shell history.")
     _leaf(sub, "logout", account.logout, "Remove the stored API key.", needs_api=False)
-    _leaf(sub, "whoami", account.show_whoami, "Check the API key: who it belongs to and its scopes.")
+    _leaf(sub, "whoami", account.show_whoami, "Check the API key against the server (and whose it is, where the server says).")
 
     datasets = _group(sub, "datasets", "Datasets: list, upload (validated by the server), show.")
     _limit(_leaf(datasets, "list", catalog.datasets_list, "List datasets."))
