@@ -329,3 +329,10 @@ def test_revoking_needs_the_csrf_token(team) -> None:  # type: ignore[no-untyped
     assert client.post(f"/account/api-keys/{key.pk}/revoke/").status_code == 403
     key.refresh_from_db()
     assert key.revoked_at is None
+
+
+def test_an_unknown_api_path_is_a_problem(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    auth = bearer(key_for(team[0]["owner"]))
+    assert problem_of(client.get("/api/v1/nothing-here/", **auth), 404)["detail"] == "no API endpoint at /api/v1/nothing-here/"
+    body = problem_of(client.get("/api/v1/lora-configs", **auth), 404)
+    assert "did you mean /api/v1/lora-configs/" in body["detail"]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from django.urls import include, path
+from typing import Any
+
+from django.urls import Resolver404, include, path, re_path, resolve
+from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.routers import DefaultRouter
+from rest_framework.views import APIView
 
 import webapp.api.schema  # noqa: F401  (registers the bearer-key security scheme)
 from webapp.api import adapters, catalog, jobs, runs, workers
+from webapp.api.problems import problem
 
 
 class Schema(SpectacularAPIView):
@@ -21,6 +28,24 @@ class Docs(SpectacularSwaggerSplitView):
 
     permission_classes = [AllowAny]
     template_name = "api/docs.html"
+
+
+@extend_schema(exclude=True)
+class NotFound(APIView):
+    """Any other path under /api/v1/: a 404 problem (saying where a missing trailing slash is the reason)."""
+
+    permission_classes = [AllowAny]
+
+    def http_method_not_allowed(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        detail = f"no API endpoint at {request.path}"
+        if not request.path.endswith("/"):
+            try:
+                resolve(request.path + "/")
+            except Resolver404:
+                pass
+            else:
+                detail += f"; did you mean {request.path}/ (with the trailing slash)?"
+        return problem(404, detail, instance=request.path)
 
 
 router = DefaultRouter()
@@ -40,4 +65,5 @@ urlpatterns = [
     path("schema/", Schema.as_view(), name="api-schema"),
     path("docs/", Docs.as_view(url_name="api-schema"), name="api-docs"),
     path("", include(router.urls)),
+    re_path(r"^.*$", NotFound.as_view()),  # last: everything the routes above did not match
 ]
