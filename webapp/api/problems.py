@@ -29,7 +29,7 @@ class ProblemResponse(Response):
     @property
     def rendered_content(self) -> Any:
         renderer = getattr(self, "accepted_renderer", None)
-        if self.content_type is None and getattr(renderer, "format", "json") == "json":
+        if self.content_type is None and getattr(renderer, "format", "json") == "json":  # type: ignore[has-type]
             self.content_type = PROBLEM_CONTENT_TYPE
         return Response.rendered_content.fget(self)  # type: ignore[attr-defined]
 
