@@ -94,6 +94,14 @@ def test_it_marks_when_a_key_was_last_used(client: Client, team) -> None:  # typ
     assert key.last_used_at is not None
 
 
+def test_me_names_the_user_and_the_key(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    raw = key_for(team[0]["owner"], "read", expires_at=timezone.now() + timedelta(days=3))
+    me = client.get("/api/v1/me/", **bearer(raw)).json()
+    assert (me["username"], me["is_staff"], me["auth"], me["key_name"], me["scopes"]) == ("owner", False, "api_key", "test", ["read"])
+    assert me["key_prefix"] == raw[:12] and me["expires_at"].endswith("Z")
+    problem_of(client.get("/api/v1/me/"), 401)
+
+
 def test_a_read_only_key_cannot_write(client: Client, team) -> None:  # type: ignore[no-untyped-def]
     raw = key_for(team[0]["owner"], "read")
     response = client.post("/api/v1/lora-configs/", {"name": "x"}, content_type="application/json", **bearer(raw))

@@ -61,7 +61,7 @@ class _OwnedDestroy:
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = BaseModel
@@ -114,7 +114,7 @@ class BaseModelViewSet(_OwnedDestroy, mixins.ListModelMixin, mixins.RetrieveMode
 
 
 class DatasetSerializer(serializers.ModelSerializer):
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = Dataset
@@ -199,7 +199,7 @@ class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
 
 class LoraConfigSerializer(serializers.ModelSerializer):
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     summary = serializers.CharField(read_only=True)
 
     class Meta:

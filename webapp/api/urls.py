@@ -7,6 +7,7 @@ from typing import Any
 from django.urls import Resolver404, include, path, re_path, resolve
 from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
+from rest_framework import serializers
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -15,6 +16,7 @@ from rest_framework.views import APIView
 
 import webapp.api.schema  # noqa: F401  (registers the bearer-key security scheme)
 from webapp.api import adapters, catalog, jobs, runs, workers
+from webapp.api.models import ApiKey
 from webapp.api.problems import problem
 
 
@@ -61,7 +63,37 @@ router.register("merges", adapters.MergedModelViewSet, basename="api-merge")
 router.register("jobs", jobs.JobViewSet, basename="api-job")
 router.register("workers", workers.WorkerViewSet, basename="api-worker")
 
+class MeSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    is_staff = serializers.BooleanField()
+    auth = serializers.ChoiceField(choices=["api_key", "session"])
+    key_name = serializers.CharField(allow_null=True)
+    key_prefix = serializers.CharField(allow_null=True)
+    scopes = serializers.ListField(child=serializers.CharField())
+    expires_at = serializers.DateTimeField(allow_null=True)
+
+
+class Me(APIView):
+    """Who the caller is: the user, and the API key's name, scopes and expiry (for `tunedeck whoami`)."""
+
+    @extend_schema(responses=MeSerializer)
+    def get(self, request: Request) -> Response:
+        key = request.auth if isinstance(request.auth, ApiKey) else None
+        user = request.user
+        data = {
+            "username": user.get_username(),
+            "is_staff": bool(user.is_staff),
+            "auth": "api_key" if key else "session",
+            "key_name": key.name if key else None,
+            "key_prefix": key.prefix if key else None,
+            "scopes": list(key.scopes) if key else ["read", "write", *(["admin"] if user.is_staff else [])],
+            "expires_at": key.expires_at if key else None,
+        }
+        return Response(MeSerializer(data).data)
+
+
 urlpatterns = [
+    path("me/", Me.as_view(), name="api-me"),
     path("schema/", Schema.as_view(), name="api-schema"),
     path("docs/", Docs.as_view(url_name="api-schema"), name="api-docs"),
     path("", include(router.urls)),
