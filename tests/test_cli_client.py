@@ -126,6 +126,7 @@ def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_s
     done = cli("whoami", "--json", env=no_key)
     assert done.code == 0, done.err
     assert done.json()["server"] == cli.env["TUNEDECK_SERVER"]
+    assert done.json()["username"] == "owner" and "write" in done.json()["scopes"]
 
     # A dataset upload with --json; a broken file is refused with exit 2 and its line named.
     good = tmp / "addition.jsonl"

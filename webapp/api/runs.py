@@ -7,7 +7,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
@@ -37,12 +36,11 @@ from webapp.api.events import (
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.fleet.scheduler import run_needs
 from webapp.training import ledger
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import RunEvent, RunState, TrainingRun
 from workers import spec
-from workers.spec import TrainParams, build, suggest_train_params
+from workers.spec import TrainParams, suggest_train_params
 
 INT32 = 2**31 - 1
 
@@ -160,21 +158,10 @@ def create_run(user: Any, data: dict[str, Any]) -> TrainingRun:
         "lora_config": data["lora_config"].pk, "worker_labels": ", ".join(data.get("labels") or []),
         "priority": priority, **hyperparameters,
     })
-    if form.is_valid() and priority > 0 and not user.is_staff:
-        form.add_error("priority", "only an admin can set a priority above 0")
+    form.refuse_priority_for(user)
     if form.errors:
         raise_field_errors(form_errors(form), _rename)
-    cleaned = form.cleaned_data
-    needs = run_needs(cleaned["base_model"], cleaned["lora_config"].lora_params(),
-                      build(TrainParams, cleaned["hyperparameters"]), cleaned["hyperparameters"])
-    with transaction.atomic():
-        run = TrainingRun.objects.create(
-            name=cleaned["name"], owner=user, base_model=cleaned["base_model"], dataset=cleaned["dataset"],
-            lora_config=cleaned["lora_config"], hyperparameters=cleaned["hyperparameters"],
-            priority=cleaned.get("priority") or 0, needs_labels=cleaned.get("worker_labels") or [], **needs,
-        )
-        ledger.note(run, f"Queued by {user}")
-    return run
+    return form.create_run(user)
 
 
 def clone_input(source: TrainingRun, user: Any, name: str | None) -> dict[str, Any]:

@@ -63,9 +63,6 @@ def show_whoami(args: argparse.Namespace, api: Api) -> int:
     me = whoami(api)
     if args.json:
         emit_json({"server": api.server, **me})
-    elif set(me) <= {"username", "key"}:  # a server that does not describe the key: it accepted it
-        who = f" (user {me['username']})" if me.get("username") else ""
-        print(f"{api.server} accepts the API key{who}")
     else:
         note(f"server: {api.server}", sys.stdout)
         details(me)

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from webapp.client.config import Settings
-from webapp.client.errors import AUTH, NOT_FOUND, SERVER, CliError, code_for_status
+from webapp.client.errors import AUTH, SERVER, CliError, code_for_status
 
 API_PREFIX = "/api/v1/"
 RETRIES = 3
@@ -155,19 +155,10 @@ class Api:
 
 
 def whoami(api: Api) -> dict[str, Any]:
-    """Who the key belongs to (GET me/); a refused key raises CliError with the AUTH code.
-
-    A server without me/ is asked for one run of the key's owner instead: that checks the key, and names
-    the user where they have a run."""
+    """Who the key belongs to (GET me/: user, key name, scopes, expiry); a refused key raises CliError with the
+    AUTH code."""
     try:
-        try:
-            return dict(api.get("me/"))
-        except CliError as exc:
-            if exc.code != NOT_FOUND:
-                raise
-        page = api.get("runs/", owner="me", page_size=1)
-        runs = page.get("results", []) if isinstance(page, dict) else []
-        return {"username": runs[0].get("owner") if runs else None, "key": "accepted"}
+        return dict(api.get("me/"))
     except CliError as exc:
         if exc.code == AUTH:
             exc.message = f"the server refused the API key: {exc.message}"

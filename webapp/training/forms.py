@@ -5,9 +5,10 @@ from typing import Any
 
 from django import forms
 from django.contrib.auth import get_user_model
+from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.training.models import RunState
+from webapp.training.models import RunState, TrainingRun
 from workers import spec
 from workers.engine import check_switches
 from workers.modelinfo import check_adapter
@@ -86,6 +87,28 @@ class RunForm(forms.Form):
                     self.add_error("lora_config", f"{config.name}: {name}: {message}")
         data["hyperparameters"] = dataclasses.asdict(params)
         return data
+
+    def refuse_priority_for(self, user: Any) -> None:
+        """A priority above 0 is for staff: anyone else gets the field error."""
+        if self.is_valid() and (self.cleaned_data.get("priority") or 0) > 0 and not user.is_staff:
+            self.add_error("priority", "only an admin can set a priority above 0")
+
+    def create_run(self, owner: Any, via: str = "") -> TrainingRun:
+        """The queued run of a valid form, with its placement needs (GPU memory and count, labels, priority)."""
+        from webapp.fleet.scheduler import run_needs  # the scheduler imports the run model: import when used
+        from webapp.training import ledger
+
+        data = self.cleaned_data
+        needs = run_needs(data["base_model"], data["lora_config"].lora_params(),
+                          spec.build(spec.TrainParams, data["hyperparameters"]), data["hyperparameters"])
+        with transaction.atomic():
+            run = TrainingRun.objects.create(
+                name=data["name"], owner=owner, base_model=data["base_model"], dataset=data["dataset"],
+                lora_config=data["lora_config"], hyperparameters=data["hyperparameters"],
+                priority=data.get("priority") or 0, needs_labels=data.get("worker_labels") or [], **needs,
+            )
+            ledger.note(run, f"Queued by {owner}{via}")
+        return run
 
 
 # Sort keys of the runs list -> the model field; each has an index with id as the tie-breaker.

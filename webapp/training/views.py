@@ -20,12 +20,11 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
 from webapp.catalog.models import BaseModel
-from webapp.fleet.scheduler import run_needs
 from webapp.training import ledger
 from webapp.training.charts import run_charts
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
-from workers.spec import TrainParams, build, suggest_train_params
+from workers.spec import suggest_train_params
 from workers.store import ArtifactStore
 
 LOG_TAIL = 500
@@ -106,24 +105,9 @@ def _suggested(base_model_id: Any) -> Any:
 def run_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = RunForm(request.POST)
-        if form.is_valid() and (form.cleaned_data.get("priority") or 0) > 0 and not request.user.is_staff:  # type: ignore[union-attr]
-            form.add_error("priority", "only an admin can set a priority above 0")
+        form.refuse_priority_for(request.user)
         if form.is_valid():
-            data = form.cleaned_data
-            needs = run_needs(data["base_model"], data["lora_config"].lora_params(), build(TrainParams, data["hyperparameters"]),
-                              data["hyperparameters"])
-            run = TrainingRun.objects.create(
-                name=data["name"],
-                owner=request.user,
-                base_model=data["base_model"],
-                dataset=data["dataset"],
-                lora_config=data["lora_config"],
-                hyperparameters=data["hyperparameters"],
-                priority=data.get("priority") or 0,
-                needs_labels=data.get("worker_labels") or [],
-                **needs,
-            )
-            ledger.note(run, f"Queued by {request.user}")
+            run = form.create_run(request.user)
             return redirect("run-detail", pk=run.pk)
         status = 400
     else:

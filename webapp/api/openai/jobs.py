@@ -30,8 +30,6 @@ from webapp.api.openai.errors import OpenAIError
 from webapp.api.openai.serializers import FILE_PREFIX, parse_id
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import inspect_source, register_base_model
-from webapp.fleet.scheduler import run_needs
-from webapp.training import ledger
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import TrainingRun
 from workers import spec
@@ -252,17 +250,8 @@ def create_job(body: Any, user: Any) -> TrainingRun:
         data = {"name": suffix, "base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
                 "worker_labels": labels, "priority": tunedeck.get("priority", 0), **values}
         form = RunForm(data)
-        if form.is_valid() and (form.cleaned_data.get("priority") or 0) > 0 and not user.is_staff:
-            form.add_error("priority", "only an admin can set a priority above 0")
+        form.refuse_priority_for(user)
         if not form.is_valid():
             raise _form_error(form, origins)
-        cleaned = form.cleaned_data
-        train = spec.build(spec.TrainParams, cleaned["hyperparameters"])
-        run = TrainingRun.objects.create(
-            name=cleaned["name"], owner=user, base_model=base, dataset=dataset, lora_config=config,
-            hyperparameters=cleaned["hyperparameters"], priority=cleaned.get("priority") or 0,
-            needs_labels=cleaned.get("worker_labels") or [],
-            **run_needs(base, config.lora_params(), train, cleaned["hyperparameters"]),
-        )
-        ledger.note(run, f"Queued by {user} through the OpenAI-compatible API")
+        run = form.create_run(user, via=" through the OpenAI-compatible API")
     return run
