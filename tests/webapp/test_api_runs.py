@@ -3,12 +3,13 @@ delete, events (JSON pages and the SSE stream), metrics and checkpoints, idempot
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client
 
 from tests.webapp.api_helpers import Team, bearer, key_for, make_team, problem_of
@@ -216,7 +217,9 @@ def test_the_stream_sends_the_events_after_last_event_id_then_ends(tiny_model_di
     run = make_run(t.owner, t.base, t.dataset, t.config)
     TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
     events, raw = _events(run, 4), key_for(t.mate, "read")
-    async_to_sync(_stream_checks)(run, events, raw)
+    # In a thread of its own: an earlier test (Playwright's sync API) may leave an event loop in this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _stream_checks(run, events, raw)).result()
 
 
 async def _stream_checks(run: TrainingRun, events: list[RunEvent], raw: str) -> None:
