@@ -469,6 +469,14 @@ class HandoverCallback(TrainerCallback):  # type: ignore[misc]
             control.should_training_stop = True
 
 
+def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
+    """A metric point from one entry of the trainer's log history (None for entries without a loss)."""
+    if logged.get("step") is None or ("loss" not in logged and "eval_loss" not in logged):
+        return None
+    keys = ("loss", "eval_loss", "learning_rate", "grad_norm")
+    return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
+
+
 class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     """Streams progress to the reporter and stops training at the next step once cancelled."""
 
@@ -480,7 +488,13 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_time = time.monotonic()
         self.reporter.log(f"Training: {state.max_steps} steps, {args.num_train_epochs:g} epoch(s)")
-        self.reporter.metric(step=state.global_step, total_steps=state.max_steps)  # a resumed attempt starts past 0
+        # The attempt starts at step 0 or at its checkpoint's: the curve after it is a lost attempt's. The
+        # checkpoint's own logged steps come again, for those its attempt died before reporting.
+        self.reporter.metric(step=state.global_step, total_steps=state.max_steps, restart=True)
+        for logged in state.log_history:
+            point = _logged_point(logged)
+            if point and point["step"] <= state.global_step:
+                self.reporter.metric(**point, total_steps=state.max_steps)
         self.reporter.flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -260,8 +260,14 @@ def test_metric_points_merge_resumed_attempts_and_stay_bounded() -> None:
     points = merge_points([], [{"step": s, "loss": 10.0 - s / 10} for s in range(1, 11)])
     points = merge_points(points, [{"step": 10, "eval_loss": 9.5}])  # an eval point at a trained step merges
     assert len(points) == 10 and points[-1] == {"step": 10, "loss": 9.0, "eval_loss": 9.5}
-    resumed = merge_points(points, [{"step": 5, "loss": 1.0}, {"step": 6, "loss": 0.9}])  # attempt 2 from step 4
-    assert [p["step"] for p in resumed] == [1, 2, 3, 4, 5, 6] and resumed[4]["loss"] == 1.0
+    # Attempt 2 from a checkpoint at step 4: what came after is dropped, its own steps follow.
+    resumed = merge_points(points, [{"step": 4, "restart": True}, {"step": 5, "loss": 1.0}, {"step": 6, "loss": 0.9}])
+    assert [p["step"] for p in resumed] == [1, 2, 3, 4, 5, 6] and resumed[4] == {"step": 5, "loss": 1.0}
+    # A lost attempt reported only up to step 2 before dying after its checkpoint at 4: the next attempt
+    # replays the checkpoint's logged steps, which fill the gap without touching what was there.
+    gap = merge_points(points[:2], [{"step": 4, "restart": True}, {"step": 1, "loss": 7.0}, {"step": 3, "loss": 9.7},
+                                    {"step": 4, "loss": 9.6}, {"step": 5, "loss": 9.5}])
+    assert [(p["step"], p.get("loss")) for p in gap] == [(1, 7.0), (2, 9.8), (3, 9.7), (4, 9.6), (5, 9.5)]
     many = merge_points([], [{"step": s, "loss": 1.0, **({"eval_loss": 2.0} if s % 500 == 0 else {})}
                              for s in range(1, 3 * MAX_METRIC_POINTS)])
     assert len(many) <= MAX_METRIC_POINTS and many[-1]["step"] == 3 * MAX_METRIC_POINTS - 1

@@ -497,7 +497,7 @@ def test_an_adapter_the_stream_cannot_reproduce_is_merged_by_peft(
 
 
 def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path) -> None:
-    """A 150 MB model in 4 MB shards: the stream's peak grows by a fraction of the model, PEFT's by all of it."""
+    """A 150 MB model in 4 MB shards: the stream's peak grows by a fraction of the model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -521,9 +521,10 @@ def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path
         return _peak_rss_bytes() - start
 
     streamed = growth(stream_merge, "streamed")
-    whole = growth(peft_merge, "peft")
+    growth(peft_merge, "peft")
     assert streamed < size / 3, (streamed, size)
-    assert whole > size, (whole, size)
+    # PEFT's growth is not asserted: in a process whose heap holds what earlier tests freed, its allocations
+    # reuse that memory and its peak barely moves. bench/merge_memory.py measures both in fresh processes.
     assert_same_weights(load_state(tmp_path / "streamed"), load_state(tmp_path / "peft"))
 
 

@@ -156,7 +156,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_model_dir: 
         return {m["step"]: (m["learning_rate"], m["loss"]) for m in reporter.metrics if "loss" in m}
 
     expected, got = curve(whole), curve(resumed)
-    assert sorted(got) == list(range(5, 13))  # picks up after the checkpoint, not from step 1
+    # Steps 1-4 come again from the checkpoint's log (for a lost attempt's unreported steps), 5-12 are trained.
+    assert sorted(got) == list(range(1, 13))
+    assert [m["step"] for m in resumed.metrics if m.get("restart")] == [4]
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-6) for step in range(1, 5))
     for step in got:
         assert got[step][0] == pytest.approx(expected[step][0], rel=1e-6)  # the same LR schedule
     assert got[12][1] == pytest.approx(expected[12][1], abs=0.05)

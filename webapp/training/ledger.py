@@ -7,6 +7,7 @@ worker, a double click and the scheduler can race without corrupting a run.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from django.db import transaction
@@ -189,22 +190,24 @@ MAX_METRIC_POINTS = 2000
 
 
 def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fold metric events into a run's compact curve: one point per step (a train point and an eval
-    point at the same step merge; a resumed attempt's steps replace those after its checkpoint, whose own
-    point stays);
-    past MAX_METRIC_POINTS every other point goes, eval points kept."""
+    """Fold metric events into a run's compact curve: one point per step, in step order (a train point and an
+    eval point at the same step merge). An attempt opens with a `restart` point at the step it starts from
+    (0, or its checkpoint's): the curve after that step is dropped, being the lost attempt's, and the steps
+    the checkpoint logged come again (replayed from its trainer state), filling what the lost attempt never
+    reported. Past MAX_METRIC_POINTS every other point goes, eval points kept."""
     points = list(points)
     for data in metrics:
         if data.get("step") is None:
             continue
         point = {k: data[k] for k in METRIC_KEYS if isinstance(data.get(k), (int, float))}
         step = int(data["step"])
-        if points and points[-1]["step"] > step:  # a new attempt, from its checkpoint's step
+        if data.get("restart"):
             points = [p for p in points if p["step"] <= step]
-        if points and points[-1]["step"] == step:
-            points[-1].update(point)
+        at = bisect.bisect_left([p["step"] for p in points], step)
+        if at < len(points) and points[at]["step"] == step:
+            points[at].update(point)
         else:
-            points.append(point)
+            points.insert(at, point)
     while len(points) > MAX_METRIC_POINTS:
         last = len(points) - 1
         thinned = [p for i, p in enumerate(points) if i % 2 == 0 or i == last or "eval_loss" in p]
