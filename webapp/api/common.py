@@ -117,3 +117,29 @@ def choice_param(request: Request, name: str, choices: list[str] | tuple[str, ..
     if raw not in choices:
         raise ValidationError({name: [f"must be one of {', '.join(choices)}; got {raw[:40]!r}"]})
     return raw
+
+
+def cancel_refused(request: Any, job: Any) -> Any:
+    """Cancel a run or an adapter job for the API: 403 unless the caller may change it; the 409 problem when it
+    has already finished, else None."""
+    from webapp.api.problems import problem
+    from webapp.training import ledger
+
+    access.check_can_change(request.user, job.owner_id, job.NOUN)
+    if not ledger.request_cancel(job):
+        return problem(409, f"the {job.NOUN} has already finished: it is {job.state}", instance=request.path)
+    return None
+
+
+def retry_refused(request: Any, job: Any) -> Any:
+    """Queue a failed or cancelled run or adapter job again for the API: 403 unless the caller may change it; the
+    409 problem when it is in another state, else None."""
+    from webapp.api.problems import problem
+    from webapp.training import ledger
+
+    access.check_can_change(request.user, job.owner_id, job.NOUN)
+    if not ledger.retry(job, request.user):
+        return problem(409, f"only a failed or cancelled {job.NOUN} can be retried; this one is {job.state}",
+                       instance=request.path)
+    return None
+

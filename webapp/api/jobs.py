@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from webapp.api import access
-from webapp.api.common import VisibleObjectMixin, choice_param, int_param, owner_param
+from webapp.api.common import VisibleObjectMixin, cancel_refused, choice_param, int_param, owner_param, retry_refused
 from webapp.api.events import (
     EventPageSerializer,
     EventStreamRenderer,
@@ -22,9 +22,7 @@ from webapp.api.events import (
     json_batch,
     stream_response,
 )
-from webapp.api.problems import problem
 from webapp.playground.models import AdapterJob, JobEvent, JobKind
-from webapp.training import ledger
 from webapp.training.models import RunState
 
 # What the worker's spec carries that a reader needs not see (the adapters are listed by id instead).
@@ -106,21 +104,14 @@ class JobActionsMixin(VisibleObjectMixin):
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         job = self.get_object()
-        access.check_can_change(request.user, job.owner_id, "job")
-        if not ledger.request_cancel(job):
-            return problem(409, f"the job has already finished: it is {job.state}", instance=request.path)
-        return job_answer(request.user, job.pk, status.HTTP_200_OK)
+        return cancel_refused(request, job) or job_answer(request.user, job.pk, status.HTTP_200_OK)
 
     @extend_schema(request=None, responses={200: JobSerializer},
                    description="Queue a failed or cancelled job again (409 otherwise).")
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str) -> Response:
         job = self.get_object()
-        access.check_can_change(request.user, job.owner_id, "job")
-        if not ledger.retry(job, request.user):
-            return problem(409, f"only a failed or cancelled job can be retried; this one is {job.state}",
-                           instance=request.path)
-        return job_answer(request.user, job.pk, status.HTTP_200_OK)
+        return retry_refused(request, job) or job_answer(request.user, job.pk, status.HTTP_200_OK)
 
     @extend_schema(parameters=JOB_EVENT_PARAMS, responses={200: EventPageSerializer})
     @action(detail=True, methods=["get"])

@@ -19,11 +19,13 @@ from webapp.api import access
 from webapp.api.common import (
     Ref,
     VisibleObjectMixin,
+    cancel_refused,
     choice_param,
     form_errors,
     int_param,
     owner_param,
     raise_field_errors,
+    retry_refused,
 )
 from webapp.api.events import (
     EventPageSerializer,
@@ -258,21 +260,14 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         run = self.get_object()
-        access.check_can_change(request.user, run.owner_id, "run")
-        if not ledger.request_cancel(run):
-            return problem(409, f"the run has already finished: it is {run.state}", instance=request.path)
-        return self._answer(run.pk)
+        return cancel_refused(request, run) or self._answer(run.pk)
 
     @extend_schema(request=None, responses={200: RunSerializer},
                    description="Queue a failed or cancelled run again; it resumes from its latest checkpoint.")
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str) -> Response:
         run = self.get_object()
-        access.check_can_change(request.user, run.owner_id, "run")
-        if not ledger.retry(run, request.user):
-            return problem(409, f"only a failed or cancelled run can be retried; this one is {run.state}",
-                           instance=request.path)
-        return self._answer(run.pk)
+        return retry_refused(request, run) or self._answer(run.pk)
 
     @extend_schema(request=CloneSerializer, responses={201: RunSerializer},
                    description="A new queued run with the same base model, dataset, LoRA config, settings and labels.")
