@@ -585,6 +585,7 @@ def stream_merge(
             )
             _write_shard(out_dir / filename, {e.name: e.load(device) for e in shard})
             weight_map.update({e.name: filename for e in shard})
+            release_freed_memory()
             if progress is not None:
                 progress(index, len(shards))
     if len(shards) > 1:
@@ -844,6 +845,28 @@ def write_companions(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_rem
 
 
 # --- memory figures ----------------------------------------------------------------------------------------------
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's malloc_trim).
+
+    Tensors of a few MB come from the heap rather than their own mappings; without a trim, each shard's freed
+    tensors leave holes that the next shard's do not fit exactly, and the process's RSS creeps up shard by shard.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False  # not glibc (musl, macOS): nothing to do
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _reset_peak_rss() -> bool:

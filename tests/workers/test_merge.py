@@ -522,7 +522,7 @@ def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path
 
     streamed = growth(stream_merge, "streamed")
     growth(peft_merge, "peft")
-    assert streamed < size / 3, (streamed, size)
+    assert streamed < size / 4, (streamed, size)
     # PEFT's growth is not asserted: in a process whose heap holds what earlier tests freed, its allocations
     # reuse that memory and its peak barely moves. bench/merge_memory.py measures both in fresh processes.
     assert_same_weights(load_state(tmp_path / "streamed"), load_state(tmp_path / "peft"))
