@@ -10,24 +10,22 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Max
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
-from webapp.playground import services
+from webapp.playground import services, votes
 from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
 from webapp.playground.models import (
     AdapterJob,
     Comparison,
-    ComparisonCell,
     JobEvent,
     JobKind,
     MergedModel,
     PromptSet,
-    Vote,
 )
 from webapp.training import ledger
 from webapp.training.models import Adapter
@@ -308,54 +306,24 @@ def comparison_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "playground/comparison_detail.html", context)
 
 
-def _vote_row(comparison: Comparison, user: Any, index: int, cells: dict[tuple[int, str], ComparisonCell],
-              votes: dict[int, str]) -> dict[str, Any]:
-    prompt = comparison.prompt_set.rows[index]
-    labels = dict(comparison.columns())
-    order = comparison.blind_order(user.pk, index)
-    choice = votes.get(index)
-    return {
-        "index": index,
-        "prompt": prompt.get("prompt", ""),
-        "reference": prompt.get("reference", ""),
-        "choice": choice,
-        "choice_label": "Tie" if choice == Vote.TIE else labels.get(choice or "", ""),
-        "options": [
-            {"n": n, "key": key, "label": labels[key] if choice else "", "cell": cells.get((index, key))}
-            for n, key in enumerate(order, start=1)
-        ],
-    }
-
-
 @login_required
 def comparison_vote(request: HttpRequest, pk: int) -> HttpResponse:
-    """Blind voting: each row's outputs in an order shuffled per voter, names hidden until the row is voted."""
+    """Blind voting: each row's outputs in an order shuffled per voter, names hidden until the row is voted
+    (the rules, shared with the API, are in playground.votes)."""
     comparison = get_object_or_404(Comparison.objects.select_related("prompt_set", "job", "base_model"), pk=pk)
     if request.method == "POST":
         return _cast_vote(request, comparison)
-    cells = {(c.row, c.column): c for c in comparison.cells.all()}
-    votes = dict(comparison.votes.filter(user=request.user).values_list("row", "choice"))
-    rows = [_vote_row(comparison, request.user, i, cells, votes) for i in range(len(comparison.prompt_set.rows))]
-    context = {"comparison": comparison, "rows": rows, "ready": comparison.job and comparison.job.state == "succeeded"}
+    context = {"comparison": comparison, "rows": votes.ballot(comparison, request.user), "ready": votes.is_open(comparison)}
     return render(request, "playground/comparison_vote.html", context)
 
 
 def _cast_vote(request: HttpRequest, comparison: Comparison) -> HttpResponse:
-    row, choice = request.POST.get("row", ""), request.POST.get("choice", "")
-    keys = {key for key, _ in comparison.columns()}
-    if not row.isdigit() or int(row) >= len(comparison.prompt_set.rows):
-        return HttpResponse(f"row: no row {html.escape(row)} in this comparison", status=400)
-    if choice != Vote.TIE and choice not in keys:
-        return HttpResponse("choice: pick one of the outputs, or a tie", status=400)
-    if not comparison.job or comparison.job.state != "succeeded":
-        return HttpResponse("the comparison has not finished: vote once every output is complete", status=409)
     try:
-        with transaction.atomic():
-            Vote.objects.create(comparison=comparison, row=int(row), user=request.user, choice=choice)
-    except IntegrityError:
-        return HttpResponse(f"you already voted on row {int(row) + 1}: one vote per person per row", status=409)
-    cells = {(c.row, c.column): c for c in comparison.cells.filter(row=int(row))}
-    context = {"comparison": comparison, "row": _vote_row(comparison, request.user, int(row), cells, {int(row): choice})}
+        vote = votes.cast(comparison, request.user, request.POST.get("row", ""), request.POST.get("choice", ""))
+    except votes.VoteRefused as refused:
+        text = f"{refused.field}: {refused.message}" if refused.field else refused.message
+        return HttpResponse(html.escape(text), status=refused.status)
+    context = {"comparison": comparison, "row": votes.ballot(comparison, request.user, [vote.row])[0]}
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "playground/partials/vote_row.html", context)
     return redirect("comparison-vote", pk=comparison.pk)
