@@ -48,7 +48,11 @@ class GenerationParams:
     temperature: float = _help("Sampling temperature; 0 is greedy decoding (deterministic).", 0.0)
     top_p: float = _help("Nucleus sampling: keep the smallest token set whose probability reaches top-p.", 1.0)
     seed: int = _help("Random seed of sampling (same seed, same settings: same outputs).", 0)
-    chat_template: bool = _help("Wrap each prompt in the tokenizer's chat template as a user turn.", True)
+    chat_template: bool = _help(
+        "Wrap each prompt in the tokenizer's chat template as a user turn, as training wraps instruction and chat "
+        "rows. Off sends the prompt raw: adapters trained on such rows may then answer with nothing at all.",
+        True,
+    )
 
     def validate(self) -> dict[str, str]:
         errors: dict[str, str] = {}
