@@ -85,9 +85,11 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     reporter.log(f"Attempt {spec.attempt} on {platform.node()}: loading the dataset")
     fmt, rows = load_trl_rows(store.path(spec.dataset.uri))
     train_rows, eval_rows = _split_eval(spec, store, rows)
-    reporter.log(
-        f"Dataset: {len(rows)} rows, format {fmt}" + (f"; {len(eval_rows)} held out for evaluation" if eval_rows else "")
-    )
+    if spec.eval_dataset is not None:
+        evaluation = f"; evaluating on {len(eval_rows)} rows of the eval dataset ({spec.eval_dataset.format})"
+    else:
+        evaluation = f"; {len(eval_rows)} held out for evaluation" if eval_rows else ""
+    reporter.log(f"Dataset: {len(rows)} rows, format {fmt}{evaluation}")
 
     rank = current_rank()
     device = pick_device(spec.lora.compute_dtype)
@@ -141,6 +143,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         "train_loss": output.training_loss,
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "steps": trainer.state.global_step,
+        "trained_tokens": trained_tokens(trainer, _step_of(resume) if resume else None),
         "resumed_from_step": _step_of(resume) if resume else None,
         "runtime_s": round(time.monotonic() - started, 2),
         "device": device.kind,
@@ -151,6 +154,18 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     }
     reporter.log(f"Adapter saved ({result['size_bytes']:,} bytes, sha256 {str(result['sha256'])[:12]}…)")
     return result
+
+
+def trained_tokens(trainer: Any, resumed_step: int | None) -> int:
+    """The tokens trained on, padding excluded, over every step, micro-batch and process: trl's running count
+    (the `num_tokens` it logs) for this attempt, plus what the checkpoint's log had counted for a resumed one
+    (steps after its last logged step are not in it)."""
+    counted = [h for h in trainer.state.log_history if "num_tokens" in h]
+    earlier = [h for h in counted if resumed_step is not None and h.get("step", 0) <= resumed_step]
+    now = getattr(trainer, "_total_train_tokens", None)  # trl's counter; else the last value this attempt logged
+    if not isinstance(now, (int, float)):
+        now = counted[-1]["num_tokens"] if len(counted) > len(earlier) else 0
+    return int(now + (earlier[-1]["num_tokens"] if earlier else 0))
 
 
 def _save(trainer: Any, spec: TrainSpec, rank: Rank, adapter_dir: Path, work_dir: Path) -> None:

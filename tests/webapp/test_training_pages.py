@@ -283,3 +283,93 @@ def test_the_stream_cursor_takes_ascii_digits_only() -> None:
     assert _cursor(factory.get("/runs/1/stream/", {"after": "12"}, headers={"Last-Event-ID": "40"})) == 40
     assert _cursor(factory.get("/runs/1/stream/", headers={"Last-Event-ID": "²"})) == 0  # isdigit() but not int()
     assert _cursor(factory.get("/runs/1/stream/", {"after": "-3"})) == 0
+
+
+# ---- a separate eval dataset ---------------------------------------------------------------------
+
+
+def _eval_world(tiny_model_dir):  # type: ignore[no-untyped-def]
+    """The tiny base, its toy training dataset (instruction/output rows) and two eval datasets: chat and plain text."""
+    import json
+
+    from tests.webapp.factories import demo_objects
+    from webapp.catalog.services import register_dataset
+    from workers.demo import toy_rows
+
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    rows = toy_rows(24, seed=77)
+    chat = register_dataset("toy-test", "test.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    text = register_dataset("toy-text", "text.jsonl", "".join(
+        json.dumps({"text": f"{r['instruction']} {r['output']}"}) + "\n" for r in rows).encode())
+    return user, base, dataset, config, chat, text
+
+
+def _run_post(base, dataset, config, **overrides):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from workers.spec import suggest_train_params
+
+    params = dataclasses.asdict(suggest_train_params(base.num_parameters))
+    return {"base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
+            **{k: v for k, v in params.items() if not isinstance(v, bool)}, **overrides}
+
+
+def test_a_run_with_an_eval_dataset_stores_it_shows_it_and_clones_with_it(tiny_model_dir, store_dir, client) -> None:  # type: ignore[no-untyped-def]
+    user, base, dataset, config, chat, _ = _eval_world(tiny_model_dir)
+    client.login(username="owner", password="owner-pass-123")
+    page = client.get("/runs/new/").content.decode()
+    assert 'name="eval_dataset"' in page and "instead of a held-out fraction" in page
+    assert page.count('name="mode"') == 1  # each training setting once, outside "What to train"
+
+    response = client.post("/runs/new/", _run_post(base, dataset, config, eval_dataset=chat.pk, eval_steps=5,
+                                                   early_stopping_patience=2))
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    run = TrainingRun.objects.get()
+    assert run.eval_dataset == chat and run.train_params().early_stopping_patience == 2
+    assert run.job_spec().eval_dataset is not None and run.job_spec().eval_dataset.uri == chat.uri
+    detail = client.get(f"/runs/{run.pk}/").content.decode()
+    assert f'<a href="/datasets/{chat.pk}/" id="eval-dataset">toy-test</a>' in detail and "24 rows" in detail
+    clone = client.get(f"/runs/new/?clone={run.pk}").content.decode()
+    select = clone[clone.index('name="eval_dataset"'):]
+    select = select[:select.index("</select>")]
+    assert f'<option value="{chat.pk}" selected>' in select
+
+    # Without one, the page says what the run evaluates on.
+    plain = TrainingRun.objects.create(owner=user, base_model=base, dataset=dataset, lora_config=config,
+                                       hyperparameters={"eval_fraction": 0.1})
+    assert "a held-out 0.1 of the dataset" in client.get(f"/runs/{plain.pk}/").content.decode()
+
+
+def test_an_eval_dataset_and_an_eval_fraction_together_are_refused(tiny_model_dir, store_dir, client) -> None:  # type: ignore[no-untyped-def]
+    from webapp.training.forms import RunForm
+
+    _, base, dataset, config, chat, _ = _eval_world(tiny_model_dir)
+    client.login(username="owner", password="owner-pass-123")
+    response = client.post("/runs/new/", _run_post(base, dataset, config, eval_dataset=chat.pk, eval_fraction=0.1))
+    assert response.status_code == 400
+    form = RunForm(_run_post(base, dataset, config, eval_dataset=chat.pk, eval_fraction=0.1))
+    assert not form.is_valid() and list(form.errors) == ["eval_dataset"]
+    assert "not both" in form.errors["eval_dataset"][0] and "eval_fraction 0.1" in form.errors["eval_dataset"][0]
+    # Early stopping needs an eval set: the eval dataset is one.
+    form = RunForm(_run_post(base, dataset, config, early_stopping_patience=2))
+    assert not form.is_valid() and "needs an eval set" in form.errors["early_stopping_patience"][0]
+    assert RunForm(_run_post(base, dataset, config, early_stopping_patience=2, eval_dataset=chat.pk)).is_valid()
+    assert not TrainingRun.objects.exists()
+
+
+def test_chat_eval_rows_need_a_chat_template_when_the_training_rows_are_not_chat(tiny_model_dir, store_dir) -> None:  # type: ignore[no-untyped-def]
+    """The one mix that breaks training (tests/workers/test_train_runner.py shows it): plain-text training rows,
+    chat eval rows and a base without a chat template. Every other mix is accepted."""
+    from webapp.training.forms import RunForm
+
+    _, base, chat_train, config, chat, text = _eval_world(tiny_model_dir)
+    assert base.has_chat_template  # the demo tokenizer has one: any mix works
+    assert RunForm(_run_post(base, text, config, eval_dataset=chat.pk)).is_valid()
+    base.has_chat_template = False
+    base.save()
+    form = RunForm(_run_post(base, text, config, eval_dataset=chat.pk))
+    assert not form.is_valid() and list(form.errors) == ["eval_dataset"]
+    message = form.errors["eval_dataset"][0]
+    assert "toy-test is alpaca rows" in message and "toy-text is text rows" in message and "no chat template" in message
+    assert RunForm(_run_post(base, chat_train, config, eval_dataset=text.pk)).is_valid()  # chat training, text eval
+    assert RunForm(_run_post(base, text, config, eval_dataset=text.pk)).is_valid()

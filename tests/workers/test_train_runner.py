@@ -164,5 +164,79 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_model_dir: 
         assert got[step][0] == pytest.approx(expected[step][0], rel=1e-6)  # the same LR schedule
     assert got[12][1] == pytest.approx(expected[12][1], abs=0.05)
     assert result["final_loss"] == pytest.approx(whole_result["final_loss"], abs=0.05)
+    # The trained tokens count the checkpoint's steps too: the same rows as the whole run's.
+    assert result["trained_tokens"] == whole_result["trained_tokens"] > 0
     kept = sorted(p.name for p in store.path("store://runs/cut/checkpoints").glob("checkpoint-*"))
     assert kept == ["checkpoint-12", "checkpoint-8"]  # the last two are kept
+
+
+def _rows_file(store: ArtifactStore, name: str, rows: list[dict[str, object]]) -> str:
+    import json
+
+    uri = f"store://datasets/{name}.jsonl"
+    store.path(uri).parent.mkdir(parents=True, exist_ok=True)
+    store.path(uri).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return uri
+
+
+def test_an_eval_dataset_is_what_the_run_evaluates_on_and_tokens_are_counted(tiny_model_dir: Path,
+                                                                              store: ArtifactStore) -> None:
+    """Two runs alike but for their eval dataset: the same training, other eval losses, each on its own rows."""
+    from workers.demo import TOY_TASKS
+    from workers.train import run_training
+
+    evals = {"add": _rows_file(store, "add-test", toy_rows(24, seed=31)),
+             "double": _rows_file(store, "double-test", TOY_TASKS["double"](40, 32))}
+    outcomes = {}
+    for task, uri in evals.items():
+        spec = make_spec(tiny_model_dir)
+        spec.output_uri = f"store://runs/{task}/adapter"
+        spec.eval_dataset = DatasetRef(uri=uri, format="alpaca")
+        spec.train.max_steps, spec.train.eval_steps, spec.train.logging_steps = 8, 4, 1
+        reporter = MemoryReporter()
+        result = run_training(spec, reporter, store)
+        assert result is not None, reporter.states[-1]
+        outcomes[task] = (result, reporter)
+
+    rows = {"add": 24, "double": 40}
+    for task, (result, reporter) in outcomes.items():
+        assert any(f"evaluating on {rows[task]} rows of the eval dataset" in line for line in reporter.logs)
+        assert [m["step"] for m in reporter.metrics if "eval_loss" in m] == [4, 8]
+        assert result["eval_loss"] == [m["eval_loss"] for m in reporter.metrics if "eval_loss" in m][-1]
+        # Tokens of real rows, padding excluded: at least one per row trained, at most max_seq_length.
+        batch = make_spec(tiny_model_dir).train.batch_size
+        assert isinstance(result["trained_tokens"], int)
+        assert 8 * batch * 4 < result["trained_tokens"] < 8 * batch * make_spec(tiny_model_dir).train.max_seq_length
+    add, double = outcomes["add"], outcomes["double"]
+    train_curve = [[m["loss"] for m in r.metrics if "loss" in m] for _, r in (add, double)]
+    assert train_curve[0] == pytest.approx(train_curve[1])  # the same training...
+    assert add[0]["trained_tokens"] == double[0]["trained_tokens"]
+    assert double[0]["eval_loss"] > add[0]["eval_loss"] + 0.1  # ...evaluated on other rows: the unseen task is worse
+
+
+def test_chat_eval_rows_break_plain_text_training_on_a_base_without_a_chat_template(tiny_model_dir: Path,
+                                                                                     store: ArtifactStore,
+                                                                                     tmp_path: Path) -> None:
+    """Why the run form refuses this one mix (webapp/training/forms.py eval_dataset_problem): the runner gives
+    chat rows a fallback template only when the training rows are chat, so the eval rows cannot be formatted."""
+    import json
+    import shutil
+
+    from workers.train import run_training
+
+    bare = tmp_path / "tiny-no-template"
+    shutil.copytree(tiny_model_dir, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    for path in bare.glob("chat_template*"):
+        path.unlink()
+    text = _rows_file(store, "text", [{"text": f"{r['instruction']} {r['output']}"} for r in toy_rows(32, seed=5)])
+    spec = make_spec(bare)
+    spec.dataset = DatasetRef(uri=text, format="text")
+    spec.eval_dataset = DatasetRef(uri="store://datasets/toy.jsonl", format="alpaca")
+    spec.train.max_steps, spec.train.eval_steps = 2, 1
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is None
+    state, _, error = reporter.states[-1]
+    assert state == "failed" and "chat_template is not set" in error

@@ -80,6 +80,9 @@ class RunCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     base_model = Ref("base model", queryset=BaseModel.objects.all())
     dataset = Ref("dataset", queryset=Dataset.objects.all())
+    eval_dataset = Ref(
+        "dataset", queryset=Dataset.objects.all(), required=False, allow_null=True, default=None,
+        help_text="Optional: a dataset to evaluate on instead of a held-out fraction (eval_fraction must be 0).")
     lora_config = Ref("LoRA config", queryset=LoraConfig.objects.all())
     hyperparameters = HyperparametersSerializer(required=False)
     priority = serializers.IntegerField(
@@ -99,6 +102,9 @@ class RunSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     base_model_name = serializers.CharField(source="base_model.name", read_only=True)
     dataset_name = serializers.CharField(source="dataset.name", read_only=True)
+    eval_dataset = serializers.IntegerField(source="eval_dataset_id", allow_null=True, read_only=True,
+                                            help_text="The dataset it evaluates on; null: eval_fraction decides.")
+    eval_dataset_name = serializers.CharField(source="eval_dataset.name", allow_null=True, read_only=True, default=None)
     lora_config_name = serializers.CharField(source="lora_config.name", read_only=True)
     labels = serializers.ListField(source="needs_labels", child=serializers.CharField(), read_only=True)
     worker = serializers.CharField(source="worker.name", allow_null=True, read_only=True, default=None)
@@ -112,7 +118,7 @@ class RunSerializer(serializers.ModelSerializer):
         model = TrainingRun
         fields = [
             "id", "name", "state", "owner", "base_model", "base_model_name", "dataset", "dataset_name",
-            "lora_config", "lora_config_name", "hyperparameters", "priority", "labels", "needs_gpu_bytes",
+            "eval_dataset", "eval_dataset_name", "lora_config", "lora_config_name", "hyperparameters", "priority", "labels", "needs_gpu_bytes",
             "needs_gpus", "attempt", "cancel_requested", "error", "step", "total_steps", "progress", "last_loss",
             "worker", "wait_reason", "attempt_log", "adapter", "created_at", "dispatched_at", "started_at",
             "finished_at",
@@ -157,6 +163,7 @@ def create_run(user: Any, data: dict[str, Any]) -> TrainingRun:
     priority = data.get("priority") or 0
     form = RunForm(data={
         "name": data.get("name") or "", "base_model": base.pk, "dataset": data["dataset"].pk,
+        "eval_dataset": data["eval_dataset"].pk if data.get("eval_dataset") else "",
         "lora_config": data["lora_config"].pk, "worker_labels": ", ".join(data.get("labels") or []),
         "priority": priority, **hyperparameters,
     })
@@ -171,7 +178,8 @@ def clone_input(source: TrainingRun, user: Any, name: str | None) -> dict[str, A
     title = name if name else f"{source.name or f'run {source.pk}'} (copy)"[:200]
     hyperparameters = {k: v for k, v in (source.hyperparameters or {}).items() if k in TRAIN_FIELDS}
     return {
-        "name": title, "base_model": source.base_model, "dataset": source.dataset, "lora_config": source.lora_config,
+        "name": title, "base_model": source.base_model, "dataset": source.dataset,
+        "eval_dataset": source.eval_dataset, "lora_config": source.lora_config,
         "hyperparameters": hyperparameters, "labels": list(source.needs_labels or []),
         "priority": source.priority if user.is_staff else min(source.priority, 0),
     }
@@ -219,7 +227,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         from webapp.training.models import Adapter
 
         adapter = Adapter.objects.filter(run=OuterRef("pk")).values("pk")[:1]
-        rows = (TrainingRun.objects.select_related("owner", "base_model", "dataset", "lora_config", "worker")
+        rows = (TrainingRun.objects.select_related("owner", "base_model", "dataset", "eval_dataset", "lora_config", "worker")
                 .defer("metric_points").annotate(adapter_id=Subquery(adapter)))
         return access.visible(self.request.user, rows)
 
@@ -270,7 +278,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         return retry_refused(request, run) or self._answer(run.pk)
 
     @extend_schema(request=CloneSerializer, responses={201: RunSerializer},
-                   description="A new queued run with the same base model, dataset, LoRA config, settings and labels.")
+                   description="A new queued run with the same base model, datasets, LoRA config, settings and labels.")
     @action(detail=True, methods=["post"])
     @idempotent
     def clone(self, request: Request, pk: str) -> Response:

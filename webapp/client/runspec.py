@@ -3,6 +3,7 @@
     name: addition-r16
     base_model: tiny            # a name or an id
     dataset: toy-addition
+    eval_dataset: toy-addition-test   # optional: evaluate on it instead of a held-out fraction
     lora_config: attention+mlp
     hyperparameters: {max_steps: 40, learning_rate: 0.0002}
     priority: 0
@@ -19,10 +20,10 @@ import yaml
 from webapp.client.api import Api
 from webapp.client.errors import USAGE, CliError
 
-FIELDS = ("name", "base_model", "dataset", "lora_config", "hyperparameters", "priority", "labels")
+FIELDS = ("name", "base_model", "dataset", "eval_dataset", "lora_config", "hyperparameters", "priority", "labels")
 # Which field names which catalog list.
 CATALOG = {"base_model": ("base-models/", "base model"), "dataset": ("datasets/", "dataset"),
-           "lora_config": ("lora-configs/", "LoRA config")}
+           "eval_dataset": ("datasets/", "dataset"), "lora_config": ("lora-configs/", "LoRA config")}
 
 
 def load(path: str) -> dict[str, Any]:
@@ -49,6 +50,9 @@ def load(path: str) -> dict[str, Any]:
             problems.append(f"{key}: required (a name or an id)")
         elif not isinstance(spec[key], str | int) or isinstance(spec[key], bool):
             problems.append(f"{key}: a name or an id, got {type(spec[key]).__name__}")
+    evaluation = spec.get("eval_dataset")
+    if evaluation is not None and (not isinstance(evaluation, str | int) or isinstance(evaluation, bool)):
+        problems.append(f"eval_dataset: a name or an id, got {type(evaluation).__name__}")
     if not isinstance(spec.get("hyperparameters", {}), dict):
         problems.append("hyperparameters: a mapping of training settings, e.g. {max_steps: 100}")
     labels = spec.get("labels", [])
@@ -86,12 +90,15 @@ def resolve(api: Api, field: str, value: str | int) -> int:
 
 
 def _command(field: str) -> str:
-    return {"base_model": "models", "dataset": "datasets", "lora_config": "lora-configs"}[field]
+    return {"base_model": "models", "lora_config": "lora-configs"}.get(field, "datasets")
 
 
 def body(api: Api, spec: dict[str, Any]) -> dict[str, Any]:
     """The JSON body to POST: catalog names replaced by ids."""
     out = dict(spec)
     for key in CATALOG:
-        out[key] = resolve(api, key, spec[key])
+        if spec.get(key) not in (None, ""):  # eval_dataset is optional; load() requires the others
+            out[key] = resolve(api, key, spec[key])
+        else:
+            out.pop(key, None)
     return out

@@ -150,15 +150,21 @@ def start_evaluate(
     max_rows: int = 200,
     generation: jobspecs.GenerationParams | None = None,
 ) -> AdapterJob:
-    """Score adapters on a dataset with references, or on the held-out split of a run's own dataset."""
+    """Score adapters on a dataset with references, or on what a run evaluated on: its eval dataset (whole), or
+    the held-out split of its own dataset."""
     base = common_base(adapters)
     split: dict[str, Any] = {}
+    source = ""
     if held_out_of is not None:
         train = held_out_of.train_params()
-        if not train.eval_fraction:
-            raise JobError({"held_out_of": f"run {held_out_of.pk} held nothing out (its eval_fraction is 0)"})
-        dataset = held_out_of.dataset
-        split = {"split": "held_out", "eval_fraction": train.eval_fraction, "seed": train.seed}
+        if held_out_of.eval_dataset is not None:
+            dataset, source = held_out_of.eval_dataset, "eval_dataset"
+        elif not train.eval_fraction:
+            raise JobError({"held_out_of": f"run {held_out_of.pk} held nothing out (its eval_fraction is 0 and it "
+                                           "has no eval dataset)"})
+        else:
+            dataset, source = held_out_of.dataset, "held_out"
+            split = {"split": "held_out", "eval_fraction": train.eval_fraction, "seed": train.seed}
     if dataset is None:
         raise JobError({"dataset": "pick a dataset with reference answers, or a run's held-out split"})
     if dataset.format == "text":
@@ -176,7 +182,11 @@ def start_evaluate(
         **split,
     )
     job = _queue(JobKind.EVALUATE, owner, base, spec, adapters)
-    AdapterJob.objects.filter(pk=job.pk).update(params={**job.params, "dataset_id": dataset.pk, "dataset_name": str(dataset)})
+    named = {"dataset_id": dataset.pk, "dataset_name": str(dataset)}
+    if held_out_of is not None:  # the run whose evaluation rows these are: its held-out split or its eval dataset
+        named.update(held_out_of=held_out_of.pk, eval_rows=source)
+    AdapterJob.objects.filter(pk=job.pk).update(params={**job.params, **named})
+    job.params = {**job.params, **named}
     return job
 
 

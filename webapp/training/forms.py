@@ -14,6 +14,8 @@ from workers.engine import check_switches
 from workers.modelinfo import check_adapter
 
 CHOICE_FIELDS = spec.CHOICES
+# Row formats trl trains as chat (formatted with the tokenizer's chat template), and those it trains as plain strings.
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
 
 
 def _form_field(f: dataclasses.Field[Any], initial: Any) -> forms.Field:
@@ -35,6 +37,9 @@ class RunForm(forms.Form):
     name = forms.CharField(max_length=200, required=False, help_text="Optional: a name to find the run by.")
     base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), help_text="The model to adapt.")
     dataset = forms.ModelChoiceField(queryset=Dataset.objects.all(), help_text="Training rows.")
+    eval_dataset = forms.ModelChoiceField(
+        queryset=Dataset.objects.all(), required=False, label="Eval dataset",
+        help_text="Optional: rows to evaluate on instead of a held-out fraction of the training rows.")
     lora_config = forms.ModelChoiceField(queryset=LoraConfig.objects.all(), label="LoRA config")
     # Placement (fleet/scheduler.py): which workers may take the run, and how soon (only staff go above 0).
     worker_labels = forms.CharField(
@@ -59,14 +64,25 @@ class RunForm(forms.Form):
     def train_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in TRAIN_FIELDS]
 
+    @property
+    def what_fields(self) -> list[forms.BoundField]:
+        """The fields of "What to train": the model, the rows and the adapter config."""
+        return [self[name] for name in ("name", "base_model", "dataset", "eval_dataset", "lora_config")]
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         if any(name not in data for name in TRAIN_FIELDS):
             return data  # field errors already reported
         params = spec.TrainParams(**{name: data[name] for name in TRAIN_FIELDS})
         base: BaseModel | None = data.get("base_model")
-        for name, message in params.validate(base.max_positions if base else None).items():
+        eval_dataset: Dataset | None = data.get("eval_dataset")
+        for name, message in params.validate(base.max_positions if base else None,
+                                             has_eval_dataset=eval_dataset is not None).items():
             self.add_error(name, message)
+        if eval_dataset is not None:
+            problem = eval_dataset_problem(eval_dataset, data.get("dataset"), base, params)
+            if problem:
+                self.add_error("eval_dataset", problem)
         config_for_switches: LoraConfig | None = data.get("lora_config")
         if config_for_switches:
             for name, message in check_switches(params, config_for_switches.lora_params()).items():
@@ -104,11 +120,31 @@ class RunForm(forms.Form):
         with transaction.atomic():
             run = TrainingRun.objects.create(
                 name=data["name"], owner=owner, base_model=data["base_model"], dataset=data["dataset"],
+                eval_dataset=data.get("eval_dataset"),
                 lora_config=data["lora_config"], hyperparameters=data["hyperparameters"],
                 priority=data.get("priority") or 0, needs_labels=data.get("worker_labels") or [], **needs,
             )
             ledger.note(run, f"Queued by {owner}{via}")
         return run
+
+
+def eval_dataset_problem(eval_dataset: Dataset, dataset: Dataset | None, base: BaseModel | None,
+                         params: spec.TrainParams) -> str | None:
+    """Why a run cannot evaluate on `eval_dataset`, or None.
+
+    trl prepares the eval rows on their own, so any two formats mix (the eval loss is computed on each row as
+    its format is trained) but one: chat rows are formatted with the tokenizer's chat template, and the
+    runner supplies a fallback template only when the training rows are chat. Plain-text or prompt/completion
+    training on a base without a chat template would fail at the first evaluation."""
+    if params.eval_fraction > 0:
+        return (f"give an eval dataset or eval_fraction {params.eval_fraction:g} (a held-out fraction of the "
+                "training rows), not both: set eval_fraction to 0 to evaluate on this dataset")
+    if (dataset is not None and base is not None and not base.has_chat_template
+            and eval_dataset.format in CHAT_FORMATS and dataset.format not in CHAT_FORMATS):
+        return (f"{eval_dataset} is {eval_dataset.format} rows (chat) but the training dataset {dataset} is "
+                f"{dataset.format} rows, and {base} has no chat template to format chat rows with: pick an eval "
+                f"dataset of text or prompt_completion rows, or train on chat rows")
+    return None
 
 
 # Sort keys of the runs list -> the model field; each has an index with id as the tie-breaker.

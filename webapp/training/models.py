@@ -87,6 +87,8 @@ class TrainingRun(LedgerJob):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs")
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="runs")
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
+    # Rows to evaluate on instead of a held-out fraction of `dataset` (None: eval_fraction decides).
+    eval_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="eval_runs")
     lora_config = models.ForeignKey(LoraConfig, on_delete=models.PROTECT, related_name="runs")
     hyperparameters = models.JSONField(default=dict)
     worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
@@ -147,12 +149,17 @@ class TrainingRun(LedgerJob):
             run_id=self.pk,
             attempt=self.attempt,
             base_model=self.base_model.model_ref(),
-            dataset=spec.DatasetRef(uri=self.dataset.uri, format=self.dataset.format),
+            dataset=dataset_ref(self.dataset),
             lora=self.lora_config.lora_params(),
             train=self.train_params(),
             output_uri=self.output_uri(self.attempt),
             checkpoint_uri=ArtifactStore.uri("runs", self.pk, "checkpoints"),
+            eval_dataset=dataset_ref(self.eval_dataset) if self.eval_dataset else None,
         )
+
+
+def dataset_ref(dataset: Dataset) -> spec.DatasetRef:
+    return spec.DatasetRef(uri=dataset.uri, format=dataset.format)
 
 
 class RunEvent(models.Model):

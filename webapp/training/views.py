@@ -39,7 +39,8 @@ RUN_COLUMNS = [("created", "Created"), ("name", "Name"), ("state", "State"), ("s
 
 def _run_for(request: HttpRequest, pk: int) -> TrainingRun:
     """Runs are visible to the whole team; only the owner or staff may act on one (see _check_can_act)."""
-    return get_object_or_404(TrainingRun.objects.select_related("base_model", "dataset", "lora_config", "owner", "worker"), pk=pk)
+    return get_object_or_404(TrainingRun.objects.select_related(
+        "base_model", "dataset", "eval_dataset", "lora_config", "owner", "worker"), pk=pk)
 
 
 def _check_can_act(request: HttpRequest, run: TrainingRun) -> None:
@@ -115,7 +116,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
         suggested, base = _suggested(request.GET.get("base_model"))
         initial: dict[str, Any] = {"base_model": base}
         if clone:
-            initial = {"base_model": clone.base_model, "dataset": clone.dataset, "lora_config": clone.lora_config,
+            initial = {"base_model": clone.base_model, "dataset": clone.dataset, "eval_dataset": clone.eval_dataset,
+                       "lora_config": clone.lora_config,
                        "name": f"{clone.name or f'run {clone.pk}'} (copy)", **clone.hyperparameters,
                        "worker_labels": ", ".join(clone.needs_labels), "priority": clone.priority}
         form = RunForm(initial=initial, suggested=suggested)

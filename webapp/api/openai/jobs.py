@@ -5,6 +5,7 @@ The request:
 
     {"model": "<base model name, or a hub id / local path registered on the fly>",
      "training_file": "file-<dataset id>",
+     "validation_file": "file-<dataset id>",          # optional: evaluate on it (tunedeck eval_fraction must be 0)
      "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 0.5},   # or "auto"
      # (or the same under "method": {"type": "supervised", "supervised": {"hyperparameters": {...}}})
      "suffix": "<the run's name>", "seed": 7,
@@ -83,8 +84,11 @@ def resolve_model(model: Any, user: Any) -> BaseModel:
 
 
 def resolve_file(value: Any, param: str) -> Dataset:
-    if not isinstance(value, str) or not value:
+    if value is None or value == "":
         raise _bad(f"{param} is required: the id of an uploaded file (file-…)", param, "missing_required_parameter")
+    if not isinstance(value, str):
+        raise _bad(f"{param} must be the id of an uploaded file (file-…), got {type(value).__name__}", param,
+                   "invalid_type")
     try:
         pk = parse_id(value, FILE_PREFIX, "file")
     except OpenAIError as exc:
@@ -195,7 +199,8 @@ def lora_config_for(tunedeck: dict[str, Any], user: Any) -> LoraConfig:
     return LoraConfig.objects.create(name=name if n == 1 else f"{name} ({n})", params=normalized, created_by=user)
 
 
-FORM_PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "lora_config": "tunedeck.lora",
+FORM_PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "eval_dataset": "validation_file",
+               "lora_config": "tunedeck.lora",
                "worker_labels": "tunedeck.worker_labels", "priority": "tunedeck.priority"}
 
 
@@ -231,23 +236,21 @@ def create_job(body: Any, user: Any) -> TrainingRun:
     for name in ("metadata", "integrations"):
         if body.get(name):
             raise _bad(f"{name} is not supported by Tunedeck", name, "unsupported_parameter")
-    if body.get("validation_file"):
-        resolve_file(body["validation_file"], "validation_file")
-        raise _bad("a separate validation file is not supported yet: Tunedeck holds out a fraction of the training "
-                   "file instead (set tunedeck.hyperparameters.eval_fraction, e.g. 0.1)",
-                   "validation_file", "unsupported_parameter")
     suffix = body.get("suffix") or ""
     if not isinstance(suffix, str) or len(suffix) > SUFFIX_MAX:
         raise _bad(f"suffix must be a string of at most {SUFFIX_MAX} characters", "suffix")
     tunedeck = _object(body.get("tunedeck"), "tunedeck")
     _refuse_unknown(tunedeck, TUNEDECK_KEYS, "tunedeck")
     dataset = resolve_file(body.get("training_file"), "training_file")
+    validation = body.get("validation_file")
+    eval_dataset = resolve_file(validation, "validation_file") if validation not in (None, "") else None
     base = resolve_model(body.get("model"), user)
     values, origins = train_values(body, tunedeck, base)
     labels = _labels(tunedeck.get("worker_labels"))
     with transaction.atomic():  # an inline LoRA config saved for a job that is then refused goes with it
         config = lora_config_for(tunedeck, user)
-        data = {"name": suffix, "base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
+        data = {"name": suffix, "base_model": base.pk, "dataset": dataset.pk,
+                "eval_dataset": eval_dataset.pk if eval_dataset else "", "lora_config": config.pk,
                 "worker_labels": labels, "priority": tunedeck.get("priority", 0), **values}
         form = RunForm(data)
         form.refuse_priority_for(user)

@@ -114,6 +114,13 @@ def estimated_finish(run: TrainingRun) -> int | None:
     return int(run.started_at.timestamp() + elapsed * run.total_steps / run.step)
 
 
+def trained_tokens(adapter: Any) -> int | None:
+    """The tokens a succeeded run trained on (padding excluded, every epoch and process), as its runner counted
+    them; None before it succeeds (and for runs finished before the runner counted them)."""
+    count = (adapter.metrics or {}).get("trained_tokens") if adapter is not None else None
+    return int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) else None
+
+
 def job_object(run: TrainingRun) -> dict[str, Any]:
     hyperparameters = openai_hyperparameters(run)
     adapter = getattr(run, "adapter", None) if run.state == RunState.SUCCEEDED else None
@@ -130,9 +137,9 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
         "result_files": [],
         "seed": train_params(run).seed,
         "status": STATUSES.get(RunState(run.state), "queued"),
-        "trained_tokens": None,  # the runner does not count them
+        "trained_tokens": trained_tokens(adapter),
         "training_file": f"{FILE_PREFIX}{run.dataset_id}",
-        "validation_file": None,
+        "validation_file": f"{FILE_PREFIX}{run.eval_dataset_id}" if run.eval_dataset_id else None,
         "estimated_finish": estimated_finish(run),
         "integrations": [],
         "metadata": None,
