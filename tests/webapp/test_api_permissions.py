@@ -102,3 +102,42 @@ def test_the_permission_matrix(client: Client, api_team: Team, who: str) -> None
         token = answers[3].json()["token"]
         assert token.startswith("tdw_") and worker.token_hash and token not in json.dumps(
             client.get(f"/api/v1/workers/{worker.pk}/", **headers).json())
+
+
+# caller -> (list prompt sets, create a prompt set, read the own blind ballot, vote on the owner's comparison).
+# There are no outsiders among signed-in users: everyone on the team sees and votes on every comparison.
+VOTE_MATRIX: dict[str, tuple[tuple[int, str], ...]] = {
+    "owner": ((200, ""), (201, ""), (200, ""), (201, "")),
+    "teammate": ((200, ""), (201, ""), (200, ""), (201, "")),
+    "staff": ((200, ""), (201, ""), (200, ""), (201, "")),
+    "staff admin key": ((200, ""), (201, ""), (200, ""), (201, "")),
+    "read-only key": ((200, ""), (403, "lacks the 'write' scope"), (200, ""), (403, "lacks the 'write' scope")),
+    **{who: answers for who, answers in MATRIX.items() if answers[0][0] == 401},
+}
+
+
+@pytest.mark.parametrize("who", list(VOTE_MATRIX))
+def test_the_permission_matrix_of_prompt_sets_and_votes(client: Client, api_team: Team, who: str) -> None:
+    from tests.webapp.test_api_votes import comparison_of
+    from webapp.playground.models import PromptSet, Vote
+
+    t = api_team
+    comparison = comparison_of(t)
+    raw = _credentials(t, who)
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {raw}"} if raw else {}
+    sets_before = PromptSet.objects.count()
+    answers = [
+        client.get("/api/v1/prompt-sets/", **headers),
+        client.post("/api/v1/prompt-sets/", json.dumps({"prompts": ["hi"]}), content_type="application/json",
+                    **headers),
+        client.get(f"/api/v1/comparisons/{comparison.pk}/ballot/", **headers),
+        client.post(f"/api/v1/comparisons/{comparison.pk}/votes/", json.dumps({"row": 0, "option": "tie"}),
+                    content_type="application/json", **headers),
+    ]
+    for response, (status, message) in zip(answers, VOTE_MATRIX[who], strict=True):
+        assert response.status_code == status, (who, response.wsgi_request.path, response.content[:500])
+        if status >= 400:
+            assert response["Content-Type"] == "application/problem+json"
+            assert message in response.json()["detail"], (who, response.json())
+    assert PromptSet.objects.count() == sets_before + (answers[1].status_code == 201)
+    assert Vote.objects.filter(comparison=comparison).count() == (answers[3].status_code == 201)

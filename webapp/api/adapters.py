@@ -19,7 +19,7 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -37,8 +37,9 @@ from webapp.api.common import (
 from webapp.api.events import FirstRenderer, ZipRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.jobs import JobSerializer, job_answer, job_queryset
+from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.playground import services
+from webapp.playground import services, votes
 from webapp.playground.forms import PushForm
 from webapp.playground.models import Comparison, JobKind, MergedModel, PromptSet
 from webapp.playground.views import _grid, _zip_response, merged_files
@@ -320,17 +321,77 @@ class ComparisonDetailSerializer(ComparisonSerializer):
         return comparison.win_rates()
 
 
-def _prompt_set(user: Any, data: dict[str, Any]) -> PromptSet:
-    if data.get("prompt_set"):
-        return data["prompt_set"]
+def _new_prompt_set(user: Any, data: dict[str, Any], name: str) -> PromptSet:
+    """A prompt set from typed prompts (each with an optional reference) or from a dataset's first rows."""
     if data.get("dataset"):
         rows = services.dataset_prompts(data["dataset"], data["dataset_rows"])
         default_name = f"{len(rows)} rows of {data['dataset']}"
     else:
-        rows = [{"prompt": p, "reference": ""} for p in data["prompts"]]
+        references = data.get("references") or [""] * len(data["prompts"])
+        rows = [{"prompt": p, "reference": r} for p, r in zip(data["prompts"], references, strict=True)]
         default_name = f"{len(rows)} prompts"
-    return PromptSet.objects.create(name=data.get("prompt_set_name") or default_name, owner=user, rows=rows,
-                                    source_dataset=data.get("dataset"))
+    return PromptSet.objects.create(name=name or default_name, owner=user, rows=rows, source_dataset=data.get("dataset"))
+
+
+def _prompt_set(user: Any, data: dict[str, Any]) -> PromptSet:
+    return data["prompt_set"] if data.get("prompt_set") else _new_prompt_set(user, data, data.get("prompt_set_name", ""))
+
+
+# --- blind votes ----------------------------------------------------------------------------------------
+
+
+class BallotOptionSerializer(serializers.Serializer):
+    option = serializers.CharField(help_text="A neutral letter (A, B, …) in your own shuffled order for this row.")
+    text = serializers.CharField(allow_blank=True)
+    done = serializers.BooleanField(help_text="The output is complete.")
+    key = serializers.CharField(allow_null=True, help_text="The column's key: null until you have voted on the row.")
+    label = serializers.CharField(allow_null=True, help_text="The column's name: null until you have voted on the row.")
+
+
+class BallotRowSerializer(serializers.Serializer):
+    row = serializers.IntegerField(help_text="The row's index (from 0), as in the comparison's rows.")
+    prompt = serializers.CharField(allow_blank=True)
+    reference = serializers.CharField(allow_blank=True)
+    options = BallotOptionSerializer(many=True)
+    choice = serializers.CharField(allow_null=True, help_text="Your vote: an option letter or `tie`; null until you vote.")
+    choice_key = serializers.CharField(allow_null=True, help_text="The column you voted for (`tie` for a tie).")
+    choice_label = serializers.CharField(allow_null=True, help_text="The name of the column you voted for.")
+
+
+class BallotSerializer(serializers.Serializer):
+    comparison = serializers.IntegerField()
+    state = serializers.CharField(allow_null=True, help_text="The comparison job's state.")
+    open = serializers.BooleanField(help_text="Voting is open: every output is complete (the job succeeded).")
+    voted = serializers.IntegerField(help_text="How many rows you have voted on.")
+    rows = BallotRowSerializer(many=True)
+
+
+class VoteSerializer(serializers.Serializer):
+    row = serializers.IntegerField(min_value=0, max_value=INT32, help_text="The row's index (from 0).")
+    option = serializers.CharField(max_length=16, help_text="An option letter of your ballot's row, or `tie`.")
+
+
+def ballot_row(comparison: Comparison, row: dict[str, Any]) -> dict[str, Any]:
+    """A row of the caller's ballot: options by letter; keys and names only once the caller voted on it."""
+    voted = row["choice"] is not None
+    letters = {o["key"]: o["letter"] for o in row["options"]}
+    return {
+        "row": row["index"], "prompt": row["prompt"], "reference": row["reference"],
+        "options": [{"option": o["letter"], "text": o["cell"].text if o["cell"] else "",
+                     "done": bool(o["cell"] and o["cell"].done),
+                     "key": o["key"] if voted else None, "label": o["label"] if voted else None}
+                    for o in row["options"]],
+        "choice": letters.get(row["choice"], row["choice"]) if voted else None,
+        "choice_key": row["choice"], "choice_label": row["choice_label"] if voted else None,
+    }
+
+
+def _vote_refused(request: Request, refused: votes.VoteRefused) -> Response:
+    if refused.field:
+        raise ValidationError({refused.field: [refused.message]})
+    if refused.status == status.HTTP_403_FORBIDDEN:
+        raise PermissionDenied(refused.message)
+    return problem(refused.status, refused.message, instance=request.path)
 
 
 class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
@@ -364,6 +425,125 @@ class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
                 _job_error(exc)
             return Response(ComparisonDetailSerializer(self.get_queryset().get(pk=comparison.pk)).data,
                             status=status.HTTP_201_CREATED)
+
+        return run_idempotent(request, handler)
+
+    @extend_schema(responses={200: BallotSerializer},
+                   description="Your blind ballot: each row's outputs under option letters in an order shuffled for "
+                               "you; the columns' keys and names show only on the rows you have voted on.")
+    @action(detail=True, methods=["get"])
+    def ballot(self, request: Request, pk: str) -> Response:
+        comparison = self.get_object()
+        rows = [ballot_row(comparison, row) for row in votes.ballot(comparison, request.user)]
+        return Response({"comparison": comparison.pk, "state": comparison.job.state if comparison.job else None,
+                         "open": votes.is_open(comparison), "voted": sum(r["choice"] is not None for r in rows),
+                         "rows": rows})
+
+    @extend_schema(request=VoteSerializer, responses={201: BallotRowSerializer},
+                   description="Vote on one row of your ballot: an option letter or `tie`. The answer is the row with "
+                               "the names revealed. One vote per person per row (409 for a second one, and while the "
+                               "comparison has not finished); win rates are on the comparison.")
+    @action(detail=True, methods=["post"], url_path="votes", url_name="votes")
+    @idempotent
+    def vote(self, request: Request, pk: str) -> Response:
+        comparison = self.get_object()
+        body = VoteSerializer(data=_body(request))
+        body.is_valid(raise_exception=True)
+        try:
+            row = votes.check_row(comparison, body.validated_data["row"])
+            choice = votes.key_of_option(comparison, request.user.pk, row, body.validated_data["option"])
+            votes.cast(comparison, request.user, row, choice, choice_field="option")
+        except votes.VoteRefused as refused:
+            return _vote_refused(request, refused)
+        return Response(ballot_row(comparison, votes.ballot(comparison, request.user, [row])[0]),
+                        status=status.HTTP_201_CREATED)
+
+
+# --- prompt sets --------------------------------------------------------------------------------------------
+
+
+class PromptRowSerializer(serializers.Serializer):
+    prompt = serializers.CharField(allow_blank=True)
+    reference = serializers.CharField(allow_blank=True, default="")
+
+
+class PromptSetSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    size = serializers.SerializerMethodField(help_text="How many prompts it holds.")
+    has_references = serializers.BooleanField(read_only=True, help_text="Some prompts have a reference answer.")
+
+    class Meta:
+        model = PromptSet
+        fields = ["id", "name", "owner", "size", "has_references", "source_dataset", "created_at"]
+        read_only_fields = fields
+
+    def get_size(self, prompt_set: PromptSet) -> int:
+        return len(prompt_set.rows)
+
+
+class PromptSetDetailSerializer(PromptSetSerializer):
+    rows = PromptRowSerializer(many=True, read_only=True, help_text="Every prompt with its reference ('' for none).")
+
+    class Meta(PromptSetSerializer.Meta):
+        fields = [*PromptSetSerializer.Meta.fields, "rows"]
+        read_only_fields = fields
+
+
+class PromptSetCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="",
+                                 help_text="Default: how many prompts, and from where.")
+    prompts = serializers.ListField(child=serializers.CharField(max_length=100_000), required=False, min_length=1,
+                                    max_length=services.MAX_PROMPTS, help_text="Prompts typed here...")
+    references = serializers.ListField(
+        child=serializers.CharField(max_length=100_000, allow_blank=True), required=False,
+        max_length=services.MAX_PROMPTS, help_text="...with their reference answers: one per prompt, in order ('' for none).")
+    dataset = Ref("dataset", queryset=Dataset.objects.all(), required=False, allow_null=True,
+                  help_text="Or the first rows of a dataset, with their reference answers.")
+    dataset_rows = serializers.IntegerField(min_value=1, max_value=services.MAX_PROMPTS, default=32)
+
+    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
+        sources = [name for name in ("prompts", "dataset") if data.get(name)]
+        if len(sources) != 1:
+            raise ValidationError({NON_FIELD: ["give one of prompts or dataset"
+                                               + (f" (got {', '.join(sources)})" if sources else "")]})
+        references = data.get("references")
+        if references is not None and not data.get("prompts"):
+            raise ValidationError({"references": ["references go with typed prompts (a dataset brings its own)"]})
+        if references is not None and len(references) != len(data["prompts"]):
+            raise ValidationError({"references": [f"one per prompt: {len(data['prompts'])} prompts, "
+                                                  f"{len(references)} references"]})
+        return data
+
+
+@extend_schema_view(
+    list=extend_schema(parameters=[OpenApiParameter("owner", OpenApiTypes.STR, required=False,
+                                                    description="A username, or `me`.")]),
+    create=extend_schema(request=PromptSetCreateSerializer, responses={201: PromptSetDetailSerializer}),
+)
+class PromptSetViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
+    """Reusable lists of prompts (each with an optional reference answer): a comparison runs on one."""
+
+    noun = "prompt set"
+
+    def get_queryset(self) -> Any:
+        return access.visible(self.request.user, PromptSet.objects.select_related("owner"))
+
+    def get_serializer_class(self) -> Any:
+        return PromptSetSerializer if self.action == "list" else PromptSetDetailSerializer
+
+    def filter_queryset(self, queryset: Any) -> Any:
+        return owner_param(self.request, queryset) if self.action == "list" else queryset
+
+    def create(self, request: Request) -> Any:
+        def handler() -> Response:
+            body = PromptSetCreateSerializer(data=request.data, context={"request": request})
+            body.is_valid(raise_exception=True)
+            data = body.validated_data
+            try:
+                prompt_set = _new_prompt_set(request.user, data, data["name"])
+            except services.JobError as exc:
+                _job_error(exc)
+            return Response(PromptSetDetailSerializer(prompt_set).data, status=status.HTTP_201_CREATED)
 
         return run_idempotent(request, handler)
 

@@ -57,6 +57,7 @@ router.register("lora-configs", catalog.LoraConfigViewSet, basename="api-lora-co
 router.register("runs", runs.RunViewSet, basename="api-run")
 router.register("adapters", adapters.AdapterViewSet, basename="api-adapter")
 router.register("comparisons", adapters.ComparisonViewSet, basename="api-comparison")
+router.register("prompt-sets", adapters.PromptSetViewSet, basename="api-prompt-set")
 router.register("evaluations", adapters.EvaluationViewSet, basename="api-evaluation")
 router.register("combinations", adapters.CombinationViewSet, basename="api-combination")
 router.register("merges", adapters.MergedModelViewSet, basename="api-merge")

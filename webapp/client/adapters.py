@@ -1,15 +1,17 @@
-"""`tunedeck adapters` (list, show, download), `compare` and `merge`: adapter jobs, optionally waited on."""
+"""`tunedeck adapters` (list, show, download), `compare`, `comparisons` (show, blind ballot, vote), `prompt-sets`
+and `merge`: adapter jobs, optionally waited on."""
 
 from __future__ import annotations
 
 import argparse
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import details, emit_json, field, note, progress, table, when
+from webapp.client.output import Column, details, emit_json, field, note, progress, table, when
 from webapp.client.runs import FINAL, POLL_S
 from webapp.client.transfer import download
 
@@ -81,8 +83,11 @@ def _job_outcome(job: dict[str, Any]) -> int:
 
 
 def compare(args: argparse.Namespace, api: Api) -> int:
-    body: dict[str, Any] = {"adapters": args.adapter, "include_base": not args.no_base,
-                            "prompts": args.prompt}
+    body: dict[str, Any] = {"adapters": args.adapter, "include_base": not args.no_base}
+    if args.prompt_set is not None:
+        body["prompt_set"] = args.prompt_set
+    else:
+        body["prompts"] = args.prompt
     if args.base_model is not None:
         from webapp.client.runspec import resolve
 
@@ -103,7 +108,7 @@ def compare(args: argparse.Namespace, api: Api) -> int:
         print_grid(comparison)
     else:
         print(f"Comparison {comparison.get('id')} queued (job {job_id}); "
-              f"`tunedeck compare show {comparison.get('id')}` once it ends")
+              f"`tunedeck comparisons show {comparison.get('id')}` once it ends")
     return code
 
 
@@ -129,6 +134,90 @@ def print_grid(comparison: dict[str, Any]) -> None:
     if rates:
         print("\nwin rates:")
         table(rates, [("column", field("label")), ("wins", field("wins")), ("rate", field("rate"))])
+
+
+def _option(option: dict[str, Any]) -> str:
+    """An output of a ballot row: its text, and its name once the row is voted."""
+    text = option.get("text") or ""
+    return f"{text} [{option['label']}]" if option.get("label") else text
+
+
+def _nth_option(index: int) -> Callable[[dict[str, Any]], str]:
+    return lambda row: _option(row["options"][index])
+
+
+def _your_vote(row: dict[str, Any]) -> str:
+    choice = row.get("choice")
+    if not choice:
+        return ""
+    return "tie" if choice == "tie" else f"{choice} = {row.get('choice_label')}"
+
+
+def comparisons_ballot(args: argparse.Namespace, api: Api) -> int:
+    ballot = api.get(f"comparisons/{args.id}/ballot/")
+    if args.json:
+        emit_json(ballot)
+        return OK
+    rows = ballot.get("rows") or []
+    letters = [o["option"] for o in rows[0]["options"]] if rows else []
+    print(f"Comparison {ballot.get('comparison')} ({ballot.get('state')}): you voted on {ballot.get('voted')} of "
+          f"{len(rows)} rows" + ("" if ballot.get("open") else "; voting opens once every output is complete"))
+    if args.full:
+        for row in rows:
+            print(f"\nrow {row['row']}: {row.get('prompt', '')}")
+            if row.get("reference"):
+                print(f"  reference: {row['reference']}")
+            for option in row.get("options") or []:
+                print(f"  {option['option']}: {_option(option)}")
+            if row.get("choice"):
+                print(f"  your vote: {_your_vote(row)}")
+    else:
+        columns: list[Column] = [("row", field("row")), ("prompt", field("prompt"))]
+        columns += [(letter, _nth_option(i)) for i, letter in enumerate(letters)]
+        table(rows, [*columns, ("your vote", _your_vote)], "no rows")
+    if ballot.get("open") and ballot.get("voted", 0) < len(rows):
+        print(f"\nVote: tunedeck comparisons vote {ballot.get('comparison')} ROW OPTION  (OPTION: "
+              f"{', '.join([*letters, 'tie'])})")
+    return OK
+
+
+def comparisons_vote(args: argparse.Namespace, api: Api) -> int:
+    # Sent without an Idempotency-Key: a vote is taken once per person and row anyway, and the client retries a
+    # keyed POST's 409, which here means "already voted".
+    row = api.post(f"comparisons/{args.id}/votes/", {"row": args.row, "option": args.option}).json()
+    if args.json:
+        emit_json(row)
+        return OK
+    print(f"Row {row.get('row')}: you voted {_your_vote(row)}")
+    for option in row.get("options") or []:
+        print(f"  {option.get('option')}: {option.get('label')}")
+    return OK
+
+
+PROMPT_SET_COLUMNS = [("id", field("id")), ("name", field("name")), ("owner", field("owner")),
+                      ("prompts", field("size")), ("references", field("has_references")),
+                      ("dataset", field("source_dataset")), ("created", when("created_at"))]
+
+
+def prompt_sets_list(args: argparse.Namespace, api: Api) -> int:
+    rows = list(api.pages("prompt-sets/", limit=args.limit, owner=args.owner))
+    if args.json:
+        emit_json(rows)
+    else:
+        table(rows, PROMPT_SET_COLUMNS, "no prompt sets yet: `tunedeck compare --prompt …` makes one")
+    return OK
+
+
+def prompt_sets_show(args: argparse.Namespace, api: Api) -> int:
+    prompt_set = api.get(f"prompt-sets/{args.id}/")
+    if args.json:
+        emit_json(prompt_set)
+        return OK
+    details(prompt_set, skip=("rows",))
+    print()
+    rows = [{"row": i, **r} for i, r in enumerate(prompt_set.get("rows") or [])]
+    table(rows, [("row", field("row")), ("prompt", field("prompt")), ("reference", field("reference"))], "no prompts")
+    return OK
 
 
 def merge(args: argparse.Namespace, api: Api) -> int:
