@@ -132,6 +132,7 @@ def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: b
         return generate_token_grid(
             model, prompts, columns, GenerationParams(max_new_tokens=tokens, temperature=0.0), pad_token_id=PAD,
             batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens, stacked=stacked,
+            prefill=not args.no_prefill,
         )  # fmt: skip
 
     run(tokens=args.new_tokens)  # warm-up at full length: kernels, allocator, attention plans of every cache length
@@ -184,6 +185,14 @@ def parse_args() -> argparse.Namespace:
         help="4bit: the base in NF4 with double quant (GPU only), as a comparison of QLoRA adapters loads it",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the median is shown)")
+    parser.add_argument(
+        "--no-prefill", action="store_true",
+        help="every mode leaves the prompts' pass to generate(), over the padding (before prefill_by_length)",
+    )  # fmt: skip
+    parser.add_argument("--profile", action="store_true",
+                        help="after the table: torch.profiler over 8 decode steps of base alone and batched at the "
+                             "largest k (GPU busy time against wall time, top kernels)")  # fmt: skip
+    parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT adapter_names mode (slowest)")
     args = parser.parse_args()
     args.ks = sorted({int(k) for k in args.k.split(",")})
     args.new_tokens = args.new_tokens or (16 if args.tiny else 64)
@@ -231,11 +240,45 @@ def main() -> None:
     for k in args.ks:
         batched = measure(peft_model, prompts, keys[:k], True, args)
         batched_peak = peak_gib(args.device)
-        peft = measure(peft_model, prompts, keys[:k], True, args, stacked=False)
+        peft = None if args.skip_peft else measure(peft_model, prompts, keys[:k], True, args, stacked=False)
         loop = measure(peft_model, prompts, keys[:k], False, args)
         same = sum(batched.output[cell] == loop.output[cell] for cell in batched.output) / len(batched.output)
         rows.append((k, batched, peft, loop, batched_peak, same))
     print_table(args, base, base_peak, rows)
+    if args.profile:
+        profile(model, prompts, [BASE_KEY], args, "base alone")
+        profile(peft_model, prompts, keys[: max(args.ks)], args, f"batched, k = {max(args.ks)}")
+
+
+def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argparse.Namespace, title: str) -> None:
+    """Where a run of 8 new tokens spends its time: wall, GPU kernels, and the ops that take longest."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from workers.generate import generate_token_grid
+    from workers.jobspecs import GenerationParams
+
+    def run() -> None:
+        generate_token_grid(
+            model, prompts, columns, GenerationParams(max_new_tokens=8), pad_token_id=PAD,
+            batched=True, batch_size=args.batch_size or len(prompts), min_new_tokens=8, prefill=not args.no_prefill,
+        )  # fmt: skip
+
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    torch.cuda.synchronize() if args.device == "cuda" else None
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        run()
+        torch.cuda.synchronize() if args.device == "cuda" else None
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if args.device == "cuda" else 0
+    print(f"\nProfile, {title}, 8 new tokens: wall {wall:.2f} s (profiled), GPU kernels {device_us / 1e6:.2f} s, "
+          f"{sum(e.count for e in events if e.device_time_total and not e.cpu_children):,} kernel launches")  # fmt: skip
+    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=12, max_name_column_width=60))
 
 
 def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: list[tuple]) -> None:
@@ -249,7 +292,7 @@ def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: li
     for k, batched, peft, loop, batched_peak, same in rows:
         print(
             f"| {k} | {base.seconds:.2f} ({base.prefill:.2f}) | {batched.seconds:.2f} ({batched.prefill:.2f}) "
-            f"| {peft.seconds:.2f} ({peft.prefill:.2f}) | {loop.seconds:.2f} ({loop.prefill:.2f}) "
+            f"| {f'{peft.seconds:.2f} ({peft.prefill:.2f})' if peft else '-'} | {loop.seconds:.2f} ({loop.prefill:.2f}) "
             f"| {batched.seconds / base.seconds:.2f}x | {loop.seconds / batched.seconds:.2f}x "
             f"| {tokens / base.seconds:,.0f} / {k * tokens / batched.seconds:,.0f} / {k * tokens / loop.seconds:,.0f} "
             f"| {base_peak} / {batched_peak} | {100 * same:.0f}% |"

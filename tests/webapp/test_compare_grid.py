@@ -21,7 +21,9 @@ def test_an_answer_that_ended_at_once_says_so_and_a_running_cell_stays_blank(tea
     running = client.get(f"/compare/{comparison.pk}/").content.decode()
     assert "(no output)" not in running  # nothing generated yet is not "no output"
 
-    comparison.store_outputs([{"row": 0, "column": "__base__", "text": "<b>4</b>"}, {"row": 0, "column": a.key, "text": ""}])
+    comparison.store_outputs(
+        [{"row": 0, "column": "__base__", "text": "<b>4</b>"}, {"row": 0, "column": a.key, "text": ""}]
+    )
     AdapterJob.objects.filter(pk=comparison.job_id).update(state="succeeded")
     page = client.get(f"/compare/{comparison.pk}/").content.decode()
     assert page.count("(no output)") == 1

@@ -349,3 +349,87 @@ def test_a_4bit_base_is_batched_by_stacking_and_matches_sequential(
     sequential = generate_grid(model, tokenizer, prompts, COLUMNS, GREEDY, batched=False)
     assert batched == sequential
     assert any(batched[(i, "add")] != batched[(i, BASE_KEY)] for i in range(len(prompts)))
+
+
+# --- the prompts' pass by length buckets --------------------------------------------------------------
+
+
+def brute_force_cost(lengths: list[int], step_cost: int) -> int:
+    """The least cost over every split of the rows sorted by length (2^(n-1) splits)."""
+    ordered = sorted(lengths)
+    best = None
+    for mask in range(2 ** (len(ordered) - 1)):
+        cost, start = 0, 0
+        for end in range(1, len(ordered) + 1):
+            if end == len(ordered) or mask >> (end - 1) & 1:
+                cost += (end - start) * ordered[end - 1] + step_cost
+                start = end
+        best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int) -> None:
+    import itertools
+    import random
+
+    from workers.generate import length_buckets
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(2, 300) for _ in range(rng.randint(1, 11))]
+    step_cost = rng.choice([0, 16, 256, 4096])
+    buckets = length_buckets(lengths, step_cost)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert all(max(lengths[i] for i in a) <= min(lengths[i] for i in b) for a, b in itertools.pairwise(buckets))
+    cost = sum(len(b) * max(lengths[i] for i in b) + step_cost for b in buckets)
+    assert cost == brute_force_cost(lengths, step_cost)
+    if step_cost == 0:
+        assert all(len({lengths[i] for i in b}) == 1 for b in buckets)  # free calls: no padding at all
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded_pass(
+    loaded: Loaded, rows: Rows, batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.generate as generate
+
+    model, tokenizer = loaded
+    # Prompts of very different lengths (1 to 6 questions) so that padding would be most of one padded pass.
+    prompts = [" ".join(r["instruction"] for r in rows[i : i + 1 + i % 6]) for i in range(0, 48, 2)]
+    prompt_ids = encode_prompts(tokenizer, prompts, chat_template=True)
+    calls: list[int] = []
+    original = generate.prefill_by_length
+    monkeypatch.setattr(generate, "BUCKET_COST", 64)  # cheap calls: several buckets
+
+    def counted(model: Any, rows: list[list[int]], columns: int, pad_token_id: int) -> Any:
+        calls.append(len(generate.length_buckets([len(r) - 1 for r in rows[: len(rows) // columns]], 64 // columns)))
+        return original(model, rows, columns, pad_token_id)
+
+    monkeypatch.setattr(generate, "prefill_by_length", counted)
+
+    def grid(prefill: bool) -> Grid:
+        return generate_token_grid(
+            model, prompt_ids, COLUMNS, GREEDY, pad_token_id=tokenizer.pad_token_id, batched=batched, prefill=prefill
+        )
+
+    padded = grid(prefill=False)
+    assert calls == []
+    bucketed = grid(prefill=True)
+    assert calls and all(n > 1 for n in calls), calls
+    assert bucketed == padded
+    assert len({len(ids) for ids in prompt_ids}) > 4
+
+
+def test_models_with_sliding_windows_or_single_length_prompts_are_not_prefilled(loaded: Loaded) -> None:
+    from workers.generate import can_prefill
+
+    model, _ = loaded
+    assert can_prefill(model, [[1, 2, 3], [1, 2, 3, 4]])
+    assert not can_prefill(model, [[1, 2, 3], [4, 5, 6]])  # one length: nothing to save
+    assert not can_prefill(model, [[1], [1, 2, 3]])  # a one-token prompt has nothing to cache
+    model.config.sliding_window = 4
+    try:
+        assert not can_prefill(model, [[1, 2, 3], [1, 2, 3, 4]])
+    finally:
+        model.config.sliding_window = None
