@@ -220,3 +220,41 @@ def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_s
     done = cli("logout", env=no_key)
     assert done.code == 0 and objs["key"] not in config.read_text()
     assert cli("runs", "list", env=no_key).code == 3
+
+
+def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_path: Path, tiny_model_dir: Path,  # type: ignore[no-untyped-def]
+                                                            settings) -> None:
+    """In process (no subprocess, no worker): the YAML run spec's eval_dataset, by name or id, through a real Api."""
+    from webapp.catalog.services import register_dataset
+    from webapp.client import runspec
+    from webapp.client.api import Api
+    from webapp.client.config import Settings
+    from webapp.client.errors import CliError
+
+    settings.ARTIFACT_STORE = tmp_path / "store"
+    user, _base, toy, _config = demo_objects(tiny_model_dir)
+    test_rows = register_dataset("toy-test", "t.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(8, 5)).encode())
+    _, raw = ApiKey.issue(user, "cli", ["read", "write"])
+    api = Api(Settings(server=live_server.url, api_key=raw, source="test"))
+    fields = {"name": "held", "base_model": "tiny", "dataset": "toy", "eval_dataset": "toy-test", "lora_config": "cfg",
+              "hyperparameters": HP}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    body = runspec.body(api, runspec.load(str(path)))
+    assert (body["dataset"], body["eval_dataset"]) == (toy.pk, test_rows.pk)
+    created = api.post("runs/", body).json()
+    assert created["eval_dataset"] == test_rows.pk
+    assert TrainingRun.objects.get(pk=created["id"]).eval_dataset == test_rows
+    # Left out: no eval dataset in the body; by id: as is; unknown or of the wrong type: named.
+    del fields["eval_dataset"]
+    path.write_text(yaml.safe_dump(fields))
+    assert "eval_dataset" not in runspec.body(api, runspec.load(str(path)))
+    path.write_text(yaml.safe_dump({**fields, "eval_dataset": test_rows.pk}))
+    assert runspec.body(api, runspec.load(str(path)))["eval_dataset"] == test_rows.pk
+    path.write_text(yaml.safe_dump({**fields, "eval_dataset": "nope"}))
+    with pytest.raises(CliError, match="eval_dataset: no dataset is named 'nope'"):
+        runspec.body(api, runspec.load(str(path)))
+    path.write_text(yaml.safe_dump({**fields, "eval_dataset": ["toy-test"]}))
+    with pytest.raises(CliError) as refused:
+        runspec.load(str(path))
+    assert "eval_dataset: a name or an id, got list" in refused.value.details

@@ -84,6 +84,33 @@ def test_evaluation_needs_references(team: Any) -> None:
         services.start_evaluate(users["owner"], [a], held_out_of=run)
 
 
+def test_evaluating_what_a_run_held_out_uses_its_eval_dataset_when_it_has_one(team: Any, client: Client) -> None:
+    from django.urls import reverse
+
+    from webapp.catalog.models import Dataset
+
+    users = team[0]
+    a = adapter(team)
+    held = Dataset.objects.create(name="add-test <b>", uri="store://datasets/add-test.jsonl", original_filename="t.jsonl",
+                                  format="alpaca", row_count=40, size_bytes=100, sha256="0" * 64)
+    run = make(team, eval_dataset=held)
+    run.hyperparameters = {"learning_rate": 2e-4, "eval_fraction": 0.0}
+    job = services.start_evaluate(users["owner"], [a], held_out_of=run)
+    assert job.params["dataset"]["uri"] == held.uri and job.params["dataset"]["format"] == "alpaca"
+    assert job.params["split"] == "all" and (job.params["held_out_of"], job.params["eval_rows"]) == (run.pk, "eval_dataset")
+    assert jobspecs.spec_from_dict("evaluate", job.job_spec()).dataset.uri == held.uri  # the worker's spec
+    page = login(client, "owner").get(reverse("job-detail", args=[job.pk])).content.decode()
+    assert "dataset add-test &lt;b&gt;" in page
+    assert f'(<span id="eval-rows">the eval dataset of <a href="/runs/{run.pk}/">run {run.pk}</a></span>)' in page
+    # A run without one still evaluates on its held-out split, and the page says so.
+    other = make(team)
+    other.hyperparameters = {"learning_rate": 2e-4, "eval_fraction": 0.2, "seed": 3}
+    other.dataset = held
+    split = services.start_evaluate(users["owner"], [a], held_out_of=other)
+    assert (split.params["split"], split.params["eval_fraction"], split.params["eval_rows"]) == ("held_out", 0.2, "held_out")
+    assert "(held-out split of" in login(client, "owner").get(reverse("job-detail", args=[split.pk])).content.decode()
+
+
 def test_the_load_follows_the_adapters_quantization(team: Any) -> None:
     four = [adapter(team, quantization="4bit", name=f"q{i}") for i in range(2)]
     assert compare(team, *four).job.params["load"]["quantization"] == "4bit"

@@ -181,6 +181,51 @@ def test_clone_queues_a_new_run_with_the_same_inputs_for_the_caller(client: Clie
     assert "unknown field" in problem_of(post(client, f"/api/v1/runs/{source.pk}/clone/", {"nme": "x"}, raw), 400)["detail"]
 
 
+def _test_rows(t: Team) -> Any:
+    from webapp.catalog.services import register_dataset
+    from workers.demo import toy_rows
+
+    return register_dataset("toy-test", "test.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(16, 9)).encode())
+
+
+def test_a_run_with_an_eval_dataset_round_trips_and_its_clone_keeps_it(client: Client, api_team: Team) -> None:
+    t = api_team
+    test_rows = _test_rows(t)
+    raw = key_for(t.owner)
+    plain = post(client, "/api/v1/runs/", t.run_body(), raw).json()
+    assert (plain["eval_dataset"], plain["eval_dataset_name"]) == (None, None)
+
+    response = post(client, "/api/v1/runs/", t.run_body(eval_dataset=test_rows.pk,
+                                                        hyperparameters={"early_stopping_patience": 2}), raw)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["eval_dataset"], body["eval_dataset_name"]) == (test_rows.pk, "toy-test")
+    run = TrainingRun.objects.get(pk=body["id"])
+    assert run.eval_dataset == test_rows and run.job_spec().eval_dataset.uri == test_rows.uri  # type: ignore[union-attr]
+    assert client.get(f"/api/v1/runs/{run.pk}/", **bearer(raw)).json()["eval_dataset"] == test_rows.pk
+    listed = client.get("/api/v1/runs/", **bearer(raw)).json()["results"]
+    assert {r["id"]: r["eval_dataset"] for r in listed} == {run.pk: test_rows.pk, plain["id"]: None}
+
+    clone = post(client, f"/api/v1/runs/{run.pk}/clone/", {}, raw)
+    assert clone.status_code == 201, clone.content
+    assert clone.json()["eval_dataset"] == test_rows.pk
+    assert TrainingRun.objects.get(pk=clone.json()["id"]).eval_dataset == test_rows
+
+
+def test_eval_dataset_refusals_are_field_errors(client: Client, api_team: Team) -> None:
+    t = api_team
+    test_rows = _test_rows(t)
+    raw = key_for(t.owner)
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(eval_dataset=999999), raw), 400)
+    assert body["errors"] == {"eval_dataset": ["no dataset with id 999999"]}
+    both = t.run_body(eval_dataset=test_rows.pk, hyperparameters={"eval_fraction": 0.1})
+    body = problem_of(post(client, "/api/v1/runs/", both, raw), 400)
+    assert list(body["errors"]) == ["eval_dataset"] and "not both" in body["errors"]["eval_dataset"][0]
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(hyperparameters={"early_stopping_patience": 2}), raw), 400)
+    assert "needs an eval set" in body["errors"]["hyperparameters.early_stopping_patience"][0]
+    assert not TrainingRun.objects.exists()
+
+
 # --- events, metrics, checkpoints ---------------------------------------------------------------------------
 
 

@@ -243,7 +243,11 @@ def test_a_model_given_by_path_is_registered_on_the_fly(world: dict[str, Any], t
     ({"method": {"type": "dpo"}}, "method.type", "supervised"),
     ({"hyperparameters": {"n_epochs": 2}, "method": {"supervised": {"hyperparameters": {"n_epochs": 3}}}},
      "hyperparameters", "not both"),
-    ({"validation_file": "file-{dataset}"}, "validation_file", "eval_fraction"),
+    ({"validation_file": "file-999999"}, "validation_file", "No such file"),
+    ({"validation_file": "batch-{dataset}"}, "validation_file", "ids look like file-123"),
+    ({"validation_file": 7}, "validation_file", "must be the id of an uploaded file"),
+    ({"validation_file": "file-{dataset}", "tunedeck": {"hyperparameters": {"eval_fraction": 0.1}}},
+     "validation_file", "not both"),
     ({"seed": -1}, "seed", "non-negative"),
     ({"suffix": "x" * 65}, "suffix", "64"),
     ({"metadata": {"team": "nlp"}}, "metadata", "not supported"),
@@ -271,6 +275,28 @@ def test_a_bad_job_request_is_a_400_naming_the_param(world: dict[str, Any], extr
     assert error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
     assert not TrainingRun.objects.exists() and LoraConfig.objects.count() == configs
+
+
+def test_a_validation_file_is_the_runs_eval_dataset(world: dict[str, Any]) -> None:
+    api = world["api"]["owner"]
+    uploaded = api.upload("valid.jsonl", jsonl(CHAT))
+    assert uploaded.status_code == 200, uploaded.content
+    file_id = uploaded.json()["id"]
+    response = api.post("fine_tuning/jobs", job_body(world, validation_file=file_id,
+                                                     tunedeck={"hyperparameters": {"early_stopping_patience": 2}}))
+    assert response.status_code == 200, response.content
+    job = FineTuningJob.model_validate(response.json())
+    run = TrainingRun.objects.get(pk=int(job.id.removeprefix("ftjob-")))
+    assert run.eval_dataset == Dataset.objects.get(pk=int(file_id.removeprefix("file-")))
+    assert (job.validation_file, job.training_file, job.trained_tokens) == (
+        file_id, f"file-{world['dataset'].pk}", None)
+    assert api.get(f"fine_tuning/jobs/{job.id}").json()["validation_file"] == file_id
+    listed = api.get("fine_tuning/jobs").json()["data"]
+    assert [j["validation_file"] for j in listed] == [file_id]
+    # null, like leaving it out: the run holds out its eval_fraction (or evaluates on nothing).
+    plain = api.post("fine_tuning/jobs", job_body(world, validation_file=None)).json()
+    assert plain["validation_file"] is None
+    assert TrainingRun.objects.get(pk=int(plain["id"].removeprefix("ftjob-"))).eval_dataset is None
 
 
 def test_staff_may_raise_the_priority(world: dict[str, Any]) -> None:
@@ -333,11 +359,13 @@ def test_the_job_status_follows_the_run(world: dict[str, Any]) -> None:
     failed = job()
     assert failed.status == "failed" and failed.finished_at == int(finished.timestamp())
     assert failed.error is not None and failed.error.message == "CUDA out of memory" and failed.fine_tuned_model is None
+    assert failed.trained_tokens is None
     TrainingRun.objects.filter(pk=run.pk).update(state="succeeded", error="")
     Adapter.objects.create(run=run, owner=world["owner"], base_model=world["base"], uri="store://a", size_bytes=1,
-                           sha256="0" * 64, trainable_params=1, total_params=2)
+                           sha256="0" * 64, trainable_params=1, total_params=2, metrics={"trained_tokens": 51234})
     succeeded = job()
     assert (succeeded.status, succeeded.fine_tuned_model, succeeded.error) == ("succeeded", f"tiny:ft-{run.pk}", None)
+    assert succeeded.trained_tokens == 51234  # what the runner counted (workers/train.py trained_tokens)
     TrainingRun.objects.filter(pk=run.pk).update(state="cancelled")
     assert job().status == "cancelled" and job().fine_tuned_model is None
 
