@@ -447,3 +447,24 @@ def test_the_cli_lists_and_shows_prompt_sets(api_team: Team, api_for: Any, capsy
     with pytest.raises(CliError) as missing:
         cli.prompt_sets_show(args(id=999999), api)
     assert missing.value.code == NOT_FOUND
+
+
+def test_the_vote_page_never_shows_which_output_is_whose_before_the_vote(client: Client, api_team: Team) -> None:
+    """The page's buttons post option letters: neither a column key nor a name is in the page's source."""
+    from webapp.playground import votes
+
+    t = api_team
+    comparison = comparison_of(t)
+    assert client.login(username="mate", password="pw-mate-123")
+    page = f"/compare/{comparison.pk}/vote/"
+    source = client.get(page).content.decode()
+    for key, label in comparison.columns():
+        assert f'value="{key}"' not in source and label not in source
+    letters = dict(votes.options(comparison, t.mate.pk, 0))
+    assert sorted(f'value="{letter}"' in source for letter in letters) == [True] * len(letters)
+    letter, key = next(iter(letters.items()))
+    reply = client.post(page, {"row": 0, "choice": letter}, HTTP_HX_REQUEST="true")
+    assert reply.status_code == 200 and dict(comparison.columns())[key] in reply.content.decode()
+    assert Vote.objects.get(comparison=comparison, user=t.mate, row=0).choice == key
+    refused = client.post(page, {"row": 1, "choice": key})  # a column key is not an option of the ballot
+    assert refused.status_code == 400 and "pick one of" in refused.content.decode()

@@ -319,7 +319,11 @@ def comparison_vote(request: HttpRequest, pk: int) -> HttpResponse:
 
 def _cast_vote(request: HttpRequest, comparison: Comparison) -> HttpResponse:
     try:
-        vote = votes.cast(comparison, request.user, request.POST.get("row", ""), request.POST.get("choice", ""))
+        # The page posts the option letter of the voter's own ballot, never a column key: the page's source
+        # must not say which output is whose.
+        row = votes.check_row(comparison, request.POST.get("row", ""))
+        choice = votes.key_of_option(comparison, request.user.pk, row, request.POST.get("choice", ""))
+        vote = votes.cast(comparison, request.user, row, choice)
     except votes.VoteRefused as refused:
         text = f"{refused.field}: {refused.message}" if refused.field else refused.message
         return HttpResponse(html.escape(text), status=refused.status)
