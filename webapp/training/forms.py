@@ -38,7 +38,7 @@ class RunForm(forms.Form):
     base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), help_text="The model to adapt.")
     dataset = forms.ModelChoiceField(queryset=Dataset.objects.all(), help_text="Training rows.")
     eval_dataset = forms.ModelChoiceField(
-        queryset=Dataset.objects.all(), required=False, label="Eval dataset",
+        queryset=Dataset.objects.all(), required=False, label="Evaluate on",
         help_text="Optional: rows to evaluate on instead of a held-out fraction of the training rows.")
     lora_config = forms.ModelChoiceField(queryset=LoraConfig.objects.all(), label="LoRA config")
     # Placement (fleet/scheduler.py): which workers may take the run, and how soon (only staff go above 0).
