@@ -263,24 +263,30 @@ def finished_comparison(team: Any) -> Comparison:
 
 
 def test_blind_votes_hide_names_until_voted_count_once_and_give_win_rates(team: Any, client: Client) -> None:
+    from webapp.playground.votes import options
+
     comparison = finished_comparison(team)
-    keys = [k for k, _ in comparison.columns()]
+    users = team[0]
     login(client, "mate")
     page = client.get(f"/compare/{comparison.pk}/vote/").content.decode()
     assert "add-adapter" not in page and "Output 1 is best" in page  # names hidden before the vote
 
+    def letter_of(user: Any, row: int, key: str) -> str:
+        """The option letter under which `user`'s ballot shows `key` on `row` (what the page's button posts)."""
+        return next(letter for letter, k in options(comparison, user.pk, row) if k == key)
+
     url = f"/compare/{comparison.pk}/vote/"
-    mates_choice = comparison.blind_order(team[0]["mate"].pk, 0)[0]
-    reply = client.post(url, {"row": 0, "choice": mates_choice}, HTTP_HX_REQUEST="true")
+    mates_choice = comparison.blind_order(users["mate"].pk, 0)[0]
+    reply = client.post(url, {"row": 0, "choice": "A"}, HTTP_HX_REQUEST="true")
     assert reply.status_code == 200 and dict(comparison.columns())[mates_choice] in reply.content.decode()
-    again = client.post(url, {"row": 0, "choice": keys[1]})
+    again = client.post(url, {"row": 0, "choice": "B"})
     assert again.status_code == 409 and "one vote per person per row" in again.content.decode()
-    assert client.post(url, {"row": 7, "choice": keys[0]}).status_code == 400
-    assert client.post(url, {"row": 1, "choice": "a99999"}).status_code == 400
+    assert client.post(url, {"row": 7, "choice": "A"}).status_code == 400
+    assert client.post(url, {"row": 1, "choice": "Z"}).status_code == 400
     client.post(url, {"row": 1, "choice": "tie"})
 
     login(client, "owner")
-    client.post(url, {"row": 0, "choice": mates_choice})
+    client.post(url, {"row": 0, "choice": letter_of(users["owner"], 0, mates_choice)})
     rates = {w["key"]: w for w in comparison.win_rates()}
     assert rates[mates_choice]["wins"] == 2 and rates[mates_choice]["rate"] == 1.0 and rates["tie"]["wins"] == 1
     assert Vote.objects.filter(comparison=comparison).count() == 3
