@@ -11,7 +11,18 @@ from typing import Any
 
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import Column, details, emit_json, field, note, progress, table, when
+from webapp.client.output import (
+    Column,
+    details,
+    emit_json,
+    field,
+    list_command,
+    note,
+    progress,
+    show_command,
+    table,
+    when,
+)
 from webapp.client.runs import FINAL, POLL_S
 from webapp.client.transfer import download
 
@@ -22,21 +33,12 @@ ADAPTER_COLUMNS = [("id", field("id")), ("name", field("name")), ("origin", fiel
 
 
 def adapters_list(args: argparse.Namespace, api: Api) -> int:
-    rows = list(api.pages("adapters/", limit=args.limit, base_model=args.base_model, run=args.run))
-    if args.json:
-        emit_json(rows)
-    else:
-        table(rows, ADAPTER_COLUMNS, "no adapters yet")
-    return OK
+    return list_command(args, api, "adapters/", ADAPTER_COLUMNS, "no adapters yet", base_model=args.base_model,
+                        run=args.run)  # fmt: skip
 
 
 def adapters_show(args: argparse.Namespace, api: Api) -> int:
-    adapter = api.get(f"adapters/{args.id}/")
-    if args.json:
-        emit_json(adapter)
-    else:
-        details(adapter)
-    return OK
+    return show_command(args, api, f"adapters/{args.id}/")
 
 
 def adapters_download(args: argparse.Namespace, api: Api) -> int:
@@ -200,12 +202,8 @@ PROMPT_SET_COLUMNS = [("id", field("id")), ("name", field("name")), ("owner", fi
 
 
 def prompt_sets_list(args: argparse.Namespace, api: Api) -> int:
-    rows = list(api.pages("prompt-sets/", limit=args.limit, owner=args.owner))
-    if args.json:
-        emit_json(rows)
-    else:
-        table(rows, PROMPT_SET_COLUMNS, "no prompt sets yet: `tunedeck compare --prompt …` makes one")
-    return OK
+    return list_command(args, api, "prompt-sets/", PROMPT_SET_COLUMNS,
+                        "no prompt sets yet: `tunedeck compare --prompt …` makes one", owner=args.owner)  # fmt: skip
 
 
 def prompt_sets_show(args: argparse.Namespace, api: Api) -> int:

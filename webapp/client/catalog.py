@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from webapp.client.api import Api
-from webapp.client.output import details, emit_json, field, table, when
+from webapp.client.output import emit_json, field, list_command, show_command, when
 from webapp.client.transfer import upload
 
 DATASET_COLUMNS = [("id", field("id")), ("name", field("name")), ("format", field("format")),
@@ -19,30 +19,12 @@ CONFIG_COLUMNS = [("id", field("id")), ("name", field("name")), ("method", field
                   ("summary", field("summary"))]
 
 
-def _list(args: argparse.Namespace, api: Api, path: str, columns: list, empty: str, **filters: object) -> int:
-    rows = list(api.pages(path, limit=args.limit, **filters))
-    if args.json:
-        emit_json(rows)
-    else:
-        table(rows, columns, empty)
-    return 0
-
-
-def _show(args: argparse.Namespace, api: Api, path: str) -> int:
-    obj = api.get(path)
-    if args.json:
-        emit_json(obj)
-    else:
-        details(obj)
-    return 0
-
-
 def datasets_list(args: argparse.Namespace, api: Api) -> int:
-    return _list(args, api, "datasets/", DATASET_COLUMNS, "no datasets yet: `tunedeck datasets upload FILE`")
+    return list_command(args, api, "datasets/", DATASET_COLUMNS, "no datasets yet: `tunedeck datasets upload FILE`")
 
 
 def datasets_show(args: argparse.Namespace, api: Api) -> int:
-    return _show(args, api, f"datasets/{args.id}/")
+    return show_command(args, api, f"datasets/{args.id}/")
 
 
 def datasets_upload(args: argparse.Namespace, api: Api) -> int:
@@ -59,7 +41,7 @@ def datasets_upload(args: argparse.Namespace, api: Api) -> int:
 
 
 def models_list(args: argparse.Namespace, api: Api) -> int:
-    return _list(args, api, "base-models/", MODEL_COLUMNS, "no base models yet: `tunedeck models register NAME SOURCE`")
+    return list_command(args, api, "base-models/", MODEL_COLUMNS, "no base models yet: `tunedeck models register NAME SOURCE`")
 
 
 def models_register(args: argparse.Namespace, api: Api) -> int:
@@ -74,8 +56,8 @@ def models_register(args: argparse.Namespace, api: Api) -> int:
 
 
 def configs_list(args: argparse.Namespace, api: Api) -> int:
-    return _list(args, api, "lora-configs/", CONFIG_COLUMNS, "no LoRA configs yet")
+    return list_command(args, api, "lora-configs/", CONFIG_COLUMNS, "no LoRA configs yet")
 
 
 def configs_show(args: argparse.Namespace, api: Api) -> int:
-    return _show(args, api, f"lora-configs/{args.id}/")
+    return show_command(args, api, f"lora-configs/{args.id}/")

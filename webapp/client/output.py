@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import argparse
+
+    from webapp.client.api import Api
 
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
@@ -95,3 +100,24 @@ def progress(total: int | None, desc: str, unit: str = "it", quiet: bool = False
 
 def note(message: str, stream: IO[str] | None = None) -> None:
     print(message, file=stream or sys.stderr, flush=True)
+
+
+def list_command(args: argparse.Namespace, api: Api, path: str, columns: Sequence[Column], empty: str,
+                 **filters: Any) -> int:  # fmt: skip
+    """A list command: every page of `path` (up to --limit) as a table, or as JSON with --json."""
+    rows = list(api.pages(path, limit=args.limit, **filters))
+    if args.json:
+        emit_json(rows)
+    else:
+        table(rows, columns, empty)
+    return 0
+
+
+def show_command(args: argparse.Namespace, api: Api, path: str, skip: Sequence[str] = ()) -> int:
+    """A show command: one object, as `details` (less `skip`) or as JSON with --json."""
+    obj = api.get(path)
+    if args.json:
+        emit_json(obj)
+    else:
+        details(obj, skip=skip)
+    return 0

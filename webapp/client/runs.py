@@ -12,7 +12,7 @@ from typing import Any
 from webapp.client import runspec
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import details, emit_json, field, note, progress, ref, table, when
+from webapp.client.output import emit_json, field, list_command, note, progress, ref, show_command, when
 
 FINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 1.0
@@ -25,22 +25,12 @@ RUN_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("st
 
 
 def runs_list(args: argparse.Namespace, api: Api) -> int:
-    rows = list(api.pages("runs/", limit=args.limit, state=args.state, owner=args.owner,
-                          base_model=args.base_model, dataset=args.dataset))
-    if args.json:
-        emit_json(rows)
-    else:
-        table(rows, RUN_COLUMNS, "no runs match")
-    return 0
+    return list_command(args, api, "runs/", RUN_COLUMNS, "no runs match", state=args.state, owner=args.owner,
+                        base_model=args.base_model, dataset=args.dataset)  # fmt: skip
 
 
 def runs_show(args: argparse.Namespace, api: Api) -> int:
-    run = api.get(f"runs/{args.id}/")
-    if args.json:
-        emit_json(run)
-    else:
-        details(run, skip=("metric_points",))
-    return 0
+    return show_command(args, api, f"runs/{args.id}/", skip=("metric_points",))
 
 
 def wait_for_run(api: Api, run_id: int, quiet: bool) -> dict[str, Any]:
