@@ -7,6 +7,7 @@ one `schedule_once()` pass at a time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -471,3 +472,211 @@ def test_a_runs_gpu_count_comes_from_its_num_gpus_setting() -> None:
     assert placement.needs_from_hyperparameters({"num_gpus": 4}) == 4
     assert placement.needs_from_hyperparameters({}) == 1
     assert placement.needs_from_hyperparameters({"num_gpus": "two"}) == 1
+
+
+# --- reservations: a job that waited too long keeps a worker for itself ---------------------------------------
+
+
+SLOT_IDS = itertools.count(100)
+
+
+def gpu_slot(name: str, sizes: tuple[float, ...], held: tuple[int, ...] = (), slot_id: int | None = None,
+             **fields: Any) -> placement.Slot:
+    """A worker as the scheduler reads it: GPUs of these sizes (GiB), `held` busy with one job each."""
+    slot = placement.Slot(id=slot_id if slot_id is not None else next(SLOT_IDS), name=name, labels=frozenset(),
+                          gpus=tuple(placement.Gpu(index=i, total=int(size * GiB)) for i, size in enumerate(sizes)),
+                          **fields)
+    for index in held:
+        slot.hold([index])
+    return slot
+
+
+def queued(job_id: int, gib: float | None = 10, gpus: int = 1, created: float = 0.0, **fields: Any) -> placement.Job:
+    """A queued run of one owner; `job_id` is also its place in that owner's queue."""
+    return placement.Job(key=("TrainingRun", job_id), owner=1, created=created, queue_order=float(job_id),
+                         needs_gpu_bytes=int(gib * GiB) if gib is not None else None, needs_gpus=gpus, noun="run",
+                         **fields)
+
+
+NOW = 10_000.0  # every job below was queued at 0, long before
+
+
+def simulate(reserve_after: float | None, steps: int) -> tuple[list[list[tuple[str, list[int]]]], placement.Plan]:
+    """A 2-GPU worker busy with two one-GPU jobs, a 2-GPU run first in the queue and a stream of one-GPU runs
+    behind it. Each step the job running longest ends and one pass runs; returns what each pass placed."""
+    running: list[tuple[str, list[int]]] = [("small 0", [0]), ("small 1", [1])]
+    queue = [queued(1, gpus=2)] + [queued(10 + i) for i in range(steps)]
+    placed: list[list[tuple[str, list[int]]]] = []
+    result = placement.Plan()
+    for _ in range(steps):
+        running.pop(0)
+        slot = gpu_slot("pair", (24, 24))
+        for _, gpus in running:
+            slot.hold(gpus)
+        result = placement.plan(queue, [slot], {}, {}, now=NOW, reserve_after=reserve_after)
+        step = [(f"{'wide' if job.key[1] == 1 else 'small'} {job.key[1]}", gpus) for job, _, gpus in result.placements]
+        running += step
+        placed.append(step)
+        done = {job.key for job, _, _ in result.placements}
+        queue = [job for job in queue if job.key not in done]
+    return placed, result
+
+
+def test_without_reservations_one_gpu_jobs_take_each_freed_gpu_and_a_two_gpu_job_starves() -> None:
+    placed, last = simulate(reserve_after=None, steps=6)
+    assert placed == [[("small 10", [0])], [("small 11", [1])], [("small 12", [0])], [("small 13", [1])],
+                      [("small 14", [0])], [("small 15", [1])]]
+    assert last.reasons[("TrainingRun", 1)] == "waiting for a free GPU (next in line)" and not last.reservations
+    placed, _ = simulate(reserve_after=NOW + 1, steps=6)  # not waited long enough yet: the same
+    assert [gpus for step in placed for _, gpus in step] == [[0], [1], [0], [1], [0], [1]]
+
+
+def test_a_reserved_worker_keeps_its_freed_gpu_until_the_two_gpu_job_fits_then_the_small_jobs_resume() -> None:
+    placed, _ = simulate(reserve_after=600, steps=4)
+    assert placed == [[], [("wide 1", [0, 1])], [("small 10", [0]), ("small 11", [1])], [("small 12", [0])]]
+    # The first pass, with GPU 0 free and kept: what each job says.
+    slot = gpu_slot("pair", (24, 24), held=(1,))
+    plan = placement.plan([queued(1, gpus=2), queued(2), queued(3)], [slot], {}, {}, now=NOW, reserve_after=600)
+    assert plan.placements == [] and list(plan.reservations) == [slot.id]
+    assert plan.reservations[slot.id].gpus == {0, 1} and not plan.reservations[slot.id].whole
+    assert plan.reasons == {
+        ("TrainingRun", 1): "next in line: worker pair is kept for it (GPUs 0, 1 fit; 1 of them busy)",
+        ("TrainingRun", 2): "waiting: GPUs of pair are kept for run 1, which needs 2 GPUs with ~10 GiB each",
+        ("TrainingRun", 3): "waiting: GPUs of pair are kept for run 1, which needs 2 GPUs with ~10 GiB each",
+    }
+
+
+def test_the_wait_counts_from_when_the_job_last_entered_the_queue_and_zero_reserves_at_once() -> None:
+    def first_pass(wide: placement.Job, reserve_after: float) -> placement.Plan:
+        return placement.plan([wide, queued(2)], [gpu_slot("pair", (24, 24), held=(1,))], {}, {}, now=NOW,
+                              reserve_after=reserve_after)
+
+    assert first_pass(queued(1, gpus=2, created=NOW - 599), 600).placements[0][0].key == ("TrainingRun", 2)
+    assert first_pass(queued(1, gpus=2, created=NOW - 600), 600).placements == []
+    requeued = queued(1, gpus=2, created=0.0, queued=NOW - 30)  # old, but back in the queue 30 s ago
+    assert requeued.queued_since == NOW - 30 and first_pass(requeued, 600).placements[0][0].key == ("TrainingRun", 2)
+    assert first_pass(queued(1, gpus=2, created=NOW), 0).placements == []
+
+
+def test_other_workers_and_the_reserved_workers_gpus_that_do_not_fit_the_job_stay_open() -> None:
+    mixed = gpu_slot("mixed", (80, 80, 24), held=(0,))
+    single = gpu_slot("single", (24,))
+    jobs = [queued(1, gib=40, gpus=2), queued(2), queued(3), queued(4)]
+    plan = placement.plan(jobs, [mixed, single], {}, {}, now=NOW, reserve_after=0)
+    assert [(job.key[1], slot.name, gpus) for job, slot, gpus in plan.placements] == [(2, "single", [0]), (3, "mixed", [2])]
+    assert plan.reservations[mixed.id].gpus == {0, 1}  # the 24 GiB GPU cannot hold 40 GiB: not kept
+    assert plan.reasons[("TrainingRun", 1)] == "next in line: worker mixed is kept for it (GPUs 0, 1 fit; 1 of them busy)"
+    assert plan.reasons[("TrainingRun", 4)] == (
+        "waiting: GPUs of mixed are kept for run 1, which needs 2 GPUs with ~40 GiB each")
+
+
+def test_jobs_ahead_in_the_order_are_never_held_back_by_a_reservation() -> None:
+    pair = gpu_slot("pair", (24, 24), held=(0,))
+    urgent = placement.Job(key=("AdapterJob", 7), owner=2, created=NOW, priority=5, needs_gpu_bytes=10 * GiB, noun="job")
+    plan = placement.plan([queued(1, gpus=2), queued(2), urgent], [pair], {}, {}, now=NOW, reserve_after=0)
+    assert [(job.key, gpus) for job, _, gpus in plan.placements] == [(("AdapterJob", 7), [1])]
+    assert plan.reasons[("TrainingRun", 1)] == "next in line: worker pair is kept for it (GPUs 0, 1 fit; 2 of them busy)"
+    assert plan.reasons[("TrainingRun", 2)] == "waiting for a free GPU (1 job ahead)"  # both busy: no reservation to blame
+
+
+def test_a_gpu_kept_for_a_job_waiting_on_memory_used_outside_tunedeck_says_so_and_names_the_job_by_its_noun() -> None:
+    shared = placement.Slot(id=1, name="shared", labels=frozenset(),
+                            gpus=(placement.Gpu(index=0, total=40 * GiB, free=15 * GiB), placement.Gpu(index=1, total=24 * GiB)))
+    shared.hold([1])
+    big = placement.Job(key=("AdapterJob", 8), owner=1, created=0.0, needs_gpu_bytes=30 * GiB, noun="job")
+    plan = placement.plan([big, queued(2, gib=10)], [shared], {}, {}, now=NOW, reserve_after=0)
+    assert plan.placements == []  # the run would fit in the 15 GiB left on GPU 0, but that GPU is kept
+    assert plan.reasons == {
+        ("AdapterJob", 8): "next in line: worker shared is kept for it (GPU 0 fits; waiting for GPU memory used outside Tunedeck)",
+        ("TrainingRun", 2): "waiting: GPUs of shared are kept for job 8, which needs ~30 GiB of GPU memory",
+    }
+
+
+def test_at_most_one_reservation_per_worker_and_starving_jobs_reserve_different_workers_in_order() -> None:
+    a, b = gpu_slot("a", (24, 24), held=(0, 1), slot_id=1), gpu_slot("b", (24, 24), held=(0,), slot_id=2)
+    jobs = [queued(1, gpus=2), queued(2, gpus=2), queued(3, gpus=2), queued(4)]
+    plan = placement.plan(jobs, [a, b], {}, {}, now=NOW, reserve_after=0)
+    assert {slot_id: r.job.key[1] for slot_id, r in plan.reservations.items()} == {2: 1, 1: 2}  # fewest busy first
+    assert plan.placements == []
+    assert plan.reasons == {
+        ("TrainingRun", 1): "next in line: worker b is kept for it (GPUs 0, 1 fit; 1 of them busy)",
+        ("TrainingRun", 2): "1 job ahead: worker a is kept for it (GPUs 0, 1 fit; 2 of them busy)",
+        ("TrainingRun", 3): "waiting for a free GPU (2 jobs ahead)",
+        ("TrainingRun", 4): "waiting: GPUs of b are kept for run 1, which needs 2 GPUs with ~10 GiB each",
+    }
+
+
+def test_a_worker_whose_job_limit_is_below_its_gpu_count_takes_no_new_job_while_reserved() -> None:
+    capped = gpu_slot("capped", (80, 80, 24), held=(0,), max_jobs=2)
+    plan = placement.plan([queued(1, gib=40, gpus=2), queued(2)], [capped], {}, {}, now=NOW, reserve_after=0)
+    assert plan.placements == [] and plan.reservations[capped.id].whole
+    assert plan.reasons[("TrainingRun", 2)] == "waiting: worker capped is kept for run 1, which needs 2 GPUs with ~40 GiB each"
+    capped.hold([2])  # at its limit: the reserved job also waits for a job to end
+    plan = placement.plan([queued(1, gib=40, gpus=2)], [capped], {}, {}, now=NOW, reserve_after=0)
+    assert plan.reasons[("TrainingRun", 1)] == (
+        "next in line: worker capped is kept for it (GPUs 0, 1 fit; 1 of them busy; the worker runs its limit of 2 jobs)")
+
+
+def test_the_reservation_goes_where_the_fewest_busy_gpus_must_free_up() -> None:
+    busy = gpu_slot("a-busy", (80, 80), held=(0, 1), slot_id=1)
+    half = gpu_slot("b-half", (80, 80, 80, 80), held=(0, 1, 2), slot_id=2)
+    small = gpu_slot("c-small", (24, 24, 24), held=(0, 1, 2), slot_id=3)
+    plan = placement.plan([queued(1, gib=20, gpus=2)], [busy, half, small], {}, {}, now=NOW, reserve_after=0)
+    assert list(plan.reservations) == [2]  # one GPU to free; the other two need two
+    assert plan.reasons[("TrainingRun", 1)] == "next in line: worker b-half is kept for it (GPUs 0, 1, 2, 3 fit; 3 of them busy)"
+    half.held.discard(2)
+    half.held.add(3)
+    plan = placement.plan([queued(1, gib=20, gpus=2)], [busy, small], {}, {}, now=NOW, reserve_after=0)
+    assert list(plan.reservations) == [3]  # a tie (two to free): the smaller GPUs that fit, as placement prefers
+
+
+def test_a_reservation_through_the_database_keeps_the_freed_gpu_and_places_the_two_gpu_run(team: Any, settings: Any) -> None:
+    settings.RESERVE_AFTER = 0
+    worker("pair", gpus=(24, 24))
+    worker("single", gpus=(24,))
+    running = [job(team), job(team), job(team)]
+    schedule_once()
+    assert [where(r) for r in running] == [("pair", [0]), ("single", [0]), ("pair", [1])]
+    wide = job(team, gpus=2)
+    smalls = [job(team) for _ in range(2)]
+    finish(running[0])
+    schedule_once()
+    wide, *smalls = fresh(wide, *smalls)
+    assert wide.state == "queued" and all(s.state == "queued" for s in smalls)
+    assert wide.wait_reason == "next in line: worker pair is kept for it (GPUs 0, 1 fit; 1 of them busy)"
+    assert smalls[0].wait_reason == f"waiting: GPUs of pair are kept for run {wide.pk}, which needs 2 GPUs with ~4 GiB each"
+    finish(running[1])  # the other worker frees up: a small job may run there
+    schedule_once()
+    assert where(smalls[0]) == ("single", [0]) and fresh(smalls[1])[0].state == "queued"
+    finish(running[2])
+    schedule_once()
+    assert where(wide) == ("pair", [0, 1]) and fresh(smalls[1])[0].state == "queued"
+    assert fresh(smalls[1])[0].wait_reason == "waiting for a free GPU (next in line)"
+
+
+def test_without_waiting_long_enough_the_freed_gpu_goes_to_a_small_job_and_a_requeue_restarts_the_wait(
+    team: Any, settings: Any
+) -> None:
+    settings.RESERVE_AFTER = 600
+    worker("pair", gpus=(24, 24))
+    running = [job(team), job(team)]
+    schedule_once()
+    wide = job(team, gpus=2)
+    small = job(team)
+    # Created two hours ago, but lost its worker and came back to the queue a minute ago.
+    TrainingRun.objects.filter(pk=wide.pk).update(
+        created_at=timezone.now() - timedelta(hours=2),
+        attempt_log=[{"attempt": 1, "worker": "gone", "outcome": "lost", "reason": "Worker gone stopped answering",
+                      "at": (timezone.now() - timedelta(seconds=60)).isoformat()}])
+    finish(running[0])
+    schedule_once()
+    assert where(small) == ("pair", [0])
+    assert fresh(wide)[0].wait_reason == "waiting for a free GPU (next in line)"
+    TrainingRun.objects.filter(pk=wide.pk).update(attempt_log=[
+        {"attempt": 1, "worker": "gone", "outcome": "lost", "reason": "Worker gone stopped answering",
+         "at": (timezone.now() - timedelta(seconds=601)).isoformat()}])
+    later = job(team)
+    finish(running[1])
+    schedule_once()
+    assert fresh(later)[0].state == "queued"
+    assert fresh(wide)[0].wait_reason == "next in line: worker pair is kept for it (GPUs 0, 1 fit; 1 of them busy)"

@@ -15,8 +15,41 @@ Rules:
 - Order: priority (higher first); then owners take turns: a job's turn is its owner's active jobs plus
   its place in the owner's queue (`queue_order`) at that priority, fewest first; ties go to the owner
   served least recently (never served first), then to the older job.
-- A job that cannot be placed now does not block the jobs behind it. A job that fits no online worker
-  even when idle says so, with the sizes, and is not counted as ahead of anyone.
+- A job that cannot be placed now does not block the jobs behind it, until it has waited too long (below).
+  A job that fits no online worker even when idle says so, with the sizes, and is not counted as ahead
+  of anyone.
+
+Reservations (against starvation): without them a job needing 2 GPUs on a busy worker can wait forever,
+because each time one GPU frees up a one-GPU job behind it takes it. So a job that fits some online worker
+when idle, cannot be placed now, and has been queued for at least `reserve_after` seconds (the setting
+TUNEDECK_RESERVE_AFTER; counted from `Job.queued_since`) reserves one worker, if jobs behind it could
+otherwise overtake it (`overtakable`): it needs several GPUs, or a GPU that is free by Tunedeck's count
+lacks the memory for it because of memory used outside Tunedeck (a smaller job could take that GPU). A
+one-GPU job needs no reservation otherwise: it comes before the jobs behind it, so the first GPU that fits
+it and frees up is its own; letting it reserve would only take workers away from the jobs that need them.
+A job that would have been placed but for another job's reservation waits behind that job, reserving
+nothing.
+
+- Which worker: among the workers with its labels that could hold it when idle and that no job earlier
+  in the order has reserved in this pass, the one where the fewest busy GPUs must free up before it fits
+  (the GPUs that fit it less those free now; a worker at its `max_jobs` also needs one job to end), then
+  the smallest GPUs that fit (as `choose` prefers), then the name. Without job durations "fewest to free"
+  is the best guess of "soonest", and ties by name keep a reservation where it is from pass to pass.
+- What it keeps: the worker takes no new job, from any job later in the order, on a GPU that fits the
+  reserved job (`Reservation.gpus`); its other GPUs and other workers stay open to everyone. A CPU-only
+  worker, or one whose `max_jobs` is below its GPU count (jobs on its other GPUs would use up its job
+  slots), takes no new job at all (`Reservation.whole`).
+- The cost: GPUs that fit the reserved job stay idle while the busy ones drain, at most `needs_gpus - 1` of
+  them at a time (as soon as enough are free the job is placed), longer only while memory used outside
+  Tunedeck keeps a kept GPU too full. Keeping only the GPUs that will free up first would idle fewer, but
+  which those are needs job durations Tunedeck does not know.
+- One reservation per worker: several starving jobs reserve different workers, in order; one that finds
+  every worker it fits reserved waits without one. Jobs earlier in the order (higher priority, an earlier
+  turn) are never held back by a reservation: it is made in the pass when its job's turn comes, and a
+  pass starts with none (it is recomputed every pass, from the rows, so nothing is stored).
+- Wait reasons: the reserved job says "next in line: worker gpu-box-1 is kept for it (GPUs 0, 1 fit; 1 of
+  them busy)"; a job that would have been placed but for a reservation says "waiting: GPUs of gpu-box-1 are
+  kept for run 12, which needs 2 GPUs with ~30 GiB each".
 """
 
 from __future__ import annotations
@@ -99,6 +132,16 @@ class Job:
     needs_gpu_bytes: int | None = None
     needs_gpus: int = 1
     wait_reason: str = ""  # as stored: written again only when it changes
+    queued: float | None = None  # epoch seconds it last entered the queue (requeued, retried); None: `created`
+    noun: str = "job"  # how reasons name it: "run 12", "job 5"
+
+    @property
+    def name(self) -> str:
+        return f"{self.noun} {self.key[1]}"
+
+    @property
+    def queued_since(self) -> float:
+        return self.created if self.queued is None else max(self.created, self.queued)
 
     @property
     def cpu_capable(self) -> bool:
@@ -113,10 +156,24 @@ class Job:
         return self.needs_gpu_bytes or 0
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """A worker kept for a starving job: no job later in the order takes `gpus` (every GPU where `whole`)."""
+
+    job: Job
+    slot: Slot
+    gpus: frozenset[int]
+    whole: bool = False
+
+    def keeps(self, gpu: Gpu) -> bool:
+        return self.whole or gpu.index in self.gpus
+
+
 @dataclass
 class Plan:
     placements: list[tuple[Job, Slot, list[int]]] = field(default_factory=list)
     reasons: dict[tuple[str, int], str] = field(default_factory=dict)
+    reservations: dict[int, Reservation] = field(default_factory=dict)  # by slot id
 
 
 def order(jobs: Sequence[Job], active: dict[int, int], last_served: dict[int, float]) -> list[Job]:
@@ -134,12 +191,15 @@ def order(jobs: Sequence[Job], active: dict[int, int], last_served: dict[int, fl
     return [job for _, job in keyed]
 
 
-def choose(job: Job, slots: Sequence[Slot]) -> tuple[Slot, list[int]] | None:
+def choose(job: Job, slots: Sequence[Slot], kept: dict[int, Reservation] | None = None) -> tuple[Slot, list[int]] | None:
     """The best place for the job now: the smallest GPUs that fit (CPU-only workers first for CPU-capable
-    jobs), then the worker with the fewest jobs; None if nothing fits now."""
+    jobs), then the worker with the fewest jobs; None if nothing fits now. GPUs `kept` for a reserved job
+    (by slot id) are not taken."""
+    kept = kept or {}
     best: tuple[tuple[int, int, str], Slot, list[int]] | None = None
     for slot in slots:
-        if slot.full or not set(job.needs_labels) <= slot.labels:
+        reservation = kept.get(slot.id)
+        if slot.full or not set(job.needs_labels) <= slot.labels or (reservation and reservation.whole):
             continue
         if not slot.gpus:
             if job.cpu_capable:
@@ -147,7 +207,8 @@ def choose(job: Job, slots: Sequence[Slot]) -> tuple[Slot, list[int]] | None:
                 if best is None or score < best[0]:
                     best = (score, slot, [])
             continue
-        fitting = sorted((g for g in slot.free_gpus() if slot.available(g) >= job.bytes_wanted),
+        fitting = sorted((g for g in slot.free_gpus() if slot.available(g) >= job.bytes_wanted
+                          and not (reservation and reservation.keeps(g))),
                          key=lambda g: (slot.usable(g), g.index))
         if len(fitting) < job.gpus_wanted:
             continue
@@ -187,7 +248,7 @@ def misfit(job: Job, slots: Sequence[Slot]) -> str | None:
 
 def waiting(job: Job, slots: Sequence[Slot], ahead: int) -> str:
     """Why a job that fits some worker was not placed in this pass."""
-    line = "next in line" if ahead == 0 else f"{ahead} job{'s' if ahead != 1 else ''} ahead"
+    line = _line(ahead)
     matching = [s for s in slots if set(job.needs_labels) <= s.labels and not s.full and s.gpus]
     for slot in matching:  # a worker has room by our own accounting, but the card's memory is used elsewhere
         free = slot.free_gpus()
@@ -201,9 +262,93 @@ def waiting(job: Job, slots: Sequence[Slot], ahead: int) -> str:
     return f"waiting for a free GPU ({line})"
 
 
-def plan(jobs: Sequence[Job], slots: Sequence[Slot], active: dict[int, int], last_served: dict[int, float]) -> Plan:
+def _fitting(job: Job, slot: Slot) -> list[Gpu]:
+    """The worker's GPUs that could hold the job when nothing else runs on them."""
+    return [g for g in slot.gpus if slot.usable(g) >= job.bytes_wanted]
+
+
+def overtakable(job: Job, slots: Sequence[Slot]) -> bool:
+    """Whether jobs behind this one could take what it waits for (see the module's docstring): it needs
+    several GPUs, or a GPU with its labels is free by our count and large enough, but too full now."""
+    if job.gpus_wanted > 1:
+        return True
+    return any(g.index not in s.held and s.usable(g) >= job.bytes_wanted > s.available(g)
+               for s in slots if set(job.needs_labels) <= s.labels for g in s.gpus)
+
+
+def reserve(job: Job, slots: Sequence[Slot], taken: dict[int, Reservation]) -> Reservation | None:
+    """The worker kept for a starving job: of those with its labels that could hold it when idle and that
+    no one has reserved (`taken`, by slot id), the one with the fewest busy GPUs to free up before it fits,
+    then the smallest GPUs that fit, then the name; None if every such worker is reserved."""
+    best: tuple[tuple[int, int, str], Reservation] | None = None
+    for slot in slots:
+        if slot.id in taken or slot.capacity < 1 or not set(job.needs_labels) <= slot.labels:
+            continue
+        jobs_to_end = max(0, slot.active - slot.capacity + 1)
+        if not slot.gpus:
+            if job.cpu_capable:
+                score = (jobs_to_end, 0, slot.name)
+                if best is None or score < best[0]:
+                    best = (score, Reservation(job, slot, frozenset(), whole=True))
+            continue
+        fitting = _fitting(job, slot)
+        if len(fitting) < job.gpus_wanted:
+            continue
+        free = [g for g in fitting if g.index not in slot.held]
+        smallest = sorted(fitting, key=lambda g: slot.usable(g))[: job.gpus_wanted]
+        score = (max(job.gpus_wanted - len(free), jobs_to_end), 1 + sum(slot.usable(g) for g in smallest), slot.name)
+        if best is None or score < best[0]:
+            whole = slot.max_jobs is not None and slot.max_jobs < len(slot.gpus)
+            best = (score, Reservation(job, slot, frozenset(g.index for g in fitting), whole=whole))
+    return None if best is None else best[1]
+
+
+def _line(ahead: int) -> str:
+    return "next in line" if ahead == 0 else f"{ahead} job{'s' if ahead != 1 else ''} ahead"
+
+
+def _indices(gpus: Sequence[Gpu]) -> str:
+    return f"GPU{'s' if len(gpus) != 1 else ''} {', '.join(str(g.index) for g in gpus)}"
+
+
+def reserved(reservation: Reservation, ahead: int) -> str:
+    """The wait reason of a job that has a worker kept for it."""
+    job, slot = reservation.job, reservation.slot
+    if not slot.gpus:
+        return f"{_line(ahead)}: worker {slot.name} is kept for it (it runs {slot.active} job{'s' if slot.active != 1 else ''})"
+    fitting = _fitting(job, slot)
+    busy = sum(g.index in slot.held for g in fitting)
+    details = [f"{_indices(fitting)} fit{'s' if len(fitting) == 1 else ''}"]
+    if busy:
+        details.append("it is busy" if len(fitting) == 1 else f"{busy} of them busy")
+    if slot.full and slot.capacity < len(slot.gpus):
+        details.append(f"the worker runs its limit of {slot.capacity} job{'s' if slot.capacity != 1 else ''}")
+    elif busy <= len(fitting) - job.gpus_wanted:
+        details.append("waiting for GPU memory used outside Tunedeck")
+    return f"{_line(ahead)}: worker {slot.name} is kept for it ({'; '.join(details)})"
+
+
+def needs(job: Job) -> str:
+    """What a job needs, for another job's wait reason: "needs 2 GPUs with ~30 GiB each"."""
+    size = f"~{gib(job.bytes_wanted)}"
+    if job.gpus_wanted > 1:
+        return f"needs {job.gpus_wanted} GPUs" + (f" with {size} each" if job.needs_gpu_bytes else "")
+    if job.needs_gpu_bytes:
+        return f"needs {size} of GPU memory"
+    return "is ahead of it in the queue"
+
+
+def held_back(reservation: Reservation) -> str:
+    """The wait reason of a job that would have been placed but for this reservation."""
+    what = f"worker {reservation.slot.name} is" if reservation.whole else f"GPUs of {reservation.slot.name} are"
+    return f"waiting: {what} kept for {reservation.job.name}, which {needs(reservation.job)}"
+
+
+def plan(jobs: Sequence[Job], slots: Sequence[Slot], active: dict[int, int], last_served: dict[int, float],
+         now: float = 0.0, reserve_after: float | None = None) -> Plan:
     """Place what fits now, in order; give every job left queued its reason. `slots` are updated as
-    jobs are placed on them."""
+    jobs are placed on them. A job queued since `reserve_after` seconds before `now` or earlier that cannot
+    be placed reserves a worker (None: no reservations)."""
     result = Plan()
     ahead = 0
     for job in order(jobs, active, last_served):
@@ -211,9 +356,19 @@ def plan(jobs: Sequence[Job], slots: Sequence[Slot], active: dict[int, int], las
         if reason is not None:
             result.reasons[job.key] = reason
             continue
-        choice = choose(job, slots)
+        choice = choose(job, slots, result.reservations)
         if choice is None:
-            result.reasons[job.key] = waiting(job, slots, ahead)
+            starving = reserve_after is not None and now - job.queued_since >= reserve_after
+            unkept = choose(job, slots) if result.reservations else None
+            reservation = (reserve(job, slots, result.reservations)
+                           if starving and unkept is None and overtakable(job, slots) else None)
+            if unkept is not None:
+                result.reasons[job.key] = held_back(result.reservations[unkept[0].id])
+            elif reservation is not None:
+                result.reservations[reservation.slot.id] = reservation
+                result.reasons[job.key] = reserved(reservation, ahead)
+            else:
+                result.reasons[job.key] = waiting(job, slots, ahead)
             ahead += 1
             continue
         slot, gpus = choice

@@ -1,7 +1,7 @@
 """The scheduler: places queued jobs on workers that fit them and takes jobs back from lost workers.
 
 One pass is `schedule_once()`; `manage.py scheduler` (started by `tunedeck up`) loops it. The rules
-(order, fairness, GPUs, wait reasons) are in `fleet/placement.py`; this module reads the rows, commits
+(order, fairness, GPUs, reservations against starvation, wait reasons) are in `fleet/placement.py`; this module reads the rows, commits
 each placement with the ledger's conditional update and sends the wake-up after the commit.
 """
 
@@ -126,17 +126,34 @@ def _timestamp(value: datetime | None) -> float:
     return value.timestamp() if value else 0.0
 
 
+def requeued_at(attempt_log: Any) -> float | None:
+    """When a job came back to the queue, from its attempt log: a requeued job (worker lost or handed over)
+    returns at the moment its last attempt's entry was written; a retried one's last entry is when its failed
+    or cancelled attempt ended, the nearest the row records (the retry itself is only in the job's events).
+    None for a job that never ran, or an entry without a readable time."""
+    if not isinstance(attempt_log, list) or not attempt_log or not isinstance(attempt_log[-1], dict):
+        return None
+    try:
+        return datetime.fromisoformat(str(attempt_log[-1].get("at"))).timestamp()
+    except ValueError:
+        return None
+
+
 def queued_jobs() -> list[placement.Job]:
+    """The queued jobs as placement values. `queued` (what the reservation wait counts from) is when the job
+    last came back to the queue: `created_at` is only when it first entered it, and `queue_order` is not a
+    time once the owner reorders their queue (it swaps values between jobs)."""
     jobs = []
     for model in JOB_MODELS:
         rows = model.objects.filter(state=RunState.QUEUED).values_list(
             "pk", "owner_id", "created_at", "priority", "queue_order", "needs_labels", "needs_gpu_bytes", "needs_gpus",
-            "wait_reason")
-        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason in rows:
+            "wait_reason", "attempt_log")
+        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason, attempts in rows:
             jobs.append(placement.Job(
                 key=(model.__name__, pk), owner=owner, created=_timestamp(created), priority=priority,
                 queue_order=queue_order, needs_labels=tuple(str(x) for x in labels or []),
-                needs_gpu_bytes=gpu_bytes, needs_gpus=gpus, wait_reason=reason,
+                needs_gpu_bytes=gpu_bytes, needs_gpus=gpus, wait_reason=reason, queued=requeued_at(attempts),
+                noun=model.NOUN,
             ))
     return jobs
 
@@ -191,7 +208,7 @@ def dispatch_queued() -> int:
         return 0
     workers, slots = fleet()
     active, served = owners_history({job.owner for job in jobs})
-    plan = placement.plan(jobs, slots, active, served)
+    plan = placement.plan(jobs, slots, active, served, now=timezone.now().timestamp(), reserve_after=settings.RESERVE_AFTER)
     placed = sum(_commit(job, workers[slot.id], slot, gpus) for job, slot, gpus in plan.placements)
     _write_reasons(jobs, plan.reasons)
     return placed
