@@ -22,7 +22,7 @@ from django.utils import timezone
 from tests.webapp.factories import demo_objects, make_worker
 from tests.webapp.team import login, make
 from webapp.catalog.models import BaseModel
-from webapp.fleet import placement
+from webapp.fleet import placement, scheduler
 from webapp.fleet.models import Worker
 from webapp.fleet.scheduler import schedule_once
 from webapp.playground import services
@@ -680,3 +680,17 @@ def test_without_waiting_long_enough_the_freed_gpu_goes_to_a_small_job_and_a_req
     schedule_once()
     assert fresh(later)[0].state == "queued"
     assert fresh(wide)[0].wait_reason == "next in line: worker pair is kept for it (GPUs 0, 1 fit; 1 of them busy)"
+
+
+def test_a_one_gpu_job_takes_the_first_gpu_that_frees_anyway_so_it_leaves_the_reservation_to_a_wider_job() -> None:
+    pair = gpu_slot("pair", (24, 24), held=(0, 1))
+    plan = placement.plan([queued(1), queued(2, gpus=2), queued(3)], [pair], {}, {}, now=NOW, reserve_after=0)
+    assert {r.job.key[1] for r in plan.reservations.values()} == {2}
+    assert plan.reasons[("TrainingRun", 1)] == "waiting for a free GPU (next in line)"
+    assert plan.reasons[("TrainingRun", 2)] == "1 job ahead: worker pair is kept for it (GPUs 0, 1 fit; 2 of them busy)"
+
+
+def test_the_time_a_job_came_back_to_the_queue_is_read_from_its_last_attempt_and_a_bad_entry_is_ignored() -> None:
+    assert scheduler.requeued_at([{"at": "2025-01-02T03:04:05+00:00"}]) == 1735787045.0
+    assert scheduler.requeued_at([]) is None and scheduler.requeued_at(None) is None
+    assert scheduler.requeued_at([{"at": "yesterday"}]) is None and scheduler.requeued_at([{}]) is None

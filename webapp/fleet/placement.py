@@ -36,13 +36,14 @@ nothing.
   the smallest GPUs that fit (as `choose` prefers), then the name. Without job durations "fewest to free"
   is the best guess of "soonest", and ties by name keep a reservation where it is from pass to pass.
 - What it keeps: the worker takes no new job, from any job later in the order, on a GPU that fits the
-  reserved job (`Reservation.gpus`); its other GPUs and other workers stay open to everyone. A CPU-only
-  worker, or one whose `max_jobs` is below its GPU count (jobs on its other GPUs would use up its job
-  slots), takes no new job at all (`Reservation.whole`).
+  reserved job (`Reservation.gpus`); its other GPUs and other workers stay open to everyone. Only GPU
+  workers are reserved. A worker whose `max_jobs` is below its GPU count takes no new job at all
+  (`Reservation.whole`): jobs on its other GPUs would use up the job slots the reserved job waits for.
 - The cost: GPUs that fit the reserved job stay idle while the busy ones drain, at most `needs_gpus - 1` of
-  them at a time (as soon as enough are free the job is placed), longer only while memory used outside
-  Tunedeck keeps a kept GPU too full. Keeping only the GPUs that will free up first would idle fewer, but
-  which those are needs job durations Tunedeck does not know.
+  them at a time (as soon as enough are free the job is placed; a worker reserved whole also idles its
+  other free GPUs), longer only while memory used outside Tunedeck keeps a kept GPU too full. Keeping only
+  the GPUs that will free up first would idle fewer, but which those are needs job durations Tunedeck
+  does not know.
 - One reservation per worker: several starving jobs reserve different workers, in order; one that finds
   every worker it fits reserved waits without one. Jobs earlier in the order (higher priority, an earlier
   turn) are never held back by a reservation: it is made in the pass when its job's turn comes, and a
@@ -158,7 +159,8 @@ class Job:
 
 @dataclass(frozen=True)
 class Reservation:
-    """A worker kept for a starving job: no job later in the order takes `gpus` (every GPU where `whole`)."""
+    """A GPU worker kept for a starving job: no job later in the order takes `gpus` (the GPUs that fit the
+    job), nor any GPU of the worker where `whole`."""
 
     job: Job
     slot: Slot
@@ -277,26 +279,21 @@ def overtakable(job: Job, slots: Sequence[Slot]) -> bool:
 
 
 def reserve(job: Job, slots: Sequence[Slot], taken: dict[int, Reservation]) -> Reservation | None:
-    """The worker kept for a starving job: of those with its labels that could hold it when idle and that
-    no one has reserved (`taken`, by slot id), the one with the fewest busy GPUs to free up before it fits,
-    then the smallest GPUs that fit, then the name; None if every such worker is reserved."""
+    """The GPU worker kept for a starving job: of those with its labels that could hold it when idle and
+    that no one has reserved (`taken`, by slot id), the one with the fewest busy GPUs to free up before it
+    fits (a worker at its `max_jobs` also needs one job to end), then the smallest GPUs that fit, then the
+    name; None if every such worker is reserved."""
     best: tuple[tuple[int, int, str], Reservation] | None = None
     for slot in slots:
-        if slot.id in taken or slot.capacity < 1 or not set(job.needs_labels) <= slot.labels:
-            continue
-        jobs_to_end = max(0, slot.active - slot.capacity + 1)
-        if not slot.gpus:
-            if job.cpu_capable:
-                score = (jobs_to_end, 0, slot.name)
-                if best is None or score < best[0]:
-                    best = (score, Reservation(job, slot, frozenset(), whole=True))
+        if slot.id in taken or slot.capacity < 1 or not slot.gpus or not set(job.needs_labels) <= slot.labels:
             continue
         fitting = _fitting(job, slot)
         if len(fitting) < job.gpus_wanted:
             continue
         free = [g for g in fitting if g.index not in slot.held]
         smallest = sorted(fitting, key=lambda g: slot.usable(g))[: job.gpus_wanted]
-        score = (max(job.gpus_wanted - len(free), jobs_to_end), 1 + sum(slot.usable(g) for g in smallest), slot.name)
+        to_free = max(job.gpus_wanted - len(free), slot.active - slot.capacity + 1)
+        score = (to_free, sum(slot.usable(g) for g in smallest), slot.name)
         if best is None or score < best[0]:
             whole = slot.max_jobs is not None and slot.max_jobs < len(slot.gpus)
             best = (score, Reservation(job, slot, frozenset(g.index for g in fitting), whole=whole))
@@ -314,8 +311,6 @@ def _indices(gpus: Sequence[Gpu]) -> str:
 def reserved(reservation: Reservation, ahead: int) -> str:
     """The wait reason of a job that has a worker kept for it."""
     job, slot = reservation.job, reservation.slot
-    if not slot.gpus:
-        return f"{_line(ahead)}: worker {slot.name} is kept for it (it runs {slot.active} job{'s' if slot.active != 1 else ''})"
     fitting = _fitting(job, slot)
     busy = sum(g.index in slot.held for g in fitting)
     details = [f"{_indices(fitting)} fit{'s' if len(fitting) == 1 else ''}"]
