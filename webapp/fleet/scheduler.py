@@ -1,8 +1,9 @@
 """The scheduler: places queued jobs on workers that fit them and takes jobs back from lost workers.
 
 One pass is `schedule_once()`; `manage.py scheduler` (started by `tunedeck up`) loops it. The rules
-(order, fairness, GPUs, reservations against starvation, wait reasons) are in `fleet/placement.py`; this module reads the rows, commits
-each placement with the ledger's conditional update and sends the wake-up after the commit.
+(order, fairness, GPUs, reservations against starvation, wait reasons) are in `fleet/placement.py`; this
+module reads the rows, commits each placement with the ledger's conditional update and sends the wake-up
+after the commit.
 """
 
 from __future__ import annotations
