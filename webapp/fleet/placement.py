@@ -193,7 +193,9 @@ def order(jobs: Sequence[Job], active: dict[int, int], last_served: dict[int, fl
     return [job for _, job in keyed]
 
 
-def choose(job: Job, slots: Sequence[Slot], kept: dict[int, Reservation] | None = None) -> tuple[Slot, list[int]] | None:
+def choose(
+    job: Job, slots: Sequence[Slot], kept: dict[int, Reservation] | None = None
+) -> tuple[Slot, list[int]] | None:
     """The best place for the job now: the smallest GPUs that fit (CPU-only workers first for CPU-capable
     jobs), then the worker with the fewest jobs; None if nothing fits now. GPUs `kept` for a reserved job
     (by slot id) are not taken."""

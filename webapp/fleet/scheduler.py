@@ -209,7 +209,9 @@ def dispatch_queued() -> int:
         return 0
     workers, slots = fleet()
     active, served = owners_history({job.owner for job in jobs})
-    plan = placement.plan(jobs, slots, active, served, now=timezone.now().timestamp(), reserve_after=settings.RESERVE_AFTER)
+    plan = placement.plan(
+        jobs, slots, active, served, now=timezone.now().timestamp(), reserve_after=settings.RESERVE_AFTER
+    )
     placed = sum(_commit(job, workers[slot.id], slot, gpus) for job, slot, gpus in plan.placements)
     _write_reasons(jobs, plan.reasons)
     return placed
