@@ -27,8 +27,10 @@ from webapp.training.models import RunEvent, TrainingRun
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
-# Long enough that a kill lands between checkpoints, short enough for CI: checkpoints every 10 steps.
-HP = {"max_steps": 80, "save_steps": 10, "keep_checkpoints": 2, "logging_steps": 1, "seed": 7,
+# Long enough that a kill lands between checkpoints, short enough for CI: checkpoints every 10 steps. The
+# tiny model trains ~25 steps a second here: 160 steps leave the tests several seconds to see a run mid-way
+# (at 80, a loaded machine's slower polls sometimes saw it only once it had ended).
+HP = {"max_steps": 160, "save_steps": 10, "keep_checkpoints": 2, "logging_steps": 1, "seed": 7,
       "eval_fraction": 0.0, "batch_size": 4, "max_seq_length": 64, "warmup_ratio": 0.1, "lr_scheduler": "cosine"}
 
 
