@@ -22,7 +22,7 @@ from django.utils import timezone
 from tests.webapp.factories import demo_objects, make_worker
 from tests.webapp.team import login, make
 from webapp.catalog.models import BaseModel
-from webapp.fleet import placement, scheduler
+from webapp.fleet import placement
 from webapp.fleet.models import Worker
 from webapp.fleet.scheduler import schedule_once
 from webapp.playground import services
@@ -665,16 +665,12 @@ def test_without_waiting_long_enough_the_freed_gpu_goes_to_a_small_job_and_a_req
     small = job(team)
     # Created two hours ago, but lost its worker and came back to the queue a minute ago.
     TrainingRun.objects.filter(pk=wide.pk).update(
-        created_at=timezone.now() - timedelta(hours=2),
-        attempt_log=[{"attempt": 1, "worker": "gone", "outcome": "lost", "reason": "Worker gone stopped answering",
-                      "at": (timezone.now() - timedelta(seconds=60)).isoformat()}])
+        created_at=timezone.now() - timedelta(hours=2), queued_at=timezone.now() - timedelta(seconds=60))
     finish(running[0])
     schedule_once()
     assert where(small) == ("pair", [0])
     assert fresh(wide)[0].wait_reason == "waiting for a free GPU (next in line)"
-    TrainingRun.objects.filter(pk=wide.pk).update(attempt_log=[
-        {"attempt": 1, "worker": "gone", "outcome": "lost", "reason": "Worker gone stopped answering",
-         "at": (timezone.now() - timedelta(seconds=601)).isoformat()}])
+    TrainingRun.objects.filter(pk=wide.pk).update(queued_at=timezone.now() - timedelta(seconds=601))
     later = job(team)
     finish(running[1])
     schedule_once()
@@ -690,7 +686,27 @@ def test_a_one_gpu_job_takes_the_first_gpu_that_frees_anyway_so_it_leaves_the_re
     assert plan.reasons[("TrainingRun", 2)] == "1 job ahead: worker pair is kept for it (GPUs 0, 1 fit; 2 of them busy)"
 
 
-def test_the_time_a_job_came_back_to_the_queue_is_read_from_its_last_attempt_and_a_bad_entry_is_ignored() -> None:
-    assert scheduler.requeued_at([{"at": "2025-01-02T03:04:05+00:00"}]) == 1735787045.0
-    assert scheduler.requeued_at([]) is None and scheduler.requeued_at(None) is None
-    assert scheduler.requeued_at([{"at": "yesterday"}]) is None and scheduler.requeued_at([{}]) is None
+def test_a_requeue_or_a_retry_restarts_the_wait_and_an_old_retried_run_does_not_reserve_at_once(
+    team: Any, settings: Any
+) -> None:
+    settings.RESERVE_AFTER = 600
+    worker("pair", gpus=(24, 24))
+    running = [job(team), job(team)]
+    schedule_once()
+    wide = job(team, gpus=2)
+    # Created two hours ago and failed; retried now: its wait for a reservation starts at the retry.
+    TrainingRun.objects.filter(pk=wide.pk).update(created_at=timezone.now() - timedelta(hours=2), state="failed")
+    before = timezone.now()
+    assert ledger.retry(fresh(wide)[0], "owner")
+    assert fresh(wide)[0].queued_at >= before
+    small = job(team)
+    finish(running[0])
+    schedule_once()
+    assert where(small) == ("pair", [0])  # no reservation yet: the small job takes the freed GPU
+    assert fresh(wide)[0].wait_reason == "waiting for a free GPU (next in line)"
+
+    # A lost worker's job comes back to the queue with the time of the requeue.
+    lost = fresh(running[1])[0]
+    before = timezone.now()
+    assert ledger.requeue_or_fail(lost, "Worker pair stopped answering", max_attempts=3) == "queued"
+    assert fresh(lost)[0].queued_at >= before

@@ -127,33 +127,20 @@ def _timestamp(value: datetime | None) -> float:
     return value.timestamp() if value else 0.0
 
 
-def requeued_at(attempt_log: Any) -> float | None:
-    """When a job came back to the queue, from its attempt log: a requeued job (worker lost or handed over)
-    returns at the moment its last attempt's entry was written; a retried one's last entry is when its failed
-    or cancelled attempt ended, the nearest the row records (the retry itself is only in the job's events).
-    None for a job that never ran, or an entry without a readable time."""
-    if not isinstance(attempt_log, list) or not attempt_log or not isinstance(attempt_log[-1], dict):
-        return None
-    try:
-        return datetime.fromisoformat(str(attempt_log[-1].get("at"))).timestamp()
-    except ValueError:
-        return None
-
-
 def queued_jobs() -> list[placement.Job]:
     """The queued jobs as placement values. `queued` (what the reservation wait counts from) is when the job
-    last came back to the queue: `created_at` is only when it first entered it, and `queue_order` is not a
-    time once the owner reorders their queue (it swaps values between jobs)."""
+    last came back to the queue (`queued_at`, set by a requeue or a retry): `created_at` is only when it first
+    entered it, and `queue_order` is not a time once the owner reorders their queue (it swaps values)."""
     jobs = []
     for model in JOB_MODELS:
         rows = model.objects.filter(state=RunState.QUEUED).values_list(
             "pk", "owner_id", "created_at", "priority", "queue_order", "needs_labels", "needs_gpu_bytes", "needs_gpus",
-            "wait_reason", "attempt_log")
-        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason, attempts in rows:
+            "wait_reason", "queued_at")
+        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason, queued_at in rows:
             jobs.append(placement.Job(
                 key=(model.__name__, pk), owner=owner, created=_timestamp(created), priority=priority,
                 queue_order=queue_order, needs_labels=tuple(str(x) for x in labels or []),
-                needs_gpu_bytes=gpu_bytes, needs_gpus=gpus, wait_reason=reason, queued=requeued_at(attempts),
+                needs_gpu_bytes=gpu_bytes, needs_gpus=gpus, wait_reason=reason, queued=queued_at.timestamp() if queued_at else None,
                 noun=model.NOUN,
             ))
     return jobs

@@ -93,6 +93,8 @@ def requeue_or_fail(run: Any, reason: str, max_attempts: int, failure: bool = Tr
     }
     if target != RunState.QUEUED:
         fields["finished_at"] = timezone.now()
+    else:
+        fields["queued_at"] = timezone.now()
     updated = type(run).objects.filter(pk=run.pk, attempt=run.attempt, state__in=ACTIVE_STATES).update(**fields)
     if updated:
         note(run, f"{reason}: {run.NOUN} {'requeued' if target == RunState.QUEUED else target}", level="warning")
@@ -260,6 +262,7 @@ def retry(run: Any, by: Any) -> bool:
         updated = type(run).objects.filter(pk=run.pk, attempt=run.attempt, state__in=RETRYABLE_STATES).update(
             state=RunState.QUEUED, cancel_requested=False, error="", worker=None, failures=0, gpu_indices=[],
             queue_order=queue_clock(), dispatched_at=None, claimed_at=None, started_at=None, finished_at=None,
+            queued_at=timezone.now(),
         )
         if updated:
             note(run, f"Retry requested by {by}: " + (

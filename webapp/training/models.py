@@ -45,6 +45,9 @@ class LedgerJob(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    # When the job last came back to the queue (requeued from a lost worker or a handover, or retried); null
+    # while it has not left it since it was created. The scheduler's reservation wait counts from here.
+    queued_at = models.DateTimeField(null=True, blank=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
