@@ -146,5 +146,7 @@ def test_a_bad_base_path_fails_readably_the_worker_keeps_serving_and_cancel_stop
     step_at_cancel = TrainingRun.objects.get(pk=running.pk).step
     done = wait_for(running, ("succeeded", "failed", "cancelled"), timeout=60)
     assert done.state == "cancelled"
-    assert done.step - step_at_cancel < 60, (step_at_cancel, done.step)
+    # The page's step lags the worker by up to one report (1 s) and the worker sees the flag at its next
+    # report (1 s): at the tiny model's 25-40 steps a second, a prompt stop is well under 150 steps.
+    assert done.step - step_at_cancel < 150, (step_at_cancel, done.step)
     assert done.step < 3000
