@@ -82,7 +82,9 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
     assert Worker.objects.get(name=lost).state == "offline"
 
     resumed = victim.adapter.metrics["resumed_from_step"]
-    assert resumed is not None and 20 <= resumed <= step_at_kill + 10, (resumed, step_at_kill)
+    # From the latest checkpoint on disk: at least the one the test saw reported, at most those written in the
+    # last report interval (1 s, ~25-40 steps here) before the kill, which the control plane had not heard of.
+    assert resumed is not None and 20 <= resumed <= step_at_kill + 50, (resumed, step_at_kill)
     # The resumed run ends where the uninterrupted one does: same step count, same learning-rate schedule,
     # the same loss within a small tolerance (the data order and the RNG state are restored with the checkpoint).
     assert victim.adapter.metrics["steps"] == reference.adapter.metrics["steps"] == HP["max_steps"]
