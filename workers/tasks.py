@@ -278,7 +278,10 @@ class Heartbeat:
                 # Only once the control plane knows this worker is leaving (so it places nothing more here)
                 # are the jobs told to hand back.
                 announced = True
-                (self.folder / "shutdown").write_text("the worker is shutting down", encoding="utf-8")
+                try:
+                    (self.folder / "shutdown").write_text("the worker is shutting down", encoding="utf-8")
+                except OSError:  # the worker's folder is already gone: it has exited its jobs
+                    pass
             self._wake.wait(self.interval)
             self._wake.clear()
 

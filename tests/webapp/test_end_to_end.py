@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,13 +45,19 @@ class WorkerProcess:
             env = {**os.environ, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
                    "ARTIFACT_STORE": str(self.store), "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
             self.proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=self.log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc
 
     def stop(self) -> None:
+        """SIGTERM (a warm shutdown), then SIGKILL of the whole process group after 30 s: at teardown the
+        control plane no longer answers (the test database is gone), so a job still handing over would wait."""
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
         self.log.close()
 
 
