@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -587,10 +588,15 @@ def can_prefill(model: Any, rows: list[list[int]]) -> bool:
 def cache_argument(model: Any) -> str:
     """The name forward() and generate() take a KV cache under: `cache` from transformers 5.24 (where
     `past_key_values` is deprecated), `past_key_values` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_argument_of(type(inner))
+
+
+@cache
+def _cache_argument_of(model_class: type) -> str:
     import inspect
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def length_buckets(lengths: list[int], step_cost: int = BUCKET_COST) -> list[list[int]]:

@@ -654,14 +654,19 @@ def test_a_reservation_through_the_database_keeps_the_freed_gpu_and_places_the_t
     assert fresh(smalls[1])[0].wait_reason == "waiting for a free GPU (next in line)"
 
 
-def test_without_waiting_long_enough_the_freed_gpu_goes_to_a_small_job_and_a_requeue_restarts_the_wait(
-    team: Any, settings: Any
-) -> None:
+def busy_pair_and_a_wide_run(team: Any, settings: Any) -> tuple[list[TrainingRun], TrainingRun]:
+    """A 2-GPU worker running two 1-GPU runs, and a 2-GPU run queued behind them (reservations after 600 s)."""
     settings.RESERVE_AFTER = 600
     worker("pair", gpus=(24, 24))
     running = [job(team), job(team)]
     schedule_once()
-    wide = job(team, gpus=2)
+    return running, job(team, gpus=2)
+
+
+def test_without_waiting_long_enough_the_freed_gpu_goes_to_a_small_job_and_a_requeue_restarts_the_wait(
+    team: Any, settings: Any
+) -> None:
+    running, wide = busy_pair_and_a_wide_run(team, settings)
     small = job(team)
     # Created two hours ago, but lost its worker and came back to the queue a minute ago.
     TrainingRun.objects.filter(pk=wide.pk).update(
@@ -689,11 +694,7 @@ def test_a_one_gpu_job_takes_the_first_gpu_that_frees_anyway_so_it_leaves_the_re
 def test_a_requeue_or_a_retry_restarts_the_wait_and_an_old_retried_run_does_not_reserve_at_once(
     team: Any, settings: Any
 ) -> None:
-    settings.RESERVE_AFTER = 600
-    worker("pair", gpus=(24, 24))
-    running = [job(team), job(team)]
-    schedule_once()
-    wide = job(team, gpus=2)
+    running, wide = busy_pair_and_a_wide_run(team, settings)
     # Created two hours ago and failed; retried now: its wait for a reservation starts at the retry.
     TrainingRun.objects.filter(pk=wide.pk).update(created_at=timezone.now() - timedelta(hours=2), state="failed")
     before = timezone.now()
