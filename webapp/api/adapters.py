@@ -34,9 +34,10 @@ from webapp.api.common import (
     owner_param,
     raise_field_errors,
 )
-from webapp.api.events import FirstRenderer, ZipRenderer
+from webapp.api.events import ZipRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.jobs import JobSerializer, job_answer, job_queryset
+from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.playground import services, votes

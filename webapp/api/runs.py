@@ -30,12 +30,12 @@ from webapp.api.common import (
 from webapp.api.events import (
     EventPageSerializer,
     EventStreamRenderer,
-    FirstRenderer,
     events_page,
     json_batch,
     stream_response,
 )
 from webapp.api.idempotency import idempotent, run_idempotent
+from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.training import ledger
