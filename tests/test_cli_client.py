@@ -92,6 +92,14 @@ class Cli:
         return str(path)
 
 
+def cli_for(server: str, raw: str, tmp_path: Path) -> Cli:
+    """The CLI as a user's shell runs it: this server and key, a config file of its own, no other TUNEDECK_ setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEDECK_")}
+    env.update(TUNEDECK_SERVER=server, TUNEDECK_API_KEY=raw, TUNEDECK_CONFIG=str(tmp_path / "cli.toml"),
+               OMP_NUM_THREADS="1", COLUMNS="100")
+    return Cli(env, tmp_path)
+
+
 @pytest.fixture
 def setup(live_server, tmp_path: Path, tiny_model_dir: Path, settings) -> Iterator[tuple[Cli, Any]]:  # type: ignore[no-untyped-def]
     settings.ARTIFACT_STORE = tmp_path / "store"
@@ -99,14 +107,22 @@ def setup(live_server, tmp_path: Path, tiny_model_dir: Path, settings) -> Iterat
     _, raw = ApiKey.issue(user, "cli", ["read", "write"])
     fleet = Fleet(live_server.url, tmp_path / "store")
     fleet.start("w-cli")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEDECK_")}
-    env.update(TUNEDECK_SERVER=live_server.url, TUNEDECK_API_KEY=raw, TUNEDECK_CONFIG=str(tmp_path / "cli.toml"),
-               OMP_NUM_THREADS="1", COLUMNS="100")
     try:
         fleet.wait_ready("w-cli")
-        yield Cli(env, tmp_path), {"user": user, "base": base, "config": config, "key": raw, "model": tiny_model_dir}
+        yield cli_for(live_server.url, raw, tmp_path), {"user": user, "base": base, "config": config, "key": raw,
+                                                         "model": tiny_model_dir}
     finally:
         fleet.stop()
+
+
+@pytest.fixture
+def bare(live_server, tmp_path: Path, tiny_model_dir: Path, settings) -> tuple[Cli, Any]:  # type: ignore[no-untyped-def]
+    """The server and the demo catalog, no worker: for commands that train nothing."""
+    settings.ARTIFACT_STORE = tmp_path / "store"
+    user, base, toy, config = demo_objects(tiny_model_dir)
+    _, raw = ApiKey.issue(user, "cli", ["read", "write"])
+    return cli_for(live_server.url, raw, tmp_path), {"user": user, "base": base, "dataset": toy, "config": config,
+                                                      "key": raw}
 
 
 def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_scripts_can_trust(setup) -> None:  # type: ignore[no-untyped-def]
@@ -210,7 +226,7 @@ def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_s
     assert not (tmp / "none.zip").exists()
     done = cli("runs", "create", "-f", cli.spec("ghost", base_model="tiny", dataset="no-such-data",
                                                   lora_config="cfg"))
-    assert done.code == 2 and "dataset: no dataset is named 'no-such-data'" in done.err
+    assert done.code == 2 and "dataset: no dataset named 'no-such-data'" in done.err
     done = cli("runs", "create", "-f", cli.spec("badlr", base_model="tiny", dataset="cli-addition", lora_config="cfg",
                                                   hyperparameters={"learning_rate": -1}))
     assert done.code == 2
@@ -224,7 +240,8 @@ def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_s
 
 def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_path: Path, tiny_model_dir: Path,  # type: ignore[no-untyped-def]
                                                             settings) -> None:
-    """In process (no subprocess, no worker): the YAML run spec's eval_dataset, by name or id, through a real Api."""
+    """In process (no subprocess, no worker): the YAML run spec's eval_dataset, by name or id, through a real Api;
+    the server looks the names up."""
     from webapp.catalog.services import register_dataset
     from webapp.client import runspec
     from webapp.client.api import Api
@@ -232,7 +249,7 @@ def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_pat
     from webapp.client.errors import CliError
 
     settings.ARTIFACT_STORE = tmp_path / "store"
-    user, _base, toy, _config = demo_objects(tiny_model_dir)
+    user, _base, _toy, _config = demo_objects(tiny_model_dir)
     test_rows = register_dataset("toy-test", "t.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(8, 5)).encode())
     _, raw = ApiKey.issue(user, "cli", ["read", "write"])
     api = Api(Settings(server=live_server.url, api_key=raw, source="test"))
@@ -240,21 +257,49 @@ def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_pat
               "hyperparameters": HP}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(fields))
-    body = runspec.body(api, runspec.load(str(path)))
-    assert (body["dataset"], body["eval_dataset"]) == (toy.pk, test_rows.pk)
-    created = api.post("runs/", body).json()
+    created = api.post("runs/", runspec.body(runspec.load(str(path)))).json()
     assert created["eval_dataset"] == test_rows.pk
     assert TrainingRun.objects.get(pk=created["id"]).eval_dataset == test_rows
     # Left out: no eval dataset in the body; by id: as is; unknown or of the wrong type: named.
     del fields["eval_dataset"]
     path.write_text(yaml.safe_dump(fields))
-    assert "eval_dataset" not in runspec.body(api, runspec.load(str(path)))
+    assert "eval_dataset" not in runspec.body(runspec.load(str(path)))
     path.write_text(yaml.safe_dump({**fields, "eval_dataset": test_rows.pk}))
-    assert runspec.body(api, runspec.load(str(path)))["eval_dataset"] == test_rows.pk
+    assert api.post("runs/", runspec.body(runspec.load(str(path)))).json()["eval_dataset"] == test_rows.pk
     path.write_text(yaml.safe_dump({**fields, "eval_dataset": "nope"}))
-    with pytest.raises(CliError, match="eval_dataset: no dataset is named 'nope'"):
-        runspec.body(api, runspec.load(str(path)))
+    with pytest.raises(CliError) as refused:
+        api.post("runs/", runspec.body(runspec.load(str(path))))
+    assert refused.value.details == ["eval_dataset: no dataset named 'nope': GET /api/v1/datasets/ (tunedeck datasets "
+                                     "list) lists their names and ids"]
     path.write_text(yaml.safe_dump({**fields, "eval_dataset": ["toy-test"]}))
     with pytest.raises(CliError) as refused:
         runspec.load(str(path))
     assert "eval_dataset: a name or an id, got list" in refused.value.details
+
+
+def test_show_takes_a_name_or_an_id_and_a_run_spec_names_are_looked_up_by_the_server(bare) -> None:  # type: ignore[no-untyped-def]
+    cli, objs = bare
+    for group, name, obj in (("models", "tiny", objs["base"]), ("datasets", "toy", objs["dataset"]),
+                             ("lora-configs", "cfg", objs["config"])):
+        by_name = cli(group, "show", name, "--json")
+        assert by_name.code == 0, (group, by_name.err)
+        assert by_name.json()["id"] == obj.pk and by_name.json()["name"] == name
+        by_id = cli(group, "show", str(obj.pk), "--json")
+        assert by_id.code == 0 and by_id.json() == by_name.json(), (group, by_id.err)
+        missing = cli(group, "show", "no-such-thing")
+        assert missing.code == 4, (group, missing)
+        assert f"`tunedeck {group} list`" in missing.err and "'no-such-thing'" in missing.err
+    assert "report" in cli("datasets", "show", "toy", "--json").json()  # the detail, not the list's row
+    shown = cli("lora-configs", "show", "cfg")
+    assert shown.code == 0 and "cfg" in shown.out and "r" in shown.out
+
+    # A run spec naming every reference, created without waiting: the server resolves the names.
+    spec = cli.spec("named", name="by-names", base_model="tiny", dataset="toy", lora_config="cfg",
+                    hyperparameters=HP)
+    done = cli("runs", "create", "-f", spec, "--json")
+    assert done.code == 0, done.err
+    run = TrainingRun.objects.get(pk=done.json()["id"])
+    assert (run.base_model, run.dataset, run.lora_config) == (objs["base"], objs["dataset"], objs["config"])
+    done = cli("runs", "create", "-f", cli.spec("unknown", base_model="tiny", dataset="toy", lora_config="big"))
+    assert done.code == 2 and "lora_config: no LoRA config named 'big'" in done.err
+    assert "tunedeck lora-configs list" in done.err and TrainingRun.objects.count() == 1

@@ -91,10 +91,13 @@ def register(sub: Any) -> None:
     up.add_argument("--name", help="The dataset's name (default: the file name without its suffix).")
     up.add_argument("--idempotency-key", help="Sent as Idempotency-Key (default: a fresh one).")
     _quiet(up)
-    _leaf(datasets, "show", catalog.datasets_show, "A dataset with its validation report.").add_argument("id", type=int)
+    _leaf(datasets, "show", catalog.datasets_show, "A dataset with its validation report.").add_argument(
+        "id", metavar="ID_OR_NAME")
 
-    models = _group(sub, "models", "Base models: list, register.")
+    models = _group(sub, "models", "Base models: list, show, register.")
     _limit(_leaf(models, "list", catalog.models_list, "List base models."))
+    _leaf(models, "show", catalog.models_show, "A base model: source, architecture, size, linear modules.").add_argument(
+        "id", metavar="ID_OR_NAME")
     reg = _leaf(models, "register", catalog.models_register, "Register a base model by hub id or local path "
                 "(the server inspects it first).")
     reg.add_argument("name")
@@ -103,7 +106,8 @@ def register(sub: Any) -> None:
 
     configs = _group(sub, "lora-configs", "LoRA configs: list, show.")
     _limit(_leaf(configs, "list", catalog.configs_list, "List LoRA configs."))
-    _leaf(configs, "show", catalog.configs_show, "A LoRA config with every parameter.").add_argument("id", type=int)
+    _leaf(configs, "show", catalog.configs_show, "A LoRA config with every parameter.").add_argument(
+        "id", metavar="ID_OR_NAME")
 
     _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, retry, clone."))
     _register_adapters(sub)
