@@ -7,11 +7,15 @@ Exit codes checked: 0 ok, 1 the run ended cancelled under --wait, 2 a refused da
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
+import socket
 import stat
 import subprocess
 import sys
+import termios
 import time
 import zipfile
 from collections.abc import Iterator
@@ -303,3 +307,83 @@ def test_show_takes_a_name_or_an_id_and_a_run_spec_names_are_looked_up_by_the_se
     done = cli("runs", "create", "-f", cli.spec("unknown", base_model="tiny", dataset="toy", lora_config="big"))
     assert done.code == 2 and "lora_config: no LoRA config named 'big'" in done.err
     assert "tunedeck lora-configs list" in done.err and TrainingRun.objects.count() == 1
+
+
+def on_a_terminal(cli: Cli, *args: str, answers: list[tuple[str, str]], timeout: float = 60) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its controlling terminal (what getpass reads from): answer each
+    prompt as it appears; return the exit code and everything the terminal showed."""
+    master, slave = os.openpty()
+
+    def take_the_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", *args], env=cli.env, stdin=slave, stdout=slave,
+                            stderr=slave, preexec_fn=take_the_terminal)
+    os.close(slave)
+    shown, pending, since = b"", list(answers), 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the command ended: the terminal is gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+        if pending and pending[0][0].encode() in shown[since:]:  # getpass shows its prompt once echo is off
+            os.write(master, pending.pop(0)[1].encode() + b"\n")
+            since = len(shown)
+    os.close(master)
+    return proc.wait(timeout=30), shown.decode(errors="replace")
+
+
+def test_login_with_a_user_name_and_password_makes_a_key_for_this_machine(bare, django_user_model) -> None:  # type: ignore[no-untyped-def]
+    cli, objs = bare
+    no_key = {"TUNEDECK_API_KEY": ""}
+    server = cli.env["TUNEDECK_SERVER"]
+    config = Path(cli.env["TUNEDECK_CONFIG"])
+
+    # A script: --username, the password on stdin.
+    done = cli("login", "--server", server, "--username", "owner", env=no_key, stdin="owner-pass-123\n")
+    assert done.code == 0, done.err
+    assert "as owner" in done.out and f"cli on {socket.gethostname()}" in done.out
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600 and "owner-pass-123" not in config.read_text()
+    key = ApiKey.objects.get(name=f"cli on {socket.gethostname()}")
+    assert key.user == objs["user"] and key.scopes == ["read", "write"]
+    me = cli("whoami", "--json", env=no_key)
+    assert me.code == 0 and (me.json()["username"], me.json()["key_prefix"]) == ("owner", key.prefix)
+    shown = cli("lora-configs", "show", "cfg", "--json", env=no_key)  # the stored key works for every command
+    assert shown.code == 0 and shown.json()["id"] == objs["config"].pk
+
+    # Refusals: exit 3, nothing stored, the stored key kept.
+    before = config.read_text()
+    for username, password in (("owner", "not-the-password"), ("nobody", "owner-pass-123")):
+        done = cli("login", "--server", server, "--username", username, env=no_key, stdin=password + "\n")
+        assert done.code == 3 and "wrong user name or password" in done.err, done
+        assert password not in done.err + done.out
+    django_user_model.objects.create_user("gone", password="pw-gone-123", is_active=False)
+    done = cli("login", "--server", server, "--username", "gone", env=no_key, stdin="pw-gone-123\n")
+    assert done.code == 3 and "inactive" in done.err
+    done = cli("login", "--server", server, "--username", "owner", "--scopes", "admin", env=no_key,
+               stdin="owner-pass-123\n")
+    assert done.code == 3 and "staff" in done.err
+    assert config.read_text() == before and ApiKey.objects.count() == 2
+
+    # A person at a terminal: asked for the user name, then the password, which is not echoed.
+    code, screen = on_a_terminal(cli, "login", "--server", server,
+                                 answers=[("Username", "owner"), ("Password for owner", "owner-pass-123")])
+    assert code == 0, screen
+    assert "owner-pass-123" not in screen and "Logged in to" in screen
+    assert ApiKey.objects.filter(user=objs["user"]).count() == 3
+    # An empty user name asks for a key instead (not echoed either), as login did before.
+    code, screen = on_a_terminal(cli, "login", "--server", server,
+                                 answers=[("Username", ""), ("API key", objs["key"])])
+    assert code == 0 and objs["key"] not in screen, screen
+    assert f'api_key = "{objs["key"]}"' in config.read_text()
+    # And --key as always.
+    done = cli("login", "--server", server, "--key", objs["key"], env=no_key)
+    assert done.code == 0 and "as owner" in done.out
+    assert cli("login", "--server", server, "--key", objs["key"], "--username", "owner").code == 2
