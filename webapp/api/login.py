@@ -87,7 +87,7 @@ class Login(APIView):
         payload.is_valid(raise_exception=True)
         data = payload.validated_data
         username, password = data["username"], data["password"]
-        user = authenticate(request._request, username=username, password=password)
+        user = authenticate(request, username=username, password=password)
         if user is None:
             if _inactive_with_this_password(username, password):
                 return problem(403, f"the account {username} is inactive: an admin can activate it",
