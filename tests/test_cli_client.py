@@ -7,11 +7,15 @@ Exit codes checked: 0 ok, 1 the run ended cancelled under --wait, 2 a refused da
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
+import socket
 import stat
 import subprocess
 import sys
+import termios
 import time
 import zipfile
 from collections.abc import Iterator
@@ -92,6 +96,14 @@ class Cli:
         return str(path)
 
 
+def cli_for(server: str, raw: str, tmp_path: Path) -> Cli:
+    """The CLI as a user's shell runs it: this server and key, a config file of its own, no other TUNEDECK_ setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEDECK_")}
+    env.update(TUNEDECK_SERVER=server, TUNEDECK_API_KEY=raw, TUNEDECK_CONFIG=str(tmp_path / "cli.toml"),
+               OMP_NUM_THREADS="1", COLUMNS="100")
+    return Cli(env, tmp_path)
+
+
 @pytest.fixture
 def setup(live_server, tmp_path: Path, tiny_model_dir: Path, settings) -> Iterator[tuple[Cli, Any]]:  # type: ignore[no-untyped-def]
     settings.ARTIFACT_STORE = tmp_path / "store"
@@ -99,14 +111,22 @@ def setup(live_server, tmp_path: Path, tiny_model_dir: Path, settings) -> Iterat
     _, raw = ApiKey.issue(user, "cli", ["read", "write"])
     fleet = Fleet(live_server.url, tmp_path / "store")
     fleet.start("w-cli")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEDECK_")}
-    env.update(TUNEDECK_SERVER=live_server.url, TUNEDECK_API_KEY=raw, TUNEDECK_CONFIG=str(tmp_path / "cli.toml"),
-               OMP_NUM_THREADS="1", COLUMNS="100")
     try:
         fleet.wait_ready("w-cli")
-        yield Cli(env, tmp_path), {"user": user, "base": base, "config": config, "key": raw, "model": tiny_model_dir}
+        yield cli_for(live_server.url, raw, tmp_path), {"user": user, "base": base, "config": config, "key": raw,
+                                                         "model": tiny_model_dir}
     finally:
         fleet.stop()
+
+
+@pytest.fixture
+def bare(live_server, tmp_path: Path, tiny_model_dir: Path, settings) -> tuple[Cli, Any]:  # type: ignore[no-untyped-def]
+    """The server and the demo catalog, no worker: for commands that train nothing."""
+    settings.ARTIFACT_STORE = tmp_path / "store"
+    user, base, toy, config = demo_objects(tiny_model_dir)
+    _, raw = ApiKey.issue(user, "cli", ["read", "write"])
+    return cli_for(live_server.url, raw, tmp_path), {"user": user, "base": base, "dataset": toy, "config": config,
+                                                      "key": raw}
 
 
 def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_scripts_can_trust(setup) -> None:  # type: ignore[no-untyped-def]
@@ -210,7 +230,7 @@ def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_s
     assert not (tmp / "none.zip").exists()
     done = cli("runs", "create", "-f", cli.spec("ghost", base_model="tiny", dataset="no-such-data",
                                                   lora_config="cfg"))
-    assert done.code == 2 and "dataset: no dataset is named 'no-such-data'" in done.err
+    assert done.code == 2 and "dataset: no dataset named 'no-such-data'" in done.err
     done = cli("runs", "create", "-f", cli.spec("badlr", base_model="tiny", dataset="cli-addition", lora_config="cfg",
                                                   hyperparameters={"learning_rate": -1}))
     assert done.code == 2
@@ -224,7 +244,8 @@ def test_the_cli_logs_in_uploads_trains_follows_downloads_and_exits_with_codes_s
 
 def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_path: Path, tiny_model_dir: Path,  # type: ignore[no-untyped-def]
                                                             settings) -> None:
-    """In process (no subprocess, no worker): the YAML run spec's eval_dataset, by name or id, through a real Api."""
+    """In process (no subprocess, no worker): the YAML run spec's eval_dataset, by name or id, through a real Api;
+    the server looks the names up."""
     from webapp.catalog.services import register_dataset
     from webapp.client import runspec
     from webapp.client.api import Api
@@ -232,7 +253,7 @@ def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_pat
     from webapp.client.errors import CliError
 
     settings.ARTIFACT_STORE = tmp_path / "store"
-    user, _base, toy, _config = demo_objects(tiny_model_dir)
+    user, _base, _toy, _config = demo_objects(tiny_model_dir)
     test_rows = register_dataset("toy-test", "t.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(8, 5)).encode())
     _, raw = ApiKey.issue(user, "cli", ["read", "write"])
     api = Api(Settings(server=live_server.url, api_key=raw, source="test"))
@@ -240,21 +261,129 @@ def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_pat
               "hyperparameters": HP}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(fields))
-    body = runspec.body(api, runspec.load(str(path)))
-    assert (body["dataset"], body["eval_dataset"]) == (toy.pk, test_rows.pk)
-    created = api.post("runs/", body).json()
+    created = api.post("runs/", runspec.body(runspec.load(str(path)))).json()
     assert created["eval_dataset"] == test_rows.pk
     assert TrainingRun.objects.get(pk=created["id"]).eval_dataset == test_rows
     # Left out: no eval dataset in the body; by id: as is; unknown or of the wrong type: named.
     del fields["eval_dataset"]
     path.write_text(yaml.safe_dump(fields))
-    assert "eval_dataset" not in runspec.body(api, runspec.load(str(path)))
+    assert "eval_dataset" not in runspec.body(runspec.load(str(path)))
     path.write_text(yaml.safe_dump({**fields, "eval_dataset": test_rows.pk}))
-    assert runspec.body(api, runspec.load(str(path)))["eval_dataset"] == test_rows.pk
+    assert api.post("runs/", runspec.body(runspec.load(str(path)))).json()["eval_dataset"] == test_rows.pk
     path.write_text(yaml.safe_dump({**fields, "eval_dataset": "nope"}))
-    with pytest.raises(CliError, match="eval_dataset: no dataset is named 'nope'"):
-        runspec.body(api, runspec.load(str(path)))
+    with pytest.raises(CliError) as refused:
+        api.post("runs/", runspec.body(runspec.load(str(path))))
+    assert refused.value.details == ["eval_dataset: no dataset named 'nope': GET /api/v1/datasets/ (tunedeck datasets "
+                                     "list) lists their names and ids"]
     path.write_text(yaml.safe_dump({**fields, "eval_dataset": ["toy-test"]}))
     with pytest.raises(CliError) as refused:
         runspec.load(str(path))
     assert "eval_dataset: a name or an id, got list" in refused.value.details
+
+
+def test_show_takes_a_name_or_an_id_and_a_run_spec_names_are_looked_up_by_the_server(bare) -> None:  # type: ignore[no-untyped-def]
+    cli, objs = bare
+    for group, name, obj in (("models", "tiny", objs["base"]), ("datasets", "toy", objs["dataset"]),
+                             ("lora-configs", "cfg", objs["config"])):
+        by_name = cli(group, "show", name, "--json")
+        assert by_name.code == 0, (group, by_name.err)
+        assert by_name.json()["id"] == obj.pk and by_name.json()["name"] == name
+        by_id = cli(group, "show", str(obj.pk), "--json")
+        assert by_id.code == 0 and by_id.json() == by_name.json(), (group, by_id.err)
+        missing = cli(group, "show", "no-such-thing")
+        assert missing.code == 4, (group, missing)
+        assert f"`tunedeck {group} list`" in missing.err and "'no-such-thing'" in missing.err
+    assert "report" in cli("datasets", "show", "toy", "--json").json()  # the detail, not the list's row
+    shown = cli("lora-configs", "show", "cfg")
+    assert shown.code == 0 and "cfg" in shown.out and "r" in shown.out
+
+    # A run spec naming every reference, created without waiting: the server resolves the names.
+    spec = cli.spec("named", name="by-names", base_model="tiny", dataset="toy", lora_config="cfg",
+                    hyperparameters=HP)
+    done = cli("runs", "create", "-f", spec, "--json")
+    assert done.code == 0, done.err
+    run = TrainingRun.objects.get(pk=done.json()["id"])
+    assert (run.base_model, run.dataset, run.lora_config) == (objs["base"], objs["dataset"], objs["config"])
+    done = cli("runs", "create", "-f", cli.spec("unknown", base_model="tiny", dataset="toy", lora_config="big"))
+    assert done.code == 2 and "lora_config: no LoRA config named 'big'" in done.err
+    assert "tunedeck lora-configs list" in done.err and TrainingRun.objects.count() == 1
+
+
+def on_a_terminal(cli: Cli, *args: str, answers: list[tuple[str, str]], timeout: float = 60) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its controlling terminal (what getpass reads from): answer each
+    prompt as it appears; return the exit code and everything the terminal showed."""
+    master, slave = os.openpty()
+
+    def take_the_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", *args], env=cli.env, stdin=slave, stdout=slave,
+                            stderr=slave, preexec_fn=take_the_terminal)
+    os.close(slave)
+    shown, pending, since = b"", list(answers), 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the command ended: the terminal is gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+        if pending and pending[0][0].encode() in shown[since:]:  # getpass shows its prompt once echo is off
+            os.write(master, pending.pop(0)[1].encode() + b"\n")
+            since = len(shown)
+    os.close(master)
+    return proc.wait(timeout=30), shown.decode(errors="replace")
+
+
+def test_login_with_a_user_name_and_password_makes_a_key_for_this_machine(bare, django_user_model) -> None:  # type: ignore[no-untyped-def]
+    cli, objs = bare
+    no_key = {"TUNEDECK_API_KEY": ""}
+    server = cli.env["TUNEDECK_SERVER"]
+    config = Path(cli.env["TUNEDECK_CONFIG"])
+
+    # A script: --username, the password on stdin.
+    done = cli("login", "--server", server, "--username", "owner", env=no_key, stdin="owner-pass-123\n")
+    assert done.code == 0, done.err
+    assert "as owner" in done.out and f"cli on {socket.gethostname()}" in done.out
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600 and "owner-pass-123" not in config.read_text()
+    key = ApiKey.objects.get(name=f"cli on {socket.gethostname()}")
+    assert key.user == objs["user"] and key.scopes == ["read", "write"]
+    me = cli("whoami", "--json", env=no_key)
+    assert me.code == 0 and (me.json()["username"], me.json()["key_prefix"]) == ("owner", key.prefix)
+    shown = cli("lora-configs", "show", "cfg", "--json", env=no_key)  # the stored key works for every command
+    assert shown.code == 0 and shown.json()["id"] == objs["config"].pk
+
+    # Refusals: exit 3, nothing stored, the stored key kept.
+    before = config.read_text()
+    for username, password in (("owner", "not-the-password"), ("nobody", "owner-pass-123")):
+        done = cli("login", "--server", server, "--username", username, env=no_key, stdin=password + "\n")
+        assert done.code == 3 and "wrong user name or password" in done.err, done
+        assert password not in done.err + done.out
+    django_user_model.objects.create_user("gone", password="pw-gone-123", is_active=False)
+    done = cli("login", "--server", server, "--username", "gone", env=no_key, stdin="pw-gone-123\n")
+    assert done.code == 3 and "inactive" in done.err
+    done = cli("login", "--server", server, "--username", "owner", "--scopes", "admin", env=no_key,
+               stdin="owner-pass-123\n")
+    assert done.code == 3 and "staff" in done.err
+    assert config.read_text() == before and ApiKey.objects.count() == 2
+
+    # A person at a terminal: asked for the user name, then the password, which is not echoed.
+    code, screen = on_a_terminal(cli, "login", "--server", server,
+                                 answers=[("Username", "owner"), ("Password for owner", "owner-pass-123")])
+    assert code == 0, screen
+    assert "owner-pass-123" not in screen and "Logged in to" in screen
+    assert ApiKey.objects.filter(user=objs["user"]).count() == 3
+    # An empty user name asks for a key instead (not echoed either), as login did before.
+    code, screen = on_a_terminal(cli, "login", "--server", server,
+                                 answers=[("Username", ""), ("API key", objs["key"])])
+    assert code == 0 and objs["key"] not in screen, screen
+    assert f'api_key = "{objs["key"]}"' in config.read_text()
+    # And --key as always.
+    done = cli("login", "--server", server, "--key", objs["key"], env=no_key)
+    assert done.code == 0 and "as owner" in done.out
+    assert cli("login", "--server", server, "--key", objs["key"], "--username", "owner").code == 2

@@ -92,6 +92,8 @@ try:
     # REST API request rates: per user (API key or session), and per address for anonymous calls.
     TUNEDECK_API_RATE = _api_rate("TUNEDECK_API_RATE", "600/minute")
     TUNEDECK_API_ANON_RATE = _api_rate("TUNEDECK_API_ANON_RATE", "60/minute")
+    # Failed password logins for an API key (POST /api/v1/login/), counted per user name and per address.
+    TUNEDECK_LOGIN_FAILURE_RATE = _api_rate("TUNEDECK_LOGIN_FAILURE_RATE", "10/hour")
 except ConfigError as exc:
     raise ImproperlyConfigured(str(exc)) from exc
 

@@ -179,3 +179,13 @@ def test_a_lora_config_in_use_is_kept(client: Client, team, api) -> None:  # typ
 def test_json_to_an_upload_endpoint_is_refused_clearly(client: Client, team, api) -> None:  # type: ignore[no-untyped-def]
     body = _problem(client.post("/api/v1/datasets/", {"name": "x"}, content_type="application/json", **api), 415)
     assert "application/json" in body["detail"]  # multipart is what the endpoint takes
+
+
+@pytest.mark.parametrize(("path", "name"), [("base-models", "base-1"), ("datasets", "data-1"), ("lora-configs", "cfg")])
+def test_a_list_filtered_by_name_holds_the_one_so_named(client: Client, team, api, path: str, name: str) -> None:  # type: ignore[no-untyped-def]
+    everything = client.get(f"/api/v1/{path}/", **api).json()["results"]
+    assert len(everything) >= 1
+    found = client.get(f"/api/v1/{path}/", {"name": name}, **api).json()["results"]
+    assert [row["name"] for row in found] == [name]
+    for other in (name.upper(), name[:-1], "nothing\x00"):  # exact: no case folding, no prefix
+        assert client.get(f"/api/v1/{path}/", {"name": other}, **api).json()["results"] == []

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from django.core.cache import cache
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import include, path
 from django.utils import timezone
@@ -273,6 +273,100 @@ def test_the_docs_page_uses_only_same_origin_files(client: Client, db) -> None: 
         assert href.startswith("/static/") and client.get(href).status_code == 200, href
     schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json")
     assert schema.status_code == 200 and schema.json()["openapi"].startswith("3.")
+
+
+# --- a key for a user name and password (tunedeck login) ---------------------------------------------------
+
+
+def password_login(client: Client, **fields: Any) -> Any:
+    """POST the login; upper-case arguments are request headers (REMOTE_ADDR, HTTP_…), the rest the body."""
+    meta = {k: v for k, v in fields.items() if k.isupper()}
+    body = {k: v for k, v in fields.items() if not k.isupper()}
+    return client.post("/api/v1/login/", body, content_type="application/json", **meta)
+
+
+def test_a_password_login_makes_a_read_write_key_and_logs_no_password(client: Client, team, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("DEBUG")
+    response = password_login(client, username="owner", password="pw-owner-123", name="cli on laptop",
+                              HTTP_AUTHORIZATION="Bearer tdk_stale")
+    assert response.status_code == 201, response.content
+    assert "no-store" in response["Cache-Control"] or "no-cache" in response["Cache-Control"]
+    body = response.json()
+    key = ApiKey.objects.get(user=team[0]["owner"])
+    assert (key.name, key.scopes, key.expires_at) == ("cli on laptop", ["read", "write"], None)
+    assert body["key"].startswith("tdk_") and body["prefix"] == key.prefix == body["key"][:12]
+    assert (body["username"], body["name"], body["scopes"]) == ("owner", "cli on laptop", ["read", "write"])
+    me = client.get("/api/v1/me/", **bearer(body["key"])).json()
+    assert (me["username"], me["key_name"]) == ("owner", "cli on laptop")
+
+    staff = password_login(client, username="boss", password="pw-boss-123", scopes=["admin"], expires_days=30)
+    assert staff.status_code == 201 and staff.json()["scopes"] == ["admin"] and staff.json()["expires_at"]
+    assert password_login(client, username="owner", password="pw-owner-123", name="x").json()["name"] == "x"
+    admin = password_login(client, username="owner", password="pw-owner-123", scopes=["admin"])
+    assert "staff" in problem_of(admin, 403)["detail"]  # as on the keys page: admin keys are for staff
+    assert ApiKey.objects.filter(user=team[0]["owner"]).count() == 2
+
+    password_login(client, username="owner", password="wrong-password-9")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "pw-owner-123" not in logged and "wrong-password-9" not in logged
+
+
+def test_a_wrong_password_and_an_unknown_user_get_the_same_401(client: Client, team, django_user_model) -> None:  # type: ignore[no-untyped-def]
+    wrong = problem_of(password_login(client, username="owner", password="nope-nope-1"), 401)
+    unknown = problem_of(password_login(client, username="nobody", password="nope-nope-1"), 401)
+    assert wrong["detail"] == unknown["detail"] == "wrong user name or password"
+    django_user_model.objects.create_user("gone", password="pw-gone-123", is_active=False)
+    inactive_wrong = problem_of(password_login(client, username="gone", password="nope-nope-1"), 401)
+    assert inactive_wrong["detail"] == wrong["detail"]  # nothing said about the account without its password
+    inactive = problem_of(password_login(client, username="gone", password="pw-gone-123"), 403)
+    assert "inactive" in inactive["detail"]
+    missing = problem_of(password_login(client, username="owner"), 400)
+    assert set(missing["errors"]) == {"password"}
+    assert not ApiKey.objects.exists()
+
+
+def test_failed_logins_are_counted_per_user_name_and_per_address(client: Client, team, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.TUNEDECK_LOGIN_FAILURE_RATE = "3/hour"
+    for _ in range(2):
+        problem_of(password_login(client, username="owner", password="guess-1234"), 401)
+    assert password_login(client, username="owner", password="pw-owner-123").status_code == 201  # not counted
+    problem_of(password_login(client, username="owner", password="guess-1234", REMOTE_ADDR="10.0.0.9"), 401)
+    # Three failures for this user name: refused from any address, the right password included.
+    for address in ("127.0.0.1", "10.0.0.7"):
+        refused = password_login(client, username="owner", password="pw-owner-123", REMOTE_ADDR=address)
+        problem_of(refused, 429)
+        assert 1 <= int(refused["Retry-After"]) <= 3600
+    # And three from one address: every user name refused from there, not elsewhere.
+    for name in ("mate", "boss", "x"):
+        problem_of(password_login(client, username=name, password="guess-1234", REMOTE_ADDR="10.0.0.8"), 401)
+    problem_of(password_login(client, username="mate", password="pw-mate-123", REMOTE_ADDR="10.0.0.8"), 429)
+    assert password_login(client, username="mate", password="pw-mate-123", REMOTE_ADDR="10.0.0.6").status_code == 201
+    assert ApiKey.objects.count() == 2
+
+
+def test_create_api_key_prints_only_the_secret(team, django_user_model, capsys) -> None:  # type: ignore[no-untyped-def]
+    call_command("create_api_key", "owner", "--name", "ci", "--scopes", "read,write", "--expires", "7")
+    out, err = capsys.readouterr()
+    secret = out.strip()
+    assert out == secret + "\n" and secret.startswith("tdk_") and "owner" in err
+    key = ApiKey.objects.get(name="ci")
+    assert key.user == team[0]["owner"] and key.scopes == ["read", "write"]
+    assert timedelta(days=6, hours=23) < key.expires_at - timezone.now() <= timedelta(days=7)
+    assert Client().get("/api/v1/me/", **bearer(secret)).json()["key_name"] == "ci"
+
+    call_command("create_api_key", "robot", "--create-user")  # automation that starts from nothing
+    robot = django_user_model.objects.get(username="robot")
+    assert not robot.has_usable_password() and ApiKey.objects.get(user=robot).scopes == ["read", "write"]
+    assert capsys.readouterr().out.startswith("tdk_")
+
+    for argv, words in ((["nobody"], "--create-user"), (["owner", "--scopes", "read,root"], "root"),
+                        (["owner", "--scopes", "admin"], "staff"), (["owner", "--expires", "0"], "--expires")):
+        with pytest.raises(CommandError, match=re.escape(words)):
+            call_command("create_api_key", *argv)
+    django_user_model.objects.filter(username="mate").update(is_active=False)
+    with pytest.raises(CommandError, match="inactive"):
+        call_command("create_api_key", "mate")
+    assert ApiKey.objects.count() == 2 and capsys.readouterr().out == ""
 
 
 # --- the API keys page -------------------------------------------------------------------------------------

@@ -114,6 +114,15 @@ def test_comparisons_from_typed_prompts_and_refusals(client: Client, api_team: T
                                                   400)["detail"]
     assert Comparison.objects.count() == 1
 
+    # The base model and the dataset by name, as `tunedeck compare --base-model tiny` sends it.
+    named = post(client, "/api/v1/comparisons/", {"adapters": [adapter.pk], "base_model": "tiny", "dataset": "toy",
+                                                  "dataset_rows": 2}, raw)
+    assert named.status_code == 201, named.content
+    assert Comparison.objects.get(pk=named.json()["id"]).job.base_model == api_team.base
+    unknown = problem_of(post(client, "/api/v1/comparisons/", {**body, "base_model": "nope"}, raw), 400)
+    assert unknown["errors"]["base_model"][0].startswith("no base model named 'nope': GET /api/v1/base-models/")
+    assert Comparison.objects.count() == 2
+
 
 def test_evaluations_and_combinations_refuse_with_the_field(client: Client, api_team: Team, store_dir: Path) -> None:
     a, b = _adapter(api_team, store_dir, "a"), _adapter(api_team, store_dir, "b")

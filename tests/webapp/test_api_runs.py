@@ -52,8 +52,9 @@ def test_bad_fields_are_400_problems_naming_each_field(client: Client, api_team:
     assert set(body["errors"]) == {"base_model", "dataset", "lora_config"}
 
     body = problem_of(post(client, "/api/v1/runs/", api_team.run_body(base_model=999999, dataset="seven"), raw), 400)
-    assert body["errors"]["base_model"] == ["no base model with id 999999"]
-    assert body["errors"]["dataset"] == ["no dataset with id seven"]
+    assert body["errors"]["base_model"] == ["no base model with id 999999: GET /api/v1/base-models/ (tunedeck models "
+                                            "list) lists their names and ids"]
+    assert body["errors"]["dataset"][0].startswith("no dataset named 'seven': ")
 
     # Hyperparameter problems (types, the run form's checks, unknown names) are under hyperparameters.<field>.
     hp = {"learning_rate": 5.0, "batch_size": "many", "lr": 0.1, "lr_scheduler": "sometimes"}
@@ -75,6 +76,42 @@ def test_bad_fields_are_400_problems_naming_each_field(client: Client, api_team:
 
     response = post(client, "/api/v1/runs/", api_team.run_body(priority=5), key_for(api_team.boss))
     assert response.status_code == 201 and response.json()["priority"] == 5
+
+
+def test_references_take_an_id_or_a_name_and_a_refusal_names_the_field_the_value_and_the_list(
+        client: Client, api_team: Team) -> None:
+    t = api_team
+    test_rows = _test_rows(t)
+    raw = key_for(t.owner)
+    by_name = t.run_body(base_model="tiny", dataset="toy", eval_dataset="toy-test", lora_config="cfg")
+    response = post(client, "/api/v1/runs/", by_name, raw)
+    assert response.status_code == 201, response.content
+    run = TrainingRun.objects.get(pk=response.json()["id"])
+    assert (run.base_model, run.dataset, run.eval_dataset, run.lora_config) == (t.base, t.dataset, test_rows, t.config)
+    response = post(client, "/api/v1/runs/", t.run_body(lora_config=str(t.config.pk), dataset=t.dataset.pk), raw)
+    assert response.status_code == 201 and response.json()["lora_config"] == t.config.pk  # "7" is id 7, as before
+
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(lora_config="no-such", dataset="nope"), raw), 400)
+    assert body["errors"] == {
+        "lora_config": ["no LoRA config named 'no-such': GET /api/v1/lora-configs/ (tunedeck lora-configs list) "
+                        "lists their names and ids"],
+        "dataset": ["no dataset named 'nope': GET /api/v1/datasets/ (tunedeck datasets list) lists their names and "
+                    "ids"]}
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(base_model=["tiny"]), raw), 400)
+    assert body["errors"] == {"base_model": ["must be an id (a whole number) or a name, got list"]}
+
+    # A dataset named like another one's id: the string is ambiguous, a number is always an id.
+    from webapp.catalog.services import register_dataset
+    from workers.demo import toy_rows
+
+    named_as_id = register_dataset(str(t.dataset.pk), "n.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(8, 1)).encode())
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(dataset=str(t.dataset.pk)), raw), 400)
+    assert body["errors"] == {"dataset": [
+        f"'{t.dataset.pk}' is both the name of dataset {named_as_id.pk} and the id of dataset {t.dataset.pk} "
+        f"(toy): send the id as a number, {named_as_id.pk} or {t.dataset.pk}"]}
+    response = post(client, "/api/v1/runs/", t.run_body(dataset=named_as_id.pk), raw)
+    assert response.status_code == 201 and response.json()["dataset"] == named_as_id.pk
+    assert TrainingRun.objects.count() == 3
 
 
 def test_the_same_post_with_the_same_key_creates_one_run(client: Client, api_team: Team) -> None:
@@ -217,7 +254,7 @@ def test_eval_dataset_refusals_are_field_errors(client: Client, api_team: Team) 
     test_rows = _test_rows(t)
     raw = key_for(t.owner)
     body = problem_of(post(client, "/api/v1/runs/", t.run_body(eval_dataset=999999), raw), 400)
-    assert body["errors"] == {"eval_dataset": ["no dataset with id 999999"]}
+    assert body["errors"]["eval_dataset"][0].startswith("no dataset with id 999999: ")
     both = t.run_body(eval_dataset=test_rows.pk, hyperparameters={"eval_fraction": 0.1})
     body = problem_of(post(client, "/api/v1/runs/", both, raw), 400)
     assert list(body["errors"]) == ["eval_dataset"] and "not both" in body["errors"]["eval_dataset"][0]

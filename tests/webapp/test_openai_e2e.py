@@ -5,6 +5,7 @@ real `tunedeck worker` process training the tiny model: upload a file, create a 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,32 @@ def test_the_openai_package_uploads_trains_polls_lists_and_cancels(fleet: Fleet,
     assert [j.id for j in client.fine_tuning.jobs.list(limit=10)] == [second.id, job.id]
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)  # it already succeeded
+
+
+def test_the_openai_package_downloads_a_files_content_whatever_it_accepts(live_server: Any, tmp_path: Path,
+                                                                         settings: Any, django_user_model: Any) -> None:
+    """`files.content` sends `Accept: application/binary`, the deprecated `retrieve_content` JSON's: both get the
+    bytes, and an error under either is still OpenAI's JSON error the package raises from."""
+    settings.ARTIFACT_STORE = tmp_path
+    user = django_user_model.objects.create_user("sdk-user", password="pw-sdk-123")
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key=ApiKey.issue(user, "sdk", ["write"])[1],
+                           max_retries=0)
+    data = chat_file(8)
+    file = client.files.create(file=("add.jsonl", data), purpose="fine-tune")
+
+    assert client.files.content(file.id).content == data
+    if hasattr(client.files, "retrieve_content"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            assert client.files.retrieve_content(file.id) == data.decode()
+    for accept in ("application/octet-stream", "text/plain", "application/xml", "*/*", "application/json"):
+        assert client.files.content(file.id, extra_headers={"Accept": accept}).content == data, accept
+        assert client.files.retrieve(file.id, extra_headers={"Accept": accept}).id == file.id, accept
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.files.content("file-999999")
+    assert missing.value.body == {"message": "No such File object: file-999999", "type": "not_found_error",
+                                  "param": "id", "code": "not_found"}
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai.OpenAI(base_url=live_server.url + "/v1", api_key="tdk_not-a-key", max_retries=0).files.content(file.id)
+    assert "invalid API key" in refused.value.message

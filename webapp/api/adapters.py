@@ -27,6 +27,7 @@ from rest_framework.response import Response
 from webapp.api import access
 from webapp.api.common import (
     NON_FIELD,
+    NamedRef,
     Ref,
     VisibleObjectMixin,
     choice_param,
@@ -34,9 +35,10 @@ from webapp.api.common import (
     owner_param,
     raise_field_errors,
 )
-from webapp.api.events import FirstRenderer, ZipRenderer
+from webapp.api.events import ZipRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.jobs import JobSerializer, job_answer, job_queryset
+from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.playground import services, votes
@@ -232,15 +234,15 @@ class GenerationSerializer(serializers.Serializer):
 
 class CompareCreateSerializer(GenerationSerializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    base_model = Ref("base model", queryset=BaseModel.objects.all(), required=False, allow_null=True,
-                     help_text="Optional: checked against the adapters' own base.")
+    base_model = NamedRef("base model", "base-models", "models", queryset=BaseModel.objects.all(), required=False,
+                          allow_null=True, help_text="Optional: checked against the adapters' own base.")
     adapters = _adapters_field()
     include_base = serializers.BooleanField(default=True, help_text="The base model as a column too.")
     prompt_set = Ref("prompt set", queryset=PromptSet.objects.all(), required=False, allow_null=True)
     prompts = serializers.ListField(child=serializers.CharField(max_length=100_000), required=False, min_length=1,
                                     max_length=services.MAX_PROMPTS, help_text="Prompts typed here (a new prompt set).")
-    dataset = Ref("dataset", queryset=Dataset.objects.all(), required=False, allow_null=True,
-                  help_text="Or the first rows of a dataset, with their reference answers.")
+    dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True,
+                       help_text="Or the first rows of a dataset, with their reference answers.")
     dataset_rows = serializers.IntegerField(min_value=1, max_value=services.MAX_PROMPTS, default=32)
     prompt_set_name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
 
@@ -497,8 +499,8 @@ class PromptSetCreateSerializer(serializers.Serializer):
     references = serializers.ListField(
         child=serializers.CharField(max_length=100_000, allow_blank=True), required=False,
         max_length=services.MAX_PROMPTS, help_text="...with their reference answers: one per prompt, in order ('' for none).")
-    dataset = Ref("dataset", queryset=Dataset.objects.all(), required=False, allow_null=True,
-                  help_text="Or the first rows of a dataset, with their reference answers.")
+    dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True,
+                       help_text="Or the first rows of a dataset, with their reference answers.")
     dataset_rows = serializers.IntegerField(min_value=1, max_value=services.MAX_PROMPTS, default=32)
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -553,8 +555,8 @@ class PromptSetViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
 
 class EvaluateSerializer(serializers.Serializer):
     adapters = _adapters_field()
-    dataset = Ref("dataset", queryset=Dataset.objects.all(), required=False, allow_null=True,
-                  help_text="A dataset with reference answers...")
+    dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True,
+                       help_text="A dataset with reference answers...")
     held_out_of = Ref("run", queryset=TrainingRun.objects.all(), required=False, allow_null=True,
                       help_text="...or the rows a run held out of its own training (same fraction and seed).")
     include_base = serializers.BooleanField(default=True, help_text="Score the base model too.")

@@ -11,7 +11,8 @@ from typing import Any
 
 from django.db import IntegrityError
 from django.db.models import ProtectedError
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
@@ -27,6 +28,9 @@ from workers.datasets import DatasetError
 from workers.modelinfo import ModelNotFound
 
 PROBLEM = OpenApiResponse(description="An RFC 9457 problem (application/problem+json); `errors` names the fields.")
+BY_NAME = extend_schema(parameters=[OpenApiParameter(
+    "name", OpenApiTypes.STR, required=False,
+    description="Only the one with exactly this name (names are unique): how a client turns a name into an id.")])
 
 
 def _form_errors(form: Any, rename: dict[str, str] | None = None) -> dict[str, list[str]]:
@@ -39,6 +43,17 @@ def _invalid(request: Request, errors: dict[str, list[str]], **extra: Any) -> Re
     from webapp.api.problems import summary
 
     return problem(400, summary(errors), errors=errors, code="invalid", instance=request.path, extra=extra)
+
+
+class _ByName:
+    """Lists filtered by `?name=`, exactly (the CLI's `show NAME` and run specs look names up with it)."""
+
+    def filter_queryset(self, queryset: Any) -> Any:
+        queryset = super().filter_queryset(queryset)  # type: ignore[misc]
+        name = self.request.query_params.get("name")  # type: ignore[attr-defined]
+        if name is None:
+            return queryset
+        return queryset.filter(name=name) if "\x00" not in name else queryset.none()  # PostgreSQL refuses NUL
 
 
 class _OwnedDestroy:
@@ -81,10 +96,11 @@ class BaseModelCreateSerializer(serializers.Serializer):
 
 
 @extend_schema_view(
+    list=BY_NAME,
     create=extend_schema(request=BaseModelCreateSerializer, responses={201: BaseModelSerializer, 400: PROBLEM}),
     destroy=extend_schema(responses={204: None, 403: PROBLEM, 409: PROBLEM}),
 )
-class BaseModelViewSet(_OwnedDestroy, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+class BaseModelViewSet(_ByName, _OwnedDestroy, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                        viewsets.GenericViewSet):
     """Base models: register a hub id or a local path (inspected first, as on the Base models page)."""
 
@@ -160,11 +176,12 @@ def problems_of(filename: str, error: DatasetError) -> tuple[dict[str, list[str]
 
 
 @extend_schema_view(
+    list=BY_NAME,
     retrieve=extend_schema(responses=DatasetDetailSerializer),
     create=extend_schema(request={"multipart/form-data": DatasetUploadSerializer},
                          responses={201: DatasetDetailSerializer, 400: PROBLEM}),
 )
-class DatasetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class DatasetViewSet(_ByName, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Datasets: upload a file (multipart `name`, `file`), validated whole before anything is stored."""
 
     queryset = Dataset.objects.select_related("created_by")
@@ -221,10 +238,11 @@ def _form_value(value: Any) -> Any:
 
 
 @extend_schema_view(
+    list=BY_NAME,
     create=extend_schema(request=LoraConfigCreateSerializer, responses={201: LoraConfigSerializer, 400: PROBLEM}),
     destroy=extend_schema(responses={204: None, 403: PROBLEM, 409: PROBLEM}),
 )
-class LoraConfigViewSet(_OwnedDestroy, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+class LoraConfigViewSet(_ByName, _OwnedDestroy, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
                         viewsets.GenericViewSet):
     """LoRA configs: named adapter presets, checked by the same code as the LoRA config form."""
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db.models import Model, QuerySet
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
@@ -68,6 +69,42 @@ class Ref(serializers.PrimaryKeyRelatedField):
 
     def to_representation(self, value: Any) -> Any:
         return value.pk if isinstance(value, Model) else value
+
+
+@extend_schema_field({"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "minLength": 1}],
+                      "description": "An id, or a name (a string of digits that names one object and is another's "
+                                     "id is refused as ambiguous: send the id as a number)."})
+class NamedRef(Ref):
+    """A reference to a catalog row (base model, dataset, LoRA config: their names are unique) by id or by name,
+    the way the CLI's run specs and the pages name them. A number is an id; a string is a name, or an id when it
+    is all digits (what Ref accepts); a string that is both is refused rather than guessed."""
+
+    default_error_messages = {
+        "does_not_exist": "no {noun} {what}: GET /api/v1/{path}/ (tunedeck {command} list) lists their names and ids",
+        "ambiguous": "{value!r} is both the name of {noun} {named} and the id of {noun} {numbered} ({numbered_name}): "
+                     "send the id as a number, {named} or {numbered}",
+        "incorrect_type": "must be an id (a whole number) or a name, got {data_type}",
+    }
+
+    def __init__(self, noun: str, path: str, command: str | None = None, **kwargs: Any) -> None:
+        self.path, self.command = path, command or path  # the API's list, and the CLI group that lists it
+        super().__init__(noun, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, bool) or not isinstance(data, int | str) or data == "":
+            self.fail("incorrect_type", data_type=type(data).__name__ if data != "" else "an empty string")
+        rows = access.visible(self.context["request"].user, self.get_queryset())
+        number = parse_id(data)
+        numbered = rows.filter(pk=number).first() if number is not None else None
+        named = rows.filter(name=data).first() if isinstance(data, str) and "\x00" not in data else None
+        if named is not None and numbered is not None and named != numbered:
+            self.fail("ambiguous", value=data, noun=self.noun, named=named.pk, numbered=numbered.pk,
+                      numbered_name=numbered.name)
+        row = named or numbered
+        if row is None:
+            what = f"with id {data}" if isinstance(data, int) else f"named {str(data)[:200]!r}"
+            self.fail("does_not_exist", noun=self.noun, what=what, path=self.path, command=self.command)
+        return row
 
 
 def raise_field_errors(errors: dict[str, Any], rename: Callable[[str], str] = str) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 from django.http import StreamingHttpResponse
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
-from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.utils.encoders import JSONEncoder
@@ -129,17 +128,6 @@ class EventStreamRenderer(BaseRenderer):
 
     def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
         return _json(data).encode()
-
-
-class FirstRenderer(BaseContentNegotiation):
-    """For streams and downloads, whatever the client accepts: an error is a JSON problem (the first renderer),
-    success the stream or the file (a streaming response, which no renderer touches)."""
-
-    def select_parser(self, request: Any, parsers: list[Any]) -> Any:
-        return parsers[0] if parsers else None
-
-    def select_renderer(self, request: Any, renderers: list[Any], format_suffix: str | None = None) -> tuple[Any, str]:
-        return renderers[0], renderers[0].media_type
 
 
 class ZipRenderer(EventStreamRenderer):

@@ -17,11 +17,11 @@ from webapp.api.common import VisibleObjectMixin, cancel_refused, choice_param, 
 from webapp.api.events import (
     EventPageSerializer,
     EventStreamRenderer,
-    FirstRenderer,
     events_page,
     json_batch,
     stream_response,
 )
+from webapp.api.negotiation import FirstRenderer
 from webapp.playground.models import AdapterJob, JobEvent, JobKind
 from webapp.training.models import RunState
 

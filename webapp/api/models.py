@@ -20,6 +20,17 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def refused_scopes(user: Any, scopes: list[str]) -> str | None:
+    """Why `user` may not be given a new key with `scopes`, or None: an unknown scope, none at all, or admin for
+    a user who is not staff (as the keys page offers it)."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        return f"scopes must be some of {', '.join(SCOPES)}; got {', '.join(unknown) or 'none'}"
+    if "admin" in scopes and not user.is_staff:
+        return f"the admin scope is for staff, and {user.get_username()} is not staff"
+    return None
+
+
 class ApiKey(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(max_length=100)

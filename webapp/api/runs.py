@@ -17,7 +17,7 @@ from rest_framework.response import Response
 
 from webapp.api import access
 from webapp.api.common import (
-    Ref,
+    NamedRef,
     VisibleObjectMixin,
     cancel_refused,
     choice_param,
@@ -30,12 +30,12 @@ from webapp.api.common import (
 from webapp.api.events import (
     EventPageSerializer,
     EventStreamRenderer,
-    FirstRenderer,
     events_page,
     json_batch,
     stream_response,
 )
 from webapp.api.idempotency import idempotent, run_idempotent
+from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.training import ledger
@@ -78,12 +78,12 @@ HyperparametersSerializer = type(
 
 class RunCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    base_model = Ref("base model", queryset=BaseModel.objects.all())
-    dataset = Ref("dataset", queryset=Dataset.objects.all())
-    eval_dataset = Ref(
-        "dataset", queryset=Dataset.objects.all(), required=False, allow_null=True, default=None,
+    base_model = NamedRef("base model", "base-models", "models", queryset=BaseModel.objects.all())
+    dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all())
+    eval_dataset = NamedRef(
+        "dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True, default=None,
         help_text="Optional: a dataset to evaluate on instead of a held-out fraction (eval_fraction must be 0).")
-    lora_config = Ref("LoRA config", queryset=LoraConfig.objects.all())
+    lora_config = NamedRef("LoRA config", "lora-configs", queryset=LoraConfig.objects.all())
     hyperparameters = HyperparametersSerializer(required=False)
     priority = serializers.IntegerField(
         required=False, default=0, min_value=-100, max_value=100,

@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 
 import webapp.api.schema  # noqa: F401  (registers the bearer-key security scheme)
 from webapp.api import adapters, catalog, jobs, runs, workers
+from webapp.api.login import Login
 from webapp.api.models import ApiKey
 from webapp.api.problems import problem
 
@@ -95,6 +96,7 @@ class Me(APIView):
 
 urlpatterns = [
     path("me/", Me.as_view(), name="api-me"),
+    path("login/", Login.as_view(), name="api-login"),
     path("schema/", Schema.as_view(), name="api-schema"),
     path("docs/", Docs.as_view(url_name="api-schema"), name="api-docs"),
     path("", include(router.urls)),

@@ -91,9 +91,7 @@ def compare(args: argparse.Namespace, api: Api) -> int:
     else:
         body["prompts"] = args.prompt
     if args.base_model is not None:
-        from webapp.client.runspec import resolve
-
-        body["base_model"] = resolve(api, "base_model", args.base_model)
+        body["base_model"] = args.base_model  # a name or an id: the server looks it up
     if args.max_new_tokens is not None:
         body["max_new_tokens"] = args.max_new_tokens
     if args.name:

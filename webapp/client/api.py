@@ -76,8 +76,8 @@ class Api:
         self.server = settings.server
         self.http = httpx.Client(
             base_url=settings.server + API_PREFIX,
-            headers={"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json",
-                     "User-Agent": "tunedeck-cli"},
+            headers={"Accept": "application/json", "User-Agent": "tunedeck-cli",
+                     **({"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {})},
             # Reads wait long: registering a base model inspects it, an upload is validated whole.
             timeout=httpx.Timeout(timeout, read=600.0, write=600.0),
         )

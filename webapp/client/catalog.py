@@ -8,7 +8,8 @@ import uuid
 from pathlib import Path
 
 from webapp.client.api import Api
-from webapp.client.output import emit_json, field, list_command, show_command, when
+from webapp.client.lookup import find
+from webapp.client.output import emit_json, field, list_command, show_object, when
 from webapp.client.transfer import upload
 
 DATASET_COLUMNS = [("id", field("id")), ("name", field("name")), ("format", field("format")),
@@ -24,7 +25,7 @@ def datasets_list(args: argparse.Namespace, api: Api) -> int:
 
 
 def datasets_show(args: argparse.Namespace, api: Api) -> int:
-    return show_command(args, api, f"datasets/{args.id}/")
+    return show_object(args, find(api, "datasets/", args.id))
 
 
 def datasets_upload(args: argparse.Namespace, api: Api) -> int:
@@ -44,6 +45,10 @@ def models_list(args: argparse.Namespace, api: Api) -> int:
     return list_command(args, api, "base-models/", MODEL_COLUMNS, "no base models yet: `tunedeck models register NAME SOURCE`")
 
 
+def models_show(args: argparse.Namespace, api: Api) -> int:
+    return show_object(args, find(api, "base-models/", args.id))
+
+
 def models_register(args: argparse.Namespace, api: Api) -> int:
     body = {"name": args.name, "source": args.source, "revision": args.revision or ""}
     model = api.post("base-models/", body, idempotency_key=str(uuid.uuid4())).json()
@@ -60,4 +65,4 @@ def configs_list(args: argparse.Namespace, api: Api) -> int:
 
 
 def configs_show(args: argparse.Namespace, api: Api) -> int:
-    return show_command(args, api, f"lora-configs/{args.id}/")
+    return show_object(args, find(api, "lora-configs/", args.id))

@@ -75,11 +75,16 @@ def _group(sub: Any, name: str, help_: str) -> Any:
 
 def register(sub: Any) -> None:
     """Add the client commands to the `tunedeck` sub-parsers."""
-    login = _leaf(sub, "login", account.login, "Store the server URL and an API key (checked first) in the "
-                  "config file.", needs_api=False)
+    login = _leaf(sub, "login", account.login, "Store the server URL and an API key in the config file: a key "
+                  "you have (checked first), or a new one made for your user name and password.", needs_api=False)
     login.add_argument("--server", help="Tunedeck URL, e.g. https://tunedeck.example.com (default: TUNEDECK_SERVER).")
-    login.add_argument("--key", help="The API key (tdk_…); without it the key is read from stdin, which keeps it "
-                                     "out of process listings and shell history.")
+    login.add_argument("--key", help="The API key (tdk_…); without it (and without --username) the key is read from "
+                                     "stdin, which keeps it out of process listings and shell history.")
+    login.add_argument("--username", help="Log in with this user name: the password is prompted without echo (or "
+                                          "read from stdin when it is no terminal) and a new key named \"cli on "
+                                          "<this host>\" is made. On a terminal, login without --key asks for it.")
+    login.add_argument("--scopes", default="read,write", help="With --username: the new key's scopes "
+                                                              "(default read,write; admin for staff only).")
     _leaf(sub, "logout", account.logout, "Remove the stored API key.", needs_api=False)
     _leaf(sub, "whoami", account.show_whoami, "Check the API key against the server (and whose it is, where the server says).")
 
@@ -91,10 +96,13 @@ def register(sub: Any) -> None:
     up.add_argument("--name", help="The dataset's name (default: the file name without its suffix).")
     up.add_argument("--idempotency-key", help="Sent as Idempotency-Key (default: a fresh one).")
     _quiet(up)
-    _leaf(datasets, "show", catalog.datasets_show, "A dataset with its validation report.").add_argument("id", type=int)
+    _leaf(datasets, "show", catalog.datasets_show, "A dataset with its validation report.").add_argument(
+        "id", metavar="ID_OR_NAME")
 
-    models = _group(sub, "models", "Base models: list, register.")
+    models = _group(sub, "models", "Base models: list, show, register.")
     _limit(_leaf(models, "list", catalog.models_list, "List base models."))
+    _leaf(models, "show", catalog.models_show, "A base model: source, architecture, size, linear modules.").add_argument(
+        "id", metavar="ID_OR_NAME")
     reg = _leaf(models, "register", catalog.models_register, "Register a base model by hub id or local path "
                 "(the server inspects it first).")
     reg.add_argument("name")
@@ -103,7 +111,8 @@ def register(sub: Any) -> None:
 
     configs = _group(sub, "lora-configs", "LoRA configs: list, show.")
     _limit(_leaf(configs, "list", catalog.configs_list, "List LoRA configs."))
-    _leaf(configs, "show", catalog.configs_show, "A LoRA config with every parameter.").add_argument("id", type=int)
+    _leaf(configs, "show", catalog.configs_show, "A LoRA config with every parameter.").add_argument(
+        "id", metavar="ID_OR_NAME")
 
     _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, retry, clone."))
     _register_adapters(sub)

@@ -114,8 +114,11 @@ def list_command(args: argparse.Namespace, api: Api, path: str, columns: Sequenc
 
 
 def show_command(args: argparse.Namespace, api: Api, path: str, skip: Sequence[str] = ()) -> int:
-    """A show command: one object, as `details` (less `skip`) or as JSON with --json."""
-    obj = api.get(path)
+    """A show command: the object at `path`, as `details` (less `skip`) or as JSON with --json."""
+    return show_object(args, api.get(path), skip)
+
+
+def show_object(args: argparse.Namespace, obj: Any, skip: Sequence[str] = ()) -> int:
     if args.json:
         emit_json(obj)
     else:

@@ -74,7 +74,7 @@ def _finish(args: argparse.Namespace, run: dict[str, Any]) -> int:
 def runs_create(args: argparse.Namespace, api: Api) -> int:
     spec = runspec.load(args.file)
     key = args.idempotency_key or str(uuid.uuid4())
-    response = api.post("runs/", runspec.body(api, spec), idempotency_key=key)
+    response = api.post("runs/", runspec.body(spec), idempotency_key=key)
     run = response.json()
     replayed = response.headers.get("Idempotent-Replayed") == "true"
     if not args.wait:

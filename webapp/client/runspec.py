@@ -1,4 +1,5 @@
-"""Run specs in YAML: the API's JSON body for POST /api/v1/runs/, with catalog objects named or numbered.
+"""Run specs in YAML: the API's JSON body for POST /api/v1/runs/, with catalog objects named or numbered (the
+server takes either).
 
     name: addition-r16
     base_model: tiny            # a name or an id
@@ -17,13 +18,9 @@ from typing import Any
 
 import yaml
 
-from webapp.client.api import Api
 from webapp.client.errors import USAGE, CliError
 
 FIELDS = ("name", "base_model", "dataset", "eval_dataset", "lora_config", "hyperparameters", "priority", "labels")
-# Which field names which catalog list.
-CATALOG = {"base_model": ("base-models/", "base model"), "dataset": ("datasets/", "dataset"),
-           "eval_dataset": ("datasets/", "dataset"), "lora_config": ("lora-configs/", "LoRA config")}
 
 
 def load(path: str) -> dict[str, Any]:
@@ -73,32 +70,7 @@ def _stdin() -> str:
     return sys.stdin.read()
 
 
-def resolve(api: Api, field: str, value: str | int) -> int:
-    """An id as is; a name looked up in its catalog list (refused when no object or several carry it)."""
-    if isinstance(value, int):
-        return value
-    if value.strip().isdigit():
-        return int(value.strip())
-    path, noun = CATALOG[field]
-    matches = [item["id"] for item in api.pages(path, name=value) if item.get("name") == value]
-    if not matches:
-        raise CliError(f"{field}: no {noun} is named {value!r} (`tunedeck {_command(field)} list` shows them)", USAGE)
-    if len(matches) > 1:
-        raise CliError(f"{field}: {len(matches)} {noun}s are named {value!r} (ids {', '.join(map(str, matches))}): "
-                       "give the id", USAGE)
-    return int(matches[0])
-
-
-def _command(field: str) -> str:
-    return {"base_model": "models", "lora_config": "lora-configs"}.get(field, "datasets")
-
-
-def body(api: Api, spec: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body to POST: catalog names replaced by ids."""
-    out = dict(spec)
-    for key in CATALOG:
-        if spec.get(key) not in (None, ""):  # eval_dataset is optional; load() requires the others
-            out[key] = resolve(api, key, spec[key])
-        else:
-            out.pop(key, None)
-    return out
+def body(spec: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body to POST: the spec as it is (the server looks the names up and names any it cannot find),
+    an empty eval_dataset left out."""
+    return {key: value for key, value in spec.items() if not (key == "eval_dataset" and value in (None, ""))}

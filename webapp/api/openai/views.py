@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 
 from webapp.api.auth import ApiKeyAuthentication, ScopePermission
 from webapp.api.idempotency import HEADER, run_idempotent
+from webapp.api.negotiation import FirstRenderer
 from webapp.api.openai import serializers as objects
 from webapp.api.openai.errors import OpenAIError, error_response, exception_handler
 from webapp.api.openai.jobs import create_job
@@ -36,6 +37,7 @@ class OpenAIView(APIView):
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [ScopePermission]
     renderer_classes = [JSONRenderer]
+    content_negotiation_class = FirstRenderer  # JSON whatever Accept says, as OpenAI's API answers
     parser_classes = [JSONParser]
 
     def get_exception_handler(self) -> Any:
