@@ -139,7 +139,8 @@ class AdapterJob(LedgerJob):
             metrics={**result, "job_id": self.pk},
         )
         AdapterParent.objects.bulk_create(
-            AdapterParent(child=adapter, parent=p, weight=float(w)) for p, w in zip(ordered, weights, strict=False)
+            AdapterParent(child=adapter, parent=p, parent_name=str(p), weight=float(w))
+            for p, w in zip(ordered, weights, strict=False)
         )
         AdapterJob.objects.filter(pk=self.pk).update(result={**result, "adapter_id": adapter.pk})
 

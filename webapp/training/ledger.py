@@ -16,7 +16,6 @@ from django.utils import timezone
 
 from webapp.training.models import (
     ACTIVE_STATES,
-    FINAL_STATES,
     WORKER_TRANSITIONS,
     RunState,
     TrainingRun,
@@ -299,13 +298,3 @@ def retry(run: Any, by: Any) -> bool:
                 "the next attempt resumes from the latest checkpoint" if isinstance(run, TrainingRun) else "queued again"
             ))
     return bool(updated)
-
-
-def delete_finished(run: Any) -> bool:
-    """Delete a job with its events (and a run's adapter row), only if it has finished (never under a worker's feet)."""
-    with transaction.atomic():
-        locked = type(run).objects.select_for_update().filter(pk=run.pk, state__in=FINAL_STATES).first()
-        if locked is None:
-            return False
-        locked.delete()  # events and the adapter row go with it (on_delete=CASCADE)
-    return True
