@@ -225,7 +225,7 @@ class DeletedMergeSerializer(serializers.Serializer):
     size_bytes = serializers.IntegerField()
 
 
-class KeptSerializer(serializers.Serializer):
+class RunDeletionKeptSerializer(serializers.Serializer):
     comparisons = serializers.ListField(child=serializers.IntegerField(), help_text="Kept; the column names the adapter as deleted.")
     evaluations = serializers.ListField(child=serializers.IntegerField(), help_text="Jobs kept with their scores.")
     combined_adapters = serializers.ListField(child=serializers.IntegerField(), help_text="Kept; lineage names the parent.")
@@ -241,7 +241,7 @@ class RunDeletionSerializer(serializers.Serializer):
     jobs = serializers.ListField(child=serializers.IntegerField(), help_text="The adapter's merge jobs, deleted.")
     files = DeletedFolderSerializer(many=True)
     freed_bytes = serializers.IntegerField()
-    kept = KeptSerializer()
+    kept = RunDeletionKeptSerializer()
 
 
 @extend_schema_view(
