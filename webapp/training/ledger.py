@@ -131,7 +131,7 @@ def cancel_unclaimed(job_id: int, model: Any) -> bool:
         attempt_log=[*job.attempt_log, attempt_entry(job, RunState.CANCELLED, reason)],
     ):
         return False
-    note(job, f"Cancelled before it started: attempt {job.attempt} was {reason.removeprefix('cancelled ')}")
+    note(job, f"Cancelled before it started: attempt {job.attempt} was {reason}, so nothing ran")
     return True
 
 
