@@ -14,6 +14,11 @@ class StaleAttempt(Exception):
     """The control plane has moved on to a newer attempt (HTTP 409): stop, change nothing."""
 
 
+class CancelledBeforeStart(StaleAttempt):
+    """The claim was refused because the job was cancelled (HTTP 409, code `cancelled`): skip it, load nothing,
+    report nothing (it is no failure)."""
+
+
 class NotAssigned(Exception):
     """The job is not assigned to this worker (HTTP 403/404): a forged or stale wake-up."""
 
@@ -45,7 +50,9 @@ class WorkerClient:
                     raise
             else:
                 if response.status_code == 409:
-                    raise StaleAttempt(response.json().get("detail", "stale attempt"))
+                    body = response.json()
+                    refusal = CancelledBeforeStart if body.get("code") == "cancelled" else StaleAttempt
+                    raise refusal(body.get("detail", "stale attempt"))
                 if response.status_code in (403, 404):
                     raise NotAssigned(response.json().get("detail", "not assigned"))
                 if response.status_code < 500 or attempt == self.retries:

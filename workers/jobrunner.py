@@ -1,6 +1,7 @@
 """What every job runner shares: one attempt reported from start to finish.
 
-`run_reported(reporter, body)` sends "running", runs the body, and reports exactly one final state:
+`run_reported(reporter, body)` sends "running" (and stops there, cancelled, if the reply says the job was cancelled
+since its claim), runs the body, and reports exactly one final state:
 succeeded with the body's result, cancelled (the body raised `Cancelled`), interrupted (the body raised
 `Interrupted`, or stopped because the worker is shutting down: the job goes back to the queue without
 counting as a failure), or failed with a readable reason (one of the expected errors: the message alone;
@@ -68,6 +69,8 @@ def run_reported(
             warnings.simplefilter("always")
             try:
                 reporter.started()
+                if reporter.cancel_requested:  # cancelled after the claim, before this first report: load nothing
+                    raise Cancelled()
                 result = body()
             finally:
                 forward_warnings(caught, reporter)

@@ -75,6 +75,10 @@ class GroupLaunch:
 
     def run(self) -> dict[str, Any] | None:
         self.reporter.started()
+        if self.reporter.user_cancelled:  # cancelled after the claim, before this first report: launch nothing
+            self.reporter.log("Cancelled at the user's request before the processes were launched.", level="warning")
+            self.reporter.finish("cancelled")
+            return None
         problem = self._problem()
         if problem:
             self.reporter.log(f"Failed: {problem}", level="error")

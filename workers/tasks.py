@@ -30,7 +30,7 @@ from celery import Celery, signals
 # expandable segments keep the allocator unfragmented.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from workers.client import NotAssigned, StaleAttempt, WorkerClient
+from workers.client import CancelledBeforeStart, NotAssigned, StaleAttempt, WorkerClient
 from workers.config import (
     ConfigError,
     artifact_store_root,
@@ -146,6 +146,9 @@ def claim(job_id: int, attempt: int, path: str) -> dict[str, Any] | None:
     """The claim reply, or None where the wake-up was not ours to act on (forged, stale, duplicated)."""
     try:
         return client().claim_job(job_id, attempt, path=path)
+    except CancelledBeforeStart as exc:
+        log.info("%s %s attempt %s cancelled before it started: skipped, nothing loaded (%s)", path, job_id, attempt, exc)
+        return None
     except (NotAssigned, StaleAttempt) as exc:
         log.warning("%s %s attempt %s not ours to run: %s", path, job_id, attempt, exc)
         return None

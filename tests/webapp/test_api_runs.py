@@ -13,7 +13,8 @@ import pytest
 from django.test import AsyncClient, Client
 
 from tests.webapp.api_helpers import Team, bearer, key_for, make_team, problem_of
-from tests.webapp.factories import make_run
+from tests.webapp.factories import make_run, run_world
+from webapp.playground.models import AdapterJob
 from webapp.training.models import RunEvent, TrainingRun
 from workers.spec import suggest_train_params
 
@@ -194,9 +195,43 @@ def test_delete_only_a_finished_run(client: Client, api_team: Team) -> None:
     raw = key_for(t.owner)
     assert "cancel it first" in problem_of(client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw)), 409)["detail"]
     TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
-    assert client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw)).status_code == 204
+    deleted = client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw))
+    assert deleted.status_code == 200 and deleted.json()["run"] == run.pk
     assert not TrainingRun.objects.filter(pk=run.pk).exists()
     problem_of(client.delete(f"/api/v1/runs/{run.pk}/", **bearer(raw)), 404)
+
+
+def test_delete_reports_what_went_and_what_stayed_and_frees_the_files(
+    client: Client, api_team: Team, store_dir: Path, django_capture_on_commit_callbacks: Any
+) -> None:
+    t = api_team
+    world = run_world(store_dir, t.owner, t.base, t.dataset, t.config)
+    url = f"/api/v1/runs/{world.run.pk}/"
+    assert problem_of(client.delete(url, **bearer(key_for(t.mate))), 403)
+    with django_capture_on_commit_callbacks(execute=True):
+        answer = client.delete(url, **bearer(key_for(t.owner)))
+    assert answer.status_code == 200, answer.content
+    report = answer.json()
+    assert report["run"] == world.run.pk and report["adapter"]["id"] == world.adapter.pk
+    assert report["events"] == 2 and report["checkpoints"] == 2
+    assert [(m["id"], m["verified"]) for m in report["merged_models"]] == [(world.merged.pk, True)]
+    assert report["jobs"] == [world.merge.pk]
+    assert {f["uri"] for f in report["files"]} == {f"store://runs/{world.run.pk}", f"store://jobs/{world.merge.pk}"}
+    assert report["freed_bytes"] == world.freed_bytes == sum(f["bytes"] for f in report["files"])
+    assert report["kept"] == {"comparisons": [world.comparison.pk], "evaluations": [world.evaluation.pk],
+                              "combined_adapters": [world.blend.pk], "jobs": [world.combine.pk]}
+    assert not world.run_folder.exists() and not world.merge_folder.exists() and world.outside.exists()
+    assert not TrainingRun.objects.filter(pk=world.run.pk).exists()
+    problem_of(client.delete(url, **bearer(key_for(t.owner))), 404)
+
+
+def test_delete_is_refused_while_a_job_reads_the_runs_adapter(client: Client, api_team: Team, store_dir: Path) -> None:
+    t = api_team
+    world = run_world(store_dir, t.owner, t.base, t.dataset, t.config)
+    AdapterJob.objects.filter(pk=world.merge.pk).update(state="queued")
+    body = problem_of(client.delete(f"/api/v1/runs/{world.run.pk}/", **bearer(key_for(t.owner))), 409)
+    assert f"merge job {world.merge.pk}" in body["detail"].lower()
+    assert TrainingRun.objects.filter(pk=world.run.pk).exists() and world.run_folder.is_dir()
 
 
 def test_clone_queues_a_new_run_with_the_same_inputs_for_the_caller(client: Client, api_team: Team) -> None:

@@ -135,6 +135,55 @@ def test_each_voter_sees_the_outputs_in_their_own_blind_order(client: Client, ap
     assert len(orders) > 1  # not one order for everybody
 
 
+def many_rows_comparison(team: Team, rows: int) -> Comparison:
+    """The base and two adapters on `rows` prompts, finished; each cell's text names its row and column."""
+    adapters = [
+        Adapter.objects.create(name=name, owner=team.owner, base_model=team.base, rank=8, uri=f"store://a/{name}",
+                               size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+        for name in NAMES
+    ]
+    prompts = PromptSet.objects.create(name="many", owner=team.owner,
+                                       rows=[{"prompt": f"prompt {r}", "reference": ""} for r in range(rows)])
+    comparison = services.start_compare(team.owner, prompts, adapters, jobspecs.GenerationParams(max_new_tokens=8))
+    comparison.store_outputs([{"row": r, "column": k, "text": f"{k} on row {r}"}
+                              for r in range(rows) for k, _ in comparison.columns()])
+    AdapterJob.objects.filter(pk=comparison.job_id).update(state="succeeded")
+    return Comparison.objects.select_related("job", "prompt_set").get(pk=comparison.pk)
+
+
+def base_positions(client: Client, comparison: Comparison, raw: str) -> list[int]:
+    """Where the base's output stands on each row of the caller's ballot (0: option A)."""
+    rows = client.get(f"/api/v1/comparisons/{comparison.pk}/ballot/", **bearer(raw)).json()["rows"]
+    return [[o["text"] for o in row["options"]].index(f"{jobspecs.BASE_KEY} on row {row['row']}") for row in rows]
+
+
+def test_the_base_moves_from_row_to_row_stays_put_on_reload_and_differs_between_voters(
+    client: Client, api_team: Team
+) -> None:
+    t = api_team
+    comparison = many_rows_comparison(t, rows=24)
+    mate, owner = key_for(t.mate), key_for(t.owner)
+    mine = base_positions(client, comparison, mate)
+    assert len(set(mine)) == 3  # one glance at a voted row unmasks nothing on the others
+    assert base_positions(client, comparison, mate) == mine  # stable across reloads
+    assert base_positions(client, comparison, owner) != mine  # each voter has their own order
+    # Every vote for the option showing the base's text records the base, whichever letter it stands under.
+    for row, position in enumerate(mine):
+        vote = post(client, f"/api/v1/comparisons/{comparison.pk}/votes/", {"row": row, "option": "ABC"[position]}, mate)
+        assert vote.status_code == 201, vote.content
+    assert set(Vote.objects.filter(comparison=comparison, user=t.mate).values_list("choice", flat=True)) == {
+        jobspecs.BASE_KEY}
+
+
+def test_the_blind_order_cannot_be_worked_out_from_the_ids_a_voter_knows(api_team: Team, settings: Any) -> None:
+    """The order is keyed with the server's secret: the comparison, voter and row ids are all public."""
+    comparison = many_rows_comparison(api_team, rows=12)
+    voter = api_team.mate.pk
+    before = [comparison.blind_order(voter, row) for row in range(12)]
+    settings.SECRET_KEY = "another-secret-key-for-this-test-only-0123456789"
+    assert [comparison.blind_order(voter, row) for row in range(12)] != before
+
+
 def test_one_vote_per_person_per_row_and_an_idempotent_retry_replays(client: Client, api_team: Team) -> None:
     t = api_team
     comparison = comparison_of(t)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from django.template.defaultfilters import filesizeformat
 
+from tests.webapp.factories import run_world
 from tests.webapp.team import login, make
 from webapp.fleet.models import Worker
+from webapp.playground.models import AdapterJob, Comparison, MergedModel
 from webapp.training import ledger
-from webapp.training.models import Adapter, RunEvent, TrainingRun
+from webapp.training.models import Adapter, AdapterParent, RunEvent, TrainingRun
 from webapp.training.views import _next_batch
 
 pytestmark = pytest.mark.django_db
@@ -228,6 +231,63 @@ def test_delete_asks_first_then_removes_events_and_adapter_and_refuses_an_active
     assert 'id="confirm-delete"' not in client.get(f"/runs/{active.pk}/delete/").content.decode()
     client.post(f"/runs/{active.pk}/delete/")
     assert TrainingRun.objects.filter(pk=active.pk).exists()
+
+
+def test_deleting_a_run_lists_what_goes_with_sizes_then_frees_its_files_after_the_commit(  # type: ignore[no-untyped-def]
+    team, client, store_dir, django_capture_on_commit_callbacks
+) -> None:
+    users, bases, datasets, config = team
+    world = run_world(store_dir, users["owner"], bases[0], datasets[0], config)
+    login(client, "owner")
+    page = client.get(f"/runs/{world.run.pk}/delete/").content.decode()
+    assert 'id="confirm-delete"' in page
+    goes = page[page.index('id="deleted"'):page.index('id="kept"')]
+    kept = page[page.index('id="kept"'):]
+    # What goes: the adapter, the verified merged model and its job, the folders with their sizes and the total.
+    assert "doomed" in goes and f"merge job {world.merge.pk}" in goes.lower() and "verified" in goes
+    assert f"store://runs/{world.run.pk}" in goes and f"store://jobs/{world.merge.pk}" in goes
+    assert "2 checkpoints" in goes and filesizeformat(world.freed_bytes) in goes
+    assert filesizeformat(world.merged.size_bytes) in goes
+    # What stays, saying the adapter is gone: the comparison's column, the evaluation, the combined adapter.
+    assert "doomed vs survivor" in kept and f"evaluate job {world.evaluation.pk}" in kept.lower() and "blend" in kept
+    assert "survivor" not in goes
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert client.post(f"/runs/{world.run.pk}/delete/").status_code == 302
+    assert world.run_folder.is_dir() and world.merge_folder.is_dir()  # nothing leaves the disk before the commit
+    for callback in callbacks:
+        callback()
+    assert not world.run_folder.exists() and not world.merge_folder.exists()
+    assert world.outside.read_bytes() == b"not the store's"  # a link inside the run's folder: the link went, not its target
+    assert (store_dir / "runs" / str(world.other.run_id)).is_dir() and (store_dir / "jobs" / str(world.combine.pk)).is_dir()
+
+    assert not TrainingRun.objects.filter(pk=world.run.pk).exists() and not RunEvent.objects.filter(run_id=world.run.pk).exists()
+    assert not Adapter.objects.filter(pk=world.adapter.pk).exists()
+    assert not MergedModel.objects.filter(pk=world.merged.pk).exists() and not AdapterJob.objects.filter(pk=world.merge.pk).exists()
+    comparison = Comparison.objects.get(pk=world.comparison.pk)
+    labels = dict(comparison.columns())
+    assert labels[world.adapter.key] == "doomed (adapter deleted)" and labels[world.other.key] == "survivor"
+    assert comparison.cells.filter(column=world.adapter.key, text=f"{world.adapter.key} says 0").exists()
+    evaluation = AdapterJob.objects.get(pk=world.evaluation.pk)
+    assert [a["label"] for a in evaluation.params["adapters"]] == ["doomed (adapter deleted)", "survivor"]
+    assert evaluation.params["held_out_of_deleted"] is True
+    link = AdapterParent.objects.get(child=world.blend, parent_name="doomed")
+    assert link.parent_id is None and link.weight == 0.5
+    lineage = client.get(f"/adapters/{world.blend.pk}/").content.decode()
+    assert "doomed (deleted)" in lineage
+    held_out = client.get(f"/jobs/{world.evaluation.pk}/").content.decode()
+    assert f"run {world.run.pk} (deleted)" in held_out and f'href="/runs/{world.run.pk}/"' not in held_out
+
+
+def test_a_run_whose_adapter_a_job_still_reads_is_not_deleted(team, client, store_dir) -> None:  # type: ignore[no-untyped-def]
+    users, bases, datasets, config = team
+    world = run_world(store_dir, users["owner"], bases[0], datasets[0], config)
+    AdapterJob.objects.filter(pk=world.comparison.job_id).update(state="running", attempt=2)
+    login(client, "owner")
+    page = client.get(f"/runs/{world.run.pk}/delete/").content.decode()
+    assert 'id="confirm-delete"' not in page and f"compare job {world.comparison.job_id}" in page.lower()
+    client.post(f"/runs/{world.run.pk}/delete/")
+    assert TrainingRun.objects.filter(pk=world.run.pk).exists() and world.run_folder.is_dir()
 
 
 # ---- adapters ----------------------------------------------------------------------------------------

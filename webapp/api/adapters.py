@@ -66,7 +66,9 @@ def _adapters_field(**kwargs: Any) -> serializers.ListField:
 
 
 class ParentSerializer(serializers.Serializer):
-    adapter = serializers.IntegerField(source="parent_id")
+    adapter = serializers.IntegerField(source="parent_id", allow_null=True,
+                                       help_text="The parent's id; null once it was deleted (with its run).")
+    name = serializers.CharField(source="parent_name", help_text="The parent's name when the combination was made.")
     weight = serializers.FloatField()
 
 

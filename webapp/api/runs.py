@@ -38,7 +38,7 @@ from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.training import ledger
+from webapp.training import deletion
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import RunEvent, RunState, TrainingRun
 from workers import spec
@@ -207,6 +207,43 @@ STREAM_DOC = extend_schema(
 )
 
 
+class DeletedFolderSerializer(serializers.Serializer):
+    uri = serializers.CharField(help_text="A folder of the artifact store, removed with the run.")
+    bytes = serializers.IntegerField(help_text="Its size on disk (links not followed).")
+    what = serializers.CharField(help_text="What it held.")
+
+
+class DeletedAdapterSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+
+
+class DeletedMergeSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    dtype = serializers.CharField()
+    verified = serializers.BooleanField()
+    size_bytes = serializers.IntegerField()
+
+
+class RunDeletionKeptSerializer(serializers.Serializer):
+    comparisons = serializers.ListField(child=serializers.IntegerField(), help_text="Kept; the column names the adapter as deleted.")
+    evaluations = serializers.ListField(child=serializers.IntegerField(), help_text="Jobs kept with their scores.")
+    combined_adapters = serializers.ListField(child=serializers.IntegerField(), help_text="Kept; lineage names the parent.")
+    jobs = serializers.ListField(child=serializers.IntegerField(), help_text="Combinations and pushes, kept with their log.")
+
+
+class RunDeletionSerializer(serializers.Serializer):
+    run = serializers.IntegerField(help_text="The deleted run's id.")
+    events = serializers.IntegerField(help_text="Log lines and metric points deleted.")
+    checkpoints = serializers.IntegerField(help_text="Checkpoints removed from the artifact store.")
+    adapter = DeletedAdapterSerializer(allow_null=True)
+    merged_models = DeletedMergeSerializer(many=True)
+    jobs = serializers.ListField(child=serializers.IntegerField(), help_text="The adapter's merge jobs, deleted.")
+    files = DeletedFolderSerializer(many=True)
+    freed_bytes = serializers.IntegerField()
+    kept = RunDeletionKeptSerializer()
+
+
 @extend_schema_view(
     list=extend_schema(parameters=[
         OpenApiParameter("state", OpenApiTypes.STR, enum=RunState.values, required=False),
@@ -215,7 +252,12 @@ STREAM_DOC = extend_schema(
         OpenApiParameter("dataset", ID_FILTER, required=False),
     ]),
     create=extend_schema(request=RunCreateSerializer, responses={201: RunSerializer}),
-    destroy=extend_schema(description="Delete a finished run with its events and adapter (409 while it runs)."),
+    destroy=extend_schema(responses={200: RunDeletionSerializer}, description=(
+        "Delete a finished run with its events, checkpoints, adapter, the adapter's merge jobs and merged models, "
+        "and their folders in the artifact store (removed once the deletion has committed). Comparisons, "
+        "evaluations, combined adapters and pushes that used the adapter are kept and name it as deleted. 409 "
+        "while the run is not finished, or while a job still reads its adapter. The answer says what went and "
+        "what stayed.")),
 )
 class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = RunSerializer
@@ -259,9 +301,11 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         run = self.get_object()
         access.check_can_change(request.user, run.owner_id, "run")
-        if not ledger.delete_finished(run):
-            return problem(409, f"a {run.state} run cannot be deleted: cancel it first", instance=request.path)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        try:
+            gone = deletion.delete_run(run)
+        except deletion.DeleteRefused as refused:
+            return problem(refused.status, refused.message, instance=request.path)
+        return Response(RunDeletionSerializer(gone.report()).data)
 
     @extend_schema(request=None, responses={200: RunSerializer},
                    description="Cancel a queued run at once; an active run stops at its next step (409 once finished).")

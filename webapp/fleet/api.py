@@ -25,8 +25,8 @@ from webapp.training.models import ACTIVE_STATES, TrainingRun
 Handler = Callable[..., dict[str, Any]]
 
 
-def _error(status: int, detail: str) -> JsonResponse:
-    return JsonResponse({"detail": detail}, status=status)
+def _error(status: int, detail: str, code: str = "") -> JsonResponse:
+    return JsonResponse({"detail": detail, **({"code": code} if code else {})}, status=status)
 
 
 def authenticate(request: HttpRequest) -> Worker | None:
@@ -61,7 +61,7 @@ def worker_endpoint(handler: Handler) -> Callable[..., JsonResponse]:
         except (ValueError, KeyError, TypeError) as exc:
             return _error(400, f"bad request: {exc}")
         except ledger.Rejected as exc:
-            return _error(exc.status, exc.detail)
+            return _error(exc.status, exc.detail, exc.code)
 
     return view
 

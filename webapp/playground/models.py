@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Value
 from django.db.models.functions import Concat
+from django.utils.crypto import salted_hmac
 
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, LedgerJob
@@ -138,7 +139,8 @@ class AdapterJob(LedgerJob):
             metrics={**result, "job_id": self.pk},
         )
         AdapterParent.objects.bulk_create(
-            AdapterParent(child=adapter, parent=p, weight=float(w)) for p, w in zip(ordered, weights, strict=False)
+            AdapterParent(child=adapter, parent=p, parent_name=str(p), weight=float(w))
+            for p, w in zip(ordered, weights, strict=False)
         )
         AdapterJob.objects.filter(pk=self.pk).update(result={**result, "adapter_id": adapter.pk})
 
@@ -219,9 +221,13 @@ class Comparison(models.Model):
             )
 
     def blind_order(self, user_id: int, row: int) -> list[str]:
-        """The order a voter sees a row's outputs in: shuffled per voter and row, stable across page loads."""
+        """The order a voter sees a row's outputs in: shuffled per voter and row, stable across page loads.
+
+        The shuffle is seeded with an HMAC under the server's secret: seeded with the ids alone (all of them
+        public), any voter could replay it and unmask every row of their ballot, or anyone else's."""
         keys = [key for key, _ in self.columns()]
-        random.Random(f"{self.pk}:{user_id}:{row}").shuffle(keys)
+        seed = salted_hmac("tunedeck.playground.blind_order", f"{self.pk}:{user_id}:{row}").digest()
+        random.Random(seed).shuffle(keys)
         return keys
 
     def win_rates(self) -> list[dict[str, Any]]:

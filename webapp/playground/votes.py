@@ -3,8 +3,9 @@
 Who may vote: every signed-in, active teammate (everyone on the team sees every comparison). A vote needs
 the comparison's job to have succeeded, a row that exists, and one of the row's outputs or a tie; one vote
 per person per row (the database's unique constraint decides a race). A voter sees a row's outputs in an
-order shuffled for them (`Comparison.blind_order`), under neutral option letters, and sees the names only
-once they have voted on that row.
+order shuffled for them and for that row (`Comparison.blind_order`, keyed with the server's secret so that no
+one can replay it from the ids), under neutral option letters, and sees the names only once they have voted
+on that row: a voted row says nothing about where each column stands on the others.
 """
 
 from __future__ import annotations

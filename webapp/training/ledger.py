@@ -16,7 +16,6 @@ from django.utils import timezone
 
 from webapp.training.models import (
     ACTIVE_STATES,
-    FINAL_STATES,
     WORKER_TRANSITIONS,
     RunState,
     TrainingRun,
@@ -102,7 +101,8 @@ def requeue_or_fail(run: Any, reason: str, max_attempts: int, failure: bool = Tr
 
 
 def request_cancel(run: Any) -> bool:
-    """Cancel a queued job at once; flag an active one for its worker to stop at the next step."""
+    """Cancel a job that no worker has started (queued, or dispatched and not yet claimed) at once; flag one a
+    worker holds, for it to stop at its next step."""
     model = type(run)
     with transaction.atomic():
         if model.objects.filter(pk=run.pk, state=RunState.QUEUED).update(
@@ -110,16 +110,38 @@ def request_cancel(run: Any) -> bool:
         ):
             note(run, "Cancelled before it started")
             return True
+        if cancel_unclaimed(run.pk, model):
+            return True
         if model.objects.filter(pk=run.pk, state__in=ACTIVE_STATES).update(cancel_requested=True):
             note(run, "Cancel requested: the worker stops at its next step", level="warning")
             return True
     return False
 
 
+def cancel_unclaimed(job_id: int, model: Any) -> bool:
+    """Cancel a dispatched attempt that its worker has not claimed: the worker has loaded nothing, so the job
+    ends now (its GPUs freed) and the claim, when the wake-up arrives, is refused. The conditional update
+    races the claim's: one of them wins."""
+    job = model.objects.select_for_update().filter(pk=job_id).first()
+    if job is None or job.state != RunState.DISPATCHED or job.claimed_at is not None:
+        return False
+    reason = f"cancelled before worker {job.worker} claimed it" if job.worker_id else "cancelled before it was claimed"
+    if not model.objects.filter(pk=job_id, attempt=job.attempt, state=RunState.DISPATCHED, claimed_at=None).update(
+        state=RunState.CANCELLED, cancel_requested=True, finished_at=timezone.now(), gpu_indices=[],
+        attempt_log=[*job.attempt_log, attempt_entry(job, RunState.CANCELLED, reason)],
+    ):
+        return False
+    note(job, f"Cancelled before it started: attempt {job.attempt} was {reason}, so nothing ran")
+    return True
+
+
 class Rejected(Exception):
-    def __init__(self, status: int, detail: str):
+    """A worker's request refused: the HTTP status, what is wrong, and a code a worker can act on (e.g.
+    `cancelled`: skip the job, it is no failure)."""
+
+    def __init__(self, status: int, detail: str, code: str = ""):
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.code = status, detail, code
 
 
 def fenced_run(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun) -> Any:
@@ -134,15 +156,22 @@ def fenced_run(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun)
 
 def claim(worker: Any, run_id: int, attempt: int, model: Any = TrainingRun) -> Any:
     """The one claim of an attempt: a redelivered or duplicated wake-up finds it claimed and gets 409, so a job
-    never runs twice."""
+    never runs twice. A cancelled attempt (or one flagged before its claim) is refused with the code
+    `cancelled`, so that the worker skips it before loading anything, and without calling it a failure."""
     run = fenced_run(worker, run_id, attempt, model)
-    if run.state not in ACTIVE_STATES:
-        raise Rejected(409, f"the {run.NOUN} is {run.state}")
-    if not model.objects.filter(pk=run.pk, attempt=attempt, state=RunState.DISPATCHED, claimed_at=None).update(
-        claimed_at=timezone.now()
-    ):
-        raise Rejected(409, f"attempt {attempt} of the {run.NOUN} is already claimed")
-    return run
+    if run.cancel_requested and run.state == RunState.DISPATCHED and run.claimed_at is None:
+        with transaction.atomic():
+            cancel_unclaimed(run.pk, model)
+    if model.objects.filter(
+        pk=run.pk, attempt=attempt, state=RunState.DISPATCHED, claimed_at=None, cancel_requested=False
+    ).update(claimed_at=timezone.now()):
+        return run
+    state = model.objects.values_list("state", flat=True).get(pk=run.pk)
+    if state == RunState.CANCELLED:
+        raise Rejected(409, f"the {run.NOUN} was cancelled: nothing to run", code="cancelled")
+    if state not in ACTIVE_STATES:
+        raise Rejected(409, f"the {run.NOUN} is {state}")
+    raise Rejected(409, f"attempt {attempt} of the {run.NOUN} is already claimed")
 
 
 def record_events(run: Any, attempt: int, events: list[dict[str, Any]]) -> None:
@@ -269,13 +298,3 @@ def retry(run: Any, by: Any) -> bool:
                 "the next attempt resumes from the latest checkpoint" if isinstance(run, TrainingRun) else "queued again"
             ))
     return bool(updated)
-
-
-def delete_finished(run: Any) -> bool:
-    """Delete a job with its events (and a run's adapter row), only if it has finished (never under a worker's feet)."""
-    with transaction.atomic():
-        locked = type(run).objects.select_for_update().filter(pk=run.pk, state__in=FINAL_STATES).first()
-        if locked is None:
-            return False
-        locked.delete()  # events and the adapter row go with it (on_delete=CASCADE)
-    return True

@@ -242,8 +242,12 @@ class Adapter(models.Model):
 
 
 class AdapterParent(models.Model):
+    """One parent of a combined adapter and its weight. The child holds its own weights, so it outlives a parent
+    that is deleted (with its run): the link stays, without the parent, under the name it had."""
+
     child = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="parent_links")
-    parent = models.ForeignKey(Adapter, on_delete=models.PROTECT, related_name="child_links")
+    parent = models.ForeignKey(Adapter, null=True, on_delete=models.SET_NULL, related_name="child_links")
+    parent_name = models.CharField(max_length=200, blank=True)
     weight = models.FloatField()
 
     class Meta:

@@ -14,13 +14,14 @@ from django.core.paginator import Paginator
 from django.db.models import F
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.defaultfilters import filesizeformat
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
 from webapp.catalog.models import BaseModel
-from webapp.training import ledger
+from webapp.training import deletion, ledger
 from webapp.training.charts import run_charts
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
@@ -204,17 +205,19 @@ def run_retry(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 def run_delete(request: HttpRequest, pk: int) -> HttpResponse:
-    """GET asks for confirmation; POST deletes (a finished run only, with its events and adapter row)."""
+    """GET lists what the deletion removes (with the files' sizes) and what it keeps; POST deletes. The rules,
+    shared with the API, are in training.deletion."""
     run = _run_for(request, pk)
     _check_can_act(request, run)
-    if request.method == "POST":
-        if ledger.delete_finished(run):
-            messages.info(request, f"Deleted {run}.")
-            return redirect("runs")
-        messages.warning(request, f"A {run.state} run cannot be deleted: cancel it first.")
-        return redirect("run-detail", pk=run.pk)
-    counts = {"events": RunEvent.objects.filter(run=run).count(), "adapter": Adapter.objects.filter(run=run).exists()}
-    return render(request, "training/run_delete.html", {"run": run, **counts})
+    if request.method != "POST":
+        return render(request, "training/run_delete.html", {"run": run, "deletion": deletion.plan(run)})
+    try:
+        gone = deletion.delete_run(run)
+    except deletion.DeleteRefused as refused:
+        messages.warning(request, f"{run} was not deleted: {refused.message}.")
+        return redirect("runs") if refused.status == 404 else redirect("run-detail", pk=run.pk)
+    messages.info(request, f"Deleted {run}: {filesizeformat(gone.freed_bytes)} freed in the artifact store.")
+    return redirect("runs")
 
 
 @login_required
@@ -328,7 +331,7 @@ async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
 def adapters_list(request: HttpRequest) -> HttpResponse:
     adapters = (
         Adapter.objects.select_related("base_model", "owner", "run__dataset", "run__lora_config")
-        .prefetch_related("parents")
+        .prefetch_related("parent_links__parent")
         .order_by("-id")
     )
     page = Paginator(adapters, ADAPTERS_PER_PAGE).get_page(request.GET.get("page"))

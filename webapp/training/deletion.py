@@ -1,0 +1,260 @@
+"""Deleting a finished run: one set of rules for the confirmation page, the page's delete and the REST DELETE.
+
+What goes is the run's own work, which nothing else needs: the run and its events, its adapter, the adapter's
+merge jobs with the merged models they made, and their folders in the artifact store (the run's: every
+attempt's adapter and zip, the checkpoints; each merge job's: the merged model).
+
+What stays is work that mixes the adapter with other adapters, often other people's, and needs none of its
+files; it says the adapter was deleted. Comparisons keep every cell's text and name the adapter's column
+"<name> (adapter deleted)"; evaluations keep their scores under that name; a combined adapter keeps its own
+weights, and its lineage the parent's name and weight; the adapter's other jobs (combinations, pushes) keep
+their log, with a line saying so. Deleting these as well would take a teammate's work with the run; refusing
+while they exist would leave a run that can never be deleted (adapters are not deleted on their own).
+
+Refused: a run that has not finished (cancel it first), and a run whose adapter a job still reads (queued or
+running), named in the refusal, so that no file goes from under a worker.
+
+Files go only once the transaction has committed (a delete that rolls back leaves every file), and only inside
+the artifact store: each path is resolved and checked first, and links are removed, never followed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from webapp.playground.models import AdapterJob, Comparison, JobKind, MergedModel
+from webapp.training import ledger
+from webapp.training.models import ACTIVE_STATES, FINAL_STATES, Adapter, RunEvent, RunState, TrainingRun
+from workers.store import SCHEME, ArtifactStore
+
+log = logging.getLogger(__name__)
+
+DELETED_MARK = " (adapter deleted)"
+BUSY_STATES = (RunState.QUEUED, *ACTIVE_STATES)
+
+
+class DeleteRefused(Exception):
+    """Why a run was not deleted: an HTTP status (404 gone, 409 not now) and a message saying what to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclasses.dataclass
+class Folder:
+    """A folder of the artifact store that goes with the run: its URI, its size on disk and what it holds."""
+
+    uri: str
+    bytes: int
+    what: str
+
+
+@dataclasses.dataclass
+class RunDeletion:
+    """Everything a run's deletion removes and keeps, read before anything is removed."""
+
+    run: TrainingRun
+    events: int
+    checkpoints: int
+    adapter: Adapter | None
+    merged: list[MergedModel]
+    jobs: list[AdapterJob]  # deleted: the adapter's merge jobs
+    folders: list[Folder]  # deleted once the transaction commits
+    comparisons: list[Comparison]  # kept: the adapter's column says it was deleted
+    evaluations: list[AdapterJob]  # kept: of the adapter, or on the run's held-out rows
+    combined: list[Adapter]  # kept: their lineage keeps the parent's name
+    other_jobs: list[AdapterJob]  # kept: combinations and pushes of the adapter
+    busy: list[AdapterJob]  # jobs still reading the adapter: the deletion waits for them
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(folder.bytes for folder in self.folders)
+
+    def refusal(self) -> str:
+        if self.run.state not in FINAL_STATES:
+            return f"a {self.run.state} run cannot be deleted: cancel it first"
+        if self.busy:
+            jobs = ", ".join(f"{job} ({job.state})" for job in self.busy)
+            return f"its adapter is still read by {jobs}: delete the run once they have finished, or cancel them"
+        return ""
+
+    def report(self) -> dict[str, Any]:
+        """What was deleted and what was kept, by id (the REST API's answer)."""
+        adapter = self.adapter
+        return {
+            "run": self.run.pk,
+            "events": self.events,
+            "checkpoints": self.checkpoints,
+            "adapter": {"id": adapter.pk, "name": str(adapter)} if adapter else None,
+            "merged_models": [
+                {"id": m.pk, "dtype": m.dtype, "verified": m.verified, "size_bytes": m.size_bytes} for m in self.merged
+            ],
+            "jobs": [job.pk for job in self.jobs],
+            "files": [dataclasses.asdict(folder) for folder in self.folders],
+            "freed_bytes": self.freed_bytes,
+            "kept": {
+                "comparisons": [c.pk for c in self.comparisons],
+                "evaluations": [job.pk for job in self.evaluations],
+                "combined_adapters": [a.pk for a in self.combined],
+                "jobs": [job.pk for job in self.other_jobs],
+            },
+        }
+
+
+def store() -> ArtifactStore:
+    return ArtifactStore(settings.ARTIFACT_STORE)
+
+
+def plan(run: TrainingRun) -> RunDeletion:
+    """What deleting `run` would remove and keep (with the folders' sizes on disk); changes nothing."""
+    adapter = Adapter.objects.filter(run=run).first()
+    used = list(AdapterJob.objects.filter(adapters=adapter).order_by("id")) if adapter else []
+    jobs = [job for job in used if job.kind == JobKind.MERGE]
+    merged = list(MergedModel.objects.filter(adapter=adapter).order_by("id")) if adapter else []
+    evaluations = {job.pk: job for job in used if job.kind == JobKind.EVALUATE}
+    evaluations.update({job.pk: job for job in AdapterJob.objects.filter(kind=JobKind.EVALUATE, params__held_out_of=run.pk)})
+    folders, checkpoints = _folders(run, adapter, jobs, merged)
+    return RunDeletion(
+        run=run,
+        events=RunEvent.objects.filter(run=run).count(),
+        checkpoints=checkpoints,
+        adapter=adapter,
+        merged=merged,
+        jobs=jobs,
+        folders=folders,
+        comparisons=list(Comparison.objects.filter(job__in=[j for j in used if j.kind == JobKind.COMPARE]).order_by("id")),
+        evaluations=sorted(evaluations.values(), key=lambda job: job.pk),
+        combined=list(adapter.children.order_by("id")) if adapter else [],
+        other_jobs=[job for job in used if job.kind in (JobKind.COMBINE, JobKind.PUSH)],
+        busy=[job for job in used if job.state in BUSY_STATES],
+    )
+
+
+def delete_run(run: TrainingRun) -> RunDeletion:
+    """Delete a finished run as `plan` describes it, or raise DeleteRefused; its folders go after the commit."""
+    with transaction.atomic():
+        locked = TrainingRun.objects.select_for_update().filter(pk=run.pk).first()
+        if locked is None:
+            raise DeleteRefused(404, f"run {run.pk} no longer exists")
+        deletion = plan(locked)
+        refusal = deletion.refusal()
+        if refusal:
+            raise DeleteRefused(409, refusal)
+        _mark_what_stays(deletion)
+        AdapterJob.objects.filter(pk__in=[job.pk for job in deletion.jobs]).delete()  # with their events
+        # Its events, its adapter and the adapter's merged models go with it (CASCADE), parent links stay; deleted
+        # through a queryset, so the instances the report reads keep their ids.
+        TrainingRun.objects.filter(pk=locked.pk).delete()
+        paths = [store().path(folder.uri) for folder in deletion.folders]
+        transaction.on_commit(lambda: remove_folders(paths))
+    return deletion
+
+
+def _mark_what_stays(deletion: RunDeletion) -> None:
+    """Name the adapter as deleted wherever its work is kept: columns, scores, lineage, job logs."""
+    adapter, run = deletion.adapter, deletion.run
+    for job in {j.pk: j for j in [*deletion.evaluations, *deletion.other_jobs,
+                                  *(c.job for c in deletion.comparisons if c.job)]}.values():
+        params = dict(job.params)
+        if adapter is not None:
+            params["adapters"] = [_deleted_ref(a) if a.get("key") == adapter.key else a for a in params.get("adapters", [])]
+        if params.get("held_out_of") == run.pk:
+            params["held_out_of_deleted"] = True
+        AdapterJob.objects.filter(pk=job.pk).update(params=params)
+        ledger.note(job, f"Run {run.pk} ({run}) was deleted with its adapter: this job's record is kept")
+    if adapter is not None:  # a link outlives its parent under the name it had (older links may not have it)
+        adapter.child_links.filter(parent_name="").update(parent_name=str(adapter))
+
+
+def _deleted_ref(ref: dict[str, Any]) -> dict[str, Any]:
+    label = str(ref.get("label", ""))
+    return {**ref, "label": label if label.endswith(DELETED_MARK) else label + DELETED_MARK}
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+
+
+def _folders(
+    run: TrainingRun, adapter: Adapter | None, jobs: list[AdapterJob], merged: list[MergedModel]
+) -> tuple[list[Folder], int]:
+    """The store's folders that go with the run (those that exist), and the checkpoints among them."""
+    artifacts = store()
+    run_uri = ArtifactStore.uri("runs", run.pk)
+    run_dir = artifacts.path(run_uri)
+    attempts = len(list(run_dir.glob("attempt-*"))) if run_dir.is_dir() else 0
+    checkpoints = len(list((run_dir / "checkpoints").glob("checkpoint-*"))) if run_dir.is_dir() else 0
+    candidates = [(run_uri, f"the run's folder: the adapters of {_count(attempts, 'attempt')}, "
+                            f"{_count(checkpoints, 'checkpoint')}")]
+    if adapter is not None:
+        candidates.append((adapter.uri, f"the adapter {adapter}"))
+    for job in jobs:
+        made = next((m for m in merged if m.job_id == job.pk), None)
+        checked = "verified" if made and made.verified else "not verified"
+        what = f"the merged model of {job} ({made.dtype}, {checked})" if made else f"the output of {job}"
+        candidates.append((ArtifactStore.uri("jobs", job.pk), what))
+    candidates += [(m.uri, f"a merged model of {adapter} ({m.dtype})") for m in merged]
+    folders: list[Folder] = []
+    taken: list[Path] = []
+    for uri, what in candidates:
+        path = _inside_store(artifacts, uri)
+        if path is None or not os.path.lexists(path) or any(path.is_relative_to(t) for t in taken):
+            continue
+        taken.append(path)
+        folders.append(Folder(uri=uri, bytes=_size(path), what=what))
+    return folders, checkpoints
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _inside_store(artifacts: ArtifactStore, uri: str) -> Path | None:
+    """The path of a store URI strictly inside the store, or None (another scheme, an escape, the root)."""
+    if not uri.startswith(SCHEME):
+        return None
+    try:
+        path = artifacts.path(uri)
+    except ValueError:
+        return None
+    return path if path != artifacts.root else None
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk under `path`, links not followed (a link's target is not the run's)."""
+    if path.is_symlink():
+        return 0
+    if not path.is_dir():
+        return path.stat().st_size
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            file = Path(folder) / name
+            if not file.is_symlink():
+                total += file.lstat().st_size
+    return total
+
+
+def remove_folders(paths: list[Path]) -> None:
+    """Remove each path (checked to lie inside the store again: settings may differ from when it was planned).
+    Run after the commit: a failure is logged, never raised, since the rows are already gone."""
+    artifacts = store()
+    for path in paths:
+        if not path.is_relative_to(artifacts.root) or path == artifacts.root:
+            log.error("not removing %s: outside the artifact store %s", path, artifacts.root)
+            continue
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)  # removes links inside, never what they point to
+        except OSError as exc:
+            log.error("could not remove %s: %s", path, exc)
