@@ -147,6 +147,8 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
             ],
+            # Figures, sizes and times read the same on every page (workers/formatting.py's rules).
+            "builtins": ["webapp.templatetags.formatting"],
         },
     }
 ]

@@ -333,6 +333,5 @@ def adapters_list(request: HttpRequest) -> HttpResponse:
     )
     page = Paginator(adapters, ADAPTERS_PER_PAGE).get_page(request.GET.get("page"))
     for adapter in page.object_list:
-        adapter.trainable_pct = 100 * adapter.trainable_params / adapter.total_params if adapter.total_params else None
         adapter.eval_loss = adapter.metrics.get("eval_loss") if isinstance(adapter.metrics, dict) else None
     return render(request, "training/adapters.html", {"adapters": page.object_list, "page": page})
