@@ -119,7 +119,8 @@ def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -
         assert f"<strong>{title}</strong>" in page
     assert page.count("<polyline") == 5  # train + eval loss, lr, grad norm, tokens/s
     assert 'class="series eval"' in page
-    assert "Checkpoints (3)" in page and "latest: a retry resumes here" in page
+    # Three saved, the trainer's default keep_checkpoints (2) kept on disk.
+    assert "Checkpoints (2)" in page and "1 earlier checkpoint removed" in page and "latest: a retry resumes here" in page
     assert "tunedeck/training.js" in page and "<script>" not in page and "style=" not in page
     assert 'id="log-search"' in page and 'id="follow"' in page
     # A line's class must not be the bare "log" of its box (it took the box's 360px height).

@@ -22,6 +22,7 @@ from django.views.decorators.http import require_POST
 from webapp.catalog.models import BaseModel
 from webapp.training import ledger
 from webapp.training.charts import run_charts
+from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
 from workers.spec import suggest_train_params
@@ -131,15 +132,11 @@ def _chart_context(run: TrainingRun) -> dict[str, Any]:
     return {"charts": run_charts(run.metric_points)}
 
 
-def _checkpoints(run: TrainingRun) -> list[dict[str, Any]]:
-    rows = RunEvent.objects.filter(run=run, kind="checkpoint").order_by("id").values("id", "attempt", "data", "created_at")
-    return [{**row, "step": row["data"].get("step") if isinstance(row["data"], dict) else None} for row in rows]
-
-
 def _status_context(run: TrainingRun) -> dict[str, Any]:
     adapter = Adapter.objects.filter(run=run).first()
-    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": _checkpoints(run),
-            **_chart_context(run)}
+    checkpoints = run_checkpoints(run)
+    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": checkpoints.kept,
+            "checkpoints_removed": checkpoints.removed, **_chart_context(run)}
 
 
 def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
