@@ -9,7 +9,8 @@ so the same value reads the same everywhere. (The REST API keeps raw numbers and
 - A **percent** takes a fraction and has one decimal: 0.29 → 29.0%. A share under 0.1% keeps two
   significant digits instead (0.024%), so that it never reads as 0.0%.
 - A **size** is in binary units with one decimal: 512 B, 1.5 KiB, 4.9 GiB.
-- A **duration**: 4.2 s, 45 s, 12 min, 3 h 05 min, 2 d 4 h.
+- A **duration**: 4.2 s (whole seconds without a decimal: 3 s), 45 s, 12 min, 3 h 05 min, 2 d 4 h; how
+  long ago something happened counts whole seconds.
 - A **timestamp** is UTC to the minute: 2026-12-05 07:10 UTC; pages put the full value, `iso()`, in
   the datetime attribute of a <time> element.
 
@@ -127,7 +128,7 @@ def duration(value: Any) -> str:
         return _not_a_number(value)
     seconds = max(0.0, seconds) if math.isfinite(seconds) else 0.0
     if seconds < 10:
-        return "0 s" if seconds == 0 else f"{seconds:.1f} s"
+        return f"{seconds:.1f} s" if round(seconds, 1) % 1 else f"{round(seconds)} s"
     if seconds < 60:
         return f"{int(seconds)} s"
     minutes = int(seconds // 60)
@@ -169,7 +170,7 @@ def elapsed(value: Any, now: datetime | None = None) -> str:
     moment = as_datetime(value)
     if moment is None:
         return _not_a_number(value)
-    return duration((now or datetime.now(UTC)) - moment)
+    return duration(round(((now or datetime.now(UTC)) - moment).total_seconds()))
 
 
 def plural(amount: str, noun: str) -> str:

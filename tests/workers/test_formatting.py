@@ -56,8 +56,8 @@ def test_sizes_are_in_binary_units_with_one_decimal() -> None:
 
 
 def test_durations_read_from_seconds_to_days() -> None:
-    assert [f.duration(v) for v in (0, 4.23, 45, 725, 3 * 3600 + 5 * 60, 2 * 86400 + 4 * 3600, -3)] == [
-        "0 s", "4.2 s", "45 s", "12 min", "3 h 05 min", "2 d 4 h", "0 s"]
+    assert [f.duration(v) for v in (0, 4.23, 3.0, 9.98, 45, 725, 3 * 3600 + 5 * 60, 2 * 86400 + 4 * 3600, -3)] == [
+        "0 s", "4.2 s", "3 s", "10 s", "45 s", "12 min", "3 h 05 min", "2 d 4 h", "0 s"]
     assert f.duration(timedelta(minutes=90)) == "1 h 30 min"
 
 
@@ -69,6 +69,7 @@ def test_times_are_utc_to_the_minute_with_the_full_value_for_machines() -> None:
         assert f.iso(value) == "2026-12-05T07:10:54Z"
     assert f.timestamp(None) == "—" and f.timestamp("soon") == "soon" and f.iso("soon") == ""
     assert f.elapsed(moment, moment + timedelta(minutes=12, seconds=5)) == "12 min"
+    assert f.elapsed(moment, moment + timedelta(seconds=1.4)) == "1 s"
 
 
 def test_plural_follows_the_written_amount() -> None:
