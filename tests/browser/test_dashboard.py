@@ -252,6 +252,7 @@ PAGES = [
     ("/base-models/", "Base models", "base-models"),
     ("/lora-configs/", "LoRA configs", "lora-configs"),
     ("/adapters/", "Adapters", "adapters-empty"),
+    ("/merged/", "Merged models", "merged-models-empty"),
     ("/runs/new/", "New training run", "run-new"),
 ]
 
