@@ -136,3 +136,11 @@ def test_the_catalog_and_fleet_pages_write_counts_and_sizes_by_one_rule(team: An
     assert 'title="2026-12-05 07:10 UTC">' in workers
     for page in (datasets, workers):
         assert_no_raw(page)
+
+
+def test_the_token_length_histogram_labels_its_axes_as_counts() -> None:
+    from webapp.catalog.charts import histogram_chart
+
+    chart = histogram_chart([(0, 1500, 3), (1500, 3000, 113_000), (3000, 4500, 10)], max_length=2048)
+    assert [label for _, label in chart.ticks] == ["0", "1,500", "3,000", "4,500"]
+    assert chart.y_max_label == "113,000"
