@@ -149,6 +149,8 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
             ],
+            # Figures, sizes and times read the same on every page (workers/formatting.py's rules).
+            "builtins": ["webapp.templatetags.formatting"],
         },
     }
 ]
@@ -209,7 +211,11 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "Tunedeck API",
     "DESCRIPTION": "LoRA/QLoRA fine-tuning: catalog, runs, adapters, jobs and workers. "
-                   "Authenticate with `Authorization: Bearer <API key>`; errors are RFC 9457 problems.",
+                   "Authenticate with `Authorization: Bearer <API key>`; errors are RFC 9457 problems. "
+                   "Values are raw: times ISO 8601 in UTC with a `Z`, sizes in bytes (`*_bytes`), shares and "
+                   "agreements as fractions from 0 to 1, losses and logit differences as full floats. The pages and "
+                   "the `tunedeck` CLI write them for people (3 significant digits, `1.96e-5`, `29.0%`, `4.9 GiB`, "
+                   "`2026-12-05 07:10 UTC`).",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/api/v1",

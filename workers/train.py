@@ -31,6 +31,7 @@ from workers.engine import (
     restore_kernels,
     sft_arguments,
 )
+from workers.formatting import count, figure, percent, plural
 from workers.jobrunner import Cancelled, check_cancel, run_reported
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, build_peft_config, prepare_adapter, quantization_config, save_adapter
@@ -115,7 +116,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, scratch):
         reporter.log(line)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    reporter.log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    reporter.log(f"Trainable parameters: {count(trainable)} of {count(total)} ({percent(trainable / total)})")
     resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
     if resume:
         reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
@@ -291,12 +292,18 @@ def _estimator(config: Any, spec: TrainSpec) -> Any:
     return safe
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint-N folder (the trainer state is written last)."""
+def saved_checkpoints(directory: Path) -> dict[int, Path]:
+    """Each complete checkpoint-N folder by its step (the trainer state is written last)."""
     if not directory.is_dir():
-        return None
-    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists() and _step_of(p) is not None]
-    return max(done, key=lambda p: _step_of(p) or 0, default=None)
+        return {}
+    done = {_step_of(p): p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()}
+    return {step: done[step] for step in sorted(s for s in done if s is not None)}
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint-N folder."""
+    saved = saved_checkpoints(directory)
+    return saved[max(saved)] if saved else None
 
 
 def _step_of(path: Path) -> int | None:
@@ -492,6 +499,25 @@ def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
     return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
 
 
+def schedule_line(total_steps: int, epochs: float, max_steps: int, steps_per_epoch: int | None) -> str:
+    """How long the run trains, as its log says it. max_steps, when set, overrides the epochs: the line says
+    so, with the epochs that many steps amount to ("Training: 4,000 steps (max_steps; about 2.33 epochs)")."""
+    steps = plural(count(total_steps), "step")
+    if max_steps > 0:
+        about = f"; about {plural(figure(total_steps / steps_per_epoch), 'epoch')}" if steps_per_epoch else ""
+        return f"Training: {steps} (max_steps{about})"
+    return f"Training: {plural(figure(epochs), 'epoch')}, {steps}"
+
+
+def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
+    """Optimizer steps in one pass over the training rows, as the trainer counts them (None for an iterable)."""
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return None
+    return max(-(-batches // args.gradient_accumulation_steps), 1)
+
+
 class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     """Streams progress to the reporter and stops training at the next step once cancelled."""
 
@@ -502,7 +528,8 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_time = time.monotonic()
-        self.reporter.log(f"Training: {state.max_steps} steps, {args.num_train_epochs:g} epoch(s)")
+        per_epoch = steps_per_epoch(args, kwargs.get("train_dataloader"))
+        self.reporter.log(schedule_line(state.max_steps, args.num_train_epochs, args.max_steps, per_epoch))
         # The attempt starts at step 0 or at its checkpoint's: the curve after it is a lost attempt's. The
         # checkpoint's own logged steps come again, for those its attempt died before reporting.
         self.reporter.metric(step=state.global_step, total_steps=state.max_steps, restart=True)
@@ -518,7 +545,10 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
             control.should_training_stop = True
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.reporter.checkpoint(state.global_step, epoch=state.epoch)
+        # The trainer has saved this one and deleted those beyond keep_checkpoints: `kept` lists the steps
+        # still on disk, so the run's pages list only checkpoints a retry can resume from.
+        kept = sorted(saved_checkpoints(Path(args.output_dir)))
+        self.reporter.checkpoint(state.global_step, epoch=state.epoch, kept=kept)
         self.reporter.maybe_flush()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:

@@ -80,7 +80,7 @@ def test_a_comparison_streams_into_its_grid_and_teammates_vote_blind(page, demo,
     expect(row).to_contain_text("Your vote: double-adapter")  # swapped in place by htmx, names revealed
     screenshot(page, "comparison-vote")
     page.goto(f"/compare/{comparison.pk}/")
-    expect(page.locator("#win-rates")).to_contain_text("100%")
+    expect(page.locator("#win-rates")).to_contain_text("100.0%")
     assert page.dialogs == [] and errors == [], errors  # type: ignore[attr-defined]
 
 

@@ -201,8 +201,10 @@ def test_cancel_a_running_run_from_its_page(page, demo, worker_process, schedule
     run_id = create_run_in_form(page, dataset, config, "browser-cancel", max_steps=3000, logging_steps=1)
     wait_state(run_id, ("running",), until=lambda r: r.step >= 2, worker=worker_process)
     page.get_by_role("button", name="Cancel").click()
-    expect(page.get_by_text("Cancel requested.")).to_be_visible()
+    expect(page.locator("#cancel-notice")).to_contain_text("Cancel requested")
     expect(page.locator("#run-state")).to_have_text("cancelled", timeout=60_000)  # live, through the stream
+    expect(page.locator("#cancel-notice")).to_have_count(0)  # the notice went with the panel it was in
+    expect(page.locator(".flash")).to_have_count(0)
     run = TrainingRun.objects.get(pk=run_id)
     assert run.state == "cancelled" and run.step < 3000
     # The actions follow the state live: Cancel goes, Retry and Delete come, without a reload.
@@ -250,6 +252,7 @@ PAGES = [
     ("/base-models/", "Base models", "base-models"),
     ("/lora-configs/", "LoRA configs", "lora-configs"),
     ("/adapters/", "Adapters", "adapters-empty"),
+    ("/merged/", "Merged models", "merged-models-empty"),
     ("/runs/new/", "New training run", "run-new"),
 ]
 

@@ -207,7 +207,7 @@ def test_labels_and_limits_are_edited_on_the_worker_page(team) -> None:  # type:
     assert (worker.labels, worker.max_gpu_bytes, worker.max_jobs) == (["a100", "team-nlp"], int(40.5 * GIB), 3)
     assert worker.token_hash == hash_token(token)
     rows = client.get("/workers/").content.decode()
-    assert "team-nlp" in rows and "40.5\xa0GB GPU memory per job" in rows and "3 jobs at once" in rows
+    assert "team-nlp" in rows and "40.5 GiB GPU memory per job" in rows and "3 jobs at once" in rows
 
 
 def test_a_worker_with_an_active_job_cannot_be_deleted(team) -> None:  # type: ignore[no-untyped-def]
@@ -284,7 +284,7 @@ def test_the_workers_page_draws_telemetry_sparklines(team) -> None:  # type: ign
     assert '<polyline class="spark-utilization" points="0.0,1.0 60.0,12.0 120.0,23.0"/>' in body
     assert "GPU 0 memory used over the last 3 samples; latest 100%" in body
     assert body.count("<svg") == 2  # the quiet worker has no samples: no sparkline
-    assert 'value="100"' in body and "40.0\xa0GB / 40.0\xa0GB" in body  # current figures from the latest sample
+    assert 'value="100"' in body and "40.0 GiB / 40.0 GiB" in body  # current figures from the latest sample
 
 
 def test_worker_command_takes_the_token_from_a_flag_a_file_or_the_environment() -> None:

@@ -122,7 +122,8 @@ def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -
         assert f"<strong>{title}</strong>" in page
     assert page.count("<polyline") == 5  # train + eval loss, lr, grad norm, tokens/s
     assert 'class="series eval"' in page
-    assert "Checkpoints (3)" in page and "latest: a retry resumes here" in page
+    # Three saved, the trainer's default keep_checkpoints (2) kept on disk.
+    assert "Checkpoints (2)" in page and "1 earlier checkpoint removed" in page and "latest: a retry resumes here" in page
     assert "tunedeck/training.js" in page and "<script>" not in page and "style=" not in page
     assert 'id="log-search"' in page and 'id="follow"' in page
     # A line's class must not be the bare "log" of its box (it took the box's 360px height).
@@ -305,7 +306,7 @@ def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_o
     with django_assert_max_num_queries(8):
         page = client.get("/adapters/").content.decode()
     assert "run-0" in page and "base-0" in page and "data-0" in page and "cfg" in page
-    assert "0.2500" in page and "0.3750" in page and "2.0\xa0KB" in page and "0.100%" in page
+    assert "0.25" in page and "0.375" in page and "2.0 KiB" in page and "(0.1%)" in page
     assert f"/adapters/{first.pk}/download.zip" in page and f"/runs/{first.run_id}/" in page
     assert 'formaction="/compare/new/"' in page and f'name="adapters" value="{first.pk}"' in page
     for i in range(1, 30):
@@ -397,7 +398,7 @@ def test_a_run_with_an_eval_dataset_stores_it_shows_it_and_clones_with_it(tiny_m
     # Without one, the page says what the run evaluates on.
     plain = TrainingRun.objects.create(owner=user, base_model=base, dataset=dataset, lora_config=config,
                                        hyperparameters={"eval_fraction": 0.1})
-    assert "a held-out 0.1 of the dataset" in client.get(f"/runs/{plain.pk}/").content.decode()
+    assert "a held-out 10.0% of the dataset" in client.get(f"/runs/{plain.pk}/").content.decode()
 
 
 def test_an_eval_dataset_and_an_eval_fraction_together_are_refused(tiny_model_dir, store_dir, client) -> None:  # type: ignore[no-untyped-def]

@@ -240,3 +240,35 @@ def test_chat_eval_rows_break_plain_text_training_on_a_base_without_a_chat_templ
     assert run_training(spec, reporter, store) is None
     state, _, error = reporter.states[-1]
     assert state == "failed" and "chat_template is not set" in error
+
+
+def test_the_log_says_max_steps_sets_the_length_and_checkpoints_say_which_are_kept(tiny_model_dir: Path,
+                                                                                  store: ArtifactStore) -> None:
+    import re
+
+    from workers.train import run_training
+
+    spec = make_spec(tiny_model_dir)
+    spec.checkpoint_uri = "store://runs/1/checkpoints"
+    spec.train.num_epochs, spec.train.max_steps, spec.train.save_steps, spec.train.keep_checkpoints = 3, 6, 2, 2
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is not None, reporter.states[-1]
+
+    plan = [line for line in reporter.logs if line.startswith("Training: ")]
+    assert len(plan) == 1 and re.fullmatch(r"Training: 6 steps \(max_steps; about 0\.\d+ epochs\)", plan[0]), plan
+    assert "epoch(s)" not in plan[0] and "3 epochs" not in plan[0]
+    # Each checkpoint event lists the steps still on disk once the trainer deleted those beyond keep_checkpoints.
+    saved = [(e["data"]["step"], e["data"]["kept"]) for e in reporter.events if e["kind"] == "checkpoint"]
+    assert saved == [(2, [2]), (4, [2, 4]), (6, [4, 6])]
+    on_disk = sorted(p.name for p in store.path(spec.checkpoint_uri).glob("checkpoint-*"))
+    assert on_disk == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_the_schedule_line_names_what_sets_the_length() -> None:
+    from workers.train import schedule_line
+
+    assert schedule_line(4000, 3.0, 4000, 1714) == "Training: 4,000 steps (max_steps; about 2.33 epochs)"
+    assert schedule_line(120, 1.0, 120, 120) == "Training: 120 steps (max_steps; about 1 epoch)"
+    assert schedule_line(4000, 3.0, 4000, None) == "Training: 4,000 steps (max_steps)"
+    assert schedule_line(1200, 3.0, 0, 400) == "Training: 3 epochs, 1,200 steps"
+    assert schedule_line(1, 0.5, 0, 2) == "Training: 0.5 epochs, 1 step"

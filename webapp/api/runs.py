@@ -39,6 +39,7 @@ from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.training import deletion
+from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import RunEvent, RunState, TrainingRun
 from workers import spec
@@ -143,7 +144,8 @@ class CheckpointSerializer(serializers.Serializer):
 
 
 class CheckpointListSerializer(serializers.Serializer):
-    results = CheckpointSerializer(many=True)
+    results = CheckpointSerializer(many=True, help_text="The checkpoints still on disk, oldest step first: those "
+                                   "keep_checkpoints deleted are left out.")
 
 
 # --- creating a run -------------------------------------------------------------------------------------
@@ -355,9 +357,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     @extend_schema(responses={200: CheckpointListSerializer})
     @action(detail=True, methods=["get"])
     def checkpoints(self, request: Request, pk: str) -> Response:
-        from webapp.training.views import _checkpoints
-
         run = self.get_object()
-        return Response({"results": CheckpointSerializer(_checkpoints(run), many=True).data})
+        return Response({"results": CheckpointSerializer(run_checkpoints(run).kept, many=True).data})
 
 

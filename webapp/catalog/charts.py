@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from workers.formatting import count
+
 WIDTH, HEIGHT, PAD_X, PAD_Y = 600, 220, 44, 28
 
 
@@ -26,7 +28,7 @@ class BarChart:
     x_min: int
     x_max: int
     marker_x: float | None = None  # where max_length falls, when it is inside the range
-    ticks: list[tuple[float, int]] = field(default_factory=list)
+    ticks: list[tuple[float, str]] = field(default_factory=list)  # x and its label
     width: int = WIDTH
     height: int = HEIGHT
     pad_x: int = PAD_X
@@ -39,6 +41,10 @@ class BarChart:
     @property
     def y_end(self) -> int:
         return self.height - self.pad_y
+
+    @property
+    def y_max_label(self) -> str:
+        return count(self.y_max)
 
 
 def histogram_chart(histogram: list[tuple[int, int, int]], max_length: int | None = None) -> BarChart:
@@ -60,5 +66,5 @@ def histogram_chart(histogram: list[tuple[int, int, int]], max_length: int | Non
                         height, lower, upper, rows, max_length is not None and lower >= max_length))
     marker = x_of(max_length) if max_length is not None and x_min <= max_length <= x_max else None
     step = max(1, len(histogram) // 5)
-    ticks = [(x_of(lower), lower) for lower, _, _ in histogram[::step]] + [(x_of(x_max), x_max)]
+    ticks = [(x_of(lower), count(lower)) for lower, _, _ in histogram[::step]] + [(x_of(x_max), count(x_max))]
     return BarChart(bars, y_max, x_min, x_max, marker, ticks)

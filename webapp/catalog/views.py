@@ -39,7 +39,7 @@ from webapp.catalog.services import (
 )
 from workers import spec
 from workers.datasets import DatasetError
-from workers.estimate import GiB, estimate_for_spec
+from workers.estimate import estimate_for_spec
 from workers.modelinfo import ModelNotFound
 from workers.preview import render_row
 
@@ -152,9 +152,9 @@ def _estimate(form: LoraConfigForm, estimate_form: EstimateForm) -> dict[str, An
         "result": result,
         "trainable": est.trainable_params,
         "share": est.trainable_params / base.num_parameters if base.num_parameters else None,
-        "parts": [(name, value / GiB) for name, value in est.parts().items()],
-        "device_gib": est.device_total / GiB,
-        "gpu_gib": gpu_bytes / GiB,
+        "parts": list(est.parts().items()),
+        "device_bytes": est.device_total,
+        "gpu_bytes": gpu_bytes,
         "fits": est.device_total <= gpu_bytes,
     }
 

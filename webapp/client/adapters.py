@@ -20,16 +20,18 @@ from webapp.client.output import (
     note,
     progress,
     show_command,
+    shown,
     table,
     when,
 )
 from webapp.client.runs import FINAL, POLL_S
 from webapp.client.transfer import download
+from workers.formatting import figure, percent, size
 
 ADAPTER_COLUMNS = [("id", field("id")), ("name", field("name")), ("origin", field("origin")),
                    ("run", field("run")), ("base model", lambda a: a.get("base_model_name") or a.get("base_model")),
-                   ("method", field("method")), ("rank", field("rank")), ("loss", field("final_loss")),
-                   ("bytes", field("size_bytes")), ("created", when("created_at"))]
+                   ("method", field("method")), ("rank", field("rank")), ("loss", shown("final_loss", figure)),
+                   ("size", shown("size_bytes", size)), ("created", when("created_at"))]
 
 
 def adapters_list(args: argparse.Namespace, api: Api) -> int:
@@ -133,7 +135,7 @@ def print_grid(comparison: dict[str, Any]) -> None:
     rates = [r for r in comparison.get("win_rates") or [] if r.get("rate") is not None]
     if rates:
         print("\nwin rates:")
-        table(rates, [("column", field("label")), ("wins", field("wins")), ("rate", field("rate"))])
+        table(rates, [("column", field("label")), ("wins", field("wins")), ("rate", shown("rate", percent))])
 
 
 def _option(option: dict[str, Any]) -> str:

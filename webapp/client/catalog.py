@@ -9,13 +9,14 @@ from pathlib import Path
 
 from webapp.client.api import Api
 from webapp.client.lookup import find
-from webapp.client.output import emit_json, field, list_command, show_object, when
+from webapp.client.output import emit_json, field, list_command, show_object, shown, when
 from webapp.client.transfer import upload
+from workers.formatting import compact, count, size
 
 DATASET_COLUMNS = [("id", field("id")), ("name", field("name")), ("format", field("format")),
-                   ("rows", field("row_count")), ("bytes", field("size_bytes")), ("created", when("created_at"))]
+                   ("rows", shown("row_count", count)), ("size", shown("size_bytes", size)), ("created", when("created_at"))]
 MODEL_COLUMNS = [("id", field("id")), ("name", field("name")), ("source", field("source")),
-                 ("architecture", field("architecture")), ("params", field("num_parameters"))]
+                 ("architecture", field("architecture")), ("params", shown("num_parameters", compact))]
 CONFIG_COLUMNS = [("id", field("id")), ("name", field("name")), ("method", field("method")),
                   ("summary", field("summary"))]
 

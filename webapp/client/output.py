@@ -1,4 +1,7 @@
-"""What the commands print: JSON for scripts (stdout), tables and key/value blocks for people, progress on stderr."""
+"""What the commands print: JSON for scripts (stdout), tables and key/value blocks for people, progress on stderr.
+
+For people, figures, counts, sizes and times follow the pages' rules (workers/formatting.py); JSON keeps the
+API's raw values."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+from workers import formatting
 
 if TYPE_CHECKING:
     import argparse
@@ -32,7 +37,7 @@ def cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return formatting.figure(value)
     if isinstance(value, dict):
         return ref(value)
     if isinstance(value, list):
@@ -56,13 +61,17 @@ def field(name: str) -> Callable[[dict[str, Any]], Any]:
     return lambda row: row.get(name)
 
 
-def when(name: str) -> Callable[[dict[str, Any]], Any]:
-    """An ISO 8601 UTC timestamp cut to the minute for a table: 2026-11-30T10:49:36.003Z → 2026-11-30 10:49Z."""
-    def get(row: dict[str, Any]) -> str:
-        value = str(row.get(name) or "")
-        return f"{value[:10]} {value[11:16]}Z" if len(value) >= 16 and value[10] == "T" else value
+def shown(name: str, rule: Callable[[Any], str]) -> Callable[[dict[str, Any]], Any]:
+    """A column written by one of the formatting rules (an empty cell where the value is missing)."""
+    def get(row: dict[str, Any]) -> str | None:
+        return None if row.get(name) is None else rule(row[name])
 
     return get
+
+
+def when(name: str) -> Callable[[dict[str, Any]], Any]:
+    """An ISO 8601 timestamp as the pages write it: 2026-11-30T10:49:36.003Z → 2026-11-30 10:49 UTC."""
+    return shown(name, formatting.timestamp)
 
 
 def details(obj: dict[str, Any], skip: Sequence[str] = ()) -> None:
@@ -75,12 +84,19 @@ def details(obj: dict[str, Any], skip: Sequence[str] = ()) -> None:
             print(f"{key}:")
             inner = max(len(str(k)) for k in value)
             for k, v in value.items():
-                print(f"  {str(k).ljust(inner)}  {_scalar(v)}")
+                print(f"  {str(k).ljust(inner)}  {_scalar(v, str(k))}")
         else:
-            print(f"{key.ljust(width)}  {_scalar(value)}")
+            print(f"{key.ljust(width)}  {_scalar(value, key)}")
 
 
-def _scalar(value: Any) -> str:
+def _scalar(value: Any, key: str = "") -> str:
+    """A value of a show block: times, sizes (fields named *_bytes) and floats by the formatting rules."""
+    if key.endswith("_at") and isinstance(value, str) and formatting.as_datetime(value):
+        return formatting.timestamp(value)
+    if key.endswith("_bytes") and isinstance(value, int):
+        return formatting.size(value)
+    if isinstance(value, float):
+        return formatting.figure(value)
     if isinstance(value, dict):
         return ref(value) if "id" in value and "name" in value else json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):

@@ -12,14 +12,15 @@ from typing import Any
 from webapp.client import runspec
 from webapp.client.api import Api
 from webapp.client.errors import FAILED, OK
-from webapp.client.output import emit_json, field, list_command, note, progress, ref, show_command, when
+from webapp.client.output import emit_json, field, list_command, note, progress, ref, show_command, shown, when
+from workers.formatting import count, figure
 
 FINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 1.0
 EVENTS_PAGE = 1000
 RUN_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("state")),
-               ("step", lambda r: f"{r.get('step', 0)}/{r.get('total_steps') or '?'}"),
-               ("loss", field("last_loss")), ("base model", lambda r: r.get("base_model_name") or r.get("base_model")),
+               ("step", lambda r: f"{count(r.get('step') or 0)}/{count(r['total_steps']) if r.get('total_steps') else '?'}"),
+               ("loss", shown("last_loss", figure)), ("base model", lambda r: r.get("base_model_name") or r.get("base_model")),
                ("dataset", lambda r: r.get("dataset_name") or r.get("dataset")), ("owner", field("owner")),
                ("created", when("created_at"))]
 
@@ -44,7 +45,7 @@ def wait_for_run(api: Api, run_id: int, quiet: bool) -> dict[str, Any]:
             bar.set_description(f"run {run_id} {run.get('state')}", refresh=False)
             loss = run.get("last_loss")
             if loss is not None:
-                bar.set_postfix_str(f"loss {loss:.4g}", refresh=False)
+                bar.set_postfix_str(f"loss {figure(loss)}", refresh=False)
             bar.update(int(run.get("step") or 0) - bar.n)
             if run.get("state") in FINAL:
                 break
@@ -61,7 +62,7 @@ def _finish(args: argparse.Namespace, run: dict[str, Any]) -> int:
     else:
         line = f"Run {run.get('id')} {state}"
         if state == "succeeded" and run.get("last_loss") is not None:
-            line += f": final loss {run['last_loss']:.4g}"
+            line += f": final loss {figure(run['last_loss'])}"
         adapter = run.get("adapter")
         if adapter:
             line += f"; adapter {ref(adapter) if not isinstance(adapter, dict) else adapter.get('id')}"
@@ -96,7 +97,7 @@ def format_event(event: dict[str, Any]) -> str:
     message = str(event.get("message") or "")
     if kind == "metric" and not message:
         data = event.get("data") or {}
-        message = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items())
+        message = " ".join(f"{k}={figure(v)}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items())
     level = event.get("level", "info")
     marker = f" {level.upper()}" if level not in ("info", "") else ""
     return f"{clock} [{kind}]{marker} {message}"

@@ -8,6 +8,7 @@ urlpatterns = [
     path("adapters/<int:pk>/merge/", views.adapter_merge, name="adapter-merge"),
     path("adapters/<int:pk>/push/", views.adapter_push, name="adapter-push"),
     path("adapters/combine/", views.combine_new, name="combine-new"),
+    path("merged/", views.merged_models, name="merged-models"),
     path("merged/<int:pk>/download.zip", views.merged_zip, name="merged-zip"),
     path("merged/<int:pk>/files/<str:name>", views.merged_file, name="merged-file"),
     path("compare/", views.comparisons, name="comparisons"),

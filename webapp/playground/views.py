@@ -10,6 +10,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Max
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -34,6 +35,7 @@ from workers import jobspecs
 from workers.store import ArtifactStore
 
 LOG_TAIL = 500
+MERGED_PER_PAGE = 50
 
 
 def _store() -> ArtifactStore:
@@ -185,6 +187,14 @@ def _zip_response(folder: Path, filename: str) -> StreamingHttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+@login_required
+def merged_models(request: HttpRequest) -> HttpResponse:
+    """Every merged model, newest first: its adapter, dtype, check, size and download."""
+    rows = MergedModel.objects.select_related("adapter__base_model", "job__owner").order_by("-id")
+    page = Paginator(rows, MERGED_PER_PAGE).get_page(request.GET.get("page"))
+    return render(request, "playground/merged_models.html", {"merged": page.object_list, "page": page})
 
 
 @login_required

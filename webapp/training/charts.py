@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.formatting import figure
+
 WIDTH, HEIGHT, PAD = 600, 200, 36
 
 
@@ -20,12 +22,7 @@ class Series:
 
     @property
     def last_label(self) -> str:
-        return fmt(self.last)
-
-
-def fmt(value: float | None) -> str:
-    """Four significant digits: a learning rate of 2e-05 and a throughput of 12345 both read well."""
-    return "—" if value is None else f"{value:.4g}"
+        return figure(self.last)
 
 
 @dataclass
@@ -53,11 +50,11 @@ class Chart:
 
     @property
     def y_min_label(self) -> str:
-        return fmt(self.y_min)
+        return figure(self.y_min)
 
     @property
     def y_max_label(self) -> str:
-        return fmt(self.y_max)
+        return figure(self.y_max)
 
 
 def _thin(series: list[tuple[int, float]], max_points: int) -> list[tuple[int, float]]:

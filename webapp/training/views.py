@@ -23,6 +23,7 @@ from django.views.decorators.http import require_POST
 from webapp.catalog.models import BaseModel
 from webapp.training import deletion, ledger
 from webapp.training.charts import run_charts
+from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
 from workers.spec import suggest_train_params
@@ -132,15 +133,11 @@ def _chart_context(run: TrainingRun) -> dict[str, Any]:
     return {"charts": run_charts(run.metric_points)}
 
 
-def _checkpoints(run: TrainingRun) -> list[dict[str, Any]]:
-    rows = RunEvent.objects.filter(run=run, kind="checkpoint").order_by("id").values("id", "attempt", "data", "created_at")
-    return [{**row, "step": row["data"].get("step") if isinstance(row["data"], dict) else None} for row in rows]
-
-
 def _status_context(run: TrainingRun) -> dict[str, Any]:
     adapter = Adapter.objects.filter(run=run).first()
-    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": _checkpoints(run),
-            **_chart_context(run)}
+    checkpoints = run_checkpoints(run)
+    return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": checkpoints.kept,
+            "checkpoints_removed": checkpoints.removed, **_chart_context(run)}
 
 
 def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
@@ -184,10 +181,12 @@ def run_status(request: HttpRequest, pk: int) -> HttpResponse:
 def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     run = _run_for(request, pk)
     _check_can_act(request, run)
-    if ledger.request_cancel(run):
-        messages.info(request, "Cancel requested.")
-    else:
+    if not ledger.request_cancel(run):
         messages.warning(request, f"The run is already {run.state}.")
+    elif TrainingRun.objects.filter(pk=run.pk, state=RunState.CANCELLED).exists():
+        messages.info(request, "Cancelled before it started.")
+    # A running run's pending cancel is said by its status panel, which the live stream replaces when the
+    # run stops: a flash message would stay on the page after the run is cancelled.
     return redirect("run-detail", pk=run.pk)
 
 
@@ -336,6 +335,5 @@ def adapters_list(request: HttpRequest) -> HttpResponse:
     )
     page = Paginator(adapters, ADAPTERS_PER_PAGE).get_page(request.GET.get("page"))
     for adapter in page.object_list:
-        adapter.trainable_pct = 100 * adapter.trainable_params / adapter.total_params if adapter.total_params else None
         adapter.eval_loss = adapter.metrics.get("eval_loss") if isinstance(adapter.metrics, dict) else None
     return render(request, "training/adapters.html", {"adapters": page.object_list, "page": page})

@@ -25,6 +25,7 @@ from webapp.api.openai.jobs import create_job
 from webapp.catalog.models import Dataset
 from webapp.catalog.services import register_dataset, store
 from webapp.training import ledger
+from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import RunEvent, TrainingRun
 from workers.datasets import DatasetError
 
@@ -228,11 +229,12 @@ class JobEvents(OpenAIView):
 
 
 class JobCheckpoints(OpenAIView):
-    """Each checkpoint the run saved (the run keeps its last `keep_checkpoints` on disk), newest first."""
+    """Each checkpoint the run still has (it keeps its last `keep_checkpoints` on disk), newest first."""
 
     def get(self, request: Request, job_id: str) -> Response:
         run = _run(job_id)
-        rows = RunEvent.objects.filter(run=run, kind="checkpoint").order_by("-id")
+        kept = [checkpoint["id"] for checkpoint in run_checkpoints(run).kept]
+        rows = RunEvent.objects.filter(run=run, id__in=kept).order_by("-id")
         after = _after(request, objects.CHECKPOINT_PREFIX, "checkpoint")
         if after is not None:
             rows = rows.filter(id__lt=after)
