@@ -72,6 +72,26 @@ def var_dir() -> Path:
     return Path(env_str("TUNEDECK_VAR", "var")).expanduser().resolve()
 
 
+def private_dir(path: Path) -> Path:
+    """Create `path` for this user only (0700), or narrow it to that: var/ and its folders hold the database, the
+    secret key, the broker's messages and the artifacts. Missing parents are created as usual."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _narrow(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` empty for this user only (0600) if it does not exist, or narrow it to that."""
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+    _narrow(path, 0o600)
+    return path
+
+
+def _narrow(path: Path, mode: int) -> None:
+    if path.stat().st_uid == os.getuid():  # another user's folder (a shared mount) is left as its owner set it
+        path.chmod(mode)
+
+
 def artifact_store_root() -> Path:
     return Path(env_str("ARTIFACT_STORE") or var_dir() / "artifacts").expanduser().resolve()
 
@@ -88,9 +108,9 @@ def broker_transport_options(url: str) -> dict[str, Any]:
     """The filesystem transport needs a folder that every process of the installation shares."""
     if not url.startswith("filesystem://"):
         return {"visibility_timeout": 3600}
-    folder = var_dir() / "broker"
+    folder = private_dir(private_dir(var_dir()) / "broker")
     for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        private_dir(folder / sub)
     return {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
