@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from webapp.cli import build_parser
 
@@ -219,3 +220,6 @@ def test_web_and_up_listen_on_the_loopback_interface_unless_told_otherwise() -> 
     assert parser.parse_args(["web"]).host == "127.0.0.1"
     assert parser.parse_args(["up"]).host == "127.0.0.1"
     assert parser.parse_args(["web", "--host", "0.0.0.0"]).host == "0.0.0.0"
+    # Inside its container the web server must take connections from the other services and the published port.
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+    assert "tunedeck web --host 0.0.0.0" in " ".join(compose["services"]["web"]["command"])
