@@ -223,3 +223,17 @@ def test_web_and_up_listen_on_the_loopback_interface_unless_told_otherwise() -> 
     # Inside its container the web server must take connections from the other services and the published port.
     compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
     assert "tunedeck web --host 0.0.0.0" in " ".join(compose["services"]["web"]["command"])
+
+
+def test_an_existing_var_is_narrowed_only_where_it_holds_tunedecks_state(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from workers.config import private_var_dir
+
+    old, foreign = tmp_path / "old-var", tmp_path / "shared"
+    for folder in (old, foreign):
+        folder.mkdir(mode=0o755)
+        folder.chmod(0o755)
+    (old / "tunedeck.sqlite3").touch()  # an installation from before var/ was private
+    (foreign / "notes.txt").touch()
+    for folder, mode in ((old, 0o700), (foreign, 0o755), (tmp_path / "new" / "var", 0o700)):
+        monkeypatch.setenv("TUNEDECK_VAR", str(folder))
+        assert private_var_dir() == folder and stat.S_IMODE(folder.stat().st_mode) == mode, folder

@@ -13,7 +13,7 @@ import sys
 import time
 
 from webapp.embedded import AlreadyRunning, Children, InstanceLock, Interrupts, check_port_free, listens_on
-from workers.config import private_dir, var_dir
+from workers.config import private_var_dir
 
 SETTINGS = "webapp.settings"
 
@@ -110,7 +110,7 @@ def _local_worker_grace() -> float:
 
 def _claim(args: argparse.Namespace, url: str) -> InstanceLock | None:
     """The instance lock on var/ and a free port, before anything is touched; None after saying why not."""
-    lock = InstanceLock(private_dir(var_dir()))
+    lock = InstanceLock(private_var_dir())
     try:
         lock.acquire(url)
     except AlreadyRunning as exc:

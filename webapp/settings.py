@@ -21,13 +21,12 @@ from workers.config import (
     env_list,
     env_secret,
     env_str,
-    private_dir,
     private_file,
-    var_dir,
+    private_var_dir,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = private_dir(var_dir())  # this user's only: it holds the database, the secret key and the artifacts
+VAR_DIR = private_var_dir()  # this user's only: it holds the database, the secret key and the artifacts
 
 
 def _secret_key(debug: bool) -> str:
