@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
-from typing import Any
+
+from webapp.embedded import AlreadyRunning, Children, InstanceLock, Interrupts, check_port_free, listens_on
+from workers.config import private_var_dir
 
 SETTINGS = "webapp.settings"
 
@@ -67,8 +67,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+LOCAL_WORKER = "local"
+
+
 def _prepare_embedded() -> tuple[dict[str, str], list[str]]:
-    """Migrate, create demo content and the local worker; return the worker's env and notes."""
+    """Migrate, create demo content and the local worker; return the worker's env and notes.
+
+    Called with the instance lock held: no worker of an earlier start is alive, so the local worker's token
+    can be replaced."""
     from django.core.management import call_command
 
     _django()
@@ -78,86 +84,88 @@ def _prepare_embedded() -> tuple[dict[str, str], list[str]]:
 
     notes = [f"created {item}" for item in ensure_demo_content()]
     admin = ensure_admin()
-    if admin:
+    if admin and admin[1]:
         notes.append(f"admin account: {admin[0]} / {admin[1]}   (shown once: keep it)")
-    worker = Worker.objects.filter(name="local").first() or Worker(name="local", labels=["local"])
+    elif admin:
+        notes.append(f"admin account: {admin[0]} (password from TUNEDECK_ADMIN_PASSWORD)")
+    worker = Worker.objects.filter(name=LOCAL_WORKER).first() or Worker(name=LOCAL_WORKER, labels=[LOCAL_WORKER])
     token = worker.set_new_token()  # a fresh token each start: the old local process is gone
     worker.save()
     return {"TUNEDECK_WORKER_TOKEN": token}, notes
 
 
-class Children:
-    """Child processes in their own sessions, so Ctrl-C reaches only us and we stop them in order."""
+def _local_worker_grace() -> float:
+    """How long the local worker may take to hand its running jobs back (see webapp/fleet/handover.py)."""
+    from django.db import DatabaseError
 
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    from webapp.fleet.handover import CHECKPOINT_AND_REPORTS_S, handover_grace
+    from webapp.fleet.models import Worker
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, start_new_session=True)
-        self.procs.append((name, proc))
-
-    def dead(self) -> str | None:
-        return next((name for name, proc in self.procs if proc.poll() is not None), None)
-
-    def stop(self, grace: float = 15.0) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    try:
+        worker = Worker.objects.filter(name=LOCAL_WORKER).first()
+        return handover_grace(worker) if worker else CHECKPOINT_AND_REPORTS_S
+    except DatabaseError:
+        return CHECKPOINT_AND_REPORTS_S
 
 
-def _wait_until_listening(host: str, port: int, children: Children, timeout: float = 60.0) -> bool:
-    import socket
+def _claim(args: argparse.Namespace, url: str) -> InstanceLock | None:
+    """The instance lock on var/ and a free port, before anything is touched; None after saying why not."""
+    lock = InstanceLock(private_var_dir())
+    try:
+        lock.acquire(url)
+    except AlreadyRunning as exc:
+        print(f"Tunedeck: {exc}", file=sys.stderr, flush=True)
+        return None
+    problem = check_port_free(args.host, args.port)
+    if problem:
+        print(f"Tunedeck: {problem}", file=sys.stderr, flush=True)
+        return None
+    return lock
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not children.dead():
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((host, port)) == 0:
-                return True
-        time.sleep(0.2)
-    return False
 
-
-def cmd_up(args: argparse.Namespace) -> int:
-    print("Tunedeck: preparing the database and demo content…", flush=True)
-    worker_env, notes = _prepare_embedded()
-    server = f"http://{args.host}:{args.port}"
-    children = Children()
-    stopping = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    manage = [sys.executable, "-m", "webapp.cli", "manage"]
-    children.start("web", _web_argv(args.host, args.port))
-    children.start("scheduler", [*manage, "scheduler"])
+def _start(children: Children, args: argparse.Namespace, server: str, worker_env: dict[str, str]) -> int:
+    """Start the web server, the scheduler and the local worker; return the web server's pid."""
+    web = children.start("web server", _web_argv(args.host, args.port))
+    children.start("scheduler", [sys.executable, "-m", "webapp.cli", "manage", "scheduler"])
     if not args.no_worker:
-        worker_cmd = [sys.executable, "-m", "webapp.cli", "worker", "--server", server]
-        children.start("worker", worker_cmd, env=worker_env)
-    if _wait_until_listening(args.host, args.port, children):
-        for line in notes:
-            print(f"  {line}", flush=True)
-        print(f"Tunedeck is running at {server}/  (Ctrl-C stops it)", flush=True)
-    status = 0
-    while not stopping:
+        children.start("worker", [sys.executable, "-m", "webapp.cli", "worker", "--server", server], env=worker_env)
+    return web.pid
+
+
+def _supervise(children: Children, web_pid: int, port: int, server: str, interrupts: Interrupts) -> int:
+    """Say where Tunedeck runs once the web server itself listens; return 1 when a child exits, 0 on Ctrl-C."""
+    announced = False
+    while not interrupts.count:
         dead = children.dead()
         if dead:
             print(f"Tunedeck: the {dead} process exited; stopping the rest", file=sys.stderr, flush=True)
-            status = 1
-            break
+            return 1
+        if not announced and listens_on(web_pid, port):
+            announced = True
+            print(f"Tunedeck is running at {server}/  (Ctrl-C stops it)", flush=True)
         time.sleep(0.3)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    # Everything `up` and the processes it starts create (database, broker messages, artifacts) is this user's only.
+    os.umask(0o077)
+    server = f"http://{args.host}:{args.port}"
+    lock = _claim(args, f"{server}/")
+    if lock is None:
+        return 1
+    print("Tunedeck: preparing the database and demo content…", flush=True)
+    worker_env, notes = _prepare_embedded()
+    for line in notes:
+        print(f"  {line}", flush=True)
+    interrupts = Interrupts()
+    children = Children(lock)
+    status = _supervise(children, _start(children, args, server, worker_env), args.port, server, interrupts)
     print("Tunedeck: stopping…", flush=True)
-    children.stop()
+    # The worker first, while the web server can still take its reports: its running jobs save a checkpoint at
+    # their next step and go back to the queue. Then the scheduler, then the web server.
+    children.stop({"worker": _local_worker_grace()}, hurry=lambda: interrupts.count > 1,
+                  say=lambda line: print(f"Tunedeck: {line}", flush=True))
     print("Tunedeck: stopped", flush=True)
     return status
 
@@ -167,13 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="Run everything on this machine (embedded default: SQLite, no broker server).")
-    up.add_argument("--host", default=os.environ.get("TUNEDECK_HOST", "127.0.0.1"))
+    up.add_argument("--host", default=os.environ.get("TUNEDECK_HOST", "127.0.0.1"),
+                    help="Interface to listen on (default 127.0.0.1: this machine only).")
     up.add_argument("--port", type=int, default=int(os.environ.get("TUNEDECK_PORT", "8000")))
     up.add_argument("--no-worker", action="store_true", help="Do not start the local worker.")
     up.set_defaults(func=cmd_up)
 
     web = sub.add_parser("web", help="Run the web server (ASGI, uvicorn).")
-    web.add_argument("--host", default="0.0.0.0")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="Interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface).")
     web.add_argument("--port", type=int, default=8000)
     web.set_defaults(func=cmd_web)
 

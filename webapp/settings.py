@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,12 @@ from workers.config import (
     env_list,
     env_secret,
     env_str,
-    var_dir,
+    private_file,
+    private_var_dir,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = var_dir()
+VAR_DIR = private_var_dir()  # this user's only: it holds the database, the secret key and the artifacts
 
 
 def _secret_key(debug: bool) -> str:
@@ -35,16 +38,28 @@ def _secret_key(debug: bool) -> str:
         raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) is required when DATABASE_URL is set and DEBUG is off")
     path = VAR_DIR / "secret_key"
     if not path.exists():
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(50), encoding="utf-8")
-        path.chmod(0o600)
+        _write_once(path, secrets.token_urlsafe(50))
     return path.read_text(encoding="utf-8").strip()
+
+
+def _write_once(path: Path, text: str) -> None:
+    """Write a new file of mode 0600 whole, or leave the one another process wrote first: it never exists half
+    written, nor readable by others."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def _database(url: str) -> dict[str, Any]:
     if not url:
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{VAR_DIR / 'tunedeck.sqlite3'}"
+        # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database's own mode.
+        url = f"sqlite:///{private_file(VAR_DIR / 'tunedeck.sqlite3')}"
     try:
         config: dict[str, Any] = dict(dj_database_url.parse(url, conn_max_age=0))
     except ValueError as exc:

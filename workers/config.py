@@ -72,6 +72,40 @@ def var_dir() -> Path:
     return Path(env_str("TUNEDECK_VAR", "var")).expanduser().resolve()
 
 
+# What makes a folder a Tunedeck var/: one made before var/ was private is narrowed to 0700 when found.
+VAR_STATE = ("tunedeck.sqlite3", "secret_key", "tunedeck.lock")
+
+
+def private_var_dir() -> Path:
+    """var/, for this user only: it holds the database, the secret key, the broker's messages and the artifacts.
+
+    Created 0700; an existing one is narrowed to 0700 only where it holds Tunedeck's state (TUNEDECK_VAR, or
+    ./var in whatever folder a command runs in, may name a folder that is not Tunedeck's own)."""
+    existed = var_dir().exists()
+    var = private_dir(var_dir())
+    if existed and any((var / name).exists() for name in VAR_STATE):
+        _narrow(var, 0o700)
+    return var
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` for this user only (0700) if it does not exist; missing parents are created as usual."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` empty for this user only (0600) if it does not exist, or narrow it to that."""
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+    _narrow(path, 0o600)
+    return path
+
+
+def _narrow(path: Path, mode: int) -> None:
+    if path.stat().st_uid == os.getuid():  # another user's folder (a shared mount) is left as its owner set it
+        path.chmod(mode)
+
+
 def artifact_store_root() -> Path:
     return Path(env_str("ARTIFACT_STORE") or var_dir() / "artifacts").expanduser().resolve()
 
@@ -88,9 +122,9 @@ def broker_transport_options(url: str) -> dict[str, Any]:
     """The filesystem transport needs a folder that every process of the installation shares."""
     if not url.startswith("filesystem://"):
         return {"visibility_timeout": 3600}
-    folder = var_dir() / "broker"
+    folder = private_dir(private_var_dir() / "broker")
     for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        private_dir(folder / sub)
     return {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),

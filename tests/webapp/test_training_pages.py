@@ -92,6 +92,27 @@ def test_the_runs_list_query_count_does_not_grow_with_runs(team, client, django_
         assert client.get("/runs/", {"sort": "loss", "page": 2}).status_code == 200
 
 
+# ---- new run ------------------------------------------------------------------------------------
+
+def _selected(page: str, field: str) -> list[str]:
+    select = page[page.index(f'name="{field}"'):]
+    return re.findall(r'<option value="(\d+)" selected>', select[:select.index("</select>")])
+
+
+def test_the_new_run_page_preselects_the_only_choice_else_the_demos(team, client) -> None:  # type: ignore[no-untyped-def]
+    from webapp.catalog.demo import DEMO_DATASET
+
+    _, _, datasets, config = team
+    login(client, "owner")
+    page = client.get("/runs/new/").content.decode()
+    assert _selected(page, "lora_config") == [str(config.pk)]  # the only one
+    assert _selected(page, "dataset") == []  # two, neither the demo's: the user chooses
+    assert _selected(page, "eval_dataset") == []  # optional: never chosen for the user
+    datasets[1].name = DEMO_DATASET
+    datasets[1].save()
+    assert _selected(client.get("/runs/new/").content.decode(), "dataset") == [str(datasets[1].pk)]
+
+
 # ---- run detail ----------------------------------------------------------------------------------
 
 def add_events(run: TrainingRun, n: int) -> None:

@@ -146,3 +146,39 @@ def test_the_runtime_folder_lists_live_jobs_and_forgets_dead_ones(tmp_path, monk
         assert reporter.stop_check() == SUPERSEDED
         assert not (tmp_path / "stop" / "jobs.9.1").exists()  # not running here: nothing to stop
     assert tasks.running_jobs(tmp_path) == [] and list((tmp_path / "stop").iterdir()) == []
+
+
+# --- How long `tunedeck up` lets its local worker hand its jobs back -------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_handover_grace_fits_the_slowest_jobs_step_or_its_models_loading(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests.webapp.factories import make_worker
+    from webapp.fleet.handover import CHECKPOINT_AND_REPORTS_S, LOAD_BYTES_PER_S, handover_grace
+    from webapp.training.models import RunEvent
+
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    worker, _ = make_worker("local")
+    assert handover_grace(worker) == CHECKPOINT_AND_REPORTS_S  # nothing running: the worker just exits
+
+    now = timezone.now()
+    run = make_run(user, base, dataset, config)
+    TrainingRun.objects.filter(pk=run.pk).update(state="running", worker=worker, attempt=2, step=130,
+                                                 started_at=now - timedelta(seconds=100))
+    # This attempt resumed at step 100 and made 30 steps in 90 s: 3 s a step (not 100 s / 130 steps).
+    for step, ago in ((100, 90), (115, 45), (130, 0)):
+        event = RunEvent.objects.create(run=run, attempt=2, kind="metric", data={"step": step})
+        RunEvent.objects.filter(pk=event.pk).update(created_at=now - timedelta(seconds=ago))
+    RunEvent.objects.create(run=run, attempt=1, kind="metric", data={"step": 500})  # an earlier attempt's
+    assert handover_grace(worker) == pytest.approx(CHECKPOINT_AND_REPORTS_S + 2 * 3, abs=0.1)
+
+    # A run still loading a 7B base: it sees the stop once the weights are in.
+    base.num_parameters = 7_000_000_000
+    base.save()
+    loading = make_run(user, base, dataset, config)
+    TrainingRun.objects.filter(pk=loading.pk).update(state="running", worker=worker, attempt=1, started_at=now)
+    assert handover_grace(worker) == pytest.approx(CHECKPOINT_AND_REPORTS_S + 2 * 7e9 / LOAD_BYTES_PER_S, rel=0.01)

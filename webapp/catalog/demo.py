@@ -48,11 +48,13 @@ def ensure_demo_content() -> list[str]:
 
 
 def ensure_admin() -> tuple[str, str] | None:
-    """Create the first admin; return (username, password) when one was created."""
+    """Create the first admin; return (username, password) when one was created, the password empty when it came
+    from TUNEDECK_ADMIN_PASSWORD (whoever set it knows it: it is not printed)."""
     User = get_user_model()
     if User.objects.filter(is_superuser=True).exists():
         return None
     username = env_str("TUNEDECK_ADMIN_USER", "admin")
-    password = env_str("TUNEDECK_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    given = env_str("TUNEDECK_ADMIN_PASSWORD")
+    password = given or secrets.token_urlsafe(12)
     User.objects.create_superuser(username=username, password=password, email="")
-    return username, password
+    return username, "" if given else password

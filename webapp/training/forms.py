@@ -5,8 +5,9 @@ from typing import Any
 
 from django import forms
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import models, transaction
 
+from webapp.catalog.demo import DEMO_CONFIG, DEMO_DATASET, DEMO_MODEL
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.training.models import RunState, TrainingRun
 from workers import spec
@@ -31,6 +32,17 @@ def _form_field(f: dataclasses.Field[Any], initial: Any) -> forms.Field:
 
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(spec.TrainParams)]
+# The New run page preselects an input where the choice is obvious, so that the README's first run (keep the
+# demo model, dataset and config, press Train) needs no choosing: the only row there is, else the demo's.
+PRESELECTED_DEMO = {"base_model": DEMO_MODEL, "dataset": DEMO_DATASET, "lora_config": DEMO_CONFIG}
+
+
+def obvious_choice(queryset: models.QuerySet[Any], demo_name: str) -> Any:
+    """The only row of `queryset`, else the one named `demo_name`, else None."""
+    first_two = list(queryset[:2])
+    if len(first_two) == 1:
+        return first_two[0]
+    return queryset.filter(name=demo_name).first()
 
 
 class RunForm(forms.Form):
@@ -59,6 +71,13 @@ class RunForm(forms.Form):
         defaults = suggested or spec.TrainParams()
         for f in dataclasses.fields(spec.TrainParams):
             self.fields[f.name] = _form_field(f, getattr(defaults, f.name))
+        if not self.is_bound:
+            self._preselect()
+
+    def _preselect(self) -> None:
+        for name, demo_name in PRESELECTED_DEMO.items():
+            if self.initial.get(name) is None:
+                self.initial[name] = obvious_choice(self.fields[name].queryset, demo_name)  # type: ignore[attr-defined]
 
     @property
     def train_fields(self) -> list[forms.BoundField]:

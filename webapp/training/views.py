@@ -20,11 +20,12 @@ from django.utils import timezone
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
+from webapp.catalog.demo import DEMO_MODEL
 from webapp.catalog.models import BaseModel
 from webapp.training import deletion, ledger
 from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
-from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm
+from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
 from workers.spec import suggest_train_params
 from workers.store import ArtifactStore
@@ -100,7 +101,7 @@ def runs_list(request: HttpRequest) -> HttpResponse:
 
 def _suggested(base_model_id: Any) -> Any:
     base = BaseModel.objects.filter(pk=base_model_id).first() if str(base_model_id or "").isdigit() else None
-    base = base or BaseModel.objects.first()
+    base = base or obvious_choice(BaseModel.objects.all(), DEMO_MODEL) or BaseModel.objects.first()
     return suggest_train_params(base.num_parameters if base else None), base
 
 
