@@ -1,15 +1,18 @@
 """Kernels from the Hugging Face Hub are code: none is downloaded and run unless an admin allows it.
 
-bitsandbytes 0.50 asks the Hub for `kernels-community/quantization-bitsandbytes` as it is imported on a CPU with
-AVX512-BF16 (`backends/cpu/ops.py`: `from kernels import get_kernel` in a try), GPU machines included, and runs
-what it gets; transformers fetches hub kernels too (`use_kernels`, hub attention implementations). All of it
-goes through the `kernels` package, so the data plane refuses that import: bitsandbytes then uses its own
-built-in CPU kernel, as wherever `kernels` is not installed. `TUNEDECK_ALLOW_HUB_KERNELS=1` lifts the refusal.
+Two libraries fetch them through the `kernels` package: bitsandbytes 0.50 asks the Hub for
+`kernels-community/quantization-bitsandbytes` as it is imported on a CPU with AVX512-BF16
+(`backends/cpu/ops.py`, `from kernels import get_kernel` in a try), GPU machines included, and transformers 5
+kernelizes every model `from_pretrained` loads with the Hub's kernels unless `USE_HUB_KERNELS` says no. So the
+data plane turns transformers' switch off and makes `import kernels` fail: bitsandbytes then uses its own
+built-in CPU kernel, as wherever `kernels` is not installed, and models keep their PyTorch layers.
+`TUNEDECK_ALLOW_HUB_KERNELS=1` leaves both libraries as they come.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from workers.config import env_bool
@@ -25,9 +28,10 @@ def hub_kernels_allowed() -> bool:
 
 
 def refuse_hub_kernels() -> None:
-    """Make `import kernels` fail in this process (and the processes it forks), unless an admin allowed it."""
+    """Keep this process (and the processes it starts) from fetching kernels, unless an admin allowed it."""
     if hub_kernels_allowed():
         return
+    os.environ["USE_HUB_KERNELS"] = "NO"  # transformers reads it at each from_pretrained
     sys.modules["kernels"] = None  # type: ignore[assignment]  # Python's way to make an import raise ImportError
     logging.getLogger(NOTICE_LOGGER).addFilter(_drop_refusal_notice)
 
