@@ -19,6 +19,7 @@ from workers.config import (
     env_list,
     env_secret,
     env_str,
+    model_roots,
     var_dir,
 )
 
@@ -106,6 +107,8 @@ try:
     CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
     DATABASES = {"default": _database(env_str("DATABASE_URL"))}
     ARTIFACT_STORE = artifact_store_root()
+    # Base models given by local path are read only under these folders and ARTIFACT_STORE/models.
+    MODEL_ROOTS = model_roots()
     _celery = celery_settings()
     DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("TUNEDECK_MAX_UPLOAD_MB", 512, minimum=1) * 1024 * 1024
     # Workers silent for this long are marked offline and their runs go back to the queue.
