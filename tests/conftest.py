@@ -8,9 +8,23 @@ from workers.demo import build_tiny_llama
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tests' tiny models live. The control plane reads local models only under its model roots:
+    tests that register them from here add this folder (`local_models`)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(models_root: Path) -> Path:
     """A tiny random-weight Llama with a tokenizer trained on the fly: nothing is downloaded."""
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return build_tiny_llama(models_root / "tiny-llama")
+
+
+@pytest.fixture
+def local_models(settings, models_root: Path) -> Path:  # type: ignore[no-untyped-def]
+    """The test models' folder is one of the control plane's model roots (TUNEDECK_MODEL_ROOTS) for this test."""
+    settings.MODEL_ROOTS = [*settings.MODEL_ROOTS, models_root]
+    return models_root
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import TrainingRun
 from workers.demo import toy_rows
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.usefixtures("local_models")]
 
 HP = {"max_steps": 8, "logging_steps": 1, "save_steps": 0, "batch_size": 4, "max_seq_length": 64,
       "eval_fraction": 0.0, "warmup_ratio": 0.0}

@@ -21,6 +21,7 @@ from workers.config import (
     env_list,
     env_secret,
     env_str,
+    model_roots,
     private_file,
     private_var_dir,
 )
@@ -83,6 +84,37 @@ def _api_rate(name: str, default: str) -> str:
     return value
 
 
+ONE_YEAR = 365 * 24 * 3600
+
+
+def https_settings() -> dict[str, Any]:
+    """TUNEDECK_HTTPS=1: the site is served over HTTPS only (Django's deployment checklist): plain HTTP is
+    redirected, cookies are Secure and browsers are told (HSTS) to use HTTPS only, for a year by default.
+    includeSubDomains and preload bind every subdomain, and preload is hard to undo: only when asked."""
+    on = env_bool("TUNEDECK_HTTPS", False)
+    return {
+        "SECURE_SSL_REDIRECT": on,
+        "SESSION_COOKIE_SECURE": on,
+        "CSRF_COOKIE_SECURE": on,
+        "SECURE_HSTS_SECONDS": env_int("TUNEDECK_HSTS_SECONDS", ONE_YEAR if on else 0, minimum=0),
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": env_bool("TUNEDECK_HSTS_INCLUDE_SUBDOMAINS", False),
+        "SECURE_HSTS_PRELOAD": env_bool("TUNEDECK_HSTS_PRELOAD", False),
+        "SECURE_PROXY_SSL_HEADER": _proxy_ssl_header("TUNEDECK_PROXY_SSL_HEADER"),
+    }
+
+
+def _proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """The header by which a TLS-terminating proxy says a request came over HTTPS (`<header>: https`). Any
+    client can send it, so it is believed only when declared: when every request comes through a proxy
+    that sets it, replacing the client's own."""
+    header = env_str(name)
+    if not header:
+        return None
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", header):
+        raise ConfigError(f"{name} must be a header name such as X-Forwarded-Proto; got {header!r}")
+    return f"HTTP_{header.upper().replace('-', '_')}", "https"
+
+
 try:
     DEBUG = env_bool("DEBUG", False)
     SECRET_KEY = _secret_key(DEBUG)
@@ -90,6 +122,8 @@ try:
     CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
     DATABASES = {"default": _database(env_str("DATABASE_URL"))}
     ARTIFACT_STORE = artifact_store_root()
+    # Base models given by local path are read only under these folders and ARTIFACT_STORE/models.
+    MODEL_ROOTS = model_roots()
     _celery = celery_settings()
     DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("TUNEDECK_MAX_UPLOAD_MB", 512, minimum=1) * 1024 * 1024
     # Workers silent for this long are marked offline and their runs go back to the queue.
@@ -109,6 +143,8 @@ try:
     TUNEDECK_API_ANON_RATE = _api_rate("TUNEDECK_API_ANON_RATE", "60/minute")
     # Failed password logins for an API key (POST /api/v1/login/), counted per user name and per address.
     TUNEDECK_LOGIN_FAILURE_RATE = _api_rate("TUNEDECK_LOGIN_FAILURE_RATE", "10/hour")
+    # SECURE_SSL_REDIRECT, SESSION_COOKIE_SECURE, CSRF_COOKIE_SECURE, SECURE_HSTS_*, SECURE_PROXY_SSL_HEADER.
+    globals().update(https_settings())
 except ConfigError as exc:
     raise ImproperlyConfigured(str(exc)) from exc
 
@@ -194,6 +230,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Under TUNEDECK_HTTPS, what must answer plain HTTP: health checks (a container's own probe) and the worker API,
+# whose clients do not follow a redirect of a POST (compose's workers call http://web:8000 inside its network).
+SECURE_REDIRECT_EXEMPT = [r"^(healthz|readyz)/?$", r"^api/worker/"]
+# HSTS includeSubDomains (W005) and preload (W021) are choices for the whole domain, made with
+# TUNEDECK_HSTS_INCLUDE_SUBDOMAINS / TUNEDECK_HSTS_PRELOAD, not defaults of one site on it.
+SILENCED_SYSTEM_CHECKS = ["security.W005", "security.W021"]
 
 LOGGING = {
     "version": 1,

@@ -110,6 +110,18 @@ def artifact_store_root() -> Path:
     return Path(env_str("ARTIFACT_STORE") or var_dir() / "artifacts").expanduser().resolve()
 
 
+def model_roots() -> list[Path]:
+    """Folders, besides the artifact store's models folder, under which base models may be registered by local
+    path (TUNEDECK_MODEL_ROOTS, comma-separated absolute paths)."""
+    roots = []
+    for item in env_list("TUNEDECK_MODEL_ROOTS", []):
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"TUNEDECK_MODEL_ROOTS: {item!r} is not an absolute path")
+        roots.append(path.resolve())
+    return roots
+
+
 def broker_url() -> str:
     url = env_str("CELERY_BROKER_URL") or env_str("REDIS_URL") or "filesystem://"
     scheme = urlsplit(url).scheme

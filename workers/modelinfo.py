@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,25 @@ class ModelInfo:
 
 
 def looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+    """Told by the text alone: whether some folder exists must not make a hub id a path (or tell it exists)."""
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def local_model_folder(source: str, roots: Sequence[Path]) -> Path:
+    """The folder a local source names, `~`, `..` and symlinks followed, if it is a folder under one of `roots`.
+
+    A folder outside the roots and one that does not exist get the same answer, which says where local models
+    may live: a refusal tells nothing about the filesystem outside the roots.
+    """
+    try:
+        folder: Path | None = Path(source).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # an unknown ~user, a symlink loop, a NUL byte
+        folder = None
+    if folder is not None and any(folder.is_relative_to(root.resolve()) for root in roots) and folder.is_dir():
+        return folder
+    where = ", ".join(str(root) for root in roots)
+    raise ModelNotFound(f"{source!r} is not a folder this server reads models from: local base models must be "
+                        f"folders under {where} (TUNEDECK_MODEL_ROOTS)")
 
 
 def check_source(source: str) -> None:

@@ -173,7 +173,8 @@ def scheduler(transactional_db) -> Iterator[None]:  # type: ignore[no-untyped-de
 
 
 @pytest.fixture
-def demo(transactional_db, tiny_model_dir: Path, shared_store: Path, settings):  # type: ignore[no-untyped-def]
+def demo(transactional_db, tiny_model_dir: Path, shared_store: Path, settings,  # type: ignore[no-untyped-def]
+         local_models):
     """owner user, tiny base model, toy dataset, LoRA config: (user, base, dataset, config)."""
     from tests.webapp.factories import demo_objects
 

@@ -49,15 +49,32 @@ def test_it_registers_a_local_model_after_inspecting_it(client: Client, team, ap
     assert again["errors"]["name"] == [f"a base model named {tiny_model_dir.name} already exists"]
 
 
-def test_a_source_that_is_no_model_is_refused_naming_the_field(client: Client, team, api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_source_that_is_no_model_is_refused_naming_the_field(client: Client, team, api, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               settings) -> None:  # type: ignore[no-untyped-def]
     body = _problem(client.post("/api/v1/base-models/", {"source": "not a hub id!", "name": "x"},
                                 content_type="application/json", **api), 400)
-    assert list(body["errors"]) == ["source"] and "neither an existing directory nor a hub id" in body["errors"]["source"][0]
+    assert list(body["errors"]) == ["source"] and "neither a hub id (owner/name) nor an absolute path" in body["errors"]["source"][0]
+    settings.MODEL_ROOTS = [tmp_path]
     body = _problem(client.post("/api/v1/base-models/", {"source": str(tmp_path), "name": "empty"},
                                 content_type="application/json", **api), 400)
     assert list(body["errors"]) == ["source"] and body["detail"].startswith("source: ")
+    assert "cannot read a model config" in body["errors"]["source"][0]
     body = _problem(client.post("/api/v1/base-models/", {"revision": "main"}, content_type="application/json", **api), 400)
     assert body["errors"]["source"] == ["This field is required."]
+    assert BaseModel.objects.count() == 2  # the team's own
+
+
+def test_a_local_path_outside_the_model_roots_is_refused_without_saying_whether_it_exists(  # type: ignore[no-untyped-def]
+        client: Client, team, api, tmp_path: Path, settings, tiny_model_dir: Path) -> None:
+    settings.MODEL_ROOTS = [tmp_path / "models"]
+    messages = []
+    for source in (str(tiny_model_dir), "/root/.ssh", str(tmp_path / "missing")):
+        body = _problem(client.post("/api/v1/base-models/", {"source": source}, content_type="application/json",
+                                    **api), 400)
+        assert list(body["errors"]) == ["source"]
+        messages.append(body["errors"]["source"][0].replace(repr(source), "<source>"))
+    assert len(set(messages)) == 1 and "local base models must be folders under" in messages[0]
+    assert str(tmp_path / "models") in messages[0]
     assert BaseModel.objects.count() == 2  # the team's own
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -82,8 +83,8 @@ def test_it_inspects_a_local_model_before_saving_it(user_client, tiny_model_dir:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("source", "message"), [
-    ("/no/such/model-dir", "does not exist or is not a directory"),
-    ("not a hub id!!", "neither an existing directory nor a hub id"),
+    ("/no/such/model-dir", "local base models must be folders under"),
+    ("not a hub id!!", "neither a hub id (owner/name) nor an absolute path"),
     ("bogus-org-tunedeck/no-such-model", "bogus-org-tunedeck/no-such-model"),  # offline: cannot reach; online: not found
 ])
 def test_it_refuses_a_bad_source_next_to_the_field_keeping_it(user_client, source: str, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -94,6 +95,66 @@ def test_it_refuses_a_bad_source_next_to_the_field_keeping_it(user_client, sourc
     assert 'class="field invalid"' in page and "Traceback" not in page
     assert re.search(r'name="source"[^>]*value="[^"]*' + re.escape(source.split("!")[0]), page)
     assert not BaseModel.objects.exists()
+
+
+def _refusal(user_client, source: str) -> str:  # type: ignore[no-untyped-def]
+    response = user_client.post("/base-models/", {"source": source, "action": "inspect"})
+    assert response.status_code == 400
+    match = re.search(r'<p class="error" role="alert">(.*?)</p>', response.content.decode(), re.S)
+    assert match, response.content.decode()
+    return html.unescape(match.group(1)).replace(source, "<source>")
+
+
+@pytest.mark.django_db
+def test_local_paths_outside_the_model_roots_all_get_one_answer(user_client, settings, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 tiny_model_dir: Path) -> None:
+    """/root/.ssh and a missing folder look the same: the answer says where local models may live, nothing else."""
+    root = tmp_path / "models"
+    (root / "empty").mkdir(parents=True)
+    outside = tmp_path / "secrets"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    settings.MODEL_ROOTS = [root]
+    answers = {source: _refusal(user_client, source) for source in (
+        str(outside),  # an existing folder outside the roots
+        str(tmp_path / "missing"),  # no such folder
+        str(root / "escape"),  # a symlink out of a root
+        f"{root}/../secrets",  # .. out of a root
+        str(tiny_model_dir),  # a real model, outside the roots
+        "~/.ssh",
+    )}
+    assert len(set(answers.values())) == 1, answers
+    assert "local base models must be folders under" in answers[str(outside)] and str(root) in answers[str(outside)]
+    assert not BaseModel.objects.exists()
+    # Inside the root: the folder is read (and this one holds no model).
+    assert "cannot read a model config" in _refusal(user_client, str(root / "empty"))
+
+
+def test_model_roots_are_absolute_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from workers.config import ConfigError, model_roots
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv("TUNEDECK_MODEL_ROOTS", f"{tmp_path / 'link'}, /srv/models")
+    assert model_roots() == [tmp_path / "real", Path("/srv/models")]  # symlinks followed, as for the sources
+    monkeypatch.setenv("TUNEDECK_MODEL_ROOTS", "models")
+    with pytest.raises(ConfigError, match="TUNEDECK_MODEL_ROOTS: 'models' is not an absolute path"):
+        model_roots()
+
+
+@pytest.mark.django_db
+def test_a_relative_source_is_a_hub_id_never_a_folder_of_the_server(user_client) -> None:  # type: ignore[no-untyped-def]
+    """"tests/webapp" exists relative to the server's working directory: it is looked up on the hub all the same."""
+    assert _refusal(user_client, "tests/webapp") == _refusal(user_client, "tests/no-such-folder")
+
+
+@pytest.mark.django_db
+def test_the_admin_cannot_change_where_a_base_model_is_read_from(client, tiny_base: BaseModel) -> None:  # type: ignore[no-untyped-def]
+    get_user_model().objects.create_superuser("root", password="root-pass-123")
+    client.login(username="root", password="root-pass-123")
+    assert client.get("/admin/catalog/basemodel/add/").status_code == 403  # registered on the page, inspected
+    client.post(f"/admin/catalog/basemodel/{tiny_base.pk}/change/", {"name": "tiny", "source": "/root/.ssh"})
+    assert BaseModel.objects.get(pk=tiny_base.pk).source == tiny_base.source
 
 
 # --- LoRA configs ------------------------------------------------------------------------------------------

@@ -230,7 +230,20 @@ def test_a_model_given_by_path_is_registered_on_the_fly(world: dict[str, Any], t
     assert base.name == str(link) and base.num_parameters == world["base"].num_parameters
     assert response.json()["model"] == str(link)
     error = error_of(world["api"]["owner"].post("fine_tuning/jobs", job_body(world, model=str(tmp_path / "none"))), 400)
-    assert (error["param"], error["code"]) == ("model", "model_not_found") and "does not exist" in error["message"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    assert "local base models must be folders under" in error["message"]
+
+
+def test_a_model_path_outside_the_model_roots_is_not_registered(world: dict[str, Any], tmp_path: Path,
+                                                                settings: Any) -> None:
+    settings.MODEL_ROOTS = [tmp_path / "models"]
+    messages = []
+    for model in ("/root/.ssh", str(tmp_path), str(tmp_path / "none")):
+        error = error_of(world["api"]["owner"].post("fine_tuning/jobs", job_body(world, model=model)), 400)
+        assert (error["param"], error["code"]) == ("model", "model_not_found")
+        messages.append(error["message"].replace(repr(model), "<model>"))
+    assert len(set(messages)) == 1 and "must be folders under" in messages[0] and str(tmp_path / "models") in messages[0]
+    assert list(BaseModel.objects.values_list("name", flat=True)) == ["tiny"]
 
 
 @pytest.mark.parametrize(("extra", "param", "words"), [

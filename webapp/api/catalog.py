@@ -1,6 +1,6 @@
 """Catalog endpoints: base models, datasets and LoRA configs.
 
-Registration goes through the same checks as the catalog pages (the page forms, inspect_source,
+Registration goes through the same checks as the catalog pages (the page forms, register_base_model,
 register_dataset, LoraParams.validate), so the API accepts exactly what the pages accept.
 """
 
@@ -22,7 +22,7 @@ from webapp.api.idempotency import idempotent
 from webapp.api.problems import problem
 from webapp.catalog.forms import LORA_FIELDS, BaseModelForm, DatasetUploadForm, LoraConfigForm
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.catalog.services import inspect_source, register_base_model, register_dataset
+from webapp.catalog.services import register_base_model, register_dataset
 from workers import spec
 from workers.datasets import DatasetError
 from workers.modelinfo import ModelNotFound
@@ -87,8 +87,9 @@ class BaseModelSerializer(serializers.ModelSerializer):
 
 
 class BaseModelCreateSerializer(serializers.Serializer):
-    source = serializers.CharField(max_length=500, help_text="A Hugging Face hub id (owner/name) or a local "
-                                                             "directory on this machine and the workers.")
+    source = serializers.CharField(max_length=500, help_text="A Hugging Face hub id (owner/name), or the absolute "
+                                                             "path of a folder under the server's local model roots "
+                                                             "(TUNEDECK_MODEL_ROOTS), the same on the workers.")
     revision = serializers.CharField(max_length=200, required=False, allow_blank=True,
                                      help_text="A branch, tag or commit on the hub.")
     name = serializers.CharField(max_length=200, required=False, allow_blank=True,
@@ -116,7 +117,6 @@ class BaseModelViewSet(_ByName, _OwnedDestroy, mixins.ListModelMixin, mixins.Ret
             return _invalid(request, _form_errors(form))
         data = form.cleaned_data
         try:
-            inspect_source(data["source"], data["revision"])
             base = register_base_model(data["name"], data["source"], data["revision"], request.user)
         except ModelNotFound as exc:
             return _invalid(request, {"source": [str(exc)]})

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.http import HttpRequest
 
 from webapp.catalog.forms import LoraConfigForm
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
@@ -6,8 +7,17 @@ from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 
 @admin.register(BaseModel)
 class BaseModelAdmin(admin.ModelAdmin):
+    """Base models are registered on their page or through the APIs (register_base_model), which inspect the
+    source and read a local path only under the model roots: here where a model is read from cannot change."""
+
     list_display = ["name", "source", "architecture", "num_parameters", "max_positions", "created_at"]
     search_fields = ["name", "source"]
+    # trust_remote_code stays editable: enabling it for a base model is an admin's decision (DESIGN.md).
+    readonly_fields = ["source", "revision", "architecture", "model_type", "num_parameters", "max_positions",
+                       "linear_modules", "has_chat_template"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
 
 
 @admin.register(Dataset)

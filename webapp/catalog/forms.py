@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.exceptions import NON_FIELD_ERRORS
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.catalog.services import local_model_roots
 from workers import spec
 from workers.preview import BATCHINGS
 
@@ -94,10 +95,16 @@ class EstimateForm(forms.Form):
 
 class BaseModelForm(forms.Form):
     source = forms.CharField(max_length=500, label="Hub id or local path",
-                             help_text="e.g. Qwen/Qwen2.5-0.5B, or a directory on this machine and the workers.")
+                             help_text="e.g. Qwen/Qwen2.5-0.5B, or the absolute path of a model folder under the "
+                                       "local model roots, the same on the workers.")
     revision = forms.CharField(max_length=200, required=False, help_text="Optional: a branch, tag or commit on the hub.")
     name = forms.CharField(max_length=200, required=False,
                            help_text="Optional: how the dashboard names it (default: the last part of the source).")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        roots = ", ".join(str(root) for root in local_model_roots())
+        self.fields["source"].help_text += f" Local model roots: {roots}."
 
     def clean_source(self) -> str:
         return str(self.cleaned_data["source"]).strip()

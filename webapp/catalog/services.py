@@ -6,6 +6,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -14,7 +15,7 @@ from django.db import transaction
 from webapp.catalog.models import BaseModel, Dataset
 from workers.datasets import DatasetError, load_trl_rows, suffix_of, validate_bytes
 from workers.estimate import ModelShape
-from workers.modelinfo import ModelInfo, ModelNotFound, inspect_model, looks_like_path
+from workers.modelinfo import ModelInfo, ModelNotFound, inspect_model, local_model_folder, looks_like_path
 from workers.preview import Example, LengthStats, length_stats, prepare_examples
 from workers.store import ArtifactStore
 
@@ -23,8 +24,16 @@ def store() -> ArtifactStore:
     return ArtifactStore(settings.ARTIFACT_STORE)
 
 
+def local_model_roots() -> list[Path]:
+    """Where base models given by local path may live: the artifact store's models folder, which holds the
+    models Tunedeck builds itself (the demo model), and the folders of TUNEDECK_MODEL_ROOTS."""
+    return [Path(settings.ARTIFACT_STORE) / "models", *settings.MODEL_ROOTS]
+
+
 def register_base_model(name: str, source: str, revision: str = "", user: Any = None, **extra: Any) -> BaseModel:
-    info = inspect_model(source, revision)
+    """Every way in (page, REST, OpenAI, CLI, demo) registers through here, inspected by inspect_source first."""
+    source = source.strip()
+    info = inspect_source(source, revision)
     return BaseModel.objects.create(
         name=name,
         source=source,
@@ -73,9 +82,12 @@ STATS_SAMPLE_ROWS = 2000
 
 def inspect_source(source: str, revision: str = "") -> ModelInfo:
     """inspect_model with quick, readable failures: a bad hub id or an unreachable hub is told in one
-    line at once, instead of after transformers' retries (half a minute offline)."""
+    line at once, instead of after transformers' retries (half a minute offline). A local path is read only
+    under the model roots (local_model_roots)."""
     source = source.strip()
-    if not looks_like_path(source):
+    if looks_like_path(source):
+        local_model_folder(source, local_model_roots())
+    else:
         _check_hub_id(source, revision)
     try:
         return inspect_model(source, revision)
@@ -92,7 +104,8 @@ def _check_hub_id(source: str, revision: str) -> None:
     try:
         validate_repo_id(source)
     except HFValidationError:
-        raise ModelNotFound(f"{source!r} is neither an existing directory nor a hub id (owner/name)") from None
+        raise ModelNotFound(f"{source!r} is neither a hub id (owner/name) nor an absolute path to a local model "
+                            f"folder") from None
     try:
         model_info(source, revision=revision or None, timeout=HUB_TIMEOUT_S)
     except RevisionNotFoundError:

@@ -62,9 +62,10 @@ def base_models(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             data = form.cleaned_data
             try:
-                info = inspect_source(data["source"], data["revision"])
                 if saving:
                     base = register_base_model(data["name"], data["source"], data["revision"], request.user)
+                else:
+                    info = inspect_source(data["source"], data["revision"])
             except ModelNotFound as exc:
                 form.add_error("source", str(exc))
             except IntegrityError:

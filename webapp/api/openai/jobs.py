@@ -30,7 +30,7 @@ from django.db import IntegrityError, transaction
 from webapp.api.openai.errors import OpenAIError
 from webapp.api.openai.serializers import FILE_PREFIX, parse_id
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.catalog.services import inspect_source, register_base_model
+from webapp.catalog.services import register_base_model
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import TrainingRun
 from workers import spec
@@ -74,7 +74,6 @@ def resolve_model(model: Any, user: Any) -> BaseModel:
     if base is not None:
         return base
     try:
-        inspect_source(model)
         return register_base_model(model[:200], model, "", user)
     except ModelNotFound as exc:
         raise _bad(f"model {model!r} is not a registered base model, and registering it failed: {exc}",
