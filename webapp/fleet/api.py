@@ -86,9 +86,7 @@ def claim(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = Tra
 def events(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
     attempt = _attempt(payload)
     run = ledger.fenced_run(worker, job_id, attempt, model)
-    batch = payload.get("events", [])
-    if not isinstance(batch, list):
-        raise ValueError("events must be a list")
+    batch = _events(payload.get("events", []))
     ledger.record_events(run, attempt, batch)
     return {"cancel": run.cancel_requested, "stored": len(batch)}
 
@@ -248,6 +246,54 @@ def _running(value: Any) -> list[dict[str, Any]]:
                 raise ValueError(f"{where}.{key} is required")
         jobs.append({"path": job["path"], "id": job["id"], "attempt": job["attempt"]})
     return jobs
+
+
+EVENT_TEXT_FIELDS = {"kind": 16, "level": 16}  # their columns' lengths
+# Fields the control plane reads from a metric's or a streamed output's data: typed here, so that folding them
+# into the run's progress or a comparison's cells cannot fail once the batch is stored.
+METRIC_FIELDS = {"step": "integer", "total_steps": "integer", "loss": "number"}
+OUTPUT_FIELDS = {"row": "integer", "column": "string", "text": "string"}
+
+
+def _events(value: Any) -> list[dict[str, Any]]:
+    """A batch of events, every one checked before any is stored: a malformed one is named by its index and
+    seq and field, and the whole batch is refused (the worker's retry would otherwise store half of it)."""
+    return [_event(event, i) for i, event in enumerate(_list(value, "events"))]
+
+
+def _event(event: Any, index: int) -> dict[str, Any]:
+    where = f"events[{index}]"
+    _object(event, where)
+    seq = event.get("seq")
+    if seq is None:
+        raise ValueError(f"{where}.seq is required")
+    _typed(seq, "integer", f"{where}.seq")
+    where = f"{where} (seq {seq})"
+    for key, length in EVENT_TEXT_FIELDS.items():
+        text = event.get(key)
+        if text is not None and not (isinstance(text, str) and len(text) <= length):
+            raise ValueError(f"{where}.{key} must be a string of at most {length} characters, not {text!r:.60}")
+    if not isinstance(event.get("message", ""), str):
+        raise ValueError(f"{where}.message must be a string, not {type(event['message']).__name__}")
+    data = event.get("data")
+    if data is None:
+        return event
+    _object(data, f"{where}.data")
+    fields = METRIC_FIELDS if event.get("kind") == "metric" else OUTPUT_FIELDS if event.get("kind") == "output" else {}
+    for key, kind in fields.items():
+        _typed(data.get(key), kind, f"{where}.data.{key}")
+    return event
+
+
+def _typed(value: Any, kind: str, field: str) -> None:
+    """None passes (the field is optional); a number may be NaN or negative (a diverged run's loss is a fact)."""
+    if value is None:
+        return
+    ok = {"integer": isinstance(value, int) and value >= 0, "number": isinstance(value, (int, float)),
+          "string": isinstance(value, str)}[kind]
+    if isinstance(value, bool) or not ok:
+        what = "a non-negative integer" if kind == "integer" else f"a {kind}"
+        raise ValueError(f"{field} must be {what}, not {value!r:.60}")
 
 
 def _with_live_values(inventory: Any, sample: dict[str, Any]) -> dict[str, Any]:
