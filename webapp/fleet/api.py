@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from webapp.api.problems import problem_response
 from webapp.fleet.models import Worker, WorkerState, hash_token
 from webapp.training import ledger
 from webapp.training.models import ACTIVE_STATES, TrainingRun
@@ -25,8 +26,8 @@ from webapp.training.models import ACTIVE_STATES, TrainingRun
 Handler = Callable[..., dict[str, Any]]
 
 
-def _error(status: int, detail: str) -> JsonResponse:
-    return JsonResponse({"detail": detail}, status=status)
+def _error(request: HttpRequest, status: int, detail: str) -> JsonResponse:
+    return problem_response(status, detail, instance=request.path)
 
 
 def authenticate(request: HttpRequest) -> Worker | None:
@@ -52,16 +53,16 @@ def worker_endpoint(handler: Handler) -> Callable[..., JsonResponse]:
     def view(request: HttpRequest, **kwargs: Any) -> JsonResponse:
         worker = authenticate(request)
         if worker is None:
-            return _error(401, "invalid worker token")
+            return _error(request, 401, "invalid worker token")
         try:
             payload = json.loads(request.body or b"{}")
             if not isinstance(payload, dict):
                 raise ValueError("the body must be a JSON object")
             return JsonResponse(handler(worker, payload, **kwargs))
         except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, f"bad request: {exc}")
+            return _error(request, 400, f"bad request: {exc}")
         except ledger.Rejected as exc:
-            return _error(exc.status, exc.detail)
+            return _error(request, exc.status, exc.detail)
 
     return view
 
