@@ -60,8 +60,7 @@ def database_problem(alias: str = "default") -> str | None:
             with db.cursor() as cursor:
                 cursor.execute("SELECT 1")
     except Exception as exc:  # whatever the driver raises, the answer is the same: not ready, and why
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        return f"cannot reach {describe_database(alias)}: {reason}"
+        return f"cannot reach {describe_database(alias)}: {_one_line(exc)}"
     finally:
         if db.vendor != "postgresql":
             db.close()
@@ -76,8 +75,12 @@ def broker_problem() -> str | None:
         try:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=PROBE_TIMEOUT_S)
         except Exception as exc:  # kombu and its transports raise many kinds: all mean the same here
-            return f"cannot reach the broker {conn.as_uri()}: {' '.join(str(exc).split()) or type(exc).__name__}"
+            return f"cannot reach the broker {conn.as_uri()}: {_one_line(exc)}"
     return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()).rstrip(".?") or type(exc).__name__
 
 
 def readiness() -> dict[str, Any]:
@@ -113,4 +116,4 @@ def require_database(command: str) -> None:
     django.setup()
     problem = database_problem()
     if problem:
-        sys.exit(f"tunedeck {command}: {problem}. Is the database running, and is DATABASE_URL right?")
+        sys.exit(f"tunedeck {command}: {problem}.\nIs the database running, and is DATABASE_URL right?")
