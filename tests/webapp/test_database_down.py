@@ -7,15 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.browser.conftest import ROOT, free_port, stop
+from tests.browser.conftest import ROOT, free_port
+from tests.webapp.liveserver import serve
 
 PASSWORD = "s3cret-pw"
 
@@ -31,29 +29,6 @@ def gone_env(tmp_path: Path) -> dict[str, str]:
         env.pop(name, None)
     env["GONE_AT"] = f"127.0.0.1:{port}"
     return env
-
-
-@contextmanager
-def serve(env: dict[str, str], log: Path) -> Iterator[str]:
-    """uvicorn on webapp.asgi, as `tunedeck web` runs it; ready once /healthz answers (which needs no database)."""
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--host", "127.0.0.1",
-                                 "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        stop(proc)
 
 
 def test_a_server_without_its_database_answers_503_in_each_shape_and_readyz_says_why(gone_env, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -119,6 +119,7 @@ def test_a_dataset_with_a_malformed_line_is_rejected_naming_the_line(client, sto
     ({"seq": 2, "kind": "metric", "data": {"step": "three"}}, "events[1] (seq 2).data.step must be"),
     ({"seq": 2, "kind": "metric", "data": {"step": 3, "loss": "low"}}, "events[1] (seq 2).data.loss must be"),
     ({"seq": "two", "kind": "log", "message": "x"}, "events[1].seq must be"),
+    ({"seq": 2**31, "kind": "log", "message": "x"}, "events[1].seq must be an integer from 0 to 2147483647"),
     ({"kind": "log", "message": "x"}, "events[1].seq is required"),
     ({"seq": 2, "kind": "log", "message": {"text": "x"}}, "events[1] (seq 2).message must be a string"),
     ("not an event", "events[1] must be a JSON object"),

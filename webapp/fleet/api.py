@@ -286,14 +286,17 @@ def _event(event: Any, index: int) -> dict[str, Any]:
     return event
 
 
+MAX_INTEGER = 2**31 - 1  # the largest value of the integer columns these land in (seq, step, total_steps, row)
+
+
 def _typed(value: Any, kind: str, field: str) -> None:
     """None passes (the field is optional); a number may be NaN or negative (a diverged run's loss is a fact)."""
     if value is None:
         return
-    ok = {"integer": isinstance(value, int) and value >= 0, "number": isinstance(value, (int, float)),
+    ok = {"integer": isinstance(value, int) and 0 <= value <= MAX_INTEGER, "number": isinstance(value, (int, float)),
           "string": isinstance(value, str)}[kind]
     if isinstance(value, bool) or not ok:
-        what = "a non-negative integer" if kind == "integer" else f"a {kind}"
+        what = f"an integer from 0 to {MAX_INTEGER}" if kind == "integer" else f"a {kind}"
         raise ValueError(f"{field} must be {what}, not {value!r:.60}")
 
 
