@@ -133,6 +133,8 @@ async def hold_stream(client, url: str, headers: dict[str, str], phase: Phase, o
                 phase.error(f"stream {response.status_code}")
                 return
             phase.streams_open += 1
+            if phase.streams_open + phase.streams_failed >= total:
+                opened.set()
             async for line in response.aiter_lines():
                 if marker in line:
                     seen.add(index)
@@ -166,11 +168,13 @@ async def run_phases(base_url: str, run_ids: list[int], key: str, session: str, 
                                 (f"/api/v1/runs/{run_id}/events/stream/", auth))
                 holders.append(asyncio.create_task(hold_stream(client, url, headers, phase, opened, seen, marker, i, streams)))
             if streams:
+                t0 = time.perf_counter()
                 try:
                     await asyncio.wait_for(opened.wait(), 300)
                 except TimeoutError:
                     print(f"only {phase.streams_open} of {streams} streams opened in 300 s", flush=True)
-                print(f"{phase.streams_open} streams open ({phase.streams_failed} failed)", flush=True)
+                print(f"{phase.streams_open} streams open ({phase.streams_failed} failed) after "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
                 await asyncio.sleep(2.0)  # let every stream reach its idle wait
             client.headers.update(auth)
             await burst(client, phase, run_ids, n_requests)

@@ -301,9 +301,9 @@ async def event_stream(next_batch: Any, model: Any, job_id: int, after: int) -> 
     yield "retry: 2000\n\n"
     poll = sync_to_async(released(next_batch), thread_sensitive=False)
     state: str | None = None
-    async with feed_for(model).watch(job_id) as changed:
+    async with feed_for(model).watch(job_id, after) as watch:
         while True:
-            changed.clear()
+            watch.changed.clear()
             try:
                 messages_, after, state, final = await poll(job_id, after, state)
             except DatabaseError as exc:
@@ -311,13 +311,14 @@ async def event_stream(next_batch: Any, model: Any, job_id: int, after: int) -> 
                     raise
                 log.warning("stream of %s %s ended: %s", model.__name__, job_id, exc)
                 return
+            watch.read(state, after)
             for message in messages_:
                 yield message
             if final:
                 yield _sse("done", "")
                 return
             try:
-                await asyncio.wait_for(changed.wait(), STREAM_PING_S)
+                await asyncio.wait_for(watch.changed.wait(), STREAM_PING_S)
             except TimeoutError:
                 yield ": ping\n\n"
 
