@@ -34,3 +34,9 @@ def test_control_plane_services_share_settings_and_the_artifact_volume() -> None
         assert env["DATABASE_URL"].startswith("postgresql://") and env["REDIS_URL"].startswith("redis://")
     assert "artifacts:/data" in services["web"]["volumes"] and "artifacts:/data" in services["worker"]["volumes"]
     assert services["web"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_the_web_healthcheck_asks_readyz_so_a_lost_database_turns_it_red() -> None:
+    """/login/ answers without the database; /readyz answers 503 when the database or the broker is gone."""
+    test = " ".join(COMPOSE["services"]["web"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/readyz" in test and "/login/" not in test

@@ -217,8 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that serve from the database: each stops at once, naming it, when the database cannot be reached.
+NEEDS_DATABASE = ("web", "scheduler", "up")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = args.func.__name__.removeprefix("cmd_")
+    if command in NEEDS_DATABASE:
+        from webapp.health import require_database
+
+        require_database(command)
     return int(args.func(args) or 0)
 
 

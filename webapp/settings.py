@@ -72,9 +72,21 @@ def _database(url: str) -> dict[str, Any]:
             "timeout": 30,
         }
         config["TEST"] = {"NAME": str(VAR_DIR / "test-tunedeck.sqlite3")}
-    elif config["ENGINE"] != "django.db.backends.postgresql":
+    elif config["ENGINE"] == "django.db.backends.postgresql":
+        config["OPTIONS"] = {**config.get("OPTIONS", {}), "pool": _pool()}
+        config["CONN_HEALTH_CHECKS"] = True  # the pool hands out only connections that still answer
+    else:
         raise ImproperlyConfigured(f"DATABASE_URL: use postgresql:// or sqlite:// (got {config['ENGINE']})")
     return config
+
+
+def _pool() -> dict[str, Any]:
+    """A bounded pool of PostgreSQL connections per process: a thread takes one for a request or one poll of
+    a live stream and gives it back, so open streams and bursts of requests wait for a connection (at most
+    the timeout, then 503) instead of exhausting the server's max_connections."""
+    size = env_int("TUNEDECK_DB_POOL_SIZE", 20, minimum=1)
+    return {"min_size": min(2, size), "max_size": size,
+            "timeout": float(env_int("TUNEDECK_DB_POOL_TIMEOUT", 10, minimum=1))}
 
 
 def _api_rate(name: str, default: str) -> str:
@@ -172,6 +184,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "webapp.health.HealthMiddleware",  # /healthz and /readyz, before anything that could fail
+    "webapp.errors.ErrorShapesMiddleware",  # sees every response: API errors in their API's shape
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

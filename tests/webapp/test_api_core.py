@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.cache import cache
 from django.core.management import CommandError, call_command
-from django.test import Client
+from django.test import AsyncClient, Client
 from django.urls import include, path
 from django.utils import timezone
 from rest_framework.response import Response
@@ -30,11 +31,31 @@ class AdminOnly(APIView):
         return Response({"ok": True})
 
 
-# This module is also the URLconf of the tests marked below: the site's URLs plus a staff-only view.
+class Broken(APIView):
+    permission_classes: list[Any] = []
+
+    def get(self, request: Any) -> Response:
+        raise RuntimeError("a bug in a DRF view")
+
+
+def broken_plain_view(request: Any) -> Any:
+    raise RuntimeError("a bug in a plain view")
+
+
+async def broken_async_view(request: Any) -> Any:
+    raise RuntimeError("a bug in an async (SSE) view")
+
+
+# This module is also the URLconf of the tests marked below: the site's URLs plus a staff-only view and views
+# with a bug in them (what an unhandled exception turns into).
 urlpatterns = [
     path("api/v1/test-admin/", AdminOnly.as_view()),
+    path("api/v1/test-broken/", Broken.as_view()),
+    path("api/worker/v1/test-broken", broken_plain_view),
+    path("api/v1/test-broken-stream/", broken_async_view),
     path("", include("webapp.urls")),
 ]
+handler500 = "webapp.errors.server_error"
 
 
 def bearer(raw: str) -> dict[str, str]:
@@ -438,3 +459,28 @@ def test_an_unknown_api_path_is_a_problem(client: Client, team) -> None:  # type
     assert problem_of(client.get("/api/v1/nothing-here/", **auth), 404)["detail"] == "no API endpoint at /api/v1/nothing-here/"
     body = problem_of(client.get("/api/v1/lora-configs", **auth), 404)
     assert "did you mean /api/v1/lora-configs/" in body["detail"]
+
+
+def test_errors_outside_drf_views_are_problems_too(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    auth = bearer(key_for(team[0]["owner"]))
+    assert problem_of(client.get("/api/nowhere/", **auth), 404)["detail"] == "nothing at /api/nowhere/"
+    # The worker API: an unknown token, a refused method (Django's empty 405), a malformed body.
+    assert problem_of(client.post("/api/worker/v1/heartbeat", {}, content_type="application/json",
+                                  headers={"Authorization": "Bearer tdw_unknown"}), 401)["detail"] == "invalid worker token"
+    refused = client.get("/api/worker/v1/heartbeat")
+    assert "GET is not allowed here" in problem_of(refused, 405)["detail"] and refused["Allow"] == "POST"
+    # Middleware: a Host the site does not answer is refused before any view runs.
+    problem_of(client.get("/api/v1/runs/", headers={"Host": "evil.example"}, **auth), 400)
+
+
+@pytest.mark.urls("tests.webapp.test_api_core")
+def test_an_unhandled_exception_under_the_api_is_a_500_problem(caplog) -> None:  # type: ignore[no-untyped-def]
+    for path_ in ("/api/v1/test-broken/", "/api/worker/v1/test-broken", "/api/v1/test-broken-stream/"):
+        # Through Django's sync handler and through its ASGI handler (what uvicorn serves).
+        sync_response = Client(raise_request_exception=False).get(path_)
+        async_response = async_to_sync(AsyncClient(raise_request_exception=False).get)(path_)
+        for response in (sync_response, async_response):
+            assert response.status_code == 500 and response["Content-Type"] == "application/problem+json", path_
+            body = response.json()
+            assert body["status"] == 500 and "internal server error" in body["detail"] and "a bug" not in body["detail"]
+    assert "a bug in an async (SSE) view" in caplog.text  # logged, with its traceback, not shown

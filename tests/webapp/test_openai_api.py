@@ -118,6 +118,12 @@ def test_other_paths_under_v1_are_openai_404s(world: dict[str, Any]) -> None:
     error_of(Api(None).get("models"), 401)  # nothing under /v1/ answers without a key
 
 
+def test_errors_raised_before_any_view_are_in_openai_shape(world: dict[str, Any]) -> None:
+    api = world["api"]["owner"]
+    refused = api.client.get("/v1/files", headers={**api.headers, "Host": "evil.example"})  # CommonMiddleware refuses it
+    assert error_of(refused, 400)["type"] == "invalid_request_error"
+
+
 # --- files ---------------------------------------------------------------------------------------------
 
 

@@ -230,3 +230,27 @@ def test_a_dataset_with_a_malformed_line_is_rejected_naming_the_line(client, sto
     from webapp.catalog.models import Dataset
 
     assert not Dataset.objects.exists() and not list(store_dir.rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"seq": 2, "kind": "metric", "data": [1, 2]}, "events[1] (seq 2).data must be a JSON object"),
+    ({"seq": 2, "kind": "metric", "data": "str"}, "events[1] (seq 2).data must be a JSON object"),
+    ({"seq": 2, "kind": "metric", "data": {"step": "three"}}, "events[1] (seq 2).data.step must be"),
+    ({"seq": 2, "kind": "metric", "data": {"step": 3, "loss": "low"}}, "events[1] (seq 2).data.loss must be"),
+    ({"seq": "two", "kind": "log", "message": "x"}, "events[1].seq must be"),
+    ({"seq": 2**31, "kind": "log", "message": "x"}, "events[1].seq must be an integer from 0 to 2147483647"),
+    ({"kind": "log", "message": "x"}, "events[1].seq is required"),
+    ({"seq": 2, "kind": "log", "message": {"text": "x"}}, "events[1] (seq 2).message must be a string"),
+    ("not an event", "events[1] must be a JSON object"),
+])
+def test_a_malformed_event_is_refused_naming_it_and_nothing_of_the_batch_is_stored(setup, bad, named) -> None:  # type: ignore[no-untyped-def]
+    run, worker, token, _ = setup
+    attempt = ledger.dispatch(run.pk, worker)
+    before = RunEvent.objects.filter(run=run).count()
+    good = {"seq": 1, "kind": "metric", "data": {"step": 1, "total_steps": 10, "loss": 2.0}}
+    response = post(token, f"/jobs/{run.pk}/events", {"attempt": attempt, "events": [good, bad]})
+    assert response.status_code == 400, response.content
+    assert named in response.json()["detail"]
+    assert RunEvent.objects.filter(run=run).count() == before
+    run.refresh_from_db()
+    assert (run.step, run.last_loss) == (0, None)

@@ -115,8 +115,8 @@ def stream_cursor(request: Request) -> int:
     return max(values, default=0)
 
 
-def stream_response(request: Request, next_batch: Any, job_id: int) -> StreamingHttpResponse:
-    return sse_response(event_stream(next_batch, job_id, stream_cursor(request)))
+def stream_response(request: Request, next_batch: Any, job_model: Any, job_id: int) -> StreamingHttpResponse:
+    return sse_response(event_stream(next_batch, job_model, job_id, stream_cursor(request)))
 
 
 class EventStreamRenderer(BaseRenderer):

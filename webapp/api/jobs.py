@@ -129,7 +129,7 @@ class JobActionsMixin(VisibleObjectMixin):
             content_negotiation_class=FirstRenderer)
     def stream(self, request: Request, pk: str) -> Any:
         job = self.get_object()
-        return stream_response(request, JOB_BATCH, job.pk)
+        return stream_response(request, JOB_BATCH, AdapterJob, job.pk)
 
 
 @extend_schema_view(list=extend_schema(parameters=[

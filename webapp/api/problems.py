@@ -14,7 +14,7 @@ from http import HTTPStatus
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
@@ -41,10 +41,9 @@ def _title(status: int) -> str:
         return "Error"
 
 
-def problem(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
-            code: str | None = None, headers: dict[str, str] | None = None, instance: str | None = None,
-            extra: dict[str, Any] | None = None) -> Response:
-    """A problem response for a view to return directly (`extra`: more members, e.g. a validation report)."""
+def problem_body(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
+                 code: str | None = None, instance: str | None = None, extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     body: dict[str, Any] = {"type": "about:blank", "title": title or _title(status), "status": status,
                             "detail": detail}
     if instance is not None:
@@ -54,7 +53,22 @@ def problem(status: int, detail: str, errors: dict[str, list[str]] | None = None
     if errors:
         body["errors"] = errors
     body.update(extra or {})
-    return ProblemResponse(body, status=status, headers=headers)
+    return body
+
+
+def problem(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
+            code: str | None = None, headers: dict[str, str] | None = None, instance: str | None = None,
+            extra: dict[str, Any] | None = None) -> Response:
+    """A problem response for a DRF view to return directly (`extra`: more members, e.g. a validation report)."""
+    return ProblemResponse(problem_body(status, detail, errors, title, code, instance, extra), status=status,
+                           headers=headers)
+
+
+def problem_response(status: int, detail: str, instance: str | None = None, code: str | None = None,
+                     headers: dict[str, str] | None = None) -> JsonResponse:
+    """The same problem from plain Django code (the worker API, middleware), outside DRF's rendering."""
+    return JsonResponse(problem_body(status, detail, code=code, instance=instance), status=status, headers=headers,
+                        content_type=PROBLEM_CONTENT_TYPE)
 
 
 def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:

@@ -345,7 +345,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             content_negotiation_class=FirstRenderer, pagination_class=None)
     def stream(self, request: Request, pk: str) -> Any:
         run = self.get_object()
-        return stream_response(request, RUN_BATCH, run.pk)
+        return stream_response(request, RUN_BATCH, TrainingRun, run.pk)
 
     @extend_schema(responses={200: MetricsSerializer})
     @action(detail=True, methods=["get"])

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from webapp.api.problems import problem_response
 from webapp.fleet.models import Worker, WorkerState, hash_token
 from webapp.training import ledger
 from webapp.training.models import ACTIVE_STATES, TrainingRun
@@ -25,8 +26,8 @@ from webapp.training.models import ACTIVE_STATES, TrainingRun
 Handler = Callable[..., dict[str, Any]]
 
 
-def _error(status: int, detail: str, code: str = "") -> JsonResponse:
-    return JsonResponse({"detail": detail, **({"code": code} if code else {})}, status=status)
+def _error(request: HttpRequest, status: int, detail: str, code: str = "") -> JsonResponse:
+    return problem_response(status, detail, instance=request.path, code=code or None)
 
 
 def authenticate(request: HttpRequest) -> Worker | None:
@@ -52,16 +53,16 @@ def worker_endpoint(handler: Handler) -> Callable[..., JsonResponse]:
     def view(request: HttpRequest, **kwargs: Any) -> JsonResponse:
         worker = authenticate(request)
         if worker is None:
-            return _error(401, "invalid worker token")
+            return _error(request, 401, "invalid worker token")
         try:
             payload = json.loads(request.body or b"{}")
             if not isinstance(payload, dict):
                 raise ValueError("the body must be a JSON object")
             return JsonResponse(handler(worker, payload, **kwargs))
         except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, f"bad request: {exc}")
+            return _error(request, 400, f"bad request: {exc}")
         except ledger.Rejected as exc:
-            return _error(exc.status, exc.detail, exc.code)
+            return _error(request, exc.status, exc.detail, exc.code)
 
     return view
 
@@ -86,9 +87,7 @@ def claim(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = Tra
 def events(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
     attempt = _attempt(payload)
     run = ledger.fenced_run(worker, job_id, attempt, model)
-    batch = payload.get("events", [])
-    if not isinstance(batch, list):
-        raise ValueError("events must be a list")
+    batch = _events(payload.get("events", []))
     ledger.record_events(run, attempt, batch)
     return {"cancel": run.cancel_requested, "stored": len(batch)}
 
@@ -248,6 +247,57 @@ def _running(value: Any) -> list[dict[str, Any]]:
                 raise ValueError(f"{where}.{key} is required")
         jobs.append({"path": job["path"], "id": job["id"], "attempt": job["attempt"]})
     return jobs
+
+
+EVENT_TEXT_FIELDS = {"kind": 16, "level": 16}  # their columns' lengths
+# Fields the control plane reads from a metric's or a streamed output's data: typed here, so that folding them
+# into the run's progress or a comparison's cells cannot fail once the batch is stored.
+METRIC_FIELDS = {"step": "integer", "total_steps": "integer", "loss": "number"}
+OUTPUT_FIELDS = {"row": "integer", "column": "string", "text": "string"}
+
+
+def _events(value: Any) -> list[dict[str, Any]]:
+    """A batch of events, every one checked before any is stored: a malformed one is named by its index and
+    seq and field, and the whole batch is refused (the worker's retry would otherwise store half of it)."""
+    return [_event(event, i) for i, event in enumerate(_list(value, "events"))]
+
+
+def _event(event: Any, index: int) -> dict[str, Any]:
+    where = f"events[{index}]"
+    _object(event, where)
+    seq = event.get("seq")
+    if seq is None:
+        raise ValueError(f"{where}.seq is required")
+    _typed(seq, "integer", f"{where}.seq")
+    where = f"{where} (seq {seq})"
+    for key, length in EVENT_TEXT_FIELDS.items():
+        text = event.get(key)
+        if text is not None and not (isinstance(text, str) and len(text) <= length):
+            raise ValueError(f"{where}.{key} must be a string of at most {length} characters, not {text!r:.60}")
+    if not isinstance(event.get("message", ""), str):
+        raise ValueError(f"{where}.message must be a string, not {type(event['message']).__name__}")
+    data = event.get("data")
+    if data is None:
+        return event
+    _object(data, f"{where}.data")
+    fields = METRIC_FIELDS if event.get("kind") == "metric" else OUTPUT_FIELDS if event.get("kind") == "output" else {}
+    for key, kind in fields.items():
+        _typed(data.get(key), kind, f"{where}.data.{key}")
+    return event
+
+
+MAX_INTEGER = 2**31 - 1  # the largest value of the integer columns these land in (seq, step, total_steps, row)
+
+
+def _typed(value: Any, kind: str, field: str) -> None:
+    """None passes (the field is optional); a number may be NaN or negative (a diverged run's loss is a fact)."""
+    if value is None:
+        return
+    ok = {"integer": isinstance(value, int) and 0 <= value <= MAX_INTEGER, "number": isinstance(value, (int, float)),
+          "string": isinstance(value, str)}[kind]
+    if isinstance(value, bool) or not ok:
+        what = f"an integer from 0 to {MAX_INTEGER}" if kind == "integer" else f"a {kind}"
+        raise ValueError(f"{field} must be {what}, not {value!r:.60}")
 
 
 def _with_live_values(inventory: Any, sample: dict[str, Any]) -> dict[str, Any]:

@@ -497,7 +497,9 @@ def _job_batch(job_id: int, after: int, known_state: str | None) -> tuple[list[s
         else:
             out.append(_sse("log", log_line(event), event.id))  # type: ignore[arg-type]
         after = event.id
-    job = AdapterJob.objects.select_related("base_model", "worker").get(pk=job_id)
+    job = AdapterJob.objects.select_related("base_model", "worker").filter(pk=job_id).first()
+    if job is None:  # deleted while streaming
+        return out, after, "deleted", True
     final = job.is_final and len(events) < 500
     if saw_metric or final or job.state != known_state:
         out.append(_sse("status", render_to_string("playground/partials/job_status.html", _job_context(job))))
@@ -510,5 +512,5 @@ async def job_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
         return HttpResponse("login required", status=401)
     if not await AdapterJob.objects.filter(pk=pk).aexists():
         raise Http404("no such job")
-    return sse_response(event_stream(_job_batch, pk, _cursor(request)))
+    return sse_response(event_stream(_job_batch, AdapterJob, pk, _cursor(request)))
 

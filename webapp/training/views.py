@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import DatabaseError, connections
 from django.db.models import F
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -22,16 +24,19 @@ from django.views.decorators.http import require_POST
 
 from webapp.catalog.demo import DEMO_MODEL
 from webapp.catalog.models import BaseModel
+from webapp.health import database_unavailable
 from webapp.training import deletion, ledger
 from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
+from webapp.training.live import feed_for, released
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
 from workers.spec import suggest_train_params
 from workers.store import ArtifactStore
 
+log = logging.getLogger(__name__)
+
 LOG_TAIL = 500
-STREAM_POLL_S = 0.2
 STREAM_PING_S = 15.0
 RUNS_PER_PAGE = 50
 ADAPTERS_PER_PAGE = 50
@@ -277,7 +282,9 @@ def _next_batch(run_id: int, after: int, known_state: str | None = None) -> tupl
         else:
             out.append(_sse("log", log_line(event), event.id))
         after = event.id
-    state = TrainingRun.objects.values_list("state", flat=True).get(pk=run_id)
+    state = TrainingRun.objects.filter(pk=run_id).values_list("state", flat=True).first()
+    if state is None:  # deleted while streaming
+        return out, after, "deleted", True
     final = state in ("succeeded", "failed", "cancelled") and len(events) < 500
     if saw_metric or final or state != known_state:
         run = TrainingRun.objects.select_related("worker").get(pk=run_id)
@@ -285,30 +292,38 @@ def _next_batch(run_id: int, after: int, known_state: str | None = None) -> tupl
     return out, after, state, final
 
 
-async def event_stream(next_batch: Any, job_id: int, after: int) -> AsyncIterator[str]:
+async def event_stream(next_batch: Any, model: Any, job_id: int, after: int) -> AsyncIterator[str]:
     """The SSE loop of a job's page: `next_batch(job_id, after, state)` returns (messages, cursor, state, final).
 
-    Polls run in the shared thread pool (not Django's one sync thread), so many open pages do not queue
-    behind each other; a ping keeps proxies from closing a quiet stream; "done" ends it."""
+    An open stream holds no database connection: it gives back its request's before the first message, and
+    reads only when the process's feed saw the job change (training/live.py), each read on a pooled
+    connection given back at once, in the shared thread pool. A ping keeps proxies from closing a quiet
+    stream; "done" ends it. A database that went away ends it too: the client reconnects, and is answered
+    503 until the database is back."""
+    await sync_to_async(connections.close_all)()  # the request's own: its session, key and job lookups
     yield "retry: 2000\n\n"
-    loop = asyncio.get_running_loop()
-    last_sent = loop.time()
-    poll = sync_to_async(next_batch, thread_sensitive=False)
+    poll = sync_to_async(released(next_batch), thread_sensitive=False)
     state: str | None = None
-    while True:
-        messages_, after, state, final = await poll(job_id, after, state)
-        for message in messages_:
-            yield message
-        now = loop.time()
-        if messages_:
-            last_sent = now
-        if final:
-            yield _sse("done", "")
-            return
-        if now - last_sent > STREAM_PING_S:
-            yield ": ping\n\n"
-            last_sent = now
-        await asyncio.sleep(STREAM_POLL_S)
+    async with feed_for(model).watch(job_id, after) as watch:
+        while True:
+            watch.changed.clear()
+            try:
+                messages_, after, state, final = await poll(job_id, after, state)
+            except DatabaseError as exc:
+                if not database_unavailable(exc):
+                    raise
+                log.warning("stream of %s %s ended: %s", model.__name__, job_id, exc)
+                return
+            watch.read(state, after)
+            for message in messages_:
+                yield message
+            if final:
+                yield _sse("done", "")
+                return
+            try:
+                await asyncio.wait_for(watch.changed.wait(), STREAM_PING_S)
+            except TimeoutError:
+                yield ": ping\n\n"
 
 
 def sse_response(stream: AsyncIterator[str]) -> StreamingHttpResponse:
@@ -324,7 +339,7 @@ async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
         return HttpResponse("login required", status=401)
     if not await TrainingRun.objects.filter(pk=pk).aexists():
         raise Http404("no such run")
-    return sse_response(event_stream(_next_batch, pk, _cursor(request)))
+    return sse_response(event_stream(_next_batch, TrainingRun, pk, _cursor(request)))
 
 
 @login_required

@@ -14,6 +14,8 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 
+from webapp.health import database_unavailable
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -73,6 +75,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "not found")
     response = drf_exception_handler(exc, context)  # sets WWW-Authenticate, Retry-After, Allow
+    if response is None and database_unavailable(exc):
+        return None  # raised on to webapp.errors: a 503 with Retry-After, in this shape
     if response is None:
         log.exception("unexpected error in %s", context.get("view").__class__.__name__)
         set_rollback()
