@@ -179,3 +179,18 @@ def test_a_lora_config_in_use_is_kept(client: Client, team, api) -> None:  # typ
 def test_json_to_an_upload_endpoint_is_refused_clearly(client: Client, team, api) -> None:  # type: ignore[no-untyped-def]
     body = _problem(client.post("/api/v1/datasets/", {"name": "x"}, content_type="application/json", **api), 415)
     assert "application/json" in body["detail"]  # multipart is what the endpoint takes
+
+
+def test_hostile_files_are_400_problems_naming_where(client: Client, team, api, store_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.webapp.test_catalog_pages import NESTED, _bomb
+
+    before = set(Dataset.objects.values_list("name", flat=True))
+    upload = SimpleUploadedFile("deep.json", b"[" + NESTED + b"]")
+    body = _problem(client.post("/api/v1/datasets/", {"name": "deep", "file": upload}, **api), 400)
+    assert body["problems"][0]["line"] == 1 and "nested deeper than 32 levels" in body["problems"][0]["message"]
+    upload = SimpleUploadedFile("bomb.parquet", _bomb())
+    body = _problem(client.post("/api/v1/datasets/", {"name": "bomb", "file": upload}, **api), 400)
+    assert body["problems"][0] == {"file": "bomb.parquet", "line": 1, "unit": "row", "field": "text",
+                                   "message": body["problems"][0]["message"]}
+    assert body["problems"][0]["message"].startswith("decodes to 2 MB")
+    assert set(Dataset.objects.values_list("name", flat=True)) == before and not any(store_dir.rglob("*bomb*"))

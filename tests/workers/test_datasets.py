@@ -572,3 +572,30 @@ def test_the_bounds_come_from_the_environment_and_bad_values_are_named(monkeypat
     monkeypatch.setenv("TUNEDECK_DATASET_MAX_DEPTH", "500")
     with pytest.raises(ConfigError, match="TUNEDECK_DATASET_MAX_DEPTH=500 must be at most 100"):
         Limits.from_env()
+
+
+def test_validating_a_decompression_bomb_keeps_memory_bounded(tmp_path: Path) -> None:
+    """In a fresh process, whose peak resident memory is measured around the validation alone."""
+    import pyarrow.compute as pc
+
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"text": pc.binary_repeat(pa.array(["x"]), 128 * 2**20).cast(pa.string())}), path,
+                   compression="zstd")
+    assert path.stat().st_size < 100_000
+    script = (
+        "import json, resource, sys\n"
+        "from workers.datasets import validate_file\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "report = validate_file(sys.argv[1])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'ok': report.ok, 'problems': [str(p) for p in report.problems],"
+        " 'growth_kb': after - before}))\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not outcome["ok"] and outcome["problems"][0].startswith("row 1, field 'text': decodes to 128 MB")
+    assert outcome["growth_kb"] < 64 * 1024, outcome  # generous: it decodes nothing

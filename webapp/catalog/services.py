@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import logging
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.db import transaction
 
-from webapp.catalog.models import BaseModel, Dataset
-from workers.datasets import DatasetError, load_trl_rows, suffix_of, validate_bytes
+from webapp.catalog.models import BaseModel, Dataset, DatasetPreview
+from workers import spec
+from workers.datasets import DatasetError, load_trl_rows, numbered_records, suffix_of, unit_of, validate_stream
 from workers.estimate import ModelShape
 from workers.modelinfo import ModelInfo, ModelNotFound, inspect_model, looks_like_path
-from workers.preview import Example, LengthStats, length_stats, prepare_examples
+from workers.preview import (
+    LENGTH_CHECK_ROWS,
+    Example,
+    LengthStats,
+    UntrainedRow,
+    length_stats,
+    prepare_examples,
+    rows_cut_before_training,
+)
 from workers.store import ArtifactStore
+
+log = logging.getLogger(__name__)
 
 
 def store() -> ArtifactStore:
@@ -40,13 +53,15 @@ def register_base_model(name: str, source: str, revision: str = "", user: Any = 
     )
 
 
-def register_dataset(name: str, filename: str, data: bytes, user: Any = None) -> Dataset:
-    """Validate the whole file first; store it under a server-made name only if it is clean."""
+def register_dataset(name: str, filename: str, data: bytes | BinaryIO, user: Any = None) -> Dataset:
+    """Validate the whole file first, as a stream within settings.DATASET_LIMITS; store it under a server-made
+    name only if it is clean. `data` is the file's bytes or a binary file object (an upload), read from its start."""
     suffix_of(filename)  # refuses unknown types with a message naming the file
-    report = validate_bytes(data, filename)
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    report = validate_stream(source, filename, settings.DATASET_LIMITS)
     if not report.ok:
         raise DatasetError(report, filename)
-    digest = hashlib.sha256(data).hexdigest()
+    digest, size = _digest(source)
     safe_stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:60] or "dataset"
     uri = ArtifactStore.uri("datasets", f"{digest[:16]}-{safe_stem}{suffix_of(filename)}")
     with transaction.atomic():
@@ -56,13 +71,22 @@ def register_dataset(name: str, filename: str, data: bytes, user: Any = None) ->
             original_filename=filename[:255],
             format=report.format,
             row_count=report.row_count,
-            size_bytes=len(data),
+            size_bytes=size,
             sha256=digest,
-            preview=report.preview,
             created_by=user,
         )
-        store().write_bytes(uri, data)
+        DatasetPreview.objects.create(dataset=dataset, rows=report.preview)
+        store().write_stream(uri, source)
     return dataset
+
+
+def _digest(source: BinaryIO) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    source.seek(0)
+    for block in iter(lambda: source.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
 
 
 # --- Inspection, estimates and previews for the catalog pages -------------------------------------------
@@ -184,3 +208,51 @@ def length_stats_for(dataset: Dataset, base: BaseModel, max_length: int | None, 
     tokenizer_for(base)  # load errors as ModelNotFound
     examples = _examples(dataset.uri, dataset.sha256, base.source, base.revision, completion_only_loss)
     return length_stats(examples, max_length, batching)
+
+
+# --- Rows that max_seq_length leaves with nothing to train on (checked before a run is queued) -----------------
+
+PROMPTLESS_FORMATS = ("text",)  # every token is trained: truncation keeps some
+_CUT_CACHE_SIZE = 64
+_cut_cache: dict[tuple[str, str, str, int], tuple[UntrainedRow, ...]] = {}
+
+
+def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> tuple[UntrainedRow, ...]:
+    """Rows of `dataset` that truncation to params.max_seq_length leaves with nothing to train on, among the
+    LENGTH_CHECK_ROWS with the longest prompts, tokenized with the base's tokenizer (cached per file content,
+    tokenizer and length: about a second the first time for a large file, nothing after).
+
+    None are found where the check cannot run here (the tokenizer or the file out of this machine's reach): the
+    runner names such rows too, and fails when they are every row."""
+    if not params.completion_only_loss or dataset.format in PROMPTLESS_FORMATS:
+        return ()
+    key = (dataset.sha256, base.source, base.revision, params.max_seq_length)
+    if key not in _cut_cache:
+        try:
+            tokenizer = tokenizer_for(base)
+            path = store().path(dataset.uri)
+            cut = rows_cut_before_training(tokenizer, numbered_records(path), params.max_seq_length,
+                                           unit=unit_of(path.name))
+        except (ModelNotFound, OSError, ValueError) as exc:  # ValueError: a file no longer valid, a bad uri
+            log.warning("cannot check the row lengths of dataset %s for %s: %s", dataset.name, base.name, exc)
+            return ()
+        while len(_cut_cache) >= _CUT_CACHE_SIZE:
+            _cut_cache.pop(next(iter(_cut_cache)), None)
+        _cut_cache[key] = tuple(cut)
+    return _cut_cache[key]
+
+
+def truncation_problem(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> str | None:
+    """Why some rows of `dataset` would train on nothing once cut to params.max_seq_length, or None."""
+    cut = rows_cut_by_truncation(dataset, base, params)
+    if not cut:
+        return None
+    shown = ", ".join(str(row) for row in cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+    count = f"at least {len(cut)}" if len(cut) >= LENGTH_CHECK_ROWS else str(len(cut))
+    need = max(row.prompt_tokens for row in cut) + 1
+    reach = f"Raise max_seq_length to at least {need:,}"
+    if base.max_positions and need > base.max_positions:
+        reach += f" (more than the {base.max_positions:,} positions of {base.name}: shorten those prompts)"
+    return (f"{dataset.name}: {count} of its {dataset.row_count:,} rows would train on nothing: cut to "
+            f"max_seq_length {params.max_seq_length}, their prompts leave no room for the answer ({shown}). "
+            f"{reach}, shorten those prompts, or turn off completion_only_loss to train on the prompts too")

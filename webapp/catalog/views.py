@@ -171,7 +171,7 @@ def datasets(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             upload = form.cleaned_data["file"]
             try:
-                dataset = register_dataset(form.cleaned_data["name"], upload.name, upload.read(), request.user)
+                dataset = register_dataset(form.cleaned_data["name"], upload.name, upload.file, request.user)
             except DatasetError as exc:
                 problems = [str(p) for p in exc.report.problems]
                 if exc.report.truncated:
@@ -200,7 +200,7 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context: dict[str, Any] = {"dataset": dataset, "form": form, "analysis": _analysis(dataset, form)}
     if request.htmx:
         return render(request, "catalog/partials/dataset_analysis.html", context)
-    context["preview"] = [json.dumps(row, indent=2, ensure_ascii=False) for row in dataset.preview]
+    context["preview"] = [json.dumps(row, indent=2, ensure_ascii=False) for row in dataset.preview_rows()]
     context["bases"] = BaseModel.objects.all()
     return render(request, "catalog/dataset_detail.html", context)
 
