@@ -15,7 +15,15 @@ from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset, DatasetPreview
 from workers import spec
-from workers.datasets import DatasetError, load_trl_rows, numbered_records, suffix_of, unit_of, validate_stream
+from workers.datasets import (
+    DatasetError,
+    DatasetReport,
+    numbered_records,
+    suffix_of,
+    to_trl_row,
+    unit_of,
+    validate_stream,
+)
 from workers.estimate import ModelShape
 from workers.modelinfo import ModelInfo, ModelNotFound, inspect_model, looks_like_path
 from workers.preview import (
@@ -177,28 +185,50 @@ def tokenizer_for(base: BaseModel) -> Any:
         raise ModelNotFound(f"cannot load the tokenizer of {base.name}: {exc}") from exc
 
 
+def sample_indices(count: int, limit: int = STATS_SAMPLE_ROWS) -> list[int]:
+    """At most `limit` row indices spread evenly over `count` rows (deterministic: the same rows every time)."""
+    if count <= limit:
+        return list(range(count))
+    step = count / limit
+    return [int(i * step) for i in range(limit)]
+
+
+def _rows_at(uri: str, fmt: str, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The rows at these indices (0-based, ascending) of a stored dataset, as trl rows, read as a stream: the
+    file is never held whole, nor are the rows not asked for."""
+    wanted, rows = set(indices), []
+    last = max(indices, default=-1)
+    for index, (_, record) in enumerate(numbered_records(store().path(uri))):
+        if index in wanted:
+            rows.append(to_trl_row(fmt, record))
+        if index >= last:
+            break
+    return rows
+
+
 @functools.lru_cache(maxsize=4)
-def _dataset_rows(uri: str, sha256: str) -> tuple[dict[str, Any], ...]:
-    _, rows = load_trl_rows(store().path(uri))
-    return tuple(rows)
+def _sample_rows(uri: str, sha256: str, fmt: str, row_count: int) -> tuple[dict[str, Any], ...]:
+    return tuple(_rows_at(uri, fmt, sample_indices(row_count)))
 
 
-def dataset_rows(dataset: Dataset) -> tuple[dict[str, Any], ...]:
-    """Every row of a stored dataset, as trl rows (cached per file content)."""
-    return _dataset_rows(dataset.uri, dataset.sha256)
+def sample_rows(dataset: Dataset) -> tuple[dict[str, Any], ...]:
+    """At most STATS_SAMPLE_ROWS rows spread evenly over a stored dataset, as trl rows (cached per file content)."""
+    return _sample_rows(dataset.uri, dataset.sha256, dataset.format, dataset.row_count)
 
 
-def sample(rows: Sequence[Any], limit: int = STATS_SAMPLE_ROWS) -> list[Any]:
-    """At most `limit` rows spread evenly over the dataset (deterministic: the same rows every time)."""
-    if len(rows) <= limit:
-        return list(rows)
-    step = len(rows) / limit
-    return [rows[int(i * step)] for i in range(limit)]
+def dataset_row(dataset: Dataset, number: int) -> dict[str, Any]:
+    """Row `number` (1-based, clamped to the dataset's rows) of a stored dataset, as a trl row."""
+    index = max(0, min(number, dataset.row_count) - 1)
+    rows = _rows_at(dataset.uri, dataset.format, [index])
+    if not rows:
+        raise DatasetError(DatasetReport(), f"{dataset.name}: row {number} is missing from the stored file")
+    return rows[0]
 
 
 @functools.lru_cache(maxsize=8)
-def _examples(uri: str, sha256: str, source: str, revision: str, completion_only_loss: bool) -> tuple[Example, ...]:
-    rows = sample(_dataset_rows(uri, sha256))
+def _examples(uri: str, sha256: str, fmt: str, row_count: int, source: str, revision: str,
+              completion_only_loss: bool) -> tuple[Example, ...]:
+    rows = _sample_rows(uri, sha256, fmt, row_count)
     return tuple(prepare_examples(_tokenizer(source, revision), rows, completion_only_loss))
 
 
@@ -206,7 +236,8 @@ def length_stats_for(dataset: Dataset, base: BaseModel, max_length: int | None, 
                      completion_only_loss: bool = True) -> LengthStats:
     """Token-length statistics over a sample of the dataset, tokenized as the trainer would for `base`."""
     tokenizer_for(base)  # load errors as ModelNotFound
-    examples = _examples(dataset.uri, dataset.sha256, base.source, base.revision, completion_only_loss)
+    examples = _examples(dataset.uri, dataset.sha256, dataset.format, dataset.row_count, base.source, base.revision,
+                         completion_only_loss)
     return length_stats(examples, max_length, batching)
 
 
