@@ -158,8 +158,15 @@ def loads(text: str, limits: Limits) -> Any:
         value = json.loads(text)
     except RecursionError:  # the C decoder guards its own recursion: the value is far deeper than any bound
         raise TooDeep from None
-    check_depth(value, limits)
+    if could_nest_past(text, limits):
+        check_depth(value, limits)
     return value
+
+
+def could_nest_past(text: str, limits: Limits, start: int = 0, end: int | None = None) -> bool:
+    """Whether JSON text has more brackets than the depth bound (counting them is far cheaper than walking)."""
+    end = len(text) if end is None else end
+    return text.count("[", start, end) + text.count("{", start, end) > limits.max_depth
 
 
 def check_depth(value: Any, limits: Limits) -> None:
@@ -250,30 +257,38 @@ def _name_lines_not_utf8(piece: bytes, line: int, column: int, named: int, repor
     return named
 
 
-LINE = re.compile(r"[^\n]*\n|[^\n]+")  # JSON Lines break at "\n" only: a JSON string may hold U+2028 raw
 CSV_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")  # what a file opened with newline="" reads as lines
 
 
-def _lines(pieces: Iterable[str], limits: Limits, pattern: re.Pattern[str] = LINE) -> Iterator[tuple[int, str | None]]:
-    """(number, text with its line break) of each line; None for a line past the row bound, never held whole."""
+def _lines(pieces: Iterable[str], limits: Limits, csv_breaks: bool = False) -> Iterator[tuple[int, str | None]]:
+    """(number, text) of each line, None for a line past the row bound (never held whole). JSON Lines break at
+    "\n" only (a JSON string may hold U+2028 raw) and lose it; CSV lines break as a file opened with newline=""
+    does and keep their breaks, which csv.reader needs."""
     number, pending_bytes = 1, 0
     pending: list[str] = []  # a line that goes on in the next piece
     for piece in pieces:
-        for match in pattern.finditer(piece):
-            text = match.group()
-            ended = text[-1] in "\r\n"
-            if not pending_bytes and ended:
-                yield number, (text if _utf8_size(text) <= limits.max_row_bytes else None)
-                number += 1
-                continue
-            pending_bytes += _utf8_size(text)
+        if csv_breaks:
+            complete = CSV_LINE.findall(piece)
+            last = complete.pop() if complete and complete[-1][-1] not in "\r\n" else ""
+        else:
+            complete = piece.split("\n")
+            last = complete.pop()
+        within = _utf8_size(piece) <= limits.max_row_bytes  # then so is every line that ends in it
+        for text in complete:
+            if pending_bytes:
+                pending_bytes += _utf8_size(text)
+                joined = "".join([*pending, text]) if pending and pending_bytes <= limits.max_row_bytes else None
+                yield number, joined
+                pending, pending_bytes = [], 0
+            else:
+                yield number, (text if within or _utf8_size(text) <= limits.max_row_bytes else None)
+            number += 1
+        if last:
+            pending_bytes += _utf8_size(last)
             if pending_bytes <= limits.max_row_bytes:
-                pending.append(text)
+                pending.append(last)
             else:
                 pending.clear()  # past the bound: counted on to the line's end, no longer kept
-            if ended:
-                yield number, "".join(pending) if pending else None
-                number, pending, pending_bytes = number + 1, [], 0
     if pending_bytes:
         yield number, "".join(pending) if pending else None
 
@@ -396,7 +411,7 @@ class _JsonArray:
         if end - self.pos > self.limits.max_row_bytes:
             self._fail(_too_long(self.limits, "the item starting here is"))
             return _FAILED
-        if _is_too_deep(value, self.limits):
+        if could_nest_past(self.buf, self.limits, self.pos, end) and _is_too_deep(value, self.limits):
             self._fail(_too_deep(self.limits))
             value = _SKIPPED
         self.pos = end
@@ -489,7 +504,7 @@ class _RecordLines:
 def _csv_records(pieces: Iterable[str], report: ProblemSink, limits: Limits,
                  header_check: HeaderCheck | None) -> Iterator[tuple[int, dict[str, Any]]]:
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-    lines = _RecordLines(_lines(pieces, limits, CSV_LINE), limits)
+    lines = _RecordLines(_lines(pieces, limits, csv_breaks=True), limits)
     reader = csv.reader(lines)
     header: list[str] | None = None
     start = 1  # a quoted cell may span lines: a record is named by the line it starts on
