@@ -164,6 +164,7 @@ def outcome(response: object) -> str:
         message = body.get("problems", [{}])[0].get("message") or body.get("detail", "")
         where = body.get("problems", [{}])[0]
         place = f"{where.get('unit', '')} {where.get('line', '')}".strip() if where.get("line") else ""
+        place += f", field '{where['field']}'" if where.get("field") else ""
         return f"{status} {place + ': ' if place else ''}{message}"[:110]
     except ValueError:
         return f"{status} {response.text[:80]!r}"  # type: ignore[attr-defined]
@@ -227,7 +228,7 @@ def print_table(results: list[dict[str, object]]) -> None:
     for r in results:
         seconds = float(r["seconds"])  # type: ignore[arg-type]
         print(f"| {r['case']} | {size_text(r['size'])} | {r['outcome']} | {seconds:.2f} | {seconds / baseline:.1f}× "
-              f"| {float(r['growth_mb']):.0f} MB | {size_text(r['preview'])} |")  # type: ignore[arg-type]
+              f"| {max(0.0, float(r['growth_mb'])):.0f} MB | {size_text(r['preview'])} |")  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:
