@@ -25,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
@@ -135,12 +137,12 @@ def memory_kb(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def measured(pid: int, request: object) -> tuple[object, float, float]:
+def measured(pid: int, request: Callable[[], Any]) -> tuple[Any, float, float]:
     """(response, seconds, peak resident growth in MB) of one request to the server process `pid`."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = memory_kb(pid, "VmRSS")
     started = time.perf_counter()
-    response = request()  # type: ignore[operator]
+    response = request()
     seconds = time.perf_counter() - started
     return response, seconds, (memory_kb(pid, "VmHWM") - before) / 1024
 
@@ -155,19 +157,19 @@ def stored_preview_bytes(var: Path, name: str) -> int | None:
     return None if row is None else int(row[0] or 0)
 
 
-def outcome(response: object) -> str:
-    status = response.status_code  # type: ignore[attr-defined]
+def outcome(response: Any) -> str:
+    status = response.status_code
     if status == 201:
         return f"{status} stored"
     try:
-        body = response.json()  # type: ignore[attr-defined]
+        body = response.json()
         message = body.get("problems", [{}])[0].get("message") or body.get("detail", "")
         where = body.get("problems", [{}])[0]
         place = f"{where.get('unit', '')} {where.get('line', '')}".strip() if where.get("line") else ""
         place += f", field '{where['field']}'" if where.get("field") else ""
         return f"{status} {place + ': ' if place else ''}{message}"[:110]
     except ValueError:
-        return f"{status} {response.text[:80]!r}"  # type: ignore[attr-defined]
+        return f"{status} {response.text[:80]!r}"
 
 
 def run(tree: Path, cases: list[Case]) -> list[dict[str, object]]:
@@ -198,15 +200,14 @@ def run(tree: Path, cases: list[Case]) -> list[dict[str, object]]:
                                           files={"file": (case.filename, handle)}, timeout=3600)
 
                 response, seconds, growth = measured(server.pid, upload)
+                answer = outcome(response)
                 results.append({"case": case.label, "size": case.path.stat().st_size, "seconds": seconds,
-                                "growth_mb": growth, "preview": stored_preview_bytes(var, name),
-                                "outcome": outcome(response)})
-                print(f"  {case.label}: {results[-1]['outcome'][:60]}", flush=True)
+                                "growth_mb": growth, "preview": stored_preview_bytes(var, name), "outcome": answer})
+                print(f"  {case.label}: {answer[:60]}", flush=True)
             session = httpx.Client(base_url=base, headers=headers)
-            for label, path in (("datasets list (API), after the uploads", "/api/v1/datasets/"),):
-                response, seconds, growth = measured(server.pid, lambda path=path: session.get(path, timeout=600))
-                results.append({"case": label, "size": None, "seconds": seconds, "growth_mb": growth, "preview": None,
-                                "outcome": str(response.status_code)})
+            response, seconds, growth = measured(server.pid, lambda: session.get("/api/v1/datasets/", timeout=600))
+            results.append({"case": "datasets list (API), after the uploads", "size": None, "seconds": seconds,
+                            "growth_mb": growth, "preview": None, "outcome": str(response.status_code)})
         finally:
             server.terminate()
             server.wait(timeout=30)
