@@ -64,3 +64,11 @@ def test_multi_gpu_tiny_trains_through_the_launcher_on_one_and_two_processes(tmp
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-3)
     assert report["scaling_efficiency"] > 0
     assert list((tmp_path / "models" / "llama-tiny-nf4").glob("*.safetensors"))
+
+
+def test_hostile_uploads_tiny_runs_against_a_live_server() -> None:
+    run = subprocess.run([sys.executable, "bench/hostile_uploads.py", "--tiny"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=600)
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 8, run.stdout  # the header, seven uploads, the list
+    assert "| JSON nested 200,000 deep |" in run.stdout and "nested deeper than 32 levels" in run.stdout

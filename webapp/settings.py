@@ -25,6 +25,7 @@ from workers.config import (
     private_file,
     private_var_dir,
 )
+from workers.datafiles import Limits
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = private_var_dir()  # this user's only: it holds the database, the secret key and the artifacts
@@ -138,6 +139,8 @@ try:
     MODEL_ROOTS = model_roots()
     _celery = celery_settings()
     DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("TUNEDECK_MAX_UPLOAD_MB", 512, minimum=1) * 1024 * 1024
+    # What an uploaded dataset may hold and decode to (rows, decoded MB, KB a row, MB a Parquet row group, nesting).
+    DATASET_LIMITS = Limits.from_env()
     # Workers silent for this long are marked offline and their runs go back to the queue.
     WORKER_OFFLINE_AFTER = env_int("TUNEDECK_WORKER_OFFLINE_AFTER", 120, minimum=10)
     # A dispatched run not claimed within this many seconds gets its wake-up sent again.

@@ -1,7 +1,8 @@
-"""Dataset files: read, detect the row format, validate with line numbers, convert for trl.
+"""Dataset files: detect the row format, validate with line numbers, preview, convert for trl.
 
 Pure Python (pyarrow only for Parquet), so the control plane can validate uploads without
-the ML stack. Every problem names the line (JSONL, JSON, CSV) or row (Parquet) and the field.
+the ML stack. Files are read as streams within bounds (workers/datafiles.py). Every problem
+names the line (JSONL, JSON, CSV) or row (Parquet) and the field.
 
 Formats: plain `text`; `prompt`/`completion`; alpaca (`instruction`, optional `input`,
 `output`); ShareGPT (`conversations` of `from`/`value`); chat `messages` of `role`/`content`.
@@ -11,31 +12,34 @@ A .json file is an array of objects or JSON Lines; a CSV cell of `messages` or
 
 from __future__ import annotations
 
-import csv
 import io
-import json
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from workers.datafiles import (
+    STORED,
+    Limits,
+    Problem,
+    json_type,
+    read_records,
+    suffix_of,
+    unit_of,
+)
+
+__all__ = ["DatasetError", "DatasetReport", "Limits", "Problem", "suffix_of", "unit_of", "validate_stream"]
 
 MAX_PROBLEMS = 50
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-@dataclass
-class Problem:
-    line: int  # 1-based line (JSONL, JSON, CSV) or row (Parquet); 0 for the file as a whole
-    message: str
-    field: str = ""
-    unit: str = "line"
-
-    def __str__(self) -> str:
-        where = [f"{self.unit} {self.line}"] if self.line else []
-        where += [f"field '{self.field}'"] if self.field else []
-        return ", ".join(where) + ": " + self.message if where else self.message
+# A preview shows the first rows with long texts clipped: it is stored with the dataset and shown on its page.
+PREVIEW_ROWS = 5
+PREVIEW_CELL_CHARS = 2000
+PREVIEW_ITEMS = 20  # turns of a conversation, fields of a row
+PREVIEW_ROW_CHARS = 4 * PREVIEW_CELL_CHARS  # what one row of the preview holds, in all
 
 
 @dataclass
@@ -75,202 +79,6 @@ class DatasetError(ValueError):
         super().__init__(f"{name}: {first}" + (f" (and {more} more)" if more > 0 else ""))
 
 
-def suffix_of(name: str) -> str:
-    lowered = name.lower()
-    for ext in (".jsonl", ".json", ".csv", ".parquet"):
-        if lowered.endswith(ext):
-            return ext
-    raise ValueError(f"{name}: unsupported file type (use .jsonl, .json, .csv or .parquet)")
-
-
-def unit_of(name: str) -> str:
-    """What a problem's number counts in this kind of file."""
-    return "row" if suffix_of(name) == ".parquet" else "line"
-
-
-def iter_records(data: bytes, name: str, report: DatasetReport) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line or row number, record); problems with the file itself go into the report."""
-    ext = suffix_of(name)
-    if ext == ".parquet":
-        yield from _parquet_records(data, report)
-        return
-    text = _decode(data, report)
-    if text is None:
-        return
-    if ext == ".csv":
-        yield from _csv_records(text, report)
-    elif ext == ".json":
-        yield from _json_records(text, report)
-    else:
-        yield from _json_lines(text, report)
-
-
-def _decode(data: bytes, report: DatasetReport) -> str | None:
-    """The text of a UTF-8 file, or None after naming every line that is not UTF-8."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        report.add(Problem(1, "the file is UTF-16 encoded: save it as UTF-8"))
-        return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            report.add(Problem(number, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"))
-    return None
-
-
-def _json_lines(text: str, report: DatasetReport, first_line: int = 1) -> Iterator[tuple[int, dict[str, Any]]]:
-    # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 and others that JSON strings may hold raw.
-    for number, raw in enumerate(text.split("\n"), start=first_line):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            report.add(Problem(number, f"invalid JSON: {exc.msg} (column {exc.colno})"))
-            continue
-        if not isinstance(record, dict):
-            report.add(Problem(number, f"expected a JSON object, got {_json_type(record)}"))
-            continue
-        yield number, record
-
-
-def _json_records(text: str, report: DatasetReport) -> Iterator[tuple[int, dict[str, Any]]]:
-    """A .json file: an array of objects (each named by the line it starts on), or JSON Lines."""
-    start = _skip_whitespace(text, 0)
-    if text.startswith("[", start):
-        yield from _json_array(text, start, report)
-    elif _is_one_object_over_lines(text):
-        report.add(Problem(1, "a .json dataset must be an array of objects (or one object per line)"))
-    else:
-        yield from _json_lines(text, report)  # JSON Lines saved as .json, as many hub exports are
-
-
-def _is_one_object_over_lines(text: str) -> bool:
-    if sum(1 for line in text.split("\n") if line.strip()) < 2:
-        return False
-    try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-def _json_array(text: str, pos: int, report: DatasetReport) -> Iterator[tuple[int, dict[str, Any]]]:
-    decoder = json.JSONDecoder()
-    line, counted = 1, 0
-    pos = _skip_whitespace(text, pos + 1)
-    if text.startswith("]", pos):
-        return
-    while True:
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            report.add(Problem(exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})"))
-            return
-        if isinstance(record, dict):
-            yield line, record
-        else:
-            report.add(Problem(line, f"expected a JSON object in the array, got {_json_type(record)}"))
-        pos = _skip_whitespace(text, pos)
-        if text.startswith(",", pos):
-            pos = _skip_whitespace(text, pos + 1)
-            continue
-        if text.startswith("]", pos) and _skip_whitespace(text, pos + 1) == len(text):
-            return
-        line += text.count("\n", counted, pos)
-        report.add(Problem(line, "invalid JSON: expected ',' or ']' after an array item"))
-        return
-
-
-def _skip_whitespace(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
-        type(value), "null" if value is None else "a number"
-    )
-
-
-JSON_CELLS = ("messages", "conversations")  # CSV cells holding a JSON list of turns
-CSV_FIELD_LIMIT = 64 * 2**20  # the csv module's default (128 KiB) is below one long training text
-
-
-def _csv_records(text: str, report: DatasetReport) -> Iterator[tuple[int, dict[str, Any]]]:
-    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    start = 1  # a quoted cell may span lines: a record is named by the line it starts on
-    try:
-        for cells in reader:
-            line, start = start, reader.line_num + 1
-            if not cells or (len(cells) > 1 and not any(cell.strip() for cell in cells)):
-                continue  # a blank line, or a spreadsheet's empty row of commas
-            if header is None:
-                header = [cell.strip() for cell in cells]
-                continue
-            if len(cells) != len(header):
-                report.add(Problem(line, f"has {len(cells)} fields but the header has {len(header)}"))
-                continue
-            record: dict[str, Any] = dict(zip(header, cells, strict=True))
-            if _decode_json_cells(line, record, report):
-                yield line, record
-    except csv.Error as exc:
-        report.add(Problem(start, f"unreadable CSV: {exc}"))
-
-
-def _decode_json_cells(line: int, record: dict[str, Any], report: DatasetReport) -> bool:
-    for key in JSON_CELLS:
-        if isinstance(record.get(key), str):
-            try:
-                record[key] = json.loads(record[key])
-            except json.JSONDecodeError as exc:
-                report.add(Problem(line, f"must hold a JSON list of turns: {exc.msg} (column {exc.colno})", key))
-                return False
-    return True
-
-
-def _parquet_records(data: bytes, report: DatasetReport) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(io.BytesIO(data))
-    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
-        report.add(Problem(0, f"not a readable Parquet file: {exc}", unit="row"))
-        return
-    number = 0
-    for batch in table.to_batches(max_chunksize=1024):
-        try:
-            records = batch.to_pylist()
-        except Exception:  # a string column holding bytes that are not UTF-8: find the rows and columns
-            records = [_parquet_row(batch, offset, number + offset + 1, report) for offset in range(batch.num_rows)]
-        for record in records:
-            number += 1
-            if record is not None:
-                yield number, record
-
-
-def _parquet_row(batch: Any, offset: int, number: int, report: DatasetReport) -> dict[str, Any] | None:
-    record = {}
-    for name in batch.schema.names:
-        try:
-            (record[name],) = batch.column(name).slice(offset, 1).to_pylist()
-        except UnicodeDecodeError as exc:
-            report.add(Problem(number, f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x})", name, "row"))
-            return None
-        except Exception as exc:
-            report.add(Problem(number, f"unreadable value: {exc}", name, "row"))
-            return None
-    return record
-
-
 def detect_format(record: dict[str, Any]) -> str | None:
     if "messages" in record:
         return "messages"
@@ -291,7 +99,7 @@ def _text_problem(record: dict[str, Any], key: str, what: str = "") -> str | Non
         return "missing"
     value = record[key]
     if not isinstance(value, str):
-        return f"must be a string, got {_json_type(value)}"
+        return f"must be a string, got {json_type(value)}"
     if not value.strip():
         return what or "must not be empty"
     return None
@@ -305,7 +113,7 @@ def check_record(fmt: str, record: dict[str, Any]) -> list[tuple[str, str]]:
     required = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
     problems = [(key, why) for key in required[fmt] if (why := _text_problem(record, key))]
     if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
-        problems.append(("input", f"must be a string, got {_json_type(record['input'])}"))
+        problems.append(("input", f"must be a string, got {json_type(record['input'])}"))
     return problems
 
 
@@ -349,15 +157,21 @@ def _role(turn: dict[str, Any], fmt: str) -> str:
     return str(turn["role"]) if fmt == "messages" else SHAREGPT_ROLES[turn["from"]]
 
 
-def validate_bytes(data: bytes, name: str, preview_rows: int = 5) -> DatasetReport:
-    """Validate a whole file; the report carries every problem (up to MAX_PROBLEMS)."""
+KNOWN_FIELDS = "text, prompt/completion, instruction/output, messages, conversations"
+HEADER_EXAMPLES = "text; prompt,completion; instruction,input,output; messages; or conversations"
+
+
+def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
+                    preview_rows: int = PREVIEW_ROWS) -> DatasetReport:
+    """Validate a whole file, read from the start of `source` within `limits` (the defaults when None); the report
+    carries every problem (up to MAX_PROBLEMS) and a preview of the first rows, long texts clipped."""
     report = DatasetReport()
     unit = unit_of(name)
-    for number, record in iter_records(data, name, report):
+    for number, record in read_records(source, name, report, limits or Limits(), csv_header=_csv_header_problem):
         fmt = detect_format(record)
         if fmt is None:
-            known = "text, prompt/completion, instruction/output, messages, conversations"
-            report.add(Problem(number, f"no known fields ({known}); found {', '.join(map(str, record)) or 'none'}", unit=unit))
+            report.add(Problem(number, f"no known fields ({KNOWN_FIELDS}); found {', '.join(map(str, record)) or 'none'}",
+                               unit=unit))
             continue
         if not report.format:
             report.format = fmt
@@ -368,14 +182,57 @@ def validate_bytes(data: bytes, name: str, preview_rows: int = 5) -> DatasetRepo
             report.add(Problem(number, message, field_name, unit))
         report.row_count += 1
         if len(report.preview) < preview_rows:
-            report.preview.append(record)
+            report.preview.append(preview_of(record))
     if report.row_count == 0 and not report.problems:
         report.add(Problem(0, "the file has no rows", unit=unit))
     return report
 
 
-def validate_file(path: Path) -> DatasetReport:
-    return validate_bytes(Path(path).read_bytes(), Path(path).name)
+def validate_bytes(data: bytes, name: str, preview_rows: int = PREVIEW_ROWS, limits: Limits | None = None) -> DatasetReport:
+    return validate_stream(io.BytesIO(data), name, limits, preview_rows)
+
+
+def validate_file(path: Path, limits: Limits | None = None) -> DatasetReport:
+    with Path(path).open("rb") as source:
+        return validate_stream(source, Path(path).name, limits)
+
+
+def _csv_header_problem(header: list[str]) -> str | None:
+    """A CSV whose first row names no known field has no header: its first row of data was read as one."""
+    if detect_format(dict.fromkeys(header)) is not None:
+        return None
+    return (f"the first row is read as the header ({', '.join(header)}), and it names none of the known fields "
+            f"({KNOWN_FIELDS}): start the file with a header row, e.g. {HEADER_EXAMPLES}")
+
+
+def preview_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a preview keeps it: each text clipped, long lists and wide rows cut, a few KB in all."""
+    budget = [PREVIEW_ROW_CHARS]
+    clipped = _clip(record, budget)
+    return clipped if isinstance(clipped, dict) else {}
+
+
+def _clip(value: Any, budget: list[int]) -> Any:
+    if isinstance(value, str):
+        keep = max(0, min(len(value), PREVIEW_CELL_CHARS, budget[0]))
+        budget[0] -= keep + 1
+        return value if keep == len(value) else f"{value[:keep]}… [{len(value) - keep:,} more characters]"
+    if isinstance(value, dict):
+        items = list(itertools.islice(value.items(), PREVIEW_ITEMS))
+        out = {str(k): _clip(v, budget) for k, v in items if _spend(budget)}
+        if len(out) < len(value):
+            out["…"] = f"{len(value) - len(out):,} more fields"
+        return out
+    if isinstance(value, list):
+        kept = [_clip(v, budget) for v in itertools.islice(value, PREVIEW_ITEMS) if _spend(budget)]
+        return [*kept, f"… {len(value) - len(kept):,} more items"] if len(kept) < len(value) else kept
+    return value
+
+
+def _spend(budget: list[int]) -> bool:
+    """Whether the row's budget allows one more value (each costs at least a character)."""
+    budget[0] -= 1
+    return budget[0] > 0
 
 
 def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -399,11 +256,18 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_trl_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """Read, validate and convert a dataset file; raise DatasetError naming the first problems."""
+    """Read, validate and convert a stored dataset file; raise DatasetError naming the first problems."""
     path = Path(path)
-    data = path.read_bytes()
-    report = validate_bytes(data, path.name, preview_rows=0)
-    if not report.ok:
-        raise DatasetError(report, path.name)
-    rows = [to_trl_row(report.format, record) for _, record in iter_records(data, path.name, DatasetReport())]
-    return report.format, rows
+    with path.open("rb") as source:
+        report = validate_stream(source, path.name, STORED, preview_rows=0)
+        if not report.ok:
+            raise DatasetError(report, path.name)
+        records = read_records(source, path.name, DatasetReport(), STORED)
+        return report.format, [to_trl_row(report.format, record) for _, record in records]
+
+
+def numbered_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row number, record) of a stored, valid dataset file, read as a stream."""
+    path = Path(path)
+    with path.open("rb") as source:
+        yield from read_records(source, path.name, DatasetReport(), STORED)

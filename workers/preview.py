@@ -12,9 +12,10 @@ row on one CPU core, so preview a sample (a few thousand rows) of a large datase
 
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from types import SimpleNamespace
@@ -298,3 +299,86 @@ def histogram(values: Sequence[int], bins: int = 20) -> list[tuple[int, int, int
 def _round_width(raw: float) -> int:
     magnitude = 10 ** math.floor(math.log10(max(raw, 1)))
     return next(step * magnitude for step in (1, 2, 5, 10) if step * magnitude >= raw)
+
+
+# --- rows that truncation leaves with nothing to train on ----------------------------------------------------------
+
+LENGTH_CHECK_ROWS = 128  # the rows with the longest prompts that a length check tokenizes
+# A prompt is clipped to this many characters a token of max_length before tokenizing: past that, it fills
+# max_length in any tokenizer whose tokens average fewer characters (all of them, on text).
+CLIP_CHARS_PER_TOKEN = 16
+COMPLETION_CHARS = 64  # enough of the answer for one trained token
+
+
+@dataclass(frozen=True)
+class UntrainedRow:
+    """A row whose every trained token lies past max_length: SFTTrainer drops it (pad, padding_free) or packs
+    it to train on nothing (pack). When that is every row, training fails (no rows) or learns nothing."""
+
+    number: int  # its line or row in the file
+    prompt_tokens: int  # tokens before its first trained one (at least this many where `clipped`)
+    clipped: bool = False
+    unit: str = "line"
+
+    def __str__(self) -> str:
+        return f"{self.unit} {self.number} (prompt of {self.prompt_tokens:,}{'+' if self.clipped else ''} tokens)"
+
+
+def rows_cut_before_training(tokenizer: Any, records: Iterable[tuple[int, dict[str, Any]]], max_length: int,
+                             completion_only_loss: bool = True, count: int = LENGTH_CHECK_ROWS,
+                             unit: str = "line") -> list[UntrainedRow]:
+    """Among the `count` rows with the longest prompts (in UTF-8 bytes), those that truncation to max_length
+    leaves with no trained token, longest prompt first.
+
+    Only the prompt is masked (completion_only_loss), so only a prompt can fill max_length; ranking by bytes
+    finds the rows at risk without tokenizing every row (about a millisecond a row). Each candidate's prompt is
+    clipped past what could fit, so memory and time stay bounded by `count` and max_length."""
+    if not completion_only_loss:
+        return []  # every token is trained: truncation keeps the first
+    candidates = _longest_prompts(records, count, max_length * CLIP_CHARS_PER_TOKEN)
+    if not candidates:
+        return []
+    examples = prepare_examples(tokenizer, [row for _, row, _ in candidates], completion_only_loss)
+    cut = []
+    for (number, _, clipped), example in zip(candidates, examples, strict=True):
+        first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
+        if first >= max_length:
+            cut.append(UntrainedRow(number, first, clipped, unit))
+    return sorted(cut, key=lambda row: (-row.prompt_tokens, row.number))
+
+
+def _longest_prompts(records: Iterable[tuple[int, dict[str, Any]]], count: int,
+                     clip_chars: int) -> list[tuple[int, dict[str, Any], bool]]:
+    """(number, trl row with its prompt clipped, whether it was) of the `count` records with the longest prompts."""
+    heap: list[tuple[int, int, dict[str, Any], bool]] = []
+    for number, record in records:
+        row = as_trl_row(record)
+        size = _text_size(row.get("prompt"))
+        if not size or (len(heap) == count and size <= heap[0][0]):
+            continue
+        budget = [clip_chars]
+        clipped_row = {"prompt": _clip_text(row["prompt"], budget),
+                       "completion": _clip_text(row["completion"], [COMPLETION_CHARS])}
+        entry = (size, -number, clipped_row, budget[0] < 0)
+        if len(heap) < count:
+            heapq.heappush(heap, entry)
+        else:
+            heapq.heapreplace(heap, entry)
+    return [(-negative, row, clipped) for _, negative, row, clipped in sorted(heap, reverse=True)]
+
+
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8"))
+    if isinstance(value, list):  # turns
+        return sum(_text_size(turn.get("content")) for turn in value if isinstance(turn, dict))
+    return 0
+
+
+def _clip_text(value: Any, budget: list[int]) -> Any:
+    """`value` (a string, or turns) with at most budget[0] characters of text; the budget goes negative if cut."""
+    if isinstance(value, str):
+        kept = value[: max(0, budget[0])]
+        budget[0] -= len(value)
+        return kept
+    return [{**turn, "content": _clip_text(turn.get("content", ""), budget)} for turn in value]

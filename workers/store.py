@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 SCHEME = "store://"
+COPY_BYTES = 1 << 20
 
 
 class ArtifactStore:
@@ -40,6 +43,17 @@ class ArtifactStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".part")
         tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return target
+
+    def write_stream(self, uri: str, source: BinaryIO) -> Path:
+        """Copy a file object from its start, a piece at a time (an upload may be larger than memory allows)."""
+        target = self.path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        source.seek(0)
+        with tmp.open("wb") as out:
+            shutil.copyfileobj(source, out, COPY_BYTES)
         os.replace(tmp, target)
         return target
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from workers.datasets import DatasetError, load_trl_rows
+from workers.datasets import DatasetError, load_trl_rows, numbered_records, unit_of
 from workers.distributed import COLLECTIVE_TIMEOUT_S, Rank, StopTogether, current_rank, gather
 from workers.engine import (
     Plan,
@@ -35,6 +35,7 @@ from workers.formatting import count, figure, percent, plural
 from workers.jobrunner import Cancelled, check_cancel, run_reported
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, build_peft_config, prepare_adapter, quantization_config, save_adapter
+from workers.preview import rows_cut_before_training
 from workers.reporter import Reporter
 from workers.spec import TrainSpec
 from workers.store import ArtifactStore, sha256_of, size_of
@@ -111,6 +112,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         callbacks, _sft_config(spec, plan, store, has_eval=bool(eval_rows)),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
+    check_rows_left(spec, store, trainer, len(train_rows), tokenizer, reporter)
     # Only rank 0 keeps what prepare_adapter writes (the initial adapter of PiSSA/OLoRA, read back on save).
     scratch = _work_dir(spec, store) if rank.is_main else Path(tempfile.mkdtemp(prefix=f"tunedeck-rank{rank.rank}-"))
     for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, scratch):
@@ -211,6 +213,44 @@ def make_trainer(
     if plan.batching == "padding_free":
         trainer.data_collator = padding_free_collator(tokenizer)
     return trainer
+
+
+def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: int, tokenizer: Any,
+                    reporter: Reporter) -> None:
+    """Name the training rows that truncation to max_seq_length leaves with nothing to learn; fail when that is
+    every row (SFTTrainer would fail later with `num_samples=0`, or, packing, train on nothing at all).
+
+    The control plane refuses such runs before queueing (webapp/catalog/services.py); this covers a spec from
+    elsewhere and rows its bounded check did not reach."""
+    max_length = spec.train.max_seq_length
+    if trainer.eval_dataset is not None and not _trained_tokens_in(trainer.eval_dataset):
+        raise RunnerError(f"no evaluation row keeps a token to evaluate on within max_seq_length {max_length}: "
+                          "raise max_seq_length or shorten the prompts of the evaluation rows")
+    prepared = trainer.train_dataset
+    dropped = rows - len(prepared) if "seq_lengths" not in prepared.column_names else 0  # packed rows differ
+    trained = _trained_tokens_in(prepared)
+    if trained and not dropped:
+        return
+    named = rows_cut_before_training(tokenizer, numbered_records(store.path(spec.dataset.uri)), max_length,
+                                     spec.train.completion_only_loss, unit=unit_of(spec.dataset.uri))
+    listing = ", ".join(str(row) for row in named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    if not trained:
+        raise RunnerError(
+            f"none of the {rows} training rows keeps a token to train on within max_seq_length {max_length}: "
+            f"their prompts fill it ({listing or 'every row'}). Raise max_seq_length, shorten the prompts, or "
+            "turn off completion_only_loss to train on the prompts too")
+    reporter.log(f"{dropped} of {rows} training rows train on nothing within max_seq_length {max_length} and are "
+                 f"skipped: their prompts fill it ({listing})", level="warning")
+
+
+def _trained_tokens_in(prepared: Any) -> int:
+    """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them)."""
+    import pyarrow.compute as pc
+
+    if len(prepared) == 0:
+        return 0
+    labels = prepared.data.column("labels")
+    return int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
 
 
 def _work_dir(spec: TrainSpec, store: ArtifactStore) -> Path:

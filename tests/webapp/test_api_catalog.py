@@ -206,3 +206,18 @@ def test_a_list_filtered_by_name_holds_the_one_so_named(client: Client, team, ap
     assert [row["name"] for row in found] == [name]
     for other in (name.upper(), name[:-1], "nothing\x00"):  # exact: no case folding, no prefix
         assert client.get(f"/api/v1/{path}/", {"name": other}, **api).json()["results"] == []
+
+
+def test_hostile_files_are_400_problems_naming_where(client: Client, team, api, store_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.webapp.test_catalog_pages import NESTED, _bomb
+
+    before = set(Dataset.objects.values_list("name", flat=True))
+    upload = SimpleUploadedFile("deep.json", b"[" + NESTED + b"]")
+    body = _problem(client.post("/api/v1/datasets/", {"name": "deep", "file": upload}, **api), 400)
+    assert body["problems"][0]["line"] == 1 and "nested deeper than 32 levels" in body["problems"][0]["message"]
+    upload = SimpleUploadedFile("bomb.parquet", _bomb())
+    body = _problem(client.post("/api/v1/datasets/", {"name": "bomb", "file": upload}, **api), 400)
+    assert body["problems"][0] == {"file": "bomb.parquet", "line": 1, "unit": "row", "field": "text",
+                                   "message": body["problems"][0]["message"]}
+    assert body["problems"][0]["message"].startswith("decodes to 2 MB")
+    assert set(Dataset.objects.values_list("name", flat=True)) == before and not any(store_dir.rglob("*bomb*"))

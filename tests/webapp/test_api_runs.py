@@ -370,3 +370,24 @@ def test_metrics_and_checkpoints(client: Client, api_team: Team) -> None:
     assert client.get(f"/api/v1/runs/{run.pk}/metrics/", **bearer(raw)).json() == {"run": run.pk, "points": points}
     body = client.get(f"/api/v1/runs/{run.pk}/checkpoints/", **bearer(raw)).json()
     assert [(c["id"], c["step"], c["attempt"]) for c in body["results"]] == [(saved.pk, 2, 1)]
+
+
+# --- rows longer than max_seq_length ------------------------------------------------------------------------
+
+
+def test_a_run_whose_rows_cannot_reach_their_answer_is_refused_on_create_and_clone(client: Client, api_team: Team) -> None:
+    from tests.webapp.test_training_pages import long_prompt_dataset
+
+    t = api_team
+    long = long_prompt_dataset()
+    raw = key_for(t.owner)
+    tight = {"max_seq_length": 48, "completion_only_loss": True}
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(dataset=long.pk, hyperparameters=tight), raw), 400)
+    assert list(body["errors"]) == ["dataset"]
+    assert "long: 2 of its 5 rows would train on nothing" in body["errors"]["dataset"][0]
+    assert "line 5 (prompt of " in body["errors"]["dataset"][0]
+
+    source = make_run(t.owner, t.base, long, t.config, **tight)  # queued before the check existed
+    body = problem_of(post(client, f"/api/v1/runs/{source.pk}/clone/", {}, raw), 400)
+    assert "line 4 (prompt of " in body["errors"]["dataset"][0]
+    assert TrainingRun.objects.count() == 1

@@ -280,3 +280,89 @@ def test_list_pages_make_the_same_queries_with_more_rows(user_client, tiny_model
     for url, count in counts.items():
         with django_assert_max_num_queries(count):
             assert user_client.get(url).status_code == 200
+
+
+# --- hostile uploads: bounded, refused naming the line, nothing stored lost ---------------------------------------
+
+NESTED = ("[" * 200_000 + "]" * 200_000).encode()
+
+
+def _bomb(megabytes: int = 2) -> bytes:
+    """A Parquet file of a few hundred bytes whose one cell decodes to `megabytes` MB."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": ["x" * (megabytes * 2**20)]}), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _stored_files(store_dir: Path) -> set[Path]:
+    return {p for p in store_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.django_db
+def test_deeply_nested_json_is_a_400_naming_the_line(user_client, store_dir) -> None:  # type: ignore[no-untyped-def]
+    for name, data in (("deep.jsonl", b'{"text": "ok"}\n' + NESTED + b"\n"), ("deep.json", b"[" + NESTED + b"]")):
+        response = user_client.post("/datasets/", {"name": "deep", "file": SimpleUploadedFile(name, data)})
+        page = response.content.decode()
+        assert response.status_code == 400 and "nested deeper than 32 levels" in page, name
+        assert ("line 2" if name == "deep.jsonl" else "line 1") in page
+    assert not Dataset.objects.exists() and not _stored_files(store_dir)
+
+
+@pytest.mark.django_db
+def test_a_decompression_bomb_is_refused_and_what_was_stored_stays(user_client, store_dir) -> None:  # type: ignore[no-untyped-def]
+    kept = register_dataset("kept", "kept.jsonl", _jsonl(toy_rows(3, 0)))
+    files = _stored_files(store_dir)
+    response = user_client.post("/datasets/", {"name": "bomb", "file": SimpleUploadedFile("bomb.parquet", _bomb())})
+    page = response.content.decode()
+    assert response.status_code == 400
+    assert "row 1, field &#x27;text&#x27;: decodes to 2 MB" in page and "TUNEDECK_DATASET_MAX_ROW_KB" in page
+    assert list(Dataset.objects.values_list("name", flat=True)) == ["kept"] and _stored_files(store_dir) == files
+    kept.refresh_from_db()
+    assert kept.row_count == 3 and kept.preview_rows() and user_client.get(f"/datasets/{kept.pk}/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_the_bounds_follow_the_settings(user_client, store_dir, settings) -> None:  # type: ignore[no-untyped-def]
+    from workers.datafiles import Limits
+
+    settings.DATASET_LIMITS = Limits(max_rows=10)
+    response = user_client.post("/datasets/", {"name": "many", "file": SimpleUploadedFile("many.jsonl", _jsonl(toy_rows(11, 0)))})
+    assert response.status_code == 400 and "line 11: the file holds more than 10 rows" in response.content.decode()
+    response = user_client.post("/datasets/", {"name": "ten", "file": SimpleUploadedFile("ten.jsonl", _jsonl(toy_rows(10, 0)))})
+    assert response.status_code == 302 and Dataset.objects.get(name="ten").row_count == 10
+
+
+@pytest.mark.django_db
+def test_the_stored_preview_holds_clipped_cells_of_a_few_rows(user_client, store_dir) -> None:  # type: ignore[no-untyped-def]
+    rows = [{"text": "t" * 300_000}] + [{"text": f"row {i}"} for i in range(30)]
+    response = user_client.post("/datasets/", {"name": "long", "file": SimpleUploadedFile("long.jsonl", _jsonl(rows))})
+    assert response.status_code == 302
+    dataset = Dataset.objects.get(name="long")
+    assert dataset.row_count == 31
+    preview = dataset.preview_rows()
+    assert len(preview) == 5 and len(json.dumps(preview)) < 10_000
+    assert preview[0]["text"].endswith("more characters]") and preview[1] == {"text": "row 0"}
+    page = user_client.get(f"/datasets/{dataset.pk}/").content.decode()
+    assert "more characters]" in page and len(page) < 100_000
+
+
+@pytest.mark.django_db
+def test_list_pages_load_no_stored_preview(client, tiny_model_dir, store_dir) -> None:  # type: ignore[no-untyped-def]
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.webapp.factories import demo_objects, make_run
+
+    user, base, dataset, config = demo_objects(tiny_model_dir)
+    make_run(user, base, dataset, config)
+    client.force_login(user)
+    for url in ("/datasets/", "/runs/", "/runs/new/", "/", "/api/v1/datasets/", "/api/v1/runs/", "/adapters/"):
+        with CaptureQueriesContext(connection) as ctx:
+            assert client.get(url).status_code == 200, url
+        loading = [q["sql"] for q in ctx.captured_queries if "preview" in q["sql"]]
+        assert not loading, (url, loading)

@@ -451,3 +451,29 @@ def test_checkpoints_come_from_checkpoint_events_with_the_curve_at_their_step(wo
     assert checkpoints[0].fine_tuning_job_id == f"ftjob-{run.pk}"
     second = api.get(f"fine_tuning/jobs/ftjob-{run.pk}/checkpoints", limit=1, after=checkpoints[0].id).json()
     assert [c["step_number"] for c in second["data"]] == [2]
+
+
+# --- hostile files and rows past max_seq_length -----------------------------------------------------------------
+
+
+def test_deeply_nested_json_and_a_decompression_bomb_are_400s_naming_where(world: dict[str, Any]) -> None:
+    from tests.webapp.test_catalog_pages import NESTED, _bomb
+
+    api = world["api"]["owner"]
+    error = error_of(api.upload("deep.jsonl", jsonl(CHAT[:1]) + NESTED + b"\n"), 400)
+    assert "line 2: JSON nested deeper than 32 levels" in error["message"] and error["code"] == "invalid_file"
+    error = error_of(api.upload("bomb.parquet", _bomb()), 400)
+    assert "row 1, field 'text': decodes to 2 MB" in error["message"]
+    assert Dataset.objects.count() == 1  # the world's own dataset: nothing stored, nothing lost
+
+
+def test_a_job_whose_rows_cannot_reach_their_answer_is_refused(world: dict[str, Any]) -> None:
+    from tests.webapp.test_training_pages import long_prompt_dataset
+    from webapp.training.models import TrainingRun
+
+    long = long_prompt_dataset()
+    body = job_body(world, training_file=f"file-{long.pk}",
+                    tunedeck={"hyperparameters": {"max_seq_length": 48, "completion_only_loss": True}})
+    error = error_of(world["api"]["owner"].post("fine_tuning/jobs", body), 400)
+    assert error["param"] == "training_file" and "long: 2 of its 5 rows would train on nothing" in error["message"]
+    assert not TrainingRun.objects.exists()

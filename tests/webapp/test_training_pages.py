@@ -455,3 +455,49 @@ def test_chat_eval_rows_need_a_chat_template_when_the_training_rows_are_not_chat
     assert "toy-test is alpaca rows" in message and "toy-text is text rows" in message and "no chat template" in message
     assert RunForm(_run_post(base, chat_train, config, eval_dataset=text.pk)).is_valid()  # chat training, text eval
     assert RunForm(_run_post(base, text, config, eval_dataset=text.pk)).is_valid()
+
+
+# ---- rows longer than max_seq_length --------------------------------------------------------------------------
+
+
+def long_prompt_dataset(name: str = "long"):  # type: ignore[no-untyped-def]
+    """Three toy rows, then two whose prompt alone is far longer than 48 tokens (lines 4 and 5)."""
+    import json
+
+    from webapp.catalog.services import register_dataset
+    from workers.demo import toy_rows
+
+    rows = [*toy_rows(3, seed=4),
+            *({"instruction": "add these numbers: " + " + ".join(str(k * i) for k in range(40)), "output": "0"}
+              for i in (1, 2))]
+    return register_dataset(name, f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def test_rows_whose_prompts_fill_max_seq_length_are_refused_before_queueing(tiny_model_dir, store_dir, client) -> None:  # type: ignore[no-untyped-def]
+    _, base, _, config, _, _ = _eval_world(tiny_model_dir)
+    long = long_prompt_dataset()
+    client.login(username="owner", password="owner-pass-123")
+    post = _run_post(base, long, config, max_seq_length=48, completion_only_loss="on")
+    response = client.post("/runs/new/", post)
+    page = response.content.decode()
+    assert response.status_code == 400 and not TrainingRun.objects.exists()
+    found = re.search(r"long: 2 of its 5 rows would train on nothing: cut to max_seq_length 48, their prompts leave "
+                      r"no room for the answer \(line 5 \(prompt of (\d+) tokens\), line 4 \(prompt of (\d+) tokens\)\)"
+                      r"\. Raise max_seq_length to at least (\d+)", page)
+    assert found, page[page.find("would train"):][:600]
+    assert int(found[3]) == int(found[1]) + 1 > int(found[2]) > 48
+    assert "turn off completion_only_loss" in page
+    # Long enough to reach every answer, or training on the prompts too: queued.
+    assert client.post("/runs/new/", {**post, "max_seq_length": found[3]}).status_code == 302
+    assert client.post("/runs/new/", {k: v for k, v in post.items() if k != "completion_only_loss"}).status_code == 302
+    assert TrainingRun.objects.count() == 2
+
+
+def test_an_eval_dataset_whose_prompts_fill_max_seq_length_is_refused(tiny_model_dir, store_dir) -> None:  # type: ignore[no-untyped-def]
+    from webapp.training.forms import RunForm
+
+    _, base, dataset, config, _, _ = _eval_world(tiny_model_dir)
+    form = RunForm(_run_post(base, dataset, config, eval_dataset=long_prompt_dataset().pk, max_seq_length=48,
+                             eval_fraction=0, completion_only_loss="on"))
+    assert not form.is_valid() and list(form.errors) == ["eval_dataset"]
+    assert "long: 2 of its 5 rows would train on nothing" in form.errors["eval_dataset"][0]

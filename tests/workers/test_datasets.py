@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -11,7 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.datasets import MAX_PROBLEMS, DatasetError, load_trl_rows, to_trl_row, validate_bytes
+from workers.config import ConfigError
+from workers.datafiles import Limits
+from workers.datasets import (
+    MAX_PROBLEMS,
+    PREVIEW_CELL_CHARS,
+    PREVIEW_ROWS,
+    DatasetError,
+    load_trl_rows,
+    to_trl_row,
+    validate_bytes,
+)
 
 
 def jsonl(*rows: object) -> bytes:
@@ -390,3 +401,201 @@ def test_load_raises_with_the_first_problems(tmp_path: Path) -> None:
     path.write_bytes(jsonl({"instruction": "x", "output": "y"}, "[1, 2]"))
     with pytest.raises(DatasetError, match=r"bad.jsonl: line 2: expected a JSON object"):
         load_trl_rows(path)
+
+
+# --- hostile files: bounds on what a file may decode to ---------------------------------------------------------
+
+
+def zstd_parquet(table: pa.Table, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", **options)
+    return buffer.getvalue()
+
+
+SMALL = Limits(max_rows=1000, max_decoded_bytes=2 * 2**20, max_row_bytes=16 * 2**10, max_row_group_bytes=2**20,
+               max_depth=8)
+
+
+def test_a_compressed_cell_past_the_row_bound_is_refused_from_the_footer_naming_row_and_field() -> None:
+    data = zstd_parquet(pa.table({"text": ["x" * (2 * 2**20)]}))  # 2 MB of text in a few hundred bytes
+    assert len(data) < 10_000
+    report = validate_bytes(data, "bomb.parquet")  # the default bounds: a row holds at most 1 MB
+    assert not report.ok and report.row_count == 0 and report.preview == []
+    assert [(p.line, p.field, p.unit) for p in report.problems] == [(1, "text", "row")]
+    assert "decodes to 2 MB" in report.problems[0].message
+    assert "TUNEDECK_DATASET_MAX_ROW_KB" in report.problems[0].message
+
+
+def test_a_parquet_file_of_too_many_rows_is_refused_from_its_footer() -> None:
+    data = zstd_parquet(pa.table({"text": ["a"] * 5000}))
+    report = validate_bytes(data, "many.parquet", limits=SMALL)
+    assert [str(p) for p in report.problems] == [
+        "the file holds 5,000 rows: at most 1,000 are read (TUNEDECK_DATASET_MAX_ROWS)"
+    ]
+    assert report.row_count == 0
+
+
+def test_a_row_group_past_its_bound_is_refused_naming_its_rows_and_largest_field() -> None:
+    rows = [{"prompt": f"{i} " + "p" * 500, "completion": f"c{i}" * 200} for i in range(3000)]
+    table = pa.Table.from_pylist(rows)
+    limits = Limits(max_rows=10_000, max_decoded_bytes=16 * 2**20, max_row_group_bytes=2**20)
+    report = validate_bytes(zstd_parquet(table, row_group_size=1000), "big.parquet", limits=limits)
+    assert [(p.line, p.field) for p in report.problems] == [(1, "completion"), (1001, "completion"), (2001, "completion")]
+    assert report.problems[0].message.startswith("rows 1 to 1,000 (row group 1) decode to ")
+    assert "TUNEDECK_DATASET_MAX_ROW_GROUP_MB" in report.problems[0].message
+    assert "row_group_size=" in report.problems[0].message
+    assert validate_bytes(zstd_parquet(table, row_group_size=500), "fine.parquet", limits=limits).ok
+
+
+def test_dictionary_encoded_values_are_counted_as_they_decode() -> None:
+    # 500 rows share one 64 KB value: the footer says ~64 KB, the rows decode to 32 MB.
+    data = zstd_parquet(pa.table({"text": ["y" * 2**16] * 500}))
+    limits = Limits(max_rows=1000, max_decoded_bytes=4 * 2**20, max_row_bytes=2**17, max_row_group_bytes=2**20)
+    report = validate_bytes(data, "dict.parquet", limits=limits)
+    assert not report.ok
+    assert "decodes to more than 4 MB" in str(report.problems[-1])
+    assert "TUNEDECK_DATASET_MAX_DECODED_MB" in str(report.problems[-1])
+
+
+def test_a_line_past_the_row_bound_is_named_and_never_parsed() -> None:
+    data = jsonl({"text": "ok"}, {"text": "z" * 40_000}, {"text": "fine"})
+    report = validate_bytes(data, "long.jsonl", limits=SMALL)
+    assert [(p.line, p.message) for p in report.problems] == [
+        (2, "is longer than 16 KB, the most a row may hold (TUNEDECK_DATASET_MAX_ROW_KB)")
+    ]
+    assert report.row_count == 2
+
+
+def test_a_csv_record_past_the_row_bound_is_named_by_its_first_line() -> None:
+    data = b'text\nok\n"' + b"w\n" * 20_000 + b'"\nlast\n'
+    report = validate_bytes(data, "long.csv", limits=SMALL)
+    assert [p.line for p in report.problems] == [3]
+    assert "longer than 16 KB" in report.problems[0].message
+
+
+def test_a_json_array_item_past_the_row_bound_is_named_by_its_line() -> None:
+    data = json_array({"text": "a"}, {"text": "b" * 40_000}, {"text": "c"})
+    report = validate_bytes(data, "long.json", limits=SMALL)
+    assert [(p.line, p.message.split(",")[0]) for p in report.problems] == [(3, "the item starting here is longer than 16 KB")]
+
+
+def test_a_minified_json_array_on_one_long_line_is_read_item_by_item() -> None:
+    rows = [{"text": f"row {i} " + "t" * 100} for i in range(2000)]  # 230 KB on one line, items of ~120 bytes
+    data = json.dumps(rows).encode()
+    report = validate_bytes(data, "minified.json", limits=dataclasses.replace(SMALL, max_rows=10_000))
+    assert report.ok and report.row_count == 2000, report.problems[:3]
+
+
+def test_a_json_array_split_across_reads_keeps_line_and_column_of_a_syntax_error() -> None:
+    items = ",\n".join(json.dumps({"text": f"row {i}"}) for i in range(3000))
+    data = ("[\n" + items + ',\n{"text": oops}\n]\n').encode()  # ~60 KB: read in several pieces
+    report = validate_bytes(data, "late-error.json", limits=dataclasses.replace(SMALL, max_rows=10_000))
+    assert [str(p) for p in report.problems] == ["line 3002: invalid JSON: Expecting value (column 10)"]
+
+
+def test_more_rows_than_the_bound_are_refused_without_reading_on() -> None:
+    report = validate_bytes(jsonl(*[{"text": "r"} for _ in range(1500)]), "many.jsonl", limits=SMALL)
+    assert [str(p) for p in report.problems] == ["line 1001: the file holds more than 1,000 rows (TUNEDECK_DATASET_MAX_ROWS)"]
+
+
+NESTED = "[" * 200_000 + "]" * 200_000
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "line", "field"),
+    [
+        ("deep.jsonl", jsonl({"text": "ok"}, NESTED), 2, ""),
+        ("deep.json", ("[" + NESTED + "]").encode(), 1, ""),
+        ("deep-item.json", ('[{"text": "ok"},\n{"text": ' + NESTED + "}]").encode(), 2, ""),
+        ("deep.csv", ("messages\n" + NESTED + "\n").encode(), 2, "messages"),
+        ("deep-object.jsonl", jsonl({"text": "ok", "meta": json.loads("[" * 40 + "]" * 40)}), 1, ""),
+    ],
+)
+def test_json_nested_too_deeply_is_a_problem_naming_the_line(name: str, data: bytes, line: int, field: str) -> None:
+    report = validate_bytes(data, name)
+    assert [(p.line, p.field) for p in report.problems] == [(line, field)]
+    assert "nested deeper than 32 levels (TUNEDECK_DATASET_MAX_DEPTH)" in report.problems[0].message
+
+
+def test_a_parquet_schema_nested_too_deeply_is_refused() -> None:
+    value: Any = "leaf"
+    for _ in range(10):
+        value = [value]
+    report = validate_bytes(zstd_parquet(pa.Table.from_pylist([{"text": "t", "deep": value}])), "deep.parquet", limits=SMALL)
+    assert [(p.line, p.field) for p in report.problems] == [(0, "deep")]
+    assert "nested deeper than 8 levels" in report.problems[0].message
+
+
+# --- previews: a few rows of clipped cells ------------------------------------------------------------------
+
+
+def test_the_preview_holds_clipped_cells_of_the_first_rows() -> None:
+    long_text = "L" * 100_000
+    rows = [{"messages": chat(("user", long_text), ("assistant", "ok"))}] + [
+        {"messages": chat(("user", f"q{i}"), ("assistant", f"a{i}"))} for i in range(20)
+    ]
+    report = validate_bytes(jsonl(*rows), "chat.jsonl")
+    assert report.ok and len(report.preview) == PREVIEW_ROWS
+    assert len(json.dumps(report.preview)) < PREVIEW_ROWS * 4 * PREVIEW_CELL_CHARS
+    first = report.preview[0]["messages"][0]["content"]
+    assert first.startswith("L" * 100) and first.endswith(f"… [{100_000 - PREVIEW_CELL_CHARS:,} more characters]")
+    assert report.preview[1] == rows[1]
+
+
+def test_a_preview_of_a_wide_row_stays_small() -> None:
+    row = {"text": "t", **{f"extra_{i}": "v" * 1000 for i in range(200)}}
+    report = validate_bytes(jsonl(row), "wide.jsonl")
+    assert report.ok and len(json.dumps(report.preview)) < 4 * PREVIEW_CELL_CHARS + 2000
+
+
+# --- the CSV header ---------------------------------------------------------------------------------------------
+
+
+def test_a_csv_without_a_header_says_its_first_row_was_read_as_the_header() -> None:
+    report = validate_bytes(b"What is 1 + 1?,2\nWhat is 2 + 2?,4\n", "noheader.csv")
+    assert len(report.problems) == 1
+    message = str(report.problems[0])
+    assert message.startswith("line 1: the first row is read as the header (What is 1 + 1?, 2)")
+    assert "prompt,completion" in message and "instruction,input,output" in message and "text" in message
+
+
+# --- the settings -------------------------------------------------------------------------------------------
+
+
+def test_the_bounds_come_from_the_environment_and_bad_values_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEDECK_DATASET_MAX_ROW_KB", "64")
+    monkeypatch.setenv("TUNEDECK_DATASET_MAX_ROWS", "10")
+    assert Limits.from_env().max_row_bytes == 64 * 2**10 and Limits.from_env().max_rows == 10
+    monkeypatch.setenv("TUNEDECK_DATASET_MAX_DEPTH", "lots")
+    with pytest.raises(ConfigError, match="TUNEDECK_DATASET_MAX_DEPTH='lots' is not an integer"):
+        Limits.from_env()
+    monkeypatch.setenv("TUNEDECK_DATASET_MAX_DEPTH", "500")
+    with pytest.raises(ConfigError, match="TUNEDECK_DATASET_MAX_DEPTH=500 must be at most 100"):
+        Limits.from_env()
+
+
+def test_validating_a_decompression_bomb_keeps_memory_bounded(tmp_path: Path) -> None:
+    """In a fresh process, whose peak resident memory is measured around the validation alone."""
+    import pyarrow.compute as pc
+
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"text": pc.binary_repeat(pa.array(["x"]), 128 * 2**20).cast(pa.string())}), path,
+                   compression="zstd")
+    assert path.stat().st_size < 100_000
+    script = (
+        "import json, resource, sys\n"
+        "from workers.datasets import validate_file\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "report = validate_file(sys.argv[1])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'ok': report.ok, 'problems': [str(p) for p in report.problems],"
+        " 'growth_kb': after - before}))\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not outcome["ok"] and outcome["problems"][0].startswith("row 1, field 'text': decodes to 128 MB")
+    assert outcome["growth_kb"] < 64 * 1024, outcome  # generous: it decodes nothing

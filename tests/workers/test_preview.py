@@ -315,3 +315,25 @@ def test_bad_arguments_are_refused(tokenizer: Any) -> None:
         render_row(tokenizer, {"question": "?"}, True, None)
     with pytest.raises(ValueError, match="no rows"):
         length_stats([])
+
+
+# --- rows that truncation leaves with nothing to train on ------------------------------------------------------
+
+
+def test_rows_whose_prompt_fills_max_length_are_named_longest_first(tokenizer: Any) -> None:
+    from workers.preview import UntrainedRow, rows_cut_before_training
+
+    rows = [{"prompt": "1 + 1 =", "completion": " 2"},
+            {"prompt": "add " + " + ".join(map(str, range(30))), "completion": " 435"},
+            {"prompt": "x " * 5000, "completion": " y"},  # clipped before tokenizing: at least max_length tokens
+            {"prompt": "3 + 4 =", "completion": " 7"}]
+    numbered = list(enumerate(rows, start=1))
+    cut = rows_cut_before_training(tokenizer, numbered, max_length=24)
+    assert [(row.number, row.clipped) for row in cut] == [(3, True), (2, False)]
+    example = prepare_examples(tokenizer, [rows[1]], True)[0]
+    assert cut[1].prompt_tokens == example.labels.index(next(i for i in example.labels if i != -100)) > 24
+    assert str(cut[0]).startswith("line 3 (prompt of ") and str(cut[0]).endswith("+ tokens)")
+    assert rows_cut_before_training(tokenizer, numbered, max_length=24, count=1) == cut[:1]
+    assert rows_cut_before_training(tokenizer, numbered, max_length=24, completion_only_loss=False) == []
+    assert rows_cut_before_training(tokenizer, numbered, max_length=12_000) == []
+    assert isinstance(cut[0], UntrainedRow)

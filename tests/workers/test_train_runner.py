@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,43 @@ def test_the_schedule_line_names_what_sets_the_length() -> None:
     assert schedule_line(4000, 3.0, 4000, None) == "Training: 4,000 steps (max_steps)"
     assert schedule_line(1200, 3.0, 0, 400) == "Training: 3 epochs, 1,200 steps"
     assert schedule_line(1, 0.5, 0, 2) == "Training: 0.5 epochs, 1 step"
+
+
+# --- rows longer than max_seq_length ---------------------------------------------------------------------------
+
+
+def _long_prompt_rows(count: int) -> list[dict[str, object]]:
+    """Rows whose prompt alone is longer than 16 tokens: cut to 16, nothing of the answer is left to train on."""
+    return [{"instruction": "add these numbers: " + " + ".join(str(i + k) for k in range(12)), "output": str(i)}
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("batching", ["pad", "pack"])
+def test_a_dataset_whose_every_row_is_cut_before_its_answer_fails_with_a_clear_reason(
+        tiny_model_dir: Path, store: ArtifactStore, batching: str) -> None:
+    from workers.train import run_training
+
+    spec = make_spec(tiny_model_dir)
+    spec.dataset = DatasetRef(uri=_rows_file(store, "long", _long_prompt_rows(8)), format="alpaca")
+    spec.train.max_seq_length, spec.train.max_steps, spec.train.batching = 16, 2, batching
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is None
+    state, _, error = reporter.states[-1]
+    assert state == "failed" and "Traceback" not in error and "num_samples" not in error
+    assert "none of the 8 training rows" in error and "max_seq_length 16" in error
+    assert re.search(r"\(line \d \(prompt of \d\d tokens\), line \d ", error), error
+
+
+def test_rows_cut_before_their_answer_are_named_in_the_log_and_the_rest_trains(tiny_model_dir: Path,
+                                                                              store: ArtifactStore) -> None:
+    from workers.train import run_training
+
+    rows = toy_rows(16, seed=3)
+    rows[2:4] = _long_prompt_rows(2)
+    spec = make_spec(tiny_model_dir)
+    spec.dataset = DatasetRef(uri=_rows_file(store, "some-long", rows), format="alpaca")
+    spec.train.max_seq_length, spec.train.max_steps, spec.train.batching = 16, 2, "pad"
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is not None, reporter.states[-1]
+    warning = next(line for line in reporter.logs if "train on nothing" in line)
+    assert "2 of 16 training rows" in warning and "line 3 (prompt of " in warning and "line 4" in warning

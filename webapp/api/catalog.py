@@ -150,7 +150,7 @@ class DatasetDetailSerializer(DatasetSerializer):
 
     def get_report(self, dataset: Dataset) -> dict[str, Any]:
         return {"ok": True, "format": dataset.format, "row_count": dataset.row_count, "problems": [],
-                "preview": dataset.preview}
+                "preview": dataset.preview_rows()}
 
     def get_stats(self, dataset: Dataset) -> dict[str, Any]:
         rows = dataset.row_count or 0
@@ -198,7 +198,7 @@ class DatasetViewSet(_ByName, mixins.ListModelMixin, mixins.RetrieveModelMixin, 
             return _invalid(request, _form_errors(form))
         upload = form.cleaned_data["file"]
         try:
-            dataset = register_dataset(form.cleaned_data["name"], upload.name, upload.read(), request.user)
+            dataset = register_dataset(form.cleaned_data["name"], upload.name, upload.file, request.user)
         except DatasetError as exc:
             errors, listed = problems_of(upload.name, exc)
             return problem(400, f"{upload.name} was not saved: {len(exc.report.problems)} problem(s) found",

@@ -1,3 +1,5 @@
+import json
+
 from django.contrib import admin
 from django.http import HttpRequest
 
@@ -25,6 +27,10 @@ class DatasetAdmin(admin.ModelAdmin):
     list_display = ["name", "format", "row_count", "size_bytes", "created_at"]
     search_fields = ["name"]
     readonly_fields = ["uri", "sha256", "size_bytes", "row_count", "format", "preview"]
+
+    @admin.display(description="Preview")
+    def preview(self, obj: Dataset) -> str:
+        return json.dumps(obj.preview_rows(), indent=2, ensure_ascii=False)
 
 
 @admin.register(LoraConfig)

@@ -45,7 +45,6 @@ class Dataset(models.Model):
     row_count = models.IntegerField()
     size_bytes = models.BigIntegerField()
     sha256 = models.CharField(max_length=64)
-    preview = models.JSONField(default=list, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -54,6 +53,21 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def preview_rows(self) -> list[dict[str, Any]]:
+        """The first rows, texts clipped, as the upload's validation kept them (one query)."""
+        rows = DatasetPreview.objects.filter(dataset=self).values_list("rows", flat=True).first()
+        return list(rows or [])
+
+
+class DatasetPreview(models.Model):
+    """A dataset's preview, in a table of its own so that no list of datasets or runs ever loads it."""
+
+    dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, primary_key=True, related_name="+")
+    rows = models.JSONField(default=list, blank=True)
+
+    def __str__(self) -> str:
+        return f"preview of dataset {self.dataset_id}"
 
 
 METHOD_LABELS = {"lora": "LoRA", "ia3": "IA3", "prefix_tuning": "Prefix tuning", "prompt_tuning": "Prompt tuning"}

@@ -4,20 +4,41 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.db import transaction
 
-from webapp.catalog.models import BaseModel, Dataset
-from workers.datasets import DatasetError, load_trl_rows, suffix_of, validate_bytes
+from webapp.catalog.models import BaseModel, Dataset, DatasetPreview
+from workers import spec
+from workers.datasets import (
+    DatasetError,
+    DatasetReport,
+    numbered_records,
+    suffix_of,
+    to_trl_row,
+    unit_of,
+    validate_stream,
+)
 from workers.estimate import ModelShape
 from workers.modelinfo import ModelInfo, ModelNotFound, inspect_model, local_model_folder, looks_like_path
-from workers.preview import Example, LengthStats, length_stats, prepare_examples
+from workers.preview import (
+    LENGTH_CHECK_ROWS,
+    Example,
+    LengthStats,
+    UntrainedRow,
+    length_stats,
+    prepare_examples,
+    rows_cut_before_training,
+)
 from workers.store import ArtifactStore
+
+log = logging.getLogger(__name__)
 
 
 def store() -> ArtifactStore:
@@ -49,13 +70,15 @@ def register_base_model(name: str, source: str, revision: str = "", user: Any = 
     )
 
 
-def register_dataset(name: str, filename: str, data: bytes, user: Any = None) -> Dataset:
-    """Validate the whole file first; store it under a server-made name only if it is clean."""
+def register_dataset(name: str, filename: str, data: bytes | BinaryIO, user: Any = None) -> Dataset:
+    """Validate the whole file first, as a stream within settings.DATASET_LIMITS; store it under a server-made
+    name only if it is clean. `data` is the file's bytes or a binary file object (an upload), read from its start."""
     suffix_of(filename)  # refuses unknown types with a message naming the file
-    report = validate_bytes(data, filename)
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    report = validate_stream(source, filename, settings.DATASET_LIMITS)
     if not report.ok:
         raise DatasetError(report, filename)
-    digest = hashlib.sha256(data).hexdigest()
+    digest, size = _digest(source)
     safe_stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:60] or "dataset"
     uri = ArtifactStore.uri("datasets", f"{digest[:16]}-{safe_stem}{suffix_of(filename)}")
     with transaction.atomic():
@@ -65,13 +88,22 @@ def register_dataset(name: str, filename: str, data: bytes, user: Any = None) ->
             original_filename=filename[:255],
             format=report.format,
             row_count=report.row_count,
-            size_bytes=len(data),
+            size_bytes=size,
             sha256=digest,
-            preview=report.preview,
             created_by=user,
         )
-        store().write_bytes(uri, data)
+        DatasetPreview.objects.create(dataset=dataset, rows=report.preview)
+        store().write_stream(uri, source)
     return dataset
+
+
+def _digest(source: BinaryIO) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    source.seek(0)
+    for block in iter(lambda: source.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
 
 
 # --- Inspection, estimates and previews for the catalog pages -------------------------------------------
@@ -166,28 +198,50 @@ def tokenizer_for(base: BaseModel) -> Any:
         raise ModelNotFound(f"cannot load the tokenizer of {base.name}: {exc}") from exc
 
 
+def sample_indices(count: int, limit: int = STATS_SAMPLE_ROWS) -> list[int]:
+    """At most `limit` row indices spread evenly over `count` rows (deterministic: the same rows every time)."""
+    if count <= limit:
+        return list(range(count))
+    step = count / limit
+    return [int(i * step) for i in range(limit)]
+
+
+def _rows_at(uri: str, fmt: str, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The rows at these indices (0-based, ascending) of a stored dataset, as trl rows, read as a stream: the
+    file is never held whole, nor are the rows not asked for."""
+    wanted, rows = set(indices), []
+    last = max(indices, default=-1)
+    for index, (_, record) in enumerate(numbered_records(store().path(uri))):
+        if index in wanted:
+            rows.append(to_trl_row(fmt, record))
+        if index >= last:
+            break
+    return rows
+
+
 @functools.lru_cache(maxsize=4)
-def _dataset_rows(uri: str, sha256: str) -> tuple[dict[str, Any], ...]:
-    _, rows = load_trl_rows(store().path(uri))
-    return tuple(rows)
+def _sample_rows(uri: str, sha256: str, fmt: str, row_count: int) -> tuple[dict[str, Any], ...]:
+    return tuple(_rows_at(uri, fmt, sample_indices(row_count)))
 
 
-def dataset_rows(dataset: Dataset) -> tuple[dict[str, Any], ...]:
-    """Every row of a stored dataset, as trl rows (cached per file content)."""
-    return _dataset_rows(dataset.uri, dataset.sha256)
+def sample_rows(dataset: Dataset) -> tuple[dict[str, Any], ...]:
+    """At most STATS_SAMPLE_ROWS rows spread evenly over a stored dataset, as trl rows (cached per file content)."""
+    return _sample_rows(dataset.uri, dataset.sha256, dataset.format, dataset.row_count)
 
 
-def sample(rows: Sequence[Any], limit: int = STATS_SAMPLE_ROWS) -> list[Any]:
-    """At most `limit` rows spread evenly over the dataset (deterministic: the same rows every time)."""
-    if len(rows) <= limit:
-        return list(rows)
-    step = len(rows) / limit
-    return [rows[int(i * step)] for i in range(limit)]
+def dataset_row(dataset: Dataset, number: int) -> dict[str, Any]:
+    """Row `number` (1-based, clamped to the dataset's rows) of a stored dataset, as a trl row."""
+    index = max(0, min(number, dataset.row_count) - 1)
+    rows = _rows_at(dataset.uri, dataset.format, [index])
+    if not rows:
+        raise DatasetError(DatasetReport(), f"{dataset.name}: row {number} is missing from the stored file")
+    return rows[0]
 
 
 @functools.lru_cache(maxsize=8)
-def _examples(uri: str, sha256: str, source: str, revision: str, completion_only_loss: bool) -> tuple[Example, ...]:
-    rows = sample(_dataset_rows(uri, sha256))
+def _examples(uri: str, sha256: str, fmt: str, row_count: int, source: str, revision: str,
+              completion_only_loss: bool) -> tuple[Example, ...]:
+    rows = _sample_rows(uri, sha256, fmt, row_count)
     return tuple(prepare_examples(_tokenizer(source, revision), rows, completion_only_loss))
 
 
@@ -195,5 +249,54 @@ def length_stats_for(dataset: Dataset, base: BaseModel, max_length: int | None, 
                      completion_only_loss: bool = True) -> LengthStats:
     """Token-length statistics over a sample of the dataset, tokenized as the trainer would for `base`."""
     tokenizer_for(base)  # load errors as ModelNotFound
-    examples = _examples(dataset.uri, dataset.sha256, base.source, base.revision, completion_only_loss)
+    examples = _examples(dataset.uri, dataset.sha256, dataset.format, dataset.row_count, base.source, base.revision,
+                         completion_only_loss)
     return length_stats(examples, max_length, batching)
+
+
+# --- Rows that max_seq_length leaves with nothing to train on (checked before a run is queued) -----------------
+
+PROMPTLESS_FORMATS = ("text",)  # every token is trained: truncation keeps some
+_CUT_CACHE_SIZE = 64
+_cut_cache: dict[tuple[str, str, str, int], tuple[UntrainedRow, ...]] = {}
+
+
+def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> tuple[UntrainedRow, ...]:
+    """Rows of `dataset` that truncation to params.max_seq_length leaves with nothing to train on, among the
+    LENGTH_CHECK_ROWS with the longest prompts, tokenized with the base's tokenizer (cached per file content,
+    tokenizer and length: about a second the first time for a large file, nothing after).
+
+    None are found where the check cannot run here (the tokenizer or the file out of this machine's reach): the
+    runner names such rows too, and fails when they are every row."""
+    if not params.completion_only_loss or dataset.format in PROMPTLESS_FORMATS:
+        return ()
+    key = (dataset.sha256, base.source, base.revision, params.max_seq_length)
+    if key not in _cut_cache:
+        try:
+            tokenizer = tokenizer_for(base)
+            path = store().path(dataset.uri)
+            cut = rows_cut_before_training(tokenizer, numbered_records(path), params.max_seq_length,
+                                           unit=unit_of(path.name))
+        except (ModelNotFound, OSError, ValueError) as exc:  # ValueError: a file no longer valid, a bad uri
+            log.warning("cannot check the row lengths of dataset %s for %s: %s", dataset.name, base.name, exc)
+            return ()
+        while len(_cut_cache) >= _CUT_CACHE_SIZE:
+            _cut_cache.pop(next(iter(_cut_cache)), None)
+        _cut_cache[key] = tuple(cut)
+    return _cut_cache[key]
+
+
+def truncation_problem(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> str | None:
+    """Why some rows of `dataset` would train on nothing once cut to params.max_seq_length, or None."""
+    cut = rows_cut_by_truncation(dataset, base, params)
+    if not cut:
+        return None
+    shown = ", ".join(str(row) for row in cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+    count = f"at least {len(cut)}" if len(cut) >= LENGTH_CHECK_ROWS else str(len(cut))
+    need = max(row.prompt_tokens for row in cut) + 1
+    reach = f"Raise max_seq_length to at least {need:,}"
+    if base.max_positions and need > base.max_positions:
+        reach += f" (more than the {base.max_positions:,} positions of {base.name}: shorten those prompts)"
+    return (f"{dataset.name}: {count} of its {dataset.row_count:,} rows would train on nothing: cut to "
+            f"max_seq_length {params.max_seq_length}, their prompts leave no room for the answer ({shown}). "
+            f"{reach}, shorten those prompts, or turn off completion_only_loss to train on the prompts too")

@@ -29,7 +29,7 @@ from webapp.catalog.forms import (
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import (
     STATS_SAMPLE_ROWS,
-    dataset_rows,
+    dataset_row,
     inspect_source,
     length_stats_for,
     model_shape,
@@ -172,7 +172,7 @@ def datasets(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             upload = form.cleaned_data["file"]
             try:
-                dataset = register_dataset(form.cleaned_data["name"], upload.name, upload.read(), request.user)
+                dataset = register_dataset(form.cleaned_data["name"], upload.name, upload.file, request.user)
             except DatasetError as exc:
                 problems = [str(p) for p in exc.report.problems]
                 if exc.report.truncated:
@@ -201,7 +201,7 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context: dict[str, Any] = {"dataset": dataset, "form": form, "analysis": _analysis(dataset, form)}
     if request.htmx:
         return render(request, "catalog/partials/dataset_analysis.html", context)
-    context["preview"] = [json.dumps(row, indent=2, ensure_ascii=False) for row in dataset.preview]
+    context["preview"] = [json.dumps(row, indent=2, ensure_ascii=False) for row in dataset.preview_rows()]
     context["bases"] = BaseModel.objects.all()
     return render(request, "catalog/dataset_detail.html", context)
 
@@ -217,9 +217,9 @@ def _analysis(dataset: Dataset, form: AnalysisForm) -> dict[str, Any] | None:
     try:
         tokenizer = tokenizer_for(base)
         stats = length_stats_for(dataset, base, max_length, data["batching"], completion_only)
-        rows = dataset_rows(dataset)
-        row_number = min(data["row"] or 1, len(rows))
-        rendered = render_row(tokenizer, rows[row_number - 1], completion_only, max_length, data["batching"])
+        row_number = min(data["row"] or 1, dataset.row_count)
+        rendered = render_row(tokenizer, dataset_row(dataset, row_number), completion_only, max_length,
+                              data["batching"])
     except (ModelNotFound, DatasetError, OSError, ValueError) as exc:
         return {"error": str(exc), "base": base}
     return {
@@ -229,6 +229,6 @@ def _analysis(dataset: Dataset, form: AnalysisForm) -> dict[str, Any] | None:
         "chart": histogram_chart(stats.histogram, max_length),
         "sampled": dataset.row_count > STATS_SAMPLE_ROWS,
         "row_number": row_number,
-        "row_count": len(rows),
+        "row_count": dataset.row_count,
         "rendered": rendered,
     }

@@ -9,6 +9,7 @@ from django.db import models, transaction
 
 from webapp.catalog.demo import DEMO_CONFIG, DEMO_DATASET, DEMO_MODEL
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.catalog.services import truncation_problem
 from webapp.training.models import RunState, TrainingRun
 from workers import spec
 from workers.engine import check_switches
@@ -102,6 +103,8 @@ class RunForm(forms.Form):
             problem = eval_dataset_problem(eval_dataset, data.get("dataset"), base, params)
             if problem:
                 self.add_error("eval_dataset", problem)
+        if base is not None and "max_seq_length" not in self.errors:
+            self._refuse_rows_cut_before_training(data, base, params)
         config_for_switches: LoraConfig | None = data.get("lora_config")
         if config_for_switches:
             for name, message in check_switches(params, config_for_switches.lora_params()).items():
@@ -122,6 +125,15 @@ class RunForm(forms.Form):
                     self.add_error("lora_config", f"{config.name}: {name}: {message}")
         data["hyperparameters"] = dataclasses.asdict(params)
         return data
+
+    def _refuse_rows_cut_before_training(self, data: dict[str, Any], base: BaseModel, params: spec.TrainParams) -> None:
+        """Rows whose prompt fills max_seq_length would train on nothing (and every such row fails the run):
+        refused here, where every way of creating a run (page, REST, OpenAI jobs, clone) passes."""
+        for name in ("dataset", "eval_dataset"):
+            chosen: Dataset | None = data.get(name)
+            problem = truncation_problem(chosen, base, params) if chosen is not None else None
+            if problem and name not in self.errors:
+                self.add_error(name, problem)
 
     def refuse_priority_for(self, user: Any) -> None:
         """A priority above 0 is for staff: anyone else gets the field error."""

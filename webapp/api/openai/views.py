@@ -126,10 +126,9 @@ class FileList(OpenAIView):
             raise OpenAIError(413, f"{upload.name} is {upload.size / 2**20:.1f} MB: the limit is "
                               f"{settings.TUNEDECK_MAX_UPLOAD_MB} MB", "file", "file_too_large")
         filename = upload.name or "upload.jsonl"
-        data = upload.read()
         for _ in range(3):
             try:
-                dataset = register_dataset(_dataset_name(filename), filename, data, request.user)
+                dataset = register_dataset(_dataset_name(filename), filename, upload.file, request.user)
                 break
             except DatasetError as exc:
                 raise OpenAIError(400, str(exc), "file", "invalid_file") from None
