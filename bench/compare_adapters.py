@@ -127,11 +127,12 @@ def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: b
             stacked: bool = True) -> Timing:  # fmt: skip
     from workers.generate import generate_token_grid
     from workers.jobspecs import GenerationParams
+    from workers.stops import stop_tokens
 
     def run(tokens: int) -> dict[tuple[int, str], list[int]]:
         return generate_token_grid(
             model, prompts, columns, GenerationParams(max_new_tokens=tokens, temperature=0.0), pad_token_id=PAD,
-            batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens, stacked=stacked,
+            stops=stop_tokens(None, model), batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens, stacked=stacked,
             prefill=not args.no_prefill,
         )  # fmt: skip
 
@@ -259,10 +260,11 @@ def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argp
 
     from workers.generate import generate_token_grid
     from workers.jobspecs import GenerationParams
+    from workers.stops import stop_tokens
 
     def run() -> None:
         generate_token_grid(
-            model, prompts, columns, GenerationParams(max_new_tokens=8), pad_token_id=PAD,
+            model, prompts, columns, GenerationParams(max_new_tokens=8), pad_token_id=PAD, stops=stop_tokens(None, model),
             batched=True, batch_size=args.batch_size or len(prompts), min_new_tokens=8, prefill=not args.no_prefill,
         )  # fmt: skip
 

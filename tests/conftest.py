@@ -64,3 +64,36 @@ def task_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         assert result is not None, reporter.logs[-3:]
         uris[task] = result["adapter_uri"]
     return store, uris
+
+
+@pytest.fixture(scope="session")
+def chatml_adapter(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A tiny Llama whose tokenizer speaks ChatML (<|im_start|> and <|im_end|> are tokens, EOS is </s>) and a LoRA
+    trained through that template on the "double" task: it ends each answer with <|im_end|>, never with EOS.
+
+    Returns (model folder, store, adapter URI)."""
+    from workers.demo import build_tiny_llama, write_toy_dataset
+    from workers.reporter import MemoryReporter
+    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+    from workers.store import ArtifactStore
+    from workers.train import FALLBACK_CHAT_TEMPLATE, run_training
+
+    root = tmp_path_factory.mktemp("chatml")
+    model_dir = build_tiny_llama(
+        root / "model", chat_template=FALLBACK_CHAT_TEMPLATE, extra_special_tokens=["<|im_start|>", "<|im_end|>"]
+    )
+    store = ArtifactStore(root / "store")
+    write_toy_dataset(store.path("store://datasets/double.jsonl"), task="double", seed=1)
+    spec = TrainSpec(
+        run_id=1,
+        attempt=1,
+        base_model=ModelRef(source=str(model_dir)),
+        dataset=DatasetRef(uri="store://datasets/double.jsonl", format="alpaca"),
+        lora=LoraParams(dropout=0.0, r=8, alpha=16),
+        train=suggest_train_params(100_000),
+        output_uri="store://runs/1/attempt-1/adapter",
+    )
+    reporter = MemoryReporter()
+    result = run_training(spec, reporter, store)
+    assert result is not None, reporter.logs[-3:]
+    return model_dir, store, result["adapter_uri"]

@@ -299,6 +299,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # Choice sets shared by several fields (job states, the engine's auto/on/off switches) get one name each.
     "ENUM_NAME_OVERRIDES": {"RunStateEnum": "webapp.training.models.RunState", "WorkerStateEnum": "webapp.fleet.models.WorkerState",
-                            "AutoOnOffEnum": "workers.spec.AUTO_ON_OFF"},
+                            "AutoOnOffEnum": "workers.spec.AUTO_ON_OFF",
+                            "BasePrecisionEnum": "workers.jobspecs.BASE_PRECISIONS"},
     "PREPROCESSING_HOOKS": ["webapp.api.schema.only_api_v1"],
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -59,8 +60,14 @@ def _tokenizer_corpus() -> list[str]:
     return [f"{r['instruction']} {r['output']}" for r in rows] + words * 20
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 320):  # type: ignore[no-untyped-def]
-    """Train a byte-level BPE tokenizer on the toy corpus and wrap it for transformers."""
+def build_tokenizer(  # type: ignore[no-untyped-def]
+    out_dir: Path, vocab_size: int = 320, chat_template: str | None = CHAT_TEMPLATE, extra_special_tokens: Sequence[str] = ()
+):
+    """Train a byte-level BPE tokenizer on the toy corpus and wrap it for transformers.
+
+    `chat_template` None saves it without one (training and inference then use workers.train's fallback);
+    `extra_special_tokens` become single tokens of the vocabulary (e.g. ChatML's <|im_start|> and <|im_end|>)."""
+    specials = [*SPECIAL_TOKENS, *extra_special_tokens]
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +78,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320):  # type: ignore[no-un
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -82,22 +89,30 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320):  # type: ignore[no-un
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
+        additional_special_tokens=specials[4:],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.model_max_length = 256
     fast.save_pretrained(out_dir)
     return fast
 
 
-def build_tiny_llama(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int = 0, init_std: float = 0.1) -> Path:
-    """Save a random-weight Llama-architecture model (safetensors) and its tokenizer."""
+def build_tiny_llama(
+    out_dir: Path,
+    hidden_size: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    init_std: float = 0.1,
+    chat_template: str | None = CHAT_TEMPLATE,
+    extra_special_tokens: Sequence[str] = (),
+) -> Path:
+    """Save a random-weight Llama-architecture model (safetensors) and its tokenizer (see build_tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir, chat_template=chat_template, extra_special_tokens=extra_special_tokens)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -8,9 +8,12 @@ base, then each adapter) it measures:
 - from greedy answers (spec.generation, temperature 0 by default): exact match and ROUGE-L F1
   against the reference (see workers.scoring), and the mean answer length in tokens.
 
-Prompts are tokenized the way training saw them: conversational rows (alpaca, messages, sharegpt)
-through the chat template, plain prompt/completion rows as raw text with EOS after the completion;
-the same prompt tokens feed the loss and the generation (GenerationParams.chat_template is not used).
+A row's prompt is every turn before its reference answer, a system prompt included (workers.prompts,
+as for comparisons drawn from a dataset). Prompts are tokenized the way training saw them: conversational
+rows (alpaca, messages, sharegpt) through the chat template, plain prompt/completion rows as raw text with
+EOS after the completion; the same prompt tokens feed the loss and the generation
+(GenerationParams.chat_template is not used). Answers end at EOS or where the chat template ends an
+assistant's turn (workers.stops).
 
 `completion_loss(model, tokenizer, rows)` is the loss part alone, for instruction/output rows.
 """
@@ -26,35 +29,19 @@ from typing import Any
 
 from workers.datasets import DatasetError, load_trl_rows, to_trl_row
 from workers.jobrunner import Cancelled, check_cancel, run_reported
-from workers.jobspecs import BASE_KEY, EvaluateSpec
+from workers.jobspecs import BASE_KEY, EvaluateSpec, PromptRow
 from workers.modelinfo import ModelNotFound
 from workers.peftsetup import RunnerError
+from workers.prompts import chat_ids, prompt_ids, prompt_row
 from workers.reporter import Reporter
 from workers.scoring import exact_match, rouge_l
+from workers.stops import Stops
 from workers.store import ArtifactStore
 
 SAMPLE_ROWS = 20
 MAX_LOSS_BATCH_ROWS = 32
 LOGITS_BUDGET_BYTES = 512 * 2**20  # float32 logits of one loss batch; bounds memory for large vocabularies
 GENERATION_CHUNK = 16  # prompts per progress report while generating (each with every column)
-
-
-@dataclass
-class EvalRow:
-    prompt: list[dict[str, str]] | str  # chat turns before the reference answer, or plain prompt text
-    reference: str
-
-    @property
-    def conversational(self) -> bool:
-        return not isinstance(self.prompt, str)
-
-    def shown_prompt(self) -> str:
-        """The prompt as a person reads it: the user turn alone, or every turn with its role."""
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) == 1:
-            return self.prompt[0]["content"]
-        return "\n".join(f"{turn['role']}: {turn['content']}" for turn in self.prompt)
 
 
 @dataclass
@@ -67,25 +54,18 @@ class Encoded:
 # --- rows --------------------------------------------------------------------------------------------------
 
 
-def eval_rows(fmt: str, rows: list[dict[str, Any]], name: str = "dataset") -> list[EvalRow]:
-    """Prompt and reference answer of each trl row; a dataset without reference answers is refused."""
+def eval_rows(fmt: str, rows: list[dict[str, Any]], name: str = "dataset") -> list[PromptRow]:
+    """Prompt and reference answer of each trl row (workers.prompts.prompt_row); a dataset without reference
+    answers is refused."""
     if fmt == "text":
         raise RunnerError(
             f"{name}: plain text rows have no reference answers to score; evaluation needs prompt/completion, "
             "instruction/output (alpaca) or chat rows (messages, conversations) ending with an assistant turn"
         )
-    result = []
-    for number, row in enumerate(rows, start=1):
-        if "prompt" not in row:
-            raise RunnerError(
-                f"{name}: row {number} has no prompt before its answer (a chat must open with a user turn)"
-            )
-        completion = row["completion"]
-        if isinstance(completion, str):
-            result.append(EvalRow(row["prompt"], completion))
-        else:  # the completion of a conversational row is the last assistant turn
-            result.append(EvalRow(list(row["prompt"]), completion[-1]["content"]))
-    return result
+    try:
+        return [prompt_row(row, number) for number, row in enumerate(rows, start=1)]
+    except ValueError as exc:
+        raise RunnerError(f"{name}: {exc}") from exc
 
 
 def held_out_indices(count: int, fraction: float, seed: int) -> list[int]:
@@ -101,7 +81,7 @@ def held_out_indices(count: int, fraction: float, seed: int) -> list[int]:
     return sorted(order[:held])
 
 
-def select_rows(spec: EvaluateSpec, rows: list[EvalRow]) -> list[EvalRow]:
+def select_rows(spec: EvaluateSpec, rows: list[PromptRow]) -> list[PromptRow]:
     if spec.split == "held_out":
         rows = [rows[i] for i in held_out_indices(len(rows), spec.eval_fraction, spec.seed)]
     return rows[: spec.max_rows] if spec.max_rows else rows
@@ -110,27 +90,21 @@ def select_rows(spec: EvaluateSpec, rows: list[EvalRow]) -> list[EvalRow]:
 # --- tokens ------------------------------------------------------------------------------------------------
 
 
-def _chat_ids(tokenizer: Any, turns: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode(tokenizer: Any, row: EvalRow) -> Encoded:
+def encode(tokenizer: Any, row: PromptRow) -> Encoded:
     """Token ids of prompt + reference, and where the reference starts (where the two tokenizations diverge)."""
-    if isinstance(row.prompt, str):
+    prompt = prompt_ids(tokenizer, row, chat_template=row.conversational)
+    if row.conversational:
+        ids = chat_ids(tokenizer, [*row.turns, {"role": "assistant", "content": row.reference}], False)
+    else:
         completion = row.reference
         eos = tokenizer.eos_token or ""
         if eos and not completion.endswith(eos):
             completion += eos
-        prompt_ids = list(tokenizer(row.prompt)["input_ids"])
         ids = list(tokenizer(row.prompt + completion)["input_ids"])
-    else:
-        prompt_ids = _chat_ids(tokenizer, row.prompt, add_generation_prompt=True)
-        ids = _chat_ids(tokenizer, [*row.prompt, {"role": "assistant", "content": row.reference}], False)
     start = 0
-    while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
+    while start < min(len(prompt), len(ids)) and prompt[start] == ids[start]:
         start += 1
-    return Encoded(ids, max(start, 1), prompt_ids)
+    return Encoded(ids, max(start, 1), prompt)
 
 
 # --- loss --------------------------------------------------------------------------------------------------
@@ -236,7 +210,7 @@ class _Progress:
             raise Cancelled()
 
 
-def _load_rows(spec: EvaluateSpec, store: ArtifactStore) -> tuple[str, list[EvalRow], int]:
+def _load_rows(spec: EvaluateSpec, store: ArtifactStore) -> tuple[str, list[PromptRow], int]:
     try:
         path = store.path(spec.dataset.uri)
     except ValueError as exc:
@@ -249,7 +223,7 @@ def _load_rows(spec: EvaluateSpec, store: ArtifactStore) -> tuple[str, list[Eval
 
 
 def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
-    from workers.generate import load_for_inference
+    from workers.generate import answer_stops, load_for_inference, precision_label
 
     started = time.monotonic()
     problems = spec.validate()
@@ -263,6 +237,7 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
     check_cancel(reporter)
 
     model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
+    stops = answer_stops(model, tokenizer, reporter)
     check_cancel(reporter)
     encoded = [encode(tokenizer, row) for row in rows]
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -275,7 +250,7 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
         )
     progress = _Progress(reporter, total=2 * len(columns) * len(rows))
     scores = {column: _loss_of(model, tokenizer, encoded, column, labels[column], progress) for column in columns}
-    outputs, lengths = _answers(model, tokenizer, spec, encoded, columns, labels, progress)
+    outputs, lengths = _answers(model, tokenizer, stops, spec, encoded, columns, labels, progress)
     for column in columns:
         texts = [outputs[(i, column)] for i in range(len(rows))]
         scores[column].update(
@@ -290,7 +265,7 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
         )
     samples = [
         {
-            "prompt": row.shown_prompt(),
+            "prompt": row.prompt,
             "reference": row.reference,
             "outputs": {column: outputs[(i, column)] for column in columns},
         }
@@ -305,6 +280,8 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
         "rows": len(rows),
         "format": fmt,
         "device": device.kind,
+        "base_precision": precision_label(spec.load, device),
+        "stop_tokens": stops.as_json(),
         "runtime_s": round(time.monotonic() - started, 2),
     }
 
@@ -348,20 +325,20 @@ def fit_context(encoded: list[Encoded], limit: int | None, max_new_tokens: int) 
 def _answers(
     model: Any,
     tokenizer: Any,
+    stops: Stops,
     spec: EvaluateSpec,
     encoded: list[Encoded],
     columns: list[str],
     labels: dict[str, str],
     progress: _Progress,
 ) -> tuple[dict[tuple[int, str], str], dict[tuple[int, str], int]]:
-    """Every column's answer to every row (text, and its length in tokens without the EOS)."""
-    from workers.generate import decode, eos_ids, generate_token_grid, mixed_batch_refusals
+    """Every column's answer to every row (text, and its length in tokens without its stop)."""
+    from workers.generate import generate_token_grid, mixed_batch_refusals
 
     reporter = progress.reporter
     refusals = mixed_batch_refusals(model, labels)
     if refusals:
         reporter.log("Answers column by column: " + "; ".join(refusals))
-    ends = eos_ids(model)
     decoding = (
         "greedy" if spec.generation.temperature == 0 else f"sampling at temperature {spec.generation.temperature:g}"
     )
@@ -382,6 +359,7 @@ def _answers(
             columns,
             spec.generation,
             pad_token_id=tokenizer.pad_token_id,
+            stops=stops,
             batched=not refusals,
             batch_size=GENERATION_CHUNK,
             should_stop=should_stop,
@@ -389,8 +367,8 @@ def _answers(
         if reporter.cancel_requested:
             raise Cancelled()
         for (row, column), cell_ids in ids.items():
-            texts[(start + row, column)] = decode(tokenizer, cell_ids)
-            lengths[(start + row, column)] = len([t for t in cell_ids if t not in ends])
+            texts[(start + row, column)] = stops.text(cell_ids)
+            lengths[(start + row, column)] = stops.answer_tokens(cell_ids)
         progress.advance(len(chunk) * len(columns), phase="generate")
     return texts, lengths
 

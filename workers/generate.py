@@ -15,18 +15,20 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from workers.jobrunner import Cancelled, check_cancel, run_reported
-from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams
+from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.modelinfo import ModelNotFound, check_source
 from workers.peftsetup import RunnerError, quantization_config, quantization_label
+from workers.prompts import prompt_ids
 from workers.reporter import Reporter
 from workers.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
+from workers.stops import Stops, stop_tokens
 from workers.store import ArtifactStore
 from workers.train import FALLBACK_CHAT_TEMPLATE, Device, pick_device
 
@@ -55,6 +57,7 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     columns = ([BASE_KEY] if spec.include_base else []) + [a.key for a in spec.adapters]
     reporter.log(f"Comparing {len(columns)} column(s) on {len(spec.prompts)} prompt(s)")
     model, tokenizer, device = load_for_inference(spec.base_model, spec.adapters, spec.load, store, reporter)
+    stops = answer_stops(model, tokenizer, reporter)
     check_cancel(reporter)
 
     refusals = mixed_batch_refusals(model, {a.key: a.label or a.key for a in spec.adapters})
@@ -70,9 +73,10 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     texts, ids = generate_text_grid(
         model,
         tokenizer,
-        [p.prompt for p in spec.prompts],
+        spec.prompts,
         columns,
         spec.generation,
+        stops=stops,
         batched=batched,
         batch_size=spec.batch_size,
         on_text=stream.add,
@@ -84,14 +88,8 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     if reporter.cancel_requested:
         raise Cancelled()
 
-    eos = eos_ids(model)
     outputs = [
-        {
-            "row": row,
-            "column": column,
-            "text": texts[(row, column)],
-            "tokens": sum(t not in eos for t in ids[(row, column)]),
-        }
+        {"row": row, "column": column, "text": texts[(row, column)], "tokens": stops.answer_tokens(ids[(row, column)])}
         for row in range(len(spec.prompts))
         for column in columns
     ]
@@ -107,7 +105,16 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         "tokens_per_s": round(generated / max(seconds, 1e-9), 1),
         "device": device.kind,
         "dtype": device.dtype_name,
+        "base_precision": precision_label(spec.load, device),
+        "stop_tokens": stops.as_json(),
     }
+
+
+def answer_stops(model: Any, tokenizer: Any, reporter: Reporter) -> Stops:
+    """Where this job's answers end (workers.stops), said in its log."""
+    stops = stop_tokens(tokenizer, model)
+    reporter.log(stops.describe())
+    return stops
 
 
 class _OutputStream:
@@ -232,9 +239,16 @@ def _load_base(base: ModelRef, load: LoadParams, device: Device, reporter: Repor
     quantization = quantization_config(quantized, dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    label = quantization_label(quantized)
-    _say(reporter, f"Loading {base.source} ({label}, compute {device.dtype_name}) on {device.kind}")
+    _say(reporter, f"Loading {base.source} in {precision_label(load, device)} on {device.kind}")
     return AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+
+
+def precision_label(load: LoadParams, device: Device) -> str:
+    """The base's precision as loaded: its weights' dtype, or their quantization and the compute dtype."""
+    if load.quantization == "none":
+        return device.dtype_name
+    quantized = LoraParams(quantization=load.quantization, compute_dtype=load.compute_dtype)
+    return f"{quantization_label(quantized)} (compute {device.dtype_name})"
 
 
 def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -> Any:
@@ -334,21 +348,19 @@ def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> li
 # --- generation --------------------------------------------------------------------------------------------
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt; with `chat_template` a user turn followed by the assistant's opening."""
-    if not chat_template:
-        return [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+Prompt = str | PromptRow  # typed text, or a row with its conversation (workers.prompts)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt (workers.prompts.prompt_ids); typed text is a user turn with the chat template."""
+    rows = [PromptRow(prompt=p) if isinstance(p, str) else p for p in prompts]
+    return [prompt_ids(tokenizer, row, chat_template) for row in rows]
 
 
 def generate_grid(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: Sequence[Prompt],
     columns: list[str],
     params: GenerationParams,
     *,
@@ -364,7 +376,8 @@ def generate_grid(
     batched=False: one column after another (set_adapter, disable_adapter for the base). Greedy when
     temperature == 0, else seeded sampling. on_text(row, column, delta) is called as text appears; the deltas
     of a cell concatenate to its final text. should_stop() is polled every decode step and ends generation
-    early (the cells then hold what was generated so far). Returns {(row, column): text}, special tokens skipped.
+    early (the cells then hold what was generated so far). An answer ends at EOS or where the chat template ends
+    an assistant's turn (workers.stops). Returns {(row, column): text}, special tokens and the stop left out.
     """
     texts, _ = generate_text_grid(
         model,
@@ -383,40 +396,40 @@ def generate_grid(
 def generate_text_grid(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: Sequence[Prompt],
     columns: list[str],
     params: GenerationParams,
     *,
+    stops: Stops | None = None,
     batched: bool = True,
     batch_size: int = 64,
     on_text: Callable[[int, str, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     stream_interval: float = 0.0,
 ) -> tuple[dict[Cell, str], dict[Cell, list[int]]]:
-    """`generate_grid` that also returns each cell's generated token ids (up to and including its EOS).
+    """`generate_grid` that also returns each cell's generated token ids (up to and including its stop).
 
-    `stream_interval`: the least seconds between two rounds of on_text calls (0: every decode step)."""
-    stream = TextStream(tokenizer, on_text, eos_ids(model), stream_interval) if on_text is not None else None
+    `stops`: where answers end (by default `stop_tokens(tokenizer, model)`). `stream_interval`: the least seconds
+    between two rounds of on_text calls (0: every decode step)."""
+    if stops is None:
+        stops = stop_tokens(tokenizer, model)
+    stream = TextStream(on_text, stops, stream_interval) if on_text is not None else None
     ids = generate_token_grid(
         model,
         encode_prompts(tokenizer, prompts, params.chat_template),
         columns,
         params,
         pad_token_id=tokenizer.pad_token_id,
+        stops=stops,
         batched=batched,
         batch_size=batch_size,
         on_step=stream.step if stream is not None else None,
         should_stop=should_stop,
     )
-    texts = {cell: decode(tokenizer, cell_ids) for cell, cell_ids in ids.items()}
+    texts = {cell: stops.text(cell_ids) for cell, cell_ids in ids.items()}
     if stream is not None:
         stream.finish(texts)
     return texts, ids
-
-
-def decode(tokenizer: Any, ids: list[int]) -> str:
-    # No clean-up of spaces: it can rewrite earlier text, and streamed text must only ever grow.
-    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
 def generate_token_grid(
@@ -426,6 +439,7 @@ def generate_token_grid(
     params: GenerationParams,
     *,
     pad_token_id: int,
+    stops: Stops,
     batched: bool = True,
     batch_size: int = 64,
     min_new_tokens: int = 0,
@@ -434,7 +448,8 @@ def generate_token_grid(
     stacked: bool = True,
     prefill: bool = True,
 ) -> dict[Cell, list[int]]:
-    """The token level of `generate_grid`: prompts as token ids, answers as token ids (cut after the first EOS).
+    """The token level of `generate_grid`: prompts as token ids, answers as token ids (cut after their stop:
+    `stops.cut`; `min_new_tokens` holds back single-token stops only).
 
     Prompts go `batch_size` at a time; batched, each call holds every column of those prompts (rows column by
     column), sequential, each call holds one column of them: either way a prompt is padded to the same length,
@@ -446,8 +461,8 @@ def generate_token_grid(
     import torch
 
     torch.manual_seed(params.seed)
-    eos = eos_ids(model)
-    options = _generation_options(params, pad_token_id, min_new_tokens)
+    options = {**_generation_options(params, pad_token_id, min_new_tokens), **stops.generate_options()}
+    criteria = stops.criteria()
     chunks = [list(range(i, min(i + batch_size, len(prompt_ids)))) for i in range(0, len(prompt_ids), batch_size)]
     calls: list[tuple[list[Cell], AbstractContextManager[Any]]]
     if batched:
@@ -464,11 +479,11 @@ def generate_token_grid(
             row_names = [name for name in names for _ in range(len(cells) // len(columns))] if names else None
             with context:
                 generated = _generate(
-                    model, rows, cells, pad_token_id, options, row_names, on_step, should_stop,
+                    model, rows, cells, pad_token_id, options, row_names, on_step, should_stop, criteria,
                     columns=(len(columns) if batched else 1) if prefill else 0,
                 )
             for cell, row_ids in zip(cells, generated, strict=True):
-                results[cell] = _cut_at_eos(row_ids, eos)
+                results[cell] = stops.cut(row_ids)
     return results
 
 
@@ -508,12 +523,6 @@ def column_context(model: Any, column: str) -> Iterator[None]:
         yield
 
 
-def eos_ids(model: Any) -> set[int]:
-    """The token ids that end an answer (the model's generation config)."""
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-
-
 def _generation_options(params: GenerationParams, pad_token_id: int, min_new_tokens: int) -> dict[str, Any]:
     """Every decoding setting explicit, so that a model's own generation_config.json does not change them."""
     options: dict[str, Any] = {
@@ -538,6 +547,7 @@ def _generate(
     adapter_names: list[str] | None,
     on_step: OnStep | None,
     should_stop: Callable[[], bool] | None,
+    criteria: list[Any],
     columns: int = 1,
 ) -> list[list[int]]:
     """One generate() call over left-padded rows; returns each row's generated ids.
@@ -556,8 +566,9 @@ def _generate(
     kwargs = dict(options)
     if adapter_names is not None:
         kwargs["adapter_names"] = adapter_names
-    if on_step is not None or should_stop is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StepHook(cells, width, on_step, should_stop)])
+    hooks = [_StepHook(cells, width, on_step, should_stop)] if on_step is not None or should_stop is not None else []
+    if hooks or criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*hooks, *criteria])
     with _attention_backends(device):
         if columns and adapter_names is None and can_prefill(model, rows):
             kwargs[cache_argument(model)] = prefill_by_length(model, rows, columns, pad_token_id)
@@ -781,13 +792,6 @@ class _StackedForward:
         return result
 
 
-def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in eos:
-            return ids[: i + 1]
-    return ids
-
-
 class _StepHook:
     """A stopping criterion that never stops a row by itself: it passes each step's ids on and polls for cancel."""
 
@@ -808,14 +812,13 @@ class _StepHook:
 class TextStream:
     """Turns each step's generated ids into text deltas per cell.
 
-    Text is held back while it ends in an incomplete character (U+FFFD), and a cell stops streaming at its EOS.
-    `finish` sends what is left, so a cell's deltas add up to its final text. With `interval` > 0 the ids are
-    decoded at most that often (seconds): decoding every row at every step costs more than a GPU step."""
+    Text is held back while it ends in an incomplete character (U+FFFD) or in what may be the start of a stop
+    string, and a cell stops streaming at its stop. `finish` sends what is left, so a cell's deltas add up to its
+    final text. With `interval` > 0 the ids are decoded at most that often (seconds): decoding every row at every
+    step costs more than a GPU step."""
 
-    def __init__(
-        self, tokenizer: Any, on_text: Callable[[int, str, str], None], eos: set[int], interval: float = 0.0
-    ) -> None:
-        self.tokenizer, self.on_text, self.eos, self.interval = tokenizer, on_text, eos, interval
+    def __init__(self, on_text: Callable[[int, str, str], None], stops: Stops, interval: float = 0.0) -> None:
+        self.on_text, self.stops, self.interval = on_text, stops, interval
         self.sent: dict[Cell, str] = {}
         self.done: set[Cell] = set()
         self.last_decode = time.monotonic()
@@ -827,10 +830,10 @@ class TextStream:
         for cell, ids in zip(cells, generated.tolist(), strict=True):
             if cell in self.done:
                 continue
-            answer = _cut_at_eos(ids, self.eos)
-            if len(answer) < len(ids) or (answer and answer[-1] in self.eos):
+            text, ended = self.stops.visible(ids)
+            if ended:
                 self.done.add(cell)
-            self._send(cell, decode(self.tokenizer, answer))
+            self._send(cell, text)
 
     def finish(self, texts: dict[Cell, str]) -> None:
         for cell, text in texts.items():

@@ -29,6 +29,15 @@ SVD_COMBINATIONS = tuple(c for c in COMBINATIONS if c == "svd" or c.endswith("_s
 # Types that combine the adapters' A and B factors entry-wise (not the deltas): equal ranks needed.
 EQUAL_RANK_COMBINATIONS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# What a comparison or an evaluation loads its base in (see base_load).
+BASE_PRECISIONS = ("auto", "4bit", "8bit", "bfloat16", "float16", "float32")
+TRAINED_ON = {"none": "unquantized", "8bit": "8-bit", "4bit": "4-bit"}
+BASE_PRECISION_HELP = (
+    "How the base is loaded. auto: as the adapters were trained when they agree (all QLoRA: the 4-bit base; all "
+    "8-bit: 8-bit), else unquantized in the compute dtype (bfloat16 on GPUs that have it, float16 on others, "
+    "float32 on the CPU). 4bit (NF4, double quant) or 8bit (LLM.int8): quantized, whatever the adapters were "
+    "trained on. bfloat16, float16, float32: unquantized in that dtype."
+)
 
 
 @dataclass
@@ -67,8 +76,21 @@ class GenerationParams:
 
 @dataclass
 class PromptRow:
-    prompt: str = _help("The prompt (a user turn when the chat template is on).", "")
+    prompt: str = _help(
+        "The prompt as people read it: typed text (a user turn when the chat template is on), or a conversation's "
+        "turns one per line with their roles.",
+        "",
+    )
     reference: str = _help("Reference answer, if known (shown beside the outputs; scored by evaluations).", "")
+    turns: list[dict[str, str]] = _help(
+        "A dataset row's conversation before its answer (system prompt and earlier turns included), each turn a "
+        "role and its content: what the model is given through the chat template. Empty for typed prompts.",
+        [],
+    )
+
+    @property
+    def conversational(self) -> bool:
+        return bool(self.turns)
 
 
 @dataclass
@@ -85,6 +107,28 @@ class LoadParams:
         if self.compute_dtype not in COMPUTE_DTYPES:
             errors["compute_dtype"] = f"must be one of {', '.join(COMPUTE_DTYPES)}"
         return errors
+
+
+def base_load(precision: str, trained_on: list[str]) -> tuple[LoadParams, str]:
+    """How to load the base for a BASE_PRECISIONS choice, given the quantization each adapter was trained on
+    ("none", "8bit", "4bit"), and a line that says what and why.
+
+    auto: the quantization the adapters were trained on when they all agree on one (every adapter QLoRA: the
+    4-bit base they were trained on; every one 8-bit: 8-bit), else unquantized in the compute dtype (bfloat16
+    on GPUs that have it, float16 on other GPUs, float32 on the CPU). 4bit (NF4, double quant) and 8bit
+    (LLM.int8) quantize the base whatever the adapters were trained on, computing in the compute dtype;
+    bfloat16, float16 and float32 load it unquantized in that dtype."""
+    if precision not in BASE_PRECISIONS:
+        raise ValueError(f"must be one of {', '.join(BASE_PRECISIONS)}")
+    if precision in ("4bit", "8bit"):
+        return LoadParams(quantization=precision), f"Base precision {precision} (quantized), as chosen"
+    if precision != "auto":
+        return LoadParams(compute_dtype=precision), f"Base precision {precision} (unquantized), as chosen"
+    kinds = sorted(set(trained_on))
+    if len(kinds) == 1 and kinds[0] != "none":
+        return LoadParams(quantization=kinds[0]), f"Base precision auto: {kinds[0]}, the base every adapter was trained on"
+    trained = " and ".join(TRAINED_ON.get(kind, kind) for kind in kinds)
+    return LoadParams(), f"Base precision auto: unquantized in the compute dtype (the adapters were trained on {trained} bases)"
 
 
 def _validate_adapters(adapters: list[AdapterRef], include_base: bool, errors: dict[str, str]) -> None:

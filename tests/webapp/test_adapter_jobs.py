@@ -118,6 +118,73 @@ def test_the_load_follows_the_adapters_quantization(team: Any) -> None:
     assert compare(team, *mixed).job.params["load"]["quantization"] == "none"
 
 
+def test_the_base_precision_is_chosen_and_said_in_the_job_log(team: Any) -> None:
+    """auto loads a QLoRA adapter's base in 4-bit only when every adapter was trained on 4-bit; any other
+    precision can be chosen; the job's log says which one and why, the worker's spec carries it."""
+    qlora, lora = adapter(team, quantization="4bit", name="qlora"), adapter(team, name="lora")
+    users = team[0]
+    prompts = PromptSet.objects.create(name="p", owner=users["owner"], rows=services.parse_prompts("Double 7"))
+
+    def started(*adapters: Adapter, precision: str = "auto") -> AdapterJob:
+        comparison = services.start_compare(users["owner"], prompts, list(adapters), jobspecs.GenerationParams(),
+                                            base_precision=precision)  # fmt: skip
+        return comparison.job
+
+    cases = [
+        ((qlora,), "auto", "4bit", "auto", "Base precision auto: 4bit, the base every adapter was trained on"),
+        ((qlora, lora), "auto", "none", "auto",
+         "Base precision auto: unquantized in the compute dtype (the adapters were trained on 4-bit and unquantized bases)"),
+        ((lora,), "auto", "none", "auto",
+         "Base precision auto: unquantized in the compute dtype (the adapters were trained on unquantized bases)"),
+        ((qlora, lora), "4bit", "4bit", "auto", "Base precision 4bit (quantized), as chosen"),
+        ((lora,), "8bit", "8bit", "auto", "Base precision 8bit (quantized), as chosen"),
+        ((qlora,), "bfloat16", "none", "bfloat16", "Base precision bfloat16 (unquantized), as chosen"),
+        ((qlora,), "float32", "none", "float32", "Base precision float32 (unquantized), as chosen"),
+    ]  # fmt: skip
+    for adapters, precision, quantization, dtype, line in cases:
+        job = started(*adapters, precision=precision)
+        assert job.params["load"] == {"quantization": quantization, "compute_dtype": dtype}, precision
+        assert job.base_precision() == {"chosen": precision, "quantization": quantization, "compute_dtype": dtype,
+                                        "used": None}  # fmt: skip
+        assert line in job.events.values_list("message", flat=True)
+        spec = jobspecs.spec_from_dict("compare", job.job_spec())
+        assert (spec.load.quantization, spec.load.compute_dtype) == (quantization, dtype)
+    with pytest.raises(services.JobError) as refused:
+        started(lora, precision="int4")
+    assert refused.value.errors == {"base_precision": "must be one of auto, 4bit, 8bit, bfloat16, float16, float32"}
+    assert AdapterJob.objects.count() == len(cases)
+
+
+def test_prompts_drawn_from_a_chat_dataset_keep_the_whole_conversation(team: Any, store_dir: Path) -> None:
+    """As evaluations do (workers.prompts.prompt_row): the system prompt and earlier turns reach the worker's spec."""
+    from webapp.catalog.models import Dataset
+    from workers.datasets import to_trl_row
+    from workers.evaluate import eval_rows
+
+    chats = [
+        {"messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Bonjour"}, {"role": "user", "content": "2 + 2?"},
+                      {"role": "assistant", "content": "Quatre"}]},
+        {"messages": [{"role": "user", "content": "Double 4"}, {"role": "assistant", "content": "8"}]},
+    ]  # fmt: skip
+    (store_dir / "datasets").mkdir(parents=True)
+    (store_dir / "datasets" / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    dataset = Dataset.objects.create(name="chat", uri="store://datasets/chat.jsonl", original_filename="chat.jsonl",
+                                     format="messages", row_count=2, size_bytes=1, sha256="0" * 64)  # fmt: skip
+
+    rows = services.dataset_prompts(dataset, 2)
+
+    assert rows[0]["turns"] == chats[0]["messages"][:4] and rows[0]["reference"] == "Quatre"
+    assert rows[0]["prompt"] == "system: Answer in French.\nuser: Hi\nassistant: Bonjour\nuser: 2 + 2?"
+    assert (rows[1]["prompt"], rows[1]["turns"]) == ("Double 4", chats[1]["messages"][:1])
+    assert [jobspecs.PromptRow(**r) for r in rows] == eval_rows("messages", [to_trl_row("messages", c) for c in chats])
+    users = team[0]
+    prompt_set = PromptSet.objects.create(name="chat", owner=users["owner"], rows=rows)
+    comparison = services.start_compare(users["owner"], prompt_set, [adapter(team)], jobspecs.GenerationParams())
+    spec = jobspecs.spec_from_dict("compare", comparison.job.job_spec())
+    assert spec.prompts[0].turns[0] == {"role": "system", "content": "Answer in French."}
+
+
 def test_typed_prompts_one_per_line_or_in_blocks() -> None:
     assert [r["prompt"] for r in services.parse_prompts("a\n\n b \n")] == ["a", "b"]
     assert [r["prompt"] for r in services.parse_prompts("line 1\nline 2\n---\nsecond")] == ["line 1\nline 2", "second"]
@@ -331,6 +398,25 @@ def test_the_compare_form_creates_a_prompt_set_and_a_job(team: Any, client: Clie
     assert both.status_code == 200 and "one of the three" in both.content.decode() and Comparison.objects.count() == 1
     rerun = client.get(f"/compare/new/?from={comparison.pk}").content.decode()
     assert f'value="{comparison.prompt_set.pk}" selected' in rerun
+
+
+def test_the_compare_form_takes_the_base_precision(team: Any, client: Client) -> None:
+    qlora = adapter(team, quantization="4bit")
+    login(client, "owner")
+    form = client.get(f"/compare/new/?adapters={qlora.pk}").content.decode()
+    assert 'name="base_precision"' in form and "4-bit base" in form  # the choices are explained
+    fields = {"adapters": [qlora.pk], "prompts": "first", "max_new_tokens": 16, "temperature": 0, "top_p": 1, "seed": 0}
+    refused = client.post("/compare/new/", {**fields, "base_precision": "int4"})
+    assert refused.status_code == 200 and "Select a valid choice" in refused.content.decode()
+    assert not Comparison.objects.exists()
+    response = client.post("/compare/new/", {**fields, "base_precision": "8bit"})
+    comparison = Comparison.objects.get()
+    assert response.status_code == 302
+    assert comparison.job.params["load"]["quantization"] == "8bit" and comparison.job.params["base_precision"] == "8bit"
+    page = client.get(f"/compare/{comparison.pk}/").content.decode()
+    assert '<span id="base-precision">8bit</span> <small>(base precision 8bit)</small>' in page
+    rerun = client.get(f"/compare/new/?from={comparison.pk}").content.decode()
+    assert '<option value="8bit" selected>' in rerun
 
 
 def test_merged_models_download_as_a_streamed_zip_and_files_one_by_one(team: Any, client: Client, store_dir: Path) -> None:

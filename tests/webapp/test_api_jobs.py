@@ -124,6 +124,84 @@ def test_comparisons_from_typed_prompts_and_refusals(client: Client, api_team: T
     assert Comparison.objects.count() == 2
 
 
+def test_a_comparison_takes_its_base_precision_and_says_it(client: Client, api_team: Team, store_dir: Path) -> None:
+    adapter = _adapter(api_team, store_dir)
+    raw = key_for(api_team.owner)
+    body = {"adapters": [adapter.pk], "prompts": ["1+1="], "base_precision": "float16"}
+    created = post(client, "/api/v1/comparisons/", body, raw).json()
+    assert created["base_precision"] == {"chosen": "float16", "quantization": "none", "compute_dtype": "float16",
+                                         "used": None}  # fmt: skip
+    assert created["stop_tokens"] is None  # known once the worker has run it
+    job = AdapterJob.objects.get(pk=created["job"])
+    assert job.params["load"] == {"quantization": "none", "compute_dtype": "float16"}
+    unsaid = post(client, "/api/v1/comparisons/", {k: v for k, v in body.items() if k != "base_precision"}, raw)
+    assert unsaid.json()["base_precision"]["chosen"] == "auto"
+    refused = problem_of(post(client, "/api/v1/comparisons/", {**body, "base_precision": "int4"}, raw), 400)
+    assert '"int4" is not a valid choice.' in refused["errors"]["base_precision"][0]
+    assert Comparison.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("precision", "quantization", "used", "dtype"),
+    [("4bit", "4bit", "4-bit NF4 double-quant (compute float32)", "uint8"), ("bfloat16", "none", "bfloat16", "bfloat16")],
+)
+def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
+    client: Client, api_team: Team, store_dir: Path, task_adapters: Any, monkeypatch: pytest.MonkeyPatch,
+    precision: str, quantization: str, used: str, dtype: str,
+) -> None:  # fmt: skip
+    """From the API to the worker's generation and back: the spec the worker claims loads the base as chosen (a
+    LoRA adapter trained unquantized, on a 4-bit or a bfloat16 base), and the comparison says what was used."""
+    import shutil
+
+    import torch
+
+    from tests.webapp.factories import make_worker
+    from webapp.training import ledger
+    from workers import generate, jobspecs
+    from workers.reporter import MemoryReporter
+
+    source, uris = task_adapters
+    shutil.copytree(source.path(uris["double"]), store_dir / "adapters" / "double")
+    adapter = Adapter.objects.create(name="double", owner=api_team.owner, base_model=api_team.base, rank=8,
+                                     uri="store://adapters/double", size_bytes=1, sha256="0" * 64,
+                                     trainable_params=1, total_params=2)  # fmt: skip
+    raw = key_for(api_team.owner)
+    body = {"adapters": [adapter.pk], "prompts": ["Double 17"], "max_new_tokens": 6, "base_precision": precision}
+    created = post(client, "/api/v1/comparisons/", body, raw).json()
+    job = AdapterJob.objects.get(pk=created["job"])
+    worker, token = make_worker()
+    attempt = ledger.dispatch(job.pk, worker, AdapterJob)
+    worker_api = {"content_type": "application/json", "HTTP_AUTHORIZATION": f"Bearer {token}"}
+    claimed = client.post(f"/api/worker/v1/adapter-jobs/{job.pk}/claim", json.dumps({"attempt": attempt}), **worker_api)
+    spec = jobspecs.spec_from_dict("compare", claimed.json()["spec"])
+    assert spec.load.quantization == quantization
+    loaded: list[Any] = []
+    original = generate._load_base
+    monkeypatch.setattr(generate, "_load_base", lambda *args: loaded.append(original(*args)) or loaded[-1])  # a look
+    reporter = MemoryReporter()
+
+    result = generate.run_compare(spec, reporter, ArtifactStore(store_dir))
+
+    assert result is not None, reporter.states[-1]
+    assert loaded[0].model.layers[0].self_attn.q_proj.weight.dtype == getattr(torch, dtype)
+    assert f"Loading {api_team.base.source} in {used} on cpu" in reporter.logs
+    assert result["base_precision"] == used
+    for state, extra in (("running", {}), ("succeeded", {"result": result})):
+        answer = client.post(f"/api/worker/v1/adapter-jobs/{job.pk}/status",
+                             json.dumps({"attempt": attempt, "state": state, **extra}), **worker_api)  # fmt: skip
+        assert answer.status_code == 200, answer.content
+
+    detail = client.get(f"/api/v1/comparisons/{created['id']}/", **bearer(raw)).json()
+    assert detail["base_precision"] == {"chosen": precision, "quantization": quantization,
+                                        "compute_dtype": "bfloat16" if precision == "bfloat16" else "auto",
+                                        "used": used}  # fmt: skip
+    assert detail["stop_tokens"] == [{"text": "</s>", "token_id": 2, "why": "EOS, end of turn"}]
+    client.force_login(api_team.owner)
+    page = client.get(f"/compare/{created['id']}/").content.decode()
+    assert f'<span id="base-precision">{used}</span> <small>(base precision {precision})</small>' in page
+    assert '<span id="stop-tokens"><code>&lt;/s&gt;</code> <small>(EOS, end of turn)</small></span>' in page
+
+
 def test_evaluations_and_combinations_refuse_with_the_field(client: Client, api_team: Team, store_dir: Path) -> None:
     a, b = _adapter(api_team, store_dir, "a"), _adapter(api_team, store_dir, "b")
     raw = key_for(api_team.owner)

@@ -325,12 +325,14 @@ def test_prompt_sets_from_typed_prompts_or_a_dataset_listed_and_read(client: Cli
     )
     assert typed.status_code == 201, typed.content
     created = typed.json()
-    assert created["rows"] == [{"prompt": "1+1=", "reference": "2"}, {"prompt": "2+2=", "reference": ""}]
+    assert created["rows"] == [{"prompt": "1+1=", "reference": "2", "turns": []},
+                               {"prompt": "2+2=", "reference": "", "turns": []}]  # fmt: skip
     assert created["owner"] == "mate" and created["size"] == 2 and created["has_references"] is True
 
     rows = post(client, "/api/v1/prompt-sets/", {"dataset": t.dataset.pk, "dataset_rows": 3}, raw).json()
     assert rows["name"] == "3 rows of toy" and rows["size"] == 3 and rows["source_dataset"] == t.dataset.pk
     assert all(r["prompt"] and r["reference"] for r in rows["rows"])
+    assert all(r["turns"] == [{"role": "user", "content": r["prompt"]}] for r in rows["rows"])  # the conversation
     plain = post(client, "/api/v1/prompt-sets/", {"prompts": ["hello"]}, raw, HTTP_IDEMPOTENCY_KEY="ps-1").json()
     assert plain["name"] == "1 prompts" and plain["has_references"] is False
     assert (
@@ -474,6 +476,31 @@ def test_the_cli_shows_a_blind_ballot_votes_and_exits_with_the_usual_codes(
         cli.comparisons_vote(args(id=comparison.pk, row=0, option="A"), api_for(t.mate, "read"))
     assert read_only.value.code == AUTH
     assert Vote.objects.filter(comparison=comparison).count() == 1
+
+
+def test_the_cli_compares_in_the_chosen_base_precision_and_shows_it(
+    api_team: Team, api_for: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = api_team
+    qlora = Adapter.objects.create(name="qlora", owner=t.owner, base_model=t.base, rank=8, quantization="4bit",
+                                   uri="store://a/q", size_bytes=1, sha256="0" * 64, trainable_params=1, total_params=2)
+    options = {"adapter": [qlora.pk], "prompt": ["Double 4"], "prompt_set": None, "base_model": None,
+               "max_new_tokens": None, "name": "", "no_base": False, "wait": False, "quiet": True}  # fmt: skip
+    api = api_for(t.mate)
+    assert cli.compare(args(**options, base_precision="bfloat16"), api) == OK
+    assert cli.compare(args(**options, base_precision="auto"), api) == OK
+    loads = [c.job.params["load"] for c in Comparison.objects.order_by("id")]
+    assert loads == [{"quantization": "none", "compute_dtype": "bfloat16"}, {"quantization": "4bit", "compute_dtype": "auto"}]
+    capsys.readouterr()
+    latest = Comparison.objects.order_by("id").last()
+    assert latest is not None
+    AdapterJob.objects.filter(pk=latest.job_id).update(result={
+        "base_precision": "4-bit NF4 double-quant (compute bfloat16)",
+        "stop_tokens": [{"text": "<|im_end|>", "token_id": 7, "why": "end of turn"}]})  # fmt: skip
+    assert cli.compare_show(args(id=latest.pk), api) == OK
+    out = capsys.readouterr().out
+    assert "base: 4-bit NF4 double-quant (compute bfloat16) (base precision auto)" in out
+    assert "answers stop at: <|im_end|> (end of turn)" in out
 
 
 def test_the_cli_lists_and_shows_prompt_sets(api_team: Team, api_for: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,6 @@ import pytest
 
 from workers.demo import build_tiny_llama, double_rows, toy_rows
 from workers.generate import (
-    decode,
     encode_prompts,
     generate_grid,
     generate_token_grid,
@@ -25,6 +24,7 @@ from workers.generate import (
 from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.reporter import MemoryReporter
 from workers.spec import ModelRef
+from workers.stops import decode, stop_tokens
 from workers.store import ArtifactStore
 
 Adapters = tuple[ArtifactStore, dict[str, str]]  # the task_adapters fixture: (store, {task: adapter URI})
@@ -60,9 +60,10 @@ def grids(loaded: Loaded, rows: Rows) -> dict[str, Grid]:
     model, tokenizer = loaded
     prompt_ids = encode_prompts(tokenizer, [r["instruction"] for r in rows], chat_template=True)
     modes: dict[str, dict[str, Any]] = {"batched": {}, "peft": {"stacked": False}, "sequential": {"batched": False}}
+    stops = stop_tokens(tokenizer, model)
     return {
         mode: generate_token_grid(
-            model, prompt_ids, COLUMNS, GREEDY, pad_token_id=tokenizer.pad_token_id, batch_size=32, **options
+            model, prompt_ids, COLUMNS, GREEDY, pad_token_id=tokenizer.pad_token_id, stops=stops, batch_size=32, **options
         )
         for mode, options in modes.items()
     }
@@ -310,7 +311,10 @@ def test_stacked_adapters_of_other_ranks_and_targets_match_sequential(
     columns = ["narrow", BASE_KEY, "add", "double"]
 
     def grid(**options: Any) -> Grid:
-        return generate_token_grid(model, prompt_ids, columns, GREEDY, pad_token_id=tokenizer.pad_token_id, **options)
+        return generate_token_grid(
+            model, prompt_ids, columns, GREEDY, pad_token_id=tokenizer.pad_token_id,
+            stops=stop_tokens(tokenizer, model), **options,
+        )  # fmt: skip
 
     stacked, sequential = grid(), grid(batched=False)
     assert stacked == sequential
@@ -410,8 +414,9 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
 
     def grid(prefill: bool) -> Grid:
         return generate_token_grid(
-            model, prompt_ids, COLUMNS, GREEDY, pad_token_id=tokenizer.pad_token_id, batched=batched, prefill=prefill
-        )
+            model, prompt_ids, COLUMNS, GREEDY, pad_token_id=tokenizer.pad_token_id,
+            stops=stop_tokens(tokenizer, model), batched=batched, prefill=prefill,
+        )  # fmt: skip
 
     padded = grid(prefill=False)
     assert calls == []
@@ -433,3 +438,189 @@ def test_models_with_sliding_windows_or_single_length_prompts_are_not_prefilled(
         assert not can_prefill(model, [[1, 2, 3], [1, 2, 3, 4]])
     finally:
         model.config.sliding_window = None
+
+
+# --- where answers end ---------------------------------------------------------------------------------
+
+ChatmlAdapter = tuple[Path, ArtifactStore, str]  # the chatml_adapter fixture: (model folder, store, adapter URI)
+
+
+LLAMA3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + "
+    "'<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else "
+    "m['role']) + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+OPEN_TEMPLATE = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    ("template", "specials", "expected"),
+    [
+        # ChatML with its tokens (Qwen, and Tunedeck's fallback on a tokenizer that has them).
+        ("fallback", CHATML_TOKENS, [("<|im_end|>", True, "end of turn"), ("</s>", True, "EOS")]),
+        # The fallback on a tokenizer without them: a stop string of several tokens.
+        ("fallback", [], [("<|im_end|>", False, "end of turn"), ("</s>", True, "EOS")]),
+        (LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+         [("<|eot_id|>", True, "end of turn"), ("</s>", True, "EOS")]),
+        (GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"],
+         [("<end_of_turn>", True, "end of turn"), ("</s>", True, "EOS")]),
+        ("demo", [], [("</s>", True, "EOS, end of turn")]),  # turns end with EOS itself
+        (OPEN_TEMPLATE, [], [("</s>", True, "EOS")]),  # nothing but blank lines after an answer
+        (None, [], [("</s>", True, "EOS")]),
+    ],
+)  # fmt: skip
+def test_answers_stop_where_the_chat_template_ends_an_assistant_turn_and_at_eos(
+    tmp_path: Path, template: str | None, specials: list[str], expected: list[tuple[str, bool, str]]
+) -> None:
+    from workers.demo import CHAT_TEMPLATE, build_tokenizer
+    from workers.train import FALLBACK_CHAT_TEMPLATE
+
+    template = {"fallback": FALLBACK_CHAT_TEMPLATE, "demo": CHAT_TEMPLATE}.get(template or "", template)
+    tokenizer = build_tokenizer(tmp_path, chat_template=template, extra_special_tokens=specials)
+
+    stops = stop_tokens(tokenizer)
+
+    assert [(s.text, s.token_id is not None, s.why) for s in stops.stops] == expected
+    assert stops.token_ids == [tokenizer.convert_tokens_to_ids(s.text) for s in stops.stops if s.token_id is not None]
+
+
+def test_a_stop_string_is_cut_from_the_text_and_held_back_while_it_may_be_starting(tmp_path: Path) -> None:
+    from workers.demo import build_tokenizer
+    from workers.train import FALLBACK_CHAT_TEMPLATE
+
+    tokenizer = build_tokenizer(tmp_path, chat_template=FALLBACK_CHAT_TEMPLATE)
+    stops = stop_tokens(tokenizer)
+    ids = tokenizer("48<|im_end|>\n8<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert len(tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]) > 1
+    ended_at = next(k for k in range(len(ids) + 1) if "<|im_end|>" in tokenizer.decode(ids[:k]))
+
+    assert stops.cut(ids) == ids[:ended_at]
+    assert (stops.text(ids), stops.answer_tokens(ids)) == ("48", 2)
+    assert stops.visible(ids[:4]) == ("48", False)  # '48<|' may be the start of the stop
+    assert stops.visible(ids[:2] + tokenizer("<b", add_special_tokens=False)["input_ids"]) == ("48<b", False)
+    assert stops.visible(ids) == ("48", True)
+    eos = [*ids[:2], tokenizer.eos_token_id, *ids[2:]]
+    assert (stops.cut(eos), stops.text(eos), stops.answer_tokens(eos)) == ([*ids[:2], tokenizer.eos_token_id], "48", 2)
+
+
+def greedy_until(model_dir: Path, store: ArtifactStore, uri: str, prompts: list[str], stop: list[int], new: int) -> list[list[int]]:
+    """transformers + PEFT alone: greedy answers to each prompt (one at a time, no padding), told to stop at `stop`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(store.path(uri))).eval()
+    answers = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        answers.append(out[0, ids.shape[1] :].tolist())
+    return answers
+
+
+def test_a_chat_adapter_stops_at_the_token_that_ends_its_turn_not_at_eos(chatml_adapter: ChatmlAdapter) -> None:
+    """ChatML ends an assistant turn with <|im_end|>, not EOS: an answer stops there instead of running on into
+    new turns up to max_new_tokens (it came back as '48\\n8\\n4\\n\\n44'), and the job says where answers stop."""
+    from transformers import AutoTokenizer
+
+    model_dir, store, uri = chatml_adapter
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    prompts = [r["instruction"] for r in double_rows(12, seed=2024)]
+    spec = make_spec(model_dir, [AdapterRef(key="double", label="double adapter", uri=uri)], prompts,
+                     generation=GenerationParams(max_new_tokens=12), include_base=False)  # fmt: skip
+    reporter = MemoryReporter()
+    reporter.flush_interval = 0.0
+
+    result = run_compare(spec, reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    texts = [o["text"] for o in result["outputs"]]
+    assert all(re.fullmatch(r"\d{1,3}", text) for text in texts), texts
+    # The same answers as transformers' own generate() told to stop at <|im_end|> and EOS, cut before the stop.
+    expected = greedy_until(model_dir, store, uri, prompts, [end, eos], 12)
+    assert all(ids[-1] == end for ids in expected), "the adapter ends its answers with <|im_end|>"
+    assert texts == [decode(tokenizer, ids) for ids in expected]
+    assert [o["tokens"] for o in result["outputs"]] == [len(ids) - 1 for ids in expected]
+    assert {cell: "".join(parts) for cell, parts in streamed(reporter).items()} == {(i, "double"): t for i, t in enumerate(texts)}
+    assert result["stop_tokens"] == [
+        {"text": "<|im_end|>", "token_id": end, "why": "end of turn"},
+        {"text": "</s>", "token_id": eos, "why": "EOS"},
+    ]
+    assert f"Answers stop at '<|im_end|>' (token {end}, end of turn), '</s>' (token {eos}, EOS)" in reporter.logs
+
+
+def test_a_turn_end_of_several_tokens_is_cut_from_the_answer_as_it_streams(
+    tiny_model_dir: Path, tmp_path: Path, rows: Rows
+) -> None:
+    """A template whose turn end is no single token here (workers.train's ChatML-style fallback on a tokenizer
+    without <|im_end|>) stops on the text: the answer is cut before it, and no piece of it is ever streamed."""
+    import shutil
+
+    from workers.demo import CHAT_TEMPLATE
+
+    store = ArtifactStore(tmp_path / "store")
+    prompt = rows[0]["instruction"]
+    base, tokenizer, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), [], LoadParams(), store)
+    plain = generate_grid(base, tokenizer, [prompt], [BASE_KEY], GenerationParams(max_new_tokens=24))[(0, BASE_KEY)]
+    # The base's own answer, and a template whose turns end with a piece of it (ASCII letters and digits only).
+    start = next(i for i in range(2, len(plain) - 3) if plain[i : i + 3].isascii() and plain[i : i + 3].isalnum())
+    closing = plain[start : start + 3]
+    assert len(tokenizer(closing, add_special_tokens=False)["input_ids"]) > 1
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE.replace("'</s>'", f"'{closing}'"))
+    reporter = MemoryReporter()
+    reporter.flush_interval = 0.0
+
+    result = run_compare(make_spec(model_dir, [], [prompt], generation=GenerationParams(max_new_tokens=24)), reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    (output,) = result["outputs"]
+    assert output["text"] == plain[: plain.index(closing)]
+    assert "".join(streamed(reporter)[(0, BASE_KEY)]) == output["text"]
+    assert result["stop_tokens"][0] == {"text": closing, "token_id": None, "why": "end of turn"}
+
+
+def test_a_system_prompt_reaches_the_model_in_a_comparison(task_adapters: Adapters, loaded: Loaded) -> None:
+    """A dataset row's prompt is its whole conversation before the answer (workers.prompts.prompt_row, as for
+    evaluations): the system prompt goes through the chat template to the model, not the last user turn alone."""
+    import torch
+
+    from workers.datasets import to_trl_row
+    from workers.prompts import prompt_row
+
+    store, uris = task_adapters
+    model, tokenizer = loaded
+    turns = [
+        {"role": "system", "content": "Answer in words, never in digits."},
+        {"role": "user", "content": "Double 21"},
+        {"role": "assistant", "content": "42"},
+    ]
+    row = prompt_row(to_trl_row("messages", {"messages": turns}))
+    assert row == PromptRow("system: Answer in words, never in digits.\nuser: Double 21", "42", turns=turns[:2])
+    spec = make_spec(Path(model.name_or_path), task_refs(uris), [], generation=GREEDY)
+    spec.prompts = [row, PromptRow("Double 21")]
+
+    result = run_compare(spec, MemoryReporter(), store)
+
+    assert result is not None
+    base = {o["row"]: o["text"] for o in result["outputs"] if o["column"] == BASE_KEY}
+
+    def greedy(conversation: list[dict[str, str]]) -> str:  # transformers alone, on the base
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with model.disable_adapter():
+            out = model.generate(ids, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return decode(tokenizer, out[0, ids.shape[1] :].tolist())
+
+    assert base == {0: greedy(turns[:2]), 1: greedy(turns[1:2])}
+    assert base[0] != base[1], "the system prompt changes the answer"

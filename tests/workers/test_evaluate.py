@@ -71,9 +71,9 @@ def test_chat_rows_score_the_last_assistant_turn_given_every_turn_before_it() ->
         }
     ]
     (row,) = eval_rows("messages", [to_trl_row("messages", r) for r in rows])
-    assert row.reference == "4" and isinstance(row.prompt, list)
-    assert [t["content"] for t in row.prompt] == ["Be brief.", "Hi", "Hello", "2 + 2?"]
-    assert row.shown_prompt().splitlines()[-1] == "user: 2 + 2?"
+    assert row.reference == "4" and row.conversational
+    assert [t["content"] for t in row.turns] == ["Be brief.", "Hi", "Hello", "2 + 2?"]
+    assert row.prompt.splitlines() == ["system: Be brief.", "user: Hi", "assistant: Hello", "user: 2 + 2?"]
     (plain,) = eval_rows("prompt_completion", [{"prompt": "2 + 2 =", "completion": " 4"}])
     assert (plain.prompt, plain.reference, plain.conversational) == ("2 + 2 =", " 4", False)
 
@@ -109,14 +109,17 @@ def test_batched_loss_equals_the_loss_of_each_row_alone(tiny_model_dir: Path, ta
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workers.demo import toy_rows
-    from workers.evaluate import EvalRow
+    from workers.jobspecs import PromptRow
 
     store, uris = task_adapters
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), store.path(uris["add"]))
     model.eval()
-    rows = [EvalRow([{"role": "user", "content": r["instruction"]}], r["output"]) for r in toy_rows(40, seed=5)]
-    rows.append(EvalRow("Plain text prompt: 3 + 4 =", " 7"))
+    rows = [
+        PromptRow(r["instruction"], r["output"], turns=[{"role": "user", "content": r["instruction"]}])
+        for r in toy_rows(40, seed=5)
+    ]
+    rows.append(PromptRow("Plain text prompt: 3 + 4 =", " 7"))
     encoded = [encode(tokenizer, r) for r in rows]
     assert len({len(e.ids) for e in encoded}) > 2  # rows of several lengths share batches
 
@@ -350,3 +353,39 @@ def test_cancel_while_generating_stops_within_a_few_decode_steps(tiny_model_dir:
     assert any("Addition: loss" in line for line in reporter.logs)
     assert not any(m.get("phase") == "generate" for m in reporter.metrics)  # the first chunk never finished
     assert reporter.flushes_since_match is not None and reporter.flushes_since_match < 10
+
+
+def test_an_answer_followed_by_the_end_of_turn_token_scores_full_marks(chatml_adapter: Any) -> None:
+    """The references are the chat adapter's own answers (each followed, in its generation, by <|im_end|>, not EOS):
+    its answers must stop there and match them exactly, not run on into new turns up to max_new_tokens."""
+    from transformers import AutoTokenizer
+
+    from tests.workers.test_compare import greedy_until
+    from workers.demo import double_rows
+
+    model_dir, store, uri = chatml_adapter
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = double_rows(12, seed=4048)
+    answers = greedy_until(model_dir, store, uri, [r["instruction"] for r in rows], [end], 12)
+    assert all(ids[-1] == end and len(ids) > 1 for ids in answers), "the adapter answers, then ends its turn"
+    references = [tokenizer.decode(ids[:-1]) for ids in answers]
+    lines = [json.dumps({"instruction": r["instruction"], "output": ref}) + "\n" for r, ref in zip(rows, references, strict=True)]
+    store.write_bytes("store://datasets/own-answers.jsonl", "".join(lines).encode())
+    spec = EvaluateSpec(
+        job_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
+        adapters=[AdapterRef(key="double", label="Doubling", uri=uri, r=8)],
+        dataset=DatasetRef(uri="store://datasets/own-answers.jsonl", format="alpaca"), include_base=False,
+        generation=GenerationParams(max_new_tokens=12),
+    )  # fmt: skip
+    reporter = MemoryReporter()
+
+    result = run_evaluate(spec, reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    assert [s["outputs"]["double"] for s in result["samples"]] == references
+    scores = result["scores"]["double"]
+    assert scores["exact_match"] == 1.0 and scores["rouge_l"] == 1.0
+    assert scores["mean_output_tokens"] == pytest.approx(sum(len(ids) - 1 for ids in answers) / len(answers))
+    assert [s["text"] for s in result["stop_tokens"]] == ["<|im_end|>", "</s>"]
+    assert any(line.startswith("Answers stop at '<|im_end|>'") for line in reporter.logs)

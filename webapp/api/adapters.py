@@ -247,6 +247,8 @@ class CompareCreateSerializer(GenerationSerializer):
                        help_text="Or the first rows of a dataset, with their reference answers.")
     dataset_rows = serializers.IntegerField(min_value=1, max_value=services.MAX_PROMPTS, default=32)
     prompt_set_name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    base_precision = serializers.ChoiceField(choices=list(jobspecs.BASE_PRECISIONS), default="auto",
+                                             help_text=jobspecs.BASE_PRECISION_HELP)
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:
         sources = [name for name in ("prompt_set", "prompts", "dataset") if data.get(name)]
@@ -283,22 +285,48 @@ class ColumnSerializer(serializers.Serializer):
     label = serializers.CharField()
 
 
+class BasePrecisionSerializer(serializers.Serializer):
+    chosen = serializers.ChoiceField(choices=list(jobspecs.BASE_PRECISIONS), help_text=jobspecs.BASE_PRECISION_HELP)
+    quantization = serializers.CharField(help_text="What the choice resolved to: none, 8bit or 4bit...")
+    compute_dtype = serializers.CharField(help_text="...and the compute dtype (auto: the worker's best).")
+    used = serializers.CharField(allow_null=True, help_text="The precision the worker loaded the base in (e.g. "
+                                 "`4-bit NF4 double-quant (compute bfloat16)`, `float32`); null until the job succeeds.")
+
+
+class StopTokenSerializer(serializers.Serializer):
+    text = serializers.CharField()
+    token_id = serializers.IntegerField(allow_null=True, help_text="null: text of several tokens, matched as text.")
+    why = serializers.CharField(help_text="`end of turn` (what the chat template writes after an assistant's "
+                                "message), `EOS`, or both.")
+
+
 class ComparisonSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     state = serializers.CharField(source="job.state", allow_null=True, read_only=True, default=None,
                                   help_text="The comparison job's state.")
     generation = serializers.DictField(read_only=True)
     columns = serializers.SerializerMethodField()
+    base_precision = serializers.SerializerMethodField(help_text="How the base is loaded: chosen, resolved, used.")
+    stop_tokens = serializers.SerializerMethodField(help_text="Where the answers stopped (besides max_new_tokens); "
+                                                    "null until the job succeeds.")
 
     class Meta:
         model = Comparison
-        fields = ["id", "name", "owner", "base_model", "prompt_set", "include_base", "generation", "job", "state",
-                  "columns", "created_at"]
+        fields = ["id", "name", "owner", "base_model", "prompt_set", "include_base", "generation", "base_precision",
+                  "stop_tokens", "job", "state", "columns", "created_at"]
         read_only_fields = fields
 
     @extend_schema_field(ColumnSerializer(many=True))
     def get_columns(self, comparison: Comparison) -> list[dict[str, str]]:
         return [{"key": key, "label": label} for key, label in comparison.columns()]
+
+    @extend_schema_field(BasePrecisionSerializer(allow_null=True))
+    def get_base_precision(self, comparison: Comparison) -> dict[str, Any] | None:
+        return comparison.job.base_precision() if comparison.job else None
+
+    @extend_schema_field(StopTokenSerializer(many=True, allow_null=True))
+    def get_stop_tokens(self, comparison: Comparison) -> list[dict[str, Any]] | None:
+        return (comparison.job.result or {}).get("stop_tokens") if comparison.job else None
 
 
 class ComparisonDetailSerializer(ComparisonSerializer):
@@ -424,7 +452,7 @@ class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
                 with transaction.atomic():
                     comparison = services.start_compare(
                         request.user, _prompt_set(request.user, data), data["adapters"], body.generation(),
-                        include_base=data["include_base"], name=data["name"])
+                        include_base=data["include_base"], name=data["name"], base_precision=data["base_precision"])
             except services.JobError as exc:
                 _job_error(exc)
             return Response(ComparisonDetailSerializer(self.get_queryset().get(pk=comparison.pk)).data,
@@ -466,9 +494,16 @@ class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
 # --- prompt sets --------------------------------------------------------------------------------------------
 
 
+class TurnSerializer(serializers.Serializer):
+    role = serializers.CharField()
+    content = serializers.CharField(allow_blank=True)
+
+
 class PromptRowSerializer(serializers.Serializer):
-    prompt = serializers.CharField(allow_blank=True)
+    prompt = serializers.CharField(allow_blank=True, help_text="As people read it (a conversation: a turn per line).")
     reference = serializers.CharField(allow_blank=True, default="")
+    turns = TurnSerializer(many=True, default=list, help_text="A dataset row's conversation before its answer, "
+                           "system prompt included: what the model is given. Empty for typed prompts.")
 
 
 class PromptSetSerializer(serializers.ModelSerializer):

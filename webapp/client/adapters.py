@@ -87,7 +87,8 @@ def _job_outcome(job: dict[str, Any]) -> int:
 
 
 def compare(args: argparse.Namespace, api: Api) -> int:
-    body: dict[str, Any] = {"adapters": args.adapter, "include_base": not args.no_base}
+    body: dict[str, Any] = {"adapters": args.adapter, "include_base": not args.no_base,
+                            "base_precision": args.base_precision}
     if args.prompt_set is not None:
         body["prompt_set"] = args.prompt_set
     else:
@@ -126,6 +127,12 @@ def compare_show(args: argparse.Namespace, api: Api) -> int:
 def print_grid(comparison: dict[str, Any]) -> None:
     """Each prompt, then each column's output under it; win rates where votes were cast."""
     print(f"Comparison {comparison.get('id')} ({comparison.get('state')})")
+    precision = comparison.get("base_precision") or {}
+    if precision:
+        loaded = precision.get("used") or precision.get("quantization")
+        print(f"base: {loaded} (base precision {precision.get('chosen')})")
+    if comparison.get("stop_tokens"):
+        print("answers stop at: " + ", ".join(f"{s['text']} ({s['why']})" for s in comparison["stop_tokens"]))
     for row in comparison.get("rows") or []:
         print(f"\n[{row.get('index', 0) + 1}] {row.get('prompt', '')}")
         if row.get("reference"):

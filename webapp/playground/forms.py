@@ -54,8 +54,13 @@ class CompareForm(GenerationForm):
     )
     dataset_rows = forms.IntegerField(min_value=1, max_value=512, initial=32, required=False)
     prompt_set_name = forms.CharField(max_length=200, required=False, help_text="Name of the new prompt set.")
+    base_precision = forms.ChoiceField(
+        choices=[(p, p) for p in jobspecs.BASE_PRECISIONS], initial="auto", required=False,
+        help_text=jobspecs.BASE_PRECISION_HELP,
+    )
 
-    field_order = ["name", "adapters", "include_base", "prompt_set", "prompts", "dataset", "dataset_rows", "prompt_set_name"]
+    field_order = ["name", "adapters", "include_base", "prompt_set", "prompts", "dataset", "dataset_rows", "prompt_set_name",
+                   "base_precision"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,6 +73,9 @@ class CompareForm(GenerationForm):
         if len(adapters) > jobspecs.MAX_ADAPTERS:
             raise forms.ValidationError(f"at most {jobspecs.MAX_ADAPTERS} adapters, got {len(adapters)}")
         return adapters
+
+    def clean_base_precision(self) -> str:
+        return self.cleaned_data["base_precision"] or "auto"  # a post without the field: as before it existed
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

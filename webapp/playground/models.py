@@ -64,6 +64,19 @@ class AdapterJob(LedgerJob):
             spec["token"] = settings.HF_TOKEN  # handed to the worker at claim time only, never stored
         return spec
 
+    def base_precision(self) -> dict[str, Any] | None:
+        """How a compare or evaluate job loads its base: the choice (jobspecs.BASE_PRECISIONS), the load it
+        resolved to, and the precision the worker loaded (once the job has succeeded); None for other kinds."""
+        load = (self.params or {}).get("load")
+        if load is None:
+            return None
+        return {
+            "chosen": self.params.get("base_precision", "auto"),
+            "quantization": load.get("quantization", "none"),
+            "compute_dtype": load.get("compute_dtype", "auto"),
+            "used": (self.result or {}).get("base_precision"),
+        }
+
     def on_start(self) -> None:
         """An attempt starts: a comparison generates every cell again."""
         if self.kind == JobKind.COMPARE:

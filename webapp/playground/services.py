@@ -19,6 +19,7 @@ from webapp.training import ledger
 from webapp.training.models import Adapter, TrainingRun
 from workers import jobspecs
 from workers.datasets import DatasetError, load_trl_rows
+from workers.prompts import prompt_row
 from workers.spec import DatasetRef
 from workers.store import ArtifactStore
 
@@ -44,13 +45,18 @@ def common_base(adapters: list[Adapter]) -> BaseModel:
     return base
 
 
-def default_load(adapters: list[Adapter]) -> jobspecs.LoadParams:
-    """Load the base as the adapters were trained on it when they agree (all 4-bit: 4-bit), else unquantized."""
-    quantizations = {a.quantization for a in adapters}
-    return jobspecs.LoadParams(quantization=quantizations.pop() if len(quantizations) == 1 else "none")
+def base_load(adapters: list[Adapter], precision: str = "auto") -> tuple[jobspecs.LoadParams, str]:
+    """How the base is loaded for these adapters (jobspecs.base_load: auto follows what they were trained on),
+    and the line that says so in the job's log."""
+    try:
+        return jobspecs.base_load(precision, [a.quantization for a in adapters])
+    except ValueError as exc:
+        raise JobError({"base_precision": str(exc)}) from exc
 
 
-def _queue(kind: str, owner: Any, base: BaseModel, spec: Any, adapters: list[Adapter]) -> AdapterJob:
+def _queue(
+    kind: str, owner: Any, base: BaseModel, spec: Any, adapters: list[Adapter], notes: tuple[str, ...] = ()
+) -> AdapterJob:
     problems = spec.validate()
     if problems:
         raise JobError(problems)
@@ -65,6 +71,8 @@ def _queue(kind: str, owner: Any, base: BaseModel, spec: Any, adapters: list[Ada
             job.params["output_uri"] = job.output_uri()
             job.save(update_fields=["params"])
         ledger.note(job, f"Queued by {owner}")
+        for line in notes:
+            ledger.note(job, line)
     return job
 
 
@@ -75,11 +83,13 @@ def start_compare(
     generation: jobspecs.GenerationParams,
     include_base: bool = True,
     name: str = "",
-    load: jobspecs.LoadParams | None = None,
+    base_precision: str = "auto",
 ) -> Comparison:
+    """A comparison job: `base_precision` is one of jobspecs.BASE_PRECISIONS (auto follows the adapters)."""
     base = common_base(adapters) if adapters else None
     if base is None:
         raise JobError({"adapters": "pick at least one adapter to compare with its base"})
+    load, loading = base_load(adapters, base_precision)
     spec = jobspecs.CompareSpec(
         job_id=0,
         attempt=0,
@@ -87,11 +97,13 @@ def start_compare(
         adapters=[a.ref() for a in adapters],
         prompts=[jobspecs.PromptRow(**row) for row in prompt_set.rows],
         generation=generation,
-        load=load or default_load(adapters),
+        load=load,
         include_base=include_base,
     )
     with transaction.atomic():
-        job = _queue(JobKind.COMPARE, owner, base, spec, adapters)
+        job = _queue(JobKind.COMPARE, owner, base, spec, adapters, notes=(loading,))
+        job.params["base_precision"] = base_precision  # the choice, beside the load it resolved to
+        AdapterJob.objects.filter(pk=job.pk).update(params={**job.params})
         return Comparison.objects.create(
             name=name,
             owner=owner,
@@ -169,6 +181,7 @@ def start_evaluate(
         raise JobError({"dataset": "pick a dataset with reference answers, or a run's held-out split"})
     if dataset.format == "text":
         raise JobError({"dataset": f"{dataset} is plain text: evaluation needs prompts with reference answers"})
+    load, loading = base_load(adapters)
     spec = jobspecs.EvaluateSpec(
         job_id=0,
         attempt=0,
@@ -178,10 +191,10 @@ def start_evaluate(
         include_base=include_base,
         max_rows=max_rows,
         generation=generation or jobspecs.GenerationParams(max_new_tokens=64),
-        load=default_load(adapters),
+        load=load,
         **split,
     )
-    job = _queue(JobKind.EVALUATE, owner, base, spec, adapters)
+    job = _queue(JobKind.EVALUATE, owner, base, spec, adapters, notes=(loading,))
     named = {"dataset_id": dataset.pk, "dataset_name": str(dataset)}
     if held_out_of is not None:  # the run whose evaluation rows these are: its held-out split or its eval dataset
         named.update(held_out_of=held_out_of.pk, eval_rows=source)
@@ -233,26 +246,14 @@ def parse_prompts(text: str) -> list[dict[str, str]]:
     return rows
 
 
-def _content(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return "\n".join(str(turn.get("content", "")) for turn in value if isinstance(turn, dict))
-
-
-def dataset_prompts(dataset: Dataset, count: int) -> list[dict[str, str]]:
-    """The first `count` rows of a dataset as prompts with their reference answers (the last user turn
-    of a conversation is its prompt; its final assistant turn the reference)."""
+def dataset_prompts(dataset: Dataset, count: int) -> list[dict[str, Any]]:
+    """The first `count` rows of a dataset as prompts with their reference answers, as evaluations take them
+    (workers.prompts.prompt_row): a conversation's every turn before its last answer, system prompt included."""
     if dataset.format == "text":
         raise JobError({"dataset": f"{dataset} is plain text: it has no prompts with answers"})
     try:
         _, rows = load_trl_rows(ArtifactStore(settings.ARTIFACT_STORE).path(dataset.uri))
+        prompts = [prompt_row(row, number) for number, row in enumerate(rows[: max(1, min(count, MAX_PROMPTS))], 1)]
     except (DatasetError, OSError, ValueError) as exc:
         raise JobError({"dataset": f"{dataset} cannot be read: {exc}"}) from exc
-    out = []
-    for row in rows[: max(1, min(count, MAX_PROMPTS))]:
-        prompt = row.get("prompt", row.get("messages", []))
-        if isinstance(prompt, list):
-            users = [t for t in prompt if t.get("role") == "user"]
-            prompt = users[-1]["content"] if users else _content(prompt)
-        out.append({"prompt": str(prompt), "reference": _content(row.get("completion", ""))})
-    return out
+    return [dataclasses.asdict(row) for row in prompts]

@@ -240,6 +240,8 @@ def _compare_initial(request: HttpRequest) -> dict[str, Any]:
     if source is not None:  # re-run a saved comparison: same prompts and settings, adapters to choose
         initial.update(source.generation, prompt_set=source.prompt_set_id, include_base=source.include_base,
                        name=f"{source} (again)")
+        if source.job:
+            initial["base_precision"] = source.job.params.get("base_precision", "auto")
         if not initial["adapters"] and source.job:
             initial["adapters"] = list(source.job.adapters.values_list("pk", flat=True))
     if request.GET.get("prompt_set", "").isdigit():
@@ -257,7 +259,7 @@ def compare_new(request: HttpRequest) -> HttpResponse:
                 prompt_set = data["prompt_set"] or _new_prompt_set(request, data)
                 comparison = services.start_compare(
                     request.user, prompt_set, data["adapters"], form.generation(),
-                    include_base=data["include_base"], name=data["name"],
+                    include_base=data["include_base"], name=data["name"], base_precision=data["base_precision"],
                 )
         except services.JobError as exc:
             _form_errors(form, exc)
@@ -310,6 +312,7 @@ def comparison_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "rows": rows,
         "last_event_id": last,
         "win_rates": comparison.win_rates(),
+        "base_precision": loaded_base(comparison.job),
         "vote_count": comparison.votes.count(),
         "my_votes": comparison.votes.filter(user=request.user).count(),
     }
@@ -413,8 +416,25 @@ def jobs(request: HttpRequest) -> HttpResponse:
     return render(request, "playground/jobs.html", {"jobs": rows[:200], "kind": kind, "kinds": JobKind.choices})
 
 
+def loaded_base(job: AdapterJob | None) -> dict[str, str] | None:
+    """A compare or evaluate job's base precision for its page: what the worker loaded (else what the choice
+    resolved to), and the choice."""
+    precision = job.base_precision() if job is not None else None
+    if precision is None:
+        return None
+    if precision["used"]:
+        loaded = precision["used"]
+    elif precision["quantization"] != "none":
+        loaded = precision["quantization"]
+    elif precision["compute_dtype"] != "auto":
+        loaded = precision["compute_dtype"]
+    else:
+        loaded = "unquantized, in the worker's compute dtype"
+    return {"loaded": loaded, "chosen": precision["chosen"]}
+
+
 def _job_context(job: AdapterJob) -> dict[str, Any]:
-    context: dict[str, Any] = {"job": job}
+    context: dict[str, Any] = {"job": job, "base_precision": loaded_base(job)}
     if job.kind == JobKind.EVALUATE:
         context["evaluation"] = evaluation_table(job)
     if job.kind == JobKind.MERGE:
