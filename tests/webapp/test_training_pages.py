@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from django.template.defaultfilters import filesizeformat
 
 from tests.webapp.factories import run_world
 from tests.webapp.team import login, make
@@ -14,6 +13,7 @@ from webapp.playground.models import AdapterJob, Comparison, MergedModel
 from webapp.training import ledger
 from webapp.training.models import Adapter, AdapterParent, RunEvent, TrainingRun
 from webapp.training.views import _next_batch
+from workers.formatting import size
 
 pytestmark = pytest.mark.django_db
 HOSTILE = ['<img src=x onerror=alert(1)>', '<div hx-get=/x>']
@@ -268,8 +268,8 @@ def test_deleting_a_run_lists_what_goes_with_sizes_then_frees_its_files_after_th
     # What goes: the adapter, the verified merged model and its job, the folders with their sizes and the total.
     assert "doomed" in goes and f"merge job {world.merge.pk}" in goes.lower() and "verified" in goes
     assert f"store://runs/{world.run.pk}" in goes and f"store://jobs/{world.merge.pk}" in goes
-    assert "2 checkpoints" in goes and filesizeformat(world.freed_bytes) in goes
-    assert filesizeformat(world.merged.size_bytes) in goes
+    assert "2 checkpoints" in goes and size(world.freed_bytes) in goes
+    assert size(world.merged.size_bytes) in goes
     # What stays, saying the adapter is gone: the comparison's column, the evaluation, the combined adapter.
     assert "doomed vs survivor" in kept and f"evaluate job {world.evaluation.pk}" in kept.lower() and "blend" in kept
     assert "survivor" not in goes
