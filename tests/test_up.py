@@ -177,8 +177,9 @@ def test_ctrl_c_mid_run_hands_the_run_over_and_the_next_start_resumes_where_it_s
         created = client.post("/api/v1/runs/", headers={"X-CSRFToken": client.cookies["csrftoken"]}, json={
             "name": "interrupted", "base_model": ids["base-models"]["demo-tiny-llama"],
             "dataset": ids["datasets"]["demo-addition"], "lora_config": ids["lora-configs"]["demo-lora-all-linear"],
-            # Periodic checkpoints every 10 steps: resuming from one of them would lose the steps after it.
-            "hyperparameters": {"max_steps": 60, "save_steps": 10, "logging_steps": 1},
+            # Periodic checkpoints every 10 steps: resuming from one of them would lose the steps after it. More
+            # steps than any machine trains before the interrupt lands: the run is cancelled once it has resumed.
+            "hyperparameters": {"max_steps": 100_000, "save_steps": 10, "logging_steps": 1},
         })
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
@@ -199,19 +200,31 @@ def test_ctrl_c_mid_run_hands_the_run_over_and_the_next_start_resumes_where_it_s
     handed_over_at = saved[-1]
     assert handed_over_at >= reached, (saved, reached)
 
+    def restart_points() -> list[int]:
+        rows = again.db("SELECT data FROM training_runevent WHERE run_id = ? AND attempt = 2 AND kind = 'metric'",
+                        run_id)
+        return [json.loads(data)["step"] for (data,) in rows if json.loads(data).get("restart")]
+
     again = Up(var, free_port(), name="again")
     try:
         again.wait_running()
-        until(lambda: again.db("SELECT state IN ('succeeded', 'failed') FROM training_trainingrun WHERE id = ?",
-                               run_id)[0][0], 300, lambda: again.log[-3000:])
+        until(lambda: again.db("SELECT step > ? FROM training_trainingrun WHERE id = ? AND attempt = 2",
+                               handed_over_at, run_id) == [(1,)], 300, lambda: again.log[-3000:])
+        client = log_in(again.url, password)
+        cancelled = client.post(f"/api/v1/runs/{run_id}/cancel/", headers={"X-CSRFToken": client.cookies["csrftoken"]})
+        assert cancelled.status_code == 200, cancelled.text
+        until(lambda: again.db("SELECT state FROM training_trainingrun WHERE id = ?", run_id) == [("cancelled",)],
+              120, lambda: again.log[-3000:])
     finally:
         assert again.interrupt() == 0, again.log[-3000:]
     assert "admin account" not in again.log  # the password is printed on the first start only
-    state, attempt, failures = again.db("SELECT state, attempt, failures FROM training_trainingrun WHERE id = ?",
-                                        run_id)[0]
-    assert (state, attempt, failures) == ("succeeded", 2, 0)
-    metrics = json.loads(again.db("SELECT metrics FROM training_adapter WHERE run_id = ?", run_id)[0][0])
-    assert metrics["resumed_from_step"] == handed_over_at and metrics["steps"] == 60
+    attempt, failures = again.db("SELECT attempt, failures FROM training_trainingrun WHERE id = ?", run_id)[0]
+    assert (attempt, failures) == (2, 0)
+    # The second attempt started from the step the first had reached, not from an older periodic checkpoint.
+    assert restart_points() == [handed_over_at]
+    assert f"Resuming from checkpoint checkpoint-{handed_over_at} " in again.log or any(
+        f"checkpoint-{handed_over_at}" in message for (message,) in again.db(
+            "SELECT message FROM training_runevent WHERE run_id = ? AND attempt = 2 AND kind = 'log'", run_id))
     no_process_left(tmp_path)
 
 

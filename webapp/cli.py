@@ -42,11 +42,21 @@ def _web_argv(host: str, port: int) -> list[str]:
             "--no-access-log", "--timeout-graceful-shutdown", "3"]
 
 
+def require_database(command: str) -> None:
+    """Stop `command` at once, naming the database, when it cannot be reached. Imported here, not at the top:
+    the client commands (login, runs, …) run where Django is not configured."""
+    from webapp.health import require_database as check
+
+    check(command)
+
+
 def cmd_web(args: argparse.Namespace) -> int:
+    require_database("web")
     os.execv(sys.executable, _web_argv(args.host, args.port))
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    require_database("scheduler")
     _manage(["scheduler", f"--interval={args.interval}"])
     return 0
 
@@ -154,6 +164,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     lock = _claim(args, f"{server}/")
     if lock is None:
         return 1
+    # After the lock and the port: a second start touches nothing, not even the SQLite file.
+    require_database("up")
     print("Tunedeck: preparing the database and demo content…", flush=True)
     worker_env, notes = _prepare_embedded()
     for line in notes:
@@ -217,17 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that serve from the database: each stops at once, naming it, when the database cannot be reached.
-NEEDS_DATABASE = ("web", "scheduler", "up")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = args.func.__name__.removeprefix("cmd_")
-    if command in NEEDS_DATABASE:
-        from webapp.health import require_database
-
-        require_database(command)
     return int(args.func(args) or 0)
 
 

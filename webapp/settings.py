@@ -22,6 +22,7 @@ from workers.config import (
     env_secret,
     env_str,
     model_roots,
+    private_dir,
     private_file,
     private_var_dir,
 )
@@ -236,7 +237,7 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"  # for collectstatic; WhiteNoise serves static/ directly via finders
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+private_dir(STATIC_ROOT)
 WHITENOISE_USE_FINDERS = True  # serve straight from static/ without a collectstatic step
 
 LOGIN_URL = "login"

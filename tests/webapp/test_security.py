@@ -54,8 +54,9 @@ PRODUCTION = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/tunedeck", "
 
 
 def deploy_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`manage.py check --deploy --fail-level WARNING` as CI runs it (no database connection is made)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEDECK_", "SECURE", "SECRET_KEY"))}
+    """`manage.py check --deploy --fail-level WARNING` as CI runs it (no database connection is made), in an
+    environment of its own: the browser tests set DJANGO_ALLOW_ASYNC_UNSAFE for Playwright, which the check refuses."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TUNEDECK_", "SECURE", "SECRET_KEY", "DJANGO_"))}
     clean["TUNEDECK_VAR"] = os.environ.get("TUNEDECK_VAR", str(ROOT / "var"))
     return subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
                           cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120)

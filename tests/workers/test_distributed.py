@@ -368,7 +368,7 @@ def test_the_spec_estimate_uses_each_gpus_share_of_the_batch() -> None:
 
 
 @pytest.mark.django_db
-def test_the_run_form_offers_both_fields_and_names_the_refused_one(tiny_model_dir: Path, store_dir: Path, client) -> None:  # type: ignore[no-untyped-def]
+def test_the_run_form_offers_both_fields_and_names_the_refused_one(tiny_model_dir: Path, store_dir: Path, client, local_models) -> None:  # type: ignore[no-untyped-def]
     from tests.webapp.factories import demo_objects, make_run
     from webapp.training.models import TrainingRun
 

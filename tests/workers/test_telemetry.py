@@ -126,7 +126,7 @@ def test_a_heartbeat_keeps_a_draining_worker_draining_and_brings_an_offline_one_
 
 
 @pytest.mark.django_db
-def test_the_heartbeat_tells_the_worker_to_stop_jobs_that_moved_on(tiny_model_dir, store_dir) -> None:  # type: ignore[no-untyped-def]
+def test_the_heartbeat_tells_the_worker_to_stop_jobs_that_moved_on(tiny_model_dir, store_dir, local_models) -> None:  # type: ignore[no-untyped-def]
     user, base, dataset, config = demo_objects(tiny_model_dir)
     worker, token = make_worker("w1")
     other, _ = make_worker("w2")
@@ -144,7 +144,7 @@ def test_the_heartbeat_tells_the_worker_to_stop_jobs_that_moved_on(tiny_model_di
 
 
 @pytest.mark.django_db
-def test_a_starting_worker_gives_back_the_jobs_its_previous_process_had_claimed(tiny_model_dir, store_dir) -> None:  # type: ignore[no-untyped-def]
+def test_a_starting_worker_gives_back_the_jobs_its_previous_process_had_claimed(tiny_model_dir, store_dir, local_models) -> None:  # type: ignore[no-untyped-def]
     user, base, dataset, config = demo_objects(tiny_model_dir)
     worker, token = make_worker("w1")
     claimed, waiting = make_run(user, base, dataset, config), make_run(user, base, dataset, config)
