@@ -307,7 +307,8 @@ class TrainParams:
     eval_fraction: float = _help("Hold out this fraction of the rows for evaluation (0 = no split).", 0.0)
     eval_steps: int = _help("Evaluate every this many steps; 0 evaluates at the end of each epoch.", 0)
     logging_steps: int = _help("Report loss and learning rate every this many steps.", 5)
-    save_steps: int = _help("Save a resumable checkpoint every this many steps; 0 saves none.", 100)
+    save_steps: int = _help("Save a resumable checkpoint every this many steps; 0: none periodically (a worker that "
+                                 "shuts down still saves one at the step reached, to hand the run over).", 100)
     keep_checkpoints: int = _help("How many of the latest checkpoints to keep.", 2)
     early_stopping_patience: int = _help(
         "Stop when the eval loss has not improved for this many evaluations; 0 is off (needs an eval set).", 0

@@ -103,7 +103,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
 
     from datasets import Dataset
 
-    callbacks: list[Any] = [ReporterCallback(reporter), HandoverCallback(reporter)]
+    callbacks: list[Any] = [ReporterCallback(reporter), HandoverCallback(reporter, bool(spec.checkpoint_uri))]
     if spec.train.early_stopping_patience:
         callbacks.append(EarlyStopping(spec.train.early_stopping_patience, reporter))
     trainer = make_trainer(
@@ -517,17 +517,17 @@ class EarlyStopping(TrainerCallback):  # type: ignore[misc]
 
 
 class HandoverCallback(TrainerCallback):  # type: ignore[misc]
-    """When the worker shuts down: save a checkpoint at this step (where the run keeps checkpoints) and stop,
-    so that the next attempt resumes from here."""
+    """When the worker shuts down: save a checkpoint at this step and stop, so that the next attempt resumes from
+    here. It saves wherever the run has a checkpoint folder, also with save_steps 0 (no periodic checkpoints):
+    a handover that saved nothing would start the run again from step 0."""
 
-    def __init__(self, reporter: Reporter) -> None:
-        self.reporter = reporter
+    def __init__(self, reporter: Reporter, can_save: bool) -> None:
+        self.reporter, self.can_save = reporter, can_save
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.reporter.poll_stop()
         if self.reporter.interrupt_reason and not self.reporter.user_cancelled:
-            if args.save_strategy != "no":
-                control.should_save = True
+            control.should_save = self.can_save
             control.should_training_stop = True
 
 

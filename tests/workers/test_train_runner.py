@@ -171,6 +171,33 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_model_dir: 
     assert kept == ["checkpoint-12", "checkpoint-8"]  # the last two are kept
 
 
+def test_a_shutdown_hands_over_at_the_step_reached_even_without_periodic_checkpoints(tiny_model_dir: Path,
+                                                                                     store: ArtifactStore) -> None:
+    """save_steps 0 (the tiny demo's suggestion) keeps no periodic checkpoints, but a worker that shuts down
+    still saves one where the run stands: the next attempt resumes there instead of at step 0."""
+    from workers.train import run_training
+
+    def spec(attempt: int) -> TrainSpec:
+        s = make_spec(tiny_model_dir)
+        s.attempt, s.checkpoint_uri = attempt, "store://runs/handover/checkpoints"
+        s.output_uri = f"store://runs/handover/attempt-{attempt}"
+        s.train.max_steps, s.train.save_steps, s.train.logging_steps = 10, 0, 1
+        return s
+
+    leaving, polls = MemoryReporter(), []
+    # Polled at every step (and more): the worker starts shutting down at the third poll.
+    leaving.stop_check = lambda: "the worker is shutting down" if polls.append(1) or len(polls) >= 3 else ""
+    assert run_training(spec(1), leaving, store) is None
+    assert leaving.states[-1][0] == "interrupted", leaving.states[-1]
+    saved = [e["data"]["step"] for e in leaving.events if e["kind"] == "checkpoint"]
+    assert len(saved) == 1 and 1 <= saved[0] < 10, saved
+
+    resumed = MemoryReporter()
+    result = run_training(spec(2), resumed, store)
+    assert result is not None, resumed.states[-1]
+    assert result["resumed_from_step"] == saved[0] and result["steps"] == 10
+
+
 def _rows_file(store: ArtifactStore, name: str, rows: list[dict[str, object]]) -> str:
     import json
 
