@@ -112,6 +112,9 @@ class Stops:
         return min(found) if found else None
 
     def _text_and_end(self, ids: list[int]) -> tuple[str, bool]:
+        if ids and ids[-1] in self.token_ids:
+            # Left out by hand: a turn end may be an added token that is not special, which decoding would keep.
+            ids = ids[:-1]
         text = self._decode(ids)
         at = self._string_at(text) if self.strings else None
         return (text, False) if at is None else (text[:at], True)
