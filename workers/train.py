@@ -527,7 +527,8 @@ class HandoverCallback(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.reporter.poll_stop()
         if self.reporter.interrupt_reason and not self.reporter.user_cancelled:
-            control.should_save = self.can_save
+            if self.can_save:  # never False: that would take back a periodic save flagged at this step
+                control.should_save = True
             control.should_training_stop = True
 
 
