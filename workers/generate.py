@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from workers.formatting import count, duration, figure, plural
 from workers.jobrunner import Cancelled, check_cancel, run_reported
 from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.modelinfo import ModelNotFound, check_source
@@ -94,7 +95,8 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         for column in columns
     ]
     generated = sum(len(cell_ids) for cell_ids in ids.values())
-    reporter.log(f"Generated {generated:,} tokens in {seconds:.1f} s ({generated / max(seconds, 1e-9):,.0f} tokens/s)")
+    speed = figure(generated / max(seconds, 1e-9))
+    reporter.log(f"Generated {plural(count(generated), 'token')} in {duration(seconds)} ({speed} tokens/s)")
     return {
         "outputs": outputs,
         "mode": "batched" if batched else "sequential",

@@ -14,6 +14,7 @@ here (the fallback template on a tokenizer without ChatML's tokens) is a stop st
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 PROBE_ANSWER = "Tunedeck"  # the assistant's message of the probe exchange: one word no template rewrites
@@ -34,16 +35,19 @@ class Stop:
 
 @dataclass
 class Stops:
-    """The stops of one tokenizer: what generate() is told, and how its ids become an answer."""
+    """The stops of one tokenizer: what generate() is told, and how its ids become an answer.
+
+    Not changed once built (stop_tokens() makes it): token_ids and strings are worked out once, as cut() and
+    visible() ask for them on every streamed step."""
 
     stops: list[Stop]
     tokenizer: Any = field(default=None, repr=False)  # decodes, for stop strings and answers' text
 
-    @property
+    @cached_property
     def token_ids(self) -> list[int]:
         return [s.token_id for s in self.stops if s.token_id is not None]
 
-    @property
+    @cached_property
     def strings(self) -> list[str]:
         return [s.text for s in self.stops if s.token_id is None]
 
@@ -57,7 +61,7 @@ class Stops:
 
     def generate_options(self) -> dict[str, Any]:
         """generate() keyword arguments: every single-token stop as an EOS id (stops each row on its own)."""
-        return {"eos_token_id": self.token_ids or None}
+        return {"eos_token_id": list(self.token_ids) or None}  # a copy: the cached list stays as it is
 
     def criteria(self) -> list[Any]:
         """Stopping criteria of the stop strings (each row stops once its text ends in one)."""
@@ -69,25 +73,20 @@ class Stops:
 
     def cut(self, ids: list[int]) -> list[int]:
         """`ids` up to and including the token that ends the answer (what follows is padding or run-on)."""
-        ends = set(self.token_ids)
-        for i, token in enumerate(ids):
-            if token in ends:
-                ids = ids[: i + 1]
-                break
-        if self.strings and self._string_at(self._decode(ids)) is not None:
-            ids = ids[: self._first_prefix_with_a_string(ids)]
-        return ids
+        return self._cut(ids)[0]
 
     def text(self, ids: list[int]) -> str:
         """The answer's text: decoded without special tokens, ending before its stop string."""
-        text, _ = self._text_and_end(self.cut(ids))
+        _, text, _ = self._answer(ids)
         return text
 
     def answer_tokens(self, ids: list[int]) -> int:
         """How many tokens of the answer are its own, the stop left out."""
-        ids = self.cut(ids)
+        ids, text = self._cut(ids)
         if ids and ids[-1] in self.token_ids:
             return len(ids) - 1
+        if not self.strings or text is not None:  # no stop string, or none in the text cut() decoded
+            return len(ids)
         text, ended = self._text_and_end(ids)
         if not ended:
             return len(ids)
@@ -97,10 +96,32 @@ class Stops:
         """For streaming: the text that is surely the answer's so far, and whether the answer has ended.
 
         Text that could be the start of a stop string is held back until the next tokens tell."""
-        cut = self.cut(ids)
-        text, ended = self._text_and_end(cut)
+        cut, text, ended = self._answer(ids)
         ended = ended or len(cut) < len(ids) or bool(cut and cut[-1] in self.token_ids)
         return (text if ended else self._without_partial_string(text)), ended
+
+    def _cut(self, ids: list[int]) -> tuple[list[int], str | None]:
+        """cut(), and the answer's text where looking for a stop string decoded it already and found none
+        (None otherwise: no stop strings, a stop token at the end, or a stop string cut off)."""
+        stopped = False
+        for i, token in enumerate(ids):
+            if token in self.token_ids:
+                ids, stopped = ids[: i + 1], True
+                break
+        if not self.strings:
+            return ids, None
+        text = self._decode(ids)
+        if self._string_at(text) is not None:
+            return ids[: self._first_prefix_with_a_string(ids)], None
+        # With a stop token at the end, the answer's text is decoded without it (_text_and_end).
+        return ids, (None if stopped else text)
+
+    def _answer(self, ids: list[int]) -> tuple[list[int], str, bool]:
+        """cut(ids), the answer's text, and whether a stop string ended it: decoded once where cut() did."""
+        cut, text = self._cut(ids)
+        if text is not None:
+            return cut, text, False
+        return cut, *self._text_and_end(cut)
 
     # --- the text of stop strings ----------------------------------------------------------------------
 
@@ -112,6 +133,9 @@ class Stops:
         return min(found) if found else None
 
     def _text_and_end(self, ids: list[int]) -> tuple[str, bool]:
+        if ids and ids[-1] in self.token_ids:
+            # Left out by hand: a turn end may be an added token that is not special, which decoding would keep.
+            ids = ids[:-1]
         text = self._decode(ids)
         at = self._string_at(text) if self.strings else None
         return (text, False) if at is None else (text[:at], True)

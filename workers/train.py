@@ -527,7 +527,8 @@ class HandoverCallback(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.reporter.poll_stop()
         if self.reporter.interrupt_reason and not self.reporter.user_cancelled:
-            control.should_save = self.can_save
+            if self.can_save:  # never False: that would take back a periodic save flagged at this step
+                control.should_save = True
             control.should_training_stop = True
 
 
@@ -539,12 +540,13 @@ def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
     return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
 
 
-def schedule_line(total_steps: int, epochs: float, max_steps: int, steps_per_epoch: int | None) -> str:
+def schedule_line(total_steps: int, epochs: float, max_steps: int, per_epoch: int | None) -> str:
     """How long the run trains, as its log says it. max_steps, when set, overrides the epochs: the line says
-    so, with the epochs that many steps amount to ("Training: 4,000 steps (max_steps; about 2.33 epochs)")."""
+    so, with the epochs that many steps amount to ("Training: 4,000 steps (max_steps; about 2.33 epochs)").
+    `per_epoch`: optimizer steps in one epoch (steps_per_epoch), None where unknown."""
     steps = plural(count(total_steps), "step")
     if max_steps > 0:
-        about = f"; about {plural(figure(total_steps / steps_per_epoch), 'epoch')}" if steps_per_epoch else ""
+        about = f"; about {plural(figure(total_steps / per_epoch), 'epoch')}" if per_epoch else ""
         return f"Training: {steps} (max_steps{about})"
     return f"Training: {plural(figure(epochs), 'epoch')}, {steps}"
 

@@ -24,7 +24,7 @@ from workers.generate import (
 from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.reporter import MemoryReporter
 from workers.spec import ModelRef
-from workers.stops import decode, stop_tokens
+from workers.stops import END_OF_TURN, Stop, decode, stop_tokens
 from workers.store import ArtifactStore
 
 Adapters = tuple[ArtifactStore, dict[str, str]]  # the task_adapters fixture: (store, {task: adapter URI})
@@ -507,6 +507,27 @@ def test_a_stop_string_is_cut_from_the_text_and_held_back_while_it_may_be_starti
     assert stops.visible(ids) == ("48", True)
     eos = [*ids[:2], tokenizer.eos_token_id, *ids[2:]]
     assert (stops.cut(eos), stops.text(eos), stops.answer_tokens(eos)) == ([*ids[:2], tokenizer.eos_token_id], "48", 2)
+
+
+def test_a_turn_end_that_is_an_added_but_not_special_token_is_left_out_of_the_text(tmp_path: Path) -> None:
+    """A turn end may be an added token that is not a special one (get_added_vocab lists both): it still stops
+    the answer, and it is no part of its text although decoding skips special tokens only."""
+    from workers.demo import build_tokenizer
+
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    tokenizer = build_tokenizer(tmp_path, chat_template=template)
+    tokenizer.add_tokens(["<|end|>"])
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert "<|end|>" not in tokenizer.all_special_tokens
+    stops = stop_tokens(tokenizer)
+    ids = tokenizer("Hello there<|end|> more", add_special_tokens=False)["input_ids"]
+    answer = ids[: ids.index(end)]
+
+    assert stops.stops[0] == Stop("<|end|>", end, END_OF_TURN)
+    assert stops.cut(ids) == [*answer, end]
+    assert (stops.text(ids), stops.answer_tokens(ids)) == ("Hello there", len(answer))
+    assert stops.visible(ids) == ("Hello there", True)
+    assert stops.visible(answer) == ("Hello there", False)
 
 
 def greedy_until(model_dir: Path, store: ArtifactStore, uri: str, prompts: list[str], stop: list[int], new: int) -> list[list[int]]:

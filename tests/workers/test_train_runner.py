@@ -198,6 +198,23 @@ def test_a_shutdown_hands_over_at_the_step_reached_even_without_periodic_checkpo
     assert result["resumed_from_step"] == saved[0] and result["steps"] == 10
 
 
+@pytest.mark.parametrize("can_save", [True, False])
+def test_a_handover_never_takes_back_a_save_flagged_at_the_same_step(can_save: bool) -> None:
+    """The trainer's own callback flags periodic saves before the handover's runs: a handover that cannot save
+    (no checkpoint folder) stops the run but leaves that flag as it is."""
+    from transformers import TrainerControl
+
+    from workers.train import HandoverCallback
+
+    reporter = MemoryReporter()
+    reporter.stop_check = lambda: "the worker is shutting down"
+    control = TrainerControl(should_save=True)
+
+    HandoverCallback(reporter, can_save).on_step_end(None, None, control)
+
+    assert control.should_save and control.should_training_stop
+
+
 def _rows_file(store: ArtifactStore, name: str, rows: list[dict[str, object]]) -> str:
     import json
 

@@ -17,6 +17,7 @@ from webapp.client import account, adapters, catalog, runs
 from webapp.client.api import Api
 from webapp.client.config import load
 from webapp.client.errors import CliError
+from workers import jobspecs
 
 Handler = Callable[[argparse.Namespace, Api], int]
 EPILOG = ("Server and key: TUNEDECK_SERVER and TUNEDECK_API_KEY, else the file written by `tunedeck login` "
@@ -171,10 +172,9 @@ def _register_adapters(sub: Any) -> None:
     prompts.add_argument("--prompt-set", type=int, help="A saved prompt set's id (`tunedeck prompt-sets list`).")
     comp.add_argument("--no-base", action="store_true", help="Leave the base model's own column out.")
     comp.add_argument("--max-new-tokens", type=int)
-    comp.add_argument("--base-precision", choices=("auto", "4bit", "8bit", "bfloat16", "float16", "float32"),
-                      default="auto", help="How the base is loaded (default auto: 4-bit when every adapter was "
-                      "trained on a 4-bit base, 8-bit when every one on 8-bit, else unquantized in the worker's "
-                      "compute dtype); 4bit or 8bit quantize it, bfloat16, float16 or float32 load it unquantized.")
+    # The server's own choices and words (workers.jobspecs imports no ML library: the client stays quick to start).
+    comp.add_argument("--base-precision", choices=jobspecs.BASE_PRECISIONS, default="auto",
+                      help=f"{jobspecs.BASE_PRECISION_HELP} Default: auto.")
     comp.add_argument("--name")
     comp.add_argument("--wait", action="store_true", help="Wait and print the grid (exit 1 when the job failed).")
     _quiet(comp)

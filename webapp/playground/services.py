@@ -55,14 +55,23 @@ def base_load(adapters: list[Adapter], precision: str = "auto") -> tuple[jobspec
 
 
 def _queue(
-    kind: str, owner: Any, base: BaseModel, spec: Any, adapters: list[Adapter], notes: tuple[str, ...] = ()
+    kind: str,
+    owner: Any,
+    base: BaseModel,
+    spec: Any,
+    adapters: list[Adapter],
+    notes: tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
 ) -> AdapterJob:
+    """The queued job of a checked spec. `extra`: what the server keeps in the job's params beside the worker's
+    spec (a choice the spec holds only resolved, names for its pages), stored with the row in one write."""
     problems = spec.validate()
     if problems:
         raise JobError(problems)
     params = dataclasses.asdict(spec)
     for transient in ("job_id", "attempt", "token"):
         params.pop(transient, None)
+    params.update(extra or {})
     with transaction.atomic():
         job = AdapterJob.objects.create(kind=kind, owner=owner, base_model=base, params=params,
                                         **adapter_job_needs(kind, base))
@@ -101,9 +110,10 @@ def start_compare(
         include_base=include_base,
     )
     with transaction.atomic():
-        job = _queue(JobKind.COMPARE, owner, base, spec, adapters, notes=(loading,))
-        job.params["base_precision"] = base_precision  # the choice, beside the load it resolved to
-        AdapterJob.objects.filter(pk=job.pk).update(params={**job.params})
+        # base_precision: the choice, beside the load it resolved to.
+        job = _queue(
+            JobKind.COMPARE, owner, base, spec, adapters, notes=(loading,), extra={"base_precision": base_precision}
+        )
         return Comparison.objects.create(
             name=name,
             owner=owner,
@@ -146,11 +156,8 @@ def start_combine(
         majority_sign_method=majority_sign_method,
         svd_rank=svd_rank,
     )
-    job = _queue(JobKind.COMBINE, owner, base, spec, adapters)
-    if name:
-        job.params["name"] = name  # the new adapter's name (not part of the worker's spec)
-        AdapterJob.objects.filter(pk=job.pk).update(params={**job.params})
-    return job
+    # name: the new adapter's (not part of the worker's spec).
+    return _queue(JobKind.COMBINE, owner, base, spec, adapters, extra={"name": name} if name else None)
 
 
 def start_evaluate(
@@ -194,13 +201,10 @@ def start_evaluate(
         load=load,
         **split,
     )
-    job = _queue(JobKind.EVALUATE, owner, base, spec, adapters, notes=(loading,))
-    named = {"dataset_id": dataset.pk, "dataset_name": str(dataset)}
+    named: dict[str, Any] = {"dataset_id": dataset.pk, "dataset_name": str(dataset)}
     if held_out_of is not None:  # the run whose evaluation rows these are: its held-out split or its eval dataset
         named.update(held_out_of=held_out_of.pk, eval_rows=source)
-    AdapterJob.objects.filter(pk=job.pk).update(params={**job.params, **named})
-    job.params = {**job.params, **named}
-    return job
+    return _queue(JobKind.EVALUATE, owner, base, spec, adapters, notes=(loading,), extra=named)
 
 
 def start_push(owner: Any, adapter: Adapter, source_uri: str, repo_id: str, private: bool = True) -> AdapterJob:
