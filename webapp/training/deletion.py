@@ -28,18 +28,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 
+from webapp.catalog.services import store
 from webapp.playground.models import AdapterJob, Comparison, JobKind, MergedModel
 from webapp.training import ledger
-from webapp.training.models import ACTIVE_STATES, FINAL_STATES, Adapter, RunEvent, RunState, TrainingRun
+from webapp.training.models import Adapter, RunEvent, TrainingRun
+from workers.formatting import count, plural
 from workers.store import SCHEME, ArtifactStore
 
 log = logging.getLogger(__name__)
 
 DELETED_MARK = " (adapter deleted)"
-BUSY_STATES = (RunState.QUEUED, *ACTIVE_STATES)
 
 
 class DeleteRefused(Exception):
@@ -81,7 +81,7 @@ class RunDeletion:
         return sum(folder.bytes for folder in self.folders)
 
     def refusal(self) -> str:
-        if self.run.state not in FINAL_STATES:
+        if not self.run.is_final:
             return f"a {self.run.state} run cannot be deleted: cancel it first"
         if self.busy:
             jobs = ", ".join(f"{job} ({job.state})" for job in self.busy)
@@ -111,10 +111,6 @@ class RunDeletion:
         }
 
 
-def store() -> ArtifactStore:
-    return ArtifactStore(settings.ARTIFACT_STORE)
-
-
 def plan(run: TrainingRun) -> RunDeletion:
     """What deleting `run` would remove and keep (with the folders' sizes on disk); changes nothing."""
     adapter = Adapter.objects.filter(run=run).first()
@@ -136,7 +132,7 @@ def plan(run: TrainingRun) -> RunDeletion:
         evaluations=sorted(evaluations.values(), key=lambda job: job.pk),
         combined=list(adapter.children.order_by("id")) if adapter else [],
         other_jobs=[job for job in used if job.kind in (JobKind.COMBINE, JobKind.PUSH)],
-        busy=[job for job in used if job.state in BUSY_STATES],
+        busy=[job for job in used if not job.is_final],
     )
 
 
@@ -162,7 +158,8 @@ def delete_run(run: TrainingRun) -> RunDeletion:
 
 
 def _mark_what_stays(deletion: RunDeletion) -> None:
-    """Name the adapter as deleted wherever its work is kept: columns, scores, lineage, job logs."""
+    """Name the adapter as deleted wherever its work is kept: columns, scores, job logs. (A lineage link already
+    holds the parent's name, set when the combined adapter was made.)"""
     adapter, run = deletion.adapter, deletion.run
     for job in {j.pk: j for j in [*deletion.evaluations, *deletion.other_jobs,
                                   *(c.job for c in deletion.comparisons if c.job)]}.values():
@@ -173,8 +170,6 @@ def _mark_what_stays(deletion: RunDeletion) -> None:
             params["held_out_of_deleted"] = True
         AdapterJob.objects.filter(pk=job.pk).update(params=params)
         ledger.note(job, f"Run {run.pk} ({run}) was deleted with its adapter: this job's record is kept")
-    if adapter is not None:  # a link outlives its parent under the name it had (older links may not have it)
-        adapter.child_links.filter(parent_name="").update(parent_name=str(adapter))
 
 
 def _deleted_ref(ref: dict[str, Any]) -> dict[str, Any]:
@@ -196,8 +191,8 @@ def _folders(
     own = run_dir if run_dir is not None and run_dir.is_dir() and not run_dir.is_symlink() else None
     attempts = len(list(own.glob("attempt-*"))) if own else 0
     checkpoints = len(list((own / "checkpoints").glob("checkpoint-*"))) if own else 0
-    candidates = [(run_uri, f"the run's folder: the adapters of {_count(attempts, 'attempt')}, "
-                            f"{_count(checkpoints, 'checkpoint')}")]
+    candidates = [(run_uri, f"the run's folder: the adapters of {plural(count(attempts), 'attempt')}, "
+                            f"{plural(count(checkpoints), 'checkpoint')}")]
     if adapter is not None:
         candidates.append((adapter.uri, f"the adapter {adapter}"))
     for job in jobs:
@@ -215,10 +210,6 @@ def _folders(
         taken.append(path)
         folders.append(Folder(uri=uri, bytes=_size(path), what=what))
     return folders, checkpoints
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _inside_store(artifacts: ArtifactStore, uri: str) -> Path | None:
