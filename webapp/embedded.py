@@ -125,9 +125,6 @@ class Children:
         self.procs.append((name, proc))
         return proc
 
-    def get(self, name: str) -> subprocess.Popen[bytes] | None:
-        return next((proc for n, proc in self.procs if n == name), None)
-
     def dead(self) -> str | None:
         return next((name for name, proc in self.procs if proc.poll() is not None), None)
 
