@@ -58,3 +58,10 @@ def test_the_client_commands_import_no_django() -> None:
     code = "import sys, webapp.client.commands; print('django' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_tunedeck_command_loads_what_up_needs_only_for_up() -> None:
+    code = ("import sys, webapp.cli; webapp.cli.build_parser(); "
+            "print(sorted({'django', 'psutil', 'webapp.embedded'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -165,6 +165,26 @@ def test_up_on_a_port_another_program_listens_on_says_so_and_claims_nothing(tmp_
     no_process_left(tmp_path)
 
 
+def test_the_port_check_tries_every_address_the_host_resolves_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web server listens on each address its host resolves to (localhost: 127.0.0.1 and ::1 on a dual-stack
+    machine): another program on any one of them is said before anything starts."""
+    from webapp import embedded
+
+    try:
+        other = socket.socket(socket.AF_INET6)
+        other.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback to listen on here: {exc}")
+    with other:
+        other.listen()
+        port = other.getsockname()[1]
+        localhost = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port)),
+                     (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0))]
+        monkeypatch.setattr(embedded.socket, "getaddrinfo", lambda *args, **kwargs: localhost)
+        problem = embedded.check_port_free("localhost", port)
+    assert problem.startswith(f"cannot listen on localhost:{port}: ") and "another program listens there" in problem
+
+
 def test_ctrl_c_mid_run_hands_the_run_over_and_the_next_start_resumes_where_it_stopped(tmp_path: Path) -> None:
     var = tmp_path / "var"
     up = Up(var, free_port())

@@ -11,18 +11,14 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from webapp.embedded import AlreadyRunning, Children, InstanceLock, Interrupts, check_port_free, listens_on
 from workers.config import private_var_dir
 
+if TYPE_CHECKING:  # imported where `up` runs: the other commands need neither psutil nor its process handling
+    from webapp.embedded import Children, InstanceLock, Interrupts
+
 SETTINGS = "webapp.settings"
-
-
-def _django() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", SETTINGS)
-    import django
-
-    django.setup()
 
 
 def _manage(argv: list[str]) -> None:
@@ -43,8 +39,8 @@ def _web_argv(host: str, port: int) -> list[str]:
 
 
 def require_database(command: str) -> None:
-    """Stop `command` at once, naming the database, when it cannot be reached. Imported here, not at the top:
-    the client commands (login, runs, …) run where Django is not configured."""
+    """Set Django up and stop `command` at once, naming the database, when it cannot be reached. Imported here,
+    not at the top: the client commands (login, runs, …) run where Django is not configured."""
     from webapp.health import require_database as check
 
     check(command)
@@ -83,11 +79,10 @@ LOCAL_WORKER = "local"
 def _prepare_embedded() -> tuple[dict[str, str], list[str]]:
     """Migrate, create demo content and the local worker; return the worker's env and notes.
 
-    Called with the instance lock held: no worker of an earlier start is alive, so the local worker's token
-    can be replaced."""
+    Called with the instance lock held and Django set up (require_database): no worker of an earlier start is
+    alive, so the local worker's token can be replaced."""
     from django.core.management import call_command
 
-    _django()
     call_command("migrate", interactive=False, verbosity=0)
     from webapp.catalog.demo import ensure_admin, ensure_demo_content
     from webapp.fleet.models import Worker
@@ -120,6 +115,8 @@ def _local_worker_grace() -> float:
 
 def _claim(args: argparse.Namespace, url: str) -> InstanceLock | None:
     """The instance lock on var/ and a free port, before anything is touched; None after saying why not."""
+    from webapp.embedded import AlreadyRunning, InstanceLock, check_port_free
+
     lock = InstanceLock(private_var_dir())
     try:
         lock.acquire(url)
@@ -144,6 +141,8 @@ def _start(children: Children, args: argparse.Namespace, server: str, worker_env
 
 def _supervise(children: Children, web_pid: int, port: int, server: str, interrupts: Interrupts) -> int:
     """Say where Tunedeck runs once the web server itself listens; return 1 when a child exits, 0 on Ctrl-C."""
+    from webapp.embedded import listens_on
+
     announced = False
     while not interrupts.count:
         dead = children.dead()
@@ -170,6 +169,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     worker_env, notes = _prepare_embedded()
     for line in notes:
         print(f"  {line}", flush=True)
+    from webapp.embedded import Children, Interrupts
+
     interrupts = Interrupts()
     children = Children(lock)
     status = _supervise(children, _start(children, args, server, worker_env), args.port, server, interrupts)

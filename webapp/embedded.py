@@ -74,19 +74,28 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 
 def check_port_free(host: str, port: int) -> str:
-    """'' if the web server will be able to listen on host:port, else why not (said before anything starts)."""
+    """'' if the web server will be able to listen on host:port, else why not (said before anything starts).
+
+    uvicorn (asyncio's create_server) listens on every address the host resolves to, localhost's 127.0.0.1 and
+    ::1 alike, and fails if any one is taken: each is tried here, the same way."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"cannot listen on {host}:{port}: {exc.strerror}"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a just-closed port is free
+    for family, kind, proto, _, address in dict.fromkeys(infos):
         try:
-            sock.bind(address)
-        except OSError as exc:
-            taken = " (another program listens there: stop it, or choose another port with --port)"
-            return f"cannot listen on {host}:{port}: {exc.strerror}{taken if exc.errno == errno.EADDRINUSE else ''}"
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks (IPv6): asyncio skips it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a just-closed port is free
+            if family == socket.AF_INET6:  # as asyncio binds: IPv6 only, an IPv4 listener on the port is no conflict
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                taken = " (another program listens there: stop it, or choose another port with --port)"
+                return f"cannot listen on {host}:{port}: {exc.strerror}{taken if exc.errno == errno.EADDRINUSE else ''}"
     return ""
 
 
@@ -124,9 +133,6 @@ class Children:
         proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, start_new_session=True, pass_fds=keep)
         self.procs.append((name, proc))
         return proc
-
-    def get(self, name: str) -> subprocess.Popen[bytes] | None:
-        return next((proc for n, proc in self.procs if n == name), None)
 
     def dead(self) -> str | None:
         return next((name for name, proc in self.procs if proc.poll() is not None), None)

@@ -10,6 +10,7 @@ from django.test import Client
 
 from tests.webapp.team import login, make
 from webapp.fleet.models import Worker
+from webapp.training import ledger
 from webapp.training.models import TrainingRun
 from webapp.training.views import _next_batch
 
@@ -51,3 +52,22 @@ def test_a_queued_run_is_cancelled_at_once_and_the_message_says_so(team: Any, cl
     assert "Cancel requested" not in page and "Cancelled before it started" in flashes(page)
     finished = client.post(f"/runs/{run.pk}/cancel/", follow=True).content.decode()
     assert "already cancelled" in flashes(finished)
+
+
+def test_a_running_run_that_stops_right_after_the_cancel_is_not_said_to_have_never_started(
+    team: Any, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = Worker.objects.create(name="gpu-1", state="online")
+    run = make(team, state="running", attempt=1, worker=worker)
+    request_cancel = ledger.request_cancel
+
+    def and_the_worker_stops_at_once(job: Any) -> Any:
+        asked = request_cancel(job)
+        TrainingRun.objects.filter(pk=job.pk).update(state="cancelled")  # its report arrives before the answer
+        return asked
+
+    monkeypatch.setattr(ledger, "request_cancel", and_the_worker_stops_at_once)
+    login(client, "owner")
+    page = client.post(f"/runs/{run.pk}/cancel/", follow=True).content.decode()
+    assert TrainingRun.objects.get(pk=run.pk).state == "cancelled"
+    assert "Cancelled before it started" not in page and flashes(page) == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
@@ -10,7 +11,7 @@ from tests.webapp.factories import run_world
 from tests.webapp.team import login, make
 from webapp.fleet.models import Worker
 from webapp.playground.models import AdapterJob, Comparison, MergedModel
-from webapp.training import ledger
+from webapp.training import deletion, ledger
 from webapp.training.models import Adapter, AdapterParent, RunEvent, TrainingRun
 from webapp.training.views import _next_batch
 from workers.formatting import size
@@ -310,6 +311,33 @@ def test_a_run_whose_adapter_a_job_still_reads_is_not_deleted(team, client, stor
     assert 'id="confirm-delete"' not in page and f"compare job {world.comparison.job_id}" in page.lower()
     client.post(f"/runs/{world.run.pk}/delete/")
     assert TrainingRun.objects.filter(pk=world.run.pk).exists() and world.run_folder.is_dir()
+
+
+@pytest.mark.parametrize("target", ["another run's folder", "a folder outside the store"])
+def test_a_run_whose_folder_is_a_link_loses_the_link_only(  # type: ignore[no-untyped-def]
+    team, client, store_dir, tmp_path, django_capture_on_commit_callbacks, target
+) -> None:
+    users, bases, datasets, config = team
+    world = run_world(store_dir, users["owner"], bases[0], datasets[0], config)
+    if target == "another run's folder":
+        pointed = store_dir / "runs" / str(world.other.run_id)
+    else:
+        pointed = tmp_path / "elsewhere"
+        shutil.copytree(world.run_folder, pointed, symlinks=True)
+    shutil.rmtree(world.run_folder)
+    world.run_folder.symlink_to(pointed, target_is_directory=True)
+    files = {path: path.read_bytes() for path in pointed.rglob("*") if path.is_file() and not path.is_symlink()}
+    # The link is listed as the run's folder, with nothing under it counted: what it points to is not the run's.
+    planned = {folder.uri: folder.bytes for folder in deletion.plan(world.run).folders}
+    assert planned[f"store://runs/{world.run.pk}"] == 0
+    assert not any(uri.startswith(f"store://runs/{world.other.run_id}") for uri in planned)
+    login(client, "owner")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post(f"/runs/{world.run.pk}/delete/").status_code == 302
+    assert not TrainingRun.objects.filter(pk=world.run.pk).exists()
+    assert not world.run_folder.is_symlink() and not world.run_folder.exists()  # the link went
+    assert {path: path.read_bytes() for path in files if path.is_file()} == files  # what it pointed to stayed
+    assert not world.merge_folder.exists()
 
 
 # ---- adapters ----------------------------------------------------------------------------------------

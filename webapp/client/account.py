@@ -15,19 +15,15 @@ from webapp.client.errors import USAGE, CliError
 from webapp.client.output import details, emit_json, note
 
 
-def _read_key(args: argparse.Namespace) -> str:
-    if args.key:
-        return str(args.key).strip()
-    if sys.stdin.isatty():
-        return getpass.getpass("API key (tdk_…): ").strip()
-    return sys.stdin.readline().strip()
-
-
-def _read_password(username: str, server: str) -> str:
+def _read_secret(prompt: str) -> str:
     """Prompted without echo on a terminal; else the first line of stdin (for scripts), kept as typed."""
     if sys.stdin.isatty():
-        return getpass.getpass(f"Password for {username} on {server}: ")
+        return getpass.getpass(prompt)
     return sys.stdin.readline().rstrip("\r\n")
+
+
+def _read_key(args: argparse.Namespace) -> str:
+    return str(args.key or _read_secret("API key (tdk_…): ")).strip()
 
 
 def _username(args: argparse.Namespace) -> str | None:
@@ -72,7 +68,7 @@ def _key_for_password(server: str, username: str, scopes: str) -> tuple[str, dic
     """A new key named after this machine, from POST login/; returns it with what `whoami` would say of it."""
     if not username:
         raise CliError("--username is empty", USAGE)
-    password = _read_password(username, server)
+    password = _read_secret(f"Password for {username} on {server}: ")
     if not password:
         raise CliError("no password given: type it at the prompt, or pipe it on stdin", USAGE)
     body = {"username": username, "password": password, "name": f"cli on {socket.gethostname()}"[:100],

@@ -15,7 +15,8 @@ Refused: a run that has not finished (cancel it first), and a run whose adapter 
 running), named in the refusal, so that no file goes from under a worker.
 
 Files go only once the transaction has committed (a delete that rolls back leaves every file), and only inside
-the artifact store: each path is resolved and checked first, and links are removed, never followed.
+the artifact store: each path is checked first (inside the store, no link on the way), and links are removed,
+never followed.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 
+from webapp.catalog.services import store
 from webapp.playground.models import AdapterJob, Comparison, JobKind, MergedModel
 from webapp.training import ledger
-from webapp.training.models import ACTIVE_STATES, FINAL_STATES, Adapter, RunEvent, RunState, TrainingRun
+from webapp.training.models import Adapter, RunEvent, TrainingRun
+from workers.formatting import count, plural
 from workers.store import SCHEME, ArtifactStore
 
 log = logging.getLogger(__name__)
 
 DELETED_MARK = " (adapter deleted)"
-BUSY_STATES = (RunState.QUEUED, *ACTIVE_STATES)
 
 
 class DeleteRefused(Exception):
@@ -80,7 +81,7 @@ class RunDeletion:
         return sum(folder.bytes for folder in self.folders)
 
     def refusal(self) -> str:
-        if self.run.state not in FINAL_STATES:
+        if not self.run.is_final:
             return f"a {self.run.state} run cannot be deleted: cancel it first"
         if self.busy:
             jobs = ", ".join(f"{job} ({job.state})" for job in self.busy)
@@ -110,10 +111,6 @@ class RunDeletion:
         }
 
 
-def store() -> ArtifactStore:
-    return ArtifactStore(settings.ARTIFACT_STORE)
-
-
 def plan(run: TrainingRun) -> RunDeletion:
     """What deleting `run` would remove and keep (with the folders' sizes on disk); changes nothing."""
     adapter = Adapter.objects.filter(run=run).first()
@@ -135,7 +132,7 @@ def plan(run: TrainingRun) -> RunDeletion:
         evaluations=sorted(evaluations.values(), key=lambda job: job.pk),
         combined=list(adapter.children.order_by("id")) if adapter else [],
         other_jobs=[job for job in used if job.kind in (JobKind.COMBINE, JobKind.PUSH)],
-        busy=[job for job in used if job.state in BUSY_STATES],
+        busy=[job for job in used if not job.is_final],
     )
 
 
@@ -154,13 +151,15 @@ def delete_run(run: TrainingRun) -> RunDeletion:
         # Its events, its adapter and the adapter's merged models go with it (CASCADE), parent links stay; deleted
         # through a queryset, so the instances the report reads keep their ids.
         TrainingRun.objects.filter(pk=locked.pk).delete()
-        paths = [store().path(folder.uri) for folder in deletion.folders]
+        artifacts = store()
+        paths = [path for folder in deletion.folders if (path := _inside_store(artifacts, folder.uri)) is not None]
         transaction.on_commit(lambda: remove_folders(paths))
     return deletion
 
 
 def _mark_what_stays(deletion: RunDeletion) -> None:
-    """Name the adapter as deleted wherever its work is kept: columns, scores, lineage, job logs."""
+    """Name the adapter as deleted wherever its work is kept: columns, scores, job logs. (A lineage link already
+    holds the parent's name, set when the combined adapter was made.)"""
     adapter, run = deletion.adapter, deletion.run
     for job in {j.pk: j for j in [*deletion.evaluations, *deletion.other_jobs,
                                   *(c.job for c in deletion.comparisons if c.job)]}.values():
@@ -171,8 +170,6 @@ def _mark_what_stays(deletion: RunDeletion) -> None:
             params["held_out_of_deleted"] = True
         AdapterJob.objects.filter(pk=job.pk).update(params=params)
         ledger.note(job, f"Run {run.pk} ({run}) was deleted with its adapter: this job's record is kept")
-    if adapter is not None:  # a link outlives its parent under the name it had (older links may not have it)
-        adapter.child_links.filter(parent_name="").update(parent_name=str(adapter))
 
 
 def _deleted_ref(ref: dict[str, Any]) -> dict[str, Any]:
@@ -189,11 +186,13 @@ def _folders(
     """The store's folders that go with the run (those that exist), and the checkpoints among them."""
     artifacts = store()
     run_uri = ArtifactStore.uri("runs", run.pk)
-    run_dir = artifacts.path(run_uri)
-    attempts = len(list(run_dir.glob("attempt-*"))) if run_dir.is_dir() else 0
-    checkpoints = len(list((run_dir / "checkpoints").glob("checkpoint-*"))) if run_dir.is_dir() else 0
-    candidates = [(run_uri, f"the run's folder: the adapters of {_count(attempts, 'attempt')}, "
-                            f"{_count(checkpoints, 'checkpoint')}")]
+    run_dir = _inside_store(artifacts, run_uri)
+    # A folder that is a link holds nothing of the run's: only the link goes.
+    own = run_dir if run_dir is not None and run_dir.is_dir() and not run_dir.is_symlink() else None
+    attempts = len(list(own.glob("attempt-*"))) if own else 0
+    checkpoints = len(list((own / "checkpoints").glob("checkpoint-*"))) if own else 0
+    candidates = [(run_uri, f"the run's folder: the adapters of {plural(count(attempts), 'attempt')}, "
+                            f"{plural(count(checkpoints), 'checkpoint')}")]
     if adapter is not None:
         candidates.append((adapter.uri, f"the adapter {adapter}"))
     for job in jobs:
@@ -213,19 +212,25 @@ def _folders(
     return folders, checkpoints
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _inside_store(artifacts: ArtifactStore, uri: str) -> Path | None:
-    """The path of a store URI strictly inside the store, or None (another scheme, an escape, the root)."""
+    """The path of a store URI strictly inside the store, its last part not resolved: a link there is the path
+    itself, to be removed, not followed (ArtifactStore.path resolves it, to another run's folder or out of the
+    store). None for another scheme, an escape, the root, and a path reached through a link on the way: what
+    lies there is the link target's."""
     if not uri.startswith(SCHEME):
         return None
-    try:
-        path = artifacts.path(uri)
-    except ValueError:
+    relative = Path(uri[len(SCHEME):])
+    if relative.is_absolute():
         return None
-    return path if path != artifacts.root else None
+    path = Path(os.path.normpath(artifacts.root / relative))
+    if path == artifacts.root or not path.is_relative_to(artifacts.root) or not _no_link_above(path):
+        return None
+    return path
+
+
+def _no_link_above(path: Path) -> bool:
+    """Whether every folder above `path` is what it says (no link on the way): the store's root is resolved."""
+    return path.parent.resolve() == path.parent
 
 
 def _size(path: Path) -> int:
@@ -250,6 +255,9 @@ def remove_folders(paths: list[Path]) -> None:
     for path in paths:
         if not path.is_relative_to(artifacts.root) or path == artifacts.root:
             log.error("not removing %s: outside the artifact store %s", path, artifacts.root)
+            continue
+        if not _no_link_above(path):  # a folder above became a link since: removing would follow it
+            log.error("not removing %s: a folder above it is a link", path)
             continue
         try:
             if path.is_symlink() or path.is_file():

@@ -8,7 +8,7 @@ worker, a double click and the scheduler can race without corrupting a run.
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import Any, Literal
 
 from django.db import transaction
 from django.db.models import F
@@ -100,22 +100,26 @@ def requeue_or_fail(run: Any, reason: str, max_attempts: int, failure: bool = Tr
     return str(target)
 
 
-def request_cancel(run: Any) -> bool:
-    """Cancel a job that no worker has started (queued, or dispatched and not yet claimed) at once; flag one a
-    worker holds, for it to stop at its next step."""
+CancelOutcome = Literal["cancelled", "requested", ""]
+
+
+def request_cancel(run: Any) -> CancelOutcome:
+    """Cancel a job that no worker has started (queued, or dispatched and not yet claimed) at once: "cancelled";
+    flag one a worker holds, for it to stop at its next step: "requested"; "" (false) when it has finished. The
+    answer says what this call did, whatever the job's state is by the time the caller reads it."""
     model = type(run)
     with transaction.atomic():
         if model.objects.filter(pk=run.pk, state=RunState.QUEUED).update(
             state=RunState.CANCELLED, cancel_requested=True, finished_at=timezone.now()
         ):
             note(run, "Cancelled before it started")
-            return True
+            return "cancelled"
         if cancel_unclaimed(run.pk, model):
-            return True
+            return "cancelled"
         if model.objects.filter(pk=run.pk, state__in=ACTIVE_STATES).update(cancel_requested=True):
             note(run, "Cancel requested: the worker stops at its next step", level="warning")
-            return True
-    return False
+            return "requested"
+    return ""
 
 
 def cancel_unclaimed(job_id: int, model: Any) -> bool:

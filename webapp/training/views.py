@@ -187,9 +187,10 @@ def run_status(request: HttpRequest, pk: int) -> HttpResponse:
 def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     run = _run_for(request, pk)
     _check_can_act(request, run)
-    if not ledger.request_cancel(run):
+    outcome = ledger.request_cancel(run)
+    if not outcome:
         messages.warning(request, f"The run is already {run.state}.")
-    elif TrainingRun.objects.filter(pk=run.pk, state=RunState.CANCELLED).exists():
+    elif outcome == "cancelled":
         messages.info(request, "Cancelled before it started.")
     # A running run's pending cancel is said by its status panel, which the live stream replaces when the
     # run stops: a flash message would stay on the page after the run is cancelled.
