@@ -54,7 +54,8 @@ def database_problem(alias: str = "default") -> str | None:
         if db.vendor == "postgresql":
             import psycopg
 
-            with psycopg.connect(**db.get_connection_params(), connect_timeout=PROBE_TIMEOUT_S) as conn:
+            # The probe's own timeout replaces any connect_timeout that DATABASE_URL put into OPTIONS.
+            with psycopg.connect(**{**db.get_connection_params(), "connect_timeout": PROBE_TIMEOUT_S}) as conn:
                 conn.execute("SELECT 1")
         else:
             with db.cursor() as cursor:
