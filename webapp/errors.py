@@ -73,7 +73,8 @@ class ErrorShapesMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
-        if response.status_code >= 400 and api_family(request.path) and not _is_json(response):
+        in_shape = _is_json(response) or _rendered_by_drf(response)
+        if response.status_code >= 400 and api_family(request.path) and not in_shape:
             return _reshaped(request, response)
         return response
 
@@ -92,6 +93,12 @@ class ErrorShapesMiddleware:
 def _is_json(response: HttpResponseBase) -> bool:
     content_type = response.get("Content-Type", "").split(";")[0].strip()
     return content_type in ("application/json", PROBLEM_CONTENT_TYPE)
+
+
+def _rendered_by_drf(response: HttpResponseBase) -> bool:
+    """A DRF view's own error, already in its shape: a problem, or (for a browser that asked for text/html) the
+    browsable API's page showing that problem, whose detail and fields a reshaping would lose."""
+    return getattr(response, "accepted_renderer", None) is not None
 
 
 def _reshaped(request: HttpRequest, response: HttpResponseBase) -> HttpResponse:

@@ -474,6 +474,20 @@ def test_errors_outside_drf_views_are_problems_too(client: Client, team) -> None
     problem_of(client.get("/api/v1/runs/", headers={"Host": "evil.example"}, **auth), 400)
 
 
+def test_a_browser_gets_the_browsable_apis_own_error_page_and_djangos_errors_stay_problems(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    html = {"HTTP_ACCEPT": "text/html", **bearer(key_for(team[0]["owner"]))}
+    missing = client.get("/api/v1/runs/99999/", **html)
+    assert missing.status_code == 404 and missing["Content-Type"].startswith("text/html")
+    assert "no run with id 99999" in missing.content.decode() and "not_found" in missing.content.decode()
+    bogus = client.get("/api/v1/runs/?state=bogus", **html)
+    assert bogus.status_code == 400 and bogus["Content-Type"].startswith("text/html")
+    assert "errors" in bogus.content.decode() and "bogus" in bogus.content.decode()
+    # What no DRF view rendered (Django's own 404 and 405 pages) is still the API's problem, whatever was asked.
+    assert problem_of(client.get("/api/nowhere/", **html), 404)["detail"] == "nothing at /api/nowhere/"
+    refused = problem_of(client.get("/api/worker/v1/heartbeat", HTTP_ACCEPT="text/html"), 405)
+    assert "GET is not allowed here" in refused["detail"]
+
+
 @pytest.mark.urls("tests.webapp.test_api_core")
 def test_an_unhandled_exception_under_the_api_is_a_500_problem(caplog) -> None:  # type: ignore[no-untyped-def]
     for path_ in ("/api/v1/test-broken/", "/api/worker/v1/test-broken", "/api/v1/test-broken-stream/"):
