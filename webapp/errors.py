@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from http import HTTPStatus
 
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views import defaults
 
 from webapp.api.openai.errors import error_body
-from webapp.api.problems import PROBLEM_CONTENT_TYPE, problem_response
+from webapp.api.problems import PROBLEM_CONTENT_TYPE, problem_response, status_title
 from webapp.health import RETRY_AFTER_S, database_unavailable
 
 log = logging.getLogger("django.request")
@@ -45,8 +44,7 @@ def error_response(request: HttpRequest, status: int, detail: str, headers: dict
         return JsonResponse(error_body(status, detail, code=kind), status=status, headers=headers)
     if family == "problem":
         return problem_response(status, detail, instance=request.path, headers=headers)
-    title = HTTPStatus(status).phrase
-    return HttpResponse(f"{status} {title}: {detail}\n", status=status, headers=headers,
+    return HttpResponse(f"{status} {status_title(status)}: {detail}\n", status=status, headers=headers,
                         content_type="text/plain; charset=utf-8")
 
 
@@ -108,7 +106,7 @@ def _reshaped(request: HttpRequest, response: HttpResponseBase) -> HttpResponse:
     detail = {
         404: f"nothing at {request.path}",
         405: f"{request.method} is not allowed here (allowed: {response.get('Allow', 'none')})",
-    }.get(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error")
+    }.get(status, status_title(status))
     kept = {name: response[name] for name in ("Allow", "Retry-After", "WWW-Authenticate") if response.has_header(name)}
     shaped = error_response(request, status, detail, headers=kept)
     shaped.cookies = response.cookies
