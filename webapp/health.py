@@ -27,7 +27,7 @@ def database_unavailable(exc: BaseException) -> bool:
     if not isinstance(exc, OperationalError):
         return False
     cause = exc.__cause__
-    if type(cause).__module__.startswith(("psycopg", "psycopg_pool")):
+    if type(cause).__module__.startswith("psycopg"):  # psycopg's own errors and psycopg_pool's
         # No SQLSTATE: the connection itself failed (refused, reset, timed out, no pooled connection came).
         sqlstate = getattr(cause, "sqlstate", None)
         return sqlstate is None or sqlstate[:2] in UNAVAILABLE_SQLSTATES
