@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from page_speed import free_port  # this script's folder is on sys.path when it runs
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
@@ -107,12 +108,6 @@ def prepare_database(tree: Path, env: dict[str, str]) -> str:
               "print(ApiKey.issue(user, 'bench', ['write'])[1])\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=tree, env=env, check=True, capture_output=True, text=True)
     return done.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(tree: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:

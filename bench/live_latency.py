@@ -25,39 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from page_speed import ensure_database, p, setup_django
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from page_speed import ensure_database, free_port, live_world, p, setup_django
 
 
 def prepare() -> tuple[int, str, str]:
     """A running run on a new worker; returns (run id, worker token, session cookie)."""
-    from django.contrib.auth import get_user_model
-    from django.test import Client
-
-    from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-    from webapp.fleet.models import Worker
     from webapp.training.models import TrainingRun
 
-    User = get_user_model()
-    user = User.objects.filter(username="bench-live").first() or User.objects.create_user("bench-live", password="bench-pass-123")
-    base = BaseModel.objects.first() or BaseModel.objects.create(name="live-base", source="org/model", num_parameters=10**9)
-    dataset = Dataset.objects.first() or Dataset.objects.create(
-        name="live-data", uri="file:///d.jsonl", original_filename="d.jsonl", format="text", row_count=1,
-        size_bytes=1, sha256="0" * 64)
-    config = LoraConfig.objects.first() or LoraConfig.objects.create(name="live-cfg", params={"r": 8})
-    worker = Worker(name=f"bench-live-{os.getpid()}", state="online", labels=["bench"])
-    token = worker.set_new_token()  # what `manage.py register_worker` does
-    worker.save()
-    run = TrainingRun.objects.create(name="live latency", owner=user, base_model=base, dataset=dataset, lora_config=config,
-                                     state="running", attempt=1, worker=worker, total_steps=100)
-    client = Client()
-    client.force_login(user)
-    return run.pk, token, client.cookies["sessionid"].value
+    world = live_world("live")
+    run = TrainingRun.objects.create(name="live latency", owner=world.user, base_model=world.base,
+                                     dataset=world.dataset, lora_config=world.config, state="running", attempt=1,
+                                     worker=world.worker, total_steps=100)
+    return run.pk, world.token, world.session
 
 
 async def listen(client, url: str, conn: int, arrivals: dict[tuple[int, int], float], ready: asyncio.Event,  # type: ignore[no-untyped-def]

@@ -36,47 +36,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from page_speed import SERVER_URL, ensure_database, p, setup_django
+from page_speed import SERVER_URL, ensure_database, free_port, live_world, p, setup_django
 
 APP_NAME = "tunedeck-load-bench"
 RUNS = 50
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def prepare() -> tuple[list[int], str, str, str]:
     """Running runs held by one worker; returns (run ids, API key, session cookie, worker token)."""
-    from django.contrib.auth import get_user_model
-    from django.test import Client
-
     from webapp.api.models import ApiKey
-    from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-    from webapp.fleet.models import Worker
     from webapp.training.models import RunEvent, TrainingRun
 
-    User = get_user_model()
-    user = User.objects.filter(username="bench-load").first() or User.objects.create_user("bench-load", password="bench-pass-123")
-    base = BaseModel.objects.first() or BaseModel.objects.create(name="load-base", source="org/model", num_parameters=10**9)
-    dataset = Dataset.objects.first() or Dataset.objects.create(
-        name="load-data", uri="file:///d.jsonl", original_filename="d.jsonl", format="text", row_count=1, size_bytes=1,
-        sha256="0" * 64)
-    config = LoraConfig.objects.first() or LoraConfig.objects.create(name="load-cfg", params={"r": 8})
-    worker = Worker(name=f"bench-load-{os.getpid()}", state="online", labels=["bench"])
-    token = worker.set_new_token()
-    worker.save()
+    world = live_world("load")
     TrainingRun.objects.filter(state="running").update(state="succeeded")  # a previous bench's runs end here
-    runs = [TrainingRun.objects.create(name=f"load {i}", owner=user, base_model=base, dataset=dataset, lora_config=config,
-                                       state="running", attempt=1, worker=worker, total_steps=100) for i in range(RUNS)]
+    runs = [TrainingRun.objects.create(name=f"load {i}", owner=world.user, base_model=world.base,
+                                       dataset=world.dataset, lora_config=world.config, state="running", attempt=1,
+                                       worker=world.worker, total_steps=100) for i in range(RUNS)]
     RunEvent.objects.bulk_create([RunEvent(run=run, attempt=1, seq=k, kind="log", message=f"line {k}")
                                   for run in runs for k in range(1, 21)])
-    key = ApiKey.issue(user, "bench-load", ["read"])[1]
-    client = Client()
-    client.force_login(user)
-    return [run.pk for run in runs], key, client.cookies["sessionid"].value, token
+    key = ApiKey.issue(world.user, "bench-load", ["read"])[1]
+    return [run.pk for run in runs], key, world.session, world.token
 
 
 @dataclass
@@ -138,10 +117,9 @@ async def hold_stream(client, url: str, headers: dict[str, str], phase: Phase, o
             async for line in response.aiter_lines():
                 if marker in line:
                     seen.add(index)
-    except Exception as exc:  # counted as a failed stream
-        if not isinstance(exc, asyncio.CancelledError):
-            phase.streams_failed += 1
-            phase.error(f"stream {type(exc).__name__}")
+    except Exception as exc:  # counted as a failed stream (a cancel is a BaseException: not caught here)
+        phase.streams_failed += 1
+        phase.error(f"stream {type(exc).__name__}")
     finally:
         if phase.streams_open + phase.streams_failed >= total:
             opened.set()

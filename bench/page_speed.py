@@ -16,10 +16,13 @@ import argparse
 import json
 import os
 import random
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,6 +55,52 @@ def setup_django(db: str) -> None:
     from django.core.management import call_command
 
     call_command("migrate", interactive=False, verbosity=0)
+
+
+def free_port() -> int:
+    """A local TCP port free now, for a server the bench starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveWorld:
+    """What a bench of running runs on a live server starts from."""
+
+    user: Any
+    base: Any
+    dataset: Any
+    config: Any
+    worker: Any
+    token: str  # the worker's bearer token
+    session: str  # the user's session cookie
+
+
+def live_world(label: str) -> LiveWorld:
+    """The user bench-<label>, logged in; the catalog's first base model, dataset and LoRA config (<label>-base,
+    -data and -cfg when there are none); and a new online worker with its token."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+    from webapp.fleet.models import Worker
+
+    User = get_user_model()
+    user = (User.objects.filter(username=f"bench-{label}").first()
+            or User.objects.create_user(f"bench-{label}", password="bench-pass-123"))
+    base = BaseModel.objects.first() or BaseModel.objects.create(name=f"{label}-base", source="org/model",
+                                                                 num_parameters=10**9)
+    dataset = Dataset.objects.first() or Dataset.objects.create(
+        name=f"{label}-data", uri="file:///d.jsonl", original_filename="d.jsonl", format="text", row_count=1,
+        size_bytes=1, sha256="0" * 64)
+    config = LoraConfig.objects.first() or LoraConfig.objects.create(name=f"{label}-cfg", params={"r": 8})
+    worker = Worker(name=f"bench-{label}-{os.getpid()}", state="online", labels=["bench"])
+    token = worker.set_new_token()  # what `manage.py register_worker` does
+    worker.save()
+    client = Client()
+    client.force_login(user)
+    return LiveWorld(user, base, dataset, config, worker, token, client.cookies["sessionid"].value)
 
 
 def seed(runs_n: int, events_n: int, big_share: float = 0.2) -> dict[str, int]:

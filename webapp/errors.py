@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from http import HTTPStatus
 
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views import defaults
 
 from webapp.api.openai.errors import error_body
-from webapp.api.problems import PROBLEM_CONTENT_TYPE, problem_response
+from webapp.api.problems import PROBLEM_CONTENT_TYPE, problem_response, status_title
 from webapp.health import RETRY_AFTER_S, database_unavailable
 
 log = logging.getLogger("django.request")
@@ -45,8 +44,7 @@ def error_response(request: HttpRequest, status: int, detail: str, headers: dict
         return JsonResponse(error_body(status, detail, code=kind), status=status, headers=headers)
     if family == "problem":
         return problem_response(status, detail, instance=request.path, headers=headers)
-    title = HTTPStatus(status).phrase
-    return HttpResponse(f"{status} {title}: {detail}\n", status=status, headers=headers,
+    return HttpResponse(f"{status} {status_title(status)}: {detail}\n", status=status, headers=headers,
                         content_type="text/plain; charset=utf-8")
 
 
@@ -73,7 +71,8 @@ class ErrorShapesMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
-        if response.status_code >= 400 and api_family(request.path) and not _is_json(response):
+        in_shape = _is_json(response) or _rendered_by_drf(response)
+        if response.status_code >= 400 and api_family(request.path) and not in_shape:
             return _reshaped(request, response)
         return response
 
@@ -94,6 +93,12 @@ def _is_json(response: HttpResponseBase) -> bool:
     return content_type in ("application/json", PROBLEM_CONTENT_TYPE)
 
 
+def _rendered_by_drf(response: HttpResponseBase) -> bool:
+    """A DRF view's own error, already in its shape: a problem, or (for a browser that asked for text/html) the
+    browsable API's page showing that problem, whose detail and fields a reshaping would lose."""
+    return getattr(response, "accepted_renderer", None) is not None
+
+
 def _reshaped(request: HttpRequest, response: HttpResponseBase) -> HttpResponse:
     """Django's HTML (or empty) error page under an API, as that API's error; its headers (Allow,
     Retry-After, WWW-Authenticate) kept."""
@@ -101,7 +106,7 @@ def _reshaped(request: HttpRequest, response: HttpResponseBase) -> HttpResponse:
     detail = {
         404: f"nothing at {request.path}",
         405: f"{request.method} is not allowed here (allowed: {response.get('Allow', 'none')})",
-    }.get(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error")
+    }.get(status, status_title(status))
     kept = {name: response[name] for name in ("Allow", "Retry-After", "WWW-Authenticate") if response.has_header(name)}
     shaped = error_response(request, status, detail, headers=kept)
     shaped.cookies = response.cookies

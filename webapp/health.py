@@ -27,7 +27,7 @@ def database_unavailable(exc: BaseException) -> bool:
     if not isinstance(exc, OperationalError):
         return False
     cause = exc.__cause__
-    if type(cause).__module__.startswith(("psycopg", "psycopg_pool")):
+    if type(cause).__module__.startswith("psycopg"):  # psycopg's own errors and psycopg_pool's
         # No SQLSTATE: the connection itself failed (refused, reset, timed out, no pooled connection came).
         sqlstate = getattr(cause, "sqlstate", None)
         return sqlstate is None or sqlstate[:2] in UNAVAILABLE_SQLSTATES
@@ -54,7 +54,8 @@ def database_problem(alias: str = "default") -> str | None:
         if db.vendor == "postgresql":
             import psycopg
 
-            with psycopg.connect(**db.get_connection_params(), connect_timeout=PROBE_TIMEOUT_S) as conn:
+            # The probe's own timeout replaces any connect_timeout that DATABASE_URL put into OPTIONS.
+            with psycopg.connect(**{**db.get_connection_params(), "connect_timeout": PROBE_TIMEOUT_S}) as conn:
                 conn.execute("SELECT 1")
         else:
             with db.cursor() as cursor:

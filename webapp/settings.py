@@ -248,9 +248,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-# Under TUNEDECK_HTTPS, what must answer plain HTTP: health checks (a container's own probe) and the worker API,
-# whose clients do not follow a redirect of a POST (compose's workers call http://web:8000 inside its network).
-SECURE_REDIRECT_EXEMPT = [r"^(healthz|readyz)/?$", r"^api/worker/"]
+# Under TUNEDECK_HTTPS, what must answer plain HTTP: the worker API, whose clients do not follow a redirect of a
+# POST (compose's workers call http://web:8000 inside its network). Health checks (a container's own probe) need
+# no entry: HealthMiddleware answers /healthz and /readyz before SecurityMiddleware could redirect them.
+SECURE_REDIRECT_EXEMPT = [r"^api/worker/"]
 # HSTS includeSubDomains (W005) and preload (W021) are choices for the whole domain, made with
 # TUNEDECK_HSTS_INCLUDE_SUBDOMAINS / TUNEDECK_HSTS_PRELOAD, not defaults of one site on it.
 SILENCED_SYSTEM_CHECKS = ["security.W005", "security.W021"]

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.contrib.auth.hashers import MD5PasswordHasher
 from django.core.cache import cache
 from django.core.management import CommandError, call_command
 from django.test import AsyncClient, Client
 from django.urls import include, path
 from django.utils import timezone
+from django.views.debug import ExceptionReporter
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -347,6 +349,53 @@ def test_a_wrong_password_and_an_unknown_user_get_the_same_401(client: Client, t
     assert not ApiKey.objects.exists()
 
 
+def test_an_error_report_of_a_login_shows_neither_the_password_nor_the_new_key(client: Client, team, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A report of an exception (Django's error e-mails) shows each frame's local variables, but not these."""
+    made: list[str] = []
+    issue = ApiKey.issue
+
+    def issue_and_note(*args: Any, **kwargs: Any) -> tuple[ApiKey, str]:
+        key, raw = issue(*args, **kwargs)
+        made.append(raw)
+        return key, raw
+
+    def broken(response: Any) -> None:
+        raise RuntimeError("a bug after the key was made")
+
+    monkeypatch.setattr(ApiKey, "issue", issue_and_note)
+    monkeypatch.setattr("webapp.api.login.add_never_cache_headers", broken)
+    assert password_login(client, username="owner", password="pw-owner-123").status_code == 500
+    exc_type, exc, tb = next(r.exc_info for r in caplog.records if r.exc_info)
+    frames = ExceptionReporter(None, exc_type, exc, tb).get_traceback_frames()
+    shown = {frame["function"]: "\n".join(f"{name} = {value!r}" for name, value in frame["vars"]) for frame in frames}
+    assert "payload = " in shown["post"] and made
+    assert not any("pw-owner-123" in text or made[0] in text for text in shown.values()), shown["post"]
+
+
+class CountingHasher(MD5PasswordHasher):
+    """A fast hasher that counts the hashes it computes (its verify() hashes through encode())."""
+
+    computed = 0
+
+    def encode(self, password: str, salt: str) -> str:
+        CountingHasher.computed += 1
+        return super().encode(password, salt)
+
+
+def test_every_refused_login_computes_as_many_password_hashes(client: Client, settings, django_user_model) -> None:  # type: ignore[no-untyped-def]
+    """The time a refusal takes says nothing about the account: an unknown user, a wrong password and an
+    inactive account with a wrong password each cost the same number of hashes."""
+    settings.PASSWORD_HASHERS = ["tests.webapp.test_api_core.CountingHasher"]
+    django_user_model.objects.create_user("alive", password="pw-alive-123")
+    django_user_model.objects.create_user("gone", password="pw-gone-123", is_active=False)
+    hashes = {}
+    for username in ("nobody", "alive", "gone"):
+        CountingHasher.computed = 0
+        problem_of(password_login(client, username=username, password="nope-nope-1"), 401)
+        hashes[username] = CountingHasher.computed
+    assert hashes["nobody"] == hashes["alive"] == hashes["gone"] >= 1, hashes
+
+
 def test_failed_logins_are_counted_per_user_name_and_per_address(client: Client, team, settings) -> None:  # type: ignore[no-untyped-def]
     settings.TUNEDECK_LOGIN_FAILURE_RATE = "3/hour"
     for _ in range(2):
@@ -472,6 +521,20 @@ def test_errors_outside_drf_views_are_problems_too(client: Client, team) -> None
     assert "GET is not allowed here" in problem_of(refused, 405)["detail"] and refused["Allow"] == "POST"
     # Middleware: a Host the site does not answer is refused before any view runs.
     problem_of(client.get("/api/v1/runs/", headers={"Host": "evil.example"}, **auth), 400)
+
+
+def test_a_browser_gets_the_browsable_apis_own_error_page_and_djangos_errors_stay_problems(client: Client, team) -> None:  # type: ignore[no-untyped-def]
+    html = {"HTTP_ACCEPT": "text/html", **bearer(key_for(team[0]["owner"]))}
+    missing = client.get("/api/v1/runs/99999/", **html)
+    assert missing.status_code == 404 and missing["Content-Type"].startswith("text/html")
+    assert "no run with id 99999" in missing.content.decode() and "not_found" in missing.content.decode()
+    bogus = client.get("/api/v1/runs/?state=bogus", **html)
+    assert bogus.status_code == 400 and bogus["Content-Type"].startswith("text/html")
+    assert "errors" in bogus.content.decode() and "bogus" in bogus.content.decode()
+    # What no DRF view rendered (Django's own 404 and 405 pages) is still the API's problem, whatever was asked.
+    assert problem_of(client.get("/api/nowhere/", **html), 404)["detail"] == "nothing at /api/nowhere/"
+    refused = problem_of(client.get("/api/worker/v1/heartbeat", HTTP_ACCEPT="text/html"), 405)
+    assert "GET is not allowed here" in refused["detail"]
 
 
 @pytest.mark.urls("tests.webapp.test_api_core")

@@ -66,3 +66,28 @@ def test_server_commands_refuse_to_start_naming_the_database_without_its_passwor
     assert done.returncode != 0
     assert "tunedeck_gone" in done.stderr and gone_env["GONE_AT"] in done.stderr, done.stderr
     assert PASSWORD not in done.stderr + done.stdout and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_connect_timeout_in_database_url_gives_way_to_the_probes_own(gone_env) -> None:  # type: ignore[no-untyped-def]
+    """dj_database_url puts `?connect_timeout=` into OPTIONS, so the connection parameters already hold one: the
+    probe still connects (here: is refused by the server), rather than failing on its own arguments."""
+    env = {**gone_env, "DATABASE_URL": f"{gone_env['DATABASE_URL']}?connect_timeout=10",
+           "DJANGO_SETTINGS_MODULE": "webapp.settings"}
+    script = "import django; django.setup(); from webapp.health import database_problem; print(database_problem())"
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Connection refused" in done.stdout and "connect_timeout" not in done.stdout, done.stdout
+
+
+@pytest.mark.django_db
+def test_the_probe_answers_for_a_live_database_whose_url_sets_connect_timeout(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from django.db import connection
+
+    from webapp.health import database_problem
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the probe connects on its own only to PostgreSQL (set DATABASE_URL to run this)")
+    options = {**connection.settings_dict["OPTIONS"], "connect_timeout": 10}  # what ?connect_timeout=10 gives
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+    assert database_problem() is None

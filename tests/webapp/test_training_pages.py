@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+from django.contrib.messages import get_messages
 
 from tests.webapp.factories import run_world
 from tests.webapp.team import login, make
@@ -276,8 +277,11 @@ def test_deleting_a_run_lists_what_goes_with_sizes_then_frees_its_files_after_th
     assert "survivor" not in goes
 
     with django_capture_on_commit_callbacks() as callbacks:
-        assert client.post(f"/runs/{world.run.pk}/delete/").status_code == 302
+        deleted = client.post(f"/runs/{world.run.pk}/delete/")
+        assert deleted.status_code == 302
     assert world.run_folder.is_dir() and world.merge_folder.is_dir()  # nothing leaves the disk before the commit
+    flashed = [str(message) for message in get_messages(deleted.wsgi_request)]
+    assert f"{size(world.freed_bytes)} freed" in " ".join(flashed), flashed  # in the units the pages use
     for callback in callbacks:
         callback()
     assert not world.run_folder.exists() and not world.merge_folder.exists()

@@ -20,12 +20,20 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def refused_scopes(user: Any, scopes: list[str]) -> str | None:
-    """Why `user` may not be given a new key with `scopes`, or None: an unknown scope, none at all, or admin for
-    a user who is not staff (as the keys page offers it)."""
+def invalid_scopes(scopes: list[str]) -> str | None:
+    """Why `scopes` are not a key's scopes, or None: an unknown scope, or none at all."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         return f"scopes must be some of {', '.join(SCOPES)}; got {', '.join(unknown) or 'none'}"
+    return None
+
+
+def refused_scopes(user: Any, scopes: list[str]) -> str | None:
+    """Why `user` may not be given a new key with `scopes`, or None: an unknown scope, none at all, or admin for
+    a user who is not staff (as the keys page offers it)."""
+    invalid = invalid_scopes(scopes)
+    if invalid:
+        return invalid
     if "admin" in scopes and not user.is_staff:
         return f"the admin scope is for staff, and {user.get_username()} is not staff"
     return None
@@ -52,9 +60,9 @@ class ApiKey(models.Model):
     @classmethod
     def issue(cls, user: Any, name: str, scopes: list[str], expires_at: datetime | None = None) -> tuple[ApiKey, str]:
         """Create a key and return it with its secret: the only time the secret is ever visible."""
-        unknown = sorted(set(scopes) - set(SCOPES))
-        if unknown or not scopes:
-            raise ValueError(f"scopes must be some of {', '.join(SCOPES)}; got {', '.join(unknown) or 'none'}")
+        invalid = invalid_scopes(scopes)
+        if invalid:
+            raise ValueError(invalid)
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         key = cls.objects.create(user=user, name=name, prefix=raw[:12], key_hash=hash_key(raw),
                                  scopes=[s for s in SCOPES if s in scopes], expires_at=expires_at)

@@ -34,7 +34,8 @@ class ProblemResponse(Response):
         return Response.rendered_content.fget(self)  # type: ignore[attr-defined]
 
 
-def _title(status: int) -> str:
+def status_title(status: int) -> str:
+    """The status's reason phrase (404: "Not Found"), or "Error" for a code HTTP does not name."""
     try:
         return HTTPStatus(status).phrase
     except ValueError:
@@ -44,7 +45,7 @@ def _title(status: int) -> str:
 def problem_body(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
                  code: str | None = None, instance: str | None = None, extra: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
-    body: dict[str, Any] = {"type": "about:blank", "title": title or _title(status), "status": status,
+    body: dict[str, Any] = {"type": "about:blank", "title": title or status_title(status), "status": status,
                             "detail": detail}
     if instance is not None:
         body["instance"] = instance

@@ -16,7 +16,6 @@ from django.db import DatabaseError, connections
 from django.db.models import F
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.template.defaultfilters import filesizeformat
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.safestring import mark_safe
@@ -31,6 +30,7 @@ from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.live import feed_for, released
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
+from workers.formatting import size
 from workers.spec import suggest_train_params
 from workers.store import ArtifactStore
 
@@ -222,7 +222,7 @@ def run_delete(request: HttpRequest, pk: int) -> HttpResponse:
     except deletion.DeleteRefused as refused:
         messages.warning(request, f"{run} was not deleted: {refused.message}.")
         return redirect("runs") if refused.status == 404 else redirect("run-detail", pk=run.pk)
-    messages.info(request, f"Deleted {run}: {filesizeformat(gone.freed_bytes)} freed in the artifact store.")
+    messages.info(request, f"Deleted {run}: {size(gone.freed_bytes)} freed in the artifact store.")
     return redirect("runs")
 
 

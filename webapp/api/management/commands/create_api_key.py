@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from webapp.api.models import ApiKey, refused_scopes
+from workers.formatting import timestamp
 
 
 class Command(BaseCommand):
@@ -35,7 +36,7 @@ class Command(BaseCommand):
             raise CommandError(f"--scopes: {refused}")
         expires_at = timezone.now() + timedelta(days=expires) if expires else None
         key, raw = ApiKey.issue(user, name[:100], wanted, expires_at)
-        until = f"until {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else "until revoked"
+        until = f"until {timestamp(expires_at)}" if expires_at else "until revoked"
         self.stderr.write(f"API key {key.name!r} ({key.prefix}…) for {username}, scopes {', '.join(key.scopes)}, "
                           f"valid {until}; the secret is shown once, only its hash is kept.")
         self.stdout.write(raw)
