@@ -382,6 +382,9 @@ class _JsonArray:
             if self.buf[self.pos] == ",":
                 self.pos += 1
                 closed = self._skip_space()
+                if closed and self.buf[self.pos] == "]":  # a trailing comma: JSON wants one more value
+                    self._fail(f"invalid JSON: Expecting value (column {self._column_at(self.pos)})")
+                    return
         if not closed:
             self._fail("invalid JSON: the array is not closed")
             return
