@@ -18,7 +18,6 @@ from webapp.catalog.models import BaseModel, Dataset, DatasetPreview
 from workers import spec
 from workers.datasets import (
     DatasetError,
-    DatasetReport,
     numbered_records,
     suffix_of,
     to_trl_row,
@@ -224,17 +223,12 @@ def _sample_rows(uri: str, sha256: str, fmt: str, row_count: int) -> tuple[dict[
     return tuple(_rows_at(uri, fmt, sample_indices(row_count)))
 
 
-def sample_rows(dataset: Dataset) -> tuple[dict[str, Any], ...]:
-    """At most STATS_SAMPLE_ROWS rows spread evenly over a stored dataset, as trl rows (cached per file content)."""
-    return _sample_rows(dataset.uri, dataset.sha256, dataset.format, dataset.row_count)
-
-
 def dataset_row(dataset: Dataset, number: int) -> dict[str, Any]:
-    """Row `number` (1-based, clamped to the dataset's rows) of a stored dataset, as a trl row."""
-    index = max(0, min(number, dataset.row_count) - 1)
-    rows = _rows_at(dataset.uri, dataset.format, [index])
+    """Row `number` (1-based, within the dataset's row count: the caller clamps it) of a stored dataset, as a trl
+    row. ValueError when the stored file holds fewer rows than were counted at registration."""
+    rows = _rows_at(dataset.uri, dataset.format, [number - 1]) if number >= 1 else []
     if not rows:
-        raise DatasetError(DatasetReport(), f"{dataset.name}: row {number} is missing from the stored file")
+        raise ValueError(f"{dataset.name}: row {number} is missing from the stored file")
     return rows[0]
 
 
