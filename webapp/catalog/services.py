@@ -251,8 +251,13 @@ def length_stats_for(dataset: Dataset, base: BaseModel, max_length: int | None, 
 # --- Rows that max_seq_length leaves with nothing to train on (checked before a run is queued) -----------------
 
 PROMPTLESS_FORMATS = ("text",)  # every token is trained: truncation keeps some
-_CUT_CACHE_SIZE = 64
-_cut_cache: dict[tuple[str, str, str, int], tuple[UntrainedRow, ...]] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_cut(uri: str, sha256: str, source: str, revision: str, max_length: int) -> tuple[UntrainedRow, ...]:
+    path = store().path(uri)
+    return tuple(rows_cut_before_training(_tokenizer(source, revision), numbered_records(path), max_length,
+                                          unit=unit_of(path.name)))
 
 
 def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> tuple[UntrainedRow, ...]:
@@ -261,23 +266,16 @@ def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.Train
     tokenizer and length: about a second the first time for a large file, nothing after).
 
     None are found where the check cannot run here (the tokenizer or the file out of this machine's reach): the
-    runner names such rows too, and fails when they are every row."""
+    runner names such rows too, and fails when they are every row. Such a failure is not cached: the next check
+    tries again."""
     if not params.completion_only_loss or dataset.format in PROMPTLESS_FORMATS:
         return ()
-    key = (dataset.sha256, base.source, base.revision, params.max_seq_length)
-    if key not in _cut_cache:
-        try:
-            tokenizer = tokenizer_for(base)
-            path = store().path(dataset.uri)
-            cut = rows_cut_before_training(tokenizer, numbered_records(path), params.max_seq_length,
-                                           unit=unit_of(path.name))
-        except (ModelNotFound, OSError, ValueError) as exc:  # ValueError: a file no longer valid, a bad uri
-            log.warning("cannot check the row lengths of dataset %s for %s: %s", dataset.name, base.name, exc)
-            return ()
-        while len(_cut_cache) >= _CUT_CACHE_SIZE:
-            _cut_cache.pop(next(iter(_cut_cache)), None)
-        _cut_cache[key] = tuple(cut)
-    return _cut_cache[key]
+    try:
+        tokenizer_for(base)  # load errors as ModelNotFound, named by the base
+        return _rows_cut(dataset.uri, dataset.sha256, base.source, base.revision, params.max_seq_length)
+    except (ModelNotFound, OSError, ValueError) as exc:  # ValueError: a file no longer valid, a bad uri
+        log.warning("cannot check the row lengths of dataset %s for %s: %s", dataset.name, base.name, exc)
+        return ()
 
 
 def truncation_problem(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> str | None:
