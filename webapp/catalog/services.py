@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import re
@@ -35,7 +34,7 @@ from workers.preview import (
     prepare_examples,
     rows_cut_before_training,
 )
-from workers.store import ArtifactStore
+from workers.store import ArtifactStore, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +96,10 @@ def register_dataset(name: str, filename: str, data: bytes | BinaryIO, user: Any
 
 
 def _digest(source: BinaryIO) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
+    """sha256 and size of the file object, read once from its start (the size is where the read ends)."""
     source.seek(0)
-    for block in iter(lambda: source.read(1 << 20), b""):
-        digest.update(block)
-        size += len(block)
-    return digest.hexdigest(), size
+    digest = sha256_stream(source).hexdigest()
+    return digest, source.tell()
 
 
 # --- Inspection, estimates and previews for the catalog pages -------------------------------------------
