@@ -10,8 +10,8 @@ decodes to 300 MB; a Parquet file of 20 million rows in a few dozen KB; a 50 MB 
 200,000 deep), starts the ASGI server (uvicorn, one process, SQLite under a temporary TUNEDECK_VAR) and
 uploads each through POST /api/v1/datasets/ with an API key, one after the other. For each it reads the
 server's peak resident memory during the request (Linux: VmHWM after resetting it through
-/proc/PID/clear_refs), the preview stored in the database and the time. Then it asks for the datasets list
-page and the API list, which load every stored dataset row. The legitimate uploads are the baseline.
+/proc/PID/clear_refs), the preview stored in the database and the time. Then it lists the datasets through
+GET /api/v1/datasets/, which loads every stored dataset row. The legitimate uploads are the baseline.
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ def run(tree: Path, cases: list[Case]) -> list[dict[str, object]]:
                 results.append({"case": case.label, "size": case.path.stat().st_size, "seconds": seconds,
                                 "growth_mb": growth, "preview": stored_preview_bytes(var, name), "outcome": answer})
                 print(f"  {case.label}: {answer[:60]}", flush=True)
-            session = httpx.Client(base_url=base, headers=headers)
-            response, seconds, growth = measured(server.pid, lambda: session.get("/api/v1/datasets/", timeout=600))
+            with httpx.Client(base_url=base, headers=headers) as session:
+                response, seconds, growth = measured(server.pid, lambda: session.get("/api/v1/datasets/", timeout=600))
             results.append({"case": "datasets list (API), after the uploads", "size": None, "seconds": seconds,
                             "growth_mb": growth, "preview": None, "outcome": str(response.status_code)})
         finally:

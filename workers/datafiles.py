@@ -273,18 +273,18 @@ def _lines(pieces: Iterable[str], limits: Limits, csv_breaks: bool = False) -> I
         else:
             complete = piece.split("\n")
             last = complete.pop()
-        within = _utf8_size(piece) <= limits.max_row_bytes  # then so is every line that ends in it
+        within = utf8_size(piece) <= limits.max_row_bytes  # then so is every line that ends in it
         for text in complete:
             if pending_bytes:
-                pending_bytes += _utf8_size(text)
+                pending_bytes += utf8_size(text)
                 joined = "".join([*pending, text]) if pending and pending_bytes <= limits.max_row_bytes else None
                 yield number, joined
                 pending, pending_bytes = [], 0
             else:
-                yield number, (text if within or _utf8_size(text) <= limits.max_row_bytes else None)
+                yield number, (text if within or utf8_size(text) <= limits.max_row_bytes else None)
             number += 1
         if last:
-            pending_bytes += _utf8_size(last)
+            pending_bytes += utf8_size(last)
             if pending_bytes <= limits.max_row_bytes:
                 pending.append(last)
             else:
@@ -293,7 +293,8 @@ def _lines(pieces: Iterable[str], limits: Limits, csv_breaks: bool = False) -> I
         yield number, "".join(pending) if pending else None
 
 
-def _utf8_size(text: str) -> int:
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding it when it is ASCII."""
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
@@ -382,6 +383,9 @@ class _JsonArray:
             if self.buf[self.pos] == ",":
                 self.pos += 1
                 closed = self._skip_space()
+                if closed and self.buf[self.pos] == "]":  # a trailing comma: JSON wants one more value
+                    self._fail(f"invalid JSON: Expecting value (column {self._column_at(self.pos)})")
+                    return
         if not closed:
             self._fail("invalid JSON: the array is not closed")
             return
@@ -492,7 +496,7 @@ class _RecordLines:
         _, text = next(self.lines)
         if text is None:
             raise _RecordTooLong
-        self.size += _utf8_size(text)
+        self.size += utf8_size(text)
         if self.size > self.limits.max_row_bytes:
             raise _RecordTooLong
         return text

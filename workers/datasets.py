@@ -162,9 +162,12 @@ HEADER_EXAMPLES = "text; prompt,completion; instruction,input,output; messages; 
 
 
 def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
-                    preview_rows: int = PREVIEW_ROWS) -> DatasetReport:
+                    preview_rows: int = PREVIEW_ROWS, rows: list[dict[str, Any]] | None = None) -> DatasetReport:
     """Validate a whole file, read from the start of `source` within `limits` (the defaults when None); the report
-    carries every problem (up to MAX_PROBLEMS) and a preview of the first rows, long texts clipped."""
+    carries every problem (up to MAX_PROBLEMS) and a preview of the first rows, long texts clipped.
+
+    `rows`, when given, receives each row as a trl row (to_trl_row) in the same pass, until a problem is found: it
+    holds every row when the report is ok, so that a file to train on is read once."""
     report = DatasetReport()
     unit = unit_of(name)
     for number, record in read_records(source, name, report, limits or Limits(), csv_header=_csv_header_problem):
@@ -180,6 +183,8 @@ def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
             continue
         for field_name, message in check_record(fmt, record):
             report.add(Problem(number, message, field_name, unit))
+        if rows is not None and not report.problems:  # fmt is the file's format here; a row with problems
+            rows.append(to_trl_row(fmt, record))  # may not convert, and once one is found none are kept
         report.row_count += 1
         if len(report.preview) < preview_rows:
             report.preview.append(preview_of(record))
@@ -258,12 +263,12 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
 def load_trl_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
     """Read, validate and convert a stored dataset file; raise DatasetError naming the first problems."""
     path = Path(path)
+    rows: list[dict[str, Any]] = []
     with path.open("rb") as source:
-        report = validate_stream(source, path.name, STORED, preview_rows=0)
-        if not report.ok:
-            raise DatasetError(report, path.name)
-        records = read_records(source, path.name, DatasetReport(), STORED)
-        return report.format, [to_trl_row(report.format, record) for _, record in records]
+        report = validate_stream(source, path.name, STORED, preview_rows=0, rows=rows)
+    if not report.ok:
+        raise DatasetError(report, path.name)
+    return report.format, rows
 
 
 def numbered_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

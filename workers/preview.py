@@ -21,6 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any
 
+from workers.datafiles import utf8_size
 from workers.datasets import detect_format, to_trl_row
 
 # "pad": padded micro-batches; "pack": trl's BFD packing (padding-free rows of max_length);
@@ -369,7 +370,7 @@ def _longest_prompts(records: Iterable[tuple[int, dict[str, Any]]], count: int,
 
 def _text_size(value: Any) -> int:
     if isinstance(value, str):
-        return len(value) if value.isascii() else len(value.encode("utf-8"))
+        return utf8_size(value)
     if isinstance(value, list):  # turns
         return sum(_text_size(turn.get("content")) for turn in value if isinstance(turn, dict))
     return 0

@@ -7,6 +7,7 @@ same store at different paths. A local directory (or shared volume) is the backe
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import zipfile
@@ -39,12 +40,7 @@ class ArtifactStore:
         return SCHEME + "/".join(str(p).strip("/") for p in parts)
 
     def write_bytes(self, uri: str, data: bytes) -> Path:
-        target = self.path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        return target
+        return self.write_stream(uri, io.BytesIO(data))
 
     def write_stream(self, uri: str, source: BinaryIO) -> Path:
         """Copy a file object from its start, a piece at a time (an upload may be larger than memory allows)."""
@@ -80,9 +76,16 @@ def sha256_of(path: Path) -> str:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")
         with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+            sha256_stream(fh, digest)
     return digest.hexdigest()
+
+
+def sha256_stream(source: BinaryIO, digest: hashlib._Hash | None = None) -> hashlib._Hash:
+    """`digest` (a new sha256 when None) fed with `source` from where it stands to its end, COPY_BYTES at a time."""
+    digest = hashlib.sha256() if digest is None else digest
+    for chunk in iter(lambda: source.read(COPY_BYTES), b""):
+        digest.update(chunk)
+    return digest
 
 
 def size_of(path: Path) -> int:

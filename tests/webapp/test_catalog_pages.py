@@ -14,6 +14,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model, register_dataset
 from workers.demo import toy_rows
+from workers.store import ArtifactStore
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 
@@ -253,6 +254,17 @@ def test_the_detail_page_shows_lengths_and_a_rendered_row(user_client, tiny_base
 
     full = user_client.get(f"/datasets/{dataset.pk}/", {**query, "row": 999}).content.decode()
     assert "Row 30 of 30" in full and "<html" in full
+
+
+def test_a_row_missing_from_the_stored_file_is_named_in_one_line(user_client, tiny_base, store_dir) -> None:  # type: ignore[no-untyped-def]
+    rows = [{"instruction": f"sub {i} from {i}", "output": "0"} for i in range(10)]
+    dataset = register_dataset("shrunk", "shrunk.jsonl", _jsonl(rows))
+    ArtifactStore(store_dir).path(dataset.uri).write_bytes(_jsonl(rows[:5]))  # changed behind the catalog's back
+
+    query = {"base_model": tiny_base.pk, "max_length": 12, "batching": "pad", "completion_only_loss": "on", "row": 8}
+    page = html.unescape(user_client.get(f"/datasets/{dataset.pk}/", query, HTTP_HX_REQUEST="true").content.decode())
+    assert "shrunk: row 8 is missing from the stored file" in page
+    assert "no rows" not in page
 
 
 # --- list pages: a constant number of queries --------------------------------------------------------------

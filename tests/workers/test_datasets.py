@@ -172,6 +172,13 @@ def test_a_json_array_with_a_syntax_error_names_its_line() -> None:
     assert not validate_bytes(b'[{"text": "a"} {"text": "b"}]', "data.json").ok
 
 
+def test_a_json_array_with_a_trailing_comma_is_refused_where_the_value_is_missing() -> None:
+    one_line = validate_bytes(b'[{"text": "a"},]', "data.json")
+    assert [str(p) for p in one_line.problems] == ["line 1: invalid JSON: Expecting value (column 16)"]
+    spread = validate_bytes(b'[\n  {"text": "a"},\n  {"text": "b"},\n]\n', "data.json")
+    assert [str(p) for p in spread.problems] == ["line 4: invalid JSON: Expecting value (column 1)"]
+
+
 def test_json_lines_saved_as_json_are_read_line_by_line() -> None:
     report = validate_bytes(jsonl({"text": "a"}, "{oops", {"text": "c"}), "export.json")
     assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [(2, "invalid JSON")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import re
@@ -18,7 +17,6 @@ from webapp.catalog.models import BaseModel, Dataset, DatasetPreview
 from workers import spec
 from workers.datasets import (
     DatasetError,
-    DatasetReport,
     numbered_records,
     suffix_of,
     to_trl_row,
@@ -36,7 +34,7 @@ from workers.preview import (
     prepare_examples,
     rows_cut_before_training,
 )
-from workers.store import ArtifactStore
+from workers.store import ArtifactStore, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +96,10 @@ def register_dataset(name: str, filename: str, data: bytes | BinaryIO, user: Any
 
 
 def _digest(source: BinaryIO) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
+    """sha256 and size of the file object, read once from its start (the size is where the read ends)."""
     source.seek(0)
-    for block in iter(lambda: source.read(1 << 20), b""):
-        digest.update(block)
-        size += len(block)
-    return digest.hexdigest(), size
+    digest = sha256_stream(source).hexdigest()
+    return digest, source.tell()
 
 
 # --- Inspection, estimates and previews for the catalog pages -------------------------------------------
@@ -224,17 +220,12 @@ def _sample_rows(uri: str, sha256: str, fmt: str, row_count: int) -> tuple[dict[
     return tuple(_rows_at(uri, fmt, sample_indices(row_count)))
 
 
-def sample_rows(dataset: Dataset) -> tuple[dict[str, Any], ...]:
-    """At most STATS_SAMPLE_ROWS rows spread evenly over a stored dataset, as trl rows (cached per file content)."""
-    return _sample_rows(dataset.uri, dataset.sha256, dataset.format, dataset.row_count)
-
-
 def dataset_row(dataset: Dataset, number: int) -> dict[str, Any]:
-    """Row `number` (1-based, clamped to the dataset's rows) of a stored dataset, as a trl row."""
-    index = max(0, min(number, dataset.row_count) - 1)
-    rows = _rows_at(dataset.uri, dataset.format, [index])
+    """Row `number` (1-based, within the dataset's row count: the caller clamps it) of a stored dataset, as a trl
+    row. ValueError when the stored file holds fewer rows than were counted at registration."""
+    rows = _rows_at(dataset.uri, dataset.format, [number - 1]) if number >= 1 else []
     if not rows:
-        raise DatasetError(DatasetReport(), f"{dataset.name}: row {number} is missing from the stored file")
+        raise ValueError(f"{dataset.name}: row {number} is missing from the stored file")
     return rows[0]
 
 
@@ -257,8 +248,13 @@ def length_stats_for(dataset: Dataset, base: BaseModel, max_length: int | None, 
 # --- Rows that max_seq_length leaves with nothing to train on (checked before a run is queued) -----------------
 
 PROMPTLESS_FORMATS = ("text",)  # every token is trained: truncation keeps some
-_CUT_CACHE_SIZE = 64
-_cut_cache: dict[tuple[str, str, str, int], tuple[UntrainedRow, ...]] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_cut(uri: str, sha256: str, source: str, revision: str, max_length: int) -> tuple[UntrainedRow, ...]:
+    path = store().path(uri)
+    return tuple(rows_cut_before_training(_tokenizer(source, revision), numbered_records(path), max_length,
+                                          unit=unit_of(path.name)))
 
 
 def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> tuple[UntrainedRow, ...]:
@@ -267,23 +263,16 @@ def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.Train
     tokenizer and length: about a second the first time for a large file, nothing after).
 
     None are found where the check cannot run here (the tokenizer or the file out of this machine's reach): the
-    runner names such rows too, and fails when they are every row."""
+    runner names such rows too, and fails when they are every row. Such a failure is not cached: the next check
+    tries again."""
     if not params.completion_only_loss or dataset.format in PROMPTLESS_FORMATS:
         return ()
-    key = (dataset.sha256, base.source, base.revision, params.max_seq_length)
-    if key not in _cut_cache:
-        try:
-            tokenizer = tokenizer_for(base)
-            path = store().path(dataset.uri)
-            cut = rows_cut_before_training(tokenizer, numbered_records(path), params.max_seq_length,
-                                           unit=unit_of(path.name))
-        except (ModelNotFound, OSError, ValueError) as exc:  # ValueError: a file no longer valid, a bad uri
-            log.warning("cannot check the row lengths of dataset %s for %s: %s", dataset.name, base.name, exc)
-            return ()
-        while len(_cut_cache) >= _CUT_CACHE_SIZE:
-            _cut_cache.pop(next(iter(_cut_cache)), None)
-        _cut_cache[key] = tuple(cut)
-    return _cut_cache[key]
+    try:
+        tokenizer_for(base)  # load errors as ModelNotFound, named by the base
+        return _rows_cut(dataset.uri, dataset.sha256, base.source, base.revision, params.max_seq_length)
+    except (ModelNotFound, OSError, ValueError) as exc:  # ValueError: a file no longer valid, a bad uri
+        log.warning("cannot check the row lengths of dataset %s for %s: %s", dataset.name, base.name, exc)
+        return ()
 
 
 def truncation_problem(dataset: Dataset, base: BaseModel, params: spec.TrainParams) -> str | None:

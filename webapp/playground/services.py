@@ -6,7 +6,9 @@ a refused request loses nothing and says what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 from typing import Any
 
 from django.conf import settings
@@ -18,7 +20,7 @@ from webapp.playground.models import AdapterJob, Comparison, JobKind, PromptSet
 from webapp.training import ledger
 from webapp.training.models import Adapter, TrainingRun
 from workers import jobspecs
-from workers.datasets import DatasetError, load_trl_rows
+from workers.datasets import numbered_records, to_trl_row
 from workers.prompts import prompt_row
 from workers.spec import DatasetRef
 from workers.store import ArtifactStore
@@ -256,8 +258,12 @@ def dataset_prompts(dataset: Dataset, count: int) -> list[dict[str, Any]]:
     if dataset.format == "text":
         raise JobError({"dataset": f"{dataset} is plain text: it has no prompts with answers"})
     try:
-        _, rows = load_trl_rows(ArtifactStore(settings.ARTIFACT_STORE).path(dataset.uri))
-        prompts = [prompt_row(row, number) for number, row in enumerate(rows[: max(1, min(count, MAX_PROMPTS))], 1)]
-    except (DatasetError, OSError, ValueError) as exc:
+        # Only the rows asked for are read: a stored dataset was validated whole when it was registered.
+        path = ArtifactStore(settings.ARTIFACT_STORE).path(dataset.uri)
+        with contextlib.closing(numbered_records(path)) as records:
+            first = itertools.islice(records, max(1, min(count, MAX_PROMPTS)))
+            prompts = [prompt_row(to_trl_row(dataset.format, record), number)
+                       for number, (_, record) in enumerate(first, 1)]
+    except (OSError, ValueError) as exc:  # ValueError: a bad uri, or a row that no longer converts
         raise JobError({"dataset": f"{dataset} cannot be read: {exc}"}) from exc
     return [dataclasses.asdict(row) for row in prompts]

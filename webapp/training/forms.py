@@ -131,8 +131,10 @@ class RunForm(forms.Form):
         refused here, where every way of creating a run (page, REST, OpenAI jobs, clone) passes."""
         for name in ("dataset", "eval_dataset"):
             chosen: Dataset | None = data.get(name)
-            problem = truncation_problem(chosen, base, params) if chosen is not None else None
-            if problem and name not in self.errors:
+            if chosen is None or name in self.errors:  # one error a field: skip reading and tokenizing the file
+                continue
+            problem = truncation_problem(chosen, base, params)
+            if problem:
                 self.add_error(name, problem)
 
     def refuse_priority_for(self, user: Any) -> None:
