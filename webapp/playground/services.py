@@ -264,6 +264,6 @@ def dataset_prompts(dataset: Dataset, count: int) -> list[dict[str, Any]]:
             first = itertools.islice(records, max(1, min(count, MAX_PROMPTS)))
             prompts = [prompt_row(to_trl_row(dataset.format, record), number)
                        for number, (_, record) in enumerate(first, 1)]
-    except (OSError, ValueError) as exc:  # ValueError: a bad uri, or a row that no longer converts
+    except (OSError, ValueError, KeyError) as exc:  # a bad uri, or a stored row that no longer converts
         raise JobError({"dataset": f"{dataset} cannot be read: {exc}"}) from exc
     return [dataclasses.asdict(row) for row in prompts]
