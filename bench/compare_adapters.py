@@ -3,7 +3,7 @@
 A Llama-shaped model with random weights is built in memory (Llama-3.1-8B shape in bf16 on the GPU; `--tiny` for
 a small one on the CPU), k random LoRA adapters are added (r 16 on all 7 projections, random B so they differ),
 and the same prompts (random token ids, lengths lognormal with median 80 and sigma 0.6, clipped to [16, 384],
-seed 0, left-padded) are answered three ways, through the code a compare job runs (workers/generate.py):
+seed 0, left-padded) are answered three ways, through the code a compare job runs (workers/adapters/generate.py):
 
   base alone   the prompts once, on the model without adapters                  (prompts rows per call)
   batched      every adapter's answer to a prompt in the same generate() call   (prompts x k rows per call),
@@ -92,12 +92,12 @@ def add_adapters(model: Any, count: int) -> tuple[Any, list[str]]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from workers.generate import peft_adapter_name
+    from workers.adapters.generate import peft_adapter_name
 
     keys = [f"a{i}" for i in range(count)]
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
     torch.manual_seed(1)
-    # Adapter weights in the base's dtype, as workers.generate.load_for_inference loads them.
+    # Adapter weights in the base's dtype, as workers.adapters.generate.load_for_inference loads them.
     peft_model = get_peft_model(model, config, adapter_name=peft_adapter_name(keys[0]), autocast_adapter_dtype=False)
     for key in keys[1:]:
         peft_model.add_adapter(peft_adapter_name(key), config, autocast_adapter_dtype=False)
@@ -125,9 +125,9 @@ class Timing:
 
 def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: bool, args: argparse.Namespace,
             stacked: bool = True) -> Timing:  # fmt: skip
-    from workers.generate import generate_token_grid
-    from workers.jobspecs import GenerationParams
-    from workers.stops import stop_tokens
+    from workers.adapters.generate import generate_token_grid
+    from workers.adapters.stops import stop_tokens
+    from workers.contract.jobspecs import GenerationParams
 
     def run(tokens: int) -> dict[tuple[int, str], list[int]]:
         return generate_token_grid(
@@ -205,7 +205,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     import torch
 
-    from workers.jobspecs import BASE_KEY
+    from workers.contract.jobspecs import BASE_KEY
 
     args = parse_args()
     args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -258,9 +258,9 @@ def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argp
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from workers.generate import generate_token_grid
-    from workers.jobspecs import GenerationParams
-    from workers.stops import stop_tokens
+    from workers.adapters.generate import generate_token_grid
+    from workers.adapters.stops import stop_tokens
+    from workers.contract.jobspecs import GenerationParams
 
     def run() -> None:
         generate_token_grid(
@@ -305,7 +305,7 @@ def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: li
         )
     print()
     print("base alone: the prompts on the model without adapters. batched: prompts x k rows in one generate() call, "
-          "the adapters stacked per layer (workers.generate.stacked_lora, what a compare job uses); the same through "
+          "the adapters stacked per layer (workers.adapters.generate.stacked_lora, what a compare job uses); the same through "
           "PEFT's adapter_names for reference. loop: k calls, set_adapter between them. In brackets: seconds of a "
           "run of 1 new token (the prompts' forward pass). tok/s: answer tokens of all rows per second. Same "
           "answers: greedy token ids equal (float32 gives 100%; bf16 kernels may round differently by batch shape).")  # fmt: skip

@@ -53,8 +53,8 @@ def main() -> int:
     from webapp.catalog.services import register_base_model, store
     from webapp.fleet.models import Worker
     from webapp.training.models import TrainingRun
-    from workers.demo import build_tiny_llama
-    from workers.spec import suggest_train_params
+    from workers.contract.spec import suggest_train_params
+    from workers.training.demo import build_tiny_llama
 
     started = time.monotonic()
     call_command("migrate", interactive=False, verbosity=0)

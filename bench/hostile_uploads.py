@@ -47,7 +47,7 @@ def build_files(folder: Path, scale: float) -> list[Case]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from workers.demo import toy_rows
+    from workers.training.demo import toy_rows
 
     rows = toy_rows(max(10, int(200_000 * scale)), 0)
     legit_jsonl = folder / "legit.jsonl"

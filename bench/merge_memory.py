@@ -44,7 +44,7 @@ def build(folder: Path, tiny: bool) -> tuple[Path, Path]:
     torch.set_default_dtype(torch.float32)
     base_dir, adapter_dir = folder / "base", folder / "adapter"
     model.save_pretrained(base_dir, max_shard_size="5GB")
-    from workers.demo import build_tokenizer
+    from workers.training.demo import build_tokenizer
 
     build_tokenizer(base_dir)  # the check tokenizes its probe prompts (ids below 320: any vocabulary fits)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
@@ -63,7 +63,7 @@ def child(kind: str, base_dir: str, adapter_dir: str, out_dir: str) -> None:
     """One merge in this process; prints a JSON line with seconds and peak RSS above the starting RSS."""
     import torch  # imports and the CUDA context are not counted
 
-    from workers.merge import peft_merge, stream_merge
+    from workers.adapters.merge import peft_merge, stream_merge
 
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")
@@ -111,7 +111,7 @@ def main() -> None:
         return
     import torch
 
-    from workers.merge import verify_merge
+    from workers.adapters.merge import verify_merge
 
     scratch = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=args.scratch))
     try:

@@ -2,7 +2,7 @@
 
 A random-weight Llama-3.1-8B-shaped model (or 70B-shaped with `--shape 70b`), a synthetic text dataset
 (random token words, lognormal lengths, median 300) packed into 2048-token rows, 4-bit NF4 + double quant,
-LoRA r16 on the 7 projections. Each GPU count is one attempt of `workers.launch.run_training_job`, the
+LoRA r16 on the 7 projections. Each GPU count is one attempt of `workers.runtime.launch.run_training_job`, the
 code path of a real run (torchrun for 2 GPUs, strategy fsdp: the 4-bit weights stored in bf16 and
 sharded). The global batch is the same for every count (rows x accumulation x GPUs), so 1 GPU runs
 `--accum` micro-batches a step and 2 GPUs half as many each. Real tokens/s is the mean of the runner's
@@ -135,10 +135,10 @@ def write_dataset(path: Path, vocab: int, rows: int, max_len: int) -> None:
 # --- one attempt per GPU count, through the launcher ----------------------------------------------------
 
 def run(model_dir: Path, store_root: Path, gpus: int, args: argparse.Namespace) -> dict[str, Any]:
-    from workers.launch import run_training_job
-    from workers.reporter import MemoryReporter
-    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
-    from workers.store import ArtifactStore
+    from workers.contract.reporter import MemoryReporter
+    from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
+    from workers.contract.store import ArtifactStore
+    from workers.runtime.launch import run_training_job
 
     store = ArtifactStore(store_root)
     spec = TrainSpec(
@@ -219,7 +219,7 @@ def main() -> None:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the ranks too: gloo on the CPU
     if args.fsdp_version:
-        from workers.train import FSDP_VERSION_ENV
+        from workers.training.train import FSDP_VERSION_ENV
 
         os.environ[FSDP_VERSION_ENV] = args.fsdp_version
     os.environ.setdefault("OMP_NUM_THREADS", "1" if args.device == "cpu" else "8")

@@ -8,7 +8,7 @@ same 4-bit NF4 + double-quant base, bf16 compute. One process, one GPU, recipes 
   (b) dynamic padding to the batch's longest, batch 8
   (c) first-fit packing into 2048-token rows with per-sample position ids (block-diagonal mask), batch 4,
       Liger kernels incl. fused linear cross-entropy
-  (d) Tunedeck's runner (workers/engine.py through trl's SFTTrainer), throughput and memory modes
+  (d) Tunedeck's runner (workers/training/engine.py through trl's SFTTrainer), throughput and memory modes
 
 Prints real tokens/s (tokens that carry a label), padded tokens/s (all positions computed),
 peak memory allocated/reserved, step time, MFU and the ratios of (d) to (a), (b), (c).
@@ -344,7 +344,7 @@ def run_standard(recipe: str, model_dir: Path, examples: list[list[int]], args: 
 
 
 def tunedeck_spec(model_dir: Path, mode: str, rows: int, row_len: int, grad_accum: int = 1, **train: Any) -> Any:
-    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
+    from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
 
     return TrainSpec(
         run_id=0, attempt=1, base_model=ModelRef(source=str(model_dir)), dataset=DatasetRef(uri="", format="text"),
@@ -360,8 +360,8 @@ def tunedeck_spec(model_dir: Path, mode: str, rows: int, row_len: int, grad_accu
 def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
     from datasets import Dataset
 
-    from workers import train as runner
-    from workers.reporter import MemoryReporter
+    from workers.contract.reporter import MemoryReporter
+    from workers.training import train as runner
 
     n_base, n_lora = matmul_params(model_dir)
     meter = Meter(args.warmup)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.demo import build_tiny_llama
+from workers.training.demo import build_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +40,11 @@ def task_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     Returns (store, {task: adapter store URI}); the datasets are at store://datasets/<task>.jsonl.
     Shared by the compare, merge and evaluate tests: training both takes a few seconds on the CPU.
     """
-    from workers.demo import write_toy_dataset
-    from workers.reporter import MemoryReporter
-    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
-    from workers.store import ArtifactStore
-    from workers.train import run_training
+    from workers.contract.reporter import MemoryReporter
+    from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+    from workers.contract.store import ArtifactStore
+    from workers.training.demo import write_toy_dataset
+    from workers.training.train import run_training
 
     store = ArtifactStore(tmp_path_factory.mktemp("task-adapters"))
     uris = {}
@@ -72,11 +72,11 @@ def chatml_adapter(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     trained through that template on the "double" task: it ends each answer with <|im_end|>, never with EOS.
 
     Returns (model folder, store, adapter URI)."""
-    from workers.demo import build_tiny_llama, write_toy_dataset
-    from workers.reporter import MemoryReporter
-    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
-    from workers.store import ArtifactStore
-    from workers.train import FALLBACK_CHAT_TEMPLATE, run_training
+    from workers.contract.reporter import MemoryReporter
+    from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+    from workers.contract.store import ArtifactStore
+    from workers.training.demo import build_tiny_llama, write_toy_dataset
+    from workers.training.train import FALLBACK_CHAT_TEMPLATE, run_training
 
     root = tmp_path_factory.mktemp("chatml")
     model_dir = build_tiny_llama(

@@ -31,7 +31,7 @@ from tests.webapp.fleetprocs import Fleet, until
 from webapp.api.models import ApiKey
 from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import TrainingRun
-from workers.demo import toy_rows
+from workers.training.demo import toy_rows
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.usefixtures("local_models")]
 
@@ -246,11 +246,11 @@ def test_a_run_spec_names_its_eval_dataset_like_its_dataset(live_server, tmp_pat
                                                             settings) -> None:
     """In process (no subprocess, no worker): the YAML run spec's eval_dataset, by name or id, through a real Api;
     the server looks the names up."""
+    from tunedeck_cli import runspec
+    from tunedeck_cli.api import Api
+    from tunedeck_cli.config import Settings
+    from tunedeck_cli.errors import CliError
     from webapp.catalog.services import register_dataset
-    from webapp.client import runspec
-    from webapp.client.api import Api
-    from webapp.client.config import Settings
-    from webapp.client.errors import CliError
 
     settings.ARTIFACT_STORE = tmp_path / "store"
     user, _base, _toy, _config = demo_objects(tiny_model_dir)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from webapp.client import adapters, catalog, runs
-from webapp.client.output import details, emit_json, table
+from tunedeck_cli import adapters, catalog, runs
+from tunedeck_cli.output import details, emit_json, table
 
 CREATED = "2026-12-05T07:10:54.003Z"
 RAW = ("1.955e-05", "0.000019550323486328125", "301000", "113000", "T07:10", "07:10Z")
@@ -55,7 +55,7 @@ def test_json_output_keeps_the_raw_values(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_the_client_commands_import_no_django() -> None:
-    code = "import sys, webapp.client.commands; print('django' in sys.modules)"
+    code = "import sys, tunedeck_cli.commands; print('django' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

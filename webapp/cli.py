@@ -1,5 +1,5 @@
 """The `tunedeck` command: `up` (everything on one machine), `web`, `scheduler`, `worker`, `manage`, and the
-client commands over the REST API (`login`, `datasets`, `runs`, `adapters`, …: webapp/client/).
+client commands over the REST API (`login`, `datasets`, `runs`, `adapters`, …: tunedeck_cli/).
 
 `worker` never imports Django: a GPU machine runs it with the broker URL, the server URL and
 its token only.
@@ -67,7 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ.pop("TUNEDECK_WORKER_TOKEN_FILE", None)
     elif args.token_file:
         os.environ["TUNEDECK_WORKER_TOKEN_FILE"] = args.token_file
-    from workers.tasks import start_worker
+    from workers.runtime.tasks import start_worker
 
     start_worker(args.queue or [], loglevel=args.loglevel)
     return 0
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     manage.add_argument("rest", nargs=argparse.REMAINDER)
     manage.set_defaults(func=cmd_manage)
 
-    from webapp.client import register as register_client  # the REST API client: httpx only, never Django
+    from tunedeck_cli import register as register_client  # the REST API client: httpx only, never Django
 
     register_client(sub)
     return parser

@@ -26,7 +26,7 @@ from workers.config import (
     private_file,
     private_var_dir,
 )
-from workers.datafiles import Limits
+from workers.data.datafiles import Limits
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = private_var_dir()  # this user's only: it holds the database, the secret key and the artifacts
@@ -301,7 +301,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # Choice sets shared by several fields (job states, the engine's auto/on/off switches) get one name each.
     "ENUM_NAME_OVERRIDES": {"RunStateEnum": "webapp.training.models.RunState", "WorkerStateEnum": "webapp.fleet.models.WorkerState",
-                            "AutoOnOffEnum": "workers.spec.AUTO_ON_OFF",
-                            "BasePrecisionEnum": "workers.jobspecs.BASE_PRECISIONS"},
+                            "AutoOnOffEnum": "workers.contract.spec.AUTO_ON_OFF",
+                            "BasePrecisionEnum": "workers.contract.jobspecs.BASE_PRECISIONS"},
     "PREPROCESSING_HOOKS": ["webapp.api.schema.only_api_v1"],
 }

@@ -1,6 +1,6 @@
 """The data plane: job runners over the ML stack (never Django)."""
 
-from workers.hubkernels import refuse_hub_kernels
+from workers.runtime.hubkernels import refuse_hub_kernels
 
-# Before any module here can import bitsandbytes or transformers: see workers/hubkernels.py.
+# Before any module here can import bitsandbytes or transformers: see workers/runtime/hubkernels.py.
 refuse_hub_kernels()

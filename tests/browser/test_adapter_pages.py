@@ -12,7 +12,7 @@ from webapp.playground import services
 from webapp.playground.models import PromptSet
 from webapp.training import ledger
 from webapp.training.models import Adapter
-from workers import jobspecs
+from workers.contract import jobspecs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 HOSTILE = "<img src=x onerror=alert(1)>"

@@ -21,8 +21,8 @@ def test_loftq_through_peft_on_cuda_equals_the_cpu_path(tiny_model_dir: Path, tm
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from workers.peftsetup import _loftq_layer, build_peft_config, prepare_adapter, quantization_config
-    from workers.spec import LoraParams, ModelRef
+    from workers.contract.spec import LoraParams, ModelRef
+    from workers.training.peftsetup import _loftq_layer, build_peft_config, prepare_adapter, quantization_config
 
     lora = LoraParams(quantization="4bit", init="loftq", r=8, alpha=8)
     base = AutoModelForCausalLM.from_pretrained(
@@ -48,8 +48,8 @@ def test_dora_trains_on_an_8bit_base_on_cuda(tiny_model_dir: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.peftsetup import build_peft_config, quantization_config
-    from workers.spec import LoraParams
+    from workers.contract.spec import LoraParams
+    from workers.training.peftsetup import build_peft_config, quantization_config
 
     lora = LoraParams(quantization="8bit", use_dora=True, r=8, alpha=16)
     base = AutoModelForCausalLM.from_pretrained(

@@ -17,12 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_qlora_on_the_gpu_fast_path_learns(tiny_model_dir: Path, tmp_path: Path, mode: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.demo import toy_rows, write_toy_dataset
-    from workers.evaluate import completion_loss
-    from workers.reporter import MemoryReporter
-    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
-    from workers.store import ArtifactStore
-    from workers.train import run_training
+    from workers.adapters.evaluate import completion_loss
+    from workers.contract.reporter import MemoryReporter
+    from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+    from workers.contract.store import ArtifactStore
+    from workers.training.demo import toy_rows, write_toy_dataset
+    from workers.training.train import run_training
 
     store = ArtifactStore(tmp_path / "store")
     write_toy_dataset(store.path("store://datasets/toy.jsonl"))

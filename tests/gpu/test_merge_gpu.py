@@ -21,11 +21,11 @@ def qlora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """A 4-layer Llama (hidden 512) saved in bfloat16, and a QLoRA adapter trained on it for 40 steps."""
     from transformers import AutoModelForCausalLM
 
-    from workers.demo import build_tiny_llama, write_toy_dataset
-    from workers.reporter import MemoryReporter
-    from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
-    from workers.store import ArtifactStore
-    from workers.train import run_training
+    from workers.contract.reporter import MemoryReporter
+    from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+    from workers.contract.store import ArtifactStore
+    from workers.training.demo import build_tiny_llama, write_toy_dataset
+    from workers.training.train import run_training
 
     root = tmp_path_factory.mktemp("merge-gpu")
     base = build_tiny_llama(root / "llama", hidden_size=512, layers=4, init_std=0.02)
@@ -60,10 +60,10 @@ def test_a_qlora_adapter_merges_on_the_gpu_and_is_verified(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from workers.jobspecs import AdapterRef, MergeSpec
-    from workers.merge import TOLERANCES, run_merge
-    from workers.reporter import MemoryReporter
-    from workers.spec import ModelRef
+    from workers.adapters.merge import TOLERANCES, run_merge
+    from workers.contract.jobspecs import AdapterRef, MergeSpec
+    from workers.contract.reporter import MemoryReporter
+    from workers.contract.spec import ModelRef
 
     base, store = qlora
     adapter = AdapterRef(key="qlora", label="qlora", uri="store://adapters/qlora", r=16)
@@ -128,8 +128,8 @@ def test_a_deep_bfloat16_merge_is_held_to_bfloat16_rounding_and_a_dropped_layer_
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from workers.demo import build_tiny_llama
-    from workers.merge import TOLERANCES, stream_merge, verify_merge, write_companions
+    from workers.adapters.merge import TOLERANCES, stream_merge, verify_merge, write_companions
+    from workers.training.demo import build_tiny_llama
 
     layers, targets = 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = build_tiny_llama(tmp_path / "deep", hidden_size=1024, layers=layers, init_std=0.02)

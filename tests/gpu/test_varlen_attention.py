@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_packed_rows_attend_only_within_their_example(kv_heads: int) -> None:
-    from workers.engine import _varlen_attention_forward, register_varlen_attention, varlen_available
+    from workers.training.engine import _varlen_attention_forward, register_varlen_attention, varlen_available
 
     if not varlen_available():
         pytest.skip("torch.nn.attention.varlen is not available here")

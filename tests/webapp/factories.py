@@ -11,8 +11,8 @@ from webapp.catalog.models import LoraConfig
 from webapp.catalog.services import register_base_model, register_dataset
 from webapp.fleet.models import Worker
 from webapp.training.models import TrainingRun
-from workers.demo import toy_rows
-from workers.spec import suggest_train_params
+from workers.contract.spec import suggest_train_params
+from workers.training.demo import toy_rows
 
 
 def demo_objects(model_dir: Path, quantization: str = "none"):  # type: ignore[no-untyped-def]
@@ -64,7 +64,7 @@ def run_world(store: Path, owner: Any, base: Any, dataset: Any, config: Any) -> 
     from webapp.playground import services
     from webapp.playground.models import AdapterJob, MergedModel, PromptSet
     from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, RunEvent
-    from workers import jobspecs
+    from workers.contract import jobspecs
 
     def trained(name: str) -> tuple[TrainingRun, Adapter, int]:
         run = TrainingRun.objects.create(owner=owner, base_model=base, dataset=dataset, lora_config=config, name=name,

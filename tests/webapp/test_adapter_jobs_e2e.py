@@ -20,7 +20,7 @@ from tests.webapp.test_end_to_end import WORKER_NAME, WORKER_TOKEN, browser, csr
 from webapp.catalog.services import register_dataset
 from webapp.playground.models import AdapterJob, Comparison, MergedModel
 from webapp.training.models import Adapter
-from workers.demo import double_rows, toy_rows
+from workers.training.demo import double_rows, toy_rows
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 FINAL = ("succeeded", "failed", "cancelled")

@@ -13,7 +13,7 @@ from django.test import Client
 from tests.webapp.team import make
 from webapp.api.models import ApiKey
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from workers.demo import toy_rows
+from workers.training.demo import toy_rows
 
 
 @pytest.fixture

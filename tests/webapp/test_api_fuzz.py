@@ -23,7 +23,7 @@ from tests.webapp.api_helpers import key_for, make_team
 from tests.webapp.factories import make_run, make_worker
 from webapp.playground import services
 from webapp.training.models import Adapter, RunEvent, TrainingRun
-from workers.store import ArtifactStore
+from workers.contract.store import ArtifactStore
 
 EXAMPLES = int(os.environ.get("TUNEDECK_FUZZ_EXAMPLES", "6"))
 # A stream stays open while its job runs: it is tested on its own (test_api_runs), not fuzzed.

@@ -17,7 +17,7 @@ from tests.webapp.factories import make_run
 from webapp.fleet.models import Worker, hash_token
 from webapp.playground.models import AdapterJob, Comparison, MergedModel
 from webapp.training.models import Adapter, TrainingRun
-from workers.store import ArtifactStore
+from workers.contract.store import ArtifactStore
 
 
 @pytest.fixture
@@ -157,8 +157,9 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
 
     from tests.webapp.factories import make_worker
     from webapp.training import ledger
-    from workers import generate, jobspecs
-    from workers.reporter import MemoryReporter
+    from workers.adapters import generate
+    from workers.contract import jobspecs
+    from workers.contract.reporter import MemoryReporter
 
     source, uris = task_adapters
     shutil.copytree(source.path(uris["double"]), store_dir / "adapters" / "double")

@@ -16,7 +16,7 @@ from tests.webapp.api_helpers import Team, bearer, key_for, make_team, problem_o
 from tests.webapp.factories import make_run, run_world
 from webapp.playground.models import AdapterJob
 from webapp.training.models import RunEvent, TrainingRun
-from workers.spec import suggest_train_params
+from workers.contract.spec import suggest_train_params
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_references_take_an_id_or_a_name_and_a_refusal_names_the_field_the_value
 
     # A dataset named like another one's id: the string is ambiguous, a number is always an id.
     from webapp.catalog.services import register_dataset
-    from workers.demo import toy_rows
+    from workers.training.demo import toy_rows
 
     named_as_id = register_dataset(str(t.dataset.pk), "n.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(8, 1)).encode())
     body = problem_of(post(client, "/api/v1/runs/", t.run_body(dataset=str(t.dataset.pk)), raw), 400)
@@ -255,7 +255,7 @@ def test_clone_queues_a_new_run_with_the_same_inputs_for_the_caller(client: Clie
 
 def _test_rows(t: Team) -> Any:
     from webapp.catalog.services import register_dataset
-    from workers.demo import toy_rows
+    from workers.training.demo import toy_rows
 
     return register_dataset("toy-test", "test.jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(16, 9)).encode())
 

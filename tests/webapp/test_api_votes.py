@@ -19,14 +19,14 @@ from django.test import Client
 
 from tests.webapp.api_helpers import Team, bearer, key_for, make_team, problem_of
 from tests.webapp.factories import make_worker
-from webapp.client import adapters as cli
-from webapp.client.api import Api
-from webapp.client.config import Settings
-from webapp.client.errors import AUTH, FAILED, NOT_FOUND, OK, USAGE, CliError
+from tunedeck_cli import adapters as cli
+from tunedeck_cli.api import Api
+from tunedeck_cli.config import Settings
+from tunedeck_cli.errors import AUTH, FAILED, NOT_FOUND, OK, USAGE, CliError
 from webapp.playground import services
 from webapp.playground.models import AdapterJob, Comparison, PromptSet, Vote
 from webapp.training.models import Adapter
-from workers import jobspecs
+from workers.contract import jobspecs
 
 NAMES = ("add-adapter", "double-adapter")
 

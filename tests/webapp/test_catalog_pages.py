@@ -13,8 +13,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model, register_dataset
-from workers.demo import toy_rows
-from workers.store import ArtifactStore
+from workers.contract.store import ArtifactStore
+from workers.training.demo import toy_rows
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 
@@ -340,7 +340,7 @@ def test_a_decompression_bomb_is_refused_and_what_was_stored_stays(user_client, 
 
 @pytest.mark.django_db
 def test_the_bounds_follow_the_settings(user_client, store_dir, settings) -> None:  # type: ignore[no-untyped-def]
-    from workers.datafiles import Limits
+    from workers.data.datafiles import Limits
 
     settings.DATASET_LIMITS = Limits(max_rows=10)
     response = user_client.post("/datasets/", {"name": "many", "file": SimpleUploadedFile("many.jsonl", _jsonl(toy_rows(11, 0)))})

@@ -23,9 +23,9 @@ from tests.webapp.factories import demo_objects, make_worker
 from webapp.catalog.models import BaseModel
 from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import RunEvent, TrainingRun
-from workers.demo import toy_rows
-from workers.evaluate import completion_loss
-from workers.spec import suggest_train_params
+from workers.adapters.evaluate import completion_loss
+from workers.contract.spec import suggest_train_params
+from workers.training.demo import toy_rows
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 WORKER_NAME = f"e2e-{uuid.uuid4().hex[:8]}"

@@ -10,7 +10,7 @@ import pytest
 from tests.webapp.factories import demo_objects, make_run
 from webapp.catalog.models import LoraConfig
 from webapp.training.models import TrainingRun
-from workers.spec import LoraParams
+from workers.contract.spec import LoraParams
 
 
 @pytest.mark.django_db(transaction=True)
@@ -56,7 +56,7 @@ def test_params_are_stored_whole_and_a_typo_is_refused() -> None:
 def test_demo_presets_fit_the_demo_model(tiny_model_dir: Path, store_dir: Path) -> None:
     from webapp.catalog.demo import LORA_PRESETS, ensure_demo_content
     from webapp.catalog.models import BaseModel
-    from workers.modelinfo import check_adapter
+    from workers.training.modelinfo import check_adapter
 
     ensure_demo_content()
     base = BaseModel.objects.get()

@@ -384,7 +384,7 @@ def test_the_job_status_follows_the_run(world: dict[str, Any]) -> None:
                            sha256="0" * 64, trainable_params=1, total_params=2, metrics={"trained_tokens": 51234})
     succeeded = job()
     assert (succeeded.status, succeeded.fine_tuned_model, succeeded.error) == ("succeeded", f"tiny:ft-{run.pk}", None)
-    assert succeeded.trained_tokens == 51234  # what the runner counted (workers/train.py trained_tokens)
+    assert succeeded.trained_tokens == 51234  # what the runner counted (workers/training/train.py trained_tokens)
     TrainingRun.objects.filter(pk=run.pk).update(state="cancelled")
     assert job().status == "cancelled" and job().fine_tuned_model is None
 

@@ -18,7 +18,7 @@ from tests.webapp.fleetprocs import Fleet, until
 from webapp.api.models import ApiKey
 from webapp.catalog.models import Dataset
 from webapp.training.models import Adapter, TrainingRun
-from workers.demo import toy_rows
+from workers.training.demo import toy_rows
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 FINAL = ("succeeded", "failed", "cancelled")

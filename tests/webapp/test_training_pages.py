@@ -408,7 +408,7 @@ def _eval_world(tiny_model_dir):  # type: ignore[no-untyped-def]
 
     from tests.webapp.factories import demo_objects
     from webapp.catalog.services import register_dataset
-    from workers.demo import toy_rows
+    from workers.training.demo import toy_rows
 
     user, base, dataset, config = demo_objects(tiny_model_dir)
     rows = toy_rows(24, seed=77)
@@ -421,7 +421,7 @@ def _eval_world(tiny_model_dir):  # type: ignore[no-untyped-def]
 def _run_post(base, dataset, config, **overrides):  # type: ignore[no-untyped-def]
     import dataclasses
 
-    from workers.spec import suggest_train_params
+    from workers.contract.spec import suggest_train_params
 
     params = dataclasses.asdict(suggest_train_params(base.num_parameters))
     return {"base_model": base.pk, "dataset": dataset.pk, "lora_config": config.pk,
@@ -497,7 +497,7 @@ def long_prompt_dataset(name: str = "long"):  # type: ignore[no-untyped-def]
     import json
 
     from webapp.catalog.services import register_dataset
-    from workers.demo import toy_rows
+    from workers.training.demo import toy_rows
 
     rows = [*toy_rows(3, seed=4),
             *({"instruction": "add these numbers: " + " + ".join(str(k * i) for k in range(40)), "output": "0"}

@@ -171,11 +171,11 @@ def test_a_run_cancelled_between_its_claim_and_its_start_loads_nothing(  # type:
 ) -> None:
     """The worker holds the attempt (so the cancel is a flag): its first report's reply says so, and the
     runner stops there, before the dataset, the model or (on several GPUs) the process group."""
-    from workers.client import WorkerClient
-    from workers.launch import run_training_job
-    from workers.reporter import HttpReporter
-    from workers.spec import TrainSpec
-    from workers.store import ArtifactStore
+    from workers.contract.reporter import HttpReporter
+    from workers.contract.spec import TrainSpec
+    from workers.contract.store import ArtifactStore
+    from workers.runtime.client import WorkerClient
+    from workers.runtime.launch import run_training_job
 
     settings.ARTIFACT_STORE = tmp_path
     user, base, dataset, config = demo_objects(tiny_model_dir)

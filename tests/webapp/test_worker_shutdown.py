@@ -17,10 +17,10 @@ from tests.webapp.factories import demo_objects, make_run
 from tests.webapp.fleetprocs import Fleet, run_until, until
 from webapp.fleet.models import Worker
 from webapp.training.models import TrainingRun
-from workers import tasks
-from workers.client import StaleAttempt
-from workers.jobrunner import Cancelled, check_cancel, run_reported
-from workers.reporter import SUPERSEDED, MemoryReporter
+from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
+from workers.contract.reporter import SUPERSEDED, MemoryReporter
+from workers.runtime import tasks
+from workers.runtime.client import StaleAttempt
 
 
 @pytest.mark.e2e

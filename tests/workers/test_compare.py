@@ -13,19 +13,19 @@ from typing import Any
 
 import pytest
 
-from workers.demo import build_tiny_llama, double_rows, toy_rows
-from workers.generate import (
+from workers.adapters.generate import (
     encode_prompts,
     generate_grid,
     generate_token_grid,
     load_for_inference,
     run_compare,
 )
-from workers.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
-from workers.reporter import MemoryReporter
-from workers.spec import ModelRef
-from workers.stops import END_OF_TURN, Stop, decode, stop_tokens
-from workers.store import ArtifactStore
+from workers.adapters.stops import END_OF_TURN, Stop, decode, stop_tokens
+from workers.contract.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import ModelRef
+from workers.contract.store import ArtifactStore
+from workers.training.demo import build_tiny_llama, double_rows, toy_rows
 
 Adapters = tuple[ArtifactStore, dict[str, str]]  # the task_adapters fixture: (store, {task: adapter URI})
 Rows = list[dict[str, str]]
@@ -339,7 +339,7 @@ def test_a_4bit_base_is_batched_by_stacking_and_matches_sequential(
 ) -> None:
     """QLoRA adapters are compared on the 4-bit base they were trained on: the stacked path covers bitsandbytes
     layers too (the base layer runs quantized, the deltas are added), with the same answers as one by one."""
-    from workers.generate import stacked_lora
+    from workers.adapters.generate import stacked_lora
 
     store, uris = task_adapters
     refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
@@ -378,7 +378,7 @@ def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int
     import itertools
     import random
 
-    from workers.generate import length_buckets
+    from workers.adapters.generate import length_buckets
 
     rng = random.Random(seed)
     lengths = [rng.randint(2, 300) for _ in range(rng.randint(1, 11))]
@@ -396,7 +396,7 @@ def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int
 def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded_pass(
     loaded: Loaded, rows: Rows, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.generate as generate
+    import workers.adapters.generate as generate
 
     model, tokenizer = loaded
     # Prompts of very different lengths (1 to 6 questions) so that padding would be most of one padded pass.
@@ -427,7 +427,7 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
 
 
 def test_models_with_sliding_windows_or_single_length_prompts_are_not_prefilled(loaded: Loaded) -> None:
-    from workers.generate import can_prefill
+    from workers.adapters.generate import can_prefill
 
     model, _ = loaded
     assert can_prefill(model, [[1, 2, 3], [1, 2, 3, 4]])
@@ -478,8 +478,8 @@ CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 def test_answers_stop_where_the_chat_template_ends_an_assistant_turn_and_at_eos(
     tmp_path: Path, template: str | None, specials: list[str], expected: list[tuple[str, bool, str]]
 ) -> None:
-    from workers.demo import CHAT_TEMPLATE, build_tokenizer
-    from workers.train import FALLBACK_CHAT_TEMPLATE
+    from workers.training.demo import CHAT_TEMPLATE, build_tokenizer
+    from workers.training.train import FALLBACK_CHAT_TEMPLATE
 
     template = {"fallback": FALLBACK_CHAT_TEMPLATE, "demo": CHAT_TEMPLATE}.get(template or "", template)
     tokenizer = build_tokenizer(tmp_path, chat_template=template, extra_special_tokens=specials)
@@ -491,8 +491,8 @@ def test_answers_stop_where_the_chat_template_ends_an_assistant_turn_and_at_eos(
 
 
 def test_a_stop_string_is_cut_from_the_text_and_held_back_while_it_may_be_starting(tmp_path: Path) -> None:
-    from workers.demo import build_tokenizer
-    from workers.train import FALLBACK_CHAT_TEMPLATE
+    from workers.training.demo import build_tokenizer
+    from workers.training.train import FALLBACK_CHAT_TEMPLATE
 
     tokenizer = build_tokenizer(tmp_path, chat_template=FALLBACK_CHAT_TEMPLATE)
     stops = stop_tokens(tokenizer)
@@ -512,7 +512,7 @@ def test_a_stop_string_is_cut_from_the_text_and_held_back_while_it_may_be_starti
 def test_a_turn_end_that_is_an_added_but_not_special_token_is_left_out_of_the_text(tmp_path: Path) -> None:
     """A turn end may be an added token that is not a special one (get_added_vocab lists both): it still stops
     the answer, and it is no part of its text although decoding skips special tokens only."""
-    from workers.demo import build_tokenizer
+    from workers.training.demo import build_tokenizer
 
     template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|end|>\\n' }}{% endfor %}"
     tokenizer = build_tokenizer(tmp_path, chat_template=template)
@@ -581,11 +581,11 @@ def test_a_chat_adapter_stops_at_the_token_that_ends_its_turn_not_at_eos(chatml_
 def test_a_turn_end_of_several_tokens_is_cut_from_the_answer_as_it_streams(
     tiny_model_dir: Path, tmp_path: Path, rows: Rows
 ) -> None:
-    """A template whose turn end is no single token here (workers.train's ChatML-style fallback on a tokenizer
+    """A template whose turn end is no single token here (workers.training.train's ChatML-style fallback on a tokenizer
     without <|im_end|>) stops on the text: the answer is cut before it, and no piece of it is ever streamed."""
     import shutil
 
-    from workers.demo import CHAT_TEMPLATE
+    from workers.training.demo import CHAT_TEMPLATE
 
     store = ArtifactStore(tmp_path / "store")
     prompt = rows[0]["instruction"]
@@ -611,12 +611,12 @@ def test_a_turn_end_of_several_tokens_is_cut_from_the_answer_as_it_streams(
 
 
 def test_a_system_prompt_reaches_the_model_in_a_comparison(task_adapters: Adapters, loaded: Loaded) -> None:
-    """A dataset row's prompt is its whole conversation before the answer (workers.prompts.prompt_row, as for
+    """A dataset row's prompt is its whole conversation before the answer (workers.data.prompts.prompt_row, as for
     evaluations): the system prompt goes through the chat template to the model, not the last user turn alone."""
     import torch
 
-    from workers.datasets import to_trl_row
-    from workers.prompts import prompt_row
+    from workers.data.datasets import to_trl_row
+    from workers.data.prompts import prompt_row
 
     store, uris = task_adapters
     model, tokenizer = loaded

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from workers.config import ConfigError
-from workers.datafiles import Limits
-from workers.datasets import (
+from workers.data.datafiles import Limits
+from workers.data.datasets import (
     MAX_PROBLEMS,
     PREVIEW_CELL_CHARS,
     PREVIEW_ROWS,
@@ -591,7 +591,7 @@ def test_validating_a_decompression_bomb_keeps_memory_bounded(tmp_path: Path) ->
     assert path.stat().st_size < 100_000
     script = (
         "import json, resource, sys\n"
-        "from workers.datasets import validate_file\n"
+        "from workers.data.datasets import validate_file\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "report = validate_file(sys.argv[1])\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -1,6 +1,6 @@
 """Multi-process training on the CPU: torchrun with the gloo backend, the tiny model, the real launcher.
 
-Each run here starts a torchrun group of 2 real processes through `workers.launch.run_training_job`; the
+Each run here starts a torchrun group of 2 real processes through `workers.runtime.launch.run_training_job`; the
 reporter is an in-memory one held by the test process, as the Celery task holds the HTTP one.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from workers.demo import write_toy_dataset
-from workers.reporter import MemoryReporter
-from workers.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
-from workers.store import ArtifactStore
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
+from workers.contract.store import ArtifactStore
+from workers.training.demo import write_toy_dataset
 
 # A group that does not end within this long has hung (a run here takes seconds).
 HANG_S = 300
@@ -48,7 +48,7 @@ def make_spec(model_dir: Path, name: str, num_gpus: int, **train: Any) -> TrainS
 
 def launch(spec: TrainSpec, reporter: MemoryReporter, store: ArtifactStore) -> dict[str, Any] | None:
     """run_training_job in a thread, so that a hung group fails the test instead of blocking it."""
-    from workers.launch import run_training_job
+    from workers.runtime.launch import run_training_job
 
     outcome: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_training_job(spec, lambda: reporter, store)))
@@ -75,7 +75,7 @@ def group_processes() -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"torch.distributed.run" in cmdline or b"workers.distributed" in cmdline:
+        if b"torch.distributed.run" in cmdline or b"workers.runtime.distributed" in cmdline:
             if state != "Z" and _descends_from(int(entry.name), os.getpid()):
                 found.append(int(entry.name))
     return found
@@ -99,7 +99,7 @@ def rank_pid(rank: int) -> int | None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"workers.distributed" in cmdline and f"RANK={rank}".encode() in environ:
+        if b"workers.runtime.distributed" in cmdline and f"RANK={rank}".encode() in environ:
             return pid
     return None
 
@@ -154,7 +154,7 @@ def test_cancel_stops_every_rank_at_the_same_step(tiny_model_dir: Path, store: A
 def test_a_handover_checkpoints_on_every_rank_at_one_step_and_hands_the_job_back(
     tiny_model_dir: Path, store: ArtifactStore
 ) -> None:
-    from workers.jobrunner import INTERRUPTED
+    from workers.contract.jobrunner import INTERRUPTED
 
     reporter = MemoryReporter()
     reporter.stop_check = lambda: "the worker is shutting down" if len(reporter.events) > 15 else ""
@@ -322,13 +322,13 @@ LLAMA_70B = {
 def llama_70b() -> Any:
     from transformers import AutoConfig
 
-    from workers.estimate import ModelShape
+    from workers.training.estimate import ModelShape
 
     return ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_70B))
 
 
 def test_fsdp_divides_what_it_shards_and_keeps_activations_per_gpu() -> None:
-    from workers.estimate import FSDP_GATHERED_LAYERS, GiB, estimate
+    from workers.training.estimate import FSDP_GATHERED_LAYERS, GiB, estimate
 
     shape = llama_70b()
     one = estimate(shape, quantization="4bit", seq_len=2048, micro_batch=1)
@@ -342,7 +342,7 @@ def test_fsdp_divides_what_it_shards_and_keeps_activations_per_gpu() -> None:
 
 
 def test_ddp_replicates_and_adds_its_gradient_buckets() -> None:
-    from workers.estimate import estimate
+    from workers.training.estimate import estimate
 
     shape = llama_70b()
     one = estimate(shape, quantization="4bit", seq_len=2048, micro_batch=2)
@@ -352,7 +352,7 @@ def test_ddp_replicates_and_adds_its_gradient_buckets() -> None:
 
 
 def test_the_spec_estimate_uses_each_gpus_share_of_the_batch() -> None:
-    from workers.estimate import estimate_for_spec
+    from workers.training.estimate import estimate_for_spec
 
     shape, lora = llama_70b(), LoraParams(quantization="4bit")
     one = estimate_for_spec(shape, lora, TrainParams(batch_size=4, grad_accum=1, max_seq_length=2048))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine import Plan, PlanError, check_switches, limit_checkpointed_layers, resolve_plan
-from workers.spec import LoraParams, TrainParams
+from workers.contract.spec import LoraParams, TrainParams
+from workers.training.engine import Plan, PlanError, check_switches, limit_checkpointed_layers, resolve_plan
 
 GiB = 2**30
 
@@ -29,8 +29,8 @@ def plan_for(train: TrainParams, estimator=None, device: str = "cuda", gpu: int 
 @pytest.fixture
 def on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the kernels exist, so the plan logic can be checked on a CPU machine."""
-    monkeypatch.setattr("workers.engine.varlen_available", lambda: True)
-    monkeypatch.setattr("workers.engine.liger_available", lambda: True)
+    monkeypatch.setattr("workers.training.engine.varlen_available", lambda: True)
+    monkeypatch.setattr("workers.training.engine.liger_available", lambda: True)
 
 
 def test_throughput_mode_drops_recomputation_when_the_run_fits(on_gpu: None) -> None:
@@ -86,7 +86,7 @@ def test_combinations_refused_on_any_device_name_the_field() -> None:
 def test_only_the_chosen_decoder_layers_recompute(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
-    from workers.engine import decoder_layers
+    from workers.training.engine import decoder_layers
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -98,7 +98,7 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.engine import tile_mlp
+    from workers.training.engine import tile_mlp
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

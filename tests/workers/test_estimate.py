@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from workers import estimate as est
-from workers.estimate import GiB, ModelShape, UnsupportedModel, estimate, estimate_for_spec
-from workers.spec import LoraParams, TrainParams
+from workers.contract.spec import LoraParams, TrainParams
+from workers.training import estimate as est
+from workers.training.estimate import GiB, ModelShape, UnsupportedModel, estimate, estimate_for_spec
 
 LLAMA_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -88,7 +88,7 @@ def test_it_counts_gpt2_conv1d_layers_and_shared_leaf_names() -> None:
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_it_reads_each_family_as_its_model_builds(model_type: str) -> None:
-    from workers.modelinfo import linear_module_names
+    from workers.training.modelinfo import linear_module_names
 
     cfg = config(model_type, **FAMILIES[model_type])
     model = meta_model(cfg)

@@ -1,4 +1,4 @@
-"""Evaluation runner on the tiny random Llama and its two toy adapters; scores of workers.scoring by hand."""
+"""Evaluation runner on the tiny random Llama and its two toy adapters; scores of workers.adapters.scoring by hand."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from workers.datasets import load_trl_rows, to_trl_row
-from workers.evaluate import completion_loss, encode, eval_rows, held_out_indices, reference_nll, run_evaluate
-from workers.jobspecs import BASE_KEY, AdapterRef, EvaluateSpec, GenerationParams
-from workers.peftsetup import RunnerError
-from workers.reporter import MemoryReporter
-from workers.scoring import exact_match, lcs_length, normalise, rouge_l, tokens
-from workers.spec import DatasetRef, ModelRef
-from workers.store import ArtifactStore
+from workers.adapters.evaluate import completion_loss, encode, eval_rows, held_out_indices, reference_nll, run_evaluate
+from workers.adapters.scoring import exact_match, lcs_length, normalise, rouge_l, tokens
+from workers.contract.jobspecs import BASE_KEY, AdapterRef, EvaluateSpec, GenerationParams
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import DatasetRef, ModelRef
+from workers.contract.store import ArtifactStore
+from workers.data.datasets import load_trl_rows, to_trl_row
+from workers.training.peftsetup import RunnerError
 
 # --- scoring -----------------------------------------------------------------------------------------------
 
@@ -80,8 +80,8 @@ def test_chat_rows_score_the_last_assistant_turn_given_every_turn_before_it() ->
 
 @pytest.mark.parametrize(("count", "fraction", "seed"), [(512, 0.1, 42), (512, 0.25, 7), (10, 0.3, 1), (3, 0.1, 0)])
 def test_held_out_indices_are_the_rows_training_held_out(count: int, fraction: float, seed: int) -> None:
-    from workers.spec import LoraParams, TrainParams, TrainSpec
-    from workers.train import _split_eval
+    from workers.contract.spec import LoraParams, TrainParams, TrainSpec
+    from workers.training.train import _split_eval
 
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(count)]
     spec = TrainSpec(
@@ -108,8 +108,8 @@ def test_batched_loss_equals_the_loss_of_each_row_alone(tiny_model_dir: Path, ta
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.demo import toy_rows
-    from workers.jobspecs import PromptRow
+    from workers.contract.jobspecs import PromptRow
+    from workers.training.demo import toy_rows
 
     store, uris = task_adapters
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -140,7 +140,7 @@ def test_batched_loss_equals_the_loss_of_each_row_alone(tiny_model_dir: Path, ta
 
 
 def test_rows_longer_than_the_context_are_cut_to_fit() -> None:
-    from workers.evaluate import Encoded, fit_context
+    from workers.adapters.evaluate import Encoded, fit_context
 
     short = Encoded(ids=list(range(10)), start=6, prompt_ids=list(range(6)))
     long_answer = Encoded(ids=list(range(30)), start=5, prompt_ids=list(range(5)))
@@ -157,7 +157,7 @@ def test_completion_loss_still_scores_instruction_output_rows(tiny_model_dir: Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.demo import double_rows, toy_rows
+    from workers.training.demo import double_rows, toy_rows
 
     store, uris = task_adapters
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -255,8 +255,8 @@ def test_references_equal_to_an_adapters_own_answers_score_full_marks_for_it(
 
 
 def test_the_held_out_split_scores_exactly_the_rows_training_held_out(tiny_model_dir: Path, task_adapters: Any) -> None:
-    from workers.spec import LoraParams, TrainParams, TrainSpec
-    from workers.train import _split_eval
+    from workers.contract.spec import LoraParams, TrainParams, TrainSpec
+    from workers.training.train import _split_eval
 
     store, uris = task_adapters
     spec = make_spec(
@@ -361,7 +361,7 @@ def test_an_answer_followed_by_the_end_of_turn_token_scores_full_marks(chatml_ad
     from transformers import AutoTokenizer
 
     from tests.workers.test_compare import greedy_until
-    from workers.demo import double_rows
+    from workers.training.demo import double_rows
 
     model_dir, store, uri = chatml_adapter
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub
-from workers.hub import HubError, push_folder, repo_id_problem
+from workers.adapters.hub import HubError, push_folder, repo_id_problem
 
 TOKEN = "hf_TestTokenAbcdefghijklmnop0123456789"
 

@@ -27,8 +27,8 @@ NOTICE = "gemm_4bit_forward"
 JOB = """
 import json
 import sys
-from workers.jobrunner import run_reported
-from workers.reporter import MemoryReporter
+from workers.contract.jobrunner import run_reported
+from workers.contract.reporter import MemoryReporter
 
 reporter = MemoryReporter()
 
@@ -36,9 +36,9 @@ def body():
     import torch
     from bitsandbytes.functional import has_avx512bf16
     from transformers import AutoModelForCausalLM
-    from workers.peftsetup import quantization_config
-    from workers.spec import LoraParams
-    from workers.train import run_training  # noqa: F401  (the runner's own imports: peft, trl, bitsandbytes)
+    from workers.training.peftsetup import quantization_config
+    from workers.contract.spec import LoraParams
+    from workers.training.train import run_training  # noqa: F401  (the runner's own imports: peft, trl, bitsandbytes)
 
     config = quantization_config(LoraParams(quantization="4bit"), torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config)

@@ -14,10 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from workers import merge
-from workers.demo import build_tiny_gpt2, build_tiny_llama
-from workers.jobspecs import COMBINATIONS, DENSITY_COMBINATIONS, AdapterRef, CombineSpec, MergeSpec
-from workers.merge import (
+from workers.adapters import merge
+from workers.adapters.merge import (
     TOLERANCES,
     LoraFile,
     peft_merge,
@@ -27,9 +25,11 @@ from workers.merge import (
     verify_merge,
     write_companions,
 )
-from workers.reporter import MemoryReporter
-from workers.spec import ModelRef
-from workers.store import ArtifactStore, sha256_of
+from workers.contract.jobspecs import COMBINATIONS, DENSITY_COMBINATIONS, AdapterRef, CombineSpec, MergeSpec
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import ModelRef
+from workers.contract.store import ArtifactStore, sha256_of
+from workers.training.demo import build_tiny_gpt2, build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -352,9 +352,9 @@ def test_a_float32_reference_that_fails_to_load_falls_back_and_says_so(
 
 
 def test_a_qlora_adapter_merges_into_the_unquantized_base(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    from workers.demo import write_toy_dataset
-    from workers.spec import DatasetRef, LoraParams, TrainSpec, suggest_train_params
-    from workers.train import run_training
+    from workers.contract.spec import DatasetRef, LoraParams, TrainSpec, suggest_train_params
+    from workers.training.demo import write_toy_dataset
+    from workers.training.train import run_training
 
     write_toy_dataset(store.path("store://datasets/add.jsonl"), task="add", seed=3)
     train = suggest_train_params(100_000)
@@ -501,7 +501,7 @@ def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.merge import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+    from workers.adapters.merge import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 
     base = build_tiny_llama(tmp_path / "mid", hidden_size=768, layers=8)
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from workers.demo import build_tiny_gpt2, write_toy_dataset
-from workers.modelinfo import check_adapter, inspect_model, resolve_targets
-from workers.reporter import MemoryReporter
-from workers.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
-from workers.store import ArtifactStore
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec
+from workers.contract.store import ArtifactStore
+from workers.training.demo import build_tiny_gpt2, write_toy_dataset
+from workers.training.modelinfo import check_adapter, inspect_model, resolve_targets
 
 LLAMA_MODULES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -36,8 +36,8 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train(model_dir: Path, store: ArtifactStore, name: str, **lora: Any) -> tuple[Path, MemoryReporter]:
-    """Four steps through workers.train.run_training; returns the adapter folder."""
-    from workers.train import run_training
+    """Four steps through workers.training.train.run_training; returns the adapter folder."""
+    from workers.training.train import run_training
 
     spec = TrainSpec(
         run_id=1,
@@ -174,7 +174,7 @@ def test_loftq_starts_the_4bit_base_closer_to_the_full_precision_weights(tiny_mo
     from peft.tuners.lora import Linear4bit
     from transformers import AutoModelForCausalLM
 
-    from workers.peftsetup import build_peft_config, prepare_adapter, quantization_config
+    from workers.training.peftsetup import build_peft_config, prepare_adapter, quantization_config
 
     lora = LoraParams(quantization="4bit", init="loftq", r=8, alpha=8)
     base = AutoModelForCausalLM.from_pretrained(
@@ -203,7 +203,7 @@ def test_pissa_and_olora_adapters_apply_to_the_original_base(tiny_model_dir: Pat
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.peftsetup import build_peft_config, prepare_adapter, save_adapter
+    from workers.training.peftsetup import build_peft_config, prepare_adapter, save_adapter
 
     lora = LoraParams(init=init, r=4, alpha=8, dropout=0.0, target_modules=["attention+mlp"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -279,7 +279,7 @@ def test_prompt_tuning_starts_from_the_text_and_moves_away(tiny_model_dir: Path,
 
 
 def test_prefix_tuning_refuses_gradient_checkpointing_before_training(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     spec = TrainSpec(
         run_id=1, attempt=1, base_model=ModelRef(source=str(tiny_model_dir)),
@@ -313,7 +313,7 @@ def test_gpt2_presets_tell_attention_c_proj_from_mlp_c_proj(tiny_gpt2_dir: Path)
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.peftsetup import build_peft_config
+    from workers.training.peftsetup import build_peft_config
 
     def adapted(lora: LoraParams) -> set[str]:
         base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -357,7 +357,7 @@ def test_unknown_targets_are_refused_with_the_valid_names(tiny_model_dir: Path, 
 
 def test_dora_on_an_8bit_base_is_refused_on_cpu_only(tiny_model_dir: Path, store: ArtifactStore) -> None:
     """bitsandbytes' CPU int8 path loses the weight scales DoRA reads after one step (it trains on CUDA)."""
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     lora = LoraParams(use_dora=True, quantization="8bit")
     assert lora.validate() == {}  # nothing wrong with it on a GPU worker
@@ -377,7 +377,7 @@ def test_dora_on_an_8bit_base_is_refused_on_cpu_only(tiny_model_dir: Path, store
 def test_the_runner_refuses_a_module_to_save_that_does_not_exist(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from workers.peftsetup import RunnerError, build_peft_config
+    from workers.training.peftsetup import RunnerError, build_peft_config
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert build_peft_config(LoraParams(modules_to_save=["lm_head"]), base).modules_to_save == ["lm_head"]

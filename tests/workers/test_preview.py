@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from workers.datasets import load_trl_rows, to_trl_row
-from workers.preview import (
+from workers.data.datasets import load_trl_rows, to_trl_row
+from workers.training.preview import (
     Example,
     dataset_stats,
     histogram,
@@ -241,7 +241,7 @@ def test_token_texts_join_to_the_decoded_text_even_across_multibyte_characters(t
 def test_a_tokenizer_without_chat_template_gets_the_train_runners_fallback(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from workers.train import FALLBACK_CHAT_TEMPLATE
+    from workers.training.train import FALLBACK_CHAT_TEMPLATE
 
     bare = AutoTokenizer.from_pretrained(tiny_model_dir)
     bare.chat_template = None
@@ -321,7 +321,7 @@ def test_bad_arguments_are_refused(tokenizer: Any) -> None:
 
 
 def test_rows_whose_prompt_fills_max_length_are_named_longest_first(tokenizer: Any) -> None:
-    from workers.preview import UntrainedRow, rows_cut_before_training
+    from workers.training.preview import UntrainedRow, rows_cut_before_training
 
     rows = [{"prompt": "1 + 1 =", "completion": " 2"},
             {"prompt": "add " + " + ".join(map(str, range(30))), "completion": " 435"},

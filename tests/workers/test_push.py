@@ -10,10 +10,10 @@ import pytest
 
 from tests.fakehub import FakeHub
 from tests.workers.test_hub import TOKEN, files_of
-from workers.jobspecs import PushSpec, spec_from_dict
-from workers.push import run_push
-from workers.reporter import MemoryReporter
-from workers.store import ArtifactStore
+from workers.adapters.push import run_push
+from workers.contract.jobspecs import PushSpec, spec_from_dict
+from workers.contract.reporter import MemoryReporter
+from workers.contract.store import ArtifactStore
 
 
 @pytest.fixture

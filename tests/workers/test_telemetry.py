@@ -14,7 +14,7 @@ from tests.webapp.factories import demo_objects, make_run, make_worker
 from webapp.fleet.models import Worker
 from webapp.training import ledger
 from webapp.training.models import TrainingRun
-from workers import telemetry
+from workers.runtime import telemetry
 
 
 def test_inventory_on_a_machine_without_gpus_reports_the_host_and_the_package_versions() -> None:

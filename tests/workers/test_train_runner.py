@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from workers.demo import toy_rows, write_toy_dataset
-from workers.evaluate import completion_loss
-from workers.reporter import MemoryReporter
-from workers.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
-from workers.store import ArtifactStore
+from workers.adapters.evaluate import completion_loss
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+from workers.contract.store import ArtifactStore
+from workers.training.demo import toy_rows, write_toy_dataset
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def load_adapter(model_dir: Path, adapter_dir: Path):  # type: ignore[no-untyped
 def test_lora_run_learns_the_toy_task_and_reports_progress(tiny_model_dir: Path, store: ArtifactStore) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     reporter = MemoryReporter()
     result = run_training(make_spec(tiny_model_dir), reporter, store)
@@ -69,7 +69,7 @@ def test_lora_run_learns_the_toy_task_and_reports_progress(tiny_model_dir: Path,
 
 
 def test_qlora_4bit_nf4_run_succeeds_on_cpu_and_its_adapter_loads(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     reporter = MemoryReporter()
     result = run_training(make_spec(tiny_model_dir, quantization="4bit", quant_type="nf4", double_quant=True), reporter, store)
@@ -81,7 +81,7 @@ def test_qlora_4bit_nf4_run_succeeds_on_cpu_and_its_adapter_loads(tiny_model_dir
 
 
 def test_a_missing_base_model_path_fails_with_a_readable_reason(tmp_path: Path, store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     reporter = MemoryReporter()
     assert run_training(make_spec(tmp_path / "no-such-model"), reporter, store) is None
@@ -92,7 +92,7 @@ def test_a_missing_base_model_path_fails_with_a_readable_reason(tmp_path: Path, 
 
 
 def test_an_unknown_target_module_fails_with_the_valid_names(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     reporter = MemoryReporter()
     run_training(make_spec(tiny_model_dir, target_modules=["q_proj", "attn_c"]), reporter, store)
@@ -101,7 +101,7 @@ def test_an_unknown_target_module_fails_with_the_valid_names(tiny_model_dir: Pat
 
 
 def test_cancel_stops_training_within_a_few_steps(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     spec = make_spec(tiny_model_dir)
     spec.train.max_steps, spec.train.logging_steps = 2000, 1
@@ -127,7 +127,7 @@ class DyingReporter(MemoryReporter):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_model_dir: Path, store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     def spec(attempt: int, checkpoints: str) -> TrainSpec:
         s = make_spec(tiny_model_dir)
@@ -175,7 +175,7 @@ def test_a_shutdown_hands_over_at_the_step_reached_even_without_periodic_checkpo
                                                                                      store: ArtifactStore) -> None:
     """save_steps 0 (the tiny demo's suggestion) keeps no periodic checkpoints, but a worker that shuts down
     still saves one where the run stands: the next attempt resumes there instead of at step 0."""
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     def spec(attempt: int) -> TrainSpec:
         s = make_spec(tiny_model_dir)
@@ -204,7 +204,7 @@ def test_a_handover_never_takes_back_a_save_flagged_at_the_same_step(can_save: b
     (no checkpoint folder) stops the run but leaves that flag as it is."""
     from transformers import TrainerControl
 
-    from workers.train import HandoverCallback
+    from workers.training.train import HandoverCallback
 
     reporter = MemoryReporter()
     reporter.stop_check = lambda: "the worker is shutting down"
@@ -227,8 +227,8 @@ def _rows_file(store: ArtifactStore, name: str, rows: list[dict[str, object]]) -
 def test_an_eval_dataset_is_what_the_run_evaluates_on_and_tokens_are_counted(tiny_model_dir: Path,
                                                                               store: ArtifactStore) -> None:
     """Two runs alike but for their eval dataset: the same training, other eval losses, each on its own rows."""
-    from workers.demo import TOY_TASKS
-    from workers.train import run_training
+    from workers.training.demo import TOY_TASKS
+    from workers.training.train import run_training
 
     evals = {"add": _rows_file(store, "add-test", toy_rows(24, seed=31)),
              "double": _rows_file(store, "double-test", TOY_TASKS["double"](40, 32))}
@@ -267,7 +267,7 @@ def test_chat_eval_rows_break_plain_text_training_on_a_base_without_a_chat_templ
     import json
     import shutil
 
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     bare = tmp_path / "tiny-no-template"
     shutil.copytree(tiny_model_dir, bare)
@@ -291,7 +291,7 @@ def test_the_log_says_max_steps_sets_the_length_and_checkpoints_say_which_are_ke
                                                                                   store: ArtifactStore) -> None:
     import re
 
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     spec = make_spec(tiny_model_dir)
     spec.checkpoint_uri = "store://runs/1/checkpoints"
@@ -310,7 +310,7 @@ def test_the_log_says_max_steps_sets_the_length_and_checkpoints_say_which_are_ke
 
 
 def test_the_schedule_line_names_what_sets_the_length() -> None:
-    from workers.train import schedule_line
+    from workers.training.train import schedule_line
 
     assert schedule_line(4000, 3.0, 4000, 1714) == "Training: 4,000 steps (max_steps; about 2.33 epochs)"
     assert schedule_line(120, 1.0, 120, 120) == "Training: 120 steps (max_steps; about 1 epoch)"
@@ -331,7 +331,7 @@ def _long_prompt_rows(count: int) -> list[dict[str, object]]:
 @pytest.mark.parametrize("batching", ["pad", "pack"])
 def test_a_dataset_whose_every_row_is_cut_before_its_answer_fails_with_a_clear_reason(
         tiny_model_dir: Path, store: ArtifactStore, batching: str) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     spec = make_spec(tiny_model_dir)
     spec.dataset = DatasetRef(uri=_rows_file(store, "long", _long_prompt_rows(8)), format="alpaca")
@@ -346,7 +346,7 @@ def test_a_dataset_whose_every_row_is_cut_before_its_answer_fails_with_a_clear_r
 
 def test_rows_cut_before_their_answer_are_named_in_the_log_and_the_rest_trains(tiny_model_dir: Path,
                                                                               store: ArtifactStore) -> None:
-    from workers.train import run_training
+    from workers.training.train import run_training
 
     rows = toy_rows(16, seed=3)
     rows[2:4] = _long_prompt_rows(2)

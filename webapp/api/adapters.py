@@ -46,8 +46,8 @@ from webapp.playground.forms import PushForm
 from webapp.playground.models import Comparison, JobKind, MergedModel, PromptSet
 from webapp.playground.views import _grid, _zip_response, merged_files
 from webapp.training.models import Adapter, AdapterOrigin, TrainingRun
-from workers import jobspecs
-from workers.store import ArtifactStore
+from workers.contract import jobspecs
+from workers.contract.store import ArtifactStore
 
 INT32 = 2**31 - 1
 ZIP_RESPONSE = {(200, "application/zip"): OpenApiResponse(OpenApiTypes.BINARY, description="A zip of the files.")}

@@ -23,9 +23,9 @@ from webapp.api.problems import problem
 from webapp.catalog.forms import LORA_FIELDS, BaseModelForm, DatasetUploadForm, LoraConfigForm
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model, register_dataset
-from workers import spec
-from workers.datasets import DatasetError
-from workers.modelinfo import ModelNotFound
+from workers.contract import spec
+from workers.data.datasets import DatasetError
+from workers.training.modelinfo import ModelNotFound
 
 PROBLEM = OpenApiResponse(description="An RFC 9457 problem (application/problem+json); `errors` names the fields.")
 BY_NAME = extend_schema(parameters=[OpenApiParameter(

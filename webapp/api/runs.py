@@ -42,8 +42,8 @@ from webapp.training import deletion
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import RunEvent, RunState, TrainingRun
-from workers import spec
-from workers.spec import TrainParams, suggest_train_params
+from workers.contract import spec
+from workers.contract.spec import TrainParams, suggest_train_params
 
 INT32 = 2**31 - 1
 

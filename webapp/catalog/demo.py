@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model, register_dataset, store
 from workers.config import env_str
-from workers.demo import build_tiny_llama, toy_rows
+from workers.training.demo import build_tiny_llama, toy_rows
 
 DEMO_MODEL = "demo-tiny-llama"
 DEMO_DATASET = "demo-addition"

@@ -11,8 +11,8 @@ from django.core.exceptions import NON_FIELD_ERRORS
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import local_model_roots
-from workers import spec
-from workers.preview import BATCHINGS
+from workers.contract import spec
+from workers.training.preview import BATCHINGS
 
 LORA_CHOICES: dict[str, tuple[str, ...]] = {
     "method": spec.METHODS,

@@ -6,7 +6,7 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
-from workers import spec
+from workers.contract import spec
 
 
 def _choices(values: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -75,7 +75,7 @@ METHOD_CHOICES = [(m, METHOD_LABELS.get(m, m)) for m in spec.METHODS]
 
 
 class LoraConfig(models.Model):
-    """A named, reusable adapter preset. `params` holds a whole `workers.spec.LoraParams` (every field, so a
+    """A named, reusable adapter preset. `params` holds a whole `workers.contract.spec.LoraParams` (every field, so a
     saved config keeps its meaning when defaults change); `method` repeats params["method"] for lists."""
 
     name = models.CharField(max_length=200, unique=True)

@@ -14,8 +14,9 @@ from django.conf import settings
 from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset, DatasetPreview
-from workers import spec
-from workers.datasets import (
+from workers.contract import spec
+from workers.contract.store import ArtifactStore, sha256_stream
+from workers.data.datasets import (
     DatasetError,
     numbered_records,
     suffix_of,
@@ -23,9 +24,9 @@ from workers.datasets import (
     unit_of,
     validate_stream,
 )
-from workers.estimate import ModelShape
-from workers.modelinfo import ModelInfo, ModelNotFound, inspect_model, local_model_folder, looks_like_path
-from workers.preview import (
+from workers.training.estimate import ModelShape
+from workers.training.modelinfo import ModelInfo, ModelNotFound, inspect_model, local_model_folder, looks_like_path
+from workers.training.preview import (
     LENGTH_CHECK_ROWS,
     Example,
     LengthStats,
@@ -34,7 +35,6 @@ from workers.preview import (
     prepare_examples,
     rows_cut_before_training,
 )
-from workers.store import ArtifactStore, sha256_stream
 
 log = logging.getLogger(__name__)
 

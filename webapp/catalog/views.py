@@ -37,11 +37,11 @@ from webapp.catalog.services import (
     register_dataset,
     tokenizer_for,
 )
-from workers import spec
-from workers.datasets import DatasetError
-from workers.estimate import estimate_for_spec
-from workers.modelinfo import ModelNotFound
-from workers.preview import render_row
+from workers.contract import spec
+from workers.data.datasets import DatasetError
+from workers.training.estimate import estimate_for_spec
+from workers.training.modelinfo import ModelNotFound
+from workers.training.preview import render_row
 
 
 def _invalid_status(request: HttpRequest) -> int:

@@ -8,7 +8,7 @@ from django import forms
 from webapp.catalog.models import Dataset
 from webapp.playground.models import PromptSet
 from webapp.training.models import Adapter, TrainingRun
-from workers import jobspecs
+from workers.contract import jobspecs
 
 
 def _adapter_choices() -> Any:

@@ -19,7 +19,7 @@ from django.utils.crypto import salted_hmac
 
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, LedgerJob
-from workers.jobspecs import BASE_KEY, JOB_SPECS
+from workers.contract.jobspecs import BASE_KEY, JOB_SPECS
 
 
 class JobKind(models.TextChoices):
@@ -52,7 +52,7 @@ class AdapterJob(LedgerJob):
         return f"{self.get_kind_display()} job {self.pk}"
 
     def output_uri(self) -> str:
-        from workers.store import ArtifactStore
+        from workers.contract.store import ArtifactStore
 
         return ArtifactStore.uri("jobs", self.pk, "output")
 

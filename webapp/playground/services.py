@@ -19,11 +19,11 @@ from webapp.fleet.scheduler import adapter_job_needs
 from webapp.playground.models import AdapterJob, Comparison, JobKind, PromptSet
 from webapp.training import ledger
 from webapp.training.models import Adapter, TrainingRun
-from workers import jobspecs
-from workers.datasets import numbered_records, to_trl_row
-from workers.prompts import prompt_row
-from workers.spec import DatasetRef
-from workers.store import ArtifactStore
+from workers.contract import jobspecs
+from workers.contract.spec import DatasetRef
+from workers.contract.store import ArtifactStore
+from workers.data.datasets import numbered_records, to_trl_row
+from workers.data.prompts import prompt_row
 
 MAX_PROMPTS = 512
 
@@ -254,7 +254,7 @@ def parse_prompts(text: str) -> list[dict[str, str]]:
 
 def dataset_prompts(dataset: Dataset, count: int) -> list[dict[str, Any]]:
     """The first `count` rows of a dataset as prompts with their reference answers, as evaluations take them
-    (workers.prompts.prompt_row): a conversation's every turn before its last answer, system prompt included."""
+    (workers.data.prompts.prompt_row): a conversation's every turn before its last answer, system prompt included."""
     if dataset.format == "text":
         raise JobError({"dataset": f"{dataset} is plain text: it has no prompts with answers"})
     try:

@@ -31,8 +31,8 @@ from webapp.playground.models import (
 from webapp.training import ledger
 from webapp.training.models import Adapter
 from webapp.training.views import _cursor, _sse, event_stream, log_line, sse_response
-from workers import jobspecs
-from workers.store import ArtifactStore
+from workers.contract import jobspecs
+from workers.contract.store import ArtifactStore
 
 LOG_TAIL = 500
 MERGED_PER_PAGE = 50

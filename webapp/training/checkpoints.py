@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webapp.training.models import RunEvent, TrainingRun
-from workers.spec import TrainParams
+from workers.contract.spec import TrainParams
 
 
 @dataclass

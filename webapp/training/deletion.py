@@ -34,8 +34,8 @@ from webapp.catalog.services import store
 from webapp.playground.models import AdapterJob, Comparison, JobKind, MergedModel
 from webapp.training import ledger
 from webapp.training.models import Adapter, RunEvent, TrainingRun
+from workers.contract.store import SCHEME, ArtifactStore
 from workers.formatting import count, plural
-from workers.store import SCHEME, ArtifactStore
 
 log = logging.getLogger(__name__)
 

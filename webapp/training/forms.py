@@ -11,9 +11,9 @@ from webapp.catalog.demo import DEMO_CONFIG, DEMO_DATASET, DEMO_MODEL
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import truncation_problem
 from webapp.training.models import RunState, TrainingRun
-from workers import spec
-from workers.engine import check_switches
-from workers.modelinfo import check_adapter
+from workers.contract import spec
+from workers.training.engine import check_switches
+from workers.training.modelinfo import check_adapter
 
 CHOICE_FIELDS = spec.CHOICES
 # Row formats trl trains as chat (formatted with the tokenizer's chat template), and those it trains as plain strings.

@@ -7,8 +7,8 @@ from django.conf import settings
 from django.db import models
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from workers import spec
-from workers.store import ArtifactStore
+from workers.contract import spec
+from workers.contract.store import ArtifactStore
 
 
 class RunState(models.TextChoices):
@@ -234,7 +234,7 @@ class Adapter(models.Model):
         return f"a{self.pk}"
 
     def ref(self) -> Any:
-        from workers.jobspecs import AdapterRef
+        from workers.contract.jobspecs import AdapterRef
 
         return AdapterRef(
             key=self.key, label=str(self), uri=self.uri, method=self.method, r=self.rank, quantization=self.quantization

@@ -30,9 +30,9 @@ from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.live import feed_for, released
 from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
+from workers.contract.spec import suggest_train_params
+from workers.contract.store import ArtifactStore
 from workers.formatting import size
-from workers.spec import suggest_train_params
-from workers.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model
 from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import TrainingRun
-from workers import spec
-from workers.modelinfo import ModelNotFound
+from workers.contract import spec
+from workers.training.modelinfo import ModelNotFound
 
 TOP_LEVEL = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
              "metadata", "integrations", "tunedeck"}

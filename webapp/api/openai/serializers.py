@@ -17,7 +17,7 @@ from django.utils import timezone
 from webapp.api.openai.errors import OpenAIError
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.training.models import RunEvent, RunState, TrainingRun
-from workers.spec import TrainParams, suggest_train_params
+from workers.contract.spec import TrainParams, suggest_train_params
 
 FILE_PREFIX, JOB_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "file-", "ftjob-", "ftevent-", "ftckpt-"
 ORGANIZATION = "tunedeck"  # the whole team is one organization: everyone sees every job

@@ -27,7 +27,7 @@ from webapp.catalog.services import register_dataset, store
 from webapp.training import ledger
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import RunEvent, TrainingRun
-from workers.datasets import DatasetError
+from workers.data.datasets import DatasetError
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 FILES_DEFAULT_LIMIT, FILES_MAX_LIMIT = 100, 10000

@@ -4,7 +4,7 @@ stored before could hold whole cells of any size."""
 import django.db.models.deletion
 from django.db import migrations, models
 
-from workers.datasets import PREVIEW_ROWS, preview_of
+from workers.data.datasets import PREVIEW_ROWS, preview_of
 
 
 def move_previews(apps, schema_editor):

@@ -1,0 +1,173 @@
+"""Reporters carry a job's log lines, metrics and final status to wherever they are recorded.
+
+A runner only talks to a `Reporter`. `MemoryReporter` keeps everything in lists (tests,
+notebooks); `HttpReporter` posts batches to the worker API, fenced by (job, attempt).
+Every event carries a per-attempt sequence number so a retried batch is stored once.
+
+A job stops early for three reasons, all seen through `cancel_requested` (the flag every runner
+checks at its steps): the user cancelled it (the control plane says so in its replies), the
+worker is shutting down (`interrupt_reason`: the job is handed back, to resume elsewhere), or a
+newer attempt owns it (`superseded`: a 409 reply, or the worker was told so: report nothing more).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from workers.runtime.client import StaleAttempt, WorkerClient
+
+log = logging.getLogger(__name__)
+
+
+SUPERSEDED = "superseded"  # what a stop check returns when a newer attempt owns the job
+
+
+class Reporter:
+    """Buffers events and sends them in batches; remembers whether the job must stop, and why."""
+
+    flush_interval = 1.0
+    max_buffer = 200
+
+    def __init__(self) -> None:
+        self._buffer: list[dict[str, Any]] = []
+        self._seq = 0
+        self._last_flush = time.monotonic()
+        self.user_cancelled = False
+        self.interrupt_reason = ""
+        self.superseded = False
+        # Polled at every step (it must be cheap): "" to go on, SUPERSEDED, or why the job is handed back.
+        self.stop_check: Callable[[], str] | None = None
+        self._open_outputs: dict[tuple[int, str], dict[str, Any]] = {}
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the job must stop at its next step: cancelled, interrupted or superseded."""
+        return self.user_cancelled or bool(self.interrupt_reason) or self.superseded
+
+    @cancel_requested.setter
+    def cancel_requested(self, value: bool) -> None:
+        self.user_cancelled = value
+
+    def poll_stop(self) -> None:
+        if self.stop_check is None or self.interrupt_reason or self.superseded:
+            return
+        reason = self.stop_check()
+        if reason == SUPERSEDED:
+            self.superseded = True
+        elif reason:
+            self.interrupt_reason = reason
+
+    def _event(self, kind: str, message: str = "", level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self._seq += 1
+        self._buffer.append(
+            {"seq": self._seq, "kind": kind, "level": level, "message": message, "data": data or {}, "time": time.time()}
+        )
+        if len(self._buffer) >= self.max_buffer:
+            self.flush()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._event("log", message, level)
+
+    def metric(self, **values: Any) -> None:
+        self._event("metric", data=values)
+
+    def output(self, row: int, column: str, text: str, done: bool = False) -> None:
+        """Newly generated text of one cell of a comparison (appended to what came before).
+
+        Deltas of one cell within one flush window travel as one event: a grid of 9 columns x 64
+        prompts sends at most one event per cell per flush, not one per token."""
+        pending = self._open_outputs.get((row, column))
+        if pending is not None:
+            pending["data"]["text"] += text
+            pending["data"]["done"] = done
+            return
+        self._event("output", data={"row": row, "column": column, "text": text, "done": done})
+        if self._buffer:  # (empty if that event filled the buffer and went out at once)
+            self._open_outputs[(row, column)] = self._buffer[-1]
+
+    def checkpoint(self, step: int, **values: Any) -> None:
+        self._event("checkpoint", f"Checkpoint saved at step {step}", data={"step": step, **values})
+
+    def maybe_flush(self) -> None:
+        """Flush if the last one is older than flush_interval: keeps the page live and cancel prompt."""
+        self.poll_stop()
+        if time.monotonic() - self._last_flush >= self.flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        self.poll_stop()
+        if self.superseded:
+            raise StaleAttempt("a newer attempt owns this job")
+        batch, self._buffer = self._buffer, []
+        self._open_outputs = {}
+        self._last_flush = time.monotonic()
+        try:
+            reply = self._send_events(batch)
+        except StaleAttempt:
+            self.superseded = True  # every later step check stops, even where this exception is swallowed
+            raise
+        except Exception:
+            self._buffer = batch + self._buffer  # keep them for the next try; the server dedupes by seq
+            raise
+        self.user_cancelled = self.user_cancelled or bool(reply.get("cancel"))
+
+    def finish(self, state: str, result: dict[str, Any] | None = None, error: str = "") -> None:
+        self.flush()
+        self._status(state, result or {}, error)
+
+    def started(self) -> None:
+        reply = self._status("running", {}, "")
+        self.user_cancelled = bool(reply.get("cancel"))
+
+    def _status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        try:
+            return self._send_status(state, result, error)
+        except StaleAttempt:
+            self.superseded = True
+            raise
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class MemoryReporter(Reporter):
+    def __init__(self, cancel_after_events: int | None = None) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+        self.states: list[tuple[str, dict[str, Any], str]] = []
+        self.cancel_after_events = cancel_after_events
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        self.events.extend(batch)
+        cancel = self.cancel_after_events is not None and len(self.events) >= self.cancel_after_events
+        return {"cancel": cancel}
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        self.states.append((state, result, error))
+        return {"cancel": False}
+
+    @property
+    def logs(self) -> list[str]:
+        return [e["message"] for e in self.events if e["kind"] == "log"]
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.events if e["kind"] == "metric"]
+
+
+class HttpReporter(Reporter):
+    def __init__(self, client: WorkerClient, run_id: int, attempt: int, path: str = "jobs") -> None:
+        super().__init__()
+        self.client, self.run_id, self.attempt, self.path = client, run_id, attempt, path
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.client.events(self.run_id, self.attempt, batch, path=self.path)
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        return self.client.status(self.run_id, self.attempt, state, path=self.path, result=result, error=error)

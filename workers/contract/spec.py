@@ -1,0 +1,486 @@
+"""Job specs: plain dataclasses that travel as JSON between the control plane and workers.
+
+Every field has a default and a one-line help text (shown by the forms); `validate()`
+returns field-named errors instead of raising, so callers can show all of them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+BIASES = ("none", "all", "lora_only")
+METHODS = ("lora", "ia3", "prefix_tuning", "prompt_tuning")
+PROMPT_LEARNING_METHODS = ("prefix_tuning", "prompt_tuning")  # virtual tokens prepended to every example
+# LoRA initialisations (PEFT's init_lora_weights); pissa_fast is PiSSA by fast SVD (16 subspace iterations).
+INITS = ("default", "gaussian", "pissa", "pissa_fast", "olora", "orthogonal", "loftq")
+# Inits that move part of the base weight into the adapter: saved as a plain LoRA of rank 2r (see peftsetup).
+MUTATING_INITS = ("pissa", "pissa_fast", "olora")
+PROMPT_INITS = ("random", "sample_vocab", "text")
+# Target presets, resolved per architecture family from the model's own module names (workers/training/modelinfo.py).
+TARGET_PRESETS = ("all-linear", "attention", "attention+mlp")
+DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
+
+
+def _help(text: str, default: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class LoraParams:
+    method: str = _help(
+        "Adapter method: LoRA (low-rank updates; DoRA, rsLoRA are switches), IA3 (learned scaling vectors), "
+        "prefix tuning (trained per-layer key/value prefixes), prompt tuning (trained input tokens).",
+        "lora",
+    )
+    r: int = _help("LoRA: rank of the low-rank update matrices.", 16)
+    alpha: int = _help("LoRA: scaling numerator; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).", 32)
+    dropout: float = _help("LoRA: dropout on the adapter input during training.", 0.05)
+    target_modules: list[str] = _help(
+        "LoRA, IA3: modules to adapt, by name (q_proj, attn.c_proj…) or one preset: all-linear, attention "
+        "(attention projections only) or attention+mlp, resolved from the model's own modules.",
+        ["all-linear"],
+    )
+    bias: str = _help("LoRA: which biases to train: none, all, or only those of adapted layers.", "none")
+    use_dora: bool = _help(
+        "LoRA: DoRA, which splits each update into magnitude and direction (better at low rank, slower steps).", False
+    )
+    use_rslora: bool = _help("LoRA: rsLoRA, scaling by alpha / sqrt(r) so that high ranks keep learning.", False)
+    init: str = _help(
+        "LoRA: initialisation: default (B = 0), gaussian, pissa or pissa_fast (principal singular vectors), olora "
+        "(QR), orthogonal, loftq (cancels the 4-bit quantization error).",
+        "default",
+    )
+    modules_to_save: list[str] = _help(
+        "Extra modules trained in full and saved with the adapter, e.g. lm_head or embed_tokens.", []
+    )
+    feedforward_modules: list[str] = _help(
+        "IA3: which targets are feed-forward layers (their input is scaled, not their output); empty picks the "
+        "MLP layers among the targets.",
+        [],
+    )
+    num_virtual_tokens: int = _help("Prefix and prompt tuning: number of trained virtual tokens.", 20)
+    prefix_projection: bool = _help(
+        "Prefix tuning: produce the prefixes through a trained two-layer MLP (more parameters, steadier training).",
+        False,
+    )
+    projection_hidden_size: int = _help("Prefix tuning: hidden size of that MLP; 0 uses the model's hidden size.", 0)
+    prompt_init: str = _help(
+        "Prompt tuning: start the virtual tokens random, from sampled vocabulary embeddings, or from a text.",
+        "sample_vocab",
+    )
+    prompt_init_text: str = _help("Prompt tuning: the text whose token embeddings start the virtual tokens.", "")
+    quantization: str = _help(
+        "Load the frozen base unquantized, in 8-bit (bitsandbytes LLM.int8) or in 4-bit (QLoRA).", "none"
+    )
+    quant_type: str = _help("4-bit data type: NF4 (normal float, best for weights) or FP4.", "nf4")
+    double_quant: bool = _help("4-bit: quantize the quantization constants too (saves ~0.4 bit/param).", True)
+    compute_dtype: str = _help(
+        "Dtype for matmuls: auto picks bf16 where supported, else fp16 on GPU, fp32 on CPU.", "auto"
+    )
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def target_preset(self) -> str | None:
+        """The preset named by target_modules, or None for an explicit list."""
+        if len(self.target_modules) == 1 and self.target_modules[0] in TARGET_PRESETS:
+            return self.target_modules[0]
+        return None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def summary(self) -> str:
+        """One line for lists: 'DoRA r=16 alpha=32 on attention, 4-bit NF4'."""
+        if self.is_lora:
+            name = "+".join(n for n, on in (("DoRA", self.use_dora), ("rsLoRA", self.use_rslora)) if on) or "LoRA"
+            text = f"{name} r={self.r} alpha={self.alpha} on {', '.join(self.target_modules)}"
+            if self.init != "default":
+                text += f", {self.init} init"
+        elif self.method == "ia3":
+            text = f"IA3 on {', '.join(self.target_modules)}"
+        else:
+            text = f"{self.method.replace('_', ' ').capitalize()}, {self.num_virtual_tokens} virtual tokens"
+        if self.quantization == "4bit":
+            text += f", 4-bit {self.quant_type.upper()}"
+        elif self.quantization == "8bit":
+            text += ", 8-bit"
+        return text
+
+    def validate(self, train: TrainParams | None = None) -> dict[str, str]:
+        """Field-named errors of the adapter alone (and with the run's TrainParams when given).
+
+        Checks that need the model (target names, presets) are in workers.training.modelinfo.check_adapter.
+        """
+        errors: dict[str, str] = {}
+        for name, allowed in (
+            ("method", METHODS),
+            ("bias", BIASES),
+            ("init", INITS),
+            ("prompt_init", PROMPT_INITS),
+            ("quantization", QUANTIZATIONS),
+            ("quant_type", QUANT_TYPES),
+            ("compute_dtype", COMPUTE_DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                errors[name] = f"must be one of {', '.join(allowed)}"
+        if not 1 <= self.r <= 1024:
+            errors["r"] = "must be between 1 and 1024"
+        if self.alpha <= 0:
+            errors["alpha"] = "must be positive"
+        if not 0.0 <= self.dropout < 1.0:
+            errors["dropout"] = "must be in [0, 1)"
+        if self.method in ("lora", "ia3"):
+            self._validate_targets(errors)
+        if errors.get("method"):
+            return errors
+        self._validate_lora_switches(errors)
+        self._validate_init(errors)
+        if self.feedforward_modules and self.method != "ia3":
+            errors["feedforward_modules"] = "applies to IA3 only; leave it empty"
+        elif self.feedforward_modules and not self.target_preset:
+            outside = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if outside:
+                errors["feedforward_modules"] = (
+                    f"{', '.join(outside)} not among the target modules: IA3 feed-forward modules must be targets too"
+                )
+        self._validate_prompt_learning(errors, train)
+        if train is not None and train.sharded:
+            self._validate_sharding(errors)
+        return errors
+
+    def _validate_sharding(self, errors: dict[str, str]) -> None:
+        """What FSDP cannot shard, refused on the strategy field with the reason (ddp runs all of these)."""
+        reason = ""
+        if self.quantization == "8bit":
+            reason = "FSDP cannot shard 8-bit (LLM.int8) weights, whose row scales live outside the weight tensor"
+        elif not self.is_lora:
+            reason = f"FSDP runs LoRA adapters only; {self.method} keeps its trained tensors beside the sharded weights"
+        elif self.use_dora:
+            reason = "DoRA recomputes the norm of each whole base weight every step, which FSDP holds only in shards"
+        elif self.init in MUTATING_INITS or self.init == "loftq":
+            reason = f"the {self.init} init reads and rewrites whole base weights on one process before sharding"
+        if reason and "strategy" not in errors:
+            errors["strategy"] = f"{reason}: use ddp (or one GPU)"
+
+    def _validate_targets(self, errors: dict[str, str]) -> None:
+        names = [str(m).strip() for m in self.target_modules]
+        if not names or any(not n for n in names):
+            errors["target_modules"] = f"name at least one module, or one preset ({', '.join(TARGET_PRESETS)})"
+        elif len(names) > 1 and set(names) & set(TARGET_PRESETS):
+            preset = sorted(set(names) & set(TARGET_PRESETS))[0]
+            errors["target_modules"] = f"{preset} is a preset: use it alone, or list module names without it"
+        elif len(set(names)) != len(names):
+            errors["target_modules"] = "lists a module twice"
+
+    def _validate_lora_switches(self, errors: dict[str, str]) -> None:
+        lora_only = {
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "init": self.init != "default",
+            "bias": self.bias != "none",
+        }
+        for name, used in lora_only.items():
+            if used and not self.is_lora and name not in errors:
+                errors[name] = f"applies to LoRA only, not {self.method}"
+
+    def _validate_init(self, errors: dict[str, str]) -> None:
+        if not self.is_lora or "init" in errors:
+            return
+        if self.init == "loftq":
+            if self.quantization != "4bit":
+                errors["init"] = "loftq initialises the adapter from the 4-bit quantization error: set quantization to 4bit"
+            elif self.use_dora:
+                errors["init"] = "loftq cannot be combined with DoRA (the magnitude is set before LoftQ runs)"
+            elif "alpha" not in errors and abs(self.scaling - 1.0) > 1e-6:
+                scale = "alpha / sqrt(r)" if self.use_rslora else "alpha / r"
+                errors["alpha"] = (
+                    f"loftq sets B·A to the quantization residual unscaled, so {scale} must be 1 "
+                    f"(it is {self.scaling:g})"
+                )
+        elif self.init in MUTATING_INITS:
+            if self.quantization != "none":
+                errors["init"] = (
+                    f"{self.init} moves part of each base weight into the adapter and needs the full-precision "
+                    "weights: set quantization to none"
+                )
+            elif self.use_dora:
+                errors["init"] = f"{self.init} cannot be combined with DoRA: the adapter could not be converted back to the original base"
+        elif self.init == "orthogonal" and self.r % 2:
+            errors["r"] = "the orthogonal init needs an even rank"
+
+    def _validate_prompt_learning(self, errors: dict[str, str], train: TrainParams | None) -> None:
+        if self.method not in PROMPT_LEARNING_METHODS:
+            return
+        if not 1 <= self.num_virtual_tokens <= 1024:
+            errors["num_virtual_tokens"] = "must be between 1 and 1024"
+        if self.projection_hidden_size < 0:
+            errors["projection_hidden_size"] = "must be 0 (the model's hidden size) or positive"
+        elif self.projection_hidden_size and not (self.method == "prefix_tuning" and self.prefix_projection):
+            errors["projection_hidden_size"] = "applies to prefix tuning with prefix_projection on; set it to 0"
+        if self.prefix_projection and self.method != "prefix_tuning":
+            errors["prefix_projection"] = "applies to prefix tuning only"
+        if self.method == "prompt_tuning" and "prompt_init" not in errors:
+            if self.prompt_init == "text" and not self.prompt_init_text.strip():
+                errors["prompt_init_text"] = "give the text the virtual tokens start from (prompt_init is text)"
+            elif self.prompt_init != "text" and self.prompt_init_text:
+                errors["prompt_init_text"] = "is used only when prompt_init is text"
+        if train is not None and train.batching in ("pack", "padding_free"):
+            errors["batching"] = (
+                f"{self.method} prepends virtual tokens to each example, so examples cannot share a row: use pad "
+                "(auto pads for this method)"
+            )
+        if train is not None and self.method == "prefix_tuning" and train.gradient_checkpointing == "on":
+            errors["gradient_checkpointing"] = "prefix tuning does not work with gradient checkpointing (PEFT): set it off"
+
+
+@dataclass
+class TrainParams:
+    learning_rate: float = _help("Peak learning rate of the adapter weights.", 2e-4)
+    num_epochs: float = _help("Passes over the training set (ignored when max_steps > 0).", 1.0)
+    max_steps: int = _help("Stop after this many optimizer steps; 0 means use num_epochs.", 0)
+    batch_size: int = _help(
+        "Micro-batch per device: examples (pad), rows of max_seq_length tokens (pack) or examples in one row "
+        "(padding_free).",
+        8,
+    )
+    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1)
+    max_seq_length: int = _help("Longer examples are truncated to this many tokens (also the packed row length).", 512)
+    warmup_ratio: float = _help("Fraction of steps spent warming the learning rate up.", 0.03)
+    lr_scheduler: str = _help("Learning-rate schedule after warmup.", "cosine")
+    optimizer: str = _help(
+        "Optimizer: adamw_torch, fused AdamW, 8-bit AdamW (bitsandbytes; paged variants spill to CPU under "
+        "memory pressure), Adafactor, SGD, Lion 8-bit.",
+        "adamw_torch",
+    )
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _help("Gradient clipping threshold.", 1.0)
+    seed: int = _help("Random seed for initialisation and data order.", 42)
+    completion_only_loss: bool = _help(
+        "Train on the answer tokens only (prompt tokens masked); whole text when off.", True
+    )
+    neftune_noise_alpha: float = _help("NEFTune: noise added to embeddings during training (5 is typical); 0 is off.", 0.0)
+    batching: str = _help(
+        "How examples form batches: pad each micro-batch to its longest example; pack examples into rows of "
+        "max_seq_length (each keeps its own positions and attention); padding_free: concatenate a micro-batch "
+        "into one row; auto packs on GPUs.",
+        "auto",
+    )
+    mode: str = _help(
+        "Speed/memory trade-off: throughput uses the GPU's memory for speed (less recomputation), memory fits "
+        "the smallest GPU (recompute and offload activations); auto picks throughput.",
+        "auto",
+    )
+    gradient_checkpointing: str = _help(
+        "Recompute activations in the backward pass (much less memory, ~25% more compute); auto: on unless "
+        "throughput mode estimates that the run fits without.",
+        "auto",
+    )
+    activation_offload: str = _help(
+        "Keep saved activations in pinned CPU memory during the forward pass; auto: on in memory mode.", "auto"
+    )
+    attention: str = _help(
+        "Attention kernel: varlen (FlashAttention over packed rows, skips cross-example work), flex "
+        "(FlexAttention block masks), sdpa, eager; auto picks the fastest available.",
+        "auto",
+    )
+    liger_kernels: str = _help(
+        "Liger Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy without materialised logits); "
+        "auto: on CUDA when installed.",
+        "auto",
+    )
+    torch_compile: bool = _help("Compile the model with torch.compile (slower start, faster steps on some GPUs).", False)
+    eval_fraction: float = _help("Hold out this fraction of the rows for evaluation (0 = no split).", 0.0)
+    eval_steps: int = _help("Evaluate every this many steps; 0 evaluates at the end of each epoch.", 0)
+    logging_steps: int = _help("Report loss and learning rate every this many steps.", 5)
+    save_steps: int = _help("Save a resumable checkpoint every this many steps; 0: none periodically (a worker that "
+                                 "shuts down still saves one at the step reached, to hand the run over).", 100)
+    keep_checkpoints: int = _help("How many of the latest checkpoints to keep.", 2)
+    early_stopping_patience: int = _help(
+        "Stop when the eval loss has not improved for this many evaluations; 0 is off (needs an eval set).", 0
+    )
+    num_gpus: int = _help(
+        "GPUs of one worker the run trains on (1-8), one process each; the global batch (batch_size x grad_accum) "
+        "and the optimizer steps stay those of one GPU.",
+        1,
+    )
+    strategy: str = _help(
+        "Several GPUs: ddp (every GPU holds the whole model, each trains its share of the batch) or fsdp (base "
+        "weights, adapter, gradients and optimizer states sharded across the GPUs, for bases too big for one; a "
+        "4-bit base is stored in the compute dtype so it can be sharded). Ignored for one GPU.",
+        "ddp",
+    )
+
+    def validate(self, max_positions: int | None = None, has_eval_dataset: bool = False) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        if not 0 < self.learning_rate <= 1:
+            errors["learning_rate"] = "must be in (0, 1]"
+        if self.max_steps < 0:
+            errors["max_steps"] = "must be 0 or more"
+        if self.max_steps == 0 and self.num_epochs <= 0:
+            errors["num_epochs"] = "must be positive when max_steps is 0"
+        for name in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                errors[name] = "must be at least 1"
+        for name in ("eval_steps", "save_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                errors[name] = "must be 0 or more"
+        if self.max_seq_length < 8:
+            errors["max_seq_length"] = "must be at least 8"
+        elif max_positions and self.max_seq_length > max_positions:
+            errors["max_seq_length"] = f"must not exceed the model's {max_positions} positions"
+        if not 0 <= self.warmup_ratio < 1:
+            errors["warmup_ratio"] = "must be in [0, 1)"
+        if self.weight_decay < 0:
+            errors["weight_decay"] = "must be 0 or more"
+        if self.max_grad_norm <= 0:
+            errors["max_grad_norm"] = "must be positive"
+        if self.neftune_noise_alpha < 0:
+            errors["neftune_noise_alpha"] = "must be 0 (off) or positive"
+        if not 0 <= self.eval_fraction < 0.5:
+            errors["eval_fraction"] = "must be in [0, 0.5)"
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                errors[name] = f"must be one of {', '.join(allowed)}"
+        if self.early_stopping_patience and not (self.eval_fraction > 0 or has_eval_dataset):
+            errors["early_stopping_patience"] = "needs an eval set: set eval_fraction or an eval dataset"
+        if not 1 <= self.num_gpus <= MAX_GPUS:
+            errors["num_gpus"] = f"must be between 1 and {MAX_GPUS}"
+        elif "batch_size" not in errors and "grad_accum" not in errors and self.per_rank_batch() is None:
+            errors["num_gpus"] = (
+                f"the global batch (batch_size {self.batch_size} x grad_accum {self.grad_accum}) must split evenly "
+                f"across {self.num_gpus} GPUs: make grad_accum or batch_size a multiple of {self.num_gpus}"
+            )
+        return errors
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_gpus > 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP across several GPUs (one GPU has nothing to shard)."""
+        return self.distributed and self.strategy == "fsdp"
+
+    def per_rank_batch(self) -> tuple[int, int] | None:
+        """(micro-batch, accumulation) of each of the num_gpus processes with the same global batch as one GPU,
+        so the optimizer steps and the learning-rate schedule match: the accumulation is divided where it
+        can be, else the micro-batch; None when neither divides."""
+        n = max(1, self.num_gpus)
+        if self.grad_accum % n == 0:
+            return self.batch_size, self.grad_accum // n
+        if self.batch_size % n == 0:
+            return self.batch_size // n, self.grad_accum
+        return None
+
+
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd",
+    "lion_8bit", "paged_lion_8bit",
+)
+BATCHINGS = ("auto", "pad", "pack", "padding_free")
+STRATEGIES = ("ddp", "fsdp")
+MAX_GPUS = 8
+MODES = ("auto", "throughput", "memory")
+AUTO_ON_OFF = ("auto", "on", "off")
+ATTENTIONS = ("auto", "varlen", "flex", "sdpa", "eager")
+CHOICES = {
+    "lr_scheduler": SCHEDULERS,
+    "optimizer": OPTIMIZERS,
+    "batching": BATCHINGS,
+    "mode": MODES,
+    "gradient_checkpointing": AUTO_ON_OFF,
+    "activation_offload": AUTO_ON_OFF,
+    "attention": ATTENTIONS,
+    "liger_kernels": AUTO_ON_OFF,
+    "strategy": STRATEGIES,
+}
+# Values stored before a field became a choice: read them as the choice they meant.
+LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}
+
+
+def suggest_train_params(num_parameters: int | None) -> TrainParams:
+    """Defaults by model size: tiny demo models need a far larger step than real LLMs."""
+    if num_parameters is not None and num_parameters < 50_000_000:
+        return TrainParams(
+            learning_rate=5e-3, num_epochs=3, batch_size=16, max_seq_length=64, logging_steps=2,
+            gradient_checkpointing="off", save_steps=0,
+        )
+    if num_parameters is not None and num_parameters > 20_000_000_000:
+        return TrainParams(learning_rate=1e-4, batch_size=2, grad_accum=8, max_seq_length=2048)
+    return TrainParams()
+
+
+@dataclass
+class ModelRef:
+    source: str = _help("Hugging Face hub id or a local directory.", "")
+    revision: str = _help("Hub revision (branch, tag or commit); empty for the default.", "")
+    trust_remote_code: bool = _help("Run the model's own Python code (admins only).", False)
+
+
+@dataclass
+class DatasetRef:
+    uri: str = _help("Store URI of the dataset file.", "")
+    format: str = _help("Detected row format.", "text")
+
+
+@dataclass
+class TrainSpec:
+    run_id: int
+    attempt: int
+    base_model: ModelRef
+    dataset: DatasetRef
+    lora: LoraParams
+    train: TrainParams
+    output_uri: str
+    # Resumable checkpoints live per run, not per attempt: a new attempt resumes from the latest.
+    checkpoint_uri: str = ""
+    eval_dataset: DatasetRef | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        return cls(
+            run_id=int(data["run_id"]),
+            attempt=int(data["attempt"]),
+            base_model=build(ModelRef, data["base_model"]),
+            dataset=build(DatasetRef, data["dataset"]),
+            lora=build(LoraParams, data["lora"]),
+            train=build(TrainParams, data["train"]),
+            output_uri=str(data["output_uri"]),
+            checkpoint_uri=str(data.get("checkpoint_uri", "")),
+            eval_dataset=build(DatasetRef, data["eval_dataset"]) if data.get("eval_dataset") else None,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSpec:
+        return cls.from_dict(json.loads(text))
+
+
+def build(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a flat dataclass from a dict, refusing unknown keys (a typo must not pass silently)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
+    data = {k: LEGACY_VALUES.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in data.items()}
+    return cls(**data)

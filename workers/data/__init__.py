@@ -1,0 +1,1 @@
+"""Dataset files and rows: reading within bounds, formats, validation, prompts (both planes)."""

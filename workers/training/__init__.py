@@ -1,0 +1,1 @@
+"""The training engine: the train runner, its execution plan, PEFT setup, the memory estimator."""

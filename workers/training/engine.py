@@ -1,0 +1,449 @@
+"""How a run trains fast: the execution plan and the pieces that carry it out.
+
+The train runner (workers/training/train.py) and the throughput benchmark (bench/train_throughput.py)
+share this module, so the benchmark measures exactly what users run.
+
+The plan resolves every "auto" switch of TrainParams from the device it runs on:
+
+- batching: examples packed (best-fit decreasing) into rows of max_seq_length, each keeping
+  its own position ids; the micro-batch is flattened into one padding-free row.
+- attention: varlen FlashAttention from PyTorch (`torch.nn.attention.varlen`) over those
+  rows, so no work is spent across example boundaries or on padding; FlexAttention block
+  masks or SDPA where it is not available.
+- frozen weights stay in the compute dtype (no fp32 upcast of embeddings, norms and head),
+  Liger Triton kernels for RMSNorm, SwiGLU and RoPE, and trl's fused LM head, which projects
+  only the positions that carry a label, in tiles, without materialising the logits.
+- gradient checkpointing only on as many decoder layers as memory needs (throughput mode),
+  or on every layer with the checkpoints offloaded to CPU (memory mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
+
+log = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = "tunedeck_varlen"
+MAX_FLASH_HEAD_DIM = 256  # FlashAttention's kernels (varlen included) handle head dimensions up to this
+
+
+class PlanError(ValueError):
+    """A switch that cannot work on this device or with this method, with the field that asks for it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class Plan:
+    device: str  # cuda | cpu
+    dtype: str  # bfloat16 | float16 | float32
+    mode: str  # throughput | memory
+    batching: str  # pad | pack | padding_free
+    attention: str  # varlen | flex | sdpa | eager
+    checkpoint_layers: int  # decoder layers recomputed in the backward pass (0 = none)
+    num_layers: int
+    activation_offload: bool
+    liger: bool
+    compile: bool
+    micro_batch: int = 1  # what one forward pass takes (rows or examples)
+    mlp_chunk_tokens: int = 0  # memory mode, long rows: the MLP runs (and is recomputed) this many tokens at a time
+    grad_accum: int = 1  # micro-batches per optimizer step
+    gpu_total_bytes: int = 0
+    estimate_bytes: int | None = None
+
+    @property
+    def attn_implementation(self) -> str:
+        return {"varlen": VARLEN_ATTENTION, "flex": "flex_attention"}.get(self.attention, self.attention)
+
+    def describe(self) -> str:
+        ckpt = (
+            "off" if not self.checkpoint_layers
+            else f"{self.checkpoint_layers}/{self.num_layers} layers" + (" offloaded to CPU" if self.activation_offload else "")
+        )
+        parts = [
+            f"mode {self.mode}", f"batching {self.batching}", f"micro-batch {self.micro_batch} x {self.grad_accum}",
+            f"attention {self.attention}",
+            f"gradient checkpointing {ckpt}", f"Liger kernels {'on' if self.liger else 'off'}",
+        ]
+        if self.mlp_chunk_tokens:
+            parts.append(f"MLP in {self.mlp_chunk_tokens}-token tiles")
+        if self.compile:
+            parts.append("torch.compile")
+        if self.estimate_bytes:
+            parts.append(f"estimated peak {self.estimate_bytes / 2**30:.1f} GiB")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def varlen_available() -> bool:
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def liger_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def _switch(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def check_switches(train: TrainParams, lora: LoraParams) -> dict[str, str]:
+    """Combinations refused on any device: checked before a run is queued, and again by the plan."""
+    errors: dict[str, str] = {}
+    method = lora.method
+    if method in PROMPT_LEARNING_METHODS and train.batching in ("pack", "padding_free"):
+        errors["batching"] = f"{method} prepends virtual tokens to each example: use pad (or auto)"
+    if train.attention == "varlen" and train.batching == "pad":
+        errors["attention"] = "varlen attention works on packed or padding-free rows, not padded batches"
+    if train.activation_offload == "on" and train.gradient_checkpointing == "off":
+        errors["activation_offload"] = "offloading moves the checkpointed layer inputs to CPU: it needs gradient checkpointing"
+    return errors
+
+
+def resolve_plan(
+    train: TrainParams,
+    lora: LoraParams,
+    *,
+    device: str,
+    dtype: str,
+    num_layers: int,
+    gpu_total_bytes: int = 0,
+    estimator: Any = None,
+    head_dim: int = 0,
+) -> Plan:
+    """Turn the run's switches into a plan for this device; refuse combinations that cannot work.
+
+    `estimator(plan) -> bytes` predicts the peak for a candidate plan; with it, throughput mode
+    recomputes only as many layers as needed to stay under 90% of the GPU.
+    """
+    for name, message in check_switches(train, lora).items():
+        raise PlanError(name, message)
+    cuda = device == "cuda"
+    prompt_method = lora.method in PROMPT_LEARNING_METHODS
+    mode = "throughput" if train.mode == "auto" else train.mode
+
+    batching = train.batching
+    if batching == "auto":
+        batching = "pack" if cuda and not prompt_method else "pad"
+
+    attention = train.attention
+    flash_head = head_dim <= MAX_FLASH_HEAD_DIM  # 0: unknown, taken as fitting
+    if attention == "auto":
+        if batching != "pad" and varlen_available() and flash_head:
+            attention = "varlen"
+        else:
+            attention = "sdpa"
+    if attention == "varlen":
+        if not varlen_available():
+            raise PlanError("attention", "varlen needs a CUDA GPU of compute capability 8.0+ and PyTorch >= 2.10")
+        if not flash_head:
+            raise PlanError("attention", f"varlen FlashAttention takes heads of at most {MAX_FLASH_HEAD_DIM} dimensions; "
+                            f"this model's have {head_dim}: use sdpa")
+    if attention == "flex" and not cuda:
+        raise PlanError("attention", "FlexAttention training needs a CUDA GPU")
+
+    liger = _switch(train.liger_kernels, liger_available())
+    if liger and not liger_available():
+        raise PlanError("liger_kernels", "Liger kernels need a CUDA GPU and the liger-kernel package")
+
+    if mode == "memory":
+        offload = _switch(train.activation_offload, cuda)
+    else:
+        offload = _switch(train.activation_offload, False)
+    if offload and not cuda:
+        raise PlanError("activation_offload", "offloading activations needs a CUDA GPU")
+
+    plan = Plan(
+        device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
+        checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
+        compile=train.torch_compile, micro_batch=train.batch_size, grad_accum=train.grad_accum,
+        gpu_total_bytes=gpu_total_bytes,
+    )
+    if mode == "memory" and cuda and batching != "pad" and train.gradient_checkpointing != "off":
+        _split_micro_batch(plan, max(1, MEMORY_MODE_TOKENS // train.max_seq_length))
+        if train.max_seq_length > MLP_CHUNK_TOKENS:
+            plan.mlp_chunk_tokens = MLP_CHUNK_TOKENS
+    prefix = lora.method == "prefix_tuning"  # PEFT's prefix tuning cannot recompute
+    if train.gradient_checkpointing == "off" or (prefix and train.gradient_checkpointing == "auto"):
+        plan.checkpoint_layers = 0
+        plan.activation_offload = False
+    elif train.gradient_checkpointing == "auto":
+        if not cuda:
+            plan.checkpoint_layers = 0
+        elif mode == "throughput" and estimator is not None and gpu_total_bytes and not offload:
+            _fit_without_recompute(plan, estimator, budget=int(gpu_total_bytes * 0.9))
+    if plan.activation_offload and not plan.checkpoint_layers:
+        plan.activation_offload = False  # auto chose recompute-free: nothing is left to offload
+    if estimator is not None:
+        plan.estimate_bytes = estimator(plan)
+    return plan
+
+
+# Memory mode runs at most this many tokens per forward pass (more accumulation, same optimizer step).
+MEMORY_MODE_TOKENS = 4096
+# ...and runs the MLP of longer rows in tiles of this many tokens (its intermediates are 3x the hidden size).
+MLP_CHUNK_TOKENS = 8192
+
+
+def _split_micro_batch(plan: Plan, rows: int) -> None:
+    """Smaller micro-batches, more of them: the same examples per optimizer step."""
+    while plan.micro_batch > rows and plan.micro_batch % 2 == 0:
+        plan.micro_batch //= 2
+        plan.grad_accum *= 2
+
+
+def _fit_without_recompute(plan: Plan, estimator: Any, budget: int) -> None:
+    """Throughput mode: recomputation costs more than smaller micro-batches (measured on an H100: 8k tokens per
+    pass without checkpointing ran 1.3x faster than 14k with half the layers recomputed). Halve the micro-batch
+    while that avoids checkpointing; otherwise checkpoint as few layers as fit."""
+    candidate = dataclasses.replace(plan, checkpoint_layers=0)
+    while True:
+        fits = estimator(candidate)
+        if fits is not None and fits <= budget:
+            plan.micro_batch, plan.grad_accum, plan.checkpoint_layers = candidate.micro_batch, candidate.grad_accum, 0
+            return
+        if candidate.micro_batch == 1 or candidate.micro_batch % 2:
+            break
+        candidate.micro_batch //= 2
+        candidate.grad_accum *= 2
+    plan.checkpoint_layers = _fewest_checkpointed_layers(plan, estimator, budget)
+
+
+def _fewest_checkpointed_layers(plan: Plan, estimator: Any, budget: int) -> int:
+    """Each recomputed layer trades its saved activations for one extra forward: do as few as fit."""
+    none = estimator(dataclasses.replace(plan, checkpoint_layers=0))
+    if none is None:
+        return plan.num_layers
+    if none <= budget:
+        return 0
+    every = estimator(dataclasses.replace(plan, checkpoint_layers=plan.num_layers))
+    if every is None or every >= budget:
+        return plan.num_layers
+    saving_per_layer = (none - every) / plan.num_layers
+    return min(plan.num_layers, math.ceil((none - budget) / saving_per_layer))
+
+
+# --- attention over packed rows ------------------------------------------------------------
+
+
+def _varlen_attention_forward(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+    scaling: float | None = None, **kwargs: Any,
+) -> tuple[Any, None]:
+    """Causal attention per example of a packed row: (b, h, s, d) in, (b, s, h, d) out."""
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    cu_seq = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu_seq is None:
+        if attention_mask is not None and batch > 1:
+            raise ValueError("varlen attention got a padded batch; use batching=pack or padding_free")
+        # One row per batch item, each a single example.
+        cu_seq = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
+        max_len = seq
+    if isinstance(max_len, torch.Tensor):
+        max_len = int(max_len)
+    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    if kv_heads != heads and "enable_gqa" not in _VARLEN_PARAMS:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    extra: dict[str, Any] = {"scale": scaling}
+    if "is_causal" in _VARLEN_PARAMS:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)  # PyTorch 2.11: causal is a window reaching 0 tokens to the right
+    if kv_heads != heads and "enable_gqa" in _VARLEN_PARAMS:
+        extra["enable_gqa"] = True
+    cu_seq = cu_seq.to(torch.int32)
+    out = varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **extra)
+    return out.view(batch, seq, heads, dim), None
+
+
+_VARLEN_PARAMS: frozenset[str] = frozenset()
+
+
+def register_varlen_attention() -> None:
+    global _VARLEN_PARAMS
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+
+    _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention_forward)
+
+
+# --- model preparation ---------------------------------------------------------------------
+
+
+def prepare_model(model: Any, plan: Plan) -> Any:
+    """Kernels and checkpointing on the base model, before PEFT wraps it."""
+    if plan.liger:
+        apply_liger(model)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        for param in model.parameters():
+            param.requires_grad_(False)  # frozen, and left in the compute dtype: no fp32 upcast
+    if plan.checkpoint_layers:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        limit_checkpointed_layers(model, plan.checkpoint_layers)
+    if plan.mlp_chunk_tokens:
+        tile_mlp(model, plan.mlp_chunk_tokens)
+    return model
+
+
+_LIGER_PATCHED: dict[Any, dict[str, Any]] = {}
+
+
+def apply_liger(model: Any) -> None:
+    """Liger's per-layer kernels on this model. Liger also rebinds names in the model's modeling module
+    (RoPE, norm and MLP classes) for every later model of that type; `restore_kernels()` puts them back
+    once the run is over, so a later job in the same worker (on CPU, or without Liger) is unaffected."""
+    import importlib
+
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    module = importlib.import_module(type(model).__module__)
+    _LIGER_PATCHED.setdefault(module, dict(vars(module)))
+    # trl's fused LM head already avoids the logits: only the per-layer kernels here.
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+        cross_entropy=False, fused_linear_cross_entropy=False,
+    )
+
+
+def restore_kernels() -> None:
+    for module, saved in _LIGER_PATCHED.items():
+        for name in [n for n in vars(module) if n not in saved]:
+            delattr(module, name)
+        for name, value in saved.items():
+            if getattr(module, name, None) is not value:
+                setattr(module, name, value)
+    _LIGER_PATCHED.clear()
+
+
+def tile_mlp(model: Any, chunk_tokens: int) -> None:
+    """Run each decoder layer's MLP over the sequence in tiles, each its own checkpoint: inside the
+    recomputed layer only one tile's intermediates are alive (for very long rows in memory mode)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        inner = mlp.forward
+
+        def forward(x: Any, _inner: Any = inner) -> Any:
+            if x.shape[1] <= chunk_tokens or not torch.is_grad_enabled():
+                return _inner(x)
+            tiles = [checkpoint(_inner, t, use_reentrant=False) for t in x.split(chunk_tokens, dim=1)]
+            return torch.cat(tiles, dim=1)
+
+        mlp.forward = forward
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def limit_checkpointed_layers(model: Any, count: int) -> None:
+    """Recompute only `count` decoder layers, spread evenly (the rest keep their activations)."""
+    layers = decoder_layers(model)
+    if not layers or count >= len(layers):
+        return
+    chosen = {round(i * len(layers) / count) for i in range(count)} if count else set()
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+
+
+def sft_arguments(plan: Plan, train: TrainParams) -> dict[str, Any]:
+    """The SFTConfig keywords that carry the plan out (the caller adds the rest)."""
+    args: dict[str, Any] = {
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "packing": plan.batching == "pack",
+        "packing_strategy": "bfd",
+        "padding_free": plan.batching == "pack",
+        "activation_offloading": plan.activation_offload,
+        "torch_compile": plan.compile,
+        "gradient_checkpointing": False,  # enabled per layer in prepare_model
+        "bf16": plan.device == "cuda" and plan.dtype == "bfloat16",
+        "fp16": plan.device == "cuda" and plan.dtype == "float16",
+        "use_cpu": plan.device == "cpu",
+    }
+    return args
+
+
+def padding_free_collator(tokenizer: Any) -> Any:
+    """Flatten a micro-batch of (already truncated) examples into one row with per-example positions."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+
+
+def plan_estimator(config: Any, spec: Any) -> Any:
+    """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood."""
+    from workers.training import estimate as est
+
+    try:
+        shape = est.ModelShape.from_config(config)
+    except ValueError:
+        return None
+    lora, train = spec.lora, spec.train
+    method = lora.method
+    if method == "lora" and lora.use_dora:
+        method = "dora"
+
+    def estimator(plan: Plan) -> int:
+        return int(est.estimate(
+            shape,
+            method=method,
+            quantization=lora.quantization,
+            double_quant=lora.double_quant,
+            compute_dtype_bytes=4 if plan.dtype == "float32" else 2,
+            r=lora.r,
+            targets=lora.target_modules,
+            dropout=lora.dropout,
+            seq_len=train.max_seq_length,
+            micro_batch=plan.micro_batch,
+            batching=plan.batching,
+            checkpoint_layers=plan.checkpoint_layers,
+            activation_offload=plan.activation_offload and plan.checkpoint_layers > 0,
+            optimizer=train.optimizer,
+            liger=plan.liger,
+            fused_lm_head=True,  # trl's SFTTrainer always projects through its tiled LM head
+            attention=plan.attention,
+            num_virtual_tokens=lora.num_virtual_tokens,
+            modules_to_save=lora.modules_to_save,
+            mlp_chunk_tokens=plan.mlp_chunk_tokens,
+            expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            num_gpus=train.num_gpus,  # one GPU's share: DDP replicates, FSDP shards
+            strategy=train.strategy,
+        ).total)
+
+    return estimator

@@ -1,0 +1,630 @@
+"""The train runner: LoRA / QLoRA supervised fine-tuning of a causal LM with trl's SFTTrainer.
+
+`run_training(spec, reporter, store)` is the whole contract: it never touches a database,
+it reports through the reporter and writes the adapter into the artifact store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback, TrainerCallback
+
+from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
+from workers.contract.reporter import Reporter
+from workers.contract.spec import TrainSpec
+from workers.contract.store import ArtifactStore, sha256_of, size_of
+from workers.data.datasets import DatasetError, load_trl_rows, numbered_records, unit_of
+from workers.formatting import count, figure, percent, plural
+from workers.runtime.distributed import COLLECTIVE_TIMEOUT_S, Rank, StopTogether, current_rank, gather
+from workers.training.engine import (
+    Plan,
+    PlanError,
+    padding_free_collator,
+    plan_estimator,
+    prepare_model,
+    register_varlen_attention,
+    resolve_plan,
+    restore_kernels,
+    sft_arguments,
+)
+from workers.training.modelinfo import ModelNotFound, check_source
+from workers.training.peftsetup import (
+    RunnerError,
+    build_peft_config,
+    prepare_adapter,
+    quantization_config,
+    save_adapter,
+)
+from workers.training.preview import rows_cut_before_training
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Packed batches vary in shape from step to step; expandable segments keep the allocator from
+# fragmenting (read once, when CUDA starts: a worker sets it before its first job).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Device:
+    kind: str  # "cuda" or "cpu"
+    dtype_name: str  # "bfloat16", "float16" or "float32"
+
+
+def pick_device(compute_dtype: str) -> Device:
+    import torch
+
+    if torch.cuda.is_available():
+        if compute_dtype == "auto":
+            compute_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return Device("cuda", compute_dtype)
+    return Device("cpu", "float32" if compute_dtype == "auto" else compute_dtype)
+
+
+def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
+    """Run one attempt and report its outcome; returns the result on success."""
+    return run_reported(
+        reporter,
+        lambda: _train(spec, reporter, store),
+        expected=(RunnerError, DatasetError, ModelNotFound),
+        cancelled_message="Cancelled: training stopped at the user's request.",
+        cleanup=restore_kernels,
+    )
+
+
+def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
+    started = time.monotonic()
+    problems = {**spec.train.validate(has_eval_dataset=spec.eval_dataset is not None), **spec.lora.validate(spec.train)}
+    if problems:  # the control plane checks before queueing; a spec from elsewhere gets the same answer
+        raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
+    reporter.log(f"Attempt {spec.attempt} on {platform.node()}: loading the dataset")
+    fmt, rows = load_trl_rows(store.path(spec.dataset.uri))
+    train_rows, eval_rows = _split_eval(spec, store, rows)
+    if spec.eval_dataset is not None:
+        evaluation = f"; evaluating on {len(eval_rows)} rows of the eval dataset ({spec.eval_dataset.format})"
+    else:
+        evaluation = f"; {len(eval_rows)} held out for evaluation" if eval_rows else ""
+    reporter.log(f"Dataset: {len(rows)} rows, format {fmt}{evaluation}")
+
+    rank = current_rank()
+    device = pick_device(spec.lora.compute_dtype)
+    plan = _plan(spec, device)
+    reporter.log(f"Plan: {plan.describe()}")
+    tokenizer = _load_tokenizer(spec, rows, reporter)
+    model = _load_model(spec, device, reporter, plan)
+    check_cancel(reporter)
+
+    from datasets import Dataset
+
+    callbacks: list[Any] = [ReporterCallback(reporter), HandoverCallback(reporter, bool(spec.checkpoint_uri))]
+    if spec.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(spec.train.early_stopping_patience, reporter))
+    trainer = make_trainer(
+        spec, plan, model, tokenizer,
+        Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks, _sft_config(spec, plan, store, has_eval=bool(eval_rows)),
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
+    check_rows_left(spec, store, trainer, len(train_rows), tokenizer, reporter)
+    # Only rank 0 keeps what prepare_adapter writes (the initial adapter of PiSSA/OLoRA, read back on save).
+    scratch = _work_dir(spec, store) if rank.is_main else Path(tempfile.mkdtemp(prefix=f"tunedeck-rank{rank.rank}-"))
+    for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, scratch):
+        reporter.log(line)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    reporter.log(f"Trainable parameters: {count(trainable)} of {count(total)} ({percent(trainable / total)})")
+    resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
+    if resume:
+        reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
+    if rank.distributed:
+        trainer.add_callback(StopTogether(reporter))  # last, so that it sees every other callback's stop
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if reporter.cancel_requested:
+        raise Cancelled()
+
+    adapter_dir = store.path(spec.output_uri)
+    _save(trainer, spec, rank, adapter_dir, scratch)
+    peaks = gather(_peak_memory(device))
+    if not rank.is_main:
+        return {}
+    tokenizer.save_pretrained(adapter_dir)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    result = {
+        "adapter_uri": spec.output_uri,
+        "size_bytes": size_of(adapter_dir),
+        "sha256": sha256_of(adapter_dir),
+        "trainable_params": trainable,
+        "total_params": total,
+        "final_loss": losses[-1] if losses else output.training_loss,
+        "train_loss": output.training_loss,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "steps": trainer.state.global_step,
+        "trained_tokens": trained_tokens(trainer, _step_of(resume) if resume else None),
+        "resumed_from_step": _step_of(resume) if resume else None,
+        "runtime_s": round(time.monotonic() - started, 2),
+        "device": device.kind,
+        "dtype": device.dtype_name,
+        "plan": plan.as_dict(),
+        **peaks[0],
+        **_distribution(spec, rank, peaks),
+    }
+    reporter.log(f"Adapter saved ({result['size_bytes']:,} bytes, sha256 {str(result['sha256'])[:12]}…)")
+    return result
+
+
+def trained_tokens(trainer: Any, resumed_step: int | None) -> int:
+    """The tokens trained on, padding excluded, over every step, micro-batch and process: trl's running count
+    (the `num_tokens` it logs) for this attempt, plus what the checkpoint's log had counted for a resumed one
+    (steps after its last logged step are not in it)."""
+    counted = [h for h in trainer.state.log_history if "num_tokens" in h]
+    earlier = [h for h in counted if resumed_step is not None and h.get("step", 0) <= resumed_step]
+    now = getattr(trainer, "_total_train_tokens", None)  # trl's counter; else the last value this attempt logged
+    if not isinstance(now, (int, float)):
+        now = counted[-1]["num_tokens"] if len(counted) > len(earlier) else 0
+    return int(now + (earlier[-1]["num_tokens"] if earlier else 0))
+
+
+def _save(trainer: Any, spec: TrainSpec, rank: Rank, adapter_dir: Path, work_dir: Path) -> None:
+    """The adapter, un-sharded, written by rank 0 (FSDP gathers the shards on every rank first)."""
+    if rank.is_main:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+    if spec.train.sharded:
+        trainer.save_model(str(adapter_dir))  # a full state dict (fsdp_config), saved by rank 0 alone
+    elif rank.is_main:
+        save_adapter(trainer.model, spec.lora, adapter_dir, work_dir)
+
+
+def _distribution(spec: TrainSpec, rank: Rank, peaks: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rank.distributed:
+        return {}
+    micro, accum = spec.train.per_rank_batch() or (spec.train.batch_size, spec.train.grad_accum)
+    extra: dict[str, Any] = {
+        "num_processes": rank.world_size, "strategy": spec.train.strategy, "per_process_batch": [micro, accum],
+    }
+    if any(peaks):
+        extra["peak_memory_reserved_per_rank"] = [p.get("peak_memory_reserved") for p in peaks]
+        extra["peak_memory_allocated_per_rank"] = [p.get("peak_memory_allocated") for p in peaks]
+    return extra
+
+
+def make_trainer(
+    spec: TrainSpec, plan: Plan, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
+    callbacks: list[Any], args: Any,
+) -> Any:
+    """The SFTTrainer that carries out the plan (shared with bench/train_throughput.py)."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=_peft_config(spec, model),
+        callbacks=callbacks,
+    )
+    if plan.batching == "padding_free":
+        trainer.data_collator = padding_free_collator(tokenizer)
+    return trainer
+
+
+def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: int, tokenizer: Any,
+                    reporter: Reporter) -> None:
+    """Name the training rows that truncation to max_seq_length leaves with nothing to learn; fail when that is
+    every row (SFTTrainer would fail later with `num_samples=0`, or, packing, train on nothing at all).
+
+    The control plane refuses such runs before queueing (webapp/catalog/services.py); this covers a spec from
+    elsewhere and rows its bounded check did not reach."""
+    max_length = spec.train.max_seq_length
+    if trainer.eval_dataset is not None and not _trained_tokens_in(trainer.eval_dataset):
+        raise RunnerError(f"no evaluation row keeps a token to evaluate on within max_seq_length {max_length}: "
+                          "raise max_seq_length or shorten the prompts of the evaluation rows")
+    prepared = trainer.train_dataset
+    dropped = rows - len(prepared) if "seq_lengths" not in prepared.column_names else 0  # packed rows differ
+    trained = _trained_tokens_in(prepared)
+    if trained and not dropped:
+        return
+    named = rows_cut_before_training(tokenizer, numbered_records(store.path(spec.dataset.uri)), max_length,
+                                     spec.train.completion_only_loss, unit=unit_of(spec.dataset.uri))
+    listing = ", ".join(str(row) for row in named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    if not trained:
+        raise RunnerError(
+            f"none of the {rows} training rows keeps a token to train on within max_seq_length {max_length}: "
+            f"their prompts fill it ({listing or 'every row'}). Raise max_seq_length, shorten the prompts, or "
+            "turn off completion_only_loss to train on the prompts too")
+    reporter.log(f"{dropped} of {rows} training rows train on nothing within max_seq_length {max_length} and are "
+                 f"skipped: their prompts fill it ({listing})", level="warning")
+
+
+def _trained_tokens_in(prepared: Any) -> int:
+    """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them)."""
+    import pyarrow.compute as pc
+
+    if len(prepared) == 0:
+        return 0
+    labels = prepared.data.column("labels")
+    return int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
+
+
+def _work_dir(spec: TrainSpec, store: ArtifactStore) -> Path:
+    """The run's own scratch folder, the same for every attempt."""
+    if spec.checkpoint_uri:
+        return store.path(spec.checkpoint_uri)
+    return store.path(spec.output_uri).parent / "trainer"
+
+
+def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]]) -> tuple[list, list]:
+    if spec.eval_dataset is not None:
+        _, eval_rows = load_trl_rows(store.path(spec.eval_dataset.uri))
+        return rows, eval_rows
+    if not spec.train.eval_fraction:
+        return rows, []
+    from workers.adapters.evaluate import held_out_indices  # the one definition of the split, shared with evaluations
+
+    held = set(held_out_indices(len(rows), spec.train.eval_fraction, spec.train.seed))
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def _plan(spec: TrainSpec, device: Device) -> Plan:
+    from transformers import AutoConfig
+
+    ref = spec.base_model
+    check_source(ref.source)
+    config = AutoConfig.from_pretrained(
+        ref.source, revision=ref.revision or None, trust_remote_code=ref.trust_remote_code
+    )
+    num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 1)
+    gpu_total = 0
+    if device.kind == "cuda":
+        import torch
+
+        gpu_total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        plan = resolve_plan(
+            rank_train_params(spec.train), spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
+            gpu_total_bytes=gpu_total, estimator=_estimator(config, spec), head_dim=_head_dim(config),
+        )
+    except PlanError as exc:
+        raise RunnerError(str(exc)) from exc
+    if plan.attention == "varlen":
+        register_varlen_attention()
+    return plan
+
+
+def _head_dim(config: Any) -> int:
+    """The attention head dimension of a transformers config (0 when it does not say)."""
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return hidden // heads if heads and hidden else 0
+
+
+def rank_train_params(train: Any) -> Any:
+    """The TrainParams one process runs: the global batch split across num_gpus processes."""
+    if not train.distributed:
+        return train
+    micro, accum = train.per_rank_batch() or (train.batch_size, train.grad_accum)
+    return dataclasses.replace(train, batch_size=micro, grad_accum=accum)
+
+
+def _estimator(config: Any, spec: TrainSpec) -> Any:
+    """The memory estimator for this run, or None: a shape it does not know must not stop training."""
+    estimator = plan_estimator(config, spec)
+    if estimator is None:
+        return None
+
+    def safe(plan: Plan) -> int | None:
+        try:
+            return int(estimator(plan))
+        except Exception as exc:  # the estimate is advice; log and plan without it
+            log.warning("memory estimate failed: %s", exc)
+            return None
+
+    return safe
+
+
+def saved_checkpoints(directory: Path) -> dict[int, Path]:
+    """Each complete checkpoint-N folder by its step (the trainer state is written last)."""
+    if not directory.is_dir():
+        return {}
+    done = {_step_of(p): p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()}
+    return {step: done[step] for step in sorted(s for s in done if s is not None)}
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint-N folder."""
+    saved = saved_checkpoints(directory)
+    return saved[max(saved)] if saved else None
+
+
+def _step_of(path: Path) -> int | None:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _peak_memory(device: Device) -> dict[str, Any]:
+    if device.kind != "cuda":
+        return {}
+    import torch
+
+    return {
+        "peak_memory_reserved": torch.cuda.max_memory_reserved(),
+        "peak_memory_allocated": torch.cuda.max_memory_allocated(),
+    }
+
+
+def _load_tokenizer(spec: TrainSpec, rows: list[dict[str, Any]], reporter: Reporter) -> Any:
+    from transformers import AutoTokenizer
+
+    ref = spec.base_model
+    check_source(ref.source)
+    tokenizer = AutoTokenizer.from_pretrained(
+        ref.source, revision=ref.revision or None, trust_remote_code=ref.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    conversational = "text" not in rows[0] and not isinstance(rows[0].get("prompt", []), str)
+    if conversational and not tokenizer.chat_template:
+        reporter.log("The tokenizer has no chat template: using a ChatML-style template.", level="warning")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _load_model(spec: TrainSpec, device: Device, reporter: Reporter, plan: Plan) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref, lora = spec.base_model, spec.lora
+    dtype = getattr(torch, device.dtype_name)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": ref.trust_remote_code,
+        "attn_implementation": plan.attn_implementation,
+    }
+    if ref.revision:
+        kwargs["revision"] = ref.revision
+    if device.kind == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    quantization = quantization_config(lora, dtype)
+    if quantization is not None and lora.quantization == "4bit" and spec.train.sharded:
+        # FSDP shards tensors of one float dtype: the packed 4-bit weights are stored in the compute dtype.
+        quantization.bnb_4bit_quant_storage = dtype
+        reporter.log(f"FSDP: 4-bit weights stored as {device.dtype_name} (bnb_4bit_quant_storage) so they can be sharded")
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    from workers.training.peftsetup import quantization_label
+
+    reporter.log(f"Loading {ref.source} ({quantization_label(lora)}, compute {device.dtype_name}) on {device.kind}")
+    reporter.flush()
+    model = AutoModelForCausalLM.from_pretrained(ref.source, **kwargs)
+    prepare_model(model, plan)
+    if device.kind == "cuda":
+        reporter.log(f"GPU memory after load: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    return model
+
+
+def _peft_config(spec: TrainSpec, model: Any) -> Any:
+    return build_peft_config(spec.lora, model)
+
+
+def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    hp = spec.train
+    checkpoints = spec.checkpoint_uri and hp.save_steps > 0
+    output_dir = _work_dir(spec, store)
+    evaluation: dict[str, Any] = {}
+    if has_eval:
+        evaluation = {
+            "eval_strategy": "steps" if hp.eval_steps else "epoch",
+            "eval_steps": hp.eval_steps or None,
+            "per_device_eval_batch_size": hp.batch_size,
+        }
+    config = SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.num_epochs,
+        max_steps=hp.max_steps if hp.max_steps > 0 else -1,
+        max_length=hp.max_seq_length,
+        warmup_steps=hp.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=hp.lr_scheduler,
+        optim=OPTIMIZER_NAMES.get(hp.optimizer, hp.optimizer),
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        logging_steps=hp.logging_steps,
+        completion_only_loss=hp.completion_only_loss,
+        neftune_noise_alpha=hp.neftune_noise_alpha or None,
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=hp.save_steps or 500,
+        save_total_limit=hp.keep_checkpoints,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_timeout=COLLECTIVE_TIMEOUT_S,
+        **evaluation,
+        **sft_arguments(plan, hp),
+        **_parallel_arguments(hp, plan),
+    )
+    if not hp.distributed and config.n_gpu > 1:
+        # One process trains on one GPU (the first visible): never nn.DataParallel over the others. A worker
+        # narrows CUDA_VISIBLE_DEVICES to the GPUs of the attempt anyway; this covers a process that sees more.
+        config._n_gpu = 1
+    return config
+
+
+# FSDP2 (fully_shard) by default; TUNEDECK_FSDP_VERSION=1 selects FSDP1 where a stack needs it.
+FSDP_VERSION_ENV = "TUNEDECK_FSDP_VERSION"
+
+
+def _parallel_arguments(hp: Any, plan: Plan) -> dict[str, Any]:
+    """DDP or FSDP keywords for a multi-process run. Checkpoints hold full (un-sharded) state dicts so that
+    a retry may resume on another number of processes."""
+    if not hp.distributed:
+        return {}
+    if not hp.sharded:
+        return {"ddp_find_unused_parameters": False}  # every adapter weight is used in every step
+    version = int(os.environ.get(FSDP_VERSION_ENV, "2"))
+    config: dict[str, Any] = {
+        "version": version,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # decoder layers; PEFT's policy adds the adapter layers
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": False,  # recomputation is set per layer by the plan
+    }
+    if version == 1:
+        config.update(use_orig_params=False, sync_module_states=True, reshard_after_forward="full_shard")
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
+
+
+OPTIMIZER_NAMES = {"adamw_8bit": "adamw_bnb_8bit"}
+
+
+class EarlyStopping(TrainerCallback):  # type: ignore[misc]
+    """Stop once the eval loss has not improved for `patience` evaluations (no best-model reload needed)."""
+
+    def __init__(self, patience: int, reporter: Reporter) -> None:
+        self.patience, self.reporter = patience, reporter
+        self.best: float | None = None
+        self.bad = 0
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if self.best is None or loss < self.best:
+            self.best, self.bad = loss, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.reporter.log(
+                f"Early stopping at step {state.global_step}: eval loss {loss:.4f} has not improved on "
+                f"{self.best:.4f} for {self.bad} evaluation(s)",
+                level="warning",
+            )
+            control.should_training_stop = True
+
+
+class HandoverCallback(TrainerCallback):  # type: ignore[misc]
+    """When the worker shuts down: save a checkpoint at this step and stop, so that the next attempt resumes from
+    here. It saves wherever the run has a checkpoint folder, also with save_steps 0 (no periodic checkpoints):
+    a handover that saved nothing would start the run again from step 0."""
+
+    def __init__(self, reporter: Reporter, can_save: bool) -> None:
+        self.reporter, self.can_save = reporter, can_save
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.reporter.poll_stop()
+        if self.reporter.interrupt_reason and not self.reporter.user_cancelled:
+            if self.can_save:  # never False: that would take back a periodic save flagged at this step
+                control.should_save = True
+            control.should_training_stop = True
+
+
+def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
+    """A metric point from one entry of the trainer's log history (None for entries without a loss)."""
+    if logged.get("step") is None or ("loss" not in logged and "eval_loss" not in logged):
+        return None
+    keys = ("loss", "eval_loss", "learning_rate", "grad_norm")
+    return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
+
+
+def schedule_line(total_steps: int, epochs: float, max_steps: int, per_epoch: int | None) -> str:
+    """How long the run trains, as its log says it. max_steps, when set, overrides the epochs: the line says
+    so, with the epochs that many steps amount to ("Training: 4,000 steps (max_steps; about 2.33 epochs)").
+    `per_epoch`: optimizer steps in one epoch (steps_per_epoch), None where unknown."""
+    steps = plural(count(total_steps), "step")
+    if max_steps > 0:
+        about = f"; about {plural(figure(total_steps / per_epoch), 'epoch')}" if per_epoch else ""
+        return f"Training: {steps} (max_steps{about})"
+    return f"Training: {plural(figure(epochs), 'epoch')}, {steps}"
+
+
+def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
+    """Optimizer steps in one pass over the training rows, as the trainer counts them (None for an iterable)."""
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return None
+    return max(-(-batches // args.gradient_accumulation_steps), 1)
+
+
+class ReporterCallback(TrainerCallback):  # type: ignore[misc]
+    """Streams progress to the reporter and stops training at the next step once cancelled."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self._last_time = time.monotonic()
+        self._last_tokens = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_time = time.monotonic()
+        per_epoch = steps_per_epoch(args, kwargs.get("train_dataloader"))
+        self.reporter.log(schedule_line(state.max_steps, args.num_train_epochs, args.max_steps, per_epoch))
+        # The attempt starts at step 0 or at its checkpoint's: the curve after it is a lost attempt's. The
+        # checkpoint's own logged steps come again, for those its attempt died before reporting.
+        self.reporter.metric(step=state.global_step, total_steps=state.max_steps, restart=True)
+        for logged in state.log_history:
+            point = _logged_point(logged)
+            if point and point["step"] <= state.global_step:
+                self.reporter.metric(**point, total_steps=state.max_steps)
+        self.reporter.flush()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.reporter.maybe_flush()
+        if self.reporter.cancel_requested:
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The trainer has saved this one and deleted those beyond keep_checkpoints: `kept` lists the steps
+        # still on disk, so the run's pages list only checkpoints a retry can resume from.
+        kept = sorted(saved_checkpoints(Path(args.output_dir)))
+        self.reporter.checkpoint(state.global_step, epoch=state.epoch, kept=kept)
+        self.reporter.maybe_flush()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "eval_loss" in logs:
+            self.reporter.metric(step=state.global_step, total_steps=state.max_steps, eval_loss=float(logs["eval_loss"]))
+            self.reporter.log(f"step {state.global_step}/{state.max_steps} eval loss {logs['eval_loss']:.4f}")
+        if "loss" not in logs:
+            return
+        now = time.monotonic()
+        tokens = float(logs.get("num_tokens", 0.0))
+        elapsed = max(now - self._last_time, 1e-9)
+        tokens_per_s = (tokens - self._last_tokens) / elapsed if tokens else None
+        self._last_time, self._last_tokens = now, tokens
+        point = {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "epoch": round(float(logs.get("epoch", state.epoch or 0.0)), 4),
+            "loss": float(logs["loss"]),
+            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+            "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        }
+        self.reporter.metric(**point)
+        grad = f" grad_norm {point['grad_norm']:.3f}" if point["grad_norm"] is not None else ""
+        speed = f" {point['tokens_per_s']:.0f} tok/s" if point["tokens_per_s"] else ""
+        self.reporter.log(
+            f"step {state.global_step}/{state.max_steps} epoch {point['epoch']:.2f} "
+            f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}"
+        )
+        self.reporter.maybe_flush()
