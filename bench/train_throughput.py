@@ -362,11 +362,12 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
 
     from workers.contract.reporter import MemoryReporter
     from workers.training import train as runner
+    from workers.training.device import pick_device
 
     n_base, n_lora = matmul_params(model_dir)
     meter = Meter(args.warmup)
     fresh_gpu()
-    device = runner.pick_device(spec.lora.compute_dtype)
+    device = pick_device(spec.lora.compute_dtype)
     plan = runner._plan(spec, device)
     reporter = MemoryReporter()
     model = runner._load_model(spec, device, reporter, plan)

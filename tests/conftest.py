@@ -75,8 +75,9 @@ def chatml_adapter(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     from workers.contract.reporter import MemoryReporter
     from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
     from workers.contract.store import ArtifactStore
+    from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
     from workers.training.demo import build_tiny_llama, write_toy_dataset
-    from workers.training.train import FALLBACK_CHAT_TEMPLATE, run_training
+    from workers.training.train import run_training
 
     root = tmp_path_factory.mktemp("chatml")
     model_dir = build_tiny_llama(

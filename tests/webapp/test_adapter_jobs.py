@@ -158,8 +158,8 @@ def test_the_base_precision_is_chosen_and_said_in_the_job_log(team: Any) -> None
 def test_prompts_drawn_from_a_chat_dataset_keep_the_whole_conversation(team: Any, store_dir: Path) -> None:
     """As evaluations do (workers.data.prompts.prompt_row): the system prompt and earlier turns reach the worker's spec."""
     from webapp.catalog.models import Dataset
-    from workers.adapters.evaluate import eval_rows
     from workers.data.datasets import to_trl_row
+    from workers.data.splits import eval_rows
 
     chats = [
         {"messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},

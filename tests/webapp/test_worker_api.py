@@ -171,10 +171,9 @@ def test_a_run_cancelled_between_its_claim_and_its_start_loads_nothing(  # type:
 ) -> None:
     """The worker holds the attempt (so the cancel is a flag): its first report's reply says so, and the
     runner stops there, before the dataset, the model or (on several GPUs) the process group."""
-    from workers.contract.reporter import HttpReporter
     from workers.contract.spec import TrainSpec
     from workers.contract.store import ArtifactStore
-    from workers.runtime.client import WorkerClient
+    from workers.runtime.client import HttpReporter, WorkerClient
     from workers.runtime.launch import run_training_job
 
     settings.ARTIFACT_STORE = tmp_path

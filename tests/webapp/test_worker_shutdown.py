@@ -18,9 +18,9 @@ from tests.webapp.fleetprocs import Fleet, run_until, until
 from webapp.fleet.models import Worker
 from webapp.training.models import TrainingRun
 from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
+from workers.contract.refusals import StaleAttempt
 from workers.contract.reporter import SUPERSEDED, MemoryReporter
 from workers.runtime import tasks
-from workers.runtime.client import StaleAttempt
 
 
 @pytest.mark.e2e

@@ -478,8 +478,8 @@ CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 def test_answers_stop_where_the_chat_template_ends_an_assistant_turn_and_at_eos(
     tmp_path: Path, template: str | None, specials: list[str], expected: list[tuple[str, bool, str]]
 ) -> None:
+    from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
     from workers.training.demo import CHAT_TEMPLATE, build_tokenizer
-    from workers.training.train import FALLBACK_CHAT_TEMPLATE
 
     template = {"fallback": FALLBACK_CHAT_TEMPLATE, "demo": CHAT_TEMPLATE}.get(template or "", template)
     tokenizer = build_tokenizer(tmp_path, chat_template=template, extra_special_tokens=specials)
@@ -491,8 +491,8 @@ def test_answers_stop_where_the_chat_template_ends_an_assistant_turn_and_at_eos(
 
 
 def test_a_stop_string_is_cut_from_the_text_and_held_back_while_it_may_be_starting(tmp_path: Path) -> None:
+    from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
     from workers.training.demo import build_tokenizer
-    from workers.training.train import FALLBACK_CHAT_TEMPLATE
 
     tokenizer = build_tokenizer(tmp_path, chat_template=FALLBACK_CHAT_TEMPLATE)
     stops = stop_tokens(tokenizer)

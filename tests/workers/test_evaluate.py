@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.evaluate import completion_loss, encode, eval_rows, held_out_indices, reference_nll, run_evaluate
+from workers.adapters.evaluate import completion_loss, encode, reference_nll, run_evaluate
 from workers.adapters.scoring import exact_match, lcs_length, normalise, rouge_l, tokens
+from workers.contract.jobrunner import RunnerError
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, EvaluateSpec, GenerationParams
 from workers.contract.reporter import MemoryReporter
 from workers.contract.spec import DatasetRef, ModelRef
 from workers.contract.store import ArtifactStore
 from workers.data.datasets import load_trl_rows, to_trl_row
-from workers.training.peftsetup import RunnerError
+from workers.data.splits import eval_rows, held_out_indices
 
 # --- scoring -----------------------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub
-from workers.adapters.hub import HubError, push_folder, repo_id_problem
+from workers.adapters.hub import HubError, push_folder
+from workers.contract.hubids import repo_id_problem
 
 TOKEN = "hf_TestTokenAbcdefghijklmnop0123456789"
 

@@ -377,7 +377,8 @@ def test_dora_on_an_8bit_base_is_refused_on_cpu_only(tiny_model_dir: Path, store
 def test_the_runner_refuses_a_module_to_save_that_does_not_exist(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from workers.training.peftsetup import RunnerError, build_peft_config
+    from workers.contract.jobrunner import RunnerError
+    from workers.training.peftsetup import build_peft_config
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert build_peft_config(LoraParams(modules_to_save=["lm_head"]), base).modules_to_save == ["lm_head"]

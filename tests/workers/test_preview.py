@@ -241,7 +241,7 @@ def test_token_texts_join_to_the_decoded_text_even_across_multibyte_characters(t
 def test_a_tokenizer_without_chat_template_gets_the_train_runners_fallback(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from workers.training.train import FALLBACK_CHAT_TEMPLATE
+    from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
 
     bare = AutoTokenizer.from_pretrained(tiny_model_dir)
     bare.chat_template = None

@@ -21,7 +21,6 @@ assistant's turn (workers.adapters.stops).
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,14 +28,14 @@ from typing import Any
 
 from workers.adapters.scoring import exact_match, rouge_l
 from workers.adapters.stops import Stops
-from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
+from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.jobspecs import BASE_KEY, EvaluateSpec, PromptRow
 from workers.contract.reporter import Reporter
 from workers.contract.store import ArtifactStore
 from workers.data.datasets import DatasetError, load_trl_rows, to_trl_row
-from workers.data.prompts import chat_ids, prompt_ids, prompt_row
+from workers.data.prompts import chat_ids, prompt_ids
+from workers.data.splits import eval_rows, held_out_indices
 from workers.training.modelinfo import ModelNotFound
-from workers.training.peftsetup import RunnerError
 
 SAMPLE_ROWS = 20
 MAX_LOSS_BATCH_ROWS = 32
@@ -52,33 +51,6 @@ class Encoded:
 
 
 # --- rows --------------------------------------------------------------------------------------------------
-
-
-def eval_rows(fmt: str, rows: list[dict[str, Any]], name: str = "dataset") -> list[PromptRow]:
-    """Prompt and reference answer of each trl row (workers.data.prompts.prompt_row); a dataset without reference
-    answers is refused."""
-    if fmt == "text":
-        raise RunnerError(
-            f"{name}: plain text rows have no reference answers to score; evaluation needs prompt/completion, "
-            "instruction/output (alpaca) or chat rows (messages, conversations) ending with an assistant turn"
-        )
-    try:
-        return [prompt_row(row, number) for number, row in enumerate(rows, start=1)]
-    except ValueError as exc:
-        raise RunnerError(f"{name}: {exc}") from exc
-
-
-def held_out_indices(count: int, fraction: float, seed: int) -> list[int]:
-    """Indices (ascending) of the rows a training run with this eval_fraction and seed held out.
-
-    The same draw as workers.training.train._split_eval: shuffle range(count) with random.Random(seed), take the
-    first round(count * fraction) (at least one)."""
-    held = max(1, round(count * fraction))
-    if held >= count:
-        raise RunnerError(f"eval_fraction {fraction} leaves no training rows out of {count}")
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    return sorted(order[:held])
 
 
 def select_rows(spec: EvaluateSpec, rows: list[PromptRow]) -> list[PromptRow]:

@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from workers.adapters.stops import Stops, stop_tokens
-from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
+from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.contract.reporter import Reporter
 from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
 from workers.contract.store import ArtifactStore
-from workers.data.prompts import prompt_ids
+from workers.data.prompts import FALLBACK_CHAT_TEMPLATE, prompt_ids
 from workers.formatting import count, duration, figure, plural
+from workers.training.device import Device, pick_device
 from workers.training.modelinfo import ModelNotFound, check_source
-from workers.training.peftsetup import RunnerError, quantization_config, quantization_label
-from workers.training.train import FALLBACK_CHAT_TEMPLATE, Device, pick_device
+from workers.training.peftsetup import quantization_config, quantization_label
 
 Cell = tuple[int, str]  # (prompt row, column)
 OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's rows, and their generated ids so far
@@ -152,7 +152,7 @@ class _OutputStream:
 def load_for_inference(
     base: ModelRef, adapters: list[AdapterRef], load: LoadParams, store: ArtifactStore, reporter: Reporter | None = None
 ) -> tuple[Any, Any, Device]:
-    """Load tokenizer + base once (quantization per `load`, device/dtype as workers.training.train.pick_device), then every
+    """Load tokenizer + base once (quantization per `load`, device/dtype as workers.training.device.pick_device), then every
     adapter onto it under its `key` (PeftModel.from_pretrained for the first, load_adapter for the rest).
     Returns (model, tokenizer, device), the model in eval mode. With no adapters returns the plain base model.
     Left padding, pad token set, chat template fallback when the tokenizer has none.

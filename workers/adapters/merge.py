@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.contract.jobrunner import Cancelled, run_reported
+from workers.contract.jobrunner import Cancelled, RunnerError, run_reported
 from workers.contract.jobspecs import EQUAL_RANK_COMBINATIONS, SVD_COMBINATIONS, AdapterRef, CombineSpec, MergeSpec
 from workers.contract.reporter import Reporter
 from workers.contract.spec import ModelRef
 from workers.contract.store import ArtifactStore, sha256_of, size_of
 from workers.training.modelinfo import ModelNotFound, check_source
-from workers.training.peftsetup import RunnerError
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from workers.adapters.hub import HubError, push_folder, scrub
 from workers.contract.jobspecs import PushSpec
+from workers.contract.refusals import StaleAttempt
 from workers.contract.reporter import Reporter
 from workers.contract.store import ArtifactStore
-from workers.runtime.client import StaleAttempt
 
 
 def _say(reporter: Reporter, line: str) -> None:

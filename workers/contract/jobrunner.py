@@ -18,11 +18,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from workers.contract.refusals import StaleAttempt
 from workers.contract.reporter import Reporter
-from workers.runtime.client import StaleAttempt
 
 INTERRUPTED = "interrupted"  # the final report of an attempt that hands its job back
 FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
+
+
+class RunnerError(Exception):
+    """A problem the user can fix, reported as the run's failure reason without a traceback."""
 
 
 class Cancelled(Exception):

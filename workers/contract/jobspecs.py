@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from workers.contract.spec import COMPUTE_DTYPES, QUANTIZATIONS, DatasetRef, ModelRef, _help, build
+from workers.contract.hubids import repo_id_problem
+from workers.contract.spec import COMPUTE_DTYPES, QUANTIZATIONS, DatasetRef, ModelRef, build, help_field
 
 T = TypeVar("T")
 
@@ -42,22 +43,22 @@ BASE_PRECISION_HELP = (
 
 @dataclass
 class AdapterRef:
-    key: str = _help("Short unique name of the adapter inside the job (a PEFT adapter name and a column key).", "")
-    label: str = _help("Human name shown in results.", "")
-    uri: str = _help("Store URI of the adapter folder (adapter_config.json + adapter_model.safetensors).", "")
-    method: str = _help("The adapter's method (lora, ia3, prefix_tuning, prompt_tuning).", "lora")
-    r: int = _help("LoRA rank (0 when not a LoRA).", 0)
-    quantization: str = _help("Quantization of the base the adapter was trained on: none, 8bit or 4bit (QLoRA).", "none")
-    quant_type: str = _help("4-bit type it was trained with (nf4 or fp4).", "nf4")
+    key: str = help_field("Short unique name of the adapter inside the job (a PEFT adapter name and a column key).", "")
+    label: str = help_field("Human name shown in results.", "")
+    uri: str = help_field("Store URI of the adapter folder (adapter_config.json + adapter_model.safetensors).", "")
+    method: str = help_field("The adapter's method (lora, ia3, prefix_tuning, prompt_tuning).", "lora")
+    r: int = help_field("LoRA rank (0 when not a LoRA).", 0)
+    quantization: str = help_field("Quantization of the base the adapter was trained on: none, 8bit or 4bit (QLoRA).", "none")
+    quant_type: str = help_field("4-bit type it was trained with (nf4 or fp4).", "nf4")
 
 
 @dataclass
 class GenerationParams:
-    max_new_tokens: int = _help("Most tokens generated per answer.", 128)
-    temperature: float = _help("Sampling temperature; 0 is greedy decoding (deterministic).", 0.0)
-    top_p: float = _help("Nucleus sampling: keep the smallest token set whose probability reaches top-p.", 1.0)
-    seed: int = _help("Random seed of sampling (same seed, same settings: same outputs).", 0)
-    chat_template: bool = _help(
+    max_new_tokens: int = help_field("Most tokens generated per answer.", 128)
+    temperature: float = help_field("Sampling temperature; 0 is greedy decoding (deterministic).", 0.0)
+    top_p: float = help_field("Nucleus sampling: keep the smallest token set whose probability reaches top-p.", 1.0)
+    seed: int = help_field("Random seed of sampling (same seed, same settings: same outputs).", 0)
+    chat_template: bool = help_field(
         "Wrap each prompt in the tokenizer's chat template as a user turn, as training wraps instruction and chat "
         "rows. Off sends the prompt raw: adapters trained on such rows may then answer with nothing at all.",
         True,
@@ -76,13 +77,13 @@ class GenerationParams:
 
 @dataclass
 class PromptRow:
-    prompt: str = _help(
+    prompt: str = help_field(
         "The prompt as people read it: typed text (a user turn when the chat template is on), or a conversation's "
         "turns one per line with their roles.",
         "",
     )
-    reference: str = _help("Reference answer, if known (shown beside the outputs; scored by evaluations).", "")
-    turns: list[dict[str, str]] = _help(
+    reference: str = help_field("Reference answer, if known (shown beside the outputs; scored by evaluations).", "")
+    turns: list[dict[str, str]] = help_field(
         "A dataset row's conversation before its answer (system prompt and earlier turns included), each turn a "
         "role and its content: what the model is given through the chat template. Empty for typed prompts.",
         [],
@@ -97,8 +98,8 @@ class PromptRow:
 class LoadParams:
     """How the base is loaded for inference: the quantization the adapters were trained on by default."""
 
-    quantization: str = _help("none, 8bit or 4bit (NF4, double quant).", "none")
-    compute_dtype: str = _help("auto: bfloat16 on GPUs that have it, float16 on others, float32 on the CPU.", "auto")
+    quantization: str = help_field("none, 8bit or 4bit (NF4, double quant).", "none")
+    compute_dtype: str = help_field("auto: bfloat16 on GPUs that have it, float16 on others, float32 on the CPU.", "auto")
 
     def validate(self) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -279,8 +280,6 @@ class PushSpec:
         errors: dict[str, str] = {}
         if not self.token:
             errors["token"] = "no Hugging Face token is configured (TUNEDECK_HF_TOKEN on the control plane)"
-        from workers.adapters.hub import repo_id_problem
-
         problem = repo_id_problem(self.repo_id)
         if problem:
             errors["repo_id"] = problem

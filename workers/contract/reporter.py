@@ -1,7 +1,7 @@
 """Reporters carry a job's log lines, metrics and final status to wherever they are recorded.
 
 A runner only talks to a `Reporter`. `MemoryReporter` keeps everything in lists (tests,
-notebooks); `HttpReporter` posts batches to the worker API, fenced by (job, attempt).
+notebooks); `HttpReporter` (workers.runtime.client) posts batches to the worker API, fenced by (job, attempt).
 Every event carries a per-attempt sequence number so a retried batch is stored once.
 
 A job stops early for three reasons, all seen through `cancel_requested` (the flag every runner
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workers.runtime.client import StaleAttempt, WorkerClient
+from workers.contract.refusals import StaleAttempt
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +159,3 @@ class MemoryReporter(Reporter):
     @property
     def metrics(self) -> list[dict[str, Any]]:
         return [e["data"] for e in self.events if e["kind"] == "metric"]
-
-
-class HttpReporter(Reporter):
-    def __init__(self, client: WorkerClient, run_id: int, attempt: int, path: str = "jobs") -> None:
-        super().__init__()
-        self.client, self.run_id, self.attempt, self.path = client, run_id, attempt, path
-
-    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.client.events(self.run_id, self.attempt, batch, path=self.path)
-
-    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
-        return self.client.status(self.run_id, self.attempt, state, path=self.path, result=result, error=error)

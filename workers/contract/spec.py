@@ -30,7 +30,7 @@ TARGET_PRESETS = ("all-linear", "attention", "attention+mlp")
 DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
 
 
-def _help(text: str, default: Any) -> Any:
+def help_field(text: str, default: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
@@ -38,54 +38,54 @@ def _help(text: str, default: Any) -> Any:
 
 @dataclass
 class LoraParams:
-    method: str = _help(
+    method: str = help_field(
         "Adapter method: LoRA (low-rank updates; DoRA, rsLoRA are switches), IA3 (learned scaling vectors), "
         "prefix tuning (trained per-layer key/value prefixes), prompt tuning (trained input tokens).",
         "lora",
     )
-    r: int = _help("LoRA: rank of the low-rank update matrices.", 16)
-    alpha: int = _help("LoRA: scaling numerator; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).", 32)
-    dropout: float = _help("LoRA: dropout on the adapter input during training.", 0.05)
-    target_modules: list[str] = _help(
+    r: int = help_field("LoRA: rank of the low-rank update matrices.", 16)
+    alpha: int = help_field("LoRA: scaling numerator; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).", 32)
+    dropout: float = help_field("LoRA: dropout on the adapter input during training.", 0.05)
+    target_modules: list[str] = help_field(
         "LoRA, IA3: modules to adapt, by name (q_proj, attn.c_proj…) or one preset: all-linear, attention "
         "(attention projections only) or attention+mlp, resolved from the model's own modules.",
         ["all-linear"],
     )
-    bias: str = _help("LoRA: which biases to train: none, all, or only those of adapted layers.", "none")
-    use_dora: bool = _help(
+    bias: str = help_field("LoRA: which biases to train: none, all, or only those of adapted layers.", "none")
+    use_dora: bool = help_field(
         "LoRA: DoRA, which splits each update into magnitude and direction (better at low rank, slower steps).", False
     )
-    use_rslora: bool = _help("LoRA: rsLoRA, scaling by alpha / sqrt(r) so that high ranks keep learning.", False)
-    init: str = _help(
+    use_rslora: bool = help_field("LoRA: rsLoRA, scaling by alpha / sqrt(r) so that high ranks keep learning.", False)
+    init: str = help_field(
         "LoRA: initialisation: default (B = 0), gaussian, pissa or pissa_fast (principal singular vectors), olora "
         "(QR), orthogonal, loftq (cancels the 4-bit quantization error).",
         "default",
     )
-    modules_to_save: list[str] = _help(
+    modules_to_save: list[str] = help_field(
         "Extra modules trained in full and saved with the adapter, e.g. lm_head or embed_tokens.", []
     )
-    feedforward_modules: list[str] = _help(
+    feedforward_modules: list[str] = help_field(
         "IA3: which targets are feed-forward layers (their input is scaled, not their output); empty picks the "
         "MLP layers among the targets.",
         [],
     )
-    num_virtual_tokens: int = _help("Prefix and prompt tuning: number of trained virtual tokens.", 20)
-    prefix_projection: bool = _help(
+    num_virtual_tokens: int = help_field("Prefix and prompt tuning: number of trained virtual tokens.", 20)
+    prefix_projection: bool = help_field(
         "Prefix tuning: produce the prefixes through a trained two-layer MLP (more parameters, steadier training).",
         False,
     )
-    projection_hidden_size: int = _help("Prefix tuning: hidden size of that MLP; 0 uses the model's hidden size.", 0)
-    prompt_init: str = _help(
+    projection_hidden_size: int = help_field("Prefix tuning: hidden size of that MLP; 0 uses the model's hidden size.", 0)
+    prompt_init: str = help_field(
         "Prompt tuning: start the virtual tokens random, from sampled vocabulary embeddings, or from a text.",
         "sample_vocab",
     )
-    prompt_init_text: str = _help("Prompt tuning: the text whose token embeddings start the virtual tokens.", "")
-    quantization: str = _help(
+    prompt_init_text: str = help_field("Prompt tuning: the text whose token embeddings start the virtual tokens.", "")
+    quantization: str = help_field(
         "Load the frozen base unquantized, in 8-bit (bitsandbytes LLM.int8) or in 4-bit (QLoRA).", "none"
     )
-    quant_type: str = _help("4-bit data type: NF4 (normal float, best for weights) or FP4.", "nf4")
-    double_quant: bool = _help("4-bit: quantize the quantization constants too (saves ~0.4 bit/param).", True)
-    compute_dtype: str = _help(
+    quant_type: str = help_field("4-bit data type: NF4 (normal float, best for weights) or FP4.", "nf4")
+    double_quant: bool = help_field("4-bit: quantize the quantization constants too (saves ~0.4 bit/param).", True)
+    compute_dtype: str = help_field(
         "Dtype for matmuls: auto picks bf16 where supported, else fp16 on GPU, fp32 on CPU.", "auto"
     )
 
@@ -250,75 +250,75 @@ class LoraParams:
 
 @dataclass
 class TrainParams:
-    learning_rate: float = _help("Peak learning rate of the adapter weights.", 2e-4)
-    num_epochs: float = _help("Passes over the training set (ignored when max_steps > 0).", 1.0)
-    max_steps: int = _help("Stop after this many optimizer steps; 0 means use num_epochs.", 0)
-    batch_size: int = _help(
+    learning_rate: float = help_field("Peak learning rate of the adapter weights.", 2e-4)
+    num_epochs: float = help_field("Passes over the training set (ignored when max_steps > 0).", 1.0)
+    max_steps: int = help_field("Stop after this many optimizer steps; 0 means use num_epochs.", 0)
+    batch_size: int = help_field(
         "Micro-batch per device: examples (pad), rows of max_seq_length tokens (pack) or examples in one row "
         "(padding_free).",
         8,
     )
-    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1)
-    max_seq_length: int = _help("Longer examples are truncated to this many tokens (also the packed row length).", 512)
-    warmup_ratio: float = _help("Fraction of steps spent warming the learning rate up.", 0.03)
-    lr_scheduler: str = _help("Learning-rate schedule after warmup.", "cosine")
-    optimizer: str = _help(
+    grad_accum: int = help_field("Micro-batches accumulated per optimizer step.", 1)
+    max_seq_length: int = help_field("Longer examples are truncated to this many tokens (also the packed row length).", 512)
+    warmup_ratio: float = help_field("Fraction of steps spent warming the learning rate up.", 0.03)
+    lr_scheduler: str = help_field("Learning-rate schedule after warmup.", "cosine")
+    optimizer: str = help_field(
         "Optimizer: adamw_torch, fused AdamW, 8-bit AdamW (bitsandbytes; paged variants spill to CPU under "
         "memory pressure), Adafactor, SGD, Lion 8-bit.",
         "adamw_torch",
     )
-    weight_decay: float = _help("AdamW weight decay.", 0.0)
-    max_grad_norm: float = _help("Gradient clipping threshold.", 1.0)
-    seed: int = _help("Random seed for initialisation and data order.", 42)
-    completion_only_loss: bool = _help(
+    weight_decay: float = help_field("AdamW weight decay.", 0.0)
+    max_grad_norm: float = help_field("Gradient clipping threshold.", 1.0)
+    seed: int = help_field("Random seed for initialisation and data order.", 42)
+    completion_only_loss: bool = help_field(
         "Train on the answer tokens only (prompt tokens masked); whole text when off.", True
     )
-    neftune_noise_alpha: float = _help("NEFTune: noise added to embeddings during training (5 is typical); 0 is off.", 0.0)
-    batching: str = _help(
+    neftune_noise_alpha: float = help_field("NEFTune: noise added to embeddings during training (5 is typical); 0 is off.", 0.0)
+    batching: str = help_field(
         "How examples form batches: pad each micro-batch to its longest example; pack examples into rows of "
         "max_seq_length (each keeps its own positions and attention); padding_free: concatenate a micro-batch "
         "into one row; auto packs on GPUs.",
         "auto",
     )
-    mode: str = _help(
+    mode: str = help_field(
         "Speed/memory trade-off: throughput uses the GPU's memory for speed (less recomputation), memory fits "
         "the smallest GPU (recompute and offload activations); auto picks throughput.",
         "auto",
     )
-    gradient_checkpointing: str = _help(
+    gradient_checkpointing: str = help_field(
         "Recompute activations in the backward pass (much less memory, ~25% more compute); auto: on unless "
         "throughput mode estimates that the run fits without.",
         "auto",
     )
-    activation_offload: str = _help(
+    activation_offload: str = help_field(
         "Keep saved activations in pinned CPU memory during the forward pass; auto: on in memory mode.", "auto"
     )
-    attention: str = _help(
+    attention: str = help_field(
         "Attention kernel: varlen (FlashAttention over packed rows, skips cross-example work), flex "
         "(FlexAttention block masks), sdpa, eager; auto picks the fastest available.",
         "auto",
     )
-    liger_kernels: str = _help(
+    liger_kernels: str = help_field(
         "Liger Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy without materialised logits); "
         "auto: on CUDA when installed.",
         "auto",
     )
-    torch_compile: bool = _help("Compile the model with torch.compile (slower start, faster steps on some GPUs).", False)
-    eval_fraction: float = _help("Hold out this fraction of the rows for evaluation (0 = no split).", 0.0)
-    eval_steps: int = _help("Evaluate every this many steps; 0 evaluates at the end of each epoch.", 0)
-    logging_steps: int = _help("Report loss and learning rate every this many steps.", 5)
-    save_steps: int = _help("Save a resumable checkpoint every this many steps; 0: none periodically (a worker that "
+    torch_compile: bool = help_field("Compile the model with torch.compile (slower start, faster steps on some GPUs).", False)
+    eval_fraction: float = help_field("Hold out this fraction of the rows for evaluation (0 = no split).", 0.0)
+    eval_steps: int = help_field("Evaluate every this many steps; 0 evaluates at the end of each epoch.", 0)
+    logging_steps: int = help_field("Report loss and learning rate every this many steps.", 5)
+    save_steps: int = help_field("Save a resumable checkpoint every this many steps; 0: none periodically (a worker that "
                                  "shuts down still saves one at the step reached, to hand the run over).", 100)
-    keep_checkpoints: int = _help("How many of the latest checkpoints to keep.", 2)
-    early_stopping_patience: int = _help(
+    keep_checkpoints: int = help_field("How many of the latest checkpoints to keep.", 2)
+    early_stopping_patience: int = help_field(
         "Stop when the eval loss has not improved for this many evaluations; 0 is off (needs an eval set).", 0
     )
-    num_gpus: int = _help(
+    num_gpus: int = help_field(
         "GPUs of one worker the run trains on (1-8), one process each; the global batch (batch_size x grad_accum) "
         "and the optimizer steps stay those of one GPU.",
         1,
     )
-    strategy: str = _help(
+    strategy: str = help_field(
         "Several GPUs: ddp (every GPU holds the whole model, each trains its share of the batch) or fsdp (base "
         "weights, adapter, gradients and optimizer states sharded across the GPUs, for bases too big for one; a "
         "4-bit base is stored in the compute dtype so it can be sharded). Ignored for one GPU.",
@@ -430,15 +430,15 @@ def suggest_train_params(num_parameters: int | None) -> TrainParams:
 
 @dataclass
 class ModelRef:
-    source: str = _help("Hugging Face hub id or a local directory.", "")
-    revision: str = _help("Hub revision (branch, tag or commit); empty for the default.", "")
-    trust_remote_code: bool = _help("Run the model's own Python code (admins only).", False)
+    source: str = help_field("Hugging Face hub id or a local directory.", "")
+    revision: str = help_field("Hub revision (branch, tag or commit); empty for the default.", "")
+    trust_remote_code: bool = help_field("Run the model's own Python code (admins only).", False)
 
 
 @dataclass
 class DatasetRef:
-    uri: str = _help("Store URI of the dataset file.", "")
-    format: str = _help("Detected row format.", "text")
+    uri: str = help_field("Store URI of the dataset file.", "")
+    format: str = help_field("Detected row format.", "text")
 
 
 @dataclass

@@ -13,6 +13,13 @@ from typing import Any
 from workers.contract.jobspecs import PromptRow
 
 Turns = list[dict[str, str]]
+# A tokenizer without a chat template gets this ChatML-style one, alike in training, previews and generation.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def prompt_row(row: dict[str, Any], number: int = 1) -> PromptRow:

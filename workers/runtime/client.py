@@ -7,20 +7,10 @@ from typing import Any
 
 import httpx
 
+from workers.contract.refusals import CancelledBeforeStart, NotAssigned, StaleAttempt
+from workers.contract.reporter import Reporter
+
 API_PREFIX = "/api/worker/v1"
-
-
-class StaleAttempt(Exception):
-    """The control plane has moved on to a newer attempt (HTTP 409): stop, change nothing."""
-
-
-class CancelledBeforeStart(StaleAttempt):
-    """The claim was refused because the job was cancelled (HTTP 409, code `cancelled`): skip it, load nothing,
-    report nothing (it is no failure)."""
-
-
-class NotAssigned(Exception):
-    """The job is not assigned to this worker (HTTP 403/404): a forged or stale wake-up."""
 
 
 class WorkerClient:
@@ -81,3 +71,15 @@ class WorkerClient:
 
         The reply names the worker and its labels, and lists jobs to cancel and jobs to stop (moved on)."""
         return self._post("/heartbeat", payload)
+
+
+class HttpReporter(Reporter):
+    def __init__(self, client: WorkerClient, run_id: int, attempt: int, path: str = "jobs") -> None:
+        super().__init__()
+        self.client, self.run_id, self.attempt, self.path = client, run_id, attempt, path
+
+    def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.client.events(self.run_id, self.attempt, batch, path=self.path)
+
+    def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
+        return self.client.status(self.run_id, self.attempt, state, path=self.path, result=result, error=error)

@@ -31,10 +31,10 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
 
+from workers.contract.refusals import StaleAttempt
 from workers.contract.reporter import Reporter
 from workers.contract.spec import TrainSpec
 from workers.contract.store import ArtifactStore
-from workers.runtime.client import StaleAttempt
 from workers.runtime.distributed import RELAY_ADDRESS_ENV, RELAY_KEY_ENV
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,9 @@ from workers.config import (
     label_queue,
     queue_for,
 )
+from workers.contract.refusals import CancelledBeforeStart, NotAssigned, StaleAttempt
 from workers.contract.reporter import SUPERSEDED, Reporter
-from workers.runtime.client import CancelledBeforeStart, NotAssigned, StaleAttempt, WorkerClient
+from workers.runtime.client import HttpReporter, WorkerClient
 
 log = logging.getLogger("tunedeck.worker")
 
@@ -178,7 +179,6 @@ def run_job(job_id: int, attempt: int) -> None:
         return
     use_gpus(claimed.get("gpu_indices"))  # before the ML stack is imported
 
-    from workers.contract.reporter import HttpReporter
     from workers.contract.spec import TrainSpec
     from workers.contract.store import ArtifactStore
     from workers.runtime.launch import run_training_job
@@ -214,7 +214,6 @@ def run_adapter_job(job_id: int, attempt: int) -> None:
     import importlib
 
     from workers.contract.jobspecs import spec_from_dict
-    from workers.contract.reporter import HttpReporter
     from workers.contract.store import ArtifactStore
 
     kind = str(claimed.get("kind"))

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from workers.contract.jobrunner import RunnerError
 from workers.contract.spec import MUTATING_INITS, LoraParams, ModelRef
 from workers.training.modelinfo import check_adapter, feedforward_targets, linear_module_names, resolve_targets
 
@@ -32,10 +33,6 @@ INIT_LORA_WEIGHTS: dict[str, bool | str] = {
 }
 PROMPT_TUNING_INIT = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 INITIAL_ADAPTER = "initial-adapter"
-
-
-class RunnerError(Exception):
-    """A problem the user can fix, reported as the run's failure reason without a traceback."""
 
 
 def quantization_config(lora: LoraParams, dtype: Any) -> Any:

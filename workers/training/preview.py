@@ -23,6 +23,7 @@ from typing import Any
 
 from workers.data.datafiles import utf8_size
 from workers.data.datasets import detect_format, to_trl_row
+from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
 
 # "pad": padded micro-batches; "pack": trl's BFD packing (padding-free rows of max_length);
 # "padding_free": a micro-batch concatenated into one row. TrainParams.batching "auto" is "pack" on GPUs.
@@ -135,8 +136,6 @@ def use_training_chat_template(tokenizer: Any, trl_rows: Sequence[dict[str, Any]
     from trl.data_utils import is_conversational
 
     if trl_rows and is_conversational(trl_rows[0]) and not tokenizer.chat_template:
-        from workers.training.train import FALLBACK_CHAT_TEMPLATE
-
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 

@@ -12,19 +12,20 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
+from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.reporter import Reporter
 from workers.contract.spec import TrainSpec
 from workers.contract.store import ArtifactStore, sha256_of, size_of
 from workers.data.datasets import DatasetError, load_trl_rows, numbered_records, unit_of
+from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
+from workers.data.splits import held_out_indices
 from workers.formatting import count, figure, percent, plural
-from workers.runtime.distributed import COLLECTIVE_TIMEOUT_S, Rank, StopTogether, current_rank, gather
+from workers.training.device import Device, pick_device
 from workers.training.engine import (
     Plan,
     PlanError,
@@ -38,40 +39,18 @@ from workers.training.engine import (
 )
 from workers.training.modelinfo import ModelNotFound, check_source
 from workers.training.peftsetup import (
-    RunnerError,
     build_peft_config,
     prepare_adapter,
     quantization_config,
     save_adapter,
 )
 from workers.training.preview import rows_cut_before_training
+from workers.training.ranks import COLLECTIVE_TIMEOUT_S, Rank, StopTogether, current_rank, gather
 
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 # Packed batches vary in shape from step to step; expandable segments keep the allocator from
 # fragmenting (read once, when CUDA starts: a worker sets it before its first job).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Device:
-    kind: str  # "cuda" or "cpu"
-    dtype_name: str  # "bfloat16", "float16" or "float32"
-
-
-def pick_device(compute_dtype: str) -> Device:
-    import torch
-
-    if torch.cuda.is_available():
-        if compute_dtype == "auto":
-            compute_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return Device("cuda", compute_dtype)
-    return Device("cpu", "float32" if compute_dtype == "auto" else compute_dtype)
 
 
 def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
@@ -272,8 +251,6 @@ def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]
         return rows, eval_rows
     if not spec.train.eval_fraction:
         return rows, []
-    from workers.adapters.evaluate import held_out_indices  # the one definition of the split, shared with evaluations
-
     held = set(held_out_indices(len(rows), spec.train.eval_fraction, spec.train.seed))
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
