@@ -18,7 +18,7 @@ from webapp.playground import services
 from webapp.playground.models import AdapterJob, Comparison, ComparisonCell, JobEvent, MergedModel, PromptSet, Vote
 from webapp.training import ledger
 from webapp.training.models import Adapter, AdapterParent
-from workers.contract import jobspecs
+from workers.contract import jobspecs, kinds
 
 pytestmark = pytest.mark.django_db
 
@@ -98,7 +98,7 @@ def test_evaluating_what_a_run_held_out_uses_its_eval_dataset_when_it_has_one(te
     job = services.start_evaluate(users["owner"], [a], held_out_of=run)
     assert job.params["dataset"]["uri"] == held.uri and job.params["dataset"]["format"] == "alpaca"
     assert job.params["split"] == "all" and (job.params["held_out_of"], job.params["eval_rows"]) == (run.pk, "eval_dataset")
-    assert jobspecs.spec_from_dict("evaluate", job.job_spec()).dataset.uri == held.uri  # the worker's spec
+    assert kinds.spec_from_dict("evaluate", job.job_spec()).dataset.uri == held.uri  # the worker's spec
     page = login(client, "owner").get(reverse("job-detail", args=[job.pk])).content.decode()
     assert "dataset add-test &lt;b&gt;" in page
     assert f'(<span id="eval-rows">the eval dataset of <a href="/runs/{run.pk}/">run {run.pk}</a></span>)' in page
@@ -147,7 +147,7 @@ def test_the_base_precision_is_chosen_and_said_in_the_job_log(team: Any) -> None
         assert job.base_precision() == {"chosen": precision, "quantization": quantization, "compute_dtype": dtype,
                                         "used": None}  # fmt: skip
         assert line in job.events.values_list("message", flat=True)
-        spec = jobspecs.spec_from_dict("compare", job.job_spec())
+        spec = kinds.spec_from_dict("compare", job.job_spec())
         assert (spec.load.quantization, spec.load.compute_dtype) == (quantization, dtype)
     with pytest.raises(services.JobError) as refused:
         started(lora, precision="int4")
@@ -181,7 +181,7 @@ def test_prompts_drawn_from_a_chat_dataset_keep_the_whole_conversation(team: Any
     users = team[0]
     prompt_set = PromptSet.objects.create(name="chat", owner=users["owner"], rows=rows)
     comparison = services.start_compare(users["owner"], prompt_set, [adapter(team)], jobspecs.GenerationParams())
-    spec = jobspecs.spec_from_dict("compare", comparison.job.job_spec())
+    spec = kinds.spec_from_dict("compare", comparison.job.job_spec())
     assert spec.prompts[0].turns[0] == {"role": "system", "content": "Answer in French."}
 
 
@@ -203,7 +203,7 @@ def test_a_comparison_job_streams_cells_once_and_records_the_final_outputs(team:
     attempt = ledger.dispatch(job.pk, worker, AdapterJob)
     claimed = api(client, token, job, "claim", {"attempt": attempt}).json()
     assert claimed["kind"] == "compare"
-    spec = jobspecs.spec_from_dict("compare", claimed["spec"])
+    spec = kinds.spec_from_dict("compare", claimed["spec"])
     assert [x.key for x in spec.adapters] == [a.key, b.key] and len(spec.prompts) == 2 and spec.include_base
 
     assert api(client, token, job, "status", {"attempt": attempt, "state": "running"}).status_code == 200
@@ -254,7 +254,7 @@ def test_a_succeeded_merge_records_the_merged_model_with_its_check(team: Any, cl
     job = services.start_merge(team[0]["owner"], a, "float32")
     worker, token = make_worker()
     attempt = ledger.dispatch(job.pk, worker, AdapterJob)
-    spec = jobspecs.spec_from_dict("merge", api(client, token, job, "claim", {"attempt": attempt}).json()["spec"])
+    spec = kinds.spec_from_dict("merge", api(client, token, job, "claim", {"attempt": attempt}).json()["spec"])
     assert spec.adapter.uri == a.uri and spec.dtype == "float32" and spec.output_uri == f"store://jobs/{job.pk}/output"
     api(client, token, job, "status", {"attempt": attempt, "state": "running"})
     result = {"merged_uri": spec.output_uri, "dtype": "float32", "size_bytes": 123, "sha256": "f" * 64, "verified": False,
@@ -299,7 +299,7 @@ def test_the_push_token_reaches_the_worker_at_claim_and_is_never_stored(team: An
     attempt = ledger.dispatch(job.pk, worker, AdapterJob)
     spec = api(client, token, job, "claim", {"attempt": attempt}).json()["spec"]
     assert spec["token"] == "hf_secretsecretsecret"
-    assert "hf_secret" not in repr(jobspecs.spec_from_dict("push", spec))
+    assert "hf_secret" not in repr(kinds.spec_from_dict("push", spec))
 
 
 def test_the_scheduler_places_adapter_jobs_and_runs_oldest_first_one_per_worker(team: Any) -> None:

@@ -158,7 +158,7 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
     from tests.webapp.factories import make_worker
     from webapp.training import ledger
     from workers.adapters import generate
-    from workers.contract import jobspecs
+    from workers.contract import kinds
     from workers.contract.reporter import MemoryReporter
 
     source, uris = task_adapters
@@ -174,7 +174,7 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
     attempt = ledger.dispatch(job.pk, worker, AdapterJob)
     worker_api = {"content_type": "application/json", "HTTP_AUTHORIZATION": f"Bearer {token}"}
     claimed = client.post(f"/api/worker/v1/adapter-jobs/{job.pk}/claim", json.dumps({"attempt": attempt}), **worker_api)
-    spec = jobspecs.spec_from_dict("compare", claimed.json()["spec"])
+    spec = kinds.spec_from_dict("compare", claimed.json()["spec"])
     assert spec.load.quantization == quantization
     loaded: list[Any] = []
     original = generate._load_base

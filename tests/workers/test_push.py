@@ -11,7 +11,8 @@ import pytest
 from tests.fakehub import FakeHub
 from tests.workers.test_hub import TOKEN, files_of
 from workers.adapters.push import run_push
-from workers.contract.jobspecs import PushSpec, spec_from_dict
+from workers.contract.jobspecs import PushSpec
+from workers.contract.kinds import spec_from_dict
 from workers.contract.reporter import MemoryReporter
 from workers.contract.store import ArtifactStore
 

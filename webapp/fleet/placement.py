@@ -61,6 +61,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.contract.kinds import KINDS
+
 GiB = 2**30
 MiB = 2**20
 # Left free on every GPU: the estimate is a prediction, and the card's driver keeps some for itself.
@@ -376,9 +378,8 @@ def plan(jobs: Sequence[Job], slots: Sequence[Slot], active: dict[int, int], las
 
 # --- What a job needs, decided when it is created --------------------------------------------------------
 
-# Adapter jobs load the base once (compare, evaluate, combine in bf16; a merge's check runs it in float32)
-# plus the adapters, generation's KV cache and the CUDA context: a share and a fixed amount on top.
-ADAPTER_JOB_WEIGHT_BYTES = {"compare": 2, "evaluate": 2, "combine": 2, "merge": 4}
+# Adapter jobs load the base once (bytes per parameter: workers.contract.kinds) plus the adapters, generation's
+# KV cache and the CUDA context: a share and a fixed amount on top.
 ADAPTER_JOB_SHARE = 0.2
 ADAPTER_JOB_FIXED_BYTES = 1 * GiB
 # A run whose base's shape cannot be read: its weights at the quantization's bytes per parameter, same margin.
@@ -400,7 +401,8 @@ def rough_bytes(num_parameters: int | None, bytes_per_param: float) -> int | Non
 
 def adapter_job_bytes(kind: str, num_parameters: int | None) -> int | None:
     """needs_gpu_bytes of an adapter job from its base's size; a push only uploads files (no GPU)."""
-    per_param = ADAPTER_JOB_WEIGHT_BYTES.get(kind)
+    decl = KINDS.get(kind)
+    per_param = None if decl is None else decl.weight_bytes_per_param
     return None if per_param is None else gpu_bytes_or_cpu(rough_bytes(num_parameters, per_param))
 
 

@@ -19,7 +19,8 @@ from django.utils.crypto import salted_hmac
 
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, LedgerJob
-from workers.contract.jobspecs import BASE_KEY, JOB_SPECS
+from workers.contract.jobspecs import BASE_KEY
+from workers.contract.kinds import KINDS
 
 
 class JobKind(models.TextChoices):
@@ -58,7 +59,7 @@ class AdapterJob(LedgerJob):
 
     def job_spec(self) -> dict[str, Any]:
         """The worker's spec: the params that are spec fields (others, like a new adapter's name, stay here)."""
-        names = {f.name for f in dataclasses.fields(JOB_SPECS[self.kind])}
+        names = {f.name for f in dataclasses.fields(KINDS[self.kind].spec)}
         spec = {**{k: v for k, v in self.params.items() if k in names}, "job_id": self.pk, "attempt": self.attempt}
         if self.kind == JobKind.PUSH:
             spec["token"] = settings.HF_TOKEN  # handed to the worker at claim time only, never stored

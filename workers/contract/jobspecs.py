@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from workers.contract.hubids import repo_id_problem
-from workers.contract.spec import COMPUTE_DTYPES, QUANTIZATIONS, DatasetRef, ModelRef, build, help_field
+from workers.contract.spec import COMPUTE_DTYPES, QUANTIZATIONS, DatasetRef, ModelRef, help_field
 
 T = TypeVar("T")
 
@@ -286,40 +286,5 @@ class PushSpec:
         return errors
 
 
-JOB_SPECS: dict[str, type[Any]] = {
-    "push": PushSpec,
-    "compare": CompareSpec,
-    "merge": MergeSpec,
-    "combine": CombineSpec,
-    "evaluate": EvaluateSpec,
-}
-_NESTED: dict[str, Any] = {
-    "base_model": ModelRef,
-    "adapter": AdapterRef,
-    "generation": GenerationParams,
-    "load": LoadParams,
-    "dataset": DatasetRef,
-}
-_NESTED_LISTS: dict[str, Any] = {"adapters": AdapterRef, "prompts": PromptRow}
-
-
 def spec_to_json(spec: Any) -> str:
     return json.dumps(dataclasses.asdict(spec))
-
-
-def spec_from_dict(kind: str, data: dict[str, Any]) -> Any:
-    """Build the spec of a job kind from its JSON form, refusing unknown fields at every level."""
-    cls = JOB_SPECS[kind]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _NESTED and isinstance(value, dict):
-            values[key] = build(_NESTED[key], value)
-        elif key in _NESTED_LISTS:
-            values[key] = [build(_NESTED_LISTS[key], item) for item in value]
-        else:
-            values[key] = value
-    return cls(**values)

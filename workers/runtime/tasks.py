@@ -194,16 +194,6 @@ def run_job(job_id: int, attempt: int) -> None:
     log.info("job %s attempt %s done", job_id, attempt)
 
 
-# The runner of each adapter job kind, imported when a job of that kind arrives.
-ADAPTER_RUNNERS = {
-    "compare": ("workers.adapters.generate", "run_compare"),
-    "merge": ("workers.adapters.merge", "run_merge"),
-    "combine": ("workers.adapters.merge", "run_combine"),
-    "evaluate": ("workers.adapters.evaluate", "run_evaluate"),
-    "push": ("workers.adapters.push", "run_push"),
-}
-
-
 @app.task(name="tunedeck.run_adapter_job", ignore_result=True)
 def run_adapter_job(job_id: int, attempt: int) -> None:
     claimed = claim(job_id, attempt, "adapter-jobs")
@@ -213,25 +203,25 @@ def run_adapter_job(job_id: int, attempt: int) -> None:
 
     import importlib
 
-    from workers.contract.jobspecs import spec_from_dict
+    from workers.contract.kinds import KINDS, spec_from_dict
     from workers.contract.store import ArtifactStore
 
     kind = str(claimed.get("kind"))
     reporter = HttpReporter(client(), job_id, attempt, path="adapter-jobs")
-    if kind == "compare":
-        reporter.flush_interval = 0.25  # the grid fills token by token
     try:
-        module, name = ADAPTER_RUNNERS[kind]
+        decl = KINDS[kind]
         spec = spec_from_dict(kind, claimed["spec"])
     except (KeyError, TypeError, ValueError) as exc:  # a control plane newer than this worker
         reporter.started()
         reporter.log(f"This worker cannot run this {kind} job: {exc}", level="error")
         reporter.finish("failed", error=f"the worker cannot read this {kind} job: {exc}")
         return
+    reporter.flush_interval = decl.flush_interval
     log.info("%s job %s attempt %s claimed", kind, job_id, attempt)
+    runner = getattr(importlib.import_module(decl.runner_module), decl.runner_function)
     with running_job("adapter-jobs", job_id, attempt, reporter):
         try:
-            getattr(importlib.import_module(module), name)(spec, reporter, ArtifactStore(artifact_store_root()))
+            runner(spec, reporter, ArtifactStore(artifact_store_root()))
         except StaleAttempt as exc:
             log.warning("adapter job %s attempt %s superseded: %s", job_id, attempt, exc)
     log.info("%s job %s attempt %s done", kind, job_id, attempt)
