@@ -92,12 +92,12 @@ def add_adapters(model: Any, count: int) -> tuple[Any, list[str]]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from workers.adapters.generate import peft_adapter_name
+    from workers.adapters.inference import peft_adapter_name
 
     keys = [f"a{i}" for i in range(count)]
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
     torch.manual_seed(1)
-    # Adapter weights in the base's dtype, as workers.adapters.generate.load_for_inference loads them.
+    # Adapter weights in the base's dtype, as workers.adapters.inference.load_for_inference loads them.
     peft_model = get_peft_model(model, config, adapter_name=peft_adapter_name(keys[0]), autocast_adapter_dtype=False)
     for key in keys[1:]:
         peft_model.add_adapter(peft_adapter_name(key), config, autocast_adapter_dtype=False)
@@ -305,7 +305,7 @@ def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: li
         )
     print()
     print("base alone: the prompts on the model without adapters. batched: prompts x k rows in one generate() call, "
-          "the adapters stacked per layer (workers.adapters.generate.stacked_lora, what a compare job uses); the same through "
+          "the adapters stacked per layer (workers.adapters.stacked.stacked_lora, what a compare job uses); the same through "
           "PEFT's adapter_names for reference. loop: k calls, set_adapter between them. In brackets: seconds of a "
           "run of 1 new token (the prompts' forward pass). tok/s: answer tokens of all rows per second. Same "
           "answers: greedy token ids equal (float32 gives 100%; bf16 kernels may round differently by batch shape).")  # fmt: skip

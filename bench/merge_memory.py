@@ -63,7 +63,7 @@ def child(kind: str, base_dir: str, adapter_dir: str, out_dir: str) -> None:
     """One merge in this process; prints a JSON line with seconds and peak RSS above the starting RSS."""
     import torch  # imports and the CUDA context are not counted
 
-    from workers.adapters.merge import peft_merge, stream_merge
+    from workers.adapters.merge.stream import peft_merge, stream_merge
 
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")
@@ -111,7 +111,7 @@ def main() -> None:
         return
     import torch
 
-    from workers.adapters.merge import verify_merge
+    from workers.adapters.merge.verify import verify_merge
 
     scratch = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=args.scratch))
     try:

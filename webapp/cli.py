@@ -67,7 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ.pop("TUNEDECK_WORKER_TOKEN_FILE", None)
     elif args.token_file:
         os.environ["TUNEDECK_WORKER_TOKEN_FILE"] = args.token_file
-    from workers.runtime.tasks import start_worker
+    from workers.runtime.startup import start_worker
 
     start_worker(args.queue or [], loglevel=args.loglevel)
     return 0

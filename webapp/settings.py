@@ -26,7 +26,7 @@ from workers.config import (
     private_file,
     private_var_dir,
 )
-from workers.data.datafiles import Limits
+from workers.data.bounds import Limits
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = private_var_dir()  # this user's only: it holds the database, the secret key and the artifacts

@@ -60,7 +60,8 @@ def test_a_qlora_adapter_merges_on_the_gpu_and_is_verified(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from workers.adapters.merge import TOLERANCES, run_merge
+    from workers.adapters.merge.job import run_merge
+    from workers.adapters.merge.tolerance import TOLERANCES
     from workers.contract.jobspecs import AdapterRef, MergeSpec
     from workers.contract.reporter import MemoryReporter
     from workers.contract.spec import ModelRef
@@ -128,7 +129,9 @@ def test_a_deep_bfloat16_merge_is_held_to_bfloat16_rounding_and_a_dropped_layer_
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from workers.adapters.merge import TOLERANCES, stream_merge, verify_merge, write_companions
+    from workers.adapters.merge.stream import stream_merge, write_companions
+    from workers.adapters.merge.tolerance import TOLERANCES
+    from workers.adapters.merge.verify import verify_merge
     from workers.training.demo import build_tiny_llama
 
     layers, targets = 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -157,7 +157,7 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
 
     from tests.webapp.factories import make_worker
     from webapp.training import ledger
-    from workers.adapters import generate
+    from workers.adapters import generate, inference
     from workers.contract import kinds
     from workers.contract.reporter import MemoryReporter
 
@@ -177,8 +177,8 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
     spec = kinds.spec_from_dict("compare", claimed.json()["spec"])
     assert spec.load.quantization == quantization
     loaded: list[Any] = []
-    original = generate._load_base
-    monkeypatch.setattr(generate, "_load_base", lambda *args: loaded.append(original(*args)) or loaded[-1])  # a look
+    original = inference._load_base
+    monkeypatch.setattr(inference, "_load_base", lambda *args: loaded.append(original(*args)) or loaded[-1])  # a look
     reporter = MemoryReporter()
 
     result = generate.run_compare(spec, reporter, ArtifactStore(store_dir))

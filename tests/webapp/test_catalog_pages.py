@@ -340,7 +340,7 @@ def test_a_decompression_bomb_is_refused_and_what_was_stored_stays(user_client, 
 
 @pytest.mark.django_db
 def test_the_bounds_follow_the_settings(user_client, store_dir, settings) -> None:  # type: ignore[no-untyped-def]
-    from workers.data.datafiles import Limits
+    from workers.data.bounds import Limits
 
     settings.DATASET_LIMITS = Limits(max_rows=10)
     response = user_client.post("/datasets/", {"name": "many", "file": SimpleUploadedFile("many.jsonl", _jsonl(toy_rows(11, 0)))})

@@ -30,7 +30,8 @@ from webapp.playground.models import AdapterJob
 from webapp.training import ledger, queue
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract import spec
-from workers.training.estimate import ModelShape, estimate_for_spec
+from workers.training.modelshape import ModelShape
+from workers.training.specestimate import estimate_for_spec
 
 pytestmark = pytest.mark.django_db
 GiB = 2**30

@@ -20,7 +20,7 @@ from webapp.training.models import TrainingRun
 from workers.contract.jobrunner import Cancelled, check_cancel, run_reported
 from workers.contract.refusals import StaleAttempt
 from workers.contract.reporter import SUPERSEDED, MemoryReporter
-from workers.runtime import tasks
+from workers.runtime import jobfolder
 
 
 @pytest.mark.e2e
@@ -133,19 +133,19 @@ def test_a_superseded_job_stops_and_reports_nothing_more() -> None:
 def test_the_runtime_folder_lists_live_jobs_and_forgets_dead_ones(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     for sub in ("running", "stop"):
         (tmp_path / sub).mkdir()
-    monkeypatch.setenv(tasks.RUNTIME_ENV, str(tmp_path))
+    monkeypatch.setenv(jobfolder.RUNTIME_ENV, str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / "running" / tasks.job_key("jobs", 7, 1)).write_text(str(dead.pid))
+    (tmp_path / "running" / jobfolder.job_key("jobs", 7, 1)).write_text(str(dead.pid))
     reporter = MemoryReporter()
-    with tasks.running_job("adapter-jobs", 3, 2, reporter):
-        assert tasks.running_jobs(tmp_path) == [{"path": "adapter-jobs", "id": 3, "attempt": 2}]
+    with jobfolder.running_job("adapter-jobs", 3, 2, reporter):
+        assert jobfolder.running_jobs(tmp_path) == [{"path": "adapter-jobs", "id": 3, "attempt": 2}]
         assert not (tmp_path / "running" / "jobs.7.1").exists()  # its process is gone
         assert reporter.stop_check is not None and reporter.stop_check() == ""
-        tasks.stop_jobs(tmp_path, [{"path": "adapter-jobs", "id": 3, "attempt": 2}, {"path": "jobs", "id": 9, "attempt": 1}])
+        jobfolder.stop_jobs(tmp_path, [{"path": "adapter-jobs", "id": 3, "attempt": 2}, {"path": "jobs", "id": 9, "attempt": 1}])
         assert reporter.stop_check() == SUPERSEDED
         assert not (tmp_path / "stop" / "jobs.9.1").exists()  # not running here: nothing to stop
-    assert tasks.running_jobs(tmp_path) == [] and list((tmp_path / "stop").iterdir()) == []
+    assert jobfolder.running_jobs(tmp_path) == [] and list((tmp_path / "stop").iterdir()) == []
 
 
 # --- How long `tunedeck up` lets its local worker hand its jobs back -------------------------------------

@@ -17,9 +17,9 @@ from workers.adapters.generate import (
     encode_prompts,
     generate_grid,
     generate_token_grid,
-    load_for_inference,
     run_compare,
 )
+from workers.adapters.inference import load_for_inference
 from workers.adapters.stops import END_OF_TURN, Stop, decode, stop_tokens
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.contract.reporter import MemoryReporter
@@ -339,7 +339,7 @@ def test_a_4bit_base_is_batched_by_stacking_and_matches_sequential(
 ) -> None:
     """QLoRA adapters are compared on the 4-bit base they were trained on: the stacked path covers bitsandbytes
     layers too (the base layer runs quantized, the deltas are added), with the same answers as one by one."""
-    from workers.adapters.generate import stacked_lora
+    from workers.adapters.stacked import stacked_lora
 
     store, uris = task_adapters
     refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
@@ -378,7 +378,7 @@ def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int
     import itertools
     import random
 
-    from workers.adapters.generate import length_buckets
+    from workers.adapters.prefill import length_buckets
 
     rng = random.Random(seed)
     lengths = [rng.randint(2, 300) for _ in range(rng.randint(1, 11))]
@@ -397,6 +397,7 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
     loaded: Loaded, rows: Rows, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import workers.adapters.generate as generate
+    import workers.adapters.prefill as prefill
 
     model, tokenizer = loaded
     # Prompts of very different lengths (1 to 6 questions) so that padding would be most of one padded pass.
@@ -404,10 +405,10 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=True)
     calls: list[int] = []
     original = generate.prefill_by_length
-    monkeypatch.setattr(generate, "BUCKET_COST", 64)  # cheap calls: several buckets
+    monkeypatch.setattr(prefill, "BUCKET_COST", 64)  # cheap calls: several buckets
 
     def counted(model: Any, rows: list[list[int]], columns: int, pad_token_id: int) -> Any:
-        calls.append(len(generate.length_buckets([len(r) - 1 for r in rows[: len(rows) // columns]], 64 // columns)))
+        calls.append(len(prefill.length_buckets([len(r) - 1 for r in rows[: len(rows) // columns]], 64 // columns)))
         return original(model, rows, columns, pad_token_id)
 
     monkeypatch.setattr(generate, "prefill_by_length", counted)
@@ -427,7 +428,7 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
 
 
 def test_models_with_sliding_windows_or_single_length_prompts_are_not_prefilled(loaded: Loaded) -> None:
-    from workers.adapters.generate import can_prefill
+    from workers.adapters.prefill import can_prefill
 
     model, _ = loaded
     assert can_prefill(model, [[1, 2, 3], [1, 2, 3, 4]])

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from workers.config import ConfigError
-from workers.data.datafiles import Limits
+from workers.data.bounds import Limits
 from workers.data.datasets import (
     MAX_PROBLEMS,
     PREVIEW_CELL_CHARS,

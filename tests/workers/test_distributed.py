@@ -322,7 +322,7 @@ LLAMA_70B = {
 def llama_70b() -> Any:
     from transformers import AutoConfig
 
-    from workers.training.estimate import ModelShape
+    from workers.training.modelshape import ModelShape
 
     return ModelShape.from_config(AutoConfig.for_model("llama", **LLAMA_70B))
 
@@ -352,7 +352,7 @@ def test_ddp_replicates_and_adds_its_gradient_buckets() -> None:
 
 
 def test_the_spec_estimate_uses_each_gpus_share_of_the_batch() -> None:
-    from workers.training.estimate import estimate_for_spec
+    from workers.training.specestimate import estimate_for_spec
 
     shape, lora = llama_70b(), LoraParams(quantization="4bit")
     one = estimate_for_spec(shape, lora, TrainParams(batch_size=4, grad_accum=1, max_seq_length=2048))

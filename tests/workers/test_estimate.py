@@ -12,7 +12,9 @@ import pytest
 
 from workers.contract.spec import LoraParams, TrainParams
 from workers.training import estimate as est
-from workers.training.estimate import GiB, ModelShape, UnsupportedModel, estimate, estimate_for_spec
+from workers.training.estimate import GiB, estimate
+from workers.training.modelshape import ModelShape, UnsupportedModel
+from workers.training.specestimate import estimate_for_spec
 
 LLAMA_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,

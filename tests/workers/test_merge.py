@@ -14,17 +14,13 @@ from typing import Any
 import pytest
 import torch
 
-from workers.adapters import merge
-from workers.adapters.merge import (
-    TOLERANCES,
-    LoraFile,
-    peft_merge,
-    run_combine,
-    run_merge,
-    stream_merge,
-    verify_merge,
-    write_companions,
-)
+from workers.adapters.merge import verify
+from workers.adapters.merge.combine import run_combine
+from workers.adapters.merge.job import run_merge
+from workers.adapters.merge.lora import LoraFile
+from workers.adapters.merge.stream import peft_merge, stream_merge, write_companions
+from workers.adapters.merge.tolerance import TOLERANCES
+from workers.adapters.merge.verify import verify_merge
 from workers.contract.jobspecs import COMBINATIONS, DENSITY_COMBINATIONS, AdapterRef, CombineSpec, MergeSpec
 from workers.contract.reporter import MemoryReporter
 from workers.contract.spec import ModelRef
@@ -307,7 +303,7 @@ def test_without_room_for_the_float32_reference_the_fixed_bfloat16_bound_applies
 ) -> None:
     good = store.path(merged_bf16[0]["merged_uri"])
     adapter = store.path("store://adapters/add")
-    monkeypatch.setattr(merge, "_available_host_bytes", lambda: 2**18)  # the float32 model needs ~1 MiB
+    monkeypatch.setattr(verify, "available_host_bytes", lambda: 2**18)  # the float32 model needs ~1 MiB
     check = verify_merge(tiny_model_dir, adapter, good, "bfloat16")
     tolerance = check["tolerance"]
     assert tolerance["rule"] == "fixed" and "available host memory is 0.2 MiB" in tolerance["fallback_reason"]
@@ -327,14 +323,14 @@ def test_without_room_for_the_float32_reference_the_fixed_bfloat16_bound_applies
 def test_a_float32_reference_that_fails_to_load_falls_back_and_says_so(
     tiny_model_dir: Path, store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    load = merge._load_with_adapter
+    load = verify._load_with_adapter
 
     def out_of_memory(ref: ModelRef, adapter_dir: Path, dtype: torch.dtype, *args: Any) -> Any:
         if dtype == torch.float32:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
         return load(ref, adapter_dir, dtype, *args)
 
-    monkeypatch.setattr(merge, "_load_with_adapter", out_of_memory)
+    monkeypatch.setattr(verify, "_load_with_adapter", out_of_memory)
     reporter = MemoryReporter()
     spec = merge_spec(tiny_model_dir, ref("add"), "store://merged/add-bf16-fallback", dtype="bfloat16")
     result = run_merge(spec, reporter, store)
@@ -501,7 +497,7 @@ def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.adapters.merge import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+    from workers.adapters.merge.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     base = build_tiny_llama(tmp_path / "mid", hidden_size=768, layers=8)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -515,10 +511,10 @@ def test_host_memory_stays_near_one_shard_whatever_the_model_size(tmp_path: Path
     assert size > 140e6
 
     def growth(merge: Any, out: str) -> int:
-        assert _reset_peak_rss()
-        start = _rss_bytes()
+        assert reset_peak_rss()
+        start = rss_bytes()
         merge(base, tmp_path / "adapter", tmp_path / out, "float32", "4MB")
-        return _peak_rss_bytes() - start
+        return peak_rss_bytes() - start
 
     streamed = growth(stream_merge, "streamed")
     growth(peft_merge, "peft")

@@ -24,8 +24,8 @@ from workers.data.datasets import (
     unit_of,
     validate_stream,
 )
-from workers.training.estimate import ModelShape
 from workers.training.modelinfo import ModelInfo, ModelNotFound, inspect_model, local_model_folder, looks_like_path
+from workers.training.modelshape import ModelShape
 from workers.training.preview import (
     LENGTH_CHECK_ROWS,
     Example,

@@ -39,9 +39,9 @@ from webapp.catalog.services import (
 )
 from workers.contract import spec
 from workers.data.datasets import DatasetError
-from workers.training.estimate import estimate_for_spec
 from workers.training.modelinfo import ModelNotFound
 from workers.training.preview import render_row
+from workers.training.specestimate import estimate_for_spec
 
 
 def _invalid_status(request: HttpRequest) -> int:

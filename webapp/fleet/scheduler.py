@@ -222,8 +222,8 @@ def run_gpu_bytes(base: Any, lora: Any, train: Any) -> int | None:
     where the plan is left to decide), or, where the base's config cannot be read, its weights plus a margin.
     None (it may run on a CPU) when that is below placement.CPU_MAX_BYTES or the size is unknown."""
     from webapp.catalog.services import model_shape
-    from workers.training.estimate import estimate_for_spec
     from workers.training.modelinfo import ModelNotFound
+    from workers.training.specestimate import estimate_for_spec
 
     try:
         estimate: float | None = estimate_for_spec(model_shape(base), lora, train).estimate.device_total

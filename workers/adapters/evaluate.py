@@ -195,7 +195,8 @@ def _load_rows(spec: EvaluateSpec, store: ArtifactStore) -> tuple[str, list[Prom
 
 
 def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
-    from workers.adapters.generate import answer_stops, load_for_inference, precision_label
+    from workers.adapters.generate import answer_stops
+    from workers.adapters.inference import load_for_inference, precision_label
 
     started = time.monotonic()
     problems = spec.validate()
@@ -305,7 +306,8 @@ def _answers(
     progress: _Progress,
 ) -> tuple[dict[tuple[int, str], str], dict[tuple[int, str], int]]:
     """Every column's answer to every row (text, and its length in tokens without its stop)."""
-    from workers.adapters.generate import generate_token_grid, mixed_batch_refusals
+    from workers.adapters.generate import generate_token_grid
+    from workers.adapters.inference import mixed_batch_refusals
 
     reporter = progress.reporter
     refusals = mixed_batch_refusals(model, labels)

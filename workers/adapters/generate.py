@@ -12,32 +12,32 @@ paths pad the same prompts to the same length, so greedy outputs agree.
 
 from __future__ import annotations
 
-import hashlib
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from functools import cache
-from pathlib import Path
 from typing import Any
 
+from workers.adapters.inference import (
+    can_batch,
+    load_for_inference,
+    mixed_batch_refusals,
+    peft_adapter_name,
+    precision_label,
+    ref_refusals,
+)
+from workers.adapters.prefill import cache_argument, can_prefill, prefill_by_length
+from workers.adapters.stacked import stacked_lora
 from workers.adapters.stops import Stops, stop_tokens
 from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
-from workers.contract.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
+from workers.contract.jobspecs import BASE_KEY, CompareSpec, GenerationParams, PromptRow
 from workers.contract.reporter import Reporter
-from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
 from workers.contract.store import ArtifactStore
-from workers.data.prompts import FALLBACK_CHAT_TEMPLATE, prompt_ids
+from workers.data.prompts import prompt_ids
 from workers.formatting import count, duration, figure, plural
-from workers.training.device import Device, pick_device
-from workers.training.modelinfo import ModelNotFound, check_source
-from workers.training.peftsetup import quantization_config, quantization_label
+from workers.training.modelinfo import ModelNotFound
 
 Cell = tuple[int, str]  # (prompt row, column)
 OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's rows, and their generated ids so far
-
-
-# --- the runner -------------------------------------------------------------------------------------------
 
 
 def run_compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
@@ -66,7 +66,7 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     if batched:
         reporter.log("Batched: every column of a prompt in one generate() call (PEFT mixed-adapter batches)")
     else:
-        reasons = refusals or _ref_refusals(spec.adapters)
+        reasons = refusals or ref_refusals(spec.adapters)
         reporter.log("Sequential, one column after another: " + "; ".join(reasons), level="warning")
     reporter.flush()
     stream = _OutputStream(reporter)
@@ -144,210 +144,6 @@ class _OutputStream:
             self.reporter.output(row, column, text)
         self.pending.clear()
         self.last_send = time.monotonic()
-
-
-# --- loading ---------------------------------------------------------------------------------------------
-
-
-def load_for_inference(
-    base: ModelRef, adapters: list[AdapterRef], load: LoadParams, store: ArtifactStore, reporter: Reporter | None = None
-) -> tuple[Any, Any, Device]:
-    """Load tokenizer + base once (quantization per `load`, device/dtype as workers.training.device.pick_device), then every
-    adapter onto it under its `key` (PeftModel.from_pretrained for the first, load_adapter for the rest).
-    Returns (model, tokenizer, device), the model in eval mode. With no adapters returns the plain base model.
-    Left padding, pad token set, chat template fallback when the tokenizer has none.
-
-    Raises RunnerError naming the adapter for a missing folder, adapters of different PEFT types (one PeftModel
-    holds one type) and an adapter whose weights do not fit this base."""
-    folders = {ref.key: _adapter_folder(ref, store) for ref in adapters}
-    _check_one_peft_type(adapters, folders)
-    check_source(base.source)
-    device = pick_device(load.compute_dtype)
-    tokenizer = _load_tokenizer(base, reporter)
-    model = _load_base(base, load, device, reporter)
-    for ref in adapters:
-        model = _attach_adapter(model, ref, folders[ref.key], base)
-        _say(reporter, f"Adapter {_name(ref)} loaded as {ref.key!r}")
-    model.eval()
-    return model, tokenizer, device
-
-
-def _say(reporter: Reporter | None, message: str, level: str = "info") -> None:
-    if reporter is not None:
-        reporter.log(message, level=level)
-
-
-def _name(ref: AdapterRef) -> str:
-    return f"{ref.label or ref.key!r} ({ref.uri})"
-
-
-def _adapter_folder(ref: AdapterRef, store: ArtifactStore) -> Path:
-    try:
-        folder = store.path(ref.uri)
-    except ValueError as exc:
-        raise RunnerError(f"adapter {_name(ref)}: {exc}") from exc
-    if not folder.is_dir():
-        raise RunnerError(f"adapter {_name(ref)}: the folder does not exist in the artifact store")
-    if not (folder / "adapter_config.json").is_file():
-        raise RunnerError(f"adapter {_name(ref)}: no adapter_config.json in the folder (not a PEFT adapter)")
-    return folder
-
-
-def _check_one_peft_type(adapters: list[AdapterRef], folders: dict[str, Path]) -> None:
-    from peft import PeftConfig
-
-    types: dict[str, list[str]] = {}
-    for ref in adapters:
-        try:
-            peft_type = _peft_type_name(PeftConfig.from_pretrained(str(folders[ref.key])))
-        except Exception as exc:  # PEFT raises several kinds for a broken config
-            raise RunnerError(f"adapter {_name(ref)}: unreadable adapter_config.json: {exc}") from exc
-        types.setdefault(peft_type, []).append(ref.label or ref.key)
-    if len(types) > 1:
-        kinds = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in types.items())
-        raise RunnerError(f"adapters: PEFT holds adapters of one type per model, these mix several ({kinds})")
-
-
-def _peft_type_name(config: Any) -> str:
-    return str(getattr(config.peft_type, "value", config.peft_type)).lower()
-
-
-def _load_tokenizer(base: ModelRef, reporter: Reporter | None) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        base.source, revision=base.revision or None, trust_remote_code=base.trust_remote_code
-    )
-    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        _say(reporter, "The tokenizer has no chat template: using a ChatML-style template.", level="warning")
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _load_base(base: ModelRef, load: LoadParams, device: Device, reporter: Reporter | None) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    quantized = LoraParams(quantization=load.quantization, compute_dtype=load.compute_dtype)
-    dtype = getattr(torch, device.dtype_name)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": base.trust_remote_code}
-    if base.revision:
-        kwargs["revision"] = base.revision
-    if device.kind == "cuda":
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    quantization = quantization_config(quantized, dtype)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    _say(reporter, f"Loading {base.source} in {precision_label(load, device)} on {device.kind}")
-    return AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
-
-
-def precision_label(load: LoadParams, device: Device) -> str:
-    """The base's precision as loaded: its weights' dtype, or their quantization and the compute dtype."""
-    if load.quantization == "none":
-        return device.dtype_name
-    quantized = LoraParams(quantization=load.quantization, compute_dtype=load.compute_dtype)
-    return f"{quantization_label(quantized)} (compute {device.dtype_name})"
-
-
-def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -> Any:
-    from peft import PeftModel
-
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # Adapter weights in the base's dtype: PEFT's default upcast of bf16/fp16 to fp32 helps training only.
-            name = peft_adapter_name(ref.key)
-            if isinstance(model, PeftModel):
-                missing = model.load_adapter(str(folder), name, autocast_adapter_dtype=False).missing_keys
-            else:
-                model = PeftModel.from_pretrained(model, str(folder), name, autocast_adapter_dtype=False)
-                missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise RunnerError(f"adapter {_name(ref)} does not fit the base {base.source}: {_load_failure(exc)}") from exc
-    if missing:
-        raise RunnerError(
-            f"adapter {_name(ref)} does not fit the base {base.source}: the base has layers the adapter has no "
-            f"weights for ({str(missing[0])[:200]}); was it trained on another base model?"
-        )
-    return model
-
-
-def peft_adapter_name(key: str) -> str:
-    """The name an adapter key is loaded under in PEFT: the key itself, unless torch or PEFT would trip on it.
-
-    PEFT keeps adapters in ModuleDicts, so a key like "double" or "train" (an nn.Module method) cannot be a name,
-    and a name inside a PEFT weight prefix ("lo" in "lora_") can get its weights re-initialised on loading."""
-    import torch
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-
-    clashes = (
-        "." in key
-        or hasattr(torch.nn.ModuleDict(), key)
-        or any(key in prefix for prefix in PEFT_TYPE_TO_PREFIX_MAPPING.values())
-    )
-    return f"adapter_{hashlib.sha1(key.encode()).hexdigest()[:12]}" if clashes else key
-
-
-def _load_failure(exc: Exception) -> str:
-    """The first concrete line of a PEFT/torch loading error (size mismatches come one per line)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
-    if mismatch:
-        return f"{mismatch} (shapes differ: was it trained on another base model?)"
-    return lines[0] if lines else type(exc).__name__
-
-
-# --- which adapters share a batch -------------------------------------------------------------------------
-
-
-def can_batch(adapters: list[AdapterRef]) -> bool:
-    """Whether PEFT can serve these adapters in one mixed batch (adapter_names=[...]), as far as the refs tell.
-
-    Only LoRA layers read `adapter_names`: prompt-learning methods pass it on to the base model and IA3 drops it
-    (every row would get the active adapter). DoRA and merged layers are refused by PEFT too, but those show only
-    once loaded: `mixed_batch_refusals(model)` checks the loaded model."""
-    return not _ref_refusals(adapters)
-
-
-def _ref_refusals(adapters: list[AdapterRef]) -> list[str]:
-    return [
-        f"{ref.label or ref.key}: {ref.method.replace('_', ' ')} adapters cannot be mixed in one batch"
-        + (" (virtual tokens change the input itself)" if ref.method in PROMPT_LEARNING_METHODS else "")
-        for ref in adapters
-        if ref.method != "lora"
-    ]
-
-
-def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> list[str]:
-    """Why PEFT would refuse (or silently misapply) `adapter_names` on this loaded model; empty when it can batch.
-
-    `labels` (adapter key -> label) names the adapters in the reasons; by default they go by their PEFT names."""
-    from peft import PeftModel, PeftType
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(model, PeftModel):
-        return []
-    names = {peft_adapter_name(key): label for key, label in (labels or {}).items()}
-    reasons = [
-        f"{names.get(name, name)}: {_peft_type_name(config)} adapters cannot be mixed in one batch"
-        for name, config in model.peft_config.items()
-        if config.peft_type != PeftType.LORA
-    ]
-    if reasons:
-        return reasons
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    dora = sorted({name for layer in layers for name, on in layer.use_dora.items() if on})
-    reasons += [f"{names.get(name, name)}: DoRA adapters cannot be mixed in one batch (PEFT)" for name in dora]
-    if any(layer.merged for layer in layers):
-        reasons.append("an adapter is merged into the base weights; mixed batches need unmerged adapters")
-    return reasons
-
-
-# --- generation --------------------------------------------------------------------------------------------
 
 
 Prompt = str | PromptRow  # typed text, or a row with its conversation (workers.data.prompts)
@@ -578,99 +374,6 @@ def _generate(
     return [list(map(int, row)) for row in output[:, width:].tolist()]
 
 
-# --- the prompts' pass without padding --------------------------------------------------------------------
-
-BUCKET_COST = 1024  # what one more forward call costs, in padded token positions (launches, a pass over weights)
-
-
-def can_prefill(model: Any, rows: list[list[int]]) -> bool:
-    """Whether the prompts' pass goes by length buckets: prompts of several lengths, a model whose cache is a
-    plain KV cache with full attention in every layer (no sliding windows, no recurrent state) and no adapter
-    of virtual tokens (prompt or prefix tuning)."""
-    if len({len(r) for r in rows}) < 2 or min(len(r) for r in rows) < 2:
-        return False
-    if any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values()):
-        return False  # virtual tokens go before the prompt, in the cache too
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if text is None or getattr(text, "is_encoder_decoder", False) or getattr(text, "sliding_window", None):
-        return False
-    return all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"])
-
-
-def cache_argument(model: Any) -> str:
-    """The name forward() and generate() take a KV cache under: `cache` from transformers 5.24 (where
-    `past_key_values` is deprecated), `past_key_values` before."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_argument_of(type(inner))
-
-
-@cache
-def _cache_argument_of(model_class: type) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def length_buckets(lengths: list[int], step_cost: int = BUCKET_COST) -> list[list[int]]:
-    """Row indexes grouped by length so that padding each group to its longest row, plus `step_cost` per group,
-    costs least (dynamic programming over the rows sorted by length); shortest group first."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = [0.0] + [float("inf")] * len(order)  # best[j]: least cost of the first j rows in sorted order
-    cut = [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        longest = lengths[order[j - 1]]
-        for i in range(j):
-            cost = best[i] + (j - i) * longest + step_cost
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(order)
-    while j > 0:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def prefill_by_length(model: Any, rows: list[list[int]], columns: int, pad_token_id: int) -> Any:
-    """The KV cache of every row's prompt but its last token, laid out as generate() expects for the rows
-    left-padded to the longest (padding positions stay zero and are masked), computed a length bucket at a time.
-
-    The rows are `columns` equal blocks of the same prompts; a bucket takes its prompts in every block, in block
-    order, so that a stacked LoRA layer still finds its columns as equal slices of the batch.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    prompts = len(rows) // columns
-    width = max(len(r) for r in rows) - 1  # the cached positions: every prompt token but the last
-    keys: list[Any] = []
-    values: list[Any] = []
-    for bucket in length_buckets([len(r) - 1 for r in rows[:prompts]], BUCKET_COST // columns):
-        index = [block * prompts + p for block in range(columns) for p in bucket]
-        part = [rows[i][:-1] for i in index]
-        span = max(len(r) for r in part)
-        ids = torch.tensor([[pad_token_id] * (span - len(r)) + r for r in part], device=device)
-        mask = torch.tensor([[0] * (span - len(r)) + [1] * len(r) for r in part], device=device)
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                  **{cache_argument(model): cache})
-        rows_at = torch.tensor(index, device=device)
-        for layer, cached in enumerate(cache.layers):
-            if layer == len(keys):
-                shape = (len(rows), *cached.keys.shape[1:2], width, cached.keys.shape[-1])
-                keys.append(cached.keys.new_zeros(shape))
-                values.append(cached.values.new_zeros((*shape[:3], cached.values.shape[-1])))
-            keys[layer][rows_at, :, width - span :] = cached.keys
-            values[layer][rows_at, :, width - span :] = cached.values
-    full = DynamicCache(config=model.config)
-    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-        full.update(k, v, layer)
-    return full
-
-
 def _attention_backends(device: Any) -> AbstractContextManager[Any]:
     """Generation without cuDNN's attention: it builds a plan for every new shape, and a growing KV cache is a
     new shape at every step (measured on an H100, 8B shape, 64 new tokens: 8.8 s on first shapes with cuDNN,
@@ -680,118 +383,6 @@ def _attention_backends(device: Any) -> AbstractContextManager[Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-@contextmanager
-def stacked_lora(model: Any, columns: list[str]) -> Iterator[bool]:
-    """Mixed-adapter batches in two batched matmuls per LoRA layer, for rows laid out column by column.
-
-    Inside, every LoRA layer computes base(x), then for the rows of each adapter column (an equal share of the
-    batch, in `columns` order) x·Aᵀ·Bᵀ·scaling with all adapters stacked, added in place; BASE_KEY rows get the
-    base alone. This is PEFT's mixed-batch arithmetic without its per-layer, per-step lists of row indices
-    (Python loops over every row and an index copy to the GPU for each adapter of each layer). Yields False and
-    changes nothing where a layer is not a plain, unmerged LoRA Linear (over a full-precision or bitsandbytes
-    base) of plain LoRA adapters (DoRA, LoRA bias) or the model has extra trained modules (modules_to_save): PEFT's adapter_names then."""
-    layers = _stackable_layers(model, columns)
-    if layers is None:
-        yield False
-        return
-    try:
-        for layer, stack in layers:
-            layer.forward = _StackedForward(layer, stack, len(columns))
-        yield True
-    finally:
-        for layer, _ in layers:
-            layer.__dict__.pop("forward", None)
-
-
-def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack | None]] | None:
-    from peft import PeftModel, PeftType
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    # Plain LoRA Linear layers over a full-precision or a bitsandbytes 4-/8-bit base: the stacked forward
-    # runs the base layer as it is (quantized or not) and adds the adapters' deltas in their own dtype.
-    stackable = {LoraLinear}
-    try:
-        from peft.tuners.lora import bnb as lora_bnb
-
-        stackable |= {getattr(lora_bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, name)}
-    except ImportError:  # bitsandbytes missing: no quantized bases either
-        pass
-    if not isinstance(model, PeftModel) or columns == [BASE_KEY] * len(columns):
-        return None
-    if any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
-        return None
-    names = [None if column == BASE_KEY else peft_adapter_name(column) for column in columns]
-    layers: list[tuple[Any, _Stack | None]] = []
-    for module in model.modules():
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            return None
-        if not isinstance(module, LoraLayer):
-            continue
-        if type(module) not in stackable or module.merged:
-            return None
-        present = [(i, name) for i, name in enumerate(names) if name is not None and name in module.lora_A]
-        plain = all(
-            not module.use_dora.get(name) and name not in module.lora_variant and module.lora_B[name].bias is None
-            for _, name in present
-        )
-        if not plain:
-            return None
-        layers.append((module, _Stack.of(module, present) if present else None))
-    return layers
-
-
-class _Stack:
-    """One layer's adapters of the columns, stacked: A (m, r, in), B (m, out, r), zero-padded to the largest r."""
-
-    def __init__(self, a: Any, b: Any, scale: Any, columns: list[int]) -> None:
-        import torch
-
-        self.a_t, self.b_t, self.scale = a.transpose(1, 2), b.transpose(1, 2), scale
-        self.columns = columns
-        first = columns[0]
-        self.span = (first, first + len(columns)) if columns == list(range(first, first + len(columns))) else None
-        self.index = torch.tensor(columns, device=a.device)
-
-    @classmethod
-    def of(cls, layer: Any, present: list[tuple[int, str]]) -> _Stack:
-        import torch
-
-        weight = layer.lora_A[present[0][1]].weight
-        rank = max(layer.r[name] for _, name in present)
-        a = torch.zeros(len(present), rank, layer.in_features, dtype=weight.dtype, device=weight.device)
-        b = torch.zeros(len(present), layer.out_features, rank, dtype=weight.dtype, device=weight.device)
-        for i, (_, name) in enumerate(present):
-            r = layer.r[name]
-            a[i, :r] = layer.lora_A[name].weight
-            b[i, :, :r] = layer.lora_B[name].weight
-        scale = torch.tensor([layer.scaling[name] for _, name in present], dtype=weight.dtype, device=weight.device)
-        return cls(a, b, scale.view(-1, 1, 1), [column for column, _ in present])
-
-
-class _StackedForward:
-    def __init__(self, layer: Any, stack: _Stack | None, columns: int) -> None:
-        self.base_layer, self.stack, self.columns = layer.base_layer, stack, columns
-
-    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        result = self.base_layer(x, *args, **kwargs)
-        stack = self.stack
-        if stack is None:
-            return result
-        rows = x.reshape(self.columns, -1, x.shape[-1])  # (column, its rows x positions, in)
-        part = rows[stack.span[0] : stack.span[1]] if stack.span else rows.index_select(0, stack.index)
-        delta = torch.bmm(torch.bmm(part.to(stack.a_t.dtype), stack.a_t), stack.b_t) * stack.scale
-        out = result.view(self.columns, -1, result.shape[-1])
-        if stack.span:
-            out[stack.span[0] : stack.span[1]] += delta.to(out.dtype)
-        else:
-            out.index_add_(0, stack.index, delta.to(out.dtype))
-        return result
 
 
 class _StepHook:

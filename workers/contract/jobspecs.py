@@ -20,7 +20,7 @@ T = TypeVar("T")
 MAX_ADAPTERS = 8
 BASE_KEY = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches, and our column key for the base
 # Every combination type of PEFT's add_weighted_adapter. linear is the exact weighted sum of the deltas
-# (through PEFT's cat), not PEFT's factor-wise linear (see workers/adapters/merge.py).
+# (through PEFT's cat), not PEFT's factor-wise linear (see workers/adapters/merge/combine.py).
 COMBINATIONS = (
     "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
     "magnitude_prune", "magnitude_prune_svd",

@@ -49,8 +49,8 @@ KINDS: dict[str, JobKindDecl] = {
     for decl in (
         # The grid fills token by token: its reporter sends four times a second.
         JobKindDecl("compare", CompareSpec, "workers.adapters.generate:run_compare", 2, flush_interval=0.25),
-        JobKindDecl("merge", MergeSpec, "workers.adapters.merge:run_merge", 4),
-        JobKindDecl("combine", CombineSpec, "workers.adapters.merge:run_combine", 2),
+        JobKindDecl("merge", MergeSpec, "workers.adapters.merge.job:run_merge", 4),
+        JobKindDecl("combine", CombineSpec, "workers.adapters.merge.combine:run_combine", 2),
         JobKindDecl("evaluate", EvaluateSpec, "workers.adapters.evaluate:run_evaluate", 2),
         JobKindDecl("push", PushSpec, "workers.adapters.push:run_push", None),
     )

@@ -20,15 +20,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from workers.data.datafiles import (
-    STORED,
-    Limits,
-    Problem,
-    json_type,
-    read_records,
-    suffix_of,
-    unit_of,
-)
+from workers.data.bounds import STORED, Limits, Problem, json_type
+from workers.data.datafiles import read_records, suffix_of, unit_of
 
 __all__ = ["DatasetError", "DatasetReport", "Limits", "Problem", "suffix_of", "unit_of", "validate_stream"]
 

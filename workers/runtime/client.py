@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import httpx
 
+from workers.config import ConfigError, env_secret, env_str
 from workers.contract.refusals import CancelledBeforeStart, NotAssigned, StaleAttempt
 from workers.contract.reporter import Reporter
 
 API_PREFIX = "/api/worker/v1"
+_clients: dict[int, WorkerClient] = {}
 
 
 class WorkerClient:
@@ -83,3 +86,14 @@ class HttpReporter(Reporter):
 
     def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
         return self.client.status(self.run_id, self.attempt, state, path=self.path, result=result, error=error)
+
+
+def process_client() -> WorkerClient:
+    """This process's client: a pool process must not share the main process's open connections."""
+    pid = os.getpid()
+    if pid not in _clients:
+        server, token = env_str("TUNEDECK_SERVER"), env_secret("TUNEDECK_WORKER_TOKEN")
+        if not server or not token:
+            raise ConfigError("a worker needs TUNEDECK_SERVER and TUNEDECK_WORKER_TOKEN (or TUNEDECK_WORKER_TOKEN_FILE)")
+        _clients[pid] = WorkerClient(server, token)
+    return _clients[pid]

@@ -409,9 +409,10 @@ def padding_free_collator(tokenizer: Any) -> Any:
 def plan_estimator(config: Any, spec: Any) -> Any:
     """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood."""
     from workers.training import estimate as est
+    from workers.training.modelshape import ModelShape
 
     try:
-        shape = est.ModelShape.from_config(config)
+        shape = ModelShape.from_config(config)
     except ValueError:
         return None
     lora, train = spec.lora, spec.train

@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from workers.contract.spec import PROMPT_LEARNING_METHODS, QUANTIZATIONS
+from workers.training.modelshape import HEAD_MODULES, VIRTUAL_TOKENS, ModelShape, adapter_elements
 
 GiB = 2**30
 MiB = 2**20
-
-# --- Weights ---------------------------------------------------------------------------------
 # bitsandbytes NF4/FP4: two weights a byte, one absmax per block of 64 weights. The absmax is
 # fp32, or with double quantization an 8-bit code plus one fp32 scale per 256 absmax values
 # (the QLoRA paper's 0.127 bit/param instead of 0.5).
@@ -58,8 +57,6 @@ NF4_DQ_SCALE_BYTES = 4
 # LLM.int8: one byte a weight plus an fp32 scale per output row (SCB).
 INT8_BYTES_PER_PARAM = 1
 INT8_ROW_STAT_BYTES = 4
-
-# --- Adapter -----------------------------------------------------------------------------------
 FP32 = 4
 QUANTIZED_ADAPTER_BYTES = 2  # trl casts LoRA A/B of a k-bit base to bf16 (QLoRA paper, section 3)
 # bitsandbytes 8-bit optimizers: one byte a state, plus an fp32 absmax per block of 256.
@@ -77,10 +74,6 @@ OPTIMIZER_STATES: dict[str, tuple[int, str | float]] = {
     "sgd": (0, "param"),  # no momentum by default
     "adafactor": (0, "factored"),
 }
-# Prompt-learning methods train virtual tokens, not per-layer matrices; peft's usual count.
-VIRTUAL_TOKENS = 20
-
-# --- Activations (bytes a token, a decoder layer) -------------------------------------------
 # Checked on the H100 without checkpointing: 259.7 kB kept a token and a layer, 256.1 predicted.
 # HF's RMSNorm upcasts its input to fp32 for the variance; backward keeps that fp32 copy. Liger's
 # RMSNorm and a native LayerNorm keep the input in its own dtype (and a per-token statistic).
@@ -110,8 +103,6 @@ FLEX_BLOCK_MASK_BYTES = 16
 OFFLOAD_RESIDENT_LAYERS = 2
 # Batch tensors of each token: input_ids, labels and position_ids (int64).
 BATCH_TENSORS_BYTES = 3 * 8
-
-# --- Logits and loss ---------------------------------------------------------------------------
 # Without a fused head: the model's compute-dtype logits, transformers' fp32 upcast for the loss,
 # log_softmax's fp32 output (saved) and, in backward, its gradient and the input gradient.
 # The peak is three fp32 tensors of tokens × vocab in backward (the compute-dtype logits are gone
@@ -124,8 +115,6 @@ FUSED_TILE_TOKENS = 4096
 FUSED_TILE_VOCAB = 32768
 FUSED_HIDDEN_BYTES = 4  # + 2 × compute dtype (saved copy and the cast gradient)
 FUSED_TOKEN_STATS_BYTES = 8 * 4  # running max, sum of exp, target logit, entropy, ... in fp32
-
-# --- Temporaries --------------------------------------------------------------------------------
 # A 4-bit layer dequantizes its weight to the compute dtype for each matmul: one copy in forward,
 # and in backward the dequantized weight plus its transposed view made contiguous.
 DEQUANT_COPIES = 2
@@ -133,8 +122,6 @@ DEQUANT_COPIES = 2
 INT8_ACCUMULATOR_BYTES = 4
 # DoRA's weight norm: the dequantized weight, B @ A and their sum, in fp32, for the largest layer.
 DORA_WEIGHT_COPIES = 3
-
-# --- Allocator -------------------------------------------------------------------------------------
 # PyTorch's caching allocator reserves more than it hands out. On the H100 runs the gap tracked
 # the tensors made and freed within the step (about 30% of the peak phase's working set: 3.6 GiB
 # over 11.7 GiB of unfused logits, 0.3 GiB without checkpointing), not the total; cuBLAS
@@ -148,289 +135,12 @@ EXPANDABLE_FRAGMENTATION = 0.05
 # The CUDA context, kernels and libraries: outside the allocator (not in max_memory_reserved)
 # but on the card, so compared with a GPU's free memory.
 CUDA_CONTEXT_BYTES = 600 * MiB
-# --- Several GPUs ------------------------------------------------------------------------------
 # FSDP gathers one wrapped decoder layer's weights for its forward/backward and prefetches the next:
 # two layers' worth of full weights sit beside each GPU's shard.
 FSDP_GATHERED_LAYERS = 2
-
 METHODS = ("lora", "rslora", "dora", "ia3", "prefix_tuning", "prompt_tuning")
 BATCHINGS = ("pad", "pack", "padding_free")
 ATTENTIONS = ("varlen", "flex", "sdpa", "eager")
-
-# Decoder-only families whose blocks are Llama's: q/k/v/o projections, a gated MLP, RMSNorm.
-LLAMA_LIKE = {
-    "llama": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "gemma": 2, "gemma2": 4, "gemma3_text": 4,
-    "olmo2": 2, "granite": 2, "smollm3": 2,
-}  # model type -> norms over the hidden state per layer
-QK_NORM_TYPES = ("qwen3", "gemma3_text", "olmo2")
-QKV_BIAS_TYPES = ("qwen2",)
-SUPPORTED_TYPES = (*sorted(LLAMA_LIKE), "gpt2", "bloom", "falcon")
-ATTENTION_MODULES = ("self_attn", "attn", "self_attention")  # first part of an attention linear's path
-EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings")
-HEAD_MODULES = ("lm_head",)
-
-
-class UnsupportedModel(ValueError):
-    """The config describes a model whose block this estimator does not know."""
-
-
-# --- The model's shape -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    """A linear layer of one decoder block. `path` is its name inside the block
-    (self_attn.q_proj); `input` names the tensor it reads, shared by q, k and v."""
-
-    path: str
-    in_features: int
-    out_features: int
-    bias: bool = False
-    input: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.path.rsplit(".", 1)[-1]
-
-    @property
-    def params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
-
-    def matches(self, target: str) -> bool:
-        """peft's rule: the module's name equals the target or ends with '.' + target."""
-        return self.path == target or self.path.endswith("." + target)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    linears: tuple[LinearShape, ...]  # one decoder block's
-    norm: str = "rms"  # rms | layer
-    gated_mlp: bool = True
-    norm_elements: int = 0  # elements a token passes through norms in one layer
-    norm_params: int = 0  # norm weights (and biases) of one layer
-    extra_params: int = 0  # outside the layers: final norm, position embeddings, embedding norm
-    alibi: bool = False  # ALiBi biases: the scores are materialised whatever the kernel
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        """Read a transformers config (or any object with its attributes)."""
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config()
-        model_type = str(getattr(config, "model_type", "") or "")
-        if model_type in LLAMA_LIKE:
-            return _llama_like(config, model_type)
-        if model_type == "gpt2":
-            return _gpt2(config)
-        if model_type == "bloom":
-            return _bloom(config)
-        if model_type == "falcon":
-            return _falcon(config)
-        raise UnsupportedModel(
-            f"cannot estimate memory for model type {model_type or '(none)'!r}: "
-            f"supported are {', '.join(SUPPORTED_TYPES)}"
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelShape:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"ModelShape: unknown field(s) {', '.join(sorted(unknown))}")
-        values = dict(data)
-        values["linears"] = tuple(LinearShape(**item) for item in values["linears"])
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def num_parameters(self) -> int:
-        layer = sum(lin.params for lin in self.linears) + self.norm_params
-        return self.num_layers * layer + self.embedding_params + self.head_params + self.extra_params
-
-    def linear_module_names(self) -> list[str]:
-        """Leaf names LoRA can target, as `workers.training.modelinfo.linear_module_names` lists them."""
-        return sorted({lin.name for lin in self.linears})
-
-    def targeted(self, targets: Sequence[str]) -> list[LinearShape]:
-        """The block's linears a LoRA target list (names or one preset) adapts; unknown names raise ValueError."""
-        if list(targets) in (["all-linear"], ["attention+mlp"]):
-            return list(self.linears)
-        if list(targets) == ["attention"]:
-            return [lin for lin in self.linears if lin.path.split(".")[0] in ATTENTION_MODULES]
-        unknown = [t for t in targets if not any(lin.matches(t) for lin in self.linears)]
-        if unknown:
-            raise ValueError(
-                f"unknown target module(s) {', '.join(unknown)}; this model's linear modules are "
-                f"{', '.join(self.linear_module_names())}"
-            )
-        return [lin for lin in self.linears if any(lin.matches(t) for t in targets)]
-
-    def adapter_parameters(
-        self, targets: Sequence[str], r: int, method: str = "lora", virtual_tokens: int = VIRTUAL_TOKENS
-    ) -> int:
-        """Trainable parameters, as peft's get_nb_trainable_parameters counts them (bias='none')."""
-        return sum(_adapter_elements(self, targets, r, method, virtual_tokens))
-
-    def saved_module_parameters(self, modules_to_save: Sequence[str]) -> int:
-        """Parameters of the modules trained in full (peft's modules_to_save, each a trainable copy).
-        Only the embeddings and the head count; any other module (a norm) is small."""
-        total = 0
-        for name in set(modules_to_save):
-            if name in EMBEDDING_MODULES or (name in HEAD_MODULES and self.tie_word_embeddings):
-                total += self.embedding_params
-            elif name in HEAD_MODULES:
-                total += self.head_params
-        return total
-
-
-def _get(config: Any, name: str, default: Any = None) -> Any:
-    value = getattr(config, name, None)
-    return default if value is None else value
-
-
-def _need(config: Any, model_type: str, *names: str) -> list[int]:
-    missing = [n for n in names if getattr(config, n, None) is None]
-    if missing:
-        raise UnsupportedModel(f"{model_type} config lacks {', '.join(missing)}: cannot estimate its memory")
-    return [int(getattr(config, n)) for n in names]
-
-
-def _llama_like(config: Any, model_type: str) -> ModelShape:
-    hidden, inter, layers, heads, vocab = _need(
-        config, model_type, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "vocab_size",
-    )
-    kv_heads = int(_get(config, "num_key_value_heads", heads))
-    head_dim = int(_get(config, "head_dim", hidden // heads))
-    q, kv = heads * head_dim, kv_heads * head_dim
-    qkv_bias = model_type in QKV_BIAS_TYPES or bool(_get(config, "attention_bias", False))
-    mlp_bias = bool(_get(config, "mlp_bias", False))
-    linears = (
-        LinearShape("self_attn.q_proj", hidden, q, qkv_bias, "attn_in"),
-        LinearShape("self_attn.k_proj", hidden, kv, qkv_bias, "attn_in"),
-        LinearShape("self_attn.v_proj", hidden, kv, qkv_bias, "attn_in"),
-        LinearShape("self_attn.o_proj", q, hidden, qkv_bias and model_type not in QKV_BIAS_TYPES, "attn_out"),
-        LinearShape("mlp.gate_proj", hidden, inter, mlp_bias, "mlp_in"),
-        LinearShape("mlp.up_proj", hidden, inter, mlp_bias, "mlp_in"),
-        LinearShape("mlp.down_proj", inter, hidden, mlp_bias, "mlp_out"),
-    )
-    norms = LLAMA_LIKE[model_type]
-    norm_elements, norm_params = norms * hidden, norms * hidden
-    if model_type in QK_NORM_TYPES:
-        norm_elements += q + kv
-        norm_params += q + kv if model_type == "olmo2" else 2 * head_dim
-    return ModelShape(
-        model_type=model_type, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
-        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)), linears=linears,
-        norm_elements=norm_elements, norm_params=norm_params, extra_params=hidden,
-    )
-
-
-def _gpt2(config: Any) -> ModelShape:
-    hidden, layers, heads, vocab, positions = _need(config, "gpt2", "n_embd", "n_layer", "n_head", "vocab_size", "n_positions")
-    inter = int(_get(config, "n_inner", 4 * hidden))
-    linears = (
-        LinearShape("attn.c_attn", hidden, 3 * hidden, True, "attn_in"),
-        LinearShape("attn.c_proj", hidden, hidden, True, "attn_out"),
-        LinearShape("mlp.c_fc", hidden, inter, True, "mlp_in"),
-        LinearShape("mlp.c_proj", inter, hidden, True, "mlp_out"),
-    )
-    return ModelShape(
-        model_type="gpt2", hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
-        num_kv_heads=heads, head_dim=hidden // heads, vocab_size=vocab,
-        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", True)), linears=linears, norm="layer",
-        gated_mlp=False, norm_elements=2 * hidden, norm_params=4 * hidden, extra_params=positions * hidden + 2 * hidden,
-    )
-
-
-def _bloom(config: Any) -> ModelShape:
-    hidden, layers, heads, vocab = _need(config, "bloom", "hidden_size", "n_layer", "n_head", "vocab_size")
-    linears = (
-        LinearShape("self_attention.query_key_value", hidden, 3 * hidden, True, "attn_in"),
-        LinearShape("self_attention.dense", hidden, hidden, True, "attn_out"),
-        LinearShape("mlp.dense_h_to_4h", hidden, 4 * hidden, True, "mlp_in"),
-        LinearShape("mlp.dense_4h_to_h", 4 * hidden, hidden, True, "mlp_out"),
-    )
-    return ModelShape(
-        model_type="bloom", hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=heads, head_dim=hidden // heads, vocab_size=vocab,
-        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", True)), linears=linears, norm="layer",
-        gated_mlp=False, norm_elements=2 * hidden, norm_params=4 * hidden, extra_params=4 * hidden, alibi=True,
-    )
-
-
-def _falcon(config: Any) -> ModelShape:
-    hidden, layers, heads, vocab = _need(config, "falcon", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    head_dim = hidden // heads
-    new_arch = bool(_get(config, "new_decoder_architecture", False))
-    if new_arch:
-        kv_heads = int(_get(config, "num_kv_heads", heads))
-    else:
-        kv_heads = 1 if _get(config, "multi_query", True) else heads
-    inter = int(_get(config, "ffn_hidden_size", 4 * hidden))
-    bias = bool(_get(config, "bias", False))
-    parallel = bool(_get(config, "parallel_attn", True))
-    norms = 2 if not parallel else int(_get(config, "num_ln_in_parallel_attn", 2 if new_arch else 1))
-    mlp_input = "attn_in" if parallel and norms == 1 else "mlp_in"  # one LayerNorm feeds both branches
-    linears = (
-        LinearShape("self_attention.query_key_value", hidden, (heads + 2 * kv_heads) * head_dim, bias, "attn_in"),
-        LinearShape("self_attention.dense", hidden, hidden, bias, "attn_out"),
-        LinearShape("mlp.dense_h_to_4h", hidden, inter, bias, mlp_input),
-        LinearShape("mlp.dense_4h_to_h", inter, hidden, bias, "mlp_out"),
-    )
-    return ModelShape(
-        model_type="falcon", hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
-        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", True)), linears=linears, norm="layer",
-        gated_mlp=False, norm_elements=norms * hidden, norm_params=2 * norms * hidden, extra_params=2 * hidden,
-        alibi=bool(_get(config, "alibi", False)),
-    )
-
-
-# --- Parameters --------------------------------------------------------------------------------------
-
-
-def _adapter_elements(
-    shape: ModelShape, targets: Sequence[str], r: int, method: str, virtual_tokens: int = VIRTUAL_TOKENS
-) -> tuple[int, int]:
-    """(matrix elements, fp32 vector elements) of the adapter over all layers."""
-    if method == "prompt_tuning":
-        return virtual_tokens * shape.hidden_size, 0
-    if method == "prefix_tuning":
-        return virtual_tokens * shape.num_layers * 2 * shape.kv_dim, 0
-    chosen = shape.targeted(targets)
-    if method == "ia3":  # a scaling vector: on the input of the MLP's output layer, else on the output
-        per_layer = sum(lin.in_features if lin.input == "mlp_out" else lin.out_features for lin in chosen)
-        return shape.num_layers * per_layer, 0
-    matrices = sum(r * (lin.in_features + lin.out_features) for lin in chosen)
-    magnitudes = sum(lin.out_features for lin in chosen) if method == "dora" else 0
-    return shape.num_layers * matrices, shape.num_layers * magnitudes
 
 
 def weight_bytes(
@@ -471,14 +181,11 @@ def optimizer_state_bytes(optimizer: str, elements: int, param_bytes: int, facto
 
 def _factored_elements(shape: ModelShape, targets: Sequence[str], r: int, method: str, virtual_tokens: int) -> int:
     """Adafactor's second-moment size: rows + columns of every LoRA matrix, the whole of vectors."""
-    matrices, vectors = _adapter_elements(shape, targets, r, method, virtual_tokens)
+    matrices, vectors = adapter_elements(shape, targets, r, method, virtual_tokens)
     if method not in ("lora", "rslora", "dora"):
         return matrices + vectors
     per_layer = sum(2 * r + lin.in_features + lin.out_features for lin in shape.targeted(targets))
     return shape.num_layers * per_layer + vectors
-
-
-# --- One run's options --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -556,9 +263,6 @@ def _validate(run: _Run) -> None:
         raise ValueError("compute_dtype_bytes must be 2 (bf16/fp16) or 4 (fp32)")
     if not 0 <= run.checkpoint_layers <= run.shape.num_layers:
         raise ValueError(f"checkpoint_layers must be between 0 and {run.shape.num_layers}")
-
-
-# --- Activations --------------------------------------------------------------------------------------
 
 
 def _norm_saved_bytes(run: _Run, elements: int) -> int:
@@ -671,9 +375,6 @@ def _layer_bytes(run: _Run) -> int:
     return _layer_saved_bytes_per_token(run) * run.tokens + _score_bytes_per_layer(run)[0]
 
 
-# --- Logits, temporaries, adapter ------------------------------------------------------------------------
-
-
 def _logits_bytes(run: _Run) -> int:
     s, tokens, b = run.shape, run.tokens, run.dtype_bytes
     if run.fused_lm_head:
@@ -719,7 +420,7 @@ def _adapter_bytes(run: _Run) -> int:
 def _adapter_parts(run: _Run) -> tuple[int, int]:
     """(trainable parameter bytes, optimizer state bytes)."""
     s = run.shape
-    matrices, vectors = _adapter_elements(s, run.targets, run.r, run.method, run.virtual_tokens)
+    matrices, vectors = adapter_elements(s, run.targets, run.r, run.method, run.virtual_tokens)
     full = s.saved_module_parameters(run.modules_to_save)
     params = matrices * run.adapter_param_bytes + vectors * FP32 + full * run.dtype_bytes
     factored = _factored_elements(s, run.targets, run.r, run.method, run.virtual_tokens)
@@ -747,9 +448,6 @@ def _sharded(parts: dict[str, int], run: _Run, num_gpus: int, strategy: str) -> 
         "weights": math.ceil(parts["weights"] / num_gpus) + FSDP_GATHERED_LAYERS * layer_weights,
         "adapter": math.ceil(parts["adapter"] / num_gpus),
     }
-
-
-# --- The estimate ---------------------------------------------------------------------------------------
 
 
 PARTS = ("weights", "adapter", "activations", "logits", "temporary", "overhead")
@@ -872,124 +570,3 @@ def estimate(
         tokens=run.tokens, peak_phase="loss" if at_loss else "backward",
         num_gpus=max(1, num_gpus), strategy=(strategy if num_gpus > 1 else "single"),
     )
-
-
-# --- From a job spec ------------------------------------------------------------------------------------
-
-# Throughput mode turns checkpointing off (or on for fewer layers) only if the run stays under this
-# share of the card, as workers/training/engine.py plans it.
-FIT_FRACTION = 0.9
-COMPUTE_DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
-
-
-@dataclass(frozen=True)
-class Choices:
-    """The spec's "auto" switches resolved the way the runner resolves them on a GPU."""
-
-    mode: str
-    batching: str
-    attention: str
-    checkpoint_layers: int
-    activation_offload: bool
-    liger: bool
-    tokens_per_micro_batch: int
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.checkpoint_layers > 0
-
-
-@dataclass(frozen=True)
-class SpecEstimate:
-    estimate: Estimate
-    choices: Choices
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "estimate": self.estimate.as_dict(),
-            "choices": {**asdict(self.choices), "gradient_checkpointing": self.choices.gradient_checkpointing},
-            "notes": list(self.notes),
-        }
-
-
-def _switch(value: str, auto: bool) -> bool:
-    return auto if value == "auto" else value == "on"
-
-
-def estimate_for_spec(
-    shape: ModelShape,
-    lora: Any,
-    train: Any,
-    *,
-    gpu_memory_bytes: int | None = None,
-    avg_seq_len: int | None = None,
-    varlen_available: bool = True,
-) -> SpecEstimate:
-    """Estimate a run from its LoraParams and TrainParams, resolving "auto" as the runner does on a GPU.
-
-    `gpu_memory_bytes` (the card's total) lets throughput mode keep activations instead of
-    recomputing them where they fit; `avg_seq_len` is the mean example length, used for
-    padding_free micro-batches (default: max_seq_length, the worst case).
-    """
-    method = "dora" if getattr(lora, "use_dora", False) else getattr(lora, "method", "lora")
-    mode = "throughput" if train.mode == "auto" else train.mode
-    batching = train.batching
-    if batching == "auto":
-        batching = "pad" if method in PROMPT_LEARNING_METHODS else "pack"
-    attention = train.attention
-    if attention == "auto":
-        attention = "varlen" if batching != "pad" and varlen_available else "sdpa"
-    seq_len = train.max_seq_length
-    if batching == "padding_free" and avg_seq_len:
-        seq_len = min(avg_seq_len, train.max_seq_length)
-    options: dict[str, Any] = {
-        "method": method, "quantization": lora.quantization, "double_quant": lora.double_quant,
-        "compute_dtype_bytes": COMPUTE_DTYPE_BYTES.get(lora.compute_dtype, 2), "r": lora.r,
-        "targets": lora.target_modules, "dropout": lora.dropout, "seq_len": seq_len, "micro_batch": _gpu_micro_batch(train),
-        "batching": batching, "optimizer": train.optimizer, "liger": _switch(train.liger_kernels, True),
-        "fused_lm_head": True,  # trl's SFTTrainer always installs its chunked LM head
-        "attention": attention,
-        "num_virtual_tokens": getattr(lora, "num_virtual_tokens", VIRTUAL_TOKENS),
-        "modules_to_save": getattr(lora, "modules_to_save", []),
-        "num_gpus": getattr(train, "num_gpus", 1), "strategy": getattr(train, "strategy", "ddp"),
-    }
-    notes: list[str] = []
-    layers = shape.num_layers
-    if train.gradient_checkpointing == "off":
-        k = 0
-    elif train.gradient_checkpointing == "on" or mode == "memory":
-        k = layers
-    elif gpu_memory_bytes:
-        k = _fewest_checkpointed_layers(shape, options, int(gpu_memory_bytes * FIT_FRACTION))
-    else:
-        k = layers
-        notes.append("gradient checkpointing assumed on: the GPU's memory is unknown")
-    offload = _switch(train.activation_offload, mode == "memory")
-    if offload and not k:
-        notes.append("activation offload needs gradient checkpointing: the runner refuses it without")
-        offload = False
-    result = estimate(shape, **options, checkpoint_layers=k, activation_offload=offload)
-    if gpu_memory_bytes and result.device_total > gpu_memory_bytes:
-        notes.append(
-            f"needs about {result.device_total / GiB:.1f} GiB, more than the GPU's {gpu_memory_bytes / GiB:.1f} GiB"
-        )
-    choices = Choices(
-        mode=mode, batching=batching, attention=attention, checkpoint_layers=k, activation_offload=offload,
-        liger=options["liger"], tokens_per_micro_batch=result.tokens,
-    )
-    return SpecEstimate(result, choices, notes)
-
-
-def _gpu_micro_batch(train: Any) -> int:
-    """Each GPU's micro-batch: the global batch is split across num_gpus (see TrainParams.per_rank_batch)."""
-    split = train.per_rank_batch() if hasattr(train, "per_rank_batch") else None
-    return split[0] if split else train.batch_size
-
-
-def _fewest_checkpointed_layers(shape: ModelShape, options: dict[str, Any], budget: int) -> int:
-    """Each recomputed layer trades its activations for one more forward: recompute as few as fit."""
-    for k in range(shape.num_layers + 1):
-        if estimate(shape, **options, checkpoint_layers=k).total <= budget:
-            return k
-    return shape.num_layers

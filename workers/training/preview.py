@@ -21,7 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any
 
-from workers.data.datafiles import utf8_size
+from workers.data.bounds import utf8_size
 from workers.data.datasets import detect_format, to_trl_row
 from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
 

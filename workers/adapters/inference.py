@@ -1,0 +1,216 @@
+"""A base model and its adapters loaded for generation: the base once, each adapter attached under its key.
+
+Also which adapters can share a mixed-adapter batch (`can_batch`, `mixed_batch_refusals`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+from workers.contract.jobrunner import RunnerError
+from workers.contract.jobspecs import AdapterRef, LoadParams
+from workers.contract.reporter import Reporter
+from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
+from workers.contract.store import ArtifactStore
+from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
+from workers.training.device import Device, pick_device
+from workers.training.modelinfo import check_source
+from workers.training.peftsetup import quantization_config, quantization_label
+
+
+def load_for_inference(
+    base: ModelRef, adapters: list[AdapterRef], load: LoadParams, store: ArtifactStore, reporter: Reporter | None = None
+) -> tuple[Any, Any, Device]:
+    """Load tokenizer + base once (quantization per `load`, device/dtype as workers.training.device.pick_device), then every
+    adapter onto it under its `key` (PeftModel.from_pretrained for the first, load_adapter for the rest).
+    Returns (model, tokenizer, device), the model in eval mode. With no adapters returns the plain base model.
+    Left padding, pad token set, chat template fallback when the tokenizer has none.
+
+    Raises RunnerError naming the adapter for a missing folder, adapters of different PEFT types (one PeftModel
+    holds one type) and an adapter whose weights do not fit this base."""
+    folders = {ref.key: _adapter_folder(ref, store) for ref in adapters}
+    _check_one_peft_type(adapters, folders)
+    check_source(base.source)
+    device = pick_device(load.compute_dtype)
+    tokenizer = _load_tokenizer(base, reporter)
+    model = _load_base(base, load, device, reporter)
+    for ref in adapters:
+        model = _attach_adapter(model, ref, folders[ref.key], base)
+        _say(reporter, f"Adapter {_name(ref)} loaded as {ref.key!r}")
+    model.eval()
+    return model, tokenizer, device
+
+
+def _say(reporter: Reporter | None, message: str, level: str = "info") -> None:
+    if reporter is not None:
+        reporter.log(message, level=level)
+
+
+def _name(ref: AdapterRef) -> str:
+    return f"{ref.label or ref.key!r} ({ref.uri})"
+
+
+def _adapter_folder(ref: AdapterRef, store: ArtifactStore) -> Path:
+    try:
+        folder = store.path(ref.uri)
+    except ValueError as exc:
+        raise RunnerError(f"adapter {_name(ref)}: {exc}") from exc
+    if not folder.is_dir():
+        raise RunnerError(f"adapter {_name(ref)}: the folder does not exist in the artifact store")
+    if not (folder / "adapter_config.json").is_file():
+        raise RunnerError(f"adapter {_name(ref)}: no adapter_config.json in the folder (not a PEFT adapter)")
+    return folder
+
+
+def _check_one_peft_type(adapters: list[AdapterRef], folders: dict[str, Path]) -> None:
+    from peft import PeftConfig
+
+    types: dict[str, list[str]] = {}
+    for ref in adapters:
+        try:
+            peft_type = _peft_type_name(PeftConfig.from_pretrained(str(folders[ref.key])))
+        except Exception as exc:  # PEFT raises several kinds for a broken config
+            raise RunnerError(f"adapter {_name(ref)}: unreadable adapter_config.json: {exc}") from exc
+        types.setdefault(peft_type, []).append(ref.label or ref.key)
+    if len(types) > 1:
+        kinds = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in types.items())
+        raise RunnerError(f"adapters: PEFT holds adapters of one type per model, these mix several ({kinds})")
+
+
+def _peft_type_name(config: Any) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type)).lower()
+
+
+def _load_tokenizer(base: ModelRef, reporter: Reporter | None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        base.source, revision=base.revision or None, trust_remote_code=base.trust_remote_code
+    )
+    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        _say(reporter, "The tokenizer has no chat template: using a ChatML-style template.", level="warning")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _load_base(base: ModelRef, load: LoadParams, device: Device, reporter: Reporter | None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quantized = LoraParams(quantization=load.quantization, compute_dtype=load.compute_dtype)
+    dtype = getattr(torch, device.dtype_name)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": base.trust_remote_code}
+    if base.revision:
+        kwargs["revision"] = base.revision
+    if device.kind == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    quantization = quantization_config(quantized, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    _say(reporter, f"Loading {base.source} in {precision_label(load, device)} on {device.kind}")
+    return AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+
+
+def precision_label(load: LoadParams, device: Device) -> str:
+    """The base's precision as loaded: its weights' dtype, or their quantization and the compute dtype."""
+    if load.quantization == "none":
+        return device.dtype_name
+    quantized = LoraParams(quantization=load.quantization, compute_dtype=load.compute_dtype)
+    return f"{quantization_label(quantized)} (compute {device.dtype_name})"
+
+
+def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -> Any:
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Adapter weights in the base's dtype: PEFT's default upcast of bf16/fp16 to fp32 helps training only.
+            name = peft_adapter_name(ref.key)
+            if isinstance(model, PeftModel):
+                missing = model.load_adapter(str(folder), name, autocast_adapter_dtype=False).missing_keys
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), name, autocast_adapter_dtype=False)
+                missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise RunnerError(f"adapter {_name(ref)} does not fit the base {base.source}: {_load_failure(exc)}") from exc
+    if missing:
+        raise RunnerError(
+            f"adapter {_name(ref)} does not fit the base {base.source}: the base has layers the adapter has no "
+            f"weights for ({str(missing[0])[:200]}); was it trained on another base model?"
+        )
+    return model
+
+
+def peft_adapter_name(key: str) -> str:
+    """The name an adapter key is loaded under in PEFT: the key itself, unless torch or PEFT would trip on it.
+
+    PEFT keeps adapters in ModuleDicts, so a key like "double" or "train" (an nn.Module method) cannot be a name,
+    and a name inside a PEFT weight prefix ("lo" in "lora_") can get its weights re-initialised on loading."""
+    import torch
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    clashes = (
+        "." in key
+        or hasattr(torch.nn.ModuleDict(), key)
+        or any(key in prefix for prefix in PEFT_TYPE_TO_PREFIX_MAPPING.values())
+    )
+    return f"adapter_{hashlib.sha1(key.encode()).hexdigest()[:12]}" if clashes else key
+
+
+def _load_failure(exc: Exception) -> str:
+    """The first concrete line of a PEFT/torch loading error (size mismatches come one per line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+    if mismatch:
+        return f"{mismatch} (shapes differ: was it trained on another base model?)"
+    return lines[0] if lines else type(exc).__name__
+
+
+def can_batch(adapters: list[AdapterRef]) -> bool:
+    """Whether PEFT can serve these adapters in one mixed batch (adapter_names=[...]), as far as the refs tell.
+
+    Only LoRA layers read `adapter_names`: prompt-learning methods pass it on to the base model and IA3 drops it
+    (every row would get the active adapter). DoRA and merged layers are refused by PEFT too, but those show only
+    once loaded: `mixed_batch_refusals(model)` checks the loaded model."""
+    return not ref_refusals(adapters)
+
+
+def ref_refusals(adapters: list[AdapterRef]) -> list[str]:
+    return [
+        f"{ref.label or ref.key}: {ref.method.replace('_', ' ')} adapters cannot be mixed in one batch"
+        + (" (virtual tokens change the input itself)" if ref.method in PROMPT_LEARNING_METHODS else "")
+        for ref in adapters
+        if ref.method != "lora"
+    ]
+
+
+def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> list[str]:
+    """Why PEFT would refuse (or silently misapply) `adapter_names` on this loaded model; empty when it can batch.
+
+    `labels` (adapter key -> label) names the adapters in the reasons; by default they go by their PEFT names."""
+    from peft import PeftModel, PeftType
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return []
+    names = {peft_adapter_name(key): label for key, label in (labels or {}).items()}
+    reasons = [
+        f"{names.get(name, name)}: {_peft_type_name(config)} adapters cannot be mixed in one batch"
+        for name, config in model.peft_config.items()
+        if config.peft_type != PeftType.LORA
+    ]
+    if reasons:
+        return reasons
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    dora = sorted({name for layer in layers for name, on in layer.use_dora.items() if on})
+    reasons += [f"{names.get(name, name)}: DoRA adapters cannot be mixed in one batch (PEFT)" for name in dora]
+    if any(layer.merged for layer in layers):
+        reasons.append("an adapter is merged into the base weights; mixed batches need unmerged adapters")
+    return reasons
