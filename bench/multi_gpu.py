@@ -219,7 +219,7 @@ def main() -> None:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the ranks too: gloo on the CPU
     if args.fsdp_version:
-        from workers.training.train import FSDP_VERSION_ENV
+        from workers.training.trainargs import FSDP_VERSION_ENV
 
         os.environ[FSDP_VERSION_ENV] = args.fsdp_version
     os.environ.setdefault("OMP_NUM_THREADS", "1" if args.device == "cpu" else "8")

@@ -363,6 +363,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     from workers.contract.reporter import MemoryReporter
     from workers.training import train as runner
     from workers.training.device import pick_device
+    from workers.training.engine import sft_arguments
 
     n_base, n_lora = matmul_params(model_dir)
     meter = Meter(args.warmup)
@@ -382,7 +383,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
         output_dir=str(args.out / name), max_steps=spec.train.max_steps,
         max_length=spec.train.max_seq_length, learning_rate=2e-4, logging_steps=10**6, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, completion_only_loss=False,
-        dataset_num_proc=None, **runner.sft_arguments(plan, spec.train),
+        dataset_num_proc=None, **sft_arguments(plan, spec.train),
     )
     trainer = runner.make_trainer(
         spec, plan, model, tokenizer, Dataset.from_list([{"input_ids": ex} for ex in examples]), None,

@@ -40,6 +40,9 @@ Cell = tuple[int, str]  # (prompt row, column)
 OnStep = Callable[[list[Cell], Any], None]  # the cells of a generate() call's rows, and their generated ids so far
 
 
+# --- the runner -------------------------------------------------------------------------------------------
+
+
 def run_compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Run one attempt of a comparison and report its outcome; returns the result on success."""
     return run_reported(
@@ -145,6 +148,8 @@ class _OutputStream:
         self.pending.clear()
         self.last_send = time.monotonic()
 
+
+# --- generation --------------------------------------------------------------------------------------------
 
 Prompt = str | PromptRow  # typed text, or a row with its conversation (workers.data.prompts)
 

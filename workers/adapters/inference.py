@@ -20,6 +20,8 @@ from workers.training.device import Device, pick_device
 from workers.training.modelinfo import check_source
 from workers.training.peftsetup import quantization_config, quantization_label
 
+# --- loading ---------------------------------------------------------------------------------------------
+
 
 def load_for_inference(
     base: ModelRef, adapters: list[AdapterRef], load: LoadParams, store: ArtifactStore, reporter: Reporter | None = None
@@ -171,6 +173,9 @@ def _load_failure(exc: Exception) -> str:
     if mismatch:
         return f"{mismatch} (shapes differ: was it trained on another base model?)"
     return lines[0] if lines else type(exc).__name__
+
+
+# --- which adapters share a batch -------------------------------------------------------------------------
 
 
 def can_batch(adapters: list[AdapterRef]) -> bool:

@@ -324,6 +324,11 @@ class TrainParams:
         "4-bit base is stored in the compute dtype so it can be sharded). Ignored for one GPU.",
         "ddp",
     )
+    objective: str = help_field(
+        "What training optimizes: sft (supervised fine-tuning, the loss of the rows' text or, with "
+        "completion_only_loss, of their completions).",
+        "sft",
+    )
 
     def validate(self, max_positions: int | None = None, has_eval_dataset: bool = False) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -397,6 +402,7 @@ OPTIMIZERS = (
 )
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
 STRATEGIES = ("ddp", "fsdp")
+OBJECTIVE_NAMES = ("sft",)  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
 MAX_GPUS = 8
 MODES = ("auto", "throughput", "memory")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -411,6 +417,7 @@ CHOICES = {
     "attention": ATTENTIONS,
     "liger_kernels": AUTO_ON_OFF,
     "strategy": STRATEGIES,
+    "objective": OBJECTIVE_NAMES,
 }
 # Values stored before a field became a choice: read them as the choice they meant.
 LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}

@@ -88,6 +88,9 @@ def json_type(value: Any) -> str:
     )
 
 
+# --- JSON values of bounded nesting -------------------------------------------------------------------------------
+
+
 class TooDeep(ValueError):
     pass
 
@@ -117,6 +120,9 @@ def check_depth(value: Any, limits: Limits) -> None:
             raise TooDeep
         children = item.values() if isinstance(item, dict) else item
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+# --- text: pieces, lines ------------------------------------------------------------------------------------------
 
 
 class NotUtf8(ValueError):

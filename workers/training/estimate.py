@@ -45,6 +45,8 @@ from workers.training.modelshape import HEAD_MODULES, VIRTUAL_TOKENS, ModelShape
 
 GiB = 2**30
 MiB = 2**20
+
+# --- Weights ---------------------------------------------------------------------------------
 # bitsandbytes NF4/FP4: two weights a byte, one absmax per block of 64 weights. The absmax is
 # fp32, or with double quantization an 8-bit code plus one fp32 scale per 256 absmax values
 # (the QLoRA paper's 0.127 bit/param instead of 0.5).
@@ -57,6 +59,8 @@ NF4_DQ_SCALE_BYTES = 4
 # LLM.int8: one byte a weight plus an fp32 scale per output row (SCB).
 INT8_BYTES_PER_PARAM = 1
 INT8_ROW_STAT_BYTES = 4
+
+# --- Adapter -----------------------------------------------------------------------------------
 FP32 = 4
 QUANTIZED_ADAPTER_BYTES = 2  # trl casts LoRA A/B of a k-bit base to bf16 (QLoRA paper, section 3)
 # bitsandbytes 8-bit optimizers: one byte a state, plus an fp32 absmax per block of 256.
@@ -74,6 +78,8 @@ OPTIMIZER_STATES: dict[str, tuple[int, str | float]] = {
     "sgd": (0, "param"),  # no momentum by default
     "adafactor": (0, "factored"),
 }
+
+# --- Activations (bytes a token, a decoder layer) -------------------------------------------
 # Checked on the H100 without checkpointing: 259.7 kB kept a token and a layer, 256.1 predicted.
 # HF's RMSNorm upcasts its input to fp32 for the variance; backward keeps that fp32 copy. Liger's
 # RMSNorm and a native LayerNorm keep the input in its own dtype (and a per-token statistic).
@@ -103,6 +109,8 @@ FLEX_BLOCK_MASK_BYTES = 16
 OFFLOAD_RESIDENT_LAYERS = 2
 # Batch tensors of each token: input_ids, labels and position_ids (int64).
 BATCH_TENSORS_BYTES = 3 * 8
+
+# --- Logits and loss ---------------------------------------------------------------------------
 # Without a fused head: the model's compute-dtype logits, transformers' fp32 upcast for the loss,
 # log_softmax's fp32 output (saved) and, in backward, its gradient and the input gradient.
 # The peak is three fp32 tensors of tokens × vocab in backward (the compute-dtype logits are gone
@@ -115,6 +123,8 @@ FUSED_TILE_TOKENS = 4096
 FUSED_TILE_VOCAB = 32768
 FUSED_HIDDEN_BYTES = 4  # + 2 × compute dtype (saved copy and the cast gradient)
 FUSED_TOKEN_STATS_BYTES = 8 * 4  # running max, sum of exp, target logit, entropy, ... in fp32
+
+# --- Temporaries --------------------------------------------------------------------------------
 # A 4-bit layer dequantizes its weight to the compute dtype for each matmul: one copy in forward,
 # and in backward the dequantized weight plus its transposed view made contiguous.
 DEQUANT_COPIES = 2
@@ -122,6 +132,8 @@ DEQUANT_COPIES = 2
 INT8_ACCUMULATOR_BYTES = 4
 # DoRA's weight norm: the dequantized weight, B @ A and their sum, in fp32, for the largest layer.
 DORA_WEIGHT_COPIES = 3
+
+# --- Allocator -------------------------------------------------------------------------------------
 # PyTorch's caching allocator reserves more than it hands out. On the H100 runs the gap tracked
 # the tensors made and freed within the step (about 30% of the peak phase's working set: 3.6 GiB
 # over 11.7 GiB of unfused logits, 0.3 GiB without checkpointing), not the total; cuBLAS
@@ -135,6 +147,8 @@ EXPANDABLE_FRAGMENTATION = 0.05
 # The CUDA context, kernels and libraries: outside the allocator (not in max_memory_reserved)
 # but on the card, so compared with a GPU's free memory.
 CUDA_CONTEXT_BYTES = 600 * MiB
+
+# --- Several GPUs ------------------------------------------------------------------------------
 # FSDP gathers one wrapped decoder layer's weights for its forward/backward and prefetches the next:
 # two layers' worth of full weights sit beside each GPU's shard.
 FSDP_GATHERED_LAYERS = 2
@@ -265,6 +279,9 @@ def _validate(run: _Run) -> None:
         raise ValueError(f"checkpoint_layers must be between 0 and {run.shape.num_layers}")
 
 
+# --- Activations --------------------------------------------------------------------------------------
+
+
 def _norm_saved_bytes(run: _Run, elements: int) -> int:
     if run.shape.norm == "rms" and not run.liger:
         return elements * RMSNORM_SAVED_BYTES
@@ -375,6 +392,9 @@ def _layer_bytes(run: _Run) -> int:
     return _layer_saved_bytes_per_token(run) * run.tokens + _score_bytes_per_layer(run)[0]
 
 
+# --- Logits, temporaries, adapter ------------------------------------------------------------------------
+
+
 def _logits_bytes(run: _Run) -> int:
     s, tokens, b = run.shape, run.tokens, run.dtype_bytes
     if run.fused_lm_head:
@@ -449,6 +469,8 @@ def _sharded(parts: dict[str, int], run: _Run, num_gpus: int, strategy: str) -> 
         "adapter": math.ceil(parts["adapter"] / num_gpus),
     }
 
+
+# --- The estimate ---------------------------------------------------------------------------------------
 
 PARTS = ("weights", "adapter", "activations", "logits", "temporary", "overhead")
 

@@ -4,12 +4,13 @@ checkpoint) against the GPU memory available, then `workers.training.estimate.es
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from workers.contract.spec import PROMPT_LEARNING_METHODS
 from workers.training.estimate import Estimate, GiB, estimate
 from workers.training.modelshape import VIRTUAL_TOKENS, ModelShape
+from workers.training.objectives import objective_for
 
 # Throughput mode turns checkpointing off (or on for fewer layers) only if the run stays under this
 # share of the card, as workers/training/engine.py plans it.
@@ -105,6 +106,9 @@ def estimate_for_spec(
         notes.append("activation offload needs gradient checkpointing: the runner refuses it without")
         offload = False
     result = estimate(shape, **options, checkpoint_layers=k, activation_offload=offload)
+    added = objective_for(getattr(train, "objective", "sft")).memory_terms(result.parts())
+    if added:
+        result = replace(result, **{part: getattr(result, part) + value for part, value in added.items()})
     if gpu_memory_bytes and result.device_total > gpu_memory_bytes:
         notes.append(
             f"needs about {result.device_total / GiB:.1f} GiB, more than the GPU's {gpu_memory_bytes / GiB:.1f} GiB"

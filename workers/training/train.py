@@ -1,4 +1,4 @@
-"""The train runner: LoRA / QLoRA supervised fine-tuning of a causal LM with trl's SFTTrainer.
+"""The train runner: LoRA / QLoRA fine-tuning of a causal LM with trl, toward the run's objective (objectives/: sft).
 
 `run_training(spec, reporter, store)` is the whole contract: it never touches a database,
 it reports through the reporter and writes the adapter into the artifact store.
@@ -29,23 +29,21 @@ from workers.training.device import Device, pick_device
 from workers.training.engine import (
     Plan,
     PlanError,
-    padding_free_collator,
     plan_estimator,
     prepare_model,
     register_varlen_attention,
     resolve_plan,
     restore_kernels,
-    sft_arguments,
 )
 from workers.training.modelinfo import ModelNotFound, check_source
+from workers.training.objectives import objective_for
 from workers.training.peftsetup import (
-    build_peft_config,
     prepare_adapter,
     quantization_config,
     save_adapter,
 )
 from workers.training.preview import rows_cut_before_training
-from workers.training.ranks import COLLECTIVE_TIMEOUT_S, Rank, StopTogether, current_rank, gather
+from workers.training.ranks import Rank, StopTogether, current_rank, gather
 
 # Packed batches vary in shape from step to step; expandable segments keep the allocator from
 # fragmenting (read once, when CUDA starts: a worker sets it before its first job).
@@ -94,7 +92,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     trainer = make_trainer(
         spec, plan, model, tokenizer,
         Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks, _sft_config(spec, plan, store, has_eval=bool(eval_rows)),
+        callbacks, objective_for(spec.train.objective).config(spec, plan, _work_dir(spec, store), bool(eval_rows)),
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
     check_rows_left(spec, store, trainer, len(train_rows), tokenizer, reporter)
@@ -183,21 +181,10 @@ def make_trainer(
     spec: TrainSpec, plan: Plan, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
     callbacks: list[Any], args: Any,
 ) -> Any:
-    """The SFTTrainer that carries out the plan (shared with bench/train_throughput.py)."""
-    from trl import SFTTrainer
-
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=_peft_config(spec, model),
-        callbacks=callbacks,
+    """The trainer of the run's objective that carries out the plan (shared with bench/train_throughput.py)."""
+    return objective_for(spec.train.objective).trainer(
+        spec, plan, model, tokenizer, train_dataset, eval_dataset, callbacks, args
     )
-    if plan.batching == "padding_free":
-        trainer.data_collator = padding_free_collator(tokenizer)
-    return trainer
 
 
 def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: int, tokenizer: Any,
@@ -394,84 +381,6 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter, plan: Plan)
     if device.kind == "cuda":
         reporter.log(f"GPU memory after load: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
     return model
-
-
-def _peft_config(spec: TrainSpec, model: Any) -> Any:
-    return build_peft_config(spec.lora, model)
-
-
-def _sft_config(spec: TrainSpec, plan: Plan, store: ArtifactStore, has_eval: bool) -> Any:
-    from trl import SFTConfig
-
-    hp = spec.train
-    checkpoints = spec.checkpoint_uri and hp.save_steps > 0
-    output_dir = _work_dir(spec, store)
-    evaluation: dict[str, Any] = {}
-    if has_eval:
-        evaluation = {
-            "eval_strategy": "steps" if hp.eval_steps else "epoch",
-            "eval_steps": hp.eval_steps or None,
-            "per_device_eval_batch_size": hp.batch_size,
-        }
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        learning_rate=hp.learning_rate,
-        num_train_epochs=hp.num_epochs,
-        max_steps=hp.max_steps if hp.max_steps > 0 else -1,
-        max_length=hp.max_seq_length,
-        warmup_steps=hp.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        lr_scheduler_type=hp.lr_scheduler,
-        optim=OPTIMIZER_NAMES.get(hp.optimizer, hp.optimizer),
-        weight_decay=hp.weight_decay,
-        max_grad_norm=hp.max_grad_norm,
-        seed=hp.seed,
-        data_seed=hp.seed,
-        logging_steps=hp.logging_steps,
-        completion_only_loss=hp.completion_only_loss,
-        neftune_noise_alpha=hp.neftune_noise_alpha or None,
-        save_strategy="steps" if checkpoints else "no",
-        save_steps=hp.save_steps or 500,
-        save_total_limit=hp.keep_checkpoints,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_timeout=COLLECTIVE_TIMEOUT_S,
-        **evaluation,
-        **sft_arguments(plan, hp),
-        **_parallel_arguments(hp, plan),
-    )
-    if not hp.distributed and config.n_gpu > 1:
-        # One process trains on one GPU (the first visible): never nn.DataParallel over the others. A worker
-        # narrows CUDA_VISIBLE_DEVICES to the GPUs of the attempt anyway; this covers a process that sees more.
-        config._n_gpu = 1
-    return config
-
-
-# FSDP2 (fully_shard) by default; TUNEDECK_FSDP_VERSION=1 selects FSDP1 where a stack needs it.
-FSDP_VERSION_ENV = "TUNEDECK_FSDP_VERSION"
-
-
-def _parallel_arguments(hp: Any, plan: Plan) -> dict[str, Any]:
-    """DDP or FSDP keywords for a multi-process run. Checkpoints hold full (un-sharded) state dicts so that
-    a retry may resume on another number of processes."""
-    if not hp.distributed:
-        return {}
-    if not hp.sharded:
-        return {"ddp_find_unused_parameters": False}  # every adapter weight is used in every step
-    version = int(os.environ.get(FSDP_VERSION_ENV, "2"))
-    config: dict[str, Any] = {
-        "version": version,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # decoder layers; PEFT's policy adds the adapter layers
-        "state_dict_type": "FULL_STATE_DICT",
-        "cpu_ram_efficient_loading": False,
-        "activation_checkpointing": False,  # recomputation is set per layer by the plan
-    }
-    if version == 1:
-        config.update(use_orig_params=False, sync_module_states=True, reshard_after_forward="full_shard")
-    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
-
-
-OPTIMIZER_NAMES = {"adamw_8bit": "adamw_bnb_8bit"}
 
 
 class EarlyStopping(TrainerCallback):  # type: ignore[misc]

@@ -1,0 +1,38 @@
+"""What a training objective is to the train runner: the rows it trains on, its trl config and trainer, its memory.
+
+The runner loads the data, the model and the plan the same way for every objective; the objective decides what
+the trainer optimizes. An objective holds no state: one instance serves every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from workers.contract.spec import TrainSpec
+    from workers.training.engine import Plan
+
+
+class Objective(Protocol):
+    name: str  # the value of TrainParams.objective
+    label: str  # how people read it
+    row_formats: tuple[str, ...]  # the dataset formats (workers.contract.spec.DATASET_FORMATS) it trains on
+
+    def config(self, spec: TrainSpec, plan: Plan, output_dir: Path, has_eval: bool) -> Any:
+        """The trl config (a TrainingArguments) of this run."""
+        ...
+
+    def trainer(
+        self, spec: TrainSpec, plan: Plan, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
+        callbacks: list[Any], args: Any,
+    ) -> Any:
+        """The trl trainer that carries out the plan with `args` (from `config`)."""
+        ...
+
+    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+        """GPU bytes this objective adds to the estimate of one supervised pass (workers.training.estimate), by
+        estimate part, given that estimate's parts: a second sequence per row, a reference model's logits. Empty
+        when it adds nothing."""
+        ...
