@@ -179,6 +179,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "webapp.jobs",
     "webapp.api",
     "webapp.catalog",
     "webapp.training",

@@ -42,9 +42,10 @@ from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.playground import services, votes
+from webapp.playground.downloads import zip_response
 from webapp.playground.forms import PushForm
 from webapp.playground.models import Comparison, JobKind, MergedModel, PromptSet
-from webapp.playground.views import _grid, _zip_response, merged_files
+from webapp.playground.views import grid, merged_files
 from webapp.training.models import Adapter, AdapterOrigin, TrainingRun
 from workers.contract import jobspecs
 from workers.contract.store import ArtifactStore
@@ -137,7 +138,7 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         folder = ArtifactStore(settings.ARTIFACT_STORE).path(adapter.uri)
         if not folder.is_dir():
             raise NotFound("the adapter's files are missing from the artifact store")
-        return _zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
+        return zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
 
     @extend_schema(request=MergeSerializer, responses={201: JobSerializer},
                    description="Merge the adapter into its base (a merge job; the merged model appears under merges/).")
@@ -216,7 +217,7 @@ class MergedModelViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         folder = ArtifactStore(settings.ARTIFACT_STORE).path(merged.uri)
         if not folder.is_dir():
             raise NotFound("the merged model's files are missing from the artifact store")
-        return _zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
+        return zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
 
 
 # --- comparisons ------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ class ComparisonDetailSerializer(ComparisonSerializer):
 
     @extend_schema_field(GridRowSerializer(many=True))
     def get_rows(self, comparison: Comparison) -> list[dict[str, Any]]:
-        rows, _ = _grid(comparison)
+        rows, _ = grid(comparison)
         return [{
             "index": row["index"], "prompt": row["prompt"], "reference": row["reference"],
             "cells": [{"key": c["key"], "label": c["label"], "text": c["cell"].text if c["cell"] else "",

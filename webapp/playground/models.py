@@ -18,7 +18,8 @@ from django.db.models.functions import Concat
 from django.utils.crypto import salted_hmac
 
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, LedgerJob
+from webapp.jobs.models import LedgerEvent, LedgerJob
+from webapp.training.models import Adapter, AdapterOrigin, AdapterParent
 from workers.contract.jobspecs import BASE_KEY, JOB_SPECS
 
 
@@ -33,6 +34,8 @@ class JobKind(models.TextChoices):
 class AdapterJob(LedgerJob):
     NOUN = "job"
     TASK = "tunedeck.run_adapter_job"
+    WORKER_PATH = "adapter-jobs"
+    ON_WORKER, SUMMARY_FIELDS = "current_job", ("kind",)
 
     kind = models.CharField(max_length=16, choices=JobKind.choices)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="adapter_jobs")
@@ -158,25 +161,14 @@ class AdapterJob(LedgerJob):
         AdapterJob.objects.filter(pk=self.pk).update(result={**result, "adapter_id": adapter.pk})
 
 
-class JobEvent(models.Model):
-    """Append-only log lines, progress and streamed outputs of an adapter job; the id is the SSE cursor."""
+class JobEvent(LedgerEvent):
+    """An adapter job's log lines, progress and streamed outputs (see LedgerEvent)."""
 
     job = models.ForeignKey(AdapterJob, on_delete=models.CASCADE, related_name="events")
-    attempt = models.PositiveIntegerField()
-    seq = models.PositiveIntegerField(null=True, blank=True)
-    kind = models.CharField(max_length=16)  # log | metric | status | output
-    level = models.CharField(max_length=16, default="info")
-    message = models.TextField(blank=True)
-    data = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
 
-    class Meta:
-        ordering = ["id"]
+    class Meta(LedgerEvent.Meta):
         constraints = [models.UniqueConstraint(fields=["job", "attempt", "seq"], name="jobevent_unique_seq")]
         indexes = [models.Index(fields=["job", "id"], name="jobevent_job_id")]
-
-    def __str__(self) -> str:
-        return f"{self.job_id}#{self.pk} {self.kind}"
 
 
 class PromptSet(models.Model):
