@@ -44,7 +44,8 @@ from webapp.catalog.models import BaseModel, Dataset
 from webapp.playground import services, votes
 from webapp.playground.downloads import zip_response
 from webapp.playground.forms import PushForm
-from webapp.playground.models import Comparison, JobKind, MergedModel, PromptSet
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import Comparison, MergedModel, PromptSet
 from webapp.playground.views import grid, merged_files
 from webapp.training.models import Adapter, AdapterOrigin, TrainingRun
 from workers.contract import jobspecs

@@ -23,7 +23,8 @@ from webapp.api.events import (
 )
 from webapp.api.negotiation import FirstRenderer
 from webapp.jobs.models import RunState
-from webapp.playground.models import AdapterJob, JobEvent, JobKind
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import AdapterJob, JobEvent
 
 # What the worker's spec carries that a reader needs not see (the adapters are listed by id instead).
 HIDDEN_PARAMS = ("token",)

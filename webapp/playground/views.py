@@ -15,19 +15,13 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
-from webapp.jobs.stream import batch_reader, sse
 from webapp.jobs import views as job_views
+from webapp.jobs.stream import batch_reader, sse
 from webapp.playground import deletion, services, votes
 from webapp.playground.downloads import zip_response
 from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
-from webapp.playground.models import (
-    AdapterJob,
-    Comparison,
-    JobEvent,
-    JobKind,
-    MergedModel,
-    PromptSet,
-)
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import AdapterJob, Comparison, JobEvent, MergedModel, PromptSet
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract import jobspecs
 from workers.contract.store import ArtifactStore
