@@ -18,8 +18,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.views import defaults
 
 from webapp.api.openai.errors import error_body
-from webapp.api.problems import PROBLEM_CONTENT_TYPE, problem_response, status_title
 from webapp.health import RETRY_AFTER_S, database_unavailable
+from webapp.problem_details import PROBLEM_CONTENT_TYPE, problem_response, status_title
 
 log = logging.getLogger("django.request")
 

@@ -179,6 +179,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "webapp.jobs",
     "webapp.api",
     "webapp.catalog",
     "webapp.training",
@@ -300,7 +301,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     # Choice sets shared by several fields (job states, the engine's auto/on/off switches) get one name each.
-    "ENUM_NAME_OVERRIDES": {"RunStateEnum": "webapp.training.models.RunState", "WorkerStateEnum": "webapp.fleet.models.WorkerState",
+    "ENUM_NAME_OVERRIDES": {"RunStateEnum": "webapp.jobs.models.RunState", "WorkerStateEnum": "webapp.fleet.models.WorkerState",
                             "AutoOnOffEnum": "workers.contract.spec.AUTO_ON_OFF",
                             "BasePrecisionEnum": "workers.contract.jobspecs.BASE_PRECISIONS"},
     "PREPROCESSING_HOOKS": ["webapp.api.schema.only_api_v1"],

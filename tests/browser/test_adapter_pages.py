@@ -8,9 +8,9 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.webapp.factories import make_worker
+from webapp.jobs import ledger
 from webapp.playground import services
 from webapp.playground.models import PromptSet
-from webapp.training import ledger
 from webapp.training.models import Adapter
 from workers.contract import jobspecs
 
@@ -40,7 +40,7 @@ def test_a_comparison_streams_into_its_grid_and_teammates_vote_blind(page, demo,
     comparison = services.start_compare(user, prompts, [add, double], jobspecs.GenerationParams(max_new_tokens=8))
     worker, token = make_worker("compare-worker")
     job = comparison.job
-    attempt = ledger.dispatch(job.pk, worker, type(job))
+    attempt = ledger.dispatch(job, worker)
     api = httpx.Client(base_url=asgi_server, headers={"Authorization": f"Bearer {token}"}, timeout=15)
     url = f"/api/worker/v1/adapter-jobs/{job.pk}"
     assert api.post(f"{url}/claim", json={"attempt": attempt}).status_code == 200

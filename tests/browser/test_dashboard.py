@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import PASSWORD, USERNAME, log_in
 from tests.webapp.factories import make_run, make_worker
-from webapp.training import ledger
+from webapp.jobs import ledger
 from webapp.training.models import RunEvent, TrainingRun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -220,7 +220,7 @@ def test_a_hostile_log_line_renders_as_text(page, demo, asgi_server, screenshot)
     user, base, dataset, config = demo
     worker, token = make_worker("hostile-worker")
     run = make_run(user, base, dataset, config)
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     api = httpx.Client(base_url=asgi_server, headers={"Authorization": f"Bearer {token}"}, timeout=15)
     assert api.post(f"/api/worker/v1/jobs/{run.pk}/claim", json={"attempt": attempt}).status_code == 200
 

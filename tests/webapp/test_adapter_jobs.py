@@ -14,9 +14,9 @@ from django.test import Client
 from tests.webapp.factories import make_worker
 from tests.webapp.team import login, make
 from webapp.fleet import scheduler
+from webapp.jobs import ledger
 from webapp.playground import services
 from webapp.playground.models import AdapterJob, Comparison, ComparisonCell, JobEvent, MergedModel, PromptSet, Vote
-from webapp.training import ledger
 from webapp.training.models import Adapter, AdapterParent
 from workers.contract import jobspecs, kinds
 
@@ -200,7 +200,7 @@ def test_a_comparison_job_streams_cells_once_and_records_the_final_outputs(team:
     comparison = compare(team, a, b)
     worker, token = make_worker()
     job = comparison.job
-    attempt = ledger.dispatch(job.pk, worker, AdapterJob)
+    attempt = ledger.dispatch(job, worker)
     claimed = api(client, token, job, "claim", {"attempt": attempt}).json()
     assert claimed["kind"] == "compare"
     spec = kinds.spec_from_dict("compare", claimed["spec"])
@@ -238,12 +238,12 @@ def test_a_new_attempt_of_a_comparison_starts_its_cells_afresh(team: Any, client
     comparison = compare(team, adapter(team))
     worker, token = make_worker()
     job = comparison.job
-    first = ledger.dispatch(job.pk, worker, AdapterJob)
+    first = ledger.dispatch(job, worker)
     api(client, token, job, "status", {"attempt": first, "state": "running"})
     api(client, token, job, "events", {"attempt": first, "events": [
         {"seq": 1, "kind": "output", "data": {"row": 0, "column": "__base__", "text": "half"}}]})
     ledger.requeue_or_fail(AdapterJob.objects.get(pk=job.pk), "worker lost", max_attempts=3)
-    second = ledger.dispatch(job.pk, worker, AdapterJob)
+    second = ledger.dispatch(job, worker)
     assert second == first + 1
     api(client, token, job, "status", {"attempt": second, "state": "running"})
     assert not comparison.cells.exists()
@@ -253,7 +253,7 @@ def test_a_succeeded_merge_records_the_merged_model_with_its_check(team: Any, cl
     a = adapter(team)
     job = services.start_merge(team[0]["owner"], a, "float32")
     worker, token = make_worker()
-    attempt = ledger.dispatch(job.pk, worker, AdapterJob)
+    attempt = ledger.dispatch(job, worker)
     spec = kinds.spec_from_dict("merge", api(client, token, job, "claim", {"attempt": attempt}).json()["spec"])
     assert spec.adapter.uri == a.uri and spec.dtype == "float32" and spec.output_uri == f"store://jobs/{job.pk}/output"
     api(client, token, job, "status", {"attempt": attempt, "state": "running"})
@@ -271,7 +271,7 @@ def test_a_succeeded_combination_is_a_new_adapter_with_its_lineage(team: Any, cl
     a, b = adapter(team, name="add"), adapter(team, name="double")
     job = services.start_combine(team[0]["owner"], [a, b], [0.7, 0.3], "cat", name="add+double")
     worker, token = make_worker()
-    attempt = ledger.dispatch(job.pk, worker, AdapterJob)
+    attempt = ledger.dispatch(job, worker)
     api(client, token, job, "claim", {"attempt": attempt})
     api(client, token, job, "status", {"attempt": attempt, "state": "running"})
     result = {"adapter_uri": f"store://jobs/{job.pk}/output", "size_bytes": 10, "sha256": "e" * 64, "r": 16,
@@ -296,7 +296,7 @@ def test_the_push_token_reaches_the_worker_at_claim_and_is_never_stored(team: An
     job = services.start_push(team[0]["owner"], a, a.uri, "team/model")
     assert "hf_secret" not in json.dumps(AdapterJob.objects.get(pk=job.pk).params)
     worker, token = make_worker()
-    attempt = ledger.dispatch(job.pk, worker, AdapterJob)
+    attempt = ledger.dispatch(job, worker)
     spec = api(client, token, job, "claim", {"attempt": attempt}).json()["spec"]
     assert spec["token"] == "hf_secretsecretsecret"
     assert "hf_secret" not in repr(kinds.spec_from_dict("push", spec))
@@ -448,7 +448,7 @@ def test_merged_models_download_as_a_streamed_zip_and_files_one_by_one(team: Any
 def test_a_worker_busy_with_an_adapter_job_shows_it(team: Any, client: Client) -> None:
     job = compare(team, adapter(team)).job
     worker, _ = make_worker("gpu-1")
-    ledger.dispatch(job.pk, worker, AdapterJob)
+    ledger.dispatch(job, worker)
     login(client, "staff")
     assert f"compare job {job.pk}" in client.get("/workers/").content.decode()
     assert f"compare job {job.pk}" in client.get("/").content.decode()

@@ -156,7 +156,7 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
     import torch
 
     from tests.webapp.factories import make_worker
-    from webapp.training import ledger
+    from webapp.jobs import ledger
     from workers.adapters import generate, inference
     from workers.contract import kinds
     from workers.contract.reporter import MemoryReporter
@@ -171,7 +171,7 @@ def test_a_comparison_runs_in_the_chosen_base_precision_end_to_end(
     created = post(client, "/api/v1/comparisons/", body, raw).json()
     job = AdapterJob.objects.get(pk=created["job"])
     worker, token = make_worker()
-    attempt = ledger.dispatch(job.pk, worker, AdapterJob)
+    attempt = ledger.dispatch(job, worker)
     worker_api = {"content_type": "application/json", "HTTP_AUTHORIZATION": f"Bearer {token}"}
     claimed = client.post(f"/api/worker/v1/adapter-jobs/{job.pk}/claim", json.dumps({"attempt": attempt}), **worker_api)
     spec = kinds.spec_from_dict("compare", claimed.json()["spec"])

@@ -11,7 +11,7 @@ from django.test import Client
 
 from tests.webapp.api_helpers import bearer, key_for
 from tests.webapp.team import login, make
-from webapp.training.ledger import record_events
+from webapp.jobs.ledger import record_events
 from webapp.training.models import TrainingRun
 
 pytestmark = pytest.mark.django_db

@@ -101,14 +101,14 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
 
 def test_the_same_wake_up_delivered_twice_runs_the_job_once(fleet: Fleet, tiny_model_dir: Path) -> None:
     from webapp.celery import send_wakeup
-    from webapp.training import ledger
+    from webapp.jobs import ledger
 
     user, base, dataset, config = demo_objects(tiny_model_dir)
     fleet.start("w-dup")
     fleet.wait_ready("w-dup")
     run = make_run(user, base, dataset, config, **{**HP, "max_steps": 6, "save_steps": 0})
     worker = Worker.objects.get(name="w-dup")
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     assert attempt == 1
     for _ in range(3):  # the scheduler's wake-up, a broker redelivery, a resend
         send_wakeup(worker.name, run.pk, attempt)

@@ -13,9 +13,9 @@ from django.utils import timezone
 from tests.webapp.team import login, make
 from webapp.catalog.models import Dataset
 from webapp.fleet.models import Worker
+from webapp.jobs.ledger import record_events
 from webapp.playground import services
 from webapp.playground.models import MergedModel
-from webapp.training.ledger import record_events
 from webapp.training.models import Adapter, RunEvent, TrainingRun
 
 pytestmark = pytest.mark.django_db

@@ -25,9 +25,9 @@ from webapp.catalog.models import BaseModel
 from webapp.fleet import placement
 from webapp.fleet.models import Worker
 from webapp.fleet.scheduler import schedule_once
+from webapp.jobs import ledger, queue
 from webapp.playground import services
 from webapp.playground.models import AdapterJob
-from webapp.training import ledger, queue
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract import spec
 from workers.training.modelshape import ModelShape

@@ -11,10 +11,11 @@ from django.contrib.messages import get_messages
 from tests.webapp.factories import run_world
 from tests.webapp.team import login, make
 from webapp.fleet.models import Worker
+from webapp.jobs import ledger
+from webapp.playground import deletion
 from webapp.playground.models import AdapterJob, Comparison, MergedModel
-from webapp.training import deletion, ledger
 from webapp.training.models import Adapter, AdapterParent, RunEvent, TrainingRun
-from webapp.training.views import _next_batch
+from webapp.training.views import next_batch
 from workers.formatting import size
 
 pytestmark = pytest.mark.django_db
@@ -119,7 +120,7 @@ def test_the_new_run_page_preselects_the_only_choice_else_the_demos(team, client
 
 def add_events(run: TrainingRun, n: int) -> None:
     """What a worker reports, through the ledger as the worker API stores it."""
-    from webapp.training.ledger import record_events
+    from webapp.jobs.ledger import record_events
 
     events = []
     for i in range(n):
@@ -175,7 +176,7 @@ def test_hostile_log_text_is_text_on_the_page_and_in_the_stream(team, client) ->
     page = client.get(f"/runs/{run.pk}/").content.decode()
     # The stream's messages, as its generator yields them (the view runs them in a worker thread,
     # which would not see this test's uncommitted rows).
-    messages, _, _, final = _next_batch(run.pk, 0)
+    messages, _, _, final = next_batch(run.pk, 0)
     body = "".join(messages)
     assert final
     for text in (page, body):
@@ -232,7 +233,7 @@ def test_retry_moves_a_failed_run_back_to_queued_keeping_the_attempt_for_the_sch
     assert (run.state, run.attempt, run.worker_id, run.error, run.cancel_requested, run.finished_at) == (
         "queued", 2, None, "", False, None)
     assert RunEvent.objects.filter(run=run, kind="status", message__contains="Retry requested").exists()
-    assert ledger.dispatch(run.pk, worker) == 3  # the scheduler bumps it; attempt 2's reports are now stale
+    assert ledger.dispatch(run, worker) == 3  # the scheduler bumps it; attempt 2's reports are now stale
     # A run that is not failed or cancelled is not retried.
     done = make(team, state="succeeded", attempt=1)
     client.post(f"/runs/{done.pk}/retry/")
@@ -369,7 +370,7 @@ def test_the_adapters_page_shows_lineage_metrics_and_a_download_without_n_plus_o
 
 
 def test_metric_points_merge_resumed_attempts_and_stay_bounded() -> None:
-    from webapp.training.ledger import MAX_METRIC_POINTS, merge_points
+    from webapp.training.metrics import MAX_METRIC_POINTS, merge_points
 
     points = merge_points([], [{"step": s, "loss": 10.0 - s / 10} for s in range(1, 11)])
     points = merge_points(points, [{"step": 10, "eval_loss": 9.5}])  # an eval point at a trained step merges
@@ -391,12 +392,12 @@ def test_metric_points_merge_resumed_attempts_and_stay_bounded() -> None:
 def test_the_stream_cursor_takes_ascii_digits_only() -> None:
     from django.test import RequestFactory
 
-    from webapp.training.views import _cursor
+    from webapp.jobs.stream import page_cursor
 
     factory = RequestFactory()
-    assert _cursor(factory.get("/runs/1/stream/", {"after": "12"}, headers={"Last-Event-ID": "40"})) == 40
-    assert _cursor(factory.get("/runs/1/stream/", headers={"Last-Event-ID": "²"})) == 0  # isdigit() but not int()
-    assert _cursor(factory.get("/runs/1/stream/", {"after": "-3"})) == 0
+    assert page_cursor(factory.get("/runs/1/stream/", {"after": "12"}, headers={"Last-Event-ID": "40"})) == 40
+    assert page_cursor(factory.get("/runs/1/stream/", headers={"Last-Event-ID": "²"})) == 0  # isdigit() but not int()
+    assert page_cursor(factory.get("/runs/1/stream/", {"after": "-3"})) == 0
 
 
 # ---- a separate eval dataset ---------------------------------------------------------------------

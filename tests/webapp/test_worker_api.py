@@ -9,9 +9,9 @@ from tests.webapp.factories import demo_objects, make_run, make_worker
 from tests.webapp.fleetprocs import Fleet, until
 from webapp.celery import send_wakeup
 from webapp.fleet.models import Worker
+from webapp.jobs import ledger
 from webapp.playground import services
 from webapp.playground.models import AdapterJob
-from webapp.training import ledger
 from webapp.training.models import Adapter, RunEvent, TrainingRun
 
 pytestmark = pytest.mark.django_db
@@ -33,7 +33,7 @@ def post(token: str, path: str, payload: dict):  # type: ignore[no-untyped-def]
 
 def test_it_gives_the_spec_only_to_the_assigned_worker(setup) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, other_token = setup
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     wrong = post(other_token, f"/jobs/{run.pk}/claim", {"attempt": attempt})
     assert wrong.status_code == 404 and "spec" not in wrong.json()
     assert post("tdw_forged", f"/jobs/{run.pk}/claim", {"attempt": attempt}).status_code == 401
@@ -47,10 +47,10 @@ def test_it_gives_the_spec_only_to_the_assigned_worker(setup) -> None:  # type: 
 
 def test_reports_from_an_older_attempt_get_409_and_change_nothing(setup) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, _ = setup
-    first = ledger.dispatch(run.pk, worker)
+    first = ledger.dispatch(run, worker)
     post(token, f"/jobs/{run.pk}/status", {"attempt": first, "state": "running"})
     ledger.requeue_or_fail(TrainingRun.objects.get(pk=run.pk), "worker lost", max_attempts=3)
-    second = ledger.dispatch(run.pk, worker)
+    second = ledger.dispatch(run, worker)
     assert second == first + 1
     before = RunEvent.objects.count()
 
@@ -66,7 +66,7 @@ def test_reports_from_an_older_attempt_get_409_and_change_nothing(setup) -> None
 
 def test_a_retried_event_batch_is_stored_once_and_returns_the_cancel_flag(setup) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, _ = setup
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     assert post(token, f"/jobs/{run.pk}/claim", {"attempt": attempt}).status_code == 200
     batch = {"attempt": attempt, "events": [
         {"seq": 1, "kind": "log", "message": "<script>alert(1)</script>"},
@@ -94,7 +94,7 @@ def adapter_job(user, base) -> AdapterJob:  # type: ignore[no-untyped-def]
 def test_a_job_cancelled_before_its_worker_claimed_it_ends_at_once_and_the_claim_is_refused(setup, kind) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, _ = setup
     job, model, path = (run, TrainingRun, "jobs") if kind == "run" else (adapter_job(run.owner, run.base_model), AdapterJob, "adapter-jobs")
-    attempt = ledger.dispatch(job.pk, worker, model, gpu_indices=[0])
+    attempt = ledger.dispatch(job, worker, gpu_indices=[0])
     assert ledger.request_cancel(model.objects.get(pk=job.pk))
     job = model.objects.get(pk=job.pk)
     # Nothing runs on the worker yet: the job is cancelled now, not flagged for a worker that has not started it.
@@ -114,7 +114,7 @@ def test_a_flagged_attempt_that_was_never_claimed_is_refused_at_claim_and_ends_c
     """A cancel flag set on an unclaimed attempt (a cancel racing the claim, or a row flagged by an older
     version) is honoured by the claim itself: nothing is handed to the worker."""
     run, worker, token, _ = setup
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)
     refused = post(token, f"/jobs/{run.pk}/claim", {"attempt": attempt})
     assert refused.status_code == 409 and refused.json()["code"] == "cancelled"
@@ -124,7 +124,7 @@ def test_a_flagged_attempt_that_was_never_claimed_is_refused_at_claim_and_ends_c
 
 def test_a_claimed_job_is_flagged_and_its_worker_stops_it(setup) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, _ = setup
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     assert post(token, f"/jobs/{run.pk}/claim", {"attempt": attempt}).status_code == 200
     assert ledger.request_cancel(run)
     run.refresh_from_db()
@@ -148,7 +148,7 @@ def test_a_real_worker_skips_jobs_cancelled_before_their_claim_without_loading_t
         worker = Worker.objects.get(name="w-cancel")
         jobs = [(make_run(user, base, dataset, config), TrainingRun), (adapter_job(user, base), AdapterJob)]
         for job, model in jobs:  # the wake-up arrives after the cancel, as when the user is quicker than the broker
-            attempt = ledger.dispatch(job.pk, worker, model)
+            attempt = ledger.dispatch(job, worker)
             assert attempt is not None and ledger.request_cancel(model.objects.get(pk=job.pk))
             send_wakeup(worker.name, job.pk, attempt, model.TASK)
         until(lambda: fleet.log("w-cancel").count("cancelled before it started: skipped") == 2, 120,
@@ -180,7 +180,7 @@ def test_a_run_cancelled_between_its_claim_and_its_start_loads_nothing(  # type:
     user, base, dataset, config = demo_objects(tiny_model_dir)
     run = make_run(user, base, dataset, config, num_gpus=gpus, strategy="ddp", batch_size=2, grad_accum=2)
     worker, token = make_worker("w1")
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     api = WorkerClient(live_server.url, token)
     spec = TrainSpec.from_dict(api.claim(run.pk, attempt))
     assert ledger.request_cancel(TrainingRun.objects.get(pk=run.pk))
@@ -194,7 +194,7 @@ def test_a_run_cancelled_between_its_claim_and_its_start_loads_nothing(  # type:
 
 def test_log_text_is_escaped_on_the_run_page(setup, client) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, _ = setup
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     post(token, f"/jobs/{run.pk}/events",
          {"attempt": attempt, "events": [{"seq": 1, "kind": "log", "message": "<script>alert(1)</script>"}]})
     client.login(username="owner", password="owner-pass-123")
@@ -244,7 +244,7 @@ def test_a_dataset_with_a_malformed_line_is_rejected_naming_the_line(client, sto
 ])
 def test_a_malformed_event_is_refused_naming_it_and_nothing_of_the_batch_is_stored(setup, bad, named) -> None:  # type: ignore[no-untyped-def]
     run, worker, token, _ = setup
-    attempt = ledger.dispatch(run.pk, worker)
+    attempt = ledger.dispatch(run, worker)
     before = RunEvent.objects.filter(run=run).count()
     good = {"seq": 1, "kind": "metric", "data": {"step": 1, "total_steps": 10, "loss": 2.0}}
     response = post(token, f"/jobs/{run.pk}/events", {"attempt": attempt, "events": [good, bad]})

@@ -12,7 +12,7 @@ from django.test import Client
 
 from tests.webapp.factories import demo_objects, make_run, make_worker
 from webapp.fleet.models import Worker
-from webapp.training import ledger
+from webapp.jobs import ledger
 from webapp.training.models import TrainingRun
 from workers.runtime import telemetry
 
@@ -131,10 +131,10 @@ def test_the_heartbeat_tells_the_worker_to_stop_jobs_that_moved_on(tiny_model_di
     worker, token = make_worker("w1")
     other, _ = make_worker("w2")
     mine, moved = make_run(user, base, dataset, config), make_run(user, base, dataset, config)
-    mine_attempt = ledger.dispatch(mine.pk, worker)
-    old_attempt = ledger.dispatch(moved.pk, worker)
+    mine_attempt = ledger.dispatch(mine, worker)
+    old_attempt = ledger.dispatch(moved, worker)
     ledger.requeue_or_fail(TrainingRun.objects.get(pk=moved.pk), "worker lost", max_attempts=3)
-    ledger.dispatch(moved.pk, other)
+    ledger.dispatch(moved, other)
     running = [{"path": "jobs", "id": mine.pk, "attempt": mine_attempt},
                {"path": "jobs", "id": moved.pk, "attempt": old_attempt},
                {"path": "adapter-jobs", "id": 999999, "attempt": 1}]
@@ -148,8 +148,8 @@ def test_a_starting_worker_gives_back_the_jobs_its_previous_process_had_claimed(
     user, base, dataset, config = demo_objects(tiny_model_dir)
     worker, token = make_worker("w1")
     claimed, waiting = make_run(user, base, dataset, config), make_run(user, base, dataset, config)
-    ledger.claim(worker, claimed.pk, ledger.dispatch(claimed.pk, worker))
-    ledger.dispatch(waiting.pk, worker)  # its wake-up is still in the queue: the new process will claim it
+    ledger.claim(worker, TrainingRun, claimed.pk, ledger.dispatch(claimed, worker))
+    ledger.dispatch(waiting, worker)  # its wake-up is still in the queue: the new process will claim it
     assert beat(token, {"starting": True, "running": []}).status_code == 200
     claimed.refresh_from_db()
     waiting.refresh_from_db()

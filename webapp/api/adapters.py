@@ -1,5 +1,5 @@
 """Adapters over the API (list, get, download, merge, push) and the adapter jobs started from them:
-comparisons, evaluations, combinations; merged models. Every job starts through playground.services, whose
+evaluations, combinations (comparisons: api/comparisons.py); merged models. Every job starts through playground.services, whose
 refusals (JobError) come back as 400 problems naming the field."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -17,9 +16,9 @@ from drf_spectacular.utils import (
     extend_schema_field,
     extend_schema_view,
 )
-from rest_framework import serializers, status, viewsets
+from rest_framework import serializers, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -39,12 +38,13 @@ from webapp.api.events import ZipRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.jobs import JobSerializer, job_answer, job_queryset
 from webapp.api.negotiation import FirstRenderer
-from webapp.api.problems import problem
-from webapp.catalog.models import BaseModel, Dataset
-from webapp.playground import services, votes
+from webapp.catalog.models import Dataset
+from webapp.playground import services
+from webapp.playground.downloads import zip_response
 from webapp.playground.forms import PushForm
-from webapp.playground.models import Comparison, JobKind, MergedModel, PromptSet
-from webapp.playground.views import _grid, _zip_response, merged_files
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import MergedModel
+from webapp.playground.views import merged_files
 from webapp.training.models import Adapter, AdapterOrigin, TrainingRun
 from workers.contract import jobspecs
 from workers.contract.store import ArtifactStore
@@ -53,11 +53,11 @@ INT32 = 2**31 - 1
 ZIP_RESPONSE = {(200, "application/zip"): OpenApiResponse(OpenApiTypes.BINARY, description="A zip of the files.")}
 
 
-def _job_error(exc: services.JobError) -> None:
+def job_error(exc: services.JobError) -> None:
     raise_field_errors(dict(exc.errors))
 
 
-def _adapters_field(**kwargs: Any) -> serializers.ListField:
+def adapters_field(**kwargs: Any) -> serializers.ListField:
     return serializers.ListField(child=Ref("adapter", queryset=Adapter.objects.all()), min_length=1,
                                  max_length=jobspecs.MAX_ADAPTERS, **kwargs)
 
@@ -99,7 +99,7 @@ class PushSerializer(serializers.Serializer):
                  help_text="Push this merged model of the adapter instead of the adapter.")
 
 
-def _body(request: Request) -> Any:
+def request_body(request: Request) -> Any:
     return request.data if isinstance(request.data, Mapping) else {}
 
 
@@ -137,7 +137,7 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         folder = ArtifactStore(settings.ARTIFACT_STORE).path(adapter.uri)
         if not folder.is_dir():
             raise NotFound("the adapter's files are missing from the artifact store")
-        return _zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
+        return zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
 
     @extend_schema(request=MergeSerializer, responses={201: JobSerializer},
                    description="Merge the adapter into its base (a merge job; the merged model appears under merges/).")
@@ -145,12 +145,12 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     @idempotent
     def merge(self, request: Request, pk: str) -> Response:
         adapter = self.get_object()
-        body = MergeSerializer(data=_body(request))
+        body = MergeSerializer(data=request_body(request))
         body.is_valid(raise_exception=True)
         try:
             job = services.start_merge(request.user, adapter, body.validated_data["dtype"])
         except services.JobError as exc:
-            _job_error(exc)
+            job_error(exc)
         return job_answer(request.user, job.pk)
 
     @extend_schema(request=PushSerializer, responses={201: JobSerializer},
@@ -160,7 +160,7 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     def push(self, request: Request, pk: str) -> Response:
         adapter = self.get_object()
         access.check_can_change(request.user, adapter.owner_id, "adapter")
-        body = PushSerializer(data=_body(request), context={"request": request})
+        body = PushSerializer(data=request_body(request), context={"request": request})
         body.is_valid(raise_exception=True)
         data = body.validated_data
         merged = data.get("merged")
@@ -173,7 +173,7 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             job = services.start_push(request.user, adapter, merged.uri if merged else adapter.uri,
                                       form.cleaned_data["repo_id"], form.cleaned_data["private"])
         except services.JobError as exc:
-            _job_error(exc)
+            job_error(exc)
         return job_answer(request.user, job.pk)
 
 
@@ -216,382 +216,14 @@ class MergedModelViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         folder = ArtifactStore(settings.ARTIFACT_STORE).path(merged.uri)
         if not folder.is_dir():
             raise NotFound("the merged model's files are missing from the artifact store")
-        return _zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
-
-
-# --- comparisons ------------------------------------------------------------------------------------------
-
-
-class GenerationSerializer(serializers.Serializer):
-    max_new_tokens = serializers.IntegerField(min_value=1, max_value=4096, default=128)
-    temperature = serializers.FloatField(min_value=0.0, max_value=5.0, default=0.0)
-    top_p = serializers.FloatField(min_value=0.01, max_value=1.0, default=1.0)
-    seed = serializers.IntegerField(min_value=0, max_value=INT32, default=0)
-    chat_template = serializers.BooleanField(default=True)
-
-    def generation(self) -> jobspecs.GenerationParams:
-        return jobspecs.GenerationParams(**{k: v for k, v in self.validated_data.items()
-                                            if k in GenerationSerializer._declared_fields})
-
-
-class CompareCreateSerializer(GenerationSerializer):
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    base_model = NamedRef("base model", "base-models", "models", queryset=BaseModel.objects.all(), required=False,
-                          allow_null=True, help_text="Optional: checked against the adapters' own base.")
-    adapters = _adapters_field()
-    include_base = serializers.BooleanField(default=True, help_text="The base model as a column too.")
-    prompt_set = Ref("prompt set", queryset=PromptSet.objects.all(), required=False, allow_null=True)
-    prompts = serializers.ListField(child=serializers.CharField(max_length=100_000), required=False, min_length=1,
-                                    max_length=services.MAX_PROMPTS, help_text="Prompts typed here (a new prompt set).")
-    dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True,
-                       help_text="Or the first rows of a dataset, with their reference answers.")
-    dataset_rows = serializers.IntegerField(min_value=1, max_value=services.MAX_PROMPTS, default=32)
-    prompt_set_name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    base_precision = serializers.ChoiceField(choices=list(jobspecs.BASE_PRECISIONS), default="auto",
-                                             help_text=jobspecs.BASE_PRECISION_HELP)
-
-    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
-        sources = [name for name in ("prompt_set", "prompts", "dataset") if data.get(name)]
-        if len(sources) != 1:
-            raise ValidationError({NON_FIELD: ["give one of prompt_set, prompts or dataset"
-                                               + (f" (got {', '.join(sources)})" if sources else "")]})
-        return data
-
-
-class CellSerializer(serializers.Serializer):
-    key = serializers.CharField()
-    label = serializers.CharField()
-    text = serializers.CharField(allow_blank=True)
-    tokens = serializers.IntegerField()
-    done = serializers.BooleanField()
-
-
-class GridRowSerializer(serializers.Serializer):
-    index = serializers.IntegerField()
-    prompt = serializers.CharField(allow_blank=True)
-    reference = serializers.CharField(allow_blank=True)
-    cells = CellSerializer(many=True)
-
-
-class WinRateSerializer(serializers.Serializer):
-    key = serializers.CharField()
-    label = serializers.CharField()
-    wins = serializers.IntegerField()
-    rate = serializers.FloatField(allow_null=True)
-
-
-class ColumnSerializer(serializers.Serializer):
-    key = serializers.CharField()
-    label = serializers.CharField()
-
-
-class BasePrecisionSerializer(serializers.Serializer):
-    chosen = serializers.ChoiceField(choices=list(jobspecs.BASE_PRECISIONS), help_text=jobspecs.BASE_PRECISION_HELP)
-    quantization = serializers.CharField(help_text="What the choice resolved to: none, 8bit or 4bit...")
-    compute_dtype = serializers.CharField(help_text="...and the compute dtype (auto: the worker's best).")
-    used = serializers.CharField(allow_null=True, help_text="The precision the worker loaded the base in (e.g. "
-                                 "`4-bit NF4 double-quant (compute bfloat16)`, `float32`); null until the job succeeds.")
-
-
-class StopTokenSerializer(serializers.Serializer):
-    text = serializers.CharField()
-    token_id = serializers.IntegerField(allow_null=True, help_text="null: text of several tokens, matched as text.")
-    why = serializers.CharField(help_text="`end of turn` (what the chat template writes after an assistant's "
-                                "message), `EOS`, or both.")
-
-
-class ComparisonSerializer(serializers.ModelSerializer):
-    owner = serializers.CharField(source="owner.username", read_only=True)
-    state = serializers.CharField(source="job.state", allow_null=True, read_only=True, default=None,
-                                  help_text="The comparison job's state.")
-    generation = serializers.DictField(read_only=True)
-    columns = serializers.SerializerMethodField()
-    base_precision = serializers.SerializerMethodField(help_text="How the base is loaded: chosen, resolved, used.")
-    stop_tokens = serializers.SerializerMethodField(help_text="Where the answers stopped (besides max_new_tokens); "
-                                                    "null until the job succeeds.")
-
-    class Meta:
-        model = Comparison
-        fields = ["id", "name", "owner", "base_model", "prompt_set", "include_base", "generation", "base_precision",
-                  "stop_tokens", "job", "state", "columns", "created_at"]
-        read_only_fields = fields
-
-    @extend_schema_field(ColumnSerializer(many=True))
-    def get_columns(self, comparison: Comparison) -> list[dict[str, str]]:
-        return [{"key": key, "label": label} for key, label in comparison.columns()]
-
-    @extend_schema_field(BasePrecisionSerializer(allow_null=True))
-    def get_base_precision(self, comparison: Comparison) -> dict[str, Any] | None:
-        return comparison.job.base_precision() if comparison.job else None
-
-    @extend_schema_field(StopTokenSerializer(many=True, allow_null=True))
-    def get_stop_tokens(self, comparison: Comparison) -> list[dict[str, Any]] | None:
-        return (comparison.job.result or {}).get("stop_tokens") if comparison.job else None
-
-
-class ComparisonDetailSerializer(ComparisonSerializer):
-    rows = serializers.SerializerMethodField(help_text="Every prompt with each column's output so far.")
-    win_rates = serializers.SerializerMethodField(help_text="Blind votes per column (ties count for nobody).")
-    votes = serializers.IntegerField(source="votes.count", read_only=True)
-
-    class Meta(ComparisonSerializer.Meta):
-        fields = [*ComparisonSerializer.Meta.fields, "rows", "win_rates", "votes"]
-        read_only_fields = fields
-
-    @extend_schema_field(GridRowSerializer(many=True))
-    def get_rows(self, comparison: Comparison) -> list[dict[str, Any]]:
-        rows, _ = _grid(comparison)
-        return [{
-            "index": row["index"], "prompt": row["prompt"], "reference": row["reference"],
-            "cells": [{"key": c["key"], "label": c["label"], "text": c["cell"].text if c["cell"] else "",
-                       "tokens": c["cell"].tokens if c["cell"] else 0, "done": bool(c["cell"] and c["cell"].done)}
-                      for c in row["cells"]],
-        } for row in rows]
-
-    @extend_schema_field(WinRateSerializer(many=True))
-    def get_win_rates(self, comparison: Comparison) -> list[dict[str, Any]]:
-        return comparison.win_rates()
-
-
-def _new_prompt_set(user: Any, data: dict[str, Any], name: str) -> PromptSet:
-    """A prompt set from typed prompts (each with an optional reference) or from a dataset's first rows."""
-    if data.get("dataset"):
-        rows = services.dataset_prompts(data["dataset"], data["dataset_rows"])
-        default_name = f"{len(rows)} rows of {data['dataset']}"
-    else:
-        references = data.get("references") or [""] * len(data["prompts"])
-        rows = [{"prompt": p, "reference": r} for p, r in zip(data["prompts"], references, strict=True)]
-        default_name = f"{len(rows)} prompts"
-    return PromptSet.objects.create(name=name or default_name, owner=user, rows=rows, source_dataset=data.get("dataset"))
-
-
-def _prompt_set(user: Any, data: dict[str, Any]) -> PromptSet:
-    return data["prompt_set"] if data.get("prompt_set") else _new_prompt_set(user, data, data.get("prompt_set_name", ""))
-
-
-# --- blind votes ----------------------------------------------------------------------------------------
-
-
-class BallotOptionSerializer(serializers.Serializer):
-    option = serializers.CharField(help_text="A neutral letter (A, B, …) in your own shuffled order for this row.")
-    text = serializers.CharField(allow_blank=True)
-    done = serializers.BooleanField(help_text="The output is complete.")
-    key = serializers.CharField(allow_null=True, help_text="The column's key: null until you have voted on the row.")
-    label = serializers.CharField(allow_null=True, help_text="The column's name: null until you have voted on the row.")
-
-
-class BallotRowSerializer(serializers.Serializer):
-    row = serializers.IntegerField(help_text="The row's index (from 0), as in the comparison's rows.")
-    prompt = serializers.CharField(allow_blank=True)
-    reference = serializers.CharField(allow_blank=True)
-    options = BallotOptionSerializer(many=True)
-    choice = serializers.CharField(allow_null=True, help_text="Your vote: an option letter or `tie`; null until you vote.")
-    choice_key = serializers.CharField(allow_null=True, help_text="The column you voted for (`tie` for a tie).")
-    choice_label = serializers.CharField(allow_null=True, help_text="The name of the column you voted for.")
-
-
-class BallotSerializer(serializers.Serializer):
-    comparison = serializers.IntegerField()
-    state = serializers.CharField(allow_null=True, help_text="The comparison job's state.")
-    open = serializers.BooleanField(help_text="Voting is open: every output is complete (the job succeeded).")
-    voted = serializers.IntegerField(help_text="How many rows you have voted on.")
-    rows = BallotRowSerializer(many=True)
-
-
-class VoteSerializer(serializers.Serializer):
-    row = serializers.IntegerField(min_value=0, max_value=INT32, help_text="The row's index (from 0).")
-    option = serializers.CharField(max_length=16, help_text="An option letter of your ballot's row, or `tie`.")
-
-
-def ballot_row(comparison: Comparison, row: dict[str, Any]) -> dict[str, Any]:
-    """A row of the caller's ballot: options by letter; keys and names only once the caller voted on it."""
-    voted = row["choice"] is not None
-    letters = {o["key"]: o["letter"] for o in row["options"]}
-    return {
-        "row": row["index"], "prompt": row["prompt"], "reference": row["reference"],
-        "options": [{"option": o["letter"], "text": o["cell"].text if o["cell"] else "",
-                     "done": bool(o["cell"] and o["cell"].done),
-                     "key": o["key"] if voted else None, "label": o["label"] if voted else None}
-                    for o in row["options"]],
-        "choice": letters.get(row["choice"], row["choice"]) if voted else None,
-        "choice_key": row["choice"], "choice_label": row["choice_label"] if voted else None,
-    }
-
-
-def _vote_refused(request: Request, refused: votes.VoteRefused) -> Response:
-    if refused.field:
-        raise ValidationError({refused.field: [refused.message]})
-    if refused.status == status.HTTP_403_FORBIDDEN:
-        raise PermissionDenied(refused.message)
-    return problem(refused.status, refused.message, instance=request.path)
-
-
-class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
-    """Side-by-side outputs of adapters (and their base) on a prompt set; blind votes give win rates."""
-
-    noun = "comparison"
-
-    def get_queryset(self) -> Any:
-        rows = Comparison.objects.select_related("owner", "base_model", "prompt_set", "job")
-        return access.visible(self.request.user, rows)
-
-    def get_serializer_class(self) -> Any:
-        return ComparisonDetailSerializer if self.action == "retrieve" else ComparisonSerializer
-
-    @extend_schema(request=CompareCreateSerializer, responses={201: ComparisonDetailSerializer})
-    def create(self, request: Request) -> Any:
-        def handler() -> Response:
-            body = CompareCreateSerializer(data=request.data, context={"request": request})
-            body.is_valid(raise_exception=True)
-            data = body.validated_data
-            base = data.get("base_model")
-            wrong = [a for a in data["adapters"] if base is not None and a.base_model_id != base.pk]
-            if wrong:
-                raise ValidationError({"adapters": [f"{a} was trained on {a.base_model}, not {base}" for a in wrong]})
-            try:
-                with transaction.atomic():
-                    comparison = services.start_compare(
-                        request.user, _prompt_set(request.user, data), data["adapters"], body.generation(),
-                        include_base=data["include_base"], name=data["name"], base_precision=data["base_precision"])
-            except services.JobError as exc:
-                _job_error(exc)
-            return Response(ComparisonDetailSerializer(self.get_queryset().get(pk=comparison.pk)).data,
-                            status=status.HTTP_201_CREATED)
-
-        return run_idempotent(request, handler)
-
-    @extend_schema(responses={200: BallotSerializer},
-                   description="Your blind ballot: each row's outputs under option letters in an order shuffled for "
-                               "you; the columns' keys and names show only on the rows you have voted on.")
-    @action(detail=True, methods=["get"])
-    def ballot(self, request: Request, pk: str) -> Response:
-        comparison = self.get_object()
-        rows = [ballot_row(comparison, row) for row in votes.ballot(comparison, request.user)]
-        return Response({"comparison": comparison.pk, "state": comparison.job.state if comparison.job else None,
-                         "open": votes.is_open(comparison), "voted": sum(r["choice"] is not None for r in rows),
-                         "rows": rows})
-
-    @extend_schema(request=VoteSerializer, responses={201: BallotRowSerializer},
-                   description="Vote on one row of your ballot: an option letter or `tie`. The answer is the row with "
-                               "the names revealed. One vote per person per row (409 for a second one, and while the "
-                               "comparison has not finished); win rates are on the comparison.")
-    @action(detail=True, methods=["post"], url_path="votes", url_name="votes")
-    @idempotent
-    def vote(self, request: Request, pk: str) -> Response:
-        comparison = self.get_object()
-        body = VoteSerializer(data=_body(request))
-        body.is_valid(raise_exception=True)
-        try:
-            row = votes.check_row(comparison, body.validated_data["row"])
-            choice = votes.key_of_option(comparison, request.user.pk, row, body.validated_data["option"])
-            votes.cast(comparison, request.user, row, choice, choice_field="option")
-        except votes.VoteRefused as refused:
-            return _vote_refused(request, refused)
-        return Response(ballot_row(comparison, votes.ballot(comparison, request.user, [row])[0]),
-                        status=status.HTTP_201_CREATED)
-
-
-# --- prompt sets --------------------------------------------------------------------------------------------
-
-
-class TurnSerializer(serializers.Serializer):
-    role = serializers.CharField()
-    content = serializers.CharField(allow_blank=True)
-
-
-class PromptRowSerializer(serializers.Serializer):
-    prompt = serializers.CharField(allow_blank=True, help_text="As people read it (a conversation: a turn per line).")
-    reference = serializers.CharField(allow_blank=True, default="")
-    turns = TurnSerializer(many=True, default=list, help_text="A dataset row's conversation before its answer, "
-                           "system prompt included: what the model is given. Empty for typed prompts.")
-
-
-class PromptSetSerializer(serializers.ModelSerializer):
-    owner = serializers.CharField(source="owner.username", read_only=True)
-    size = serializers.SerializerMethodField(help_text="How many prompts it holds.")
-    has_references = serializers.BooleanField(read_only=True, help_text="Some prompts have a reference answer.")
-
-    class Meta:
-        model = PromptSet
-        fields = ["id", "name", "owner", "size", "has_references", "source_dataset", "created_at"]
-        read_only_fields = fields
-
-    def get_size(self, prompt_set: PromptSet) -> int:
-        return len(prompt_set.rows)
-
-
-class PromptSetDetailSerializer(PromptSetSerializer):
-    rows = PromptRowSerializer(many=True, read_only=True, help_text="Every prompt with its reference ('' for none).")
-
-    class Meta(PromptSetSerializer.Meta):
-        fields = [*PromptSetSerializer.Meta.fields, "rows"]
-        read_only_fields = fields
-
-
-class PromptSetCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="",
-                                 help_text="Default: how many prompts, and from where.")
-    prompts = serializers.ListField(child=serializers.CharField(max_length=100_000), required=False, min_length=1,
-                                    max_length=services.MAX_PROMPTS, help_text="Prompts typed here...")
-    references = serializers.ListField(
-        child=serializers.CharField(max_length=100_000, allow_blank=True), required=False,
-        max_length=services.MAX_PROMPTS, help_text="...with their reference answers: one per prompt, in order ('' for none).")
-    dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True,
-                       help_text="Or the first rows of a dataset, with their reference answers.")
-    dataset_rows = serializers.IntegerField(min_value=1, max_value=services.MAX_PROMPTS, default=32)
-
-    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
-        sources = [name for name in ("prompts", "dataset") if data.get(name)]
-        if len(sources) != 1:
-            raise ValidationError({NON_FIELD: ["give one of prompts or dataset"
-                                               + (f" (got {', '.join(sources)})" if sources else "")]})
-        references = data.get("references")
-        if references is not None and not data.get("prompts"):
-            raise ValidationError({"references": ["references go with typed prompts (a dataset brings its own)"]})
-        if references is not None and len(references) != len(data["prompts"]):
-            raise ValidationError({"references": [f"one per prompt: {len(data['prompts'])} prompts, "
-                                                  f"{len(references)} references"]})
-        return data
-
-
-@extend_schema_view(
-    list=extend_schema(parameters=[OpenApiParameter("owner", OpenApiTypes.STR, required=False,
-                                                    description="A username, or `me`.")]),
-    create=extend_schema(request=PromptSetCreateSerializer, responses={201: PromptSetDetailSerializer}),
-)
-class PromptSetViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
-    """Reusable lists of prompts (each with an optional reference answer): a comparison runs on one."""
-
-    noun = "prompt set"
-
-    def get_queryset(self) -> Any:
-        return access.visible(self.request.user, PromptSet.objects.select_related("owner"))
-
-    def get_serializer_class(self) -> Any:
-        return PromptSetSerializer if self.action == "list" else PromptSetDetailSerializer
-
-    def filter_queryset(self, queryset: Any) -> Any:
-        return owner_param(self.request, queryset) if self.action == "list" else queryset
-
-    def create(self, request: Request) -> Any:
-        def handler() -> Response:
-            body = PromptSetCreateSerializer(data=request.data, context={"request": request})
-            body.is_valid(raise_exception=True)
-            data = body.validated_data
-            try:
-                prompt_set = _new_prompt_set(request.user, data, data["name"])
-            except services.JobError as exc:
-                _job_error(exc)
-            return Response(PromptSetDetailSerializer(prompt_set).data, status=status.HTTP_201_CREATED)
-
-        return run_idempotent(request, handler)
+        return zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
 
 
 # --- evaluations and combinations: adapter jobs of one kind -----------------------------------------------
 
 
 class EvaluateSerializer(serializers.Serializer):
-    adapters = _adapters_field()
+    adapters = adapters_field()
     dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all(), required=False, allow_null=True,
                        help_text="A dataset with reference answers...")
     held_out_of = Ref("run", queryset=TrainingRun.objects.all(), required=False, allow_null=True,
@@ -609,7 +241,7 @@ class EvaluateSerializer(serializers.Serializer):
 class CombineSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="",
                                  help_text="The new adapter's name.")
-    adapters = _adapters_field()
+    adapters = adapters_field()
     weights = serializers.ListField(child=serializers.FloatField(min_value=-1000, max_value=1000), min_length=1,
                                     max_length=jobspecs.MAX_ADAPTERS, help_text="One weight per adapter, in order.")
     combination_type = serializers.ChoiceField(choices=list(jobspecs.COMBINATIONS), default="linear")
@@ -640,7 +272,7 @@ class KindJobViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             try:
                 job = self.start(request, body.validated_data)
             except services.JobError as exc:
-                _job_error(exc)
+                job_error(exc)
             return job_answer(request.user, job.pk)
 
         return run_idempotent(request, handler)

@@ -160,7 +160,7 @@ def cancel_refused(request: Any, job: Any) -> Any:
     """Cancel a run or an adapter job for the API: 403 unless the caller may change it; the 409 problem when it
     has already finished, else None."""
     from webapp.api.problems import problem
-    from webapp.training import ledger
+    from webapp.jobs import ledger
 
     access.check_can_change(request.user, job.owner_id, job.NOUN)
     if not ledger.request_cancel(job):
@@ -172,7 +172,7 @@ def retry_refused(request: Any, job: Any) -> Any:
     """Queue a failed or cancelled run or adapter job again for the API: 403 unless the caller may change it; the
     409 problem when it is in another state, else None."""
     from webapp.api.problems import problem
-    from webapp.training import ledger
+    from webapp.jobs import ledger
 
     access.check_can_change(request.user, job.owner_id, job.NOUN)
     if not ledger.retry(job, request.user):

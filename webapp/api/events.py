@@ -8,8 +8,6 @@ and sees nothing twice.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
 from typing import Any
 
 from django.http import StreamingHttpResponse
@@ -19,12 +17,21 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.utils.encoders import JSONEncoder
 
-from webapp.training.models import FINAL_STATES
-from webapp.training.views import _sse, event_stream, sse_response
+from webapp.jobs.models import FINAL_STATES
+from webapp.jobs.stream import (
+    DIGITS,
+    MAX_ID,
+    BadCursor,
+    NextBatch,
+    batch_reader,
+    event_stream,
+    sse,
+    sse_response,
+    stream_cursor,
+)
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 1000
-STREAM_BATCH = 500
 
 
 class EventSerializer(serializers.Serializer):
@@ -44,10 +51,6 @@ class EventPageSerializer(serializers.Serializer):
     has_more = serializers.BooleanField(help_text="More events follow right now (the page was full).")
     state = serializers.CharField(help_text="The job's state when the page was read.")
     final = serializers.BooleanField(help_text="The job has finished and every event has been read.")
-
-
-MAX_ID = 2**63 - 1
-DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -82,41 +85,20 @@ def _json(value: Any) -> str:
     return json.dumps(value, cls=JSONEncoder, separators=(",", ":"))
 
 
-def json_batch(job_model: Any, event_model: Any, fk: str) -> Callable[[int, int, str | None], tuple[list[str], int, str, bool]]:
+def json_batch(job_model: Any, event_model: Any = None, fk: str = "") -> NextBatch:
     """The stream's poll for one kind of job: each event as `event: event` with its JSON, `event: state`
-    when the state changes, and the stream ends (`event: done`) once the job has finished and all is sent."""
-
-    def next_batch(job_id: int, after: int, known_state: str | None) -> tuple[list[str], int, str, bool]:
-        events = list(event_model.objects.filter(**{f"{fk}_id": job_id}, id__gt=after).order_by("id")[:STREAM_BATCH])
-        out = [_sse("event", _json(EventSerializer(event).data), event.id) for event in events]
-        if events:
-            after = events[-1].id
-        state = job_model.objects.filter(pk=job_id).values_list("state", flat=True).first()
-        if state is None:  # deleted while streaming
-            return out, after, "deleted", True
-        if state != known_state:
-            out.append(_sse("state", _json({"state": state})))
-        return out, after, state, state in FINAL_STATES and len(events) < STREAM_BATCH
-
-    return next_batch
-
-
-def stream_cursor(request: Request) -> int:
-    """Resume after Last-Event-ID (a reconnect) or ?after= (a new connection), whichever is further; a value
-    that is not an event id is refused, naming where it came from."""
-    values = []
-    for name, raw in (("Last-Event-ID", request.headers.get("Last-Event-ID", "")), ("after", request.query_params.get("after", ""))):
-        raw = raw.strip()
-        if raw == "":
-            continue
-        if not DIGITS.fullmatch(raw) or int(raw) > MAX_ID:
-            raise ValidationError({name: [f"must be an event id (a whole number); got {raw[:50]!r}"]})
-        values.append(int(raw))
-    return max(values, default=0)
+    when the state changes, and the stream ends (`event: done`) once the job has finished and all is sent.
+    (The job's events are found from `job_model`; `event_model` and `fk`, if given, name the same.)"""
+    return batch_reader(job_model, lambda event: sse("event", _json(EventSerializer(event).data), event.pk))
 
 
 def stream_response(request: Request, next_batch: Any, job_model: Any, job_id: int) -> StreamingHttpResponse:
-    return sse_response(event_stream(next_batch, job_model, job_id, stream_cursor(request)))
+    """The job's stream after its cursor; a cursor that is not an event id is refused (400, naming it)."""
+    try:
+        after = stream_cursor(request)
+    except BadCursor as bad:
+        raise ValidationError({bad.source: [str(bad)]}) from None
+    return sse_response(event_stream(next_batch, job_model, job_id, after))
 
 
 class EventStreamRenderer(BaseRenderer):

@@ -22,8 +22,9 @@ from webapp.api.events import (
     stream_response,
 )
 from webapp.api.negotiation import FirstRenderer
-from webapp.playground.models import AdapterJob, JobEvent, JobKind
-from webapp.training.models import RunState
+from webapp.jobs.models import RunState
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import AdapterJob, JobEvent
 
 # What the worker's spec carries that a reader needs not see (the adapters are listed by id instead).
 HIDDEN_PARAMS = ("token",)
@@ -86,7 +87,7 @@ def job_answer(user: Any, job_id: int, code: int = status.HTTP_201_CREATED) -> R
     return Response(JobSerializer(job_queryset(user).get(pk=job_id)).data, status=code)
 
 
-JOB_BATCH = json_batch(AdapterJob, JobEvent, "job")
+JOB_BATCH = json_batch(AdapterJob)
 JOB_EVENT_PARAMS = [
     OpenApiParameter("after", OpenApiTypes.INT, required=False, description="Only events with a larger id."),
     OpenApiParameter("limit", OpenApiTypes.INT, required=False, description="At most this many (1-1000)."),

@@ -10,16 +10,15 @@ belong to no field are under "non_field_errors".
 from __future__ import annotations
 
 import math
-from http import HTTPStatus
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, JsonResponse
+from django.http import Http404
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 
-PROBLEM_CONTENT_TYPE = "application/problem+json"
+from webapp.problem_details import PROBLEM_CONTENT_TYPE, problem_body
 
 
 class ProblemResponse(Response):
@@ -34,42 +33,12 @@ class ProblemResponse(Response):
         return Response.rendered_content.fget(self)  # type: ignore[attr-defined]
 
 
-def status_title(status: int) -> str:
-    """The status's reason phrase (404: "Not Found"), or "Error" for a code HTTP does not name."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def problem_body(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
-                 code: str | None = None, instance: str | None = None, extra: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"type": "about:blank", "title": title or status_title(status), "status": status,
-                            "detail": detail}
-    if instance is not None:
-        body["instance"] = instance
-    if code:
-        body["code"] = code
-    if errors:
-        body["errors"] = errors
-    body.update(extra or {})
-    return body
-
-
 def problem(status: int, detail: str, errors: dict[str, list[str]] | None = None, title: str | None = None,
             code: str | None = None, headers: dict[str, str] | None = None, instance: str | None = None,
             extra: dict[str, Any] | None = None) -> Response:
     """A problem response for a DRF view to return directly (`extra`: more members, e.g. a validation report)."""
     return ProblemResponse(problem_body(status, detail, errors, title, code, instance, extra), status=status,
                            headers=headers)
-
-
-def problem_response(status: int, detail: str, instance: str | None = None, code: str | None = None,
-                     headers: dict[str, str] | None = None) -> JsonResponse:
-    """The same problem from plain Django code (the worker API, middleware), outside DRF's rendering."""
-    return JsonResponse(problem_body(status, detail, code=code, instance=instance), status=status, headers=headers,
-                        content_type=PROBLEM_CONTENT_TYPE)
 
 
 def flatten_errors(detail: Any, prefix: str = "") -> dict[str, list[str]]:

@@ -38,10 +38,11 @@ from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.training import deletion
+from webapp.jobs.models import RunState
+from webapp.playground import deletion
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import TRAIN_FIELDS, RunForm
-from webapp.training.models import RunEvent, RunState, TrainingRun
+from webapp.training.models import RunEvent, TrainingRun
 from workers.contract import spec
 from workers.contract.spec import TrainParams, suggest_train_params
 

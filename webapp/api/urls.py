@@ -15,7 +15,7 @@ from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView
 
 import webapp.api.schema  # noqa: F401  (registers the bearer-key security scheme)
-from webapp.api import adapters, catalog, jobs, runs, workers
+from webapp.api import adapters, catalog, comparisons, jobs, runs, workers
 from webapp.api.login import Login
 from webapp.api.models import ApiKey
 from webapp.api.problems import problem
@@ -57,8 +57,8 @@ router.register("datasets", catalog.DatasetViewSet, basename="api-dataset")
 router.register("lora-configs", catalog.LoraConfigViewSet, basename="api-lora-config")
 router.register("runs", runs.RunViewSet, basename="api-run")
 router.register("adapters", adapters.AdapterViewSet, basename="api-adapter")
-router.register("comparisons", adapters.ComparisonViewSet, basename="api-comparison")
-router.register("prompt-sets", adapters.PromptSetViewSet, basename="api-prompt-set")
+router.register("comparisons", comparisons.ComparisonViewSet, basename="api-comparison")
+router.register("prompt-sets", comparisons.PromptSetViewSet, basename="api-prompt-set")
 router.register("evaluations", adapters.EvaluationViewSet, basename="api-evaluation")
 router.register("combinations", adapters.CombinationViewSet, basename="api-combination")
 router.register("merges", adapters.MergedModelViewSet, basename="api-merge")

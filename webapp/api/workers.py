@@ -24,7 +24,7 @@ from webapp.api.problems import problem
 from webapp.fleet.forms import RegisterWorkerForm, WorkerSettingsForm
 from webapp.fleet.models import Worker, WorkerState
 from webapp.fleet.views import annotate_current_run, gpu_rows
-from webapp.training.models import ACTIVE_STATES
+from webapp.jobs.models import ACTIVE_STATES
 
 
 class GpuSerializer(serializers.Serializer):

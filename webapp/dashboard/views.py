@@ -21,7 +21,8 @@ from django.utils.cache import patch_vary_headers
 
 from webapp.fleet.models import Worker
 from webapp.fleet.views import annotate_current_run, gpu_rows
-from webapp.training.models import ACTIVE_STATES, Adapter, RunEvent, RunState, TrainingRun
+from webapp.jobs.models import ACTIVE_STATES, RunState
+from webapp.training.models import Adapter, RunEvent, TrainingRun
 
 # The page shows at most this many rows per section; counts tell how many more there are.
 ACTIVE_LIMIT = 50

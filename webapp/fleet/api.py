@@ -18,10 +18,11 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from webapp.api.problems import problem_response
 from webapp.fleet.models import Worker, WorkerState, hash_token
-from webapp.training import ledger
-from webapp.training.models import ACTIVE_STATES, TrainingRun
+from webapp.jobs import ledger
+from webapp.jobs.models import ACTIVE_STATES
+from webapp.jobs.registry import worker_paths
+from webapp.problem_details import problem_response
 
 Handler = Callable[..., dict[str, Any]]
 
@@ -72,8 +73,9 @@ def _attempt(payload: dict[str, Any]) -> int:
 
 
 @worker_endpoint
-def claim(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
-    job = model.objects.get(pk=ledger.claim(worker, job_id, _attempt(payload), model).pk)
+def claim(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> dict[str, Any]:
+    model = worker_paths()[path]
+    job = model.objects.get(pk=ledger.claim(worker, model, job_id, _attempt(payload)).pk)
     spec = job.job_spec()
     return {
         "spec": json.loads(spec.to_json()) if hasattr(spec, "to_json") else spec,
@@ -84,20 +86,21 @@ def claim(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = Tra
 
 
 @worker_endpoint
-def events(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
+def events(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> dict[str, Any]:
     attempt = _attempt(payload)
-    run = ledger.fenced_run(worker, job_id, attempt, model)
+    job = ledger.fenced_job(worker, worker_paths()[path], job_id, attempt)
     batch = _events(payload.get("events", []))
-    ledger.record_events(run, attempt, batch)
-    return {"cancel": run.cancel_requested, "stored": len(batch)}
+    ledger.record_events(job, attempt, batch)
+    return {"cancel": job.cancel_requested, "stored": len(batch)}
 
 
 @worker_endpoint
-def status(worker: Worker, payload: dict[str, Any], job_id: int, model: Any = TrainingRun) -> dict[str, Any]:
+def status(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> dict[str, Any]:
     attempt = _attempt(payload)
-    run = ledger.fenced_run(worker, job_id, attempt, model)
-    ledger.record_status(run, attempt, str(payload["state"]), payload.get("result") or {}, str(payload.get("error", "")))
-    return {"cancel": model.objects.values_list("cancel_requested", flat=True).get(pk=run.pk)}
+    model = worker_paths()[path]
+    job = ledger.fenced_job(worker, model, job_id, attempt)
+    ledger.record_status(job, attempt, str(payload["state"]), payload.get("result") or {}, str(payload.get("error", "")))
+    return {"cancel": model.objects.values_list("cancel_requested", flat=True).get(pk=job.pk)}
 
 
 TELEMETRY_SAMPLES = 60  # heartbeats of history per worker (10 minutes at the default interval)
@@ -146,16 +149,10 @@ def heartbeat(worker: Worker, payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _job_models() -> dict[str, Any]:
-    from webapp.playground.models import AdapterJob
-
-    return {"jobs": TrainingRun, "adapter-jobs": AdapterJob}
-
-
 def _moved_on(worker: Worker, running: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The jobs the worker runs whose attempt the ledger no longer gives it (e.g. moved while it was presumed
     dead): it must stop them."""
-    models, stop = _job_models(), []
+    models, stop = worker_paths(), []
     for job in running:
         row = models[job["path"]].objects.filter(pk=job["id"]).values("worker_id", "attempt", "state").first()
         if not (row and row["worker_id"] == worker.pk and row["attempt"] == job["attempt"] and row["state"] in ACTIVE_STATES):
@@ -165,7 +162,7 @@ def _moved_on(worker: Worker, running: list[dict[str, Any]]) -> list[dict[str, A
 
 def _take_back_orphans(worker: Worker) -> None:
     """A worker process that starts runs nothing yet: jobs it had claimed before died with its previous process."""
-    for model in _job_models().values():
+    for model in worker_paths().values():
         for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES, claimed_at__isnull=False):
             ledger.requeue_or_fail(job, f"Worker {worker.name} restarted while running it", settings.MAX_ATTEMPTS)
 
@@ -240,8 +237,8 @@ def _running(value: Any) -> list[dict[str, Any]]:
     for i, job in enumerate(_list(value if value is not None else [], "running")):
         where = f"running[{i}]"
         _object(job, where)
-        if job.get("path") not in _job_models():
-            raise ValueError(f"{where}.path must be one of {', '.join(_job_models())}")
+        if job.get("path") not in worker_paths():
+            raise ValueError(f"{where}.path must be one of {', '.join(worker_paths())}")
         for key in ("id", "attempt"):
             if _number(job.get(key), f"{where}.{key}", integer=True) is None:
                 raise ValueError(f"{where}.{key} is required")

@@ -15,8 +15,8 @@ from typing import Any
 from django.utils import timezone
 
 from webapp.fleet.models import Worker
-from webapp.fleet.scheduler import JOB_MODELS
-from webapp.training.models import ACTIVE_STATES
+from webapp.jobs.models import ACTIVE_STATES
+from webapp.jobs.registry import job_models
 
 # The checkpoint of a LoRA adapter with its optimizer states (hundreds of MB for a large rank on a 70B base),
 # the last reports and the worker's exit.
@@ -29,7 +29,7 @@ def handover_grace(worker: Worker) -> float:
     """Seconds to let `worker` hand its running jobs back before it is killed."""
     now = timezone.now()
     slowest = 0.0
-    for model in JOB_MODELS:
+    for model in job_models():
         for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES).select_related("base_model"):
             slowest = max(slowest, to_next_step(job, now))
     return CHECKPOINT_AND_REPORTS_S + slowest

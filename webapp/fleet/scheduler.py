@@ -20,13 +20,9 @@ from django.utils import timezone
 from webapp.celery import send_wakeup
 from webapp.fleet import placement
 from webapp.fleet.models import Worker, WorkerState
-from webapp.playground.models import AdapterJob
-from webapp.training import ledger
-from webapp.training.models import ACTIVE_STATES, RunState, TrainingRun
-
-# Every kind of job the workers run: training runs and adapter jobs (compare, merge, combine, evaluate, push).
-JOB_MODELS = (TrainingRun, AdapterJob)
-MODEL_BY_KIND = {model.__name__: model for model in JOB_MODELS}
+from webapp.jobs import ledger
+from webapp.jobs.models import ACTIVE_STATES, RunState
+from webapp.jobs.registry import job_models, model_named
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +41,7 @@ def mark_lost_workers() -> int:
                 continue
             count += 1
             log.warning("worker %s missed its heartbeats: marked offline", worker.name)
-        for model in JOB_MODELS:
+        for model in job_models():
             for job in model.objects.filter(worker=worker, state__in=ACTIVE_STATES):
                 ledger.requeue_or_fail(job, f"Worker {worker.name} stopped answering", settings.MAX_ATTEMPTS)
     return count
@@ -55,7 +51,7 @@ def resend_unclaimed() -> int:
     """A wake-up may be lost (broker restart): send it again. The claim makes duplicates harmless."""
     cutoff = timezone.now() - timedelta(seconds=settings.DISPATCH_RESEND_AFTER)
     count = 0
-    for model in JOB_MODELS:
+    for model in job_models():
         stale = model.objects.filter(state=RunState.DISPATCHED, claimed_at=None, dispatched_at__lt=cutoff)
         for job in stale.select_related("worker"):
             if job.worker and model.objects.filter(pk=job.pk, attempt=job.attempt, claimed_at=None).update(
@@ -94,7 +90,7 @@ def online_workers() -> list[Worker]:
 def _active_jobs(worker_ids: list[int]) -> list[tuple[int, int, list[Any], int]]:
     """(worker id, owner id, held GPU indices, GPUs needed) of every active job on these workers."""
     rows: list[tuple[int, int, list[Any], int]] = []
-    for model in JOB_MODELS:
+    for model in job_models():
         rows += model.objects.filter(state__in=ACTIVE_STATES, worker_id__in=worker_ids).values_list(
             "worker_id", "owner_id", "gpu_indices", "needs_gpus")
     return rows
@@ -132,7 +128,7 @@ def queued_jobs() -> list[placement.Job]:
     last came back to the queue (`queued_at`, set by a requeue or a retry): `created_at` is only when it first
     entered it, and `queue_order` is not a time once the owner reorders their queue (it swaps values)."""
     jobs = []
-    for model in JOB_MODELS:
+    for model in job_models():
         rows = model.objects.filter(state=RunState.QUEUED).values_list(
             "pk", "owner_id", "created_at", "priority", "queue_order", "needs_labels", "needs_gpu_bytes", "needs_gpus",
             "wait_reason", "queued_at")
@@ -150,7 +146,7 @@ def owners_history(owners: set[int]) -> tuple[dict[int, int], dict[int, float]]:
     """Per owner: active jobs now, and when one of their jobs was last dispatched (the fairness rule's inputs)."""
     active: dict[int, int] = {}
     served: dict[int, float] = {}
-    for model in JOB_MODELS:
+    for model in job_models():
         mine = model.objects.filter(owner_id__in=owners)
         for owner, n in mine.filter(state__in=ACTIVE_STATES).values("owner_id").annotate(n=Count("pk")).values_list(
                 "owner_id", "n"):
@@ -167,13 +163,13 @@ def owners_history(owners: set[int]) -> tuple[dict[int, int], dict[int, float]]:
 def _commit(job: placement.Job, worker: Worker, slot: placement.Slot, gpus: list[int]) -> bool:
     """Place one job: its row moves to dispatched only if it is still queued and the GPUs are still free;
     the wake-up goes after the commit. The worker's row is locked so two passes never hand out one GPU twice."""
-    model = MODEL_BY_KIND[job.key[0]]
+    model = model_named(job.key[0])
     with transaction.atomic():
         Worker.objects.select_for_update().filter(pk=worker.pk).values_list("pk", flat=True).first()
         now = _slot(worker, _active_jobs([worker.pk]))
         if now.full or set(gpus) & now.held:
             return False
-        attempt = ledger.dispatch(job.key[1], worker, model, gpu_indices=gpus)
+        attempt = ledger.dispatch(model(pk=job.key[1]), worker, gpu_indices=gpus)  # the job by its kind and id
         if attempt is None:
             return False
         name, job_id, task = worker.name, job.key[1], model.TASK
@@ -186,7 +182,7 @@ def _write_reasons(jobs: list[placement.Job], reasons: dict[tuple[str, int], str
     for job in jobs:
         reason = reasons.get(job.key)
         if reason is not None and reason[:500] != job.wait_reason:
-            MODEL_BY_KIND[job.key[0]].objects.filter(pk=job.key[1], state=RunState.QUEUED).update(wait_reason=reason[:500])
+            model_named(job.key[0]).objects.filter(pk=job.key[1], state=RunState.QUEUED).update(wait_reason=reason[:500])
 
 
 def dispatch_queued() -> int:

@@ -1,7 +1,7 @@
 from django.urls import path
 
 from webapp.fleet import api, views
-from webapp.playground.models import AdapterJob
+from webapp.jobs.registry import worker_paths
 
 urlpatterns = [
     path("workers/", views.workers, name="workers"),
@@ -12,13 +12,12 @@ urlpatterns = [
     path("workers/<int:pk>/drain/", views.worker_drain, name="worker-drain"),
     path("workers/<int:pk>/resume/", views.worker_resume, name="worker-resume"),
     path("workers/<int:pk>/delete/", views.worker_delete, name="worker-delete"),
-    path("api/worker/v1/jobs/<int:job_id>/claim", api.claim, name="worker-claim"),
-    path("api/worker/v1/jobs/<int:job_id>/events", api.events, name="worker-events"),
-    path("api/worker/v1/jobs/<int:job_id>/status", api.status, name="worker-status"),
     path("api/worker/v1/heartbeat", api.heartbeat, name="worker-heartbeat"),
 ]
-# Adapter jobs (compare, merge, combine, evaluate, push): the same three calls, fenced the same way.
+# Every kind of job (training runs at jobs/, adapter jobs at adapter-jobs/): the same three calls, fenced the
+# same way.
 urlpatterns += [
-    path(f"api/worker/v1/adapter-jobs/<int:job_id>/{name}", view, {"model": AdapterJob}, name=f"worker-adapter-job-{name}")
+    path(f"api/worker/v1/{kind}/<int:job_id>/{name}", view, {"path": kind}, name=f"worker-{kind}-{name}")
+    for kind in worker_paths()
     for name, view in (("claim", api.claim), ("events", api.events), ("status", api.status))
 ]

@@ -24,7 +24,8 @@ from django.views.decorators.http import require_POST
 
 from webapp.fleet.forms import RegisterWorkerForm, WorkerSettingsForm
 from webapp.fleet.models import Worker, WorkerState
-from webapp.training.models import ACTIVE_STATES, TrainingRun
+from webapp.jobs.models import ACTIVE_STATES
+from webapp.jobs.registry import job_models
 
 POLL_SECONDS = 10
 # Sparklines: the drawing box of one series, in SVG user units.
@@ -48,20 +49,15 @@ def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespo
 
 
 def annotate_current_run(workers: QuerySet[Worker]) -> QuerySet[Worker]:
-    """Each worker with the id and name of its active run or adapter job (None when idle), in the same query."""
-    from webapp.playground.models import AdapterJob
-
-    active = TrainingRun.objects.filter(worker=OuterRef("pk"), state__in=ACTIVE_STATES).order_by("-id")
-    job = AdapterJob.objects.filter(worker=OuterRef("pk"), state__in=ACTIVE_STATES).order_by("-id")
-    return workers.annotate(
-        current_run_id=Subquery(active.values("pk")[:1]),
-        current_run_name=Subquery(active.values("name")[:1]),
-        current_run_state=Subquery(active.values("state")[:1]),
-        # or the adapter job it runs (compare, merge...)
-        current_job_id=Subquery(job.values("pk")[:1]),
-        current_job_kind=Subquery(job.values("kind")[:1]),
-        current_job_state=Subquery(job.values("state")[:1]),
-    )
+    """Each worker with its active job of each kind (None when idle), in the same query: for a run
+    `current_run_id`, `current_run_name` and `current_run_state`, for an adapter job `current_job_id`,
+    `current_job_kind`... (each kind's ON_WORKER prefix and SUMMARY_FIELDS)."""
+    columns = {}
+    for model in job_models():
+        active = model.objects.filter(worker=OuterRef("pk"), state__in=ACTIVE_STATES).order_by("-id")
+        for field in ("pk", *model.SUMMARY_FIELDS, "state"):
+            columns[f"{model.ON_WORKER}_{'id' if field == 'pk' else field}"] = Subquery(active.values(field)[:1])
+    return workers.annotate(**columns)
 
 
 def _number(value: Any) -> float | None:
@@ -313,8 +309,7 @@ def worker_delete(request: HttpRequest, pk: int) -> HttpResponse:
     if request.method == "POST":
         with transaction.atomic():
             locked = get_object_or_404(Worker.objects.select_for_update(), pk=pk)
-            if locked.runs.filter(state__in=ACTIVE_STATES).exists() or locked.adapter_jobs.filter(
-                    state__in=ACTIVE_STATES).exists():
+            if any(model.objects.filter(worker=locked, state__in=ACTIVE_STATES).exists() for model in job_models()):
                 messages.warning(request, f"{worker.name} has an active job: drain it and wait until the job ends.")
                 return redirect("worker-detail", pk=pk)
             locked.delete()

@@ -1,8 +1,8 @@
 """Work with finished adapters: comparisons (prompt sets, outputs, votes), merges, combinations, evaluations.
 
 Each of these runs as an `AdapterJob` on a worker, with the same ledger as a training run
-(state, attempt fencing, cancel flag, events); what a job produces is recorded by
-`AdapterJob.record_result` inside the transaction that marks it succeeded.
+(state, attempt fencing, cancel flag, events); what a job of each kind records, as it runs and once it has
+succeeded, is declared in kinds.py.
 """
 
 from __future__ import annotations
@@ -13,27 +13,21 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models import F, Value
-from django.db.models.functions import Concat
 from django.utils.crypto import salted_hmac
 
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.training.models import Adapter, AdapterOrigin, AdapterParent, LedgerJob
+from webapp.jobs.models import LedgerEvent, LedgerJob
+from webapp.playground.kinds import HOOKS, JobKind
+from webapp.training.models import Adapter
 from workers.contract.jobspecs import BASE_KEY
 from workers.contract.kinds import KINDS
-
-
-class JobKind(models.TextChoices):
-    COMPARE = "compare"
-    MERGE = "merge"
-    COMBINE = "combine"
-    EVALUATE = "evaluate"
-    PUSH = "push"
 
 
 class AdapterJob(LedgerJob):
     NOUN = "job"
     TASK = "tunedeck.run_adapter_job"
+    WORKER_PATH = "adapter-jobs"
+    ON_WORKER, SUMMARY_FIELDS = "current_job", ("kind",)
 
     kind = models.CharField(max_length=16, choices=JobKind.choices)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="adapter_jobs")
@@ -61,8 +55,9 @@ class AdapterJob(LedgerJob):
         """The worker's spec: the params that are spec fields (others, like a new adapter's name, stay here)."""
         names = {f.name for f in dataclasses.fields(KINDS[self.kind].spec)}
         spec = {**{k: v for k, v in self.params.items() if k in names}, "job_id": self.pk, "attempt": self.attempt}
-        if self.kind == JobKind.PUSH:
-            spec["token"] = settings.HF_TOKEN  # handed to the worker at claim time only, never stored
+        extras = HOOKS[self.kind].at_claim
+        if extras is not None:
+            spec.update(extras(self))
         return spec
 
     def base_precision(self) -> dict[str, Any] | None:
@@ -79,105 +74,32 @@ class AdapterJob(LedgerJob):
         }
 
     def on_start(self) -> None:
-        """An attempt starts: a comparison generates every cell again."""
-        if self.kind == JobKind.COMPARE:
-            ComparisonCell.objects.filter(comparison__job=self).delete()
+        hook = HOOKS[self.kind].on_start
+        if hook is not None:
+            hook(self)
 
     def fold_events(self, events: list[dict[str, Any]]) -> None:
-        """Append streamed text to the comparison's cells, so a page opened mid-run shows it at once."""
-        if self.kind != JobKind.COMPARE:
-            return
-        deltas: dict[tuple[int, str], str] = {}
-        for event in events:
-            data = event.get("data") or {}
-            if event.get("kind") == "output" and "row" in data and "column" in data:
-                key = (int(data["row"]), str(data["column"])[:64])
-                deltas[key] = deltas.get(key, "") + str(data.get("text", ""))
-        if not deltas:
-            return
-        comparison = Comparison.objects.get(job=self)
-        existing = {
-            (c.row, c.column): c for c in ComparisonCell.objects.filter(comparison=comparison, done=False)
-        }
-        for (row, column), text in deltas.items():
-            cell = existing.get((row, column))
-            if cell is None:
-                ComparisonCell.objects.get_or_create(comparison=comparison, row=row, column=column, defaults={"text": text})
-            else:
-                ComparisonCell.objects.filter(pk=cell.pk).update(text=Concat(F("text"), Value(text)))
+        hook = HOOKS[self.kind].fold_events
+        if hook is not None:
+            hook(self, events)
 
     def record_result(self, result: dict[str, Any]) -> None:
-        """What a succeeded job produced (called by the ledger inside the state change's transaction)."""
+        """What a succeeded job produced (called by the ledger inside the state change's transaction): its
+        result, and what its kind records from it (playground/kinds.py)."""
         AdapterJob.objects.filter(pk=self.pk).update(result=result)
-        if self.kind == JobKind.COMPARE:
-            Comparison.objects.get(job=self).store_outputs(result.get("outputs", []))
-        elif self.kind == JobKind.MERGE:
-            self._record_merge(result)
-        elif self.kind == JobKind.COMBINE:
-            self._record_combination(result)
-
-    def _record_merge(self, result: dict[str, Any]) -> None:
-        adapter = self.adapters.get()
-        check = result.get("check") or {}
-        MergedModel.objects.update_or_create(
-            job=self,
-            defaults={
-                "adapter": adapter,
-                "uri": result["merged_uri"],
-                "dtype": str(result.get("dtype", "")),
-                "size_bytes": int(result["size_bytes"]),
-                "sha256": str(result["sha256"]),
-                "verified": bool(result.get("verified")),
-                "figures": check,
-            },
-        )
-
-    def _record_combination(self, result: dict[str, Any]) -> None:
-        parents = list(self.adapters.all())
-        weights = self.params.get("weights", [])
-        by_key = {p.key: p for p in parents}
-        ordered = [by_key[a["key"]] for a in self.params.get("adapters", []) if a["key"] in by_key]
-        adapter = Adapter.objects.create(
-            name=self.params.get("name") or f"{self.params.get('combination_type')} of " + " + ".join(map(str, ordered)),
-            owner_id=self.owner_id,
-            base_model_id=self.base_model_id,
-            origin=AdapterOrigin.COMBINED,
-            method="lora",
-            rank=int(result.get("r") or 0),
-            quantization="none",
-            uri=result["adapter_uri"],
-            size_bytes=int(result["size_bytes"]),
-            sha256=str(result["sha256"]),
-            trainable_params=int(result.get("trainable_params") or 0),
-            total_params=int(result.get("total_params") or 0),
-            metrics={**result, "job_id": self.pk},
-        )
-        AdapterParent.objects.bulk_create(
-            AdapterParent(child=adapter, parent=p, parent_name=str(p), weight=float(w))
-            for p, w in zip(ordered, weights, strict=False)
-        )
-        AdapterJob.objects.filter(pk=self.pk).update(result={**result, "adapter_id": adapter.pk})
+        record = HOOKS[self.kind].record
+        if record is not None:
+            record(self, result)
 
 
-class JobEvent(models.Model):
-    """Append-only log lines, progress and streamed outputs of an adapter job; the id is the SSE cursor."""
+class JobEvent(LedgerEvent):
+    """An adapter job's log lines, progress and streamed outputs (see LedgerEvent)."""
 
     job = models.ForeignKey(AdapterJob, on_delete=models.CASCADE, related_name="events")
-    attempt = models.PositiveIntegerField()
-    seq = models.PositiveIntegerField(null=True, blank=True)
-    kind = models.CharField(max_length=16)  # log | metric | status | output
-    level = models.CharField(max_length=16, default="info")
-    message = models.TextField(blank=True)
-    data = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
 
-    class Meta:
-        ordering = ["id"]
+    class Meta(LedgerEvent.Meta):
         constraints = [models.UniqueConstraint(fields=["job", "attempt", "seq"], name="jobevent_unique_seq")]
         indexes = [models.Index(fields=["job", "id"], name="jobevent_job_id")]
-
-    def __str__(self) -> str:
-        return f"{self.job_id}#{self.pk} {self.kind}"
 
 
 class PromptSet(models.Model):

@@ -16,8 +16,9 @@ from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.fleet.scheduler import adapter_job_needs
-from webapp.playground.models import AdapterJob, Comparison, JobKind, PromptSet
-from webapp.training import ledger
+from webapp.jobs import ledger
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import AdapterJob, Comparison, PromptSet
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract import jobspecs
 from workers.contract.spec import DatasetRef

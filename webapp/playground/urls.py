@@ -3,6 +3,7 @@ from django.urls import path
 from webapp.playground import views
 
 urlpatterns = [
+    path("runs/<int:pk>/delete/", views.run_delete, name="run-delete"),
     path("adapters/<int:pk>/", views.adapter_detail, name="adapter-detail"),
     path("adapters/<int:pk>/download.zip", views.adapter_zip, name="adapter-zip"),
     path("adapters/<int:pk>/merge/", views.adapter_merge, name="adapter-merge"),
@@ -22,4 +23,5 @@ urlpatterns = [
     path("jobs/<int:pk>/stream/", views.job_stream, name="job-stream"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
+    path("jobs/<int:pk>/reorder/", views.job_reorder, name="job-reorder"),
 ]

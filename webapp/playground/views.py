@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import html
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -13,28 +10,23 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Max
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
-from webapp.playground import services, votes
+from webapp.jobs import views as job_views
+from webapp.jobs.stream import batch_reader, sse
+from webapp.playground import deletion, services, votes
+from webapp.playground.downloads import zip_response
 from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
-from webapp.playground.models import (
-    AdapterJob,
-    Comparison,
-    JobEvent,
-    JobKind,
-    MergedModel,
-    PromptSet,
-)
-from webapp.training import ledger
-from webapp.training.models import Adapter
-from webapp.training.views import _cursor, _sse, event_stream, log_line, sse_response
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import AdapterJob, Comparison, JobEvent, MergedModel, PromptSet
+from webapp.training.models import Adapter, TrainingRun
 from workers.contract import jobspecs
 from workers.contract.store import ArtifactStore
+from workers.formatting import size
 
-LOG_TAIL = 500
 MERGED_PER_PAGE = 50
 
 
@@ -82,7 +74,7 @@ def adapter_zip(request: HttpRequest, pk: int) -> HttpResponseBase:
     folder = _store().path(adapter.uri)
     if not folder.is_dir():
         raise Http404("the adapter's files are missing from the artifact store")
-    return _zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
+    return zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
 
 
 @login_required
@@ -139,54 +131,28 @@ def combine_new(request: HttpRequest) -> HttpResponse:
     return render(request, "playground/combine_new.html", {"form": form})
 
 
+# --- runs ----------------------------------------------------------------------------------------------
+
+
+@login_required
+def run_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET lists what the deletion removes (with the files' sizes) and what it keeps; POST deletes. The rules,
+    shared with the API, are in playground.deletion (a run's deletion reaches its adapter's jobs)."""
+    run = get_object_or_404(TrainingRun.objects.select_related(
+        "base_model", "dataset", "eval_dataset", "lora_config", "owner", "worker"), pk=pk)
+    job_views.check_can_act(request, run)
+    if request.method != "POST":
+        return render(request, "training/run_delete.html", {"run": run, "deletion": deletion.plan(run)})
+    try:
+        gone = deletion.delete_run(run)
+    except deletion.DeleteRefused as refused:
+        messages.warning(request, f"{run} was not deleted: {refused.message}.")
+        return redirect("runs") if refused.status == 404 else redirect("run-detail", pk=run.pk)
+    messages.info(request, f"Deleted {run}: {size(gone.freed_bytes)} freed in the artifact store.")
+    return redirect("runs")
+
+
 # --- merged models --------------------------------------------------------------------------------------
-
-
-class _Pipe:
-    """A write-only file object whose writes are collected and handed out as the zip is built."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.offset = 0
-
-    def write(self, data: bytes) -> int:
-        self.chunks.append(bytes(data))
-        self.offset += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.offset
-
-    def flush(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        data, self.chunks = b"".join(self.chunks), []
-        return data
-
-
-def stream_zip(folder: Path, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """A zip of a folder, produced while it is sent: constant memory whatever the model's size.
-
-    Safetensors shards are stored, not deflated (they do not compress, and unpacking stays a copy)."""
-    pipe = _Pipe()
-    with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:  # type: ignore[call-overload]
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            info = zipfile.ZipInfo.from_file(file, str(file.relative_to(folder)))
-            info.compress_type = zipfile.ZIP_STORED if file.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
-            with file.open("rb") as source, archive.open(info, "w", force_zip64=True) as target:
-                while block := source.read(chunk_size):
-                    target.write(block)
-                    yield pipe.take()
-            yield pipe.take()
-    yield pipe.take()
-
-
-def _zip_response(folder: Path, filename: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse((c for c in stream_zip(folder) if c), content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    response["X-Accel-Buffering"] = "no"
-    return response
 
 
 @login_required
@@ -203,7 +169,7 @@ def merged_zip(request: HttpRequest, pk: int) -> HttpResponseBase:
     folder = _store().path(merged.uri)
     if not folder.is_dir():
         raise Http404("the merged model's files are missing from the artifact store")
-    return _zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
+    return zip_response(folder, f"tunedeck-merged-{merged.pk}.zip")
 
 
 @login_required
@@ -280,7 +246,7 @@ def _new_prompt_set(request: HttpRequest, data: dict[str, Any]) -> PromptSet:
     )
 
 
-def _grid(comparison: Comparison) -> tuple[list[dict[str, Any]], int]:
+def grid(comparison: Comparison) -> tuple[list[dict[str, Any]], int]:
     """Rows of the grid with every column's text so far, and the event id they include (the stream's cursor).
 
     Read under the comparison's row lock, which the worker API's fold also takes, so the texts and
@@ -304,7 +270,7 @@ def _grid(comparison: Comparison) -> tuple[list[dict[str, Any]], int]:
 @login_required
 def comparison_detail(request: HttpRequest, pk: int) -> HttpResponse:
     comparison = get_object_or_404(Comparison.objects.select_related("owner", "base_model", "prompt_set", "job"), pk=pk)
-    rows, last = _grid(comparison)
+    rows, last = grid(comparison)
     context = {
         "comparison": comparison,
         "job": comparison.job,
@@ -451,15 +417,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_object_or_404(AdapterJob.objects.select_related("owner", "base_model", "worker"), pk=pk)
     if job.kind == JobKind.COMPARE and hasattr(job, "comparison"):
         return redirect("comparison-detail", pk=job.comparison.pk)
-    events = list(JobEvent.objects.filter(job=job).exclude(kind__in=("metric", "output")).order_by("-id")[:LOG_TAIL])
-    last = JobEvent.objects.filter(job=job).aggregate(last=Max("id"))["last"] or 0
-    context = {
-        **_job_context(job),
-        "adapters": job.adapters.all(),
-        "log_lines": [log_line(e) for e in reversed(events)],  # type: ignore[arg-type]
-        "last_event_id": last,
-        "can_act": request.user.is_staff or job.owner_id == request.user.pk,  # type: ignore[union-attr]
-    }
+    context = {**_job_context(job), "adapters": job.adapters.all(), **job_views.log_tail(job),
+               "can_act": job_views.can_act(request, job)}
     return render(request, "playground/job_detail.html", context)
 
 
@@ -472,27 +431,19 @@ def job_status(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
-    job = get_object_or_404(AdapterJob, pk=pk)
-    _check_can_act(request, job.owner_id)
-    if not ledger.request_cancel(job):
-        messages.info(request, f"{job} has already finished.")
-    if request.POST.get("next"):
-        return redirect(_safe_next(request.POST["next"]))
-    return redirect("job-detail", pk=pk)
+    return job_views.cancel(request, get_object_or_404(AdapterJob, pk=pk), "job-detail")
 
 
 @login_required
 @require_POST
 def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
-    job = get_object_or_404(AdapterJob, pk=pk)
-    _check_can_act(request, job.owner_id)
-    if not ledger.retry(job, request.user):
-        messages.info(request, f"Only a failed or cancelled job can be retried; {job} is {job.state}.")
-    return redirect("job-detail", pk=pk)
+    return job_views.retry(request, get_object_or_404(AdapterJob, pk=pk), "job-detail")
 
 
-def _safe_next(target: str) -> str:
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+@login_required
+@require_POST
+def job_reorder(request: HttpRequest, pk: int) -> HttpResponse:
+    return job_views.reorder(request, get_object_or_404(AdapterJob, pk=pk), "job-detail")
 
 
 # --- live stream ----------------------------------------------------------------------------------------
@@ -503,34 +454,21 @@ def cell_event(row: int, column: str) -> str:
     return f"c-{int(row)}-{''.join(ch for ch in column if ch.isalnum() or ch == '_')}"
 
 
-def _job_batch(job_id: int, after: int, known_state: str | None) -> tuple[list[str], int, str, bool]:
-    events = list(JobEvent.objects.filter(job_id=job_id, id__gt=after).order_by("id")[:500])
-    out, saw_metric = [], False
-    for event in events:
-        if event.kind == "output":
-            data = event.data or {}
-            out.append(_sse(cell_event(data.get("row", 0), str(data.get("column", ""))),
-                            html.escape(str(data.get("text", ""))), event.id))
-        elif event.kind == "metric":
-            saw_metric = True
-            out.append(_sse("tick", "", event.id))
-        else:
-            out.append(_sse("log", log_line(event), event.id))  # type: ignore[arg-type]
-        after = event.id
-    job = AdapterJob.objects.select_related("base_model", "worker").filter(pk=job_id).first()
-    if job is None:  # deleted while streaming
-        return out, after, "deleted", True
-    final = job.is_final and len(events) < 500
-    if saw_metric or final or job.state != known_state:
-        out.append(_sse("status", render_to_string("playground/partials/job_status.html", _job_context(job))))
-    return out, after, job.state, final
+def job_message(event: JobEvent) -> str:
+    """A stream's message for an event: streamed text goes to its grid cell, the rest as on every job's page."""
+    if event.kind == "output":
+        data = event.data or {}
+        return sse(cell_event(data.get("row", 0), str(data.get("column", ""))), html.escape(str(data.get("text", ""))),
+                   event.pk)
+    return job_views.log_message(event)
+
+
+def job_status_html(job: AdapterJob) -> str:
+    return render_to_string("playground/partials/job_status.html", _job_context(job))
+
+
+next_batch = batch_reader(AdapterJob, job_message, job_status_html, related=("base_model", "worker"))
 
 
 async def job_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
-    user = await request.auser()
-    if not user.is_authenticated:
-        return HttpResponse("login required", status=401)
-    if not await AdapterJob.objects.filter(pk=pk).aexists():
-        raise Http404("no such job")
-    return sse_response(event_stream(_job_batch, AdapterJob, pk, _cursor(request)))
-
+    return await job_views.stream(request, AdapterJob, pk, next_batch)

@@ -10,7 +10,8 @@ from django.db import models, transaction
 from webapp.catalog.demo import DEMO_CONFIG, DEMO_DATASET, DEMO_MODEL
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import truncation_problem
-from webapp.training.models import RunState, TrainingRun
+from webapp.jobs.models import RunState
+from webapp.training.models import TrainingRun
 from workers.contract import spec
 from workers.training.engine import check_switches
 from workers.training.modelinfo import check_adapter
@@ -145,7 +146,7 @@ class RunForm(forms.Form):
     def create_run(self, owner: Any, via: str = "") -> TrainingRun:
         """The queued run of a valid form, with its placement needs (GPU memory and count, labels, priority)."""
         from webapp.fleet.scheduler import run_needs  # the scheduler imports the run model: import when used
-        from webapp.training import ledger
+        from webapp.jobs import ledger
 
         data = self.cleaned_data
         needs = run_needs(data["base_model"], data["lora_config"].lora_params(),

@@ -1,91 +1,24 @@
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models import QuerySet
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.jobs.models import LedgerEvent, LedgerJob
+from webapp.training.metrics import merge_points
 from workers.contract import spec
 from workers.contract.store import ArtifactStore
-
-
-class RunState(models.TextChoices):
-    QUEUED = "queued"
-    DISPATCHED = "dispatched"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE_STATES = (RunState.DISPATCHED, RunState.RUNNING)
-FINAL_STATES = (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
-# Which state a worker may report from which: anything else is refused with 409.
-WORKER_TRANSITIONS = {
-    RunState.DISPATCHED: {RunState.RUNNING, RunState.FAILED, RunState.CANCELLED},
-    RunState.RUNNING: {RunState.RUNNING, RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED},
-}
-
-
-def queue_clock() -> float:
-    """A new job's place in its owner's queue: after everything queued before it."""
-    return time.time()
-
-
-class LedgerJob(models.Model):
-    """The fields every kind of worker job keeps in its row, the ledger of the job (see ledger.py):
-    state, attempt (fencing), the cancel flag, progress and the timestamps of each transition."""
-
-    state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
-    attempt = models.PositiveIntegerField(default=0)
-    cancel_requested = models.BooleanField(default=False)
-    error = models.TextField(blank=True)
-    step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
-    # When the job last came back to the queue (requeued from a lost worker or a handover, or retried); null
-    # while it has not left it since it was created. The scheduler's reservation wait counts from here.
-    queued_at = models.DateTimeField(null=True, blank=True)
-    dispatched_at = models.DateTimeField(null=True, blank=True)
-    claimed_at = models.DateTimeField(null=True, blank=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    last_report_at = models.DateTimeField(null=True, blank=True)
-    # Placement (see fleet/scheduler.py): higher priority first; within a priority, each owner's jobs go in
-    # queue_order (the owner may reorder their queued jobs, staff anyone's), owners taking turns.
-    priority = models.SmallIntegerField(default=0)
-    queue_order = models.FloatField(default=queue_clock)
-    # What a worker needs to take the job: all of these labels, this much free GPU memory (None: any device,
-    # CPU included), this many GPUs.
-    needs_labels = models.JSONField(default=list, blank=True)
-    needs_gpu_bytes = models.BigIntegerField(null=True, blank=True)
-    needs_gpus = models.PositiveSmallIntegerField(default=1)
-    # The GPUs of its worker the current attempt holds (indices into the worker's inventory).
-    gpu_indices = models.JSONField(default=list, blank=True)
-    # Why a queued job waits (set by the scheduler; empty when it is simply next in line).
-    wait_reason = models.CharField(max_length=500, blank=True)
-    # Attempts lost to a worker's failure (a graceful handover does not count); past MAX_ATTEMPTS the job fails.
-    failures = models.PositiveSmallIntegerField(default=0)
-    # One entry per finished attempt: {"attempt", "worker", "outcome", "reason", "at"}.
-    attempt_log = models.JSONField(default=list, blank=True)
-
-    class Meta:
-        abstract = True
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
 
 class TrainingRun(LedgerJob):
     NOUN = "run"
     TASK = "tunedeck.run_job"  # the worker's Celery task for this kind of job
+    WORKER_PATH = "jobs"
+    RETRY_NOTE = "the next attempt resumes from the latest checkpoint"
+    ON_WORKER, SUMMARY_FIELDS = "current_run", ("name",)
     name = models.CharField(max_length=200, blank=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="runs")
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="runs")
@@ -96,7 +29,7 @@ class TrainingRun(LedgerJob):
     hyperparameters = models.JSONField(default=dict)
     worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
     last_loss = models.FloatField(null=True, blank=True)
-    # The run's metric curve, kept compact for the charts (see ledger.merge_points): reading a page
+    # The run's metric curve, kept compact for the charts (see metrics.merge_points): reading a page
     # never scans the run's events, however long it trained.
     metric_points = models.JSONField(default=list, blank=True)
 
@@ -147,6 +80,17 @@ class TrainingRun(LedgerJob):
             },
         )
 
+    def fold_metrics(self, fenced: QuerySet[Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """The latest loss, and the metric points folded into the run's curve (its row locked meanwhile)."""
+        fields: dict[str, Any] = {}
+        losses = [float(data["loss"]) for data in metrics if data.get("loss") is not None]
+        if losses:
+            fields["last_loss"] = losses[-1]
+        points = fenced.select_for_update().values_list("metric_points", flat=True).first()
+        if points is not None:
+            fields["metric_points"] = merge_points(points, metrics)
+        return fields
+
     def job_spec(self) -> spec.TrainSpec:
         return spec.TrainSpec(
             run_id=self.pk,
@@ -165,22 +109,14 @@ def dataset_ref(dataset: Dataset) -> spec.DatasetRef:
     return spec.DatasetRef(uri=dataset.uri, format=dataset.format)
 
 
-class RunEvent(models.Model):
-    """Append-only log lines and metric points; the id orders them and is the SSE cursor."""
+class RunEvent(LedgerEvent):
+    """A run's log lines, metric points and checkpoints (see LedgerEvent)."""
+
+    JOB_FIELD = "run"
 
     run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="events")
-    attempt = models.PositiveIntegerField()
-    # Per-attempt sequence number from the worker (dedupes retried batches); null for the
-    # control plane's own lines (dispatched, requeued...). NULLs never collide in the constraint.
-    seq = models.PositiveIntegerField(null=True, blank=True)
-    kind = models.CharField(max_length=16)  # log | metric | status
-    level = models.CharField(max_length=16, default="info")
-    message = models.TextField(blank=True)
-    data = models.JSONField(default=dict, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
 
-    class Meta:
-        ordering = ["id"]
+    class Meta(LedgerEvent.Meta):
         constraints = [
             models.UniqueConstraint(fields=["run", "attempt", "seq"], name="event_unique_seq"),
         ]
@@ -190,9 +126,6 @@ class RunEvent(models.Model):
             # The loss chart: metric points of a run.
             models.Index(fields=["run", "kind", "id"], name="event_run_kind_id"),
         ]
-
-    def __str__(self) -> str:
-        return f"{self.run_id}#{self.pk} {self.kind}"
 
 
 class AdapterOrigin(models.TextChoices):

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.training import queue, views
+from webapp.training import views
 
 urlpatterns = [
     path("runs/", views.runs_list, name="runs"),
@@ -16,9 +16,7 @@ urlpatterns += [
 ]
 urlpatterns += [
     path("runs/<int:pk>/retry/", views.run_retry, name="run-retry"),
-    path("runs/<int:pk>/delete/", views.run_delete, name="run-delete"),
 ]
 urlpatterns += [
-    path("runs/<int:pk>/reorder/", queue.run_reorder, name="run-reorder"),
-    path("jobs/<int:pk>/reorder/", queue.job_reorder, name="job-reorder"),
+    path("runs/<int:pk>/reorder/", views.run_reorder, name="run-reorder"),
 ]

@@ -16,7 +16,8 @@ from django.utils import timezone
 
 from webapp.api.openai.errors import OpenAIError
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.training.models import RunEvent, RunState, TrainingRun
+from webapp.jobs.models import RunState
+from webapp.training.models import RunEvent, TrainingRun
 from workers.contract.spec import TrainParams, suggest_train_params
 
 FILE_PREFIX, JOB_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "file-", "ftjob-", "ftevent-", "ftckpt-"

@@ -24,7 +24,7 @@ from webapp.api.openai.errors import OpenAIError, error_response, exception_hand
 from webapp.api.openai.jobs import create_job
 from webapp.catalog.models import Dataset
 from webapp.catalog.services import register_dataset, store
-from webapp.training import ledger
+from webapp.jobs import ledger
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import RunEvent, TrainingRun
 from workers.data.datasets import DatasetError

@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 def backfill(apps, schema_editor):  # type: ignore[no-untyped-def]
     """Build each existing run's compact curve from its metric events."""
-    from webapp.training.ledger import merge_points
+    from webapp.training.metrics import merge_points
 
     TrainingRun = apps.get_model("training", "TrainingRun")
     RunEvent = apps.get_model("training", "RunEvent")

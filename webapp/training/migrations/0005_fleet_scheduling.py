@@ -2,7 +2,7 @@
 
 from django.db import migrations, models
 
-import webapp.training.models
+import webapp.jobs.models
 
 
 def queue_in_creation_order(apps, schema_editor):
@@ -56,7 +56,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='trainingrun',
             name='queue_order',
-            field=models.FloatField(default=webapp.training.models.queue_clock),
+            field=models.FloatField(default=webapp.jobs.models.queue_clock),
         ),
         migrations.AddField(
             model_name='trainingrun',

@@ -31,8 +31,9 @@ from typing import Any
 from django.db import transaction
 
 from webapp.catalog.services import store
-from webapp.playground.models import AdapterJob, Comparison, JobKind, MergedModel
-from webapp.training import ledger
+from webapp.jobs import ledger
+from webapp.playground.kinds import JobKind
+from webapp.playground.models import AdapterJob, Comparison, MergedModel
 from webapp.training.models import Adapter, RunEvent, TrainingRun
 from workers.contract.store import SCHEME, ArtifactStore
 from workers.formatting import count, plural

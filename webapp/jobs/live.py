@@ -46,7 +46,7 @@ def released(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def signatures(model: Any, ids: list[int]) -> dict[int, Signature]:
-    """Each job's state and newest event id, in one query. The newest event is read as _latest_first reads
+    """Each job's state and newest event id, in one query. The newest event is read as views.latest_first reads
     it (the job matched as a range, so PostgreSQL walks the (job, id) index, not the whole primary key)."""
     related = model.events
     event_model, fk = related.rel.related_model, related.field.name
