@@ -59,7 +59,6 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 GiB = 2**30
 MiB = 2**20
@@ -402,9 +401,3 @@ def adapter_job_bytes(kind: str, num_parameters: int | None) -> int | None:
     """needs_gpu_bytes of an adapter job from its base's size; a push only uploads files (no GPU)."""
     per_param = ADAPTER_JOB_WEIGHT_BYTES.get(kind)
     return None if per_param is None else gpu_bytes_or_cpu(rough_bytes(num_parameters, per_param))
-
-
-def needs_from_hyperparameters(hyperparameters: dict[str, Any]) -> int:
-    """needs_gpus of a run: its num_gpus setting where it has one, else 1."""
-    value = hyperparameters.get("num_gpus", 1)
-    return max(1, int(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1

@@ -20,6 +20,7 @@ from django.utils import timezone
 from webapp.celery import send_wakeup
 from webapp.fleet import placement
 from webapp.fleet.models import Worker, WorkerState
+from webapp.fleet.needs import gpus_wanted
 from webapp.playground.models import AdapterJob
 from webapp.training import ledger
 from webapp.training.models import ACTIVE_STATES, RunState, TrainingRun
@@ -237,7 +238,7 @@ def run_needs(base: Any, lora: Any, train: Any, hyperparameters: dict[str, Any])
     """The placement fields of a new run: needs_gpu_bytes is what each of its GPUs needs (the estimator
     shares the work out by the run's num_gpus and strategy)."""
     return {"needs_gpu_bytes": run_gpu_bytes(base, lora, train),
-            "needs_gpus": placement.needs_from_hyperparameters(hyperparameters)}
+            "needs_gpus": gpus_wanted(train)}
 
 
 def adapter_job_needs(kind: str, base: Any) -> dict[str, Any]:
