@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from django.db.models import OuterRef, Subquery
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
@@ -40,7 +41,7 @@ from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.specfields import serializer_field
 from webapp.training import deletion
 from webapp.training.checkpoints import run_checkpoints
-from webapp.training.models import RunEvent, RunState, TrainingRun
+from webapp.training.models import Adapter, RunEvent, RunState, TrainingRun
 from webapp.training.services import RunRefused, RunRequest, clone_request, queue_run, train_params
 from workers.contract import spec
 from workers.contract.spec import TrainParams
@@ -235,10 +236,6 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     noun = "run"
 
     def get_queryset(self) -> Any:
-        from django.db.models import OuterRef, Subquery
-
-        from webapp.training.models import Adapter
-
         adapter = Adapter.objects.filter(run=OuterRef("pk")).values("pk")[:1]
         rows = (TrainingRun.objects.select_related("owner", "base_model", "dataset", "eval_dataset", "lora_config", "worker")
                 .defer("metric_points").annotate(adapter_id=Subquery(adapter)))

@@ -51,11 +51,11 @@ class RunForm(forms.Form):
 
     run_request: RunRequest | None = None
 
-    def __init__(self, *args: Any, suggested: spec.TrainParams | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.is_bound and "labels" not in self.data and OLD_LABELS_NAME in self.data:
-            self.data = self.data.copy()
-            self.data["labels"] = self.data[OLD_LABELS_NAME]
+    def __init__(self, data: Any = None, *args: Any, suggested: spec.TrainParams | None = None, **kwargs: Any) -> None:
+        if data is not None and "labels" not in data and OLD_LABELS_NAME in data:
+            data = data.copy()
+            data["labels"] = data[OLD_LABELS_NAME]
+        super().__init__(data, *args, **kwargs)
         defaults = suggested or spec.TrainParams()
         for f in dataclasses.fields(spec.TrainParams):
             self.fields[f.name] = form_field(f, getattr(defaults, f.name), spec.CHOICES)
