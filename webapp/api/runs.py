@@ -66,9 +66,8 @@ HyperparametersSerializer = type("Hyperparameters", (StrictSerializer,), {
 })
 
 
+# A RunRequest's fields (training/services.py), named as it names them; the CLI's YAML run specs are this body.
 class RunCreateSerializer(StrictSerializer):
-    """A RunRequest's fields, named as it names them (the CLI's YAML run specs are this body)."""
-
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     base_model = NamedRef("base model", "base-models", "models", queryset=BaseModel.objects.all())
     dataset = NamedRef("dataset", "datasets", queryset=Dataset.objects.all())
