@@ -206,12 +206,12 @@ def lora_config_for(tunedeck: dict[str, Any], user: Any) -> LoraConfig:
 
 
 def _refused(errors: dict[str, list[str]], params: dict[str, str]) -> OpenAIError:
-    """The run service's (or the settings' check's) field errors as one error naming the first param."""
+    """The run service's (or the settings' check's) field errors as one error naming the first param: `params`
+    says where this request set a field, a setting not set the OpenAI way is under tunedeck.hyperparameters."""
     named = []
     for field, messages in errors.items():
         setting = field.removeprefix(SETTING)
-        param = params.get(field) or params.get(setting) or (
-            f"tunedeck.{field}" if setting in TRAIN_FIELDS else None)
+        param = params.get(field) or (f"tunedeck.{field}" if setting in TRAIN_FIELDS else None)
         text = "; ".join(str(m) for m in messages)
         if setting in spec.CHOICES and "valid choice" in text:  # the check's message does not list them
             text += f" (one of: {', '.join(spec.CHOICES[setting])})"
@@ -264,7 +264,7 @@ def create_job(body: Any, user: Any) -> TrainingRun:
     base = resolve_model(body.get("model"), user)
     values, origins = train_values(body, tunedeck, base)
     labels, labels_param = _labels(tunedeck)
-    params = {**PARAMS, **origins, "labels": labels_param}
+    params = {**PARAMS, **{SETTING + name: param for name, param in origins.items()}, "labels": labels_param}
     with transaction.atomic():  # an inline LoRA config saved for a job that is then refused goes with it
         config = lora_config_for(tunedeck, user)
         hyperparameters, priority = _settings(values, tunedeck.get("priority"), params)
