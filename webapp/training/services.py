@@ -54,10 +54,6 @@ class RunRefused(Exception):
         self.errors = errors
 
 
-def request_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(RunRequest)]
-
-
 def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
     """The queued run, with its placement needs (GPU memory and count, labels, priority); RunRefused if a check
     fails. `via` ends the ledger's "Queued by" note."""
