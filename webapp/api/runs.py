@@ -1,4 +1,4 @@
-"""Runs over the API: list with filters, create (validated as the run form validates), get, cancel, retry,
+"""Runs over the API: list with filters, create (queued by the run service, as every way in is), get, cancel, retry,
 clone, delete; their events (JSON pages and an SSE stream), metric curve and checkpoints."""
 
 from __future__ import annotations
