@@ -20,6 +20,8 @@ import yaml
 
 from tunedeck_cli.errors import USAGE, CliError
 
+# The server's RunRequest fields (webapp/training/services.py), which this client cannot import: a test keeps the two
+# equal (tests/webapp/test_run_request.py).
 FIELDS = ("name", "base_model", "dataset", "eval_dataset", "lora_config", "hyperparameters", "priority", "labels")
 
 

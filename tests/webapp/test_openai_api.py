@@ -296,6 +296,19 @@ def test_a_bad_job_request_is_a_400_naming_the_param(world: dict[str, Any], extr
     assert not TrainingRun.objects.exists() and LoraConfig.objects.count() == configs
 
 
+def test_labels_take_the_run_requests_name_and_the_documented_old_one(world: dict[str, Any]) -> None:
+    api = world["api"]["owner"]
+    for key in ("labels", "worker_labels"):
+        response = api.post("fine_tuning/jobs", job_body(world, tunedeck={key: ["cpu", "team-nlp"]}))
+        assert response.status_code == 200, response.content
+        assert TrainingRun.objects.latest("id").needs_labels == ["cpu", "team-nlp"]
+    error = error_of(api.post("fine_tuning/jobs", job_body(world, tunedeck={"labels": ["Bad Label"]})), 400)
+    assert error["param"] == "tunedeck.labels" and "slug" in error["message"], error
+    both = job_body(world, tunedeck={"labels": ["cpu"], "worker_labels": ["cpu"]})
+    error = error_of(api.post("fine_tuning/jobs", both), 400)
+    assert error["param"] == "tunedeck.worker_labels" and "not both" in error["message"], error
+
+
 def test_a_validation_file_is_the_runs_eval_dataset(world: dict[str, Any]) -> None:
     api = world["api"]["owner"]
     uploaded = api.upload("valid.jsonl", jsonl(CHAT))

@@ -22,7 +22,7 @@ from django.utils import timezone
 from tests.webapp.factories import demo_objects, make_worker
 from tests.webapp.team import login, make
 from webapp.catalog.models import BaseModel
-from webapp.fleet import placement
+from webapp.fleet import needs, placement
 from webapp.fleet.models import Worker
 from webapp.fleet.scheduler import schedule_once
 from webapp.jobs import ledger, queue
@@ -470,9 +470,9 @@ def test_a_new_run_gets_its_estimate_labels_and_priority_and_only_staff_raise_pr
 
 
 def test_a_runs_gpu_count_comes_from_its_num_gpus_setting() -> None:
-    assert placement.needs_from_hyperparameters({"num_gpus": 4}) == 4
-    assert placement.needs_from_hyperparameters({}) == 1
-    assert placement.needs_from_hyperparameters({"num_gpus": "two"}) == 1
+    assert needs.gpus_wanted(spec.build(spec.TrainParams, {"num_gpus": 4})) == 4
+    assert needs.gpus_wanted(spec.build(spec.TrainParams, {})) == 1
+    assert needs.gpus_wanted(spec.build(spec.TrainParams, {"num_gpus": "two"})) == 1
 
 
 # --- reservations: a job that waited too long keeps a worker for itself ---------------------------------------

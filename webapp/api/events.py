@@ -85,10 +85,9 @@ def _json(value: Any) -> str:
     return json.dumps(value, cls=JSONEncoder, separators=(",", ":"))
 
 
-def json_batch(job_model: Any, event_model: Any = None, fk: str = "") -> NextBatch:
+def json_batch(job_model: Any) -> NextBatch:
     """The stream's poll for one kind of job: each event as `event: event` with its JSON, `event: state`
-    when the state changes, and the stream ends (`event: done`) once the job has finished and all is sent.
-    (The job's events are found from `job_model`; `event_model` and `fk`, if given, name the same.)"""
+    when the state changes, and the stream ends (`event: done`) once the job has finished and all is sent."""
     return batch_reader(job_model, lambda event: sse("event", _json(EventSerializer(event).data), event.pk))
 
 

@@ -1,4 +1,4 @@
-"""Runs over the API: list with filters, create (validated as the run form validates), get, cancel, retry,
+"""Runs over the API: list with filters, create (queued by the run service, as every way in is), get, cancel, retry,
 clone, delete; their events (JSON pages and an SSE stream), metric curve and checkpoints."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from django.db.models import OuterRef, Subquery
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
@@ -21,7 +22,6 @@ from webapp.api.common import (
     VisibleObjectMixin,
     cancel_refused,
     choice_param,
-    form_errors,
     int_param,
     owner_param,
     raise_field_errors,
@@ -40,13 +40,12 @@ from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.jobs.models import RunState
 from webapp.playground import deletion
+from webapp.specfields import serializer_field
 from webapp.training.checkpoints import run_checkpoints
-from webapp.training.forms import TRAIN_FIELDS, RunForm
-from webapp.training.models import RunEvent, TrainingRun
+from webapp.training.models import Adapter, RunEvent, TrainingRun
+from webapp.training.services import RunRefused, RunRequest, clone_request, queue_run, train_params
 from workers.contract import spec
-from workers.contract.spec import TrainParams, suggest_train_params
-
-INT32 = 2**31 - 1
+from workers.contract.spec import TrainParams
 
 
 class StrictSerializer(serializers.Serializer):
@@ -61,23 +60,14 @@ class StrictSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
-def _train_field(f: dataclasses.Field[Any]) -> serializers.Field:
-    help_text = f"{f.metadata.get('help', '')} Default: {f.default!r} (tiny models get larger steps)."
-    if f.name in spec.CHOICES:
-        return serializers.ChoiceField(choices=list(spec.CHOICES[f.name]), required=False, help_text=help_text)
-    if f.type in ("bool", bool):
-        return serializers.BooleanField(required=False, help_text=help_text)
-    if f.type in ("int", int):
-        return serializers.IntegerField(required=False, min_value=-INT32, max_value=INT32, help_text=help_text)
-    return serializers.FloatField(required=False, help_text=help_text)
+# Every TrainParams field, optional: what is left out takes the value suggested for the base model's size.
+HyperparametersSerializer = type("Hyperparameters", (StrictSerializer,), {
+    f.name: serializer_field(f, spec.CHOICES, note=f"Default: {f.default!r} (tiny models get larger steps).")
+    for f in dataclasses.fields(TrainParams)
+})
 
 
-# Every TrainParams field, optional: what is left out takes the value the run form suggests for the base model.
-HyperparametersSerializer = type(
-    "Hyperparameters", (StrictSerializer,), {f.name: _train_field(f) for f in dataclasses.fields(TrainParams)}
-)
-
-
+# A RunRequest's fields (training/services.py), named as it names them; the CLI's YAML run specs are this body.
 class RunCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     base_model = NamedRef("base model", "base-models", "models", queryset=BaseModel.objects.all())
@@ -152,45 +142,24 @@ class CheckpointListSerializer(serializers.Serializer):
 # --- creating a run -------------------------------------------------------------------------------------
 
 
-def _rename(name: str) -> str:
-    if name in TRAIN_FIELDS:
-        return f"hyperparameters.{name}"
-    return "labels" if name == "worker_labels" else name
+def run_request(data: dict[str, Any]) -> RunRequest:
+    """The RunRequest of a valid RunCreateSerializer's data; settings not given take the values suggested for
+    the base model."""
+    return RunRequest(**{**data, "hyperparameters": train_params(data["base_model"], data.get("hyperparameters") or {})})
 
 
-def create_run(user: Any, data: dict[str, Any]) -> TrainingRun:
-    """A queued run from validated API input, checked exactly as the run form checks it (settings not given
-    take the values the form suggests for the base model); a refusal is a 400 naming each field."""
-    base: BaseModel = data["base_model"]
-    hyperparameters = {**dataclasses.asdict(suggest_train_params(base.num_parameters)), **(data.get("hyperparameters") or {})}
-    priority = data.get("priority") or 0
-    form = RunForm(data={
-        "name": data.get("name") or "", "base_model": base.pk, "dataset": data["dataset"].pk,
-        "eval_dataset": data["eval_dataset"].pk if data.get("eval_dataset") else "",
-        "lora_config": data["lora_config"].pk, "worker_labels": ", ".join(data.get("labels") or []),
-        "priority": priority, **hyperparameters,
-    })
-    form.refuse_priority_for(user)
-    if form.errors:
-        raise_field_errors(form_errors(form), _rename)
-    return form.create_run(user)
-
-
-def clone_input(source: TrainingRun, user: Any, name: str | None) -> dict[str, Any]:
-    """The inputs of `source` as a new run's (a priority above 0 is kept for staff only)."""
-    title = name if name else f"{source.name or f'run {source.pk}'} (copy)"[:200]
-    hyperparameters = {k: v for k, v in (source.hyperparameters or {}).items() if k in TRAIN_FIELDS}
-    return {
-        "name": title, "base_model": source.base_model, "dataset": source.dataset,
-        "eval_dataset": source.eval_dataset, "lora_config": source.lora_config,
-        "hyperparameters": hyperparameters, "labels": list(source.needs_labels or []),
-        "priority": source.priority if user.is_staff else min(source.priority, 0),
-    }
+def queue(user: Any, request: RunRequest) -> TrainingRun:
+    """The queued run; a refusal is a 400 naming each field as the request body names it."""
+    try:
+        return queue_run(user, request)
+    except RunRefused as refused:
+        raise_field_errors(refused.errors)  # the 400
+        raise  # not reached: raise_field_errors always raises
 
 
 # --- the endpoints -------------------------------------------------------------------------------------
 
-RUN_BATCH = json_batch(TrainingRun, RunEvent, "run")
+RUN_BATCH = json_batch(TrainingRun)
 
 ID_FILTER = OpenApiTypes.INT
 EVENT_PARAMS = [
@@ -267,10 +236,6 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     noun = "run"
 
     def get_queryset(self) -> Any:
-        from django.db.models import OuterRef, Subquery
-
-        from webapp.training.models import Adapter
-
         adapter = Adapter.objects.filter(run=OuterRef("pk")).values("pk")[:1]
         rows = (TrainingRun.objects.select_related("owner", "base_model", "dataset", "eval_dataset", "lora_config", "worker")
                 .defer("metric_points").annotate(adapter_id=Subquery(adapter)))
@@ -296,7 +261,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         def handler() -> Response:
             data = RunCreateSerializer(data=request.data, context={"request": request})
             data.is_valid(raise_exception=True)
-            run = create_run(request.user, data.validated_data)
+            run = queue(request.user, run_request(data.validated_data))
             return self._answer(run.pk, status.HTTP_201_CREATED)
 
         return run_idempotent(request, handler)  # type: ignore[return-value]
@@ -332,7 +297,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         source = self.get_object()
         body = CloneSerializer(data=request.data if isinstance(request.data, Mapping) else {})
         body.is_valid(raise_exception=True)
-        run = create_run(request.user, clone_input(source, request.user, body.validated_data.get("name")))
+        run = queue(request.user, clone_request(source, body.validated_data.get("name") or "", owner=request.user))
         return self._answer(run.pk, status.HTTP_201_CREATED)
 
     @extend_schema(parameters=EVENT_PARAMS, responses={200: EventPageSerializer})

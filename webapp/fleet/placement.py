@@ -59,7 +59,6 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from workers.contract.kinds import KINDS
 
@@ -404,9 +403,3 @@ def adapter_job_bytes(kind: str, num_parameters: int | None) -> int | None:
     decl = KINDS.get(kind)
     per_param = None if decl is None else decl.weight_bytes_per_param
     return None if per_param is None else gpu_bytes_or_cpu(rough_bytes(num_parameters, per_param))
-
-
-def needs_from_hyperparameters(hyperparameters: dict[str, Any]) -> int:
-    """needs_gpus of a run: its num_gpus setting where it has one, else 1."""
-    value = hyperparameters.get("num_gpus", 1)
-    return max(1, int(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.fleet.scheduler import adapter_job_needs
+from webapp.fleet.needs import adapter_job_needs
 from webapp.jobs import ledger
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, Comparison, PromptSet

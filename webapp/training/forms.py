@@ -5,38 +5,21 @@ from typing import Any
 
 from django import forms
 from django.contrib.auth import get_user_model
-from django.db import models, transaction
+from django.db import models
 
 from webapp.catalog.demo import DEMO_CONFIG, DEMO_DATASET, DEMO_MODEL
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
-from webapp.catalog.services import truncation_problem
 from webapp.jobs.models import RunState
-from webapp.training.models import TrainingRun
+from webapp.specfields import form_field
+from webapp.training.services import SETTING, TRAIN_FIELDS, RunRequest, refusals
 from workers.contract import spec
-from workers.training.engine import check_switches
-from workers.training.modelinfo import check_adapter
 
-CHOICE_FIELDS = spec.CHOICES
-# Row formats trl trains as chat (formatted with the tokenizer's chat template), and those it trains as plain strings.
-CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
-
-
-def _form_field(f: dataclasses.Field[Any], initial: Any) -> forms.Field:
-    help_text = f.metadata.get("help", "")
-    label = f.name.replace("_", " ").capitalize()
-    if f.name in CHOICE_FIELDS:
-        return forms.ChoiceField(choices=[(c, c) for c in CHOICE_FIELDS[f.name]], initial=initial, help_text=help_text, label=label)
-    if f.type in ("bool", bool):
-        return forms.BooleanField(required=False, initial=initial, help_text=help_text, label=label)
-    if f.type in ("int", int):
-        return forms.IntegerField(initial=initial, help_text=help_text, label=label)
-    return forms.FloatField(initial=initial, help_text=help_text, label=label)
-
-
-TRAIN_FIELDS = [f.name for f in dataclasses.fields(spec.TrainParams)]
 # The New run page preselects an input where the choice is obvious, so that the README's first run (keep the
 # demo model, dataset and config, press Train) needs no choosing: the only row there is, else the demo's.
 PRESELECTED_DEMO = {"base_model": DEMO_MODEL, "dataset": DEMO_DATASET, "lora_config": DEMO_CONFIG}
+# The page's form posted the labels as worker_labels before they took RunRequest's name: a post made that way
+# (a script or a saved page) still says where the run may go.
+OLD_LABELS_NAME = "worker_labels"
 
 
 def obvious_choice(queryset: models.QuerySet[Any], demo_name: str) -> Any:
@@ -48,6 +31,9 @@ def obvious_choice(queryset: models.QuerySet[Any], demo_name: str) -> Any:
 
 
 class RunForm(forms.Form):
+    """The New run page: a RunRequest's fields, the training settings one field each. A valid form has passed
+    the run service's checks (`services.refusals`) and holds the request in `run_request`."""
+
     name = forms.CharField(max_length=200, required=False, help_text="Optional: a name to find the run by.")
     base_model = forms.ModelChoiceField(queryset=BaseModel.objects.all(), help_text="The model to adapt.")
     dataset = forms.ModelChoiceField(queryset=Dataset.objects.all(), help_text="Training rows.")
@@ -56,25 +42,32 @@ class RunForm(forms.Form):
         help_text="Optional: rows to evaluate on instead of a held-out fraction of the training rows.")
     lora_config = forms.ModelChoiceField(queryset=LoraConfig.objects.all(), label="LoRA config")
     # Placement (fleet/scheduler.py): which workers may take the run, and how soon (only staff go above 0).
-    worker_labels = forms.CharField(
+    labels = forms.CharField(
         required=False, max_length=1000, label="Run on workers labelled",
         help_text="Optional: comma-separated labels, e.g. a100, team-nlp; only a worker with all of them takes the run.")
     priority = forms.IntegerField(
         required=False, initial=0, min_value=-100, max_value=100,
         help_text="Higher runs first; 0 is normal, below 0 lets others go first. Only admins may set it above 0.")
 
-    def clean_worker_labels(self) -> list[str]:
-        from webapp.fleet.forms import parse_labels
+    run_request: RunRequest | None = None
 
-        return parse_labels(self.cleaned_data.get("worker_labels") or "")
-
-    def __init__(self, *args: Any, suggested: spec.TrainParams | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, data: Any = None, *args: Any, suggested: spec.TrainParams | None = None, **kwargs: Any) -> None:
+        if data is not None and "labels" not in data and OLD_LABELS_NAME in data:
+            data = data.copy()
+            data["labels"] = data[OLD_LABELS_NAME]
+        super().__init__(data, *args, **kwargs)
         defaults = suggested or spec.TrainParams()
         for f in dataclasses.fields(spec.TrainParams):
-            self.fields[f.name] = _form_field(f, getattr(defaults, f.name))
+            self.fields[f.name] = form_field(f, getattr(defaults, f.name), spec.CHOICES)
         if not self.is_bound:
             self._preselect()
+
+    @classmethod
+    def filled_with(cls, request: RunRequest) -> RunForm:
+        """An unbound form showing `request` (a clone's inputs), to edit before queueing."""
+        initial = {f.name: getattr(request, f.name) for f in dataclasses.fields(RunRequest)}
+        initial["labels"] = ", ".join(request.labels)
+        return cls(initial=initial, suggested=initial.pop("hyperparameters"))
 
     def _preselect(self) -> None:
         for name, demo_name in PRESELECTED_DEMO.items():
@@ -90,95 +83,29 @@ class RunForm(forms.Form):
         """The fields of "What to train": the model, the rows and the adapter config."""
         return [self[name] for name in ("name", "base_model", "dataset", "eval_dataset", "lora_config")]
 
+    def clean_labels(self) -> list[str]:
+        return [part.strip() for part in (self.cleaned_data.get("labels") or "").split(",") if part.strip()]
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        if any(name not in data for name in TRAIN_FIELDS):
+        if self.errors:
             return data  # field errors already reported
-        params = spec.TrainParams(**{name: data[name] for name in TRAIN_FIELDS})
-        base: BaseModel | None = data.get("base_model")
-        eval_dataset: Dataset | None = data.get("eval_dataset")
-        for name, message in params.validate(base.max_positions if base else None,
-                                             has_eval_dataset=eval_dataset is not None).items():
-            self.add_error(name, message)
-        if eval_dataset is not None:
-            problem = eval_dataset_problem(eval_dataset, data.get("dataset"), base, params)
-            if problem:
-                self.add_error("eval_dataset", problem)
-        if base is not None and "max_seq_length" not in self.errors:
-            self._refuse_rows_cut_before_training(data, base, params)
-        config_for_switches: LoraConfig | None = data.get("lora_config")
-        if config_for_switches:
-            for name, message in check_switches(params, config_for_switches.lora_params()).items():
-                if name not in self.errors:
-                    self.add_error(name, message)
-        config: LoraConfig | None = data.get("lora_config")
-        if base and config:
-            # The same checks the worker makes, from the base's stored module names: refused before queueing.
-            adapter_errors = check_adapter(
-                config.lora_params(), base.linear_modules, base.model_type,
-                train=params, max_positions=base.max_positions, model_name=base.name,
-            )
-            for name, message in adapter_errors.items():
-                if name in TRAIN_FIELDS:
-                    if name not in self.errors:
-                        self.add_error(name, message)
-                else:
-                    self.add_error("lora_config", f"{config.name}: {name}: {message}")
-        data["hyperparameters"] = dataclasses.asdict(params)
+        request = RunRequest(
+            name=data["name"], base_model=data["base_model"], dataset=data["dataset"],
+            eval_dataset=data.get("eval_dataset"), lora_config=data["lora_config"],
+            hyperparameters=spec.TrainParams(**{name: data[name] for name in TRAIN_FIELDS}),
+            priority=data.get("priority") or 0, labels=data["labels"],
+        )
+        self.show_refusals(refusals(request))
+        if not self.errors:
+            self.run_request = request
         return data
 
-    def _refuse_rows_cut_before_training(self, data: dict[str, Any], base: BaseModel, params: spec.TrainParams) -> None:
-        """Rows whose prompt fills max_seq_length would train on nothing (and every such row fails the run):
-        refused here, where every way of creating a run (page, REST, OpenAI jobs, clone) passes."""
-        for name in ("dataset", "eval_dataset"):
-            chosen: Dataset | None = data.get(name)
-            if chosen is None or name in self.errors:  # one error a field: skip reading and tokenizing the file
-                continue
-            problem = truncation_problem(chosen, base, params)
-            if problem:
-                self.add_error(name, problem)
-
-    def refuse_priority_for(self, user: Any) -> None:
-        """A priority above 0 is for staff: anyone else gets the field error."""
-        if self.is_valid() and (self.cleaned_data.get("priority") or 0) > 0 and not user.is_staff:
-            self.add_error("priority", "only an admin can set a priority above 0")
-
-    def create_run(self, owner: Any, via: str = "") -> TrainingRun:
-        """The queued run of a valid form, with its placement needs (GPU memory and count, labels, priority)."""
-        from webapp.fleet.scheduler import run_needs  # the scheduler imports the run model: import when used
-        from webapp.jobs import ledger
-
-        data = self.cleaned_data
-        needs = run_needs(data["base_model"], data["lora_config"].lora_params(),
-                          spec.build(spec.TrainParams, data["hyperparameters"]), data["hyperparameters"])
-        with transaction.atomic():
-            run = TrainingRun.objects.create(
-                name=data["name"], owner=owner, base_model=data["base_model"], dataset=data["dataset"],
-                eval_dataset=data.get("eval_dataset"),
-                lora_config=data["lora_config"], hyperparameters=data["hyperparameters"],
-                priority=data.get("priority") or 0, needs_labels=data.get("worker_labels") or [], **needs,
-            )
-            ledger.note(run, f"Queued by {owner}{via}")
-        return run
-
-
-def eval_dataset_problem(eval_dataset: Dataset, dataset: Dataset | None, base: BaseModel | None,
-                         params: spec.TrainParams) -> str | None:
-    """Why a run cannot evaluate on `eval_dataset`, or None.
-
-    trl prepares the eval rows on their own, so any two formats mix (the eval loss is computed on each row as
-    its format is trained) but one: chat rows are formatted with the tokenizer's chat template, and the
-    runner supplies a fallback template only when the training rows are chat. Plain-text or prompt/completion
-    training on a base without a chat template would fail at the first evaluation."""
-    if params.eval_fraction > 0:
-        return (f"give an eval dataset or eval_fraction {params.eval_fraction:g} (a held-out fraction of the "
-                "training rows), not both: set eval_fraction to 0 to evaluate on this dataset")
-    if (dataset is not None and base is not None and not base.has_chat_template
-            and eval_dataset.format in CHAT_FORMATS and dataset.format not in CHAT_FORMATS):
-        return (f"{eval_dataset} is {eval_dataset.format} rows (chat) but the training dataset {dataset} is "
-                f"{dataset.format} rows, and {base} has no chat template to format chat rows with: pick an eval "
-                f"dataset of text or prompt_completion rows, or train on chat rows")
-    return None
+    def show_refusals(self, errors: dict[str, list[str]]) -> None:
+        """The run service's refusals on the fields they name (a training setting is a field of its own here)."""
+        for field, messages in errors.items():
+            for message in messages:
+                self.add_error(field.removeprefix(SETTING), message)
 
 
 # Sort keys of the runs list -> the model field; each has an index with id as the tie-breaker.

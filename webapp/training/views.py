@@ -20,6 +20,7 @@ from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.models import Adapter, TrainingRun
+from webapp.training.services import RunRefused, clone_request, queue_run
 from workers.contract.spec import suggest_train_params
 from workers.contract.store import ArtifactStore
 
@@ -89,21 +90,21 @@ def _suggested(base_model_id: Any) -> Any:
 def run_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = RunForm(request.POST)
-        form.refuse_priority_for(request.user)
-        if form.is_valid():
-            run = form.create_run(request.user)
-            return redirect("run-detail", pk=run.pk)
+        if form.is_valid() and form.run_request is not None:
+            try:
+                run = queue_run(request.user, form.run_request)
+            except RunRefused as refused:
+                form.show_refusals(refused.errors)
+            else:
+                return redirect("run-detail", pk=run.pk)
         status = 400
     else:
         clone = TrainingRun.objects.filter(pk=request.GET.get("clone") or 0).first()
-        suggested, base = _suggested(request.GET.get("base_model"))
-        initial: dict[str, Any] = {"base_model": base}
         if clone:
-            initial = {"base_model": clone.base_model, "dataset": clone.dataset, "eval_dataset": clone.eval_dataset,
-                       "lora_config": clone.lora_config,
-                       "name": f"{clone.name or f'run {clone.pk}'} (copy)", **clone.hyperparameters,
-                       "worker_labels": ", ".join(clone.needs_labels), "priority": clone.priority}
-        form = RunForm(initial=initial, suggested=suggested)
+            form = RunForm.filled_with(clone_request(clone))
+        else:
+            suggested, base = _suggested(request.GET.get("base_model"))
+            form = RunForm(initial={"base_model": base}, suggested=suggested)
         status = 200
         if request.htmx:  # type: ignore[attr-defined]
             return render(request, "training/partials/train_fields.html", {"form": form})

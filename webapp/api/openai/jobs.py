@@ -1,5 +1,5 @@
-"""`POST /v1/fine_tuning/jobs`: an OpenAI job request turned into a Tunedeck run, through the run form's
-validation (the same checks, placement fields included, as the browser's New run page).
+"""`POST /v1/fine_tuning/jobs`: an OpenAI job request turned into a Tunedeck run request and queued by the run
+service (`training/services.py`: the same checks, placement fields included, as the browser's New run page).
 
 The request:
 
@@ -13,7 +13,7 @@ The request:
          "lora_config": "<a saved LoRA config's name or id>",  # or
          "lora": {...LoraParams fields...},           # an inline adapter config (saved, or reused if equal)
          "hyperparameters": {...TrainParams fields...},
-         "worker_labels": ["a100"], "priority": 0}}
+         "labels": ["a100"], "priority": 0}}             # labels: also accepted as worker_labels
 
 n_epochs, batch_size and seed set TrainParams' num_epochs, batch_size and seed; learning_rate_multiplier
 multiplies Tunedeck's suggested learning rate for the base's size. "auto" (or leaving one out) keeps that
@@ -29,10 +29,12 @@ from django.db import IntegrityError, transaction
 
 from webapp.api.openai.errors import OpenAIError
 from webapp.api.openai.serializers import FILE_PREFIX, parse_id
+from webapp.api.problems import flatten_errors
+from webapp.api.runs import RunCreateSerializer
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model
-from webapp.training.forms import TRAIN_FIELDS, RunForm
 from webapp.training.models import TrainingRun
+from webapp.training.services import SETTING, TRAIN_FIELDS, RunRefused, RunRequest, queue_run
 from workers.contract import spec
 from workers.training.modelinfo import ModelNotFound
 
@@ -40,7 +42,12 @@ TOP_LEVEL = {"model", "training_file", "validation_file", "hyperparameters", "me
              "metadata", "integrations", "tunedeck"}
 OPENAI_HYPERPARAMETERS = {"n_epochs": "num_epochs", "batch_size": "batch_size",
                           "learning_rate_multiplier": "learning_rate"}
-TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "worker_labels", "priority"}
+# worker_labels is the name README documented for labels before they took the run request's name: still accepted.
+OLD_LABELS_NAME = "worker_labels"
+TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "labels", OLD_LABELS_NAME, "priority"}
+# Where a request names each of the run request's fields (the OpenAI names, and Tunedeck's own under tunedeck).
+PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "eval_dataset": "validation_file",
+          "lora_config": "tunedeck.lora", "priority": "tunedeck.priority"}
 SUFFIX_MAX = 64
 
 
@@ -198,33 +205,44 @@ def lora_config_for(tunedeck: dict[str, Any], user: Any) -> LoraConfig:
     return LoraConfig.objects.create(name=name if n == 1 else f"{name} ({n})", params=normalized, created_by=user)
 
 
-FORM_PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "eval_dataset": "validation_file",
-               "lora_config": "tunedeck.lora",
-               "worker_labels": "tunedeck.worker_labels", "priority": "tunedeck.priority"}
-
-
-def _form_error(form: RunForm, origins: dict[str, str]) -> OpenAIError:
+def _refused(errors: dict[str, list[str]], params: dict[str, str]) -> OpenAIError:
+    """The run service's (or the settings' check's) field errors as one error naming the first param: `params`
+    says where this request set a field, a setting not set the OpenAI way is under tunedeck.hyperparameters."""
     named = []
-    for field, messages in form.errors.items():
-        param = origins.get(field) or FORM_PARAMS.get(field) or (
-            f"tunedeck.hyperparameters.{field}" if field in TRAIN_FIELDS else None)
+    for field, messages in errors.items():
+        setting = field.removeprefix(SETTING)
+        param = params.get(field) or (f"tunedeck.{field}" if setting in TRAIN_FIELDS else None)
         text = "; ".join(str(m) for m in messages)
-        if field in spec.CHOICES and "valid choice" in text:  # the form's message does not list them
-            text += f" (one of: {', '.join(spec.CHOICES[field])})"
+        if setting in spec.CHOICES and "valid choice" in text:  # the check's message does not list them
+            text += f" (one of: {', '.join(spec.CHOICES[setting])})"
         named.append((param, text))
     text = "; ".join(f"{param}: {message}" if param else message for param, message in named)
     return _bad(text, named[0][0] if named else None)
 
 
-def _labels(value: Any) -> str:
+def _labels(tunedeck: dict[str, Any]) -> tuple[list[str], str]:
+    """The labels and the param that gave them (a list, or a comma-separated string)."""
+    key = OLD_LABELS_NAME if OLD_LABELS_NAME in tunedeck else "labels"
+    param, value = f"tunedeck.{key}", tunedeck.get(key)
+    if "labels" in tunedeck and OLD_LABELS_NAME in tunedeck:
+        raise _bad(f"give tunedeck.labels or tunedeck.{OLD_LABELS_NAME} (its old name), not both", param)
     if value is None:
-        return ""
+        return [], param
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return ", ".join(value)
+        return value, param
     if isinstance(value, str):
-        return value
-    raise _bad("tunedeck.worker_labels must be a list of labels (or a comma-separated string)",
-               "tunedeck.worker_labels", "invalid_type")
+        return [part.strip() for part in value.split(",") if part.strip()], param
+    raise _bad(f"{param} must be a list of labels (or a comma-separated string)", param, "invalid_type")
+
+
+def _settings(values: dict[str, Any], priority: Any, params: dict[str, str]) -> tuple[spec.TrainParams, int]:
+    """The training settings and the priority, typed and range-checked as the REST API checks them."""
+    checked = RunCreateSerializer(data={"hyperparameters": values, "priority": 0 if priority is None else priority},
+                                  partial=True)
+    if not checked.is_valid():
+        raise _refused(flatten_errors(checked.errors), params)
+    data = checked.validated_data
+    return spec.TrainParams(**data["hyperparameters"]), data["priority"]
 
 
 def create_job(body: Any, user: Any) -> TrainingRun:
@@ -245,15 +263,14 @@ def create_job(body: Any, user: Any) -> TrainingRun:
     eval_dataset = resolve_file(validation, "validation_file") if validation not in (None, "") else None
     base = resolve_model(body.get("model"), user)
     values, origins = train_values(body, tunedeck, base)
-    labels = _labels(tunedeck.get("worker_labels"))
+    labels, labels_param = _labels(tunedeck)
+    params = {**PARAMS, **{SETTING + name: param for name, param in origins.items()}, "labels": labels_param}
     with transaction.atomic():  # an inline LoRA config saved for a job that is then refused goes with it
         config = lora_config_for(tunedeck, user)
-        data = {"name": suffix, "base_model": base.pk, "dataset": dataset.pk,
-                "eval_dataset": eval_dataset.pk if eval_dataset else "", "lora_config": config.pk,
-                "worker_labels": labels, "priority": tunedeck.get("priority", 0), **values}
-        form = RunForm(data)
-        form.refuse_priority_for(user)
-        if not form.is_valid():
-            raise _form_error(form, origins)
-        run = form.create_run(user, via=" through the OpenAI-compatible API")
-    return run
+        hyperparameters, priority = _settings(values, tunedeck.get("priority"), params)
+        request = RunRequest(name=suffix, base_model=base, dataset=dataset, eval_dataset=eval_dataset,
+                             lora_config=config, hyperparameters=hyperparameters, priority=priority, labels=labels)
+        try:
+            return queue_run(user, request, via=" through the OpenAI-compatible API")
+        except RunRefused as refused:
+            raise _refused(refused.errors, params) from None

@@ -1,0 +1,157 @@
+"""Creating a run: one service behind every way in.
+
+The New run page (`forms.RunForm`), the REST API (`api/runs.py`), the OpenAI-compatible jobs endpoint
+(`api/openai/jobs.py`), clone and the CLI's YAML run specs (posted to the REST API) each turn their input into a
+`RunRequest` and call `queue_run`. Each front end checks the shape of its own input (types, ids, names); the
+checks that need the rows (the base's positions and modules, the datasets' formats and lengths, the adapter
+config) and the staff-only priority live here once. A refusal is a `RunRefused` naming each field as
+`RunRequest` names it (a training setting as `hyperparameters.<name>`), which each front end shows its own way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django import forms
+from django.db import transaction
+
+from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.catalog.services import truncation_problem
+from webapp.fleet.forms import parse_labels
+from webapp.fleet.needs import run_needs
+from webapp.jobs import ledger
+from webapp.training.models import TrainingRun
+from workers.contract import spec
+from workers.training.engine import check_switches
+from workers.training.modelinfo import check_adapter
+
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(spec.TrainParams)]
+SETTING = "hyperparameters."  # a training setting's error is named hyperparameters.<setting>
+# Row formats trl trains as chat (formatted with the tokenizer's chat template), and those it trains as plain strings.
+CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunRequest:
+    """A new run, each field once: what every front end builds (the CLI's run specs have exactly these keys)."""
+
+    base_model: BaseModel
+    dataset: Dataset
+    lora_config: LoraConfig
+    hyperparameters: spec.TrainParams
+    name: str = ""
+    eval_dataset: Dataset | None = None  # None: eval_fraction decides
+    priority: int = 0  # higher runs first; above 0 for staff only
+    labels: list[str] = dataclasses.field(default_factory=list)  # only a worker with all of them takes the run
+
+
+class RunRefused(Exception):
+    """The run was not queued: {field: [messages]}, fields named as RunRequest names them."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__("; ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items()))
+        self.errors = errors
+
+
+def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
+    """The queued run, with its placement needs (GPU memory and count, labels, priority); RunRefused if a check
+    fails. `via` ends the ledger's "Queued by" note."""
+    errors = refusals(request)
+    if not errors and request.priority > 0 and not owner.is_staff:
+        errors["priority"] = ["only an admin can set a priority above 0"]
+    if errors:
+        raise RunRefused(errors)
+    params = request.hyperparameters
+    needs = run_needs(request.base_model, request.lora_config.lora_params(), params)
+    with transaction.atomic():
+        run = TrainingRun.objects.create(
+            name=request.name, owner=owner, base_model=request.base_model, dataset=request.dataset,
+            eval_dataset=request.eval_dataset, lora_config=request.lora_config,
+            hyperparameters=dataclasses.asdict(params), priority=request.priority,
+            needs_labels=parse_labels(", ".join(request.labels)), **needs,
+        )
+        ledger.note(run, f"Queued by {owner}{via}")
+    return run
+
+
+def refusals(request: RunRequest) -> dict[str, list[str]]:
+    """Every reason the run cannot be queued, by field; {} when it can. The page's form shows them as it validates."""
+    errors: dict[str, list[str]] = {}
+
+    def add(field: str, message: str) -> None:
+        errors.setdefault(field, []).append(message)
+
+    try:
+        parse_labels(", ".join(request.labels))
+    except forms.ValidationError as exc:
+        add("labels", " ".join(exc.messages))
+    base, params, eval_dataset = request.base_model, request.hyperparameters, request.eval_dataset
+    for name, message in params.validate(base.max_positions, has_eval_dataset=eval_dataset is not None).items():
+        add(SETTING + name, message)
+    if eval_dataset is not None:
+        problem = eval_dataset_problem(eval_dataset, request.dataset, base, params)
+        if problem:
+            add("eval_dataset", problem)
+    if SETTING + "max_seq_length" not in errors:
+        _refuse_rows_cut_before_training(request, add, errors)
+    lora = request.lora_config.lora_params()
+    for name, message in check_switches(params, lora).items():
+        if SETTING + name not in errors:
+            add(SETTING + name, message)
+    # The same checks the worker makes, from the base's stored module names: refused before queueing.
+    adapter_errors = check_adapter(lora, base.linear_modules, base.model_type, train=params,
+                                   max_positions=base.max_positions, model_name=base.name)
+    for name, message in adapter_errors.items():
+        if name not in TRAIN_FIELDS:
+            add("lora_config", f"{request.lora_config.name}: {name}: {message}")
+        elif SETTING + name not in errors:
+            add(SETTING + name, message)
+    return errors
+
+
+def _refuse_rows_cut_before_training(request: RunRequest, add: Any, errors: dict[str, list[str]]) -> None:
+    """Rows whose prompt fills max_seq_length would train on nothing (and every such row fails the run)."""
+    for name in ("dataset", "eval_dataset"):
+        chosen: Dataset | None = getattr(request, name)
+        if chosen is None or name in errors:  # one error a field: skip reading and tokenizing the file
+            continue
+        problem = truncation_problem(chosen, request.base_model, request.hyperparameters)
+        if problem:
+            add(name, problem)
+
+
+def eval_dataset_problem(eval_dataset: Dataset, dataset: Dataset | None, base: BaseModel | None,
+                         params: spec.TrainParams) -> str | None:
+    """Why a run cannot evaluate on `eval_dataset`, or None.
+
+    trl prepares the eval rows on their own, so any two formats mix (the eval loss is computed on each row as
+    its format is trained) but one: chat rows are formatted with the tokenizer's chat template, and the
+    runner supplies a fallback template only when the training rows are chat. Plain-text or prompt/completion
+    training on a base without a chat template would fail at the first evaluation."""
+    if params.eval_fraction > 0:
+        return (f"give an eval dataset or eval_fraction {params.eval_fraction:g} (a held-out fraction of the "
+                "training rows), not both: set eval_fraction to 0 to evaluate on this dataset")
+    if (dataset is not None and base is not None and not base.has_chat_template
+            and eval_dataset.format in CHAT_FORMATS and dataset.format not in CHAT_FORMATS):
+        return (f"{eval_dataset} is {eval_dataset.format} rows (chat) but the training dataset {dataset} is "
+                f"{dataset.format} rows, and {base} has no chat template to format chat rows with: pick an eval "
+                f"dataset of text or prompt_completion rows, or train on chat rows")
+    return None
+
+
+def train_params(base: BaseModel, given: dict[str, Any]) -> spec.TrainParams:
+    """The run's settings: those `given`, the others as suggested for the base's size."""
+    return spec.build(spec.TrainParams, {**dataclasses.asdict(spec.suggest_train_params(base.num_parameters)), **given})
+
+
+def clone_request(run: TrainingRun, name: str = "", owner: Any = None) -> RunRequest:
+    """`run`'s inputs as a new run's, named `name` or "<its name> (copy)". For an `owner` who is not staff a
+    priority above 0 becomes 0 (theirs to give only by asking an admin)."""
+    stored = {k: v for k, v in (run.hyperparameters or {}).items() if k in TRAIN_FIELDS}
+    priority = run.priority if owner is None or owner.is_staff else min(run.priority, 0)
+    return RunRequest(
+        name=name or f"{run.name or f'run {run.pk}'} (copy)"[:200], base_model=run.base_model, dataset=run.dataset,
+        eval_dataset=run.eval_dataset, lora_config=run.lora_config, hyperparameters=train_params(run.base_model, stored),
+        priority=priority, labels=list(run.needs_labels or []),
+    )
