@@ -534,3 +534,20 @@ def test_an_eval_dataset_whose_prompts_fill_max_seq_length_is_refused(tiny_model
                              eval_fraction=0, completion_only_loss="on"))
     assert not form.is_valid() and list(form.errors) == ["eval_dataset"]
     assert "long: 2 of its 5 rows would train on nothing" in form.errors["eval_dataset"][0]
+
+
+def test_a_dataset_whose_rows_the_objective_does_not_train_on_is_refused_on_its_field(  # type: ignore[no-untyped-def]
+        tiny_model_dir, store_dir, monkeypatch) -> None:
+    """The run's objective names the row formats it trains on (workers/training/objectives): supervised training
+    takes every format, so the check is seen here with its formats narrowed to chat rows."""
+    from webapp.training.forms import RunForm
+    from workers.training.objectives import OBJECTIVES
+
+    _, base, chat_train, config, chat, text = _eval_world(tiny_model_dir)
+    assert RunForm(_run_post(base, text, config, eval_dataset=chat.pk)).is_valid()
+    monkeypatch.setattr(OBJECTIVES["sft"], "row_formats", ("alpaca",))
+    form = RunForm(_run_post(base, text, config, eval_dataset=text.pk))
+    assert not form.is_valid() and sorted(form.errors) == ["dataset", "eval_dataset"]
+    assert "toy-text is text rows" in form.errors["dataset"][0] and "(sft) trains on alpaca rows" in form.errors["dataset"][0]
+    assert RunForm(_run_post(base, chat_train, config, eval_dataset=chat.pk)).is_valid()
+    assert not TrainingRun.objects.exists()

@@ -25,6 +25,7 @@ from webapp.training.models import TrainingRun
 from workers.contract import spec
 from workers.training.engine import check_switches
 from workers.training.modelinfo import check_adapter
+from workers.training.objectives import objective_for
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(spec.TrainParams)]
 SETTING = "hyperparameters."  # a training setting's error is named hyperparameters.<setting>
@@ -89,7 +90,9 @@ def refusals(request: RunRequest) -> dict[str, list[str]]:
     base, params, eval_dataset = request.base_model, request.hyperparameters, request.eval_dataset
     for name, message in params.validate(base.max_positions, has_eval_dataset=eval_dataset is not None).items():
         add(SETTING + name, message)
-    if eval_dataset is not None:
+    if SETTING + "objective" not in errors:
+        _refuse_rows_the_objective_does_not_train_on(request, add)
+    if eval_dataset is not None and "eval_dataset" not in errors:
         problem = eval_dataset_problem(eval_dataset, request.dataset, base, params)
         if problem:
             add("eval_dataset", problem)
@@ -108,6 +111,16 @@ def refusals(request: RunRequest) -> dict[str, list[str]]:
         elif SETTING + name not in errors:
             add(SETTING + name, message)
     return errors
+
+
+def _refuse_rows_the_objective_does_not_train_on(request: RunRequest, add: Any) -> None:
+    """Each objective trains on its own row formats (supervised: every format; preference objectives: pairs)."""
+    objective = objective_for(request.hyperparameters.objective)
+    for name in ("dataset", "eval_dataset"):
+        chosen: Dataset | None = getattr(request, name)
+        if chosen is not None and chosen.format not in objective.row_formats:
+            add(name, f"{chosen} is {chosen.format} rows, and {objective.label.lower()} ({objective.name}) trains on "
+                      f"{', '.join(objective.row_formats)} rows: pick a dataset of those or another objective")
 
 
 def _refuse_rows_cut_before_training(request: RunRequest, add: Any, errors: dict[str, list[str]]) -> None:

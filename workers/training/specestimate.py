@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from workers.contract.spec import PROMPT_LEARNING_METHODS
+from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
 from workers.training.estimate import Estimate, GiB, estimate
 from workers.training.modelshape import VIRTUAL_TOKENS, ModelShape
 from workers.training.objectives import objective_for
@@ -55,8 +55,8 @@ def _switch(value: str, auto: bool) -> bool:
 
 def estimate_for_spec(
     shape: ModelShape,
-    lora: Any,
-    train: Any,
+    lora: LoraParams,
+    train: TrainParams,
     *,
     gpu_memory_bytes: int | None = None,
     avg_seq_len: int | None = None,
@@ -106,7 +106,7 @@ def estimate_for_spec(
         notes.append("activation offload needs gradient checkpointing: the runner refuses it without")
         offload = False
     result = estimate(shape, **options, checkpoint_layers=k, activation_offload=offload)
-    added = objective_for(getattr(train, "objective", "sft")).memory_terms(result.parts())
+    added = objective_for(train.objective).memory_terms(result.parts())
     if added:
         result = replace(result, **{part: getattr(result, part) + value for part, value in added.items()})
     if gpu_memory_bytes and result.device_total > gpu_memory_bytes:
