@@ -262,7 +262,7 @@ def test_an_eval_dataset_is_what_the_run_evaluates_on_and_tokens_are_counted(tin
 def test_chat_eval_rows_break_plain_text_training_on_a_base_without_a_chat_template(tiny_model_dir: Path,
                                                                                      store: ArtifactStore,
                                                                                      tmp_path: Path) -> None:
-    """Why the run form refuses this one mix (webapp/training/forms.py eval_dataset_problem): the runner gives
+    """Why the run form refuses this one mix (webapp/training/services.py eval_dataset_problem): the runner gives
     chat rows a fallback template only when the training rows are chat, so the eval rows cannot be formatted."""
     import json
     import shutil

@@ -45,11 +45,11 @@ from webapp.playground.forms import PushForm
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import MergedModel
 from webapp.playground.views import merged_files
+from webapp.specfields import INT32
 from webapp.training.models import Adapter, AdapterOrigin, TrainingRun
 from workers.contract import jobspecs
 from workers.contract.store import ArtifactStore
 
-INT32 = 2**31 - 1
 ZIP_RESPONSE = {(200, "application/zip"): OpenApiResponse(OpenApiTypes.BINARY, description="A zip of the files.")}
 
 

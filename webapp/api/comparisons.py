@@ -20,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from webapp.api import access
-from webapp.api.adapters import INT32, adapters_field, job_error, request_body
+from webapp.api.adapters import adapters_field, job_error, request_body
 from webapp.api.common import (
     NON_FIELD,
     NamedRef,
@@ -34,6 +34,7 @@ from webapp.catalog.models import BaseModel, Dataset
 from webapp.playground import services, votes
 from webapp.playground.models import Comparison, PromptSet
 from webapp.playground.views import grid
+from webapp.specfields import INT32
 from workers.contract import jobspecs
 
 # --- comparisons ------------------------------------------------------------------------------------------
