@@ -17,14 +17,25 @@ from rest_framework import serializers
 INT32 = 2**31 - 1  # the API's integers fit a database integer column
 
 
+class NameListField(forms.CharField):
+    """A list of names typed as 'q_proj, v_proj' (commas or lines between them)."""
+
+    def prepare_value(self, value: Any) -> Any:
+        return ", ".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        return [part.strip() for part in str(value or "").replace("\n", ",").split(",") if part.strip()]
+
+
 def kind(f: dataclasses.Field[Any], choices: Mapping[str, Sequence[str]]) -> str:
-    """What input a spec field takes: choice, bool, int or float (the types a flat spec's settings have)."""
+    """What input a spec field takes: choice, bool, int, float, a list of names or free text."""
     if f.name in choices:
         return "choice"
-    for name, types in (("bool", ("bool", bool)), ("int", ("int", int))):
+    for name, types in (("bool", ("bool", bool)), ("int", ("int", int)), ("float", ("float", float)),
+                        ("list", ("list[str]", list))):
         if f.type in types:
             return name
-    return "float"
+    return "str"
 
 
 def label(f: dataclasses.Field[Any]) -> str:
@@ -45,7 +56,11 @@ def form_field(f: dataclasses.Field[Any], initial: Any, choices: Mapping[str, Se
             return forms.BooleanField(required=False, **common)
         case "int":
             return forms.IntegerField(**common)
-    return forms.FloatField(**common)
+        case "float":
+            return forms.FloatField(**common)
+        case "list":
+            return NameListField(required=False, **common)
+    return forms.CharField(required=False, **common)
 
 
 def serializer_field(f: dataclasses.Field[Any], choices: Mapping[str, Sequence[str]], note: str = "") -> serializers.Field:
@@ -58,4 +73,8 @@ def serializer_field(f: dataclasses.Field[Any], choices: Mapping[str, Sequence[s
             return serializers.BooleanField(required=False, help_text=text)
         case "int":
             return serializers.IntegerField(required=False, min_value=-INT32, max_value=INT32, help_text=text)
-    return serializers.FloatField(required=False, help_text=text)
+        case "float":
+            return serializers.FloatField(required=False, help_text=text)
+        case "list":
+            return serializers.ListField(child=serializers.CharField(), required=False, help_text=text)
+    return serializers.CharField(required=False, allow_blank=True, help_text=text)

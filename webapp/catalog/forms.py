@@ -11,6 +11,7 @@ from django.core.exceptions import NON_FIELD_ERRORS
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import local_model_roots
+from webapp.specfields import form_field
 from workers.contract import spec
 from workers.training.preview import BATCHINGS
 
@@ -26,31 +27,6 @@ LORA_CHOICES: dict[str, tuple[str, ...]] = {
 LORA_FIELDS = [f.name for f in dataclasses.fields(spec.LoraParams)]
 
 
-class NameListField(forms.CharField):
-    """A list of module names typed as 'q_proj, v_proj'."""
-
-    def prepare_value(self, value: Any) -> Any:
-        return ", ".join(value) if isinstance(value, list) else value
-
-    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
-        return [part.strip() for part in str(value or "").replace("\n", ",").split(",") if part.strip()]
-
-
-def _lora_field(f: dataclasses.Field[Any], initial: Any) -> forms.Field:
-    common: dict[str, Any] = {"initial": initial, "help_text": f.metadata.get("help", ""), "label": f.name.replace("_", " ").capitalize()}
-    if f.name in LORA_CHOICES:
-        return forms.ChoiceField(choices=[(c, c) for c in LORA_CHOICES[f.name]], **common)
-    if f.type in ("bool", bool):
-        return forms.BooleanField(required=False, **common)
-    if f.type in ("int", int):
-        return forms.IntegerField(**common)
-    if f.type in ("float", float):
-        return forms.FloatField(**common)
-    if f.type in ("list[str]", list):
-        return NameListField(required=False, **common)
-    return forms.CharField(required=False, **common)
-
-
 class LoraConfigForm(forms.ModelForm):
     class Meta:
         model = LoraConfig
@@ -60,7 +36,7 @@ class LoraConfigForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         current = self.instance.lora_params() if self.instance.pk else spec.LoraParams()
         for f in dataclasses.fields(spec.LoraParams):
-            self.fields[f.name] = _lora_field(f, getattr(current, f.name))
+            self.fields[f.name] = form_field(f, getattr(current, f.name), LORA_CHOICES)
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
