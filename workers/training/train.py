@@ -1,4 +1,5 @@
-"""The train runner: LoRA / QLoRA fine-tuning of a causal LM with trl, toward the run's objective (objectives/: sft).
+"""The train runner: LoRA / QLoRA fine-tuning of a causal LM with trl, toward the run's objective (objectives/: sft,
+dpo).
 
 `run_training(spec, reporter, store)` is the whole contract: it never touches a database,
 it reports through the reporter and writes the adapter into the artifact store.
@@ -216,11 +217,14 @@ def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: i
 
 
 def _trained_tokens_in(prepared: Any) -> int:
-    """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them)."""
+    """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them); of a
+    prepared preference dataset, the chosen answers' tokens before truncation."""
     import pyarrow.compute as pc
 
     if len(prepared) == 0:
         return 0
+    if "labels" not in prepared.column_names:  # preference pairs: DPOTrainer kept rows whose prompt leaves room
+        return int(pc.sum(pc.list_value_length(prepared.data.column("chosen_ids"))).as_py() or 0)
     labels = prepared.data.column("labels")
     return int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
 

@@ -1,0 +1,111 @@
+"""DPO through the train runner on a tiny random Llama: it learns a preference the base does not have.
+
+The toy preference: to "What is a + b?", the chosen answer is a number written with even digits only, the rejected
+one with odd digits only. The random base prefers either about as often; after DPO the adapter prefers the chosen
+answer on held-out pairs it never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+from workers.contract.store import ArtifactStore
+from workers.data.datasets import DatasetError, load_trl_rows
+
+EVEN, ODD = "02468", "13579"
+
+
+def preference_rows(count: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        rows.append({
+            "prompt": f"What is {a} + {b}?\n",
+            "chosen": "".join(rng.choice(EVEN) for _ in range(2)),
+            "rejected": "".join(rng.choice(ODD) for _ in range(2)),
+        })
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def dpo_spec(model_dir: Path) -> TrainSpec:
+    train = suggest_train_params(100_000)
+    train.objective, train.num_epochs, train.batch_size = "dpo", 2, 8
+    return TrainSpec(
+        run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
+        dataset=DatasetRef(uri="store://datasets/pairs.jsonl", format="preference"),
+        lora=LoraParams(dropout=0.0), train=train, output_uri="store://runs/1/attempt-1/adapter",
+    )
+
+
+def margins(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> list[float]:
+    """log p(chosen | prompt) - log p(rejected | prompt), each summed over the answer's tokens (and its EOS)."""
+    import torch
+
+    def answer_logp(prompt: str, answer: str) -> float:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"]
+        assert ids[: len(prompt_ids)] == prompt_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        targets = torch.tensor(ids[1:])
+        per_token = logits.gather(1, targets[:, None])[:, 0]
+        return float(per_token[len(prompt_ids) - 1:].sum())
+
+    model.eval()
+    return [answer_logp(r["prompt"], r["chosen"]) - answer_logp(r["prompt"], r["rejected"]) for r in rows]
+
+
+def test_dpo_makes_the_adapter_prefer_the_chosen_answers_of_held_out_pairs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    write_rows(store.path("store://datasets/pairs.jsonl"), preference_rows(128, seed=0))
+    held_out = preference_rows(64, seed=999)  # prompts and answers the run never saw
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = margins(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, held_out)
+
+    reporter = MemoryReporter()
+    result = run_training(dpo_spec(tiny_model_dir), reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    assert any("format preference" in line for line in reporter.logs)
+    assert [m["loss"] for m in reporter.metrics if "loss" in m]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      store.path(result["adapter_uri"]))
+    after = margins(tuned, tokenizer, held_out)
+    preferred_before = sum(m > 0 for m in before) / len(before)
+    preferred_after = sum(m > 0 for m in after) / len(after)
+    print(f"held-out pairs preferred: {preferred_before:.0%} before, {preferred_after:.0%} after; mean margin "
+          f"{sum(before) / len(before):.2f} before, {sum(after) / len(after):.2f} after")
+    assert 0.2 <= preferred_before <= 0.8, before  # the base has no such preference
+    assert preferred_after >= 0.8, after
+
+
+def test_a_preference_dataset_with_a_malformed_row_is_refused_with_its_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    rows: list[dict[str, Any]] = preference_rows(3, seed=0)
+    rows[1]["rejected"] = ""
+    rows[2]["chosen"] = ["not", "a", "text"]
+    write_rows(path, rows)
+
+    with pytest.raises(DatasetError) as refused:
+        load_trl_rows(path)
+
+    problems = {(p.line, p.field): p.message for p in refused.value.report.problems}
+    assert problems == {(2, "rejected"): "must not be empty", (3, "chosen"): "must be a string, got an array"}
