@@ -109,3 +109,51 @@ def test_a_preference_dataset_with_a_malformed_row_is_refused_with_its_line_and_
 
     problems = {(p.line, p.field): p.message for p in refused.value.report.problems}
     assert problems == {(2, "rejected"): "must not be empty", (3, "chosen"): "must be a string, got an array"}
+
+
+def test_conversational_pairs_are_read_as_trl_takes_them_and_their_turns_checked() -> None:
+    from workers.data.datasets import validate_bytes
+
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    good = {"prompt": [{"role": "system", "content": "Be brief."}, user],
+            "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    bad = {"prompt": [user, {"role": "assistant", "content": "4"}],
+           "chosen": [{"role": "user", "content": "4"}], "rejected": "5"}
+    same = {"prompt": "Say hi.", "chosen": "hi", "rejected": "hi"}
+    report = validate_bytes("".join(json.dumps(r) + "\n" for r in (good, bad, same)).encode(), "pairs.jsonl")
+
+    assert report.format == "preference" and report.row_count == 3
+    assert [(p.line, p.field) for p in report.problems] == [
+        (2, "prompt[1].role"), (2, "chosen[0].role"), (2, "rejected"), (3, "rejected")]
+    assert "must end with the user turn" in report.problems[0].message
+    assert "the pair teaches no preference" in report.problems[3].message
+
+
+def test_the_dpo_objective_builds_trls_dpo_trainer_with_the_adapter_off_as_its_reference(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from workers.data.datasets import to_trl_row
+    from workers.training.engine import resolve_plan
+    from workers.training.objectives import objective_for
+    from workers.training.train import make_trainer
+
+    spec = dpo_spec(tiny_model_dir)
+    spec.train.beta, spec.train.dpo_loss = 0.3, "ipo"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plan = resolve_plan(spec.train, spec.lora, device="cpu", dtype="float32", num_layers=2)
+    args = objective_for("dpo").config(spec, plan, tmp_path / "trainer", has_eval=False)
+    turns = [to_trl_row("preference", {
+        "prompt": [{"role": "user", "content": r["prompt"]}],
+        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+        "rejected": [{"role": "assistant", "content": r["rejected"]}]}) for r in preference_rows(8, seed=1)]
+
+    trainer = make_trainer(spec, plan, model, tokenizer, Dataset.from_list(turns), None, [], args)
+
+    assert isinstance(args, DPOConfig) and isinstance(trainer, DPOTrainer)
+    assert (args.beta, args.loss_type, args.max_length) == (0.3, ["ipo"], spec.train.max_seq_length)
+    assert trainer.ref_model is None and trainer.model.peft_config["default"].r == spec.lora.r
+    assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(trainer.train_dataset.column_names)
