@@ -87,3 +87,32 @@ def test_make_trainer_builds_an_sft_trainer_through_the_seam(tiny_model_dir: Pat
     assert isinstance(args, SFTConfig) and isinstance(trainer, SFTTrainer)
     assert args.max_length == spec.train.max_seq_length
     assert trainer.model.peft_config["default"].r == spec.lora.r  # the run's adapter, built by the objective
+
+
+def test_a_dpo_estimate_pads_and_adds_the_second_answer_and_the_reference_logits() -> None:
+    from workers.training.estimate import GiB
+    from workers.training.modelshape import ModelShape
+    from workers.training.specestimate import estimate_for_spec
+
+    shape = ModelShape.from_config(_llama_8b_config())
+    lora = LoraParams(quantization="4bit")
+    sft = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, batching="pad"))
+    dpo = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, objective="dpo"))
+    packed = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, objective="dpo",
+                                                        batching="pack"))
+
+    assert dpo.choices.batching == "pad" and dpo.choices.attention == "sdpa"
+    assert dpo.estimate.activations == 2 * sft.estimate.activations
+    assert dpo.estimate.logits == 4 * sft.estimate.logits
+    assert dpo.estimate.weights == sft.estimate.weights  # the reference is the same weights, adapter off
+    assert dpo.estimate.total > sft.estimate.total + 1 * GiB
+    assert packed.estimate.total == dpo.estimate.total and "dpo pads its batches" in packed.notes[0]
+
+
+def _llama_8b_config():  # type: ignore[no-untyped-def]
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+    )

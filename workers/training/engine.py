@@ -415,8 +415,9 @@ def padding_free_collator(tokenizer: Any) -> Any:
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
 
 
-def plan_estimator(config: Any, spec: Any) -> Any:
-    """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood."""
+def plan_estimator(config: Any, spec: Any, memory_terms: Any = None) -> Any:
+    """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood.
+    `memory_terms`: the run's objective's (objectives/base.Objective), what it adds to a supervised pass."""
     from workers.training import estimate as est
     from workers.training.modelshape import ModelShape
 
@@ -430,7 +431,7 @@ def plan_estimator(config: Any, spec: Any) -> Any:
         method = "dora"
 
     def estimator(plan: Plan) -> int:
-        return int(est.estimate(
+        result = est.estimate(
             shape,
             method=method,
             quantization=lora.quantization,
@@ -454,6 +455,7 @@ def plan_estimator(config: Any, spec: Any) -> Any:
             expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             num_gpus=train.num_gpus,  # one GPU's share: DDP replicates, FSDP shards
             strategy=train.strategy,
-        ).total)
+        )
+        return int(result.plus(memory_terms(result.parts())).total if memory_terms else result.total)
 
     return estimator

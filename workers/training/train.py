@@ -292,7 +292,7 @@ def rank_train_params(train: Any) -> Any:
 
 def _estimator(config: Any, spec: TrainSpec) -> Any:
     """The memory estimator for this run, or None: a shape it does not know must not stop training."""
-    estimator = plan_estimator(config, spec)
+    estimator = plan_estimator(config, spec, objective_for(spec.train.objective).memory_terms)
     if estimator is None:
         return None
 
