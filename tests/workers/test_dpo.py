@@ -42,7 +42,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def dpo_spec(model_dir: Path) -> TrainSpec:
     train = suggest_train_params(100_000)
-    train.objective, train.num_epochs, train.batch_size = "dpo", 2, 8
+    train.objective, train.num_epochs, train.batch_size, train.eval_fraction = "dpo", 2, 8, 0.125
     return TrainSpec(
         run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
         dataset=DatasetRef(uri="store://datasets/pairs.jsonl", format="preference"),
@@ -86,6 +86,7 @@ def test_dpo_makes_the_adapter_prefer_the_chosen_answers_of_held_out_pairs(tiny_
     assert result is not None, reporter.states[-1]
     assert any("format preference" in line for line in reporter.logs)
     assert [m["loss"] for m in reporter.metrics if "loss" in m]
+    assert result["eval_loss"] is not None and any("16 held out for evaluation" in line for line in reporter.logs)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                       store.path(result["adapter_uri"]))
     after = margins(tuned, tokenizer, held_out)
