@@ -158,3 +158,28 @@ def test_the_dpo_objective_builds_trls_dpo_trainer_with_the_adapter_off_as_its_r
     assert (args.beta, args.loss_type, args.max_length) == (0.3, ["ipo"], spec.train.max_seq_length)
     assert trainer.ref_model is None and trainer.model.peft_config["default"].r == spec.lora.r
     assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(trainer.train_dataset.column_names)
+
+
+def test_pairs_whose_prompt_fills_max_seq_length_are_named_and_a_run_of_only_such_pairs_fails(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    rows = preference_rows(16, seed=3)
+    long_prompt = "add these numbers: " + " + ".join(str(k) for k in range(12)) + "\n"
+    for row in rows[2:4]:
+        row["prompt"] = long_prompt
+    write_rows(store.path("store://datasets/pairs.jsonl"), rows)
+    spec = dpo_spec(tiny_model_dir)
+    spec.train.max_seq_length, spec.train.max_steps, spec.train.eval_fraction = 16, 2, 0.0
+
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is not None, reporter.states[-1]
+    warning = next(line for line in reporter.logs if "train on nothing" in line)
+    assert "2 of 16 training rows" in warning and "line 3 (prompt of " in warning and "line 4" in warning
+
+    write_rows(store.path("store://datasets/pairs.jsonl"), [{**row, "prompt": long_prompt} for row in rows[:8]])
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is None
+    state, _, error = reporter.states[-1]
+    assert state == "failed" and "none of the 8 training rows" in error and "max_seq_length 16" in error
