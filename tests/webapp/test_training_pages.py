@@ -572,6 +572,9 @@ def test_preference_pairs_train_dpo_and_a_supervised_run_on_them_is_refused_on_t
     assert "(sft) trains on text, prompt_completion, alpaca, messages, sharegpt rows" in sft.errors["dataset"][0]
 
     assert RunForm(_run_post(base, pairs, config, objective="dpo", beta=0.2, dpo_loss="ipo")).is_valid()
+    cut = RunForm(_run_post(base, pairs, config, objective="dpo", completion_only_loss=False, max_seq_length=8))
+    assert not cut.is_valid() and "12 of its 12 rows would train on nothing" in str(cut.errors)
+    assert "completion_only_loss" not in str(cut.errors)  # DPO's loss is always the answers'
     dpo = RunForm(_run_post(base, chat_train, config, objective="dpo", eval_dataset=text.pk, beta=0))
     assert not dpo.is_valid() and sorted(dpo.errors) == ["beta", "dataset", "eval_dataset"]
     assert "(dpo) trains on preference rows" in dpo.errors["dataset"][0]

@@ -393,6 +393,12 @@ class TrainParams:
             errors["beta"] = "must be positive"
 
     @property
+    def answers_only(self) -> bool:
+        """Whether the loss leaves the prompts out: with completion_only_loss, and always for DPO (its loss is the
+        answers')."""
+        return self.completion_only_loss or self.objective == "dpo"
+
+    @property
     def distributed(self) -> bool:
         return self.num_gpus > 1
 

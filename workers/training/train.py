@@ -205,13 +205,14 @@ def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: i
     if trained and not dropped:
         return
     named = rows_cut_before_training(tokenizer, numbered_records(store.path(spec.dataset.uri)), max_length,
-                                     spec.train.completion_only_loss, unit=unit_of(spec.dataset.uri))
+                                     spec.train.answers_only, unit=unit_of(spec.dataset.uri))
     listing = ", ".join(str(row) for row in named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
     if not trained:
+        remedies = "or shorten the prompts" if spec.train.objective == "dpo" else (
+            "shorten the prompts, or turn off completion_only_loss to train on the prompts too")
         raise RunnerError(
             f"none of the {rows} training rows keeps a token to train on within max_seq_length {max_length}: "
-            f"their prompts fill it ({listing or 'every row'}). Raise max_seq_length, shorten the prompts, or "
-            "turn off completion_only_loss to train on the prompts too")
+            f"their prompts fill it ({listing or 'every row'}). Raise max_seq_length {remedies}")
     reporter.log(f"{dropped} of {rows} training rows train on nothing within max_seq_length {max_length} and are "
                  f"skipped: their prompts fill it ({listing})", level="warning")
 
