@@ -183,3 +183,20 @@ def test_pairs_whose_prompt_fills_max_seq_length_are_named_and_a_run_of_only_suc
     assert run_training(spec, reporter, store) is None
     state, _, error = reporter.states[-1]
     assert state == "failed" and "none of the 8 training rows" in error and "max_seq_length 16" in error
+
+
+def test_a_qlora_dpo_run_succeeds_on_the_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    write_rows(store.path("store://datasets/pairs.jsonl"), preference_rows(16, seed=4))
+    spec = dpo_spec(tiny_model_dir)
+    spec.lora = LoraParams(dropout=0.0, quantization="4bit")
+    spec.train.max_steps, spec.train.eval_fraction = 2, 0.0
+
+    reporter = MemoryReporter()
+    result = run_training(spec, reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    assert result["steps"] == 2 and any("4-bit NF4" in line for line in reporter.logs)
+    assert (store.path(result["adapter_uri"]) / "adapter_model.safetensors").exists()
