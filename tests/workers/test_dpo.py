@@ -200,3 +200,36 @@ def test_a_qlora_dpo_run_succeeds_on_the_cpu(tiny_model_dir: Path, tmp_path: Pat
     assert result is not None, reporter.states[-1]
     assert result["steps"] == 2 and any("4-bit NF4" in line for line in reporter.logs)
     assert (store.path(result["adapter_uri"]) / "adapter_model.safetensors").exists()
+
+
+def test_a_dpo_run_lost_mid_way_resumes_from_its_checkpoint_on_the_same_schedule(tiny_model_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    from tests.workers.test_train_runner import DyingReporter
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    write_rows(store.path("store://datasets/pairs.jsonl"), preference_rows(64, seed=5))
+
+    def spec(attempt: int, checkpoints: str) -> TrainSpec:
+        s = dpo_spec(tiny_model_dir)
+        s.attempt, s.checkpoint_uri, s.output_uri = attempt, checkpoints, f"{checkpoints}-out/attempt-{attempt}"
+        s.train.max_steps, s.train.save_steps, s.train.logging_steps, s.train.eval_fraction = 6, 3, 1, 0.0
+        return s
+
+    whole = MemoryReporter()
+    whole_result = run_training(spec(1, "store://runs/whole/checkpoints"), whole, store)
+    assert whole_result is not None, whole.states[-1]
+    dying = DyingReporter(die_at_step=5)
+    assert run_training(spec(1, "store://runs/cut/checkpoints"), dying, store) is None
+
+    resumed = MemoryReporter()
+    result = run_training(spec(2, "store://runs/cut/checkpoints"), resumed, store)
+
+    assert result is not None, resumed.states[-1]
+    assert result["resumed_from_step"] == 3 and result["steps"] == whole_result["steps"] == 6
+    expected = {m["step"]: (m["learning_rate"], m["loss"]) for m in whole.metrics if "loss" in m}
+    got = {m["step"]: (m["learning_rate"], m["loss"]) for m in resumed.metrics if "loss" in m}
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step][0] == pytest.approx(expected[step][0], rel=1e-6)  # the same learning-rate schedule
+        assert got[step][1] == pytest.approx(expected[step][1], abs=0.05)
