@@ -233,3 +233,35 @@ def test_a_dpo_run_lost_mid_way_resumes_from_its_checkpoint_on_the_same_schedule
     for step in got:
         assert got[step][0] == pytest.approx(expected[step][0], rel=1e-6)  # the same learning-rate schedule
         assert got[step][1] == pytest.approx(expected[step][1], abs=0.05)
+
+
+def test_two_process_ddp_dpo_trains_the_same_adapter_as_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """DDP on the CPU (torchrun, gloo): the same global batch, seed and pairs give the same adapter."""
+    from safetensors.torch import load_file
+
+    from tests.workers.test_distributed import launch
+
+    store = ArtifactStore(tmp_path / "store")
+    write_rows(store.path("store://datasets/pairs.jsonl"), preference_rows(64, seed=6))
+
+    def run(name: str, num_gpus: int) -> tuple[dict[str, Any], MemoryReporter]:
+        s = dpo_spec(tiny_model_dir)
+        s.output_uri = f"store://runs/{name}/adapter"
+        s.train.max_steps, s.train.grad_accum, s.train.num_gpus, s.train.eval_fraction = 3, 2, num_gpus, 0.0
+        s.train.logging_steps, s.train.warmup_ratio = 1, 0.0
+        reporter = MemoryReporter()
+        result = launch(s, reporter, store)
+        assert result is not None, (reporter.states[-1], reporter.logs[-10:])
+        return result, reporter
+
+    one, single = run("one", 1)
+    two, group = run("two", 2)
+
+    assert two["num_processes"] == 2 and two["steps"] == one["steps"] == 3
+    a = load_file(store.path(one["adapter_uri"]) / "adapter_model.safetensors")
+    b = load_file(store.path(two["adapter_uri"]) / "adapter_model.safetensors")
+    assert set(a) == set(b) and any("lora_B" in k for k in a)
+    for name in a:
+        assert float((a[name] - b[name]).abs().max()) <= 1e-5 * float(a[name].abs().max()), name
+    losses = [[m["loss"] for m in r.metrics if "loss" in m] for r in (single, group)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
