@@ -115,6 +115,9 @@ def check_switches(train: TrainParams, lora: LoraParams) -> dict[str, str]:
         errors["batching"] = f"{method} prepends virtual tokens to each example: use pad (or auto)"
     if train.attention == "varlen" and train.batching == "pad":
         errors["attention"] = "varlen attention works on packed or padding-free rows, not padded batches"
+    elif train.attention == "varlen" and train.objective in PADDED_OBJECTIVES:
+        errors["attention"] = (f"varlen attention works on packed or padding-free rows, and {train.objective} pads "
+                               "its batches: use sdpa (or auto)")
     if train.activation_offload == "on" and train.gradient_checkpointing == "off":
         errors["activation_offload"] = "offloading moves the checkpointed layer inputs to CPU: it needs gradient checkpointing"
     return errors
@@ -159,9 +162,6 @@ def resolve_plan(
             attention = "varlen"
         else:
             attention = "sdpa"
-    if attention == "varlen" and padded_objective:
-        raise PlanError("attention", f"varlen attention works on packed or padding-free rows, and {train.objective} "
-                        "pads its batches: use sdpa (or auto)")
     if attention == "varlen":
         if not varlen_available():
             raise PlanError("attention", "varlen needs a CUDA GPU of compute capability 8.0+ and PyTorch >= 2.10")
