@@ -265,3 +265,24 @@ def test_two_process_ddp_dpo_trains_the_same_adapter_as_one_process(tiny_model_d
         assert float((a[name] - b[name]).abs().max()) <= 1e-5 * float(a[name].abs().max()), name
     losses = [[m["loss"] for m in r.metrics if "loss" in m] for r in (single, group)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_pairs_are_read_from_csv_and_parquet_too_with_the_row_of_each_problem() -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.data.datasets import validate_bytes
+
+    csv = validate_bytes(b"prompt,chosen,rejected\nSay hi.,hi,bye\nSay hi.,,bye\n", "pairs.csv")
+    assert (csv.format, csv.row_count) == ("preference", 2)
+    assert [(p.line, p.field, p.message) for p in csv.problems] == [(3, "chosen", "must not be empty")]
+
+    turns = [{"prompt": [{"role": "user", "content": "Say hi."}], "chosen": [{"role": "assistant", "content": "hi"}],
+              "rejected": [{"role": role, "content": "bye"}]} for role in ("assistant", "user")]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(turns), buffer)
+    parquet = validate_bytes(buffer.getvalue(), "pairs.parquet")
+    assert (parquet.format, parquet.row_count) == ("preference", 2)
+    assert [(p.line, p.unit, p.field) for p in parquet.problems] == [(2, "row", "rejected[0].role")]
