@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def test_dpo_makes_the_adapter_prefer_the_chosen_answers_of_held_out_pairs(tiny_
     assert result is not None, reporter.states[-1]
     assert any("format preference" in line for line in reporter.logs)
     assert [m["loss"] for m in reporter.metrics if "loss" in m]
+    assert any(re.search(r"reward margin -?\d+\.\d{3} pairs preferred \d+%", line) for line in reporter.logs)
     assert result["eval_loss"] is not None and any("16 held out for evaluation" in line for line in reporter.logs)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                       store.path(result["adapter_uri"]))

@@ -457,6 +457,14 @@ def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
     return max(-(-batches // args.gradient_accumulation_steps), 1)
 
 
+def _preference_figures(logs: dict[str, Any]) -> str:
+    """What trl's DPOTrainer logs of the pairs, for the log line: how much more the adapter prefers the chosen
+    answer than the reference does (the reward margin), and on what share of pairs it prefers it at all."""
+    if "rewards/margins" not in logs or "rewards/accuracies" not in logs:
+        return ""
+    return f" reward margin {logs['rewards/margins']:.3f} pairs preferred {logs['rewards/accuracies']:.0%}"
+
+
 class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     """Streams progress to the reporter and stops training at the next step once cancelled."""
 
@@ -516,6 +524,6 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
         speed = f" {point['tokens_per_s']:.0f} tok/s" if point["tokens_per_s"] else ""
         self.reporter.log(
             f"step {state.global_step}/{state.max_steps} epoch {point['epoch']:.2f} "
-            f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}"
+            f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}{_preference_figures(logs)}"
         )
         self.reporter.maybe_flush()
