@@ -156,10 +156,10 @@ def test_the_dpo_objective_builds_trls_dpo_trainer_with_the_adapter_off_as_its_r
 
     trainer = make_trainer(spec, plan, model, tokenizer, Dataset.from_list(turns), None, [], args)
 
-    assert isinstance(args, DPOConfig) and isinstance(trainer, DPOTrainer)
-    assert (args.beta, args.loss_type, args.max_length) == (0.3, ["ipo"], spec.train.max_seq_length)
     assert trainer.ref_model is None and trainer.model.peft_config["default"].r == spec.lora.r
     assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(trainer.train_dataset.column_names)
+    assert isinstance(args, DPOConfig) and isinstance(trainer, DPOTrainer)
+    assert (args.beta, args.loss_type, args.max_length) == (0.3, ["ipo"], spec.train.max_seq_length)
 
 
 def test_pairs_whose_prompt_fills_max_seq_length_are_named_and_a_run_of_only_such_pairs_fails(
