@@ -414,3 +414,22 @@ def test_a_run_whose_rows_cannot_reach_their_answer_is_refused_on_create_and_clo
     body = problem_of(post(client, f"/api/v1/runs/{source.pk}/clone/", {}, raw), 400)
     assert "line 4 (prompt of " in body["errors"]["dataset"][0]
     assert TrainingRun.objects.count() == 1
+
+
+def test_the_dpo_example_run_spec_trains_on_the_demo_preference_pairs(client: Client, store_dir: Path,
+                                                                      django_user_model: Any) -> None:
+    import yaml
+
+    from webapp.catalog.demo import DEMO_PREFERENCES, ensure_demo_content
+    from webapp.catalog.models import Dataset
+
+    assert f"dataset {DEMO_PREFERENCES}" in ensure_demo_content()
+    assert Dataset.objects.get(name=DEMO_PREFERENCES).format == "preference"
+    owner = django_user_model.objects.create_user("owner", password="pw-owner-123")
+    body = yaml.safe_load(Path("examples/dpo.yaml").read_text())
+
+    response = post(client, "/api/v1/runs/", body, key_for(owner))
+
+    assert response.status_code == 201, response.content
+    job = TrainingRun.objects.get(pk=response.json()["id"]).job_spec()
+    assert (job.train.objective, job.dataset.format) == ("dpo", "preference")

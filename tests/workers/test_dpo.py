@@ -1,8 +1,8 @@
 """DPO through the train runner on a tiny random Llama: it learns a preference the base does not have.
 
-The toy preference: to "What is a + b?", the chosen answer is a number written with even digits only, the rejected
-one with odd digits only. The random base prefers either about as often; after DPO the adapter prefers the chosen
-answer on held-out pairs it never trained on.
+The toy preference (workers.training.demo.preference_rows): to "What is a + b?", the chosen answer is a number
+written with even digits only, the rejected one with odd digits only. The random base prefers either about as often;
+after DPO the adapter prefers the chosen answer on held-out pairs it never trained on.
 """
 
 from __future__ import annotations
@@ -19,22 +19,7 @@ from workers.contract.reporter import MemoryReporter
 from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
 from workers.contract.store import ArtifactStore
 from workers.data.datasets import DatasetError, load_trl_rows
-
-EVEN, ODD = "02468", "13579"
-
-
-def preference_rows(count: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        rows.append({
-            "prompt": f"What is {a} + {b}?\n",
-            "chosen": "".join(rng.choice(EVEN) for _ in range(2)),
-            "rejected": "".join(rng.choice(ODD) for _ in range(2)),
-        })
-    return rows
-
+from workers.training.demo import preference_rows
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
