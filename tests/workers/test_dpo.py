@@ -8,7 +8,6 @@ after DPO the adapter prefers the chosen answer on held-out pairs it never train
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, s
 from workers.contract.store import ArtifactStore
 from workers.data.datasets import DatasetError, load_trl_rows
 from workers.training.demo import preference_rows
+
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
