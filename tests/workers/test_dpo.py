@@ -273,3 +273,15 @@ def test_pairs_are_read_from_csv_and_parquet_too_with_the_row_of_each_problem() 
     parquet = validate_bytes(buffer.getvalue(), "pairs.parquet")
     assert (parquet.format, parquet.row_count) == ("preference", 2)
     assert [(p.line, p.unit, p.field) for p in parquet.problems] == [(2, "row", "rejected[0].role")]
+
+
+def test_a_pair_gives_its_prompt_and_its_chosen_answer_as_the_reference_to_evaluations_and_comparisons() -> None:
+    from workers.data.datasets import to_trl_row
+    from workers.data.prompts import prompt_row
+
+    plain = prompt_row(to_trl_row("preference", {"prompt": "Say hi.", "chosen": "hi", "rejected": "bye"}))
+    assert (plain.prompt, plain.reference) == ("Say hi.", "hi")
+    turns = prompt_row(to_trl_row("preference", {
+        "prompt": [{"role": "user", "content": "Say hi."}], "chosen": [{"role": "assistant", "content": "hi"}],
+        "rejected": [{"role": "assistant", "content": "bye"}]}))
+    assert (turns.prompt, turns.reference, turns.turns) == ("Say hi.", "hi", [{"role": "user", "content": "Say hi."}])
