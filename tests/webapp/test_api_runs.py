@@ -298,6 +298,29 @@ def test_eval_dataset_refusals_are_field_errors(client: Client, api_team: Team) 
     assert not TrainingRun.objects.exists()
 
 
+def test_a_dpo_run_takes_preference_pairs_and_its_settings_and_clones_with_them(client: Client,
+                                                                                api_team: Team) -> None:
+    from webapp.catalog.services import register_dataset
+
+    t = api_team
+    raw = key_for(t.owner)
+    pairs = register_dataset("pairs", "pairs.jsonl", "".join(
+        json.dumps({"prompt": f"What is {n} + 1?\n", "chosen": str(n + 1), "rejected": str(n + 2)}) + "\n"
+        for n in range(8)).encode())
+    dpo = {"objective": "dpo", "beta": 0.5, "dpo_loss": "hinge"}
+
+    response = post(client, "/api/v1/runs/", t.run_body(dataset=pairs.pk, hyperparameters=dpo), raw)
+
+    assert response.status_code == 201, response.content
+    assert {k: response.json()["hyperparameters"][k] for k in dpo} == dpo
+    clone = post(client, f"/api/v1/runs/{response.json()['id']}/clone/", {}, raw)
+    assert clone.status_code == 201 and TrainingRun.objects.get(pk=clone.json()["id"]).train_params().beta == 0.5
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(dataset=pairs.pk), raw), 400)
+    assert list(body["errors"]) == ["dataset"] and "(sft) trains on" in body["errors"]["dataset"][0]
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(hyperparameters={**dpo, "dpo_loss": "kto"}), raw), 400)
+    assert body["errors"] == {"hyperparameters.dpo_loss": ['"kto" is not a valid choice.']}
+
+
 # --- events, metrics, checkpoints ---------------------------------------------------------------------------
 
 
@@ -391,3 +414,22 @@ def test_a_run_whose_rows_cannot_reach_their_answer_is_refused_on_create_and_clo
     body = problem_of(post(client, f"/api/v1/runs/{source.pk}/clone/", {}, raw), 400)
     assert "line 4 (prompt of " in body["errors"]["dataset"][0]
     assert TrainingRun.objects.count() == 1
+
+
+def test_the_dpo_example_run_spec_trains_on_the_demo_preference_pairs(client: Client, store_dir: Path,
+                                                                      django_user_model: Any) -> None:
+    import yaml
+
+    from webapp.catalog.demo import DEMO_PREFERENCES, ensure_demo_content
+    from webapp.catalog.models import Dataset
+
+    assert f"dataset {DEMO_PREFERENCES}" in ensure_demo_content()
+    assert Dataset.objects.get(name=DEMO_PREFERENCES).format == "preference"
+    owner = django_user_model.objects.create_user("owner", password="pw-owner-123")
+    body = yaml.safe_load(Path("examples/dpo.yaml").read_text())
+
+    response = post(client, "/api/v1/runs/", body, key_for(owner))
+
+    assert response.status_code == 201, response.content
+    job = TrainingRun.objects.get(pk=response.json()["id"]).job_spec()
+    assert (job.train.objective, job.dataset.format) == ("dpo", "preference")

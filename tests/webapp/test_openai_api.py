@@ -226,6 +226,25 @@ def test_a_job_is_a_run_with_the_openai_and_tunedeck_settings(world: dict[str, A
     assert third.train_params().batch_size == 2 and third.lora_config == world["config"]
 
 
+def test_a_dpo_job_trains_direct_preference_optimization_on_preference_rows(world: dict[str, Any]) -> None:
+    from webapp.catalog.services import register_dataset
+
+    pairs = register_dataset("pairs", "pairs.jsonl", "".join(
+        json.dumps({"prompt": f"What is {n} + 1?\n", "chosen": str(n + 1), "rejected": str(n + 2)}) + "\n"
+        for n in range(12)).encode())
+    body = job_body(world, training_file=f"file-{pairs.pk}",
+                    method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}})
+
+    response = world["api"]["owner"].post("fine_tuning/jobs", body)
+
+    assert response.status_code == 200, response.content
+    job = FineTuningJob.model_validate(response.json())
+    hp = TrainingRun.objects.get(pk=int(job.id.removeprefix("ftjob-"))).train_params()
+    assert (hp.objective, hp.beta, hp.num_epochs) == ("dpo", 0.25, 2)
+    assert job.method is not None and job.method.type == "dpo" and job.method.dpo is not None
+    assert job.method.dpo.hyperparameters is not None and job.method.dpo.hyperparameters.beta == 0.25
+
+
 def test_a_model_given_by_path_is_registered_on_the_fly(world: dict[str, Any], tiny_model_dir: Path,
                                                         tmp_path: Path) -> None:
     link = tmp_path / "tiny-elsewhere"
@@ -259,7 +278,13 @@ def test_a_model_path_outside_the_model_roots_is_not_registered(world: dict[str,
     ({"hyperparameters": {"n_epochs": "three"}}, "hyperparameters.n_epochs", "positive integer"),
     ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size", "positive integer"),
     ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs", "unknown field"),
-    ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "supervised and dpo"),
+    ({"method": {"type": "dpo"}}, "training_file", "(dpo) trains on preference rows"),
+    ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised", "unknown field"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta",
+     "positive number"),
+    ({"method": {"type": "dpo"}, "tunedeck": {"hyperparameters": {"objective": "sft"}}}, "method.type", "give one"),
+    ({"hyperparameters": {"beta": 0.1}}, "hyperparameters.beta", "unknown field"),
     ({"hyperparameters": {"n_epochs": 2}, "method": {"supervised": {"hyperparameters": {"n_epochs": 3}}}},
      "hyperparameters", "not both"),
     ({"validation_file": "file-999999"}, "validation_file", "No such file"),

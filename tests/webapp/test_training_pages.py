@@ -551,3 +551,46 @@ def test_a_dataset_whose_rows_the_objective_does_not_train_on_is_refused_on_its_
     assert "toy-text is text rows" in form.errors["dataset"][0] and "(sft) trains on alpaca rows" in form.errors["dataset"][0]
     assert RunForm(_run_post(base, chat_train, config, eval_dataset=chat.pk)).is_valid()
     assert not TrainingRun.objects.exists()
+
+
+def test_preference_pairs_train_dpo_and_a_supervised_run_on_them_is_refused_on_the_dataset_field(  # type: ignore[no-untyped-def]
+        tiny_model_dir, store_dir, client) -> None:
+    import json
+
+    from webapp.catalog.services import register_dataset
+    from webapp.training.forms import RunForm
+
+    _, base, chat_train, config, _, text = _eval_world(tiny_model_dir)
+    pairs = register_dataset("pairs", "pairs.jsonl", "".join(
+        json.dumps({"prompt": f"What is {n} + 1?\n", "chosen": str(n + 1), "rejected": str(n + 2)}) + "\n"
+        for n in range(12)).encode())
+    assert pairs.format == "preference"
+
+    sft = RunForm(_run_post(base, pairs, config))
+    assert not sft.is_valid() and sorted(sft.errors) == ["dataset"]
+    assert "pairs is preference rows" in sft.errors["dataset"][0]
+    assert "(sft) trains on text, prompt_completion, alpaca, messages, sharegpt rows" in sft.errors["dataset"][0]
+
+    assert RunForm(_run_post(base, pairs, config, objective="dpo", beta=0.2, dpo_loss="ipo")).is_valid()
+    varlen = RunForm(_run_post(base, pairs, config, objective="dpo", attention="varlen"))
+    assert not varlen.is_valid() and "dpo pads its batches" in varlen.errors["attention"][0]
+    cut = RunForm(_run_post(base, pairs, config, objective="dpo", completion_only_loss=False, max_seq_length=8))
+    assert not cut.is_valid() and "12 of its 12 rows would train on nothing" in str(cut.errors)
+    assert "completion_only_loss" not in str(cut.errors)  # DPO's loss is always the answers'
+    dpo = RunForm(_run_post(base, chat_train, config, objective="dpo", eval_dataset=text.pk, beta=0))
+    assert not dpo.is_valid() and sorted(dpo.errors) == ["beta", "dataset", "eval_dataset"]
+    assert "(dpo) trains on preference rows" in dpo.errors["dataset"][0]
+    assert not TrainingRun.objects.exists()
+
+    client.login(username="owner", password="owner-pass-123")
+    response = client.post("/runs/new/", _run_post(base, pairs, config, objective="dpo", beta=0.2, dpo_loss="ipo"))
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    job = TrainingRun.objects.get().job_spec()
+    assert (job.train.objective, job.train.beta, job.train.dpo_loss, job.dataset.format) == ("dpo", 0.2, "ipo",
+                                                                                              "preference")
+    page = client.get(f"/datasets/{pairs.pk}/")
+    assert page.status_code == 200 and "preference" in page.content.decode()
+    analysis = client.get(f"/datasets/{pairs.pk}/", {"base_model": base.pk, "row": 1, "batching": "pad",
+                                                     "completion_only_loss": "on"}, HTTP_HX_REQUEST="true")
+    assert analysis.status_code == 200 and 'role="alert"' not in analysis.content.decode()
+    assert 'class="tok trained"' in analysis.content.decode()  # shown as the prompt and its chosen answer

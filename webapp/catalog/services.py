@@ -265,7 +265,7 @@ def rows_cut_by_truncation(dataset: Dataset, base: BaseModel, params: spec.Train
     None are found where the check cannot run here (the tokenizer or the file out of this machine's reach): the
     runner names such rows too, and fails when they are every row. Such a failure is not cached: the next check
     tries again."""
-    if not params.completion_only_loss or dataset.format in PROMPTLESS_FORMATS:
+    if not params.answers_only or dataset.format in PROMPTLESS_FORMATS:
         return ()
     try:
         tokenizer_for(base)  # load errors as ModelNotFound, named by the base
@@ -288,4 +288,10 @@ def truncation_problem(dataset: Dataset, base: BaseModel, params: spec.TrainPara
         reach += f" (more than the {base.max_positions:,} positions of {base.name}: shorten those prompts)"
     return (f"{dataset.name}: {count} of its {dataset.row_count:,} rows would train on nothing: cut to "
             f"max_seq_length {params.max_seq_length}, their prompts leave no room for the answer ({shown}). "
-            f"{reach}, shorten those prompts, or turn off completion_only_loss to train on the prompts too")
+            f"{reach}{_other_remedies(params)}")
+
+
+def _other_remedies(params: spec.TrainParams) -> str:
+    if params.objective == "dpo":  # its loss is always the answers'
+        return " or shorten those prompts"
+    return ", shorten those prompts, or turn off completion_only_loss to train on the prompts too"

@@ -27,7 +27,10 @@ MUTATING_INITS = ("pissa", "pissa_fast", "olora")
 PROMPT_INITS = ("random", "sample_vocab", "text")
 # Target presets, resolved per architecture family from the model's own module names (workers/training/modelinfo.py).
 TARGET_PRESETS = ("all-linear", "attention", "attention+mlp")
-DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
+# Rows that teach by example (supervised fine-tuning trains on each of these), then preference pairs: a prompt with a
+# chosen and a rejected answer (what preference objectives such as DPO train on).
+DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference")
+EXAMPLE_FORMATS = DATASET_FORMATS[:-1]
 
 
 def help_field(text: str, default: Any) -> Any:
@@ -326,8 +329,20 @@ class TrainParams:
     )
     objective: str = help_field(
         "What training optimizes: sft (supervised fine-tuning, the loss of the rows' text or, with "
-        "completion_only_loss, of their completions).",
+        "completion_only_loss, of their completions) or dpo (direct preference optimization on preference rows: "
+        "raise the chosen answer's likelihood over the rejected one's, relative to the base).",
         "sft",
+    )
+    beta: float = help_field(
+        "DPO only: how far the adapter may move from the base (the reference); higher keeps it closer. For the ipo "
+        "loss it is the regularization strength (tau).",
+        0.1,
+    )
+    dpo_loss: str = help_field(
+        "DPO only: the preference loss: sigmoid (the DPO paper's), ipo (squared, less prone to overfitting "
+        "deterministic preferences), hinge (SLiC), sigmoid_norm (log-ratios normalized by answer length), apo_zero "
+        "or apo_down (anchored: push the chosen answer up and the rejected down, or both down).",
+        "sigmoid",
     )
 
     def validate(self, max_positions: int | None = None, has_eval_dataset: bool = False) -> dict[str, str]:
@@ -363,6 +378,7 @@ class TrainParams:
                 errors[name] = f"must be one of {', '.join(allowed)}"
         if self.early_stopping_patience and not (self.eval_fraction > 0 or has_eval_dataset):
             errors["early_stopping_patience"] = "needs an eval set: set eval_fraction or an eval dataset"
+        self._validate_preference(errors)
         if not 1 <= self.num_gpus <= MAX_GPUS:
             errors["num_gpus"] = f"must be between 1 and {MAX_GPUS}"
         elif "batch_size" not in errors and "grad_accum" not in errors and self.per_rank_batch() is None:
@@ -371,6 +387,16 @@ class TrainParams:
                 f"across {self.num_gpus} GPUs: make grad_accum or batch_size a multiple of {self.num_gpus}"
             )
         return errors
+
+    def _validate_preference(self, errors: dict[str, str]) -> None:
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            errors["beta"] = "must be positive"
+
+    @property
+    def answers_only(self) -> bool:
+        """Whether the loss leaves the prompts out: with completion_only_loss, and always for DPO (its loss is the
+        answers')."""
+        return self.completion_only_loss or self.objective == "dpo"
 
     @property
     def distributed(self) -> bool:
@@ -402,7 +428,11 @@ OPTIMIZERS = (
 )
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
 STRATEGIES = ("ddp", "fsdp")
-OBJECTIVE_NAMES = ("sft",)  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
+OBJECTIVE_NAMES = ("sft", "dpo")  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
+PADDED_OBJECTIVES = ("dpo",)  # their trainer pads every micro-batch: the plan never packs them (trl has no packing)
+# trl's DPO loss types that train on pairs against the reference with beta alone (robust and exo_pair need label
+# smoothing, aot_unpaired unpaired rows, discopop its own temperature: not offered yet).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down")
 MAX_GPUS = 8
 MODES = ("auto", "throughput", "memory")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -418,6 +448,7 @@ CHOICES = {
     "liger_kernels": AUTO_ON_OFF,
     "strategy": STRATEGIES,
     "objective": OBJECTIVE_NAMES,
+    "dpo_loss": DPO_LOSSES,
 }
 # Values stored before a field became a choice: read them as the choice they meant.
 LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}

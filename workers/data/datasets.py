@@ -5,7 +5,9 @@ the ML stack. Files are read as streams within bounds (workers/data/datafiles.py
 names the line (JSONL, JSON, CSV) or row (Parquet) and the field.
 
 Formats: plain `text`; `prompt`/`completion`; alpaca (`instruction`, optional `input`,
-`output`); ShareGPT (`conversations` of `from`/`value`); chat `messages` of `role`/`content`.
+`output`); ShareGPT (`conversations` of `from`/`value`); chat `messages` of `role`/`content`;
+preference pairs (`prompt`, `chosen`, `rejected`: three strings, or, as trl's conversational
+form, the prompt's turns and the chosen and rejected assistant turns).
 A .json file is an array of objects or JSON Lines; a CSV cell of `messages` or
 `conversations` holds the turns as JSON.
 """
@@ -73,6 +75,8 @@ class DatasetError(ValueError):
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -103,6 +107,8 @@ def check_record(fmt: str, record: dict[str, Any]) -> list[tuple[str, str]]:
     if fmt in ("messages", "sharegpt"):
         key = "messages" if fmt == "messages" else "conversations"
         return _check_turns(key, record.get(key), fmt)
+    if fmt == "preference":
+        return _check_pair(record)
     required = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
     problems = [(key, why) for key in required[fmt] if (why := _text_problem(record, key))]
     if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
@@ -146,12 +152,68 @@ def _check_order(key: str, role_key: str, roles: list[tuple[int, str]]) -> list[
     return problems
 
 
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _check_pair(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """A preference pair: three texts, or (conversational) the prompt's turns and each answer's assistant turns."""
+    if isinstance(record.get("prompt"), list):
+        problems = _check_prompt_turns(record["prompt"])
+        for key in ("chosen", "rejected"):
+            problems += _check_answer_turns(key, record.get(key))
+    else:
+        problems = [(key, why) for key in PAIR_FIELDS if (why := _text_problem(record, key))]
+    if not problems and record["chosen"] == record["rejected"]:
+        problems.append(("rejected", "is the same as chosen: the pair teaches no preference"))
+    return problems
+
+
+def _check_prompt_turns(turns: list[Any]) -> list[tuple[str, str]]:
+    """The prompt of a conversational pair: [system] user (assistant user)*, ending on the user turn answered."""
+    if not turns:
+        return [("prompt", "must be a non-empty list of turns")]
+    problems = _check_turn_list("prompt", turns)
+    if problems:
+        return problems
+    roles = [turn["role"] for turn in turns]
+    chat = [(i, role) for i, role in enumerate(roles) if role != "system"]
+    problems = [(f"prompt[{i}].role", "a system turn may only come first") for i, role in enumerate(roles) if i and role == "system"]
+    if not chat or chat[-1][1] != "user":
+        where = f"prompt[{chat[-1][0]}].role" if chat else "prompt"
+        problems.append((where, "the prompt must end with the user turn that the chosen and rejected answers answer"))
+    for (_, before), (i, role) in pairwise(chat):
+        if role == before:
+            problems.append((f"prompt[{i}].role", f"two {role} turns in a row: user and assistant must alternate"))
+    return problems
+
+
+def _check_answer_turns(key: str, turns: Any) -> list[tuple[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        return [(key, "must be a non-empty list of assistant turns, as the prompt is a list of turns")]
+    problems = _check_turn_list(key, turns)
+    return problems or [(f"{key}[{i}].role", "must be assistant: an answer holds assistant turns only")
+                        for i, turn in enumerate(turns) if turn["role"] != "assistant"]
+
+
+def _check_turn_list(key: str, turns: list[Any]) -> list[tuple[str, str]]:
+    problems = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            problems.append((where, "must be an object with 'role' and 'content'"))
+        elif turn.get("role") not in ROLES:
+            problems.append((f"{where}.role", f"must be one of {', '.join(ROLES)}, got {turn.get('role')!r}"))
+        elif why := _text_problem(turn, "content", "empty turn"):
+            problems.append((f"{where}.content", why))
+    return problems
+
+
 def _role(turn: dict[str, Any], fmt: str) -> str:
     return str(turn["role"]) if fmt == "messages" else SHAREGPT_ROLES[turn["from"]]
 
 
-KNOWN_FIELDS = "text, prompt/completion, instruction/output, messages, conversations"
-HEADER_EXAMPLES = "text; prompt,completion; instruction,input,output; messages; or conversations"
+KNOWN_FIELDS = "text, prompt/completion, instruction/output, messages, conversations, prompt/chosen/rejected"
+HEADER_EXAMPLES = "text; prompt,completion; instruction,input,output; messages; conversations; or prompt,chosen,rejected"
 
 
 def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
@@ -234,7 +296,10 @@ def _spend(budget: list[int]) -> bool:
 
 
 def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Convert one record to a row trl's SFTTrainer understands (text, or conversational prompt/completion)."""
+    """Convert one record to a row trl's SFTTrainer understands (text, or conversational prompt/completion), or, for
+    a preference pair, one its DPOTrainer does (prompt, chosen, rejected: texts or lists of turns)."""
+    if fmt == "preference":
+        return {key: _turns_only(record[key]) for key in PAIR_FIELDS}
     if fmt == "text":
         return {"text": record["text"]}
     if fmt == "prompt_completion":
@@ -251,6 +316,13 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
     turns = [{"role": _role(t, fmt), "content": t["content" if fmt == "messages" else "value"]} for t in record[key]]
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     return {"prompt": turns[:last], "completion": turns[last:]} if last > 0 else {"messages": turns}
+
+
+def _turns_only(value: Any) -> Any:
+    """A text as it is; a list of turns with their role and content alone (trl's chat templates read no more)."""
+    if isinstance(value, list):
+        return [{"role": turn["role"], "content": turn["content"]} for turn in value]
+    return value
 
 
 def load_trl_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:

@@ -23,8 +23,10 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 def prompt_row(row: dict[str, Any], number: int = 1) -> PromptRow:
-    """The prompt and reference answer of a trl row (workers.data.datasets.to_trl_row); ValueError for a row whose
-    conversation has no turn before its answer."""
+    """The prompt and reference answer of a trl row (workers.data.datasets.to_trl_row), a preference pair's chosen
+    answer its reference; ValueError for a row whose conversation has no turn before its answer."""
+    if "prompt" in row and "chosen" in row:
+        row = {"prompt": row["prompt"], "completion": row["chosen"]}
     if "prompt" not in row or "completion" not in row:
         raise ValueError(f"row {number} has no prompt before its answer (a chat must open with a user turn)")
     prompt, completion = row["prompt"], row["completion"]

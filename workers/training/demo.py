@@ -3,7 +3,8 @@
 The toy task is two-digit addition written as an instruction/response pair. A LoRA on a
 random base cannot learn arithmetic in a minute, but it quickly learns the answer format
 and the digit statistics, so the held-out completion loss drops far below the base's: a
-visible, testable sign that training worked.
+visible, testable sign that training worked. Its preference pairs (`preference_rows`) teach
+DPO to answer in even digits.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ def double_rows(count: int, seed: int) -> list[dict[str, str]]:
     for _ in range(count):
         a = rng.randint(0, 49)
         rows.append({"instruction": f"Double {a}", "output": str(2 * a)})
+    return rows
+
+
+def preference_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """Preference pairs for DPO: to 'What is 23 + 41?', a chosen answer written with even digits only ('86')
+    and a rejected one with odd digits only ('57'). A random base prefers either about as often; the rule is
+    learnt in a minute on the CPU and carries over to pairs never trained on."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        rows.append({
+            "prompt": f"What is {a} + {b}?\n",
+            "chosen": "".join(rng.choice("02468") for _ in range(2)),
+            "rejected": "".join(rng.choice("13579") for _ in range(2)),
+        })
     return rows
 
 

@@ -25,10 +25,10 @@ import inspect
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
+from workers.contract.spec import PADDED_OBJECTIVES, PROMPT_LEARNING_METHODS, LoraParams, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Plan:
     grad_accum: int = 1  # micro-batches per optimizer step
     gpu_total_bytes: int = 0
     estimate_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)  # where the plan departs from what the run asked, and why
 
     @property
     def attn_implementation(self) -> str:
@@ -82,7 +83,7 @@ class Plan:
             parts.append("torch.compile")
         if self.estimate_bytes:
             parts.append(f"estimated peak {self.estimate_bytes / 2**30:.1f} GiB")
-        return ", ".join(parts)
+        return ", ".join(parts) + "".join(f" ({note})" for note in self.notes)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +115,9 @@ def check_switches(train: TrainParams, lora: LoraParams) -> dict[str, str]:
         errors["batching"] = f"{method} prepends virtual tokens to each example: use pad (or auto)"
     if train.attention == "varlen" and train.batching == "pad":
         errors["attention"] = "varlen attention works on packed or padding-free rows, not padded batches"
+    elif train.attention == "varlen" and train.objective in PADDED_OBJECTIVES:
+        errors["attention"] = (f"varlen attention works on packed or padding-free rows, and {train.objective} pads "
+                               "its batches: use sdpa (or auto)")
     if train.activation_offload == "on" and train.gradient_checkpointing == "off":
         errors["activation_offload"] = "offloading moves the checkpointed layer inputs to CPU: it needs gradient checkpointing"
     return errors
@@ -141,9 +145,15 @@ def resolve_plan(
     prompt_method = lora.method in PROMPT_LEARNING_METHODS
     mode = "throughput" if train.mode == "auto" else train.mode
 
+    notes: list[str] = []
     batching = train.batching
+    padded_objective = train.objective in PADDED_OBJECTIVES
+    if padded_objective and batching in ("pack", "padding_free"):
+        notes.append(f"batching {batching} asked, pad used: {train.objective} trains each answer of a pair in a "
+                     "padded row of its own (trl's DPOTrainer has no packing)")
+        batching = "pad"
     if batching == "auto":
-        batching = "pack" if cuda and not prompt_method else "pad"
+        batching = "pack" if cuda and not prompt_method and not padded_objective else "pad"
 
     attention = train.attention
     flash_head = head_dim <= MAX_FLASH_HEAD_DIM  # 0: unknown, taken as fitting
@@ -176,7 +186,7 @@ def resolve_plan(
         device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
         checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
         compile=train.torch_compile, micro_batch=train.batch_size, grad_accum=train.grad_accum,
-        gpu_total_bytes=gpu_total_bytes,
+        gpu_total_bytes=gpu_total_bytes, notes=notes,
     )
     if mode == "memory" and cuda and batching != "pad" and train.gradient_checkpointing != "off":
         _split_micro_batch(plan, max(1, MEMORY_MODE_TOKENS // train.max_seq_length))
@@ -386,9 +396,6 @@ def sft_arguments(plan: Plan, train: TrainParams) -> dict[str, Any]:
     args: dict[str, Any] = {
         "per_device_train_batch_size": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "packing": plan.batching == "pack",
-        "packing_strategy": "bfd",
-        "padding_free": plan.batching == "pack",
         "activation_offloading": plan.activation_offload,
         "torch_compile": plan.compile,
         "gradient_checkpointing": False,  # enabled per layer in prepare_model
@@ -396,6 +403,8 @@ def sft_arguments(plan: Plan, train: TrainParams) -> dict[str, Any]:
         "fp16": plan.device == "cuda" and plan.dtype == "float16",
         "use_cpu": plan.device == "cpu",
     }
+    if plan.batching == "pack":  # SFTConfig's own keywords, only where the plan packs (other configs lack them)
+        args.update(packing=True, packing_strategy="bfd", padding_free=True)
     return args
 
 
@@ -406,8 +415,9 @@ def padding_free_collator(tokenizer: Any) -> Any:
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
 
 
-def plan_estimator(config: Any, spec: Any) -> Any:
-    """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood."""
+def plan_estimator(config: Any, spec: Any, memory_terms: Any = None) -> Any:
+    """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood.
+    `memory_terms`: the run's objective's (objectives/base.Objective), what it adds to a supervised pass."""
     from workers.training import estimate as est
     from workers.training.modelshape import ModelShape
 
@@ -421,7 +431,7 @@ def plan_estimator(config: Any, spec: Any) -> Any:
         method = "dora"
 
     def estimator(plan: Plan) -> int:
-        return int(est.estimate(
+        result = est.estimate(
             shape,
             method=method,
             quantization=lora.quantization,
@@ -445,6 +455,7 @@ def plan_estimator(config: Any, spec: Any) -> Any:
             expandable_segments="expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             num_gpus=train.num_gpus,  # one GPU's share: DDP replicates, FSDP shards
             strategy=train.strategy,
-        ).total)
+        )
+        return int(result.plus(memory_terms(result.parts())).total if memory_terms else result.total)
 
     return estimator

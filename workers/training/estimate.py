@@ -36,8 +36,8 @@ prepare_model_for_kbit_training does), measured -> predicted GiB:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from workers.contract.spec import PROMPT_LEARNING_METHODS, QUANTIZATIONS
@@ -503,6 +503,10 @@ class Estimate:
 
     def parts(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in PARTS}
+
+    def plus(self, added: Mapping[str, int]) -> Estimate:
+        """This estimate with bytes added to some of its parts (a training objective's memory_terms)."""
+        return replace(self, **{part: getattr(self, part) + value for part, value in added.items()}) if added else self
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total, "device_total": self.device_total}

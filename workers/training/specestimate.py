@@ -4,10 +4,10 @@ checkpoint) against the GPU memory available, then `workers.training.estimate.es
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
+from workers.contract.spec import PADDED_OBJECTIVES, PROMPT_LEARNING_METHODS, LoraParams, TrainParams
 from workers.training.estimate import Estimate, GiB, estimate
 from workers.training.modelshape import VIRTUAL_TOKENS, ModelShape
 from workers.training.objectives import objective_for
@@ -70,9 +70,14 @@ def estimate_for_spec(
     """
     method = "dora" if getattr(lora, "use_dora", False) else getattr(lora, "method", "lora")
     mode = "throughput" if train.mode == "auto" else train.mode
+    notes: list[str] = []
     batching = train.batching
+    padded_objective = train.objective in PADDED_OBJECTIVES
+    if padded_objective and batching in ("pack", "padding_free"):
+        notes.append(f"{train.objective} pads its batches: the runner uses pad, not {batching}")
+        batching = "pad"
     if batching == "auto":
-        batching = "pad" if method in PROMPT_LEARNING_METHODS else "pack"
+        batching = "pad" if method in PROMPT_LEARNING_METHODS or padded_objective else "pack"
     attention = train.attention
     if attention == "auto":
         attention = "varlen" if batching != "pad" and varlen_available else "sdpa"
@@ -90,7 +95,6 @@ def estimate_for_spec(
         "modules_to_save": getattr(lora, "modules_to_save", []),
         "num_gpus": getattr(train, "num_gpus", 1), "strategy": getattr(train, "strategy", "ddp"),
     }
-    notes: list[str] = []
     layers = shape.num_layers
     if train.gradient_checkpointing == "off":
         k = 0
@@ -106,9 +110,7 @@ def estimate_for_spec(
         notes.append("activation offload needs gradient checkpointing: the runner refuses it without")
         offload = False
     result = estimate(shape, **options, checkpoint_layers=k, activation_offload=offload)
-    added = objective_for(train.objective).memory_terms(result.parts())
-    if added:
-        result = replace(result, **{part: getattr(result, part) + value for part, value in added.items()})
+    result = result.plus(objective_for(train.objective).memory_terms(result.parts()))
     if gpu_memory_bytes and result.device_total > gpu_memory_bytes:
         notes.append(
             f"needs about {result.device_total / GiB:.1f} GiB, more than the GPU's {gpu_memory_bytes / GiB:.1f} GiB"

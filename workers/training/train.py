@@ -1,4 +1,5 @@
-"""The train runner: LoRA / QLoRA fine-tuning of a causal LM with trl, toward the run's objective (objectives/: sft).
+"""The train runner: LoRA / QLoRA fine-tuning of a causal LM with trl, toward the run's objective (objectives/: sft,
+dpo).
 
 `run_training(spec, reporter, store)` is the whole contract: it never touches a database,
 it reports through the reporter and writes the adapter into the artifact store.
@@ -204,23 +205,27 @@ def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: i
     if trained and not dropped:
         return
     named = rows_cut_before_training(tokenizer, numbered_records(store.path(spec.dataset.uri)), max_length,
-                                     spec.train.completion_only_loss, unit=unit_of(spec.dataset.uri))
+                                     spec.train.answers_only, unit=unit_of(spec.dataset.uri))
     listing = ", ".join(str(row) for row in named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
     if not trained:
+        remedies = "or shorten the prompts" if spec.train.objective == "dpo" else (
+            "shorten the prompts, or turn off completion_only_loss to train on the prompts too")
         raise RunnerError(
             f"none of the {rows} training rows keeps a token to train on within max_seq_length {max_length}: "
-            f"their prompts fill it ({listing or 'every row'}). Raise max_seq_length, shorten the prompts, or "
-            "turn off completion_only_loss to train on the prompts too")
+            f"their prompts fill it ({listing or 'every row'}). Raise max_seq_length {remedies}")
     reporter.log(f"{dropped} of {rows} training rows train on nothing within max_seq_length {max_length} and are "
                  f"skipped: their prompts fill it ({listing})", level="warning")
 
 
 def _trained_tokens_in(prepared: Any) -> int:
-    """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them)."""
+    """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them); of a
+    prepared preference dataset, the chosen answers' tokens before truncation."""
     import pyarrow.compute as pc
 
     if len(prepared) == 0:
         return 0
+    if "labels" not in prepared.column_names:  # preference pairs: DPOTrainer kept rows whose prompt leaves room
+        return int(pc.sum(pc.list_value_length(prepared.data.column("chosen_ids"))).as_py() or 0)
     labels = prepared.data.column("labels")
     return int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
 
@@ -288,7 +293,7 @@ def rank_train_params(train: Any) -> Any:
 
 def _estimator(config: Any, spec: TrainSpec) -> Any:
     """The memory estimator for this run, or None: a shape it does not know must not stop training."""
-    estimator = plan_estimator(config, spec)
+    estimator = plan_estimator(config, spec, objective_for(spec.train.objective).memory_terms)
     if estimator is None:
         return None
 
@@ -452,6 +457,14 @@ def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
     return max(-(-batches // args.gradient_accumulation_steps), 1)
 
 
+def _preference_figures(logs: dict[str, Any]) -> str:
+    """What trl's DPOTrainer logs of the pairs, for the log line: how much more the adapter prefers the chosen
+    answer than the reference does (the reward margin), and on what share of pairs it prefers it at all."""
+    if "rewards/margins" not in logs or "rewards/accuracies" not in logs:
+        return ""
+    return f" reward margin {logs['rewards/margins']:.3f} pairs preferred {logs['rewards/accuracies']:.0%}"
+
+
 class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     """Streams progress to the reporter and stops training at the next step once cancelled."""
 
@@ -511,6 +524,6 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
         speed = f" {point['tokens_per_s']:.0f} tok/s" if point["tokens_per_s"] else ""
         self.reporter.log(
             f"step {state.global_step}/{state.max_steps} epoch {point['epoch']:.2f} "
-            f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}"
+            f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}{_preference_figures(logs)}"
         )
         self.reporter.maybe_flush()

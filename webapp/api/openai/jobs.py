@@ -7,7 +7,8 @@ The request:
      "training_file": "file-<dataset id>",
      "validation_file": "file-<dataset id>",          # optional: evaluate on it (tunedeck eval_fraction must be 0)
      "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 0.5},   # or "auto"
-     # (or the same under "method": {"type": "supervised", "supervised": {"hyperparameters": {...}}})
+     # (or the same under "method": {"type": "supervised", "supervised": {"hyperparameters": {...}}};
+     #  "method": {"type": "dpo", "dpo": {"hyperparameters": {..., "beta": 0.1}}} trains DPO on preference rows)
      "suffix": "<the run's name>", "seed": 7,
      "tunedeck": {                                    # optional; the SDK sends it with extra_body=
          "lora_config": "<a saved LoRA config's name or id>",  # or
@@ -15,6 +16,7 @@ The request:
          "hyperparameters": {...TrainParams fields...},
          "labels": ["a100"], "priority": 0}}             # labels: also accepted as worker_labels
 
+The method's type sets TrainParams' objective (supervised: sft, dpo: dpo), and DPO's beta its beta.
 n_epochs, batch_size and seed set TrainParams' num_epochs, batch_size and seed; learning_rate_multiplier
 multiplies Tunedeck's suggested learning rate for the base's size. "auto" (or leaving one out) keeps that
 suggestion. Setting a field both the OpenAI way and in tunedeck.hyperparameters is refused.
@@ -41,7 +43,11 @@ from workers.training.modelinfo import ModelNotFound
 TOP_LEVEL = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
              "metadata", "integrations", "tunedeck"}
 OPENAI_HYPERPARAMETERS = {"n_epochs": "num_epochs", "batch_size": "batch_size",
-                          "learning_rate_multiplier": "learning_rate"}
+                          "learning_rate_multiplier": "learning_rate", "beta": "beta"}
+# OpenAI's method types Tunedeck trains, the objective each names, and the hyperparameters each takes.
+METHODS = {"supervised": "sft", "dpo": "dpo"}
+METHOD_HYPERPARAMETERS = {"supervised": {"n_epochs", "batch_size", "learning_rate_multiplier"},
+                          "dpo": {"n_epochs", "batch_size", "learning_rate_multiplier", "beta"}}
 # worker_labels is the name README documented for labels before they took the run request's name: still accepted.
 OLD_LABELS_NAME = "worker_labels"
 TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "labels", OLD_LABELS_NAME, "priority"}
@@ -105,27 +111,29 @@ def resolve_file(value: Any, param: str) -> Dataset:
     return dataset
 
 
-def _openai_hyperparameters(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The OpenAI hyperparameters (top level or under method.supervised) and the path they were given at."""
+def _openai_hyperparameters(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
+    """The OpenAI hyperparameters (top level or under method.<type>), the path they were given at, and the method's
+    type (None when the request names no method)."""
     top = _object(body.get("hyperparameters"), "hyperparameters")
     method = _object(body.get("method"), "method")
     nested: dict[str, Any] = {}
-    where = "hyperparameters"
+    where, kind = "hyperparameters", None
     if method:
-        _refuse_unknown(method, {"type", "supervised"}, "method")
-        if method.get("type", "supervised") != "supervised":
-            raise _bad(f"method.type {method.get('type')!r} is not supported: Tunedeck trains supervised "
-                       "(LoRA/QLoRA adapters) only", "method.type", "unsupported_value")
-        supervised = _object(method.get("supervised"), "method.supervised")
-        _refuse_unknown(supervised, {"hyperparameters"}, "method.supervised")
-        nested = _object(supervised.get("hyperparameters"), "method.supervised.hyperparameters")
+        kind = method.get("type", "supervised")
+        if kind not in METHODS:
+            raise _bad(f"method.type {kind!r} is not supported: Tunedeck trains {' and '.join(METHODS)} "
+                       "(LoRA/QLoRA adapters)", "method.type", "unsupported_value")
+        _refuse_unknown(method, {"type", kind}, "method")
+        settings = _object(method.get(kind), f"method.{kind}")
+        _refuse_unknown(settings, {"hyperparameters"}, f"method.{kind}")
+        nested = _object(settings.get("hyperparameters"), f"method.{kind}.hyperparameters")
     if top and nested:
-        raise _bad("give hyperparameters either at the top level or in method.supervised.hyperparameters, not both",
+        raise _bad(f"give hyperparameters either at the top level or in method.{kind}.hyperparameters, not both",
                    "hyperparameters")
     if nested:
-        top, where = nested, "method.supervised.hyperparameters"
-    _refuse_unknown(top, set(OPENAI_HYPERPARAMETERS), where)
-    return top, where
+        top, where = nested, f"method.{kind}.hyperparameters"
+    _refuse_unknown(top, METHOD_HYPERPARAMETERS[kind or "supervised"], where)
+    return top, where, kind
 
 
 def _number(value: Any, param: str, kind: type) -> Any:
@@ -145,7 +153,12 @@ def train_values(body: dict[str, Any], tunedeck: dict[str, Any], base: BaseModel
     suggested = spec.suggest_train_params(base.num_parameters)
     values = {**dataclasses.asdict(suggested), **extras}
     origins: dict[str, str] = {}
-    openai_hp, where = _openai_hyperparameters(body)
+    openai_hp, where, kind = _openai_hyperparameters(body)
+    if kind is not None:
+        if extras.get("objective", METHODS[kind]) != METHODS[kind]:
+            raise _bad(f"method.type {kind} trains objective {METHODS[kind]}, and tunedeck.hyperparameters.objective "
+                       f"is {extras['objective']!r}: give one", "method.type")
+        values["objective"], origins["objective"] = METHODS[kind], "method.type"
     for name, value in openai_hp.items():
         if value is None or value == "auto":
             continue
@@ -154,6 +167,8 @@ def train_values(body: dict[str, Any], tunedeck: dict[str, Any], base: BaseModel
             raise _bad(f"{param} and tunedeck.hyperparameters.{field} both set {field}: give one", param)
         if name == "learning_rate_multiplier":
             values[field] = _number(value, param, float) * suggested.learning_rate
+        elif name == "beta":
+            values[field] = _number(value, param, float)
         else:
             values[field] = _number(value, param, int)
         origins[field] = param

@@ -94,11 +94,20 @@ def train_params(run: TrainingRun) -> TrainParams:
 def openai_hyperparameters(run: TrainingRun) -> dict[str, Any]:
     hp = train_params(run)
     epochs = hp.num_epochs
-    return {
+    values: dict[str, Any] = {
         "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
         "batch_size": hp.batch_size,
         "learning_rate_multiplier": round(hp.learning_rate / default_learning_rate(run.base_model), 6),
     }
+    if hp.objective == "dpo":
+        values["beta"] = hp.beta
+    return values
+
+
+def openai_method(run: TrainingRun, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's method object of the run: dpo for a DPO run, supervised otherwise."""
+    kind = "dpo" if train_params(run).objective == "dpo" else "supervised"
+    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
 
 
 def _error(run: TrainingRun) -> dict[str, Any] | None:
@@ -145,7 +154,7 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
         "integrations": [],
         "metadata": None,
         "user_provided_suffix": run.name or None,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": openai_method(run, hyperparameters),
         "tunedeck": {
             "run_id": run.pk,
             "state": run.state,

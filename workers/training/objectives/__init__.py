@@ -7,9 +7,12 @@ values, workers.contract.spec.OBJECTIVE_NAMES, are these names).
 from __future__ import annotations
 
 from workers.training.objectives.base import Objective
+from workers.training.objectives.dpo import DirectPreference
 from workers.training.objectives.sft import SupervisedFineTuning
 
-OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (SupervisedFineTuning(),)}
+OBJECTIVES: dict[str, Objective] = {
+    objective.name: objective for objective in (SupervisedFineTuning(), DirectPreference())
+}
 
 
 def objective_for(name: str) -> Objective:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from workers.contract.spec import DATASET_FORMATS, TrainSpec
+from workers.contract.spec import EXAMPLE_FORMATS, TrainSpec
 from workers.training.engine import Plan, padding_free_collator
 from workers.training.peftsetup import build_peft_config
 from workers.training.trainargs import one_gpu_per_process, training_arguments
@@ -15,7 +15,7 @@ from workers.training.trainargs import one_gpu_per_process, training_arguments
 class SupervisedFineTuning:
     name: str = "sft"
     label: str = "Supervised fine-tuning"
-    row_formats: tuple[str, ...] = DATASET_FORMATS  # plain text, prompt/completion and every chat format
+    row_formats: tuple[str, ...] = EXAMPLE_FORMATS  # plain text, prompt/completion and every chat format: not pairs
 
     def config(self, spec: TrainSpec, plan: Plan, output_dir: Path, has_eval: bool) -> Any:
         from trl import SFTConfig

@@ -1,0 +1,61 @@
+"""Direct preference optimization: from pairs of a chosen and a rejected answer to one prompt, with trl's DPOTrainer.
+
+The loss raises the chosen answer's log-probability over the rejected one's, each measured against a reference:
+the same base with the adapter switched off (`ref_model=None` with a PEFT adapter), so no second copy of the base
+is ever loaded. `beta` (TrainParams.beta) bounds how far the adapter moves from that reference; TrainParams.dpo_loss
+picks trl's loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from workers.contract.spec import TrainSpec
+from workers.training.engine import Plan
+from workers.training.peftsetup import build_peft_config
+from workers.training.trainargs import one_gpu_per_process, training_arguments
+
+
+class DirectPreference:
+    name: str = "dpo"
+    label: str = "Direct preference optimization"
+    row_formats: tuple[str, ...] = ("preference",)
+
+    def config(self, spec: TrainSpec, plan: Plan, output_dir: Path, has_eval: bool) -> Any:
+        from trl import DPOConfig
+
+        hp = spec.train
+        config = DPOConfig(
+            max_length=hp.max_seq_length,  # prompt and answer together, cut at the end like SFT's rows
+            beta=hp.beta,
+            loss_type=[hp.dpo_loss],
+            **training_arguments(spec, plan, output_dir, has_eval),
+        )
+        return one_gpu_per_process(config, hp)
+
+    def trainer(
+        self, spec: TrainSpec, plan: Plan, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
+        callbacks: list[Any], args: Any,
+    ) -> Any:
+        from trl import DPOTrainer
+
+        return DPOTrainer(
+            model=model,
+            ref_model=None,  # the reference is the policy with its adapter disabled, never a second base
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=build_peft_config(spec.lora, model),
+            callbacks=callbacks,
+        )
+
+    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+        """Each row is two sequences (the chosen and the rejected answer, one batch of twice the rows), so the
+        per-row parts double; then the reference forward, without gradients, adds its logits for both."""
+        return {
+            "activations": parts.get("activations", 0),
+            "logits": 3 * parts.get("logits", 0),  # the pair's second sequence, and the reference's two
+        }
