@@ -285,3 +285,9 @@ def test_a_pair_gives_its_prompt_and_its_chosen_answer_as_the_reference_to_evalu
         "prompt": [{"role": "user", "content": "Say hi."}], "chosen": [{"role": "assistant", "content": "hi"}],
         "rejected": [{"role": "assistant", "content": "bye"}]}))
     assert (turns.prompt, turns.reference, turns.turns) == ("Say hi.", "hi", [{"role": "user", "content": "Say hi."}])
+
+    from workers.data.splits import eval_rows
+
+    assert [row.reference for row in eval_rows("preference", [to_trl_row("preference", r)
+                                                              for r in preference_rows(3, seed=2)])] == [
+        r["chosen"] for r in preference_rows(3, seed=2)]
