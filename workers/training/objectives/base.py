@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from workers.training.peftsetup import build_peft_config
+
 if TYPE_CHECKING:
     from workers.contract.spec import TrainSpec
     from workers.training.engine import Plan
@@ -36,3 +38,11 @@ class Objective(Protocol):
         estimate part, given that estimate's parts: a second sequence per row, a reference model's logits. Empty
         when it adds nothing."""
         ...
+
+
+def trainer_inputs(spec: TrainSpec, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
+                   callbacks: list[Any], args: Any) -> dict[str, Any]:
+    """What every trl trainer of an objective is given: the model with the run's PEFT adapter config, its args,
+    data, tokenizer and the runner's callbacks."""
+    return {"model": model, "args": args, "train_dataset": train_dataset, "eval_dataset": eval_dataset,
+            "processing_class": tokenizer, "peft_config": build_peft_config(spec.lora, model), "callbacks": callbacks}

@@ -14,7 +14,7 @@ from typing import Any
 
 from workers.contract.spec import TrainSpec
 from workers.training.engine import Plan
-from workers.training.peftsetup import build_peft_config
+from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
 
 
@@ -42,14 +42,8 @@ class DirectPreference:
         from trl import DPOTrainer
 
         return DPOTrainer(
-            model=model,
             ref_model=None,  # the reference is the policy with its adapter disabled, never a second base
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=build_peft_config(spec.lora, model),
-            callbacks=callbacks,
+            **trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args),
         )
 
     def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:

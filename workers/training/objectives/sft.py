@@ -8,7 +8,7 @@ from typing import Any
 
 from workers.contract.spec import EXAMPLE_FORMATS, TrainSpec
 from workers.training.engine import Plan, padding_free_collator
-from workers.training.peftsetup import build_peft_config
+from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
 
 
@@ -34,15 +34,7 @@ class SupervisedFineTuning:
     ) -> Any:
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=build_peft_config(spec.lora, model),
-            callbacks=callbacks,
-        )
+        trainer = SFTTrainer(**trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args))
         if plan.batching == "padding_free":
             trainer.data_collator = padding_free_collator(tokenizer)
         return trainer
