@@ -45,14 +45,19 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def rss_bytes() -> int:
+def proc_kib_field(path: str, key: str) -> int:
+    """A "Key:   123 kB" line of a /proc file, in bytes; 0 where the file or the line is missing."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes() -> int:
+    return proc_kib_field("/proc/self/status", "VmRSS")
 
 
 def readable_size(nbytes: float) -> str:
@@ -60,13 +65,7 @@ def readable_size(nbytes: float) -> str:
 
 
 def available_host_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def release_memory() -> None:
