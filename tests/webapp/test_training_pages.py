@@ -572,8 +572,8 @@ def test_preference_pairs_train_dpo_and_a_supervised_run_on_them_is_refused_on_t
     assert "(sft) trains on text, prompt_completion, alpaca, messages, sharegpt rows" in sft.errors["dataset"][0]
 
     assert RunForm(_run_post(base, pairs, config, objective="dpo", beta=0.2, dpo_loss="ipo")).is_valid()
-    varlen = RunForm(_run_post(base, pairs, config, objective="dpo", attention="varlen"))
-    assert not varlen.is_valid() and "dpo pads its batches" in varlen.errors["attention"][0]
+    varlen = RunForm(_run_post(base, pairs, config, objective="dpo", attention="varlen", batching="pad"))
+    assert not varlen.is_valid() and "not padded batches" in varlen.errors["attention"][0]
     cut = RunForm(_run_post(base, pairs, config, objective="dpo", completion_only_loss=False, max_seq_length=8))
     assert not cut.is_valid() and "12 of its 12 rows would train on nothing" in str(cut.errors)
     assert "completion_only_loss" not in str(cut.errors)  # DPO's loss is always the answers'

@@ -45,19 +45,21 @@ def test_dpo_settings_are_validated_on_their_fields() -> None:
     assert errors["dpo_loss"].startswith("must be one of sigmoid, ipo")
 
 
-def test_the_plan_pads_dpo_batches_and_says_so_when_packing_was_asked() -> None:
-    from workers.training.engine import PlanError, resolve_plan
+def test_the_plan_runs_dpo_padding_free_on_gpus_and_says_so_when_packing_was_asked() -> None:
+    from workers.training.engine import resolve_plan
 
     lora = LoraParams()
     auto = resolve_plan(TrainParams(objective="dpo"), lora, device="cuda", dtype="bfloat16", num_layers=2)
-    assert auto.batching == "pad" and not auto.notes
+    assert auto.batching == "padding_free" and not auto.notes
+    cpu = resolve_plan(TrainParams(objective="dpo"), lora, device="cpu", dtype="float32", num_layers=2)
+    assert cpu.batching == "pad"
     packed = resolve_plan(TrainParams(objective="dpo", batching="pack"), lora, device="cpu", dtype="float32",
                           num_layers=2)
-    assert packed.batching == "pad"
-    assert "batching pack asked, pad used" in packed.describe()
-    with pytest.raises(PlanError, match=r"attention: varlen .* dpo pads"):
-        resolve_plan(TrainParams(objective="dpo", attention="varlen"), lora, device="cuda", dtype="bfloat16",
-                     num_layers=2)
+    assert packed.batching == "padding_free"
+    assert "batching pack asked, padding_free used" in packed.describe()
+    prompt = resolve_plan(TrainParams(objective="dpo"), LoraParams(method="prompt_tuning"), device="cuda",
+                          dtype="bfloat16", num_layers=2)
+    assert prompt.batching == "pad"  # virtual tokens prepended to each row: nothing to flatten
 
 
 def test_make_trainer_builds_an_sft_trainer_through_the_seam(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -89,24 +91,24 @@ def test_make_trainer_builds_an_sft_trainer_through_the_seam(tiny_model_dir: Pat
     assert trainer.model.peft_config["default"].r == spec.lora.r  # the run's adapter, built by the objective
 
 
-def test_a_dpo_estimate_pads_and_adds_the_second_answer_and_the_reference_logits() -> None:
+def test_a_dpo_estimate_adds_the_second_answer_and_the_reference_logits() -> None:
     from workers.training.estimate import GiB
     from workers.training.modelshape import ModelShape
     from workers.training.specestimate import estimate_for_spec
 
     shape = ModelShape.from_config(_llama_8b_config())
     lora = LoraParams(quantization="4bit")
-    sft = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, batching="pad"))
+    sft = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, batching="padding_free"))
     dpo = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, objective="dpo"))
     packed = estimate_for_spec(shape, lora, TrainParams(batch_size=4, max_seq_length=2048, objective="dpo",
                                                         batching="pack"))
 
-    assert dpo.choices.batching == "pad" and dpo.choices.attention == "sdpa"
+    assert dpo.choices.batching == "padding_free" and dpo.choices.attention == "varlen"
     assert dpo.estimate.activations == 2 * sft.estimate.activations
     assert dpo.estimate.logits == 4 * sft.estimate.logits
     assert dpo.estimate.weights == sft.estimate.weights  # the reference is the same weights, adapter off
     assert dpo.estimate.total > sft.estimate.total + 1 * GiB
-    assert packed.estimate.total == dpo.estimate.total and "dpo pads its batches" in packed.notes[0]
+    assert packed.estimate.total == dpo.estimate.total and "batching pack asked, padding_free used" in packed.notes[0]
 
 
 def _llama_8b_config():  # type: ignore[no-untyped-def]

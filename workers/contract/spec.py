@@ -388,6 +388,24 @@ class TrainParams:
             )
         return errors
 
+    def planned_batching(self, cuda: bool, prompt_method: bool) -> tuple[str, str]:
+        """How the runner batches this run's rows on a GPU (`cuda`) or not, and a note when that is not what was
+        asked: auto packs supervised rows on GPUs; objectives that pad never pack, and run padding-free where the
+        runner can unpad their batches."""
+        batching = self.batching
+        if self.objective not in PADDED_OBJECTIVES:
+            if batching == "auto":
+                batching = "pack" if cuda and not prompt_method else "pad"
+            return batching, ""
+        unpadded = self.objective in UNPADDED_OBJECTIVES and not prompt_method
+        if batching == "auto":
+            return ("padding_free" if cuda and unpadded else "pad"), ""
+        if batching == "pack" or (batching == "padding_free" and not unpadded):
+            used = "padding_free" if unpadded else "pad"
+            return used, (f"batching {batching} asked, {used} used: {self.objective} trains each sequence of a pair "
+                          "in a row of its own (its trainer has no packing)")
+        return batching, ""
+
     def _validate_preference(self, errors: dict[str, str]) -> None:
         if not (self.beta > 0 and math.isfinite(self.beta)):
             errors["beta"] = "must be positive"
@@ -429,7 +447,11 @@ OPTIMIZERS = (
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
 STRATEGIES = ("ddp", "fsdp")
 OBJECTIVE_NAMES = ("sft", "dpo")  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
-PADDED_OBJECTIVES = ("dpo",)  # their trainer pads every micro-batch: the plan never packs them (trl has no packing)
+# Their trainer pads every micro-batch, each sequence (a pair's chosen or rejected answer) a row of its own: the plan
+# never packs them. Those also in UNPADDED_OBJECTIVES run padding-free (batching padding_free, auto on GPUs): the
+# runner takes the padding out of each padded batch in the forward (workers/training/unpad.py).
+PADDED_OBJECTIVES = ("dpo",)
+UNPADDED_OBJECTIVES = ("dpo",)
 # trl's DPO loss types that train on pairs against the reference with beta alone (robust and exo_pair need label
 # smoothing, aot_unpaired unpaired rows, discopop its own temperature: not offered yet).
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down")

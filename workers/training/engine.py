@@ -28,7 +28,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.contract.spec import PADDED_OBJECTIVES, PROMPT_LEARNING_METHODS, LoraParams, TrainParams
+from workers.contract.spec import (
+    PADDED_OBJECTIVES,
+    PROMPT_LEARNING_METHODS,
+    UNPADDED_OBJECTIVES,
+    LoraParams,
+    TrainParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +121,7 @@ def check_switches(train: TrainParams, lora: LoraParams) -> dict[str, str]:
         errors["batching"] = f"{method} prepends virtual tokens to each example: use pad (or auto)"
     if train.attention == "varlen" and train.batching == "pad":
         errors["attention"] = "varlen attention works on packed or padding-free rows, not padded batches"
-    elif train.attention == "varlen" and train.objective in PADDED_OBJECTIVES:
+    elif train.attention == "varlen" and train.objective in set(PADDED_OBJECTIVES) - set(UNPADDED_OBJECTIVES):
         errors["attention"] = (f"varlen attention works on packed or padding-free rows, and {train.objective} pads "
                                "its batches: use sdpa (or auto)")
     if train.activation_offload == "on" and train.gradient_checkpointing == "off":
@@ -145,15 +151,8 @@ def resolve_plan(
     prompt_method = lora.method in PROMPT_LEARNING_METHODS
     mode = "throughput" if train.mode == "auto" else train.mode
 
-    notes: list[str] = []
-    batching = train.batching
-    padded_objective = train.objective in PADDED_OBJECTIVES
-    if padded_objective and batching in ("pack", "padding_free"):
-        notes.append(f"batching {batching} asked, pad used: {train.objective} trains each answer of a pair in a "
-                     "padded row of its own (trl's DPOTrainer has no packing)")
-        batching = "pad"
-    if batching == "auto":
-        batching = "pack" if cuda and not prompt_method and not padded_objective else "pad"
+    batching, note = train.planned_batching(cuda, prompt_method)
+    notes: list[str] = [note] if note else []
 
     attention = train.attention
     flash_head = head_dim <= MAX_FLASH_HEAD_DIM  # 0: unknown, taken as fitting

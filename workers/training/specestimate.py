@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from workers.contract.spec import PADDED_OBJECTIVES, PROMPT_LEARNING_METHODS, LoraParams, TrainParams
+from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
 from workers.training.estimate import Estimate, GiB, estimate
 from workers.training.modelshape import VIRTUAL_TOKENS, ModelShape
 from workers.training.objectives import objective_for
@@ -70,14 +70,8 @@ def estimate_for_spec(
     """
     method = "dora" if getattr(lora, "use_dora", False) else getattr(lora, "method", "lora")
     mode = "throughput" if train.mode == "auto" else train.mode
-    notes: list[str] = []
-    batching = train.batching
-    padded_objective = train.objective in PADDED_OBJECTIVES
-    if padded_objective and batching in ("pack", "padding_free"):
-        notes.append(f"{train.objective} pads its batches: the runner uses pad, not {batching}")
-        batching = "pad"
-    if batching == "auto":
-        batching = "pad" if method in PROMPT_LEARNING_METHODS or padded_objective else "pack"
+    batching, note = train.planned_batching(True, method in PROMPT_LEARNING_METHODS)
+    notes: list[str] = [note] if note else []
     attention = train.attention
     if attention == "auto":
         attention = "varlen" if batching != "pad" and varlen_available else "sdpa"

@@ -3,7 +3,8 @@
 The loss raises the chosen answer's log-probability over the rejected one's, each measured against a reference:
 the same base with the adapter switched off (`ref_model=None` with a PEFT adapter), so no second copy of the base
 is ever loaded. `beta` (TrainParams.beta) bounds how far the adapter moves from that reference; TrainParams.dpo_loss
-picks trl's loss.
+picks trl's loss. With batching padding_free (auto on GPUs) the padded pairs run as one row of their real tokens
+(workers/training/unpad.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from workers.contract.spec import TrainSpec
 from workers.training.engine import Plan
 from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
+from workers.training.unpad import unpad_forward
 
 
 class DirectPreference:
@@ -41,10 +43,13 @@ class DirectPreference:
     ) -> Any:
         from trl import DPOTrainer
 
-        return DPOTrainer(
+        trainer = DPOTrainer(
             ref_model=None,  # the reference is the policy with its adapter disabled, never a second base
             **trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args),
         )
+        if plan.batching == "padding_free":
+            unpad_forward(trainer.model)  # the padded pairs run as one row of real tokens
+        return trainer
 
     def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
         """Each row is two sequences (the chosen and the rejected answer, one batch of twice the rows), so the
