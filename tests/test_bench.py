@@ -72,3 +72,20 @@ def test_hostile_uploads_tiny_runs_against_a_live_server() -> None:
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 8, run.stdout  # the header, seven uploads, the list
     assert "| JSON nested 200,000 deep |" in run.stdout and "nested deeper than 32 levels" in run.stdout
+
+
+def test_preference_throughput_tiny_runs_trl_and_tunedeck(tmp_path: Path) -> None:
+    out = tmp_path / "dpo.json"
+    run = subprocess.run(
+        [sys.executable, "bench/preference_throughput.py", "--tiny", "--steps", "1", "--warmup", "1",
+         "--recipes", "trl,tunedeck,tunedeck@batching=padding_free", "--model-dir", str(tmp_path / "models"),
+         "--out", str(tmp_path / "out"), "--json-out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    results = {r["recipe"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"trl", "tunedeck", "tunedeck@batching=padding_free"}
+    for name, result in results.items():
+        assert not result["error"], (name, result["error"])
+        assert result["steps"] == 1 and result["real_tokens_per_s"] > 0 and 0 < result["real_share"] < 1
+    assert "batching padding_free" in results["tunedeck@batching=padding_free"]["plan"]
+    assert "tunedeck / trl:" in run.stdout
