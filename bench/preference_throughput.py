@@ -74,10 +74,18 @@ def synthetic_pairs(count: int, vocab: int, seed: int = 0, cap: int = 1024) -> l
 
 
 class PairMeter(Meter):
-    def count(self, batch: dict[str, Any]) -> None:  # DPO batches carry no labels: count the attended tokens
+    """Counts the attended tokens of each padded DPO batch (it carries no labels); the positions computed are the
+    padded batch's, or the real tokens alone where the runner unpads it."""
+
+    def __init__(self, warmup: int, unpadded: bool = False):
+        super().__init__(warmup)
+        self.unpadded = unpadded
+
+    def count(self, batch: dict[str, Any]) -> None:
         mask = batch["attention_mask"]
-        self._pending_real += int(mask.sum())
-        self._pending_padded += int(mask.numel())
+        real = int(mask.sum())
+        self._pending_real += real
+        self._pending_padded += real if self.unpadded else int(mask.numel())
 
 
 def summarise(name: str, meter: Meter, n_base: float, n_lora: float, peak_flops: float, plan: str = "") -> Result:
@@ -126,7 +134,7 @@ def run_trl(model_dir: Path, pairs: list[dict[str, str]], args: argparse.Namespa
     trainer = DPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=word_tokenizer(model_dir),
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
-        callbacks=[meter_callback(meter)],
+        callbacks=[meter_callback(meter), profile_callback("trl", args)],
     )
     trainer.data_collator = counting(trainer.data_collator, meter)
     fresh_gpu()
@@ -135,6 +143,39 @@ def run_trl(model_dir: Path, pairs: list[dict[str, str]], args: argparse.Namespa
     del trainer, model
     fresh_gpu()
     return res
+
+
+def profile_callback(name: str, args: argparse.Namespace) -> Any:
+    """torch.profiler over two measured steps of the recipe named by --profile: where a step's time goes."""
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):  # type: ignore[misc]
+        prof: Any = None
+
+        def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            if name == args.profile and state.global_step == args.warmup and self.prof is None:
+                torch.cuda.synchronize()
+                self.start = time.perf_counter()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            if self.prof is not None and state.global_step == args.warmup + 2:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                busy = sum(e.self_device_time_total for e in events) / 1e6
+                print(f"\nProfile of {name}, 2 steps: wall {time.perf_counter() - self.start:.2f} s, GPU kernels "
+                      f"{busy:.2f} s")
+                print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+                self.prof = None
+
+    return _Profile()
 
 
 def tunedeck_spec(model_dir: Path, args: argparse.Namespace, **train: Any) -> Any:
@@ -160,16 +201,16 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, pairs: list[dict[str, st
     from workers.training.objectives import objective_for
 
     n_base, n_lora = matmul_params(model_dir)
-    meter = PairMeter(args.warmup)
     fresh_gpu()
     device = pick_device(spec.lora.compute_dtype)
     plan = runner._plan(spec, device)
+    meter = PairMeter(args.warmup, unpadded=plan.batching == "padding_free")
     model = runner._load_model(spec, device, MemoryReporter(), plan)
     fresh_gpu()
     config = objective_for("dpo").config(spec, plan, args.out / name, has_eval=False)
     config.report_to, config.disable_tqdm, config.save_strategy = [], True, "no"
     trainer = runner.make_trainer(spec, plan, model, word_tokenizer(model_dir), Dataset.from_list(pairs), None,
-                                  [meter_callback(meter)], config)
+                                  [meter_callback(meter), profile_callback(name, args)], config)
     trainer.data_collator = counting(trainer.data_collator, meter)
     trainer.train()
     res = summarise(name, meter, n_base, n_lora, args.peak_tflops * 1e12, plan=plan.describe())
@@ -189,6 +230,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch (both recipes)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--profile", default="", help="a recipe to profile over two measured steps (CUDA)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tunedeck-bench"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/tunedeck-bench/out"))
     parser.add_argument("--json-out", type=Path)
