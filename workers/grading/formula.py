@@ -31,7 +31,7 @@ def parse_formula(text: str, names: set[str]) -> ast.expr:
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as exc:
-        raise FormulaError(f"not a formula: {exc.msg} at column {exc.offset}") from None
+        raise FormulaError(f"not a formula: {exc.msg}") from None
     for node in ast.walk(tree):
         _allow(node, names)
     return tree
