@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from workers.grading import Grader, GraderError, build_grader, describe, grader_problems
-from workers.grading.judge import judgement
+from workers.grading.judge import ScoreModel, judgement
+from workers.grading.registry import Multi
 
 ANSWER = "{{item.answer}}"
 
@@ -234,6 +235,7 @@ BRIEF = {"type": "length", "name": "brief", "max": 10, "falloff": 10}
 
 def test_multi_combines_its_graders_by_formula() -> None:
     grader = build_grader(multi("0.75 * exact + 0.25 * brief", exact=EXACT, brief=BRIEF))
+    assert isinstance(grader, Multi)
     item = {"answer": "Paris"}
     assert grader.score_batch(["Paris", "It is Paris!", "Lyon"], [item] * 3) == pytest.approx(
         [1.0, 0.75 + 0.25 * 0.8, 0.25]  # 12 characters: 2 over the maximum of 10, falling off over 10
@@ -423,8 +425,14 @@ def judge(model: str = "/models/judge", **fields: object) -> dict:
     return {"type": "score_model", "name": "judge", "model": model, "input": JUDGE_INPUT, "range": [0, 10]} | fields
 
 
+def build_judge(model: str = "/models/judge", **fields: object) -> ScoreModel:
+    grader = build_grader(judge(model, **fields))
+    assert isinstance(grader, ScoreModel)
+    return grader
+
+
 def test_score_model_builds_its_prompt_from_the_templates() -> None:
-    grader = build_grader(judge())
+    grader = build_judge()
     assert grader.prompt("4", {"question": "2+2?", "answer": "4"}) == [
         JUDGE_INPUT[0],
         {"role": "user", "content": "Question: 2+2?\nReference: 4\nAnswer: 4"},
@@ -449,7 +457,7 @@ def test_judgements_are_the_first_number_normalised_by_range(answer: str, score:
 
 
 def test_an_unreadable_judgement_scores_zero_and_is_reported() -> None:
-    grader = build_grader(judge())
+    grader = build_judge()
     assert [grader.read(index, answer) for index, answer in enumerate(["8", "no idea"])] == [0.8, 0.0]
     assert grader.errors == ["completion 2: the judge gave no number in 0–10: 'no idea'"]
     assert judgement("3", -5, 5) == pytest.approx(0.8)
@@ -484,9 +492,10 @@ def test_score_model_problems() -> None:
 
 
 def test_score_model_judges_with_a_real_model_loaded_once(tiny_model_dir: Path) -> None:
-    grader = build_grader(judge(model=str(tiny_model_dir), batch_size=2, max_new_tokens=6))
+    grader = build_judge(model=str(tiny_model_dir), batch_size=2, max_new_tokens=6)
     completions, items = ["4", "5", "four"], [{"question": "2+2?", "answer": "4"}] * 3
     scores = grader.score_batch(completions, items)
+    assert grader.loaded is not None
     model = grader.loaded[0]
     # greedy, in the same batches: the judge's answers again, read the same way
     conversations = [grader.prompt(completion, item) for completion, item in zip(completions, items, strict=True)]
@@ -495,7 +504,7 @@ def test_score_model_judges_with_a_real_model_loaded_once(tiny_model_dir: Path) 
     assert scores == [reading or 0.0 for reading in readings]
     # a random-weight judge mostly writes garbage: each answer without a number in range is reported
     assert len(grader.errors) == readings.count(None)
-    assert grader.loaded[0] is model
+    assert grader.load()[0] is model
 
 
 @pytest.mark.parametrize(
