@@ -167,7 +167,7 @@ class PythonGrader(BaseGrader):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=folder,
-                env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder},
+                env=child_environment(folder),
                 start_new_session=True,  # its own process group: the kill reaches anything it started
                 text=True,
             )
@@ -191,6 +191,19 @@ def _result_lines(stdout: str) -> list[dict[str, Any]]:
         if isinstance(parsed, dict):
             lines.append(parsed)
     return lines
+
+
+def child_environment(folder: str) -> dict[str, str]:
+    """All the grader process sees of an environment: nothing of the worker's. Numeric libraries get one thread:
+    each thread's pool would reserve address space against the memory limit."""
+    return {
+        "PATH": os.defpath,
+        "LANG": "C.UTF-8",
+        "HOME": folder,
+        "TMPDIR": folder,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
 
 
 def _exit_reason(code: int, stderr: str) -> str:
