@@ -287,6 +287,20 @@ def test_multi_sub_grader_problems_are_named_by_their_key() -> None:
     }
 
 
+def test_multi_reports_its_graders_errors_under_their_names() -> None:
+    definition = multi(
+        "0.5 * math + 0.5 * code",
+        math={"type": "numeric", "reference": ANSWER},
+        code={"type": "python", "source": "def grade(sample, item):\n    return 1 / len(sample['output_text'])\n"},
+    )
+    grader = build_grader(definition, allow_python=True)
+    assert grader.score_batch(["7", ""], [{"answer": "seven"}, {"answer": "0"}]) == [0.5, 0.0]
+    assert grader.errors == [
+        "math: reference 'seven' holds no number",
+        "code: completion 2: ZeroDivisionError: division by zero",
+    ]
+
+
 def test_multi_nests_and_describes_its_parts() -> None:
     inner = multi("exact", exact=EXACT) | {"name": "inner"}
     definition = multi("0.5 * inner + 0.5 * brief", inner=inner, brief=BRIEF)
