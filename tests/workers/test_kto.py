@@ -26,7 +26,7 @@ from workers.training.demo import feedback_rows, preference_rows
 
 def kto_spec(model_dir: Path) -> TrainSpec:
     train = suggest_train_params(100_000)
-    train.objective, train.num_epochs, train.batch_size, train.eval_fraction = "kto", 2, 8, 0.125
+    train.objective, train.num_epochs, train.batch_size, train.eval_fraction = "kto", 1, 8, 0.125
     return TrainSpec(
         run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
         dataset=DatasetRef(uri="store://datasets/feedback.jsonl", format="feedback"),
@@ -129,6 +129,14 @@ def test_a_feedback_row_gives_its_prompt_and_only_a_desirable_answer_as_the_refe
     rows = feedback_rows(6, seed=2)
     assert [row.reference for row in eval_rows("feedback", [to_trl_row("feedback", r) for r in rows])] == [
         r["completion"] if r["label"] else "" for r in rows]
+
+
+def test_kto_trains_on_feedback_and_counts_its_kl_and_reference_passes_in_memory() -> None:
+    from workers.training.objectives import objective_for
+
+    kto = objective_for("kto")
+    assert (kto.name, kto.label, kto.row_formats) == ("kto", "Kahneman-Tversky optimization", ("feedback",))
+    assert kto.memory_terms({"weights": 100, "activations": 10, "logits": 4}) == {"logits": 12}
 
 
 def test_kto_settings_are_validated_on_their_fields() -> None:

@@ -59,6 +59,14 @@ def test_orpo_makes_the_adapter_prefer_the_chosen_answers_of_held_out_pairs(tiny
     assert preferred_after >= 0.8, after
 
 
+def test_orpo_trains_on_pairs_and_counts_both_answers_but_no_reference_in_memory() -> None:
+    from workers.training.objectives import objective_for
+
+    orpo = objective_for("orpo")
+    assert (orpo.name, orpo.label, orpo.row_formats) == ("orpo", "Odds ratio preference optimization", ("preference",))
+    assert orpo.memory_terms({"weights": 100, "activations": 10, "logits": 4}) == {"activations": 10, "logits": 4}
+
+
 def test_openai_dpo_jsonl_loads_as_conversational_pairs_and_its_problems_name_openais_fields(tmp_path: Path) -> None:
     from workers.data.datasets import load_trl_rows, validate_bytes
 
