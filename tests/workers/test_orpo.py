@@ -125,8 +125,8 @@ def test_the_orpo_objective_builds_trls_orpo_trainer_with_beta_as_lambda_and_no_
 
     trainer = make_trainer(spec, plan, model, tokenizer, Dataset.from_list(rows), None, [], args)
 
-    assert isinstance(args, ORPOConfig) and isinstance(trainer, ORPOTrainer)
-    assert (args.beta, args.max_length) == (0.25, 16) and not hasattr(trainer, "ref_model")
-    assert trainer.model.peft_config["default"].r == spec.lora.r
+    assert trainer.model.peft_config["default"].r == spec.lora.r and not hasattr(trainer, "ref_model")
     assert len(trainer.train_dataset) == 7  # the pair whose prompt fills max_length is dropped, to be named
     assert {"chosen_input_ids", "chosen_labels", "rejected_input_ids"} <= set(trainer.train_dataset.column_names)
+    assert isinstance(args, ORPOConfig) and isinstance(trainer, ORPOTrainer)
+    assert (args.beta, args.max_length) == (0.25, 16)

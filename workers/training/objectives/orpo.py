@@ -38,7 +38,7 @@ class OddsRatioPreference:
     ) -> Any:
         from trl.experimental.orpo import ORPOTrainer
 
-        trainer = ORPOTrainer(**trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args))
+        trainer: Any = ORPOTrainer(**trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args))
         # ORPOTrainer keeps a pair whose prompt fills max_length with an empty answer (a loss of 0/0): drop such
         # pairs, as trl's DPO and KTO trainers do, so the runner names them.
         trainer.train_dataset = trainer.train_dataset.filter(_both_answers_kept)
