@@ -178,3 +178,21 @@ def test_the_kto_objective_builds_trls_kto_trainer_with_the_adapter_off_as_its_r
     assert isinstance(args, KTOConfig) and isinstance(trainer, KTOTrainer)
     assert (args.beta, args.desirable_weight, args.undesirable_weight, args.max_length) == (
         0.3, 1.5, 0.5, spec.train.max_seq_length)
+
+
+def test_feedback_rows_whose_prompt_fills_max_seq_length_are_named_and_the_rest_trains(tiny_model_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    rows = feedback_rows(16, seed=3)
+    for row in rows[2:4]:
+        row["prompt"] = "add these numbers: " + " + ".join(str(k) for k in range(12)) + "\n"
+    write_rows(store.path("store://datasets/feedback.jsonl"), rows)
+    spec = kto_spec(tiny_model_dir)
+    spec.train.max_seq_length, spec.train.max_steps, spec.train.eval_fraction = 16, 2, 0.0
+
+    reporter = MemoryReporter()
+    assert run_training(spec, reporter, store) is not None, reporter.states[-1]
+    warning = next(line for line in reporter.logs if "train on nothing" in line)
+    assert "2 of 16 training rows" in warning and "line 3 (prompt of " in warning and "line 4" in warning
