@@ -433,3 +433,60 @@ def test_the_dpo_example_run_spec_trains_on_the_demo_preference_pairs(client: Cl
     assert response.status_code == 201, response.content
     job = TrainingRun.objects.get(pk=response.json()["id"]).job_spec()
     assert (job.train.objective, job.dataset.format) == ("dpo", "preference")
+
+
+@pytest.mark.parametrize(("example", "objective", "dataset", "fmt"), [
+    ("kto", "kto", "DEMO_FEEDBACK", "feedback"), ("orpo", "orpo", "DEMO_PREFERENCES", "preference")])
+def test_the_kto_and_orpo_example_run_specs_train_on_the_demo_content(
+        client: Client, store_dir: Path, django_user_model: Any, example: str, objective: str, dataset: str,
+        fmt: str) -> None:
+    import yaml
+
+    from webapp.catalog import demo
+    from webapp.catalog.models import Dataset
+
+    assert f"dataset {getattr(demo, dataset)}" in demo.ensure_demo_content()
+    assert Dataset.objects.get(name=getattr(demo, dataset)).format == fmt
+    owner = django_user_model.objects.create_user("owner", password="pw-owner-123")
+    body = yaml.safe_load(Path(f"examples/{example}.yaml").read_text())
+
+    response = post(client, "/api/v1/runs/", body, key_for(owner))
+
+    assert response.status_code == 201, response.content
+    job = TrainingRun.objects.get(pk=response.json()["id"]).job_spec()
+    assert (job.train.objective, job.dataset.format) == (objective, fmt)
+    assert {k: getattr(job.train, k) for k in body["hyperparameters"]} == body["hyperparameters"]
+
+
+def test_kto_runs_take_feedback_and_orpo_runs_pairs_and_each_is_refused_on_the_other(client: Client,
+                                                                                      api_team: Team) -> None:
+    from webapp.catalog.services import register_dataset
+    from workers.training.demo import feedback_rows
+
+    t = api_team
+    raw = key_for(t.owner)
+    feedback = register_dataset("feedback", "feedback.jsonl", "".join(
+        json.dumps(row) + "\n" for row in feedback_rows(8, seed=0)).encode())
+    pairs = register_dataset("pairs", "pairs.jsonl", "".join(
+        json.dumps({"prompt": f"What is {n} + 1?\n", "chosen": str(n + 1), "rejected": str(n + 2)}) + "\n"
+        for n in range(8)).encode())
+    kto = {"objective": "kto", "beta": 0.2, "desirable_weight": 1.33, "undesirable_weight": 0.5}
+
+    response = post(client, "/api/v1/runs/", t.run_body(dataset=feedback.pk, hyperparameters=kto), raw)
+    assert response.status_code == 201, response.content
+    assert {k: response.json()["hyperparameters"][k] for k in kto} == kto
+    assert post(client, "/api/v1/runs/", t.run_body(dataset=pairs.pk, hyperparameters={"objective": "orpo"}),
+                raw).status_code == 201
+
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(dataset=pairs.pk, hyperparameters=kto), raw), 400)
+    assert list(body["errors"]) == ["dataset"]
+    assert "pairs is preference rows, and kahneman-tversky optimization (kto) trains on feedback rows" in (
+        body["errors"]["dataset"][0])
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(
+        dataset=feedback.pk, hyperparameters={"objective": "orpo"}), raw), 400)
+    assert list(body["errors"]) == ["dataset"] and "(orpo) trains on preference rows" in body["errors"]["dataset"][0]
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(dataset=feedback.pk), raw), 400)
+    assert list(body["errors"]) == ["dataset"] and "feedback rows, and supervised" in body["errors"]["dataset"][0]
+    body = problem_of(post(client, "/api/v1/runs/", t.run_body(
+        dataset=feedback.pk, hyperparameters={**kto, "desirable_weight": 0, "batch_size": 1}), raw), 400)
+    assert set(body["errors"]) == {"hyperparameters.desirable_weight", "hyperparameters.batch_size"}

@@ -245,6 +245,23 @@ def test_a_dpo_job_trains_direct_preference_optimization_on_preference_rows(worl
     assert job.method.dpo.hyperparameters is not None and job.method.dpo.hyperparameters.beta == 0.25
 
 
+def test_a_dpo_job_takes_a_training_file_in_openais_own_preference_format(world: dict[str, Any]) -> None:
+    from webapp.catalog.services import register_dataset
+
+    pairs = register_dataset("openai-pairs", "openai-pairs.jsonl", "".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"What is {n} + 1?"}]},
+        "preferred_output": [{"role": "assistant", "content": str(n + 1)}],
+        "non_preferred_output": [{"role": "assistant", "content": str(n + 2)}]}) + "\n" for n in range(12)).encode())
+    body = job_body(world, training_file=f"file-{pairs.pk}", method={"type": "dpo", "dpo": {}})
+
+    response = world["api"]["owner"].post("fine_tuning/jobs", body)
+
+    assert pairs.format == "preference" and pairs.row_count == 12
+    assert response.status_code == 200, response.content
+    run = TrainingRun.objects.get(pk=int(response.json()["id"].removeprefix("ftjob-")))
+    assert (run.train_params().objective, run.dataset.format) == ("dpo", "preference")
+
+
 def test_a_model_given_by_path_is_registered_on_the_fly(world: dict[str, Any], tiny_model_dir: Path,
                                                         tmp_path: Path) -> None:
     link = tmp_path / "tiny-elsewhere"

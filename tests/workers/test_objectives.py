@@ -17,18 +17,18 @@ def test_the_contract_names_every_objective_a_worker_has() -> None:
 
 
 def test_an_unknown_objective_is_refused_on_its_field() -> None:
-    errors = TrainParams(objective="kto").validate()
+    errors = TrainParams(objective="ppo").validate()
     assert set(errors) == {"objective"}
-    assert "sft, dpo" in errors["objective"]
-    with pytest.raises(ValueError, match="objective must be one of sft, dpo"):
-        objective_for("kto")
+    assert "sft, dpo, kto, orpo" in errors["objective"]
+    with pytest.raises(ValueError, match="objective must be one of sft, dpo, kto, orpo"):
+        objective_for("ppo")
 
 
-def test_sft_trains_on_every_row_format_but_preference_pairs() -> None:
+def test_sft_trains_on_every_row_format_but_preference_pairs_and_feedback() -> None:
     sft = objective_for("sft")
     assert (sft.name, sft.label) == ("sft", "Supervised fine-tuning")
     assert sft.row_formats == EXAMPLE_FORMATS
-    assert set(DATASET_FORMATS) - set(sft.row_formats) == {"preference"}
+    assert set(DATASET_FORMATS) - set(sft.row_formats) == {"preference", "feedback"}
     assert sft.memory_terms({"activations": 1, "logits": 1}) == {}
 
 
