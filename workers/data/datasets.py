@@ -38,6 +38,7 @@ PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 2000
 PREVIEW_ITEMS = 20  # turns of a conversation, fields of a row
 PREVIEW_ROW_CHARS = 4 * PREVIEW_CELL_CHARS  # what one row of the preview holds, in all
+PREVIEW_MORE_FIELDS = "…"  # the key under which a clipped row of the preview says how many fields it left out
 
 
 @dataclass
@@ -306,7 +307,7 @@ def _clip(value: Any, budget: list[int]) -> Any:
         items = list(itertools.islice(value.items(), PREVIEW_ITEMS))
         out = {str(k): _clip(v, budget) for k, v in items if _spend(budget)}
         if len(out) < len(value):
-            out["…"] = f"{len(value) - len(out):,} more fields"
+            out[PREVIEW_MORE_FIELDS] = f"{len(value) - len(out):,} more fields"
         return out
     if isinstance(value, list):
         kept = [_clip(v, budget) for v in itertools.islice(value, PREVIEW_ITEMS) if _spend(budget)]
