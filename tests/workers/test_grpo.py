@@ -95,6 +95,42 @@ def test_grpo_raises_the_graders_reward_on_held_out_prompts(tiny_model_dir: Path
     assert after > before + 0.25, (before, after)
 
 
+def test_a_grpo_run_lost_mid_way_resumes_from_its_checkpoint_on_the_same_schedule(tiny_model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    from tests.workers.test_train_runner import DyingReporter
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    write_rows(store.path("store://datasets/prompts.jsonl"), prompt_rows(64, seed=5))
+
+    def spec(attempt: int, checkpoints: str) -> TrainSpec:
+        s = grpo_spec(tiny_model_dir)
+        s.attempt, s.checkpoint_uri, s.output_uri = attempt, checkpoints, f"{checkpoints}-out/attempt-{attempt}"
+        s.train.batch_size, s.train.max_completion_length, s.train.lr_scheduler = 16, 4, "cosine"
+        s.train.max_steps, s.train.save_steps, s.train.logging_steps, s.train.warmup_ratio = 6, 3, 1, 0.2
+        return s
+
+    whole = MemoryReporter()
+    whole_result = run_training(spec(1, "store://runs/whole/checkpoints"), whole, store)
+    assert whole_result is not None, whole.states[-1]
+    dying = DyingReporter(die_at_step=5)
+    assert run_training(spec(1, "store://runs/cut/checkpoints"), dying, store) is None
+
+    resumed = MemoryReporter()
+    result = run_training(spec(2, "store://runs/cut/checkpoints"), resumed, store)
+
+    assert result is not None, resumed.states[-1]
+    assert result["resumed_from_step"] == 3 and result["steps"] == whole_result["steps"] == 6
+    expected = {m["step"]: m for m in whole.metrics if "loss" in m}
+    got = {m["step"]: m for m in resumed.metrics if "loss" in m}
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step]["learning_rate"] == pytest.approx(expected[step]["learning_rate"], rel=1e-6)
+    # Steps 1-3 come back from the checkpoint's log; from step 4 the resumed attempt samples and scores anew.
+    assert all("reward" in got[step] for step in range(1, 7))
+    assert [e["data"]["step"] for e in resumed.events if e["kind"] == "samples"] == [4, 5, 6]
+
+
 def test_a_multi_grader_with_a_weighted_sum_is_one_reward_function_per_grader(tiny_model_dir: Path,
                                                                               tmp_path: Path) -> None:
     from trl import GRPOConfig, GRPOTrainer

@@ -143,13 +143,15 @@ def _refuse_rows_cut_before_training(request: RunRequest, add: Any, errors: dict
 
 def _refuse_bad_graders(request: RunRequest, add: Any) -> None:
     """Every problem of a GRPO run's grader, named by its path under the setting (hyperparameters.graders.reference),
-    each `{{item.<field>}}` checked against the fields of the rows where the datasets' previews show them all;
-    python graders only where an admin allows them (TUNEDECK_ALLOW_PYTHON_GRADERS)."""
+    each `{{item.<field>}}` checked against the fields of the rows where the datasets' previews show them all (a
+    dataset of other rows is refused on its own field); python graders only where an admin allows them
+    (TUNEDECK_ALLOW_PYTHON_GRADERS)."""
     params = request.hyperparameters
     if params.objective != "grpo":
         return
     allowed = settings.ALLOW_PYTHON_GRADERS
-    fields = [row_fields(d) for d in (request.dataset, request.eval_dataset) if d is not None]
+    fields = [row_fields(d) if d.format == "prompt_only" else None
+              for d in (request.dataset, request.eval_dataset) if d is not None]
     known = None if any(f is None for f in fields) else set.intersection(*fields)  # type: ignore[arg-type]
     for path, message in grader_problems(params.graders, known, allow_python=allowed, path="graders").items():
         if path.endswith("type") and not allowed and "python" in json.dumps(params.graders):

@@ -436,7 +436,8 @@ def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
     if logged.get("step") is None or ("loss" not in logged and "eval_loss" not in logged):
         return None
     keys = ("loss", "eval_loss", "learning_rate", "grad_norm")
-    return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
+    return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None},
+            **objective_metrics(logged)}
 
 
 def schedule_line(total_steps: int, epochs: float, max_steps: int, per_epoch: int | None) -> str:
@@ -556,6 +557,7 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
             f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}{_preference_figures(logs)}"
             f"{_reward_figures(logs)}"
         )
-        if logs.get("samples"):  # GRPO's sampled answers with their rewards (objectives.grpo.SampleCallback)
-            self.reporter.samples(state.global_step, logs["samples"])
+        samples = logs.get("samples")  # GRPO's sampled answers with their rewards (objectives.grpo.SampleCallback)
+        if samples and samples["rows"]:
+            self.reporter.samples(state.global_step, samples["rows"], samples["errors"])
         self.reporter.maybe_flush()

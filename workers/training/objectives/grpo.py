@@ -41,6 +41,7 @@ ALLOW_PYTHON_ENV = "TUNEDECK_ALLOW_PYTHON_GRADERS"
 SAMPLES_KEY = "samples"  # the log entry's key of the sampled answers (workers.training.train.ReporterCallback)
 SAMPLE_ROWS = 4  # answers a run's samples event shows at each logging step
 SAMPLE_CHARS = 500  # of each prompt and answer shown
+SAMPLE_ERRORS = 5  # graders' problems shown with them (a grader that crashed or timed out, a judge's unreadable reply)
 
 
 def python_graders_allowed() -> bool:
@@ -131,28 +132,36 @@ def row_fields(dataset: Any) -> set[str]:
 
 @dataclass
 class Samples:
-    """The last scored batch: its prompts and answers and each reward function's scores, for the run's page."""
+    """The last scored batch, for the run's page: its prompts and answers, each reward function's scores (and,
+    where one function is a whole multi grader, each of its graders'), and what the graders could not score."""
 
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
-    scores: dict[str, list[float]] = field(default_factory=dict)
+    rewards: dict[str, list[float]] = field(default_factory=dict)
+    graders: dict[str, list[float]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
 
-    def record(self, name: str, prompts: Sequence[Any], completions: list[str], scores: list[float]) -> None:
+    def record(self, name: str, prompts: Sequence[Any], completions: list[str], scores: list[float],
+               grader: Grader) -> None:
         if completions != self.completions:  # a new batch: the first reward function to score it
-            self.prompts, self.completions, self.scores = [as_text(p) for p in prompts], completions, {}
-        self.scores[name] = scores
+            self.prompts, self.completions = [as_text(p) for p in prompts], completions
+            self.rewards, self.graders, self.errors = {}, {}, []
+        self.rewards[name] = scores
+        self.graders.update(getattr(grader, "part_scores", None) or {name: scores})
+        self.errors += [f"{name}: {error}" for error in grader.errors]
 
     def rows(self, weights: Sequence[float], count: int = SAMPLE_ROWS) -> list[dict[str, Any]]:
-        """Up to `count` answers, spread over the batch (so over its groups), with each score and their total."""
+        """Up to `count` answers, spread over the batch (so over its groups), with each grader's score and the
+        total reward (the reward functions' weighted sum)."""
         if not self.completions:
             return []
         stride = max(1, len(self.completions) // count)
         rows = []
         for i in range(0, len(self.completions), stride)[:count]:
-            scores = {name: round(values[i], 4) for name, values in self.scores.items()}
-            total = sum(w * s for w, s in zip(weights, scores.values(), strict=False))
+            total = sum(w * values[i] for w, values in zip(weights, self.rewards.values(), strict=False))
             rows.append({"prompt": self.prompts[i][:SAMPLE_CHARS], "completion": self.completions[i][:SAMPLE_CHARS],
-                         "rewards": scores, "total": round(total, 4)})
+                         "rewards": {name: round(values[i], 4) for name, values in self.graders.items()},
+                         "total": round(total, 4)})
         return rows
 
 
@@ -167,7 +176,7 @@ class GraderReward:
                  **_: Any) -> list[float]:
         texts = [as_text(c) for c in completions]
         scores = self.grader.score_batch(texts, [json.loads(i) for i in item])
-        self.samples.record(self.__name__, prompts, texts, scores)
+        self.samples.record(self.__name__, prompts, texts, scores, self.grader)
         return scores
 
 
@@ -247,4 +256,5 @@ class SampleCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is not None and "loss" in logs:
-            logs[SAMPLES_KEY] = self.rewards.samples.rows(self.rewards.weights)
+            logs[SAMPLES_KEY] = {"rows": self.rewards.samples.rows(self.rewards.weights),
+                                 "errors": self.rewards.samples.errors[:SAMPLE_ERRORS]}
