@@ -146,3 +146,13 @@ def test_the_run_form_takes_the_grader_as_json(client: Client, team: Team, promp
     assert bound.errors["graders"] == ["graders.reference: {{item.x}} names no field of the rows (fields: answer, "
                                        "prompt)"]
     assert not RunForm({**fields, **data, **GRPO, "graders": "[1, 2]"}).is_valid()
+
+
+def test_the_dataset_page_shows_prompts_alone_with_their_tokens(client: Client, team: Team, prompts: Any) -> None:
+    client.force_login(team.owner)
+
+    page = client.get(f"/datasets/{prompts.pk}/", {"base_model": team.base.pk, "batching": "pad", "row": 2})
+
+    text = page.content.decode()
+    assert page.status_code == 200 and "prompt_only" in text and "7777" in text
+    assert 'class="error"' not in text and "Row 2" in text

@@ -151,7 +151,8 @@ def test_a_multi_grader_with_a_weighted_sum_is_one_reward_function_per_grader(ti
     assert trainer.reward_func_names == ["sevens", "short"] and trainer.reward_weights.tolist() == [0.75, 0.25]
     assert trainer.ref_model is None  # the reference is the policy with its adapter off
     assert (args.num_generations, args.max_completion_length, args.beta) == (8, MAX_COMPLETION, 0.04)
-    assert trainer.model.peft_config["default"].r == 16
+    policy: Any = trainer.model
+    assert policy.peft_config["default"].r == 16
 
 
 def built_trainer(model_dir: Path, tmp_path: Path, graders: dict[str, Any]) -> tuple[Any, Any]:

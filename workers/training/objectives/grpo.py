@@ -81,8 +81,9 @@ class GroupRelativePolicy:
         rewards = reward_plan(definition, run_grader(definition, row_fields(train_dataset)))
         # First, so that the runner's callbacks find the samples in the logs of the same step.
         callbacks = [SampleCallback(rewards), *callbacks]
+        reward_funcs: list[Any] = list(rewards.functions)  # trl's type names no callable class
         return GRPOTrainer(
-            reward_funcs=rewards.functions,
+            reward_funcs=reward_funcs,
             **trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args),
         )
 
@@ -173,11 +174,11 @@ class GraderReward:
         self.__name__ = grader.name  # what trl names its metrics by: rewards/<name>/mean
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], item: Sequence[str],
-                 **_: Any) -> list[float]:
+                 **_: Any) -> list[float | None]:
         texts = [as_text(c) for c in completions]
         scores = self.grader.score_batch(texts, [json.loads(i) for i in item])
         self.samples.record(self.__name__, prompts, texts, scores, self.grader)
-        return scores
+        return list[float | None](scores)
 
 
 @dataclass
