@@ -222,3 +222,37 @@ def test_grpo_memory_counts_the_generation_cache_and_the_answers_tokens() -> Non
     train.kl_coef = 0.1
     assert objective_for("grpo").memory_terms({"activations": 1000, "logits": 100}, SHAPE, train, 2)["logits"] == 500
     assert math.isclose(terms["temporary"] / 2**20, 1.5625)
+
+
+def test_prompt_only_rows_from_jsonl_csv_and_parquet_each_problem_named_by_row_and_field(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.data.datasets import to_trl_row, validate_bytes, validate_file
+    from workers.data.prompts import prompt_row
+
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, user], "answer": 4, "tags": ["math"]},
+        {"messages": [user, {"role": "assistant", "content": "4"}]},  # an example, not a prompt to answer
+        {"messages": [{"role": "robot", "content": "x"}, user]},
+    ]
+    report = validate_bytes("".join(json.dumps(r) + "\n" for r in rows).encode(), "rl.jsonl")
+    assert report.format == "prompt_only" and report.row_count == 3
+    assert [(p.line, p.field) for p in report.problems] == [(2, "messages[1].role"), (3, "messages[0].role")]
+    assert "must end with the user turn that the sampled answers answer" in report.problems[0].message
+    row = to_trl_row("prompt_only", rows[0])
+    assert row["prompt"][-1] == user and json.loads(row["item"]) == rows[0]
+    assert (prompt_row(row).prompt, prompt_row(row).reference) == ("system: Be brief.\nuser: What is 2 + 2?", "4")
+
+    report = validate_bytes(b"prompt,answer\nWhat is 1 + 1?,2\n,3\n", "rl.csv")
+    assert report.format == "prompt_only" and [(p.line, p.field, p.message) for p in report.problems] == [
+        (3, "prompt", "must not be empty")]
+
+    path = tmp_path / "rl.parquet"
+    pq.write_table(pa.table({"prompt": ["What is 5 + 5?", None], "reference": ["10", "11"]}), path)
+    report = validate_file(path)
+    assert report.format == "prompt_only"
+    assert [(p.line, p.unit, p.field, p.message) for p in report.problems] == [(2, "row", "prompt", "missing")]
+    assert prompt_row(to_trl_row("prompt_only", {"prompt": "p", "reference": "10"})).reference == "10"
+    assert prompt_row(to_trl_row("prompt_only", {"prompt": "p"})).reference == ""

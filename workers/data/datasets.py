@@ -96,6 +96,11 @@ def detect_format(record: dict[str, Any]) -> str | None:
     return None
 
 
+# Chats to learn from (ending on the assistant's turn) and chats to answer (ending on the user's): one file holds
+# one kind, and a row of the other is a problem of its turns.
+CHAT_KINDS = ("messages", "prompt_only")
+
+
 def _ends_with_user_turn(turns: Any) -> bool:
     """Whether a chat's last turn is a user's: a prompt to answer, not an example to learn from."""
     return isinstance(turns, list) and bool(turns) and isinstance(turns[-1], dict) and turns[-1].get("role") == "user"
@@ -257,6 +262,8 @@ def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
             report.add(Problem(number, f"no known fields ({KNOWN_FIELDS}); found {', '.join(map(str, record)) or 'none'}",
                                unit=unit))
             continue
+        if fmt in CHAT_KINDS and report.format in CHAT_KINDS and "messages" in record:
+            fmt = report.format  # a chat's last turn tells the two apart: checked as the file's, by field
         if not report.format:
             report.format = fmt
         elif fmt != report.format:
