@@ -256,3 +256,28 @@ def test_prompt_only_rows_from_jsonl_csv_and_parquet_each_problem_named_by_row_a
     assert [(p.line, p.unit, p.field, p.message) for p in report.problems] == [(2, "row", "prompt", "missing")]
     assert prompt_row(to_trl_row("prompt_only", {"prompt": "p", "reference": "10"})).reference == "10"
     assert prompt_row(to_trl_row("prompt_only", {"prompt": "p"})).reference == ""
+
+
+def test_placement_counts_the_generation_cache_of_a_grpo_run() -> None:
+    """The run service places a run by estimate_for_spec (webapp/fleet/needs.py): a GRPO run's estimate holds its
+    KV cache and its answers' activations."""
+    from transformers import LlamaConfig
+
+    from workers.training.modelshape import ModelShape
+    from workers.training.specestimate import estimate_for_spec
+
+    shape = ModelShape.from_config(LlamaConfig(  # Llama-3.1-8B's shape
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256))
+    lora = LoraParams(quantization="4bit")
+    sft = TrainParams(batch_size=8, max_seq_length=512, batching="pad")
+    grpo = TrainParams(objective="grpo", graders=SEVENS_GRADER, batch_size=8, max_seq_length=512,
+                       max_completion_length=1024)
+
+    plain, reinforced = estimate_for_spec(shape, lora, sft).estimate, estimate_for_spec(shape, lora, grpo).estimate
+
+    cache = 8 * (512 + 1024) * 2 * 32 * 8 * 128 * 2  # answers x tokens x (K, V) x layers x heads x dims x bf16
+    assert reinforced.temporary - plain.temporary == cache == 3 * 2**30 // 2
+    assert reinforced.activations == 3 * plain.activations  # the answer's 1,024 tokens after the prompt's 512
+    print(f"8B QLoRA, 8 x 512 tokens: sft {plain.device_total / 2**30:.1f} GiB, grpo with 1,024-token answers "
+          f"{reinforced.device_total / 2**30:.1f} GiB")
