@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from workers.grading import Grader, GraderError, build_grader, describe, grader_problems
+from workers.grading.judge import ScoreModel, judgement
+from workers.grading.registry import Multi
 
 ANSWER = "{{item.answer}}"
 
@@ -232,6 +235,7 @@ BRIEF = {"type": "length", "name": "brief", "max": 10, "falloff": 10}
 
 def test_multi_combines_its_graders_by_formula() -> None:
     grader = build_grader(multi("0.75 * exact + 0.25 * brief", exact=EXACT, brief=BRIEF))
+    assert isinstance(grader, Multi)
     item = {"answer": "Paris"}
     assert grader.score_batch(["Paris", "It is Paris!", "Lyon"], [item] * 3) == pytest.approx(
         [1.0, 0.75 + 0.25 * 0.8, 0.25]  # 12 characters: 2 over the maximum of 10, falling off over 10
@@ -281,6 +285,20 @@ def test_multi_sub_grader_problems_are_named_by_their_key() -> None:
         "grader.graders": "must be an object of name → grader definition, with at least one grader",
         "grader.calculate_output": "missing",
     }
+
+
+def test_multi_reports_its_graders_errors_under_their_names() -> None:
+    definition = multi(
+        "0.5 * math + 0.5 * code",
+        math={"type": "numeric", "reference": ANSWER},
+        code={"type": "python", "source": "def grade(sample, item):\n    return 1 / len(sample['output_text'])\n"},
+    )
+    grader = build_grader(definition, allow_python=True)
+    assert grader.score_batch(["7", ""], [{"answer": "seven"}, {"answer": "0"}]) == [0.5, 0.0]
+    assert grader.errors == [
+        "math: reference 'seven' holds no number",
+        "code: completion 2: ZeroDivisionError: division by zero",
+    ]
 
 
 def test_multi_nests_and_describes_its_parts() -> None:
@@ -404,3 +422,140 @@ def test_a_crashing_python_grader_scores_zero_and_says_why() -> None:
         "completion 1: the grader process exited with code 3: no message",
         "completion 2: the grader process exited with code 3: no message",
     ]
+
+
+# --- score_model -----------------------------------------------------------------------------------------------------
+
+JUDGE_INPUT = [
+    {"role": "system", "content": "Rate the answer from 0 to 10. Reply with the number only."},
+    {
+        "role": "user",
+        "content": "Question: {{item.question}}\nReference: {{item.answer}}\nAnswer: {{sample.output_text}}",
+    },
+]
+
+
+def judge(model: str = "/models/judge", **fields: object) -> dict:
+    return {"type": "score_model", "name": "judge", "model": model, "input": JUDGE_INPUT, "range": [0, 10]} | fields
+
+
+def build_judge(model: str = "/models/judge", **fields: object) -> ScoreModel:
+    grader = build_grader(judge(model, **fields))
+    assert isinstance(grader, ScoreModel)
+    return grader
+
+
+def test_score_model_builds_its_prompt_from_the_templates() -> None:
+    grader = build_judge()
+    assert grader.prompt("4", {"question": "2+2?", "answer": "4"}) == [
+        JUDGE_INPUT[0],
+        {"role": "user", "content": "Question: 2+2?\nReference: 4\nAnswer: 4"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "score"),
+    [
+        ("7", 0.7),
+        (" 10/10, excellent", 1.0),
+        ("Score: 2.5 (weak)", 0.25),
+        ("0", 0.0),
+        ("11", None),  # outside the range is malformed, not clipped
+        ("-3", None),
+        ("great answer!", None),
+        ("", None),
+    ],
+)
+def test_judgements_are_the_first_number_normalised_by_range(answer: str, score: float | None) -> None:
+    assert judgement(answer, 0, 10) == (pytest.approx(score) if score is not None else None)
+
+
+def test_an_unreadable_judgement_scores_zero_and_is_reported() -> None:
+    grader = build_judge()
+    assert [grader.read(index, answer) for index, answer in enumerate(["8", "no idea"])] == [0.8, 0.0]
+    assert grader.errors == ["completion 2: the judge gave no number in 0–10: 'no idea'"]
+    assert judgement("3", -5, 5) == pytest.approx(0.8)
+
+
+def test_score_model_problems() -> None:
+    definition = judge(
+        model="not a hub id",
+        input=[{"role": "judge", "content": "{{item.q}}"}, "rate it", {"role": "user", "content": "", "name": "x"}],
+        range=[10, 0],
+        max_new_tokens=0,
+        batch_size=2.5,
+    )
+    assert grader_problems(definition, fields={"question"}) == {
+        "grader.model": 'neither a local folder (an absolute path) nor a Hub id: must be "namespace/name": your user '
+        "or organisation name, a slash, and the repository name",
+        "grader.input[0].role": "must be one of system, user, assistant",
+        "grader.input[0].content": "{{item.q}} names no field of the rows (fields: question)",
+        "grader.input[1]": "must be an object with role and content, got a string",
+        "grader.input[2].content": "must be a non-empty string",
+        "grader.input[2].name": "unknown field (a message takes role, content)",
+        "grader.range": "min must be below max",
+        "grader.max_new_tokens": "must be at least 1",
+        "grader.batch_size": "must be a whole number",
+    }
+    assert grader_problems(judge(model="org/judge-7b", range=[0, "ten"])) == {
+        "grader.range": "must be [min, max], two numbers"
+    }
+    assert grader_problems(judge(input="rate it")) == {
+        "grader.input": 'must be a non-empty list of messages ({"role": …, "content": …})'
+    }
+
+
+def test_score_model_judges_with_a_real_model_loaded_once(tiny_model_dir: Path) -> None:
+    grader = build_judge(model=str(tiny_model_dir), batch_size=2, max_new_tokens=6)
+    completions, items = ["4", "5", "four"], [{"question": "2+2?", "answer": "4"}] * 3
+    scores = grader.score_batch(completions, items)
+    assert grader.loaded is not None
+    model = grader.loaded[0]
+    # greedy, in the same batches: the judge's answers again, read the same way
+    conversations = [grader.prompt(completion, item) for completion, item in zip(completions, items, strict=True)]
+    answers = grader.generate(conversations[:2]) + grader.generate(conversations[2:])
+    readings = [judgement(answer, 0, 10) for answer in answers]
+    assert scores == [reading or 0.0 for reading in readings]
+    # a random-weight judge mostly writes garbage: each answer without a number in range is reported
+    assert len(grader.errors) == readings.count(None)
+    assert grader.load()[0] is model
+
+
+@pytest.mark.parametrize(
+    ("definition", "line"),
+    [
+        (
+            similarity("bleu", pass_threshold=0.5),
+            "text_similarity close: bleu of {{sample.output_text}} against {{item.answer}}, passes at 0.5",
+        ),
+        (
+            {"type": "regex", "name": "r", "pattern": r"\d+", "match": "full"},
+            r"regex r: /\d+/ matches all of "
+            "{{sample.output_text}}",
+        ),
+        (
+            {"type": "json", "name": "j", "schema": SCHEMA, "fields": {"city": "{{item.city}}"}},
+            "json j: {{sample.output_text}} parses as JSON fitting its schema, fields city as expected",
+        ),
+        (
+            {"type": "numeric", "name": "n", "reference": ANSWER, "tolerance": 0.5},
+            "numeric n: number in {{sample.output_text}} = {{item.answer}} within ±0.5",
+        ),
+        (
+            python(GRADE_BY_LENGTH, timeout_seconds=2),
+            "python code: grade(sample, item) in a separate process, 2s a call, 512 MiB",
+        ),
+        (
+            judge(adapter="/adapters/strict"),
+            "score_model judge: /models/judge + /adapters/strict judges on a 0–10 scale",
+        ),
+    ],
+)
+def test_describe_every_type(definition: dict, line: str) -> None:
+    assert grader_problems(definition, allow_python=True) == {}
+    assert describe(definition) == line
+
+
+def test_a_top_level_grader_needs_a_name() -> None:
+    assert grader_problems({"type": "json"}) == {"grader.name": "missing"}
+    assert grader_problems({"type": "json", "name": "x" * 65}) == {"grader.name": "must be at most 64 characters"}

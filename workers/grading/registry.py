@@ -111,7 +111,7 @@ def _check_multi(c: Checker, allow_python: bool) -> None:
     elif len(graders) > MAX_PARTS:
         c.error("graders", f"at most {MAX_PARTS} graders")
     for key, definition in graders.items():
-        if not key.isidentifier() or keyword.iskeyword(key) or key in FUNCTIONS:
+        if not isinstance(key, str) or not key.isidentifier() or keyword.iskeyword(key) or key in FUNCTIONS:
             c.error(f"graders.{key}", "the name must be a word of letters, digits and _ (the formula refers to it)")
             continue
         _check(Checker(definition, c.at(f"graders.{key}"), c.fields, c.problems), allow_python, key=key)

@@ -2,11 +2,11 @@
 
 The code is trusted no further than the process it runs in: the same interpreter in isolated mode (`-I`: no
 user site, no PYTHON* variables), an environment holding nothing of the worker's (no TUNEDECK_* variables, no
-tokens), a fresh empty working folder, its address space (RLIMIT_AS) and CPU time capped from inside before the
-user's code is compiled, each completion's call interrupted at `timeout_seconds`, and the whole process group
-killed at a wall-clock limit. A completion whose call fails, overruns or is lost with the process scores 0, and the
-reason goes to the grader's `errors`. Admins bound what a definition may ask for with TUNEDECK_GRADER_MAX_SECONDS
-and TUNEDECK_GRADER_MAX_MEMORY_MB.
+tokens), a fresh empty working folder, its address space (RLIMIT_AS), CPU time and file sizes capped from
+inside before the user's code is compiled, each completion's call interrupted at `timeout_seconds`, and the
+whole process group killed at a wall-clock limit. A completion whose call fails, overruns or is lost with the
+process scores 0, and the reason goes to the grader's `errors`. Admins bound what a definition may ask for with
+TUNEDECK_GRADER_MAX_SECONDS and TUNEDECK_GRADER_MAX_MEMORY_MB.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ memory = request["memory_mb"] << 20
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (request["cpu_seconds"], request["cpu_seconds"] + 1))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (memory, memory))
 results, sys.stdout = sys.stdout, sys.stderr
 
 class GraderTimeout(BaseException):
@@ -167,7 +168,7 @@ class PythonGrader(BaseGrader):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=folder,
-                env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder},
+                env=child_environment(folder),
                 start_new_session=True,  # its own process group: the kill reaches anything it started
                 text=True,
             )
@@ -175,10 +176,19 @@ class PythonGrader(BaseGrader):
                 stdout, stderr = process.communicate(json.dumps(request, default=str), timeout=wall)
                 failure = _exit_reason(process.returncode, stderr)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                _kill_group(process.pid)
                 stdout, stderr = process.communicate()
                 failure = f"killed at the wall-clock limit of {wall:g}s"
+            finally:
+                _kill_group(process.pid)  # whatever it started and left running
         return _result_lines(stdout), failure
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _result_lines(stdout: str) -> list[dict[str, Any]]:
@@ -191,6 +201,19 @@ def _result_lines(stdout: str) -> list[dict[str, Any]]:
         if isinstance(parsed, dict):
             lines.append(parsed)
     return lines
+
+
+def child_environment(folder: str) -> dict[str, str]:
+    """All the grader process sees of an environment: nothing of the worker's. Numeric libraries get one thread:
+    each thread's pool would reserve address space against the memory limit."""
+    return {
+        "PATH": os.defpath,
+        "LANG": "C.UTF-8",
+        "HOME": folder,
+        "TMPDIR": folder,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
 
 
 def _exit_reason(code: int, stderr: str) -> str:
