@@ -131,6 +131,11 @@ def test_the_run_page_shows_the_latest_sampled_answers_escaped(client: Client, t
     sft = make_run(team.owner, team.base, team.dataset, team.config)
     assert 'id="run-samples"' not in client.get(f"/runs/{sft.pk}/").content.decode()
 
+    listed = client.get(f"/api/v1/runs/{run.pk}/events/", {"kind": "samples"},
+                        HTTP_AUTHORIZATION=f"Bearer {key_for(team.owner)}").json()
+    assert [event["data"]["step"] for event in listed["results"]] == [5, 10]
+    assert listed["results"][-1]["data"]["rows"] == rows
+
 
 def test_the_run_form_takes_the_grader_as_json(client: Client, team: Team, prompts: Any) -> None:
     from webapp.training.forms import RunForm
