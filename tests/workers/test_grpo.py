@@ -144,6 +144,8 @@ def test_a_multi_grader_with_a_weighted_sum_is_one_reward_function_per_grader(ti
     assert linear_weights(formula) == [0.75, 0.25]
     assert linear_weights({**formula, "calculate_output": "sevens * short"}) is None
     assert linear_weights({**formula, "calculate_output": "sevens + 1"}) is None
+    assert linear_weights({**formula, "calculate_output": "sevens + short"}) is None  # clipped to 1 at 2
+    assert linear_weights({**formula, "calculate_output": "(sevens + short) / 2 - 0 * short"}) == [0.5, 0.5]
 
     trainer, args = built_trainer(tiny_model_dir, tmp_path, formula)
 

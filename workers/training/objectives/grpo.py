@@ -6,10 +6,12 @@ group's mean, and the loss raises the likelihood of the answers that beat it. `k
 penalty towards a reference: the same base with the adapter switched off (trl skips a reference model for a PEFT
 policy), so no second copy of the base is ever loaded.
 
-A `multi` grader whose formula is a weighted sum of its graders (`0.7 * accuracy + 0.3 * format`) becomes one reward
-function per grader, weighted as the formula says (trl's reward_weights): the total is the formula's value, and trl
-reports each grader's mean and spread (`rewards/<name>/mean`). Any other formula (a product, a grader divided by
-another) is one reward function, the whole multi grader, since no weighting of its parts gives its value.
+A `multi` grader whose formula is a weighted sum of its graders (`0.7 * accuracy + 0.3 * format`; weights of 0 or
+more adding up to at most 1, so that the multi's clipping to [0, 1] never acts) becomes one reward function per
+grader, weighted as the formula says (trl's reward_weights): the total is the formula's value, and trl reports each
+grader's mean and spread (`rewards/<name>/mean`). Any other formula (a product, a grader divided by another, a
+constant term, weights the clipping would cut) is one reward function, the whole multi grader, since no weighting of
+its parts gives its value; its graders' scores still show in the run's samples.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from workers.config import env_bool
 from workers.contract.jobrunner import RunnerError
 from workers.contract.spec import TrainParams, TrainSpec
 from workers.grading import Grader, GraderError, build_grader, grader_problems
+from workers.grading.formula import parse_formula
 from workers.training.engine import Plan
 from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
@@ -203,16 +206,17 @@ def reward_plan(definition: Mapping[str, Any], grader: Grader) -> RewardPlan:
 
 def linear_weights(definition: Mapping[str, Any]) -> list[float] | None:
     """The weight of each of a multi grader's graders (in their order) when its `calculate_output` is a weighted
-    sum of their names, with no constant term; None for any other formula."""
+    sum of their names with no constant term, weights of 0 or more adding up to at most 1 (the multi's value, clipped
+    to [0, 1], is then that sum); None for any other formula."""
     names = list(definition.get("graders") or {})
     try:
-        tree = ast.parse(str(definition.get("calculate_output", "")), mode="eval").body
-        terms = _linear_terms(tree, set(names))
-    except (SyntaxError, ValueError, ZeroDivisionError):
+        terms = _linear_terms(parse_formula(str(definition.get("calculate_output", "")), set(names)), set(names))
+    except (ValueError, ZeroDivisionError):  # FormulaError is a ValueError
         return None
     if terms is None or terms.get("", 0.0) != 0.0:
         return None
-    return [terms.get(name, 0.0) for name in names]
+    weights = [terms.get(name, 0.0) for name in names]
+    return weights if min(weights) >= 0 and sum(weights) <= 1 + 1e-9 else None
 
 
 def _linear_terms(node: ast.AST, names: set[str]) -> dict[str, float] | None:
