@@ -234,7 +234,7 @@ def test_prompt_only_rows_from_jsonl_csv_and_parquet_each_problem_named_by_row_a
     from workers.data.prompts import prompt_row
 
     user = {"role": "user", "content": "What is 2 + 2?"}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"messages": [{"role": "system", "content": "Be brief."}, user], "answer": 4, "tags": ["math"]},
         {"messages": [user, {"role": "assistant", "content": "4"}]},  # an example, not a prompt to answer
         {"messages": [{"role": "robot", "content": "x"}, user]},
