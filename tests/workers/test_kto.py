@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.workers.test_dpo import margins, write_rows
+from tests.workers.test_objectives import SHAPE
 from workers.contract.reporter import MemoryReporter
 from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec, suggest_train_params
 from workers.contract.store import ArtifactStore
@@ -136,7 +137,7 @@ def test_kto_trains_on_feedback_and_counts_its_kl_and_reference_passes_in_memory
 
     kto = objective_for("kto")
     assert (kto.name, kto.label, kto.row_formats) == ("kto", "Kahneman-Tversky optimization", ("feedback",))
-    assert kto.memory_terms({"weights": 100, "activations": 10, "logits": 4}) == {"logits": 12}
+    assert kto.memory_terms({"weights": 100, "activations": 10, "logits": 4}, SHAPE, TrainParams(), 2) == {"logits": 12}
 
 
 def test_kto_settings_are_validated_on_their_fields() -> None:

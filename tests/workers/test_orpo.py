@@ -12,8 +12,9 @@ import re
 from pathlib import Path
 
 from tests.workers.test_dpo import margins, write_rows
+from tests.workers.test_objectives import SHAPE
 from workers.contract.reporter import MemoryReporter
-from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainSpec, suggest_train_params
+from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec, suggest_train_params
 from workers.contract.store import ArtifactStore
 from workers.training.demo import preference_rows
 
@@ -64,7 +65,8 @@ def test_orpo_trains_on_pairs_and_counts_both_answers_but_no_reference_in_memory
 
     orpo = objective_for("orpo")
     assert (orpo.name, orpo.label, orpo.row_formats) == ("orpo", "Odds ratio preference optimization", ("preference",))
-    assert orpo.memory_terms({"weights": 100, "activations": 10, "logits": 4}) == {"activations": 10, "logits": 4}
+    terms = orpo.memory_terms({"weights": 100, "activations": 10, "logits": 4}, SHAPE, TrainParams(), 2)
+    assert terms == {"activations": 10, "logits": 4}
 
 
 def test_openai_dpo_jsonl_loads_as_conversational_pairs_and_its_problems_name_openais_fields(tmp_path: Path) -> None:

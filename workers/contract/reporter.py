@@ -88,6 +88,16 @@ class Reporter:
         if self._buffer:  # (empty if that event filled the buffer and went out at once)
             self._open_outputs[(row, column)] = self._buffer[-1]
 
+    def samples(self, step: int, rows: list[dict[str, Any]], errors: list[str] | None = None) -> None:
+        """A few answers a training step sampled, each with its prompt and rewards ({"prompt", "completion",
+        "rewards": {grader: score}, "total"}), and what the graders could not score: reinforcement objectives'
+        live view of what the model writes."""
+        totals = [row["total"] for row in rows if isinstance(row.get("total"), int | float)]
+        mean = f", mean reward {sum(totals) / len(totals):.3f}" if totals else ""
+        problems = f"; graders' problems: {'; '.join(errors)}" if errors else ""
+        self._event("samples", f"step {step}: {len(rows)} sampled answers{mean}{problems}",
+                    data={"step": step, "rows": rows, "errors": list(errors or [])})
+
     def checkpoint(self, step: int, **values: Any) -> None:
         self._event("checkpoint", f"Checkpoint saved at step {step}", data={"step": step, **values})
 

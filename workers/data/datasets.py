@@ -10,7 +10,9 @@ preference pairs (`prompt`, `chosen`, `rejected`: three strings, or, as trl's co
 form, the prompt's turns and the chosen and rejected assistant turns; or OpenAI's DPO rows,
 `input.messages`, `preferred_output`, `non_preferred_output`, read as conversational pairs);
 feedback (`prompt`, `completion`, `label`: one answer, plain or as turns, labelled desirable
-true or false; a file needs both labels).
+true or false; a file needs both labels); prompts alone (`prompt_only`: a `prompt` string, or
+`messages` ending with the user turn to answer, as in OpenAI's reinforcement fine-tuning JSONL),
+whose other fields are what graders read (`{{item.answer}}`).
 A .json file is an array of objects or JSON Lines; a CSV cell of `messages` or
 `conversations` holds the turns as JSON.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -38,6 +41,7 @@ PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 2000
 PREVIEW_ITEMS = 20  # turns of a conversation, fields of a row
 PREVIEW_ROW_CHARS = 4 * PREVIEW_CELL_CHARS  # what one row of the preview holds, in all
+PREVIEW_MORE_FIELDS = "…"  # the key under which a clipped row of the preview says how many fields it left out
 
 
 @dataclass
@@ -83,7 +87,7 @@ def detect_format(record: dict[str, Any]) -> str | None:
     if "prompt" in record and "completion" in record and "label" in record:
         return "feedback"
     if "messages" in record:
-        return "messages"
+        return "prompt_only" if _ends_with_user_turn(record["messages"]) else "messages"
     if "conversations" in record:
         return "sharegpt"
     if "instruction" in record and "output" in record:
@@ -92,7 +96,19 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "prompt_completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:
+        return "prompt_only"
     return None
+
+
+# Chats to learn from (ending on the assistant's turn) and chats to answer (ending on the user's): one file holds
+# one kind, and a row of the other is a problem of its turns.
+CHAT_KINDS = ("messages", "prompt_only")
+
+
+def _ends_with_user_turn(turns: Any) -> bool:
+    """Whether a chat's last turn is a user's: a prompt to answer, not an example to learn from."""
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[-1], dict) and turns[-1].get("role") == "user"
 
 
 def _text_problem(record: dict[str, Any], key: str, what: str = "") -> str | None:
@@ -116,6 +132,8 @@ def check_record(fmt: str, record: dict[str, Any]) -> list[tuple[str, str]]:
         return _check_openai_pair(record) if _is_openai_pair(record) else _check_pair(record)
     if fmt == "feedback":
         return _check_feedback(record)
+    if fmt == "prompt_only":
+        return _check_prompt_only(record)
     required = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
     problems = [(key, why) for key in required[fmt] if (why := _text_problem(record, key))]
     if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
@@ -177,7 +195,8 @@ def _check_pair(record: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _check_prompt_turns(turns: list[Any], key: str = "prompt",
                         answered_by: str = "the chosen and rejected answers") -> list[tuple[str, str]]:
-    """The prompt of a conversational row: [system] user (assistant user)*, ending on the user turn answered."""
+    """A prompt as turns (a conversational row's, or prompt_only `messages`): [system] user (assistant user)*,
+    ending on the user turn answered."""
     if not turns:
         return [(key, "must be a non-empty list of turns")]
     problems = _check_turn_list(key, turns)
@@ -240,6 +259,14 @@ def _label_problem(labels: set[bool]) -> str | None:
     missing = "false (undesirable)" if label else "true (desirable)"
     return (f"every row is labelled {str(label).lower()}: KTO learns from both desirable and undesirable answers, so "
             f"the file needs rows labelled {missing} too")
+def _check_prompt_only(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """A prompt to sample answers to: a text, or turns ending with the user turn answered."""
+    if "messages" in record:
+        turns = record["messages"]
+        return _check_prompt_turns(turns, "messages", "the sampled answers") if isinstance(turns, list) else [
+            ("messages", "must be a non-empty list of turns")]
+    problem = _text_problem(record, "prompt")
+    return [("prompt", problem)] if problem else []
 
 
 def _check_answer_turns(key: str, turns: Any) -> list[tuple[str, str]]:
@@ -268,9 +295,9 @@ def _role(turn: dict[str, Any], fmt: str) -> str:
 
 
 KNOWN_FIELDS = ("text, prompt/completion, instruction/output, messages, conversations, prompt/chosen/rejected, "
-                "input/preferred_output/non_preferred_output, prompt/completion/label")
+                "input/preferred_output/non_preferred_output, prompt/completion/label, prompt")
 HEADER_EXAMPLES = ("text; prompt,completion; instruction,input,output; messages; conversations; prompt,chosen,rejected; "
-                   "or prompt,completion,label")
+                   "prompt,completion,label; or prompt,answer")
 
 
 def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
@@ -289,6 +316,8 @@ def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
             report.add(Problem(number, f"no known fields ({KNOWN_FIELDS}); found {', '.join(map(str, record)) or 'none'}",
                                unit=unit))
             continue
+        if fmt in CHAT_KINDS and report.format in CHAT_KINDS and "messages" in record:
+            fmt = report.format  # a chat's last turn tells the two apart: checked as the file's, by field
         if not report.format:
             report.format = fmt
         elif fmt != report.format:
@@ -343,7 +372,7 @@ def _clip(value: Any, budget: list[int]) -> Any:
         items = list(itertools.islice(value.items(), PREVIEW_ITEMS))
         out = {str(k): _clip(v, budget) for k, v in items if _spend(budget)}
         if len(out) < len(value):
-            out["…"] = f"{len(value) - len(out):,} more fields"
+            out[PREVIEW_MORE_FIELDS] = f"{len(value) - len(out):,} more fields"
         return out
     if isinstance(value, list):
         kept = [_clip(v, budget) for v in itertools.islice(value, PREVIEW_ITEMS) if _spend(budget)]
@@ -369,6 +398,8 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
     if fmt == "feedback":
         return {"prompt": _turns_only(record["prompt"]), "completion": _turns_only(record["completion"]),
                 "label": record["label"]}
+    if fmt == "prompt_only":
+        return prompt_only_row(record)
     if fmt == "text":
         return {"text": record["text"]}
     if fmt == "prompt_completion":
@@ -385,6 +416,14 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
     turns = [{"role": _role(t, fmt), "content": t["content" if fmt == "messages" else "value"]} for t in record[key]]
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     return {"prompt": turns[:last], "completion": turns[last:]} if last > 0 else {"messages": turns}
+
+
+def prompt_only_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A prompt as trl's GRPOTrainer samples from (its text, or its turns), with the whole record as JSON in
+    `item`: what graders read as {{item.<field>}}, kept as one text so that rows whose fields differ in type still
+    make one table."""
+    prompt = _turns_only(record["messages"]) if "messages" in record else record["prompt"]
+    return {"prompt": prompt, "item": json.dumps(record, ensure_ascii=False)}
 
 
 def _turns_only(value: Any) -> Any:

@@ -125,7 +125,8 @@ def prepare_examples(tokenizer: Any, rows: Sequence[dict[str, Any]], completion_
 
 def as_trl_row(row: dict[str, Any]) -> dict[str, Any]:
     """The row train.py hands to SFTTrainer (converting is idempotent on rows already converted); a preference
-    pair as the prompt and its chosen answer, a feedback row as its prompt and answer."""
+    pair as the prompt and its chosen answer, a feedback row as its prompt and answer, a prompt alone with an empty
+    answer."""
     fmt = detect_format(row)
     if fmt is None:
         raise ValueError(f"not a dataset row: no known fields in {sorted(row)}")
@@ -135,6 +136,9 @@ def as_trl_row(row: dict[str, Any]) -> dict[str, Any]:
     if fmt == "feedback":  # previewed as its prompt and answer, whatever its label
         answer = to_trl_row(fmt, row)
         return {"prompt": answer["prompt"], "completion": answer["completion"]}
+    if fmt == "prompt_only":  # previewed as its prompt and an empty answer: training samples the answers
+        prompt = to_trl_row(fmt, row)["prompt"]
+        return {"prompt": prompt, "completion": "" if isinstance(prompt, str) else [{"role": "assistant", "content": ""}]}
     return to_trl_row(fmt, row)
 
 

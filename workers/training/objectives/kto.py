@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.contract.spec import TrainSpec
+from workers.contract.spec import TrainParams, TrainSpec
 from workers.training.engine import Plan
 from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
+
+if TYPE_CHECKING:
+    from workers.training.modelshape import ModelShape
 
 
 class KahnemanTversky:
@@ -52,7 +55,8 @@ class KahnemanTversky:
             **trainer_inputs(spec, model, tokenizer, rows, eval_dataset, callbacks, args),
         )
 
-    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+    def memory_terms(self, parts: Mapping[str, int], shape: ModelShape, train: TrainParams,
+                     dtype_bytes: int) -> dict[str, int]:
         """KTO runs four forwards per row, one with gradients: the policy over the prompt and its own answer, what a
         supervised pass costs. Without gradients (no activations kept): the policy over the KL batch (each prompt
         with another row's answer, about as long) and the reference over both sequences. Counted: the logits of

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.contract.spec import TrainSpec
+from workers.contract.spec import TrainParams, TrainSpec
 from workers.training.engine import Plan
 from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
+
+if TYPE_CHECKING:
+    from workers.training.modelshape import ModelShape
 
 
 class OddsRatioPreference:
@@ -48,7 +51,8 @@ class OddsRatioPreference:
             offloaded(trainer)
         return trainer
 
-    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+    def memory_terms(self, parts: Mapping[str, int], shape: ModelShape, train: TrainParams,
+                     dtype_bytes: int) -> dict[str, int]:
         """Each row is two sequences (the chosen and the rejected answer, one batch of twice the rows, both with
         gradients), so the per-row parts double; no reference forward."""
         return {"activations": parts.get("activations", 0), "logits": parts.get("logits", 0)}
