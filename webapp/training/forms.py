@@ -32,7 +32,7 @@ def obvious_choice(queryset: models.QuerySet[Any], demo_name: str) -> Any:
 
 
 class AdapterChoiceField(forms.ModelChoiceField):
-    """Adapters named as the runs list names them: the adapter and the run that trained it."""
+    """An adapter named with the run that trained it, its method and rank (names alone need not be unique)."""
 
     def label_from_instance(self, obj: Any) -> str:
         return f"{obj} (run {obj.run_id}, {obj.method} r{obj.rank})" if obj.run_id else f"{obj} ({obj.origin})"
