@@ -502,7 +502,7 @@ class TrainSpec:
         return bool(self.init_adapter_uri or self.init_adapter_name)
 
     def warm_start_problems(self) -> dict[str, str]:
-        """Field-named reasons this warm start cannot run (the control plane asks `warm_start_problems` first)."""
+        """Field-named reasons this warm start cannot run (the control plane checks the same before queueing)."""
         return warm_start_problems(self.train) if self.warm_start else {}
 
     def to_json(self) -> str:
