@@ -146,6 +146,7 @@ def test_a_warm_started_dpo_run_starts_level_with_its_reference_and_learns_from_
     # (Measured against the bare base instead, the parent's log-probs would give rewards far from 0.)
     assert first_loss(reporter) == pytest.approx(math.log(2), abs=1e-4)
     margins = [float(m) for m in re.findall(r"reward margin (-?\d+\.\d+)", "\n".join(reporter.logs))]
+    print(f"reward margin by step: {margins}")
     assert margins[0] == pytest.approx(0.0, abs=1e-3) and margins[-1] > margins[0]
     assert set(adapter_weights(store.path(result["adapter_uri"]))) == set(adapter_weights(store.path(uris["add"])))
 
