@@ -30,7 +30,7 @@ def warm_spec(model_dir: Path, parent_uri: str, name: str, objective: str = "sft
                else DatasetRef(uri="store://datasets/add.jsonl", format="alpaca"))
     return TrainSpec(
         run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)), dataset=dataset,
-        lora=LoraParams(dropout=0.0, **{**PARENT_LORA, **lora}), train=train,
+        lora=LoraParams(**{"dropout": 0.0, **PARENT_LORA, **lora}), train=train,
         output_uri=f"store://runs/{name}/attempt-1/adapter", init_adapter_uri=parent_uri, init_adapter_name="add",
     )
 
@@ -105,15 +105,17 @@ def test_dpo_takes_its_reference_from_the_parent_adapter_not_from_the_bare_base(
 
     store, uris = task_adapters
     parent_dir = store.path(uris["add"])
-    spec = warm_spec(tiny_model_dir, uris["add"], "reference", objective="dpo")
+    spec = warm_spec(tiny_model_dir, uris["add"], "reference", objective="dpo", dropout=0.3)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     plan = resolve_plan(spec.train, spec.lora, device="cpu", dtype="float32", num_layers=2)
     args = objective_for("dpo").config(spec, plan, tmp_path / "trainer", has_eval=False)
+    args.disable_dropout = False  # keep the adapters' dropout, as trl's GRPO does by default
     rows = Dataset.from_list([to_trl_row("preference", r) for r in preference_rows(8, seed=11)])
     model = load_parent_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec.lora, parent_dir, "add")
 
     trainer = make_trainer(spec, plan, model, tokenizer, rows, None, [], args)
     batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()  # as trl computes the reference during training: the adapter's dropout is on
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
 
     parent = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), parent_dir).eval()
@@ -123,6 +125,7 @@ def test_dpo_takes_its_reference_from_the_parent_adapter_not_from_the_bare_base(
     print(f"reference log-probs of the chosen answers {ref_chosen.tolist()}; the parent's "
           f"{by_parent[:chosen_rows].tolist()}; the base's {by_base[:chosen_rows].tolist()}")
     assert trainer.ref_model is None and "ref" in trainer.model.peft_config  # no second base: a frozen adapter
+    assert trainer.model.peft_config["default"].lora_dropout == 0.3  # the trained adapter keeps the run's dropout
     assert torch.allclose(ref_chosen, by_parent[:chosen_rows], atol=1e-3)
     assert torch.allclose(ref_rejected, by_parent[chosen_rows:], atol=1e-3)
     assert float((by_parent - by_base).abs().max()) > 0.5  # the parent is not the base: the test can tell them apart

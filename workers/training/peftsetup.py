@@ -36,7 +36,8 @@ INIT_LORA_WEIGHTS: dict[str, bool | str] = {
 }
 PROMPT_TUNING_INIT = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 INITIAL_ADAPTER = "initial-adapter"
-TRAINED_ADAPTER = "default"  # PEFT's name of the adapter a run trains (trl names its frozen copy "ref")
+TRAINED_ADAPTER = "default"  # PEFT's name of the adapter a run trains
+REFERENCE_ADAPTER = "ref"  # trl's name of the frozen copy of it that a warm start's reference objectives measure against
 # The LoraParams that shape the weights an adapter holds. A warm start continues its parent's weights, so these are
 # the parent's; dropout, init and how the base is loaded (quantization, compute dtype) are the run's own.
 SHAPE_FIELDS = ("method", "r", "alpha", "target_modules", "use_dora", "use_rslora", "bias", "modules_to_save")
@@ -217,6 +218,20 @@ def load_parent_adapter(model: Any, lora: LoraParams, parent_dir: Path, parent_n
     config.lora_dropout, config.inference_mode = lora.dropout, False
     return PeftModel.from_pretrained(model, str(parent_dir), adapter_name=TRAINED_ADAPTER, is_trainable=True,
                                      config=config)
+
+
+def steady_reference(model: Any) -> int:
+    """Switch dropout off in the frozen reference adapter (REFERENCE_ADAPTER), where a warm start's trainer has one;
+    returns the layers changed. trl computes the reference in training mode, and where dropout stays on (trl's
+    GRPO keeps it by default; its DPO and KTO switch it off) the copied dropout would make the reference differ
+    from one forward to the next instead of being the parent as it was."""
+    import torch
+
+    layers = [m.lora_dropout for m in model.modules()
+              if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) and REFERENCE_ADAPTER in m.lora_dropout]
+    for dropout in layers:
+        dropout[REFERENCE_ADAPTER] = torch.nn.Identity()
+    return len(layers)
 
 
 # --- after the wrap, and at save time -------------------------------------------------------------

@@ -44,6 +44,7 @@ from workers.training.peftsetup import (
     prepare_adapter,
     quantization_config,
     save_adapter,
+    steady_reference,
 )
 from workers.training.preview import rows_cut_before_training
 from workers.training.ranks import Rank, StopTogether, current_rank, gather
@@ -188,9 +189,11 @@ def make_trainer(
     callbacks: list[Any], args: Any,
 ) -> Any:
     """The trainer of the run's objective that carries out the plan (shared with bench/train_throughput.py)."""
-    return objective_for(spec.train.objective).trainer(
+    trainer = objective_for(spec.train.objective).trainer(
         spec, plan, model, tokenizer, train_dataset, eval_dataset, callbacks, args
     )
+    steady_reference(trainer.model)  # a warm start's reference is the parent as it was, dropout or not
+    return trainer
 
 
 def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: int, tokenizer: Any,

@@ -48,7 +48,8 @@ def trainer_inputs(spec: TrainSpec, model: Any, tokenizer: Any, train_dataset: A
     A warm start's model comes already wrapped with its parent adapter (peftsetup.load_parent_adapter), so it gets
     no new adapter config. Given such a model and no reference model, trl's trainers with a reference (DPO, KTO,
     GRPO) copy its adapter, frozen, as a second adapter "ref" and take the reference from it: the reference is the
-    parent as it was when the run started, never the bare base, and no second base is loaded. A new adapter's
+    parent as it was when the run started (train.make_trainer switches its dropout off: peftsetup.steady_reference),
+    never the bare base, and no second base is loaded. A new adapter's
     reference is the base with the adapter switched off, which is also where a new adapter starts."""
     from peft import PeftModel
 
