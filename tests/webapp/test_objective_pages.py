@@ -96,7 +96,7 @@ def test_settings_of_another_objective_are_left_at_their_defaults_and_the_run_sa
     page = client.get(f"/runs/{dpo.pk}/").content.decode()
     assert ">beta<" in page and ">completion_only_loss<" not in page
     # A setting of the run's own objective is still checked.
-    with pytest.raises(RunRefused, match="hyperparameters.beta: must be positive"):
+    with pytest.raises(RunRefused, match=r"hyperparameters\.beta: must be positive"):
         queue_run(user, RunRequest(base_model=base, dataset=pairs, lora_config=config,
                                    hyperparameters=dataclasses.replace(hp, beta=0.0)))
     assert TrainParams(objective="sft", beta=0.5).ignored_settings() == ["beta"]
