@@ -49,3 +49,11 @@ def test_choosing_dpo_hides_the_supervised_settings_shows_beta_and_fits_the_data
     run = TrainingRun.objects.get()
     assert (run.hyperparameters["objective"], run.hyperparameters["beta"], run.dataset_id) == ("dpo", 0.25, pairs.pk)
     assert not refused and not page.dialogs  # type: ignore[attr-defined]
+
+    # The pairs' page: each prompt above its chosen and rejected answers, then tokenized as DPO trains them.
+    page.goto(f"/datasets/{pairs.pk}/?base_model={demo[1].pk}&batching=pad&max_length=64&row=1")
+    first = page.locator("article.preview-row").first
+    expect(first.locator(".chosen pre")).to_have_text("2")
+    expect(first.locator(".rejected pre")).to_have_text("3")
+    expect(page.locator("article.rendered-pair")).to_have_count(3)
+    screenshot(page, "dataset-pairs")

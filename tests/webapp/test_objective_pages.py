@@ -222,3 +222,21 @@ def test_the_preview_of_a_row_is_generic_on_its_fields() -> None:
     assert graded["fields"] == [("prompt", "user: 2+2?"), ("answer", "4"), ("tags", '[\n  "math"\n]')]
     pair = preview_row({"prompt": "p", "chosen": [{"role": "assistant", "content": "yes"}], "rejected": "no", "id": 7})
     assert pair == {"pair": {"prompt": "p", "chosen": "assistant: yes", "rejected": "no"}, "fields": [("id", "7")]}
+
+
+def test_each_setting_of_some_objectives_lists_every_objective_its_help_names() -> None:
+    """OBJECTIVE_SETTINGS is what hides a setting and resets it to its default: a setting whose help says it is
+    one objective's ("DPO only: …") must be declared, and one declared must list each objective its help names
+    (an objective left out would train with the default instead of the value asked for)."""
+    import dataclasses
+
+    from workers.contract.spec import OBJECTIVE_NAMES, OBJECTIVE_SETTINGS, TrainParams
+
+    for f in dataclasses.fields(TrainParams):
+        text = str(f.metadata["help"])
+        only = re.match(r"([A-Z]+) only:", text)
+        if only:
+            assert only.group(1).lower() in OBJECTIVE_SETTINGS.get(f.name, ()), f.name
+        if f.name in OBJECTIVE_SETTINGS:
+            named = {name for name in OBJECTIVE_NAMES if re.search(rf"\b{name.upper()}\b", text)}
+            assert named <= set(OBJECTIVE_SETTINGS[f.name]) <= set(OBJECTIVE_NAMES), f.name
