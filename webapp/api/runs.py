@@ -139,7 +139,8 @@ class MetricsSerializer(serializers.Serializer):
     points = serializers.ListField(
         child=serializers.DictField(child=serializers.FloatField()),
         help_text="One point per step, oldest first: step, loss, eval_loss, learning_rate, grad_norm, tokens_per_s "
-                  "(each where reported); long curves are thinned, eval points kept.")
+                  "and every other number the objective's trainer logs, e.g. rewards/margins (each where reported); "
+                  "long curves are thinned, eval points kept.")
 
 
 class CheckpointSerializer(serializers.Serializer):

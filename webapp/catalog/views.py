@@ -40,7 +40,7 @@ from webapp.catalog.services import (
 from workers.contract import spec
 from workers.data.datasets import DatasetError
 from workers.training.modelinfo import ModelNotFound
-from workers.training.preview import render_row
+from workers.training.preview import render_pairs, render_row
 from workers.training.specestimate import estimate_for_spec
 
 
@@ -201,9 +201,34 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context: dict[str, Any] = {"dataset": dataset, "form": form, "analysis": _analysis(dataset, form)}
     if request.htmx:
         return render(request, "catalog/partials/dataset_analysis.html", context)
-    context["preview"] = [json.dumps(row, indent=2, ensure_ascii=False) for row in dataset.preview_rows()]
+    context["preview"] = [preview_row(row) for row in dataset.preview_rows()]
     context["bases"] = BaseModel.objects.all()
     return render(request, "catalog/dataset_detail.html", context)
+
+
+# The fields of a preference pair, as the preview lays them out: the prompt above, the two answers side by side.
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+PAIR_ROWS = 3  # pairs the analysis renders, from the chosen row on
+
+
+def field_text(value: Any) -> str:
+    """A stored field as text: a string as it is, chat turns one a line ("user: …"), anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(turn, dict) for turn in value):
+        turns = [(turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))) for turn in value]
+        if all(isinstance(role, str) and isinstance(content, str) for role, content in turns):
+            return "\n".join(f"{role}: {content}" for role, content in turns)
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def preview_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One stored row for the page: a preference pair's prompt and answers apart (`pair`), and every other field
+    by name (`fields`), whatever the format: a row's fields are what a format is made of."""
+    is_pair = all(name in row for name in PAIR_FIELDS)
+    pair = {name: field_text(row[name]) for name in PAIR_FIELDS} if is_pair else None
+    fields = [(name, field_text(value)) for name, value in row.items() if not (is_pair and name in PAIR_FIELDS)]
+    return {"pair": pair, "fields": fields}
 
 
 def _analysis(dataset: Dataset, form: AnalysisForm) -> dict[str, Any] | None:
@@ -220,6 +245,9 @@ def _analysis(dataset: Dataset, form: AnalysisForm) -> dict[str, Any] | None:
         row_number = min(data["row"] or 1, dataset.row_count)
         rendered = render_row(tokenizer, dataset_row(dataset, row_number), completion_only, max_length,
                               data["batching"])
+        pairs = [] if dataset.format != "preference" else render_pairs(tokenizer, [
+            dataset_row(dataset, number) for number in range(row_number, min(row_number + PAIR_ROWS, dataset.row_count + 1))
+        ], max_length)
     except (ModelNotFound, DatasetError, OSError, ValueError) as exc:
         return {"error": str(exc), "base": base}
     return {
@@ -231,4 +259,6 @@ def _analysis(dataset: Dataset, form: AnalysisForm) -> dict[str, Any] | None:
         "row_number": row_number,
         "row_count": dataset.row_count,
         "rendered": rendered,
+        "pairs": pairs,
+        "last_pair": row_number + len(pairs) - 1,
     }

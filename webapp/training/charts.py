@@ -122,12 +122,82 @@ def metric_series(points: Iterable[dict[str, Any]], keys: Iterable[str]) -> dict
     return {key: sorted(values.items()) for key, values in by_key.items()}
 
 
-def run_charts(points: Iterable[dict[str, Any]]) -> list[Chart]:
-    """The run page's charts, from its metric events' data, oldest first."""
-    s = metric_series(points, ["loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s"])
+@dataclass(frozen=True)
+class ChartKind:
+    """One chart of known metrics: (metric key, legend name, css class) per series."""
+
+    title: str
+    series: tuple[tuple[str, str, str], ...]
+    unit: str = ""
+    always: bool = False  # drawn (empty) before the run reports it: every objective logs it
+
+
+LOSS = ChartKind("Loss", (("loss", "train", "series"), ("eval_loss", "eval", "series eval")), always=True)
+# What trl's objectives log beside the loss: DPO, KTO and ORPO the pairs' rewards (the log-ratio to the reference,
+# times beta), their margin and the share of pairs preferred; GRPO the graders' reward and the KL to the reference.
+OBJECTIVE_CHARTS = (
+    ChartKind("Rewards", (("rewards/chosen", "chosen", "series chosen"), ("rewards/rejected", "rejected", "series rejected"))),
+    ChartKind("Reward margin", (("rewards/margins", "chosen - rejected", "series"),)),
+    ChartKind("Preference accuracy", (("rewards/accuracies", "pairs preferred", "series"),), unit="share"),
+    ChartKind("Reward", (("reward", "mean", "series"), ("reward_std", "std", "series c2"))),
+    ChartKind("KL", (("kl", "KL to the reference", "series"),)),
+    ChartKind("Completion length", (("completions/mean_length", "mean", "series"),
+                                    ("completions/min_length", "min", "series c2"),
+                                    ("completions/max_length", "max", "series c3")), unit="tokens"),
+)
+MECHANICS_CHARTS = (
+    ChartKind("Learning rate", (("learning_rate", "learning rate", "series lr"),), always=True),
+    ChartKind("Grad norm", (("grad_norm", "grad norm", "series grad"),), always=True),
+    ChartKind("Throughput", (("tokens_per_s", "tokens/s", "series tput"),), unit="tokens/s", always=True),
+)
+KNOWN_CHARTS = (LOSS, *OBJECTIVE_CHARTS, *MECHANICS_CHARTS)
+EVAL = "eval_"
+PALETTE = ("series", "series c2", "series c3", "series c4")
+
+
+def metric_keys(points: Iterable[dict[str, Any]]) -> set[str]:
+    """Every metric some point of the curve has (the step aside)."""
+    return {key for data in points if isinstance(data, dict) for key in data if key != "step"}
+
+
+def other_charts(keys: set[str]) -> list[ChartKind]:
+    """A chart for each family of metrics no known chart draws, by title: "<family>/<name>" metrics share the
+    family's chart (GRPO's rewards/<grader>/mean and /std one chart per grader, DPO's logps/chosen and
+    logps/rejected one), any other metric has its own. A metric's eval_ twin joins its chart, dashed."""
+    known = {key for kind in KNOWN_CHARTS for key, _, _ in kind.series}
+    families: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        base = key.removeprefix(EVAL)
+        if key in known or base in known or (key != base and base in keys):
+            continue  # drawn by a known chart, or an eval twin drawn beside its training metric
+        family = base.rpartition("/")[0]
+        families.setdefault(family or base, []).append(key)
     return [
-        multi_chart("Loss", [("train", "series", s["loss"]), ("eval", "series eval", s["eval_loss"])]),
-        multi_chart("Learning rate", [("learning rate", "series lr", s["learning_rate"])]),
-        multi_chart("Grad norm", [("grad norm", "series grad", s["grad_norm"])]),
-        multi_chart("Throughput", [("tokens/s", "series tput", s["tokens_per_s"])], unit="tokens/s"),
+        ChartKind(title, tuple((key, key.removeprefix(title + "/") if key != title else title, PALETTE[i % len(PALETTE)])
+                               for i, key in enumerate(members)))
+        for title, members in families.items()
     ]
+
+
+def with_eval_twins(kind: ChartKind, keys: set[str]) -> list[tuple[str, str, str]]:
+    """The chart's series, each followed by its eval_ twin where the run evaluated it (dashed, its colour)."""
+    series = []
+    for key, name, css in kind.series:
+        series.append((key, name, css))
+        twin = EVAL + key
+        if twin in keys and not any(k == twin for k, _, _ in kind.series):
+            series.append((twin, f"eval {name}", f"{css} twin"))
+    return series
+
+
+def run_charts(points: Iterable[dict[str, Any]]) -> list[Chart]:
+    """The run page's charts, from its metric events' data, oldest first: the loss, the objective's own curves
+    (whichever metrics the run reports), then the learning rate, gradient norm and throughput."""
+    points = list(points)
+    keys = metric_keys(points)
+    kinds = [kind for kind in (LOSS, *OBJECTIVE_CHARTS) if kind.always or any(k in keys for k, _, _ in kind.series)]
+    kinds += other_charts(keys) + list(MECHANICS_CHARTS)
+    series_of = [with_eval_twins(kind, keys) for kind in kinds]
+    s = metric_series(points, {key for series in series_of for key, _, _ in series})
+    return [multi_chart(kind.title, [(name, css, s[key]) for key, name, css in series], unit=kind.unit)
+            for kind, series in zip(kinds, series_of, strict=True)]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -14,6 +15,7 @@ from webapp.specfields import form_field
 from webapp.training.models import Adapter
 from webapp.training.services import INIT_ADAPTER_HELP, SETTING, TRAIN_FIELDS, RunRequest, refusals
 from workers.contract import spec
+from workers.training.objectives import OBJECTIVES
 
 # The New run page preselects an input where the choice is obvious, so that the README's first run (keep the
 # demo model, dataset and config, press Train) needs no choosing: the only row there is, else the demo's.
@@ -21,6 +23,40 @@ PRESELECTED_DEMO = {"base_model": DEMO_MODEL, "dataset": DEMO_DATASET, "lora_con
 # The page's form posted the labels as worker_labels before they took RunRequest's name: a post made that way
 # (a script or a saved page) still says where the run may go.
 OLD_LABELS_NAME = "worker_labels"
+
+
+class OptionDataSelect(forms.Select):
+    """A select whose options carry data attributes, `option_data(value)` each: the New run page's script reads
+    them (which row formats an objective trains on, which format a dataset holds)."""
+
+    def __init__(self, option_data: Callable[[Any], dict[str, str]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.option_data = option_data
+
+    def create_option(self, name: str, value: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        option = super().create_option(name, value, *args, **kwargs)
+        option["attrs"].update(self.option_data(value) if value not in ("", None) else {})
+        return option
+
+
+def with_option_data(field: forms.Field, option_data: Callable[[Any], dict[str, str]]) -> None:
+    widget = OptionDataSelect(option_data, choices=field.choices)  # type: ignore[attr-defined]
+    widget.is_required = field.required
+    field.widget = widget
+
+
+def objective_data(name: Any) -> dict[str, str]:
+    objective = OBJECTIVES.get(str(name))
+    return {"data-formats": " ".join(objective.row_formats)} if objective else {}
+
+
+def dataset_data(value: Any) -> dict[str, str]:
+    dataset = getattr(value, "instance", None)  # a ModelChoiceIteratorValue
+    return {"data-format": dataset.format} if dataset is not None else {}
+
+
+def dataset_label(dataset: Dataset) -> str:
+    return f"{dataset} ({dataset.format} rows)"
 
 
 def obvious_choice(queryset: models.QuerySet[Any], demo_name: str) -> Any:
@@ -71,6 +107,7 @@ class RunForm(forms.Form):
         defaults = suggested or spec.TrainParams()
         for f in dataclasses.fields(spec.TrainParams):
             self.fields[f.name] = form_field(f, getattr(defaults, f.name), spec.CHOICES)
+        self._describe_objectives()
         if not self.is_bound:
             self._preselect()
             self._offer_adapters_of(self.initial.get("base_model"))
@@ -81,6 +118,16 @@ class RunForm(forms.Form):
         initial = {f.name: getattr(request, f.name) for f in dataclasses.fields(RunRequest)}
         initial["labels"] = ", ".join(request.labels)
         return cls(initial=initial, suggested=initial.pop("hyperparameters"))
+
+    def _describe_objectives(self) -> None:
+        """Each objective named with what it is and the row formats it trains on; each dataset with its format."""
+        objective = self.fields["objective"]
+        objective.choices = [(name, f"{name}: {OBJECTIVES[name].label}" if name in OBJECTIVES else name)
+                             for name, _ in objective.choices]  # type: ignore[attr-defined]
+        with_option_data(objective, objective_data)
+        for name in ("dataset", "eval_dataset"):
+            self.fields[name].label_from_instance = dataset_label  # type: ignore[attr-defined]
+            with_option_data(self.fields[name], dataset_data)
 
     def _preselect(self) -> None:
         for name, demo_name in PRESELECTED_DEMO.items():
@@ -93,8 +140,17 @@ class RunForm(forms.Form):
         field.queryset = field.queryset.filter(base_model=base, method="lora", run__isnull=False)
 
     @property
-    def train_fields(self) -> list[forms.BoundField]:
-        return [self[name] for name in TRAIN_FIELDS]
+    def objective_formats(self) -> str:
+        """The row formats of the objective the form shows (the page's script keeps it current)."""
+        objective = OBJECTIVES.get(str(self["objective"].value()))
+        return ", ".join(objective.row_formats) if objective else ""
+
+    @property
+    def train_fields(self) -> list[tuple[forms.BoundField, str]]:
+        """The training settings but the objective (the page asks it first), each with the objectives it applies
+        to (space-separated; empty for every objective)."""
+        return [(self[name], " ".join(spec.OBJECTIVE_SETTINGS.get(name, ())))
+                for name in TRAIN_FIELDS if name != "objective"]
 
     @property
     def what_fields(self) -> list[forms.BoundField]:

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Any
 
-METRIC_KEYS = ("step", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
+# A point keeps every number a worker reports (the loss, and each objective's own: rewards, margins, KL…) but these,
+# which are progress rather than curves; and a bounded number of keys, each a bounded name.
+NOT_CURVES = ("total_steps", "epoch", "num_tokens")
+MAX_KEYS, MAX_KEY_LENGTH = 64, 100
 MAX_METRIC_POINTS = 2000
+
+
+def curve_values(data: dict[str, Any]) -> dict[str, float | int]:
+    """The finite numbers of one metric event that the curve keeps."""
+    kept = {
+        key: value for key, value in data.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        and key not in NOT_CURVES and len(key) <= MAX_KEY_LENGTH
+    }
+    return dict(list(kept.items())[:MAX_KEYS])
 
 
 def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -19,8 +33,8 @@ def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) ->
     for data in metrics:
         if data.get("step") is None:
             continue
-        point = {k: data[k] for k in METRIC_KEYS if isinstance(data.get(k), (int, float))}
         step = int(data["step"])
+        point = {**curve_values(data), "step": step}
         if data.get("restart"):
             points = [p for p in points if p["step"] <= step]
         at = bisect.bisect_left([p["step"] for p in points], step)
@@ -30,7 +44,7 @@ def merge_points(points: list[dict[str, Any]], metrics: list[dict[str, Any]]) ->
             points.insert(at, point)
     while len(points) > MAX_METRIC_POINTS:
         last = len(points) - 1
-        thinned = [p for i, p in enumerate(points) if i % 2 == 0 or i == last or "eval_loss" in p]
+        thinned = [p for i, p in enumerate(points) if i % 2 == 0 or i == last or any(k.startswith("eval_") for k in p)]
         if len(thinned) == len(points):
             break
         points = thinned

@@ -73,6 +73,8 @@ class RunRefused(Exception):
 def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
     """The queued run, with its placement needs (GPU memory and count, labels, priority); RunRefused if a check
     fails. `via` ends the ledger's "Queued by" note."""
+    ignored = request.hyperparameters.ignored_settings()
+    request = for_objective(request)
     errors = refusals(request)
     if not errors and request.priority > 0 and not owner.is_staff:
         errors["priority"] = ["only an admin can set a priority above 0"]
@@ -89,12 +91,21 @@ def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
             init_adapter_name=str(request.init_adapter or "")[:200], **needs,
         )
         ledger.note(run, f"Queued by {owner}{via}")
+        if ignored:
+            ledger.note(run, f"Settings {params.objective} does not use, left at their defaults: {', '.join(ignored)}")
     return run
+
+
+def for_objective(request: RunRequest) -> RunRequest:
+    """`request` with the settings of other objectives at their defaults (spec.OBJECTIVE_SETTINGS): they are
+    ignored, never refused, since the New run page posts the settings it hides too."""
+    return dataclasses.replace(request, hyperparameters=request.hyperparameters.for_objective())
 
 
 def refusals(request: RunRequest) -> dict[str, list[str]]:
     """Every reason the run cannot be queued, by field; {} when it can. The page's form shows them as it validates."""
     errors: dict[str, list[str]] = {}
+    request = for_objective(request)
 
     def add(field: str, message: str) -> None:
         errors.setdefault(field, []).append(message)

@@ -21,7 +21,7 @@ from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.models import Adapter, TrainingRun
 from webapp.training.services import RunRefused, clone_request, queue_run
-from workers.contract.spec import suggest_train_params
+from workers.contract.spec import applies_to, suggest_train_params
 from workers.contract.store import ArtifactStore
 
 RUNS_PER_PAGE = 50
@@ -154,8 +154,15 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         return render(request, "training/partials/run_actions.html", {"run": run, "can_act": jobs.can_act(request, run)})
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "training/partials/run_status.html", _status_context(run))
-    context = {**_status_context(run), **jobs.log_tail(run), "can_act": jobs.can_act(request, run)}
+    context = {**_status_context(run), **jobs.log_tail(run), "can_act": jobs.can_act(request, run),
+               "settings": _settings_used(run.hyperparameters or {})}
     return render(request, "training/run_detail.html", context)
+
+
+def _settings_used(hyperparameters: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run's settings but those of other objectives than its own (it trained with their defaults)."""
+    objective = str(hyperparameters.get("objective", "sft"))
+    return [(name, value) for name, value in hyperparameters.items() if applies_to(name, objective)]
 
 
 @login_required

@@ -482,6 +482,17 @@ class TrainParams:
         elif self.objective != "grpo" and self.graders:
             errors["graders"] = "applies to GRPO only: leave it empty"
 
+    def ignored_settings(self) -> list[str]:
+        """The settings of other objectives that differ from their defaults (what `for_objective` resets)."""
+        defaults = TrainParams()
+        return [name for name in OBJECTIVE_SETTINGS
+                if not applies_to(name, self.objective) and getattr(self, name) != getattr(defaults, name)]
+
+    def for_objective(self) -> TrainParams:
+        """These settings with those of other objectives at their defaults: what a run of this objective keeps."""
+        defaults = TrainParams()
+        return dataclasses.replace(self, **{name: getattr(defaults, name) for name in self.ignored_settings()})
+
     @property
     def answers_only(self) -> bool:
         """Whether the loss leaves the prompts out: with completion_only_loss, and always for the preference
@@ -550,6 +561,25 @@ CHOICES = {
 }
 # Values stored before a field became a choice: read them as the choice they meant.
 LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}
+# Settings that apply to some objectives only, and which (every other TrainParams setting applies to all): the New
+# run page shows a setting only under its objectives, and a run keeps the default of each that does not apply.
+OBJECTIVE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "completion_only_loss": ("sft",),
+    "beta": ("dpo", "kto", "orpo"),
+    "dpo_loss": ("dpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "graders": ("grpo",),
+    "num_generations": ("grpo",),
+    "temperature": ("grpo",),
+    "max_completion_length": ("grpo",),
+    "kl_coef": ("grpo",),
+}
+
+
+def applies_to(setting: str, objective: str) -> bool:
+    """Whether TrainParams `setting` is used when training `objective`."""
+    return objective in OBJECTIVE_SETTINGS.get(setting, (objective,))
 
 
 def suggest_train_params(num_parameters: int | None) -> TrainParams:

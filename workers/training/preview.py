@@ -393,3 +393,47 @@ def _clip_text(value: Any, budget: list[int]) -> Any:
         budget[0] -= len(value)
         return kept
     return [{**turn, "content": _clip_text(turn.get("content", ""), budget)} for turn in value]
+
+
+@dataclass
+class RenderedPair:
+    """A preference pair as DPOTrainer sees it: the prompt (masked: the loss is the answers'), then each answer's
+    tokens (trained), each answer cut where prompt and answer together pass max_length (trl keeps the start)."""
+
+    prompt: list[Token]
+    chosen: RenderedRow
+    rejected: RenderedRow
+    dropped: bool = False  # the prompt alone fills max_length: the trainer drops the pair
+
+    @property
+    def answers(self) -> list[tuple[str, RenderedRow]]:
+        return [("chosen", self.chosen), ("rejected", self.rejected)]
+
+
+def render_pairs(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int | None) -> list[RenderedPair]:
+    """Preference rows tokenized by trl's own DPOTrainer preparation (EOS added to plain answers, chat template
+    applied to turns, the answers starting where prompt and prompt+answer tokenize apart), a pass a row (a pair
+    of texts and a pair of turns cannot share one)."""
+    from datasets import Dataset
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    trainer = SimpleNamespace(_tokenizer=tokenizer)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    pairs = []
+    for row in rows:
+        trl_row = to_trl_row("preference", row)
+        use_training_chat_template(tokenizer, [trl_row])
+        with _quiet_progress():
+            prepared = DPOTrainer._prepare_dataset(trainer, Dataset.from_list([trl_row]), tokenizer, args, "preview")  # type: ignore[arg-type]
+        prompt_ids, chosen_ids, rejected_ids = (prepared[0][key] for key in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        room = None if max_length is None else max(max_length - len(prompt_ids), 0)
+        prompt = [Token(i, text, False) for i, text in zip(prompt_ids, token_texts(tokenizer, prompt_ids), strict=True)]
+        answers = []
+        for ids in (chosen_ids, rejected_ids):
+            texts = token_texts(tokenizer, list(prompt_ids) + list(ids))[len(prompt_ids):]
+            tokens = [Token(i, text, True) for i, text in zip(ids, texts, strict=True)]
+            kept = len(tokens) if room is None else min(len(tokens), room)
+            answers.append(RenderedRow(tokens=tokens[:kept], cut=tokens[kept:], dropped=room == 0,
+                                       max_length=max_length))
+        pairs.append(RenderedPair(prompt, answers[0], answers[1], dropped=room == 0))
+    return pairs

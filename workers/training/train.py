@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -454,13 +455,26 @@ class HandoverCallback(TrainerCallback):  # type: ignore[misc]
             control.should_training_stop = True
 
 
+# Logged numbers that are not curves of the training: how long an evaluation took, and the progress a point has.
+NOT_METRICS = ("epoch", "step", "total_flos")
+TIMING_SUFFIXES = ("_runtime", "_per_second")
+
+
+def logged_values(logs: dict[str, Any]) -> dict[str, float]:
+    """Every finite number of one trainer log, as metrics: the loss and learning rate, and what the objective's
+    trainer adds (trl's rewards/chosen, rewards/margins, kl, reward, rewards/<grader>/mean…), eval_ ones included."""
+    return {
+        key: float(value) for key, value in logs.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        and key not in NOT_METRICS and not key.endswith(TIMING_SUFFIXES)
+    }
+
+
 def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
     """A metric point from one entry of the trainer's log history (None for entries without a loss)."""
     if logged.get("step") is None or ("loss" not in logged and "eval_loss" not in logged):
         return None
-    keys = ("loss", "eval_loss", "learning_rate", "grad_norm")
-    return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None},
-            **objective_metrics(logged)}
+    return {"step": int(logged["step"]), **logged_values(logged)}
 
 
 def schedule_line(total_steps: int, epochs: float, max_steps: int, per_epoch: int | None) -> str:
@@ -481,19 +495,6 @@ def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
     except TypeError:
         return None
     return max(-(-batches // args.gradient_accumulation_steps), 1)
-
-
-# What trl's objectives log beside the loss, forwarded as metrics: GRPO's total reward, its spread, the KL to the
-# reference and the sampled answers' mean length; under `rewards/`, each reward function's (each grader's) mean and
-# spread, and DPO's rewards of the chosen and rejected answers.
-OBJECTIVE_METRICS = ("reward", "reward_std", "kl", "completions/mean_length")
-OBJECTIVE_METRIC_PREFIX = "rewards/"
-
-
-def objective_metrics(logs: dict[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in logs.items()
-            if (key in OBJECTIVE_METRICS or key.startswith(OBJECTIVE_METRIC_PREFIX))
-            and isinstance(value, int | float) and not isinstance(value, bool)}
 
 
 def _reward_figures(logs: dict[str, Any]) -> str:
@@ -559,8 +560,10 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
+        values = logged_values(logs)
         if "eval_loss" in logs:
-            self.reporter.metric(step=state.global_step, total_steps=state.max_steps, eval_loss=float(logs["eval_loss"]))
+            evaluated = {key: value for key, value in values.items() if key.startswith("eval_")}
+            self.reporter.metric(step=state.global_step, total_steps=state.max_steps, **evaluated)
             self.reporter.log(f"step {state.global_step}/{state.max_steps} eval loss {logs['eval_loss']:.4f}")
         if "loss" not in logs:
             return
@@ -570,6 +573,7 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
         tokens_per_s = (tokens - self._last_tokens) / elapsed if tokens else None
         self._last_time, self._last_tokens = now, tokens
         point = {
+            **values,
             "step": state.global_step,
             "total_steps": state.max_steps,
             "epoch": round(float(logs.get("epoch", state.epoch or 0.0)), 4),
@@ -577,7 +581,6 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
             "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
-            **objective_metrics(logs),
         }
         self.reporter.metric(**point)
         grad = f" grad_norm {point['grad_norm']:.3f}" if point["grad_norm"] is not None else ""
