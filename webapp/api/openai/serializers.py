@@ -31,6 +31,7 @@ STATUSES = {
     RunState.SUCCEEDED: "succeeded",
     RunState.FAILED: "failed",
     RunState.CANCELLED: "cancelled",
+    RunState.PAUSED: "paused",
 }
 LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
 
@@ -162,6 +163,7 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
             "step": run.step,
             "total_steps": run.total_steps,
             "cancel_requested": run.cancel_requested,
+            "pause_requested": run.pause_requested,
             "wait_reason": run.wait_reason,
             "owner": run.owner.get_username(),
             "lora_config": run.lora_config.name,
