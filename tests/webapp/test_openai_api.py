@@ -446,6 +446,56 @@ def test_cancel_by_the_owner_or_staff_only(world: dict[str, Any]) -> None:
     error_of(world["api"]["owner"].post("fine_tuning/jobs/ftjob-999999/cancel"), 404)
 
 
+def test_pause_and_resume_by_the_owner_or_staff_only(world: dict[str, Any]) -> None:
+    make = lambda: make_run(world["owner"], world["base"], world["dataset"], world["config"])  # noqa: E731
+    queued, active, done = make(), make(), make()
+    TrainingRun.objects.filter(pk=active.pk).update(state="running", attempt=1)
+    TrainingRun.objects.filter(pk=done.pk).update(state="succeeded")
+    owner = world["api"]["owner"]
+
+    assert "owner" in error_of(world["api"]["mate"].post(f"fine_tuning/jobs/ftjob-{queued.pk}/pause"), 403)["message"]
+    paused = owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/pause").json()
+    assert paused["status"] == "paused" and TrainingRun.objects.get(pk=queued.pk).state == "paused"
+    error = error_of(owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/pause"), 400)
+    assert (error["code"], error["message"]) == ("job_not_pausable", "the job is paused: only a queued or running job "
+                                                                    "can be paused")
+    assert owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/resume").json()["status"] == "queued"
+    assert error_of(owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/resume"), 400)["code"] == "job_not_paused"
+
+    # A running job reads running, pause_requested, until its worker has saved a checkpoint and stopped.
+    flagged = world["api"]["staff"].post(f"fine_tuning/jobs/ftjob-{active.pk}/pause").json()
+    assert (flagged["status"], flagged["tunedeck"]["pause_requested"]) == ("running", True)
+    assert "succeeded" in error_of(owner.post(f"fine_tuning/jobs/ftjob-{done.pk}/pause"), 400)["message"]
+    error_of(owner.post("fine_tuning/jobs/ftjob-999999/pause"), 404)
+
+
+def test_metrics_events_carry_openais_names_and_the_objectives_own_figures(world: dict[str, Any]) -> None:
+    run = make_run(world["owner"], world["base"], world["dataset"], world["config"])
+    point = {"step": 3, "total_steps": 8, "loss": 0.61, "learning_rate": 1e-4, "mean_token_accuracy": 0.75,
+             "rewards/margins": 0.42, "rewards/accuracies": 0.9}
+    RunEvent.objects.create(run=run, attempt=1, seq=1, kind="metric", data=point)
+    RunEvent.objects.create(run=run, attempt=1, seq=2, kind="metric",
+                            data={"step": 3, "total_steps": 8, "eval_loss": 0.7, "eval_mean_token_accuracy": 0.5,
+                                  "eval_rewards/margins": 0.3})
+    RunEvent.objects.create(run=run, attempt=1, seq=3, kind="checkpoint", data={"step": 3})
+    TrainingRun.objects.filter(pk=run.pk).update(metric_points=[{"step": 3, "loss": 0.61, "eval_loss": 0.7}])
+    api = world["api"]["owner"]
+    events = api.get(f"fine_tuning/jobs/ftjob-{run.pk}/events").json()["data"]
+    train, valid = (FineTuningJobEvent.model_validate(e) for e in events[:0:-1])
+    assert (train.type, valid.type) == ("metrics", "metrics")
+    assert {k: v for k, v in train.data.items() if k != "tunedeck"} == {
+        "step": 3, "total_steps": 8, "train_loss": 0.61, "train_mean_token_accuracy": 0.75,
+        "train_rewards_margins": 0.42, "train_rewards_accuracies": 0.9}
+    assert train.data["tunedeck"] == point  # the worker's point as it stored it, learning rate included
+    assert (valid.data["valid_loss"], valid.data["valid_mean_token_accuracy"], valid.data["valid_rewards_margins"]) == (
+        0.7, 0.5, 0.3)
+
+    checkpoint = FineTuningJobCheckpoint.model_validate(api.get(f"fine_tuning/jobs/ftjob-{run.pk}/checkpoints").json()["data"][0])
+    assert (checkpoint.step_number, checkpoint.metrics.train_loss, checkpoint.metrics.valid_loss) == (3, 0.61, 0.7)
+    assert (checkpoint.metrics.train_mean_token_accuracy, checkpoint.metrics.valid_mean_token_accuracy) == (0.75, 0.5)
+    assert checkpoint.metrics.to_dict()["train_rewards_margins"] == 0.42
+
+
 def test_events_are_newest_first_with_metrics_typed(world: dict[str, Any]) -> None:
     run = make_run(world["owner"], world["base"], world["dataset"], world["config"])
     made = [

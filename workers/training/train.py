@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -434,7 +435,27 @@ def _logged_point(logged: dict[str, Any]) -> dict[str, Any] | None:
     if logged.get("step") is None or ("loss" not in logged and "eval_loss" not in logged):
         return None
     keys = ("loss", "eval_loss", "learning_rate", "grad_norm")
-    return {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
+    point = {"step": int(logged["step"]), **{k: float(logged[k]) for k in keys if logged.get(k) is not None}}
+    return {**point, **objective_figures(logged, evaluation="eval_loss" in logged)}
+
+
+# What the trainer logs beside the objective's figures: the point carries its own, or they are bookkeeping.
+NOT_FIGURES = {"loss", "eval_loss", "learning_rate", "grad_norm", "epoch", "step", "num_tokens", "total_flos",
+               "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "num_tokens")
+
+
+def objective_figures(logs: dict[str, Any], evaluation: bool = False) -> dict[str, float]:
+    """The objective's own figures in one entry the trainer logged, under trl's names: SFT's mean_token_accuracy,
+    DPO's rewards/margins and rewards/accuracies, GRPO's reward and kl... (with `evaluation`, the eval_ ones).
+    Every finite number but what the point already carries and the trainer's bookkeeping."""
+    figures: dict[str, float] = {}
+    for key, value in logs.items():
+        if key in NOT_FIGURES or key.startswith("eval_") != evaluation or key.endswith(EVAL_BOOKKEEPING):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            figures[key] = float(value)
+    return figures
 
 
 def schedule_line(total_steps: int, epochs: float, max_steps: int, per_epoch: int | None) -> str:
@@ -501,7 +522,8 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
         if "eval_loss" in logs:
-            self.reporter.metric(step=state.global_step, total_steps=state.max_steps, eval_loss=float(logs["eval_loss"]))
+            self.reporter.metric(step=state.global_step, total_steps=state.max_steps, eval_loss=float(logs["eval_loss"]),
+                                 **objective_figures(logs, evaluation=True))
             self.reporter.log(f"step {state.global_step}/{state.max_steps} eval loss {logs['eval_loss']:.4f}")
         if "loss" not in logs:
             return
@@ -519,7 +541,7 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
             "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
             "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         }
-        self.reporter.metric(**point)
+        self.reporter.metric(**point, **objective_figures(logs))
         grad = f" grad_norm {point['grad_norm']:.3f}" if point["grad_norm"] is not None else ""
         speed = f" {point['tokens_per_s']:.0f} tok/s" if point["tokens_per_s"] else ""
         self.reporter.log(

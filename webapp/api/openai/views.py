@@ -258,7 +258,8 @@ class JobEvents(OpenAIView):
 
 
 class JobCheckpoints(OpenAIView):
-    """Each checkpoint the run still has (it keeps its last `keep_checkpoints` on disk), newest first."""
+    """Each checkpoint the run still has (it keeps its last `keep_checkpoints` on disk), newest first, with the
+    metrics at its step."""
 
     def get(self, request: Request, job_id: str) -> Response:
         run = _run(job_id)
@@ -268,7 +269,9 @@ class JobCheckpoints(OpenAIView):
         if after is not None:
             rows = rows.filter(id__lt=after)
         found, more = _slice(rows, _limit(request, 10))
-        return Response(objects.page([objects.checkpoint_object(run, e) for e in found], more))
+        points = objects.points_at(run, {objects.checkpoint_step(e) for e in found})
+        items = [objects.checkpoint_object(run, e, points.get(objects.checkpoint_step(e))) for e in found]
+        return Response(objects.page(items, more))
 
 
 class NotFound(OpenAIView):
