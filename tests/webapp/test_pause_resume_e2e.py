@@ -20,7 +20,7 @@ from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import TrainingRun
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
-STEPS = 40
+STEPS = 400
 
 
 def cli(server: str, raw: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -32,8 +32,9 @@ def cli(server: str, raw: str, tmp_path: Path, *args: str) -> subprocess.Complet
 
 
 def scheduled_rate(step: int, peak: float) -> float:
-    """The linear schedule without warmup as an uninterrupted run follows it: the rate logged after `step`."""
-    return peak * (STEPS - step) / STEPS
+    """The linear schedule without warmup as an uninterrupted run follows it: the rate step `step` (from 1) trains at,
+    as the trainer logs it."""
+    return peak * (STEPS - step + 1) / STEPS
 
 
 def test_a_paused_run_checkpoints_frees_its_worker_and_resumes_to_the_uninterrupted_schedule(
