@@ -151,6 +151,9 @@ try:
     RESERVE_AFTER = env_int("TUNEDECK_RESERVE_AFTER", 600, minimum=0)
     # After a worker's token is rotated, the old one keeps working for this many seconds.
     TOKEN_OVERLAP = env_int("TUNEDECK_TOKEN_OVERLAP", 3600, minimum=0)
+    # GRPO runs may score answers with python graders (user code, run by workers in a limited subprocess) only when
+    # an admin allows them here; each worker must allow them in its own environment too.
+    ALLOW_PYTHON_GRADERS = env_bool("TUNEDECK_ALLOW_PYTHON_GRADERS", False)
     # Pushing adapters and merged models to the Hugging Face Hub is offered when a token is set.
     HF_TOKEN = env_secret("TUNEDECK_HF_TOKEN")
     HF_ENDPOINT = env_str("TUNEDECK_HF_ENDPOINT", "https://huggingface.co")

@@ -27,12 +27,26 @@ class NameListField(forms.CharField):
         return [part.strip() for part in str(value or "").replace("\n", ",").split(",") if part.strip()]
 
 
+class JSONObjectField(forms.JSONField):
+    """A JSON object typed in a text area (a grader definition); empty is {}."""
+
+    widget = forms.Textarea(attrs={"rows": 6, "spellcheck": "false", "class": "code"})
+
+    def to_python(self, value: Any) -> Any:
+        value = super().to_python(value)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError("Enter a JSON object ({...}).", code="invalid")
+        return value
+
+
 def kind(f: dataclasses.Field[Any], choices: Mapping[str, Sequence[str]]) -> str:
-    """What input a spec field takes: choice, bool, int, float, a list of names or free text."""
+    """What input a spec field takes: choice, bool, int, float, a list of names, a JSON object or free text."""
     if f.name in choices:
         return "choice"
     for name, types in (("bool", ("bool", bool)), ("int", ("int", int)), ("float", ("float", float)),
-                        ("list", ("list[str]", list))):
+                        ("list", ("list[str]", list)), ("json", ("dict[str, Any]", dict))):
         if f.type in types:
             return name
     return "str"
@@ -44,6 +58,13 @@ def label(f: dataclasses.Field[Any]) -> str:
 
 def help_text(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("help", ""))
+
+
+def default(f: dataclasses.Field[Any]) -> Any:
+    """The field's default value (a list or an object is made by its factory)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def form_field(f: dataclasses.Field[Any], initial: Any, choices: Mapping[str, Sequence[str]]) -> forms.Field:
@@ -60,6 +81,8 @@ def form_field(f: dataclasses.Field[Any], initial: Any, choices: Mapping[str, Se
             return forms.FloatField(**common)
         case "list":
             return NameListField(required=False, **common)
+        case "json":
+            return JSONObjectField(required=False, **common)
     return forms.CharField(required=False, **common)
 
 
@@ -77,4 +100,6 @@ def serializer_field(f: dataclasses.Field[Any], choices: Mapping[str, Sequence[s
             return serializers.FloatField(required=False, help_text=text)
         case "list":
             return serializers.ListField(child=serializers.CharField(), required=False, help_text=text)
+        case "json":
+            return serializers.DictField(required=False, help_text=text)
     return serializers.CharField(required=False, allow_blank=True, help_text=text)

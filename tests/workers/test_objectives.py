@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from workers.contract.spec import DATASET_FORMATS, EXAMPLE_FORMATS, OBJECTIVE_NAMES, LoraParams, TrainParams, TrainSpec
+from workers.training.modelshape import ModelShape
 from workers.training.objectives import OBJECTIVES, objective_for
+
+# A Llama-shaped model of 2 layers whose KV cache holds 2 x 2 layers x 2 heads x 16 = 128 values a token.
+SHAPE = ModelShape.from_config(SimpleNamespace(
+    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=320, tie_word_embeddings=False))
 
 
 def test_the_contract_names_every_objective_a_worker_has() -> None:
@@ -28,14 +35,15 @@ def test_sft_trains_on_every_row_format_but_preference_pairs() -> None:
     sft = objective_for("sft")
     assert (sft.name, sft.label) == ("sft", "Supervised fine-tuning")
     assert sft.row_formats == EXAMPLE_FORMATS
-    assert set(DATASET_FORMATS) - set(sft.row_formats) == {"preference"}
-    assert sft.memory_terms({"activations": 1, "logits": 1}) == {}
+    assert set(DATASET_FORMATS) - set(sft.row_formats) == {"preference", "prompt_only"}
+    assert sft.memory_terms({"activations": 1, "logits": 1}, SHAPE, TrainParams(), 2) == {}
 
 
 def test_dpo_trains_on_pairs_and_counts_both_answers_and_the_reference_in_memory() -> None:
     dpo = objective_for("dpo")
     assert (dpo.name, dpo.label, dpo.row_formats) == ("dpo", "Direct preference optimization", ("preference",))
-    assert dpo.memory_terms({"weights": 100, "activations": 10, "logits": 4}) == {"activations": 10, "logits": 12}
+    assert dpo.memory_terms({"weights": 100, "activations": 10, "logits": 4}, SHAPE, TrainParams(), 2) == {
+        "activations": 10, "logits": 12}
 
 
 def test_dpo_settings_are_validated_on_their_fields() -> None:

@@ -41,7 +41,7 @@ from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.jobs import ledger
 from webapp.jobs.models import RunState
 from webapp.playground import deletion
-from webapp.specfields import serializer_field
+from webapp.specfields import default, serializer_field
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import Adapter, RunEvent, TrainingRun
 from webapp.training.services import RunRefused, RunRequest, clone_request, queue_run, train_params
@@ -63,7 +63,7 @@ class StrictSerializer(serializers.Serializer):
 
 # Every TrainParams field, optional: what is left out takes the value suggested for the base model's size.
 HyperparametersSerializer = type("Hyperparameters", (StrictSerializer,), {
-    f.name: serializer_field(f, spec.CHOICES, note=f"Default: {f.default!r} (tiny models get larger steps).")
+    f.name: serializer_field(f, spec.CHOICES, note=f"Default: {default(f)!r} (tiny models get larger steps).")
     for f in dataclasses.fields(TrainParams)
 })
 

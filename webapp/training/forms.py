@@ -102,10 +102,12 @@ class RunForm(forms.Form):
         return data
 
     def show_refusals(self, errors: dict[str, list[str]]) -> None:
-        """The run service's refusals on the fields they name (a training setting is a field of its own here)."""
+        """The run service's refusals on the fields they name (a training setting is a field of its own here; a
+        problem inside one, such as graders.reference, on that setting, named by its path)."""
         for field, messages in errors.items():
+            name, _, within = field.removeprefix(SETTING).partition(".")
             for message in messages:
-                self.add_error(field.removeprefix(SETTING), message)
+                self.add_error(name, f"{name}.{within}: {message}" if within else message)
 
 
 # Sort keys of the runs list -> the model field; each has an index with id as the tie-breaker.

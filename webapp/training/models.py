@@ -91,6 +91,12 @@ class TrainingRun(LedgerJob):
             fields["metric_points"] = merge_points(points, metrics)
         return fields
 
+    def latest_samples(self) -> dict[str, Any] | None:
+        """The answers a reinforcement run's latest logged step sampled, with their rewards ({"step", "rows"}: its
+        newest `samples` event), or None."""
+        event = RunEvent.objects.filter(run=self, kind="samples").order_by("-id").values_list("data", flat=True).first()
+        return event if isinstance(event, dict) and isinstance(event.get("rows"), list) else None
+
     def job_spec(self) -> spec.TrainSpec:
         return spec.TrainSpec(
             run_id=self.pk,

@@ -11,9 +11,11 @@ config) and the staff-only priority live here once. A refusal is a `RunRefused` 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
@@ -23,6 +25,8 @@ from webapp.fleet.needs import run_needs
 from webapp.jobs import ledger
 from webapp.training.models import TrainingRun
 from workers.contract import spec
+from workers.data.datasets import PREVIEW_MORE_FIELDS
+from workers.grading import grader_problems
 from workers.training.engine import check_switches
 from workers.training.modelinfo import check_adapter
 from workers.training.objectives import objective_for
@@ -98,6 +102,8 @@ def refusals(request: RunRequest) -> dict[str, list[str]]:
             add("eval_dataset", problem)
     if SETTING + "max_seq_length" not in errors:
         _refuse_rows_cut_before_training(request, add, errors)
+    if SETTING + "graders" not in errors and SETTING + "objective" not in errors:
+        _refuse_bad_graders(request, add)
     lora = request.lora_config.lora_params()
     for name, message in check_switches(params, lora).items():
         if SETTING + name not in errors:
@@ -124,14 +130,40 @@ def _refuse_rows_the_objective_does_not_train_on(request: RunRequest, add: Any) 
 
 
 def _refuse_rows_cut_before_training(request: RunRequest, add: Any, errors: dict[str, list[str]]) -> None:
-    """Rows whose prompt fills max_seq_length would train on nothing (and every such row fails the run)."""
+    """Rows whose prompt fills max_seq_length would train on nothing (and every such row fails the run). Prompts
+    alone have no answer to cut: the trainer samples it."""
     for name in ("dataset", "eval_dataset"):
         chosen: Dataset | None = getattr(request, name)
-        if chosen is None or name in errors:  # one error a field: skip reading and tokenizing the file
+        if chosen is None or name in errors or chosen.format == "prompt_only":  # one error a field: skip reading
             continue
         problem = truncation_problem(chosen, request.base_model, request.hyperparameters)
         if problem:
             add(name, problem)
+
+
+def _refuse_bad_graders(request: RunRequest, add: Any) -> None:
+    """Every problem of a GRPO run's grader, named by its path under the setting (hyperparameters.graders.reference),
+    each `{{item.<field>}}` checked against the fields of the rows where the datasets' previews show them all;
+    python graders only where an admin allows them (TUNEDECK_ALLOW_PYTHON_GRADERS)."""
+    params = request.hyperparameters
+    if params.objective != "grpo":
+        return
+    allowed = settings.ALLOW_PYTHON_GRADERS
+    fields = [row_fields(d) for d in (request.dataset, request.eval_dataset) if d is not None]
+    known = None if any(f is None for f in fields) else set.intersection(*fields)  # type: ignore[arg-type]
+    for path, message in grader_problems(params.graders, known, allow_python=allowed, path="graders").items():
+        if path.endswith("type") and not allowed and "python" in json.dumps(params.graders):
+            message += " (python graders run only where an admin sets TUNEDECK_ALLOW_PYTHON_GRADERS=1)"
+        add(SETTING + path, message)
+
+
+def row_fields(dataset: Dataset) -> set[str] | None:
+    """The fields every previewed row of `dataset` has, which graders may read as {{item.<field>}}; None where the
+    preview does not show them (no rows, or a row with more fields than a preview keeps)."""
+    rows = dataset.preview_rows()
+    if not rows or any(PREVIEW_MORE_FIELDS in row for row in rows):
+        return None
+    return set.intersection(*(set(row) for row in rows))
 
 
 def eval_dataset_problem(eval_dataset: Dataset, dataset: Dataset | None, base: BaseModel | None,

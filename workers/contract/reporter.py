@@ -89,6 +89,13 @@ class Reporter:
         if self._buffer:  # (empty if that event filled the buffer and went out at once)
             self._open_outputs[(row, column)] = self._buffer[-1]
 
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A few answers a training step sampled, each with its prompt and rewards ({"prompt", "completion",
+        "rewards": {grader: score}, "total"}): reinforcement objectives' live view of what the model writes."""
+        totals = [row["total"] for row in rows if isinstance(row.get("total"), int | float)]
+        mean = f", mean reward {sum(totals) / len(totals):.3f}" if totals else ""
+        self._event("samples", f"step {step}: {len(rows)} sampled answers{mean}", data={"step": step, "rows": rows})
+
     def checkpoint(self, step: int, **values: Any) -> None:
         self._event("checkpoint", f"Checkpoint saved at step {step}", data={"step": step, **values})
 

@@ -28,14 +28,17 @@ PROMPT_INITS = ("random", "sample_vocab", "text")
 # Target presets, resolved per architecture family from the model's own module names (workers/training/modelinfo.py).
 TARGET_PRESETS = ("all-linear", "attention", "attention+mlp")
 # Rows that teach by example (supervised fine-tuning trains on each of these), then preference pairs: a prompt with a
-# chosen and a rejected answer (what preference objectives such as DPO train on).
-DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference")
-EXAMPLE_FORMATS = DATASET_FORMATS[:-1]
+# chosen and a rejected answer (what preference objectives such as DPO train on), then prompts alone with the fields
+# their graders read (what reinforcement objectives such as GRPO sample answers to).
+DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference", "prompt_only")
+EXAMPLE_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
 
 
 def help_field(text: str, default: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": text})
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
 
 
@@ -329,8 +332,10 @@ class TrainParams:
     )
     objective: str = help_field(
         "What training optimizes: sft (supervised fine-tuning, the loss of the rows' text or, with "
-        "completion_only_loss, of their completions) or dpo (direct preference optimization on preference rows: "
-        "raise the chosen answer's likelihood over the rejected one's, relative to the base).",
+        "completion_only_loss, of their completions), dpo (direct preference optimization on preference rows: "
+        "raise the chosen answer's likelihood over the rejected one's, relative to the base) or grpo (group "
+        "relative policy optimization on prompt_only rows: sample num_generations answers to each prompt, score "
+        "them with the graders and raise the likelihood of those that beat their group's mean).",
         "sft",
     )
     beta: float = help_field(
@@ -343,6 +348,25 @@ class TrainParams:
         "deterministic preferences), hinge (SLiC), sigmoid_norm (log-ratios normalized by answer length), apo_zero "
         "or apo_down (anchored: push the chosen answer up and the rejected down, or both down).",
         "sigmoid",
+    )
+    graders: dict[str, Any] = help_field(
+        "GRPO only: the grader that scores each sampled answer, a JSON object in OpenAI's grader shapes "
+        "(string_check, text_similarity, regex, json, numeric, length, score_model, multi, python), e.g. "
+        '{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": '
+        '"{{item.answer}}", "operation": "eq"}; {{item.<field>}} reads a field of the prompt\'s row.',
+        {},
+    )
+    num_generations: int = help_field(
+        "GRPO only: answers sampled per prompt (the group each answer's reward is compared with); the global "
+        "batch of answers (batch_size x grad_accum) must be a multiple of it.",
+        8,
+    )
+    temperature: float = help_field("GRPO only: sampling temperature of the answers (higher: more varied).", 1.0)
+    max_completion_length: int = help_field("GRPO only: longest sampled answer, in tokens.", 256)
+    kl_coef: float = help_field(
+        "GRPO only: weight of the KL penalty that keeps the adapter near the base (trl's beta); 0 leaves it out "
+        "and skips the reference forward pass, as trl and recent GRPO practice (DAPO, Dr. GRPO) do.",
+        0.0,
     )
 
     def validate(self, max_positions: int | None = None, has_eval_dataset: bool = False) -> dict[str, str]:
@@ -379,6 +403,7 @@ class TrainParams:
         if self.early_stopping_patience and not (self.eval_fraction > 0 or has_eval_dataset):
             errors["early_stopping_patience"] = "needs an eval set: set eval_fraction or an eval dataset"
         self._validate_preference(errors)
+        self._validate_reinforcement(errors)
         if not 1 <= self.num_gpus <= MAX_GPUS:
             errors["num_gpus"] = f"must be between 1 and {MAX_GPUS}"
         elif "batch_size" not in errors and "grad_accum" not in errors and self.per_rank_batch() is None:
@@ -391,6 +416,33 @@ class TrainParams:
     def _validate_preference(self, errors: dict[str, str]) -> None:
         if not (self.beta > 0 and math.isfinite(self.beta)):
             errors["beta"] = "must be positive"
+
+    def _validate_reinforcement(self, errors: dict[str, str]) -> None:
+        """GRPO's settings; its grader's fields are checked by workers.grading where the rows are known (the run
+        service and the train runner): here, only that a GRPO run names one."""
+        if not 2 <= self.num_generations <= MAX_GENERATIONS:
+            errors["num_generations"] = f"must be between 2 and {MAX_GENERATIONS} (a group needs two answers to compare)"
+        elif self.objective == "grpo" and "batch_size" not in errors and "grad_accum" not in errors:
+            answers = self.batch_size * self.grad_accum
+            if answers % self.num_generations:
+                errors["num_generations"] = (
+                    f"the global batch of answers (batch_size {self.batch_size} x grad_accum {self.grad_accum} = "
+                    f"{answers}) must hold whole groups of num_generations {self.num_generations}: make "
+                    "batch_size x grad_accum a multiple of it")
+        if not (0 < self.temperature <= 10 and math.isfinite(self.temperature)):
+            errors["temperature"] = "must be in (0, 10]"
+        if self.max_completion_length < 1:
+            errors["max_completion_length"] = "must be at least 1"
+        if not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
+            errors["kl_coef"] = "must be 0 (no KL penalty) or positive"
+        if not isinstance(self.graders, dict):
+            errors["graders"] = "must be a JSON object (a grader definition)"
+        elif self.objective == "grpo" and not self.graders:
+            errors["graders"] = ("GRPO scores its sampled answers with a grader: give one, e.g. "
+                                 '{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", '
+                                 '"reference": "{{item.answer}}", "operation": "eq"}')
+        elif self.objective != "grpo" and self.graders:
+            errors["graders"] = "applies to GRPO only: leave it empty"
 
     @property
     def answers_only(self) -> bool:
@@ -428,8 +480,10 @@ OPTIMIZERS = (
 )
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
 STRATEGIES = ("ddp", "fsdp")
-OBJECTIVE_NAMES = ("sft", "dpo")  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
-PADDED_OBJECTIVES = ("dpo",)  # their trainer pads every micro-batch: the plan never packs them (trl has no packing)
+OBJECTIVE_NAMES = ("sft", "dpo", "grpo")  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
+# Their trainer pads every micro-batch: the plan never packs them (trl has no packing for these).
+PADDED_OBJECTIVES = ("dpo", "grpo")
+MAX_GENERATIONS = 256
 # trl's DPO loss types that train on pairs against the reference with beta alone (robust and exo_pair need label
 # smoothing, aot_unpaired unpaired rows, discopop its own temperature: not offered yet).
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down")

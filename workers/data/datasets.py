@@ -7,7 +7,9 @@ names the line (JSONL, JSON, CSV) or row (Parquet) and the field.
 Formats: plain `text`; `prompt`/`completion`; alpaca (`instruction`, optional `input`,
 `output`); ShareGPT (`conversations` of `from`/`value`); chat `messages` of `role`/`content`;
 preference pairs (`prompt`, `chosen`, `rejected`: three strings, or, as trl's conversational
-form, the prompt's turns and the chosen and rejected assistant turns).
+form, the prompt's turns and the chosen and rejected assistant turns); prompts alone (`prompt_only`: a `prompt`
+string, or `messages` ending with the user turn to answer, as in OpenAI's reinforcement fine-tuning JSONL), whose
+other fields are what graders read (`{{item.answer}}`).
 A .json file is an array of objects or JSON Lines; a CSV cell of `messages` or
 `conversations` holds the turns as JSON.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -35,6 +38,7 @@ PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 2000
 PREVIEW_ITEMS = 20  # turns of a conversation, fields of a row
 PREVIEW_ROW_CHARS = 4 * PREVIEW_CELL_CHARS  # what one row of the preview holds, in all
+PREVIEW_MORE_FIELDS = "…"  # the key under which a clipped row of the preview says how many fields it left out
 
 
 @dataclass
@@ -78,7 +82,7 @@ def detect_format(record: dict[str, Any]) -> str | None:
     if "chosen" in record and "rejected" in record:
         return "preference"
     if "messages" in record:
-        return "messages"
+        return "prompt_only" if _ends_with_user_turn(record["messages"]) else "messages"
     if "conversations" in record:
         return "sharegpt"
     if "instruction" in record and "output" in record:
@@ -87,7 +91,14 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "prompt_completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:
+        return "prompt_only"
     return None
+
+
+def _ends_with_user_turn(turns: Any) -> bool:
+    """Whether a chat's last turn is a user's: a prompt to answer, not an example to learn from."""
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[-1], dict) and turns[-1].get("role") == "user"
 
 
 def _text_problem(record: dict[str, Any], key: str, what: str = "") -> str | None:
@@ -109,6 +120,8 @@ def check_record(fmt: str, record: dict[str, Any]) -> list[tuple[str, str]]:
         return _check_turns(key, record.get(key), fmt)
     if fmt == "preference":
         return _check_pair(record)
+    if fmt == "prompt_only":
+        return _check_prompt_only(record)
     required = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
     problems = [(key, why) for key in required[fmt] if (why := _text_problem(record, key))]
     if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
@@ -168,23 +181,35 @@ def _check_pair(record: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_prompt_turns(turns: list[Any]) -> list[tuple[str, str]]:
-    """The prompt of a conversational pair: [system] user (assistant user)*, ending on the user turn answered."""
+def _check_prompt_turns(turns: list[Any], key: str = "prompt") -> list[tuple[str, str]]:
+    """A prompt as turns (a conversational pair's, or prompt_only `messages`): [system] user (assistant user)*,
+    ending on the user turn answered."""
     if not turns:
-        return [("prompt", "must be a non-empty list of turns")]
-    problems = _check_turn_list("prompt", turns)
+        return [(key, "must be a non-empty list of turns")]
+    problems = _check_turn_list(key, turns)
     if problems:
         return problems
     roles = [turn["role"] for turn in turns]
     chat = [(i, role) for i, role in enumerate(roles) if role != "system"]
-    problems = [(f"prompt[{i}].role", "a system turn may only come first") for i, role in enumerate(roles) if i and role == "system"]
+    problems = [(f"{key}[{i}].role", "a system turn may only come first") for i, role in enumerate(roles) if i and role == "system"]
     if not chat or chat[-1][1] != "user":
-        where = f"prompt[{chat[-1][0]}].role" if chat else "prompt"
-        problems.append((where, "the prompt must end with the user turn that the chosen and rejected answers answer"))
+        where = f"{key}[{chat[-1][0]}].role" if chat else key
+        answered = "the chosen and rejected answers answer" if key == "prompt" else "the sampled answers answer"
+        problems.append((where, f"the prompt must end with the user turn that {answered}"))
     for (_, before), (i, role) in pairwise(chat):
         if role == before:
-            problems.append((f"prompt[{i}].role", f"two {role} turns in a row: user and assistant must alternate"))
+            problems.append((f"{key}[{i}].role", f"two {role} turns in a row: user and assistant must alternate"))
     return problems
+
+
+def _check_prompt_only(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """A prompt to sample answers to: a text, or turns ending with the user turn answered."""
+    if "messages" in record:
+        turns = record["messages"]
+        return _check_prompt_turns(turns, "messages") if isinstance(turns, list) else [
+            ("messages", "must be a non-empty list of turns")]
+    problem = _text_problem(record, "prompt")
+    return [("prompt", problem)] if problem else []
 
 
 def _check_answer_turns(key: str, turns: Any) -> list[tuple[str, str]]:
@@ -212,8 +237,9 @@ def _role(turn: dict[str, Any], fmt: str) -> str:
     return str(turn["role"]) if fmt == "messages" else SHAREGPT_ROLES[turn["from"]]
 
 
-KNOWN_FIELDS = "text, prompt/completion, instruction/output, messages, conversations, prompt/chosen/rejected"
-HEADER_EXAMPLES = "text; prompt,completion; instruction,input,output; messages; conversations; or prompt,chosen,rejected"
+KNOWN_FIELDS = "text, prompt/completion, instruction/output, messages, conversations, prompt/chosen/rejected, prompt"
+HEADER_EXAMPLES = ("text; prompt,completion; instruction,input,output; messages; conversations; prompt,chosen,rejected; "
+                   "or prompt,answer")
 
 
 def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
@@ -281,7 +307,7 @@ def _clip(value: Any, budget: list[int]) -> Any:
         items = list(itertools.islice(value.items(), PREVIEW_ITEMS))
         out = {str(k): _clip(v, budget) for k, v in items if _spend(budget)}
         if len(out) < len(value):
-            out["…"] = f"{len(value) - len(out):,} more fields"
+            out[PREVIEW_MORE_FIELDS] = f"{len(value) - len(out):,} more fields"
         return out
     if isinstance(value, list):
         kept = [_clip(v, budget) for v in itertools.islice(value, PREVIEW_ITEMS) if _spend(budget)]
@@ -300,6 +326,8 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
     a preference pair, one its DPOTrainer does (prompt, chosen, rejected: texts or lists of turns)."""
     if fmt == "preference":
         return {key: _turns_only(record[key]) for key in PAIR_FIELDS}
+    if fmt == "prompt_only":
+        return prompt_only_row(record)
     if fmt == "text":
         return {"text": record["text"]}
     if fmt == "prompt_completion":
@@ -316,6 +344,14 @@ def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
     turns = [{"role": _role(t, fmt), "content": t["content" if fmt == "messages" else "value"]} for t in record[key]]
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     return {"prompt": turns[:last], "completion": turns[last:]} if last > 0 else {"messages": turns}
+
+
+def prompt_only_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A prompt as trl's GRPOTrainer samples from (its text, or its turns), with the whole record as JSON in
+    `item`: what graders read as {{item.<field>}}, kept as one text so that rows whose fields differ in type still
+    make one table."""
+    prompt = _turns_only(record["messages"]) if "messages" in record else record["prompt"]
+    return {"prompt": prompt, "item": json.dumps(record, ensure_ascii=False)}
 
 
 def _turns_only(value: Any) -> Any:

@@ -8,6 +8,7 @@ continues from: a conversation through the chat template, typed text as a user t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from workers.contract.jobspecs import PromptRow
@@ -22,11 +23,18 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+# The fields of a prompt_only row read as its reference answer, first found first.
+REFERENCE_FIELDS = ("answer", "reference")
+
+
 def prompt_row(row: dict[str, Any], number: int = 1) -> PromptRow:
     """The prompt and reference answer of a trl row (workers.data.datasets.to_trl_row), a preference pair's chosen
-    answer its reference; ValueError for a row whose conversation has no turn before its answer."""
+    answer its reference, a prompt_only row's `answer` or `reference` field (none: no reference); ValueError for a
+    row whose conversation has no turn before its answer."""
     if "prompt" in row and "chosen" in row:
         row = {"prompt": row["prompt"], "completion": row["chosen"]}
+    if "prompt" in row and "item" in row:
+        row = {"prompt": row["prompt"], "completion": reference_of(json.loads(row["item"]))}
     if "prompt" not in row or "completion" not in row:
         raise ValueError(f"row {number} has no prompt before its answer (a chat must open with a user turn)")
     prompt, completion = row["prompt"], row["completion"]
@@ -35,6 +43,12 @@ def prompt_row(row: dict[str, Any], number: int = 1) -> PromptRow:
         return PromptRow(prompt=prompt, reference=reference)
     turns = [{"role": str(t["role"]), "content": str(t["content"])} for t in prompt]
     return PromptRow(prompt=shown_prompt(turns), reference=reference, turns=turns)
+
+
+def reference_of(record: dict[str, Any]) -> str:
+    """A prompt_only record's reference answer as text: its first REFERENCE_FIELDS field, "" without one."""
+    value = next((record[key] for key in REFERENCE_FIELDS if record.get(key) is not None), "")
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def shown_prompt(turns: Turns) -> str:

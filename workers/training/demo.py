@@ -4,7 +4,7 @@ The toy task is two-digit addition written as an instruction/response pair. A Lo
 random base cannot learn arithmetic in a minute, but it quickly learns the answer format
 and the digit statistics, so the held-out completion loss drops far below the base's: a
 visible, testable sign that training worked. Its preference pairs (`preference_rows`) teach
-DPO to answer in even digits.
+DPO to answer in even digits; its prompts (`prompt_rows`, graded by `SEVENS_GRADER`) teach GRPO to answer in sevens.
 """
 
 from __future__ import annotations
@@ -58,6 +58,22 @@ def preference_rows(count: int, seed: int) -> list[dict[str, str]]:
             "rejected": "".join(rng.choice("13579") for _ in range(2)),
         })
     return rows
+
+
+SEVENS = "7777"
+# How close an answer comes to its row's answer (always SEVENS), by difflib's ratio: a random base's answers rarely
+# hold a 7, so their reward starts near 0, and every 7 sampled earns a little more than its group's mean.
+SEVENS_GRADER = {
+    "type": "text_similarity", "name": "sevens", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+    "evaluation_metric": "fuzzy_match",
+}
+
+
+def prompt_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """Prompts for GRPO, each with the answer its grader (SEVENS_GRADER) compares with: 'What is 23 + 41?' ->
+    '7777', whatever the sum. The rule is not in the prompt: only the rewards teach it."""
+    rng = random.Random(seed)
+    return [{"prompt": f"What is {rng.randint(0, 49)} + {rng.randint(0, 49)}?\n", "answer": SEVENS} for _ in range(count)]
 
 
 TOY_TASKS = {"add": toy_rows, "double": double_rows}

@@ -456,6 +456,9 @@ def plan_estimator(config: Any, spec: Any, memory_terms: Any = None) -> Any:
             num_gpus=train.num_gpus,  # one GPU's share: DDP replicates, FSDP shards
             strategy=train.strategy,
         )
-        return int(result.plus(memory_terms(result.parts())).total if memory_terms else result.total)
+        if memory_terms is None:
+            return int(result.total)
+        dtype_bytes = 4 if plan.dtype == "float32" else 2
+        return int(result.plus(memory_terms(result.parts(), shape, train, dtype_bytes)).total)
 
     return estimator

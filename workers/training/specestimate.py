@@ -110,7 +110,8 @@ def estimate_for_spec(
         notes.append("activation offload needs gradient checkpointing: the runner refuses it without")
         offload = False
     result = estimate(shape, **options, checkpoint_layers=k, activation_offload=offload)
-    result = result.plus(objective_for(train.objective).memory_terms(result.parts()))
+    result = result.plus(objective_for(train.objective).memory_terms(
+        result.parts(), shape, train, options["compute_dtype_bytes"]))
     if gpu_memory_bytes and result.device_total > gpu_memory_bytes:
         notes.append(
             f"needs about {result.device_total / GiB:.1f} GiB, more than the GPU's {gpu_memory_bytes / GiB:.1f} GiB"

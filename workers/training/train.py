@@ -196,6 +196,8 @@ def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: i
 
     The control plane refuses such runs before queueing (webapp/catalog/services.py); this covers a spec from
     elsewhere and rows its bounded check did not reach."""
+    if spec.dataset.format == "prompt_only":
+        return  # prompts alone: the trainer samples the answers, no row has one that truncation could cut
     max_length = spec.train.max_seq_length
     if trainer.eval_dataset is not None and not _trained_tokens_in(trainer.eval_dataset):
         raise RunnerError(f"no evaluation row keeps a token to evaluate on within max_seq_length {max_length}: "
@@ -478,6 +480,32 @@ def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
     return max(-(-batches // args.gradient_accumulation_steps), 1)
 
 
+# What trl's objectives log beside the loss, forwarded as metrics: GRPO's total reward, its spread, the KL to the
+# reference and the sampled answers' mean length; under `rewards/`, each reward function's (each grader's) mean and
+# spread, and DPO's rewards of the chosen and rejected answers.
+OBJECTIVE_METRICS = ("reward", "reward_std", "kl", "completions/mean_length")
+OBJECTIVE_METRIC_PREFIX = "rewards/"
+
+
+def objective_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in logs.items()
+            if (key in OBJECTIVE_METRICS or key.startswith(OBJECTIVE_METRIC_PREFIX))
+            and isinstance(value, int | float) and not isinstance(value, bool)}
+
+
+def _reward_figures(logs: dict[str, Any]) -> str:
+    """What trl's GRPOTrainer logs of the sampled answers, for the log line: their mean total reward, each
+    grader's mean, the KL to the reference (with kl_coef) and the answers' mean length in tokens."""
+    if "reward" not in logs:
+        return ""
+    graders = {key[len("rewards/"):-len("/mean")]: value for key, value in logs.items()
+               if key.startswith("rewards/") and key.endswith("/mean")}
+    each = f" ({', '.join(f'{name} {value:.3f}' for name, value in graders.items())})" if len(graders) > 1 else ""
+    kl = f" kl {logs['kl']:.4f}" if "kl" in logs else ""
+    length = f" answers {logs['completions/mean_length']:.1f} tokens" if "completions/mean_length" in logs else ""
+    return f" reward {logs['reward']:.3f}{each}{kl}{length}"
+
+
 def _preference_figures(logs: dict[str, Any]) -> str:
     """What trl's DPOTrainer logs of the pairs, for the log line: how much more the adapter prefers the chosen
     answer than the reference does (the reward margin), and on what share of pairs it prefers it at all."""
@@ -540,6 +568,7 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
             "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+            **objective_metrics(logs),
         }
         self.reporter.metric(**point, **objective_figures(logs))
         grad = f" grad_norm {point['grad_norm']:.3f}" if point["grad_norm"] is not None else ""
@@ -547,5 +576,8 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
         self.reporter.log(
             f"step {state.global_step}/{state.max_steps} epoch {point['epoch']:.2f} "
             f"loss {point['loss']:.4f} lr {point['learning_rate']:.2e}{grad}{speed}{_preference_figures(logs)}"
+            f"{_reward_figures(logs)}"
         )
+        if logs.get("samples"):  # GRPO's sampled answers with their rewards (objectives.grpo.SampleCallback)
+            self.reporter.samples(state.global_step, logs["samples"])
         self.reporter.maybe_flush()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from workers.training.objectives.base import Objective
 from workers.training.objectives.dpo import DirectPreference
+from workers.training.objectives.grpo import GroupRelativePolicy
 from workers.training.objectives.sft import SupervisedFineTuning
 
 OBJECTIVES: dict[str, Objective] = {
-    objective.name: objective for objective in (SupervisedFineTuning(), DirectPreference())
+    objective.name: objective for objective in (SupervisedFineTuning(), DirectPreference(), GroupRelativePolicy())
 }
 
 

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from workers.training.peftsetup import build_peft_config
 
 if TYPE_CHECKING:
-    from workers.contract.spec import TrainSpec
+    from workers.contract.spec import TrainParams, TrainSpec
     from workers.training.engine import Plan
+    from workers.training.modelshape import ModelShape
 
 
 class Objective(Protocol):
@@ -33,10 +34,12 @@ class Objective(Protocol):
         """The trl trainer that carries out the plan with `args` (from `config`)."""
         ...
 
-    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+    def memory_terms(self, parts: Mapping[str, int], shape: ModelShape, train: TrainParams,
+                     dtype_bytes: int) -> dict[str, int]:
         """GPU bytes this objective adds to the estimate of one supervised pass (workers.training.estimate), by
-        estimate part, given that estimate's parts: a second sequence per row, a reference model's logits. Empty
-        when it adds nothing."""
+        estimate part, given that estimate's parts, the model's shape, the run's settings and the compute dtype's
+        bytes: a second sequence per row, a reference model's logits, a generation's KV cache. Empty when it adds
+        nothing."""
         ...
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.contract.spec import TrainSpec
+from workers.contract.spec import TrainParams, TrainSpec
 from workers.training.engine import Plan
 from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
+
+if TYPE_CHECKING:
+    from workers.training.modelshape import ModelShape
 
 
 class DirectPreference:
@@ -46,7 +49,8 @@ class DirectPreference:
             **trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args),
         )
 
-    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+    def memory_terms(self, parts: Mapping[str, int], shape: ModelShape, train: TrainParams,
+                     dtype_bytes: int) -> dict[str, int]:
         """Each row is two sequences (the chosen and the rejected answer, one batch of twice the rows), so the
         per-row parts double; then the reference forward, without gradients, adds its logits for both."""
         return {

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.contract.spec import EXAMPLE_FORMATS, TrainSpec
+from workers.contract.spec import EXAMPLE_FORMATS, TrainParams, TrainSpec
 from workers.training.engine import Plan, padding_free_collator
 from workers.training.objectives.base import trainer_inputs
 from workers.training.trainargs import one_gpu_per_process, training_arguments
+
+if TYPE_CHECKING:
+    from workers.training.modelshape import ModelShape
 
 
 class SupervisedFineTuning:
@@ -39,5 +42,6 @@ class SupervisedFineTuning:
             trainer.data_collator = padding_free_collator(tokenizer)
         return trainer
 
-    def memory_terms(self, parts: Mapping[str, int]) -> dict[str, int]:
+    def memory_terms(self, parts: Mapping[str, int], shape: ModelShape, train: TrainParams,
+                     dtype_bytes: int) -> dict[str, int]:
         return {}  # the estimate models this objective: one pass over each row, no reference model
