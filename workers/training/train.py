@@ -448,9 +448,10 @@ EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "num
 
 
 def objective_figures(logs: dict[str, Any], evaluation: bool = False) -> dict[str, float]:
-    """The objective's own figures in one entry the trainer logged, under trl's names: SFT's mean_token_accuracy,
-    DPO's rewards/margins and rewards/accuracies, GRPO's reward and kl... (with `evaluation`, the eval_ ones).
-    Every finite number but what the point already carries and the trainer's bookkeeping."""
+    """The objective's own figures in one entry the trainer logged, under trl's names (with `evaluation`, the eval_
+    ones): SFT's mean_token_accuracy; DPO's rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies;
+    GRPO's total reward, its spread, each grader's under rewards/<name>/, the KL to the reference and the sampled
+    answers' lengths. Every finite number but what the point already carries and the trainer's bookkeeping."""
     figures: dict[str, float] = {}
     for key, value in logs.items():
         if key in NOT_FIGURES or key.startswith("eval_") != evaluation or key.endswith(EVAL_BOOKKEEPING):
@@ -478,19 +479,6 @@ def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
     except TypeError:
         return None
     return max(-(-batches // args.gradient_accumulation_steps), 1)
-
-
-# What trl's objectives log beside the loss, forwarded as metrics: GRPO's total reward, its spread, the KL to the
-# reference and the sampled answers' mean length; under `rewards/`, each reward function's (each grader's) mean and
-# spread, and DPO's rewards of the chosen and rejected answers.
-OBJECTIVE_METRICS = ("reward", "reward_std", "kl", "completions/mean_length")
-OBJECTIVE_METRIC_PREFIX = "rewards/"
-
-
-def objective_metrics(logs: dict[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in logs.items()
-            if (key in OBJECTIVE_METRICS or key.startswith(OBJECTIVE_METRIC_PREFIX))
-            and isinstance(value, int | float) and not isinstance(value, bool)}
 
 
 def _reward_figures(logs: dict[str, Any]) -> str:
@@ -568,7 +556,6 @@ class ReporterCallback(TrainerCallback):  # type: ignore[misc]
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
             "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
-            **objective_metrics(logs),
         }
         self.reporter.metric(**point, **objective_figures(logs))
         grad = f" grad_norm {point['grad_norm']:.3f}" if point["grad_norm"] is not None else ""
