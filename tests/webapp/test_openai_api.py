@@ -20,6 +20,7 @@ from tests.webapp.factories import demo_objects, make_run
 from webapp.api.models import ApiKey
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.training.models import Adapter, RunEvent, TrainingRun
+from workers.training.demo import SEVENS_GRADER, prompt_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -245,6 +246,41 @@ def test_a_dpo_job_trains_direct_preference_optimization_on_preference_rows(worl
     assert job.method.dpo.hyperparameters is not None and job.method.dpo.hyperparameters.beta == 0.25
 
 
+def test_a_reinforcement_job_trains_grpo_with_its_grader_and_maps_its_hyperparameters(world: dict[str, Any]) -> None:
+    from webapp.catalog.services import register_dataset
+
+    prompts = register_dataset("prompts", "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in prompt_rows(16, 0)).encode())
+    method = {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER, "hyperparameters": {
+        "n_epochs": 2, "batch_size": 16, "compute_multiplier": 0.5, "eval_interval": "auto", "eval_samples": "auto",
+        "reasoning_effort": "default"}}}
+    body = job_body(world, training_file=f"file-{prompts.pk}", method=method,
+                    tunedeck={"hyperparameters": {"temperature": 0.7, "max_completion_length": 8, "kl_coef": 0.02}})
+
+    response = world["api"]["owner"].post("fine_tuning/jobs", body)
+
+    assert response.status_code == 200, response.content
+    job = FineTuningJob.model_validate(response.json())
+    hp = TrainingRun.objects.get(pk=int(job.id.removeprefix("ftjob-"))).train_params()
+    assert (hp.objective, hp.graders, hp.num_epochs, hp.batch_size, hp.num_generations) == (
+        "grpo", SEVENS_GRADER, 2, 16, 4)
+    assert (hp.temperature, hp.max_completion_length, hp.kl_coef, hp.eval_steps) == (0.7, 8, 0.02, 0)
+    assert job.method is not None and job.method.type == "reinforcement" and job.method.reinforcement is not None
+    assert job.method.reinforcement.grader.type == "text_similarity"
+    assert job.method.reinforcement.hyperparameters.compute_multiplier == 0.5
+    assert response.json()["method"]["reinforcement"]["grader"] == SEVENS_GRADER
+
+    # A grader's problem is named by its path under the param that gave it.
+    bad = {**SEVENS_GRADER, "reference": "{{item.nope}}"}
+    body["method"] = {"type": "reinforcement", "reinforcement": {"grader": bad}}
+    error = error_of(world["api"]["owner"].post("fine_tuning/jobs", body), 400)
+    assert error["param"] == "method.reinforcement.grader.reference" and "nope" in error["message"], error
+    bad = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "7777",
+           "operation": "equals"}
+    body["method"] = {"type": "reinforcement", "reinforcement": {"grader": bad}}
+    error = error_of(world["api"]["owner"].post("fine_tuning/jobs", body), 400)
+    assert error["param"] == "method.reinforcement.grader.operation", error
+
+
 def test_a_model_given_by_path_is_registered_on_the_fly(world: dict[str, Any], tiny_model_dir: Path,
                                                         tmp_path: Path) -> None:
     link = tmp_path / "tiny-elsewhere"
@@ -278,7 +314,25 @@ def test_a_model_path_outside_the_model_roots_is_not_registered(world: dict[str,
     ({"hyperparameters": {"n_epochs": "three"}}, "hyperparameters.n_epochs", "positive integer"),
     ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size", "positive integer"),
     ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs", "unknown field"),
-    ({"method": {"type": "reinforcement"}}, "method.type", "supervised and dpo"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader", "required"),
+    ({"method": {"type": "preference"}}, "method.type", "supervised, dpo, reinforcement"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": "exact"}}}, "method.reinforcement.grader",
+     "must be an object"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER}}}, "training_file",
+     "(grpo) trains on prompt_only rows"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER, "model": "o4-mini"}}},
+     "method.reinforcement.model", "unknown field"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER,
+                                                            "hyperparameters": {"reasoning_effort": "high"}}}},
+     "method.reinforcement.hyperparameters.reasoning_effort", "not supported"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER,
+                                                            "hyperparameters": {"eval_samples": 4}}}},
+     "method.reinforcement.hyperparameters.eval_samples", "not supported"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER,
+                                                            "hyperparameters": {"beta": 0.1}}}},
+     "method.reinforcement.hyperparameters.beta", "unknown field"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER}},
+      "tunedeck": {"hyperparameters": {"graders": SEVENS_GRADER}}}, "method.reinforcement.grader", "give one"),
     ({"method": {"type": "dpo"}}, "training_file", "(dpo) trains on preference rows"),
     ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised", "unknown field"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta",

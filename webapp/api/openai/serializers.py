@@ -76,6 +76,11 @@ def default_learning_rate(base: BaseModel) -> float:
     return suggest_train_params(base.num_parameters).learning_rate
 
 
+def default_generations(base: BaseModel) -> int:
+    """What compute_multiplier multiplies: the answers per prompt Tunedeck suggests for a reinforcement run."""
+    return suggest_train_params(base.num_parameters).num_generations
+
+
 def fine_tuned_model(run: TrainingRun) -> str:
     return f"{run.base_model.name}:ft-{run.pk}"
 
@@ -102,13 +107,24 @@ def openai_hyperparameters(run: TrainingRun) -> dict[str, Any]:
     }
     if hp.objective == "dpo":
         values["beta"] = hp.beta
+    if hp.objective == "grpo":
+        values["compute_multiplier"] = round(hp.num_generations / default_generations(run.base_model), 6)
+        values["eval_interval"] = hp.eval_steps or "auto"
     return values
 
 
+# Each objective's OpenAI method type (the reverse of the jobs endpoint's METHODS).
+METHOD_TYPES = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
+
+
 def openai_method(run: TrainingRun, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's method object of the run: dpo for a DPO run, supervised otherwise."""
-    kind = "dpo" if train_params(run).objective == "dpo" else "supervised"
-    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
+    """OpenAI's method object of the run: its type by objective, with a reinforcement run's grader."""
+    params = train_params(run)
+    kind = METHOD_TYPES.get(params.objective, "supervised")
+    settings: dict[str, Any] = {"hyperparameters": hyperparameters}
+    if kind == "reinforcement":
+        settings = {"grader": params.graders, **settings}
+    return {"type": kind, kind: settings}
 
 
 def _error(run: TrainingRun) -> dict[str, Any] | None:
