@@ -128,7 +128,7 @@ def cancel_unclaimed(job: LedgerJob) -> bool:
     return end_unclaimed(job, RunState.CANCELLED, "cancelled")
 
 
-def end_unclaimed(job: LedgerJob, target: RunState, verb: str) -> bool:
+def end_unclaimed(job: LedgerJob, target: str, verb: str) -> bool:
     """Take a dispatched attempt that its worker has not claimed to `target` (cancelled or paused) at once."""
     model = type(job)
     locked = model.objects.select_for_update().filter(pk=job.pk).first()
