@@ -68,9 +68,9 @@ def test_the_openai_package_uploads_trains_polls_lists_and_cancels(fleet: Fleet,
 
     # Files: a bad one is refused with the line and field, a good one becomes a dataset.
     with pytest.raises(openai.BadRequestError) as refused:
-        client.files.create(file=("bad.jsonl", chat_file(3) + b'{"messages": [{"role": "user"}]}\n'),
-                            purpose="fine-tune")
-    assert "line 4" in str(refused.value) and "messages[0].content" in str(refused.value)
+        bad_row = b'{"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant"}]}\n'
+        client.files.create(file=("bad.jsonl", chat_file(3) + bad_row), purpose="fine-tune")
+    assert "line 4" in str(refused.value) and "messages[1].content" in str(refused.value)
     file = client.files.create(file=("add.jsonl", chat_file(96)), purpose="fine-tune")
     assert (file.object, file.status, file.filename, file.purpose) == ("file", "processed", "add.jsonl", "fine-tune")
     assert Dataset.objects.get(pk=int(file.id.removeprefix("file-"))).format == "messages"

@@ -94,7 +94,7 @@ def requeue_or_fail(job: Any, reason: str, max_attempts: int, failure: bool = Tr
             fields["finished_at"] = timezone.now()
         updated = type(job).objects.filter(pk=job.pk, attempt=job.attempt, state__in=ACTIVE_STATES).update(**fields)
         if updated:
-            said = {RunState.QUEUED: "requeued", RunState.PAUSED: "paused: it resumes from its checkpoint when resumed"}
+            said = {RunState.QUEUED: "requeued", RunState.PAUSED: "paused until resumed, to continue from its checkpoint"}
             note(job, f"{reason}: {job.NOUN} {said.get(target, target)}", level="warning")
     return str(target)
 
