@@ -115,13 +115,13 @@ def register(sub: Any) -> None:
     _leaf(configs, "show", catalog.configs_show, "A LoRA config with every parameter.").add_argument(
         "id", metavar="ID_OR_NAME")
 
-    _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, retry, clone."))
+    _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, pause, resume, retry, clone."))
     _register_adapters(sub)
 
 
 def _register_runs(group: Any) -> None:
     lst = _leaf(group, "list", runs.runs_list, "List runs, newest first.")
-    lst.add_argument("--state", help="queued, dispatched, running, succeeded, failed or cancelled.")
+    lst.add_argument("--state", help="queued, dispatched, running, paused, succeeded, failed or cancelled.")
     lst.add_argument("--owner", help="A username, or `me`.")
     lst.add_argument("--base-model", help="A base model id.")
     lst.add_argument("--dataset", help="A dataset id.")
@@ -141,6 +141,12 @@ def _register_runs(group: Any) -> None:
     logs.add_argument("--after", type=int, default=0, help="Only events after this event id.")
     logs.add_argument("--metrics", action="store_true", help="Print metric events too.")
     _leaf(group, "cancel", runs.runs_cancel, "Ask a queued or running run to stop.").add_argument("id", type=int)
+    _leaf(group, "pause", runs.runs_pause, "Pause a run: a queued one is held in its place, a running one saves a "
+                                           "checkpoint at its next step and frees its GPU.").add_argument("id", type=int)
+    resume = _leaf(group, "resume", runs.runs_resume, "Queue a paused run again; it continues from its checkpoint.")
+    resume.add_argument("id", type=int)
+    resume.add_argument("--wait", action="store_true", help="Wait for it to end.")
+    _quiet(resume)
     retry = _leaf(group, "retry", runs.runs_retry, "Queue a failed or cancelled run again.")
     retry.add_argument("id", type=int)
     retry.add_argument("--wait", action="store_true", help="Wait for it to end.")

@@ -1,5 +1,5 @@
 """`tunedeck runs`: list, show, create (from YAML, optionally waiting), logs (optionally following), cancel,
-retry, clone."""
+pause, resume, retry, clone."""
 
 from __future__ import annotations
 
@@ -152,6 +152,14 @@ def _action(args: argparse.Namespace, api: Api, action: str, verb: str, creates:
 
 def runs_cancel(args: argparse.Namespace, api: Api) -> int:
     return _action(args, api, "cancel", "cancel requested")
+
+
+def runs_pause(args: argparse.Namespace, api: Api) -> int:
+    return _action(args, api, "pause", "pause requested")
+
+
+def runs_resume(args: argparse.Namespace, api: Api) -> int:
+    return _action(args, api, "resume", "resumed")
 
 
 def runs_retry(args: argparse.Namespace, api: Api) -> int:

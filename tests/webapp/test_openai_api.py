@@ -20,6 +20,7 @@ from tests.webapp.factories import demo_objects, make_run
 from webapp.api.models import ApiKey
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.training.models import Adapter, RunEvent, TrainingRun
+from workers.training.demo import SEVENS_GRADER, prompt_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -260,6 +261,39 @@ def test_a_dpo_job_takes_a_training_file_in_openais_own_preference_format(world:
     assert response.status_code == 200, response.content
     run = TrainingRun.objects.get(pk=int(response.json()["id"].removeprefix("ftjob-")))
     assert (run.train_params().objective, run.dataset.format) == ("dpo", "preference")
+def test_a_reinforcement_job_trains_grpo_with_its_grader_and_maps_its_hyperparameters(world: dict[str, Any]) -> None:
+    from webapp.catalog.services import register_dataset
+
+    prompts = register_dataset("prompts", "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in prompt_rows(16, 0)).encode())
+    method = {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER, "hyperparameters": {
+        "n_epochs": 2, "batch_size": 16, "compute_multiplier": 0.5, "eval_interval": "auto", "eval_samples": "auto",
+        "reasoning_effort": "default"}}}
+    body = job_body(world, training_file=f"file-{prompts.pk}", method=method,
+                    tunedeck={"hyperparameters": {"temperature": 0.7, "max_completion_length": 8, "kl_coef": 0.02}})
+
+    response = world["api"]["owner"].post("fine_tuning/jobs", body)
+
+    assert response.status_code == 200, response.content
+    job = FineTuningJob.model_validate(response.json())
+    hp = TrainingRun.objects.get(pk=int(job.id.removeprefix("ftjob-"))).train_params()
+    assert (hp.objective, hp.graders, hp.num_epochs, hp.batch_size, hp.num_generations) == (
+        "grpo", SEVENS_GRADER, 2, 16, 4)
+    assert (hp.temperature, hp.max_completion_length, hp.kl_coef, hp.eval_steps) == (0.7, 8, 0.02, 0)
+    assert job.method is not None and job.method.type == "reinforcement" and job.method.reinforcement is not None
+    assert job.method.reinforcement.grader.type == "text_similarity"
+    assert job.method.reinforcement.hyperparameters.compute_multiplier == 0.5
+    assert response.json()["method"]["reinforcement"]["grader"] == SEVENS_GRADER
+
+    # A grader's problem is named by its path under the param that gave it.
+    bad = {**SEVENS_GRADER, "reference": "{{item.nope}}"}
+    body["method"] = {"type": "reinforcement", "reinforcement": {"grader": bad}}
+    error = error_of(world["api"]["owner"].post("fine_tuning/jobs", body), 400)
+    assert error["param"] == "method.reinforcement.grader.reference" and "nope" in error["message"], error
+    bad = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "7777",
+           "operation": "equals"}
+    body["method"] = {"type": "reinforcement", "reinforcement": {"grader": bad}}
+    error = error_of(world["api"]["owner"].post("fine_tuning/jobs", body), 400)
+    assert error["param"] == "method.reinforcement.grader.operation", error
 
 
 def test_a_model_given_by_path_is_registered_on_the_fly(world: dict[str, Any], tiny_model_dir: Path,
@@ -295,7 +329,25 @@ def test_a_model_path_outside_the_model_roots_is_not_registered(world: dict[str,
     ({"hyperparameters": {"n_epochs": "three"}}, "hyperparameters.n_epochs", "positive integer"),
     ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size", "positive integer"),
     ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs", "unknown field"),
-    ({"method": {"type": "reinforcement"}}, "method.type", "supervised and dpo"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader", "required"),
+    ({"method": {"type": "preference"}}, "method.type", "supervised, dpo, reinforcement"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": "exact"}}}, "method.reinforcement.grader",
+     "must be an object"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER}}}, "training_file",
+     "(grpo) trains on prompt_only rows"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER, "model": "o4-mini"}}},
+     "method.reinforcement.model", "unknown field"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER,
+                                                            "hyperparameters": {"reasoning_effort": "high"}}}},
+     "method.reinforcement.hyperparameters.reasoning_effort", "not supported"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER,
+                                                            "hyperparameters": {"eval_samples": 4}}}},
+     "method.reinforcement.hyperparameters.eval_samples", "not supported"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER,
+                                                            "hyperparameters": {"beta": 0.1}}}},
+     "method.reinforcement.hyperparameters.beta", "unknown field"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": SEVENS_GRADER}},
+      "tunedeck": {"hyperparameters": {"graders": SEVENS_GRADER}}}, "method.reinforcement.grader", "give one"),
     ({"method": {"type": "dpo"}}, "training_file", "(dpo) trains on preference rows"),
     ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised", "unknown field"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta",
@@ -461,6 +513,56 @@ def test_cancel_by_the_owner_or_staff_only(world: dict[str, Any]) -> None:
     assert TrainingRun.objects.get(pk=active.pk).cancel_requested
     assert "succeeded" in error_of(world["api"]["owner"].post(f"fine_tuning/jobs/ftjob-{done.pk}/cancel"), 400)["message"]
     error_of(world["api"]["owner"].post("fine_tuning/jobs/ftjob-999999/cancel"), 404)
+
+
+def test_pause_and_resume_by_the_owner_or_staff_only(world: dict[str, Any]) -> None:
+    make = lambda: make_run(world["owner"], world["base"], world["dataset"], world["config"])  # noqa: E731
+    queued, active, done = make(), make(), make()
+    TrainingRun.objects.filter(pk=active.pk).update(state="running", attempt=1)
+    TrainingRun.objects.filter(pk=done.pk).update(state="succeeded")
+    owner = world["api"]["owner"]
+
+    assert "owner" in error_of(world["api"]["mate"].post(f"fine_tuning/jobs/ftjob-{queued.pk}/pause"), 403)["message"]
+    paused = owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/pause").json()
+    assert paused["status"] == "paused" and TrainingRun.objects.get(pk=queued.pk).state == "paused"
+    error = error_of(owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/pause"), 400)
+    assert (error["code"], error["message"]) == ("job_not_pausable", "the job is paused: only a queued or running job "
+                                                                    "can be paused")
+    assert owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/resume").json()["status"] == "queued"
+    assert error_of(owner.post(f"fine_tuning/jobs/ftjob-{queued.pk}/resume"), 400)["code"] == "job_not_paused"
+
+    # A running job reads running, pause_requested, until its worker has saved a checkpoint and stopped.
+    flagged = world["api"]["staff"].post(f"fine_tuning/jobs/ftjob-{active.pk}/pause").json()
+    assert (flagged["status"], flagged["tunedeck"]["pause_requested"]) == ("running", True)
+    assert "succeeded" in error_of(owner.post(f"fine_tuning/jobs/ftjob-{done.pk}/pause"), 400)["message"]
+    error_of(owner.post("fine_tuning/jobs/ftjob-999999/pause"), 404)
+
+
+def test_metrics_events_carry_openais_names_and_the_objectives_own_figures(world: dict[str, Any]) -> None:
+    run = make_run(world["owner"], world["base"], world["dataset"], world["config"])
+    point = {"step": 3, "total_steps": 8, "loss": 0.61, "learning_rate": 1e-4, "mean_token_accuracy": 0.75,
+             "rewards/margins": 0.42, "rewards/accuracies": 0.9}
+    RunEvent.objects.create(run=run, attempt=1, seq=1, kind="metric", data=point)
+    RunEvent.objects.create(run=run, attempt=1, seq=2, kind="metric",
+                            data={"step": 3, "total_steps": 8, "eval_loss": 0.7, "eval_mean_token_accuracy": 0.5,
+                                  "eval_rewards/margins": 0.3})
+    RunEvent.objects.create(run=run, attempt=1, seq=3, kind="checkpoint", data={"step": 3})
+    TrainingRun.objects.filter(pk=run.pk).update(metric_points=[{"step": 3, "loss": 0.61, "eval_loss": 0.7}])
+    api = world["api"]["owner"]
+    events = api.get(f"fine_tuning/jobs/ftjob-{run.pk}/events").json()["data"]
+    train, valid = (FineTuningJobEvent.model_validate(e) for e in events[:0:-1])
+    assert (train.type, valid.type) == ("metrics", "metrics")
+    assert {k: v for k, v in train.data.items() if k != "tunedeck"} == {
+        "step": 3, "total_steps": 8, "train_loss": 0.61, "train_mean_token_accuracy": 0.75,
+        "train_rewards_margins": 0.42, "train_rewards_accuracies": 0.9}
+    assert train.data["tunedeck"] == point  # the worker's point as it stored it, learning rate included
+    assert (valid.data["valid_loss"], valid.data["valid_mean_token_accuracy"], valid.data["valid_rewards_margins"]) == (
+        0.7, 0.5, 0.3)
+
+    checkpoint = FineTuningJobCheckpoint.model_validate(api.get(f"fine_tuning/jobs/ftjob-{run.pk}/checkpoints").json()["data"][0])
+    assert (checkpoint.step_number, checkpoint.metrics.train_loss, checkpoint.metrics.valid_loss) == (3, 0.61, 0.7)
+    assert (checkpoint.metrics.train_mean_token_accuracy, checkpoint.metrics.valid_mean_token_accuracy) == (0.75, 0.5)
+    assert checkpoint.metrics.to_dict()["train_rewards_margins"] == 0.42
 
 
 def test_events_are_newest_first_with_metrics_typed(world: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API end to end, through the official `openai` package against a live server with a
 real `tunedeck worker` process training the tiny model: upload a file, create a job, poll it to `succeeded`
-(the scheduler ticking meanwhile), list its events and checkpoints, then cancel a second job mid-training."""
+(the scheduler ticking meanwhile), list its events and checkpoints, then cancel a second job mid-training; train a
+dpo and a reinforcement job, read their metrics events, and pause and resume a job mid-training."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.webapp.fleetprocs import Fleet, until
 from webapp.api.models import ApiKey
 from webapp.catalog.models import Dataset
 from webapp.training.models import Adapter, TrainingRun
-from workers.training.demo import toy_rows
+from workers.training.demo import SEVENS_GRADER, preference_rows, prompt_rows, toy_rows
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 FINAL = ("succeeded", "failed", "cancelled")
@@ -67,9 +68,9 @@ def test_the_openai_package_uploads_trains_polls_lists_and_cancels(fleet: Fleet,
 
     # Files: a bad one is refused with the line and field, a good one becomes a dataset.
     with pytest.raises(openai.BadRequestError) as refused:
-        client.files.create(file=("bad.jsonl", chat_file(3) + b'{"messages": [{"role": "user"}]}\n'),
-                            purpose="fine-tune")
-    assert "line 4" in str(refused.value) and "messages[0].content" in str(refused.value)
+        bad_row = b'{"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant"}]}\n'
+        client.files.create(file=("bad.jsonl", chat_file(3) + bad_row), purpose="fine-tune")
+    assert "line 4" in str(refused.value) and "messages[1].content" in str(refused.value)
     file = client.files.create(file=("add.jsonl", chat_file(96)), purpose="fine-tune")
     assert (file.object, file.status, file.filename, file.purpose) == ("file", "processed", "add.jsonl", "fine-tune")
     assert Dataset.objects.get(pk=int(file.id.removeprefix("file-"))).format == "messages"
@@ -154,3 +155,76 @@ def test_the_openai_package_downloads_a_files_content_whatever_it_accepts(live_s
     with pytest.raises(openai.AuthenticationError) as refused:
         openai.OpenAI(base_url=live_server.url + "/v1", api_key="tdk_not-a-key", max_retries=0).files.content(file.id)
     assert "invalid API key" in refused.value.message
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def metrics_of(client: openai.OpenAI, job_id: str) -> list[dict[str, Any]]:
+    """The data of the job's metrics events with a training loss, oldest first."""
+    events = client.fine_tuning.jobs.list_events(job_id, limit=100)
+    return [e.data for e in reversed(list(events)) if e.type == "metrics" and e.data and "train_loss" in e.data]
+
+
+def test_the_openai_package_trains_dpo_and_reinforcement_and_pauses_and_resumes_a_job(
+        fleet: Fleet, live_server: Any, tiny_model_dir: Path) -> None:
+    user, _base, _dataset, _config = demo_objects(tiny_model_dir)
+    _, raw = ApiKey.issue(user, "sdk", ["write"])
+    fleet.start("w-methods")
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key=raw, max_retries=0)
+    tiny = {**TUNEDECK["hyperparameters"], "save_steps": 0}
+    fleet.wait_ready("w-methods")
+
+    # DPO on preference pairs: the metrics events carry its rewards in OpenAI's names.
+    pairs = client.files.create(file=("pairs.jsonl", jsonl(preference_rows(32, seed=1))), purpose="fine-tune")
+    dpo = client.fine_tuning.jobs.create(
+        model="tiny", training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 8}}},
+        extra_body={"tunedeck": {**TUNEDECK, "hyperparameters": {**tiny, "max_steps": 3}}})
+    assert dpo.method is not None and dpo.method.type == "dpo"
+    dpo = wait_for_job(client, dpo.id, lambda j: j.status in FINAL)
+    assert dpo.status == "succeeded", dpo.error
+    points = metrics_of(client, dpo.id)
+    assert [p["step"] for p in points] == [1, 2, 3]
+    assert all({"train_loss", "train_rewards_margins", "train_rewards_accuracies", "train_rewards_chosen"} <= set(p)
+               for p in points), points[-1]
+
+    # Reinforcement: GRPO with the grader, its answers sampled on the worker and scored there.
+    prompts = client.files.create(file=("prompts.jsonl", jsonl(prompt_rows(32, seed=2))), purpose="fine-tune")
+    reinforcement = client.fine_tuning.jobs.create(
+        model="tiny", training_file=prompts.id,
+        method={"type": "reinforcement", "reinforcement": {
+            "grader": SEVENS_GRADER, "hyperparameters": {"batch_size": 8, "compute_multiplier": 0.5}}},
+        extra_body={"tunedeck": {**TUNEDECK, "hyperparameters": {**tiny, "max_steps": 2, "max_completion_length": 4}}})
+    assert reinforcement.method is not None and reinforcement.method.type == "reinforcement"
+    assert reinforcement.method.reinforcement is not None
+    assert reinforcement.method.reinforcement.grader.name == "sevens"
+    reinforcement = wait_for_job(client, reinforcement.id, lambda j: j.status in FINAL)
+    assert reinforcement.status == "succeeded", reinforcement.error
+    points = metrics_of(client, reinforcement.id)
+    assert [p["step"] for p in points] == [1, 2]
+    assert all(0.0 <= p["train_reward"] <= 1.0 and "train_rewards_sevens_mean" in p for p in points), points[-1]
+    run = TrainingRun.objects.get(pk=int(reinforcement.id.removeprefix("ftjob-")))
+    assert run.train_params().num_generations == 4 and run.adapter.metrics["steps"] == 2
+
+    # Pause: the worker saves a checkpoint at the step it reached and frees the job; resume continues from there.
+    file = client.files.create(file=("add.jsonl", chat_file(64)), purpose="fine-tune")
+    long = client.fine_tuning.jobs.create(model="tiny", training_file=file.id,
+                                          extra_body={"tunedeck": {**TUNEDECK, "hyperparameters": {**tiny, "max_steps": 5000}}})
+    wait_for_job(client, long.id, lambda j: j.status == "running" and j.to_dict()["tunedeck"]["step"] > 0)
+    asked = client.fine_tuning.jobs.pause(long.id)
+    assert asked.status == "running" and asked.to_dict()["tunedeck"]["pause_requested"] is True  # until it stops
+    paused = wait_for_job(client, long.id, lambda j: j.status == "paused", timeout=120)
+    step = paused.to_dict()["tunedeck"]["step"]
+    assert 0 < step < 5000
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(long.id).data] == [step]
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.pause(long.id)  # already paused
+    assert client.fine_tuning.jobs.resume(long.id).status == "queued"
+    wait_for_job(client, long.id, lambda j: j.status == "running" and j.to_dict()["tunedeck"]["step"] > step)
+    long_run = TrainingRun.objects.get(pk=int(long.id.removeprefix("ftjob-")))
+    assert long_run.attempt == 2 and any(f"Resuming from checkpoint checkpoint-{step}" in m
+                                         for m in long_run.events.values_list("message", flat=True))
+    assert client.fine_tuning.jobs.cancel(long.id).status == "running"
+    assert wait_for_job(client, long.id, lambda j: j.status in FINAL, timeout=120).status == "cancelled"

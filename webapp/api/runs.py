@@ -1,5 +1,5 @@
-"""Runs over the API: list with filters, create (queued by the run service, as every way in is), get, cancel, retry,
-clone, delete; their events (JSON pages and an SSE stream), metric curve and checkpoints."""
+"""Runs over the API: list with filters, create (queued by the run service, as every way in is), get, cancel, pause,
+resume, retry, clone, delete; their events (JSON pages and an SSE stream), metric curve and checkpoints."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.jobs import ledger
 from webapp.jobs.models import RunState
 from webapp.playground import deletion
 from webapp.specfields import default, serializer_field
@@ -127,9 +128,9 @@ class RunSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "state", "owner", "base_model", "base_model_name", "dataset", "dataset_name",
             "eval_dataset", "eval_dataset_name", "lora_config", "lora_config_name", "hyperparameters", "priority", "labels", "needs_gpu_bytes",
-            "needs_gpus", "attempt", "cancel_requested", "error", "step", "total_steps", "progress", "last_loss",
-            "worker", "wait_reason", "attempt_log", "adapter", "init_adapter", "init_adapter_name", "created_at",
-            "dispatched_at", "started_at", "finished_at",
+            "needs_gpus", "attempt", "cancel_requested", "pause_requested", "error", "step", "total_steps",
+            "progress", "last_loss", "worker", "wait_reason", "attempt_log", "adapter", "init_adapter",
+            "init_adapter_name", "created_at", "dispatched_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
 
@@ -298,6 +299,30 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     def cancel(self, request: Request, pk: str) -> Response:
         run = self.get_object()
         return cancel_refused(request, run) or self._answer(run.pk)
+
+    @extend_schema(request=None, responses={200: RunSerializer},
+                   description="Pause a run: a queued one is held at once, in its place; a running one saves a checkpoint "
+                               "at its next step and frees its GPU (pause_requested until then). 409 unless queued or "
+                               "active.")
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str) -> Response:
+        run = self.get_object()
+        access.check_can_change(request.user, run.owner_id, "run")
+        if not ledger.request_pause(run, request.user):
+            return problem(409, f"only a queued or running run can be paused; this one is {run.state}",
+                           instance=request.path)
+        return self._answer(run.pk)
+
+    @extend_schema(request=None, responses={200: RunSerializer},
+                   description="Queue a paused run again, in the place it held; it continues from its latest "
+                               "checkpoint (a pending pause is withdrawn instead). 409 unless paused.")
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str) -> Response:
+        run = self.get_object()
+        access.check_can_change(request.user, run.owner_id, "run")
+        if not ledger.resume(run, request.user):
+            return problem(409, f"only a paused run can be resumed; this one is {run.state}", instance=request.path)
+        return self._answer(run.pk)
 
     @extend_schema(request=None, responses={200: RunSerializer},
                    description="Queue a failed or cancelled run again; it resumes from its latest checkpoint.")

@@ -91,7 +91,7 @@ def events(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> d
     job = ledger.fenced_job(worker, worker_paths()[path], job_id, attempt)
     batch = _events(payload.get("events", []))
     ledger.record_events(job, attempt, batch)
-    return {"cancel": job.cancel_requested, "stored": len(batch)}
+    return {**ledger.worker_flags(job), "stored": len(batch)}
 
 
 @worker_endpoint
@@ -100,7 +100,7 @@ def status(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> d
     model = worker_paths()[path]
     job = ledger.fenced_job(worker, model, job_id, attempt)
     ledger.record_status(job, attempt, str(payload["state"]), payload.get("result") or {}, str(payload.get("error", "")))
-    return {"cancel": model.objects.values_list("cancel_requested", flat=True).get(pk=job.pk)}
+    return ledger.worker_flags(model.objects.get(pk=job.pk))
 
 
 TELEMETRY_SAMPLES = 60  # heartbeats of history per worker (10 minutes at the default interval)

@@ -65,28 +65,37 @@ def attempt_entry(job: Any, outcome: str, reason: str) -> dict[str, Any]:
 
 
 def requeue_or_fail(job: Any, reason: str, max_attempts: int, failure: bool = True) -> str:
-    """Take an active job back from its worker: requeue it, or fail it once it has failed max_attempts times.
+    """Take an active job back from its worker: requeue it (or hold it, paused, if its owner asked for a pause),
+    or fail it once it has failed max_attempts times.
 
-    A lost worker is a failure; a graceful handover (the worker was shut down and checkpointed first) is not,
-    and always requeues."""
+    A lost worker is a failure; a graceful handover (the worker was shut down or the job paused, and it
+    checkpointed first) is not, and always requeues."""
     failures = job.failures + (1 if failure else 0)
-    if job.cancel_requested:
-        target, error = RunState.CANCELLED, ""
-    elif failure and failures >= max_attempts:
-        target, error = RunState.FAILED, f"{reason}; gave up after {failures} failed attempt(s)"
-    else:
-        target, error = RunState.QUEUED, ""
-    fields: dict[str, Any] = {
-        "state": target, "worker": None, "gpu_indices": [], "error": error, "failures": failures,
-        "attempt_log": [*job.attempt_log, attempt_entry(job, "lost" if failure else "handed over", reason)],
-    }
-    if target != RunState.QUEUED:
-        fields["finished_at"] = timezone.now()
-    else:
-        fields["queued_at"] = timezone.now()
-    updated = type(job).objects.filter(pk=job.pk, attempt=job.attempt, state__in=ACTIVE_STATES).update(**fields)
-    if updated:
-        note(job, f"{reason}: {job.NOUN} {'requeued' if target == RunState.QUEUED else target}", level="warning")
+    with transaction.atomic():
+        # The flags as they are now: a pause or a resume may have come since the caller read the job.
+        flags = type(job).objects.select_for_update().filter(pk=job.pk).values("cancel_requested", "pause_requested")
+        current = flags.first() or {"cancel_requested": job.cancel_requested, "pause_requested": job.pause_requested}
+        if current["cancel_requested"]:
+            target, error = RunState.CANCELLED, ""
+        elif failure and failures >= max_attempts:
+            target, error = RunState.FAILED, f"{reason}; gave up after {failures} failed attempt(s)"
+        elif current["pause_requested"]:
+            target, error = RunState.PAUSED, ""
+        else:
+            target, error = RunState.QUEUED, ""
+        outcome = "lost" if failure else ("paused" if target == RunState.PAUSED else "handed over")
+        fields: dict[str, Any] = {
+            "state": target, "worker": None, "gpu_indices": [], "error": error, "failures": failures,
+            "pause_requested": False, "attempt_log": [*job.attempt_log, attempt_entry(job, outcome, reason)],
+        }
+        if target in (RunState.QUEUED, RunState.PAUSED):
+            fields["queued_at"] = timezone.now()
+        else:
+            fields["finished_at"] = timezone.now()
+        updated = type(job).objects.filter(pk=job.pk, attempt=job.attempt, state__in=ACTIVE_STATES).update(**fields)
+        if updated:
+            said = {RunState.QUEUED: "requeued", RunState.PAUSED: "paused until resumed, to continue from its checkpoint"}
+            note(job, f"{reason}: {job.NOUN} {said.get(target, target)}", level="warning")
     return str(target)
 
 
@@ -94,13 +103,13 @@ CancelOutcome = Literal["cancelled", "requested", ""]
 
 
 def request_cancel(job: LedgerJob) -> CancelOutcome:
-    """Cancel a job that no worker has started (queued, or dispatched and not yet claimed) at once: "cancelled";
+    """Cancel a job that no worker has started (queued, paused, or dispatched and not yet claimed) at once: "cancelled";
     flag one a worker holds, for it to stop at its next step: "requested"; "" (false) when it has finished. The
     answer says what this call did, whatever the job's state is by the time the caller reads it."""
     model = type(job)
     with transaction.atomic():
-        if model.objects.filter(pk=job.pk, state=RunState.QUEUED).update(
-            state=RunState.CANCELLED, cancel_requested=True, finished_at=timezone.now()
+        if model.objects.filter(pk=job.pk, state__in=(RunState.QUEUED, RunState.PAUSED)).update(
+            state=RunState.CANCELLED, cancel_requested=True, pause_requested=False, finished_at=timezone.now()
         ):
             note(job, "Cancelled before it started")
             return "cancelled"
@@ -116,19 +125,79 @@ def cancel_unclaimed(job: LedgerJob) -> bool:
     """Cancel a dispatched attempt that its worker has not claimed: the worker has loaded nothing, so the job
     ends now (its GPUs freed) and the claim, when the wake-up arrives, is refused. The conditional update
     races the claim's: one of them wins."""
+    return end_unclaimed(job, RunState.CANCELLED, "cancelled")
+
+
+def end_unclaimed(job: LedgerJob, target: str, verb: str) -> bool:
+    """Take a dispatched attempt that its worker has not claimed to `target` (cancelled or paused) at once."""
     model = type(job)
     locked = model.objects.select_for_update().filter(pk=job.pk).first()
     if locked is None or locked.state != RunState.DISPATCHED or locked.claimed_at is not None:
         return False
-    reason = (f"cancelled before worker {locked.worker} claimed it" if locked.worker_id  # type: ignore[attr-defined]
-              else "cancelled before it was claimed")
-    if not model.objects.filter(pk=job.pk, attempt=locked.attempt, state=RunState.DISPATCHED, claimed_at=None).update(
-        state=RunState.CANCELLED, cancel_requested=True, finished_at=timezone.now(), gpu_indices=[],
-        attempt_log=[*locked.attempt_log, attempt_entry(locked, RunState.CANCELLED, reason)],
-    ):
+    reason = (f"{verb} before worker {locked.worker} claimed it" if locked.worker_id  # type: ignore[attr-defined]
+              else f"{verb} before it was claimed")
+    fields: dict[str, Any] = {"state": target, "gpu_indices": [],
+                              "attempt_log": [*locked.attempt_log, attempt_entry(locked, target, reason)]}
+    if target == RunState.CANCELLED:
+        fields.update(cancel_requested=True, finished_at=timezone.now())
+    else:
+        fields.update(worker=None, pause_requested=False, queued_at=timezone.now())
+    if not model.objects.filter(pk=job.pk, attempt=locked.attempt, state=RunState.DISPATCHED,
+                                claimed_at=None).update(**fields):
         return False
-    note(locked, f"Cancelled before it started: attempt {locked.attempt} was {reason}, so nothing ran")
+    ending = "Cancelled before it started" if target == RunState.CANCELLED else "Paused before it started"
+    note(locked, f"{ending}: attempt {locked.attempt} was {reason}, so nothing ran")
     return True
+
+
+PauseOutcome = Literal["paused", "requested", ""]
+# What a worker is told (the `interrupt` of its replies) when the job it runs is paused.
+PAUSE_REASON = "paused at its owner's request"
+
+
+def request_pause(job: LedgerJob, by: Any) -> PauseOutcome:
+    """Pause a job: one no worker has started (queued, or dispatched and not yet claimed) is held at once, in its
+    place in the queue: "paused"; one a worker holds is flagged, for the worker to save a checkpoint at its next
+    step and hand it back (see requeue_or_fail): "requested"; "" (false) when it is paused or has finished."""
+    model = type(job)
+    with transaction.atomic():
+        if model.objects.filter(pk=job.pk, state=RunState.QUEUED).update(state=RunState.PAUSED, wait_reason=""):
+            note(job, f"Paused by {by} while queued: it keeps its place until resumed")
+            return "paused"
+        if end_unclaimed(job, RunState.PAUSED, f"paused by {by}"):
+            return "paused"
+        if model.objects.filter(pk=job.pk, state__in=ACTIVE_STATES, cancel_requested=False).update(
+            pause_requested=True
+        ):
+            note(job, f"Pause requested by {by}: the worker saves a checkpoint at its next step and stops",
+                 level="warning")
+            return "requested"
+    return ""
+
+
+def resume(job: LedgerJob, by: Any) -> bool:
+    """Queue a paused job again, in the place it held (its queue_order is kept); its next attempt resumes from its
+    latest checkpoint. A pause a worker has not acted on yet is withdrawn instead. False if neither applies."""
+    model = type(job)
+    with transaction.atomic():
+        if model.objects.filter(pk=job.pk, state=RunState.PAUSED).update(
+            state=RunState.QUEUED, pause_requested=False, queued_at=timezone.now()
+        ):
+            note(job, f"Resumed by {by}: queued again, it continues from its latest checkpoint")
+            return True
+        if model.objects.filter(pk=job.pk, state__in=ACTIVE_STATES, pause_requested=True).update(
+            pause_requested=False
+        ):
+            note(job, f"Resumed by {by} before the worker paused it: the pause is withdrawn")
+            return True
+    return False
+
+
+def worker_flags(job: LedgerJob) -> dict[str, Any]:
+    """What a worker's replies tell it about a job it runs: stop for good (`cancel`), or save a checkpoint and hand
+    it back (`interrupt`, with why: a pause)."""
+    return {"cancel": job.cancel_requested,
+            "interrupt": PAUSE_REASON if job.pause_requested and not job.cancel_requested else ""}
 
 
 class Rejected(Exception):

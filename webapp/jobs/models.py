@@ -19,6 +19,8 @@ class RunState(models.TextChoices):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Held by its owner: out of the queue, no worker or GPU, resumed from its latest checkpoint (see ledger.pause).
+    PAUSED = "paused"
 
 
 ACTIVE_STATES = (RunState.DISPATCHED, RunState.RUNNING)
@@ -37,7 +39,7 @@ def queue_clock() -> float:
 
 class LedgerJob(models.Model):
     """The fields every kind of worker job keeps in its row, the ledger of the job (see ledger.py):
-    state, attempt (fencing), the cancel flag, progress and the timestamps of each transition.
+    state, attempt (fencing), the cancel and pause flags, progress and the timestamps of each transition.
 
     A concrete kind names itself (`NOUN`), its worker's Celery task (`TASK`), the path of its worker API
     (`WORKER_PATH`) and how a worker's page shows it (`ON_WORKER`, `SUMMARY_FIELDS`), has an `owner`, a `worker` and an `events` relation (a `LedgerEvent`), and records
@@ -55,6 +57,9 @@ class LedgerJob(models.Model):
     state = models.CharField(max_length=16, choices=RunState.choices, default=RunState.QUEUED)
     attempt = models.PositiveIntegerField(default=0)
     cancel_requested = models.BooleanField(default=False)
+    # Pause asked while a worker holds the job: the worker saves a checkpoint at its next step and hands the job
+    # back, which then waits in `paused` instead of the queue.
+    pause_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)

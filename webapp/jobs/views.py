@@ -1,5 +1,5 @@
-"""What the pages of every kind of job share: who may act on a job, its log, cancel, retry, reorder and its
-live stream. Each kind's views load the job and name their own page; these do the rest."""
+"""What the pages of every kind of job share: who may act on a job, its log, cancel, pause, resume, retry,
+reorder and its live stream. Each kind's views load the job and name their own page; these do the rest."""
 
 from __future__ import annotations
 
@@ -89,6 +89,27 @@ def cancel(request: HttpRequest, job: LedgerJob, page: str) -> HttpResponse:
         messages.info(request, "Cancelled before it started.")
     # A running job's pending cancel is said by its status panel, which the live stream replaces when the
     # job stops: a flash message would stay on the page after the job is cancelled.
+    return redirect(safe_next(request) or reverse(page, args=[job.pk]))
+
+
+def pause(request: HttpRequest, job: LedgerJob, page: str) -> HttpResponse:
+    """Pause the job for its owner (or staff): a queued one is held at once, a running one checkpoints at its
+    next step (its status panel says the pause is pending, as for a cancel)."""
+    check_can_act(request, job)
+    outcome = ledger.request_pause(job, request.user)
+    if not outcome:
+        messages.warning(request, f"Only a queued or running {job.NOUN} can be paused; {job} is {job.state}.")
+    elif outcome == "paused":
+        messages.info(request, "Paused: it keeps its place in the queue until resumed.")
+    return redirect(safe_next(request) or reverse(page, args=[job.pk]))
+
+
+def resume(request: HttpRequest, job: LedgerJob, page: str) -> HttpResponse:
+    check_can_act(request, job)
+    if ledger.resume(job, request.user):
+        messages.info(request, "Resumed: it continues from its latest checkpoint.")
+    else:
+        messages.warning(request, f"Only a paused {job.NOUN} can be resumed; {job} is {job.state}.")
     return redirect(safe_next(request) or reverse(page, args=[job.pk]))
 
 

@@ -20,3 +20,7 @@ urlpatterns += [
 urlpatterns += [
     path("runs/<int:pk>/reorder/", views.run_reorder, name="run-reorder"),
 ]
+urlpatterns += [
+    path("runs/<int:pk>/pause/", views.run_pause, name="run-pause"),
+    path("runs/<int:pk>/resume/", views.run_resume, name="run-resume"),
+]

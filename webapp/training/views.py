@@ -178,6 +178,18 @@ def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 @require_POST
+def run_pause(request: HttpRequest, pk: int) -> HttpResponse:
+    return jobs.pause(request, _run_for(request, pk), "run-detail")
+
+
+@login_required
+@require_POST
+def run_resume(request: HttpRequest, pk: int) -> HttpResponse:
+    return jobs.resume(request, _run_for(request, pk), "run-detail")
+
+
+@login_required
+@require_POST
 def run_retry(request: HttpRequest, pk: int) -> HttpResponse:
     return jobs.retry(request, _run_for(request, pk), "run-detail")
 

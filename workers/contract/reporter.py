@@ -6,7 +6,8 @@ Every event carries a per-attempt sequence number so a retried batch is stored o
 
 A job stops early for three reasons, all seen through `cancel_requested` (the flag every runner
 checks at its steps): the user cancelled it (the control plane says so in its replies), the
-worker is shutting down (`interrupt_reason`: the job is handed back, to resume elsewhere), or a
+worker is shutting down or the job was paused (`interrupt_reason`, from the worker or from the control plane's
+`interrupt` reply: the job is handed back, to resume later), or a
 newer attempt owns it (`superseded`: a 409 reply, or the worker was told so: report nothing more).
 """
 
@@ -123,6 +124,7 @@ class Reporter:
             self._buffer = batch + self._buffer  # keep them for the next try; the server dedupes by seq
             raise
         self.user_cancelled = self.user_cancelled or bool(reply.get("cancel"))
+        self.interrupt_reason = self.interrupt_reason or str(reply.get("interrupt") or "")
 
     def finish(self, state: str, result: dict[str, Any] | None = None, error: str = "") -> None:
         self.flush()
@@ -131,6 +133,7 @@ class Reporter:
     def started(self) -> None:
         reply = self._status("running", {}, "")
         self.user_cancelled = bool(reply.get("cancel"))
+        self.interrupt_reason = self.interrupt_reason or str(reply.get("interrupt") or "")
 
     def _status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
         try:

@@ -8,7 +8,9 @@ The request:
      "validation_file": "file-<dataset id>",          # optional: evaluate on it (tunedeck eval_fraction must be 0)
      "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 0.5},   # or "auto"
      # (or the same under "method": {"type": "supervised", "supervised": {"hyperparameters": {...}}};
-     #  "method": {"type": "dpo", "dpo": {"hyperparameters": {..., "beta": 0.1}}} trains DPO on preference rows)
+     #  "method": {"type": "dpo", "dpo": {"hyperparameters": {..., "beta": 0.1}}} trains DPO on preference rows;
+     #  "method": {"type": "reinforcement", "reinforcement": {"grader": {...}, "hyperparameters": {...,
+     #  "compute_multiplier": 1, "eval_interval": 10}}} trains GRPO on prompt_only rows, scored by the grader)
      "suffix": "<the run's name>", "seed": 7,
      "tunedeck": {                                    # optional; the SDK sends it with extra_body=
          "lora_config": "<a saved LoRA config's name or id>",  # or
@@ -20,7 +22,11 @@ A fine-tuned model as `model` (`<base>:ft-<job number>`, a succeeded job's `fine
 job's adapter: a warm start on its base, with its LoRA config unless tunedeck names another config of its shape
 (for DPO, the reference is that adapter as it was). A checkpoint's id (`…:ckpt-step-<n>`) is refused.
 
-The method's type sets TrainParams' objective (supervised: sft, dpo: dpo), and DPO's beta its beta.
+The method's type sets TrainParams' objective (supervised: sft, dpo: dpo, reinforcement: grpo), DPO's beta its
+beta, reinforcement's grader its graders (OpenAI's grader shapes are Tunedeck's), compute_multiplier its
+num_generations (times the suggested 8 answers per prompt) and eval_interval its eval_steps; eval_samples and
+reasoning_effort have no counterpart and are refused unless "auto" / "default". GRPO's other settings
+(temperature, max_completion_length, kl_coef) go in tunedeck.hyperparameters.
 n_epochs, batch_size and seed set TrainParams' num_epochs, batch_size and seed; learning_rate_multiplier
 multiplies Tunedeck's suggested learning rate for the base's size. "auto" (or leaving one out) keeps that
 suggestion. Setting a field both the OpenAI way and in tunedeck.hyperparameters is refused.
@@ -49,11 +55,23 @@ from workers.training.modelinfo import ModelNotFound
 TOP_LEVEL = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed",
              "metadata", "integrations", "tunedeck"}
 OPENAI_HYPERPARAMETERS = {"n_epochs": "num_epochs", "batch_size": "batch_size",
-                          "learning_rate_multiplier": "learning_rate", "beta": "beta"}
+                          "learning_rate_multiplier": "learning_rate", "beta": "beta",
+                          "compute_multiplier": "num_generations", "eval_interval": "eval_steps"}
 # OpenAI's method types Tunedeck trains, the objective each names, and the hyperparameters each takes.
-METHODS = {"supervised": "sft", "dpo": "dpo"}
+METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 METHOD_HYPERPARAMETERS = {"supervised": {"n_epochs", "batch_size", "learning_rate_multiplier"},
-                          "dpo": {"n_epochs", "batch_size", "learning_rate_multiplier", "beta"}}
+                          "dpo": {"n_epochs", "batch_size", "learning_rate_multiplier", "beta"},
+                          "reinforcement": {"n_epochs", "batch_size", "learning_rate_multiplier", "compute_multiplier",
+                                            "eval_interval", "eval_samples", "reasoning_effort"}}
+# OpenAI's hyperparameters with no counterpart in Tunedeck: accepted only as "auto" (or OpenAI's default), and why not.
+UNSUPPORTED_HYPERPARAMETERS = {
+    "eval_samples": ("auto", "Tunedeck evaluates on the eval set's rows (validation_file or "
+                             "tunedeck.hyperparameters.eval_fraction), one answer each"),
+    "reasoning_effort": ("default", "Tunedeck's base models have no reasoning-effort setting"),
+}
+# The settings of each method besides its hyperparameters (reinforcement's grader: TrainParams' graders).
+METHOD_SETTINGS = {"supervised": {}, "dpo": {}, "reinforcement": {"grader": "graders"}}
+REQUIRED_SETTINGS = {"reinforcement": {"grader"}}
 # worker_labels is the name README documented for labels before they took the run request's name: still accepted.
 OLD_LABELS_NAME = "worker_labels"
 TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "labels", OLD_LABELS_NAME, "priority"}
@@ -140,29 +158,49 @@ def resolve_file(value: Any, param: str) -> Dataset:
     return dataset
 
 
-def _openai_hyperparameters(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
-    """The OpenAI hyperparameters (top level or under method.<type>), the path they were given at, and the method's
-    type (None when the request names no method)."""
+def _method_settings(kind: str, settings: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """The method's own settings (reinforcement's grader), each as the TrainParams field it sets: (value, param)."""
+    found: dict[str, tuple[Any, str]] = {}
+    for name, field in METHOD_SETTINGS[kind].items():
+        param = f"method.{kind}.{name}"
+        if settings.get(name) is None:
+            if name in REQUIRED_SETTINGS.get(kind, ()):
+                raise _bad(f"{param} is required: the grader that scores each sampled answer, in OpenAI's grader "
+                           "shapes (string_check, text_similarity, score_model, multi, python)", param,
+                           "missing_required_parameter")
+            continue
+        found[field] = (_object(settings[name], param), param)
+    return found
+
+
+def _openai_hyperparameters(body: dict[str, Any]) -> tuple[dict[str, Any], str, str | None, dict[str, tuple[Any, str]]]:
+    """The OpenAI hyperparameters (top level or under method.<type>), the path they were given at, the method's
+    type (None when the request names no method) and the method's own settings (see _method_settings)."""
     top = _object(body.get("hyperparameters"), "hyperparameters")
     method = _object(body.get("method"), "method")
     nested: dict[str, Any] = {}
-    where, kind = "hyperparameters", None
+    where, kind, own = "hyperparameters", None, {}
     if method:
         kind = method.get("type", "supervised")
         if kind not in METHODS:
-            raise _bad(f"method.type {kind!r} is not supported: Tunedeck trains {' and '.join(METHODS)} "
+            raise _bad(f"method.type {kind!r} is not supported: Tunedeck trains {', '.join(METHODS)} "
                        "(LoRA/QLoRA adapters)", "method.type", "unsupported_value")
         _refuse_unknown(method, {"type", kind}, "method")
         settings = _object(method.get(kind), f"method.{kind}")
-        _refuse_unknown(settings, {"hyperparameters"}, f"method.{kind}")
+        _refuse_unknown(settings, {"hyperparameters", *METHOD_SETTINGS[kind]}, f"method.{kind}")
         nested = _object(settings.get("hyperparameters"), f"method.{kind}.hyperparameters")
+        own = _method_settings(kind, settings)
     if top and nested:
         raise _bad(f"give hyperparameters either at the top level or in method.{kind}.hyperparameters, not both",
                    "hyperparameters")
     if nested:
         top, where = nested, f"method.{kind}.hyperparameters"
     _refuse_unknown(top, METHOD_HYPERPARAMETERS[kind or "supervised"], where)
-    return top, where, kind
+    for name, value in top.items():
+        if name in UNSUPPORTED_HYPERPARAMETERS and value not in (None, "auto", UNSUPPORTED_HYPERPARAMETERS[name][0]):
+            raise _bad(f"{where}.{name} is not supported: {UNSUPPORTED_HYPERPARAMETERS[name][1]}; leave it out or "
+                       f"give \"{UNSUPPORTED_HYPERPARAMETERS[name][0]}\"", f"{where}.{name}", "unsupported_parameter")
+    return top, where, kind, own
 
 
 def _number(value: Any, param: str, kind: type) -> Any:
@@ -175,6 +213,18 @@ def _number(value: Any, param: str, kind: type) -> Any:
     return kind(value)
 
 
+def _hyperparameter(name: str, value: Any, param: str, suggested: spec.TrainParams) -> Any:
+    """The TrainParams value of one OpenAI hyperparameter: the multipliers scale Tunedeck's suggestion (the learning
+    rate for the base's size; compute_multiplier the answers sampled per prompt, at least two)."""
+    if name == "learning_rate_multiplier":
+        return _number(value, param, float) * suggested.learning_rate
+    if name == "compute_multiplier":
+        return max(2, round(_number(value, param, float) * suggested.num_generations))
+    if name == "beta":
+        return _number(value, param, float)
+    return _number(value, param, int)
+
+
 def train_values(body: dict[str, Any], tunedeck: dict[str, Any], base: BaseModel) -> tuple[dict[str, Any], dict[str, str]]:
     """The run's TrainParams as a dict, and for each field set the OpenAI way, the param that set it."""
     extras = _object(tunedeck.get("hyperparameters"), "tunedeck.hyperparameters")
@@ -182,24 +232,23 @@ def train_values(body: dict[str, Any], tunedeck: dict[str, Any], base: BaseModel
     suggested = spec.suggest_train_params(base.num_parameters)
     values = {**dataclasses.asdict(suggested), **extras}
     origins: dict[str, str] = {}
-    openai_hp, where, kind = _openai_hyperparameters(body)
+    openai_hp, where, kind, own = _openai_hyperparameters(body)
     if kind is not None:
         if extras.get("objective", METHODS[kind]) != METHODS[kind]:
             raise _bad(f"method.type {kind} trains objective {METHODS[kind]}, and tunedeck.hyperparameters.objective "
                        f"is {extras['objective']!r}: give one", "method.type")
         values["objective"], origins["objective"] = METHODS[kind], "method.type"
+    for field, (value, param) in own.items():
+        if field in extras:
+            raise _bad(f"{param} and tunedeck.hyperparameters.{field} both set {field}: give one", param)
+        values[field], origins[field] = value, param
     for name, value in openai_hp.items():
-        if value is None or value == "auto":
+        if value is None or value == "auto" or name in UNSUPPORTED_HYPERPARAMETERS:
             continue
         field, param = OPENAI_HYPERPARAMETERS[name], f"{where}.{name}"
         if field in extras:
             raise _bad(f"{param} and tunedeck.hyperparameters.{field} both set {field}: give one", param)
-        if name == "learning_rate_multiplier":
-            values[field] = _number(value, param, float) * suggested.learning_rate
-        elif name == "beta":
-            values[field] = _number(value, param, float)
-        else:
-            values[field] = _number(value, param, int)
+        values[field] = _hyperparameter(name, value, param, suggested)
         origins[field] = param
     if body.get("seed") is not None:
         if "seed" in extras:
@@ -258,7 +307,10 @@ def _refused(errors: dict[str, list[str]], params: dict[str, str]) -> OpenAIErro
     named = []
     for field, messages in errors.items():
         setting = field.removeprefix(SETTING)
-        param = params.get(field) or (f"tunedeck.{field}" if setting in TRAIN_FIELDS else None)
+        head, _, path = setting.partition(".")  # a path inside a setting: hyperparameters.graders.reference
+        within = params.get(SETTING + head) if path else None
+        param = params.get(field) or (f"{within}.{path}" if within else None) or (
+            f"tunedeck.{field}" if head in TRAIN_FIELDS else None)
         text = "; ".join(str(m) for m in messages)
         if setting in spec.CHOICES and "valid choice" in text:  # the check's message does not list them
             text += f" (one of: {', '.join(spec.CHOICES[setting])})"

@@ -31,6 +31,7 @@ STATUSES = {
     RunState.SUCCEEDED: "succeeded",
     RunState.FAILED: "failed",
     RunState.CANCELLED: "cancelled",
+    RunState.PAUSED: "paused",
 }
 LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
 
@@ -75,6 +76,11 @@ def default_learning_rate(base: BaseModel) -> float:
     return suggest_train_params(base.num_parameters).learning_rate
 
 
+def default_generations(base: BaseModel) -> int:
+    """What compute_multiplier multiplies: the answers per prompt Tunedeck suggests for a reinforcement run."""
+    return suggest_train_params(base.num_parameters).num_generations
+
+
 def fine_tuned_model(run: TrainingRun) -> str:
     return f"{run.base_model.name}:ft-{run.pk}"
 
@@ -107,13 +113,24 @@ def openai_hyperparameters(run: TrainingRun) -> dict[str, Any]:
     }
     if hp.objective == "dpo":
         values["beta"] = hp.beta
+    if hp.objective == "grpo":
+        values["compute_multiplier"] = round(hp.num_generations / default_generations(run.base_model), 6)
+        values["eval_interval"] = hp.eval_steps or "auto"
     return values
 
 
+# Each objective's OpenAI method type (the reverse of the jobs endpoint's METHODS).
+METHOD_TYPES = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
+
+
 def openai_method(run: TrainingRun, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's method object of the run: dpo for a DPO run, supervised otherwise."""
-    kind = "dpo" if train_params(run).objective == "dpo" else "supervised"
-    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
+    """OpenAI's method object of the run: its type by objective, with a reinforcement run's grader."""
+    params = train_params(run)
+    kind = METHOD_TYPES.get(params.objective, "supervised")
+    settings: dict[str, Any] = {"hyperparameters": hyperparameters}
+    if kind == "reinforcement":
+        settings = {"grader": params.graders, **settings}
+    return {"type": kind, kind: settings}
 
 
 def _error(run: TrainingRun) -> dict[str, Any] | None:
@@ -168,6 +185,7 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
             "step": run.step,
             "total_steps": run.total_steps,
             "cancel_requested": run.cancel_requested,
+            "pause_requested": run.pause_requested,
             "wait_reason": run.wait_reason,
             "owner": run.owner.get_username(),
             "lora_config": run.lora_config.name,
@@ -194,10 +212,32 @@ def _metric_message(data: dict[str, Any]) -> str:
     return f"{step}: {', '.join(parts)}" if parts else step
 
 
+# Tunedeck's own fields of a metric point that OpenAI's metrics have no name for (kept under `tunedeck`).
+POINT_FIELDS = {"step", "total_steps", "epoch", "learning_rate", "grad_norm", "tokens_per_s", "restart"}
+OPENAI_NAMES = {"loss": "train_loss", "eval_loss": "valid_loss"}
+
+
+def openai_metrics(point: dict[str, Any]) -> dict[str, float]:
+    """A worker's metric point in OpenAI's names: train_loss, valid_loss, train_mean_token_accuracy,
+    valid_mean_token_accuracy, and the objective's own figures the same way (DPO's rewards/margins is
+    train_rewards_margins, its eval_rewards/accuracies valid_rewards_accuracies, GRPO's reward train_reward)."""
+    metrics: dict[str, float] = {}
+    for key, value in point.items():
+        if key in POINT_FIELDS or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        name = OPENAI_NAMES.get(key)
+        if name is None:
+            split, figure = ("valid", key.removeprefix("eval_")) if key.startswith("eval_") else ("train", key)
+            name = f"{split}_{figure.replace('/', '_').replace('-', '_').lower()}"
+        metrics[name] = float(value)
+    return metrics
+
+
 def _metric_data(data: dict[str, Any]) -> dict[str, Any]:
-    """The worker's metric point with OpenAI's names beside Tunedeck's (train_loss = loss, valid_loss = eval_loss)."""
-    extra = {name: data[key] for key, name in (("loss", "train_loss"), ("eval_loss", "valid_loss")) if key in data}
-    return {**data, **extra}
+    """A metrics event's data, shaped like OpenAI's ({"step", "total_steps", "train_loss", ...}), with the worker's
+    point as it stored it under `tunedeck`."""
+    head = {key: data[key] for key in ("step", "total_steps") if isinstance(data.get(key), int)}
+    return {**head, **openai_metrics(data), "tunedeck": data}
 
 
 def event_object(event: RunEvent) -> dict[str, Any]:
@@ -214,28 +254,42 @@ def event_object(event: RunEvent) -> dict[str, Any]:
     }
 
 
-def _metrics_at(points: list[dict[str, Any]], step: int) -> dict[str, Any]:
-    """The run's curve at a checkpoint's step (or the last point before it)."""
-    before = [p for p in points if isinstance(p.get("step"), int) and p["step"] <= step]
-    point = before[-1] if before else {}
-    metrics: dict[str, Any] = {"step": float(step)}
-    if isinstance(point.get("loss"), (int, float)):
-        metrics["train_loss"] = float(point["loss"])
-    if isinstance(point.get("eval_loss"), (int, float)):
-        metrics["valid_loss"] = float(point["eval_loss"])
-    return metrics
+def points_at(run: TrainingRun, steps: set[int]) -> dict[int, dict[str, Any]]:
+    """The run's metric points at these steps, merged by step from its metric events (training and evaluation
+    points, later attempts over earlier ones): every figure the worker sent, the objective's included."""
+    merged: dict[int, dict[str, Any]] = {}
+    events = RunEvent.objects.filter(run=run, kind="metric", data__step__in=sorted(steps)).order_by("id")
+    for data in events.values_list("data", flat=True):
+        if isinstance(data, dict) and isinstance(data.get("step"), int):
+            merged.setdefault(data["step"], {}).update(data)
+    return merged
 
 
-def checkpoint_object(run: TrainingRun, event: RunEvent) -> dict[str, Any]:
+def _metrics_at(points: list[dict[str, Any]], step: int, point: dict[str, Any]) -> dict[str, Any]:
+    """The run's metrics at a checkpoint's step: its metric events' point there, else the stored curve's point
+    at the step (or the last one before it)."""
+    if not point:
+        before = [p for p in points if isinstance(p.get("step"), int) and p["step"] <= step]
+        point = before[-1] if before else {}
+    return {**openai_metrics(point), "step": float(step)}
+
+
+def checkpoint_step(event: RunEvent) -> int:
     data = event.data if isinstance(event.data, dict) else {}
-    step = int(data.get("step") or 0)
+    return int(data.get("step") or 0)
+
+
+def checkpoint_object(run: TrainingRun, event: RunEvent, point: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checkpoint, with `point`: the metric point at its step (see points_at)."""
+    data = event.data if isinstance(event.data, dict) else {}
+    step = checkpoint_step(event)
     return {
         "id": f"{CHECKPOINT_PREFIX}{event.pk}",
         "object": "fine_tuning.job.checkpoint",
         "created_at": unix(event.created_at),
         "fine_tuned_model_checkpoint": f"{fine_tuned_model(run)}:ckpt-step-{step}",
         "fine_tuning_job_id": f"{JOB_PREFIX}{run.pk}",
-        "metrics": _metrics_at(run.metric_points, step),
+        "metrics": _metrics_at(run.metric_points, step, point or {}),
         "step_number": step,
         "tunedeck": {"attempt": event.attempt, "epoch": data.get("epoch")},
     }

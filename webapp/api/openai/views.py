@@ -1,5 +1,5 @@
-"""The OpenAI fine-tuning subset at /v1/: files, fine_tuning/jobs (create, list, retrieve, cancel), their
-events and checkpoints. Authenticated by the same API keys as /api/v1/ (as bearer tokens, the way the
+"""The OpenAI fine-tuning subset at /v1/: files, fine_tuning/jobs (create, list, retrieve, cancel, pause, resume),
+their events and checkpoints. Authenticated by the same API keys as /api/v1/ (as bearer tokens, the way the
 `openai` package sends them); errors in OpenAI's shape (errors.py)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from webapp.api.openai.jobs import create_job
 from webapp.catalog.models import Dataset
 from webapp.catalog.services import register_dataset, store
 from webapp.jobs import ledger
+from webapp.jobs.models import RunState
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import RunEvent, TrainingRun
 from workers.data.datasets import DatasetError
@@ -202,15 +203,44 @@ class JobDetail(OpenAIView):
         return Response(objects.job_object(_run(job_id)))
 
 
+def _run_to_change(request: Request, job_id: str, verb: str) -> TrainingRun:
+    run = _run(job_id)
+    user = request.user
+    if not (user.is_staff or run.owner_id == user.pk):
+        raise OpenAIError(403, f"only the job's owner or an admin can {verb} it", None, "not_owner")
+    return run
+
+
 class JobCancel(OpenAIView):
     def post(self, request: Request, job_id: str) -> Response:
-        run = _run(job_id)
-        user = request.user
-        if not (user.is_staff or run.owner_id == user.pk):
-            raise OpenAIError(403, "only the job's owner or an admin can cancel it", None, "not_owner")
+        run = _run_to_change(request, job_id, "cancel")
         if run.is_final:
             raise OpenAIError(400, f"the job has already {run.state}: nothing to cancel", None, "job_finished")
         ledger.request_cancel(run)
+        return Response(objects.job_object(_run(job_id)))
+
+
+class JobPause(OpenAIView):
+    """A queued job is `paused` at once; a running one stays `running` until its worker has saved a checkpoint at
+    its next step, then is `paused`, its GPU freed."""
+
+    def post(self, request: Request, job_id: str) -> Response:
+        run = _run_to_change(request, job_id, "pause")
+        if not ledger.request_pause(run, request.user):
+            status = objects.STATUSES.get(RunState(run.state), run.state)
+            raise OpenAIError(400, f"the job is {status}: only a queued or running job can be paused", None,
+                              "job_not_pausable")
+        return Response(objects.job_object(_run(job_id)))
+
+
+class JobResume(OpenAIView):
+    """A paused job goes back to `queued`, in the place it held, and continues from its latest checkpoint."""
+
+    def post(self, request: Request, job_id: str) -> Response:
+        run = _run_to_change(request, job_id, "resume")
+        if not ledger.resume(run, request.user):
+            status = objects.STATUSES.get(RunState(run.state), run.state)
+            raise OpenAIError(400, f"the job is {status}: only a paused job can be resumed", None, "job_not_paused")
         return Response(objects.job_object(_run(job_id)))
 
 
@@ -228,7 +258,8 @@ class JobEvents(OpenAIView):
 
 
 class JobCheckpoints(OpenAIView):
-    """Each checkpoint the run still has (it keeps its last `keep_checkpoints` on disk), newest first."""
+    """Each checkpoint the run still has (it keeps its last `keep_checkpoints` on disk), newest first, with the
+    metrics at its step."""
 
     def get(self, request: Request, job_id: str) -> Response:
         run = _run(job_id)
@@ -238,7 +269,9 @@ class JobCheckpoints(OpenAIView):
         if after is not None:
             rows = rows.filter(id__lt=after)
         found, more = _slice(rows, _limit(request, 10))
-        return Response(objects.page([objects.checkpoint_object(run, e) for e in found], more))
+        points = objects.points_at(run, {objects.checkpoint_step(e) for e in found})
+        items = [objects.checkpoint_object(run, e, points.get(objects.checkpoint_step(e))) for e in found]
+        return Response(objects.page(items, more))
 
 
 class NotFound(OpenAIView):
