@@ -104,7 +104,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
             form = RunForm.filled_with(clone_request(clone))
         else:
             suggested, base = _suggested(request.GET.get("base_model"))
-            form = RunForm(initial={"base_model": base}, suggested=suggested)
+            # Other fields given in the query string (e.g. a dataset made from votes, its objective) are shown filled.
+            form = RunForm(initial={**request.GET.dict(), "base_model": base}, suggested=suggested)
         status = 200
         if request.htmx:  # type: ignore[attr-defined]
             return render(request, "training/partials/train_fields.html", {"form": form})
