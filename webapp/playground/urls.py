@@ -18,6 +18,7 @@ urlpatterns = [
     path("compare/<int:pk>/vote/", views.comparison_vote, name="comparison-vote"),
     path("compare/<int:pk>/thumbs/", views.comparison_thumb, name="comparison-thumb"),
     path("compare/<int:pk>/to-dataset/", views.comparison_to_dataset, name="comparison-to-dataset"),
+    path("datasets/<int:pk>/file", views.dataset_file, name="dataset-file"),
     path("evaluations/new/", views.evaluate_new, name="evaluate-new"),
     path("jobs/", views.jobs, name="jobs"),
     path("jobs/<int:pk>/", views.job_detail, name="job-detail"),

@@ -15,6 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
+from webapp.catalog.models import Dataset
 from webapp.jobs import views as job_views
 from webapp.jobs.stream import batch_reader, sse
 from webapp.playground import deletion, services, thumbs, votedata, votes
@@ -362,6 +363,16 @@ def _cast_vote(request: HttpRequest, comparison: Comparison) -> HttpResponse:
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "playground/partials/vote_row.html", context)
     return redirect("comparison-vote", pk=comparison.pk)
+
+
+@login_required
+def dataset_file(request: HttpRequest, pk: int) -> FileResponse:
+    """A dataset's stored file as it was validated (a dataset made from votes is a JSONL file like an upload)."""
+    dataset = get_object_or_404(Dataset, pk=pk)
+    path = _store().path(dataset.uri)
+    if not path.is_file():
+        raise Http404("the dataset's file is missing from the artifact store")
+    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name.split("-", 1)[-1])
 
 
 # --- evaluations ----------------------------------------------------------------------------------------
