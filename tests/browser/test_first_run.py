@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 def test_train_on_the_demo_content_works_without_choosing_anything(  # type: ignore[no-untyped-def]
         transactional_db, context, shared_store: Path, settings, screenshot) -> None:
     settings.ARTIFACT_STORE = shared_store
-    ensure_demo_content()  # what `tunedeck up` creates on its first start: one model, two datasets, four configs
+    ensure_demo_content()  # what `tunedeck up` creates on its first start: one model, three datasets, four configs
     get_user_model().objects.create_superuser("admin", password="admin-pass-123", email="")
     page = context.new_page()
     dialogs: list[str] = []

@@ -1,5 +1,5 @@
-"""First-start content for `tunedeck up`: a tiny model, a toy dataset and toy preference pairs, LoRA presets, an
-admin."""
+"""First-start content for `tunedeck up`: a tiny model, a toy dataset, toy preference pairs and toy feedback, LoRA
+presets, an admin."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from django.contrib.auth import get_user_model
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model, register_dataset, store
 from workers.config import env_str
-from workers.training.demo import build_tiny_llama, preference_rows, toy_rows
+from workers.training.demo import build_tiny_llama, feedback_rows, preference_rows, toy_rows
 
 DEMO_MODEL = "demo-tiny-llama"
 DEMO_DATASET = "demo-addition"
-DEMO_PREFERENCES = "demo-even-digits"  # pairs for DPO: answers in even digits preferred
+DEMO_PREFERENCES = "demo-even-digits"  # pairs for DPO and ORPO: answers in even digits preferred
+DEMO_FEEDBACK = "demo-even-digits-feedback"  # feedback for KTO: answers in even digits labelled true, odd false
 DEMO_CONFIG = "demo-lora-all-linear"
 QLORA_CONFIG = "qlora-4bit-nf4"
 # Adapter presets: LoraParams fields that differ from the defaults (targets resolve per architecture).
@@ -43,10 +44,12 @@ def ensure_demo_content() -> list[str]:
         lines = "".join(f'{{"instruction": "{r["instruction"]}", "output": "{r["output"]}"}}\n' for r in toy_rows(512, 0))
         register_dataset(DEMO_DATASET, f"{DEMO_DATASET}.jsonl", lines.encode())
         created.append(f"dataset {DEMO_DATASET}")
-    if not Dataset.objects.filter(name=DEMO_PREFERENCES).exists():
-        lines = "".join(json.dumps(row) + "\n" for row in preference_rows(512, 0))
-        register_dataset(DEMO_PREFERENCES, f"{DEMO_PREFERENCES}.jsonl", lines.encode())
-        created.append(f"dataset {DEMO_PREFERENCES}")
+    toy_sets = ((DEMO_PREFERENCES, preference_rows), (DEMO_FEEDBACK, feedback_rows))
+    for name, rows in toy_sets:
+        if not Dataset.objects.filter(name=name).exists():
+            lines = "".join(json.dumps(row) + "\n" for row in rows(512, 0))
+            register_dataset(name, f"{name}.jsonl", lines.encode())
+            created.append(f"dataset {name}")
     for name, fields in LORA_PRESETS.items():
         if not LoraConfig.objects.filter(name=name).exists():
             LoraConfig.objects.create(name=name, params=fields)

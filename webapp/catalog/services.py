@@ -292,6 +292,6 @@ def truncation_problem(dataset: Dataset, base: BaseModel, params: spec.TrainPara
 
 
 def _other_remedies(params: spec.TrainParams) -> str:
-    if params.objective == "dpo":  # its loss is always the answers'
+    if params.objective in spec.ANSWER_OBJECTIVES:  # their loss is always the answers'
         return " or shorten those prompts"
     return ", shorten those prompts, or turn off completion_only_loss to train on the prompts too"

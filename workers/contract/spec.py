@@ -28,9 +28,10 @@ PROMPT_INITS = ("random", "sample_vocab", "text")
 # Target presets, resolved per architecture family from the model's own module names (workers/training/modelinfo.py).
 TARGET_PRESETS = ("all-linear", "attention", "attention+mlp")
 # Rows that teach by example (supervised fine-tuning trains on each of these), then preference pairs: a prompt with a
-# chosen and a rejected answer (what preference objectives such as DPO train on).
-DATASET_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference")
-EXAMPLE_FORMATS = DATASET_FORMATS[:-1]
+# chosen and a rejected answer (what DPO and ORPO train on), then feedback: one answer to a prompt labelled desirable
+# or not (unpaired, what KTO trains on).
+EXAMPLE_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
+DATASET_FORMATS = (*EXAMPLE_FORMATS, "preference", "feedback")
 
 
 def help_field(text: str, default: Any) -> Any:
@@ -329,14 +330,28 @@ class TrainParams:
     )
     objective: str = help_field(
         "What training optimizes: sft (supervised fine-tuning, the loss of the rows' text or, with "
-        "completion_only_loss, of their completions) or dpo (direct preference optimization on preference rows: "
-        "raise the chosen answer's likelihood over the rejected one's, relative to the base).",
+        "completion_only_loss, of their completions), dpo (direct preference optimization on preference rows: "
+        "raise the chosen answer's likelihood over the rejected one's, relative to the base), kto (Kahneman-Tversky "
+        "optimization on feedback rows: raise desirable answers' likelihood and lower undesirable ones', relative "
+        "to the base) or orpo (odds ratio preference optimization on preference rows: the chosen answer's loss plus "
+        "a penalty on the odds of the rejected one, with no reference model).",
         "sft",
     )
     beta: float = help_field(
-        "DPO only: how far the adapter may move from the base (the reference); higher keeps it closer. For the ipo "
-        "loss it is the regularization strength (tau).",
+        "DPO and KTO: how far the adapter may move from the base (the reference); higher keeps it closer (for DPO's "
+        "ipo loss it is the regularization strength, tau). ORPO: the weight (lambda) of the odds-ratio term added "
+        "to the chosen answer's loss; higher weighs the preference more against plain likelihood.",
         0.1,
+    )
+    desirable_weight: float = help_field(
+        "KTO only: the weight of the loss on desirable rows (label true). Raise it, or undesirable_weight, to balance "
+        "a skew: with more undesirable than desirable rows, desirable_weight about their ratio (up to 4/3 of it).",
+        1.0,
+    )
+    undesirable_weight: float = help_field(
+        "KTO only: the weight of the loss on undesirable rows (label false). Raise it, or desirable_weight, to "
+        "balance a skew: with more desirable than undesirable rows, undesirable_weight about their ratio.",
+        1.0,
     )
     dpo_loss: str = help_field(
         "DPO only: the preference loss: sigmoid (the DPO paper's), ipo (squared, less prone to overfitting "
@@ -389,14 +404,19 @@ class TrainParams:
         return errors
 
     def _validate_preference(self, errors: dict[str, str]) -> None:
-        if not (self.beta > 0 and math.isfinite(self.beta)):
-            errors["beta"] = "must be positive"
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                errors[name] = "must be positive"
+        micro_batch = (self.per_rank_batch() or (self.batch_size, 0))[0]
+        if self.objective == "kto" and "batch_size" not in errors and micro_batch < 2:
+            errors["batch_size"] = ("kto needs at least 2 rows in each process's micro-batch: its KL term pairs each "
+                                    "prompt with another row's answer")
 
     @property
     def answers_only(self) -> bool:
-        """Whether the loss leaves the prompts out: with completion_only_loss, and always for DPO (its loss is the
-        answers')."""
-        return self.completion_only_loss or self.objective == "dpo"
+        """Whether the loss leaves the prompts out: with completion_only_loss, and always for the preference
+        objectives (ANSWER_OBJECTIVES: their loss is the answers')."""
+        return self.completion_only_loss or self.objective in ANSWER_OBJECTIVES
 
     @property
     def distributed(self) -> bool:
@@ -428,8 +448,10 @@ OPTIMIZERS = (
 )
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
 STRATEGIES = ("ddp", "fsdp")
-OBJECTIVE_NAMES = ("sft", "dpo")  # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
-PADDED_OBJECTIVES = ("dpo",)  # their trainer pads every micro-batch: the plan never packs them (trl has no packing)
+# the training objectives a worker has (workers.training.objectives.OBJECTIVES)
+OBJECTIVE_NAMES = ("sft", "dpo", "kto", "orpo")
+PADDED_OBJECTIVES = ("dpo", "kto", "orpo")  # their trainer pads every micro-batch: the plan never packs them
+ANSWER_OBJECTIVES = ("dpo", "kto", "orpo")  # their loss is always the answers', never the prompts'
 # trl's DPO loss types that train on pairs against the reference with beta alone (robust and exo_pair need label
 # smoothing, aot_unpaired unpaired rows, discopop its own temperature: not offered yet).
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down")

@@ -1,4 +1,5 @@
-"""CSV files as numbered records, within bounds; cells of chat columns hold a JSON list of turns."""
+"""CSV files as numbered records, within bounds; cells of chat columns hold a JSON list of turns, and a feedback
+row's `label` cell true/false or 1/0."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from workers.data.bounds import (
 )
 
 JSON_CELLS = ("messages", "conversations")  # CSV cells holding a JSON list of turns
+BOOLEAN_CELLS = ("label",)  # CSV cells holding a boolean: true/false or 1/0, any case; others are left as text
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 CSV_FIELD_LIMIT = 64 * MB  # the csv module's default (128 KiB) is below one long training text; records are bounded
 
 
@@ -75,6 +78,7 @@ def csv_records(pieces: Iterable[str], report: ProblemSink, limits: Limits,
                 report.add(Problem(line, f"has {len(cells)} fields but the header has {len(header)}"))
                 continue
             record: dict[str, Any] = dict(zip(header, cells, strict=True))
+            _decode_boolean_cells(record)
             if _decode_json_cells(line, record, report, limits):
                 yield line, record
     except csv.Error as exc:
@@ -95,3 +99,10 @@ def _decode_json_cells(line: int, record: dict[str, Any], report: ProblemSink, l
                 report.add(Problem(line, f"must hold a JSON list of turns: {too_deep(limits)}", key))
                 return False
     return True
+
+
+def _decode_boolean_cells(record: dict[str, Any]) -> None:
+    """A boolean cell as a boolean (a text that is none stays one, for the row's check to name)."""
+    for key in BOOLEAN_CELLS:
+        if isinstance(record.get(key), str):
+            record[key] = BOOLEANS.get(record[key].strip().lower(), record[key])

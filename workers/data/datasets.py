@@ -7,7 +7,10 @@ names the line (JSONL, JSON, CSV) or row (Parquet) and the field.
 Formats: plain `text`; `prompt`/`completion`; alpaca (`instruction`, optional `input`,
 `output`); ShareGPT (`conversations` of `from`/`value`); chat `messages` of `role`/`content`;
 preference pairs (`prompt`, `chosen`, `rejected`: three strings, or, as trl's conversational
-form, the prompt's turns and the chosen and rejected assistant turns).
+form, the prompt's turns and the chosen and rejected assistant turns; or OpenAI's DPO rows,
+`input.messages`, `preferred_output`, `non_preferred_output`, read as conversational pairs);
+feedback (`prompt`, `completion`, `label`: one answer, plain or as turns, labelled desirable
+true or false; a file needs both labels).
 A .json file is an array of objects or JSON Lines; a CSV cell of `messages` or
 `conversations` holds the turns as JSON.
 """
@@ -75,8 +78,10 @@ class DatasetError(ValueError):
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    if "chosen" in record and "rejected" in record:
+    if ("chosen" in record and "rejected" in record) or _is_openai_pair(record):
         return "preference"
+    if "prompt" in record and "completion" in record and "label" in record:
+        return "feedback"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -108,7 +113,9 @@ def check_record(fmt: str, record: dict[str, Any]) -> list[tuple[str, str]]:
         key = "messages" if fmt == "messages" else "conversations"
         return _check_turns(key, record.get(key), fmt)
     if fmt == "preference":
-        return _check_pair(record)
+        return _check_openai_pair(record) if _is_openai_pair(record) else _check_pair(record)
+    if fmt == "feedback":
+        return _check_feedback(record)
     required = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
     problems = [(key, why) for key in required[fmt] if (why := _text_problem(record, key))]
     if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
@@ -168,23 +175,71 @@ def _check_pair(record: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_prompt_turns(turns: list[Any]) -> list[tuple[str, str]]:
-    """The prompt of a conversational pair: [system] user (assistant user)*, ending on the user turn answered."""
+def _check_prompt_turns(turns: list[Any], key: str = "prompt",
+                        answered_by: str = "the chosen and rejected answers") -> list[tuple[str, str]]:
+    """The prompt of a conversational row: [system] user (assistant user)*, ending on the user turn answered."""
     if not turns:
-        return [("prompt", "must be a non-empty list of turns")]
-    problems = _check_turn_list("prompt", turns)
+        return [(key, "must be a non-empty list of turns")]
+    problems = _check_turn_list(key, turns)
     if problems:
         return problems
     roles = [turn["role"] for turn in turns]
     chat = [(i, role) for i, role in enumerate(roles) if role != "system"]
-    problems = [(f"prompt[{i}].role", "a system turn may only come first") for i, role in enumerate(roles) if i and role == "system"]
+    problems = [(f"{key}[{i}].role", "a system turn may only come first") for i, role in enumerate(roles) if i and role == "system"]
     if not chat or chat[-1][1] != "user":
-        where = f"prompt[{chat[-1][0]}].role" if chat else "prompt"
-        problems.append((where, "the prompt must end with the user turn that the chosen and rejected answers answer"))
+        where = f"{key}[{chat[-1][0]}].role" if chat else key
+        problems.append((where, f"the prompt must end with the user turn that {answered_by} answer"))
     for (_, before), (i, role) in pairwise(chat):
         if role == before:
-            problems.append((f"prompt[{i}].role", f"two {role} turns in a row: user and assistant must alternate"))
+            problems.append((f"{key}[{i}].role", f"two {role} turns in a row: user and assistant must alternate"))
     return problems
+
+
+def _is_openai_pair(record: dict[str, Any]) -> bool:
+    """A row of OpenAI's preference files (its DPO fine-tuning format)."""
+    return "preferred_output" in record and "non_preferred_output" in record
+
+
+def _check_openai_pair(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """OpenAI's pair: `input.messages`, the turns before the answers, and each answer as a list of assistant turns."""
+    source = record.get("input")
+    if not isinstance(source, dict) or not isinstance(source.get("messages"), list):
+        problems = [("input.messages", "must be a list of turns: OpenAI's preference rows hold the conversation "
+                                       "before the answers in input.messages")]
+    else:
+        problems = _check_prompt_turns(source["messages"], "input.messages",
+                                       "the preferred and non-preferred outputs")
+    for key in ("preferred_output", "non_preferred_output"):
+        problems += _check_answer_turns(key, record.get(key))
+    if not problems and _turns_only(record["preferred_output"]) == _turns_only(record["non_preferred_output"]):
+        problems.append(("non_preferred_output", "is the same as preferred_output: the pair teaches no preference"))
+    return problems
+
+
+def _check_feedback(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """A feedback row: a prompt and one answer (two texts, or the prompt's turns and the answer's assistant turns),
+    and whether that answer is desirable (label true or false)."""
+    if isinstance(record.get("prompt"), list):
+        problems = _check_prompt_turns(record["prompt"], answered_by="the completion")
+        problems += _check_answer_turns("completion", record.get("completion"))
+    else:
+        problems = [(key, why) for key in ("prompt", "completion") if (why := _text_problem(record, key))]
+    label = record.get("label")
+    if not isinstance(label, bool):
+        shown = f" {label!r}" if isinstance(label, str) else ""
+        problems.append(("label", f"must be true (a desirable answer) or false (an undesirable one), got "
+                                  f"{json_type(label)}{shown}"))
+    return problems
+
+
+def _label_problem(labels: set[bool]) -> str | None:
+    """Why a feedback file's labels cannot train KTO, or None: it needs both desirable and undesirable answers."""
+    if len(labels) != 1:
+        return None
+    (label,) = labels
+    missing = "false (undesirable)" if label else "true (desirable)"
+    return (f"every row is labelled {str(label).lower()}: KTO learns from both desirable and undesirable answers, so "
+            f"the file needs rows labelled {missing} too")
 
 
 def _check_answer_turns(key: str, turns: Any) -> list[tuple[str, str]]:
@@ -212,8 +267,10 @@ def _role(turn: dict[str, Any], fmt: str) -> str:
     return str(turn["role"]) if fmt == "messages" else SHAREGPT_ROLES[turn["from"]]
 
 
-KNOWN_FIELDS = "text, prompt/completion, instruction/output, messages, conversations, prompt/chosen/rejected"
-HEADER_EXAMPLES = "text; prompt,completion; instruction,input,output; messages; conversations; or prompt,chosen,rejected"
+KNOWN_FIELDS = ("text, prompt/completion, instruction/output, messages, conversations, prompt/chosen/rejected, "
+                "input/preferred_output/non_preferred_output, prompt/completion/label")
+HEADER_EXAMPLES = ("text; prompt,completion; instruction,input,output; messages; conversations; prompt,chosen,rejected; "
+                   "or prompt,completion,label")
 
 
 def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
@@ -225,6 +282,7 @@ def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
     holds every row when the report is ok, so that a file to train on is read once."""
     report = DatasetReport()
     unit = unit_of(name)
+    labels: set[bool] = set()  # of feedback rows
     for number, record in read_records(source, name, report, limits or Limits(), csv_header=_csv_header_problem):
         fmt = detect_format(record)
         if fmt is None:
@@ -238,6 +296,8 @@ def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
             continue
         for field_name, message in check_record(fmt, record):
             report.add(Problem(number, message, field_name, unit))
+        if fmt == "feedback" and isinstance(record.get("label"), bool):
+            labels.add(record["label"])
         if rows is not None and not report.problems:  # fmt is the file's format here; a row with problems
             rows.append(to_trl_row(fmt, record))  # may not convert, and once one is found none are kept
         report.row_count += 1
@@ -245,6 +305,8 @@ def validate_stream(source: BinaryIO, name: str, limits: Limits | None = None,
             report.preview.append(preview_of(record))
     if report.row_count == 0 and not report.problems:
         report.add(Problem(0, "the file has no rows", unit=unit))
+    if report.format == "feedback" and (why := _label_problem(labels)):
+        report.add(Problem(0, why, "label", unit))
     return report
 
 
@@ -297,9 +359,16 @@ def _spend(budget: list[int]) -> bool:
 
 def to_trl_row(fmt: str, record: dict[str, Any]) -> dict[str, Any]:
     """Convert one record to a row trl's SFTTrainer understands (text, or conversational prompt/completion), or, for
-    a preference pair, one its DPOTrainer does (prompt, chosen, rejected: texts or lists of turns)."""
+    a preference pair, one its DPOTrainer does (prompt, chosen, rejected: texts or lists of turns; OpenAI's pairs as
+    turns), or, for feedback, one its KTOTrainer does (prompt, completion, label)."""
+    if fmt == "preference" and _is_openai_pair(record):
+        return {"prompt": _turns_only(record["input"]["messages"]), "chosen": _turns_only(record["preferred_output"]),
+                "rejected": _turns_only(record["non_preferred_output"])}
     if fmt == "preference":
         return {key: _turns_only(record[key]) for key in PAIR_FIELDS}
+    if fmt == "feedback":
+        return {"prompt": _turns_only(record["prompt"]), "completion": _turns_only(record["completion"]),
+                "label": record["label"]}
     if fmt == "text":
         return {"text": record["text"]}
     if fmt == "prompt_completion":

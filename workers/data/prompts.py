@@ -24,13 +24,16 @@ FALLBACK_CHAT_TEMPLATE = (
 
 def prompt_row(row: dict[str, Any], number: int = 1) -> PromptRow:
     """The prompt and reference answer of a trl row (workers.data.datasets.to_trl_row), a preference pair's chosen
-    answer its reference; ValueError for a row whose conversation has no turn before its answer."""
+    answer its reference, a feedback row's answer only when it is labelled desirable (an undesirable one is no
+    reference: none is given); ValueError for a row whose conversation has no turn before its answer."""
     if "prompt" in row and "chosen" in row:
         row = {"prompt": row["prompt"], "completion": row["chosen"]}
     if "prompt" not in row or "completion" not in row:
         raise ValueError(f"row {number} has no prompt before its answer (a chat must open with a user turn)")
     prompt, completion = row["prompt"], row["completion"]
     reference = completion if isinstance(completion, str) else completion[-1]["content"]
+    if row.get("label") is False:
+        reference = ""
     if isinstance(prompt, str):
         return PromptRow(prompt=prompt, reference=reference)
     turns = [{"role": str(t["role"]), "content": str(t["content"])} for t in prompt]

@@ -19,8 +19,8 @@ def eval_rows(fmt: str, rows: list[dict[str, Any]], name: str = "dataset") -> li
     if fmt == "text":
         raise RunnerError(
             f"{name}: plain text rows have no reference answers to score; evaluation needs prompt/completion, "
-            "instruction/output (alpaca), chat rows (messages, conversations) ending with an assistant turn, or "
-            "preference pairs (scored against the chosen answer)"
+            "instruction/output (alpaca), chat rows (messages, conversations) ending with an assistant turn, "
+            "preference pairs (scored against the chosen answer) or feedback rows (against the answers labelled true)"
         )
     try:
         return [prompt_row(row, number) for number, row in enumerate(rows, start=1)]

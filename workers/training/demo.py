@@ -4,7 +4,7 @@ The toy task is two-digit addition written as an instruction/response pair. A Lo
 random base cannot learn arithmetic in a minute, but it quickly learns the answer format
 and the digit statistics, so the held-out completion loss drops far below the base's: a
 visible, testable sign that training worked. Its preference pairs (`preference_rows`) teach
-DPO to answer in even digits.
+DPO and ORPO to answer in even digits, and its feedback rows (`feedback_rows`) teach KTO the same.
 """
 
 from __future__ import annotations
@@ -57,6 +57,21 @@ def preference_rows(count: int, seed: int) -> list[dict[str, str]]:
             "chosen": "".join(rng.choice("02468") for _ in range(2)),
             "rejected": "".join(rng.choice("13579") for _ in range(2)),
         })
+    return rows
+
+
+def feedback_rows(count: int, seed: int) -> list[dict[str, str | bool]]:
+    """Feedback rows for KTO: to 'What is 23 + 41?', one answer, labelled true when written with even digits only
+    ('86') and false when with odd digits only ('57'), about half of each, mixed. The same rule as
+    `preference_rows`, unpaired: no row shows both answers to one prompt."""
+    rng = random.Random(seed)
+    rows: list[dict[str, str | bool]] = []
+    for _ in range(count):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        desirable = rng.random() < 0.5
+        digits = "02468" if desirable else "13579"
+        rows.append({"prompt": f"What is {a} + {b}?\n", "completion": "".join(rng.choice(digits) for _ in range(2)),
+                     "label": desirable})
     return rows
 
 

@@ -149,8 +149,8 @@ def resolve_plan(
     batching = train.batching
     padded_objective = train.objective in PADDED_OBJECTIVES
     if padded_objective and batching in ("pack", "padding_free"):
-        notes.append(f"batching {batching} asked, pad used: {train.objective} trains each answer of a pair in a "
-                     "padded row of its own (trl's DPOTrainer has no packing)")
+        notes.append(f"batching {batching} asked, pad used: {train.objective} trains each answer in a padded "
+                     f"row of its own (trl's {train.objective.upper()} trainer has no packing)")
         batching = "pad"
     if batching == "auto":
         batching = "pack" if cuda and not prompt_method and not padded_objective else "pad"

@@ -125,13 +125,16 @@ def prepare_examples(tokenizer: Any, rows: Sequence[dict[str, Any]], completion_
 
 def as_trl_row(row: dict[str, Any]) -> dict[str, Any]:
     """The row train.py hands to SFTTrainer (converting is idempotent on rows already converted); a preference
-    pair as the prompt and its chosen answer."""
+    pair as the prompt and its chosen answer, a feedback row as its prompt and answer."""
     fmt = detect_format(row)
     if fmt is None:
         raise ValueError(f"not a dataset row: no known fields in {sorted(row)}")
     if fmt == "preference":  # previewed as its prompt and chosen answer: a prompt that fills max_length cuts both
         pair = to_trl_row(fmt, row)
         return {"prompt": pair["prompt"], "completion": pair["chosen"]}
+    if fmt == "feedback":  # previewed as its prompt and answer, whatever its label
+        answer = to_trl_row(fmt, row)
+        return {"prompt": answer["prompt"], "completion": answer["completion"]}
     return to_trl_row(fmt, row)
 
 

@@ -1,5 +1,5 @@
 """The train runner: LoRA / QLoRA fine-tuning of a causal LM with trl, toward the run's objective (objectives/: sft,
-dpo).
+dpo, kto, orpo).
 
 `run_training(spec, reporter, store)` is the whole contract: it never touches a database,
 it reports through the reporter and writes the adapter into the artifact store.
@@ -20,7 +20,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.reporter import Reporter
-from workers.contract.spec import TrainSpec
+from workers.contract.spec import ANSWER_OBJECTIVES, TrainSpec
 from workers.contract.store import ArtifactStore, sha256_of, size_of
 from workers.data.datasets import DatasetError, load_trl_rows, numbered_records, unit_of
 from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
@@ -208,7 +208,7 @@ def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: i
                                      spec.train.answers_only, unit=unit_of(spec.dataset.uri))
     listing = ", ".join(str(row) for row in named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
     if not trained:
-        remedies = "or shorten the prompts" if spec.train.objective == "dpo" else (
+        remedies = "or shorten the prompts" if spec.train.objective in ANSWER_OBJECTIVES else (
             "shorten the prompts, or turn off completion_only_loss to train on the prompts too")
         raise RunnerError(
             f"none of the {rows} training rows keeps a token to train on within max_seq_length {max_length}: "
@@ -219,14 +219,16 @@ def check_rows_left(spec: TrainSpec, store: ArtifactStore, trainer: Any, rows: i
 
 def _trained_tokens_in(prepared: Any) -> int:
     """Tokens with a label in a prepared dataset (rows it filtered out have none, so the table may keep them); of a
-    prepared preference dataset, the chosen answers' tokens before truncation."""
+    dataset prepared by DPO's or KTO's trainer, the chosen answers' (or the answers') tokens before truncation; of
+    ORPO's, the chosen answers' labels."""
     import pyarrow.compute as pc
 
     if len(prepared) == 0:
         return 0
-    if "labels" not in prepared.column_names:  # preference pairs: DPOTrainer kept rows whose prompt leaves room
-        return int(pc.sum(pc.list_value_length(prepared.data.column("chosen_ids"))).as_py() or 0)
-    labels = prepared.data.column("labels")
+    for answers in ("chosen_ids", "completion_ids"):  # DPOTrainer and KTOTrainer kept rows whose prompt leaves room
+        if answers in prepared.column_names:
+            return int(pc.sum(pc.list_value_length(prepared.data.column(answers))).as_py() or 0)
+    labels = prepared.data.column("chosen_labels" if "chosen_labels" in prepared.column_names else "labels")
     return int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
 
 
@@ -458,11 +460,18 @@ def steps_per_epoch(args: Any, dataloader: Any) -> int | None:
 
 
 def _preference_figures(logs: dict[str, Any]) -> str:
-    """What trl's DPOTrainer logs of the pairs, for the log line: how much more the adapter prefers the chosen
-    answer than the reference does (the reward margin), and on what share of pairs it prefers it at all."""
-    if "rewards/margins" not in logs or "rewards/accuracies" not in logs:
+    """What trl's preference trainers log, for the log line: the reward margin (DPO: how much more the adapter
+    prefers the chosen answer than the reference does; KTO: desirable answers' reward less undesirable ones'; ORPO:
+    beta times the chosen answer's log-probability less the rejected one's), the share of pairs preferred (DPO, ORPO), and
+    KTO's KL estimate."""
+    if "rewards/margins" not in logs:
         return ""
-    return f" reward margin {logs['rewards/margins']:.3f} pairs preferred {logs['rewards/accuracies']:.0%}"
+    figures = f" reward margin {logs['rewards/margins']:.3f}"
+    if "rewards/accuracies" in logs:
+        figures += f" pairs preferred {logs['rewards/accuracies']:.0%}"
+    if "kl" in logs:
+        figures += f" kl {logs['kl']:.3f}"
+    return figures
 
 
 class ReporterCallback(TrainerCallback):  # type: ignore[misc]

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from workers.training.objectives.base import Objective
 from workers.training.objectives.dpo import DirectPreference
+from workers.training.objectives.kto import KahnemanTversky
+from workers.training.objectives.orpo import OddsRatioPreference
 from workers.training.objectives.sft import SupervisedFineTuning
 
 OBJECTIVES: dict[str, Objective] = {
-    objective.name: objective for objective in (SupervisedFineTuning(), DirectPreference())
+    objective.name: objective
+    for objective in (SupervisedFineTuning(), DirectPreference(), KahnemanTversky(), OddsRatioPreference())
 }
 
 
