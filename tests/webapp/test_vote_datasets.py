@@ -394,3 +394,24 @@ def test_the_cli_makes_a_dataset_and_prints_the_counts(
     with pytest.raises(CliError) as taken:
         cli.comparisons_to_dataset(args, api)
     assert taken.value.code == USAGE and any("exists already" in line for line in taken.value.details)
+
+
+def test_a_feedback_dataset_of_thumbs_over_the_api_and_one_with_a_single_label_refused(
+    client: Client, team: Team, store_dir: Path
+) -> None:
+    comparison = finished_comparison(team)
+    base, first, _ = keys(comparison)
+    url = f"/api/v1/comparisons/{comparison.pk}/to-dataset/"
+    raw = key_for(team.mate)
+    thumbs.give(comparison, team.mate, 0, first, "up")
+    single = problem_of(post(client, url, {"kind": "feedback"}, raw), 422)
+    assert "both" in single["detail"] and not VoteDataset.objects.exists()
+    thumbs.give(comparison, team.owner, 0, base, "down")
+    made = post(client, url, {"kind": "feedback"}, raw)
+    assert made.status_code == 201, made.content
+    body = made.json()
+    assert body["dataset"]["name"] == "thumbs of arith" and body["dataset"]["format"] == "feedback"
+    assert body["train"]["objective"] == "kto" and body["judgements"] == 2
+    assert body["summary"] == "2 feedback rows (1 up, 1 down) from 1 prompt"
+    fmt, rows = load_trl_rows(ArtifactStore(store_dir).path(Dataset.objects.get(pk=body["dataset"]["id"]).uri))
+    assert fmt == "feedback" and sorted(row["label"] for row in rows) == [False, True]
