@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
@@ -14,15 +15,29 @@ from webapp.playground import services
 from webapp.playground.models import AdapterJob, Comparison, PromptSet, VoteDataset
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract import jobspecs
+from workers.contract.store import ArtifactStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 PROMPTS = ("What is 2 + 3?", "Double 4", "Half of 8")
 GOOD, BAD = ("5", "8", "4"), ("<b>seven</b>", "nine", "zero")
 
 
-def finished_comparison(user, base) -> tuple[Comparison, Adapter]:  # type: ignore[no-untyped-def]
+def saved_adapter(model_dir: Path, store: Path, config) -> str:  # type: ignore[no-untyped-def]
+    """A fresh LoRA of the tiny model with the LoRA config's settings, saved in the store: a run may start from it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    params = config.lora_params()
+    lora = LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    uri = "store://adapters/arith"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora).save_pretrained(ArtifactStore(store).path(uri))
+    return uri
+
+
+def finished_comparison(user, base, uri: str) -> tuple[Comparison, Adapter]:  # type: ignore[no-untyped-def]
     """The base and one adapter on three prompts, every output stored and the job succeeded (no worker needed)."""
-    adapter = Adapter.objects.create(name="arith-adapter", owner=user, base_model=base, rank=8, uri="store://arith",
+    adapter = Adapter.objects.create(name="arith-adapter", owner=user, base_model=base, rank=16, uri=uri,
                                      size_bytes=4096, sha256="0" * 64, trainable_params=10, total_params=100)
     prompts = PromptSet.objects.create(name="three", owner=user, rows=[{"prompt": p, "reference": ""} for p in PROMPTS])
     comparison = services.start_compare(user, prompts, [adapter], jobspecs.GenerationParams(max_new_tokens=8),
@@ -35,11 +50,11 @@ def finished_comparison(user, base) -> tuple[Comparison, Adapter]:  # type: igno
 
 
 def test_votes_become_a_preference_dataset_and_a_dpo_run_that_trains(  # type: ignore[no-untyped-def]
-    page, demo, worker_process, scheduler, screenshot
+    page, demo, worker_process, scheduler, screenshot, tiny_model_dir, shared_store
 ) -> None:
     started = time.monotonic()
     user, base, _, config = demo
-    comparison, adapter = finished_comparison(user, base)
+    comparison, adapter = finished_comparison(user, base, saved_adapter(tiny_model_dir, shared_store, config))
 
     page.goto(f"/compare/{comparison.pk}/vote/")
     for row in (0, 1):  # the adapter's answer wins rows 0 and 1; row 2 stays unvoted

@@ -243,7 +243,7 @@ def test_the_pages_make_a_dataset_show_where_it_came_from_and_prefill_a_dpo_run(
     text = made.content.decode()
     assert f"Made arith &lt;b&gt;votes&lt;/b&gt;: {SUMMARY}." in text and "<b>votes</b>" not in text
     assert "Made from" in text and f'href="/compare/{comparison.pk}/">comparison arith</a>' in text
-    assert "11 blind votes by mate" in text and "Train DPO on these votes" in text
+    assert "11 blind votes <small class=\"muted\">(the dataset made by mate" in text and "Train DPO on these votes" in text
     train_url = source.train_url().replace("&", "&amp;")
     assert f'href="{train_url}"' in text and "starting from first, the adapter that won the most votes" in text
 
