@@ -9,6 +9,8 @@ server takes either).
     hyperparameters: {max_steps: 40, learning_rate: 0.0002}
     priority: 0
     labels: [a100]
+    init_adapter: 12            # optional warm start: an adapter's id (tunedeck adapters list); the LoRA config
+                                # must have its shape (its own run's config does)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from tunedeck_cli.errors import USAGE, CliError
 
 # The server's RunRequest fields (webapp/training/services.py), which this client cannot import: a test keeps the two
 # equal (tests/webapp/test_run_request.py).
-FIELDS = ("name", "base_model", "dataset", "eval_dataset", "lora_config", "hyperparameters", "priority", "labels")
+FIELDS = ("name", "base_model", "dataset", "eval_dataset", "lora_config", "hyperparameters", "priority", "labels",
+          "init_adapter")
 
 
 def load(path: str) -> dict[str, Any]:
@@ -52,6 +55,9 @@ def load(path: str) -> dict[str, Any]:
     evaluation = spec.get("eval_dataset")
     if evaluation is not None and (not isinstance(evaluation, str | int) or isinstance(evaluation, bool)):
         problems.append(f"eval_dataset: a name or an id, got {type(evaluation).__name__}")
+    parent = spec.get("init_adapter")
+    if parent is not None and not _is_id(parent):
+        problems.append(f"init_adapter: an adapter's id (tunedeck adapters list), got {str(parent)[:80]!r}")
     if not isinstance(spec.get("hyperparameters", {}), dict):
         problems.append("hyperparameters: a mapping of training settings, e.g. {max_steps: 100}")
     labels = spec.get("labels", [])
@@ -66,6 +72,12 @@ def load(path: str) -> dict[str, Any]:
     return spec
 
 
+def _is_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value > 0) or (isinstance(value, str) and value.isdigit())
+
+
 def _stdin() -> str:
     import sys
 
@@ -74,5 +86,6 @@ def _stdin() -> str:
 
 def body(spec: dict[str, Any]) -> dict[str, Any]:
     """The JSON body to POST: the spec as it is (the server looks the names up and names any it cannot find),
-    an empty eval_dataset left out."""
-    return {key: value for key, value in spec.items() if not (key == "eval_dataset" and value in (None, ""))}
+    an empty eval_dataset or init_adapter left out."""
+    return {key: value for key, value in spec.items()
+            if not (key in ("eval_dataset", "init_adapter") and value in (None, ""))}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from tests.webapp.factories import make_run
 from webapp.playground import services
 from webapp.playground.models import AdapterJob, Comparison, PromptSet, VoteDataset
 from webapp.training.models import Adapter, TrainingRun
@@ -35,9 +36,13 @@ def saved_adapter(model_dir: Path, store: Path, config) -> str:  # type: ignore[
     return uri
 
 
-def finished_comparison(user, base, uri: str) -> tuple[Comparison, Adapter]:  # type: ignore[no-untyped-def]
-    """The base and one adapter on three prompts, every output stored and the job succeeded (no worker needed)."""
-    adapter = Adapter.objects.create(name="arith-adapter", owner=user, base_model=base, rank=16, uri=uri,
+def finished_comparison(demo, uri: str) -> tuple[Comparison, Adapter]:  # type: ignore[no-untyped-def]
+    """The base and an adapter trained by an earlier run, on three prompts, every output stored and the job
+    succeeded (no worker needed)."""
+    user, base, dataset, config = demo
+    earlier = make_run(user, base, dataset, config)
+    TrainingRun.objects.filter(pk=earlier.pk).update(state="succeeded")
+    adapter = Adapter.objects.create(name="arith-adapter", owner=user, base_model=base, run=earlier, rank=16, uri=uri,
                                      size_bytes=4096, sha256="0" * 64, trainable_params=10, total_params=100)
     prompts = PromptSet.objects.create(name="three", owner=user, rows=[{"prompt": p, "reference": ""} for p in PROMPTS])
     comparison = services.start_compare(user, prompts, [adapter], jobspecs.GenerationParams(max_new_tokens=8),
@@ -54,7 +59,7 @@ def test_votes_become_a_preference_dataset_and_a_dpo_run_that_trains(  # type: i
 ) -> None:
     started = time.monotonic()
     user, base, _, config = demo
-    comparison, adapter = finished_comparison(user, base, saved_adapter(tiny_model_dir, shared_store, config))
+    comparison, adapter = finished_comparison(demo, saved_adapter(tiny_model_dir, shared_store, config))
 
     page.goto(f"/compare/{comparison.pk}/vote/")
     for row in (0, 1):  # the adapter's answer wins rows 0 and 1; row 2 stays unvoted
@@ -80,14 +85,16 @@ def test_votes_become_a_preference_dataset_and_a_dpo_run_that_trains(  # type: i
     expect(page.get_by_label("Objective", exact=True)).to_have_value("dpo")
     expect(page.get_by_label("Dataset", exact=True)).to_have_value(str(source.dataset_id))
     expect(page.get_by_label("Base model", exact=True)).to_have_value(str(base.pk))
+    expect(page.get_by_label("Start from adapter", exact=True)).to_have_value(str(adapter.pk))
     page.get_by_label("LoRA config").select_option(label=config.name)
     for name, value in (("max_steps", 4), ("eval_fraction", 0), ("batch_size", 2)):
         page.locator(f"#id_{name}").fill(str(value))
     page.get_by_role("button", name="Train").click()
     page.wait_for_url(re.compile(r"/runs/\d+/$"))
 
-    run = TrainingRun.objects.get()
+    run = TrainingRun.objects.exclude(adapter=adapter).get()
     assert (run.dataset_id, run.base_model_id, run.hyperparameters["objective"]) == (source.dataset_id, base.pk, "dpo")
+    assert run.init_adapter_id == adapter.pk  # warm-started from the adapter that won the votes
     expect(page.locator("#run-state")).to_have_text("succeeded", timeout=90_000)
     screenshot(page, "vote-dpo-run")
     trained = Adapter.objects.get(run=run)

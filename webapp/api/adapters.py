@@ -77,13 +77,23 @@ class AdapterSerializer(serializers.ModelSerializer):
     base_model_name = serializers.CharField(source="base_model.name", allow_null=True, read_only=True, default=None)
     parents = ParentSerializer(source="parent_links", many=True, read_only=True,
                                help_text="A combined adapter's parents and their weights.")
+    init_adapter = serializers.IntegerField(
+        source="run.init_adapter_id", allow_null=True, read_only=True, default=None,
+        help_text="Warm start: the adapter its run started from (its weights, and DPO's reference); null for an "
+                  "adapter trained from scratch, a combined one, or once that adapter was deleted.")
+    init_adapter_name = serializers.CharField(
+        source="run.init_adapter_name", read_only=True, default="",
+        help_text="Warm start: the name of the adapter its run started from, kept when that adapter is deleted.")
+    init_adapter_run = serializers.IntegerField(
+        source="run.init_adapter.run_id", allow_null=True, read_only=True, default=None,
+        help_text="Warm start: the run that trained the adapter its run started from.")
     metrics = serializers.DictField(read_only=True)
 
     class Meta:
         model = Adapter
-        fields = ["id", "name", "owner", "base_model", "base_model_name", "origin", "run", "parents", "method", "rank",
-                  "quantization", "size_bytes", "sha256", "trainable_params", "total_params", "final_loss", "metrics",
-                  "created_at"]
+        fields = ["id", "name", "owner", "base_model", "base_model_name", "origin", "run", "parents", "init_adapter",
+                  "init_adapter_name", "init_adapter_run", "method", "rank", "quantization", "size_bytes", "sha256",
+                  "trainable_params", "total_params", "final_loss", "metrics", "created_at"]
         read_only_fields = fields
 
 
@@ -114,7 +124,8 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     noun = "adapter"
 
     def get_queryset(self) -> Any:
-        rows = Adapter.objects.select_related("owner", "base_model").prefetch_related("parent_links")
+        rows = (Adapter.objects.select_related("owner", "base_model", "run__init_adapter")
+                .prefetch_related("parent_links"))
         return access.visible(self.request.user, rows)
 
     def filter_queryset(self, queryset: Any) -> Any:

@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from webapp.api import access
 from webapp.api.common import (
     NamedRef,
+    Ref,
     VisibleObjectMixin,
     cancel_refused,
     choice_param,
@@ -43,7 +44,14 @@ from webapp.playground import deletion
 from webapp.specfields import serializer_field
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import Adapter, RunEvent, TrainingRun
-from webapp.training.services import RunRefused, RunRequest, clone_request, queue_run, train_params
+from webapp.training.services import (
+    INIT_ADAPTER_HELP,
+    RunRefused,
+    RunRequest,
+    clone_request,
+    queue_run,
+    train_params,
+)
 from workers.contract import spec
 from workers.contract.spec import TrainParams
 
@@ -83,6 +91,9 @@ class RunCreateSerializer(StrictSerializer):
     labels = serializers.ListField(
         child=serializers.CharField(max_length=50), required=False, default=list, max_length=20,
         help_text="Only a worker with all of these labels takes the run (lowercase slugs, e.g. a100).")
+    init_adapter = Ref("adapter", queryset=Adapter.objects.select_related("base_model", "run__lora_config"),
+                       required=False, allow_null=True, default=None,
+                       help_text=f"An adapter's id (GET /api/v1/adapters/). {INIT_ADAPTER_HELP}")
 
 
 class CloneSerializer(StrictSerializer):
@@ -102,6 +113,11 @@ class RunSerializer(serializers.ModelSerializer):
     worker = serializers.CharField(source="worker.name", allow_null=True, read_only=True, default=None)
     adapter = serializers.IntegerField(source="adapter_id", allow_null=True, read_only=True,
                                        help_text="The id of the run's adapter, once it has succeeded.")
+    init_adapter = serializers.IntegerField(source="init_adapter_id", allow_null=True, read_only=True,
+                                            help_text="Warm start: the id of the adapter the run started from; null "
+                                                      "for a new adapter, or once that adapter was deleted.")
+    init_adapter_name = serializers.CharField(read_only=True, help_text="Warm start: the name of the adapter the run "
+                                              "started from, kept when it is deleted; empty for a new adapter.")
     progress = serializers.FloatField(read_only=True)
     hyperparameters = serializers.DictField(read_only=True)
     attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
@@ -112,8 +128,8 @@ class RunSerializer(serializers.ModelSerializer):
             "id", "name", "state", "owner", "base_model", "base_model_name", "dataset", "dataset_name",
             "eval_dataset", "eval_dataset_name", "lora_config", "lora_config_name", "hyperparameters", "priority", "labels", "needs_gpu_bytes",
             "needs_gpus", "attempt", "cancel_requested", "error", "step", "total_steps", "progress", "last_loss",
-            "worker", "wait_reason", "attempt_log", "adapter", "created_at", "dispatched_at", "started_at",
-            "finished_at",
+            "worker", "wait_reason", "attempt_log", "adapter", "init_adapter", "init_adapter_name", "created_at",
+            "dispatched_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
 
@@ -290,14 +306,20 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         return retry_refused(request, run) or self._answer(run.pk)
 
     @extend_schema(request=CloneSerializer, responses={201: RunSerializer},
-                   description="A new queued run with the same base model, datasets, LoRA config, settings and labels.")
+                   description="A new queued run with the same base model, datasets, LoRA config, settings, labels "
+                               "and warm start (400 on init_adapter when the adapter it started from was deleted).")
     @action(detail=True, methods=["post"])
     @idempotent
     def clone(self, request: Request, pk: str) -> Response:
         source = self.get_object()
         body = CloneSerializer(data=request.data if isinstance(request.data, Mapping) else {})
         body.is_valid(raise_exception=True)
-        run = queue(request.user, clone_request(source, body.validated_data.get("name") or "", owner=request.user))
+        try:
+            copy = clone_request(source, body.validated_data.get("name") or "", owner=request.user)
+        except RunRefused as refused:
+            raise_field_errors(refused.errors)  # the 400
+            raise  # not reached: raise_field_errors always raises
+        run = queue(request.user, copy)
         return self._answer(run.pk, status.HTTP_201_CREATED)
 
     @extend_schema(parameters=EVENT_PARAMS, responses={200: EventPageSerializer})

@@ -12,7 +12,8 @@ their log, with a line saying so. Deleting these as well would take a teammate's
 while they exist would leave a run that can never be deleted (adapters are not deleted on their own).
 
 Refused: a run that has not finished (cancel it first), and a run whose adapter a job still reads (queued or
-running), named in the refusal, so that no file goes from under a worker.
+running), a run warm-started from it included, named in the refusal, so that no file goes from under a worker.
+A finished run started from the adapter is kept and keeps its name (TrainingRun.init_adapter_name).
 
 Files go only once the transaction has committed (a delete that rolls back leaves every file), and only inside
 the artifact store: each path is checked first (inside the store, no link on the way), and links are removed,
@@ -32,6 +33,7 @@ from django.db import transaction
 
 from webapp.catalog.services import store
 from webapp.jobs import ledger
+from webapp.jobs.models import FINAL_STATES
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, Comparison, MergedModel
 from webapp.training.models import Adapter, RunEvent, TrainingRun
@@ -75,7 +77,7 @@ class RunDeletion:
     evaluations: list[AdapterJob]  # kept: of the adapter, or on the run's held-out rows
     combined: list[Adapter]  # kept: their lineage keeps the parent's name
     other_jobs: list[AdapterJob]  # kept: combinations and pushes of the adapter
-    busy: list[AdapterJob]  # jobs still reading the adapter: the deletion waits for them
+    busy: list[AdapterJob | TrainingRun]  # jobs and warm-started runs still reading the adapter: the deletion waits
 
     @property
     def freed_bytes(self) -> int:
@@ -133,8 +135,14 @@ def plan(run: TrainingRun) -> RunDeletion:
         evaluations=sorted(evaluations.values(), key=lambda job: job.pk),
         combined=list(adapter.children.order_by("id")) if adapter else [],
         other_jobs=[job for job in used if job.kind in (JobKind.COMBINE, JobKind.PUSH)],
-        busy=[job for job in used if not job.is_final],
+        busy=[*(job for job in used if not job.is_final), *_unfinished_runs_started_from(adapter)],
     )
+
+
+def _unfinished_runs_started_from(adapter: Adapter | None) -> list[TrainingRun]:
+    if adapter is None:
+        return []
+    return list(TrainingRun.objects.filter(init_adapter=adapter).exclude(state__in=FINAL_STATES).order_by("id"))
 
 
 def delete_run(run: TrainingRun) -> RunDeletion:

@@ -11,7 +11,8 @@ from webapp.catalog.demo import DEMO_CONFIG, DEMO_DATASET, DEMO_MODEL
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.jobs.models import RunState
 from webapp.specfields import form_field
-from webapp.training.services import SETTING, TRAIN_FIELDS, RunRequest, refusals
+from webapp.training.models import Adapter
+from webapp.training.services import INIT_ADAPTER_HELP, SETTING, TRAIN_FIELDS, RunRequest, refusals
 from workers.contract import spec
 
 # The New run page preselects an input where the choice is obvious, so that the README's first run (keep the
@@ -30,6 +31,13 @@ def obvious_choice(queryset: models.QuerySet[Any], demo_name: str) -> Any:
     return queryset.filter(name=demo_name).first()
 
 
+class AdapterChoiceField(forms.ModelChoiceField):
+    """Adapters named as the runs list names them: the adapter and the run that trained it."""
+
+    def label_from_instance(self, obj: Any) -> str:
+        return f"{obj} (run {obj.run_id}, {obj.method} r{obj.rank})" if obj.run_id else f"{obj} ({obj.origin})"
+
+
 class RunForm(forms.Form):
     """The New run page: a RunRequest's fields, the training settings one field each. A valid form has passed
     the run service's checks (`services.refusals`) and holds the request in `run_request`."""
@@ -41,6 +49,10 @@ class RunForm(forms.Form):
         queryset=Dataset.objects.all(), required=False, label="Evaluate on",
         help_text="Optional: rows to evaluate on instead of a held-out fraction of the training rows.")
     lora_config = forms.ModelChoiceField(queryset=LoraConfig.objects.all(), label="LoRA config")
+    # Any adapter is accepted (the run service names a wrong base or method); the choices offered are the base's.
+    init_adapter = AdapterChoiceField(
+        queryset=Adapter.objects.select_related("run").order_by("-id"), required=False, label="Start from adapter",
+        empty_label="A new adapter", help_text=INIT_ADAPTER_HELP)
     # Placement (fleet/scheduler.py): which workers may take the run, and how soon (only staff go above 0).
     labels = forms.CharField(
         required=False, max_length=1000, label="Run on workers labelled",
@@ -61,6 +73,7 @@ class RunForm(forms.Form):
             self.fields[f.name] = form_field(f, getattr(defaults, f.name), spec.CHOICES)
         if not self.is_bound:
             self._preselect()
+            self._offer_adapters_of(self.initial.get("base_model"))
 
     @classmethod
     def filled_with(cls, request: RunRequest) -> RunForm:
@@ -74,14 +87,19 @@ class RunForm(forms.Form):
             if self.initial.get(name) is None:
                 self.initial[name] = obvious_choice(self.fields[name].queryset, demo_name)  # type: ignore[attr-defined]
 
+    def _offer_adapters_of(self, base: Any) -> None:
+        """The New run page offers the LoRA adapters trained on the chosen base (the list follows the base)."""
+        field: Any = self.fields["init_adapter"]
+        field.queryset = field.queryset.filter(base_model=base, method="lora", run__isnull=False)
+
     @property
     def train_fields(self) -> list[forms.BoundField]:
         return [self[name] for name in TRAIN_FIELDS]
 
     @property
     def what_fields(self) -> list[forms.BoundField]:
-        """The fields of "What to train": the model, the rows and the adapter config."""
-        return [self[name] for name in ("name", "base_model", "dataset", "eval_dataset", "lora_config")]
+        """The fields of "What to train": the model, the rows, the adapter config and the adapter to start from."""
+        return [self[name] for name in ("name", "base_model", "dataset", "eval_dataset", "lora_config", "init_adapter")]
 
     def clean_labels(self) -> list[str]:
         return [part.strip() for part in (self.cleaned_data.get("labels") or "").split(",") if part.strip()]
@@ -94,7 +112,7 @@ class RunForm(forms.Form):
             name=data["name"], base_model=data["base_model"], dataset=data["dataset"],
             eval_dataset=data.get("eval_dataset"), lora_config=data["lora_config"],
             hyperparameters=spec.TrainParams(**{name: data[name] for name in TRAIN_FIELDS}),
-            priority=data.get("priority") or 0, labels=data["labels"],
+            priority=data.get("priority") or 0, labels=data["labels"], init_adapter=data.get("init_adapter"),
         )
         self.show_refusals(refusals(request))
         if not self.errors:

@@ -26,6 +26,11 @@ class TrainingRun(LedgerJob):
     # Rows to evaluate on instead of a held-out fraction of `dataset` (None: eval_fraction decides).
     eval_dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="eval_runs")
     lora_config = models.ForeignKey(LoraConfig, on_delete=models.PROTECT, related_name="runs")
+    # Warm start: the adapter the run's adapter starts from (and an objective's reference, for one that has one).
+    # The run outlives a parent deleted with its own run: the link goes, the name it had stays (as AdapterParent).
+    init_adapter = models.ForeignKey("Adapter", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="warm_started_runs")
+    init_adapter_name = models.CharField(max_length=200, blank=True)
     hyperparameters = models.JSONField(default=dict)
     worker = models.ForeignKey("fleet.Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
     last_loss = models.FloatField(null=True, blank=True)
@@ -102,6 +107,8 @@ class TrainingRun(LedgerJob):
             output_uri=self.output_uri(self.attempt),
             checkpoint_uri=ArtifactStore.uri("runs", self.pk, "checkpoints"),
             eval_dataset=dataset_ref(self.eval_dataset) if self.eval_dataset else None,
+            init_adapter_uri=self.init_adapter.uri if self.init_adapter else "",
+            init_adapter_name=self.init_adapter_name,
         )
 
 

@@ -21,16 +21,26 @@ from webapp.catalog.services import truncation_problem
 from webapp.fleet.forms import parse_labels
 from webapp.fleet.needs import run_needs
 from webapp.jobs import ledger
-from webapp.training.models import TrainingRun
+from webapp.training.models import Adapter, TrainingRun
 from workers.contract import spec
 from workers.training.engine import check_switches
 from workers.training.modelinfo import check_adapter
 from workers.training.objectives import objective_for
+from workers.training.peftsetup import shape_differences
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(spec.TrainParams)]
 SETTING = "hyperparameters."  # a training setting's error is named hyperparameters.<setting>
 # Row formats trl trains as chat (formatted with the tokenizer's chat template), and those it trains as plain strings.
 CHAT_FORMATS = ("alpaca", "messages", "sharegpt")
+# Why a warm start's LoRA config must have its parent's shape, said where the parent is chosen (page, API, CLI).
+INIT_ADAPTER_HELP = (
+    "Optional warm start: the adapter this run continues (e.g. SFT, then DPO), trained by a run on the same base "
+    "model. Training starts from its weights, and DPO's reference is that adapter as it was, not the bare base. "
+    "The LoRA config must have its shape (method, r, alpha, target modules, DoRA, rsLoRA, bias, modules to save): "
+    "a config of another shape is refused rather than replaced, so that the run always shows the config it trained "
+    "with; the parent's own config always fits. Quantization, compute dtype and dropout may differ: a QLoRA run "
+    "can continue an adapter trained on the full-precision base."
+)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -45,6 +55,7 @@ class RunRequest:
     eval_dataset: Dataset | None = None  # None: eval_fraction decides
     priority: int = 0  # higher runs first; above 0 for staff only
     labels: list[str] = dataclasses.field(default_factory=list)  # only a worker with all of them takes the run
+    init_adapter: Adapter | None = None  # warm start: the adapter the run continues (INIT_ADAPTER_HELP)
 
 
 class RunRefused(Exception):
@@ -70,7 +81,8 @@ def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
             name=request.name, owner=owner, base_model=request.base_model, dataset=request.dataset,
             eval_dataset=request.eval_dataset, lora_config=request.lora_config,
             hyperparameters=dataclasses.asdict(params), priority=request.priority,
-            needs_labels=parse_labels(", ".join(request.labels)), **needs,
+            needs_labels=parse_labels(", ".join(request.labels)), init_adapter=request.init_adapter,
+            init_adapter_name=str(request.init_adapter or "")[:200], **needs,
         )
         ledger.note(run, f"Queued by {owner}{via}")
     return run
@@ -98,6 +110,8 @@ def refusals(request: RunRequest) -> dict[str, list[str]]:
             add("eval_dataset", problem)
     if SETTING + "max_seq_length" not in errors:
         _refuse_rows_cut_before_training(request, add, errors)
+    if request.init_adapter is not None:
+        _refuse_a_parent_the_run_cannot_continue(request, request.init_adapter, add)
     lora = request.lora_config.lora_params()
     for name, message in check_switches(params, lora).items():
         if SETTING + name not in errors:
@@ -121,6 +135,29 @@ def _refuse_rows_the_objective_does_not_train_on(request: RunRequest, add: Any) 
         if chosen is not None and chosen.format not in objective.row_formats:
             add(name, f"{chosen} is {chosen.format} rows, and {objective.label.lower()} ({objective.name}) trains on "
                       f"{', '.join(objective.row_formats)} rows: pick a dataset of those or another objective")
+
+
+def _refuse_a_parent_the_run_cannot_continue(request: RunRequest, parent: Adapter, add: Any) -> None:
+    """A warm start continues a LoRA adapter that a run trained on the same base, with a LoRA config of its shape."""
+    base = request.base_model
+    if parent.base_model_id != base.pk:
+        add("init_adapter", f"{parent} is an adapter of {parent.base_model}, and this run trains {base}: pick an "
+                            f"adapter of {base}")
+    elif parent.method != "lora":
+        add("init_adapter", f"{parent} is a {parent.method} adapter: a warm start continues a LoRA adapter (LoRA, "
+                            "DoRA, rsLoRA)")
+    elif parent.run is None:
+        add("init_adapter", f"{parent} is a combination of adapters, with no LoRA config of its own to train it with: "
+                            "pick an adapter trained by a run")
+    else:
+        theirs = parent.run.lora_config
+        differences = shape_differences(request.lora_config.lora_params(), theirs.lora_params())
+        if differences:
+            add("lora_config", f"{request.lora_config.name} does not have the shape of {parent}, which this run "
+                               f"continues ({'; '.join(differences)}): use {theirs.name}, the config it was trained "
+                               "with, or one of the same shape")
+    for name, message in spec.warm_start_problems(request.hyperparameters).items():
+        add(SETTING + name, message)
 
 
 def _refuse_rows_cut_before_training(request: RunRequest, add: Any, errors: dict[str, list[str]]) -> None:
@@ -160,11 +197,15 @@ def train_params(base: BaseModel, given: dict[str, Any]) -> spec.TrainParams:
 
 def clone_request(run: TrainingRun, name: str = "", owner: Any = None) -> RunRequest:
     """`run`'s inputs as a new run's, named `name` or "<its name> (copy)". For an `owner` who is not staff a
-    priority above 0 becomes 0 (theirs to give only by asking an admin)."""
+    priority above 0 becomes 0 (theirs to give only by asking an admin). RunRefused for a warm start whose parent
+    was deleted since: the copy could only start a new adapter, which is another run."""
+    if run.init_adapter_name and run.init_adapter is None:
+        raise RunRefused({"init_adapter": [f"run {run.pk} started from the adapter {run.init_adapter_name}, which "
+                                           "was deleted since: a copy cannot start from it"]})
     stored = {k: v for k, v in (run.hyperparameters or {}).items() if k in TRAIN_FIELDS}
     priority = run.priority if owner is None or owner.is_staff else min(run.priority, 0)
     return RunRequest(
         name=name or f"{run.name or f'run {run.pk}'} (copy)"[:200], base_model=run.base_model, dataset=run.dataset,
         eval_dataset=run.eval_dataset, lora_config=run.lora_config, hyperparameters=train_params(run.base_model, stored),
-        priority=priority, labels=list(run.needs_labels or []),
+        priority=priority, labels=list(run.needs_labels or []), init_adapter=run.init_adapter,
     )

@@ -34,7 +34,7 @@ RUN_COLUMNS = [("created", "Created"), ("name", "Name"), ("state", "State"), ("s
 def _run_for(request: HttpRequest, pk: int) -> TrainingRun:
     """Runs are visible to the whole team; only the owner or staff may act on one (see jobs.check_can_act)."""
     return get_object_or_404(TrainingRun.objects.select_related(
-        "base_model", "dataset", "eval_dataset", "lora_config", "owner", "worker"), pk=pk)
+        "base_model", "dataset", "eval_dataset", "lora_config", "owner", "worker", "init_adapter"), pk=pk)
 
 
 def _run_ordering(sort: str, descending: bool) -> list[Any]:
@@ -88,28 +88,39 @@ def _suggested(base_model_id: Any) -> Any:
 
 @login_required
 def run_new(request: HttpRequest) -> HttpResponse:
+    refused: list[str] = []
     if request.method == "POST":
         form = RunForm(request.POST)
         if form.is_valid() and form.run_request is not None:
             try:
                 run = queue_run(request.user, form.run_request)
-            except RunRefused as refused:
-                form.show_refusals(refused.errors)
+            except RunRefused as refusal:
+                form.show_refusals(refusal.errors)
             else:
                 return redirect("run-detail", pk=run.pk)
         status = 400
     else:
         clone = TrainingRun.objects.filter(pk=request.GET.get("clone") or 0).first()
-        if clone:
-            form = RunForm.filled_with(clone_request(clone))
-        else:
-            suggested, base = _suggested(request.GET.get("base_model"))
-            # Other fields given in the query string (e.g. a dataset made from votes, its objective) are shown filled.
-            form = RunForm(initial={**request.GET.dict(), "base_model": base}, suggested=suggested)
+        form, refused = _new_run_form(request, clone)
         status = 200
         if request.htmx:  # type: ignore[attr-defined]
-            return render(request, "training/partials/train_fields.html", {"form": form})
-    return render(request, "training/run_new.html", {"form": form}, status=status)
+            # The base model changed: its suggested settings, and (out of band) the adapters it can start from.
+            return render(request, "training/partials/base_fields.html", {"form": form})
+    return render(request, "training/run_new.html", {"form": form, "refused": refused}, status=status)
+
+
+def _new_run_form(request: HttpRequest, clone: TrainingRun | None) -> tuple[RunForm, list[str]]:
+    """The New run page's form: a clone's inputs, or the base's suggestions; and why a clone could not be made."""
+    if clone:
+        try:
+            return RunForm.filled_with(clone_request(clone)), []
+        except RunRefused as refused:
+            suggested, base = _suggested(clone.base_model_id)
+            reasons = [message for messages in refused.errors.values() for message in messages]
+            return RunForm(initial={"base_model": base}, suggested=suggested), reasons
+    suggested, base = _suggested(request.GET.get("base_model"))
+    # Other fields given in the query string (e.g. a dataset made from votes, its objective) are shown filled.
+    return RunForm(initial={**request.GET.dict(), "base_model": base}, suggested=suggested), []
 
 
 def _chart_context(run: TrainingRun) -> dict[str, Any]:

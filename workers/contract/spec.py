@@ -513,6 +513,19 @@ class TrainSpec:
     # Resumable checkpoints live per run, not per attempt: a new attempt resumes from the latest.
     checkpoint_uri: str = ""
     eval_dataset: DatasetRef | None = None
+    # Warm start: the adapter whose weights the run's adapter starts from (and, for an objective with a reference,
+    # the frozen reference); empty for a fresh adapter. A parent deleted since keeps its name with no URI left.
+    init_adapter_uri: str = ""
+    init_adapter_name: str = ""
+
+    @property
+    def warm_start(self) -> bool:
+        """Whether the run continues an existing adapter rather than initialising a new one."""
+        return bool(self.init_adapter_uri or self.init_adapter_name)
+
+    def warm_start_problems(self) -> dict[str, str]:
+        """Field-named reasons this warm start cannot run (the control plane asks `warm_start_problems` first)."""
+        return warm_start_problems(self.train) if self.warm_start else {}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -529,11 +542,21 @@ class TrainSpec:
             output_uri=str(data["output_uri"]),
             checkpoint_uri=str(data.get("checkpoint_uri", "")),
             eval_dataset=build(DatasetRef, data["eval_dataset"]) if data.get("eval_dataset") else None,
+            init_adapter_uri=str(data.get("init_adapter_uri", "")),
+            init_adapter_name=str(data.get("init_adapter_name", "")),
         )
 
     @classmethod
     def from_json(cls, text: str) -> TrainSpec:
         return cls.from_dict(json.loads(text))
+
+
+def warm_start_problems(train: TrainParams) -> dict[str, str]:
+    """Why a run with these settings cannot start from an existing adapter, by field."""
+    if train.sharded:
+        # FSDP saves the whole model's adapters, and a warm start's model also holds the reference copy of its parent.
+        return {"strategy": "a warm start (init_adapter) trains with ddp or on one GPU; fsdp starts a new adapter"}
+    return {}
 
 
 def build(cls: type[T], data: dict[str, Any]) -> T:

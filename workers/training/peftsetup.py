@@ -2,7 +2,8 @@
 
 The runner calls, in order: `quantization_config` (loading the base), `build_peft_config` (the trainer wraps
 the base with it), `prepare_adapter` (right after the wrap, before training) and `save_adapter` (instead of
-`model.save_pretrained`). The last two matter for three initialisations only:
+`model.save_pretrained`). A warm start wraps the base with its parent adapter instead (`load_parent_adapter`):
+no PEFT config, no initialisation. `prepare_adapter` and `save_adapter` matter for three initialisations only:
 
 - loftq: PEFT initialises B·A = 0, then `prepare_adapter` sets B·A to the rank-r SVD of W - dequant(Q(W)), read
   from the base's safetensors, so the 4-bit base plus the adapter starts closer to the full-precision base.
@@ -13,13 +14,15 @@ the base with it), `prepare_adapter` (right after the wrap, before training) and
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from workers.contract.jobrunner import RunnerError
-from workers.contract.spec import MUTATING_INITS, LoraParams, ModelRef
+from workers.contract.spec import MUTATING_INITS, LoraParams, ModelRef, TrainSpec
 from workers.training.modelinfo import check_adapter, feedforward_targets, linear_module_names, resolve_targets
 
 INIT_LORA_WEIGHTS: dict[str, bool | str] = {
@@ -33,6 +36,10 @@ INIT_LORA_WEIGHTS: dict[str, bool | str] = {
 }
 PROMPT_TUNING_INIT = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 INITIAL_ADAPTER = "initial-adapter"
+TRAINED_ADAPTER = "default"  # PEFT's name of the adapter a run trains (trl names its frozen copy "ref")
+# The LoraParams that shape the weights an adapter holds. A warm start continues its parent's weights, so these are
+# the parent's; dropout, init and how the base is loaded (quantization, compute dtype) are the run's own.
+SHAPE_FIELDS = ("method", "r", "alpha", "target_modules", "use_dora", "use_rslora", "bias", "modules_to_save")
 
 
 def quantization_config(lora: LoraParams, dtype: Any) -> Any:
@@ -61,11 +68,9 @@ def quantization_label(lora: LoraParams) -> str:
     return "unquantized"
 
 
-def build_peft_config(lora: LoraParams, model: Any) -> Any:
-    """The PeftConfig of the adapter method; refuses what cannot work on this model with field-named reasons."""
-    linear = linear_module_names(model)
-    model_type = getattr(model.config, "model_type", "")
-    errors = check_adapter(lora, linear, model_type)
+def refuse_what_cannot_train(lora: LoraParams, model: Any) -> None:
+    """RunnerError naming each field of `lora` that cannot train on this model (targets, modules, switches)."""
+    errors = check_adapter(lora, linear_module_names(model), getattr(model.config, "model_type", ""))
     missing = [m for m in lora.modules_to_save if not _has_module(model, m)]
     if missing:
         errors["modules_to_save"] = f"{', '.join(missing)} not found in the model"
@@ -76,6 +81,13 @@ def build_peft_config(lora: LoraParams, model: Any) -> Any:
         errors["gradient_checkpointing"] = "prefix tuning does not work with gradient checkpointing (PEFT): set it off"
     if errors:
         raise RunnerError("; ".join(f"{name}: {message}" for name, message in errors.items()))
+
+
+def build_peft_config(lora: LoraParams, model: Any) -> Any:
+    """The PeftConfig of the adapter method; refuses what cannot work on this model with field-named reasons."""
+    refuse_what_cannot_train(lora, model)
+    linear = linear_module_names(model)
+    model_type = getattr(model.config, "model_type", "")
     common: dict[str, Any] = {"task_type": "CAUSAL_LM", "modules_to_save": lora.modules_to_save or None}
     if lora.method == "lora":
         return _lora_config(lora, model, linear, model_type, common)
@@ -146,6 +158,67 @@ def _has_module(model: Any, name: str) -> bool:
     return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
 
 
+# --- warm start: the parent adapter as the trained one ----------------------------------------------
+
+
+def saved_shape(lora: LoraParams) -> dict[str, Any]:
+    """The SHAPE_FIELDS of the adapter a run with `lora` saves: `lora`'s, but r and alpha as PEFT writes them for
+    the inits saved as a plain LoRA of rank 2r (see the module docstring); lists as sorted tuples."""
+    shape = {name: getattr(lora, name) for name in SHAPE_FIELDS}
+    if lora.is_lora and lora.init in MUTATING_INITS:
+        shape["r"] = 2 * lora.r
+        shape["alpha"] = lora.alpha * (math.sqrt(2) if lora.use_rslora else 2)
+    return {name: tuple(sorted(value)) if isinstance(value, list) else value for name, value in shape.items()}
+
+
+def shape_differences(lora: LoraParams, parent: LoraParams) -> list[str]:
+    """Where a run with `lora` would not continue the adapter that a run with `parent` saved: one "name: the
+    parent's value, not this one" each; empty when the shapes match (`lora`'s init does not apply to a warm start)."""
+    theirs, ours = saved_shape(parent), saved_shape(dataclasses.replace(lora, init="default"))
+    return [f"{name}: the parent's is {_shown(theirs[name])}, not {_shown(ours[name])}"
+            for name in SHAPE_FIELDS if theirs[name] != ours[name]]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def adapter_params(spec: TrainSpec) -> LoraParams:
+    """The run's LoraParams as its adapter starts: a warm start begins at the parent's weights, so no init applies
+    (neither before training nor, for the inits that mutate the base, at save time)."""
+    return dataclasses.replace(spec.lora, init="default") if spec.warm_start else spec.lora
+
+
+def load_parent_adapter(model: Any, lora: LoraParams, parent_dir: Path, parent_name: str = "") -> Any:
+    """The base wrapped with the parent adapter as its trainable adapter (a warm start), instead of a new one.
+
+    The parent's own adapter_config.json gives the shape, which must be `lora`'s; `lora` gives the dropout. The
+    base's checks (`refuse_what_cannot_train`) apply as to a new adapter."""
+    from peft import LoraConfig, PeftConfig, PeftModel
+
+    label = parent_name or str(parent_dir)
+    if not (parent_dir / "adapter_config.json").is_file():
+        raise RunnerError(f"init_adapter: the files of the parent adapter {label} are not in the artifact store "
+                          f"({parent_dir})")
+    refuse_what_cannot_train(lora, model)
+    config = PeftConfig.from_pretrained(str(parent_dir))
+    if not isinstance(config, LoraConfig):
+        raise RunnerError(f"init_adapter: {label} is a {config.peft_type} adapter; a warm start continues a LoRA "
+                          "adapter (LoRA, DoRA, rsLoRA)")
+    differ = [f"{name} {_shown(theirs)} (the run's LoRA config: {ours})" for name, theirs, ours in (
+                  ("r", config.r, lora.r), ("alpha", config.lora_alpha, lora.alpha),
+                  ("use_dora", config.use_dora, lora.use_dora), ("use_rslora", config.use_rslora, lora.use_rslora))
+              if theirs != ours]
+    if differ:
+        raise RunnerError(f"init_adapter: {label} has {', '.join(differ)}: the run continues its weights, so its "
+                          "LoRA config must have their shape")
+    config.lora_dropout, config.inference_mode = lora.dropout, False
+    return PeftModel.from_pretrained(model, str(parent_dir), adapter_name=TRAINED_ADAPTER, is_trainable=True,
+                                     config=config)
+
+
 # --- after the wrap, and at save time -------------------------------------------------------------
 
 
@@ -171,10 +244,12 @@ def save_adapter(model: Any, lora: LoraParams, adapter_dir: Path, work_dir: Path
         if not (initial / "adapter_config.json").exists():
             raise RunnerError(f"{lora.init}: the initial adapter is missing (prepare_adapter was not called)")
         model.save_pretrained(
-            adapter_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(initial)
+            adapter_dir, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER],
+            path_initial_model_for_weight_conversion=str(initial),
         )
         return
-    model.save_pretrained(adapter_dir, safe_serialization=True)
+    # The trained adapter alone: a warm start's model also holds the reference, a frozen copy of the parent.
+    model.save_pretrained(adapter_dir, safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
 
 
 def apply_loftq(model: Any, base: ModelRef) -> int:

@@ -39,6 +39,8 @@ from workers.training.engine import (
 from workers.training.modelinfo import ModelNotFound, check_source
 from workers.training.objectives import objective_for
 from workers.training.peftsetup import (
+    adapter_params,
+    load_parent_adapter,
     prepare_adapter,
     quantization_config,
     save_adapter,
@@ -65,7 +67,8 @@ def run_training(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> d
 
 def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
     started = time.monotonic()
-    problems = {**spec.train.validate(has_eval_dataset=spec.eval_dataset is not None), **spec.lora.validate(spec.train)}
+    problems = {**spec.train.validate(has_eval_dataset=spec.eval_dataset is not None), **spec.lora.validate(spec.train),
+                **spec.warm_start_problems()}
     if problems:  # the control plane checks before queueing; a spec from elsewhere gets the same answer
         raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
     reporter.log(f"Attempt {spec.attempt} on {platform.node()}: loading the dataset")
@@ -83,6 +86,8 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     reporter.log(f"Plan: {plan.describe()}")
     tokenizer = _load_tokenizer(spec, rows, reporter)
     model = _load_model(spec, device, reporter, plan)
+    if spec.warm_start:
+        model = _start_from_parent(spec, store, model, reporter)
     check_cancel(reporter)
 
     from datasets import Dataset
@@ -99,7 +104,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     check_rows_left(spec, store, trainer, len(train_rows), tokenizer, reporter)
     # Only rank 0 keeps what prepare_adapter writes (the initial adapter of PiSSA/OLoRA, read back on save).
     scratch = _work_dir(spec, store) if rank.is_main else Path(tempfile.mkdtemp(prefix=f"tunedeck-rank{rank.rank}-"))
-    for line in prepare_adapter(trainer.model, spec.lora, spec.base_model, scratch):
+    for line in prepare_adapter(trainer.model, adapter_params(spec), spec.base_model, scratch):
         reporter.log(line)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     reporter.log(f"Trainable parameters: {count(trainable)} of {count(total)} ({percent(trainable / total)})")
@@ -162,7 +167,7 @@ def _save(trainer: Any, spec: TrainSpec, rank: Rank, adapter_dir: Path, work_dir
     if spec.train.sharded:
         trainer.save_model(str(adapter_dir))  # a full state dict (fsdp_config), saved by rank 0 alone
     elif rank.is_main:
-        save_adapter(trainer.model, spec.lora, adapter_dir, work_dir)
+        save_adapter(trainer.model, adapter_params(spec), adapter_dir, work_dir)
 
 
 def _distribution(spec: TrainSpec, rank: Rank, peaks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -387,6 +392,19 @@ def _load_model(spec: TrainSpec, device: Device, reporter: Reporter, plan: Plan)
     prepare_model(model, plan)
     if device.kind == "cuda":
         reporter.log(f"GPU memory after load: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    return model
+
+
+def _start_from_parent(spec: TrainSpec, store: ArtifactStore, model: Any, reporter: Reporter) -> Any:
+    """The base wrapped with the run's parent adapter, the adapter it trains (a warm start). A resumed attempt
+    starts here too; the trainer then loads its own checkpoint over the parent's weights."""
+    if not spec.init_adapter_uri:
+        raise RunnerError(f"init_adapter: the parent adapter {spec.init_adapter_name} was deleted, so this run cannot "
+                          "start from it any more")
+    model = load_parent_adapter(model, spec.lora, store.path(spec.init_adapter_uri), spec.init_adapter_name)
+    ignored = f" (the LoRA config's {spec.lora.init} init does not apply)" if spec.lora.init != "default" else ""
+    reporter.log(f"Warm start: the adapter starts from the weights of {spec.init_adapter_name or spec.init_adapter_uri}"
+                 f"{ignored}; an objective with a reference measures against that adapter, frozen")
     return model
 
 

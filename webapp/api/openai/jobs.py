@@ -3,7 +3,7 @@ service (`training/services.py`: the same checks, placement fields included, as 
 
 The request:
 
-    {"model": "<base model name, or a hub id / local path registered on the fly>",
+    {"model": "<base model name, or a hub id / local path registered on the fly, or a fine-tuned model>",
      "training_file": "file-<dataset id>",
      "validation_file": "file-<dataset id>",          # optional: evaluate on it (tunedeck eval_fraction must be 0)
      "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 0.5},   # or "auto"
@@ -16,6 +16,10 @@ The request:
          "hyperparameters": {...TrainParams fields...},
          "labels": ["a100"], "priority": 0}}             # labels: also accepted as worker_labels
 
+A fine-tuned model as `model` (`<base>:ft-<job number>`, a succeeded job's `fine_tuned_model`) continues that
+job's adapter: a warm start on its base, with its LoRA config unless tunedeck names another config of its shape
+(for DPO, the reference is that adapter as it was). A checkpoint's id (`…:ckpt-step-<n>`) is refused.
+
 The method's type sets TrainParams' objective (supervised: sft, dpo: dpo), and DPO's beta its beta.
 n_epochs, batch_size and seed set TrainParams' num_epochs, batch_size and seed; learning_rate_multiplier
 multiplies Tunedeck's suggested learning rate for the base's size. "auto" (or leaving one out) keeps that
@@ -25,17 +29,19 @@ suggestion. Setting a field both the OpenAI way and in tunedeck.hyperparameters 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from webapp.api import access
 from webapp.api.openai.errors import OpenAIError
-from webapp.api.openai.serializers import FILE_PREFIX, parse_id
+from webapp.api.openai.serializers import FILE_PREFIX, JOB_PREFIX, parse_id
 from webapp.api.problems import flatten_errors
 from webapp.api.runs import RunCreateSerializer
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model
-from webapp.training.models import TrainingRun
+from webapp.training.models import Adapter, TrainingRun
 from webapp.training.services import SETTING, TRAIN_FIELDS, RunRefused, RunRequest, queue_run
 from workers.contract import spec
 from workers.training.modelinfo import ModelNotFound
@@ -53,8 +59,10 @@ OLD_LABELS_NAME = "worker_labels"
 TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "labels", OLD_LABELS_NAME, "priority"}
 # Where a request names each of the run request's fields (the OpenAI names, and Tunedeck's own under tunedeck).
 PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "eval_dataset": "validation_file",
-          "lora_config": "tunedeck.lora", "priority": "tunedeck.priority"}
+          "lora_config": "tunedeck.lora", "priority": "tunedeck.priority", "init_adapter": "model"}
 SUFFIX_MAX = 64
+# A fine-tuned model's id as jobs return it (serializers.fine_tuned_model), or one of its checkpoints'.
+FINE_TUNED_MODEL = re.compile(r"(?P<base>.+):ft-(?P<job>[0-9]{1,18})(?P<checkpoint>:ckpt-step-[0-9]+)?")
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> OpenAIError:
@@ -93,6 +101,27 @@ def resolve_model(model: Any, user: Any) -> BaseModel:
                    "model", "model_not_found") from None
     except IntegrityError:  # registered by a concurrent request meanwhile
         return BaseModel.objects.get(name=model[:200])
+
+
+def fine_tuned_model(model: Any, user: Any) -> tuple[BaseModel, Adapter] | None:
+    """The base and the adapter of the fine-tuned model `model` names, to continue (a warm start); None for a base
+    model's name."""
+    match = FINE_TUNED_MODEL.fullmatch(model.strip()) if isinstance(model, str) else None
+    if match is None or BaseModel.objects.filter(name=model.strip()).exists():
+        return None
+    if match["checkpoint"]:
+        raise _bad(f"model {model!r} is a checkpoint, which a job cannot start from: give the fine-tuned model "
+                   f"{model.strip().removesuffix(match['checkpoint'])!r}", "model", "model_not_found")
+    runs = TrainingRun.objects.select_related("base_model", "lora_config")
+    run = access.visible(user, runs).filter(pk=int(match["job"]), base_model__name=match["base"]).first()
+    if run is None:
+        raise _bad(f"model {model!r} is no fine-tuned model: no job {JOB_PREFIX}{match['job']} trained "
+                   f"{match['base']!r}", "model", "model_not_found")
+    adapter = Adapter.objects.select_related("base_model", "run__lora_config").filter(run=run).first()
+    if adapter is None:
+        raise _bad(f"model {model!r}: job {JOB_PREFIX}{run.pk} is {run.state}, and only a succeeded job's model "
+                   "can be fine-tuned further", "model", "model_not_found")
+    return run.base_model, adapter
 
 
 def resolve_file(value: Any, param: str) -> Dataset:
@@ -196,12 +225,15 @@ def _lora_params(value: dict[str, Any]) -> spec.LoraParams:
     return params
 
 
-def lora_config_for(tunedeck: dict[str, Any], user: Any) -> LoraConfig:
-    """A saved config by name or id; or the inline `lora` (or the default LoRA) as a config, reusing an equal one."""
+def lora_config_for(tunedeck: dict[str, Any], user: Any, parent: Adapter | None = None) -> LoraConfig:
+    """A saved config by name or id; or the inline `lora` as a config, reusing an equal one; with neither, the
+    config that trained `parent` (the adapter a warm start continues), else the default LoRA as a config."""
     named, inline = tunedeck.get("lora_config"), tunedeck.get("lora")
     if named is not None and inline is not None:
         raise _bad("give tunedeck.lora_config (a saved config) or tunedeck.lora (inline parameters), not both",
                    "tunedeck.lora")
+    if named is None and inline is None and parent is not None and parent.run is not None:
+        return parent.run.lora_config
     if named is not None:
         found = LoraConfig.objects.filter(name=str(named)).first()
         if found is None and str(named).isdigit():
@@ -276,15 +308,17 @@ def create_job(body: Any, user: Any) -> TrainingRun:
     dataset = resolve_file(body.get("training_file"), "training_file")
     validation = body.get("validation_file")
     eval_dataset = resolve_file(validation, "validation_file") if validation not in (None, "") else None
-    base = resolve_model(body.get("model"), user)
+    fine_tuned = fine_tuned_model(body.get("model"), user)
+    base, parent = fine_tuned if fine_tuned is not None else (resolve_model(body.get("model"), user), None)
     values, origins = train_values(body, tunedeck, base)
     labels, labels_param = _labels(tunedeck)
     params = {**PARAMS, **{SETTING + name: param for name, param in origins.items()}, "labels": labels_param}
     with transaction.atomic():  # an inline LoRA config saved for a job that is then refused goes with it
-        config = lora_config_for(tunedeck, user)
+        config = lora_config_for(tunedeck, user, parent)
         hyperparameters, priority = _settings(values, tunedeck.get("priority"), params)
         request = RunRequest(name=suffix, base_model=base, dataset=dataset, eval_dataset=eval_dataset,
-                             lora_config=config, hyperparameters=hyperparameters, priority=priority, labels=labels)
+                             lora_config=config, hyperparameters=hyperparameters, priority=priority, labels=labels,
+                             init_adapter=parent)
         try:
             return queue_run(user, request, via=" through the OpenAI-compatible API")
         except RunRefused as refused:

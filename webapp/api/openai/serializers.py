@@ -79,6 +79,12 @@ def fine_tuned_model(run: TrainingRun) -> str:
     return f"{run.base_model.name}:ft-{run.pk}"
 
 
+def job_model(run: TrainingRun) -> str:
+    """The model the job fine-tunes: its base, or for a warm start the fine-tuned model it continues."""
+    parent = run.init_adapter
+    return f"{run.base_model.name}:ft-{parent.run_id}" if parent is not None and parent.run_id else run.base_model.name
+
+
 def train_params(run: TrainingRun) -> TrainParams:
     """The run's settings; fields a row stored under another version are dropped rather than failing a list."""
     try:
@@ -142,7 +148,7 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
         "fine_tuned_model": fine_tuned_model(run) if run.state == RunState.SUCCEEDED else None,
         "finished_at": unix(run.finished_at) if run.is_final else None,
         "hyperparameters": hyperparameters,
-        "model": run.base_model.name,
+        "model": job_model(run),
         "organization_id": ORGANIZATION,
         "result_files": [],
         "seed": train_params(run).seed,
@@ -170,11 +176,12 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
             "worker_labels": run.needs_labels,
             "priority": run.priority,
             "adapter_id": adapter.pk if adapter else None,
+            "init_adapter_id": run.init_adapter_id,
         },
     }
 
 
-JOB_RELATED = ("base_model", "lora_config", "owner", "adapter")
+JOB_RELATED = ("base_model", "lora_config", "owner", "adapter", "init_adapter")
 
 
 # --- events and checkpoints ----------------------------------------------------------------------------

@@ -43,6 +43,15 @@ class Objective(Protocol):
 def trainer_inputs(spec: TrainSpec, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
                    callbacks: list[Any], args: Any) -> dict[str, Any]:
     """What every trl trainer of an objective is given: the model with the run's PEFT adapter config, its args,
-    data, tokenizer and the runner's callbacks."""
+    data, tokenizer and the runner's callbacks.
+
+    A warm start's model comes already wrapped with its parent adapter (peftsetup.load_parent_adapter), so it gets
+    no new adapter config. Given such a model and no reference model, trl's trainers with a reference (DPO, KTO,
+    GRPO) copy its adapter, frozen, as a second adapter "ref" and take the reference from it: the reference is the
+    parent as it was when the run started, never the bare base, and no second base is loaded. A new adapter's
+    reference is the base with the adapter switched off, which is also where a new adapter starts."""
+    from peft import PeftModel
+
+    peft_config = None if isinstance(model, PeftModel) else build_peft_config(spec.lora, model)
     return {"model": model, "args": args, "train_dataset": train_dataset, "eval_dataset": eval_dataset,
-            "processing_class": tokenizer, "peft_config": build_peft_config(spec.lora, model), "callbacks": callbacks}
+            "processing_class": tokenizer, "peft_config": peft_config, "callbacks": callbacks}

@@ -1,8 +1,9 @@
 """Direct preference optimization: from pairs of a chosen and a rejected answer to one prompt, with trl's DPOTrainer.
 
 The loss raises the chosen answer's log-probability over the rejected one's, each measured against a reference:
-the same base with the adapter switched off (`ref_model=None` with a PEFT adapter), so no second copy of the base
-is ever loaded. `beta` (TrainParams.beta) bounds how far the adapter moves from that reference; TrainParams.dpo_loss
+the policy as it started, from the same base (`ref_model=None` with a PEFT adapter), so no second copy of the base
+is ever loaded. That is the base with the adapter switched off for a new adapter, and the parent adapter, frozen,
+for a warm start (objectives.base.trainer_inputs). `beta` (TrainParams.beta) bounds how far the adapter moves from that reference; TrainParams.dpo_loss
 picks trl's loss.
 """
 
@@ -42,7 +43,7 @@ class DirectPreference:
         from trl import DPOTrainer
 
         return DPOTrainer(
-            ref_model=None,  # the reference is the policy with its adapter disabled, never a second base
+            ref_model=None,  # the reference is the policy as it started (see the module docstring), never a second base
             **trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args),
         )
 
