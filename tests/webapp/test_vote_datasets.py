@@ -415,3 +415,11 @@ def test_a_feedback_dataset_of_thumbs_over_the_api_and_one_with_a_single_label_r
     assert body["summary"] == "2 feedback rows (1 up, 1 down) from 1 prompt"
     fmt, rows = load_trl_rows(ArtifactStore(store_dir).path(Dataset.objects.get(pk=body["dataset"]["id"]).uri))
     assert fmt == "feedback" and sorted(row["label"] for row in rows) == [False, True]
+
+
+def test_the_cli_command_line_reads_the_kind_and_name() -> None:
+    from webapp.cli import build_parser
+
+    parsed = build_parser().parse_args(["comparisons", "to-dataset", "7", "--kind", "feedback", "--name", "mine"])
+    assert (parsed.id, parsed.kind, parsed.name) == (7, "feedback", "mine")
+    assert build_parser().parse_args(["comparisons", "to-dataset", "7"]).kind == "preference"
