@@ -1,5 +1,5 @@
-"""`tunedeck adapters` (list, show, download), `compare`, `comparisons` (show, blind ballot, vote), `prompt-sets`
-and `merge`: adapter jobs, optionally waited on."""
+"""`tunedeck adapters` (list, show, download), `compare`, `comparisons` (show, blind ballot, vote, to-dataset),
+`prompt-sets` and `merge`: adapter jobs, optionally waited on."""
 
 from __future__ import annotations
 
@@ -201,6 +201,29 @@ def comparisons_vote(args: argparse.Namespace, api: Api) -> int:
     for option in row.get("options") or []:
         print(f"  {option.get('option')}: {option.get('label')}")
     return OK
+
+
+def comparisons_to_dataset(args: argparse.Namespace, api: Api) -> int:
+    """A dataset of the comparison's judgements: what it holds and what was left out, and what to train it with."""
+    body = {"kind": args.kind, "name": args.name or ""}
+    # Sent without an Idempotency-Key: the client retries a keyed POST's 409, which here means that nothing is
+    # left to make (or the comparison has not finished), and waiting does not change it.
+    made = api.post(f"comparisons/{args.id}/to-dataset/", body).json()
+    if args.json:
+        emit_json(made)
+        return OK
+    dataset, train = made.get("dataset") or {}, made.get("train") or {}
+    print(f"Dataset {dataset.get('id')} {dataset.get('name')!r} ({dataset.get('format')}, {dataset.get('row_count')} "
+          f"rows) from comparison {made.get('comparison')}'s {made.get('judgements')} {_judged(made.get('kind'))}")
+    print(made.get("summary", ""))
+    start = f", init_adapter: {train['init_adapter']}" if train.get("init_adapter") else ""
+    note(f"train on it: a run spec with objective: {train.get('objective')}, dataset: {train.get('dataset')}, "
+         f"base_model: {train.get('base_model')}{start} (`tunedeck runs create -f`)")
+    return OK
+
+
+def _judged(kind: Any) -> str:
+    return "votes" if kind == "preference" else "thumbs"
 
 
 PROMPT_SET_COLUMNS = [("id", field("id")), ("name", field("name")), ("owner", field("owner")),

@@ -184,7 +184,8 @@ def _register_adapters(sub: Any) -> None:
     comp.add_argument("--name")
     comp.add_argument("--wait", action="store_true", help="Wait and print the grid (exit 1 when the job failed).")
     _quiet(comp)
-    comps = _group(sub, "comparisons", "Comparisons: show, and blind votes (ballot, vote).")
+    comps = _group(sub, "comparisons", "Comparisons: show, blind votes (ballot, vote), datasets of the votes "
+                   "(to-dataset).")
     _leaf(comps, "show", adapters.compare_show, "A comparison's grid and win rates.").add_argument("id", type=int)
     ballot = _leaf(comps, "ballot", adapters.comparisons_ballot, "Your blind ballot: each row's outputs under option "
                    "letters in an order shuffled for you; names show only on the rows you voted on.")
@@ -195,6 +196,13 @@ def _register_adapters(sub: Any) -> None:
     vote.add_argument("id", type=int)
     vote.add_argument("row", type=int, help="The row, as numbered on your ballot (from 0).")
     vote.add_argument("option", help="An option letter of that row (A, B, …), or tie.")
+    made = _leaf(comps, "to-dataset", adapters.comparisons_to_dataset, "Make a dataset of a comparison's "
+                 "judgements: preference pairs from its blind votes (for DPO) or feedback rows from its thumbs (for "
+                 "KTO); prints what it holds and what was left out. Exit 1 when nothing is left.")
+    made.add_argument("id", type=int)
+    made.add_argument("--kind", choices=("preference", "feedback"), default="preference",
+                      help="preference (the votes, default) or feedback (the thumbs).")
+    made.add_argument("--name", help="The dataset's name (default: votes of <comparison>, or thumbs of).")
 
     sets = _group(sub, "prompt-sets", "Prompt sets: list, show.")
     sets_list = _leaf(sets, "list", adapters.prompt_sets_list, "List prompt sets, newest first.")

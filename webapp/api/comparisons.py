@@ -1,5 +1,6 @@
-"""Comparisons over the API (start, list, get with the grid, blind votes) and the prompt sets they run on. A
-comparison starts through playground.services like every adapter job (see api/adapters.py)."""
+"""Comparisons over the API (start, list, get with the grid, blind votes, thumbs, datasets made of them) and the
+prompt sets they run on. A comparison starts through playground.services like every adapter job (see
+api/adapters.py); votes, thumbs and their datasets follow playground.votes, .thumbs and .votedata."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from rest_framework.response import Response
 
 from webapp.api import access
 from webapp.api.adapters import adapters_field, job_error, request_body
+from webapp.api.catalog import DatasetSerializer
 from webapp.api.common import (
     NON_FIELD,
     NamedRef,
@@ -31,8 +33,8 @@ from webapp.api.common import (
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset
-from webapp.playground import services, votes
-from webapp.playground.models import Comparison, PromptSet
+from webapp.playground import services, thumbs, votedata, votes
+from webapp.playground.models import Comparison, PromptSet, VoteDataset
 from webapp.playground.views import grid
 from webapp.specfields import INT32
 from workers.contract import jobspecs
@@ -244,6 +246,86 @@ def _vote_refused(request: Request, refused: votes.VoteRefused) -> Response:
     return problem(refused.status, refused.message, instance=request.path)
 
 
+# --- thumbs and the datasets made of votes and thumbs ------------------------------------------------------
+
+
+class ThumbSerializer(serializers.Serializer):
+    row = serializers.IntegerField(min_value=0, max_value=INT32, help_text="The row's index (from 0).")
+    column = serializers.CharField(max_length=64, help_text="The column's key, as in the comparison's columns.")
+    value = serializers.ChoiceField(choices=list(thumbs.VALUES), help_text="`up`, `down`, or `none` to take "
+                                    "your thumb back.")
+
+
+class ThumbTallySerializer(serializers.Serializer):
+    row = serializers.IntegerField()
+    column = serializers.CharField()
+    up = serializers.IntegerField(help_text="Thumbs up on this output, everyone's.")
+    down = serializers.IntegerField(help_text="Thumbs down on this output, everyone's.")
+    mine = serializers.ChoiceField(choices=[thumbs.UP, thumbs.DOWN], allow_null=True, help_text="Your own thumb.")
+
+
+class ToDatasetSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=list(votedata.KINDS), default=VoteDataset.PREFERENCE,
+                                   help_text="`preference`: pairs from the blind votes (prompt/chosen/rejected with "
+                                   "a weight), for DPO. `feedback`: the thumbed outputs (prompt/completion/label), "
+                                   "for KTO.")
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="",
+                                 help_text="The new dataset's name; default `votes of <comparison>` (or `thumbs of`).")
+
+
+class FiguresSerializer(serializers.Serializer):
+    judgements = serializers.IntegerField(help_text="Votes (ties included) or thumbs counted.")
+    examples = serializers.IntegerField(help_text="Rows of the dataset: pairs, or feedback rows.")
+    rows = serializers.IntegerField(help_text="Prompts that gave at least one row.")
+    tied_rows = serializers.IntegerField(help_text="Preference: rows left out, their votes deciding nothing "
+                                         "(ties only, or every column level).")
+    unvoted_rows = serializers.IntegerField(help_text="Preference: rows left out, nobody voted on them.")
+    identical_pairs = serializers.IntegerField(help_text="Preference: pairs left out, both answers the same text.")
+    empty_outputs = serializers.IntegerField(help_text="Pairs or outputs left out for an empty answer.")
+    desirable = serializers.IntegerField(help_text="Feedback: rows labelled true.")
+    undesirable = serializers.IntegerField(help_text="Feedback: rows labelled false.")
+    split_outputs = serializers.IntegerField(help_text="Feedback: outputs left out, as many thumbs up as down.")
+
+
+class TrainPrefillSerializer(serializers.Serializer):
+    objective = serializers.CharField(help_text="dpo for preference pairs, kto for feedback.")
+    dataset = serializers.IntegerField()
+    base_model = serializers.IntegerField(allow_null=True, help_text="The comparison's base model.")
+    init_adapter = serializers.IntegerField(allow_null=True, help_text="The adapter whose column won the most "
+                                            "votes, to start from (null: the base won, or no votes).")
+
+
+class VoteDatasetSerializer(serializers.ModelSerializer):
+    dataset = DatasetSerializer(read_only=True)
+    comparison = serializers.IntegerField(source="comparison_id", allow_null=True, read_only=True)
+    created_by = serializers.CharField(source="created_by.username", allow_null=True, read_only=True, default=None)
+    figures = serializers.SerializerMethodField()
+    train = serializers.SerializerMethodField(help_text="What a run on this dataset takes: POST these to runs/ "
+                                              "with a LoRA config (the page's `Train DPO on these votes`).")
+
+    class Meta:
+        model = VoteDataset
+        fields = ["dataset", "comparison", "comparison_name", "kind", "judgements", "summary", "figures", "train",
+                  "created_by", "created_at"]
+        read_only_fields = fields
+
+    @extend_schema_field(FiguresSerializer)
+    def get_figures(self, source: VoteDataset) -> dict[str, Any]:
+        return source.figures
+
+    @extend_schema_field(TrainPrefillSerializer)
+    def get_train(self, source: VoteDataset) -> dict[str, Any]:
+        return {"objective": source.objective, "dataset": source.dataset_id,
+                "base_model": source.comparison.base_model_id if source.comparison else None,
+                "init_adapter": source.winner_id}
+
+
+def _dataset_refused(request: Request, refused: votedata.DatasetRefused) -> Response:
+    if refused.field:
+        raise ValidationError({refused.field: [refused.message]})
+    return problem(refused.status, refused.message, instance=request.path)
+
+
 class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     """Side-by-side outputs of adapters (and their base) on a prompt set; blind votes give win rates."""
 
@@ -307,6 +389,47 @@ class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             return _vote_refused(request, refused)
         return Response(ballot_row(comparison, votes.ballot(comparison, request.user, [row])[0]),
                         status=status.HTTP_201_CREATED)
+
+    @extend_schema(methods=["get"], responses={200: ThumbTallySerializer(many=True)},
+                   description="Thumbs up and down on the comparison's outputs: per output with any, the counts and "
+                               "your own.")
+    @extend_schema(methods=["post"], request=ThumbSerializer, responses={200: ThumbTallySerializer},
+                   description="Your thumb on one output: up, down, or none to take it back (one per person per "
+                               "output; 409 while the comparison has not finished).")
+    @action(detail=True, methods=["get", "post"], url_path="thumbs", url_name="thumbs")
+    def output_thumbs(self, request: Request, pk: str) -> Response:
+        comparison = self.get_object()
+        if request.method == "GET":
+            given = thumbs.tallies(comparison, request.user)
+            return Response([{"row": row, "column": column, **tally} for (row, column), tally in sorted(given.items())])
+        body = ThumbSerializer(data=request_body(request))
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            thumbs.give(comparison, request.user, data["row"], data["column"], data["value"])
+        except votes.VoteRefused as refused:
+            return _vote_refused(request, refused)
+        return Response({"row": data["row"], "column": data["column"],
+                         **thumbs.tally(comparison, request.user, data["row"], data["column"])})
+
+    @extend_schema(request=ToDatasetSerializer, responses={201: VoteDatasetSerializer},
+                   description="Make a dataset of the comparison's judgements: `preference` pairs from its blind votes "
+                               "(every column that won votes on a row against every column with fewer; `weight` = "
+                               "the difference) or `feedback` rows from its thumbs. Rows that give nothing (tied, "
+                               "unvoted, identical or empty answers) are left out and counted in `figures`. 409 "
+                               "when nothing is left, or the comparison has not finished.")
+    @action(detail=True, methods=["post"], url_path="to-dataset", url_name="to-dataset")
+    @idempotent
+    def to_dataset(self, request: Request, pk: str) -> Response:
+        comparison = self.get_object()
+        body = ToDatasetSerializer(data=request_body(request))
+        body.is_valid(raise_exception=True)
+        try:
+            source = votedata.make_dataset(comparison, request.user, body.validated_data["kind"],
+                                           body.validated_data["name"])
+        except votedata.DatasetRefused as refused:
+            return _dataset_refused(request, refused)
+        return Response(VoteDatasetSerializer(source).data, status=status.HTTP_201_CREATED)
 
 
 # --- prompt sets --------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from typing import Any
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.db import models
+from django.urls import reverse
 from django.utils.crypto import salted_hmac
 
 from webapp.catalog.models import BaseModel, Dataset
@@ -233,3 +235,65 @@ class MergedModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.adapter} merged ({self.dtype})"
+
+
+class Thumb(models.Model):
+    """A teammate's thumbs up or down on one output of a comparison: one per person per output, changed in place."""
+
+    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="thumbs")
+    row = models.PositiveIntegerField()
+    column = models.CharField(max_length=64)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="thumbs")
+    up = models.BooleanField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["comparison", "row", "column", "user"], name="thumb_once_per_output")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} on row {self.row} · {self.column}: {'up' if self.up else 'down'}"
+
+
+class VoteDataset(models.Model):
+    """Where a dataset made from a comparison came from: its votes (preference pairs) or thumbs (feedback rows),
+    with the figures of what was kept and left out. The link lives here, above catalog and training, so that a
+    dataset, and an adapter trained on it, lead back to the comparison and the people who judged it."""
+
+    PREFERENCE, FEEDBACK = "preference", "feedback"
+    KINDS = [(PREFERENCE, "preference pairs from blind votes"), (FEEDBACK, "feedback from thumbs up and down")]
+
+    dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, related_name="vote_source")
+    # A deleted comparison leaves the dataset's provenance by name.
+    comparison = models.ForeignKey(Comparison, null=True, on_delete=models.SET_NULL, related_name="datasets")
+    comparison_name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, choices=KINDS)
+    # The adapter whose column won the most votes when the dataset was made: where a run on it may start from.
+    winner = models.ForeignKey(Adapter, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    judgements = models.PositiveIntegerField(help_text="The votes (or thumbs) counted.")
+    figures = models.JSONField(default=dict)  # what was kept and left out: votedata.Figures
+    summary = models.CharField(max_length=500)  # the figures in a line, as pages and the CLI show them
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.dataset_id} from {self.comparison_name}"
+
+    @property
+    def objective(self) -> str:
+        """The objective the rows are made for: DPO for pairs, KTO for unpaired feedback."""
+        return "dpo" if self.kind == self.PREFERENCE else "kto"
+
+    def train_url(self) -> str:
+        """The New run page filled in for this dataset: its objective, the comparison's base, and the winning
+        adapter to start from (the page's initial values, to review before queueing)."""
+        query = {"objective": self.objective, "dataset": self.dataset_id}
+        if self.comparison is not None:
+            query["base_model"] = self.comparison.base_model_id
+        if self.winner_id is not None:
+            query["init_adapter"] = self.winner_id
+        return f"{reverse('run-new')}?{urlencode(query)}"

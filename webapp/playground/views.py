@@ -15,9 +15,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
+from webapp.catalog.models import Dataset
 from webapp.jobs import views as job_views
 from webapp.jobs.stream import batch_reader, sse
-from webapp.playground import deletion, services, votes
+from webapp.playground import deletion, services, thumbs, votedata, votes
 from webapp.playground.downloads import zip_response
 from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
 from webapp.playground.kinds import JobKind
@@ -281,8 +282,60 @@ def comparison_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "base_precision": loaded_base(comparison.job),
         "vote_count": comparison.votes.count(),
         "my_votes": comparison.votes.filter(user=request.user).count(),
+        "open": votes.is_open(comparison),
+        **training_data(comparison),
     }
+    if context["open"]:
+        given = thumbs.tallies(comparison, request.user)
+        for row in rows:
+            for c in row["cells"]:
+                c["thumbs"] = given.get((row["index"], c["key"]), {"up": 0, "down": 0, "mine": None})
     return render(request, "playground/comparison_detail.html", context)
+
+
+def training_data(comparison: Comparison) -> dict[str, Any]:
+    """What the comparison's votes and thumbs would give as datasets, and the datasets made from it so far."""
+    if not votes.is_open(comparison):
+        return {"made": []}
+    _, pairs = votedata.preference_rows(comparison)
+    _, feedback = votedata.feedback_rows(comparison)
+    return {"pairs": pairs, "feedback": feedback,
+            "made": comparison.datasets.select_related("dataset", "comparison").order_by("-id")}
+
+
+@login_required
+@require_POST
+def comparison_thumb(request: HttpRequest, pk: int) -> HttpResponse:
+    """Thumbs up or down on one output of the grid (`value` up, down or none); htmx swaps the cell's buttons."""
+    comparison = get_object_or_404(Comparison.objects.select_related("prompt_set", "job", "base_model"), pk=pk)
+    try:
+        thumbs.give(comparison, request.user, request.POST.get("row", ""), request.POST.get("column", ""),
+                    request.POST.get("value", ""))
+    except votes.VoteRefused as refused:
+        text = f"{refused.field}: {refused.message}" if refused.field else refused.message
+        return HttpResponse(html.escape(text), status=refused.status)
+    if not request.htmx:  # type: ignore[attr-defined]
+        return redirect("comparison-detail", pk=comparison.pk)
+    row, column = int(request.POST["row"]), request.POST["column"]
+    context = {"comparison": comparison, "row_index": row, "column": column,
+               "thumbs": thumbs.tally(comparison, request.user, row, column)}
+    return render(request, "playground/partials/thumbs.html", context)
+
+
+@login_required
+@require_POST
+def comparison_to_dataset(request: HttpRequest, pk: int) -> HttpResponse:
+    """Make a preference dataset of the votes (or a feedback dataset of the thumbs), then show it with where it
+    came from (the rules are in playground.votedata, shared with the API)."""
+    comparison = get_object_or_404(Comparison.objects.select_related("prompt_set", "job", "base_model"), pk=pk)
+    try:
+        source = votedata.make_dataset(comparison, request.user, request.POST.get("kind", ""),
+                                       request.POST.get("name", ""))
+    except votedata.DatasetRefused as refused:
+        messages.error(request, f"No dataset made: {refused.field + ': ' if refused.field else ''}{refused.message}")
+        return redirect("comparison-detail", pk=comparison.pk)
+    messages.success(request, f"Made {source.dataset}: {source.summary}.")
+    return redirect("dataset-detail", pk=source.dataset_id)
 
 
 @login_required
@@ -310,6 +363,16 @@ def _cast_vote(request: HttpRequest, comparison: Comparison) -> HttpResponse:
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "playground/partials/vote_row.html", context)
     return redirect("comparison-vote", pk=comparison.pk)
+
+
+@login_required
+def dataset_file(request: HttpRequest, pk: int) -> FileResponse:
+    """A dataset's stored file as it was validated (a dataset made from votes is a JSONL file like an upload)."""
+    dataset = get_object_or_404(Dataset, pk=pk)
+    path = _store().path(dataset.uri)
+    if not path.is_file():
+        raise Http404("the dataset's file is missing from the artifact store")
+    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name.split("-", 1)[-1])
 
 
 # --- evaluations ----------------------------------------------------------------------------------------

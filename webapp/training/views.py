@@ -119,7 +119,8 @@ def _new_run_form(request: HttpRequest, clone: TrainingRun | None) -> tuple[RunF
             reasons = [message for messages in refused.errors.values() for message in messages]
             return RunForm(initial={"base_model": base}, suggested=suggested), reasons
     suggested, base = _suggested(request.GET.get("base_model"))
-    return RunForm(initial={"base_model": base}, suggested=suggested), []
+    # Other fields given in the query string (e.g. a dataset made from votes, its objective) are shown filled.
+    return RunForm(initial={**request.GET.dict(), "base_model": base}, suggested=suggested), []
 
 
 def _chart_context(run: TrainingRun) -> dict[str, Any]:
