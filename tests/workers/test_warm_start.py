@@ -238,3 +238,32 @@ def test_the_shape_a_warm_start_must_match_is_the_one_the_parent_saved() -> None
     pissa = LoraParams(r=8, alpha=16, init="pissa")
     assert shape_differences(LoraParams(r=16, alpha=32), pissa) == []
     assert shape_differences(pissa, pissa) == ["r: the parent's is 16, not 8", "alpha: the parent's is 32, not 16"]
+
+
+def test_a_checkpoint_with_a_reference_adapter_restores_the_trained_one_from_its_root(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A warm start's checkpoint holds the trained adapter in its root and trl's frozen `ref` copy in a sub-folder;
+    transformers' Trainer before 5.2x restored only the sub-folder on resume (the trained adapter stayed the
+    parent's). The runner loads the root itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from workers.training.peftsetup import REFERENCE_ADAPTER, TRAINED_ADAPTER, restore_trained_adapter
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    model.add_adapter(REFERENCE_ADAPTER, LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "checkpoint-3")
+    assert (tmp_path / "checkpoint-3" / REFERENCE_ADAPTER / "adapter_model.safetensors").is_file()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if f".{TRAINED_ADAPTER}." in n}
+    reference = {n: p.detach().clone() for n, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in trained:
+                param.add_(1.0)  # as if the adapter were back at other (the parent's) weights
+
+    assert restore_trained_adapter(model, tmp_path / "checkpoint-3")
+    now = dict(model.named_parameters())
+    assert trained and all(torch.equal(now[n], w) for n, w in trained.items())
+    assert reference and all(torch.equal(now[n], w) for n, w in reference.items())

@@ -8,8 +8,6 @@ import math
 import re
 from typing import Any
 
-import jsonschema
-
 from workers.data.bounds import json_type
 from workers.grading.base import BaseGrader
 from workers.grading.checks import Checker
@@ -30,6 +28,13 @@ def as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _validator_class(schema: Any) -> Any:
+    """jsonschema's validator for the schema's draft (imported only by graders that check a schema)."""
+    from jsonschema.validators import validator_for
+
+    return validator_for(schema)
+
+
 class JsonOutput(BaseGrader):
     """0 unless the input parses as JSON and fits `schema` (when given); then 1, or with `fields` (a dotted path
     into the output → the expected value's template) the share of those fields that hold their expected value."""
@@ -39,7 +44,7 @@ class JsonOutput(BaseGrader):
     def __init__(self, name: str, input: str, schema: dict[str, Any] | None, fields: dict[str, str]):
         super().__init__(name)
         self.input, self.fields = input, fields
-        self.validator = jsonschema.validators.validator_for(schema)(schema) if schema is not None else None
+        self.validator = _validator_class(schema)(schema) if schema is not None else None
 
     @staticmethod
     def check(c: Checker) -> None:
@@ -47,9 +52,11 @@ class JsonOutput(BaseGrader):
         c.input()
         schema = c.definition.get("schema")
         if schema is not None:
+            from jsonschema import SchemaError
+
             try:
-                jsonschema.validators.validator_for(schema).check_schema(schema)
-            except jsonschema.SchemaError as exc:
+                _validator_class(schema).check_schema(schema)
+            except SchemaError as exc:
                 where = "/".join(str(part) for part in exc.path)
                 c.error("schema", f"not a valid JSON Schema{' at ' + where if where else ''}: {exc.message}")
         fields = c.definition.get("fields", {})

@@ -220,6 +220,22 @@ def load_parent_adapter(model: Any, lora: LoraParams, parent_dir: Path, parent_n
                                      config=config)
 
 
+def restore_trained_adapter(model: Any, checkpoint: Path) -> bool:
+    """Load the trained adapter's weights from `checkpoint` before the trainer resumes from it, where the model
+    holds other adapters too (a warm start's frozen reference). Such a checkpoint keeps the trained adapter in its
+    root and the others in sub-folders; transformers' Trainer before 5.2x restores only the sub-folders on resume,
+    which left the trained adapter at the parent's weights (equal to the reference: every reward 0). Returns whether
+    it loaded anything."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = checkpoint / "adapter_model.safetensors"
+    if len(getattr(model, "peft_config", {})) < 2 or not weights.is_file():
+        return False
+    set_peft_model_state_dict(model, load_file(str(weights)), adapter_name=TRAINED_ADAPTER)
+    return True
+
+
 def steady_reference(model: Any) -> int:
     """Switch dropout off in the frozen reference adapter (REFERENCE_ADAPTER), where a warm start's trainer has one;
     returns the layers changed. trl computes the reference in training mode, and where dropout stays on (trl's

@@ -44,6 +44,7 @@ from workers.training.peftsetup import (
     load_parent_adapter,
     prepare_adapter,
     quantization_config,
+    restore_trained_adapter,
     save_adapter,
     steady_reference,
 )
@@ -113,6 +114,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
     if resume:
         reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
+        restore_trained_adapter(trainer.model, resume)
     if rank.distributed:
         trainer.add_callback(StopTogether(reporter))  # last, so that it sees every other callback's stop
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
