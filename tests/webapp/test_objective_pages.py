@@ -49,7 +49,7 @@ def test_the_form_asks_the_objective_first_and_marks_the_settings_and_datasets_i
     assert re.search(r'<option value="sft"[^>]* data-formats="text prompt_completion alpaca messages sharegpt"', page)
     assert 'id="objective-formats">text, prompt_completion, alpaca, messages, sharegpt</span>' in page
     # Each setting of some objectives only says which; the shared ones say nothing (they always show).
-    assert 'data-objectives="dpo kto orpo"' in wrapper_of(page, "beta")
+    assert 'data-objectives="dpo kto orpo simpo"' in wrapper_of(page, "beta")
     assert 'data-objectives="dpo"' in wrapper_of(page, "dpo_loss")
     assert 'data-objectives="grpo"' in wrapper_of(page, "num_generations")
     assert 'data-objectives="sft"' in wrapper_of(page, "completion_only_loss")
@@ -60,7 +60,7 @@ def test_the_form_asks_the_objective_first_and_marks_the_settings_and_datasets_i
     assert "tunedeck/run_form.js" in page and "<script>" not in page
     # Another base model swaps the settings in: they still carry their objectives.
     partial = client.get("/runs/new/", {"base_model": team[1][1].pk}, headers={"HX-Request": "true"}).content.decode()
-    assert "<html" not in partial and 'data-objectives="dpo kto orpo"' in wrapper_of(partial, "beta")
+    assert "<html" not in partial and 'data-objectives="dpo kto orpo simpo"' in wrapper_of(partial, "beta")
 
 
 def test_settings_of_another_objective_are_left_at_their_defaults_and_the_run_says_so(  # type: ignore[no-untyped-def]

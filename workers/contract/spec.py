@@ -337,7 +337,9 @@ class TrainParams:
         "raise the chosen answer's likelihood over the rejected one's, relative to the base), kto (Kahneman-Tversky "
         "optimization on feedback rows: raise desirable answers' likelihood and lower undesirable ones', relative "
         "to the base), orpo (odds ratio preference optimization on preference rows: the chosen answer's loss plus "
-        "a penalty on the odds of the rejected one, with no reference model) or grpo (group relative policy "
+        "a penalty on the odds of the rejected one, with no reference model), simpo (simple preference optimization "
+        "on preference rows: reference-free, the chosen answer's average log-probability per token over the "
+        "rejected one's by a margin, simpo_gamma) or grpo (group relative policy "
         "optimization on prompt_only rows: sample num_generations answers to each prompt, score them with the "
         "graders and raise the likelihood of those that beat their group's mean).",
         "sft",
@@ -345,7 +347,8 @@ class TrainParams:
     beta: float = help_field(
         "DPO and KTO: how far the adapter may move from the base (the reference); higher keeps it closer (for DPO's "
         "ipo loss it is the regularization strength, tau). ORPO: the weight (lambda) of the odds-ratio term added "
-        "to the chosen answer's loss; higher weighs the preference more against plain likelihood.",
+        "to the chosen answer's loss; higher weighs the preference more against plain likelihood. SimPO: the scale "
+        "of its rewards (average log-probabilities per token); its paper uses 2 to 2.5.",
         0.1,
     )
     desirable_weight: float = help_field(
@@ -361,8 +364,20 @@ class TrainParams:
     dpo_loss: str = help_field(
         "DPO only: the preference loss: sigmoid (the DPO paper's), ipo (squared, less prone to overfitting "
         "deterministic preferences), hinge (SLiC), sigmoid_norm (log-ratios normalized by answer length), apo_zero "
-        "or apo_down (anchored: push the chosen answer up and the rejected down, or both down).",
+        "or apo_down (anchored: push the chosen answer up and the rejected down, or both down), robust (sigmoid "
+        "made robust to a share of flipped preferences: label_smoothing), exo_pair (EXO: label_smoothing above 0), "
+        "bco_pair (binary classifier of chosen vs rejected), sppo_hard (SPPO), nca_pair (NCA).",
         "sigmoid",
+    )
+    label_smoothing: float = help_field(
+        "DPO's robust and exo_pair losses: the share of preference labels assumed flipped (noisy votes), in "
+        "[0, 0.5); robust with 0 is the sigmoid loss, exo_pair needs more than 0 (0.001 is its paper's).",
+        0.0,
+    )
+    simpo_gamma: float = help_field(
+        "SimPO only: the target margin between the chosen and the rejected answer's rewards (0.5 to 1.6 in its "
+        "paper); 0 asks only that the chosen answer win.",
+        0.5,
     )
     graders: dict[str, Any] = help_field(
         "GRPO only: the grader that scores each sampled answer, a JSON object in OpenAI's grader shapes "
@@ -450,6 +465,12 @@ class TrainParams:
         for name in ("beta", "desirable_weight", "undesirable_weight"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 errors[name] = "must be positive"
+        if not 0 <= self.label_smoothing < 0.5:
+            errors["label_smoothing"] = "must be in [0, 0.5)"
+        elif self.objective == "dpo" and self.dpo_loss == "exo_pair" and self.label_smoothing == 0:
+            errors["label_smoothing"] = "must be above 0 for the exo_pair loss (its log of the flipped share)"
+        if not (self.simpo_gamma >= 0 and math.isfinite(self.simpo_gamma)):
+            errors["simpo_gamma"] = "must be 0 or more"
         micro_batch = (self.per_rank_batch() or (self.batch_size, 0))[0]
         if self.objective == "kto" and "batch_size" not in errors and micro_batch < 2:
             errors["batch_size"] = ("kto needs at least 2 rows in each process's micro-batch: its KL term pairs each "
@@ -530,18 +551,19 @@ OPTIMIZERS = (
 BATCHINGS = ("auto", "pad", "pack", "padding_free")
 STRATEGIES = ("ddp", "fsdp")
 # the training objectives a worker has (workers.training.objectives.OBJECTIVES)
-OBJECTIVE_NAMES = ("sft", "dpo", "kto", "orpo", "grpo")
+OBJECTIVE_NAMES = ("sft", "dpo", "kto", "orpo", "simpo", "grpo")
 # Their trainer pads every micro-batch, each sequence (a pair's chosen or rejected answer, a feedback row's answer, a
 # sampled completion) a row of its own: the plan never packs them. Those also in UNPADDED_OBJECTIVES run padding-free
 # (batching padding_free, auto on GPUs): the runner takes the padding out of each padded batch in the forward
 # (workers/training/unpad.py).
-PADDED_OBJECTIVES = ("dpo", "kto", "orpo", "grpo")
+PADDED_OBJECTIVES = ("dpo", "kto", "orpo", "simpo", "grpo")
 UNPADDED_OBJECTIVES = ("dpo",)
-ANSWER_OBJECTIVES = ("dpo", "kto", "orpo")  # their loss is always the answers', never the prompts'
+ANSWER_OBJECTIVES = ("dpo", "kto", "orpo", "simpo")  # their loss is always the answers', never the prompts'
 MAX_GENERATIONS = 256
-# trl's DPO loss types that train on pairs against the reference with beta alone (robust and exo_pair need label
-# smoothing, aot_unpaired unpaired rows, discopop its own temperature: not offered yet).
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down")
+# trl's DPO loss types offered: those that train on pairs against the reference with beta (and label_smoothing for
+# robust and exo_pair). aot and aot_unpaired (batch-level alignment), discopop (its own temperature) are not.
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down", "robust", "exo_pair", "bco_pair",
+              "sppo_hard", "nca_pair")
 MAX_GPUS = 8
 MODES = ("auto", "throughput", "memory")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -565,7 +587,9 @@ LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}
 # run page shows a setting only under its objectives, and a run keeps the default of each that does not apply.
 OBJECTIVE_SETTINGS: dict[str, tuple[str, ...]] = {
     "completion_only_loss": ("sft",),
-    "beta": ("dpo", "kto", "orpo"),
+    "beta": ("dpo", "kto", "orpo", "simpo"),
+    "label_smoothing": ("dpo",),
+    "simpo_gamma": ("simpo",),
     "dpo_loss": ("dpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),

@@ -12,11 +12,13 @@ from workers.training.objectives.grpo import GroupRelativePolicy
 from workers.training.objectives.kto import KahnemanTversky
 from workers.training.objectives.orpo import OddsRatioPreference
 from workers.training.objectives.sft import SupervisedFineTuning
+from workers.training.objectives.simpo import SimplePreference
 
 OBJECTIVES: dict[str, Objective] = {
     objective.name: objective
     for objective in (
-        SupervisedFineTuning(), DirectPreference(), KahnemanTversky(), OddsRatioPreference(), GroupRelativePolicy(),
+        SupervisedFineTuning(), DirectPreference(), KahnemanTversky(), OddsRatioPreference(), SimplePreference(),
+        GroupRelativePolicy(),
     )
 }
 

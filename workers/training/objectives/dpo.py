@@ -37,6 +37,7 @@ class DirectPreference:
             max_length=hp.max_seq_length,  # prompt and answer together, cut at the end like SFT's rows
             beta=hp.beta,
             loss_type=[hp.dpo_loss],
+            label_smoothing=hp.label_smoothing,
             **training_arguments(spec, plan, output_dir, has_eval),
         )
         return one_gpu_per_process(config, hp)

@@ -41,15 +41,8 @@ class OddsRatioPreference:
     ) -> Any:
         from trl.experimental.orpo import ORPOTrainer
 
-        trainer: Any = ORPOTrainer(**trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args))
-        # ORPOTrainer keeps a pair whose prompt fills max_length with an empty answer (a loss of 0/0): drop such
-        # pairs, as trl's DPO and KTO trainers do, so the runner names them.
-        trainer.train_dataset = trainer.train_dataset.filter(_both_answers_kept)
-        if trainer.eval_dataset is not None:
-            trainer.eval_dataset = trainer.eval_dataset.filter(_both_answers_kept)
-        if plan.activation_offload:
-            offloaded(trainer)
-        return trainer
+        trainer = ORPOTrainer(**trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args))
+        return paired_trainer(trainer, plan)
 
     def memory_terms(self, parts: Mapping[str, int], shape: ModelShape, train: TrainParams,
                      dtype_bytes: int) -> dict[str, int]:
@@ -58,8 +51,21 @@ class OddsRatioPreference:
         return {"activations": parts.get("activations", 0), "logits": parts.get("logits", 0)}
 
 
-def _both_answers_kept(row: dict[str, Any]) -> bool:
-    """Whether truncation to max_length left both answers of a prepared pair a token to learn from."""
+def paired_trainer(trainer: Any, plan: Plan) -> Any:
+    """trl's ORPO or CPO trainer made to run as the runner expects: a pair whose prompt fills max_length (kept by
+    those trainers with an empty answer, a loss of 0/0) dropped, as trl's DPO and KTO trainers do, so the runner
+    names it; activations offloaded where the plan says (neither trainer has the setting)."""
+    trainer.train_dataset = trainer.train_dataset.filter(both_answers_kept)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = trainer.eval_dataset.filter(both_answers_kept)
+    if plan.activation_offload:
+        offloaded(trainer)
+    return trainer
+
+
+def both_answers_kept(row: dict[str, Any]) -> bool:
+    """Whether truncation to max_length left both answers of a pair prepared by trl's ORPO or CPO trainer a token
+    to learn from."""
     return any(t != -100 for t in row["chosen_labels"]) and any(t != -100 for t in row["rejected_labels"])
 
 
