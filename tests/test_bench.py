@@ -91,3 +91,18 @@ def test_preference_throughput_tiny_runs_trl_and_tunedeck(tmp_path: Path) -> Non
     unpadded = results["tunedeck@batching=padding_free"]
     assert "batching padding_free" in unpadded["plan"] and unpadded["real_share"] == 1
     assert "tunedeck / trl:" in run.stdout
+
+
+def test_grpo_step_tiny_splits_each_recipes_step(tmp_path: Path) -> None:
+    out = tmp_path / "grpo.json"
+    subprocess.run(
+        [sys.executable, "bench/grpo_step.py", "--tiny", "--model-dir", str(tmp_path / "models"),
+         "--out", str(tmp_path / "out"), "--json-out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    results = {r["recipe"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {"trl", "tunedeck"}
+    for name, result in results.items():
+        assert "error" not in result, (name, result)
+        assert result["steps"] == 1 and result["generation_s"] > 0 and result["generated_tok_per_s"] > 0
+        assert result["generation_s"] + result["rewards_s"] <= result["step_s"]
