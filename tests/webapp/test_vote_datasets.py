@@ -328,6 +328,11 @@ def test_the_api_makes_a_dataset_and_returns_the_counts_and_the_run_to_train(cli
                              "init_adapter": winner.pk if winner else None}
     listed = client.get(f"/api/v1/datasets/{body['dataset']['id']}/", **bearer(raw))
     assert listed.status_code == 200 and listed.json()["row_count"] == 4
+    made_from = listed.json()["made_from"]
+    assert (made_from["comparison"], made_from["kind"], made_from["judgements"]) == (comparison.pk, "preference", 11)
+    assert made_from["summary"] == SUMMARY and made_from["winner"] == (winner.pk if winner else None)
+    upload = client.get(f"/api/v1/datasets/{team.dataset.pk}/", **bearer(raw))
+    assert upload.status_code == 200 and upload.json()["made_from"] is None
 
     taken = post(client, url, {"name": "api votes"}, raw)
     assert taken.status_code == 400 and "exists already" in taken.json()["errors"]["name"][0]

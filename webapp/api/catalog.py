@@ -9,10 +9,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import IntegrityError
 from django.db.models import ProtectedError
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
@@ -143,10 +150,24 @@ class DatasetDetailSerializer(DatasetSerializer):
     report = serializers.SerializerMethodField(help_text="The validation report: format, rows, problems "
                                                          "(none: a dataset is stored only when clean), preview.")
     stats = serializers.SerializerMethodField(help_text="Size figures of the stored file.")
+    made_from = serializers.SerializerMethodField(
+        help_text="For a dataset made from a comparison's judgements (`comparisons/{id}/to-dataset/`): the "
+                  "comparison, what was counted (blind votes or thumbs), what was kept and left out, and the adapter "
+                  "that won; null for an upload.")
 
     class Meta(DatasetSerializer.Meta):
-        fields = [*DatasetSerializer.Meta.fields, "report", "stats"]
+        fields = [*DatasetSerializer.Meta.fields, "report", "stats", "made_from"]
         read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_made_from(self, dataset: Dataset) -> dict[str, Any] | None:
+        try:
+            source = dataset.vote_source  # the playground's provenance record, where there is one
+        except ObjectDoesNotExist:
+            return None
+        return {"comparison": source.comparison_id, "comparison_name": source.comparison_name, "kind": source.kind,
+                "judgements": source.judgements, "figures": source.figures, "summary": source.summary,
+                "winner": source.winner_id}
 
     def get_report(self, dataset: Dataset) -> dict[str, Any]:
         return {"ok": True, "format": dataset.format, "row_count": dataset.row_count, "problems": [],
