@@ -26,14 +26,51 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-def dpo_spec(model_dir: Path) -> TrainSpec:
+def preference_spec(model_dir: Path, objective: str = "dpo", fmt: str = "preference", epochs: int = 2,
+                    uri: str = "store://datasets/pairs.jsonl") -> TrainSpec:
+    """A run of `objective` on the toy rows at `uri`, an eighth held out for evaluation."""
     train = suggest_train_params(100_000)
-    train.objective, train.num_epochs, train.batch_size, train.eval_fraction = "dpo", 2, 8, 0.125
+    train.objective, train.num_epochs, train.batch_size, train.eval_fraction = objective, epochs, 8, 0.125
     return TrainSpec(
         run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
-        dataset=DatasetRef(uri="store://datasets/pairs.jsonl", format="preference"),
+        dataset=DatasetRef(uri=uri, format=fmt),
         lora=LoraParams(dropout=0.0), train=train, output_uri="store://runs/1/attempt-1/adapter",
     )
+
+
+def dpo_spec(model_dir: Path) -> TrainSpec:
+    return preference_spec(model_dir)
+
+
+def learned_preference(model_dir: Path, tmp_path: Path, spec: TrainSpec,
+                       rows: list[dict[str, Any]]) -> tuple[MemoryReporter, dict[str, Any]]:
+    """Train `spec` on `rows` and check that the adapter learned the toy preference (even digits over odd) on
+    held-out pairs the run never saw: preferred on about half before (the base has no such preference), on at
+    least 80% after. Returns the run's reporter and result, for the objective's own checks."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.training.train import run_training
+
+    store = ArtifactStore(tmp_path / "store")
+    write_rows(store.path(spec.dataset.uri), rows)
+    held_out = preference_rows(64, seed=999)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    before = margins(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, held_out)
+
+    reporter = MemoryReporter()
+    result = run_training(spec, reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), store.path(result["adapter_uri"]))
+    after = margins(tuned, tokenizer, held_out)
+    preferred_before = sum(m > 0 for m in before) / len(before)
+    preferred_after = sum(m > 0 for m in after) / len(after)
+    print(f"{spec.train.objective}: held-out pairs preferred: {preferred_before:.0%} before, {preferred_after:.0%} "
+          f"after; mean margin {sum(before) / len(before):.2f} before, {sum(after) / len(after):.2f} after")
+    assert 0.2 <= preferred_before <= 0.8, before
+    assert preferred_after >= 0.8, after
+    return reporter, result
 
 
 def margins(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> list[float]:
@@ -55,34 +92,13 @@ def margins(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> list[floa
 
 
 def test_dpo_makes_the_adapter_prefer_the_chosen_answers_of_held_out_pairs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    reporter, result = learned_preference(tiny_model_dir, tmp_path, dpo_spec(tiny_model_dir),
+                                          preference_rows(128, seed=0))
 
-    from workers.training.train import run_training
-
-    store = ArtifactStore(tmp_path / "store")
-    write_rows(store.path("store://datasets/pairs.jsonl"), preference_rows(128, seed=0))
-    held_out = preference_rows(64, seed=999)  # prompts and answers the run never saw
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    before = margins(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, held_out)
-
-    reporter = MemoryReporter()
-    result = run_training(dpo_spec(tiny_model_dir), reporter, store)
-
-    assert result is not None, reporter.states[-1]
     assert any("format preference" in line for line in reporter.logs)
     assert [m["loss"] for m in reporter.metrics if "loss" in m]
     assert any(re.search(r"reward margin -?\d+\.\d{3} pairs preferred \d+%", line) for line in reporter.logs)
     assert result["eval_loss"] is not None and any("16 held out for evaluation" in line for line in reporter.logs)
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      store.path(result["adapter_uri"]))
-    after = margins(tuned, tokenizer, held_out)
-    preferred_before = sum(m > 0 for m in before) / len(before)
-    preferred_after = sum(m > 0 for m in after) / len(after)
-    print(f"held-out pairs preferred: {preferred_before:.0%} before, {preferred_after:.0%} after; mean margin "
-          f"{sum(before) / len(before):.2f} before, {sum(after) / len(after):.2f} after")
-    assert 0.2 <= preferred_before <= 0.8, before  # the base has no such preference
-    assert preferred_after >= 0.8, after
 
 
 def test_a_preference_dataset_with_a_malformed_row_is_refused_with_its_line_and_field(tmp_path: Path) -> None:

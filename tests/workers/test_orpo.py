@@ -11,53 +11,24 @@ import json
 import re
 from pathlib import Path
 
-from tests.workers.test_dpo import margins, write_rows
+from tests.workers.test_dpo import learned_preference, preference_spec, write_rows
 from tests.workers.test_objectives import SHAPE
-from workers.contract.reporter import MemoryReporter
-from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams, TrainSpec, suggest_train_params
-from workers.contract.store import ArtifactStore
+from workers.contract.spec import TrainParams, TrainSpec
 from workers.training.demo import preference_rows
 
 
 def orpo_spec(model_dir: Path) -> TrainSpec:
-    train = suggest_train_params(100_000)
-    train.objective, train.num_epochs, train.batch_size, train.eval_fraction = "orpo", 2, 8, 0.125
-    return TrainSpec(
-        run_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
-        dataset=DatasetRef(uri="store://datasets/pairs.jsonl", format="preference"),
-        lora=LoraParams(dropout=0.0), train=train, output_uri="store://runs/1/attempt-1/adapter",
-    )
+    return preference_spec(model_dir, "orpo")
 
 
 def test_orpo_makes_the_adapter_prefer_the_chosen_answers_of_held_out_pairs(tiny_model_dir: Path,
                                                                            tmp_path: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    reporter, result = learned_preference(tiny_model_dir, tmp_path, orpo_spec(tiny_model_dir),
+                                          preference_rows(128, seed=0))
 
-    from workers.training.train import run_training
-
-    store = ArtifactStore(tmp_path / "store")
-    write_rows(store.path("store://datasets/pairs.jsonl"), preference_rows(128, seed=0))
-    held_out = preference_rows(64, seed=999)  # prompts and answers the run never saw
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    before = margins(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, held_out)
-
-    reporter = MemoryReporter()
-    result = run_training(orpo_spec(tiny_model_dir), reporter, store)
-
-    assert result is not None, reporter.states[-1]
     assert any("format preference" in line for line in reporter.logs)
     assert any(re.search(r"reward margin -?\d+\.\d{3} pairs preferred \d+%", line) for line in reporter.logs)
     assert result["eval_loss"] is not None and any("16 held out for evaluation" in line for line in reporter.logs)
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      store.path(result["adapter_uri"]))
-    after = margins(tuned, tokenizer, held_out)
-    preferred_before = sum(m > 0 for m in before) / len(before)
-    preferred_after = sum(m > 0 for m in after) / len(after)
-    print(f"held-out pairs preferred: {preferred_before:.0%} before, {preferred_after:.0%} after; mean margin "
-          f"{sum(before) / len(before):.2f} before, {sum(after) / len(after):.2f} after")
-    assert 0.2 <= preferred_before <= 0.8, before  # the base has no such preference
-    assert preferred_after >= 0.8, after
 
 
 def test_orpo_trains_on_pairs_and_counts_both_answers_but_no_reference_in_memory() -> None:
