@@ -33,7 +33,7 @@ def create_run_in_form(page, dataset, config, name: str, **fields: int) -> int: 
     page.goto("/runs/new/")
     expect(page.get_by_role("heading", name="New training run")).to_be_visible()
     page.get_by_label("Name", exact=True).fill(name)
-    page.get_by_label("Dataset").select_option(label=dataset.name)
+    page.get_by_label("Dataset").select_option(label=f"{dataset.name} ({dataset.format} rows)")
     page.get_by_label("LoRA config").select_option(label=config.name)
     for field, value in fields.items():
         page.get_by_label(field.replace("_", " ").capitalize(), exact=True).fill(str(value))
