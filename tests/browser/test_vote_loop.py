@@ -82,7 +82,7 @@ def test_votes_become_a_preference_dataset_and_a_dpo_run_that_trains(  # type: i
 
     page.get_by_role("link", name="Train DPO on these votes").click()
     expect(page.get_by_role("heading", name="New training run")).to_be_visible()
-    expect(page.get_by_label("Objective", exact=True)).to_have_value("dpo")
+    expect(page.get_by_label("What training optimizes")).to_have_value("dpo")
     expect(page.get_by_label("Dataset", exact=True)).to_have_value(str(source.dataset_id))
     expect(page.get_by_label("Base model", exact=True)).to_have_value(str(base.pk))
     expect(page.get_by_label("Start from adapter", exact=True)).to_have_value(str(adapter.pk))
