@@ -1,7 +1,7 @@
 """The fleet under failure, with real worker processes, the real broker and the real scheduler code.
 
-- A worker killed with SIGKILL mid-training: after the heartbeat timeout its run resumes on another
-  worker from the latest checkpoint and ends where an uninterrupted run of the same seed ends.
+- A worker killed with SIGKILL mid-training (supervised or DPO): after the heartbeat timeout its run resumes on
+  another worker from the latest checkpoint and ends where an uninterrupted run of the same seed ends.
 - A duplicated wake-up runs the job once.
 - A Redis restart during a run (a private Redis server, so the shared one is never touched): the run
   succeeds, nothing runs twice, no event is lost, and the worker takes the next job after reconnecting.
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -48,15 +49,22 @@ def lr_by_step(run: TrainingRun) -> dict[int, float]:
     return {p["step"]: p["learning_rate"] for p in run.metric_points if "learning_rate" in p}
 
 
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_checkpoint(
-    fleet: Fleet, tiny_model_dir: Path
+    fleet: Fleet, tiny_model_dir: Path, objective: str
 ) -> None:
     user, base, dataset, config = demo_objects(tiny_model_dir)
+    if objective == "dpo":  # preference pairs, trained against the reference (the adapter switched off)
+        from webapp.catalog.services import register_dataset
+        from workers.training.demo import preference_rows
+
+        dataset = register_dataset("pairs", "pairs.jsonl",
+                                   "".join(json.dumps(row) + "\n" for row in preference_rows(256, 0)).encode())
     fleet.start("w-alpha")
     fleet.start("w-beta")
     fleet.wait_ready("w-alpha", "w-beta")
-    reference = make_run(user, base, dataset, config, **HP)
-    victim = make_run(user, base, dataset, config, **HP)
+    reference = make_run(user, base, dataset, config, objective=objective, **HP)
+    victim = make_run(user, base, dataset, config, objective=objective, **HP)
 
     # Kill the victim's worker once the run has saved its second checkpoint (and well before it ends).
     def checkpointed() -> bool:
@@ -92,7 +100,7 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
     assert sorted(vic_lr) == sorted(ref_lr) == list(range(1, HP["max_steps"] + 1))
     assert all(abs(vic_lr[s] - ref_lr[s]) <= 1e-9 + 1e-6 * abs(ref_lr[s]) for s in ref_lr)
     ref_loss, vic_loss = reference.adapter.final_loss, victim.adapter.final_loss
-    assert abs(vic_loss - ref_loss) <= 0.02 * abs(ref_loss), (vic_loss, ref_loss)
+    assert abs(vic_loss - ref_loss) <= 0.02 * abs(ref_loss) + 0.005, (vic_loss, ref_loss)
     # The dead worker's attempt left no report after the kill: every event after the handover is attempt 2's.
     handover = victim.events.filter(kind="status", message__contains="requeued").first()
     assert handover is not None
