@@ -43,6 +43,7 @@ from train_throughput import (  # the bench folder is not a package: found throu
     meter_callback,
     print_table,
 )
+from train_throughput import summarise as shared_summarise
 
 
 def word_tokenizer(model_dir: Path) -> Any:
@@ -89,23 +90,9 @@ class PairMeter(Meter):
 
 
 def summarise(name: str, meter: Meter, n_base: float, n_lora: float, peak_flops: float, plan: str = "") -> Result:
-    import torch
-
-    total = sum(meter.times)
-    res = Result(recipe=name, steps=len(meter.times), plan=plan)
-    if not total:
-        res.error = "no measured steps"
-        return res
-    res.step_time = total / len(meter.times)
-    res.real_tokens_per_s = sum(meter.real) / total
-    res.padded_tokens_per_s = sum(meter.padded) / total
-    res.real_share = sum(meter.real) / max(1, sum(meter.padded))
-    res.tokens_per_step = sum(meter.real) / len(meter.times)
-    if torch.cuda.is_available():
-        res.peak_allocated = torch.cuda.max_memory_allocated()
-        res.peak_reserved = torch.cuda.max_memory_reserved()
-        res.mfu = (6 * n_lora + 6 * n_base) * res.real_tokens_per_s / peak_flops
-    return res
+    """MFU counts the policy's forward and backward and the reference's forward: 6·N_lora + 6·N_base a token."""
+    return shared_summarise(name, meter, n_base, n_lora, plan, flops_per_token=6 * n_lora + 6 * n_base,
+                            peak_flops=peak_flops)
 
 
 def run_trl(model_dir: Path, pairs: list[dict[str, str]], args: argparse.Namespace) -> Result:

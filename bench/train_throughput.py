@@ -204,7 +204,10 @@ def matmul_params(model_dir: Path) -> tuple[float, float]:
     return float(per_layer * layers + h * c.vocab_size), float(lora * layers)
 
 
-def summarise(name: str, meter: Meter, n_base: float, n_lora: float, plan: str = "") -> Result:
+def summarise(name: str, meter: Meter, n_base: float, n_lora: float, plan: str = "",
+              flops_per_token: float | None = None, peak_flops: float = PEAK_BF16_FLOPS) -> Result:
+    """The meter's figures; MFU counts `flops_per_token` (default: a LoRA step's forward and backward,
+    6·N_lora + 4·N_base) against `peak_flops`."""
     import torch
 
     total_time = sum(meter.times)
@@ -220,7 +223,8 @@ def summarise(name: str, meter: Meter, n_base: float, n_lora: float, plan: str =
     if torch.cuda.is_available():
         res.peak_allocated = torch.cuda.max_memory_allocated()
         res.peak_reserved = torch.cuda.max_memory_reserved()
-        res.mfu = (6 * n_lora + 4 * n_base) * res.real_tokens_per_s / PEAK_BF16_FLOPS
+        per_token = flops_per_token if flops_per_token is not None else 6 * n_lora + 4 * n_base
+        res.mfu = per_token * res.real_tokens_per_s / peak_flops
     return res
 
 
