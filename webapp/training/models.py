@@ -63,6 +63,10 @@ class TrainingRun(LedgerJob):
     def output_uri(self, attempt: int) -> str:
         return ArtifactStore.uri("runs", self.pk, f"attempt-{attempt}", "adapter")
 
+    def tracking_uri(self) -> str:
+        """The folder of the run's trackers' files (workers/training/tracking.py), shared by its attempts."""
+        return ArtifactStore.uri("runs", self.pk, "tracking")
+
     def record_result(self, result: dict[str, Any]) -> None:
         """A succeeded attempt's adapter (called by the ledger inside the state change's transaction)."""
         lora = self.lora_config.lora_params()
@@ -115,6 +119,8 @@ class TrainingRun(LedgerJob):
             eval_dataset=dataset_ref(self.eval_dataset) if self.eval_dataset else None,
             init_adapter_uri=self.init_adapter.uri if self.init_adapter else "",
             init_adapter_name=self.init_adapter_name,
+            run_name=str(self),
+            tracking_uri=self.tracking_uri(),
         )
 
 

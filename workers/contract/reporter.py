@@ -14,10 +14,12 @@ newer attempt owns it (`superseded`: a 409 reply, or the worker was told so: rep
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+from workers.contract.redaction import redact, secret_values
 from workers.contract.refusals import StaleAttempt
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class Reporter:
         # Polled at every step (it must be cheap): "" to go on, SUPERSEDED, or why the job is handed back.
         self.stop_check: Callable[[], str] | None = None
         self._open_outputs: dict[tuple[int, str], dict[str, Any]] = {}
+        # The worker's credentials, never reported (workers/contract/redaction.py).
+        self.secrets = secret_values(os.environ)
 
     @property
     def cancel_requested(self) -> bool:
@@ -70,7 +74,7 @@ class Reporter:
             self.flush()
 
     def log(self, message: str, level: str = "info") -> None:
-        self._event("log", message, level)
+        self._event("log", redact(message, self.secrets) if self.secrets else message, level)
 
     def metric(self, **values: Any) -> None:
         self._event("metric", data=values)
@@ -128,7 +132,7 @@ class Reporter:
 
     def finish(self, state: str, result: dict[str, Any] | None = None, error: str = "") -> None:
         self.flush()
-        self._status(state, result or {}, error)
+        self._status(state, result or {}, redact(error, self.secrets))
 
     def started(self) -> None:
         reply = self._status("running", {}, "")

@@ -398,6 +398,20 @@ class TrainParams:
         "and skips the reference forward pass, as trl and recent GRPO practice (DAPO, Dr. GRPO) do.",
         0.0,
     )
+    report_to: list[str] = help_field(
+        "Trackers that also record this run: tensorboard (event files among the run's files), mlflow, wandb "
+        "(offline files among the run's files unless the worker has a W&B key); none for no tracker; empty takes "
+        "the site's default.",
+        [],
+    )
+    tracking_project: str = help_field(
+        "The MLflow experiment and W&B project of the run; empty: the worker's own (MLFLOW_EXPERIMENT_NAME, "
+        "WANDB_PROJECT), else tunedeck.",
+        "",
+    )
+    tracking_run_name: str = help_field("The run's name in the trackers; empty: its Tunedeck name and number.", "")
+    tracking_tags: list[str] = help_field("Tags of the run in the trackers (besides its run id, base model and "
+                                          "objective).", [])
 
     def validate(self, max_positions: int | None = None, has_eval_dataset: bool = False) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -434,6 +448,7 @@ class TrainParams:
             errors["early_stopping_patience"] = "needs an eval set: set eval_fraction or an eval dataset"
         self._validate_preference(errors)
         self._validate_reinforcement(errors)
+        self._validate_tracking(errors)
         if not 1 <= self.num_gpus <= MAX_GPUS:
             errors["num_gpus"] = f"must be between 1 and {MAX_GPUS}"
         elif "batch_size" not in errors and "grad_accum" not in errors and self.per_rank_batch() is None:
@@ -503,6 +518,28 @@ class TrainParams:
         elif self.objective != "grpo" and self.graders:
             errors["graders"] = "applies to GRPO only: leave it empty"
 
+    def _validate_tracking(self, errors: dict[str, str]) -> None:
+        names = [str(name).strip() for name in self.report_to]
+        unknown = [name for name in names if name not in (*TRACKERS, NO_TRACKER)]
+        if unknown:
+            errors["report_to"] = f"{', '.join(unknown)}: not a tracker; name {', '.join(TRACKERS)}, or {NO_TRACKER}"
+        elif NO_TRACKER in names and len(names) > 1:
+            errors["report_to"] = f"{NO_TRACKER} turns every tracker off: give it alone"
+        elif len(set(names)) != len(names):
+            errors["report_to"] = "names a tracker twice"
+        for name in ("tracking_project", "tracking_run_name"):
+            if len(getattr(self, name)) > TRACKING_NAME_MAX:
+                errors[name] = f"must be at most {TRACKING_NAME_MAX} characters"
+        if len(self.tracking_tags) > MAX_TRACKING_TAGS:
+            errors["tracking_tags"] = f"at most {MAX_TRACKING_TAGS} tags"
+        elif any(not str(tag).strip() or len(str(tag)) > TRACKING_TAG_MAX for tag in self.tracking_tags):
+            errors["tracking_tags"] = f"each tag must be 1 to {TRACKING_TAG_MAX} characters"
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to (report_to without none; empty: none)."""
+        return [name for name in self.report_to if name != NO_TRACKER]
+
     def ignored_settings(self) -> list[str]:
         """The settings of other objectives that differ from their defaults (what `for_objective` resets)."""
         defaults = TrainParams()
@@ -564,6 +601,13 @@ MAX_GENERATIONS = 256
 # robust and exo_pair). aot and aot_unpaired (batch-level alignment), discopop (its own temperature) are not.
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", "apo_zero", "apo_down", "robust", "exo_pair", "bco_pair",
               "sppo_hard", "nca_pair")
+# The trackers a run may also report to (TrainParams.report_to; workers/training/tracking.py), through
+# transformers' report_to callbacks; none alone turns them off (an empty list takes the site's default).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+NO_TRACKER = "none"
+TRACKING_NAME_MAX = 128  # W&B's limit on project names
+TRACKING_TAG_MAX = 64  # W&B's limit on a tag
+MAX_TRACKING_TAGS = 20
 MAX_GPUS = 8
 MODES = ("auto", "throughput", "memory")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -647,6 +691,10 @@ class TrainSpec:
     # the frozen reference); empty for a fresh adapter. A parent deleted since keeps its name with no URI left.
     init_adapter_uri: str = ""
     init_adapter_name: str = ""
+    # How people name the run (the trackers' run name when tracking_run_name is empty), and the folder of its
+    # trackers' files (TensorBoard event files, offline W&B runs, a local MLflow store), the same for every attempt.
+    run_name: str = ""
+    tracking_uri: str = ""
 
     @property
     def warm_start(self) -> bool:
@@ -674,6 +722,8 @@ class TrainSpec:
             eval_dataset=build(DatasetRef, data["eval_dataset"]) if data.get("eval_dataset") else None,
             init_adapter_uri=str(data.get("init_adapter_uri", "")),
             init_adapter_name=str(data.get("init_adapter_name", "")),
+            run_name=str(data.get("run_name", "")),
+            tracking_uri=str(data.get("tracking_uri", "")),
         )
 
     @classmethod

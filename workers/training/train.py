@@ -50,6 +50,7 @@ from workers.training.peftsetup import (
 )
 from workers.training.preview import rows_cut_before_training
 from workers.training.ranks import Rank, StopTogether, current_rank, gather
+from workers.training.tracking import check_installed, tracking
 
 # Packed batches vary in shape from step to step; expandable segments keep the allocator from
 # fragmenting (read once, when CUDA starts: a worker sets it before its first job).
@@ -74,6 +75,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
                 **spec.warm_start_problems()}
     if problems:  # the control plane checks before queueing; a spec from elsewhere gets the same answer
         raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
+    check_installed(spec.train.trackers)
     reporter.log(f"Attempt {spec.attempt} on {platform.node()}: loading the dataset")
     fmt, rows = load_trl_rows(store.path(spec.dataset.uri))
     train_rows, eval_rows = _split_eval(spec, store, rows)
@@ -93,40 +95,43 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         model = _start_from_parent(spec, store, model, reporter)
     check_cancel(reporter)
 
-    from datasets import Dataset
+    with tracking(spec, tracking_dir(spec, store), reporter, rank.is_main) as trackers:
+        from datasets import Dataset
 
-    callbacks: list[Any] = [ReporterCallback(reporter), HandoverCallback(reporter, bool(spec.checkpoint_uri))]
-    if spec.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(spec.train.early_stopping_patience, reporter))
-    trainer = make_trainer(
-        spec, plan, model, tokenizer,
-        Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks, objective_for(spec.train.objective).config(spec, plan, _work_dir(spec, store), bool(eval_rows)),
-    )
-    trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
-    check_rows_left(spec, store, trainer, len(train_rows), tokenizer, reporter)
-    # Only rank 0 keeps what prepare_adapter writes (the initial adapter of PiSSA/OLoRA, read back on save).
-    scratch = _work_dir(spec, store) if rank.is_main else Path(tempfile.mkdtemp(prefix=f"tunedeck-rank{rank.rank}-"))
-    for line in prepare_adapter(trainer.model, adapter_params(spec), spec.base_model, scratch):
-        reporter.log(line)
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    reporter.log(f"Trainable parameters: {count(trainable)} of {count(total)} ({percent(trainable / total)})")
-    resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
-    if resume:
-        reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
-        restore_trained_adapter(trainer.model, resume)
-    if rank.distributed:
-        trainer.add_callback(StopTogether(reporter))  # last, so that it sees every other callback's stop
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if reporter.cancel_requested:
-        raise Cancelled()
+        callbacks: list[Any] = [ReporterCallback(reporter), HandoverCallback(reporter, bool(spec.checkpoint_uri))]
+        if spec.train.early_stopping_patience:
+            callbacks.append(EarlyStopping(spec.train.early_stopping_patience, reporter))
+        trainer = make_trainer(
+            spec, plan, model, tokenizer,
+            Dataset.from_list(train_rows), Dataset.from_list(eval_rows) if eval_rows else None,
+            callbacks, objective_for(spec.train.objective).config(spec, plan, _work_dir(spec, store), bool(eval_rows)),
+        )
+        trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
+        check_rows_left(spec, store, trainer, len(train_rows), tokenizer, reporter)
+        # Only rank 0 keeps what prepare_adapter writes (the initial adapter of PiSSA/OLoRA, read back on save).
+        scratch = _work_dir(spec, store) if rank.is_main else Path(tempfile.mkdtemp(prefix=f"tunedeck-rank{rank.rank}-"))
+        for line in prepare_adapter(trainer.model, adapter_params(spec), spec.base_model, scratch):
+            reporter.log(line)
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        reporter.log(f"Trainable parameters: {count(trainable)} of {count(total)} ({percent(trainable / total)})")
+        resume = latest_checkpoint(store.path(spec.checkpoint_uri)) if spec.checkpoint_uri else None
+        if resume:
+            reporter.log(f"Resuming from checkpoint {resume.name} of an earlier attempt")
+            restore_trained_adapter(trainer.model, resume)
+        if rank.distributed:
+            trainer.add_callback(StopTogether(reporter))  # last, so that it sees every other callback's stop
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if reporter.cancel_requested:
+            raise Cancelled()
 
-    adapter_dir = store.path(spec.output_uri)
-    _save(trainer, spec, rank, adapter_dir, scratch)
+        adapter_dir = store.path(spec.output_uri)
+        _save(trainer, spec, rank, adapter_dir, scratch)
+        if rank.is_main:
+            tokenizer.save_pretrained(adapter_dir)
+            trackers.log_adapter(adapter_dir)
     peaks = gather(_peak_memory(device))
     if not rank.is_main:
         return {}
-    tokenizer.save_pretrained(adapter_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     result = {
@@ -250,6 +255,13 @@ def _work_dir(spec: TrainSpec, store: ArtifactStore) -> Path:
     if spec.checkpoint_uri:
         return store.path(spec.checkpoint_uri)
     return store.path(spec.output_uri).parent / "trainer"
+
+
+def tracking_dir(spec: TrainSpec, store: ArtifactStore) -> Path:
+    """The folder of the run's trackers' files, the same for every attempt."""
+    if spec.tracking_uri:
+        return store.path(spec.tracking_uri)
+    return store.path(spec.output_uri).parent.parent / "tracking"
 
 
 def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]]) -> tuple[list, list]:

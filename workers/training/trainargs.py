@@ -10,6 +10,7 @@ from typing import Any
 from workers.contract.spec import TrainSpec
 from workers.training.engine import Plan, sft_arguments
 from workers.training.ranks import COLLECTIVE_TIMEOUT_S
+from workers.training.tracking import run_name
 
 # FSDP2 (fully_shard) by default; TUNEDECK_FSDP_VERSION=1 selects FSDP1 where a stack needs it.
 FSDP_VERSION_ENV = "TUNEDECK_FSDP_VERSION"
@@ -44,7 +45,8 @@ def training_arguments(spec: TrainSpec, plan: Plan, output_dir: Path, has_eval: 
         save_strategy="steps" if checkpoints else "no",
         save_steps=hp.save_steps or 500,
         save_total_limit=hp.keep_checkpoints,
-        report_to="none",
+        report_to=spec.train.trackers or "none",  # transformers' callbacks of the run's trackers (tracking.py)
+        run_name=run_name(spec),
         disable_tqdm=True,
         dataloader_num_workers=0,
         ddp_timeout=COLLECTIVE_TIMEOUT_S,
