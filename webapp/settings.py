@@ -26,6 +26,7 @@ from workers.config import (
     private_file,
     private_var_dir,
 )
+from workers.contract.spec import TrainParams
 from workers.data.bounds import Limits
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -101,6 +102,15 @@ def _api_rate(name: str, default: str) -> str:
 ONE_YEAR = 365 * 24 * 3600
 
 
+def report_to_default() -> list[str]:
+    """TUNEDECK_REPORT_TO: the trackers of a run whose report_to is empty (comma-separated; none or empty: none)."""
+    names = env_list("TUNEDECK_REPORT_TO", [])
+    problem = TrainParams(report_to=names).validate().get("report_to")
+    if problem:
+        raise ConfigError(f"TUNEDECK_REPORT_TO={','.join(names)}: {problem}")
+    return [name for name in names if name != "none"]
+
+
 def https_settings() -> dict[str, Any]:
     """TUNEDECK_HTTPS=1: the site is served over HTTPS only (Django's deployment checklist): plain HTTP is
     redirected, cookies are Secure and browsers are told (HSTS) to use HTTPS only, for a year by default.
@@ -157,6 +167,8 @@ try:
     # Pushing adapters and merged models to the Hugging Face Hub is offered when a token is set.
     HF_TOKEN = env_secret("TUNEDECK_HF_TOKEN")
     HF_ENDPOINT = env_str("TUNEDECK_HF_ENDPOINT", "https://huggingface.co")
+    # The trackers (tensorboard, mlflow, wandb) of runs that name none themselves; their workers say where they write.
+    TUNEDECK_REPORT_TO = report_to_default()
     # REST API request rates: per user (API key or session), and per address for anonymous calls.
     TUNEDECK_API_RATE = _api_rate("TUNEDECK_API_RATE", "600/minute")
     TUNEDECK_API_ANON_RATE = _api_rate("TUNEDECK_API_ANON_RATE", "60/minute")

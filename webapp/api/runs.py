@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -31,6 +32,7 @@ from webapp.api.common import (
 from webapp.api.events import (
     EventPageSerializer,
     EventStreamRenderer,
+    ZipRenderer,
     events_page,
     json_batch,
     stream_response,
@@ -42,6 +44,7 @@ from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.jobs import ledger
 from webapp.jobs.models import RunState
 from webapp.playground import deletion
+from webapp.playground.downloads import zip_response
 from webapp.specfields import default, serializer_field
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import Adapter, RunEvent, TrainingRun
@@ -53,8 +56,11 @@ from webapp.training.services import (
     queue_run,
     train_params,
 )
+from webapp.training.tracking import tracking_folder
 from workers.contract import spec
 from workers.contract.spec import TrainParams
+
+TRACKING_ZIP = {(200, "application/zip"): OpenApiResponse(OpenApiTypes.BINARY, description="A zip of the files.")}
 
 
 class StrictSerializer(serializers.Serializer):
@@ -367,6 +373,18 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         run = self.get_object()
         points = TrainingRun.objects.values_list("metric_points", flat=True).get(pk=run.pk)
         return Response({"run": run.pk, "points": points or []})
+
+    @extend_schema(responses=TRACKING_ZIP,
+                   description="The run's trackers' files as a zip, as written so far: TensorBoard event files "
+                               "(tensorboard/), offline W&B runs (wandb/) and a local MLflow store (mlruns/); 404 "
+                               "when it has none (report_to names no tracker, or it has not started).")
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, ZipRenderer],
+            content_negotiation_class=FirstRenderer)
+    def tracking(self, request: Request, pk: str) -> Any:
+        folder = tracking_folder(self.get_object())
+        if not folder.is_dir():
+            raise NotFound("this run has no tracker files")
+        return zip_response(folder, f"tunedeck-run-{pk}-tracking.zip")
 
     @extend_schema(responses={200: CheckpointListSerializer})
     @action(detail=True, methods=["get"])

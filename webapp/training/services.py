@@ -74,7 +74,7 @@ def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
     """The queued run, with its placement needs (GPU memory and count, labels, priority); RunRefused if a check
     fails. `via` ends the ledger's "Queued by" note."""
     ignored = request.hyperparameters.ignored_settings()
-    request = for_objective(request)
+    request = with_site_trackers(for_objective(request))
     errors = refusals(request)
     if not errors and request.priority > 0 and not owner.is_staff:
         errors["priority"] = ["only an admin can set a priority above 0"]
@@ -94,6 +94,16 @@ def queue_run(owner: Any, request: RunRequest, via: str = "") -> TrainingRun:
         if ignored:
             ledger.note(run, f"Settings {params.objective} does not use, left at their defaults: {', '.join(ignored)}")
     return run
+
+
+def with_site_trackers(request: RunRequest) -> RunRequest:
+    """`request` with the site's trackers (settings.TUNEDECK_REPORT_TO) when it names none: report_to empty takes
+    them, ["none"] keeps none. The run then shows the trackers it reports to."""
+    params = request.hyperparameters
+    if params.report_to or not settings.TUNEDECK_REPORT_TO:
+        return request
+    return dataclasses.replace(request, hyperparameters=dataclasses.replace(
+        params, report_to=list(settings.TUNEDECK_REPORT_TO)))
 
 
 def for_objective(request: RunRequest) -> RunRequest:

@@ -10,6 +10,7 @@ urlpatterns = [
     path("runs/<int:pk>/stream/", views.run_stream, name="run-stream"),
     path("runs/<int:pk>/cancel/", views.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/adapter.zip", views.adapter_download, name="adapter-download"),
+    path("runs/<int:pk>/tracking.zip", views.tracking_download, name="run-tracking-download"),
 ]
 urlpatterns += [
     path("adapters/", views.adapters_list, name="adapters"),

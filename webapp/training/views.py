@@ -16,11 +16,13 @@ from webapp.catalog.models import BaseModel
 from webapp.jobs import views as jobs
 from webapp.jobs.models import ACTIVE_STATES, RunState
 from webapp.jobs.stream import batch_reader
+from webapp.playground.downloads import zip_response
 from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.models import Adapter, TrainingRun
 from webapp.training.services import RunRefused, clone_request, queue_run
+from webapp.training.tracking import trackers_with_files, tracking_folder
 from workers.contract.spec import applies_to, suggest_train_params
 from workers.contract.store import ArtifactStore
 
@@ -131,7 +133,7 @@ def _status_context(run: TrainingRun) -> dict[str, Any]:
     adapter = Adapter.objects.filter(run=run).first()
     checkpoints = run_checkpoints(run)
     return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": checkpoints.kept,
-            "checkpoints_removed": checkpoints.removed, **_chart_context(run)}
+            "checkpoints_removed": checkpoints.removed, "tracker_files": trackers_with_files(run), **_chart_context(run)}
 
 
 def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
@@ -208,6 +210,15 @@ def adapter_download(request: HttpRequest, pk: int) -> FileResponse:
         raise Http404("this run has no adapter")
     archive = ArtifactStore(settings.ARTIFACT_STORE).zip_dir(adapter.uri)
     return FileResponse(archive.open("rb"), as_attachment=True, filename=f"tunedeck-run-{pk}-adapter.zip")
+
+
+@login_required
+def tracking_download(request: HttpRequest, pk: int) -> HttpResponseBase:
+    """The run's trackers' files as a zip (TensorBoard: `tensorboard --logdir` on the unpacked tensorboard/)."""
+    folder = tracking_folder(get_object_or_404(TrainingRun, pk=pk))
+    if not folder.is_dir():
+        raise Http404("this run has no tracker files")
+    return zip_response(folder, f"tunedeck-run-{pk}-tracking.zip")
 
 
 def run_status_html(run: Any) -> str:

@@ -12,6 +12,9 @@ The request:
      #  "method": {"type": "reinforcement", "reinforcement": {"grader": {...}, "hyperparameters": {...,
      #  "compute_multiplier": 1, "eval_interval": 10}}} trains GRPO on prompt_only rows, scored by the grader)
      "suffix": "<the run's name>", "seed": 7,
+     "integrations": [{"type": "wandb", "wandb": {"project": "arith", "name": "...", "tags": ["..."]}}],
+     # optional: report to W&B (TrainParams report_to, tracking_project, tracking_run_name, tracking_tags); the
+     # W&B entity and key are the worker's
      "tunedeck": {                                    # optional; the SDK sends it with extra_body=
          "lora_config": "<a saved LoRA config's name or id>",  # or
          "lora": {...LoraParams fields...},           # an inline adapter config (saved, or reused if equal)
@@ -78,6 +81,8 @@ TUNEDECK_KEYS = {"lora_config", "lora", "hyperparameters", "labels", OLD_LABELS_
 # Where a request names each of the run request's fields (the OpenAI names, and Tunedeck's own under tunedeck).
 PARAMS = {"name": "suffix", "base_model": "model", "dataset": "training_file", "eval_dataset": "validation_file",
           "lora_config": "tunedeck.lora", "priority": "tunedeck.priority", "init_adapter": "model"}
+# OpenAI's W&B integration's settings and the TrainParams each sets (its entity is the worker's).
+WANDB_SETTINGS = {"project": "tracking_project", "name": "tracking_run_name", "tags": "tracking_tags"}
 SUFFIX_MAX = 64
 # A fine-tuned model's id as jobs return it (serializers.fine_tuned_model), or one of its checkpoints'.
 FINE_TUNED_MODEL = re.compile(r"(?P<base>.+):ft-(?P<job>[0-9]{1,18})(?P<checkpoint>:ckpt-step-[0-9]+)?")
@@ -260,6 +265,47 @@ def train_values(body: dict[str, Any], tunedeck: dict[str, Any], base: BaseModel
     return values, origins
 
 
+def integration_values(integrations: Any, tunedeck: dict[str, Any], values: dict[str, Any],
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The TrainParams of OpenAI's `integrations`: [{"type": "wandb", "wandb": {"project", "name", "tags"}}] adds
+    wandb to report_to (beside trackers tunedeck.hyperparameters.report_to names) and sets tracking_project,
+    tracking_run_name and tracking_tags; and for each, the param that set it. The W&B entity and key are the
+    worker's (WANDB_ENTITY, WANDB_API_KEY): a job names neither."""
+    if integrations is None or integrations == []:
+        return {}, {}
+    if not isinstance(integrations, list):
+        raise _bad("integrations must be a list of objects", "integrations", "invalid_type")
+    if len(integrations) > 1:
+        raise _bad("integrations: Tunedeck reports a job to one W&B run; give one integration", "integrations")
+    param = "integrations[0]"
+    item = _object(integrations[0], param)
+    if item.get("type") != "wandb":
+        raise _bad(f"{param}.type {item.get('type')!r} is not supported: Tunedeck's integration is wandb (TensorBoard "
+                   "and MLflow: tunedeck.hyperparameters.report_to)", f"{param}.type", "unsupported_parameter")
+    _refuse_unknown(item, {"type", "wandb"}, param)
+    wandb = _object(item.get("wandb"), f"{param}.wandb")
+    _refuse_unknown(wandb, set(WANDB_SETTINGS) | {"entity"}, f"{param}.wandb")
+    if wandb.get("entity") not in (None, ""):
+        raise _bad(f"{param}.wandb.entity is set by the worker that trains the job (WANDB_ENTITY, with its key): "
+                   "leave it out", f"{param}.wandb.entity", "unsupported_parameter")
+    if not isinstance(wandb.get("project"), str) or not wandb["project"].strip():
+        raise _bad(f"{param}.wandb.project is required: the W&B project to report to", f"{param}.wandb.project")
+    extras = _object(tunedeck.get("hyperparameters"), "tunedeck.hyperparameters")
+    trackers = list(values.get("report_to") or [])
+    if spec.NO_TRACKER in trackers:
+        raise _bad(f"{param} reports to W&B, and tunedeck.hyperparameters.report_to is none: give one", param)
+    found = {"report_to": trackers if "wandb" in trackers else [*trackers, "wandb"]}
+    origins = {"report_to": param}
+    for key, field in WANDB_SETTINGS.items():
+        if wandb.get(key) is None:
+            continue
+        if field in extras:
+            raise _bad(f"{param}.wandb.{key} and tunedeck.hyperparameters.{field} both set {field}: give one",
+                       f"{param}.wandb.{key}")
+        found[field], origins[field] = wandb[key], f"{param}.wandb.{key}"
+    return found, origins
+
+
 def _lora_params(value: dict[str, Any]) -> spec.LoraParams:
     _refuse_unknown(value, {f.name for f in dataclasses.fields(spec.LoraParams)}, "tunedeck.lora")
     try:
@@ -349,9 +395,8 @@ def create_job(body: Any, user: Any) -> TrainingRun:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None, "invalid_type")
     _refuse_unknown(body, TOP_LEVEL, "")
-    for name in ("metadata", "integrations"):
-        if body.get(name):
-            raise _bad(f"{name} is not supported by Tunedeck", name, "unsupported_parameter")
+    if body.get("metadata"):
+        raise _bad("metadata is not supported by Tunedeck", "metadata", "unsupported_parameter")
     suffix = body.get("suffix") or ""
     if not isinstance(suffix, str) or len(suffix) > SUFFIX_MAX:
         raise _bad(f"suffix must be a string of at most {SUFFIX_MAX} characters", "suffix")
@@ -363,6 +408,8 @@ def create_job(body: Any, user: Any) -> TrainingRun:
     fine_tuned = fine_tuned_model(body.get("model"), user)
     base, parent = fine_tuned if fine_tuned is not None else (resolve_model(body.get("model"), user), None)
     values, origins = train_values(body, tunedeck, base)
+    tracked, tracked_origins = integration_values(body.get("integrations"), tunedeck, values)
+    values, origins = {**values, **tracked}, {**origins, **tracked_origins}
     labels, labels_param = _labels(tunedeck)
     params = {**PARAMS, **{SETTING + name: param for name, param in origins.items()}, "labels": labels_param}
     with transaction.atomic():  # an inline LoRA config saved for a job that is then refused goes with it

@@ -154,6 +154,14 @@ def trained_tokens(adapter: Any) -> int | None:
     return int(count) if isinstance(count, (int, float)) and not isinstance(count, bool) else None
 
 
+def integrations(params: TrainParams) -> list[dict[str, Any]]:
+    """The job's W&B integration, as OpenAI shows it, for a run that reports to W&B (its entity is the worker's)."""
+    if "wandb" not in params.trackers:
+        return []
+    return [{"type": "wandb", "wandb": {"project": params.tracking_project, "name": params.tracking_run_name or None,
+                                        "entity": None, "tags": list(params.tracking_tags) or None}}]
+
+
 def job_object(run: TrainingRun) -> dict[str, Any]:
     hyperparameters = openai_hyperparameters(run)
     adapter = getattr(run, "adapter", None) if run.state == RunState.SUCCEEDED else None
@@ -174,7 +182,7 @@ def job_object(run: TrainingRun) -> dict[str, Any]:
         "training_file": f"{FILE_PREFIX}{run.dataset_id}",
         "validation_file": f"{FILE_PREFIX}{run.eval_dataset_id}" if run.eval_dataset_id else None,
         "estimated_finish": estimated_finish(run),
-        "integrations": [],
+        "integrations": integrations(train_params(run)),
         "metadata": None,
         "user_provided_suffix": run.name or None,
         "method": openai_method(run, hyperparameters),
