@@ -39,8 +39,8 @@ from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.jobs import JobSerializer, job_answer, job_queryset
 from webapp.api.negotiation import FirstRenderer
 from webapp.catalog.models import Dataset
+from webapp.jobs.downloads import zip_response
 from webapp.playground import services
-from webapp.playground.downloads import zip_response
 from webapp.playground.forms import PushForm
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import MergedModel

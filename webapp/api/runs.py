@@ -42,9 +42,9 @@ from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.jobs import ledger
+from webapp.jobs.downloads import zip_response
 from webapp.jobs.models import RunState
 from webapp.playground import deletion
-from webapp.playground.downloads import zip_response
 from webapp.specfields import default, serializer_field
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import Adapter, RunEvent, TrainingRun

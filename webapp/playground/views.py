@@ -17,9 +17,9 @@ from django.views.decorators.http import require_POST
 
 from webapp.catalog.models import Dataset
 from webapp.jobs import views as job_views
+from webapp.jobs.downloads import zip_response
 from webapp.jobs.stream import batch_reader, sse
 from webapp.playground import deletion, services, thumbs, votedata, votes
-from webapp.playground.downloads import zip_response
 from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, Comparison, JobEvent, MergedModel, PromptSet

@@ -14,9 +14,9 @@ from django.views.decorators.http import require_POST
 from webapp.catalog.demo import DEMO_MODEL
 from webapp.catalog.models import BaseModel
 from webapp.jobs import views as jobs
+from webapp.jobs.downloads import zip_response
 from webapp.jobs.models import ACTIVE_STATES, RunState
 from webapp.jobs.stream import batch_reader
-from webapp.playground.downloads import zip_response
 from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
