@@ -20,7 +20,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
+# The ML stack, and the trackers runs may report to (None where a package is missing).
+PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "tensorboard", "mlflow-skinny", "wandb")
 MEMINFO = Path("/proc/meminfo")
 
 _nvml_lock = threading.Lock()
