@@ -17,6 +17,7 @@ from workers.contract.spec import DatasetRef, LoraParams, ModelRef, TrainParams,
 from workers.contract.store import ArtifactStore
 from workers.training import tracking
 from workers.training.demo import write_toy_dataset
+from workers.training.objectives import OBJECTIVES, objective_for
 
 STEPS = 4
 
@@ -190,3 +191,19 @@ def test_report_to_names_known_trackers(report_to: list[str], message: str) -> N
     assert message in TrainParams(report_to=report_to).validate()["report_to"]
     assert "report_to" not in TrainParams(report_to=["none"]).validate()
     assert TrainParams(report_to=["none"]).trackers == []
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_every_objectives_trl_config_reports_to_the_runs_trackers(objective: str, tmp_path: Path) -> None:
+    from workers.training.engine import resolve_plan
+
+    grpo = {"graders": {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                        "reference": "{{item.answer}}", "operation": "eq"}, "num_generations": 2,
+            "batch_size": 2} if objective == "grpo" else {}
+    spec = make_spec(tmp_path, objective=objective, report_to=["tensorboard", "wandb"], **grpo)
+    plan = resolve_plan(spec.train, spec.lora, device="cpu", dtype="float32", num_layers=2)
+    args = objective_for(objective).config(spec, plan, tmp_path / "trainer", has_eval=False)
+    assert args.report_to == ["tensorboard", "wandb"] and args.run_name == "arithmetic (run 7)"
+    quiet = objective_for(objective).config(dataclasses.replace(spec, train=dataclasses.replace(
+        spec.train, report_to=["none"])), plan, tmp_path / "trainer", has_eval=False)
+    assert quiet.report_to == []
