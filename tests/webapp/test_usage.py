@@ -1,4 +1,4 @@
-"""Usage: GPU-hours over attempts (wall time × GPUs held), tokens trained and runs, per person and per ISO week, from
+"""Usage: GPU-hours over attempts (wall time times GPUs held), tokens trained and runs, per person and per ISO week, from
 runs with known times; the API's parameters; and the attempt log keeping each attempt's start and GPUs."""
 
 from __future__ import annotations
