@@ -115,7 +115,7 @@ def register(sub: Any) -> None:
     _leaf(configs, "show", catalog.configs_show, "A LoRA config with every parameter.").add_argument(
         "id", metavar="ID_OR_NAME")
 
-    _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, pause, resume, retry, clone."))
+    _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, pause, resume, retry, clone, tag."))
     _register_adapters(sub)
 
 
@@ -125,7 +125,14 @@ def _register_runs(group: Any) -> None:
     lst.add_argument("--owner", help="A username, or `me`.")
     lst.add_argument("--base-model", help="A base model id.")
     lst.add_argument("--dataset", help="A dataset id.")
+    lst.add_argument("--tag", action="append", help="Only runs with this tag (repeatable: all of them).")
+    lst.add_argument("--search", help="Free text in the name, note or tags.")
     _limit(lst)
+    tag = _leaf(group, "tag", runs.runs_tag, "Add tags to a run (--remove takes them off); --note sets its note.")
+    tag.add_argument("id", type=int)
+    tag.add_argument("tags", nargs="*", metavar="TAG")
+    tag.add_argument("--remove", action="store_true", help="Take these tags off instead.")
+    tag.add_argument("--note", help="The run's note (an empty string clears it).")
     _leaf(group, "show", runs.runs_show, "A run: state, progress, settings, error.").add_argument("id", type=int)
     create = _leaf(group, "create", runs.runs_create, "Create a run from a YAML spec (see examples/run.yaml).")
     create.add_argument("-f", "--file", required=True, help="The run spec (YAML; `-` reads stdin).")

@@ -1,5 +1,5 @@
 """`tunedeck runs`: list, show, create (from YAML, optionally waiting), logs (optionally following), cancel,
-pause, resume, retry, clone."""
+pause, resume, retry, clone, tag."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ RUN_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("st
 
 def runs_list(args: argparse.Namespace, api: Api) -> int:
     return list_command(args, api, "runs/", RUN_COLUMNS, "no runs match", state=args.state, owner=args.owner,
-                        base_model=args.base_model, dataset=args.dataset)  # fmt: skip
+                        base_model=args.base_model, dataset=args.dataset, tag=getattr(args, "tag", None),
+                        q=getattr(args, "search", None))  # fmt: skip
 
 
 def runs_show(args: argparse.Namespace, api: Api) -> int:
@@ -168,3 +169,20 @@ def runs_retry(args: argparse.Namespace, api: Api) -> int:
 
 def runs_clone(args: argparse.Namespace, api: Api) -> int:
     return _action(args, api, "clone", "cloned from", creates=True)
+
+
+def runs_tag(args: argparse.Namespace, api: Api) -> int:
+    """Add tags to a run (or take them off with --remove), and set its note with --note."""
+    run = api.get(f"runs/{args.id}/")
+    tags = list(run.get("tags") or [])
+    wanted = [t.strip().lower() for t in args.tags]
+    tags = [t for t in tags if t not in wanted] if args.remove else tags + [t for t in wanted if t not in tags]
+    body: dict[str, Any] = {"tags": tags}
+    if args.note is not None:
+        body["note"] = args.note
+    updated = api.request("PATCH", f"runs/{args.id}/", json=body).json()
+    if args.json:
+        emit_json(updated)
+    else:
+        print(f"Run {args.id} tags: {', '.join(updated.get('tags') or []) or '(none)'}")
+    return OK

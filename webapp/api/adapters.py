@@ -37,6 +37,7 @@ from webapp.api.common import (
 from webapp.api.events import ZipRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.jobs import JobSerializer, job_answer, job_queryset
+from webapp.api.labels import LABEL_PARAMS, LabelsMixin, TagsField, filter_by_labels
 from webapp.api.negotiation import FirstRenderer
 from webapp.catalog.models import Dataset
 from webapp.jobs.downloads import zip_response
@@ -88,12 +89,13 @@ class AdapterSerializer(serializers.ModelSerializer):
         source="run.init_adapter.run_id", allow_null=True, read_only=True, default=None,
         help_text="Warm start: the run that trained the adapter its run started from.")
     metrics = serializers.DictField(read_only=True)
+    tags = TagsField()
 
     class Meta:
         model = Adapter
         fields = ["id", "name", "owner", "base_model", "base_model_name", "origin", "run", "parents", "init_adapter",
                   "init_adapter_name", "init_adapter_run", "method", "rank", "quantization", "size_bytes", "sha256",
-                  "trainable_params", "total_params", "final_loss", "metrics", "created_at"]
+                  "trainable_params", "total_params", "final_loss", "metrics", "created_at", "tags", "note"]
         read_only_fields = fields
 
 
@@ -109,6 +111,14 @@ class PushSerializer(serializers.Serializer):
                  help_text="Push this merged model of the adapter instead of the adapter.")
 
 
+def adapter_zip(adapter: Adapter) -> Any:
+    """The adapter's files as a streamed zip (a 404 problem when the store lost them)."""
+    folder = ArtifactStore(settings.ARTIFACT_STORE).path(adapter.uri)
+    if not folder.is_dir():
+        raise NotFound("the adapter's files are missing from the artifact store")
+    return zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
+
+
 def request_body(request: Request) -> Any:
     return request.data if isinstance(request.data, Mapping) else {}
 
@@ -118,14 +128,15 @@ def request_body(request: Request) -> Any:
     OpenApiParameter("run", OpenApiTypes.INT, required=False),
     OpenApiParameter("origin", OpenApiTypes.STR, enum=AdapterOrigin.values, required=False),
     OpenApiParameter("owner", OpenApiTypes.STR, required=False, description="A username, or `me`."),
+    *LABEL_PARAMS,
 ]))
-class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
+class AdapterViewSet(LabelsMixin, VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = AdapterSerializer
     noun = "adapter"
 
     def get_queryset(self) -> Any:
         rows = (Adapter.objects.select_related("owner", "base_model", "run__init_adapter")
-                .prefetch_related("parent_links"))
+                .prefetch_related("parent_links", "tags"))
         return access.visible(self.request.user, rows)
 
     def filter_queryset(self, queryset: Any) -> Any:
@@ -138,17 +149,13 @@ class AdapterViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         origin = choice_param(self.request, "origin", AdapterOrigin.values)
         if origin:
             queryset = queryset.filter(origin=origin)
-        return owner_param(self.request, queryset)
+        return filter_by_labels(self.request, owner_param(self.request, queryset))
 
     @extend_schema(responses=ZIP_RESPONSE, description="The adapter's files as a zip (PeftModel.from_pretrained loads it).")
     @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, ZipRenderer],
             content_negotiation_class=FirstRenderer)
     def download(self, request: Request, pk: str) -> Any:
-        adapter = self.get_object()
-        folder = ArtifactStore(settings.ARTIFACT_STORE).path(adapter.uri)
-        if not folder.is_dir():
-            raise NotFound("the adapter's files are missing from the artifact store")
-        return zip_response(folder, f"tunedeck-adapter-{adapter.pk}.zip")
+        return adapter_zip(self.get_object())
 
     @extend_schema(request=MergeSerializer, responses={201: JobSerializer},
                    description="Merge the adapter into its base (a merge job; the merged model appears under merges/).")

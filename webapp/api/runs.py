@@ -38,6 +38,7 @@ from webapp.api.events import (
     stream_response,
 )
 from webapp.api.idempotency import idempotent, run_idempotent
+from webapp.api.labels import LABEL_PARAMS, LabelsMixin, TagsField, filter_by_labels
 from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
@@ -128,6 +129,7 @@ class RunSerializer(serializers.ModelSerializer):
     progress = serializers.FloatField(read_only=True)
     hyperparameters = serializers.DictField(read_only=True)
     attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
+    tags = TagsField()
 
     class Meta:
         model = TrainingRun
@@ -136,7 +138,7 @@ class RunSerializer(serializers.ModelSerializer):
             "eval_dataset", "eval_dataset_name", "lora_config", "lora_config_name", "hyperparameters", "priority", "labels", "needs_gpu_bytes",
             "needs_gpus", "attempt", "cancel_requested", "pause_requested", "error", "step", "total_steps",
             "progress", "last_loss", "worker", "wait_reason", "attempt_log", "adapter", "init_adapter",
-            "init_adapter_name", "created_at", "dispatched_at", "started_at", "finished_at",
+            "init_adapter_name", "created_at", "dispatched_at", "started_at", "finished_at", "tags", "note",
         ]
         read_only_fields = fields
 
@@ -246,6 +248,7 @@ class RunDeletionSerializer(serializers.Serializer):
         OpenApiParameter("owner", OpenApiTypes.STR, required=False, description="A username, or `me`."),
         OpenApiParameter("base_model", ID_FILTER, required=False),
         OpenApiParameter("dataset", ID_FILTER, required=False),
+        *LABEL_PARAMS,
     ]),
     create=extend_schema(request=RunCreateSerializer, responses={201: RunSerializer}),
     destroy=extend_schema(responses={200: RunDeletionSerializer}, description=(
@@ -255,14 +258,14 @@ class RunDeletionSerializer(serializers.Serializer):
         "while the run is not finished, or while a job still reads its adapter. The answer says what went and "
         "what stayed.")),
 )
-class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
+class RunViewSet(LabelsMixin, VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = RunSerializer
     noun = "run"
 
     def get_queryset(self) -> Any:
         adapter = Adapter.objects.filter(run=OuterRef("pk")).values("pk")[:1]
         rows = (TrainingRun.objects.select_related("owner", "base_model", "dataset", "eval_dataset", "lora_config", "worker")
-                .defer("metric_points").annotate(adapter_id=Subquery(adapter)))
+                .defer("metric_points").annotate(adapter_id=Subquery(adapter)).prefetch_related("tags"))
         return access.visible(self.request.user, rows)
 
     def filter_queryset(self, queryset: Any) -> Any:
@@ -276,7 +279,7 @@ class RunViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             number = int_param(request, name)
             if number is not None:
                 queryset = queryset.filter(**{f"{name}_id": number})
-        return owner_param(request, queryset)
+        return filter_by_labels(request, owner_param(request, queryset))
 
     def _answer(self, run_id: int, code: int = status.HTTP_200_OK) -> Response:
         return Response(RunSerializer(self.get_queryset().get(pk=run_id)).data, status=code)

@@ -15,7 +15,7 @@ from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView
 
 import webapp.api.schema  # noqa: F401  (registers the bearer-key security scheme)
-from webapp.api import adapters, catalog, comparisons, jobs, runs, workers
+from webapp.api import adapters, aliases, catalog, comparisons, jobs, runs, usage, workers
 from webapp.api.login import Login
 from webapp.api.models import ApiKey
 from webapp.api.problems import problem
@@ -64,6 +64,7 @@ router.register("combinations", adapters.CombinationViewSet, basename="api-combi
 router.register("merges", adapters.MergedModelViewSet, basename="api-merge")
 router.register("jobs", jobs.JobViewSet, basename="api-job")
 router.register("workers", workers.WorkerViewSet, basename="api-worker")
+router.register("aliases", aliases.AliasViewSet, basename="api-alias")
 
 class MeSerializer(serializers.Serializer):
     username = serializers.CharField()
@@ -99,6 +100,10 @@ urlpatterns = [
     path("login/", Login.as_view(), name="api-login"),
     path("schema/", Schema.as_view(), name="api-schema"),
     path("docs/", Docs.as_view(url_name="api-schema"), name="api-docs"),
+    path("usage/", usage.Usage.as_view(), name="api-usage"),
+    # The base's name may hold a slash (a hub id); the alias never does.
+    re_path(r"^adapters/by-alias/(?P<base>.+)/(?P<alias>[^/]+)/download/?$", aliases.ByAliasDownload.as_view(),
+            name="api-adapter-by-alias"),
     path("", include(router.urls)),
     re_path(r"^.*$", NotFound.as_view()),  # last: everything the routes above did not match
 ]

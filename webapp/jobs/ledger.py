@@ -54,13 +54,17 @@ def dispatch(job: LedgerJob, worker: Any, gpu_indices: list[int] | None = None) 
 
 
 def attempt_entry(job: Any, outcome: str, reason: str) -> dict[str, Any]:
-    """One line of a job's attempt_log: how the attempt it is at ended, and why."""
+    """One line of a job's attempt_log: how the attempt it is at ended, and why; when it started running and on
+    how many GPUs (what usage counts as GPU-hours)."""
+    started = job.started_at if job.started_at and (not job.dispatched_at or job.started_at >= job.dispatched_at) else None
     return {
         "attempt": job.attempt,
         "worker": job.worker.name if job.worker_id and job.worker else None,
         "outcome": outcome,
         "reason": reason,
         "at": timezone.now().isoformat(),
+        "started": started.isoformat() if started else None,
+        "gpus": len(job.gpu_indices or []),
     }
 
 

@@ -297,3 +297,51 @@ class VoteDataset(models.Model):
         if self.winner_id is not None:
             query["init_adapter"] = self.winner_id
         return f"{reverse('run-new')}?{urlencode(query)}"
+
+
+class AdapterAlias(models.Model):
+    """A name a deployment asks for (`production`, `candidate`) that points at one adapter of a base model: unique
+    per base, moved by people or scripts (aliases.move), each move or refusal kept as an AliasMove."""
+
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(max_length=50)
+    # The adapter it points at; null once that adapter was deleted (the alias and its history stay).
+    adapter = models.ForeignKey(Adapter, null=True, on_delete=models.SET_NULL, related_name="aliases")
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["base_model_id", "name"]
+        # Also the by-alias lookup of deployment scripts: (base, name) → adapter.
+        constraints = [models.UniqueConstraint(fields=["base_model", "name"], name="alias_unique_per_base")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.base_model})"
+
+
+class AliasMove(models.Model):
+    """One attempt to move an alias: who, when, from which adapter to which, the evaluation it required (if any)
+    with the scores it compared, and whether it moved or was refused (and why)."""
+
+    MOVED, REFUSED = "moved", "refused"
+
+    alias = models.ForeignKey(AdapterAlias, on_delete=models.CASCADE, related_name="moves")
+    from_adapter = models.ForeignKey(Adapter, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    from_name = models.CharField(max_length=200, blank=True)  # kept when that adapter is deleted
+    to_adapter = models.ForeignKey(Adapter, null=True, on_delete=models.SET_NULL, related_name="+")
+    to_name = models.CharField(max_length=200)
+    by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(auto_now_add=True)
+    outcome = models.CharField(max_length=8, choices=[(MOVED, "moved"), (REFUSED, "refused")])
+    # {"dataset", "dataset_name", "metric", "margin", "holder_score", "candidate_score", "holder_job",
+    # "candidate_job"}: empty when the move required no evaluation.
+    requirement = models.JSONField(default=dict, blank=True)
+    message = models.CharField(max_length=1000)
+
+    class Meta:
+        ordering = ["-id"]
+        # The alias's history, newest first.
+        indexes = [models.Index(fields=["alias", "-id"], name="aliasmove_alias_id")]
+
+    def __str__(self) -> str:
+        return f"{self.alias_id}: {self.outcome} {self.from_name or '∅'} → {self.to_name}"

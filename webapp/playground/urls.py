@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.playground import views
+from webapp.playground import alias_views, views
 
 urlpatterns = [
     path("runs/<int:pk>/delete/", views.run_delete, name="run-delete"),
@@ -27,4 +27,7 @@ urlpatterns = [
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
     path("jobs/<int:pk>/reorder/", views.job_reorder, name="job-reorder"),
+]
+urlpatterns += [
+    path("adapters/<int:pk>/alias/", alias_views.adapter_alias, name="adapter-alias"),
 ]

@@ -199,6 +199,8 @@ class RunFilterForm(forms.Form):
                                         empty_label="Any base model")
     dataset = forms.ModelChoiceField(required=False, queryset=Dataset.objects.order_by("name"),
                                      empty_label="Any dataset")
+    q = forms.CharField(required=False, max_length=200, label="Search",
+                        widget=forms.TextInput(attrs={"type": "search", "placeholder": "Name, note or tag"}))
     sort = forms.ChoiceField(required=False, choices=RUN_SORT_CHOICES, initial="-created")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -13,6 +13,20 @@ from workers.contract import spec
 from workers.contract.store import ArtifactStore
 
 
+class Tag(models.Model):
+    """A label people put on runs and adapters (lowercase, see organise.clean_tags). A table with a unique name
+    rather than a JSON list per row: `tag=a` is an indexed join on both PostgreSQL and SQLite (SQLite has no JSON
+    containment lookup), and the lists can offer every tag in use."""
+
+    name = models.CharField(max_length=50, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class TrainingRun(LedgerJob):
     NOUN = "run"
     TASK = "tunedeck.run_job"  # the worker's Celery task for this kind of job
@@ -37,6 +51,8 @@ class TrainingRun(LedgerJob):
     # The run's metric curve, kept compact for the charts (see metrics.merge_points): reading a page
     # never scans the run's events, however long it trained.
     metric_points = models.JSONField(default=list, blank=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="runs")
+    note = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -173,6 +189,8 @@ class Adapter(models.Model):
     final_loss = models.FloatField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="adapters")
+    note = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-id"]

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.training import views
+from webapp.training import label_views, views
 
 urlpatterns = [
     path("runs/", views.runs_list, name="runs"),
@@ -24,4 +24,8 @@ urlpatterns += [
 urlpatterns += [
     path("runs/<int:pk>/pause/", views.run_pause, name="run-pause"),
     path("runs/<int:pk>/resume/", views.run_resume, name="run-resume"),
+]
+urlpatterns += [
+    path("runs/<int:pk>/labels/", label_views.run_labels, name="run-labels"),
+    path("adapters/<int:pk>/labels/", label_views.adapter_labels, name="adapter-labels"),
 ]

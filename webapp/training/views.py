@@ -21,6 +21,7 @@ from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.models import Adapter, TrainingRun
+from webapp.training.organise import filter_labels
 from webapp.training.services import RunRefused, clone_request, queue_run
 from webapp.training.tracking import trackers_with_files, tracking_folder
 from workers.contract.spec import applies_to, suggest_train_params
@@ -73,10 +74,12 @@ def runs_list(request: HttpRequest) -> HttpResponse:
     sort, descending = form.ordering()
     runs = (TrainingRun.objects.filter(**form.filters())
             .select_related("base_model", "dataset", "owner")
-            .defer(*LIST_DEFERRED)
+            .defer(*LIST_DEFERRED).prefetch_related("tags")
             .order_by(*_run_ordering(sort, descending)))
+    tags = request.GET.getlist("tag")
+    runs = filter_labels(runs, tags, getattr(form, "cleaned_data", {}).get("q", ""))
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    context = {"form": form, "page": page, "runs": page.object_list, "headers": _sort_headers(sort),
+    context = {"form": form, "page": page, "runs": page.object_list, "headers": _sort_headers(sort), "tags": tags,
                "live": any(run.state in LIVE_STATES for run in page.object_list)}
     template = "training/partials/runs_rows.html" if request.htmx else "training/runs_list.html"  # type: ignore[attr-defined]
     return render(request, template, context)
@@ -238,10 +241,12 @@ async def run_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
 def adapters_list(request: HttpRequest) -> HttpResponse:
     adapters = (
         Adapter.objects.select_related("base_model", "owner", "run__dataset", "run__lora_config")
-        .prefetch_related("parent_links__parent")
+        .prefetch_related("parent_links__parent", "tags")
         .order_by("-id")
     )
+    tags, q = request.GET.getlist("tag"), request.GET.get("q", "")[:200]
+    adapters = filter_labels(adapters, tags, q)
     page = Paginator(adapters, ADAPTERS_PER_PAGE).get_page(request.GET.get("page"))
     for adapter in page.object_list:
         adapter.eval_loss = adapter.metrics.get("eval_loss") if isinstance(adapter.metrics, dict) else None
-    return render(request, "training/adapters.html", {"adapters": page.object_list, "page": page})
+    return render(request, "training/adapters.html", {"adapters": page.object_list, "page": page, "tags": tags, "q": q})
