@@ -1,4 +1,5 @@
-"""Server-drawn SVG line charts: no JavaScript needed, escaped by construction (numbers only)."""
+"""Which charts a run has, and their series: the source of the interactive charts' specs (static/tunedeck/charts.js
+draws them from `chart_specs` and the points), and of the latest values each chart's caption shows without script."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from webapp.training.metrics import AXES
 from workers.formatting import figure
 
 WIDTH, HEIGHT, PAD = 600, 200, 36
@@ -156,8 +158,8 @@ PALETTE = ("series", "series c2", "series c3", "series c4")
 
 
 def metric_keys(points: Iterable[dict[str, Any]]) -> set[str]:
-    """Every metric some point of the curve has (the step aside)."""
-    return {key for data in points if isinstance(data, dict) for key in data if key != "step"}
+    """Every metric some point of the curve has (the step, tokens seen and time aside: they are axes)."""
+    return {key for data in points if isinstance(data, dict) for key in data if key != "step" and key not in AXES}
 
 
 def other_charts(keys: set[str]) -> list[ChartKind]:
@@ -190,14 +192,35 @@ def with_eval_twins(kind: ChartKind, keys: set[str]) -> list[tuple[str, str, str
     return series
 
 
-def run_charts(points: Iterable[dict[str, Any]]) -> list[Chart]:
-    """The run page's charts, from its metric events' data, oldest first: the loss, the objective's own curves
+def chart_kinds(keys: set[str]) -> list[tuple[ChartKind, list[tuple[str, str, str]]]]:
+    """The charts of a run that reported `keys`, each with its series: the loss, the objective's own curves
     (whichever metrics the run reports), then the learning rate, gradient norm and throughput."""
-    points = list(points)
-    keys = metric_keys(points)
     kinds = [kind for kind in (LOSS, *OBJECTIVE_CHARTS) if kind.always or any(k in keys for k, _, _ in kind.series)]
     kinds += other_charts(keys) + list(MECHANICS_CHARTS)
-    series_of = [with_eval_twins(kind, keys) for kind in kinds]
-    s = metric_series(points, {key for series in series_of for key, _, _ in series})
+    return [(kind, with_eval_twins(kind, keys)) for kind in kinds]
+
+
+def run_charts(points: Iterable[dict[str, Any]]) -> list[Chart]:
+    """The run page's charts, from its metric events' data, oldest first (see chart_kinds)."""
+    points = list(points)
+    charts = chart_kinds(metric_keys(points))
+    s = metric_series(points, {key for _, series in charts for key, _, _ in series})
     return [multi_chart(kind.title, [(name, css, s[key]) for key, name, css in series], unit=kind.unit)
-            for kind, series in zip(kinds, series_of, strict=True)]
+            for kind, series in charts]
+
+
+def chart_specs(keys: set[str]) -> list[dict[str, Any]]:
+    """The charts of these metrics as the browser draws them: title, unit and, per series, the metric key, its
+    legend name, its colour (a css class of training.css) and whether it is dashed (an eval twin, or eval loss)."""
+    return [
+        {"title": kind.title, "unit": kind.unit,
+         "series": [{"key": key, "name": name, "css": css, "dashed": key.startswith(EVAL)} for key, name, css in series]}
+        for kind, series in chart_kinds(keys)
+    ]
+
+
+def metrics_after(points: list[dict[str, Any]], after: int | None) -> list[dict[str, Any]]:
+    """The curve's points past step `after` (all of them for None): what a live chart has not drawn yet."""
+    if after is None:
+        return points
+    return [p for p in points if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] > after]

@@ -8,7 +8,11 @@ from typing import Any
 
 # A point keeps every number a worker reports (the loss, and each objective's own: rewards, margins, KL…) but these,
 # which are progress rather than curves; and a bounded number of keys, each a bounded name.
-NOT_CURVES = ("total_steps", "epoch", "num_tokens")
+NOT_CURVES = ("total_steps", "epoch")
+# What a point is plotted against besides its step: the tokens trained on so far (trl's running count) and the
+# worker's clock when it reported the point (seconds since the epoch). They are axes, not curves of their own.
+TOKENS, TIME = "num_tokens", "time"
+AXES = (TOKENS, TIME)
 MAX_KEYS, MAX_KEY_LENGTH = 64, 100
 MAX_METRIC_POINTS = 2000
 

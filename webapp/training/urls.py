@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.training import views
+from webapp.training import compare, views
 
 urlpatterns = [
     path("runs/", views.runs_list, name="runs"),
@@ -23,4 +23,9 @@ urlpatterns += [
 urlpatterns += [
     path("runs/<int:pk>/pause/", views.run_pause, name="run-pause"),
     path("runs/<int:pk>/resume/", views.run_resume, name="run-resume"),
+]
+urlpatterns += [
+    path("runs/compare/", compare.run_compare, name="run-compare"),
+    path("runs/compare/metrics.json", compare.compare_metrics, name="run-compare-metrics"),
+    path("runs/<int:pk>/metrics.json", compare.run_metrics, name="run-metrics"),
 ]
