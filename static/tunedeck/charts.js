@@ -60,6 +60,7 @@
 
   // An axis tick: as many digits as the spacing of the ticks needs, so neighbours never read the same.
   function tick(v, incr) {
+    if (v == null) return ""; // a log scale leaves some of its ticks unlabelled
     if (v === 0) return "0";
     var a = Math.abs(v);
     if (a >= 1e6 || a < 1e-3) {
@@ -138,14 +139,21 @@
         { stroke: ink, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 }, size: 64,
           values: function (u, splits, ai, space, incr) { return splits.map(function (v) { return tick(v, incr); }); } }
       ],
-      series: [{ label: axis.label, value: function (u, v) { return v == null ? MISSING : axis.format(v); } }].concat(
+      // Without a cursor the legend shows each series' latest value.
+      series: [{ label: axis.label, value: function (u, v) { return v == null ? "latest" : axis.format(v); } }].concat(
         lines.map(function (line) {
           return { label: line.label, stroke: line.colour, width: 1.6, dash: line.dashed ? [6, 4] : undefined,
             spanGaps: true, show: !hidden[line.label], points: { show: false }, value: seriesValue };
         })),
-      hooks: { setSeries: [function (u, si, opts) {
-        if (si != null && opts && opts.show != null) hidden[u.series[si].label] = !opts.show;
-      }] }
+      hooks: {
+        setSeries: [function (u, si, opts) {
+          if (si != null && opts && opts.show != null) hidden[u.series[si].label] = !opts.show;
+        }],
+        // The x range shown, on the element (zoomed in by a drag, back to all by a double-click).
+        setScale: [function (u, key) {
+          if (key === "x") u.root.parentNode.dataset.xRange = axis.format(u.scales.x.min) + " – " + axis.format(u.scales.x.max);
+        }]
+      }
     };
   }
 
