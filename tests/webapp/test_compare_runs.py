@@ -196,3 +196,18 @@ def test_the_compare_outputs_page_preselects_the_adapters(team, client, two_runs
     login(client, "mate")
     page = client.get(f"/compare/new/?adapters={a.pk}&adapters={b.pk}").content.decode()
     assert re.search(rf'value="{a.pk}"[^>]*checked', page) and re.search(rf'value="{b.pk}"[^>]*checked', page)
+
+
+# ---- the REST API does what the pages do -------------------------------------------------------------------
+
+def test_the_api_gives_the_points_after_a_step_with_tokens_and_time(team, client, two_runs) -> None:  # type: ignore[no-untyped-def]
+    from tests.webapp.api_helpers import bearer, key_for
+
+    fast, _ = two_runs
+    users = team[0]
+    raw = key_for(users["mate"], "read")
+    body = client.get(f"/api/v1/runs/{fast.pk}/metrics/?after=18", **bearer(raw)).json()
+    assert [p["step"] for p in body["points"]] == [19, 20]
+    assert body["points"][-1]["num_tokens"] == 10240 and body["points"][-1]["time"] == pytest.approx(1_800_000_041.0)
+    bad = client.get(f"/api/v1/runs/{fast.pk}/metrics/?after=soon", **bearer(raw))
+    assert bad.status_code == 400 and "after" in bad.json()["errors"]
