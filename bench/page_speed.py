@@ -8,6 +8,10 @@ Seeds (once; --reseed starts over) a separate database with 10,000 runs and 1,00
 Client in-process, round-robin so every page sees the same machine load, and prints p50/p95 in
 milliseconds and the ratio to the login page's p95. With --explain, each page's slowest query is
 printed with its time, so a slow page names its query.
+
+The compare page and the charts' JSON are measured over 10 runs of 200,000 metric events each,
+folded into their curves as the ledger folds a worker's reports (`merge_points`, 200 at a time).
+`--compare-only --database-url sqlite:///path` measures just those, on any database.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ def ensure_database(name: str, reseed: bool) -> None:
             print(f"created database {name}", flush=True)
 
 
-def setup_django(db: str) -> None:
-    os.environ["DATABASE_URL"] = f"{SERVER_URL}/{db}"
+def setup_django(db: str, url: str = "") -> None:
+    os.environ["DATABASE_URL"] = url or f"{SERVER_URL}/{db}"
     os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
     os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
@@ -209,6 +213,67 @@ def seed(runs_n: int, events_n: int, big_share: float = 0.2) -> dict[str, int]:
     return {"big_run": big}
 
 
+COMPARE_RUNS, COMPARE_EVENTS, EVAL_EVERY = 10, 200_000, 500
+
+
+def seed_compare(runs_n: int = COMPARE_RUNS, events_n: int = COMPARE_EVENTS) -> list[int]:
+    """`runs_n` finished runs named bench-compare-<i>, each with a curve folded from `events_n` metric events
+    (an eval point every EVAL_EVERY steps), settings that differ by run; their ids, seeded once."""
+    from django.contrib.auth import get_user_model
+
+    from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+    from webapp.training.metrics import merge_points
+    from webapp.training.models import Adapter, TrainingRun
+
+    seeded = list(TrainingRun.objects.filter(name__startswith="bench-compare-").order_by("pk").values_list("pk", flat=True))
+    if len(seeded) >= runs_n:
+        return seeded[:runs_n]
+    User = get_user_model()
+    owner = User.objects.filter(username="bench-admin").first() or User.objects.create_user(
+        "bench-admin", password="bench-pass-123", is_staff=True, is_superuser=True)
+    base = BaseModel.objects.first() or BaseModel.objects.create(name="base-0", source="org/model-0", num_parameters=10**9)
+    data = Dataset.objects.first() or Dataset.objects.create(
+        name="data-0", uri="file:///data/0.jsonl", original_filename="0.jsonl", format="text", row_count=1000,
+        size_bytes=10**6, sha256="0" * 64)
+    config = LoraConfig.objects.first() or LoraConfig.objects.create(name="cfg-0", params={"r": 8, "alpha": 16})
+    t0 = time.perf_counter()
+    ids = []
+    for i in range(runs_n):
+        lr, start = 1e-4 * (i + 1), 1.8e9 + i * 10**6
+        points: list[dict[str, Any]] = []
+        for at in range(1, events_n + 1, 200):  # a worker's batches, folded as record_events folds them
+            points = merge_points(points, [
+                {"step": s, "total_steps": events_n, "epoch": s / events_n, "loss": 3.0 / (1 + s * lr / 20),
+                 "learning_rate": lr * (1 - s / events_n), "grad_norm": 0.4 + (s % 7) / 10, "tokens_per_s": 900.0 + i,
+                 "num_tokens": 512.0 * s, "time": start + 0.5 * s,
+                 **({"eval_loss": 3.1 / (1 + s * lr / 20)} if s % EVAL_EVERY == 0 else {})}
+                for s in range(at, min(at + 200, events_n + 1))])
+        run = TrainingRun.objects.create(
+            name=f"bench-compare-{i}", owner=owner, base_model=base, dataset=data, lora_config=config,
+            hyperparameters={"learning_rate": lr, "epochs": 1, "max_length": 512 * (1 + i % 2)}, state="succeeded",
+            attempt=1, step=events_n, total_steps=events_n, last_loss=points[-1]["loss"], metric_points=points)
+        Adapter.objects.create(run=run, name=run.name, owner=owner, base_model=base, uri=f"file:///a/{run.pk}",
+                               size_bytes=10**7, sha256="0" * 64, trainable_params=10**7, total_params=10**9,
+                               metrics={"eval_loss": points[-1].get("eval_loss"), "trained_tokens": 512 * events_n,
+                                        "peak_memory_reserved": 20 * 2**30})
+        ids.append(run.pk)
+    print(f"seeded {runs_n} runs of {events_n:,} metric events each ({len(points):,} points in a curve) in "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    return ids
+
+
+def compare_pages(client: object, ids: list[int]) -> dict[str, tuple[object, str, dict[str, str]]]:
+    listed = ",".join(str(pk) for pk in ids)
+    events = f"{COMPARE_EVENTS // 1000}k"
+    return {
+        f"compare page ({len(ids)} runs x {events} events)": (client, f"/runs/compare/?ids={listed}", {}),
+        f"compare curves JSON ({len(ids)} runs)": (client, f"/runs/compare/metrics.json?ids={listed}", {}),
+        f"run metrics JSON ({events} events)": (client, f"/runs/{ids[0]}/metrics.json", {}),
+        "run metrics JSON, after a step": (client, f"/runs/{ids[0]}/metrics.json?after={COMPARE_EVENTS - 1000}", {}),
+        f"run page ({events} events)": (client, f"/runs/{ids[0]}/", {}),
+    }
+
+
 def measure(pages: dict[str, tuple[object, str, dict[str, str]]], rounds: int, warmup: int) -> dict[str, list[float]]:
     """Round-robin over the pages so that each sees the same load; milliseconds per request."""
     times: dict[str, list[float]] = {name: [] for name in pages}
@@ -248,15 +313,29 @@ def main() -> int:
     parser.add_argument("--reseed", action="store_true")
     parser.add_argument("--explain", action="store_true", help="Print each page's slowest queries.")
     parser.add_argument("--target-ms", type=float, default=100.0)
+    parser.add_argument("--compare-only", action="store_true",
+                        help="Only the compare page and the charts' JSON (and the login page, the baseline).")
+    parser.add_argument("--database-url", help="Measure on this database instead (with --compare-only), "
+                                               "e.g. sqlite:////tmp/bench.sqlite3")
     args = parser.parse_args()
 
-    ensure_database(args.db, args.reseed)
-    setup_django(args.db)
+    if args.database_url:
+        os.environ["DATABASE_URL"] = args.database_url
+        setup_django("", url=args.database_url)
+    else:
+        ensure_database(args.db, args.reseed)
+        setup_django(args.db)
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.test import Client
 
     settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "testserver"]
+    if args.compare_only:
+        ids = seed_compare()
+        client = Client()
+        client.force_login(get_user_model().objects.get(username="bench-admin"))
+        pages = {"login (baseline)": (Client(), "/login/", {}), **compare_pages(client, ids)}
+        return report(pages, args)
     info = seed(args.runs, args.events)
     big = info["big_run"]
     from webapp.training.models import RunEvent, TrainingRun
@@ -281,17 +360,22 @@ def main() -> int:
         f"run detail ({RunEvent.objects.filter(run_id=big).count() // 1000}k events)": (client, f"/runs/{big}/", {}),
         "run status partial (big run)": (client, f"/runs/{big}/status/", {}),
         "adapters list": (client, "/adapters/", {}),
+        **compare_pages(client, seed_compare()),
     }
+    return report(pages, args)
+
+
+def report(pages: dict[str, tuple[object, str, dict[str, str]]], args: argparse.Namespace) -> int:
     print(f"measuring {args.requests} requests per page (+{args.warmup} warm-up), round-robin…", flush=True)
     times = measure(pages, args.requests, args.warmup)
     base95 = p(times["login (baseline)"], 0.95)
     print()
-    print(f"{'page':<36} {'p50 ms':>8} {'p95 ms':>8} {'p95/login':>10}")
+    print(f"{'page':<40} {'p50 ms':>8} {'p95 ms':>8} {'p95/login':>10}")
     slow = []
     for name, values in times.items():
         p50, p95 = p(values, 0.5), p(values, 0.95)
         flag = "  SLOW" if p95 > args.target_ms else ""
-        print(f"{name:<36} {p50:>8.1f} {p95:>8.1f} {p95 / base95:>9.1f}x{flag}")
+        print(f"{name:<40} {p50:>8.1f} {p95:>8.1f} {p95 / base95:>9.1f}x{flag}")
         if flag:
             slow.append(name)
     print(f"\n{len(times)} pages; target p95 < {args.target_ms:.0f} ms: "

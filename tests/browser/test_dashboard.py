@@ -51,11 +51,11 @@ def db_log_ids(run_id: int) -> list[int]:
 
 
 def chart_points(page) -> int:  # type: ignore[no-untyped-def]
-    """Points drawn on the loss chart: the (first) series of the SVG labelled "... loss by step"."""
-    line = page.get_by_role("img", name=re.compile(r"loss by step", re.I)).first.locator("polyline").first
-    if not line.count():
+    """Points drawn on the loss chart (charts.js writes how many steps it plots on the plot's element)."""
+    plot = page.locator('#run-charts figure[data-title="Loss"] .chart-plot').first
+    if not plot.count():
         return 0
-    return len((line.get_attribute("points") or "").split())
+    return int(plot.get_attribute("data-points") or 0)
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.25):  # type: ignore[no-untyped-def]
@@ -165,7 +165,7 @@ def test_a_run_trains_live_survives_a_reload_and_its_adapter_downloads(  # type:
     assert TrainingRun.objects.get(pk=run_id).state == "running", "the run finished before the reload"
     page.reload()
     expect(page.locator("#run-state")).to_have_text("succeeded", timeout=120_000)
-    assert chart_points(page) > points_before
+    wait_until(lambda: chart_points(page) > points_before, 15, "the loss chart to show the points after the reload")
     wait_until(lambda: log_ids(page) == db_log_ids(run_id), 10, "the page's log to match the stored events")
     ids = log_ids(page)
     assert len(ids) == len(set(ids)) and ids == db_log_ids(run_id)

@@ -3,6 +3,7 @@ objectives it applies to, a run's page draws the curves its objective logs, a da
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -128,7 +129,8 @@ def test_a_dpo_run_page_draws_its_reward_charts_from_the_stored_metrics(team, cl
     record_events(run, 1, dpo_metrics(10))
     run.refresh_from_db()
     assert run.metric_points[-1]["rewards/margins"] == pytest.approx(0.4)
-    assert "num_tokens" not in run.metric_points[-1] and "epoch" not in run.metric_points[-1]
+    # Tokens seen are kept, an axis of the charts; the epoch is progress, not a curve.
+    assert run.metric_points[-1]["num_tokens"] == 1000 and "epoch" not in run.metric_points[-1]
     login(client, "mate")
     page = client.get(f"/runs/{run.pk}/").content.decode()
     titles = re.findall(r"<figcaption><strong>(.*?)</strong>", page)
@@ -138,14 +140,18 @@ def test_a_dpo_run_page_draws_its_reward_charts_from_the_stored_metrics(team, cl
     assert {"rewards/exact", "logps", "&lt;img src=x onerror=alert(1)&gt;"} <= set(titles)
     assert HOSTILE not in page
     rewards = figure_of(page, "Rewards")
-    assert rewards.count("<polyline") == 4  # chosen and rejected, each with its eval twin
-    assert 'class="series chosen"' in rewards and 'class="series rejected twin"' in rewards
+    assert rewards.count('<span class="legend') == 4  # chosen and rejected, each with its eval twin
+    assert 'class="legend series chosen"' in rewards and 'class="legend series rejected twin"' in rewards
     assert "chosen: 0.2" in rewards and "rejected: -0.2" in rewards
     assert "pairs preferred: 1" in figure_of(page, "Preference accuracy")
     assert "<strong>KL</strong>" not in page  # a chart of an objective shows once the run logs its metric
-    # The live status panel (what the stream sends as metrics arrive) draws the same charts.
-    partial = client.get(f"/runs/{run.pk}/", headers={"HX-Request": "true"}).content.decode()
-    assert re.findall(r"<figcaption><strong>(.*?)</strong>", partial) == titles
+    # The live charts (charts.js, fed by metrics.json as metrics arrive) draw the same charts, eval twins dashed.
+    live = client.get(f"/runs/{run.pk}/metrics.json").json()
+    assert [chart["title"] for chart in live["charts"]] == [html.unescape(title) for title in titles]
+    live_rewards = next(chart for chart in live["charts"] if chart["title"] == "Rewards")
+    assert [(s["key"], s["dashed"]) for s in live_rewards["series"]] == [
+        ("rewards/chosen", False), ("eval_rewards/chosen", True), ("rewards/rejected", False),
+        ("eval_rewards/rejected", True)]
 
 
 def test_the_runner_forwards_every_number_trl_logs_and_the_page_charts_them(tiny_model_dir: Path, tmp_path: Path) -> None:

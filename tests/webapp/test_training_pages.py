@@ -144,8 +144,10 @@ def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -
     assert "learning_rate" in page and "cfg" in page and "gpu-7" in page
     for title in ("Loss", "Learning rate", "Grad norm", "Throughput"):
         assert f"<strong>{title}</strong>" in page
-    assert page.count("<polyline") == 5  # train + eval loss, lr, grad norm, tokens/s
-    assert 'class="series eval"' in page
+    # Drawn by charts.js from the run's metrics.json; without script each caption keeps the latest values.
+    assert page.count('<span class="legend') == 5  # train + eval loss, lr, grad norm, tokens/s
+    assert 'class="legend series eval"' in page and "train: 0.0667" in page
+    assert f'data-metrics-url="/runs/{run.pk}/metrics.json"' in page and "tunedeck/charts.js" in page
     # Three saved, the trainer's default keep_checkpoints (2) kept on disk.
     assert "Checkpoints (2)" in page and "1 earlier checkpoint removed" in page and "latest: a retry resumes here" in page
     assert "tunedeck/training.js" in page and "<script>" not in page and "style=" not in page
@@ -154,7 +156,7 @@ def test_the_run_page_shows_config_charts_checkpoints_and_worker(team, client) -
     assert 'class="line kind-log info"' in page and 'class="line log' not in page
     # The same view serves the status partial to htmx.
     partial = client.get(f"/runs/{run.pk}/", headers={"HX-Request": "true"}).content.decode()
-    assert "<html" not in partial and "<polyline" in partial
+    assert "<html" not in partial and 'id="run-state"' in partial
 
 
 def test_the_run_page_query_count_does_not_grow_with_events(team, client, django_assert_max_num_queries) -> None:  # type: ignore[no-untyped-def]

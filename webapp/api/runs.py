@@ -47,6 +47,7 @@ from webapp.jobs.downloads import zip_response
 from webapp.jobs.models import RunState
 from webapp.playground import deletion
 from webapp.specfields import default, serializer_field
+from webapp.training.charts import metrics_after
 from webapp.training.checkpoints import run_checkpoints
 from webapp.training.models import Adapter, RunEvent, TrainingRun
 from webapp.training.services import (
@@ -149,7 +150,8 @@ class MetricsSerializer(serializers.Serializer):
         child=serializers.DictField(child=serializers.FloatField()),
         help_text="One point per step, oldest first: step, loss, eval_loss, learning_rate, grad_norm, tokens_per_s "
                   "and every other number the objective's trainer logs, e.g. rewards/margins (each where reported); "
-                  "long curves are thinned, eval points kept.")
+                  "num_tokens (tokens trained on so far) and time (the worker's clock at the report, Unix seconds) "
+                  "where known; long curves are thinned, eval points kept.")
 
 
 class CheckpointSerializer(serializers.Serializer):
@@ -188,6 +190,10 @@ def queue(user: Any, request: RunRequest) -> TrainingRun:
 RUN_BATCH = json_batch(TrainingRun)
 
 ID_FILTER = OpenApiTypes.INT
+METRICS_PARAMS = [
+    OpenApiParameter("after", OpenApiTypes.INT, required=False,
+                     description="Only points of later steps: what a live chart has not drawn yet."),
+]
 EVENT_PARAMS = [
     OpenApiParameter("after", OpenApiTypes.INT, description="Only events with a larger id (the cursor).", required=False),
     OpenApiParameter("limit", OpenApiTypes.INT, description="At most this many (1-1000, default 200).", required=False),
@@ -370,12 +376,16 @@ class RunViewSet(LabelsMixin, VisibleObjectMixin, viewsets.ReadOnlyModelViewSet)
         run = self.get_object()
         return stream_response(request, RUN_BATCH, TrainingRun, run.pk)
 
-    @extend_schema(responses={200: MetricsSerializer})
+    @extend_schema(parameters=METRICS_PARAMS, responses={200: MetricsSerializer})
     @action(detail=True, methods=["get"])
     def metrics(self, request: Request, pk: str) -> Response:
         run = self.get_object()
+        after = request.query_params.get("after", "")
+        if after and not after.lstrip("-").isdigit():
+            return problem(400, "after must be a step number", errors={"after": ["must be a step number"]},
+                           instance=request.path)
         points = TrainingRun.objects.values_list("metric_points", flat=True).get(pk=run.pk)
-        return Response({"run": run.pk, "points": points or []})
+        return Response({"run": run.pk, "points": metrics_after(points or [], int(after) if after else None)})
 
     @extend_schema(responses=TRACKING_ZIP,
                    description="The run's trackers' files as a zip, as written so far: TensorBoard event files "

@@ -266,7 +266,7 @@ def record_events(job: LedgerJob, attempt: int, events: list[dict[str, Any]]) ->
         event_model.objects.bulk_create(rows, ignore_conflicts=True)  # a retried batch is stored once
         job.fold_events([e for e in events if int(e["seq"]) not in stored])  # e.g. a comparison's streamed text
     progress: dict[str, Any] = {"last_report_at": timezone.now()}
-    metrics = [e.get("data") or {} for e in events if e.get("kind") == "metric"]
+    metrics = [_timed(e) for e in events if e.get("kind") == "metric"]
     for data in metrics:
         if "step" in data:
             progress["step"] = int(data["step"])
@@ -277,6 +277,13 @@ def record_events(job: LedgerJob, attempt: int, events: list[dict[str, Any]]) ->
         if metrics:
             progress.update(job.fold_metrics(fenced, metrics))
         fenced.update(**progress)
+
+
+def _timed(event: dict[str, Any]) -> dict[str, Any]:
+    """A metric event's data with the worker's clock at the report, so curves can be drawn against time."""
+    data = event.get("data") or {}
+    at = event.get("time")
+    return {**data, "time": at} if isinstance(at, int | float) and not isinstance(at, bool) else data
 
 
 INTERRUPTED = "interrupted"  # a worker's report: it was shut down, saved a checkpoint, and hands the job back

@@ -1,22 +1,23 @@
-"""Server-drawn SVG line charts: no JavaScript needed, escaped by construction (numbers only)."""
+"""Which charts a run has, and their series: the source of the interactive charts' specs (static/tunedeck/charts.js
+draws them from `chart_specs` and the points), and of the latest values each chart's caption shows without script."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from webapp.training.metrics import AXES
 from workers.formatting import figure
-
-WIDTH, HEIGHT, PAD = 600, 200, 36
 
 
 @dataclass
 class Series:
     name: str
     css: str  # a class from training.css: the colour of the line and of its legend swatch
-    points: str
     last: float | None
     count: int
 
@@ -27,73 +28,20 @@ class Series:
 
 @dataclass
 class Chart:
-    points: str
-    x_max: int
-    y_min: float
-    y_max: float
-    last: float | None
-    count: int
-    width: int = WIDTH
-    height: int = HEIGHT
-    pad: int = PAD
-    title: str = ""
+    """A chart's caption without script: its title, unit and each series' latest value and number of points."""
+
+    title: str
     unit: str = ""
     series: list[Series] = field(default_factory=list)
 
     @property
-    def x_end(self) -> int:
-        return self.width - self.pad
-
-    @property
-    def y_end(self) -> int:
-        return self.height - self.pad
-
-    @property
-    def y_min_label(self) -> str:
-        return figure(self.y_min)
-
-    @property
-    def y_max_label(self) -> str:
-        return figure(self.y_max)
+    def count(self) -> int:
+        return sum(s.count for s in self.series)
 
 
-def _thin(series: list[tuple[int, float]], max_points: int) -> list[tuple[int, float]]:
-    if len(series) <= max_points:
-        return series
-    stride = len(series) / max_points  # keep the shape, not every point
-    return [series[int(i * stride)] for i in range(max_points)] + [series[-1]]
-
-
-def _coords(series: list[tuple[int, float]], x_max: int, y_min: float, span: float) -> str:
-    inner_w, inner_h = WIDTH - 2 * PAD, HEIGHT - 2 * PAD
-    return " ".join(
-        f"{PAD + inner_w * x / x_max:.1f},{PAD + inner_h * (1 - (y - y_min) / span):.1f}" for x, y in series
-    )
-
-
-def line_chart(series: list[tuple[int, float]], max_points: int = 400) -> Chart:
-    series = _thin(series, max_points)
-    if not series:
-        return Chart("", 0, 0.0, 0.0, None, 0)
-    xs, ys = [x for x, _ in series], [y for _, y in series]
-    x_max, y_min, y_max = max(max(xs), 1), min(ys), max(ys)
-    return Chart(_coords(series, x_max, y_min, (y_max - y_min) or 1.0), x_max, y_min, y_max, ys[-1], len(series))
-
-
-def multi_chart(title: str, named: list[tuple[str, str, list[tuple[int, float]]]], unit: str = "",
-                max_points: int = 400) -> Chart:
-    """Several series (name, css class, points) on shared axes; series without points are left out."""
-    named = [(name, css, _thin(points, max_points)) for name, css, points in named if points]
-    if not named:
-        return Chart("", 0, 0.0, 0.0, None, 0, title=title, unit=unit)
-    xs = [x for _, _, pts in named for x, _ in pts]
-    ys = [y for _, _, pts in named for _, y in pts]
-    x_max, y_min, y_max = max(max(xs), 1), min(ys), max(ys)
-    span = (y_max - y_min) or 1.0
-    lines = [Series(name, css, _coords(pts, x_max, y_min, span), pts[-1][1], len(pts)) for name, css, pts in named]
-    first = lines[0]
-    return Chart(first.points, x_max, y_min, y_max, first.last, sum(s.count for s in lines),
-                 title=title, unit=unit, series=lines)
+def multi_chart(title: str, named: list[tuple[str, str, list[tuple[int, float]]]], unit: str = "") -> Chart:
+    """Several series (name, css class, points) of one chart; series without points are left out."""
+    return Chart(title, unit, [Series(name, css, points[-1][1], len(points)) for name, css, points in named if points])
 
 
 def _number(value: Any) -> float | None:
@@ -156,8 +104,8 @@ PALETTE = ("series", "series c2", "series c3", "series c4")
 
 
 def metric_keys(points: Iterable[dict[str, Any]]) -> set[str]:
-    """Every metric some point of the curve has (the step aside)."""
-    return {key for data in points if isinstance(data, dict) for key in data if key != "step"}
+    """Every metric some point of the curve has (the step, tokens seen and time aside: they are axes)."""
+    return {key for data in points if isinstance(data, dict) for key in data if key != "step" and key not in AXES}
 
 
 def other_charts(keys: set[str]) -> list[ChartKind]:
@@ -190,14 +138,48 @@ def with_eval_twins(kind: ChartKind, keys: set[str]) -> list[tuple[str, str, str
     return series
 
 
-def run_charts(points: Iterable[dict[str, Any]]) -> list[Chart]:
-    """The run page's charts, from its metric events' data, oldest first: the loss, the objective's own curves
+def chart_kinds(keys: set[str]) -> list[tuple[ChartKind, list[tuple[str, str, str]]]]:
+    """The charts of a run that reported `keys`, each with its series: the loss, the objective's own curves
     (whichever metrics the run reports), then the learning rate, gradient norm and throughput."""
-    points = list(points)
-    keys = metric_keys(points)
     kinds = [kind for kind in (LOSS, *OBJECTIVE_CHARTS) if kind.always or any(k in keys for k, _, _ in kind.series)]
     kinds += other_charts(keys) + list(MECHANICS_CHARTS)
-    series_of = [with_eval_twins(kind, keys) for kind in kinds]
-    s = metric_series(points, {key for series in series_of for key, _, _ in series})
+    return [(kind, with_eval_twins(kind, keys)) for kind in kinds]
+
+
+def run_charts(points: Iterable[dict[str, Any]]) -> list[Chart]:
+    """The run page's charts, from its metric events' data, oldest first (see chart_kinds)."""
+    points = list(points)
+    charts = chart_kinds(metric_keys(points))
+    s = metric_series(points, {key for _, series in charts for key, _, _ in series})
     return [multi_chart(kind.title, [(name, css, s[key]) for key, name, css in series], unit=kind.unit)
-            for kind, series in zip(kinds, series_of, strict=True)]
+            for kind, series in charts]
+
+
+def chart_specs(keys: set[str]) -> list[dict[str, Any]]:
+    """The charts of these metrics as the browser draws them: title, unit and, per series, the metric key, its
+    legend name, its colour (a css class of training.css) and whether it is dashed (an eval twin, or eval loss)."""
+    return [
+        {"title": kind.title, "unit": kind.unit,
+         "series": [{"key": key, "name": name, "css": css, "dashed": key.startswith(EVAL)} for key, name, css in series]}
+        for kind, series in chart_kinds(keys)
+    ]
+
+
+def metrics_after(points: list[dict[str, Any]], after: int | None) -> list[dict[str, Any]]:
+    """The curve's points past step `after` (all of them for None): what a live chart has not drawn yet."""
+    if after is None:
+        return points
+    return [p for p in points if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] > after]
+
+
+JSON_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+PLAIN_STRING = re.compile(r'"([^"]*)"')
+
+
+def metric_keys_of_json(text: str) -> set[str]:
+    """`metric_keys` of a curve kept as JSON text, read without decoding it: a point holds only numbers
+    (metrics.curve_values), so every string in the text is a key."""
+    if "\\" not in text:  # no escapes: every key is the text between two quotes (5x faster to find)
+        return set(PLAIN_STRING.findall(text)) - {"step", *AXES}
+    return {json.loads(f'"{key}"') for key in set(JSON_STRING.findall(text))} - {"step", *AXES}
+

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.training import label_views, views
+from webapp.training import compare, label_views, views
 
 urlpatterns = [
     path("runs/", views.runs_list, name="runs"),
@@ -28,4 +28,7 @@ urlpatterns += [
 urlpatterns += [
     path("runs/<int:pk>/labels/", label_views.run_labels, name="run-labels"),
     path("adapters/<int:pk>/labels/", label_views.adapter_labels, name="adapter-labels"),
+    path("runs/compare/", compare.run_compare, name="run-compare"),
+    path("runs/compare/metrics.json", compare.compare_metrics, name="run-compare-metrics"),
+    path("runs/<int:pk>/metrics.json", compare.run_metrics, name="run-metrics"),
 ]

@@ -136,7 +136,7 @@ def _status_context(run: TrainingRun) -> dict[str, Any]:
     adapter = Adapter.objects.filter(run=run).first()
     checkpoints = run_checkpoints(run)
     return {"run": run, "adapter": adapter, "memory": _memory_context(adapter), "checkpoints": checkpoints.kept,
-            "checkpoints_removed": checkpoints.removed, "tracker_files": trackers_with_files(run), **_chart_context(run)}
+            "checkpoints_removed": checkpoints.removed, "tracker_files": trackers_with_files(run)}
 
 
 def _memory_context(adapter: Adapter | None) -> dict[str, Any] | None:
@@ -160,7 +160,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         return render(request, "training/partials/run_actions.html", {"run": run, "can_act": jobs.can_act(request, run)})
     if request.htmx:  # type: ignore[attr-defined]
         return render(request, "training/partials/run_status.html", _status_context(run))
-    context = {**_status_context(run), **jobs.log_tail(run), "can_act": jobs.can_act(request, run),
+    context = {**_status_context(run), **_chart_context(run), **jobs.log_tail(run), "can_act": jobs.can_act(request, run),
                "settings": _settings_used(run.hyperparameters or {})}
     return render(request, "training/run_detail.html", context)
 
