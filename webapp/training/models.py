@@ -37,6 +37,9 @@ class TrainingRun(LedgerJob):
     # The run's metric curve, kept compact for the charts (see metrics.merge_points): reading a page
     # never scans the run's events, however long it trained.
     metric_points = models.JSONField(default=list, blank=True)
+    # What the New run page estimated when the run was queued (estimates.RunEstimate.stored): peak GPU memory,
+    # duration and plan, set beside what the run measured on its page. Empty for runs queued otherwise.
+    estimates = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-id"]
