@@ -32,7 +32,7 @@ BIG_CONFIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers
 def world(db: None, tiny_model_dir: Path, tmp_path: Path, store_dir: Path, local_models: Path, client: Any):  # type: ignore[no-untyped-def]
     from tests.webapp.factories import demo_objects
 
-    user, tiny, dataset, config = demo_objects(tiny_model_dir)
+    user, _, dataset, config = demo_objects(tiny_model_dir)
     big_dir = local_models / "big-llama"
     if not big_dir.exists():
         shutil.copytree(tiny_model_dir, big_dir)
