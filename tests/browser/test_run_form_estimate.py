@@ -71,6 +71,7 @@ def test_the_estimate_follows_the_batch_size(page, demo, tiny_model_dir, models_
     expect(memory).to_have_text(re.compile(r"GiB$"))
     screenshot(page, "new-run")
     page.locator("#group-memory > summary").click()
+    page.locator("#group-memory .info").first.focus()  # the batch size's whole help
     screenshot(page, "new-run-batching-open")
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(f"/runs/new/?base_model={big.pk}")

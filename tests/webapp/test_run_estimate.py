@@ -73,7 +73,7 @@ def test_the_estimate_shows_the_plan_and_the_memory_by_part(world, client) -> No
     assert re.search(r'micro-batch <b id="plan-micro-batch">4</b> × 2 accumulated', page)
     assert "recomputes 16 of 16 layers" in page  # no worker: a GPU of unknown size, every layer recomputed
     for part in ("weights", "adapter", "activations", "CUDA context"):
-        assert f"{part} <span class=\"figure\">" in page
+        assert f"{part}</span> <span class=\"figure\">" in page
     assert "Fits no online worker: no worker is online." in page
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +41,13 @@ SETTING_GROUPS = (
      ("eval_fraction", "eval_steps", "early_stopping_patience", "logging_steps", "save_steps", "keep_checkpoints")),
 )
 MORE_GROUP = ("more", "More settings")
+SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\. ")
 SHORT_HELP = 90  # characters of a setting's help shown on its line; the whole text is on its ⓘ
 
 
 def short_help(text: str) -> str:
     """A setting's help in one line: its first sentence, cut at a word under SHORT_HELP characters."""
-    first = text.split(". ")[0].rstrip(".")
+    first = SENTENCE_END.split(text, maxsplit=1)[0].rstrip(".")
     if len(first) <= SHORT_HELP:
         return first
     return first[:SHORT_HELP].rsplit(" ", 1)[0].rstrip(",;:(") + "…"
@@ -220,7 +222,12 @@ class RunForm(forms.Form):
     @property
     def what_fields(self) -> list[forms.BoundField]:
         """The fields of "What to train": the model, the rows, the adapter config and the adapter to start from."""
-        return [self[name] for name in ("name", "base_model", "dataset", "eval_dataset", "lora_config", "init_adapter")]
+        return [self[name] for name in ("base_model", "dataset", "lora_config", "eval_dataset", "init_adapter", "name")]
+
+    @property
+    def short_helps(self) -> dict[str, str]:
+        """Every field's help in one line, by field name (the page shows the whole text on hover or focus)."""
+        return {name: short_help(str(field.help_text)) for name, field in self.fields.items()}
 
     def clean_labels(self) -> list[str]:
         return [part.strip() for part in (self.cleaned_data.get("labels") or "").split(",") if part.strip()]
