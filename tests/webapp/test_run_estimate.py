@@ -135,6 +135,13 @@ def test_the_duration_comes_from_finished_runs_of_the_base_on_that_gpu(world, cl
     assert "At the median 2,000 tokens/s of 1 finished run of big on " + H100 in page
     assert 'id="estimate-duration">—<' not in page
 
+    # A run whose adapter recorded its tokens and time counts them, start to end (here 1,000 tokens/s).
+    timed = TrainingRun.objects.create(owner=user, base_model=big, dataset=dataset, lora_config=config,
+                                       state="succeeded", worker=h100, metric_points=points)
+    Adapter.objects.create(run=timed, name="t", base_model=big, uri="store://t", size_bytes=1, sha256="0" * 64,
+                           trainable_params=1, total_params=2, metrics={"trained_tokens": 30_000, "runtime_s": 30.0})
+    assert "At the median 1,500 tokens/s of 2 finished runs of big on " + H100 in panel(client, data)
+
 
 def test_a_half_filled_form_says_what_to_fill_never_an_error(world, client) -> None:  # type: ignore[no-untyped-def]
     _, big, dataset, config = world

@@ -236,34 +236,52 @@ def dataset_tokens(dataset: Dataset, base: BaseModel, params: spec.TrainParams) 
 
 def run_tokens(dataset: Dataset, params: spec.TrainParams, per_row: float) -> int:
     """The tokens a run trains on: its epochs over the training rows (less the eval share), or its max_steps'
-    global batches."""
+    global batches (of packed rows, max_seq_length tokens each, where it packs)."""
     if params.max_steps > 0:
-        return round(params.max_steps * params.batch_size * params.grad_accum * per_row)
+        row = params.max_seq_length if params.batching == "pack" else per_row
+        return round(params.max_steps * params.batch_size * params.grad_accum * row)
     rows = dataset.row_count * (1 - params.eval_fraction)
     return round(rows * params.num_epochs * per_row)
 
 
 def measured_throughput(base: BaseModel, gpu: str) -> tuple[float | None, int]:
-    """The median tokens/s of the latest finished runs of `base` on a worker whose GPUs are `gpu` (each run's own
-    median over its logged points), and how many runs that is."""
-    rows = (TrainingRun.objects.filter(base_model=base, state=RunState.SUCCEEDED, worker__isnull=False)
-            .order_by("-id").values_list("metric_points", "worker__inventory")[:HISTORY_RUNS])
-    speeds = []
-    for points, inventory in rows:
-        if gpu_name(inventory) != gpu or not isinstance(points, list):
+    """The median throughput (tokens/s) of the latest finished runs of `base` on a worker whose GPUs are `gpu`,
+    and how many runs that is. A run's own figure is its tokens over its time from start to end, as its adapter's
+    metrics record them (loading and evaluation included, as a duration should); a run without them (one resumed
+    from a checkpoint times its last attempt only) counts the median of the tokens/s its steps logged."""
+    rows = list(TrainingRun.objects.filter(base_model=base, state=RunState.SUCCEEDED, worker__isnull=False)
+                .order_by("-id").values_list("id", "worker__inventory", "adapter__metrics")[:HISTORY_RUNS])
+    speeds, logged = [], []
+    for run_id, inventory, metrics in rows:
+        if gpu_name(inventory) != gpu:
             continue
+        whole = _whole_run_speed(metrics)
+        if whole:
+            speeds.append(whole)
+        else:
+            logged.append(run_id)
+    for points in TrainingRun.objects.filter(pk__in=logged).values_list("metric_points", flat=True):
         values = [p["tokens_per_s"] for p in points if isinstance(p, dict)
-                  and isinstance(p.get("tokens_per_s"), int | float) and p["tokens_per_s"] > 0]
+                  and isinstance(p.get("tokens_per_s"), int | float) and p["tokens_per_s"] > 0] if isinstance(points, list) else []
         if values:
             speeds.append(statistics.median(values))
     return (statistics.median(speeds) if speeds else None), len(speeds)
 
 
+def _whole_run_speed(metrics: Any) -> float | None:
+    if not isinstance(metrics, dict) or metrics.get("resumed_from_step") is not None:
+        return None
+    tokens, seconds = metrics.get("trained_tokens"), metrics.get("runtime_s")
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (tokens, seconds))
+    return tokens / seconds if numbers and tokens > 0 and seconds > 0 else None
+
+
 def _duration(base: BaseModel, dataset: Dataset, params: spec.TrainParams, gpu: str | None,
               fits: bool) -> Duration:
     batching, _ = params.planned_batching(gpu not in (None, CPU), False)
-    per_row, why = dataset_tokens(dataset, base, dataclasses.replace(params, batching=batching))
-    tokens = run_tokens(dataset, params, per_row) if per_row else None
+    planned = dataclasses.replace(params, batching=batching)
+    per_row, why = dataset_tokens(dataset, base, planned)
+    tokens = run_tokens(dataset, planned, per_row) if per_row else None
     if gpu is None:
         where = "no online worker fits it" if not fits else "the worker's GPU is unknown"
         return Duration(None, tokens, None, note=f"no duration: {where}")
