@@ -57,13 +57,18 @@
       if (group) group.open = true;
     });
     openGroups = null;
+    estimateAgain();
+  }
+
+  // The estimate asked by the change itself may have read a dataset that `apply` then replaced: ask again.
+  function estimateAgain() {
     var panel = document.getElementById("run-estimate");
     if (panel && window.htmx) window.htmx.trigger(panel, "estimate");
   }
 
   document.addEventListener("DOMContentLoaded", function () {
     var select = document.getElementById("id_objective");
-    if (select) select.addEventListener("change", apply);
+    if (select) select.addEventListener("change", function () { apply(); estimateAgain(); });
     var form = document.getElementById("run-form");
     if (form) {
       // A field the browser refuses to submit is shown, even inside a folded group.
