@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django import forms
@@ -23,6 +25,53 @@ PRESELECTED_DEMO = {"base_model": DEMO_MODEL, "dataset": DEMO_DATASET, "lora_con
 # The page's form posted the labels as worker_labels before they took RunRequest's name: a post made that way
 # (a script or a saved page) still says where the run may go.
 OLD_LABELS_NAME = "worker_labels"
+
+
+# The New run page asks first what to train and the settings most runs change; the others come in folded groups
+# (a setting not named here, such as one added to TrainParams later, goes to the last group). A group opens by
+# itself when one of its fields has an error.
+MAIN_SETTINGS = ("num_epochs", "max_steps", "learning_rate", "max_seq_length")
+SETTING_GROUPS = (
+    ("memory", "GPUs, batching and memory",
+     ("batch_size", "grad_accum", "num_gpus", "strategy", "batching", "mode", "gradient_checkpointing",
+      "activation_offload", "attention", "liger_kernels", "torch_compile")),
+    ("schedule", "Schedule and optimizer",
+     ("warmup_ratio", "lr_scheduler", "optimizer", "weight_decay", "max_grad_norm", "neftune_noise_alpha", "seed")),
+    ("evaluation", "Evaluation and checkpoints",
+     ("eval_fraction", "eval_steps", "early_stopping_patience", "logging_steps", "save_steps", "keep_checkpoints")),
+)
+MORE_GROUP = ("more", "More settings")
+SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\. ")
+SHORT_HELP = 90  # characters of a setting's help shown on its line; the whole text is on its ⓘ
+
+
+def short_help(text: str) -> str:
+    """A setting's help in one line: its first sentence, cut at a word under SHORT_HELP characters."""
+    first = SENTENCE_END.split(text, maxsplit=1)[0].rstrip(".")
+    if len(first) <= SHORT_HELP:
+        return first
+    return first[:SHORT_HELP].rsplit(" ", 1)[0].rstrip(",;:(") + "…"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A training setting on the page: its field, the objectives it applies to (space-separated; empty for every
+    objective) and its help in one line (the field's help_text is the whole)."""
+
+    field: forms.BoundField
+    objectives: str
+    short_help: str
+
+
+@dataclass(frozen=True)
+class SettingGroup:
+    key: str
+    title: str
+    settings: list[Setting]
+
+    @property
+    def has_errors(self) -> bool:
+        return any(s.field.errors for s in self.settings)
 
 
 class OptionDataSelect(forms.Select):
@@ -145,17 +194,40 @@ class RunForm(forms.Form):
         objective = OBJECTIVES.get(str(self["objective"].value()))
         return ", ".join(objective.row_formats) if objective else ""
 
+    def _setting(self, name: str) -> Setting:
+        field = self[name]
+        return Setting(field, " ".join(spec.OBJECTIVE_SETTINGS.get(name, ())), short_help(str(field.help_text)))
+
     @property
-    def train_fields(self) -> list[tuple[forms.BoundField, str]]:
-        """The training settings but the objective (the page asks it first), each with the objectives it applies
-        to (space-separated; empty for every objective)."""
-        return [(self[name], " ".join(spec.OBJECTIVE_SETTINGS.get(name, ())))
-                for name in TRAIN_FIELDS if name != "objective"]
+    def main_settings(self) -> list[Setting]:
+        """The settings most runs change, asked right after what to train."""
+        return [self._setting(name) for name in MAIN_SETTINGS]
+
+    @property
+    def objective_settings(self) -> list[Setting]:
+        """The settings of one objective or a few (the page's script shows the chosen objective's)."""
+        return [self._setting(name) for name in TRAIN_FIELDS if name in spec.OBJECTIVE_SETTINGS]
+
+    @property
+    def setting_groups(self) -> list[SettingGroup]:
+        """The other settings in folded groups; whatever no group names, in the last."""
+        named = {*MAIN_SETTINGS, *spec.OBJECTIVE_SETTINGS, "objective"}
+        groups = []
+        for key, title, names in SETTING_GROUPS:
+            groups.append(SettingGroup(key, title, [self._setting(n) for n in names if n in TRAIN_FIELDS]))
+            named.update(names)
+        rest = [self._setting(name) for name in TRAIN_FIELDS if name not in named]
+        return [*groups, SettingGroup(*MORE_GROUP, rest)] if rest else groups
 
     @property
     def what_fields(self) -> list[forms.BoundField]:
         """The fields of "What to train": the model, the rows, the adapter config and the adapter to start from."""
-        return [self[name] for name in ("name", "base_model", "dataset", "eval_dataset", "lora_config", "init_adapter")]
+        return [self[name] for name in ("base_model", "dataset", "lora_config", "eval_dataset", "init_adapter", "name")]
+
+    @property
+    def short_helps(self) -> dict[str, str]:
+        """Every field's help in one line, by field name (the page shows the whole text on hover or focus)."""
+        return {name: short_help(str(field.help_text)) for name, field in self.fields.items()}
 
     def clean_labels(self) -> list[str]:
         return [part.strip() for part in (self.cleaned_data.get("labels") or "").split(",") if part.strip()]

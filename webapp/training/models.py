@@ -53,6 +53,9 @@ class TrainingRun(LedgerJob):
     metric_points = models.JSONField(default=list, blank=True)
     tags = models.ManyToManyField(Tag, blank=True, related_name="runs")
     note = models.TextField(blank=True)
+    # What the New run page estimated when the run was queued (estimates.RunEstimate.stored): peak GPU memory,
+    # duration and plan, set beside what the run measured on its page. Empty for runs queued otherwise.
+    estimates = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-id"]

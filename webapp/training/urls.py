@@ -5,6 +5,7 @@ from webapp.training import compare, label_views, views
 urlpatterns = [
     path("runs/", views.runs_list, name="runs"),
     path("runs/new/", views.run_new, name="run-new"),
+    path("runs/new/estimate/", views.run_estimate, name="run-estimate"),
     path("runs/<int:pk>/", views.run_detail, name="run-detail"),
     path("runs/<int:pk>/status/", views.run_status, name="run-status"),
     path("runs/<int:pk>/stream/", views.run_stream, name="run-stream"),

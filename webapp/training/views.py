@@ -19,6 +19,8 @@ from webapp.jobs.models import ACTIVE_STATES, RunState
 from webapp.jobs.stream import batch_reader
 from webapp.training.charts import run_charts
 from webapp.training.checkpoints import run_checkpoints
+from webapp.training.estimates import estimate_run, estimated_vs_measured
+from webapp.training.estimates import run_estimate as estimate_for_form
 from webapp.training.forms import RUN_SORTS, RunFilterForm, RunForm, obvious_choice
 from webapp.training.models import Adapter, TrainingRun
 from webapp.training.organise import filter_labels
@@ -102,6 +104,7 @@ def run_new(request: HttpRequest) -> HttpResponse:
             except RunRefused as refusal:
                 form.show_refusals(refusal.errors)
             else:
+                _record_estimate(run)
                 return redirect("run-detail", pk=run.pk)
         status = 400
     else:
@@ -112,6 +115,19 @@ def run_new(request: HttpRequest) -> HttpResponse:
             # The base model changed: its suggested settings, and (out of band) the adapters it can start from.
             return render(request, "training/partials/base_fields.html", {"form": form})
     return render(request, "training/run_new.html", {"form": form, "refused": refused}, status=status)
+
+
+def _record_estimate(run: TrainingRun) -> None:
+    """What the page estimated for the run as queued, kept to set beside what it measures."""
+    found = estimate_run(run.base_model, run.dataset, run.lora_config, run.train_params(), run.needs_labels)
+    TrainingRun.objects.filter(pk=run.pk).update(estimates=found.stored())
+
+
+@login_required
+@require_POST
+def run_estimate(request: HttpRequest) -> HttpResponse:
+    """The New run page's estimate panel for what its form holds so far (htmx posts the form as it changes)."""
+    return render(request, "training/partials/run_estimate.html", {"estimate": estimate_for_form(RunForm(request.POST))})
 
 
 def _new_run_form(request: HttpRequest, clone: TrainingRun | None) -> tuple[RunForm, list[str]]:
@@ -162,6 +178,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         return render(request, "training/partials/run_status.html", _status_context(run))
     context = {**_status_context(run), **_chart_context(run), **jobs.log_tail(run), "can_act": jobs.can_act(request, run),
                "settings": _settings_used(run.hyperparameters or {})}
+    context["estimated"] = estimated_vs_measured(run, context["adapter"])
     return render(request, "training/run_detail.html", context)
 
 
