@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import Client
 
 from tests.webapp.api_helpers import Team, make_team
 from tests.webapp.factories import make_run
@@ -137,3 +138,52 @@ def test_stop_asks_no_new_trials(team: Team) -> None:
     sweep.refresh_from_db()
     assert sweep.state == SweepState.STOPPED and sweep.trials.count() == 1
     assert Trial.objects.get().state == TrialState.COMPLETE
+
+
+# The pages.
+
+def logged_in(user: Any) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_the_sweep_page_shows_the_trials_the_plot_the_best_and_the_pruned_step(team: Team) -> None:
+    base = make_run(team.owner, team.base, team.dataset, team.config)
+    sweep = services.create_sweep(team.owner, spec_of(name="<b>lr</b>", num_runs=3, runs_at_once=1), base)
+    finish(sweep.trials.get(number=0).run, [(2, 1.0), (4, 0.8)])
+    services.advance(sweep)
+    run = sweep.trials.get(number=1).run
+    run.state, run.metric_points = RunState.RUNNING, [{"step": 2, "eval_loss": 1.4}, {"step": 4, "eval_loss": 1.5}]
+    run.save()
+    page = logged_in(team.mate).get(f"/sweeps/{sweep.pk}/")
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "&lt;b&gt;lr&lt;/b&gt;" in html and "<b>lr</b>" not in html  # the name, escaped
+    assert 'id="trial-0"' in html and 'id="trial-1"' in html
+    assert "pruned by the sweep at step 4" in html
+    assert html.count('class="pc-line"') == 3 and "<svg" in html  # the plot: a line per trial
+    best = sweep.trials.get(number=0)
+    assert f"/runs/compare/?ids={best.run_id}" in html and "0.8" in html
+    assert 'id="sweep-stop"' not in html  # the mate may not stop the owner's sweep
+    assert logged_in(team.mate).post(f"/sweeps/{sweep.pk}/stop/").status_code == 403
+    owner = logged_in(team.owner)
+    assert 'id="sweep-stop"' in owner.get(f"/sweeps/{sweep.pk}/").content.decode()
+    assert owner.post(f"/sweeps/{sweep.pk}/stop/").status_code == 302
+    assert Sweep.objects.get().state == SweepState.STOPPED
+    assert owner.get(f"/sweeps/{sweep.pk}/?sort=-value", HTTP_HX_REQUEST="true").status_code == 200
+    assert "&lt;b&gt;lr&lt;/b&gt;" in owner.get("/sweeps/").content.decode()
+
+
+def test_the_new_sweep_form_names_bad_fields_and_keeps_what_was_typed(team: Team) -> None:
+    base = make_run(team.owner, team.base, team.dataset, team.config)
+    owner = logged_in(team.owner)
+    spec = "space:\n  learnig_rate: {type: float, low: 1.0e-5, high: 1.0e-3}\nnum_runs: 2\n"
+    page = owner.post("/sweeps/new/", {"name": "s", "base_run": str(base.pk), "spec": spec})
+    assert page.status_code == 400 and "space.learnig_rate: unknown setting" in page.content.decode()
+    assert "learnig_rate: {type: float" in page.content.decode() and not Sweep.objects.exists()
+    spec = spec.replace("learnig_rate", "learning_rate")
+    page = owner.post("/sweeps/new/", {"name": "s", "base_run": str(base.pk), "spec": spec})
+    sweep = Sweep.objects.get()
+    assert page.status_code == 302 and page["Location"] == f"/sweeps/{sweep.pk}/" and sweep.trials.count() == 1
+    assert "New sweep" in owner.get("/sweeps/new/").content.decode()

@@ -23,6 +23,7 @@ class TrialState(models.TextChoices):
 
 
 class Sweep(models.Model):
+    NOUN = "sweep"
     SAMPLERS = [("grid", "grid"), ("random", "random"), ("tpe", "TPE")]
     PRUNERS = [("none", "none"), ("median", "median"), ("successive_halving", "successive halving"),
                ("hyperband", "Hyperband")]

@@ -13,6 +13,7 @@ API is read.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -292,3 +293,14 @@ def best_trial(sweep: Sweep, trials: list[Trial]) -> Trial | None:
     if not done:
         return None
     return (min if sweep.direction == "minimize" else max)(done, key=lambda t: t.value)
+
+
+def advance_all() -> None:
+    """One step of every sweep that has trials to record or to start: running ones, and stopped ones with
+    trials still going."""
+    live = Sweep.objects.filter(state=SweepState.RUNNING) | Sweep.objects.filter(trials__state=TrialState.ACTIVE)
+    for sweep in live.distinct():
+        try:
+            advance(sweep)
+        except SweepRefused as exc:
+            logging.getLogger("tunedeck.sweeps").warning("sweep %s stopped: %s", sweep.pk, exc)
