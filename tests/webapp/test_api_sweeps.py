@@ -67,3 +67,27 @@ def test_a_bad_spec_is_refused_by_field_and_nothing_is_made(team: Team, change: 
     problem = problem_of(answer, 400)
     assert field in json.dumps(problem)
     assert not Sweep.objects.exists() and TrainingRun.objects.count() == 1
+
+
+def test_the_example_spec_is_what_the_cli_loads_and_the_api_accepts(team: Team) -> None:
+    from tunedeck_cli import sweeps as cli
+    from webapp.api.sweeps import SweepCreateSerializer
+
+    root = Path(__file__).resolve().parents[2]
+    spec = cli.load(str(root / "examples" / "sweep.yaml"))
+    assert set(cli.FIELDS) == set(SweepCreateSerializer().fields)
+    base = make_run(team.owner, team.base, team.dataset, team.config)
+    created = post(key_for(team.owner), "/api/v1/sweeps/", {**spec, "base_run": base.pk})
+    assert created.status_code == 201, created.content
+    assert created.json()["space"] == spec["space"] and len(created.json()["trials"]) == spec["runs_at_once"]
+
+
+def test_the_cli_refuses_a_spec_with_an_unknown_field(tmp_path: Path) -> None:
+    from tunedeck_cli import sweeps as cli
+    from tunedeck_cli.errors import USAGE, CliError
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: x\nbase_run: 1\nspace: {learning_rate: {type: float, low: 1, high: 2}}\nbudget: 3\n")
+    with pytest.raises(CliError) as refused:
+        cli.load(str(path))
+    assert refused.value.code == USAGE and "budget: unknown field" in "\n".join(refused.value.lines())
