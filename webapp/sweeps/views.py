@@ -36,7 +36,7 @@ def sweeps_list(request: HttpRequest) -> HttpResponse:
 
 
 def sweep_context(request: HttpRequest, sweep: Sweep) -> dict[str, Any]:
-    trials = list(sweep.trials.select_related("run"))
+    trials = list(sweep.trials.select_related("run").defer("run__metric_points", "run__hyperparameters"))
     sort = request.GET.get("sort", "number")
     key = TRIAL_SORTS.get(sort.lstrip("-"), TRIAL_SORTS["number"])
     ordered = sorted(trials, key=key, reverse=sort.startswith("-"))
@@ -55,11 +55,12 @@ def sweep_context(request: HttpRequest, sweep: Sweep) -> dict[str, Any]:
 @login_required
 def sweep_detail(request: HttpRequest, pk: int) -> HttpResponse:
     sweep = get_object_or_404(Sweep.objects.select_related("owner", "base_run"), pk=pk)
-    try:
-        services.advance(sweep)
-    except services.SweepRefused:
-        pass  # the sweep stopped; its page says so
-    sweep.refresh_from_db()
+    if sweep.state != SweepState.FINISHED:  # a finished sweep has nothing left to record or start
+        try:
+            services.advance(sweep)
+        except services.SweepRefused:
+            pass  # the sweep stopped; its page says so
+        sweep.refresh_from_db()
     template = "sweeps/_sweep_live.html" if request.headers.get("HX-Request") else "sweeps/sweep_detail.html"
     return render(request, template, sweep_context(request, sweep))
 
