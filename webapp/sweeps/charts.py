@@ -22,8 +22,11 @@ def label(value: Any) -> str:
     return str(value)
 
 
-def axis_scale(values: list[Any], log: bool) -> tuple[Any, list[Any]]:
-    """A function from a value to 0..1 and the ticks to label."""
+def axis_scale(values: list[Any], log: bool, choices: list[Any] | None = None) -> tuple[Any, list[Any]]:
+    """A function from a value to 0..1 and the ticks to label (every choice of a categorical setting)."""
+    if choices:
+        names = [label(c) for c in choices]
+        return (lambda v: (names.index(label(v)) + 0.5) / len(names) if label(v) in names else 0.5), names
     numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
     if len(numbers) != len(values) or not numbers:
         choices = list(dict.fromkeys(label(v) for v in values))
@@ -47,7 +50,9 @@ def parallel_coordinates(sweep: Sweep, trials: list[Trial]) -> SafeString:
     plot_h = HEIGHT - TOP - BOTTOM
     scales = []
     for name in names:
-        scales.append(axis_scale([t.params[name] for t in shown], bool(sweep.space[name].get("log"))))
+        entry = sweep.space[name]
+        scales.append(axis_scale([t.params[name] for t in shown], bool(entry.get("log")),
+                                 entry.get("choices") if entry.get("type") == "categorical" else None))
     metric_values = [t.value for t in shown if t.value is not None]
     scales.append(axis_scale(metric_values, False))
     parts = []
@@ -56,7 +61,13 @@ def parallel_coordinates(sweep: Sweep, trials: list[Trial]) -> SafeString:
         parts.append(format_html('<line class="pc-axis" x1="{x}" y1="{t}" x2="{x}" y2="{b}"/>'
                                  '<text class="pc-name" x="{x}" y="{ty}" text-anchor="middle">{n}</text>',
                                  x=f"{xs[i]:.1f}", t=TOP, b=HEIGHT - BOTTOM, ty=HEIGHT - 12, n=name))
-        if ticks:
+        categorical = i < len(names) and sweep.space[name].get("type") == "categorical"
+        if categorical:
+            for k, text in enumerate(ticks):
+                y = HEIGHT - BOTTOM - (k + 0.5) / len(ticks) * plot_h
+                parts.append(format_html('<text class="pc-tick" x="{x}" y="{y}">{v}</text>',
+                                         x=f"{xs[i] + 6:.1f}", y=f"{y + 4:.1f}", v=text))
+        elif ticks:
             parts.append(format_html('<text class="pc-tick" x="{x}" y="{y}" text-anchor="middle">{v}</text>',
                                      x=f"{xs[i]:.1f}", y=HEIGHT - BOTTOM + 14, v=label(ticks[0])))
             parts.append(format_html('<text class="pc-tick" x="{x}" y="{y}" text-anchor="middle">{v}</text>',

@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 
 from webapp.jobs.views import can_act, check_can_act
 from webapp.sweeps import services
-from webapp.sweeps.charts import parallel_coordinates
+from webapp.sweeps.charts import label, parallel_coordinates
 from webapp.sweeps.models import Sweep, SweepState, TrialState
 from webapp.training.models import TrainingRun
 
@@ -41,6 +41,8 @@ def sweep_context(request: HttpRequest, sweep: Sweep) -> dict[str, Any]:
     key = TRIAL_SORTS.get(sort.lstrip("-"), TRIAL_SORTS["number"])
     ordered = sorted(trials, key=key, reverse=sort.startswith("-"))
     best = services.best_trial(sweep, trials)
+    for trial in trials:  # the searched settings, in the space's order, numbers to 3 significant digits
+        trial.cells = [label(trial.params[n]) if n in trial.params else "–" for n in sweep.space]  # type: ignore[attr-defined]
     ranked = sorted((t for t in trials if t.value is not None and t.state == TrialState.COMPLETE),
                     key=lambda t: t.value, reverse=sweep.direction == "maximize")[:5]
     return {
