@@ -361,6 +361,7 @@ def main() -> int:
         "run status partial (big run)": (client, f"/runs/{big}/status/", {}),
         "adapters list": (client, "/adapters/", {}),
         **compare_pages(client, seed_compare()),
+        **sweep_pages(client),
     }
     return report(pages, args)
 
@@ -393,3 +394,38 @@ def report(pages: dict[str, tuple[object, str, dict[str, str]]], args: argparse.
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sweep_pages(client: object, trials_n: int = 100) -> dict[str, tuple[object, str, dict[str, str]]]:
+    """The sweep page of a finished sweep with `trials_n` trials (each an ordinary run with an eval curve), seeded
+    once: its full page and its htmx poll."""
+    from webapp.sweeps.models import Sweep, Trial
+    from webapp.training.models import TrainingRun
+
+    name = f"bench sweep ({trials_n} trials)"
+    sweep = Sweep.objects.filter(name=name).first()
+    if sweep is None:
+        template = TrainingRun.objects.order_by("id").first()
+        assert template is not None, "seed runs first"
+        rng = random.Random(7)
+        sweep = Sweep.objects.create(
+            owner=template.owner, name=name, base_run=template, state="finished", num_runs=trials_n, runs_at_once=4,
+            sampler="tpe", pruner="median", metric="eval_loss",
+            space={"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                   "batch_size": {"type": "categorical", "choices": [4, 8, 16]},
+                   "grad_accum": {"type": "int", "low": 1, "high": 4}})
+        for number in range(trials_n):
+            curve = [{"step": s, "loss": 2.0 - s / 400, "eval_loss": 2.1 - s / 500 + rng.random() / 10}
+                     for s in range(0, 400, 10)]
+            run = TrainingRun.objects.create(
+                name=f"{name} #{number}", owner=template.owner, base_model=template.base_model, dataset=template.dataset,
+                lora_config=template.lora_config, hyperparameters=template.hyperparameters, state="succeeded",
+                step=400, total_steps=400, metric_points=curve)
+            pruned = number % 3 == 2
+            Trial.objects.create(
+                sweep=sweep, number=number, run=run, state="pruned" if pruned else "complete",
+                params={"learning_rate": 10 ** rng.uniform(-5, -3), "batch_size": rng.choice([4, 8, 16]),
+                        "grad_accum": rng.randint(1, 4)},
+                value=curve[-1]["eval_loss"], pruned_at_step=200 if pruned else None)
+    return {f"sweep page ({trials_n} trials)": (client, f"/sweeps/{sweep.pk}/", {}),
+            "sweep page (htmx poll)": (client, f"/sweeps/{sweep.pk}/?sort=-value", {"HX-Request": "true"})}

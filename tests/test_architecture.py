@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("webapp", "workers", "tunedeck_cli")
 
 # Lowest first: an app may import itself and the apps before it, never one after it.
-APP_LAYERS = ("jobs", "catalog", "fleet", "training", "playground", "api", "dashboard")
+APP_LAYERS = ("jobs", "catalog", "fleet", "training", "playground", "sweeps", "api", "dashboard")
 WORKER_LAYERS = ("config", "formatting", "contract", "data", "grading", "training", "adapters", "runtime")
 
 

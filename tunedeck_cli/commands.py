@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tunedeck_cli import account, adapters, catalog, runs
+from tunedeck_cli import account, adapters, catalog, runs, sweeps
 from tunedeck_cli.api import Api
 from tunedeck_cli.config import load
 from tunedeck_cli.errors import CliError
@@ -116,7 +116,20 @@ def register(sub: Any) -> None:
         "id", metavar="ID_OR_NAME")
 
     _register_runs(_group(sub, "runs", "Training runs: list, show, create, logs, cancel, pause, resume, retry, clone, tag."))
+    _register_sweeps(_group(sub, "sweeps", "Hyperparameter sweeps: create, list, show, stop."))
     _register_adapters(sub)
+
+
+def _register_sweeps(group: Any) -> None:
+    create = _leaf(group, "create", sweeps.sweeps_create, "Create a sweep from a YAML spec (see examples/sweep.yaml).")
+    create.add_argument("-f", "--file", required=True, help="The sweep spec (YAML).")
+    create.add_argument("--wait", action="store_true", help="Follow the trials until the sweep ends: exit 0 when a "
+                                                            "trial finished with a value, 1 otherwise.")
+    _quiet(create)
+    _limit(_leaf(group, "list", sweeps.sweeps_list, "List sweeps, newest first."))
+    _leaf(group, "show", sweeps.sweeps_show, "A sweep with its trials.").add_argument("id", type=int)
+    _leaf(group, "stop", sweeps.sweeps_stop, "Stop a sweep: no new trials; runs already going finish.").add_argument(
+        "id", type=int)
 
 
 def _register_runs(group: Any) -> None:

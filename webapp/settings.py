@@ -201,6 +201,7 @@ INSTALLED_APPS = [
     "webapp.fleet",
     "webapp.dashboard",
     "webapp.playground",
+    "webapp.sweeps",
 ]
 
 MIDDLEWARE = [

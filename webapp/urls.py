@@ -10,6 +10,7 @@ urlpatterns = [
     path("", include("webapp.catalog.urls")),
     path("", include("webapp.fleet.urls")),
     path("", include("webapp.playground.urls")),
+    path("", include("webapp.sweeps.urls")),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
