@@ -187,3 +187,18 @@ def test_the_new_sweep_form_names_bad_fields_and_keeps_what_was_typed(team: Team
     sweep = Sweep.objects.get()
     assert page.status_code == 302 and page["Location"] == f"/sweeps/{sweep.pk}/" and sweep.trials.count() == 1
     assert "New sweep" in owner.get("/sweeps/new/").content.decode()
+
+
+def test_the_scheduler_loop_drives_sweeps_without_a_page_open(team: Team) -> None:
+    """`tunedeck up` and the compose file start only the scheduler: its pass records ended trials and asks new ones."""
+    from webapp.fleet.scheduler import run_extra_passes
+
+    base = make_run(team.owner, team.base, team.dataset, team.config, eval_steps=2)
+    sweep = services.create_sweep(team.owner, spec_of(sampler="random", num_runs=3, runs_at_once=1, pruner="none"),
+                                  base)
+    first = sweep.trials.get()
+    finish(first.run, [(2, 1.5)])
+    run_extra_passes()  # what the scheduler command runs after placing, every pass
+    trials = list(sweep.trials.order_by("number"))
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.ACTIVE]
+    assert trials[0].value == 1.5

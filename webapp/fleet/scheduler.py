@@ -206,5 +206,25 @@ def idle_workers() -> list[Worker]:
     return [workers[slot.id] for slot in slots if not slot.full]
 
 
+# Passes the apps above the fleet add to the scheduler's loop (a sweep asks new trials and prunes, for one): each
+# registers itself from its AppConfig.ready, so the fleet never imports them.
+EXTRA_PASSES: list[tuple[str, Any]] = []
+
+
+def register_pass(name: str, run: Any) -> None:
+    """Run `run()` on every scheduler pass, after placement; registering the same name twice keeps one."""
+    if all(existing != name for existing, _ in EXTRA_PASSES):
+        EXTRA_PASSES.append((name, run))
+
+
+def run_extra_passes() -> None:
+    """Each registered pass in turn; one that fails is logged and does not stop the others or the loop."""
+    for name, run in EXTRA_PASSES:
+        try:
+            run()
+        except Exception:
+            log.exception("scheduler pass %s failed; retrying next pass", name)
+
+
 def schedule_once() -> dict[str, int]:
     return {"lost_workers": mark_lost_workers(), "resent": resend_unclaimed(), "dispatched": dispatch_queued()}

@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import close_old_connections
 
-from webapp.fleet.scheduler import schedule_once
+from webapp.fleet.scheduler import run_extra_passes, schedule_once
 
 log = logging.getLogger("tunedeck.scheduler")
 
@@ -35,6 +35,7 @@ class Command(BaseCommand):
                 outcome = schedule_once()
                 if any(outcome.values()):
                     log.info("scheduler pass: %s", outcome)
+                run_extra_passes()
             except Exception:
                 log.exception("scheduler pass failed; retrying")
             finally:
