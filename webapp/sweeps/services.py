@@ -6,8 +6,8 @@ asks (`study.ask`) or judges a running trial (the study's pruner). This keeps on
 and PostgreSQL, and needs no second migration system; the search itself is Optuna's samplers and pruners.
 
 `advance(sweep)` is one step: record ended runs, prune unpromising active ones, ask new trials up to the budget
-and `runs_at_once`. It runs from `manage.py sweeps` (a loop beside the scheduler), and whenever a sweep's page or
-API is read.
+and `runs_at_once`. It runs on every pass of the scheduler's loop (registered in apps.py), and whenever a sweep's
+page or API is read.
 """
 
 from __future__ import annotations
