@@ -225,3 +225,11 @@ def screenshot() -> Callable[..., Path]:
         return path
 
     return take
+
+
+def fill_setting(field, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Fill a New run setting as a person does: open its folded group first (click the group's summary)."""
+    group = field.locator("xpath=ancestor::details[1]")
+    if group.count() and not group.evaluate("el => el.open"):
+        group.locator("xpath=./summary").click()
+    field.fill(value)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import PASSWORD, USERNAME, log_in
+from tests.browser.conftest import PASSWORD, USERNAME, fill_setting, log_in
 from tests.webapp.factories import make_run, make_worker
 from webapp.jobs import ledger
 from webapp.training.models import RunEvent, TrainingRun
@@ -36,7 +36,7 @@ def create_run_in_form(page, dataset, config, name: str, **fields: int) -> int: 
     page.get_by_label("Dataset").select_option(label=f"{dataset.name} ({dataset.format} rows)")
     page.get_by_label("LoRA config").select_option(label=config.name)
     for field, value in fields.items():
-        page.get_by_label(field.replace("_", " ").capitalize(), exact=True).fill(str(value))
+        fill_setting(page.get_by_label(field.replace("_", " ").capitalize(), exact=True), str(value))
     page.get_by_role("button", name="Train").click()
     page.wait_for_url(re.compile(r"/runs/\d+/$"))
     return run_id_of(page)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from tests.browser.conftest import fill_setting
 from tests.webapp.factories import make_run
 from webapp.playground import services
 from webapp.playground.models import AdapterJob, Comparison, PromptSet, VoteDataset
@@ -88,7 +89,7 @@ def test_votes_become_a_preference_dataset_and_a_dpo_run_that_trains(  # type: i
     expect(page.get_by_label("Start from adapter", exact=True)).to_have_value(str(adapter.pk))
     page.get_by_label("LoRA config").select_option(label=config.name)
     for name, value in (("max_steps", 4), ("eval_fraction", 0), ("batch_size", 2)):
-        page.locator(f"#id_{name}").fill(str(value))
+        fill_setting(page.locator(f"#id_{name}"), str(value))
     page.get_by_role("button", name="Train").click()
     page.wait_for_url(re.compile(r"/runs/\d+/$"))
 

@@ -41,6 +41,11 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
+    """The process's high-water RSS. Linux: /proc's VmHWM, which is never below the RSS of the same moment
+    (getrusage's figure is updated lazily and can read below an RSS sampled earlier); elsewhere getrusage."""
+    high_water = proc_kib_field("/proc/self/status", "VmHWM")
+    if high_water:
+        return high_water
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
