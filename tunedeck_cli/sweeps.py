@@ -16,8 +16,8 @@ from workers.formatting import figure
 
 POLL_S = 2.0
 # The server's sweep spec keys (webapp/api/sweeps.py SweepCreateSerializer); see examples/sweep.yaml.
-FIELDS = ("name", "base_run", "base_settings", "space", "num_runs", "runs_at_once", "metric", "direction", "sampler",
-          "pruner")
+FIELDS = ("name", "base_run", "base_settings", "space", "first_trials", "num_runs", "runs_at_once", "metric",
+          "direction", "sampler", "pruner")
 SWEEP_COLUMNS = [("id", field("id")), ("name", field("name")), ("state", field("state")),
                  ("trials", lambda s: f"{s.get('trials_ended', 0)}/{s.get('num_runs')}"),
                  ("best", shown("best_value", figure)), ("metric", lambda s: f"{s.get('direction')} {s.get('metric')}"),

@@ -107,6 +107,47 @@ def test_tpe_asks_within_the_bounds(team: Team) -> None:
     assert sweep.trials.count() == 8 and len({t.params["learning_rate"] for t in sweep.trials.all()}) == 8
 
 
+def test_first_trials_are_tried_in_order_before_the_sampler_chooses(team: Team) -> None:
+    base = make_run(team.owner, team.base, team.dataset, team.config)
+    space = {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+             "batch_size": {"type": "categorical", "choices": [2, 4]}}
+    first = [{"learning_rate": 3e-4, "batch_size": 4}, {"learning_rate": 1e-5}]
+    sweep = services.create_sweep(team.owner, spec_of(space=space, first_trials=first, num_runs=3, runs_at_once=1,
+                                                      pruner="none"), base)
+    for number in range(3):
+        trial = sweep.trials.select_related("run").get(number=number)
+        hp = trial.run.hyperparameters
+        if number == 0:
+            assert trial.params == first[0] and (hp["learning_rate"], hp["batch_size"]) == (3e-4, 4)
+        elif number == 1:  # the setting left out is sampled from its choices
+            assert trial.params["learning_rate"] == 1e-5 and trial.params["batch_size"] in (2, 4)
+        else:
+            assert trial.params["learning_rate"] not in (3e-4, 1e-5) and "fixed_params" not in trial.system_attrs
+        finish(trial.run, [(2, 1.0 + number)])
+        services.advance(sweep)
+    page = Client()
+    page.force_login(team.owner)
+    html = page.get(f"/sweeps/{sweep.pk}/").content.decode()
+    assert "(2 given first)" in html and html.count(">given</small>") == 2
+
+
+@pytest.mark.parametrize(("first", "field", "words"), [
+    ([{"learning_rate": 1e-2}], "first_trials[0].learning_rate", "outside the search space"),
+    ([{}, {"batch_size": 8}], "first_trials[1].batch_size", "not a setting of the search space"),
+    ([{"learning_rate": "fast"}], "first_trials[0].learning_rate", "outside the search space"),
+    ({"learning_rate": 1e-4}, "first_trials", "a list of settings"),
+])
+def test_bad_first_trials_are_refused_by_field(first: Any, field: str, words: str) -> None:
+    errors = services.validate({**spec_of(), "first_trials": first}, TrainingRun())
+    assert words in " ".join(errors[field]), errors
+
+
+def test_a_grid_sweep_refuses_first_trials() -> None:
+    spec = spec_of(sampler="grid", space={"batch_size": {"type": "categorical", "choices": [2, 4]}},
+                   first_trials=[{"batch_size": 2}])
+    assert "every point of the grid" in services.validate(spec, TrainingRun())["first_trials"][0]
+
+
 def test_the_median_pruner_pauses_a_run_worse_than_the_finished_ones(team: Team) -> None:
     base = make_run(team.owner, team.base, team.dataset, team.config)
     sweep = services.create_sweep(team.owner, spec_of(num_runs=3, runs_at_once=1), base)

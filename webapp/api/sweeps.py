@@ -38,8 +38,8 @@ class SweepSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Sweep
-        fields = ["id", "name", "owner", "state", "base_run", "base_settings", "space", "num_runs", "runs_at_once",
-                  "metric", "direction", "sampler", "pruner", "created_at", "trials_ended", "best_run", "best_value"]
+        fields = ["id", "name", "owner", "state", "base_run", "base_settings", "space", "first_trials", "num_runs",
+                  "runs_at_once", "metric", "direction", "sampler", "pruner", "created_at", "trials_ended", "best_run", "best_value"]
         read_only_fields = fields
 
     def _best(self, sweep: Sweep) -> Trial | None:
@@ -73,6 +73,9 @@ class SweepCreateSerializer(serializers.Serializer):
     base_settings = serializers.DictField(required=False, help_text="Settings fixed for every trial.")
     space = serializers.DictField(help_text='{setting: {"type": "float"|"int", "low", "high", "log", "step"} or '
                                             '{"type": "categorical", "choices": [...]}}')
+    first_trials = serializers.ListField(
+        child=serializers.DictField(), required=False,
+        help_text="Settings to try first, in order, before the sampler chooses: [{setting: value}] over the space.")
     num_runs = serializers.IntegerField(default=8)
     runs_at_once = serializers.IntegerField(default=1)
     metric = serializers.CharField(default="eval_loss", max_length=100)

@@ -33,6 +33,9 @@ class Sweep(models.Model):
     base_run = models.ForeignKey(TrainingRun, on_delete=models.PROTECT, related_name="sweeps_based_on")
     base_settings = models.JSONField(default=dict, blank=True)
     space = models.JSONField(default=dict)  # {setting: {"type": "float"|"int"|"categorical", ...}}
+    # Settings to try first, in order, before the sampler chooses (Optuna's enqueue_trial): a known baseline, a
+    # colleague's guess. Each is a {setting: value} over the space; settings left out are sampled.
+    first_trials = models.JSONField(default=list, blank=True)
     num_runs = models.PositiveIntegerField(default=8)
     runs_at_once = models.PositiveIntegerField(default=1)
     metric = models.CharField(max_length=100, default="eval_loss")  # a key of the runs' metric points

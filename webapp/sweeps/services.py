@@ -135,11 +135,41 @@ def validate(data: dict[str, Any], base_run: TrainingRun | None) -> dict[str, li
         errors["base_settings"] = [f"unknown setting(s) {', '.join(unknown)}"]
     dists, space_errors = distributions(data.get("space"), sampler if sampler in dict(Sweep.SAMPLERS) else "tpe")
     errors.update(space_errors)
+    if not space_errors:
+        errors.update(first_trial_errors(data.get("first_trials") or [], dists, sampler))
     if dists and sampler == "grid" and not space_errors:
         size = math.prod(len(v) for v in grid_of(dists).values())
         if size > MAX_GRID:
             errors["space"] = [f"the grid has {size} points; at most {MAX_GRID}"]
     return errors
+
+
+def first_trial_errors(first: Any, dists: dict[str, Any], sampler: str) -> dict[str, list[str]]:
+    """Errors named `first_trials[i].<setting>`: each first trial is a {setting: value} of the space whose values
+    its distributions contain."""
+    if not isinstance(first, list) or not all(isinstance(entry, dict) for entry in first):
+        return {"first_trials": ['give a list of settings to try first, e.g. [{"learning_rate": 0.0002}]']}
+    if first and sampler == "grid":
+        return {"first_trials": ["a grid search tries every point of the grid; first trials are for random and tpe"]}
+    errors: dict[str, list[str]] = {}
+    for index, entry in enumerate(first):
+        for name, value in entry.items():
+            field = f"first_trials[{index}].{name}"
+            if name not in dists:
+                errors[field] = [f"{name!r} is not a setting of the search space"]
+            elif not contains(dists[name], value):
+                errors[field] = [f"{value!r} is outside the search space of {name}"]
+    return errors
+
+
+def contains(dist: Any, value: Any) -> bool:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return any(value == choice and isinstance(value, bool) == isinstance(choice, bool) for choice in dist.choices)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(dist, optuna.distributions.IntDistribution) and not float(value).is_integer():
+        return False
+    return bool(dist._contains(dist.to_internal_repr(value)))
 
 
 def create_sweep(owner: Any, data: dict[str, Any], base_run: TrainingRun | None) -> Sweep:
@@ -148,7 +178,8 @@ def create_sweep(owner: Any, data: dict[str, Any], base_run: TrainingRun | None)
         raise SweepRefused(errors)
     sweep = Sweep.objects.create(
         owner=owner, name=str(data["name"]).strip()[:200], base_run=base_run,
-        base_settings=data.get("base_settings") or {}, space=data["space"], num_runs=data.get("num_runs", 8),
+        base_settings=data.get("base_settings") or {}, space=data["space"], first_trials=data.get("first_trials") or [],
+        num_runs=data.get("num_runs", 8),
         runs_at_once=data.get("runs_at_once", 1), metric=str(data.get("metric", "eval_loss")).strip()[:100],
         direction=data.get("direction", "minimize"), sampler=data.get("sampler", "tpe"),
         pruner=data.get("pruner", "none"),
@@ -211,6 +242,8 @@ def study_of(sweep: Sweep, trials: list[Trial], seed: int = 0) -> tuple[Any, dic
 def ask(sweep: Sweep, trials: list[Trial]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The next trial's settings and Optuna's attributes for it."""
     study, dists = study_of(sweep, trials, seed=sweep.pk * 10007 + len(trials))
+    if len(trials) < len(sweep.first_trials):  # a setting given to try first: Optuna's enqueued trial
+        study.enqueue_trial(sweep.first_trials[len(trials)], skip_if_exists=False)
     asked = study.ask()
     for name, dist in dists.items():  # the suggest_* calls, as an objective function would make them
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
