@@ -147,10 +147,11 @@ def worker_process(transactional_db, asgi_server: str, server_env: dict[str, str
 
 @pytest.fixture
 def scheduler(transactional_db) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    """The scheduler loop (schedule_once every 0.3 s) in a thread of the test process."""
+    """The scheduler loop (schedule_once, then the apps' passes such as the sweeps', every 0.3 s) in a thread of the
+    test process, as the scheduler command runs it."""
     from django.db import OperationalError, connection
 
-    from webapp.fleet.scheduler import schedule_once
+    from webapp.fleet.scheduler import run_extra_passes, schedule_once
 
     stop = threading.Event()
 
@@ -159,6 +160,7 @@ def scheduler(transactional_db) -> Iterator[None]:  # type: ignore[no-untyped-de
             while not stop.is_set():
                 try:
                     schedule_once()
+                    run_extra_passes()
                 except OperationalError:  # SQLite busy under concurrent writers: try again next tick
                     pass
                 stop.wait(0.3)
