@@ -262,14 +262,15 @@ def seed_compare(runs_n: int = COMPARE_RUNS, events_n: int = COMPARE_EVENTS) -> 
     return ids
 
 
-def compare_pages(client: object, ids: list[int]) -> dict[str, tuple[object, str, dict[str, str]]]:
+def compare_pages(client: object, ids: list[int], events_n: int = COMPARE_EVENTS
+                  ) -> dict[str, tuple[object, str, dict[str, str]]]:
     listed = ",".join(str(pk) for pk in ids)
-    events = f"{COMPARE_EVENTS // 1000}k"
+    events = f"{events_n // 1000}k"
     return {
         f"compare page ({len(ids)} runs x {events} events)": (client, f"/runs/compare/?ids={listed}", {}),
         f"compare curves JSON ({len(ids)} runs)": (client, f"/runs/compare/metrics.json?ids={listed}", {}),
         f"run metrics JSON ({events} events)": (client, f"/runs/{ids[0]}/metrics.json", {}),
-        "run metrics JSON, after a step": (client, f"/runs/{ids[0]}/metrics.json?after={COMPARE_EVENTS - 1000}", {}),
+        "run metrics JSON, after a step": (client, f"/runs/{ids[0]}/metrics.json?after={events_n - 1000}", {}),
         f"run page ({events} events)": (client, f"/runs/{ids[0]}/", {}),
     }
 
@@ -314,7 +315,10 @@ def main() -> int:
     parser.add_argument("--explain", action="store_true", help="Print each page's slowest queries.")
     parser.add_argument("--target-ms", type=float, default=100.0)
     parser.add_argument("--compare-only", action="store_true",
-                        help="Only the compare page and the charts' JSON (and the login page, the baseline).")
+                        help="Only the experiments' pages: compare, the charts' JSON and a sweep (and the login page, "
+                             "the baseline).")
+    parser.add_argument("--compare-events", type=int, default=COMPARE_EVENTS,
+                        help="Metric events folded into each compared run's curve (seeded once per database).")
     parser.add_argument("--database-url", help="Measure on this database instead (with --compare-only), "
                                                "e.g. sqlite:////tmp/bench.sqlite3")
     args = parser.parse_args()
@@ -331,10 +335,11 @@ def main() -> int:
 
     settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "testserver"]
     if args.compare_only:
-        ids = seed_compare()
+        ids = seed_compare(events_n=args.compare_events)
         client = Client()
         client.force_login(get_user_model().objects.get(username="bench-admin"))
-        pages = {"login (baseline)": (Client(), "/login/", {}), **compare_pages(client, ids)}
+        pages = {"login (baseline)": (Client(), "/login/", {}), **compare_pages(client, ids, args.compare_events),
+                 **sweep_pages(client)}
         return report(pages, args)
     info = seed(args.runs, args.events)
     big = info["big_run"]
@@ -392,9 +397,6 @@ def report(pages: dict[str, tuple[object, str, dict[str, str]]], args: argparse.
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def sweep_pages(client: object, trials_n: int = 100) -> dict[str, tuple[object, str, dict[str, str]]]:
     """The sweep page of a finished sweep with `trials_n` trials (each an ordinary run with an eval curve), seeded
@@ -429,3 +431,7 @@ def sweep_pages(client: object, trials_n: int = 100) -> dict[str, tuple[object, 
                 value=curve[-1]["eval_loss"], pruned_at_step=200 if pruned else None)
     return {f"sweep page ({trials_n} trials)": (client, f"/sweeps/{sweep.pk}/", {}),
             "sweep page (htmx poll)": (client, f"/sweeps/{sweep.pk}/?sort=-value", {"HX-Request": "true"})}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,15 @@ def test_grpo_step_tiny_splits_each_recipes_step(tmp_path: Path) -> None:
         assert "error" not in result, (name, result)
         assert result["steps"] == 1 and result["generation_s"] > 0 and result["generated_tok_per_s"] > 0
         assert result["generation_s"] + result["rewards_s"] <= result["step_s"]
+
+
+def test_page_speed_measures_the_experiments_pages_on_sqlite(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "bench/page_speed.py", "--compare-only", "--database-url",
+         f"sqlite:///{tmp_path / 'bench.sqlite3'}", "--compare-events", "5000", "--requests", "2", "--warmup", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TUNEDECK_VAR": str(tmp_path / "var")},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for page in ("compare page (10 runs x 5k events)", "compare curves JSON", "sweep page (100 trials)"):
+        assert page in run.stdout, run.stdout
