@@ -1,6 +1,7 @@
-// Interactive charts (uPlot): a run's curves on its page, appended to while it trains, and several runs'
-// curves overlaid on the compare page. Fed by JSON (the run's metrics.json, the compare page's), never by
-// inline script: the Content-Security-Policy forbids it. uPlot sizes and colours its own elements through
+// Interactive charts (uPlot): a run's curves on its page, appended to while it trains, several runs'
+// curves overlaid on the compare page, and a worker's GPU use (memory and utilisation from its heartbeats) on
+// its page and, small, on the workers list. Fed by JSON (the run's metrics.json, the compare page's, the
+// worker's telemetry.json), never by inline script: the Content-Security-Policy forbids it. uPlot sizes and colours its own elements through
 // the CSSOM (element.style.width = ...), which the policy's style-src 'self' allows; it writes no style
 // attribute into markup. Hover shows every series' value at the cursor, dragging zooms (double-click resets),
 // a legend entry toggles its series.
@@ -58,6 +59,14 @@
 
   function count(v) { return v == null || !isFinite(v) ? MISSING : Math.round(v).toLocaleString("en-US"); }
 
+  // A time of day (epoch seconds, the browser's time zone), 24-hour: seconds shown unless ticks are minutes apart.
+  function clock(s, incr) {
+    if (s == null || !isFinite(s)) return MISSING;
+    var parts = { hour: "2-digit", minute: "2-digit", hourCycle: "h23" };
+    if (!(incr >= 60)) parts.second = "2-digit";
+    return new Date(s * 1000).toLocaleTimeString("en-GB", parts);
+  }
+
   // An axis tick: as many digits as the spacing of the ticks needs, so neighbours never read the same.
   function tick(v, incr) {
     if (v == null) return ""; // a log scale leaves some of its ticks unlabelled
@@ -77,7 +86,8 @@
   var AXES = {
     step: { label: "step", of: function (p) { return p.step; }, format: count },
     tokens: { label: "tokens seen", of: function (p) { return p.num_tokens; }, format: compact },
-    time: { label: "time", of: function (p, t0) { return p.time == null || t0 == null ? null : p.time - t0; }, format: duration }
+    time: { label: "time", of: function (p, t0) { return p.time == null || t0 == null ? null : p.time - t0; }, format: duration },
+    clock: { label: "time of day", of: function (p) { return p.time; }, format: clock, time: true }
   };
 
   function firstTime(points) {
@@ -131,11 +141,13 @@
     return {
       width: width, height: HEIGHT,
       cursor: { drag: { x: true, y: false }, points: { size: 7 } },
-      scales: { x: { time: false }, y: { distr: view.log ? 3 : 1 } },
+      scales: { x: { time: !!axis.time }, y: view.range ? { range: view.range } : { distr: view.log ? 3 : 1 } },
       legend: { live: true },
       axes: [
         { stroke: ink, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 }, label: axis.label,
-          labelSize: 18, values: function (u, splits) { return splits.map(axis.format); } },
+          labelSize: 18, values: function (u, splits, ai, space, incr) {
+            return splits.map(function (v) { return axis.format(v, incr); });
+          } },
         { stroke: ink, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid, width: 1 }, size: 64,
           values: function (u, splits, ai, space, incr) { return splits.map(function (v) { return tick(v, incr); }); } }
       ],
@@ -207,9 +219,9 @@
     return u.scales.x.min > xs[0] || u.scales.x.max < xs[xs.length - 1];
   }
 
-  // Draw `spec` for these runs ([{label, colour?, points}]) into its figure: new chart, or new data for the old.
-  function draw(container, spec, runs, view, state) {
-    var fig = figureFor(container, spec);
+  // The lines of `spec` for these runs ([{label, colour?, points}]), and each line's [xs, ys]; a line with no
+  // point is left out.
+  function linesOf(spec, runs, view) {
     var lines = [], tables = [];
     runs.forEach(function (run, ri) {
       spec.series.forEach(function (s) {
@@ -220,6 +232,13 @@
         tables.push(t);
       });
     });
+    return { lines: lines, tables: tables, data: tables.length > 1 ? uPlot.join(tables) : tables[0] };
+  }
+
+  // Draw `spec` for these runs into its figure: new chart, or new data for the old.
+  function draw(container, spec, runs, view, state) {
+    var fig = figureFor(container, spec);
+    var built = linesOf(spec, runs, view), lines = built.lines, tables = built.tables;
     var old = state.charts[spec.title];
     var signature = lines.map(function (l) { return l.label; }).join("\n") + "|" + view.x + view.log;
     fig.classList.add("drawn");
@@ -228,7 +247,7 @@
       if (old) { old.u.destroy(); delete state.charts[spec.title]; }
       return;
     }
-    var data = tables.length === 1 ? tables[0] : uPlot.join(tables);
+    var data = built.data;
     var plot = plotOf(fig);
     plot.dataset.points = String(data[0].length);
     if (old && old.signature === signature) {
@@ -346,11 +365,131 @@
     load();
   }
 
+  // ---- a worker's GPUs: memory in use and utilisation from its heartbeats (telemetry.json) -----------------
+
+  // Each GPU of the JSON ({index, title, memory_total_gib, points}) is a chart of these two lines, 0-100%.
+  var GPU_SERIES = [{ key: "memory_percent", name: "memory %", short: "memory", css: "series" },
+    { key: "utilization", name: "busy %", short: "busy", css: "lr" }];
+  var GPU_VIEW = { x: "clock", smoothing: 0, log: false, range: [0, 100] };
+  var PREVIEW_WIDTH = 150, PREVIEW_HEIGHT = 34;
+
+  function gpuSpec(gpu) {
+    return { title: gpu.title, series: GPU_SERIES,
+      unit: gpu.memory_total_gib ? "% · " + figure(gpu.memory_total_gib) + " GiB of memory" : "%" };
+  }
+
+  function gpuLines(gpu) { return linesOf(gpuSpec(gpu), [{ label: "", points: gpu.points }], GPU_VIEW); }
+
+  // Call `load` (which returns a promise) now and every `ms` while the page shows; none while the tab is hidden,
+  // one at once when it shows again. Never two at a time.
+  function whileVisible(load, ms) {
+    var busy = false;
+    function tick() {
+      if (busy || document.hidden) return;
+      busy = true;
+      load().catch(function () { /* keep what is drawn; the next tick tries again */ }).then(function () { busy = false; });
+    }
+    tick();
+    setInterval(tick, ms);
+    document.addEventListener("visibilitychange", function () { if (!document.hidden) tick(); });
+  }
+
+  // The worker's page: a large chart per GPU (hover values and time, drag-zoom, legend toggles), kept current.
+  function gpuPage(root) {
+    var container = root.querySelector(".charts"), empty = root.querySelector(".gpu-empty");
+    var state = { charts: {}, hidden: {} };
+
+    function refresh() {
+      return getJSON(root.dataset.telemetryUrl).then(function (body) {
+        var sampled = body.gpus.filter(function (gpu) { return gpu.points.length; });
+        sampled.forEach(function (gpu) { draw(container, gpuSpec(gpu), [{ label: "", points: gpu.points }], GPU_VIEW, state); });
+        if (empty) empty.hidden = sampled.length > 0;
+        root.dataset.loaded = "true";
+      });
+    }
+    followWidth(container, state);
+    whileVisible(refresh, 1000 * (Number(root.dataset.pollSeconds) || 5));
+  }
+
+  // What a preview says: each line's value at the cursor and its time, else the latest values.
+  function previewText(u) {
+    var idx = u.cursor.idx;
+    var values = GPU_SERIES.map(function (s) {
+      var si = u.series.findIndex(function (line) { return line.label === s.name; });
+      if (si < 1) return null;
+      return s.short + " " + seriesValue(u, idx == null ? null : u.data[si][idx], si, idx) + "%";
+    }).filter(Boolean);
+    return (idx == null ? "now" : clock(u.data[0][idx])) + ": " + values.join(", ");
+  }
+
+  function previewOptions(lines, readout) {
+    return {
+      width: PREVIEW_WIDTH, height: PREVIEW_HEIGHT, legend: { show: false },
+      cursor: { drag: { x: false, y: false, setScale: false }, y: false, points: { size: 5 } },
+      select: { show: false },
+      scales: { x: { time: true }, y: { range: GPU_VIEW.range } },
+      axes: [{ show: false }, { show: false }],
+      series: [{}].concat(lines.map(function (line) {
+        return { label: line.label, stroke: line.colour, width: 1.4, spanGaps: true, points: { show: false } };
+      })),
+      hooks: { setCursor: [function (u) { readout.textContent = previewText(u); }] }
+    };
+  }
+
+  // One GPU's preview in its slot of the workers list: a small chart (no axes) and a line of text under it.
+  function drawPreview(slot, gpu, previews, key) {
+    var built = gpuLines(gpu), old = previews[key];
+    if (!built.tables.length) { slot.hidden = true; return; }
+    if (old && old.labels === built.lines.map(function (l) { return l.label; }).join("\n")) {
+      if (old.box.parentNode !== slot) slot.appendChild(old.box);
+      old.u.setData(built.data);
+      old.readout.textContent = previewText(old.u);
+    } else {
+      if (old) { old.u.destroy(); old.box.remove(); }
+      var box = document.createElement("span"), plot = document.createElement("span"), readout = document.createElement("small");
+      box.className = "gpu-preview-chart";
+      readout.className = "gpu-preview-value";
+      box.appendChild(plot);
+      box.appendChild(readout);
+      slot.appendChild(box);
+      var u = new uPlot(previewOptions(built.lines, readout), built.data, plot);
+      readout.textContent = previewText(u);
+      previews[key] = { u: u, box: box, readout: readout, labels: built.lines.map(function (l) { return l.label; }).join("\n") };
+    }
+    slot.hidden = false;
+    slot.dataset.points = String(built.data[0].length);
+  }
+
+  // The workers list: each GPU's preview. The list's rows are replaced every few seconds (htmx): a preview moves
+  // into its new row at once (no flicker), then takes the worker's new samples.
+  function gpuPreviews(list, previews) {
+    var url = list.dataset.telemetryUrl;
+    list.querySelectorAll(".gpu-preview[data-gpu]").forEach(function (slot) {
+      var old = previews[url + "#" + slot.dataset.gpu];
+      if (old && old.box.parentNode !== slot) { slot.appendChild(old.box); slot.hidden = false; }
+    });
+    getJSON(url).then(function (body) {
+      body.gpus.forEach(function (gpu) {
+        var slot = list.querySelector('.gpu-preview[data-gpu="' + gpu.index + '"]');
+        if (slot) drawPreview(slot, gpu, previews, url + "#" + gpu.index);
+      });
+    }).catch(function () { /* the row's figures stay; the next refresh tries again */ });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     if (typeof uPlot === "undefined") return; // the captions' latest values stay: the page reads without charts
     document.querySelectorAll("[data-run-charts]").forEach(runPage);
     document.querySelectorAll("[data-compare-charts]").forEach(comparePage);
+    document.querySelectorAll("[data-gpu-charts]").forEach(gpuPage);
+    var previews = {};
+    document.querySelectorAll("[data-gpu-previews]").forEach(function (list) { gpuPreviews(list, previews); });
+    document.body.addEventListener("htmx:afterSwap", function (evt) {
+      evt.detail.target.querySelectorAll("[data-gpu-previews]").forEach(function (list) { gpuPreviews(list, previews); });
+      Object.keys(previews).forEach(function (key) { // a worker deleted, or its GPU gone: its chart goes too
+        if (!previews[key].box.isConnected) { previews[key].u.destroy(); delete previews[key]; }
+      });
+    });
   });
 
-  window.TunedeckCharts = { figure: figure, tick: tick, compact: compact, duration: duration };
+  window.TunedeckCharts = { figure: figure, tick: tick, compact: compact, duration: duration, clock: clock };
 })();

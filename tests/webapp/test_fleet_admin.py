@@ -273,18 +273,21 @@ def test_register_worker_command_shares_the_checks_and_rotates_an_existing_worke
     assert worker.labels == ["a100", "team-nlp"] and worker.max_gpu_bytes == 16 * GIB  # kept when not given
 
 
-def test_the_workers_page_draws_telemetry_sparklines(team) -> None:  # type: ignore[no-untyped-def]
+def test_the_workers_page_gives_each_sampled_gpu_a_preview_fed_by_its_workers_telemetry(team) -> None:  # type: ignore[no-untyped-def]
     samples = [{"t": 1000 + 10 * i, "gpus": [{"memory_used": used * GIB, "memory_total": 40 * GIB, "utilization": util}]}
                for i, (used, util) in enumerate([(0, 100), (20, 50), (40, 0)])]
-    Worker.objects.create(name="busy", state="online", telemetry=[*samples, "junk", {"t": "x", "gpus": []}],
-                          inventory={"gpus": [{"name": "A100", "memory_total": 40 * GIB}]})
+    busy = Worker.objects.create(name="busy", state="online", telemetry=[*samples, "junk", {"t": "x", "gpus": []}],
+                                 inventory={"gpus": [{"name": "A100", "memory_total": 40 * GIB}]})
     Worker.objects.create(name="quiet", state="online", inventory={"gpus": [{"name": "T4", "memory_total": 16 * GIB}]})
+    Worker.objects.create(name="cpu", state="online", telemetry=[{"t": 1000, "gpus": []}])
     body = staff(team).get("/workers/").content.decode()
-    assert '<polyline class="spark-memory" points="0.0,23.0 60.0,12.0 120.0,1.0"/>' in body
-    assert '<polyline class="spark-utilization" points="0.0,1.0 60.0,12.0 120.0,23.0"/>' in body
-    assert "GPU 0 memory used over the last 3 samples; latest 100%" in body
-    assert body.count("<svg") == 2  # the quiet worker has no samples: no sparkline
+    assert f'data-gpu-previews data-telemetry-url="/workers/{busy.pk}/telemetry.json"' in body
+    assert '<span class="gpu-preview" data-gpu="0" hidden></span>' in body
+    assert body.count("data-telemetry-url") == 1  # the quiet worker and the CPU-only one have no GPU samples
+    assert body.count('class="gpu-preview"') == 1
     assert 'value="100"' in body and "40.0 GiB / 40.0 GiB" in body  # current figures from the latest sample
+    assert "uplot-1.6.32.iife.min.js" in body and "tunedeck/charts.js" in body
+    assert "<svg" not in body
 
 
 def test_worker_command_takes_the_token_from_a_flag_a_file_or_the_environment() -> None:

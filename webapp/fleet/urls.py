@@ -7,6 +7,7 @@ urlpatterns = [
     path("workers/", views.workers, name="workers"),
     path("workers/register/", views.worker_register, name="worker-register"),
     path("workers/<int:pk>/", views.worker_detail, name="worker-detail"),
+    path("workers/<int:pk>/telemetry.json", views.worker_telemetry, name="worker-telemetry"),
     path("workers/<int:pk>/rotate/", views.worker_rotate, name="worker-rotate"),
     path("workers/<int:pk>/revoke/", views.worker_revoke, name="worker-revoke"),
     path("workers/<int:pk>/drain/", views.worker_drain, name="worker-drain"),

@@ -14,8 +14,9 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers, patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -28,8 +29,10 @@ from webapp.jobs.models import ACTIVE_STATES
 from webapp.jobs.registry import job_models
 
 POLL_SECONDS = 10
-# Sparklines: the drawing box of one series, in SVG user units.
-SPARK_WIDTH, SPARK_HEIGHT = 120, 24
+# The GPU charts ask for a worker's telemetry this often while their page shows; a heartbeat adds a sample
+# every TUNEDECK_HEARTBEAT_INTERVAL seconds (10 by default), so a new one shows within 5 s of arriving.
+TELEMETRY_POLL_SECONDS = 5
+GIB = 2**30
 TOKEN_FILE = "~/.tunedeck-token"
 
 
@@ -86,22 +89,20 @@ def gpu_rows(inventory: Any, telemetry: Any = None) -> list[dict[str, Any]]:
 
     The inventory is the worker's JSON, so every field is checked: a malformed one is left out.
     Telemetry (memory_used, utilization) is optional; memory_total alone is the inventory. With
-    `telemetry` (Worker.telemetry), each GPU also gets its sparklines under "spark".
+    `telemetry` (Worker.telemetry), a GPU that only the samples name gets a row too, and the latest
+    sample fills in the figures the inventory lacks.
     """
     gpus = inventory.get("gpus") if isinstance(inventory, dict) else None
     gpus = [gpu if isinstance(gpu, dict) else None for gpu in (gpus if isinstance(gpus, list) else [])]
     samples = _samples(telemetry)
     latest = samples[-1]["gpus"] if samples else []
-    sparks = sparklines(samples)
     rows = []
-    for index in range(max(len(gpus), len(sparks))):
+    for index in range(max(len(gpus), len(latest))):
         gpu = gpus[index] if index < len(gpus) else {}
         if gpu is None:
             continue
         last = latest[index] if index < len(latest) and isinstance(latest[index], dict) else {}
-        row = _gpu_row(index, gpu, last)
-        row["spark"] = sparks[index] if index < len(sparks) else None
-        rows.append(row)
+        rows.append(_gpu_row(index, gpu, last))
     return rows
 
 
@@ -114,57 +115,49 @@ def _samples(telemetry: Any) -> list[dict[str, Any]]:
     return sorted(samples, key=lambda s: float(s["t"]))
 
 
-def _polyline(points: list[tuple[float, float]], start: float, span: float) -> str:
-    """SVG points for (time, percent) pairs: time across the box, 0..100% upwards (1 unit margins)."""
-    if len(points) == 1:  # one sample: a level line across the box
-        points = [(start, points[0][1]), (start + span, points[0][1])]
-        span = span or 1.0
-    height = SPARK_HEIGHT - 2
-    return " ".join(f"{SPARK_WIDTH * (t - start) / span:.1f},{1 + height * (1 - _percent(p) / 100):.1f}"
-                    for t, p in points)
-
-
 def _percent(value: float) -> float:
+    """Clamped to 0..100: the charts' scale (a driver may report a share a little past 100)."""
     return min(max(value, 0.0), 100.0)
 
 
-def sparklines(samples: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
-    """Per GPU index: polylines of memory used (share of its total) and utilisation over the samples' time span."""
-    series: dict[int, dict[str, list[tuple[float, float]]]] = {}
-    for sample in samples:
-        t = float(sample["t"])
-        for index, gpu in enumerate(sample["gpus"]):
-            if not isinstance(gpu, dict):
-                continue
-            entry = series.setdefault(index, {"memory": [], "utilization": []})
-            used, total, util = (_number(gpu.get(k)) for k in ("memory_used", "memory_total", "utilization"))
-            if used is not None and total:
-                entry["memory"].append((t, 100 * used / total))
-            if util is not None:
-                entry["utilization"].append((t, util))
-    if not series:
-        return []
-    start = float(samples[0]["t"])
-    span = float(samples[-1]["t"]) - start
-    sparks: list[dict[str, Any] | None] = [None] * (max(series) + 1)
-    for index, entry in series.items():
-        memory, util = entry["memory"], entry["utilization"]
-        if not memory and not util:
-            continue
-        sparks[index] = {
-            "width": SPARK_WIDTH, "height": SPARK_HEIGHT, "samples": max(len(memory), len(util)),
-            "memory": _polyline(memory, start, span) if memory else "",
-            "memory_last": round(_percent(memory[-1][1])) if memory else None,
-            "utilization": _polyline(util, start, span) if util else "",
-            "utilization_last": round(_percent(util[-1][1])) if util else None,
-        }
-    return sparks
+def _point(t: float, gpu: Any, inventory_total: float | None) -> dict[str, float] | None:
+    """One GPU of one sample as a chart point, with the figures it has; None when it has none."""
+    if not isinstance(gpu, dict):
+        return None
+    used, util = _number(gpu.get("memory_used")), _number(gpu.get("utilization"))
+    total = _number(gpu.get("memory_total")) or inventory_total
+    point = {"time": t}
+    if used is not None:
+        point["memory_used_gib"] = round(used / GIB, 2)
+        if total:
+            point["memory_percent"] = round(_percent(100 * used / total), 1)
+    if util is not None:
+        point["utilization"] = round(_percent(util), 1)
+    return point if len(point) > 1 else None
+
+
+def gpu_series(inventory: Any, telemetry: Any) -> list[dict[str, Any]]:
+    """Per GPU (as gpu_rows lists them): a chart title, its memory, and its samples as points
+    {"time": epoch_s, "memory_used_gib", "memory_percent", "utilization"}, oldest first; a point carries
+    only the figures its sample had, and a sample with none for this GPU is left out."""
+    samples = _samples(telemetry)
+    series = []
+    for row in gpu_rows(inventory, telemetry):
+        index, total = row["index"], row["memory_total"]
+        points = [point for sample in samples if index < len(sample["gpus"])
+                  if (point := _point(float(sample["t"]), sample["gpus"][index], total)) is not None]
+        series.append({"index": index, "title": f"GPU {index} · {row['name']}",
+                       "memory_total_gib": round(total / GIB, 2) if total else None, "points": points})
+    return series
 
 
 def _worker_rows(workers: QuerySet[Worker]) -> list[Worker]:
     rows = list(annotate_current_run(workers))
     for worker in rows:
         worker.gpus = gpu_rows(worker.inventory, worker.telemetry)  # type: ignore[attr-defined]
+        # The GPU previews' JSON, for a worker whose heartbeats have carried GPU samples.
+        sampled = any(sample["gpus"] for sample in _samples(worker.telemetry))
+        worker.telemetry_url = reverse("worker-telemetry", args=[worker.pk]) if sampled else ""  # type: ignore[attr-defined]
         inventory = worker.inventory if isinstance(worker.inventory, dict) else {}
         worker.host = {k: inventory.get(k) for k in ("hostname", "cpus", "python", "torch") if inventory.get(k)}  # type: ignore[attr-defined]
         worker.busy = bool(worker.current_run_id or worker.current_job_id)  # type: ignore[attr-defined]
@@ -240,8 +233,19 @@ def worker_detail(request: HttpRequest, pk: int) -> HttpResponse:
         status = 400
     else:
         form = WorkerSettingsForm(initial=WorkerSettingsForm.initial_for(worker))
-    context = {"worker": worker, "form": form, "overlap_until": worker.previous_token_valid_until()}
+    context = {"worker": worker, "form": form, "overlap_until": worker.previous_token_valid_until(),
+               "telemetry_poll_seconds": TELEMETRY_POLL_SECONDS}
     return render(request, "fleet/worker_detail.html", context, status=status)
+
+
+@staff_required
+def worker_telemetry(request: HttpRequest, pk: int) -> JsonResponse:
+    """The worker's GPU charts (gpu_series) from its recent heartbeats, for its page and the workers list.
+
+    The whole window each time (at most TELEMETRY_SAMPLES samples per GPU, a few KiB): one row read by key."""
+    worker = get_object_or_404(Worker.objects.only("pk", "name", "inventory", "telemetry"), pk=pk)
+    return JsonResponse({"worker": worker.name, "poll_seconds": TELEMETRY_POLL_SECONDS,
+                         "gpus": gpu_series(worker.inventory, worker.telemetry)})
 
 
 @staff_required
