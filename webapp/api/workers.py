@@ -55,7 +55,7 @@ class WorkerSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(GpuSerializer(many=True))
     def get_gpus(self, worker: Worker) -> list[dict[str, Any]]:
-        return [{k: v for k, v in row.items() if k != "spark"} for row in gpu_rows(worker.inventory)]
+        return gpu_rows(worker.inventory)
 
     @extend_schema_field(serializers.DateTimeField(allow_null=True))
     def get_previous_token_valid_until(self, worker: Worker) -> Any:
