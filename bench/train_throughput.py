@@ -145,6 +145,7 @@ class Meter:
         self._pending_real = 0
         self._pending_padded = 0
         self._t0 = 0.0
+        self.first_step = 0.0  # the first step's time: compiling, kernels' autotuning and the allocator's warm-up
 
     def count(self, batch: dict[str, Any]) -> None:
         labels = batch["labels"]
@@ -163,6 +164,8 @@ class Meter:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        if step == 1:
+            self.first_step = time.perf_counter() - self._t0
         if step > self.warmup:
             self.times.append(time.perf_counter() - self._t0)
             self.real.append(self._pending_real)
@@ -212,6 +215,7 @@ def summarise(name: str, meter: Meter, n_base: float, n_lora: float, plan: str =
 
     total_time = sum(meter.times)
     res = Result(recipe=name, steps=len(meter.times), plan=plan)
+    res.extra["first_step_s"] = round(meter.first_step, 2)
     if not total_time:
         res.error = "no measured steps"
         return res
@@ -361,7 +365,24 @@ def tunedeck_spec(model_dir: Path, mode: str, rows: int, row_len: int, grad_accu
     )
 
 
-def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
+def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace,
+                 budget_gib: float = 0) -> Result:
+    """One (d) recipe. `budget_gib`: a smaller GPU, simulated: the allocator is capped there
+    (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory."""
+    import torch
+
+    if budget_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+    try:
+        return _run_tunedeck(name, spec, model_dir, examples, args, int(budget_gib * 2**30))
+    finally:
+        if budget_gib and torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace,
+                  gpu_bytes: int) -> Result:
     from datasets import Dataset
 
     from workers.contract.reporter import MemoryReporter
@@ -373,7 +394,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     meter = Meter(args.warmup)
     fresh_gpu()
     device = pick_device(spec.lora.compute_dtype)
-    plan = runner._plan(spec, device)
+    plan = runner._plan(spec, device, steps=args.run_steps, gpu_bytes=gpu_bytes)
     reporter = MemoryReporter()
     model = runner._load_model(spec, device, reporter, plan)
     from transformers import AutoTokenizer
@@ -397,6 +418,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     trainer.train()
     res = summarise(name, meter, n_base, n_lora, plan=plan.describe())
     res.extra["estimate_bytes"] = plan.estimate_bytes
+    res.extra["micro_batch"], res.extra["grad_accum"] = plan.micro_batch, plan.grad_accum
     del trainer, model
     fresh_gpu()
     return res
@@ -409,10 +431,11 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
     memory = mode == "memory"
     settings: dict[str, Any] = dict(extra)
     settings["rows"] = args.d_memory_rows if memory else args.d_rows
-    settings["accum"] = args.d_memory_accum if memory else 1
+    settings["accum"] = args.d_memory_accum if memory else args.d_accum
     for pair in filter(None, options.split("+")):
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
+    settings.pop("budget", None)  # run_tunedeck's: the GPU memory the plan is made for
     default_rows, accum = int(settings.pop("rows")), int(settings.pop("accum"))
     if rows:  # the length probe: one sequence, one pass
         accum = 1
@@ -463,16 +486,18 @@ def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> dic
 def print_table(results: list[Result]) -> None:
     gib = 2**30
     print()
-    print("| recipe | real tok/s | padded tok/s | real share | tokens/step | step s | alloc GiB | reserved GiB | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| recipe | real tok/s | padded tok/s | real share | tokens/step | step s | first step s | alloc GiB | "
+          "reserved GiB | estimate GiB | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.error:
-            print(f"| {r.recipe} | failed: {r.error} |||||||||")
+            print(f"| {r.recipe} | failed: {r.error} |||||||||||")
             continue
         print(
             f"| {r.recipe} | {r.real_tokens_per_s:,.0f} | {r.padded_tokens_per_s:,.0f} | {r.real_share:.0%} | "
-            f"{r.tokens_per_step:,.0f} | {r.step_time:.3f} | {r.peak_allocated / gib:.1f} | "
-            f"{r.peak_reserved / gib:.1f} | {r.mfu:.1%} |"
+            f"{r.tokens_per_step:,.0f} | {r.step_time:.3f} | {r.extra.get('first_step_s', 0):.1f} | "
+            f"{r.peak_allocated / gib:.1f} | {r.peak_reserved / gib:.1f} | "
+            f"{(r.extra.get('estimate_bytes') or 0) / gib:.1f} | {r.mfu:.1%} |"
         )
     base = {r.recipe: r for r in results if r.recipe in ("a", "b", "c") and not r.error}
     for r in results:
@@ -491,6 +516,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
     parser.add_argument("--row-len", type=int, default=2048)
     parser.add_argument("--d-rows", type=int, default=4, help="packed rows per micro-batch in throughput mode")
+    parser.add_argument("--d-accum", type=int, default=4,
+                        help="micro-batches per optimizer step in throughput mode, as a run sets them: the plan may "
+                             "run the step's rows (rows x accum) in fewer, larger passes")
+    parser.add_argument("--run-steps", type=int, default=1000,
+                        help="the length of the run the plan is made for (whether torch.compile pays); the bench "
+                             "itself measures --steps")
     parser.add_argument("--d-memory-rows", type=int, default=2, help="rows per micro-batch in memory mode")
     parser.add_argument("--d-memory-accum", type=int, default=2, help="micro-batches per step in memory mode")
     parser.add_argument("--d-extra", default="{}", help="JSON of extra TrainParams for (d), e.g. '{\"attention\": \"flex\"}'")
@@ -515,7 +546,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    per_step = max(args.d_rows, 4) * args.row_len
+    per_step = max(args.d_rows * args.d_accum, args.d_memory_rows * args.d_memory_accum, 4) * args.row_len
     count = int((args.warmup + args.steps + 2) * per_step / 300) + 64
     examples = synthetic_examples(count, vocab, args.row_len)
     extra = json.loads(args.d_extra)
@@ -530,7 +561,9 @@ def main() -> None:
             if recipe in ("a", "b", "c"):
                 res = run_standard(recipe, model_dir, examples, args)
             elif recipe.startswith("d-"):
-                res = run_tunedeck(recipe, d_spec(recipe, model_dir, args, extra), model_dir, examples, args)
+                budget = float(dict(p.partition("=")[::2] for p in recipe.partition("@")[2].split("+") if p).get(
+                    "budget", 0))
+                res = run_tunedeck(recipe, d_spec(recipe, model_dir, args, extra), model_dir, examples, args, budget)
             else:
                 raise SystemExit(f"unknown recipe {recipe!r}")
         except Exception as exc:  # a recipe that fails (e.g. out of memory) is reported, the others still run

@@ -46,6 +46,54 @@ def test_throughput_mode_halves_the_micro_batch_before_recomputing(on_gpu: None)
     assert (plan.micro_batch, plan.grad_accum) == (4, 4)  # same 16 rows per optimizer step
 
 
+def test_throughput_mode_runs_the_optimizer_step_in_fewer_larger_passes_where_the_gpu_has_room(on_gpu: None) -> None:
+    estimator = linear_estimator(6 * GiB, 0.3 * GiB)  # 4 rows: 44.4 GiB, 8 rows: 82.8 GiB, 16 rows: 159.6 GiB
+    asked = TrainParams(batch_size=4, grad_accum=4, max_seq_length=2048)
+    h200 = plan_for(asked, estimator, gpu=141 * GiB)
+    assert (h200.micro_batch, h200.grad_accum, h200.checkpoint_layers) == (8, 2, 0)  # 16 rows a step, as asked
+    assert "micro-batch 8 x 2 for the 16 rows per optimizer step asked as 4 x 4" in h200.describe()
+    assert "8 rows per pass fit in 83 GiB of 141 without recomputation" in h200.describe()
+    h100 = plan_for(asked, estimator, gpu=80 * GiB)
+    assert (h100.micro_batch, h100.grad_accum) == (4, 4)
+    # Any divisor of the step's rows, not only powers of two.
+    twelve = plan_for(TrainParams(batch_size=3, grad_accum=4, max_seq_length=2048), estimator, gpu=141 * GiB)
+    assert (twelve.micro_batch, twelve.grad_accum) == (12, 1)  # 121 GiB of the 127 the plan may use
+    # No pass over MAX_PASS_TOKENS: short rows on a huge GPU stop at 32k tokens per pass.
+    short = plan_for(TrainParams(batch_size=8, grad_accum=32, max_seq_length=512), linear_estimator(GiB, 0.001 * GiB),
+                     gpu=141 * GiB)
+    assert short.micro_batch * 512 <= 32_768 and short.micro_batch * short.grad_accum == 256
+    # GRPO keeps its micro-batch (its generation groups are sized by it); it only splits to avoid recomputing.
+    grpo = plan_for(TrainParams(objective="grpo", batch_size=4, grad_accum=4, max_seq_length=2048), estimator,
+                    gpu=141 * GiB)
+    assert (grpo.micro_batch, grpo.grad_accum) == (4, 4)
+
+
+def test_compile_auto_is_on_for_long_throughput_fine_tuning_only(on_gpu: None) -> None:
+    from workers.training.engine import COMPILE_MIN_STEPS
+
+    def plan(steps: int, device: str = "cuda", **train: object) -> Plan:
+        return resolve_plan(TrainParams(**train), LoraParams(), device=device, dtype="bfloat16", num_layers=32,
+                            gpu_total_bytes=80 * GiB if device == "cuda" else 0, steps=steps)
+
+    long, short = plan(COMPILE_MIN_STEPS + 80), plan(50)
+    assert long.compile and f"compile on: {COMPILE_MIN_STEPS + 80} steps" in long.describe()
+    assert not short.compile and f"50 steps do not pay for compiling (from {COMPILE_MIN_STEPS})" in short.describe()
+    assert not plan(0).compile  # unknown length: not worth the risk of a minute's compile
+    assert not plan(5000, mode="memory").compile and not plan(5000, objective="dpo").compile
+    assert not plan(5000, device="cpu").compile
+    assert plan(50, torch_compile="on").compile and not plan(5000, torch_compile="off").compile
+    asked = plan(50, torch_compile="on").describe()
+    assert "compile on:" not in asked and "compile off:" not in asked  # asked for: nothing to explain
+
+
+def test_stored_boolean_compile_settings_read_as_on_and_off() -> None:
+    from workers.contract.spec import build
+
+    assert build(TrainParams, {"torch_compile": True}).torch_compile == "on"
+    assert build(TrainParams, {"torch_compile": False}).torch_compile == "off"
+    assert "torch_compile" in TrainParams(torch_compile="sometimes").validate()
+
+
 def test_throughput_mode_recomputes_as_few_layers_as_fit(on_gpu: None) -> None:
     # Even one row without recomputation needs 6 + 32*2.5 = 86 GiB: some layers must be recomputed.
     plan = plan_for(TrainParams(batch_size=1, max_seq_length=32768), linear_estimator(6 * GiB, 2.5 * GiB))

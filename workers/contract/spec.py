@@ -262,7 +262,8 @@ class TrainParams:
     max_steps: int = help_field("Stop after this many optimizer steps; 0 means use num_epochs.", 0)
     batch_size: int = help_field(
         "Micro-batch per device: examples (pad), rows of max_seq_length tokens (pack) or examples in one row "
-        "(padding_free).",
+        "(padding_free). batch_size x grad_accum rows make an optimizer step; throughput mode may run them in "
+        "fewer, larger passes where the GPU has room (the same step).",
         8,
     )
     grad_accum: int = help_field("Micro-batches accumulated per optimizer step.", 1)
@@ -310,7 +311,11 @@ class TrainParams:
         "auto: on CUDA when installed.",
         "auto",
     )
-    torch_compile: bool = help_field("Compile the model with torch.compile (slower start, faster steps on some GPUs).", False)
+    torch_compile: str = help_field(
+        "Compile the model with torch.compile (about a minute to start, then faster steps); auto: on for "
+        "throughput-mode fine-tuning runs long enough to win the time back.",
+        "auto",
+    )
     eval_fraction: float = help_field("Hold out this fraction of the rows for evaluation (0 = no split).", 0.0)
     eval_steps: int = help_field("Evaluate every this many steps; 0 evaluates at the end of each epoch.", 0)
     logging_steps: int = help_field("Report loss and learning rate every this many steps.", 5)
@@ -621,12 +626,13 @@ CHOICES = {
     "activation_offload": AUTO_ON_OFF,
     "attention": ATTENTIONS,
     "liger_kernels": AUTO_ON_OFF,
+    "torch_compile": AUTO_ON_OFF,
     "strategy": STRATEGIES,
     "objective": OBJECTIVE_NAMES,
     "dpo_loss": DPO_LOSSES,
 }
 # Values stored before a field became a choice: read them as the choice they meant.
-LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}}
+LEGACY_VALUES = {"gradient_checkpointing": {True: "on", False: "off"}, "torch_compile": {True: "on", False: "off"}}
 # Settings that apply to some objectives only, and which (every other TrainParams setting applies to all): the New
 # run page shows a setting only under its objectives, and a run keeps the default of each that does not apply.
 OBJECTIVE_SETTINGS: dict[str, tuple[str, ...]] = {

@@ -139,11 +139,13 @@ def resolve_plan(
     gpu_total_bytes: int = 0,
     estimator: Any = None,
     head_dim: int = 0,
+    steps: int = 0,
 ) -> Plan:
     """Turn the run's switches into a plan for this device; refuse combinations that cannot work.
 
-    `estimator(plan) -> bytes` predicts the peak for a candidate plan; with it, throughput mode
-    recomputes only as many layers as needed to stay under 90% of the GPU.
+    `estimator(plan) -> bytes` predicts the peak for a candidate plan; with it, throughput mode splits each
+    optimizer step's rows into as few passes as fit under 90% of the GPU, and recomputes only as many layers as
+    needed. `steps`: the optimizer steps the run is expected to take (0: unknown), for whether compiling pays.
     """
     for name, message in check_switches(train, lora).items():
         raise PlanError(name, message)
@@ -181,10 +183,17 @@ def resolve_plan(
     if offload and not cuda:
         raise PlanError("activation_offload", "offloading activations needs a CUDA GPU")
 
+    compile_auto = cuda and mode == "throughput" and train.objective in COMPILED_OBJECTIVES and not train.distributed \
+        and not prompt_method
+    compile_ = _switch(train.torch_compile, compile_auto and steps >= COMPILE_MIN_STEPS)
+    if train.torch_compile == "auto" and compile_auto:
+        notes.append(f"compile {'on' if compile_ else 'off'}: " + (
+            f"{steps} steps" if compile_ else
+            f"{steps or 'an unknown number of'} steps do not pay for compiling (from {COMPILE_MIN_STEPS})"))
     plan = Plan(
         device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
         checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
-        compile=train.torch_compile, micro_batch=train.batch_size, grad_accum=train.grad_accum,
+        compile=compile_, micro_batch=train.batch_size, grad_accum=train.grad_accum,
         gpu_total_bytes=gpu_total_bytes, notes=notes,
     )
     if mode == "memory" and cuda and batching != "pad" and train.gradient_checkpointing != "off":
@@ -199,7 +208,8 @@ def resolve_plan(
         if not cuda:
             plan.checkpoint_layers = 0
         elif mode == "throughput" and estimator is not None and gpu_total_bytes and not offload:
-            _fit_without_recompute(plan, estimator, budget=int(gpu_total_bytes * 0.9))
+            grow = train.objective not in FIXED_SPLIT_OBJECTIVES
+            _choose_split(plan, estimator, int(gpu_total_bytes * THROUGHPUT_BUDGET), train.max_seq_length, grow)
     if plan.activation_offload and not plan.checkpoint_layers:
         plan.activation_offload = False  # auto chose recompute-free: nothing is left to offload
     if estimator is not None:
@@ -220,20 +230,40 @@ def _split_micro_batch(plan: Plan, rows: int) -> None:
         plan.grad_accum *= 2
 
 
-def _fit_without_recompute(plan: Plan, estimator: Any, budget: int) -> None:
-    """Throughput mode: recomputation costs more than smaller micro-batches (measured on an H100: 8k tokens per
-    pass without checkpointing ran 1.3x faster than 14k with half the layers recomputed). Halve the micro-batch
-    while that avoids checkpointing; otherwise checkpoint as few layers as fit."""
-    candidate = dataclasses.replace(plan, checkpoint_layers=0)
-    while True:
+# Throughput mode plans within this share of the GPU: the estimator is within about 10% of the measured peak, and
+# the allocator needs headroom.
+THROUGHPUT_BUDGET = 0.9
+# ...and puts at most this many tokens in one forward pass (more than the run's own micro-batch only up to here):
+# past it a pass already keeps the GPU busy, and memory is better left to the allocator.
+MAX_PASS_TOKENS = 32_768
+# Objectives whose micro-batch the plan keeps as asked (GRPO's generation groups are sized by it).
+FIXED_SPLIT_OBJECTIVES = ("grpo",)
+# torch.compile on "auto": throughput-mode supervised runs of at least this many optimizer steps. Compiling an
+# 8B model's step takes about a minute and gains ~7% a step (bench/README.md): a short run does not win it back.
+COMPILE_MIN_STEPS = 300
+COMPILED_OBJECTIVES = ("sft",)
+
+
+def _choose_split(plan: Plan, estimator: Any, budget: int, seq_len: int, grow: bool) -> None:
+    """Throughput mode: the rows of one optimizer step (micro-batch x accumulation, as the run asked: the same
+    examples per step and the same schedule) run in as few passes as fit without recomputation, which costs more
+    than smaller passes (measured on an H100: 8k tokens per pass without checkpointing ran 1.3x faster than 14k
+    with half the layers recomputed). With `grow`, a pass may take more rows than the run's micro-batch, up to
+    MAX_PASS_TOKENS. When even one row per pass needs recomputation, as few layers as fit are recomputed at the
+    run's own split."""
+    rows = plan.micro_batch * plan.grad_accum
+    largest = max(plan.micro_batch, MAX_PASS_TOKENS // max(seq_len, 1)) if grow else plan.micro_batch
+    for micro in (m for m in range(min(rows, largest), 0, -1) if rows % m == 0):
+        candidate = dataclasses.replace(plan, micro_batch=micro, grad_accum=rows // micro, checkpoint_layers=0)
         fits = estimator(candidate)
         if fits is not None and fits <= budget:
-            plan.micro_batch, plan.grad_accum, plan.checkpoint_layers = candidate.micro_batch, candidate.grad_accum, 0
+            if (micro, rows // micro) != (plan.micro_batch, plan.grad_accum):
+                plan.notes.append(f"micro-batch {micro} x {rows // micro} for the {rows} rows per optimizer step "
+                                  f"asked as {plan.micro_batch} x {plan.grad_accum}")
+            plan.notes.append(f"{micro} {'row' if micro == 1 else 'rows'} per pass fit in {fits / 2**30:.0f} GiB of "
+                              f"{plan.gpu_total_bytes / 2**30:.0f} without recomputation")
+            plan.micro_batch, plan.grad_accum, plan.checkpoint_layers = micro, rows // micro, 0
             return
-        if candidate.micro_batch == 1 or candidate.micro_batch % 2:
-            break
-        candidate.micro_batch //= 2
-        candidate.grad_accum *= 2
     plan.checkpoint_layers = _fewest_checkpointed_layers(plan, estimator, budget)
 
 

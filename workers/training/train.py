@@ -87,7 +87,7 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
 
     rank = current_rank()
     device = pick_device(spec.lora.compute_dtype)
-    plan = _plan(spec, device)
+    plan = _plan(spec, device, steps=expected_steps(spec.train, train_rows, device.kind == "cuda"))
     reporter.log(f"Plan: {plan.describe()}")
     tokenizer = _load_tokenizer(spec, rows, reporter)
     model = _load_model(spec, device, reporter, plan)
@@ -274,7 +274,35 @@ def _split_eval(spec: TrainSpec, store: ArtifactStore, rows: list[dict[str, Any]
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def _plan(spec: TrainSpec, device: Device) -> Plan:
+def expected_steps(train: Any, rows: list[dict[str, Any]], cuda: bool) -> int:
+    """About how many optimizer steps the run takes, before its rows are tokenized: max_steps, or the epochs over
+    the rows per optimizer step. Packed runs count their tokens as characters / 4 (a plan's threshold needs no
+    more)."""
+    if train.max_steps > 0:
+        return int(train.max_steps)
+    per_step = max(1, train.batch_size * train.grad_accum)
+    batching, _ = train.planned_batching(cuda, False)
+    if batching == "pack":
+        length = max(1, train.max_seq_length)
+        tokens = sum(min(length, max(1, _characters(row) // 4)) for row in rows)
+        units = math.ceil(tokens / length)
+    else:
+        units = len(rows)
+    return math.ceil(train.num_epochs * math.ceil(units / per_step))
+
+
+def _characters(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_characters(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_characters(v) for v in value)
+    return 0
+
+
+def _plan(spec: TrainSpec, device: Device, steps: int = 0, gpu_bytes: int = 0) -> Plan:
+    """The run's plan on this device. `gpu_bytes`: plan within this much of the GPU instead of all of it."""
     from transformers import AutoConfig
 
     ref = spec.base_model
@@ -288,10 +316,11 @@ def _plan(spec: TrainSpec, device: Device) -> Plan:
         import torch
 
         gpu_total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        gpu_total = min(gpu_total, gpu_bytes) if gpu_bytes else gpu_total
     try:
         plan = resolve_plan(
             rank_train_params(spec.train), spec.lora, device=device.kind, dtype=device.dtype_name, num_layers=num_layers,
-            gpu_total_bytes=gpu_total, estimator=_estimator(config, spec), head_dim=_head_dim(config),
+            gpu_total_bytes=gpu_total, estimator=_estimator(config, spec), head_dim=_head_dim(config), steps=steps,
         )
     except PlanError as exc:
         raise RunnerError(str(exc)) from exc
