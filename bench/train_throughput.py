@@ -371,14 +371,24 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory."""
     import torch
 
+    from workers.training import engine
+
     if budget_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+    pass_tokens = engine.MEMORY_MODE_TOKENS
+    engine.MEMORY_MODE_TOKENS = int(recipe_options(name).get("pass_tokens", pass_tokens))
     try:
         return _run_tunedeck(name, spec, model_dir, examples, args, int(budget_gib * 2**30))
     finally:
+        engine.MEMORY_MODE_TOKENS = pass_tokens
         if budget_gib and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def recipe_options(recipe: str) -> dict[str, str]:
+    """The `key=value` options after a recipe's `@`, joined by `+`."""
+    return dict(p.partition("=")[::2] for p in recipe.partition("@")[2].split("+") if p)
 
 
 def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace,
@@ -425,7 +435,8 @@ def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int
 
 
 def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[str, Any], rows: int = 0) -> Any:
-    """`d-<mode>[@key=value+...]`: rows, accum and any TrainParams field (e.g. gradient_checkpointing=off)."""
+    """`d-<mode>[@key=value+...]`: rows, accum and any TrainParams field (e.g. gradient_checkpointing=off); budget
+    (GiB of a smaller GPU, simulated) and pass_tokens (memory mode's tokens per pass)."""
     name, _, options = recipe.partition("@")
     mode = name.split("-", 1)[1]
     memory = mode == "memory"
@@ -436,6 +447,7 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
     settings.pop("budget", None)  # run_tunedeck's: the GPU memory the plan is made for
+    settings.pop("pass_tokens", None)  # run_tunedeck's: memory mode's tokens per pass (engine.MEMORY_MODE_TOKENS)
     default_rows, accum = int(settings.pop("rows")), int(settings.pop("accum"))
     if rows:  # the length probe: one sequence, one pass
         accum = 1
@@ -561,8 +573,7 @@ def main() -> None:
             if recipe in ("a", "b", "c"):
                 res = run_standard(recipe, model_dir, examples, args)
             elif recipe.startswith("d-"):
-                budget = float(dict(p.partition("=")[::2] for p in recipe.partition("@")[2].split("+") if p).get(
-                    "budget", 0))
+                budget = float(recipe_options(recipe).get("budget", 0))
                 res = run_tunedeck(recipe, d_spec(recipe, model_dir, args, extra), model_dir, examples, args, budget)
             else:
                 raise SystemExit(f"unknown recipe {recipe!r}")
