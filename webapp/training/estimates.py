@@ -183,10 +183,9 @@ def _memory(base: BaseModel, lora: spec.LoraParams, params: spec.TrainParams, gp
         log.info("no memory estimate for %s: %s", base.name, exc)
         return None
     choices = found.choices
-    micro, accum = params.per_rank_batch() or (params.batch_size, params.grad_accum)
     plan = {
         "mode": choices.mode, "batching": choices.batching, "attention": choices.attention,
-        "micro_batch": micro, "grad_accum": accum, "num_gpus": params.num_gpus,
+        "micro_batch": choices.micro_batch, "grad_accum": choices.grad_accum, "num_gpus": params.num_gpus,
         "checkpoint_layers": choices.checkpoint_layers, "layers": shape.num_layers,
         "activation_offload": choices.activation_offload, "tokens_per_micro_batch": choices.tokens_per_micro_batch,
     }

@@ -140,13 +140,17 @@ def resolve_plan(
     estimator: Any = None,
     head_dim: int = 0,
     steps: int = 0,
+    kernels: tuple[bool, bool] | None = None,
 ) -> Plan:
     """Turn the run's switches into a plan for this device; refuse combinations that cannot work.
 
     `estimator(plan) -> bytes` predicts the peak for a candidate plan; with it, throughput mode splits each
     optimizer step's rows into as few passes as fit under 90% of the GPU, and recomputes only as many layers as
     needed. `steps`: the optimizer steps the run is expected to take (0: unknown), for whether compiling pays.
+    `kernels`: whether (varlen attention, Liger) are available, where the plan is made for a GPU elsewhere (the
+    control plane's estimate); by default, what this machine has.
     """
+    varlen_ok, liger_ok = kernels if kernels is not None else (varlen_available(), liger_available())
     for name, message in check_switches(train, lora).items():
         raise PlanError(name, message)
     cuda = device == "cuda"
@@ -159,12 +163,12 @@ def resolve_plan(
     attention = train.attention
     flash_head = head_dim <= MAX_FLASH_HEAD_DIM  # 0: unknown, taken as fitting
     if attention == "auto":
-        if batching != "pad" and varlen_available() and flash_head:
+        if batching != "pad" and varlen_ok and flash_head:
             attention = "varlen"
         else:
             attention = "sdpa"
     if attention == "varlen":
-        if not varlen_available():
+        if not varlen_ok:
             raise PlanError("attention", "varlen needs a CUDA GPU of compute capability 8.0+ and PyTorch >= 2.10")
         if not flash_head:
             raise PlanError("attention", f"varlen FlashAttention takes heads of at most {MAX_FLASH_HEAD_DIM} dimensions; "
@@ -172,8 +176,8 @@ def resolve_plan(
     if attention == "flex" and not cuda:
         raise PlanError("attention", "FlexAttention training needs a CUDA GPU")
 
-    liger = _switch(train.liger_kernels, liger_available())
-    if liger and not liger_available():
+    liger = _switch(train.liger_kernels, liger_ok)
+    if liger and not liger_ok:
         raise PlanError("liger_kernels", "Liger kernels need a CUDA GPU and the liger-kernel package")
 
     if mode == "memory":
@@ -186,10 +190,10 @@ def resolve_plan(
     compile_auto = cuda and mode == "throughput" and train.objective in COMPILED_OBJECTIVES and not train.distributed \
         and not prompt_method
     compile_ = _switch(train.torch_compile, compile_auto and steps >= COMPILE_MIN_STEPS)
-    if train.torch_compile == "auto" and compile_auto:
+    if train.torch_compile == "auto" and compile_auto and steps:
         notes.append(f"compile {'on' if compile_ else 'off'}: " + (
             f"{steps} steps" if compile_ else
-            f"{steps or 'an unknown number of'} steps do not pay for compiling (from {COMPILE_MIN_STEPS})"))
+            f"{steps} steps do not pay for compiling (from {COMPILE_MIN_STEPS})"))
     plan = Plan(
         device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
         checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
@@ -447,19 +451,27 @@ def padding_free_collator(tokenizer: Any) -> Any:
 def plan_estimator(config: Any, spec: Any, memory_terms: Any = None) -> Any:
     """`plan -> predicted peak bytes` for this model and run, or None when the shape is not understood.
     `memory_terms`: the run's objective's (objectives/base.Objective), what it adds to a supervised pass."""
-    from workers.training import estimate as est
     from workers.training.modelshape import ModelShape
 
     try:
         shape = ModelShape.from_config(config)
     except ValueError:
         return None
-    lora, train = spec.lora, spec.train
+    estimate_plan = plan_estimates(shape, spec.lora, spec.train, memory_terms)
+    return lambda plan: int(estimate_plan(plan).total)
+
+
+def plan_estimates(shape: Any, lora: LoraParams, train: TrainParams, memory_terms: Any = None,
+                   seq_len: int = 0) -> Any:
+    """`plan -> Estimate` (workers.training.estimate) for a model of this shape and this run. `seq_len`: the
+    tokens of one row, where they are fewer than max_seq_length (padding-free rows of short examples)."""
+    from workers.training import estimate as est
+
     method = lora.method
     if method == "lora" and lora.use_dora:
         method = "dora"
 
-    def estimator(plan: Plan) -> int:
+    def estimator(plan: Plan) -> Any:
         result = est.estimate(
             shape,
             method=method,
@@ -469,7 +481,7 @@ def plan_estimator(config: Any, spec: Any, memory_terms: Any = None) -> Any:
             r=lora.r,
             targets=lora.target_modules,
             dropout=lora.dropout,
-            seq_len=train.max_seq_length,
+            seq_len=seq_len or train.max_seq_length,
             micro_batch=plan.micro_batch,
             batching=plan.batching,
             checkpoint_layers=plan.checkpoint_layers,
@@ -486,8 +498,16 @@ def plan_estimator(config: Any, spec: Any, memory_terms: Any = None) -> Any:
             strategy=train.strategy,
         )
         if memory_terms is None:
-            return int(result.total)
+            return result
         dtype_bytes = 4 if plan.dtype == "float32" else 2
-        return int(result.plus(memory_terms(result.parts(), shape, train, dtype_bytes)).total)
+        return result.plus(memory_terms(result.parts(), shape, train, dtype_bytes))
 
     return estimator
+
+
+def rank_train_params(train: TrainParams) -> TrainParams:
+    """The TrainParams one process runs: the global batch split across num_gpus processes."""
+    if not train.distributed:
+        return train
+    micro, accum = train.per_rank_batch() or (train.batch_size, train.grad_accum)
+    return dataclasses.replace(train, batch_size=micro, grad_accum=accum)

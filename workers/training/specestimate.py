@@ -1,5 +1,7 @@
-"""A training spec's memory estimate: its choices resolved ("auto" settings, the micro batch, how many layers to
-checkpoint) against the GPU memory available, then `workers.training.estimate.estimate` on them.
+"""A training spec's memory estimate on a GPU: the plan the runner would make there (workers/training/engine.py's
+resolve_plan: "auto" settings, the split of each optimizer step, how many layers to recompute), then
+`workers.training.estimate.estimate` on it. The control plane places and shows runs by this, so it is the plan the
+worker will pick.
 """
 
 from __future__ import annotations
@@ -8,19 +10,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, TrainParams
-from workers.training.estimate import Estimate, GiB, estimate
-from workers.training.modelshape import VIRTUAL_TOKENS, ModelShape
+from workers.training.engine import plan_estimates, rank_train_params, resolve_plan
+from workers.training.estimate import Estimate, GiB
+from workers.training.modelshape import ModelShape
 from workers.training.objectives import objective_for
 
-# Throughput mode turns checkpointing off (or on for fewer layers) only if the run stays under this
-# share of the card, as workers/training/engine.py plans it.
-FIT_FRACTION = 0.9
 COMPUTE_DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
 class Choices:
-    """The spec's "auto" switches resolved the way the runner resolves them on a GPU."""
+    """The plan the runner would make on that GPU (engine.resolve_plan), as the estimate shows it."""
 
     mode: str
     batching: str
@@ -29,6 +29,8 @@ class Choices:
     activation_offload: bool
     liger: bool
     tokens_per_micro_batch: int
+    micro_batch: int = 1
+    grad_accum: int = 1
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -49,10 +51,6 @@ class SpecEstimate:
         }
 
 
-def _switch(value: str, auto: bool) -> bool:
-    return auto if value == "auto" else value == "on"
-
-
 def estimate_for_spec(
     shape: ModelShape,
     lora: LoraParams,
@@ -62,70 +60,34 @@ def estimate_for_spec(
     avg_seq_len: int | None = None,
     varlen_available: bool = True,
 ) -> SpecEstimate:
-    """Estimate a run from its LoraParams and TrainParams, resolving "auto" as the runner does on a GPU.
+    """Estimate a run on a GPU: the plan the runner would make there (engine.resolve_plan, with the same estimator),
+    then its peak by part. Raises PlanError (a ValueError) for switches that cannot work together.
 
-    `gpu_memory_bytes` (the card's total) lets throughput mode keep activations instead of
-    recomputing them where they fit; `avg_seq_len` is the mean example length, used for
-    padding_free micro-batches (default: max_seq_length, the worst case).
+    `gpu_memory_bytes` (the card's total) lets throughput mode choose the split of each optimizer step and keep
+    activations instead of recomputing them where they fit; None: unknown, every layer recomputed. `avg_seq_len`
+    is the mean example length, used for padding_free micro-batches (default: max_seq_length, the worst case).
     """
-    method = "dora" if getattr(lora, "use_dora", False) else getattr(lora, "method", "lora")
-    mode = "throughput" if train.mode == "auto" else train.mode
-    batching, note = train.planned_batching(True, method in PROMPT_LEARNING_METHODS)
-    notes: list[str] = [note] if note else []
-    attention = train.attention
-    if attention == "auto":
-        attention = "varlen" if batching != "pad" and varlen_available else "sdpa"
-    seq_len = train.max_seq_length
-    if batching == "padding_free" and avg_seq_len:
-        seq_len = min(avg_seq_len, train.max_seq_length)
-    options: dict[str, Any] = {
-        "method": method, "quantization": lora.quantization, "double_quant": lora.double_quant,
-        "compute_dtype_bytes": COMPUTE_DTYPE_BYTES.get(lora.compute_dtype, 2), "r": lora.r,
-        "targets": lora.target_modules, "dropout": lora.dropout, "seq_len": seq_len, "micro_batch": _gpu_micro_batch(train),
-        "batching": batching, "optimizer": train.optimizer, "liger": _switch(train.liger_kernels, True),
-        "fused_lm_head": True,  # trl's SFTTrainer always installs its chunked LM head
-        "attention": attention,
-        "num_virtual_tokens": getattr(lora, "num_virtual_tokens", VIRTUAL_TOKENS),
-        "modules_to_save": getattr(lora, "modules_to_save", []),
-        "num_gpus": getattr(train, "num_gpus", 1), "strategy": getattr(train, "strategy", "ddp"),
-    }
-    layers = shape.num_layers
-    if train.gradient_checkpointing == "off":
-        k = 0
-    elif train.gradient_checkpointing == "on" or mode == "memory":
-        k = layers
-    elif gpu_memory_bytes:
-        k = _fewest_checkpointed_layers(shape, options, int(gpu_memory_bytes * FIT_FRACTION))
-    else:
-        k = layers
+    train = rank_train_params(train)
+    batching, _ = train.planned_batching(True, lora.method in PROMPT_LEARNING_METHODS)
+    seq_len = min(avg_seq_len, train.max_seq_length) if batching == "padding_free" and avg_seq_len else 0
+    estimate_plan = plan_estimates(shape, lora, train, objective_for(train.objective).memory_terms, seq_len=seq_len)
+    dtype = "float32" if COMPUTE_DTYPE_BYTES.get(lora.compute_dtype, 2) == 4 else "bfloat16"
+    plan = resolve_plan(
+        train, lora, device="cuda", dtype=dtype, num_layers=shape.num_layers, gpu_total_bytes=gpu_memory_bytes or 0,
+        estimator=lambda p: int(estimate_plan(p).total), head_dim=shape.head_dim, kernels=(varlen_available, True),
+    )
+    result = estimate_plan(plan)
+    notes = list(plan.notes)
+    if not gpu_memory_bytes and plan.checkpoint_layers and train.gradient_checkpointing == "auto" \
+            and plan.mode == "throughput":
         notes.append("gradient checkpointing assumed on: the GPU's memory is unknown")
-    offload = _switch(train.activation_offload, mode == "memory")
-    if offload and not k:
-        notes.append("activation offload needs gradient checkpointing: the runner refuses it without")
-        offload = False
-    result = estimate(shape, **options, checkpoint_layers=k, activation_offload=offload)
-    result = result.plus(objective_for(train.objective).memory_terms(
-        result.parts(), shape, train, options["compute_dtype_bytes"]))
     if gpu_memory_bytes and result.device_total > gpu_memory_bytes:
         notes.append(
             f"needs about {result.device_total / GiB:.1f} GiB, more than the GPU's {gpu_memory_bytes / GiB:.1f} GiB"
         )
     choices = Choices(
-        mode=mode, batching=batching, attention=attention, checkpoint_layers=k, activation_offload=offload,
-        liger=options["liger"], tokens_per_micro_batch=result.tokens,
+        mode=plan.mode, batching=plan.batching, attention=plan.attention, checkpoint_layers=plan.checkpoint_layers,
+        activation_offload=plan.activation_offload, liger=plan.liger, tokens_per_micro_batch=result.tokens,
+        micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
     )
     return SpecEstimate(result, choices, notes)
-
-
-def _gpu_micro_batch(train: Any) -> int:
-    """Each GPU's micro-batch: the global batch is split across num_gpus (see TrainParams.per_rank_batch)."""
-    split = train.per_rank_batch() if hasattr(train, "per_rank_batch") else None
-    return split[0] if split else train.batch_size
-
-
-def _fewest_checkpointed_layers(shape: ModelShape, options: dict[str, Any], budget: int) -> int:
-    """Each recomputed layer trades its activations for one more forward: recompute as few as fit."""
-    for k in range(shape.num_layers + 1):
-        if estimate(shape, **options, checkpoint_layers=k).total <= budget:
-            return k
-    return shape.num_layers

@@ -7,7 +7,6 @@ it reports through the reporter and writes the adapter into the artifact store.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from workers.training.engine import (
     PlanError,
     plan_estimator,
     prepare_model,
+    rank_train_params,
     register_varlen_attention,
     resolve_plan,
     restore_kernels,
@@ -337,14 +337,6 @@ def _head_dim(config: Any) -> int:
         return explicit
     hidden = getattr(config, "hidden_size", 0) or 0
     return hidden // heads if heads and hidden else 0
-
-
-def rank_train_params(train: Any) -> Any:
-    """The TrainParams one process runs: the global batch split across num_gpus processes."""
-    if not train.distributed:
-        return train
-    micro, accum = train.per_rank_batch() or (train.batch_size, train.grad_accum)
-    return dataclasses.replace(train, batch_size=micro, grad_accum=accum)
 
 
 def _estimator(config: Any, spec: TrainSpec) -> Any:
