@@ -66,6 +66,10 @@ def test_throughput_mode_runs_the_optimizer_step_in_fewer_larger_passes_where_th
     grpo = plan_for(TrainParams(objective="grpo", batch_size=4, grad_accum=4, max_seq_length=2048), estimator,
                     gpu=141 * GiB)
     assert (grpo.micro_batch, grpo.grad_accum) == (4, 4)
+    # KTO never goes below 2 rows a pass (its KL term pairs rows within a pass): it recomputes instead.
+    kto = plan_for(TrainParams(objective="kto", batch_size=2, grad_accum=4, max_seq_length=2048),
+                   linear_estimator(6 * GiB, 3 * GiB), gpu=141 * GiB)
+    assert kto.micro_batch == 2 and kto.checkpoint_layers > 0
 
 
 def test_compile_auto_is_on_for_long_throughput_fine_tuning_only(on_gpu: None) -> None:

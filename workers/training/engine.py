@@ -213,7 +213,9 @@ def resolve_plan(
             plan.checkpoint_layers = 0
         elif mode == "throughput" and estimator is not None and gpu_total_bytes and not offload:
             grow = train.objective not in FIXED_SPLIT_OBJECTIVES
-            _choose_split(plan, estimator, int(gpu_total_bytes * THROUGHPUT_BUDGET), train.max_seq_length, grow)
+            smallest = min(plan.micro_batch, MIN_MICRO_BATCH.get(train.objective, 1))
+            _choose_split(plan, estimator, int(gpu_total_bytes * THROUGHPUT_BUDGET), train.max_seq_length, grow,
+                          smallest)
     if plan.activation_offload and not plan.checkpoint_layers:
         plan.activation_offload = False  # auto chose recompute-free: nothing is left to offload
     if estimator is not None:
@@ -246,18 +248,20 @@ FIXED_SPLIT_OBJECTIVES = ("grpo",)
 # 8B model's step takes about a minute and gains ~7% a step (bench/README.md): a short run does not win it back.
 COMPILE_MIN_STEPS = 300
 COMPILED_OBJECTIVES = ("sft",)
+# The fewest rows a pass may hold, by objective: KTO's KL term pairs each row with another row of its pass.
+MIN_MICRO_BATCH = {"kto": 2}
 
 
-def _choose_split(plan: Plan, estimator: Any, budget: int, seq_len: int, grow: bool) -> None:
+def _choose_split(plan: Plan, estimator: Any, budget: int, seq_len: int, grow: bool, smallest: int = 1) -> None:
     """Throughput mode: the rows of one optimizer step (micro-batch x accumulation, as the run asked: the same
     examples per step and the same schedule) run in as few passes as fit without recomputation, which costs more
     than smaller passes (measured on an H100: 8k tokens per pass without checkpointing ran 1.3x faster than 14k
     with half the layers recomputed). With `grow`, a pass may take more rows than the run's micro-batch, up to
     MAX_PASS_TOKENS. When even one row per pass needs recomputation, as few layers as fit are recomputed at the
-    run's own split."""
+    run's own split. A pass holds at least `smallest` rows."""
     rows = plan.micro_batch * plan.grad_accum
     largest = max(plan.micro_batch, MAX_PASS_TOKENS // max(seq_len, 1)) if grow else plan.micro_batch
-    for micro in (m for m in range(min(rows, largest), 0, -1) if rows % m == 0):
+    for micro in (m for m in range(min(rows, largest), smallest - 1, -1) if rows % m == 0):
         candidate = dataclasses.replace(plan, micro_batch=micro, grad_accum=rows // micro, checkpoint_layers=0)
         fits = estimator(candidate)
         if fits is not None and fits <= budget:
