@@ -202,8 +202,16 @@ def test_a_queued_run_keeps_its_estimate_and_its_page_shows_it_beside_the_measur
         state="succeeded", worker=h100, started_at=started, finished_at=started + timedelta(minutes=12),
         estimates={**run.estimates, "seconds": 600, "peak_gpu_bytes": 10 * GiB})
     Adapter.objects.create(run=run, name="a", base_model=big, uri="store://x", size_bytes=1, sha256="0" * 64,
-                           trainable_params=1, total_params=2, metrics={"peak_memory_reserved": 9 * GiB})
+                           trainable_params=1, total_params=2, metrics={
+                               "peak_memory_reserved": 9 * GiB,
+                               "plan": {"device": "cuda", "dtype": "bfloat16", "mode": "throughput", "batching": "pack",
+                                        "attention": "varlen", "checkpoint_layers": 0, "num_layers": 32,
+                                        "activation_offload": False, "liger": True, "compile": True, "micro_batch": 8,
+                                        "grad_accum": 2, "notes": ["compile on: 380 steps", "<b>not markup</b>"],
+                                        "a_field_of_a_later_version": 1}})
     page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "micro-batch 8 x 2" in page and "(compile on: 380 steps)" in page  # the worker's choice, and why
+    assert "&lt;b&gt;not markup&lt;/b&gt;" in page
     assert re.search(r'id="estimated-memory">10.0 GiB</span>, measured <span id="measured-memory">9.0 GiB', page)
     assert re.search(r'id="estimated-time">10 min</span>, took <span id="measured-time">12 min</span>', page)
     assert "120.0% of the estimate" in page and "90.0% of the estimate" in page

@@ -310,7 +310,23 @@ def estimated_vs_measured(run: TrainingRun, adapter: Any) -> dict[str, Any] | No
         "seconds": stored.get("seconds"), "measured_seconds": took if run.state == RunState.SUCCEEDED else None,
         "seconds_ratio": _ratio(took, stored.get("seconds")) if run.state == RunState.SUCCEEDED else None,
         "gpu": stored.get("gpu"), "tokens": stored.get("tokens"), "final": run.is_final,
+        "plan": chosen_plan(metrics.get("plan")),
     }
+
+
+def chosen_plan(stored: Any) -> str:
+    """The plan a run's worker chose (its result's "plan"), as the worker's log line says it; "" if not readable."""
+    import dataclasses
+
+    from workers.training.engine import Plan
+
+    if not isinstance(stored, dict):
+        return ""
+    names = {f.name for f in dataclasses.fields(Plan)}
+    try:
+        return Plan(**{k: v for k, v in stored.items() if k in names}).describe()
+    except (TypeError, ValueError, AttributeError):
+        return ""
 
 
 def _ratio(measured: Any, estimated: Any) -> float | None:
