@@ -28,7 +28,7 @@ def team(django_user_model):  # type: ignore[no-untyped-def]
 def make(team: Any, owner: str = "owner", base: int = 0, data: int = 0, **fields: Any) -> TrainingRun:
     users, bases, datasets, config = team
     return TrainingRun.objects.create(owner=users[owner], base_model=bases[base], dataset=datasets[data],
-                                      lora_config=config, hyperparameters={"learning_rate": 2e-4, "epochs": 1}, **fields)
+                                      lora_config=config, hyperparameters={"learning_rate": 2e-4, "num_epochs": 1}, **fields)
 
 
 def login(client: Client, who: str) -> Client:

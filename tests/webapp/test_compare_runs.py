@@ -41,7 +41,7 @@ def adapter_of(run: TrainingRun, **metrics: Any) -> Adapter:
 def two_runs(team):  # type: ignore[no-untyped-def]
     fast = make(team, name="fast", state="running", attempt=1)
     slow = make(team, name="slow", state="running", attempt=1, data=1)
-    slow.hyperparameters = {"learning_rate": 5e-5, "epochs": 1}
+    slow.hyperparameters = {"learning_rate": 5e-5, "num_epochs": 1}
     slow.save()
     report(fast, range(1, 21), loss_at=2.0)
     report(slow, range(1, 11), loss_at=3.0)
@@ -113,10 +113,10 @@ def test_the_compare_page_shows_what_differs_and_folds_what_is_shared(team, clie
     rows = dict(re.findall(r'<th scope="row">([^<]+)</th>((?:<td>[^<]*</td>)+)', differ))
     assert rows["Dataset"] == "<td>data-1</td><td>data-0</td>"  # in the order the address names them
     assert rows["learning_rate"] == "<td>5e-05</td><td>0.0002</td>"
-    assert "epochs" not in rows and "Base model" not in rows
+    assert "num_epochs" not in rows and "Base model" not in rows
     same = page[page.index('id="compare-same"'):]
-    assert "<summary>5 settings they share</summary>" in same  # base model, LoRA config, eval data, warm start, epochs
-    assert '<th scope="row">epochs</th><td>1</td>' in same
+    assert "<summary>5 settings they share</summary>" in same  # base model, LoRA config, eval data, warm start, num_epochs
+    assert '<th scope="row">num_epochs</th><td>1</td>' in same
     final = page[page.index('id="compare-final"'):page.index("</table>", page.index('id="compare-final"'))]
     assert "<td>0.3</td><td>0.1</td>" in final  # last loss: 3.0/10, 2.0/20
     assert "<td>0.4</td><td>0.2</td>" in final  # last eval loss

@@ -83,6 +83,20 @@ def test_jobs_land_only_on_workers_whose_labels_and_memory_fit(team: Any) -> Non
     assert where(large) == ("big", [0]) and where(a100) == ("big", [1]) and where(nlp) == ("small", [0])
 
 
+def test_a_run_dispatched_to_a_worker_with_a_memory_limit_is_planned_within_it(team: Any) -> None:
+    worker("shared", gpus=(80,), max_gpu_bytes=24 * GiB)
+    run = job(team, gib=10)
+    assert schedule_once()["dispatched"] == 1
+    (run,) = fresh(run)
+    sent = spec.TrainSpec.from_json(run.job_spec().to_json())  # what the worker receives
+    assert sent.gpu_memory_bytes == 24 * GiB  # the plan and the allocator stay within the admin's limit
+    worker("whole", gpus=(80,))
+    other = job(team, gib=30)  # fits only the unlimited worker
+    schedule_once()
+    (other,) = fresh(other)
+    assert other.worker.name == "whole" and other.job_spec().gpu_memory_bytes == 0
+
+
 def test_small_jobs_take_the_smallest_gpu_that_fits_keeping_big_ones_free(team: Any) -> None:
     worker("big", gpus=(80,))
     worker("small", gpus=(24,))

@@ -140,6 +140,7 @@ class TrainingRun(LedgerJob):
             init_adapter_name=self.init_adapter_name,
             run_name=str(self),
             tracking_uri=self.tracking_uri(),
+            gpu_memory_bytes=(self.worker.max_gpu_bytes or 0) if self.worker_id else 0,
         )
 
 

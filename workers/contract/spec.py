@@ -701,6 +701,9 @@ class TrainSpec:
     # trackers' files (TensorBoard event files, offline W&B runs, a local MLflow store), the same for every attempt.
     run_name: str = ""
     tracking_uri: str = ""
+    # The memory the run may use of each GPU (its worker's limit, set by an admin for a shared card); 0: all of it.
+    # The plan is made for this much, and the allocator is capped there.
+    gpu_memory_bytes: int = 0
 
     @property
     def warm_start(self) -> bool:
@@ -730,6 +733,7 @@ class TrainSpec:
             init_adapter_name=str(data.get("init_adapter_name", "")),
             run_name=str(data.get("run_name", "")),
             tracking_uri=str(data.get("tracking_uri", "")),
+            gpu_memory_bytes=int(data.get("gpu_memory_bytes") or 0),
         )
 
     @classmethod

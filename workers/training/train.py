@@ -88,6 +88,8 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
     rank = current_rank()
     device = pick_device(spec.lora.compute_dtype)
     plan = _plan(spec, device, steps=expected_steps(spec.train, train_rows, device.kind == "cuda"))
+    if device.kind == "cuda" and spec.gpu_memory_bytes:
+        cap_gpu_memory(spec.gpu_memory_bytes, reporter)
     reporter.log(f"Plan: {plan.describe()}")
     tokenizer = _load_tokenizer(spec, rows, reporter)
     model = _load_model(spec, device, reporter, plan)
@@ -301,8 +303,21 @@ def _characters(value: Any) -> int:
     return 0
 
 
+def cap_gpu_memory(limit: int, reporter: Reporter) -> None:
+    """Keep this process's CUDA allocator within `limit` bytes of each GPU it uses (the worker's limit)."""
+    import torch
+
+    for index in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(index).total_memory
+        if limit < total:
+            torch.cuda.set_per_process_memory_fraction(limit / total, index)
+    reporter.log(f"GPU memory limited to {limit / 2**30:.1f} GiB per GPU (the worker's limit)")
+
+
 def _plan(spec: TrainSpec, device: Device, steps: int = 0, gpu_bytes: int = 0) -> Plan:
-    """The run's plan on this device. `gpu_bytes`: plan within this much of the GPU instead of all of it."""
+    """The run's plan on this device, within `gpu_bytes` of the GPU (default: the worker's limit in the spec, else
+    all of it)."""
+    gpu_bytes = gpu_bytes or spec.gpu_memory_bytes
     from transformers import AutoConfig
 
     ref = spec.base_model
