@@ -209,3 +209,68 @@ def test_a_redis_restart_during_a_run_loses_nothing_and_runs_nothing_twice(
     finally:
         fleet.stop()
         redis.shutdown()
+
+
+class LateServer:
+    """The live server reached through a port that starts listening only after `delay` seconds: a control plane
+    that starts after its worker (`tunedeck up` on a loaded machine, a compose file, a reboot)."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target, self.delay, self.stopped = (host, int(port)), delay, False
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import threading
+
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        time.sleep(self.delay)
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen()
+            listener.settimeout(0.5)
+            while not self.stopped:
+                try:
+                    client, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(self.target)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_a_worker_started_before_its_control_plane_waits_for_it(live_server, tmp_path, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.ARTIFACT_STORE = tmp_path
+    late = LateServer(live_server.url, delay=12)  # longer than one heartbeat's own retries (7.5 s)
+    late.start()
+    fleet = Fleet(late.url, tmp_path)
+    fleet.start("w-early")
+    try:
+        fleet.wait_ready("w-early", timeout=90)
+        assert "does not answer yet" in fleet.log("w-early")
+        assert fleet.procs["w-early"].poll() is None
+    finally:
+        fleet.stop()
+        late.stopped = True

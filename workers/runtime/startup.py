@@ -14,13 +14,19 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from workers.config import env_int, label_queue, queue_for
 from workers.runtime import tasks  # noqa: F401  (registers the tasks with the app before it consumes)
 from workers.runtime.celeryapp import app
-from workers.runtime.heartbeat import start_heartbeat
+from workers.runtime.heartbeat import Heartbeat, start_heartbeat
 from workers.runtime.jobfolder import RUNTIME_ENV
+
+log = logging.getLogger(__name__)
 
 
 def start_worker(extra_queues: list[str], loglevel: str = "INFO") -> None:
@@ -37,7 +43,7 @@ def start_worker(extra_queues: list[str], loglevel: str = "INFO") -> None:
     os.environ[RUNTIME_ENV] = str(folder)  # inherited by the pool processes
     heartbeat = start_heartbeat(folder, env_int("TUNEDECK_HEARTBEAT_INTERVAL", 10, minimum=1))
     try:
-        reply = heartbeat.beat(starting=True)
+        reply = first_heartbeat(heartbeat, env_int("TUNEDECK_SERVER_WAIT", 300, minimum=0))
         name = str(reply["name"])
         labels = [str(label) for label in reply.get("labels") or []]
         queues = [queue_for(name), *(label_queue(label) for label in labels), *extra_queues]
@@ -62,3 +68,22 @@ def start_worker(extra_queues: list[str], loglevel: str = "INFO") -> None:
     finally:
         heartbeat.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def first_heartbeat(heartbeat: Heartbeat, wait_s: float) -> dict[str, Any]:
+    """The first heartbeat, tried again while the control plane cannot be reached or answers 5xx, for up to
+    `wait_s` seconds: it may be starting at the same moment (`tunedeck up`, a compose file, a machine's reboot).
+    A refusal (a wrong token, say) is final at once."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            return heartbeat.beat(starting=True)
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+            if (status is not None and status < 500) or time.monotonic() >= deadline:
+                raise
+            if not told:
+                log.warning("the control plane does not answer yet (%s); trying again for up to %d s", exc, wait_s)
+                told = True
+            time.sleep(2)
