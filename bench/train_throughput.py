@@ -547,6 +547,9 @@ def main() -> None:
     parser.add_argument("--expandable-segments", action="store_true",
                         help="PyTorch's expandable-segments allocator (what Tunedeck workers use) for every recipe")
     args = parser.parse_args()
+    # As on a worker (workers/runtime/hubkernels.py): no kernels fetched from the Hub by transformers' `kernels`
+    # integration, for every recipe (a fetch needs the network and a trust decision; the recipes compare local code).
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     if args.expandable_segments:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if args.tiny:

@@ -244,9 +244,10 @@ THROUGHPUT_BUDGET = 0.9
 MAX_PASS_TOKENS = 32_768
 # Objectives whose micro-batch the plan keeps as asked (GRPO's generation groups are sized by it).
 FIXED_SPLIT_OBJECTIVES = ("grpo",)
-# torch.compile on "auto": throughput-mode supervised runs of at least this many optimizer steps. Compiling an
-# 8B model's step takes about a minute and gains ~7% a step (bench/README.md): a short run does not win it back.
-COMPILE_MIN_STEPS = 300
+# torch.compile on "auto": throughput-mode supervised runs of at least this many optimizer steps. On an H200 (Llama-3.1-8B
+# shape, 4-bit, 8 rows of 2048 a pass) compiling cost ~50 s and saved 2% of a 2.2 s step: it pays back after ~1,100
+# steps (bench/README.md).
+COMPILE_MIN_STEPS = 1500
 COMPILED_OBJECTIVES = ("sft",)
 # The fewest rows a pass may hold, by objective: KTO's KL term pairs each row with another row of its pass.
 MIN_MICRO_BATCH = {"kto": 2}
