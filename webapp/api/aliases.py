@@ -28,6 +28,7 @@ from webapp.api.events import ZipRenderer
 from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset
+from webapp.ids import whole
 from webapp.playground import aliases
 from webapp.playground.models import AdapterAlias, AliasMove
 from webapp.training.models import Adapter
@@ -164,8 +165,9 @@ class ByAliasDownload(APIView):
     def get(self, request: Request, base: str, alias: str) -> Any:
         found = aliases.resolve(base, alias)
         if found is None:
-            known = BaseModel.objects.filter(name=base).exists() or (base.isdigit() and
-                                                                      BaseModel.objects.filter(pk=int(base)).exists())
+            pk = whole(base)
+            known = BaseModel.objects.filter(name=base).exists() or (pk is not None and
+                                                                      BaseModel.objects.filter(pk=pk).exists())
             what = f"no alias {alias!r} of base model {base!r}" if known else f"no base model named {base!r}"
             raise NotFound(f"{what} (GET /api/v1/aliases/ lists them)")
         if found.adapter is None:

@@ -17,10 +17,9 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.utils.encoders import JSONEncoder
 
+from webapp.ids import MAX_ID, whole
 from webapp.jobs.models import FINAL_STATES
 from webapp.jobs.stream import (
-    DIGITS,
-    MAX_ID,
     BadCursor,
     NextBatch,
     batch_reader,
@@ -57,9 +56,10 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name, "")
     if raw == "":
         return default
-    if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+    found = whole(raw, high)
+    if found is None or found < low:
         raise ValidationError({name: [f"must be a whole number from {low} to {high}; got {raw[:50]!r}"]})
-    return int(raw)
+    return found
 
 
 def events_page(request: Request, events: Any, state: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from webapp.api.labels import LABEL_PARAMS, LabelsMixin, TagsField, filter_by_la
 from webapp.api.negotiation import FirstRenderer
 from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
+from webapp.ids import whole
 from webapp.jobs import ledger
 from webapp.jobs.downloads import zip_response
 from webapp.jobs.models import RunState
@@ -381,7 +382,7 @@ class RunViewSet(LabelsMixin, VisibleObjectMixin, viewsets.ReadOnlyModelViewSet)
     def metrics(self, request: Request, pk: str) -> Response:
         run = self.get_object()
         after = request.query_params.get("after", "")
-        if after and not after.lstrip("-").isdigit():
+        if after and whole(after, signed=True) is None:
             return problem(400, "after must be a step number", errors={"after": ["must be a step number"]},
                            instance=request.path)
         points = TrainingRun.objects.values_list("metric_points", flat=True).get(pk=run.pk)

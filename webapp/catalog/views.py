@@ -37,6 +37,7 @@ from webapp.catalog.services import (
     register_dataset,
     tokenizer_for,
 )
+from webapp.ids import whole
 from workers.contract import spec
 from workers.data.datasets import DatasetError
 from workers.training.modelinfo import ModelNotFound
@@ -92,8 +93,9 @@ def base_models(request: HttpRequest) -> HttpResponse:
 def lora_configs(request: HttpRequest) -> HttpResponse:
     """List (presets marked) and create, starting from defaults or from an existing config (?from=<id>)."""
     initial = None
-    if request.method == "GET" and request.GET.get("from", "").isdigit():
-        template = LoraConfig.objects.filter(pk=request.GET["from"]).first()
+    source = whole(request.GET.get("from")) if request.method == "GET" else None
+    if source is not None:
+        template = LoraConfig.objects.filter(pk=source).first()
         if template:
             initial = {**template_initial(template), "name": f"{template.name}-copy"}
     form = LoraConfigForm(request.POST or None, initial=initial)

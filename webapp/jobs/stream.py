@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 
 from asgiref.sync import sync_to_async
@@ -18,6 +17,7 @@ from django.db import DatabaseError, connections
 from django.http import HttpRequest, StreamingHttpResponse
 
 from webapp.health import database_unavailable
+from webapp.ids import whole
 from webapp.jobs.ledger import events_of
 from webapp.jobs.live import feed_for, released
 from webapp.jobs.models import FINAL_STATES, LedgerEvent, LedgerJob
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 STREAM_PING_S = 15.0
 STREAM_BATCH = 500  # events read per poll
-MAX_ID = 2**63 - 1
-DIGITS = re.compile(r"[0-9]{1,19}")
 
 # (messages, cursor, state, final) after the cursor: what a stream sends next.
 Batch = tuple[list[str], int, str, bool]
@@ -58,9 +56,10 @@ def cursor_values(request: HttpRequest) -> list[tuple[str, str]]:
 
 def event_id(source: str, raw: str) -> int:
     """An event id: ASCII digits only (str.isdigit() also accepts "²", which int() refuses), within a bigint."""
-    if not DIGITS.fullmatch(raw) or int(raw) > MAX_ID:
+    found = whole(raw)
+    if found is None:
         raise BadCursor(source, raw)
-    return int(raw)
+    return found
 
 
 def stream_cursor(request: HttpRequest) -> int:

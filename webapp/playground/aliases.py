@@ -16,6 +16,7 @@ from typing import Any
 from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset
+from webapp.ids import whole
 from webapp.jobs.models import RunState
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterAlias, AdapterJob, AliasMove
@@ -180,7 +181,7 @@ def record(alias: AdapterAlias, holder: Adapter | None, adapter: Adapter, user: 
 def resolve(base: str, name: str) -> AdapterAlias | None:
     """The alias `name` of the base model named `base` (or with id `base`), or None."""
     bases = BaseModel.objects.filter(name=base)
-    if base.isdigit():
-        bases = BaseModel.objects.filter(pk=int(base)) | bases
+    if whole(base) is not None:
+        bases = BaseModel.objects.filter(pk=whole(base)) | bases
     return (AdapterAlias.objects.select_related("adapter", "base_model")
             .filter(base_model__in=bases, name=name.strip().lower()).order_by("id").first())

@@ -16,6 +16,7 @@ from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
 from webapp.catalog.models import Dataset
+from webapp.ids import whole
 from webapp.jobs import views as job_views
 from webapp.jobs.downloads import zip_response
 from webapp.jobs.stream import batch_reader, sse
@@ -42,7 +43,7 @@ def _check_can_act(request: HttpRequest, owner_id: int | None) -> None:
 
 
 def _selected_ids(request: HttpRequest) -> list[int]:
-    return [int(v) for v in request.GET.getlist("adapters") if v.isdigit()]
+    return [pk for pk in (whole(v) for v in request.GET.getlist("adapters")) if pk is not None]
 
 
 def _form_errors(form: Any, error: services.JobError) -> None:
@@ -211,8 +212,8 @@ def _compare_initial(request: HttpRequest) -> dict[str, Any]:
             initial["base_precision"] = source.job.params.get("base_precision", "auto")
         if not initial["adapters"] and source.job:
             initial["adapters"] = list(source.job.adapters.values_list("pk", flat=True))
-    if request.GET.get("prompt_set", "").isdigit():
-        initial["prompt_set"] = int(request.GET["prompt_set"])
+    if whole(request.GET.get("prompt_set")) is not None:
+        initial["prompt_set"] = whole(request.GET.get("prompt_set"))
     return initial
 
 

@@ -8,6 +8,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from webapp.ids import whole
 from webapp.jobs.views import can_act, check_can_act
 from webapp.sweeps import services
 from webapp.sweeps.charts import label, parallel_coordinates
@@ -89,7 +90,7 @@ def sweep_new(request: HttpRequest) -> HttpResponse:
             data, errors["spec"] = {}, [f"not valid YAML: {exc}"]
         if not isinstance(data, dict):
             data, errors["spec"] = {}, ["give a mapping of space, num_runs, runs_at_once, metric…"]
-        base = TrainingRun.objects.filter(pk=int(base_id)).first() if base_id.isdigit() else None
+        base = TrainingRun.objects.filter(pk=whole(base_id)).first() if whole(base_id) is not None else None
         if not errors:
             try:
                 sweep = services.create_sweep(request.user, {**data, "name": name}, base)

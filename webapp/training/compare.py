@@ -17,6 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 
+from webapp.ids import whole
 from webapp.jobs.models import RunState
 from webapp.training.charts import chart_specs, metric_keys, metric_keys_of_json, metrics_after
 from webapp.training.metrics import TOKENS
@@ -36,7 +37,7 @@ class CompareError(ValueError):
 def parse_ids(raw: str) -> list[int]:
     """The run ids of `?ids=3,5,9`, in order, repeats dropped."""
     parts = [part.strip() for part in raw.split(",") if part.strip()]
-    bad = [part for part in parts if not part.isdigit()]
+    bad = [part for part in parts if whole(part) is None]
     if bad:
         raise CompareError(f"ids: {bad[0][:20]!r} is not a run id; give run ids separated by commas, e.g. ?ids=3,5")
     ids = list(dict.fromkeys(int(part) for part in parts))
@@ -226,7 +227,7 @@ def run_metrics(request: HttpRequest, pk: int) -> HttpResponse:
     `attempt` tells it when to ask for everything again: a new attempt may have replaced the curve past its
     checkpoint's step."""
     raw = request.GET.get("after", "")
-    if raw and not raw.lstrip("-").isdigit():
+    if raw and whole(raw, signed=True) is None:
         return _error(f"after: {raw[:20]!r} is not a step number")
     run = get_object_or_404(TrainingRun.objects.only("pk", "state", "attempt"), pk=pk)
     head = {"run": run.pk, "state": run.state, "final": run.is_final, "attempt": run.attempt}

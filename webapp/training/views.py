@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 
 from webapp.catalog.demo import DEMO_MODEL
 from webapp.catalog.models import BaseModel
+from webapp.ids import whole
 from webapp.jobs import views as jobs
 from webapp.jobs.downloads import zip_response
 from webapp.jobs.models import ACTIVE_STATES, RunState
@@ -88,7 +89,8 @@ def runs_list(request: HttpRequest) -> HttpResponse:
 
 
 def _suggested(base_model_id: Any) -> Any:
-    base = BaseModel.objects.filter(pk=base_model_id).first() if str(base_model_id or "").isdigit() else None
+    pk = whole(base_model_id)
+    base = BaseModel.objects.filter(pk=pk).first() if pk is not None else None
     base = base or obvious_choice(BaseModel.objects.all(), DEMO_MODEL) or BaseModel.objects.first()
     return suggest_train_params(base.num_parameters if base else None), base
 

@@ -50,6 +50,7 @@ from webapp.api.problems import flatten_errors
 from webapp.api.runs import RunCreateSerializer
 from webapp.catalog.models import BaseModel, Dataset, LoraConfig
 from webapp.catalog.services import register_base_model
+from webapp.ids import whole
 from webapp.training.models import Adapter, TrainingRun
 from webapp.training.services import SETTING, TRAIN_FIELDS, RunRefused, RunRequest, queue_run
 from workers.contract import spec
@@ -331,8 +332,8 @@ def lora_config_for(tunedeck: dict[str, Any], user: Any, parent: Adapter | None 
         return parent.run.lora_config
     if named is not None:
         found = LoraConfig.objects.filter(name=str(named)).first()
-        if found is None and str(named).isdigit():
-            found = LoraConfig.objects.filter(pk=int(str(named))).first()
+        if found is None and whole(named) is not None:
+            found = LoraConfig.objects.filter(pk=whole(named)).first()
         if found is None:
             raise _bad(f"no LoRA config named {named!r}", "tunedeck.lora_config", "not_found")
         return found

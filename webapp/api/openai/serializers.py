@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from webapp.api.openai.errors import OpenAIError
 from webapp.catalog.models import BaseModel, Dataset
+from webapp.ids import whole
 from webapp.jobs.models import RunState
 from webapp.training.models import RunEvent, TrainingRun
 from workers.contract.spec import TrainParams, suggest_train_params
@@ -44,7 +45,7 @@ def parse_id(value: str, prefix: str, noun: str) -> int:
     """The integer id inside "file-12" / "ftjob-7"; anything else is a 404 naming what was asked for."""
     text = str(value)
     digits = text[len(prefix):] if text.startswith(prefix) else ""
-    if not digits.isdigit() or len(digits) > 18:
+    if whole(digits, maximum=10**18 - 1) is None:
         raise OpenAIError(404, f"No such {noun}: {text!r} (ids look like {prefix}123)", code="not_found")
     return int(digits)
 

@@ -24,6 +24,7 @@ from webapp.api.openai.errors import OpenAIError, error_response, exception_hand
 from webapp.api.openai.jobs import create_job
 from webapp.catalog.models import Dataset
 from webapp.catalog.services import register_dataset, store
+from webapp.ids import whole
 from webapp.jobs import ledger
 from webapp.jobs.models import RunState
 from webapp.training.checkpoints import run_checkpoints
@@ -50,7 +51,7 @@ def _limit(request: Request, default: int = DEFAULT_LIMIT, maximum: int = MAX_LI
     raw = request.query_params.get("limit")
     if raw in (None, ""):
         return default
-    if not str(raw).isdigit() or not 1 <= int(raw) <= maximum:
+    if not 1 <= (whole(raw, maximum) or 0):
         raise OpenAIError(400, f"limit must be an integer from 1 to {maximum}; got {raw!r}", "limit", "invalid_value")
     return int(raw)
 
