@@ -181,7 +181,8 @@ def record(alias: AdapterAlias, holder: Adapter | None, adapter: Adapter, user: 
 def resolve(base: str, name: str) -> AdapterAlias | None:
     """The alias `name` of the base model named `base` (or with id `base`), or None."""
     bases = BaseModel.objects.filter(name=base)
-    if whole(base) is not None:
-        bases = BaseModel.objects.filter(pk=whole(base)) | bases
+    pk = whole(base)
+    if pk is not None:
+        bases = BaseModel.objects.filter(pk=pk) | bases
     return (AdapterAlias.objects.select_related("adapter", "base_model")
             .filter(base_model__in=bases, name=name.strip().lower()).order_by("id").first())

@@ -212,8 +212,9 @@ def _compare_initial(request: HttpRequest) -> dict[str, Any]:
             initial["base_precision"] = source.job.params.get("base_precision", "auto")
         if not initial["adapters"] and source.job:
             initial["adapters"] = list(source.job.adapters.values_list("pk", flat=True))
-    if whole(request.GET.get("prompt_set")) is not None:
-        initial["prompt_set"] = whole(request.GET.get("prompt_set"))
+    prompt_set = whole(request.GET.get("prompt_set"))
+    if prompt_set is not None:
+        initial["prompt_set"] = prompt_set
     return initial
 
 

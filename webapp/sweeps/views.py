@@ -90,7 +90,8 @@ def sweep_new(request: HttpRequest) -> HttpResponse:
             data, errors["spec"] = {}, [f"not valid YAML: {exc}"]
         if not isinstance(data, dict):
             data, errors["spec"] = {}, ["give a mapping of space, num_runs, runs_at_once, metric…"]
-        base = TrainingRun.objects.filter(pk=whole(base_id)).first() if whole(base_id) is not None else None
+        base_pk = whole(base_id)
+        base = TrainingRun.objects.filter(pk=base_pk).first() if base_pk is not None else None
         if not errors:
             try:
                 sweep = services.create_sweep(request.user, {**data, "name": name}, base)

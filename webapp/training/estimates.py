@@ -316,8 +316,6 @@ def estimated_vs_measured(run: TrainingRun, adapter: Any) -> dict[str, Any] | No
 
 def chosen_plan(stored: Any) -> str:
     """The plan a run's worker chose (its result's "plan"), as the worker's log line says it; "" if not readable."""
-    import dataclasses
-
     from workers.training.engine import Plan
 
     if not isinstance(stored, dict):

@@ -332,8 +332,9 @@ def lora_config_for(tunedeck: dict[str, Any], user: Any, parent: Adapter | None 
         return parent.run.lora_config
     if named is not None:
         found = LoraConfig.objects.filter(name=str(named)).first()
-        if found is None and whole(named) is not None:
-            found = LoraConfig.objects.filter(pk=whole(named)).first()
+        pk = whole(named)
+        if found is None and pk is not None:
+            found = LoraConfig.objects.filter(pk=pk).first()
         if found is None:
             raise _bad(f"no LoRA config named {named!r}", "tunedeck.lora_config", "not_found")
         return found
