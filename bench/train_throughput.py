@@ -21,12 +21,14 @@ peak memory allocated/reserved, step time, MFU and the ratios of (d) to (a), (b)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,11 +283,18 @@ def _standard_args(out: Path, batch: int, steps: int) -> Any:
     )
 
 
-def run_standard(recipe: str, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
+def run_standard(name: str, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
+    """(a), (b) or (c); options after `@`: budget (GiB, simulated) and profile (profile the last measured step)."""
+    with gpu_budget(float(recipe_options(name).get("budget", 0))):
+        return _run_standard(name, model_dir, examples, args)
+
+
+def _run_standard(name: str, model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
     import torch
     from datasets import Dataset
     from transformers import Trainer
 
+    recipe = name.partition("@")[0]
     n_base, n_lora = matmul_params(model_dir)
     meter = Meter(args.warmup)
     row_len = args.row_len
@@ -339,10 +348,10 @@ def run_standard(recipe: str, model_dir: Path, examples: list[list[int]], args: 
     trainer = Trainer(
         model=model, args=_standard_args(args.out / recipe, batch, args.warmup + args.steps),
         train_dataset=Dataset.from_list(rows), data_collator=counting(collate, meter),
-        callbacks=[meter_callback(meter)],
+        callbacks=[meter_callback(meter), *profiler_callbacks(name, args)],
     )
     trainer.train()
-    res = summarise(recipe, meter, n_base, n_lora)
+    res = summarise(name, meter, n_base, n_lora)
     del trainer, model
     fresh_gpu()
     return res
@@ -368,22 +377,165 @@ def tunedeck_spec(model_dir: Path, mode: str, rows: int, row_len: int, grad_accu
 def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]], args: argparse.Namespace,
                  budget_gib: float = 0) -> Result:
     """One (d) recipe. `budget_gib`: a smaller GPU, simulated: the allocator is capped there
-    (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory."""
-    import torch
-
+    (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory. Options after `@`
+    besides TrainParams fields: pass_tokens (memory mode's tokens per pass), fused=off (PEFT's own LoRA layers
+    instead of fusedlora's), offload=trl (trl's activation offloading instead of workers/training/offload.py)."""
     from workers.training import engine
 
-    if budget_gib and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
-    pass_tokens = engine.MEMORY_MODE_TOKENS
-    engine.MEMORY_MODE_TOKENS = int(recipe_options(name).get("pass_tokens", pass_tokens))
+    options = recipe_options(name)
+    saved = engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD
+    engine.MEMORY_MODE_TOKENS = int(options.get("pass_tokens", saved[0]))
+    engine.FUSED_LORA = options.get("fused", "on") != "off"
+    engine.PREFETCH_OFFLOAD = options.get("offload", "prefetch") != "trl"
     try:
-        return _run_tunedeck(name, spec, model_dir, examples, args, int(budget_gib * 2**30))
+        with gpu_budget(budget_gib):
+            return _run_tunedeck(name, spec, model_dir, examples, args, int(budget_gib * 2**30))
     finally:
-        engine.MEMORY_MODE_TOKENS = pass_tokens
-        if budget_gib and torch.cuda.is_available():
+        engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD = saved
+
+
+@contextlib.contextmanager
+def gpu_budget(gib: float) -> Iterator[None]:
+    """Cap the allocator at `gib` GiB (a smaller GPU, simulated); 0 leaves the GPU whole."""
+    import torch
+
+    capped = bool(gib) and torch.cuda.is_available()
+    if capped:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+    try:
+        yield
+    finally:
+        if capped:
             torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+# --- where a step's time goes -----------------------------------------------------------------------
+
+
+def profiler_callbacks(name: str, args: argparse.Namespace) -> list[Any]:
+    """With `profile=1` among a recipe's options: torch.profiler over its last measured step, the trace saved
+    under --out and its breakdown printed (`trace_breakdown`)."""
+    if recipe_options(name).get("profile", "0") in ("0", ""):
+        return []
+    import torch
+    from transformers import TrainerCallback
+
+    last = args.warmup + args.steps
+    path = args.out / f"trace-{name.replace('@', '_').replace('=', '-').replace('+', '_')}.json"
+
+    class _Profile(TrainerCallback):  # type: ignore[misc]
+        prof: Any = None
+
+        def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == last - 1:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.start()
+
+        def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.prof is not None and state.global_step == last:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof.stop()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.prof.export_chrome_trace(str(path))
+                self.prof = None
+                print_breakdown(name, trace_breakdown(path))
+
+    return [_Profile()]
+
+
+# Kernel names by what they do (cuBLAS/CUTLASS GEMMs are "nvjet"/"sm90_xmma"/"cutlass"; bitsandbytes'
+# dequantisation "kDequantize"; Liger's and Inductor's are Triton kernels named after their function).
+KERNEL_KINDS = [
+    ("dequantize (bitsandbytes)", r"dequant"),
+    ("attention", r"flash|fmha|attention|attn"),
+    ("GEMM", r"gemm|nvjet|xmma|cutlass|cublas|s16816|s1688|wgmma|splitk|Kernel2"),
+    ("RMSNorm / RoPE / SwiGLU", r"rms|rope|swiglu|silu|geglu|norm"),
+    ("LM head and loss", r"cross_entropy|log_softmax|logsumexp|nll"),
+    ("optimizer", r"multi_tensor|adam|foreach|fused_adam"),
+    ("copy / cast / cat", r"copy|cast|convert|CatArray|cat_|to_copy|index|gather|scatter"),
+    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|triton"),
+]
+
+
+def trace_breakdown(path: Path) -> dict[str, Any]:
+    """GPU time by kind of kernel, GPU busy share, and how much host<->device copy time ran while a kernel
+    computed on another stream (hidden transfers), from a Chrome trace exported by torch.profiler."""
+    import re
+
+    events = json.loads(path.read_text()).get("traceEvents", [])
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        return {}
+    start = min(e["ts"] for e in gpu)
+    end = max(e["ts"] + e["dur"] for e in gpu)
+    kinds: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in gpu:
+        if e["cat"] == "kernel":
+            kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, e["name"], re.I)), "other")
+        else:
+            kind = "host<->device copies" if re.search(r"HtoD|DtoH|Pinned|Pageable", e["name"]) else "other copies"
+        kinds[kind] = kinds.get(kind, 0.0) + e["dur"]
+        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
+    kernels = [e for e in gpu if e["cat"] == "kernel"]
+    transfers = [e for e in gpu if e["cat"] == "gpu_memcpy" and re.search(r"HtoD|DtoH", e["name"])]
+    hidden = 0.0
+    for stream in {e["args"].get("stream") for e in transfers}:
+        busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if e["args"].get("stream") != stream])
+        hidden += sum(_overlap((e["ts"], e["ts"] + e["dur"]), busy)
+                      for e in transfers if e["args"].get("stream") == stream)
+    transfer_total = sum(e["dur"] for e in transfers)
+    return {
+        "wall_ms": (end - start) / 1e3,
+        "busy_ms": sum(b - a for a, b in _union([(e["ts"], e["ts"] + e["dur"]) for e in gpu])) / 1e3,
+        "kinds_ms": {k: v / 1e3 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": {k: v / 1e3 for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]},
+        "kernel_launches": len(kernels),
+        "transfer_ms": transfer_total / 1e3,
+        "transfer_hidden_share": hidden / transfer_total if transfer_total else None,
+    }
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _overlap(span: tuple[float, float], union: list[tuple[float, float]]) -> float:
+    import bisect
+
+    a, b = span
+    i = max(0, bisect.bisect_right(union, (a, float("inf"))) - 1)
+    total = 0.0
+    while i < len(union) and union[i][0] < b:
+        total += max(0.0, min(b, union[i][1]) - max(a, union[i][0]))
+        i += 1
+    return total
+
+
+def print_breakdown(name: str, info: dict[str, Any]) -> None:
+    if not info:
+        print(f"profile {name}: no GPU events", flush=True)
+        return
+    gpu_total = sum(info["kinds_ms"].values())
+    print(f"profile {name}: one optimizer step {info['wall_ms']:.0f} ms, GPU busy {info['busy_ms']:.0f} ms "
+          f"({info['busy_ms'] / info['wall_ms']:.0%}), {info['kernel_launches']:,} kernels", flush=True)
+    for kind, ms in info["kinds_ms"].items():
+        print(f"  {kind:<28} {ms:9.1f} ms  {ms / gpu_total:6.1%}", flush=True)
+    if info["transfer_ms"]:
+        print(f"  host<->device transfers {info['transfer_ms']:.1f} ms, {info['transfer_hidden_share']:.0%} of it "
+              f"while another stream computed", flush=True)
+    print("  top kernels: " + "; ".join(f"{k} {v:.1f}" for k, v in info["top_kernels_ms"].items()), flush=True)
 
 
 def recipe_options(recipe: str) -> dict[str, str]:
@@ -405,6 +557,15 @@ def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int
     fresh_gpu()
     device = pick_device(spec.lora.compute_dtype)
     plan = runner._plan(spec, device, steps=args.run_steps, gpu_bytes=gpu_bytes)
+    options = recipe_options(name)
+    if "recompute" in options or "pass_rows" in options:  # a hand-set split, to weigh against the plan's choice
+        from transformers import AutoConfig
+
+        rows = plan.micro_batch * plan.grad_accum
+        plan.micro_batch = int(options.get("pass_rows", plan.micro_batch))
+        plan.grad_accum = rows // plan.micro_batch
+        plan.checkpoint_layers = int(options.get("recompute", plan.checkpoint_layers))
+        plan.estimate_bytes = runner._estimator(AutoConfig.from_pretrained(model_dir), spec)(plan)
     reporter = MemoryReporter()
     model = runner._load_model(spec, device, reporter, plan)
     from transformers import AutoTokenizer
@@ -422,7 +583,7 @@ def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int
     )
     trainer = runner.make_trainer(
         spec, plan, model, tokenizer, Dataset.from_list([{"input_ids": ex} for ex in examples]), None,
-        [meter_callback(meter)], sft_args,
+        [meter_callback(meter), *profiler_callbacks(name, args)], sft_args,
     )
     trainer.data_collator = counting(trainer.data_collator, meter)
     trainer.train()
@@ -447,7 +608,8 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
     settings.pop("budget", None)  # run_tunedeck's: the GPU memory the plan is made for
-    settings.pop("pass_tokens", None)  # run_tunedeck's: memory mode's tokens per pass (engine.MEMORY_MODE_TOKENS)
+    for key in ("pass_tokens", "fused", "offload", "profile", "check", "recompute", "pass_rows"):  # run_tunedeck's switches, not TrainParams
+        settings.pop(key, None)
     default_rows, accum = int(settings.pop("rows")), int(settings.pop("accum"))
     if rows:  # the length probe: one sequence, one pass
         accum = 1
@@ -460,16 +622,21 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
 
 def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Peak memory of one batch-1 step at a few lengths, extrapolated (it grows linearly: attention is
-    FlashAttention-style in every recipe) to the GPU's capacity; `--probe-verify` runs one step there."""
+    FlashAttention-style in every recipe) to the GPU's capacity, or to `budget` GiB where the recipe names one
+    (`c@budget=24`); then one real step at each length of `check=L1/L2/...` (fits, with its peak, or out of
+    memory), so that the longest sequence is shown, not only extrapolated."""
     import torch
+
+    options = recipe_options(recipe)
+    budget = float(options.get("budget", 0))
 
     def one_step(length: int) -> int:
         examples = [[4 + (i % 1000) for i in range(length)]]
         sub = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 1, "row_len": length})
-        if recipe == "c":
-            res = run_standard("c", model_dir, examples, sub)
+        if recipe.startswith("d"):
+            res = run_tunedeck(recipe, d_spec(recipe, model_dir, sub, {}, rows=1), model_dir, examples, sub, budget)
         else:
-            res = run_tunedeck(recipe, d_spec(recipe, model_dir, sub, {}, rows=1), model_dir, examples, sub)
+            res = run_standard(recipe, model_dir, examples, sub)
         print(f"  {recipe}: {length:,} tokens, peak reserved {res.peak_reserved / 2**30:.1f} GiB, "
               f"step {res.step_time:.1f}s", flush=True)
         return res.peak_reserved
@@ -477,18 +644,21 @@ def probe_max_len(recipe: str, model_dir: Path, args: argparse.Namespace) -> dic
     lengths = [int(x) for x in args.probe_lengths.split(",")]
     peaks = [one_step(n) for n in lengths]
     slope = (peaks[-1] - peaks[0]) / (lengths[-1] - lengths[0])
-    capacity = torch.cuda.get_device_properties(0).total_memory
+    capacity = budget * 2**30 if budget else torch.cuda.get_device_properties(0).total_memory
     out: dict[str, Any] = {
         "points": dict(zip(lengths, peaks, strict=True)),
         "bytes_per_token": slope,
         "extrapolated_max": int(lengths[0] + (capacity - peaks[0]) / slope),
+        "checked": {},
     }
-    if args.probe_verify and recipe.startswith("d"):
+    for length in [int(x) for x in options.get("check", "").split("/") if x]:
         try:
-            out["verified"] = {args.probe_verify: one_step(args.probe_verify)}
-        except torch.OutOfMemoryError as exc:
-            out["verified"] = {args.probe_verify: f"out of memory: {str(exc)[:120]}"}
+            peak = one_step(length)
+            out["checked"][length] = f"trained one step, peak reserved {peak / 2**30:.1f} GiB"
+        except torch.OutOfMemoryError:
+            out["checked"][length] = "out of memory"
             fresh_gpu()
+        print(f"  {recipe}: {length:,} tokens: {out['checked'][length]}", flush=True)
     return out
 
 
@@ -511,7 +681,7 @@ def print_table(results: list[Result]) -> None:
             f"{r.peak_allocated / gib:.1f} | {r.peak_reserved / gib:.1f} | "
             f"{(r.extra.get('estimate_bytes') or 0) / gib:.1f} | {r.mfu:.1%} |"
         )
-    base = {r.recipe: r for r in results if r.recipe in ("a", "b", "c") and not r.error}
+    base = {r.recipe: r for r in results if r.recipe.partition("@")[0] in ("a", "b", "c") and not r.error}
     for r in results:
         if r.recipe.startswith("d") and not r.error:
             ratios = ", ".join(
@@ -538,9 +708,10 @@ def main() -> None:
     parser.add_argument("--d-memory-accum", type=int, default=2, help="micro-batches per step in memory mode")
     parser.add_argument("--d-extra", default="{}", help="JSON of extra TrainParams for (d), e.g. '{\"attention\": \"flex\"}'")
     parser.add_argument("--no-liger", dest="liger", action="store_false", help="recipe (c) without Liger")
-    parser.add_argument("--probe-max-len", default="", help="recipes to probe for the longest batch-1 sequence")
+    parser.add_argument("--probe-max-len", default="",
+                        help="recipes to probe for the longest batch-1 sequence, with options: budget=GiB (a smaller "
+                             "GPU, simulated), check=L1/L2 (one real step at each length)")
     parser.add_argument("--probe-lengths", default="16384,32768", help="batch-1 lengths measured for the probe")
-    parser.add_argument("--probe-verify", type=int, default=0, help="then run one (d) step at this length")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/tunedeck-bench"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/tunedeck-bench/out"))
     parser.add_argument("--json-out", type=Path)
@@ -573,7 +744,7 @@ def main() -> None:
         print(f"== recipe {recipe}", flush=True)
         t0 = time.perf_counter()
         try:
-            if recipe in ("a", "b", "c"):
+            if recipe.partition("@")[0] in ("a", "b", "c"):
                 res = run_standard(recipe, model_dir, examples, args)
             elif recipe.startswith("d-"):
                 budget = float(recipe_options(recipe).get("budget", 0))
@@ -594,7 +765,7 @@ def main() -> None:
     for recipe in [r for r in args.probe_max_len.split(",") if r]:
         probes[recipe] = probe_max_len(recipe, model_dir, args)
         print(f"longest batch-1 sequence, {recipe}: ~{probes[recipe]['extrapolated_max']:,} tokens "
-              f"({probes[recipe]['bytes_per_token'] / 1024:.0f} KiB/token) {probes[recipe].get('verified', '')}", flush=True)
+              f"({probes[recipe]['bytes_per_token'] / 1024:.0f} KiB/token) {probes[recipe]['checked']}", flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"results": [r.__dict__ for r in results], "max_len": probes}, indent=2))
 

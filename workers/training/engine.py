@@ -13,8 +13,11 @@ The plan resolves every "auto" switch of TrainParams from the device it runs on:
 - frozen weights stay in the compute dtype (no fp32 upcast of embeddings, norms and head),
   Liger Triton kernels for RMSNorm, SwiGLU and RoPE, and trl's fused LM head, which projects
   only the positions that carry a label, in tiles, without materialising the logits.
+- LoRA layers as one autograd function each (fusedlora.py): the adapter's product is added inside the
+  base matmul's output instead of through three extra full-size tensors per layer and pass.
 - gradient checkpointing only on as many decoder layers as memory needs (throughput mode),
-  or on every layer with the checkpoints offloaded to CPU (memory mode).
+  or on every layer with the checkpoints offloaded to CPU on a side stream and brought back a layer
+  ahead of the backward pass (memory mode, offload.py).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Plan:
     activation_offload: bool
     liger: bool
     compile: bool
+    fused_lora: bool = False  # LoRA's product added inside the base matmul (workers/training/fusedlora.py)
     micro_batch: int = 1  # what one forward pass takes (rows or examples)
     mlp_chunk_tokens: int = 0  # memory mode, long rows: the MLP runs (and is recomputed) this many tokens at a time
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -85,6 +89,8 @@ class Plan:
         ]
         if self.mlp_chunk_tokens:
             parts.append(f"MLP in {self.mlp_chunk_tokens}-token tiles")
+        if self.fused_lora:
+            parts.append("LoRA fused into the base matmuls")
         if self.compile:
             parts.append("torch.compile")
         if self.estimate_bytes:
@@ -197,7 +203,8 @@ def resolve_plan(
     plan = Plan(
         device=device, dtype=dtype, mode=mode, batching=batching, attention=attention,
         checkpoint_layers=num_layers, num_layers=num_layers, activation_offload=offload, liger=liger,
-        compile=compile_, micro_batch=train.batch_size, grad_accum=train.grad_accum,
+        compile=compile_, fused_lora=FUSED_LORA and lora.method == "lora" and not lora.use_dora and not train.sharded,
+        micro_batch=train.batch_size, grad_accum=train.grad_accum,
         gpu_total_bytes=gpu_total_bytes, notes=notes,
     )
     if mode == "memory" and cuda and batching != "pad" and train.gradient_checkpointing != "off":
@@ -223,6 +230,11 @@ def resolve_plan(
     return plan
 
 
+# Plain LoRA layers train through fusedlora.LoraLinear (the benchmark turns it off to measure PEFT's own path).
+FUSED_LORA = True
+# Offloaded activations come back a layer ahead (offload.ActivationOffload); False: trl's offloading, which loads
+# each one when the backward pass reaches it (kept for the benchmark's comparison).
+PREFETCH_OFFLOAD = True
 # Memory mode runs at most this many tokens per forward pass (more accumulation, same optimizer step).
 MEMORY_MODE_TOKENS = 4096
 # ...and runs the MLP of longer rows in tiles of this many tokens (its intermediates are 3x the hidden size).

@@ -210,9 +210,10 @@ class ActivationOffload(saved_tensors_hooks):
         self._new_pass = True
 
 
-def install(trainer: Any, min_bytes: int = 2**20, prefetch: bool = True) -> ActivationOffload:
-    """Run each of the trainer's steps (forward and backward) under one ActivationOffload, returned for its stats."""
-    context = ActivationOffload(min_bytes=min_bytes, prefetch=prefetch)
+def install(trainer: Any, context: Any = None) -> Any:
+    """Run each of the trainer's steps (forward and backward) under `context` (default: a new ActivationOffload,
+    returned for its stats), for trainers that have no offloading setting of their own (ORPO, CPO)."""
+    context = context if context is not None else ActivationOffload()
     step = trainer.training_step
 
     def training_step(*args: Any, **kwargs: Any) -> Any:

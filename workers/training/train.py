@@ -203,6 +203,18 @@ def make_trainer(
         spec, plan, model, tokenizer, train_dataset, eval_dataset, callbacks, args
     )
     steady_reference(trainer.model)  # a warm start's reference is the parent as it was, dropout or not
+    if plan.fused_lora:
+        from workers.training.fusedlora import fuse_lora
+
+        fuse_lora(trainer.model)
+    from workers.training import engine
+
+    if engine.PREFETCH_OFFLOAD and getattr(trainer.args, "activation_offloading", False):
+        from workers.training.offload import ActivationOffload
+
+        # trl built its own offloading context (and the hooks that keep the LM head's tensors on the GPU); the
+        # steps run under ours, which brings each layer's tensors back ahead of the backward pass.
+        trainer.maybe_activation_offload_context = ActivationOffload()
     return trainer
 
 

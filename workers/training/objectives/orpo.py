@@ -72,13 +72,12 @@ def both_answers_kept(row: dict[str, Any]) -> bool:
 def offloaded(trainer: Any) -> None:
     """Run the trainer's steps with activations offloaded to the CPU, as trl's other trainers do with
     activation_offloading (ORPOTrainer has no such setting)."""
-    from trl.models import get_act_offloading_ctx_manager
+    from workers.training import engine
+    from workers.training.offload import install
 
-    context = get_act_offloading_ctx_manager(model=trainer.model)
-    step = trainer.training_step
+    if engine.PREFETCH_OFFLOAD:
+        install(trainer)
+    else:
+        from trl.models import get_act_offloading_ctx_manager
 
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        with context:
-            return step(*args, **kwargs)
-
-    trainer.training_step = training_step
+        install(trainer, get_act_offloading_ctx_manager(model=trainer.model))
