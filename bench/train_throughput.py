@@ -139,8 +139,9 @@ def first_fit_pack(examples: list[list[int]], row_len: int) -> list[list[list[in
 class Meter:
     """Step timer (synchronised) that skips warm-up steps and counts the tokens of each step."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, last: int = 10**9):
         self.warmup = warmup
+        self.last = last  # steps after this one are not measured (the profiled step)
         self.times: list[float] = []
         self.real: list[int] = []
         self.padded: list[int] = []
@@ -168,7 +169,7 @@ class Meter:
             torch.cuda.synchronize()
         if step == 1:
             self.first_step = time.perf_counter() - self._t0
-        if step > self.warmup:
+        if self.warmup < step <= self.last:
             self.times.append(time.perf_counter() - self._t0)
             self.real.append(self._pending_real)
             self.padded.append(self._pending_padded)
@@ -296,7 +297,7 @@ def _run_standard(name: str, model_dir: Path, examples: list[list[int]], args: a
 
     recipe = name.partition("@")[0]
     n_base, n_lora = matmul_params(model_dir)
-    meter = Meter(args.warmup)
+    meter = Meter(args.warmup, args.warmup + args.steps)
     row_len = args.row_len
     if recipe == "a":
         batch = 4
@@ -346,7 +347,7 @@ def _run_standard(name: str, model_dir: Path, examples: list[list[int]], args: a
     model = _standard_model(model_dir, liger=recipe == "c" and args.liger)
     fresh_gpu()
     trainer = Trainer(
-        model=model, args=_standard_args(args.out / recipe, batch, args.warmup + args.steps),
+        model=model, args=_standard_args(args.out / recipe, batch, args.warmup + args.steps + profiled(name)),
         train_dataset=Dataset.from_list(rows), data_collator=counting(collate, meter),
         callbacks=[meter_callback(meter), *profiler_callbacks(name, args)],
     )
@@ -379,19 +380,22 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     """One (d) recipe. `budget_gib`: a smaller GPU, simulated: the allocator is capped there
     (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory. Options after `@`
     besides TrainParams fields: pass_tokens (memory mode's tokens per pass), fused=off (PEFT's own LoRA layers
-    instead of fusedlora's), offload=trl (trl's activation offloading instead of workers/training/offload.py)."""
-    from workers.training import engine
+    instead of fusedlora's), offload=trl (trl's activation offloading instead of workers/training/offload.py),
+    dense=on (fusedlora keeps each 4-bit weight dequantized after its first use)."""
+    from workers.training import engine, fusedlora
 
     options = recipe_options(name)
     saved = engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD
     engine.MEMORY_MODE_TOKENS = int(options.get("pass_tokens", saved[0]))
     engine.FUSED_LORA = options.get("fused", "on") != "off"
     engine.PREFETCH_OFFLOAD = options.get("offload", "prefetch") != "trl"
+    fusedlora.KEEP_DEQUANTIZED = options.get("dense", "off") == "on"
     try:
         with gpu_budget(budget_gib):
             return _run_tunedeck(name, spec, model_dir, examples, args, int(budget_gib * 2**30))
     finally:
         engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD = saved
+        fusedlora.KEEP_DEQUANTIZED = False
 
 
 @contextlib.contextmanager
@@ -413,15 +417,21 @@ def gpu_budget(gib: float) -> Iterator[None]:
 # --- where a step's time goes -----------------------------------------------------------------------
 
 
+def profiled(name: str) -> int:
+    """1 where the recipe asks for a profile (`profile=1`): one step more than measured, under the profiler."""
+    return int(recipe_options(name).get("profile", "0") not in ("0", ""))
+
+
 def profiler_callbacks(name: str, args: argparse.Namespace) -> list[Any]:
-    """With `profile=1` among a recipe's options: torch.profiler over its last measured step, the trace saved
-    under --out and its breakdown printed (`trace_breakdown`)."""
-    if recipe_options(name).get("profile", "0") in ("0", ""):
+    """With `profile=1` among a recipe's options: torch.profiler over one more step after the measured ones (the
+    profiler's overhead stays out of the figures), the trace saved under --out and its breakdown printed
+    (`trace_breakdown`)."""
+    if not profiled(name):
         return []
     import torch
     from transformers import TrainerCallback
 
-    last = args.warmup + args.steps
+    last = args.warmup + args.steps + 1
     path = args.out / f"trace-{name.replace('@', '_').replace('=', '-').replace('+', '_')}.json"
 
     class _Profile(TrainerCallback):  # type: ignore[misc]
@@ -553,7 +563,7 @@ def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int
     from workers.training.engine import sft_arguments
 
     n_base, n_lora = matmul_params(model_dir)
-    meter = Meter(args.warmup)
+    meter = Meter(args.warmup, args.warmup + args.steps)
     fresh_gpu()
     device = pick_device(spec.lora.compute_dtype)
     plan = runner._plan(spec, device, steps=args.run_steps, gpu_bytes=gpu_bytes)
@@ -572,7 +582,7 @@ def _run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fresh_gpu()
-    spec.train.max_steps = args.warmup + args.steps
+    spec.train.max_steps = args.warmup + args.steps + profiled(name)
     from trl import SFTConfig
 
     sft_args = SFTConfig(
@@ -608,7 +618,7 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
     settings.pop("budget", None)  # run_tunedeck's: the GPU memory the plan is made for
-    for key in ("pass_tokens", "fused", "offload", "profile", "check", "recompute", "pass_rows"):  # run_tunedeck's switches, not TrainParams
+    for key in ("pass_tokens", "fused", "offload", "profile", "check", "recompute", "pass_rows", "dense"):  # run_tunedeck's switches, not TrainParams
         settings.pop(key, None)
     default_rows, accum = int(settings.pop("rows")), int(settings.pop("accum"))
     if rows:  # the length probe: one sequence, one pass

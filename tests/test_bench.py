@@ -31,6 +31,48 @@ def test_train_throughput_tiny_runs_every_recipe(tmp_path: Path) -> None:
     assert "micro-batch 1 x 2" in results["d-memory@rows=1+accum=2"]["plan"]
 
 
+def test_a_profiled_step_stays_out_of_the_figures_and_d_switches_apply(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--tiny", "--steps", "1", "--warmup", "1",
+         "--recipes", "c@profile=1,d-throughput@fused=off+profile=1,d-throughput@pass_rows=2+recompute=1",
+         "--model-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--json-out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=600,
+    )
+    results = {r["recipe"]: r for r in json.loads(out.read_text())["results"]}
+    assert all(r["steps"] == 1 and not r["error"] for r in results.values()), results  # the profiled step is extra
+    assert (tmp_path / "out" / "trace-c_profile-1.json").exists()
+    assert "LoRA fused" not in results["d-throughput@fused=off+profile=1"]["plan"]
+    forced = results["d-throughput@pass_rows=2+recompute=1"]
+    assert "LoRA fused" in forced["plan"] and "micro-batch 2 x 8" in forced["plan"] and "1/2 layers" in forced["plan"]
+
+
+def test_trace_breakdown_counts_copies_hidden_behind_another_stream_s_kernels(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import trace_breakdown
+
+    def event(cat: str, name: str, ts: float, dur: float, stream: int) -> dict:  # type: ignore[type-arg]
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        event("kernel", "nvjet_tst_128x256_gemm", 0, 100, 7),
+        event("kernel", "kDequantizeBlockwise", 100, 20, 7),
+        event("kernel", "_rms_norm_forward_kernel", 150, 50, 7),
+        event("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 80, 40, 20),  # under the GEMM, then the dequantize
+        event("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 130, 10, 20),  # in the gap: not hidden
+        event("kernel", "nvjet_tst_128x256_gemm", 130, 5, 20),  # the copies' own stream does not hide them
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},
+    ]}))
+    info = trace_breakdown(trace)
+    assert info["kinds_ms"]["GEMM"] == pytest.approx(0.105)
+    assert info["kinds_ms"]["dequantize (bitsandbytes)"] == pytest.approx(0.02)
+    assert info["kinds_ms"]["RMSNorm / RoPE / SwiGLU"] == pytest.approx(0.05)
+    assert info["transfer_ms"] == pytest.approx(0.05)
+    assert info["transfer_hidden_share"] == pytest.approx(40 / 50)  # all of the DtoH, none of the HtoD
+    assert info["wall_ms"] == pytest.approx(0.2) and info["busy_ms"] == pytest.approx(0.18)  # idle 120..130, 140..150
+
+
 def test_compare_adapters_tiny_prints_every_mode_and_same_answers() -> None:
     run = subprocess.run(
         [sys.executable, "bench/compare_adapters.py", "--tiny", "--k", "2", "--prompts", "8", "--new-tokens", "4"],

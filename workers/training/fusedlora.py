@@ -31,15 +31,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# Keep each 4-bit weight's dequantized copy after its first use (the same values bitsandbytes computes with), for
+# a GPU with room for the whole base in the compute dtype: no dequantization in later passes.
+KEEP_DEQUANTIZED = False
+_DENSE = "_tunedeck_dequantized"
+
+
 def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's (out x in) weight in the compute dtype: a bitsandbytes 4-bit weight dequantized."""
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        import bitsandbytes.functional as bnbf
+    if quant_state is None:
+        return weight.to(dtype)
+    kept = base.__dict__.get(_DENSE)
+    if kept is not None and kept.dtype == dtype:
+        return kept
+    import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
-    return weight.to(dtype)
+    dense = bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+    if KEEP_DEQUANTIZED:
+        base.__dict__[_DENSE] = dense
+    return dense
 
 
 class LoraLinear(torch.autograd.Function):
