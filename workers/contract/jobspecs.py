@@ -1,4 +1,4 @@
-"""Specs of the jobs that work with finished adapters: compare, merge, combine, evaluate.
+"""Specs of the jobs that work with finished adapters: compare, merge, export, combine, evaluate, push.
 
 Like `TrainSpec`, each is a plain dataclass that travels as JSON from the control plane to a
 worker; `validate()` returns field-named problems instead of raising. Every runner has the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +31,11 @@ SVD_COMBINATIONS = tuple(c for c in COMBINATIONS if c == "svd" or c.endswith("_s
 # Types that combine the adapters' A and B factors entry-wise (not the deltas): equal ranks needed.
 EQUAL_RANK_COMBINATIONS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+EXPORT_TARGETS = ("ollama",)
+EXPORT_FORMS = ("merged", "adapter")
+OLLAMA_QUANTIZE = ("q8_0", "q4_K_S", "q4_K_M")  # what `ollama create --quantize` takes for a safetensors import
+# Ollama's model names: [namespace/]name[:tag] of letters, digits, - _ .
+OLLAMA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,79})?(:[A-Za-z0-9][A-Za-z0-9_.-]{0,79})?$")
 # What a comparison or an evaluation loads its base in (see base_load).
 BASE_PRECISIONS = ("auto", "4bit", "8bit", "bfloat16", "float16", "float32")
 TRAINED_ON = {"none": "unquantized", "8bit": "8-bit", "4bit": "4-bit"}
@@ -181,6 +187,54 @@ class MergeSpec:
             errors["dtype"] = f"must be one of {', '.join(MERGE_DTYPES)}"
         if self.adapter.method != "lora":
             errors["adapter"] = f"only LoRA adapters merge into the base weights ({self.adapter.method} does not)"
+        return errors
+
+
+@dataclass
+class ExportSpec:
+    """Write what a runtime elsewhere needs to import the adapter: for Ollama, a folder with a Modelfile."""
+
+    job_id: int
+    attempt: int
+    base_model: ModelRef
+    adapter: AdapterRef
+    output_uri: str
+    target: str = "ollama"  # the runtime the folder is for; only Ollama for now
+    # merged: the base with the adapter merged, in safetensors (FROM .); adapter: FROM the base, ADAPTER ./adapter.
+    form: str = "merged"
+    name: str = "tunedeck-model"  # the model's name in the README's `ollama create` and `ollama run`
+    base_name: str = ""  # the adapter form's FROM: the name Ollama knows the base by (default: its source)
+    quantize: str = ""  # passed to `ollama create --quantize` in the README (merged form only)
+    system: str = ""  # a default system prompt (SYSTEM)
+    temperature: float | None = None  # PARAMETER temperature, only if set
+    top_p: float | None = None  # PARAMETER top_p, only if set
+    dtype: str = "auto"  # as a merge's
+    max_shard_size: str = "2GB"
+
+    def validate(self) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        if self.target not in EXPORT_TARGETS:
+            errors["target"] = f"must be one of {', '.join(EXPORT_TARGETS)}"
+        if self.form not in EXPORT_FORMS:
+            errors["form"] = f"must be one of {', '.join(EXPORT_FORMS)}"
+        if not OLLAMA_NAME.match(self.name):
+            errors["name"] = "use [namespace/]name[:tag]: letters, digits, - _ . (at most 80 each)"
+        if self.quantize and self.quantize not in OLLAMA_QUANTIZE:
+            errors["quantize"] = f"must be empty or one of {', '.join(OLLAMA_QUANTIZE)}"
+        elif self.quantize and self.form != "merged":
+            errors["quantize"] = "only a merged model is quantized as Ollama imports it"
+        if '"""' in self.system:
+            errors["system"] = 'must not hold """ (the Modelfile quotes it with them)'
+        if any(c in self.base_name for c in "\r\n"):
+            errors["base_name"] = "must be one line"
+        if self.temperature is not None and not 0.0 <= self.temperature <= 5.0:
+            errors["temperature"] = "must be between 0 and 5"
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            errors["top_p"] = "must be above 0 and at most 1"
+        if self.dtype not in MERGE_DTYPES:
+            errors["dtype"] = f"must be one of {', '.join(MERGE_DTYPES)}"
+        if self.adapter.method != "lora":
+            errors["adapter"] = f"Ollama imports LoRA adapters only ({self.adapter.method} is not one)"
         return errors
 
 

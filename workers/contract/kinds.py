@@ -16,6 +16,7 @@ from workers.contract.jobspecs import (
     CombineSpec,
     CompareSpec,
     EvaluateSpec,
+    ExportSpec,
     GenerationParams,
     LoadParams,
     MergeSpec,
@@ -50,6 +51,8 @@ KINDS: dict[str, JobKindDecl] = {
         # The grid fills token by token: its reporter sends four times a second.
         JobKindDecl("compare", CompareSpec, "workers.adapters.generate:run_compare", 2, flush_interval=0.25),
         JobKindDecl("merge", MergeSpec, "workers.adapters.merge.job:run_merge", 4),
+        # The merged form merges and checks as a merge does; the adapter form needs less, but is placed alike.
+        JobKindDecl("export", ExportSpec, "workers.adapters.export:run_export", 4),
         JobKindDecl("combine", CombineSpec, "workers.adapters.merge.combine:run_combine", 2),
         JobKindDecl("evaluate", EvaluateSpec, "workers.adapters.evaluate:run_evaluate", 2),
         JobKindDecl("push", PushSpec, "workers.adapters.push:run_push", None),

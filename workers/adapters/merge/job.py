@@ -49,7 +49,7 @@ from workers.training.modelinfo import check_source
 
 def run_merge(spec: MergeSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
     """Merge spec.adapter into spec.base_model, save the full model at spec.output_uri and check it."""
-    return run_reported(reporter, lambda: _merge(spec, reporter, store), expected=EXPECTED_ERRORS)
+    return run_reported(reporter, lambda: merge_and_check(spec, reporter, store), expected=EXPECTED_ERRORS)
 
 
 def check_cancel(reporter: Reporter) -> None:
@@ -58,7 +58,8 @@ def check_cancel(reporter: Reporter) -> None:
         raise Cancelled()
 
 
-def _merge(spec: MergeSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
+def merge_and_check(spec: MergeSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any]:
+    """The merge job's body, for jobs that merge on the way (an export): raises where run_merge reports."""
     started = time.monotonic()
     max_shard_bytes = _validate_merge(spec)
     adapter_dir = adapter_folder(spec.adapter, store)
