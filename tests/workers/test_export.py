@@ -1,0 +1,142 @@
+"""The export runner on the tiny Llama and real LoRA adapters (no mocks, no network): the folder Ollama imports."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.adapters import ollama
+from workers.adapters.export import run_export
+from workers.contract.jobspecs import AdapterRef, ExportSpec
+from workers.contract.reporter import MemoryReporter
+from workers.contract.spec import ModelRef
+from workers.contract.store import ArtifactStore
+from workers.training.demo import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def store(task_adapters, tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:  # type: ignore[no-untyped-def]
+    source, uris = task_adapters
+    store = ArtifactStore(tmp_path_factory.mktemp("export-store"))
+    shutil.copytree(source.path(uris["add"]), store.path("store://adapters/add"))
+    return store
+
+
+def export_spec(model_dir: Path, output: str, uri: str = "store://adapters/add", **options: Any) -> ExportSpec:
+    adapter = AdapterRef(key="add", label="add adapter", uri=uri, r=8)
+    return ExportSpec(
+        job_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)), adapter=adapter, output_uri=output, **options
+    )
+
+
+def logs(reporter: MemoryReporter) -> str:
+    return "\n".join(str(line) for line in reporter.logs)
+
+
+def test_the_merged_form_is_a_checked_merge_with_a_modelfile_from_the_folder(
+    tiny_model_dir: Path, store: ArtifactStore
+) -> None:
+    spec = export_spec(tiny_model_dir, "store://exports/merged", name="team/adder:v1", quantize="q4_K_M",
+                       system="Add the numbers.", temperature=0.3)
+    reporter = MemoryReporter()
+    result = run_export(spec, reporter, store)
+    assert result is not None, reporter.states[-1]
+    folder = store.path("store://exports/merged")
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "Modelfile", "README.md", "generation_config.json"} <= names
+    assert any(n.endswith(".safetensors") for n in names) and any(n.startswith("tokenizer") for n in names)
+    assert result["verified"] is True and result["form"] == "merged" and result["family"] == "zephyr"
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM .\n") and "ADAPTER" not in modelfile
+    assert f'TEMPLATE """{ollama.ZEPHYR}"""' in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile and "PARAMETER temperature 0.3" in modelfile
+    assert 'SYSTEM """Add the numbers."""' in modelfile and "top_p" not in modelfile
+    readme = (folder / "README.md").read_text()
+    assert "ollama create team/adder:v1 --quantize q4_K_M -f Modelfile" in readme and "ollama run team/adder:v1" in readme
+    # The demo template looks like Zephyr's without being it: the log says where the two part.
+    assert "render a probe conversation differently" in logs(reporter)
+    assert result["size_bytes"] > 0 and len(result["sha256"]) == 64
+
+
+def test_the_merged_model_answers_like_the_adapter(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert run_export(export_spec(tiny_model_dir, "store://exports/same", dtype="float32"), MemoryReporter(), store)
+    merged = AutoModelForCausalLM.from_pretrained(store.path("store://exports/same"), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), str(store.path("store://adapters/add"))
+    )
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
+def test_a_chatml_adapter_gets_ollamas_chatml_template_and_its_turn_end_as_a_stop(chatml_adapter) -> None:  # type: ignore[no-untyped-def]
+    model_dir, store, uri = chatml_adapter
+    reporter = MemoryReporter()
+    result = run_export(export_spec(model_dir, "store://exports/chatml", uri=uri, form="adapter",
+                                    base_name="tiny-chatml:latest"), reporter, store)
+    assert result is not None, reporter.states[-1]
+    folder = store.path("store://exports/chatml")
+    assert sorted(p.name for p in (folder / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM tiny-chatml:latest\nADAPTER ./adapter\n")
+    assert f'TEMPLATE """{ollama.CHATML}"""' in modelfile
+    assert result["stops"] == ["<|im_end|>", "</s>", "<|im_start|>"]
+    assert "differently" not in logs(reporter)
+    readme = (folder / "README.md").read_text()
+    assert "ollama create tunedeck-model -f Modelfile" in readme and "Gemma" in readme
+
+
+def test_a_base_without_a_chat_template_gets_no_template_and_says_so(
+    task_adapters, store: ArtifactStore, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    plain = build_tiny_llama(tmp_path / "plain", chat_template=None)
+    bare = store.path("store://adapters/bare")
+    bare.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # no tokenizer: the base's is used
+        shutil.copy2(store.path("store://adapters/add") / name, bare / name)
+    reporter = MemoryReporter()
+    result = run_export(export_spec(plain, "store://exports/plain", uri="store://adapters/bare", form="adapter"),
+                        reporter, store)
+    assert result is not None, reporter.states[-1]
+    modelfile = (store.path("store://exports/plain") / "Modelfile").read_text()
+    assert "TEMPLATE" not in modelfile and f"FROM {plain}\n" in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile
+    assert "no chat template" in logs(reporter) and result["family"] == ""
+
+
+def test_a_base_of_no_known_template_family_fails_naming_what_it_saw(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    odd = build_tiny_llama(tmp_path / "odd", chat_template="{% for m in messages %}## {{ m['content'] }}\n{% endfor %}")
+    bare = store.path("store://adapters/bare-odd")
+    bare.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(store.path("store://adapters/add") / name, bare / name)
+    reporter = MemoryReporter()
+    assert run_export(export_spec(odd, "store://exports/odd", uri="store://adapters/bare-odd"), reporter, store) is None
+    state, _, error = reporter.states[-1]
+    assert state == "failed" and "## You are terse." in error and "chatml" in error and "Traceback" not in error
+    assert not store.path("store://exports/odd").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"target": "gguf"}, "target: must be one of ollama"), ({"form": "gguf"}, "form: must be one of"),
+     ({"name": "bad name; rm"}, "name: use"), ({"quantize": "q2_K"}, "quantize: must be empty or one of"),
+     ({"form": "adapter", "quantize": "q8_0"}, "only a merged model"), ({"system": 'a """ b'}, "system: must not")],
+)
+def test_an_invalid_export_fails_with_a_readable_reason(
+    change: dict[str, Any], message: str, tiny_model_dir: Path, store: ArtifactStore
+) -> None:
+    spec = export_spec(tiny_model_dir, "store://exports/invalid", **change)
+    reporter = MemoryReporter()
+    assert run_export(spec, reporter, store) is None
+    state, _, error = reporter.states[-1]
+    assert state == "failed" and message in error
