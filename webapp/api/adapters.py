@@ -1,4 +1,4 @@
-"""Adapters over the API (list, get, download, merge, push) and the adapter jobs started from them:
+"""Adapters over the API (list, get, download, merge, export, push) and the adapter jobs started from them:
 evaluations, combinations (comparisons: api/comparisons.py); merged models. Every job starts through playground.services, whose
 refusals (JobError) come back as 400 problems naming the field."""
 
@@ -104,6 +104,28 @@ class MergeSerializer(serializers.Serializer):
                                     help_text="Dtype of the merged weights; auto keeps the base checkpoint's own.")
 
 
+class ExportSerializer(serializers.Serializer):
+    target = serializers.ChoiceField(choices=list(jobspecs.EXPORT_TARGETS), default="ollama",
+                                     help_text="The runtime the folder is for.")
+    form = serializers.ChoiceField(
+        choices=list(jobspecs.EXPORT_FORMS), default="merged",
+        help_text="merged: the base with the adapter merged, in safetensors (Modelfile FROM .). adapter: the "
+        "adapter's safetensors under a Modelfile naming the base (FROM <base>, ADAPTER ./adapter).",
+    )
+    name = serializers.CharField(max_length=200, default="tunedeck-model",
+                                 help_text="The model's name in Ollama: [namespace/]name[:tag].")
+    quantize = serializers.ChoiceField(choices=["", *jobspecs.OLLAMA_QUANTIZE], default="", allow_blank=True,
+                                       help_text="Passed to ollama create --quantize (merged form only).")
+    system = serializers.CharField(default="", allow_blank=True, help_text="A default system prompt (SYSTEM).")
+    base_name = serializers.CharField(max_length=200, default="", allow_blank=True,
+                                      help_text="Adapter form: the name Ollama knows the base by (default: its source).")
+    temperature = serializers.FloatField(required=False, allow_null=True, default=None,
+                                         help_text="PARAMETER temperature, only if set.")
+    top_p = serializers.FloatField(required=False, allow_null=True, default=None, help_text="PARAMETER top_p, only if set.")
+    dtype = serializers.ChoiceField(choices=list(jobspecs.MERGE_DTYPES), default="auto",
+                                    help_text="Merged form: dtype of the merged weights.")
+
+
 class PushSerializer(serializers.Serializer):
     repo_id = serializers.CharField(max_length=200, help_text="namespace/name on the Hub.")
     private = serializers.BooleanField(default=True)
@@ -171,6 +193,21 @@ class AdapterViewSet(LabelsMixin, VisibleObjectMixin, viewsets.ReadOnlyModelView
             job_error(exc)
         return job_answer(request.user, job.pk)
 
+    @extend_schema(request=ExportSerializer, responses={201: JobSerializer},
+                   description="Export the adapter for Ollama (an export job; its folder, with a Modelfile and a "
+                   "README, appears under merges/ with its target and form).")
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def export(self, request: Request, pk: str) -> Response:
+        adapter = self.get_object()
+        body = ExportSerializer(data=request_body(request))
+        body.is_valid(raise_exception=True)
+        try:
+            job = services.start_export(request.user, adapter, **body.validated_data)
+        except services.JobError as exc:
+            job_error(exc)
+        return job_answer(request.user, job.pk)
+
     @extend_schema(request=PushSerializer, responses={201: JobSerializer},
                    description="Push the adapter (or one of its merged models) to the Hugging Face Hub (owner or staff).")
     @action(detail=True, methods=["post"])
@@ -209,7 +246,8 @@ class MergedModelSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = MergedModel
-        fields = ["id", "adapter", "job", "dtype", "size_bytes", "sha256", "verified", "figures", "files", "created_at"]
+        fields = ["id", "adapter", "job", "target", "form", "name", "dtype", "size_bytes", "sha256", "verified", "figures",
+                  "files", "created_at"]
         read_only_fields = fields
 
     @extend_schema_field(MergedFileSerializer(many=True))
@@ -218,7 +256,8 @@ class MergedModelSerializer(serializers.ModelSerializer):
 
 
 class MergedModelViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
-    """Full models: an adapter merged into its base, with the figures of the check that followed."""
+    """Full models: an adapter merged into its base, with the figures of the check that followed; and exports
+    (target ollama), folders Ollama imports, holding such a merged model or the adapter (form)."""
 
     serializer_class = MergedModelSerializer
     noun = "merged model"

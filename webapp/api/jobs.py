@@ -1,4 +1,4 @@
-"""Adapter jobs over the API (compare, merge, combine, evaluate, push): list, get, cancel, retry, events."""
+"""Adapter jobs over the API (compare, merge, export, combine, evaluate, push): list, get, cancel, retry, events."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class JobSerializer(serializers.ModelSerializer):
     labels = serializers.ListField(source="needs_labels", child=serializers.CharField(), read_only=True)
     attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
     comparison = serializers.SerializerMethodField(help_text="A compare job's comparison id.")
-    merged_model = serializers.SerializerMethodField(help_text="A succeeded merge job's merged model id.")
+    merged_model = serializers.SerializerMethodField(help_text="A succeeded merge or export job's merged model id.")
     adapter = serializers.SerializerMethodField(help_text="A succeeded combine job's new adapter id.")
 
     class Meta:
@@ -67,7 +67,7 @@ class JobSerializer(serializers.ModelSerializer):
         return comparison.pk if comparison is not None else None
 
     def get_merged_model(self, job: AdapterJob) -> int | None:
-        merged = getattr(job, "merged_model", None) if job.kind == JobKind.MERGE else None
+        merged = getattr(job, "merged_model", None) if job.kind in (JobKind.MERGE, JobKind.EXPORT) else None
         return merged.pk if merged is not None else None
 
     def get_adapter(self, job: AdapterJob) -> int | None:
@@ -140,7 +140,7 @@ class JobActionsMixin(VisibleObjectMixin):
     OpenApiParameter("adapter", OpenApiTypes.INT, required=False, description="Jobs that read this adapter."),
 ]))
 class JobViewSet(JobActionsMixin, viewsets.ReadOnlyModelViewSet):
-    """Every adapter job: compare, merge, combine, evaluate, push."""
+    """Every adapter job: compare, merge, export, combine, evaluate, push."""
 
     serializer_class = JobSerializer
 

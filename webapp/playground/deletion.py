@@ -118,7 +118,7 @@ def plan(run: TrainingRun) -> RunDeletion:
     """What deleting `run` would remove and keep (with the folders' sizes on disk); changes nothing."""
     adapter = Adapter.objects.filter(run=run).first()
     used = list(AdapterJob.objects.filter(adapters=adapter).order_by("id")) if adapter else []
-    jobs = [job for job in used if job.kind == JobKind.MERGE]
+    jobs = [job for job in used if job.kind in (JobKind.MERGE, JobKind.EXPORT)]
     merged = list(MergedModel.objects.filter(adapter=adapter).order_by("id")) if adapter else []
     evaluations = {job.pk: job for job in used if job.kind == JobKind.EVALUATE}
     evaluations.update({job.pk: job for job in AdapterJob.objects.filter(kind=JobKind.EVALUATE, params__held_out_of=run.pk)})

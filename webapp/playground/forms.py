@@ -140,6 +140,24 @@ class MergeForm(forms.Form):
     )
 
 
+class ExportForm(forms.Form):
+    form = forms.ChoiceField(
+        choices=[("merged", "merged model (FROM .)"), ("adapter", "adapter on its base (ADAPTER)")], initial="merged",
+        help_text="merged: the base with the adapter merged, in safetensors. adapter: the adapter's safetensors "
+        "applied by Ollama to the base, which it must know by name (Llama, Mistral and Gemma bases only).",
+    )
+    name = forms.CharField(max_length=200, initial="tunedeck-model",
+                           help_text="The model's name in Ollama: [namespace/]name[:tag].")
+    quantize = forms.ChoiceField(
+        choices=[("", "none"), *[(q, q) for q in jobspecs.OLLAMA_QUANTIZE]], required=False,
+        help_text="Passed to ollama create --quantize (merged form only).",
+    )
+    system = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False,
+                             help_text="A default system prompt (SYSTEM).")
+    base_name = forms.CharField(max_length=200, required=False,
+                                help_text="Adapter form: the name Ollama knows the base by (default: the base's source).")
+
+
 class PushForm(forms.Form):
     repo_id = forms.RegexField(
         regex=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$",

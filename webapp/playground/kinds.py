@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 class JobKind(models.TextChoices):
     COMPARE = "compare"
     MERGE = "merge"
+    EXPORT = "export"
     COMBINE = "combine"
     EVALUATE = "evaluate"
     PUSH = "push"
@@ -80,6 +81,26 @@ def record_merged_model(job: AdapterJob, result: dict[str, Any]) -> None:
     )
 
 
+def record_export(job: AdapterJob, result: dict[str, Any]) -> None:
+    """An export's folder is listed with the merged models, by its target and form (an adapter-form export holds
+    the adapter beside a Modelfile: no merge, no check)."""
+    adapter = job.adapters.get()
+    adapter.merged_models.update_or_create(
+        job=job,
+        defaults={
+            "uri": result["output_uri"],
+            "dtype": str(result.get("dtype", "")),
+            "size_bytes": int(result["size_bytes"]),
+            "sha256": str(result["sha256"]),
+            "verified": bool(result.get("verified")),
+            "figures": result.get("check") or {},
+            "target": str(result["target"]),
+            "form": str(result["form"]),
+            "name": str(result.get("name", "")),
+        },
+    )
+
+
 def record_combination(job: AdapterJob, result: dict[str, Any]) -> None:
     parents = list(job.adapters.all())
     weights = job.params.get("weights", [])
@@ -126,6 +147,7 @@ class Kind:
 HOOKS: dict[str, Kind] = {
     JobKind.COMPARE: Kind(record=record_outputs, on_start=restart_comparison, fold_events=fold_streamed_text),
     JobKind.MERGE: Kind(record=record_merged_model),
+    JobKind.EXPORT: Kind(record=record_export),
     JobKind.COMBINE: Kind(record=record_combination),
     JobKind.EVALUATE: Kind(),  # the scores are its result
     JobKind.PUSH: Kind(at_claim=hub_token),  # the repository is its result

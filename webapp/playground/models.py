@@ -218,7 +218,10 @@ class Vote(models.Model):
 
 
 class MergedModel(models.Model):
-    """A full model: an adapter merged into its base, with the figures of the check that followed."""
+    """A full model: an adapter merged into its base, with the figures of the check that followed; or an export,
+    a folder another runtime imports (`target`), holding such a merged model or the adapter itself (`form`)."""
+
+    MERGE = ""  # target of a plain merge
 
     adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="merged_models")
     job = models.OneToOneField(AdapterJob, null=True, on_delete=models.SET_NULL, related_name="merged_model")
@@ -228,13 +231,27 @@ class MergedModel(models.Model):
     sha256 = models.CharField(max_length=64)
     verified = models.BooleanField(default=False)
     figures = models.JSONField(default=dict, blank=True)  # the check: logit differences, agreement, tolerance
+    target = models.CharField(max_length=16, blank=True, default=MERGE)  # an export's runtime: ollama
+    form = models.CharField(max_length=16, blank=True, default="")  # an export's: merged or adapter
+    name = models.CharField(max_length=200, blank=True, default="")  # an export's model name (ollama create <name>)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-id"]
 
     def __str__(self) -> str:
+        if self.target:
+            return f"{self.adapter} for {self.target} ({self.form})"
         return f"{self.adapter} merged ({self.dtype})"
+
+    @property
+    def checked(self) -> bool:
+        """Whether a merge was checked (an adapter-form export merges nothing)."""
+        return self.form != "adapter"
+
+    @property
+    def kind_label(self) -> str:
+        return f"{self.target} export, {self.form}" if self.target else "merged model"
 
 
 class Thumb(models.Model):

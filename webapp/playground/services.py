@@ -136,6 +136,29 @@ def start_merge(owner: Any, adapter: Adapter, dtype: str = "auto") -> AdapterJob
     return _queue(JobKind.MERGE, owner, base, spec, [adapter])
 
 
+def start_export(
+    owner: Any,
+    adapter: Adapter,
+    form: str = "merged",
+    name: str = "tunedeck-model",
+    quantize: str = "",
+    system: str = "",
+    base_name: str = "",
+    dtype: str = "auto",
+    temperature: float | None = None,
+    top_p: float | None = None,
+    target: str = "ollama",
+) -> AdapterJob:
+    """An export job: a folder Ollama imports (jobspecs.ExportSpec says what each choice does)."""
+    base = common_base([adapter])
+    spec = jobspecs.ExportSpec(
+        job_id=0, attempt=0, base_model=base.model_ref(), adapter=adapter.ref(), output_uri="pending", target=target,
+        form=form, name=name, base_name=base_name, quantize=quantize, system=system, temperature=temperature,
+        top_p=top_p, dtype=dtype,
+    )
+    return _queue(JobKind.EXPORT, owner, base, spec, [adapter])
+
+
 def start_combine(
     owner: Any,
     adapters: list[Adapter],

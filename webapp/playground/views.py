@@ -21,7 +21,7 @@ from webapp.jobs import views as job_views
 from webapp.jobs.downloads import zip_response
 from webapp.jobs.stream import batch_reader, sse
 from webapp.playground import deletion, services, thumbs, votedata, votes
-from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, MergeForm, PushForm
+from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, ExportForm, MergeForm, PushForm
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, Comparison, JobEvent, MergedModel, PromptSet
 from webapp.training.models import Adapter, TrainingRun
@@ -64,6 +64,7 @@ def adapter_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "merged": adapter.merged_models.select_related("job"),
         "jobs": adapter.jobs.select_related("owner").order_by("-id")[:20],
         "merge_form": MergeForm(),
+        "export_form": ExportForm(),
         "push_form": PushForm() if settings.HF_TOKEN else None,
         "can_act": request.user.is_staff or adapter.owner_id == request.user.pk,  # type: ignore[union-attr]
     }
@@ -91,6 +92,24 @@ def adapter_merge(request: HttpRequest, pk: int) -> HttpResponse:
         job = services.start_merge(request.user, adapter, form.cleaned_data["dtype"])
     except services.JobError as exc:
         messages.error(request, f"Merge refused: {exc}")
+        return redirect("adapter-detail", pk=pk)
+    return redirect("job-detail", pk=job.pk)
+
+
+@login_required
+@require_POST
+def adapter_export(request: HttpRequest, pk: int) -> HttpResponse:
+    adapter = get_object_or_404(Adapter.objects.select_related("base_model"), pk=pk)
+    form = ExportForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Export refused: {form.errors.as_text()}")
+        return redirect("adapter-detail", pk=pk)
+    data = form.cleaned_data
+    try:
+        job = services.start_export(request.user, adapter, data["form"], data["name"], data["quantize"],
+                                    data["system"], data["base_name"])
+    except services.JobError as exc:
+        messages.error(request, f"Export refused: {exc}")
         return redirect("adapter-detail", pk=pk)
     return redirect("job-detail", pk=job.pk)
 
@@ -159,7 +178,7 @@ def run_delete(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 def merged_models(request: HttpRequest) -> HttpResponse:
-    """Every merged model, newest first: its adapter, dtype, check, size and download."""
+    """Every merged model and export, newest first: its adapter, dtype, check, size and download."""
     rows = MergedModel.objects.select_related("adapter__base_model", "job__owner").order_by("-id")
     page = Paginator(rows, MERGED_PER_PAGE).get_page(request.GET.get("page"))
     return render(request, "playground/merged_models.html", {"merged": page.object_list, "page": page})
@@ -176,20 +195,23 @@ def merged_zip(request: HttpRequest, pk: int) -> HttpResponseBase:
 
 @login_required
 def merged_file(request: HttpRequest, pk: int, name: str) -> FileResponse:
-    """One file of a merged model (a shard, the config...), for tools that fetch files one by one."""
+    """One file of a merged model or export (a shard, the config, the Modelfile, adapter/...), for tools that fetch
+    files one by one."""
     merged = get_object_or_404(MergedModel, pk=pk)
-    folder = _store().path(merged.uri)
+    folder = _store().path(merged.uri).resolve()
     target = (folder / name).resolve()
-    if "/" in name or "\\" in name or not target.is_relative_to(folder) or not target.is_file():
+    if "\\" in name or not target.is_relative_to(folder) or not target.is_file():
         raise Http404("no such file in this merged model")
-    return FileResponse(target.open("rb"), as_attachment=True, filename=name)
+    return FileResponse(target.open("rb"), as_attachment=True, filename=target.name)
 
 
 def merged_files(merged: MergedModel) -> list[dict[str, Any]]:
+    """Every file of the folder, by its path in it (an adapter-form export keeps the adapter in adapter/)."""
     folder = _store().path(merged.uri)
     if not folder.is_dir():
         return []
-    return [{"name": f.name, "size": f.stat().st_size} for f in sorted(folder.iterdir()) if f.is_file()]
+    return [{"name": f.relative_to(folder).as_posix(), "size": f.stat().st_size}
+            for f in sorted(folder.rglob("*")) if f.is_file()]
 
 
 # --- comparisons ----------------------------------------------------------------------------------------
@@ -468,7 +490,7 @@ def _job_context(job: AdapterJob) -> dict[str, Any]:
     context: dict[str, Any] = {"job": job, "base_precision": loaded_base(job)}
     if job.kind == JobKind.EVALUATE:
         context["evaluation"] = evaluation_table(job)
-    if job.kind == JobKind.MERGE:
+    if job.kind in (JobKind.MERGE, JobKind.EXPORT):
         merged = MergedModel.objects.filter(job=job).first()
         context["merged"] = merged
         context["merged_files"] = merged_files(merged) if merged else []
