@@ -1,5 +1,5 @@
 """`tunedeck adapters` (list, show, download), `compare`, `comparisons` (show, blind ballot, vote, to-dataset),
-`prompt-sets` and `merge`: adapter jobs, optionally waited on."""
+`prompt-sets`, `merge` and `export`: adapter jobs, optionally waited on."""
 
 from __future__ import annotations
 
@@ -262,4 +262,22 @@ def merge(args: argparse.Namespace, api: Api) -> int:
         merged = job.get("merged_model")
         print(f"Merge job {job_id} {job.get('state')}" + (f"; merged model {merged} (merges/{merged}/)"
                                                            if merged else ""))
+    return code
+
+
+def export(args: argparse.Namespace, api: Api) -> int:
+    body: dict[str, Any] = {"target": "ollama", "form": args.form, "name": args.name, "quantize": args.quantize or "",
+                            "system": args.system or "", "base_name": args.base_name or ""}
+    job = api.post(f"adapters/{args.adapter_id}/export/", body, idempotency_key=str(uuid.uuid4())).json()
+    job_id = _job_id(job) or job.get("id")
+    code = OK
+    if args.wait and job_id is not None:
+        job = wait_for_job(api, int(job_id), args.quiet)
+        code = _job_outcome(job)
+    if args.json:
+        emit_json(job)
+    else:
+        made = job.get("merged_model")
+        print(f"Export job {job_id} {job.get('state')}" + (
+            f"; download merges/{made}/download/, then: ollama create {args.name} -f Modelfile" if made else ""))
     return code

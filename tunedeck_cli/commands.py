@@ -231,6 +231,17 @@ def _register_adapters(sub: Any) -> None:
     _leaf(sets, "show", adapters.prompt_sets_show, "A prompt set with its prompts and references.").add_argument(
         "id", type=int)
 
+    export = _leaf(sub, "export", adapters.export, "Export an adapter for Ollama: a folder with a Modelfile (a job).")
+    export.add_argument("adapter_id", type=int)
+    export.add_argument("--form", choices=["merged", "adapter"], default="merged",
+                        help="merged: the base with the adapter merged (FROM .); adapter: FROM the base, ADAPTER.")
+    export.add_argument("--name", default="tunedeck-model", help="The model's name in Ollama.")
+    export.add_argument("--quantize", choices=["q8_0", "q4_K_S", "q4_K_M"], help="For ollama create --quantize.")
+    export.add_argument("--system", help="A default system prompt.")
+    export.add_argument("--base-name", help="Adapter form: the name Ollama knows the base by.")
+    export.add_argument("--wait", action="store_true", help="Wait for the export (exit 1 when it failed).")
+    _quiet(export)
+
     merge = _leaf(sub, "merge", adapters.merge, "Merge an adapter into its base model (a job).")
     merge.add_argument("adapter_id", type=int)
     merge.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default auto).")

@@ -129,7 +129,7 @@ def test_a_base_of_no_known_template_family_fails_naming_what_it_saw(
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"target": "gguf"}, "target: must be one of ollama"), ({"form": "gguf"}, "form: must be one of"),
-     ({"name": "bad name; rm"}, "name: use"), ({"quantize": "q2_K"}, "quantize: must be empty or one of"),
+     ({"name": "bad name; rm"}, "name: 'bad name; rm' is no Ollama name"), ({"quantize": "q2_K"}, "quantize: must be empty or one of"),
      ({"form": "adapter", "quantize": "q8_0"}, "only a merged model"), ({"system": 'a """ b'}, "system: must not")],
 )
 def test_an_invalid_export_fails_with_a_readable_reason(

@@ -218,7 +218,7 @@ class ExportSpec:
         if self.form not in EXPORT_FORMS:
             errors["form"] = f"must be one of {', '.join(EXPORT_FORMS)}"
         if not OLLAMA_NAME.match(self.name):
-            errors["name"] = "use [namespace/]name[:tag]: letters, digits, - _ . (at most 80 each)"
+            errors["name"] = f"{self.name[:100]!r} is no Ollama name: use [namespace/]name[:tag] of letters, digits, - _ ."
         if self.quantize and self.quantize not in OLLAMA_QUANTIZE:
             errors["quantize"] = f"must be empty or one of {', '.join(OLLAMA_QUANTIZE)}"
         elif self.quantize and self.form != "merged":
