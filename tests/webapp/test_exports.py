@@ -127,3 +127,25 @@ def test_the_adapter_page_exports_and_escapes_a_refused_name(client: Client, tea
                           follow=True).content.decode()
     assert "Export refused" in refused and "<img src=x" not in refused and "&lt;img src=x" in refused
     assert AdapterJob.objects.filter(kind="export").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_cli_starts_an_export_through_the_api(  # type: ignore[no-untyped-def]
+    live_server, tiny_model_dir: Path, store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from tunedeck_cli import adapters
+    from tunedeck_cli.api import Api
+    from tunedeck_cli.config import Settings
+
+    team = make_team(tiny_model_dir)
+    adapter = adapter_of(team, store_dir)
+    api = Api(Settings(server=live_server.url, api_key=key_for(team.mate), source="test"))
+    args = argparse.Namespace(adapter_id=adapter.pk, form="adapter", name="team/support:v1", quantize=None,
+                              system="Be brief.", base_name="llama3.2:1b", wait=False, quiet=True, json=False)
+    assert adapters.export(args, api) == 0
+    job = AdapterJob.objects.get(kind="export")
+    assert f"Export job {job.pk} queued" in capsys.readouterr().out
+    assert (job.params["form"], job.params["name"], job.params["base_name"], job.params["quantize"]) == (
+        "adapter", "team/support:v1", "llama3.2:1b", "")
