@@ -170,6 +170,12 @@ def test_a_template_of_no_known_family_is_refused_naming_what_was_seen_and_the_f
     assert all(f.name in message for f in ollama.FAMILIES)
 
 
+def test_a_template_that_fails_on_the_probe_is_refused_with_its_error(tmp_path: Path) -> None:
+    tokenizer = build_tokenizer(tmp_path, chat_template="{{ raise_exception('only one turn, please') }}")
+    with pytest.raises(ollama.UnknownTemplate, match="only one turn, please"):
+        ollama.detect_family(tokenizer)
+
+
 def test_a_tokenizer_without_a_chat_template_has_no_family(tmp_path: Path) -> None:
     assert ollama.detect_family(build_tokenizer(tmp_path, chat_template=None)) is None
 

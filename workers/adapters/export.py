@@ -109,7 +109,7 @@ def load_generation_config(spec: ExportSpec) -> Any:
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(spec.base_model.source, revision=spec.base_model.revision or None)
+        return GenerationConfig.from_pretrained(spec.base_model.source, revision=spec.base_model.revision or "main")
     except Exception:  # no generation_config.json: the tokenizer's EOS alone
         return None
 

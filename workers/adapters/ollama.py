@@ -277,7 +277,10 @@ def detect_family(tokenizer: Any) -> Detected | None:
         rendered = render_probe(tokenizer, probe)
     except Exception:  # a template may refuse a system message (Gemma 1 and 2, Mistral v0.1 raise)
         probe = [m for m in PROBE if m["role"] != "system"]
-        rendered = render_probe(tokenizer, probe)
+        try:
+            rendered = render_probe(tokenizer, probe)
+        except Exception as exc:  # jinja raises several kinds
+            raise UnknownTemplate(f"the chat template fails on a probe conversation (system, user, assistant, user): {exc}") from exc
     for family in FAMILIES:
         if all(marker in rendered for marker in family.markers):
             return Detected(family, rendered, probe)
