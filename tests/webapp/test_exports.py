@@ -149,3 +149,21 @@ def test_the_cli_starts_an_export_through_the_api(  # type: ignore[no-untyped-de
     assert f"Export job {job.pk} queued" in capsys.readouterr().out
     assert (job.params["form"], job.params["name"], job.params["base_name"], job.params["quantize"]) == (
         "adapter", "team/support:v1", "llama3.2:1b", "")
+
+
+def test_deleting_the_run_removes_its_exports_with_their_folders(  # type: ignore[no-untyped-def]
+    team: Team, store_dir: Path, django_capture_on_commit_callbacks
+) -> None:
+    from webapp.playground import deletion
+
+    adapter = adapter_of(team, store_dir)
+    made = exported(adapter, store_dir)
+    AdapterJob.objects.filter(pk=made.job_id).update(state="succeeded")
+    folder = ArtifactStore(store_dir).path(made.uri)
+    plan = deletion.plan(adapter.run)
+    assert [job.pk for job in plan.jobs] == [made.job_id]
+    assert any(f.uri == f"store://jobs/{made.job_id}" and "ollama export, adapter" in f.what for f in plan.folders)
+    with django_capture_on_commit_callbacks(execute=True):
+        deletion.delete_run(adapter.run)
+    assert not folder.exists() and not MergedModel.objects.filter(pk=made.pk).exists()
+    assert not AdapterJob.objects.filter(pk=made.job_id).exists()

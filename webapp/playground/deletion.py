@@ -1,8 +1,8 @@
 """Deleting a finished run: one set of rules for the confirmation page, the page's delete and the REST DELETE.
 
 What goes is the run's own work, which nothing else needs: the run and its events, its adapter, the adapter's
-merge jobs with the merged models they made, and their folders in the artifact store (the run's: every
-attempt's adapter and zip, the checkpoints; each merge job's: the merged model).
+merge and export jobs with the merged models and exports they made, and their folders in the artifact store (the
+run's: every attempt's adapter and zip, the checkpoints; each merge or export job's: its output).
 
 What stays is work that mixes the adapter with other adapters, often other people's, and needs none of its
 files; it says the adapter was deleted. Comparisons keep every cell's text and name the adapter's column
@@ -71,7 +71,7 @@ class RunDeletion:
     checkpoints: int
     adapter: Adapter | None
     merged: list[MergedModel]
-    jobs: list[AdapterJob]  # deleted: the adapter's merge jobs
+    jobs: list[AdapterJob]  # deleted: the adapter's merge and export jobs
     folders: list[Folder]  # deleted once the transaction commits
     comparisons: list[Comparison]  # kept: the adapter's column says it was deleted
     evaluations: list[AdapterJob]  # kept: of the adapter, or on the run's held-out rows
@@ -207,9 +207,13 @@ def _folders(
     for job in jobs:
         made = next((m for m in merged if m.job_id == job.pk), None)
         checked = "verified" if made and made.verified else "not verified"
-        what = f"the merged model of {job} ({made.dtype}, {checked})" if made else f"the output of {job}"
+        if made is not None and made.target:
+            what = f"the folder of {job} ({made.kind_label})"
+        else:
+            what = f"the merged model of {job} ({made.dtype}, {checked})" if made else f"the output of {job}"
         candidates.append((ArtifactStore.uri("jobs", job.pk), what))
-    candidates += [(m.uri, f"a merged model of {adapter} ({m.dtype})") for m in merged]
+    candidates += [(m.uri, f"an {m.kind_label} of {adapter}" if m.target else f"a merged model of {adapter} ({m.dtype})")
+                   for m in merged]
     folders: list[Folder] = []
     taken: list[Path] = []
     for uri, what in candidates:
