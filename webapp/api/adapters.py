@@ -116,12 +116,14 @@ class ExportSerializer(serializers.Serializer):
                                  help_text="The model's name in Ollama: [namespace/]name[:tag].")
     quantize = serializers.ChoiceField(choices=["", *jobspecs.OLLAMA_QUANTIZE], default="", allow_blank=True,
                                        help_text="Passed to ollama create --quantize (merged form only).")
-    system = serializers.CharField(default="", allow_blank=True, help_text="A default system prompt (SYSTEM).")
+    system = serializers.CharField(default="", allow_blank=True, max_length=10_000,
+                                   help_text="A default system prompt (SYSTEM).")
     base_name = serializers.CharField(max_length=200, default="", allow_blank=True,
                                       help_text="Adapter form: the name Ollama knows the base by (default: its source).")
-    temperature = serializers.FloatField(required=False, allow_null=True, default=None,
+    temperature = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=5.0,
                                          help_text="PARAMETER temperature, only if set.")
-    top_p = serializers.FloatField(required=False, allow_null=True, default=None, help_text="PARAMETER top_p, only if set.")
+    top_p = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0,
+                                   help_text="PARAMETER top_p, only if set (above 0).")
     dtype = serializers.ChoiceField(choices=list(jobspecs.MERGE_DTYPES), default="auto",
                                     help_text="Merged form: dtype of the merged weights.")
 

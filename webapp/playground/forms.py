@@ -152,7 +152,7 @@ class ExportForm(forms.Form):
         choices=[("", "none"), *[(q, q) for q in jobspecs.OLLAMA_QUANTIZE]], required=False,
         help_text="Passed to ollama create --quantize (merged form only).",
     )
-    system = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False,
+    system = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=10_000,
                              help_text="A default system prompt (SYSTEM).")
     base_name = forms.CharField(max_length=200, required=False,
                                 help_text="Adapter form: the name Ollama knows the base by (default: the base's source).")
