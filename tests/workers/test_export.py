@@ -140,3 +140,12 @@ def test_an_invalid_export_fails_with_a_readable_reason(
     assert run_export(spec, reporter, store) is None
     state, _, error = reporter.states[-1]
     assert state == "failed" and message in error
+
+
+def test_the_adapter_form_on_a_base_ollama_takes_no_adapters_for_says_so(store: ArtifactStore, tmp_path: Path) -> None:
+    from workers.training.demo import build_tiny_gpt2
+
+    gpt2 = build_tiny_gpt2(tmp_path / "gpt2")
+    reporter = MemoryReporter()
+    assert run_export(export_spec(gpt2, "store://exports/gpt2", form="adapter"), reporter, store) is not None
+    assert "this base is a gpt2: export the merged form instead" in logs(reporter)

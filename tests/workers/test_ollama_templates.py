@@ -145,8 +145,9 @@ def test_it_recognises_each_family_and_its_go_template_renders_as_the_tokenizer_
     for conversation in CONVERSATIONS:
         if conversation[0]["role"] == "system" and refuses_system(tokenizer, conversation):
             conversation = [m for m in conversation if m["role"] != "system"]
-        if conversation[0]["role"] != "system" and "You are Qwen" in CASES[IDS.index(case_id)][1]:
-            continue  # Qwen's template writes its own system prompt where none is given: a Modelfile's SYSTEM
+        default = ollama.default_system(tokenizer, detected.family)
+        if conversation[0]["role"] != "system" and default:  # Qwen's: what the export writes as SYSTEM
+            conversation = [{"role": "system", "content": default}, *conversation]
         assert detected.family.render(conversation) == ollama.render_probe(tokenizer, conversation), conversation
 
 
@@ -168,6 +169,13 @@ def test_a_template_of_no_known_family_is_refused_naming_what_was_seen_and_the_f
     message = str(caught.value)
     assert "### system: You are terse." in message
     assert all(f.name in message for f in ollama.FAMILIES)
+
+
+def test_a_default_system_prompt_of_the_template_is_found_and_no_other(tokenizers: dict[str, object]) -> None:
+    defaults = {case_id: ollama.default_system(tokenizer, ollama.detect_family(tokenizer).family)  # type: ignore[union-attr]
+                for case_id, tokenizer in tokenizers.items()}
+    assert defaults.pop("chatml-1") == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert set(defaults.values()) == {None}
 
 
 def test_a_template_that_fails_on_the_probe_is_refused_with_its_error(tmp_path: Path) -> None:

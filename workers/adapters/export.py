@@ -27,6 +27,7 @@ from workers.training.modelinfo import check_source
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_SUBFOLDER = "adapter"
+ADAPTER_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "gemma2")  # config.model_type of ADAPTER_BASES
 
 
 def run_export(spec: ExportSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
@@ -55,10 +56,12 @@ def _export(spec: ExportSpec, reporter: Reporter, store: ArtifactStore) -> dict[
         copy_adapter(adapter_dir, out_dir)
         source, adapter = spec.base_name or spec.base_model.source, f"./{ADAPTER_SUBFOLDER}"
         reporter.log(f"Copied {adapter_label(spec.adapter)} into {ADAPTER_SUBFOLDER}/ (FROM {source})")
+        warn_unsupported_adapter_base(spec, reporter)
     family = detected.family if detected else None
     stops = ollama.stop_strings(tokenizer, load_generation_config(spec), family)
     reporter.log("Stops: " + (", ".join(repr(s) for s in stops) or "none"))
-    text = ollama.modelfile(source, adapter, family, stops, spec.system, spec.temperature, spec.top_p)
+    system = spec.system or _template_system(tokenizer, family, reporter)
+    text = ollama.modelfile(source, adapter, family, stops, system, spec.temperature, spec.top_p)
     (out_dir / "Modelfile").write_text(text)
     description = (
         f"{adapter_label(spec.adapter)} on {spec.base_model.source}, "
@@ -80,6 +83,35 @@ def _export(spec: ExportSpec, reporter: Reporter, store: ArtifactStore) -> dict[
         "sha256": sha256_of(out_dir),
         "runtime_s": round(time.monotonic() - started, 2),
     }
+
+
+def _template_system(tokenizer: Any, family: ollama.Family | None, reporter: Reporter) -> str:
+    """The base template's own default system prompt, as the Modelfile's SYSTEM (Ollama's template writes none)."""
+    default = ollama.default_system(tokenizer, family) if family else None
+    if not default:
+        return ""
+    if '"""' in default:
+        reporter.log("The base's template writes a default system prompt that a Modelfile cannot quote", level="warning")
+        return ""
+    reporter.log(f"SYSTEM: the default system prompt the base's template writes, {default[:80]!r}")
+    return default
+
+
+def warn_unsupported_adapter_base(spec: ExportSpec, reporter: Reporter) -> None:
+    """Ollama applies safetensors adapters to a few architectures only: say so where the base is of another."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec.base_model.source, revision=spec.base_model.revision or None,
+                                            trust_remote_code=spec.base_model.trust_remote_code)
+    except Exception:  # the hub client raises many kinds: the README says which bases Ollama takes
+        return
+    if config.model_type not in ADAPTER_MODEL_TYPES:
+        reporter.log(
+            f"Ollama takes safetensors adapters for {ollama.ADAPTER_BASES} bases; this base is a {config.model_type}: "
+            "export the merged form instead if `ollama create` refuses the adapter",
+            level="warning",
+        )
 
 
 def _merge_spec(spec: ExportSpec) -> MergeSpec:

@@ -32,6 +32,7 @@ PROBE = [
     {"role": "assistant", "content": "Hi"},
     {"role": "user", "content": "Name a colour"},
 ]
+SENTINEL = "\ue000"  # a private-use character: where a system prompt goes in a family's rendering
 PROBE_EXCERPT = 200  # characters of an unrecognised probe rendering quoted in the error
 
 Message = dict[str, str]
@@ -259,6 +260,22 @@ class Detected:
             return None
         at = next((i for i, (a, b) in enumerate(zip(ours, self.rendered, strict=False)) if a != b), min(len(ours), len(self.rendered)))
         return f"from character {at}: the base's template writes {self.rendered[at:at + 40]!r}, Ollama's {ours[at:at + 40]!r}"
+
+
+def default_system(tokenizer: Any, family: Family) -> str | None:
+    """The system prompt the base's template writes where a conversation has none (Qwen's does), which Ollama's
+    template writes only when given one (the Modelfile's SYSTEM); None where it writes none."""
+    conversation = [{"role": "user", "content": PROBE[1]["content"]}]
+    try:
+        theirs = render_probe(tokenizer, conversation)
+    except Exception:  # a template may refuse a lone user message: nothing to learn from it
+        return None
+    if theirs == family.render(conversation):
+        return None
+    before, _, after = family.render([{"role": "system", "content": SENTINEL}, *conversation]).partition(SENTINEL)
+    if len(theirs) > len(before) + len(after) and theirs.startswith(before) and theirs.endswith(after):
+        return theirs[len(before):len(theirs) - len(after)]
+    return None
 
 
 def render_probe(tokenizer: Any, probe: list[Message]) -> str:
