@@ -29,7 +29,7 @@ def test_an_export_for_ollama_runs_on_a_worker_and_downloads_with_its_modelfile(
     made = MergedModel.objects.get(job=job)
     assert (made.target, made.form, made.name, made.verified) == ("ollama", "merged", "team/adder:v1", True)
     page = client.get(f"/jobs/{job.pk}/").text
-    assert "ollama create team/adder:v1 -f Modelfile" in page and f'href="/merged/{made.pk}/files/Modelfile"' in page
+    assert "ollama create team/adder:v1 --quantize q8_0 -f Modelfile" in page and f'href="/merged/{made.pk}/files/Modelfile"' in page
     modelfile = client.get(f"/merged/{made.pk}/files/Modelfile").text
     assert modelfile.startswith("FROM .\n") and 'SYSTEM """Add."""' in modelfile
     # The adapter's tokenizer carries the template it was trained with: the demo one, near Zephyr's.
