@@ -159,7 +159,7 @@ class DatasetDetailSerializer(DatasetSerializer):
         fields = [*DatasetSerializer.Meta.fields, "report", "stats", "made_from"]
         read_only_fields = fields
 
-    @extend_schema_field(OpenApiTypes.OBJECT)
+    @extend_schema_field(serializers.DictField(allow_null=True))  # null for an upload: the schema says so
     def get_made_from(self, dataset: Dataset) -> dict[str, Any] | None:
         try:
             source = dataset.vote_source  # the playground's provenance record, where there is one
