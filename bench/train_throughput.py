@@ -380,7 +380,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     """One (d) recipe. `budget_gib`: a smaller GPU, simulated: the allocator is capped there
     (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory. Options after `@`
     besides TrainParams fields: pass_tokens (memory mode's tokens per pass), fused=off (PEFT's own LoRA layers
-    instead of fusedlora's), offload=trl (trl's activation offloading instead of workers/training/offload.py),
+    instead of fusedlora's), offload=prefetch (workers/training/offload.py instead of trl's activation offloading),
     dense=on (fusedlora keeps each 4-bit weight dequantized after its first use)."""
     from workers.training import engine, fusedlora
 
@@ -388,7 +388,7 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     saved = engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD
     engine.MEMORY_MODE_TOKENS = int(options.get("pass_tokens", saved[0]))
     engine.FUSED_LORA = options.get("fused", "on") != "off"
-    engine.PREFETCH_OFFLOAD = options.get("offload", "prefetch") != "trl"
+    engine.PREFETCH_OFFLOAD = options.get("offload", "trl") == "prefetch"
     fusedlora.KEEP_DEQUANTIZED = options.get("dense", "off") == "on"
     try:
         with gpu_budget(budget_gib):

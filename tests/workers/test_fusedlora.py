@@ -65,7 +65,8 @@ def test_fused_layers_give_peft_s_gradients_on_a_4bit_base(tmp_path: Path) -> No
     tiny_llama().save_pretrained(tmp_path / "tiny")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", quantization_config=quant, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", quantization_config=quant, dtype=torch.float32,
+                                                device_map={"": "cpu"})  # on the CPU even where a GPU is present
     for param in base.parameters():
         param.requires_grad_(False)
     base.enable_input_require_grads()  # gradients flow through the 4-bit layers to the input, as in training

@@ -15,9 +15,9 @@ The plan resolves every "auto" switch of TrainParams from the device it runs on:
   only the positions that carry a label, in tiles, without materialising the logits.
 - LoRA layers as one autograd function each (fusedlora.py): the adapter's product is added inside the
   base matmul's output instead of through three extra full-size tensors per layer and pass.
-- gradient checkpointing only on as many decoder layers as memory needs (throughput mode),
-  or on every layer with the checkpoints offloaded to CPU on a side stream and brought back a layer
-  ahead of the backward pass (memory mode, offload.py).
+- gradient checkpointing only on as many decoder layers as memory needs (throughput mode; where only
+  small passes would fit without it, larger passes with every layer recomputed), or on every layer with
+  the checkpoints offloaded to CPU (memory mode).
 """
 
 from __future__ import annotations
@@ -232,9 +232,11 @@ def resolve_plan(
 
 # Plain LoRA layers train through fusedlora.LoraLinear (the benchmark turns it off to measure PEFT's own path).
 FUSED_LORA = True
-# Offloaded activations come back a layer ahead (offload.ActivationOffload); False: trl's offloading, which loads
-# each one when the backward pass reaches it (kept for the benchmark's comparison).
-PREFETCH_OFFLOAD = True
+# Memory mode offloads through trl's context, which copies each activation back when the backward pass reaches it.
+# offload.ActivationOffload copies them back a layer ahead; on an H100 it hid more of the transfer time (21% against
+# 9%) but ran 18% slower (5,536 against 6,756 tokens/s, bench/README.md), so it is the benchmark's alternative
+# (`offload=prefetch`) until that is understood.
+PREFETCH_OFFLOAD = False
 # Memory mode runs at most this many tokens per forward pass (more accumulation, same optimizer step).
 MEMORY_MODE_TOKENS = 4096
 # ...and runs the MLP of longer rows in tiles of this many tokens (its intermediates are 3x the hidden size).
@@ -278,6 +280,9 @@ def _choose_split(plan: Plan, estimator: Any, budget: int, seq_len: int, grow: b
         candidate = dataclasses.replace(plan, micro_batch=micro, grad_accum=rows // micro, checkpoint_layers=0)
         fits = estimator(candidate)
         if fits is not None and fits <= budget:
+            if micro * seq_len < SMALL_PASS_TOKENS and _recompute_for_larger_passes(
+                    plan, estimator, budget, seq_len, rows, micro, largest):
+                return
             if (micro, rows // micro) != (plan.micro_batch, plan.grad_accum):
                 plan.notes.append(f"micro-batch {micro} x {rows // micro} for the {rows} rows per optimizer step "
                                   f"asked as {plan.micro_batch} x {plan.grad_accum}")
@@ -286,6 +291,47 @@ def _choose_split(plan: Plan, estimator: Any, budget: int, seq_len: int, grow: b
             plan.micro_batch, plan.grad_accum, plan.checkpoint_layers = micro, rows // micro, 0
             return
     plan.checkpoint_layers = _fewest_checkpointed_layers(plan, estimator, budget)
+
+
+# Small passes leave the GPU waiting on the host: measured on an H100 (Llama-3.1-8B shape, 4-bit, fused LoRA, 16 rows
+# of 2,048 tokens per optimizer step under a 24 GB budget), a pass costs about as much as PASS_OVERHEAD_TOKENS more
+# tokens would, and recomputing every layer multiplies a pass's time by 1 + RECOMPUTE_COST: 1 row a pass without
+# recomputation ran 5.35 s a step, 4 rows with every layer recomputed 3.40 s (bench/README.md).
+PASS_OVERHEAD_TOKENS = 6_600
+RECOMPUTE_COST = 0.49
+# Where the passes that fit without recomputation hold fewer tokens than this, larger passes with every layer
+# recomputed are weighed (up to RECOMPUTE_PASS_TOKENS: the size measured, not extrapolated).
+SMALL_PASS_TOKENS = 4_096
+RECOMPUTE_PASS_TOKENS = 8_192
+
+
+def pass_cost(passes: int, tokens_per_pass: int, recomputed_share: float) -> float:
+    """An optimizer step's time, in tokens' worth: each pass's tokens plus its overhead, more where recomputed."""
+    return passes * (tokens_per_pass + PASS_OVERHEAD_TOKENS) * (1 + RECOMPUTE_COST * recomputed_share)
+
+
+def _recompute_for_larger_passes(plan: Plan, estimator: Any, budget: int, seq_len: int, rows: int, micro: int,
+                                 largest: int) -> bool:
+    """Where `micro` rows a pass fit without recomputation but make small passes: take the cheapest larger pass
+    (by `pass_cost`) that fits with every layer recomputed, if it is cheaper. Returns whether the plan changed."""
+    best, best_cost = 0, pass_cost(rows // micro, micro * seq_len, 0.0)
+    for m in (m for m in range(micro + 1, min(rows, largest) + 1) if rows % m == 0):
+        if m * seq_len > RECOMPUTE_PASS_TOKENS:
+            break
+        cost = pass_cost(rows // m, m * seq_len, 1.0)
+        candidate = dataclasses.replace(plan, micro_batch=m, grad_accum=rows // m, checkpoint_layers=plan.num_layers)
+        fits = estimator(candidate)
+        if cost < best_cost and fits is not None and fits <= budget:
+            best, best_cost = m, cost
+    if not best:
+        return False
+    plan.notes.append(
+        f"micro-batch {best} x {rows // best} with every layer recomputed for the {rows} rows per optimizer step "
+        f"asked as {plan.micro_batch} x {plan.grad_accum}: {micro} {'row' if micro == 1 else 'rows'} per pass would "
+        f"fit without recomputation, but passes of {micro * seq_len:,} tokens leave the GPU waiting"
+    )
+    plan.micro_batch, plan.grad_accum, plan.checkpoint_layers = best, rows // best, plan.num_layers
+    return True
 
 
 def _fewest_checkpointed_layers(plan: Plan, estimator: Any, budget: int) -> int:
