@@ -234,7 +234,7 @@ def resolve_plan(
 FUSED_LORA = True
 # Memory mode offloads through trl's context, which copies each activation back when the backward pass reaches it.
 # offload.ActivationOffload copies them back a layer ahead; on an H100 it hid more of the transfer time (21% against
-# 9%) but ran 18% slower (5,536 against 6,756 tokens/s, bench/README.md), so it is the benchmark's alternative
+# 9%) but ran 15% slower (5,536 against 6,484 tokens/s, bench/README.md), so it is the benchmark's alternative
 # (`offload=prefetch`) until that is understood.
 PREFETCH_OFFLOAD = False
 # Memory mode runs at most this many tokens per forward pass (more accumulation, same optimizer step).
