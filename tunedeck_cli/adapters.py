@@ -248,9 +248,9 @@ def prompt_sets_show(args: argparse.Namespace, api: Api) -> int:
     return OK
 
 
-def merge(args: argparse.Namespace, api: Api) -> int:
-    job = api.post(f"adapters/{args.adapter_id}/merge/", {"dtype": args.dtype},
-                   idempotency_key=str(uuid.uuid4())).json()
+def _start_job(args: argparse.Namespace, api: Api, action: str, body: dict[str, Any]) -> tuple[dict[str, Any], Any, int]:
+    """POST an adapter's job action, and with --wait follow it to its end: (job, its id, the exit code)."""
+    job = api.post(f"adapters/{args.adapter_id}/{action}/", body, idempotency_key=str(uuid.uuid4())).json()
     job_id = _job_id(job) or job.get("id")
     code = OK
     if args.wait and job_id is not None:
@@ -258,7 +258,12 @@ def merge(args: argparse.Namespace, api: Api) -> int:
         code = _job_outcome(job)
     if args.json:
         emit_json(job)
-    else:
+    return job, job_id, code
+
+
+def merge(args: argparse.Namespace, api: Api) -> int:
+    job, job_id, code = _start_job(args, api, "merge", {"dtype": args.dtype})
+    if not args.json:
         merged = job.get("merged_model")
         print(f"Merge job {job_id} {job.get('state')}" + (f"; merged model {merged} (merges/{merged}/)"
                                                            if merged else ""))
@@ -268,15 +273,8 @@ def merge(args: argparse.Namespace, api: Api) -> int:
 def export(args: argparse.Namespace, api: Api) -> int:
     body: dict[str, Any] = {"target": "ollama", "form": args.form, "name": args.name, "quantize": args.quantize or "",
                             "system": args.system or "", "base_name": args.base_name or ""}
-    job = api.post(f"adapters/{args.adapter_id}/export/", body, idempotency_key=str(uuid.uuid4())).json()
-    job_id = _job_id(job) or job.get("id")
-    code = OK
-    if args.wait and job_id is not None:
-        job = wait_for_job(api, int(job_id), args.quiet)
-        code = _job_outcome(job)
-    if args.json:
-        emit_json(job)
-    else:
+    job, job_id, code = _start_job(args, api, "export", body)
+    if not args.json:
         made = job.get("merged_model")
         print(f"Export job {job_id} {job.get('state')}" + (
             f"; download merges/{made}/download/, then: ollama create {args.name} -f Modelfile" if made else ""))

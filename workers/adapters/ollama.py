@@ -118,17 +118,24 @@ GEMMA = """{{- $system := .System }}
 """
 
 
-def render_gemma(messages: list[Message]) -> str:
+def _system_in_first_user(messages: list[Message], user: str, assistant: str) -> str:
+    """Families with no system turn: the system prompt opens the first user message, then a blank line. `user`
+    and `assistant` are format strings of one turn (`{content}`)."""
     system, turns = collate(messages)
     out = ""
     for turn in _dialogue(turns):
         if turn["role"] == "user":
             prefix = f"{system}\n\n" if system else ""
             system = ""
-            out += f"<start_of_turn>user\n{prefix}{turn['content']}<end_of_turn>\n"
+            out += user.format(content=prefix + turn["content"])
         else:
-            out += f"<start_of_turn>model\n{turn['content']}<end_of_turn>\n"
-    return out + "<start_of_turn>model\n"
+            out += assistant.format(content=turn["content"])
+    return out
+
+
+def render_gemma(messages: list[Message]) -> str:
+    return _system_in_first_user(messages, "<start_of_turn>user\n{content}<end_of_turn>\n",
+                                 "<start_of_turn>model\n{content}<end_of_turn>\n") + "<start_of_turn>model\n"
 
 
 PHI3 = """{{- if .System }}<|system|>
@@ -211,16 +218,7 @@ MISTRAL = """{{- $system := .System }}
 
 
 def render_mistral(messages: list[Message]) -> str:
-    system, turns = collate(messages)
-    out = ""
-    for turn in _dialogue(turns):
-        if turn["role"] == "user":
-            prefix = f"{system}\n\n" if system else ""
-            system = ""
-            out += f"[INST] {prefix}{turn['content']} [/INST]"
-        else:
-            out += f"{turn['content']}</s>"
-    return out
+    return _system_in_first_user(messages, "[INST] {content} [/INST]", "{content}</s>")
 
 
 @dataclass(frozen=True)
