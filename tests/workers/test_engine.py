@@ -101,12 +101,16 @@ def test_small_budgets_run_larger_passes_with_every_layer_recomputed(on_gpu: Non
 def test_compile_auto_is_on_for_long_throughput_fine_tuning_only(on_gpu: None) -> None:
     from workers.training.engine import COMPILE_MIN_STEPS
 
-    def plan(steps: int, device: str = "cuda", **train: object) -> Plan:
-        return resolve_plan(TrainParams(**train), LoraParams(), device=device, dtype="bfloat16", num_layers=32,
-                            gpu_total_bytes=80 * GiB if device == "cuda" else 0, steps=steps)
+    def plan(steps: int, device: str = "cuda", use_dora: bool = False, **train: object) -> Plan:
+        return resolve_plan(TrainParams(**train), LoraParams(use_dora=use_dora), device=device, dtype="bfloat16",
+                            num_layers=32, gpu_total_bytes=80 * GiB if device == "cuda" else 0, steps=steps)
 
-    long, short = plan(COMPILE_MIN_STEPS + 80), plan(50)
+    long, short = plan(COMPILE_MIN_STEPS + 80, use_dora=True), plan(50)  # DoRA: PEFT's own layers
     assert long.compile and f"compile on: {COMPILE_MIN_STEPS + 80} steps" in long.describe()
+    fused = plan(COMPILE_MIN_STEPS + 80)  # plain LoRA trains through fused layers: compiling them is not measured
+    assert fused.fused_lora and not fused.compile
+    assert "compile off: not measured to pay with fused LoRA layers" in fused.describe()
+    assert plan(COMPILE_MIN_STEPS + 80, torch_compile="on").compile  # asked for: on
     assert not short.compile and f"50 steps do not pay for compiling (from {COMPILE_MIN_STEPS})" in short.describe()
     assert not plan(0).compile  # unknown length: not worth the risk of a minute's compile
     assert not plan(5000, mode="memory").compile and not plan(5000, objective="dpo").compile

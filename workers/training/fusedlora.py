@@ -116,6 +116,7 @@ def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | No
     return name
 
 
+@torch.compiler.disable  # run eagerly inside a compiled model: tracing bitsandbytes through it is not verified
 def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = _fusable(layer, x, args, kwargs)
     if name is None:
