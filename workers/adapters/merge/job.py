@@ -142,7 +142,9 @@ def _write_merged(
             reporter.flush()
             stats = peft_merge(base_dir, adapter_dir, part, dtype, max_shard_bytes, trust_remote_code)
             method = "peft"
-        peak_rss = peak_rss_bytes()
+        # The kernel's high-water mark and per-thread RSS counters are updated lazily (they can read a few pages
+        # below an RSS sampled earlier): the peak is at least every RSS seen during the merge.
+        peak_rss = max(peak_rss_bytes(), rss_start, rss_bytes())
         write_companions(base_dir, adapter_dir, part, trust_remote_code)
         check_cancel(reporter)
     except BaseException:
