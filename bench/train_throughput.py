@@ -380,22 +380,19 @@ def run_tunedeck(name: str, spec: Any, model_dir: Path, examples: list[list[int]
     """One (d) recipe. `budget_gib`: a smaller GPU, simulated: the allocator is capped there
     (torch.cuda.set_per_process_memory_fraction) and the plan is made for that much memory. Options after `@`
     besides TrainParams fields: pass_tokens (memory mode's tokens per pass), fused=off (PEFT's own LoRA layers
-    instead of fusedlora's), offload=prefetch (workers/training/offload.py instead of trl's activation offloading),
-    dense=on (fusedlora keeps each 4-bit weight dequantized after its first use)."""
-    from workers.training import engine, fusedlora
+    instead of fusedlora's), offload=prefetch (workers/training/offload.py instead of trl's activation offloading)."""
+    from workers.training import engine
 
     options = recipe_options(name)
     saved = engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD
     engine.MEMORY_MODE_TOKENS = int(options.get("pass_tokens", saved[0]))
     engine.FUSED_LORA = options.get("fused", "on") != "off"
     engine.PREFETCH_OFFLOAD = options.get("offload", "trl") == "prefetch"
-    fusedlora.KEEP_DEQUANTIZED = options.get("dense", "off") == "on"
     try:
         with gpu_budget(budget_gib):
             return _run_tunedeck(name, spec, model_dir, examples, args, int(budget_gib * 2**30))
     finally:
         engine.MEMORY_MODE_TOKENS, engine.FUSED_LORA, engine.PREFETCH_OFFLOAD = saved
-        fusedlora.KEEP_DEQUANTIZED = False
 
 
 @contextlib.contextmanager
@@ -618,7 +615,7 @@ def d_spec(recipe: str, model_dir: Path, args: argparse.Namespace, extra: dict[s
         key, _, value = pair.partition("=")
         settings[key] = int(value) if value.isdigit() else value
     settings.pop("budget", None)  # run_tunedeck's: the GPU memory the plan is made for
-    for key in ("pass_tokens", "fused", "offload", "profile", "check", "recompute", "pass_rows", "dense"):  # run_tunedeck's switches, not TrainParams
+    for key in ("pass_tokens", "fused", "offload", "profile", "check", "recompute", "pass_rows"):  # run_tunedeck's switches, not TrainParams
         settings.pop(key, None)
     default_rows, accum = int(settings.pop("rows")), int(settings.pop("accum"))
     if rows:  # the length probe: one sequence, one pass

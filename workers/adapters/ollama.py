@@ -151,11 +151,16 @@ PHI3 = """{{- if .System }}<|system|>
 """
 
 
-def render_phi3(messages: list[Message]) -> str:
+def _tagged_turns(messages: list[Message], end: str) -> str:
+    """Phi-3 and Zephyr: `<|role|>` headers, each turn closed by `end`."""
     system, turns = collate(messages)
-    head = f"<|system|>\n{system}<|end|>\n" if system else ""
-    body = "".join(f"<|{t['role']}|>\n{t['content']}<|end|>\n" for t in _dialogue(turns))
+    head = f"<|system|>\n{system}{end}\n" if system else ""
+    body = "".join(f"<|{t['role']}|>\n{t['content']}{end}\n" for t in _dialogue(turns))
     return head + body + "<|assistant|>\n"
+
+
+def render_phi3(messages: list[Message]) -> str:
+    return _tagged_turns(messages, "<|end|>")
 
 
 ZEPHYR = """{{- if .System }}<|system|>
@@ -172,10 +177,7 @@ ZEPHYR = """{{- if .System }}<|system|>
 
 
 def render_zephyr(messages: list[Message]) -> str:
-    system, turns = collate(messages)
-    head = f"<|system|>\n{system}</s>\n" if system else ""
-    body = "".join(f"<|{t['role']}|>\n{t['content']}</s>\n" for t in _dialogue(turns))
-    return head + body + "<|assistant|>\n"
+    return _tagged_turns(messages, "</s>")
 
 
 # Llama 2 writes BOS before every user turn but the first, and the system prompt inside the first one.

@@ -31,27 +31,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# Keep each 4-bit weight's dequantized copy after its first use (the same values bitsandbytes computes with), for
-# a GPU with room for the whole base in the compute dtype: no dequantization in later passes.
-KEEP_DEQUANTIZED = False
-_DENSE = "_tunedeck_dequantized"
-
-
 def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's (out x in) weight in the compute dtype: a bitsandbytes 4-bit weight dequantized."""
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
         return weight.to(dtype)
-    kept = base.__dict__.get(_DENSE)
-    if kept is not None and kept.dtype == dtype:
-        return kept
     import bitsandbytes.functional as bnbf
 
-    dense = bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
-    if KEEP_DEQUANTIZED:
-        base.__dict__[_DENSE] = dense
-    return dense
+    return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -100,7 +88,7 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
-def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+def _fusable(layer: Any, args: tuple, kwargs: dict) -> str | None:
     """The adapter this call can run fused, or None for PEFT's own forward."""
     if args or kwargs or layer.disable_adapters or layer.merged or not layer.training or not torch.is_grad_enabled():
         return None
@@ -118,7 +106,7 @@ def _fusable(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> str | No
 
 @torch.compiler.disable  # run eagerly inside a compiled model: tracing bitsandbytes through it is not verified
 def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    name = _fusable(layer, x, args, kwargs)
+    name = _fusable(layer, args, kwargs)
     if name is None:
         return getattr(layer, _UNFUSED)(x, *args, **kwargs)
     dropout = layer.lora_dropout[name]
