@@ -1,4 +1,4 @@
-"""Specs of the jobs that work with finished adapters: compare, merge, export, combine, evaluate, push.
+"""Specs of the jobs that work with finished adapters: compare, chat, merge, export, combine, evaluate, push.
 
 Like `TrainSpec`, each is a plain dataclass that travels as JSON from the control plane to a
 worker; `validate()` returns field-named problems instead of raising. Every runner has the
@@ -165,6 +165,32 @@ class CompareSpec:
         _validate_adapters(self.adapters, self.include_base, errors)
         if not self.prompts:
             errors["prompts"] = "the prompt set is empty"
+        return errors
+
+
+MAX_CHAT_COLUMNS = 5  # the base and up to four adapters, side by side
+
+
+@dataclass
+class ChatSpec:
+    """An interactive session: the base and its adapters loaded once, then each message the control plane hands
+    over (`Reporter.next_turn`) answered by every column, token by token, until the session is closed or idle."""
+
+    job_id: int
+    attempt: int
+    base_model: ModelRef
+    adapters: list[AdapterRef]
+    load: LoadParams = field(default_factory=LoadParams)
+    include_base: bool = True
+    idle_timeout_s: int = 600  # the model is released (the job ends) after this long without a message
+
+    def validate(self) -> dict[str, str]:
+        errors = self.load.validate()
+        _validate_adapters(self.adapters, self.include_base, errors)
+        if len(self.adapters) + int(self.include_base) > MAX_CHAT_COLUMNS:
+            errors["adapters"] = f"at most {MAX_CHAT_COLUMNS} columns: the base and up to {MAX_CHAT_COLUMNS - 1} adapters"
+        if not 1 <= self.idle_timeout_s <= 86400:
+            errors["idle_timeout_s"] = "must be between 1 second and a day"
         return errors
 
 

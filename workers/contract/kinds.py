@@ -13,6 +13,7 @@ from typing import Any
 
 from workers.contract.jobspecs import (
     AdapterRef,
+    ChatSpec,
     CombineSpec,
     CompareSpec,
     EvaluateSpec,
@@ -50,6 +51,8 @@ KINDS: dict[str, JobKindDecl] = {
     for decl in (
         # The grid fills token by token: its reporter sends four times a second.
         JobKindDecl("compare", CompareSpec, "workers.adapters.generate:run_compare", 2, flush_interval=0.25),
+        # A chat session streams answers as they are typed: ten batches a second.
+        JobKindDecl("chat", ChatSpec, "workers.adapters.chat:run_chat", 2, flush_interval=0.1),
         JobKindDecl("merge", MergeSpec, "workers.adapters.merge.job:run_merge", 4),
         # The merged form merges and checks as a merge does; the adapter form needs less, but is placed alike.
         JobKindDecl("export", ExportSpec, "workers.adapters.export:run_export", 4),

@@ -46,6 +46,7 @@ class Reporter:
         self._open_outputs: dict[tuple[int, str], dict[str, Any]] = {}
         # The worker's credentials, never reported (workers/contract/redaction.py).
         self.secrets = secret_values(os.environ)
+        self.last_reply: dict[str, Any] = {}  # the control plane's last answer to a batch (a kind's own flags too)
 
     @property
     def cancel_requested(self) -> bool:
@@ -93,6 +94,15 @@ class Reporter:
         if self._buffer:  # (empty if that event filled the buffer and went out at once)
             self._open_outputs[(row, column)] = self._buffer[-1]
 
+    def chat(self, message: str, **data: Any) -> None:
+        """A chat session's news: loaded and ready, or a turn's answers complete (`data`, see adapters/chat.py)."""
+        self._event("chat", message, data=data)
+
+    def next_turn(self, after: int, wait: float) -> dict[str, Any]:
+        """A chat session's next message after turn `after`, waiting up to `wait` seconds for one: {"turn": {...}}
+        when one came, {"close": True} when the session was closed, else {} (nothing yet)."""
+        raise NotImplementedError
+
     def samples(self, step: int, rows: list[dict[str, Any]], errors: list[str] | None = None) -> None:
         """A few answers a training step sampled, each with its prompt and rewards ({"prompt", "completion",
         "rewards": {grader: score}, "total"}), and what the graders could not score: reinforcement objectives'
@@ -127,6 +137,7 @@ class Reporter:
         except Exception:
             self._buffer = batch + self._buffer  # keep them for the next try; the server dedupes by seq
             raise
+        self.last_reply = reply
         self.user_cancelled = self.user_cancelled or bool(reply.get("cancel"))
         self.interrupt_reason = self.interrupt_reason or str(reply.get("interrupt") or "")
 
@@ -154,11 +165,24 @@ class Reporter:
 
 
 class MemoryReporter(Reporter):
-    def __init__(self, cancel_after_events: int | None = None) -> None:
+    def __init__(self, cancel_after_events: int | None = None, turns: list[dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.events: list[dict[str, Any]] = []
         self.states: list[tuple[str, dict[str, Any], str]] = []
         self.cancel_after_events = cancel_after_events
+        # A chat session's messages, handed over in order; then the session is closed (`turns` given) or stays
+        # quiet until its idle timeout (an empty list).
+        self.turns = turns
+        self.close_when_done = bool(turns)
+
+    def next_turn(self, after: int, wait: float) -> dict[str, Any]:
+        pending = [t for t in self.turns or [] if t["index"] > after]
+        if pending:
+            return {"turn": pending[0]}
+        if self.close_when_done:
+            return {"close": True}
+        time.sleep(min(wait, 0.05))
+        return {}
 
     def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         self.events.extend(batch)

@@ -32,12 +32,12 @@ class WorkerClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """POST with retries on transport errors and 5xx; posts are idempotent on the server side."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                response = self._http.post(path, json=payload)
+                response = self._http.post(path, json=payload, **({"timeout": timeout} if timeout else {}))
             except httpx.TransportError:
                 if attempt == self.retries:
                     raise
@@ -66,6 +66,11 @@ class WorkerClient:
     def events(self, run_id: int, attempt: int, events: list[dict[str, Any]], path: str = "jobs") -> dict[str, Any]:
         return self._post(f"/{path}/{run_id}/events", {"attempt": attempt, "events": events})
 
+    def chat_next(self, job_id: int, attempt: int, after: int, wait: float) -> dict[str, Any]:
+        """A chat session's next message (a long poll: the server answers as soon as one comes, or after `wait`)."""
+        return self._post(f"/adapter-jobs/{job_id}/chat-next", {"attempt": attempt, "after": after, "wait": wait},
+                          timeout=wait + 30)
+
     def status(self, run_id: int, attempt: int, state: str, path: str = "jobs", **fields: Any) -> dict[str, Any]:
         return self._post(f"/{path}/{run_id}/status", {"attempt": attempt, "state": state, **fields})
 
@@ -83,6 +88,11 @@ class HttpReporter(Reporter):
 
     def _send_events(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return self.client.events(self.run_id, self.attempt, batch, path=self.path)
+
+    def next_turn(self, after: int, wait: float) -> dict[str, Any]:
+        reply = self.client.chat_next(self.run_id, self.attempt, after, wait)
+        self.user_cancelled = self.user_cancelled or bool(reply.get("cancel"))
+        return reply
 
     def _send_status(self, state: str, result: dict[str, Any], error: str) -> dict[str, Any]:
         return self.client.status(self.run_id, self.attempt, state, path=self.path, result=result, error=error)
