@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from workers.adapters.chat import run_chat
 from workers.adapters.generate import generate_grid
 from workers.adapters.inference import load_for_inference
@@ -94,7 +92,7 @@ class StoppingReporter(MemoryReporter):
 def test_the_users_stop_ends_the_answers_early_and_the_session_goes_on(  # type: ignore[no-untyped-def]
     tiny_model_dir: Path, task_adapters: Adapters
 ) -> None:
-    store, uris = task_adapters
+    store, _ = task_adapters
     # The base (random weights) never stops by itself: it would write all 400 tokens.
     ask = [{"role": "user", "content": "Tell me a long story"}]
     reporter = StoppingReporter(turns=[turn(1, {BASE_KEY: ask}, max_new_tokens=400),

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 class JobKind(models.TextChoices):
     COMPARE = "compare"
+    CHAT = "chat"
     MERGE = "merge"
     EXPORT = "export"
     COMBINE = "combine"
@@ -128,6 +129,18 @@ def record_combination(job: AdapterJob, result: dict[str, Any]) -> None:
     type(job).objects.filter(pk=job.pk).update(result={**result, "adapter_id": adapter.pk})
 
 
+def fold_chat(job: AdapterJob, events: list[dict[str, Any]]) -> None:
+    from webapp.playground import chat
+
+    chat.fold_events(job, events)
+
+
+def chat_reply(job: AdapterJob) -> dict[str, Any]:
+    from webapp.playground import chat
+
+    return chat.worker_reply(job)
+
+
 def hub_token(job: AdapterJob) -> dict[str, Any]:
     return {"token": settings.HF_TOKEN}
 
@@ -142,10 +155,13 @@ class Kind:
     fold_events: Callable[[AdapterJob, list[dict[str, Any]]], None] | None = None  # newly stored events
     # What the worker's spec carries beyond the stored params, handed over at claim time only, never stored.
     at_claim: Callable[[AdapterJob], dict[str, Any]] | None = None
+    # What the worker is told with each reply to its batches, beyond the ledger's flags (a chat's stop).
+    reply: Callable[[AdapterJob], dict[str, Any]] | None = None
 
 
 HOOKS: dict[str, Kind] = {
     JobKind.COMPARE: Kind(record=record_outputs, on_start=restart_comparison, fold_events=fold_streamed_text),
+    JobKind.CHAT: Kind(fold_events=fold_chat, reply=chat_reply),
     JobKind.MERGE: Kind(record=record_merged_model),
     JobKind.EXPORT: Kind(record=record_export),
     JobKind.COMBINE: Kind(record=record_combination),

@@ -80,6 +80,11 @@ class AdapterJob(LedgerJob):
         if hook is not None:
             hook(self)
 
+    def worker_reply(self) -> dict[str, Any]:
+        """What this kind of job is told with each reply to its batches, beyond the ledger's flags."""
+        hook = HOOKS[self.kind].reply
+        return hook(self) if hook is not None else {}
+
     def fold_events(self, events: list[dict[str, Any]]) -> None:
         hook = HOOKS[self.kind].fold_events
         if hook is not None:
@@ -362,3 +367,95 @@ class AliasMove(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alias_id}: {self.outcome} {self.from_name or '∅'} → {self.to_name}"
+
+
+class ChatSession(models.Model):
+    """A conversation with a base and up to four of its adapters (and the base itself) side by side.
+
+    The model stays loaded on a worker while the session is in use: its current `job` (kind chat) holds the
+    GPU and answers each message; after `idle_timeout_s` without one the job ends, and the next message loads
+    the model again. Every column keeps its own conversation (its own earlier answers)."""
+
+    title = models.CharField(max_length=200, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="chat_sessions")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="chat_sessions")
+    adapters = models.ManyToManyField(Adapter, related_name="chat_sessions", blank=True)
+    include_base = models.BooleanField(default=True)
+    # The adapters' column order ([{"key", "label"}]), as chosen.
+    columns_order = models.JSONField(default=list)
+    system_prompt = models.TextField(blank=True)
+    generation = models.JSONField(default=dict)  # max_new_tokens, temperature, top_p, seed
+    base_precision = models.CharField(max_length=16, default="auto")
+    idle_timeout_s = models.PositiveIntegerField(default=600)
+    job = models.ForeignKey(AdapterJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    closed = models.BooleanField(default=False)  # closed by its user: the model is unloaded; a new message reopens
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.title or f"chat {self.pk}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("chat-detail", args=[self.pk])
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(key, label) of each column, in order: the base first, then the adapters as chosen."""
+        base = [(BASE_KEY, f"{self.base_model} (base)")] if self.include_base else []
+        return base + [(c["key"], c["label"]) for c in self.columns_order]
+
+
+class ChatMessage(models.Model):
+    """One message of a chat session (a turn, numbered from 1), with the settings it was answered with."""
+
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
+    index = models.PositiveIntegerField()
+    content = models.TextField()
+    system_prompt = models.TextField(blank=True)
+    generation = models.JSONField(default=dict)
+    stop_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [models.UniqueConstraint(fields=["session", "index"], name="chatmessage_unique_index")]
+
+    def __str__(self) -> str:
+        return f"{self.session} turn {self.index}"
+
+
+class ChatAnswer(models.Model):
+    """One column's answer to a message: filled as it streams, final once `done`."""
+
+    message = models.ForeignKey(ChatMessage, on_delete=models.CASCADE, related_name="answers")
+    column = models.CharField(max_length=64)
+    text = models.TextField(blank=True)
+    done = models.BooleanField(default=False)
+    stopped = models.BooleanField(default=False)
+    tokens = models.PositiveIntegerField(default=0)
+    first_token_s = models.FloatField(null=True, blank=True)
+    seconds = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["message__index", "id"]
+        constraints = [models.UniqueConstraint(fields=["message", "column"], name="chatanswer_unique_column")]
+
+    def __str__(self) -> str:
+        return f"{self.message} · {self.column}"
+
+
+class ChatThumb(models.Model):
+    """A teammate's thumbs up or down on one answer of a chat: one per person per answer, changed in place."""
+
+    answer = models.ForeignKey(ChatAnswer, on_delete=models.CASCADE, related_name="thumbs")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_thumbs")
+    up = models.BooleanField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["answer", "user"], name="chatthumb_once_per_answer")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} on {self.answer}: {'up' if self.up else 'down'}"

@@ -1,8 +1,18 @@
 from django.urls import path
 
-from webapp.playground import alias_views, views
+from webapp.playground import alias_views, chat_views, views
 
 urlpatterns = [
+    path("chat/", chat_views.chat_list, name="chats"),
+    path("chat/<int:pk>/", chat_views.chat_detail, name="chat-detail"),
+    path("chat/<int:pk>/state.json", chat_views.chat_state, name="chat-state"),
+    path("chat/<int:pk>/send/", chat_views.chat_send, name="chat-send"),
+    path("chat/<int:pk>/stop/", chat_views.chat_stop, name="chat-stop"),
+    path("chat/<int:pk>/close/", chat_views.chat_close, name="chat-close"),
+    path("chat/<int:pk>/settings/", chat_views.chat_settings, name="chat-settings"),
+    path("chat/<int:pk>/thumb/", chat_views.chat_thumb, name="chat-thumb"),
+    path("chat/<int:pk>/save/", chat_views.chat_save, name="chat-save"),
+    path("chat/<int:pk>/stream/", chat_views.chat_stream, name="chat-stream"),
     path("runs/<int:pk>/delete/", views.run_delete, name="run-delete"),
     path("adapters/<int:pk>/", views.adapter_detail, name="adapter-detail"),
     path("adapters/<int:pk>/download.zip", views.adapter_zip, name="adapter-zip"),
