@@ -152,7 +152,7 @@
     tally = tally || {up: 0, down: 0, mine: null};
     thumbs.querySelectorAll(".thumb").forEach((b) => {
       const value = b.dataset.value;
-      b.textContent = (value === "up" ? "👍 " : "👎 ") + tally[value];
+      b.textContent = (value === "up" ? "▲ " : "▼ ") + tally[value];
       b.classList.toggle("mine", tally.mine === value);
       b.setAttribute("aria-pressed", tally.mine === value ? "true" : "false");
     });

@@ -87,6 +87,7 @@ def test_two_columns_stream_stop_and_a_reload_resumes(  # type: ignore[no-untype
     page.get_by_role("button", name="Stop").click()
     expect(turn2.locator(".answer.writing")).to_have_count(0, timeout=60_000)
     expect(turn2.locator(".figures").first).to_contain_text("stopped")
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()  # nothing is being written any more
     stopped = answers_of(session, 2)
     assert all(a.done and a.stopped and 0 < a.tokens < 4096 for a in stopped.values()), stopped
     screenshot(page, "chat-two-columns")
@@ -111,13 +112,13 @@ def test_two_columns_stream_stop_and_a_reload_resumes(  # type: ignore[no-untype
 
     # Thumbs on an answer, and the conversation kept as a prompt set for comparisons and evaluations.
     page.get_by_role("button", name=f"thumbs up for {adapter}").first.click()
-    expect(page.get_by_role("button", name=f"thumbs up for {adapter}").first).to_have_text("👍 1")
+    expect(page.get_by_role("button", name=f"thumbs up for {adapter}").first).to_have_text("▲ 1")
     assert ChatThumb.objects.get().up is True
     page.locator(".save-form select").select_option(adapter.key)
     page.get_by_role("button", name="Save as a prompt set").click()
     page.wait_for_url(re.compile(r"/compare/new/\?prompt_set=\d+"))
     saved_set = PromptSet.objects.get()
-    assert [row["prompt"] for row in saved_set.rows][0] == "<b>Hello</b> there"
+    assert saved_set.rows[0]["prompt"] == "<b>Hello</b> there"
     third = saved_set.rows[2]["turns"]
     assert [t["role"] for t in third] == ["user", "assistant", "user", "assistant", "user"]
     assert third[1]["content"] == answers[adapter.key].text

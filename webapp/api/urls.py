@@ -15,7 +15,7 @@ from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView
 
 import webapp.api.schema  # noqa: F401  (registers the bearer-key security scheme)
-from webapp.api import adapters, aliases, catalog, comparisons, jobs, runs, sweeps, usage, workers
+from webapp.api import adapters, aliases, catalog, chat, comparisons, jobs, runs, sweeps, usage, workers
 from webapp.api.login import Login
 from webapp.api.models import ApiKey
 from webapp.api.problems import problem
@@ -58,6 +58,7 @@ router.register("lora-configs", catalog.LoraConfigViewSet, basename="api-lora-co
 router.register("runs", runs.RunViewSet, basename="api-run")
 router.register("adapters", adapters.AdapterViewSet, basename="api-adapter")
 router.register("comparisons", comparisons.ComparisonViewSet, basename="api-comparison")
+router.register("playground/sessions", chat.ChatSessionViewSet, basename="api-chat-session")
 router.register("sweeps", sweeps.SweepViewSet, basename="api-sweep")
 router.register("prompt-sets", comparisons.PromptSetViewSet, basename="api-prompt-set")
 router.register("evaluations", adapters.EvaluationViewSet, basename="api-evaluation")

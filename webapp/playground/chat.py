@@ -11,15 +11,22 @@ texts. The stop of a turn and the close of the session reach the worker in the r
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import F, Max, Value
 from django.db.models.functions import Concat
 
 from webapp.jobs import ledger
+from webapp.jobs.live import released
+from webapp.jobs.stream import sse
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, ChatAnswer, ChatMessage, ChatSession, ChatThumb, JobEvent, PromptSet
 from webapp.playground.services import JobError, _queue, base_load, common_base
@@ -371,3 +378,54 @@ def save_prompt_set(session: ChatSession, owner: Any, name: str = "", column: st
 
 def columns_json(session: ChatSession) -> list[dict[str, str]]:
     return [{"key": key, "label": label, "base": key == BASE_KEY} for key, label in session.columns()]
+
+
+# --- one turn's answers as Server-Sent Events (the REST API) ------------------------------------------------------
+
+TURN_LOOK_S = 0.1
+TURN_PING_S = 15.0
+
+
+def turn_snapshot(session_id: int, index: int) -> dict[str, Any] | None:
+    """The answers to message `index` as they stand, and whether they can still come (a live job)."""
+    session = ChatSession.objects.select_related("job").filter(pk=session_id).first()
+    if session is None:
+        return None
+    answers = [answer_json(a) for a in ChatAnswer.objects.filter(message__session=session, message__index=index)]
+    return {"answers": answers, "live": live_job(session) is not None, "status": status(session)}
+
+
+async def turn_stream(session_id: int, index: int) -> AsyncIterator[str]:
+    """`event: delta` ({"column", "text"}: text appended to that column's answer, or {"column", "replace"}: its
+    whole text where the final one differs from what streamed), then `event: answer` per column (text, tokens,
+    time to first token, stopped) and `event: done`; `event: error` if the session's job ended first. Holds no
+    database connection between its looks."""
+    await sync_to_async(connections.close_all)()
+    yield "retry: 2000\n\n"
+    look = sync_to_async(released(turn_snapshot), thread_sensitive=False)
+    sent: dict[str, str] = {}
+    quiet_since = time.monotonic()
+    while True:
+        snapshot = await look(session_id, index)
+        if snapshot is None:
+            yield sse("error", json.dumps({"detail": "the chat was deleted"}))
+            return
+        for answer in snapshot["answers"]:
+            before, text = sent.get(answer["column"], ""), answer["text"]
+            if text != before:
+                change = {"text": text[len(before):]} if text.startswith(before) else {"replace": text}
+                yield sse("delta", json.dumps({"column": answer["column"], **change}, separators=(",", ":")))
+                sent[answer["column"]] = text
+                quiet_since = time.monotonic()
+        if snapshot["answers"] and all(a["done"] for a in snapshot["answers"]):
+            for answer in snapshot["answers"]:
+                yield sse("answer", json.dumps(answer, separators=(",", ":")))
+            yield sse("done", "")
+            return
+        if not snapshot["live"]:
+            yield sse("error", json.dumps({"detail": snapshot["status"]["text"]}))
+            return
+        if time.monotonic() - quiet_since > TURN_PING_S:
+            yield ": ping\n\n"
+            quiet_since = time.monotonic()
+        await asyncio.sleep(TURN_LOOK_S)
