@@ -4,6 +4,7 @@ the conversation, thumbs on an answer, and the conversation saved as a prompt se
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.webapp.factories import make_run
-from webapp.playground.models import AdapterJob, ChatAnswer, ChatSession, ChatThumb, PromptSet
+from webapp.playground.models import AdapterJob, ChatAnswer, ChatSession, ChatThumb, PromptSet, VoteDataset
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract.jobspecs import BASE_KEY
 from workers.contract.store import ArtifactStore
@@ -114,6 +115,19 @@ def test_two_columns_stream_stop_and_a_reload_resumes(  # type: ignore[no-untype
     page.get_by_role("button", name=f"thumbs up for {adapter}").first.click()
     expect(page.get_by_role("button", name=f"thumbs up for {adapter}").first).to_have_text("▲ 1")
     assert ChatThumb.objects.get().up is True
+    page.get_by_role("button", name=f"thumbs down for {base} (base)").nth(1).click()
+    expect(page.get_by_role("button", name=f"thumbs down for {base} (base)").nth(1)).to_have_text("▼ 1")
+    # The thumbs feed the same feedback data as a comparison's: rows for KTO, with the conversation answered.
+    page.get_by_role("button", name="Make a feedback dataset of the thumbs").click()
+    page.wait_for_url(re.compile(r"/datasets/\d+/$"))
+    made = VoteDataset.objects.get()
+    assert made.chat_id == session.pk and made.kind == "feedback" and made.judgements == 2
+    assert made.figures["desirable"] == 1 and made.figures["undesirable"] == 1
+    rows = [json.loads(line) for line in ArtifactStore(shared_store).path(made.dataset.uri).read_text().splitlines()]
+    assert [(r["label"], r["completion"][0]["content"]) for r in rows] == [
+        (True, answers[adapter.key].text), (False, stopped[BASE_KEY].text)]
+    assert rows[1]["prompt"][-1] == {"role": "user", "content": "Tell me a long story"}
+    page.goto(f"/chat/{session.pk}/")
     page.locator(".save-form select").select_option(adapter.key)
     page.get_by_role("button", name="Save as a prompt set").click()
     page.wait_for_url(re.compile(r"/compare/new/\?prompt_set=\d+"))

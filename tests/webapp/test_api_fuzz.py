@@ -26,8 +26,9 @@ from webapp.training.models import Adapter, RunEvent, TrainingRun
 from workers.contract.store import ArtifactStore
 
 EXAMPLES = int(os.environ.get("TUNEDECK_FUZZ_EXAMPLES", "6"))
-# A stream stays open while its job runs: it is tested on its own (test_api_runs), not fuzzed.
-STREAMS = r"/events/stream/$"
+# A stream stays open while its job runs: it is tested on its own (test_api_runs, test_chat_e2e), not fuzzed. So is
+# sending a chat message: with `stream` it answers with the answers' stream, open until a worker has written them.
+STREAMS = r"(/events/stream/|/messages/\{index\}/stream/|/playground/sessions/\{id\}/messages/)$"
 LOGIN = r"^/api/v1/login/$"
 TIMEOUT = 30
 

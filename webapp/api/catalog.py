@@ -151,8 +151,8 @@ class DatasetDetailSerializer(DatasetSerializer):
                                                          "(none: a dataset is stored only when clean), preview.")
     stats = serializers.SerializerMethodField(help_text="Size figures of the stored file.")
     made_from = serializers.SerializerMethodField(
-        help_text="For a dataset made from a comparison's judgements (`comparisons/{id}/to-dataset/`): the "
-                  "comparison, what was counted (blind votes or thumbs), what was kept and left out, and the adapter "
+        help_text="For a dataset made from a comparison's judgements (`comparisons/{id}/to-dataset/`) or a chat's "
+                  "thumbs (`playground/sessions/{id}/to-dataset/`): the comparison (or chat), what was counted (blind votes or thumbs), what was kept and left out, and the adapter "
                   "that won; null for an upload.")
 
     class Meta(DatasetSerializer.Meta):
@@ -165,7 +165,8 @@ class DatasetDetailSerializer(DatasetSerializer):
             source = dataset.vote_source  # the playground's provenance record, where there is one
         except ObjectDoesNotExist:
             return None
-        return {"comparison": source.comparison_id, "comparison_name": source.comparison_name, "kind": source.kind,
+        return {"comparison": source.comparison_id, "chat": source.chat_id, "comparison_name": source.comparison_name,
+                "kind": source.kind,
                 "judgements": source.judgements, "figures": source.figures, "summary": source.summary,
                 "winner": source.winner_id}
 

@@ -21,9 +21,10 @@ from webapp.api.common import NamedRef, Ref, VisibleObjectMixin
 from webapp.api.events import EventStreamRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.negotiation import FirstRenderer
+from webapp.api.problems import problem
 from webapp.catalog.models import BaseModel
 from webapp.jobs.stream import sse_response
-from webapp.playground import chat
+from webapp.playground import chat, votedata
 from webapp.playground.models import ChatSession
 from webapp.playground.services import JobError
 from webapp.specfields import INT32
@@ -144,6 +145,11 @@ class SavePromptSetSerializer(serializers.Serializer):
                                    help_text="Whose answers the conversation keeps (default: the first column's).")
 
 
+class ChatDatasetSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="",
+                                 help_text="The dataset's name (default: `thumbs of <chat>`).")
+
+
 STREAM_DOC = ("Server-Sent Events of one message's answers: `event: delta` ({column, text}: text appended to the "
               "column's answer, or {column, replace}: its whole text), then `event: answer` per column (the final "
               "answer with its figures) and `event: done`; `event: error` if the session's job ended first.")
@@ -210,8 +216,7 @@ class ChatSessionViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         try:
             message = chat.send(session, body.validated_data["content"])
         except chat.Busy as exc:
-            return Response({"type": "about:blank", "title": "Conflict", "status": 409,
-                             "detail": "; ".join(exc.errors.values())}, status=status.HTTP_409_CONFLICT)
+            return problem(409, "; ".join(exc.errors.values()), instance=request.path)
         except JobError as exc:
             job_error(exc)
         if body.validated_data["stream"]:
@@ -288,3 +293,22 @@ class ChatSessionViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
         except JobError as exc:
             job_error(exc)
         return Response({"id": saved.pk, "name": saved.name, "rows": len(saved.rows)}, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=ChatDatasetSerializer, responses={201: OpenApiTypes.OBJECT},
+                   description="A feedback dataset (for KTO) of the chat's thumbs: each thumbed answer with the "
+                               "conversation it answered, labelled by the majority (as a comparison's thumbs give). "
+                               "Answers {dataset, summary, figures}; 409 when the thumbs give no row.")
+    @action(detail=True, methods=["post"], url_path="to-dataset")
+    def to_dataset(self, request: Request, pk: str) -> Response:
+        session = self.get_object()
+        body = ChatDatasetSerializer(data=request_body(request))
+        body.is_valid(raise_exception=True)
+        name = body.validated_data["name"]
+        try:
+            source = votedata.make_chat_dataset(session, request.user, name)
+        except votedata.DatasetRefused as refused:
+            if refused.field:
+                raise ValidationError({refused.field: [refused.message]}) from None
+            return problem(refused.status, refused.message, instance=request.path)
+        return Response({"dataset": source.dataset_id, "summary": source.summary, "figures": source.figures,
+                         "train": source.train_url()}, status=status.HTTP_201_CREATED)

@@ -19,7 +19,7 @@ from webapp.ids import whole
 from webapp.jobs import views as job_views
 from webapp.jobs.models import FINAL_STATES
 from webapp.jobs.stream import Batch, sse
-from webapp.playground import chat
+from webapp.playground import chat, votedata
 from webapp.playground.models import AdapterJob, ChatSession, JobEvent
 from webapp.playground.services import JobError
 from webapp.training.models import Adapter
@@ -188,6 +188,20 @@ def chat_save(request: HttpRequest, pk: int) -> HttpResponse:
     ids = [str(a.pk) for a in chat.ordered_adapters(session) if a.key in keys]
     query = "&".join([f"prompt_set={prompts.pk}", *(f"adapters={pk}" for pk in ids)])
     return redirect(f"{reverse('compare-new')}?{query}")
+
+
+@login_required
+@require_POST
+def chat_to_dataset(request: HttpRequest, pk: int) -> HttpResponse:
+    """A feedback dataset (for KTO) of the chat's thumbs, made as a comparison's thumbs make one."""
+    session = _session(request, pk)
+    try:
+        source = votedata.make_chat_dataset(session, request.user, request.POST.get("name", ""))
+    except votedata.DatasetRefused as refused:
+        messages.error(request, f"No dataset made: {refused.field + ': ' if refused.field else ''}{refused.message}")
+        return redirect(session)
+    messages.success(request, f"Made {source.dataset}: {source.summary}.")
+    return redirect("dataset-detail", pk=source.dataset_id)
 
 
 # --- the live stream ---------------------------------------------------------------------------------------

@@ -290,6 +290,8 @@ class VoteDataset(models.Model):
     # A deleted comparison leaves the dataset's provenance by name.
     comparison = models.ForeignKey(Comparison, null=True, on_delete=models.SET_NULL, related_name="datasets")
     comparison_name = models.CharField(max_length=200)
+    # Or the chat whose thumbs it holds (feedback only).
+    chat = models.ForeignKey("ChatSession", null=True, blank=True, on_delete=models.SET_NULL, related_name="datasets")
     kind = models.CharField(max_length=16, choices=KINDS)
     # The adapter whose column won the most votes when the dataset was made: where a run on it may start from.
     winner = models.ForeignKey(Adapter, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
@@ -316,6 +318,8 @@ class VoteDataset(models.Model):
         query = {"objective": self.objective, "dataset": self.dataset_id}
         if self.comparison is not None:
             query["base_model"] = self.comparison.base_model_id
+        elif self.chat is not None:
+            query["base_model"] = self.chat.base_model_id
         if self.winner_id is not None:
             query["init_adapter"] = self.winner_id
         return f"{reverse('run-new')}?{urlencode(query)}"

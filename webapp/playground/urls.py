@@ -12,6 +12,7 @@ urlpatterns = [
     path("chat/<int:pk>/settings/", chat_views.chat_settings, name="chat-settings"),
     path("chat/<int:pk>/thumb/", chat_views.chat_thumb, name="chat-thumb"),
     path("chat/<int:pk>/save/", chat_views.chat_save, name="chat-save"),
+    path("chat/<int:pk>/to-dataset/", chat_views.chat_to_dataset, name="chat-to-dataset"),
     path("chat/<int:pk>/stream/", chat_views.chat_stream, name="chat-stream"),
     path("runs/<int:pk>/delete/", views.run_delete, name="run-delete"),
     path("adapters/<int:pk>/", views.adapter_detail, name="adapter-detail"),

@@ -27,7 +27,7 @@ from django.db.models import Count
 
 from webapp.catalog.models import Dataset
 from webapp.catalog.services import register_dataset
-from webapp.playground.models import Comparison, Vote, VoteDataset
+from webapp.playground.models import ChatAnswer, ChatSession, ChatThumb, Comparison, Vote, VoteDataset
 from workers.contract.jobspecs import BASE_KEY
 from workers.data.datasets import DatasetError, validate_bytes
 
@@ -172,12 +172,7 @@ def winning_adapter_id(comparison: Comparison) -> int | None:
 
 def default_name(comparison: Comparison, kind: str) -> str:
     """`votes of <comparison>` (or `thumbs of …`), numbered when taken."""
-    stem = f"{'votes' if kind == VoteDataset.PREFERENCE else 'thumbs'} of {comparison}"[:180]
-    name, n = stem, 1
-    while Dataset.objects.filter(name=name).exists():
-        n += 1
-        name = f"{stem} ({n})"
-    return name
+    return unique_name(f"{'votes' if kind == VoteDataset.PREFERENCE else 'thumbs'} of {comparison}")
 
 
 def make_dataset(comparison: Comparison, user: Any, kind: str, name: str = "") -> VoteDataset:
@@ -187,12 +182,15 @@ def make_dataset(comparison: Comparison, user: Any, kind: str, name: str = "") -
         raise DatasetRefused(f"kind must be one of {', '.join(KINDS)}; got {str(kind)[:40]!r}", "kind")
     if comparison.job is None or comparison.job.state != "succeeded":
         raise DatasetRefused("the comparison has not finished: its outputs are not complete", status=409)
-    name = name.strip() or default_name(comparison, kind)
-    if len(name) > 200:
-        raise DatasetRefused("at most 200 characters", "name")
-    if Dataset.objects.filter(name=name).exists():
-        raise DatasetRefused(f"a dataset named {name!r} exists already: choose another name", "name")
+    name = checked_name(name, default_name(comparison, kind))
     rows, figures = (preference_rows if kind == VoteDataset.PREFERENCE else feedback_rows)(comparison)
+    return register_rows(kind, rows, figures, name, user, comparison=comparison, comparison_name=str(comparison)[:200],
+                         winner_id=winning_adapter_id(comparison))
+
+
+def register_rows(kind: str, rows: list[dict[str, Any]], figures: Figures, name: str, user: Any,
+                  **provenance: Any) -> VoteDataset:
+    """Register judged rows as a JSONL dataset (validated like an upload) with its provenance record."""
     if not rows:
         what = "votes" if kind == VoteDataset.PREFERENCE else "thumbs"
         raise DatasetRefused(f"the {what} give no rows: {figures.summary()}", status=409)
@@ -205,8 +203,64 @@ def make_dataset(comparison: Comparison, user: Any, kind: str, name: str = "") -
         with transaction.atomic():
             dataset = register_dataset(name, f"{kind}.jsonl", data, user=user)
             return VoteDataset.objects.create(
-                dataset=dataset, comparison=comparison, comparison_name=str(comparison)[:200], kind=kind,
-                winner_id=winning_adapter_id(comparison), judgements=figures.judgements, figures=dataclasses.asdict(figures),
-                summary=figures.summary(), created_by=user)
+                dataset=dataset, kind=kind, judgements=figures.judgements, figures=dataclasses.asdict(figures),
+                summary=figures.summary(), created_by=user, **provenance)
     except DatasetError as exc:  # a row the validator refuses
         raise DatasetRefused(str(exc), status=422) from exc
+
+
+def checked_name(name: str, default: str) -> str:
+    """The dataset's name (`default` when blank, numbered when taken); DatasetRefused naming `name` otherwise."""
+    name = name.strip() or unique_name(default)
+    if len(name) > 200:
+        raise DatasetRefused("at most 200 characters", "name")
+    if Dataset.objects.filter(name=name).exists():
+        raise DatasetRefused(f"a dataset named {name!r} exists already: choose another name", "name")
+    return name
+
+
+def unique_name(stem: str) -> str:
+    stem, name, n = stem[:180], stem[:180], 1
+    while Dataset.objects.filter(name=name).exists():
+        n += 1
+        name = f"{stem} ({n})"
+    return name
+
+
+def chat_feedback_rows(session: ChatSession) -> tuple[list[dict[str, Any]], Figures]:
+    """A chat's thumbed answers as unpaired feedback, as a comparison's thumbs give (`feedback_rows`): each with
+    the conversation its column was answering (its own earlier answers), labelled by the majority."""
+    from webapp.playground.chat import turn_payload
+
+    figures = Figures(kind=VoteDataset.FEEDBACK)
+    counts: dict[int, Counter[bool]] = defaultdict(Counter)
+    for answer_id, up in ChatThumb.objects.filter(answer__message__session=session).values_list("answer_id", "up"):
+        figures.judgements += 1
+        counts[answer_id][up] += 1
+    answers = ChatAnswer.objects.filter(pk__in=counts).select_related("message").order_by("message__index", "id")
+    rows: list[dict[str, Any]] = []
+    messages_used: set[int] = set()
+    for answer in answers:
+        count = counts[answer.pk]
+        if count[True] == count[False]:
+            figures.split_outputs += 1
+        elif not answer.text.strip():
+            figures.empty_outputs += 1
+        else:
+            label = count[True] > count[False]
+            prompt = turn_payload(session, answer.message)["conversations"][answer.column]
+            rows.append({"prompt": prompt, "completion": _answer(answer.text, True), "label": label})
+            messages_used.add(answer.message.index)
+            figures.desirable += label
+            figures.undesirable += not label
+    figures.examples, figures.rows = len(rows), len(messages_used)
+    return rows, figures
+
+
+def make_chat_dataset(session: ChatSession, user: Any, name: str = "") -> VoteDataset:
+    """A feedback dataset (for KTO) of a chat's thumbs up and down; DatasetRefused when nothing is left or the
+    name is taken."""
+    name = checked_name(name, f"thumbs of {session}")
+    rows, figures = chat_feedback_rows(session)
+    return register_rows(VoteDataset.FEEDBACK, rows, figures, name, user, chat=session,
+                         comparison_name=f"chat: {session}"[:200])
