@@ -157,6 +157,8 @@ try:
     # A dispatched run not claimed within this many seconds gets its wake-up sent again.
     DISPATCH_RESEND_AFTER = env_int("TUNEDECK_DISPATCH_RESEND_AFTER", 30, minimum=5)
     MAX_ATTEMPTS = env_int("TUNEDECK_MAX_ATTEMPTS", 3, minimum=1)
+    # A chat keeps its model loaded on a worker this long without a message (playground/chat.py).
+    TUNEDECK_CHAT_IDLE_S = env_int("TUNEDECK_CHAT_IDLE_S", 600, minimum=10)
     # A queued job that cannot be placed after this many seconds reserves a worker (0: at once); see fleet/placement.py.
     RESERVE_AFTER = env_int("TUNEDECK_RESERVE_AFTER", 600, minimum=0)
     # After a worker's token is rotated, the old one keeps working for this many seconds.

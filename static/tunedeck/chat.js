@@ -304,6 +304,7 @@
 
   const messages = state.messages;
   state.messages = [];
+  turnsBox.replaceChildren();  // the server's drawing (for reading without JavaScript), drawn again live
   messages.forEach(drawMessage);
   drawStatus(state.status);
   const job = state.status.job;
