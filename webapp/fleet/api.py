@@ -5,14 +5,12 @@ A worker can only see and change jobs assigned to it, and only for the attempt i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
 from django.http import HttpRequest, JsonResponse
@@ -22,7 +20,6 @@ from django.views.decorators.http import require_POST
 
 from webapp.fleet.models import Worker, WorkerState, hash_token
 from webapp.jobs import ledger
-from webapp.jobs.live import released
 from webapp.jobs.models import ACTIVE_STATES
 from webapp.jobs.registry import worker_paths
 from webapp.problem_details import problem_response
@@ -105,57 +102,6 @@ def status(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> d
     job = ledger.fenced_job(worker, model, job_id, attempt)
     ledger.record_status(job, attempt, str(payload["state"]), payload.get("result") or {}, str(payload.get("error", "")))
     return ledger.worker_flags(model.objects.get(pk=job.pk))
-
-
-CHAT_LOOK_S = 0.2  # how often a waiting chat poll looks for a new message
-MAX_CHAT_WAIT_S = 30.0
-
-
-class _Unauthorized(Exception):
-    pass
-
-
-@csrf_exempt
-async def chat_next(request: HttpRequest, job_id: int, path: str = "adapter-jobs") -> JsonResponse:
-    """A chat job's next message (webapp.playground.chat.next_turn): a long poll answered as soon as a message
-    is sent, or after `wait` seconds with {} (the worker asks again). Asynchronous: a waiting worker holds no
-    thread and no database connection between its looks, so a session idle for minutes costs the site nothing."""
-    if request.method != "POST":
-        return _error(request, 405, "use POST")
-    look = sync_to_async(released(_chat_look), thread_sensitive=False)
-    try:
-        payload = json.loads(request.body or b"{}")
-        if not isinstance(payload, dict):
-            raise ValueError("the body must be a JSON object")
-        attempt, after = _attempt(payload), int(payload.get("after", 0))
-        wait = min(max(float(payload.get("wait", 0)), 0.0), MAX_CHAT_WAIT_S)
-        deadline = time.monotonic() + wait
-        while True:
-            reply = await look(request, job_id, attempt, after)
-            if reply or time.monotonic() >= deadline:
-                return JsonResponse(reply)
-            await asyncio.sleep(CHAT_LOOK_S)
-    except _Unauthorized:
-        return _error(request, 401, "invalid worker token")
-    except (ValueError, KeyError, TypeError) as exc:
-        return _error(request, 400, f"bad request: {exc}")
-    except ledger.Rejected as exc:
-        return _error(request, exc.status, exc.detail, exc.code)
-
-
-def _chat_look(request: HttpRequest, job_id: int, attempt: int, after: int) -> dict[str, Any]:
-    from webapp.playground import chat
-    from webapp.playground.models import AdapterJob
-
-    worker = authenticate(request)
-    if worker is None:
-        raise _Unauthorized()
-    job = ledger.fenced_job(worker, AdapterJob, job_id, attempt)
-    if job.kind != "chat":
-        raise ledger.Rejected(400, f"job {job_id} is a {job.kind} job, not a chat session")
-    if job.state not in ACTIVE_STATES:
-        raise ledger.Rejected(409, f"the job is {job.state}")
-    return chat.next_turn(job, after)
 
 
 TELEMETRY_SAMPLES = 60  # heartbeats of history per worker (10 minutes at the default interval)

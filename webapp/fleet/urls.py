@@ -14,7 +14,6 @@ urlpatterns = [
     path("workers/<int:pk>/resume/", views.worker_resume, name="worker-resume"),
     path("workers/<int:pk>/delete/", views.worker_delete, name="worker-delete"),
     path("api/worker/v1/heartbeat", api.heartbeat, name="worker-heartbeat"),
-    path("api/worker/v1/adapter-jobs/<int:job_id>/chat-next", api.chat_next, name="worker-chat-next"),
 ]
 # Every kind of job (training runs at jobs/, adapter jobs at adapter-jobs/): the same three calls, fenced the
 # same way.

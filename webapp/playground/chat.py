@@ -21,15 +21,14 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import F, Max, Value
-from django.db.models.functions import Concat
+from django.db.models import Max
 
 from webapp.jobs import ledger
 from webapp.jobs.live import released
 from webapp.jobs.stream import sse
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, ChatAnswer, ChatMessage, ChatSession, ChatThumb, JobEvent, PromptSet
-from webapp.playground.services import JobError, _queue, base_load, common_base
+from webapp.playground.services import JobError, base_load, common_base, queue_job
 from webapp.training.models import Adapter
 from workers.contract import jobspecs
 from workers.contract.jobspecs import BASE_KEY, MAX_CHAT_COLUMNS
@@ -136,7 +135,7 @@ def ensure_job(session: ChatSession) -> AdapterJob:
         job_id=0, attempt=0, base_model=session.base_model.model_ref(), adapters=[a.ref() for a in adapters],
         load=load, include_base=session.include_base, idle_timeout_s=session.idle_timeout_s,
     )
-    job = _queue(JobKind.CHAT, session.owner, session.base_model, spec, adapters, notes=(loading,),
+    job = queue_job(JobKind.CHAT, session.owner, session.base_model, spec, adapters, notes=(loading,),
                  extra={"session_id": session.pk, "base_precision": session.base_precision})
     ChatSession.objects.filter(pk=session.pk).update(job=job, closed=False)
     session.job, session.closed = job, False
@@ -231,44 +230,6 @@ def turn_payload(session: ChatSession, message: ChatMessage) -> dict[str, Any]:
         conversations[key] = [*turns, {"role": "user", "content": message.content}]
     generation = {k: v for k, v in message.generation.items() if k in GENERATION_FIELDS}
     return {"index": message.index, "conversations": conversations, "generation": generation}
-
-
-def worker_reply(job: AdapterJob) -> dict[str, Any]:
-    """What a chat job is told with each batch: the newest turn to stop, and whether the session was closed."""
-    session = ChatSession.objects.filter(pk=(job.params or {}).get("session_id")).first()
-    if session is None:
-        return {"close": True}
-    stopped = session.messages.filter(stop_requested=True).aggregate(last=Max("index"))["last"] or 0
-    return {"stop_turn": stopped, "close": session.closed or session.job_id != job.pk}
-
-
-def fold_events(job: AdapterJob, events: list[dict[str, Any]]) -> None:
-    """Streamed text appended to the answers; a turn's final texts and figures stored when it ends."""
-    session_id = (job.params or {}).get("session_id")
-    deltas: dict[tuple[int, str], str] = {}
-    for event in events:
-        data = event.get("data") or {}
-        if event.get("kind") == "output" and "row" in data and "column" in data:
-            key = (int(data["row"]), str(data["column"])[:64])
-            deltas[key] = deltas.get(key, "") + str(data.get("text", ""))
-    answers = ChatAnswer.objects.filter(message__session_id=session_id, done=False)
-    for (index, column), text in deltas.items():
-        answers.filter(message__index=index, column=column).update(text=Concat(F("text"), Value(text)))
-    for event in events:
-        data = event.get("data") or {}
-        if event.get("kind") != "chat" or data.get("state") != "answered":
-            continue
-        for column, answer in (data.get("answers") or {}).items():
-            ChatAnswer.objects.filter(message__session_id=session_id, message__index=int(data["turn"]),
-                                      column=str(column)[:64]).update(
-                text=str(answer.get("text", "")), tokens=max(0, int(answer.get("tokens") or 0)),
-                first_token_s=_seconds(answer.get("first_token_s")), seconds=_seconds(answer.get("seconds")),
-                stopped=bool(answer.get("stopped")), done=True,
-            )
-
-
-def _seconds(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 # --- what pages and the API show ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import models
-from django.db.models import F, Value
+from django.db.models import F, Max, Value
 from django.db.models.functions import Concat
 
 from webapp.training.models import Adapter, AdapterOrigin, AdapterParent
@@ -129,16 +129,48 @@ def record_combination(job: AdapterJob, result: dict[str, Any]) -> None:
     type(job).objects.filter(pk=job.pk).update(result={**result, "adapter_id": adapter.pk})
 
 
-def fold_chat(job: AdapterJob, events: list[dict[str, Any]]) -> None:
-    from webapp.playground import chat
+def _chat_model(job: AdapterJob, name: str) -> Any:
+    """A chat model class, by name (playground.chat and the models import this module)."""
+    return type(job)._meta.apps.get_model("playground", name)
 
-    chat.fold_events(job, events)
+
+def fold_chat(job: AdapterJob, events: list[dict[str, Any]]) -> None:
+    """A chat's streamed text appended to its answers; a turn's final texts and figures stored when it ends
+    (see playground.chat)."""
+    session_id = (job.params or {}).get("session_id")
+    deltas: dict[tuple[int, str], str] = {}
+    for event in events:
+        data = event.get("data") or {}
+        if event.get("kind") == "output" and "row" in data and "column" in data:
+            key = (int(data["row"]), str(data["column"])[:64])
+            deltas[key] = deltas.get(key, "") + str(data.get("text", ""))
+    answers = _chat_model(job, "ChatAnswer").objects.filter(message__session_id=session_id)
+    for (index, column), text in deltas.items():
+        answers.filter(message__index=index, column=column, done=False).update(text=Concat(F("text"), Value(text)))
+    for event in events:
+        data = event.get("data") or {}
+        if event.get("kind") != "chat" or data.get("state") != "answered":
+            continue
+        for column, answer in (data.get("answers") or {}).items():
+            answers.filter(message__index=int(data["turn"]), column=str(column)[:64]).update(
+                text=str(answer.get("text", "")), tokens=max(0, int(answer.get("tokens") or 0)),
+                first_token_s=_seconds(answer.get("first_token_s")), seconds=_seconds(answer.get("seconds")),
+                stopped=bool(answer.get("stopped")), done=True,
+            )
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def chat_reply(job: AdapterJob) -> dict[str, Any]:
-    from webapp.playground import chat
-
-    return chat.worker_reply(job)
+    """What a chat job is told with each batch: the newest turn to stop, and whether the session was closed (or
+    moved on to another job)."""
+    session = _chat_model(job, "ChatSession").objects.filter(pk=(job.params or {}).get("session_id")).first()
+    if session is None:
+        return {"close": True}
+    stopped = session.messages.filter(stop_requested=True).aggregate(last=Max("index"))["last"] or 0
+    return {"stop_turn": stopped, "close": session.closed or session.job_id != job.pk}
 
 
 def hub_token(job: AdapterJob) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def base_load(adapters: list[Adapter], precision: str = "auto") -> tuple[jobspec
         raise JobError({"base_precision": str(exc)}) from exc
 
 
-def _queue(
+def queue_job(
     kind: str,
     owner: Any,
     base: BaseModel,
@@ -114,7 +114,7 @@ def start_compare(
     )
     with transaction.atomic():
         # base_precision: the choice, beside the load it resolved to.
-        job = _queue(
+        job = queue_job(
             JobKind.COMPARE, owner, base, spec, adapters, notes=(loading,), extra={"base_precision": base_precision}
         )
         return Comparison.objects.create(
@@ -133,7 +133,7 @@ def start_merge(owner: Any, adapter: Adapter, dtype: str = "auto") -> AdapterJob
     spec = jobspecs.MergeSpec(
         job_id=0, attempt=0, base_model=base.model_ref(), adapter=adapter.ref(), output_uri="pending", dtype=dtype
     )
-    return _queue(JobKind.MERGE, owner, base, spec, [adapter])
+    return queue_job(JobKind.MERGE, owner, base, spec, [adapter])
 
 
 def start_export(
@@ -156,7 +156,7 @@ def start_export(
         form=form, name=name, base_name=base_name, quantize=quantize, system=system, temperature=temperature,
         top_p=top_p, dtype=dtype,
     )
-    return _queue(JobKind.EXPORT, owner, base, spec, [adapter])
+    return queue_job(JobKind.EXPORT, owner, base, spec, [adapter])
 
 
 def start_combine(
@@ -183,7 +183,7 @@ def start_combine(
         svd_rank=svd_rank,
     )
     # name: the new adapter's (not part of the worker's spec).
-    return _queue(JobKind.COMBINE, owner, base, spec, adapters, extra={"name": name} if name else None)
+    return queue_job(JobKind.COMBINE, owner, base, spec, adapters, extra={"name": name} if name else None)
 
 
 def start_evaluate(
@@ -230,7 +230,7 @@ def start_evaluate(
     named: dict[str, Any] = {"dataset_id": dataset.pk, "dataset_name": str(dataset)}
     if held_out_of is not None:  # the run whose evaluation rows these are: its held-out split or its eval dataset
         named.update(held_out_of=held_out_of.pk, eval_rows=source)
-    return _queue(JobKind.EVALUATE, owner, base, spec, adapters, notes=(loading,), extra=named)
+    return queue_job(JobKind.EVALUATE, owner, base, spec, adapters, notes=(loading,), extra=named)
 
 
 def start_push(owner: Any, adapter: Adapter, source_uri: str, repo_id: str, private: bool = True) -> AdapterJob:
@@ -246,7 +246,7 @@ def start_push(owner: Any, adapter: Adapter, source_uri: str, repo_id: str, priv
         endpoint=settings.HF_ENDPOINT,
         token=settings.HF_TOKEN,
     )
-    return _queue(JobKind.PUSH, owner, common_base([adapter]), spec, [adapter])
+    return queue_job(JobKind.PUSH, owner, common_base([adapter]), spec, [adapter])
 
 
 # --- prompt sets ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 from django.urls import path
 
-from webapp.playground import alias_views, chat_views, views
+from webapp.playground import alias_views, chat_views, chat_worker, views
 
 urlpatterns = [
+    path("api/worker/v1/adapter-jobs/<int:job_id>/chat-next", chat_worker.chat_next, name="worker-chat-next"),
     path("chat/", chat_views.chat_list, name="chats"),
     path("chat/<int:pk>/", chat_views.chat_detail, name="chat-detail"),
     path("chat/<int:pk>/state.json", chat_views.chat_state, name="chat-state"),

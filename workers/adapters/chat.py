@@ -18,10 +18,10 @@ from typing import Any
 
 from workers.adapters.generate import (
     TextStream,
-    _generate,
-    _generation_options,
     answer_stops,
     column_context,
+    generate_rows,
+    generation_options,
 )
 from workers.adapters.inference import (
     can_batch,
@@ -127,7 +127,7 @@ class ChatSession:
         import torch
 
         torch.manual_seed(params.seed)
-        options = {**_generation_options(params, self.tokenizer.pad_token_id, 0), **self.stops.generate_options()}
+        options = {**generation_options(params, self.tokenizer.pad_token_id, 0), **self.stops.generate_options()}
         criteria = self.stops.criteria()
         ids: dict[str, list[int]] = {}
         seconds: dict[str, float] = {}
@@ -135,7 +135,7 @@ class ChatSession:
             cells = [(index, column) for column in self.columns]
             with stacked_lora(self.model, self.columns) as stacking:
                 names = None if stacking else [c if c == BASE_KEY else peft_adapter_name(c) for c in self.columns]
-                generated = _generate(self.model, rows, cells, self.tokenizer.pad_token_id, options, names, on_step,
+                generated = generate_rows(self.model, rows, cells, self.tokenizer.pad_token_id, options, names, on_step,
                                       should_stop, criteria, columns=0)
             for column, row_ids in zip(self.columns, generated, strict=True):
                 ids[column], seconds[column] = self.stops.cut(row_ids), time.monotonic() - received
@@ -146,7 +146,7 @@ class ChatSession:
                     continue
                 begun = time.monotonic()
                 with column_context(self.model, column):
-                    generated = _generate(self.model, [row], [(index, column)], self.tokenizer.pad_token_id, options,
+                    generated = generate_rows(self.model, [row], [(index, column)], self.tokenizer.pad_token_id, options,
                                           None, on_step, should_stop, criteria, columns=0)
                 ids[column], seconds[column] = self.stops.cut(generated[0]), time.monotonic() - begun
         stopped = should_stop()

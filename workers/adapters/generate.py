@@ -264,7 +264,7 @@ def generate_token_grid(
     import torch
 
     torch.manual_seed(params.seed)
-    options = {**_generation_options(params, pad_token_id, min_new_tokens), **stops.generate_options()}
+    options = {**generation_options(params, pad_token_id, min_new_tokens), **stops.generate_options()}
     criteria = stops.criteria()
     chunks = [list(range(i, min(i + batch_size, len(prompt_ids)))) for i in range(0, len(prompt_ids), batch_size)]
     calls: list[tuple[list[Cell], AbstractContextManager[Any]]]
@@ -281,7 +281,7 @@ def generate_token_grid(
             rows = [prompt_ids[row] for row, _ in cells]
             row_names = [name for name in names for _ in range(len(cells) // len(columns))] if names else None
             with context:
-                generated = _generate(
+                generated = generate_rows(
                     model, rows, cells, pad_token_id, options, row_names, on_step, should_stop, criteria,
                     columns=(len(columns) if batched else 1) if prefill else 0,
                 )
@@ -326,7 +326,7 @@ def column_context(model: Any, column: str) -> Iterator[None]:
         yield
 
 
-def _generation_options(params: GenerationParams, pad_token_id: int, min_new_tokens: int) -> dict[str, Any]:
+def generation_options(params: GenerationParams, pad_token_id: int, min_new_tokens: int) -> dict[str, Any]:
     """Every decoding setting explicit, so that a model's own generation_config.json does not change them."""
     options: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
@@ -341,7 +341,7 @@ def _generation_options(params: GenerationParams, pad_token_id: int, min_new_tok
     return options
 
 
-def _generate(
+def generate_rows(
     model: Any,
     rows: list[list[int]],
     cells: list[Cell],
