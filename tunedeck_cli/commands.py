@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tunedeck_cli import account, adapters, catalog, runs, sweeps
+from tunedeck_cli import account, adapters, catalog, chat, runs, sweeps
 from tunedeck_cli.api import Api
 from tunedeck_cli.config import load
 from tunedeck_cli.errors import CliError
@@ -230,6 +230,8 @@ def _register_adapters(sub: Any) -> None:
     _limit(sets_list)
     _leaf(sets, "show", adapters.prompt_sets_show, "A prompt set with its prompts and references.").add_argument(
         "id", type=int)
+
+    chat.register(sub, _leaf)
 
     export = _leaf(sub, "export", adapters.export, "Export an adapter for Ollama: a folder with a Modelfile (a job).")
     export.add_argument("adapter_id", type=int)

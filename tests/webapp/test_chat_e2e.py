@@ -163,3 +163,28 @@ def test_the_long_poll_for_messages_is_fenced(adapters, live_server) -> None:  #
     other = httpx.post(f"{live_server.url}/api/worker/v1/adapter-jobs/{merge.pk}/chat-next",
                        json={"attempt": 1}, headers={"Authorization": "Bearer intruder-token"}, timeout=30)
     assert other.status_code == 400 and "not a chat session" in other.json()["detail"]
+
+
+def test_tunedeck_chat_answers_each_message_and_closes_on_exit(  # type: ignore[no-untyped-def]
+    adapters, live_server, monkeypatch, capsys  # noqa: F811
+) -> None:
+    from webapp.cli import main
+
+    _, _, rows = adapters
+    monkeypatch.setenv("TUNEDECK_SERVER", live_server.url)
+    monkeypatch.setenv("TUNEDECK_API_KEY", ApiKey.issue(rows["add"].owner, "cli", ["read", "write"])[1])
+    with Dispatcher():
+        code = main(["chat", "--adapter", str(rows["add"].pk), "--adapter", str(rows["double"].pk), "--temperature",
+                     "0", "--max-new-tokens", "6", "-m", "What is 23 + 41?", "-m", "Double 17", "--json"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        turns = [json.loads(line) for line in out.splitlines()]  # one JSON line per message
+        session = ChatSession.objects.get()
+        assert [t["message"] for t in turns] == ["What is 23 + 41?", "Double 17"]
+        for turn in turns:
+            assert [a["column"] for a in turn["answers"]] == [BASE_KEY, rows["add"].key, rows["double"].key]
+            assert all(a["done"] for a in turn["answers"])
+        stored = ChatAnswer.objects.get(message__session=session, message__index=2, column=rows["double"].key)
+        assert turns[1]["answers"][2]["text"] == stored.text
+        job = wait_job(session.job_id)  # closed on exit: the model is unloaded
+        assert job.result["closed"] == "closed" and job.result["turns"] == 2
