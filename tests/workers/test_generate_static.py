@@ -134,3 +134,61 @@ def test_a_compiled_decode_step_traces_the_stacked_layers_and_gives_the_same_ans
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one graph, compiled once
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+# --- 4-bit bases dequantized once -----------------------------------------------------------------------
+
+
+def load_4bit(model_dir: Path, task_adapters: Adapters) -> tuple[Any, Any]:
+    """The tiny base in NF4 with both adapters. On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights at
+    their first forward and then computes in bfloat16 whatever the compute dtype: that is turned off here, so
+    that the 4-bit reference computes in float32 as the dequantized layers do."""
+    from bitsandbytes.nn import Linear4bit
+
+    store, uris = task_adapters
+    refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
+    load = LoadParams(quantization="4bit")
+    model, tokenizer, _ = load_for_inference(ModelRef(source=str(model_dir)), refs, load, store)
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model, tokenizer
+
+
+def test_a_4bit_base_dequantized_once_gives_the_same_answers_and_stays_stackable(
+    tiny_model_dir: Path, task_adapters: Adapters
+) -> None:
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+    from peft.tuners.lora import LoraLayer
+
+    from workers.adapters.inference import dequantize_for_generation
+    from workers.adapters.stacked import can_stack
+
+    model, tokenizer = load_4bit(tiny_model_dir, task_adapters)
+    prompt_ids = prompts(tokenizer)
+    stacked = grid(model, tokenizer, prompt_ids, COLUMNS)
+    sequential = grid(model, tokenizer, prompt_ids, COLUMNS, batched=False)
+    assert stacked == sequential
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = dequantize_4bit(q_proj.base_layer.weight.data, q_proj.base_layer.weight.quant_state)
+
+    assert dequantize_for_generation(model).startswith("Kept 4-bit weights")  # the CPU's default
+    assert dequantize_for_generation(model, force=False).startswith("Kept 4-bit weights")
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14
+    message = dequantize_for_generation(model, force=True)
+
+    assert message == "Dequantized 288.0 KiB of 4-bit weights once into float32 (14 layers; on the CPU)"
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == 14 and all(type(m.base_layer).__name__ == "DequantizedLinear" for m in lora_layers)
+    assert torch.equal(q_proj.base_layer.weight, expected)
+    assert getattr(model.get_base_model(), "hf_quantizer", None) is None  # transformers may compile the step now
+    assert can_stack(model, COLUMNS)
+    assert grid(model, tokenizer, prompt_ids, COLUMNS) == stacked
+    assert grid(model, tokenizer, prompt_ids, COLUMNS, batched=False) == stacked
+    assert grid(model, tokenizer, prompt_ids, COLUMNS, cache="static") == stacked
+    assert dequantize_for_generation(model, force=True) == ""  # nothing left to dequantize
+    for a, b in ((BASE_KEY, "add"), ("add", "double")):
+        assert sum(stacked[(i, a)] != stacked[(i, b)] for i in range(len(prompt_ids))) >= len(prompt_ids) // 2
