@@ -192,3 +192,29 @@ def test_a_4bit_base_dequantized_once_gives_the_same_answers_and_stays_stackable
     assert dequantize_for_generation(model, force=True) == ""  # nothing left to dequantize
     for a, b in ((BASE_KEY, "add"), ("add", "double")):
         assert sum(stacked[(i, a)] != stacked[(i, b)] for i in range(len(prompt_ids))) >= len(prompt_ids) // 2
+
+
+def test_a_comparison_logs_its_4bit_weights_and_decoding(tiny_model_dir: Path, task_adapters: Adapters) -> None:
+    from workers.adapters.generate import run_compare
+    from workers.contract.jobspecs import CompareSpec, PromptRow
+    from workers.contract.reporter import MemoryReporter
+
+    store, uris = task_adapters
+    spec = CompareSpec(
+        job_id=1,
+        attempt=1,
+        base_model=ModelRef(source=str(tiny_model_dir)),
+        adapters=[AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()],
+        prompts=[PromptRow(prompt=p) for p in ("Double 12", "What is 3 + 4?")],
+        generation=GenerationParams(max_new_tokens=4),
+        load=LoadParams(quantization="4bit"),
+    )
+    reporter = MemoryReporter()
+
+    result = run_compare(spec, reporter, store)
+
+    assert result is not None, reporter.states[-1]
+    expected = "dynamic KV cache, eager decode step (the decode step is compiled on CUDA only)"
+    assert result["decoding"] == expected and f"Decoding: {expected}" in reporter.logs
+    assert result["base_weights"] == "Kept 4-bit weights (bitsandbytes' own 4-bit matmul on the CPU)"
+    assert result["base_weights"] in reporter.logs

@@ -20,6 +20,8 @@ from typing import Any
 
 from workers.adapters.inference import (
     can_batch,
+    dequantize_for_generation,
+    kv_cache_bytes,
     load_for_inference,
     mixed_batch_refusals,
     peft_adapter_name,
@@ -72,6 +74,10 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     else:
         reasons = refusals or ref_refusals(spec.adapters)
         reporter.log("Sequential, one column after another: " + "; ".join(reasons), level="warning")
+    weights, decoding = prepare_generation(
+        model, encode_prompts(tokenizer, spec.prompts, spec.generation.chat_template), columns, spec.generation,
+        batched=batched, batch_size=spec.batch_size, reporter=reporter,
+    )  # fmt: skip
     reporter.flush()
     stream = _OutputStream(reporter)
     generating = time.monotonic()
@@ -87,6 +93,7 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         on_text=stream.add,
         should_stop=stream.poll,
         stream_interval=reporter.flush_interval,
+        cache=decoding,
     )
     stream.send()
     seconds = time.monotonic() - generating
@@ -113,7 +120,33 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         "dtype": device.dtype_name,
         "base_precision": precision_label(spec.load, device),
         "stop_tokens": stops.as_json(),
+        "decoding": decoding.describe(),
+        "base_weights": weights or None,
     }
+
+
+def prepare_generation(
+    model: Any,
+    prompt_ids: list[list[int]],
+    columns: list[str],
+    params: GenerationParams,
+    *,
+    batched: bool,
+    batch_size: int,
+    reporter: Reporter | None = None,
+) -> tuple[str, Decoding]:
+    """Before a job's generation: a 4-bit base dequantized once where the GPU has room for it beside the largest
+    call's KV cache (`dequantize_for_generation`), then the KV cache and decode step (`plan_decoding`, auto).
+    Both are said in the job's log; returns (what became of 4-bit weights, "" for none; the decoding plan)."""
+    rows = min(batch_size, len(prompt_ids)) * (len(columns) if batched else 1)
+    positions = max((len(ids) for ids in prompt_ids), default=0) + params.max_new_tokens
+    weights = dequantize_for_generation(model, kv_cache_bytes(model, rows, positions))
+    decoding = plan_decoding(model, columns, "auto", batched)
+    if reporter is not None:
+        if weights:
+            reporter.log(weights)
+        reporter.log(f"Decoding: {decoding.describe()}")
+    return weights, decoding
 
 
 def answer_stops(model: Any, tokenizer: Any, reporter: Reporter) -> Stops:
@@ -210,11 +243,12 @@ def generate_text_grid(
     on_text: Callable[[int, str, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     stream_interval: float = 0.0,
+    cache: str | Decoding = "auto",
 ) -> tuple[dict[Cell, str], dict[Cell, list[int]]]:
     """`generate_grid` that also returns each cell's generated token ids (up to and including its stop).
 
     `stops`: where answers end (by default `stop_tokens(tokenizer, model)`). `stream_interval`: the least seconds
-    between two rounds of on_text calls (0: every decode step)."""
+    between two rounds of on_text calls (0: every decode step). `cache`: as in `generate_token_grid`."""
     if stops is None:
         stops = stop_tokens(tokenizer, model)
     stream = TextStream(on_text, stops, stream_interval) if on_text is not None else None
@@ -229,6 +263,7 @@ def generate_text_grid(
         batch_size=batch_size,
         on_step=stream.step if stream is not None else None,
         should_stop=should_stop,
+        cache=cache,
     )
     texts = {cell: stops.text(cell_ids) for cell, cell_ids in ids.items()}
     if stream is not None:
