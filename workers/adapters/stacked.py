@@ -102,6 +102,10 @@ class _Stack:
         first = columns[0]
         self.span = (first, first + len(columns)) if columns == list(range(first, first + len(columns))) else None
         self.index = torch.tensor(columns, device=a.device)
+        # Fixed addresses, like the weights: a compiled step under CUDA graphs would otherwise copy these tensors
+        # (attributes of a plain object, not parameters) into its own buffers at every replay.
+        for tensor in (self.a_t, self.b_t, self.scale, self.index):
+            torch._dynamo.mark_static_address(tensor)
 
     @classmethod
     def of(cls, layer: Any, present: list[tuple[int, str]]) -> _Stack:
