@@ -64,6 +64,9 @@ def test_the_cpu_plans_a_dynamic_cache_and_static_when_asked(adapted: tuple[Any,
     assert (static.static, static.compiled) == (True, False)
     assert static.describe().startswith("static KV cache, eager decode step")
     assert plan_decoding(model, COLUMNS, "dynamic") == Decoding()
+    sequential = plan_decoding(model, COLUMNS, "static", batched=False)
+    assert sequential.why == "one column after another: every adapter switch would compile the step again"
+    assert plan_decoding(model, COLUMNS, "static", stacked=False).why.startswith("PEFT's mixed batches")
     with pytest.raises(ValueError, match="cache must be one of auto, dynamic, static"):
         plan_decoding(model, COLUMNS, "paged")
 
@@ -177,6 +180,7 @@ def test_a_4bit_base_dequantized_once_gives_the_same_answers_and_stays_stackable
     assert dequantize_for_generation(model).startswith("Kept 4-bit weights")  # the CPU's default
     assert dequantize_for_generation(model, force=False).startswith("Kept 4-bit weights")
     assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14
+    assert "bitsandbytes" in plan_decoding(model, COLUMNS, "static").why
     message = dequantize_for_generation(model, force=True)
 
     assert message == "Dequantized 288.0 KiB of 4-bit weights once into float32 (14 layers; on the CPU)"
@@ -185,6 +189,7 @@ def test_a_4bit_base_dequantized_once_gives_the_same_answers_and_stays_stackable
     assert len(lora_layers) == 14 and all(type(m.base_layer).__name__ == "DequantizedLinear" for m in lora_layers)
     assert torch.equal(q_proj.base_layer.weight, expected)
     assert getattr(model.get_base_model(), "hf_quantizer", None) is None  # transformers may compile the step now
+    assert plan_decoding(model, COLUMNS, "static").why == "the decode step is compiled on CUDA only"
     assert can_stack(model, COLUMNS)
     assert grid(model, tokenizer, prompt_ids, COLUMNS) == stacked
     assert grid(model, tokenizer, prompt_ids, COLUMNS, batched=False) == stacked
@@ -214,7 +219,7 @@ def test_a_comparison_logs_its_4bit_weights_and_decoding(tiny_model_dir: Path, t
     result = run_compare(spec, reporter, store)
 
     assert result is not None, reporter.states[-1]
-    expected = "dynamic KV cache, eager decode step (the decode step is compiled on CUDA only)"
+    expected = "dynamic KV cache, eager decode step (transformers compiles no 4-bit or 8-bit bitsandbytes layers)"
     assert result["decoding"] == expected and f"Decoding: {expected}" in reporter.logs
     assert result["base_weights"] == "Kept 4-bit weights (bitsandbytes' own 4-bit matmul on the CPU)"
     assert result["base_weights"] in reporter.logs

@@ -456,8 +456,6 @@ def _compile_refusal(model: Any, columns: list[str], batched: bool, stacked: boo
     from peft import PeftModel
 
     inner = _inner_model(model)
-    if next(model.parameters()).device.type != "cuda":
-        return "the decode step is compiled on CUDA only"
     quantizer = getattr(inner, "hf_quantizer", None)
     if quantizer is not None and not quantizer.is_compileable:
         return "transformers compiles no 4-bit or 8-bit bitsandbytes layers"
@@ -467,6 +465,8 @@ def _compile_refusal(model: Any, columns: list[str], batched: bool, stacked: boo
         return "one column after another: every adapter switch would compile the step again"
     if isinstance(model, PeftModel) and not (stacked and can_stack(model, columns)):
         return "PEFT's mixed batches (adapter_names) are not compiled"
+    if next(model.parameters()).device.type != "cuda":  # last: the reasons above hold on a GPU too
+        return "the decode step is compiled on CUDA only"
     return ""
 
 
