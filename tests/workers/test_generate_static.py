@@ -223,3 +223,23 @@ def test_a_comparison_logs_its_4bit_weights_and_decoding(tiny_model_dir: Path, t
     assert result["decoding"] == expected and f"Decoding: {expected}" in reporter.logs
     assert result["base_weights"] == "Kept 4-bit weights (bitsandbytes' own 4-bit matmul on the CPU)"
     assert result["base_weights"] in reporter.logs
+
+
+def test_4bit_weights_repacked_for_the_cpu_kernel_are_kept(tiny_model_dir: Path, task_adapters: Adapters) -> None:
+    """bitsandbytes repacks 4-bit weights at their first CPU forward where the CPU has AVX512-BF16, rounding the
+    block scales to bfloat16: the stored blocks are gone, so nothing is dequantized from them."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from workers.adapters.inference import dequantize_for_generation
+
+    store, _ = task_adapters
+    model, _, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), [], LoadParams(quantization="4bit"), store)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 6]]))
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
+               if isinstance(m, Linear4bit)):  # fmt: skip
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the blocks as stored")
+
+    assert dequantize_for_generation(model, force=True).startswith("Kept 4-bit weights: bitsandbytes repacked them")
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 14

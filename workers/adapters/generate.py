@@ -5,7 +5,9 @@ column, a column being an adapter key or `BASE_KEY`) is generated either in mixe
 column of a prompt in the same `generate()` call, one pass over the base weights per step for all of them;
 LoRA layers compute all adapters at once with `stacked_lora`, or through PEFT's `adapter_names`) or, for
 adapters PEFT cannot mix in a batch, one column after another with `set_adapter` / `disable_adapter`. Both
-paths pad the same prompts to the same length, so greedy outputs agree.
+paths pad the same prompts to the same length, so greedy outputs agree. The KV cache is a DynamicCache or a
+StaticCache whose decode step transformers compiles on CUDA (`plan_decoding`); a job first dequantizes a 4-bit
+base once where the GPU has room (`prepare_generation`), and says both in its log.
 
 `run_compare(spec, reporter, store)` has the contract of the train runner.
 """

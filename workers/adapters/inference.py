@@ -1,6 +1,7 @@
 """A base model and its adapters loaded for generation: the base once, each adapter attached under its key.
 
-Also which adapters can share a mixed-adapter batch (`can_batch`, `mixed_batch_refusals`).
+Also which adapters can share a mixed-adapter batch (`can_batch`, `mixed_batch_refusals`), and a 4-bit base's
+weights dequantized once for generation (`dequantize_for_generation`).
 """
 
 from __future__ import annotations
@@ -244,8 +245,8 @@ def dequantize_for_generation(model: Any, reserve_bytes: int = 0, force: bool | 
     """Replace every bitsandbytes 4-bit Linear by an `nn.Linear` holding its weight dequantized once in its compute
     dtype, where the GPU has room; returns what was done, with sizes, for the job's log ("" for no 4-bit layers).
 
-    A 4-bit layer dequantizes its whole weight at every decode step (one kernel and a full-size write per layer
-    and step); dequantized once, a step reads the compute-dtype weights and nothing else, and transformers can
+    A 4-bit layer dequantizes its weight at every call (on the GPU a kernel and a full-size write per layer and
+    decode step); dequantized once, a step reads the compute-dtype weights and nothing else, and transformers can
     compile the step (it compiles no bitsandbytes layers, so the quantization config goes as in its own
     `dequantize()`). The values are bitsandbytes' own (`dequantize_4bit` of the stored blocks), so answers do not
     change. A LoRA layer keeps its type (and stays stackable): its `base_layer` is what is replaced.
@@ -264,6 +265,9 @@ def dequantize_for_generation(model: Any, reserve_bytes: int = 0, force: bool | 
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Linear4bit)]
     if not layers:
         return ""
+    if any(getattr(module.weight.quant_state, "packing_format_for_cpu", False) for _, module in layers):
+        # On a CPU with AVX512-BF16, a first forward repacks the weights with bfloat16 scales: the blocks are gone.
+        return "Kept 4-bit weights: bitsandbytes repacked them for its CPU kernel, so they cannot be dequantized"
     dtype = _compute_dtype(layers[0][1])
     needed = sum(math.prod(module.weight.quant_state.shape) for _, module in layers) * dtype.itemsize
     device = layers[0][1].weight.device
@@ -316,13 +320,10 @@ def _dequantized_linear() -> type:
 def _dequantized(layer: Any) -> Any:
     """An nn.Linear computing what the 4-bit `layer` computes: input cast to the compute dtype, output back."""
     import torch
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+    from bitsandbytes.functional import dequantize_4bit
 
-    data, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU forward: bitsandbytes' own inverse
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     dtype = _compute_dtype(layer)
-    weight = dequantize_4bit(data, state).to(dtype)
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
     linear = _dequantized_linear()(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device="meta")
     linear.weight = torch.nn.Parameter(weight, requires_grad=False)
     if layer.bias is not None:
