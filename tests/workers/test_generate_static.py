@@ -81,6 +81,9 @@ def test_static_cache_gives_the_dynamic_cache_s_greedy_answers_on_the_base(
     dynamic = grid(model, tokenizer, prompt_ids, [BASE_KEY], cache="dynamic", prefill=prefill)
     static = grid(model, tokenizer, prompt_ids, [BASE_KEY], cache="static", prefill=prefill)
     assert static == dynamic
+    # A job's calls share one cache length (its longest prompt's): the masked positions beyond change nothing.
+    longer = Decoding(static=True, length=256)
+    assert grid(model, tokenizer, prompt_ids, [BASE_KEY], cache=longer, prefill=prefill) == dynamic
     assert len({tuple(ids) for ids in dynamic.values()}) > 3, "the answers differ between prompts"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from workers.adapters.inference import (
@@ -139,11 +139,14 @@ def prepare_generation(
 ) -> tuple[str, Decoding]:
     """Before a job's generation: a 4-bit base dequantized once where the GPU has room for it beside the largest
     call's KV cache (`dequantize_for_generation`), then the KV cache and decode step (`plan_decoding`, auto).
-    Both are said in the job's log; returns (what became of 4-bit weights, "" for none; the decoding plan)."""
+    Both are said in the job's log; returns (what became of 4-bit weights, "" for none; the decoding plan, its
+    static cache sized for the longest prompt)."""
     rows = min(batch_size, len(prompt_ids)) * (len(columns) if batched else 1)
-    positions = max((len(ids) for ids in prompt_ids), default=0) + params.max_new_tokens
-    weights = dequantize_for_generation(model, kv_cache_bytes(model, rows, positions))
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    weights = dequantize_for_generation(model, kv_cache_bytes(model, rows, longest + params.max_new_tokens))
     decoding = plan_decoding(model, columns, "auto", batched)
+    if decoding.static:  # the job's calls (an evaluation's chunks too) share one cache length
+        decoding = replace(decoding, length=_static_length(longest, params.max_new_tokens))
     if reporter is not None:
         if weights:
             reporter.log(weights)
@@ -304,6 +307,9 @@ def generate_token_grid(
     import torch
 
     decoding = cache if isinstance(cache, Decoding) else plan_decoding(model, columns, cache, batched, stacked)
+    # One static cache length for every call: a compiled step then compiles again only for a smaller last batch.
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    cache_length = max(decoding.length, _static_length(longest, params.max_new_tokens)) if decoding.static else None
 
     torch.manual_seed(params.seed)
     options = {**_generation_options(params, pad_token_id, min_new_tokens), **stops.generate_options()}
@@ -326,6 +332,7 @@ def generate_token_grid(
                 generated = _generate(
                     model, rows, cells, pad_token_id, options, row_names, on_step, should_stop, criteria,
                     columns=(len(columns) if batched else 1) if prefill else 0, decoding=decoding,
+                    cache_length=cache_length,
                 )
             for cell, row_ids in zip(cells, generated, strict=True):
                 results[cell] = stops.cut(row_ids)
@@ -384,7 +391,7 @@ def _generation_options(params: GenerationParams, pad_token_id: int, min_new_tok
 
 
 CACHE_MODES = ("auto", "dynamic", "static")
-# A static cache's length is rounded up to this many positions, so that calls of nearby prompt lengths share one
+# A static cache's length is rounded up to this many positions, so that jobs of nearby prompt lengths share one
 # compiled step; more would cost memory at large batches (8B shape, 512 rows: 64 MB a position).
 STATIC_CACHE_STEP = 64
 
@@ -396,6 +403,7 @@ class Decoding:
     static: bool = False  # a StaticCache (written in place) instead of a DynamicCache (grown by concatenation)
     compiled: bool = False  # the decode step through torch.compile (reduce-overhead: CUDA graphs), static only
     why: str = ""  # why not static or not compiled, where that is not what was asked for
+    length: int = 0  # a static cache's positions for every call (a job's longest prompt); 0: the calls' own
 
     def describe(self) -> str:
         cache = "static KV cache" if self.static else "dynamic KV cache"
@@ -489,13 +497,15 @@ def _generate(
     criteria: list[Any],
     columns: int = 1,
     decoding: Decoding = Decoding(),
+    cache_length: int | None = None,
 ) -> list[list[int]]:
     """One generate() call over left-padded rows; returns each row's generated ids.
 
     `columns`: the rows are that many equal column blocks of the same prompts (the stacked layout); 0 turns the
     prefill off. Where the prompts differ in length, their KV cache is filled first by `prefill_by_length`, so
     that the prompts' pass does not compute the padding; generate() then starts from the prompts' last token.
-    `decoding`: a static cache (the prefill's, or one generate() makes) sized by `_static_length`.
+    `decoding`: its switches; where static, the cache (the prefill's, or one generate() makes) has `cache_length`
+    positions, at least the longest row and its new tokens.
     """
     import torch
     from transformers import StoppingCriteriaList
@@ -511,12 +521,11 @@ def _generate(
     if hooks or criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList([*hooks, *criteria])
     kwargs.update(decoding.generate_options(device.type))
-    length = _static_length(width, options["max_new_tokens"]) if decoding.static else None
     with _attention_backends(device):
         if columns and adapter_names is None and can_prefill(model, rows):
-            kwargs[cache_argument(model)] = prefill_by_length(model, rows, columns, pad_token_id, length)
+            kwargs[cache_argument(model)] = prefill_by_length(model, rows, columns, pad_token_id, cache_length)
         elif decoding.static:
-            kwargs.update(cache_implementation="static", max_cache_len=length)
+            kwargs.update(cache_implementation="static", max_cache_len=cache_length)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return [list(map(int, row)) for row in output[:, width:].tolist()]
 
