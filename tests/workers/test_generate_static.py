@@ -115,7 +115,8 @@ def test_the_prefill_fills_a_static_cache_with_the_dynamic_one_s_states(adapted:
     dynamic = prefill_by_length(model, rows, 1, tokenizer.pad_token_id)
     static = prefill_by_length(model, rows, 1, tokenizer.pad_token_id, max_cache_len=width + 20)
     assert isinstance(static, StaticCache) and int(static.get_seq_length()) == width == dynamic.get_seq_length()
-    for fixed, grown in zip(static.layers, dynamic.layers, strict=True):
+    layers: list[tuple[Any, Any]] = list(zip(static.layers, dynamic.layers, strict=True))
+    for fixed, grown in layers:
         assert fixed.keys.shape[2] == width + 20
         assert torch.equal(fixed.keys[:, :, :width], grown.keys)
         assert torch.equal(fixed.values[:, :, :width], grown.values)
@@ -240,8 +241,8 @@ def test_4bit_weights_repacked_for_the_cpu_kernel_are_kept(tiny_model_dir: Path,
     model, _, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), [], LoadParams(quantization="4bit"), store)
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 6]]))
-    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
-               if isinstance(m, Linear4bit)):  # fmt: skip
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, Linear4bit)]  # type: ignore[attr-defined]
+    if not any(getattr(state, "packing_format_for_cpu", False) for state in states):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the blocks as stored")
 
     assert dequantize_for_generation(model, force=True).startswith("Kept 4-bit weights: bitsandbytes repacked them")

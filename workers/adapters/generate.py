@@ -420,7 +420,7 @@ class Decoding:
 
         config = CompileConfig(fullgraph=False, mode="reduce-overhead")
         if device_type != "cuda":  # transformers compiles on CUDA only unless told; a test compiles on the CPU
-            config._compile_all_devices = True
+            config._compile_all_devices = True  # type: ignore[assignment]  # declared None in transformers
         return {"compile_config": config}
 
 

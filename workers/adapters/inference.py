@@ -262,7 +262,7 @@ def dequantize_for_generation(model: Any, reserve_bytes: int = 0, force: bool | 
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # no bitsandbytes: no 4-bit bases either
         return ""
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    layers: list[tuple[str, Any]] = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     if not layers:
         return ""
     if any(getattr(module.weight.quant_state, "packing_format_for_cpu", False) for _, module in layers):

@@ -74,7 +74,7 @@ def prefill_by_length(
     device = next(model.parameters()).device
     prompts = len(rows) // columns
     width = max(len(r) for r in rows) - 1  # the cached positions: every prompt token but the last
-    static = StaticCache(config=model.config, max_cache_len=max_cache_len) if max_cache_len is not None else None
+    static: Any = StaticCache(config=model.config, max_cache_len=max_cache_len) if max_cache_len is not None else None
     keys: list[Any] = []
     values: list[Any] = []
     for bucket in length_buckets([len(r) - 1 for r in rows[:prompts]], BUCKET_COST // columns):
@@ -89,7 +89,8 @@ def prefill_by_length(
             model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                   **{cache_argument(model): cache})
         rows_at = torch.tensor(index, device=device)
-        for layer, cached in enumerate(cache.layers):
+        bucket_layers: list[Any] = cache.layers  # full-attention layers (can_prefill): keys and values
+        for layer, cached in enumerate(bucket_layers):
             if layer == len(keys):
                 if static is not None:  # its buffers: every row, max_cache_len positions, zeros
                     target = static.layers[layer]
