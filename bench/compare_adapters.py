@@ -14,9 +14,16 @@ Greedy decoding of exactly --new-tokens tokens per answer (min_new_tokens = max_
 row early). Each mode is warmed up with a full run, then timed twice: with 1 new token (the prompts' forward pass) and in full.
 Goal: k = 8 batched in at most 1.5x the base-alone time, and at least 5x faster than the loop.
 
+--cache and --dequantize (comma-separated) run the old path and new ones side by side: the first value of each
+is the old path (the table above); every other combination measures base alone and batched again, and a second
+table gives its speed-up over the old path and how many greedy answers are identical to the old path's.
+cache: dynamic (a DynamicCache grown by concatenation), static (a StaticCache, its decode step compiled on CUDA),
+auto (what a job picks); dequantize: off (4-bit weights dequantized at every step) or on (once, before the runs).
+
     python bench/compare_adapters.py                  # Llama-3.1-8B shape, bf16, on the GPU
     python bench/compare_adapters.py --tiny           # a tiny Llama on the CPU, in seconds
     python bench/compare_adapters.py --k 8 --prompts 32 --new-tokens 128 --prompt-median 40
+    python bench/compare_adapters.py --k 8 --quantization 4bit --cache dynamic,static --dequantize off,on
 """
 
 from __future__ import annotations
@@ -124,7 +131,7 @@ class Timing:
 
 
 def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: bool, args: argparse.Namespace,
-            stacked: bool = True) -> Timing:  # fmt: skip
+            stacked: bool = True, cache: str = "dynamic") -> Timing:  # fmt: skip
     from workers.adapters.generate import generate_token_grid
     from workers.adapters.stops import stop_tokens
     from workers.contract.jobspecs import GenerationParams
@@ -133,7 +140,7 @@ def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: b
         return generate_token_grid(
             model, prompts, columns, GenerationParams(max_new_tokens=tokens, temperature=0.0), pad_token_id=PAD,
             stops=stop_tokens(None, model), batched=batched, batch_size=args.batch_size or len(prompts), min_new_tokens=tokens, stacked=stacked,
-            prefill=not args.no_prefill,
+            prefill=not args.no_prefill, cache=cache,
         )  # fmt: skip
 
     run(tokens=args.new_tokens)  # warm-up at full length: kernels, allocator, attention plans of every cache length
@@ -193,19 +200,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="after the table: torch.profiler over 8 decode steps of base alone and batched at the "
                              "largest k (GPU busy time against wall time, top kernels)")  # fmt: skip
+    parser.add_argument("--cache", default="dynamic",
+                        help="KV caches to measure, comma-separated (dynamic, static, auto); the first is the old path")
+    parser.add_argument("--dequantize", default="off",
+                        help="4-bit weights dequantized once before the runs: off, on, or both comma-separated "
+                             "(the first is the old path); on has no effect without --quantization 4bit")
     parser.add_argument("--skip-loop", action="store_true", help="leave out the set_adapter loop")
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT adapter_names mode (slowest)")
     args = parser.parse_args()
     args.ks = sorted({int(k) for k in args.k.split(",")})
+    args.caches = _choices(parser, "--cache", args.cache, ("dynamic", "static", "auto"))
+    args.dequantize_modes = _choices(parser, "--dequantize", args.dequantize, ("off", "on"))
     args.new_tokens = args.new_tokens or (16 if args.tiny else 64)
     args.prompt_median = args.prompt_median or (12 if args.tiny else 80)
     return args
 
 
+def _choices(parser: argparse.ArgumentParser, option: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not chosen or any(v not in allowed for v in chosen):
+        parser.error(f"{option}: comma-separated values of {', '.join(allowed)}")
+    return chosen
+
+
 def main() -> None:
     import torch
-
-    from workers.contract.jobspecs import BASE_KEY
 
     args = parse_args()
     args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -219,6 +238,43 @@ def main() -> None:
         torch.set_flush_denormal(True)
         torch.set_num_threads(1)
 
+    old = (args.caches[0], args.dequantize_modes[0])
+    runs: dict[tuple[str, str], PathRun] = {}
+    for dequantize in args.dequantize_modes:
+        # Each dequantize value builds its own copy of the same random base (same seeds), after the last is freed.
+        runs.update({(cache, dequantize): run for cache, run in run_paths(args, dtype, dequantize, old).items()})
+    base, base_peak, rows = runs[old].base, runs[old].base_peak, runs[old].rows
+    print_table(args, base, base_peak, rows)
+    if len(runs) > 1:
+        print_paths(args, old, runs)
+
+
+@dataclass
+class PathRun:
+    """One path's figures: base alone and batched per k (the PEFT and loop modes on the old path only)."""
+
+    base: Timing
+    base_peak: str
+    rows: list[tuple]  # (k, batched, peft, loop, batched peak, share of answers batched = loop)
+    decoding: str  # workers.adapters.generate.plan_decoding's description
+    weights: str  # what became of the 4-bit weights
+
+
+def run_paths(args: argparse.Namespace, dtype: Any, dequantize: str, old: tuple[str, str]) -> dict[str, PathRun]:
+    """Build the base (4-bit per --quantization, dequantized once for dequantize=on), then every cache path on it:
+    base alone, the adapters attached, batched per k. The first path of all also runs the PEFT and loop modes
+    (and the profile)."""
+    import gc
+
+    import torch
+
+    from workers.adapters.generate import plan_decoding
+    from workers.adapters.inference import dequantize_for_generation
+    from workers.contract.jobspecs import BASE_KEY
+
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     model = build_model(args.tiny, args.device, dtype)
     size = sum(p.numel() for p in model.parameters()) / 1e9
     if args.quantization == "4bit":
@@ -226,6 +282,36 @@ def main() -> None:
             raise SystemExit("--quantization 4bit needs a GPU")
         model = quantize_4bit(model, dtype)
     prompts = make_prompts(args.prompts, model.config.vocab_size, args.prompt_median)
+    if dequantize == old[1]:
+        print_header(args, dtype, size, prompts)
+    weights = "4-bit weights dequantized at every step" if args.quantization == "4bit" else "no 4-bit weights"
+    if dequantize == "on":  # before the adapters are attached (a job does it after: the layers compute the same)
+        weights = dequantize_for_generation(model, force=True) or weights
+    bases = {cache: (measure(model, prompts, [BASE_KEY], True, args, cache=cache), peak_gib(args.device))
+             for cache in args.caches}  # fmt: skip
+    peft_model, keys = add_adapters(model, max(args.ks))
+    runs = {
+        cache: PathRun(*bases[cache], rows=[], decoding=plan_decoding(peft_model, keys, cache).describe(), weights=weights)
+        for cache in args.caches
+    }
+    for k in args.ks:
+        for cache in args.caches:
+            first = (cache, dequantize) == old
+            batched = measure(peft_model, prompts, keys[:k], True, args, cache=cache)
+            batched_peak = peak_gib(args.device)
+            peft = measure(peft_model, prompts, keys[:k], True, args, stacked=False, cache=cache) if first and not args.skip_peft else None
+            loop = measure(peft_model, prompts, keys[:k], False, args, cache=cache) if first and not args.skip_loop else None
+            same = sum(batched.output[cell] == loop.output[cell] for cell in batched.output) / len(batched.output) if loop else 0
+            runs[cache].rows.append((k, batched, peft, loop, batched_peak, same))
+    if args.profile and dequantize == old[1]:
+        profile(model, prompts, [BASE_KEY], args, "base alone", old[0])
+        profile(peft_model, prompts, keys[: max(args.ks)], args, f"batched, k = {max(args.ks)}", old[0])
+    return runs
+
+
+def print_header(args: argparse.Namespace, dtype: Any, size: float, prompts: list[list[int]]) -> None:
+    import torch
+
     lengths = sorted(len(p) for p in prompts)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "the CPU"
     shape = "tiny Llama" if args.tiny else "Llama-3.1-8B shape"
@@ -235,24 +321,38 @@ def main() -> None:
     print(f"{args.prompts} prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), "
           f"left-padded; {args.new_tokens} new tokens per answer, greedy; LoRA r=16 on {', '.join(TARGETS)}")  # fmt: skip
 
-    base = measure(model, prompts, [BASE_KEY], True, args)
-    base_peak = peak_gib(args.device)
-    peft_model, keys = add_adapters(model, max(args.ks))
-    rows = []
-    for k in args.ks:
-        batched = measure(peft_model, prompts, keys[:k], True, args)
-        batched_peak = peak_gib(args.device)
-        peft = None if args.skip_peft else measure(peft_model, prompts, keys[:k], True, args, stacked=False)
-        loop = None if args.skip_loop else measure(peft_model, prompts, keys[:k], False, args)
-        same = sum(batched.output[cell] == loop.output[cell] for cell in batched.output) / len(batched.output) if loop else 0
-        rows.append((k, batched, peft, loop, batched_peak, same))
-    print_table(args, base, base_peak, rows)
-    if args.profile:
-        profile(model, prompts, [BASE_KEY], args, "base alone")
-        profile(peft_model, prompts, keys[: max(args.ks)], args, f"batched, k = {max(args.ks)}")
+
+def print_paths(args: argparse.Namespace, old: tuple[str, str], runs: dict[tuple[str, str], PathRun]) -> None:
+    """Every other path against the old one: speed-up (old seconds / this path's) and identical greedy answers."""
+
+    def identical(a: Timing, b: Timing) -> str:
+        return f"{sum(a.output[cell] == b.output[cell] for cell in a.output)}/{len(a.output)}"
+
+    reference = runs[old]
+    print()
+    print(f"Paths against the old one (cache={old[0]}, dequantize={old[1]}):")
+    for (cache, dequantize), run in runs.items():
+        print(f"- cache={cache}, dequantize={dequantize}: {run.decoding}; {run.weights}")
+    print()
+    print("| cache | dequantize | k | base alone s | batched s | base alone: old / this | batched: old / this "
+          "| peak GiB base / batched | identical answers to the old path: base, batched |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (cache, dequantize), run in runs.items():
+        if (cache, dequantize) == old:
+            continue
+        for (k, batched, _, _, peak, _), (_, old_batched, *_) in zip(run.rows, reference.rows, strict=True):
+            print(f"| {cache} | {dequantize} | {k} | {run.base.seconds:.2f} ({run.base.prefill:.2f}) "
+                  f"| {batched.seconds:.2f} ({batched.prefill:.2f}) | {reference.base.seconds / run.base.seconds:.2f}x "
+                  f"| {old_batched.seconds / batched.seconds:.2f}x | {run.base_peak} / {peak} "
+                  f"| {identical(run.base, reference.base)}, {identical(batched, old_batched)} |")  # fmt: skip
+    print()
+    print("old / this: the old path's seconds over this one's (above 1: this path is faster). Identical answers: "
+          "greedy token ids equal to the old path's, cell by cell (float32 gives all of them; bf16 kernels of "
+          "another shape or a compiled graph may round differently and flip near-ties of random weights).")  # fmt: skip
 
 
-def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argparse.Namespace, title: str) -> None:
+def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argparse.Namespace, title: str,
+            cache: str) -> None:  # fmt: skip
     """Where a run of 8 new tokens spends its time: wall, GPU kernels, and the ops that take longest."""
     import torch
     from torch.profiler import ProfilerActivity
@@ -266,6 +366,7 @@ def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argp
         generate_token_grid(
             model, prompts, columns, GenerationParams(max_new_tokens=8), pad_token_id=PAD, stops=stop_tokens(None, model),
             batched=True, batch_size=args.batch_size or len(prompts), min_new_tokens=8, prefill=not args.no_prefill,
+            cache=cache,
         )  # fmt: skip
 
     run()

@@ -407,9 +407,9 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
     original = generate.prefill_by_length
     monkeypatch.setattr(prefill, "BUCKET_COST", 64)  # cheap calls: several buckets
 
-    def counted(model: Any, rows: list[list[int]], columns: int, pad_token_id: int) -> Any:
+    def counted(model: Any, rows: list[list[int]], columns: int, pad_token_id: int, *static: Any) -> Any:
         calls.append(len(prefill.length_buckets([len(r) - 1 for r in rows[: len(rows) // columns]], 64 // columns)))
-        return original(model, rows, columns, pad_token_id)
+        return original(model, rows, columns, pad_token_id, *static)
 
     monkeypatch.setattr(generate, "prefill_by_length", counted)
 

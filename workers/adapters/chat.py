@@ -25,6 +25,8 @@ from workers.adapters.generate import (
 )
 from workers.adapters.inference import (
     can_batch,
+    dequantize_for_generation,
+    kv_cache_bytes,
     load_for_inference,
     mixed_batch_refusals,
     peft_adapter_name,
@@ -42,6 +44,7 @@ from workers.formatting import duration, figure, plural
 from workers.training.modelinfo import ModelNotFound
 
 POLL_WAIT_S = 20.0  # the longest a long poll for the next message waits before asking again
+CACHE_POSITIONS = 8192  # the conversation length the GPU must keep room for when a 4-bit base is dequantized
 
 
 def run_chat(spec: ChatSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
@@ -70,6 +73,11 @@ class ChatSession:
         self.model, self.tokenizer, device = load_for_inference(
             spec.base_model, spec.adapters, spec.load, self.store, reporter)
         self.stops: Stops = answer_stops(self.model, self.tokenizer, reporter)
+        # A 4-bit base dequantized once where the GPU has room beside a long conversation's KV cache of every
+        # column: each decode step then reads compute-dtype weights only (time to first token and speed).
+        weights = dequantize_for_generation(self.model, kv_cache_bytes(self.model, len(self.columns), CACHE_POSITIONS))
+        if weights:
+            reporter.log(weights)
         refusals = mixed_batch_refusals(self.model, {a.key: a.label or a.key for a in spec.adapters})
         self.batched = len(self.columns) > 1 and can_batch(spec.adapters) and not refusals
         if len(self.columns) > 1 and not self.batched:

@@ -306,7 +306,7 @@ def _answers(
     progress: _Progress,
 ) -> tuple[dict[tuple[int, str], str], dict[tuple[int, str], int]]:
     """Every column's answer to every row (text, and its length in tokens without its stop)."""
-    from workers.adapters.generate import generate_token_grid
+    from workers.adapters.generate import generate_token_grid, prepare_generation
     from workers.adapters.inference import mixed_batch_refusals
 
     reporter = progress.reporter
@@ -317,6 +317,10 @@ def _answers(
         "greedy" if spec.generation.temperature == 0 else f"sampling at temperature {spec.generation.temperature:g}"
     )
     reporter.log(f"Generating answers ({decoding}, at most {spec.generation.max_new_tokens} tokens)")
+    _, plan = prepare_generation(
+        model, [e.prompt_ids for e in encoded], columns, spec.generation,
+        batched=not refusals, batch_size=GENERATION_CHUNK, reporter=reporter,
+    )  # fmt: skip
     reporter.flush()
 
     def should_stop() -> bool:
@@ -337,6 +341,7 @@ def _answers(
             batched=not refusals,
             batch_size=GENERATION_CHUNK,
             should_stop=should_stop,
+            cache=plan,
         )
         if reporter.cancel_requested:
             raise Cancelled()

@@ -5,7 +5,9 @@ column, a column being an adapter key or `BASE_KEY`) is generated either in mixe
 column of a prompt in the same `generate()` call, one pass over the base weights per step for all of them;
 LoRA layers compute all adapters at once with `stacked_lora`, or through PEFT's `adapter_names`) or, for
 adapters PEFT cannot mix in a batch, one column after another with `set_adapter` / `disable_adapter`. Both
-paths pad the same prompts to the same length, so greedy outputs agree.
+paths pad the same prompts to the same length, so greedy outputs agree. The KV cache is a DynamicCache or a
+StaticCache whose decode step transformers compiles on CUDA (`plan_decoding`); a job first dequantizes a 4-bit
+base once where the GPU has room (`prepare_generation`), and says both in its log.
 
 `run_compare(spec, reporter, store)` has the contract of the train runner.
 """
@@ -15,10 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 from workers.adapters.inference import (
     can_batch,
+    dequantize_for_generation,
+    kv_cache_bytes,
     load_for_inference,
     mixed_batch_refusals,
     peft_adapter_name,
@@ -26,7 +31,7 @@ from workers.adapters.inference import (
     ref_refusals,
 )
 from workers.adapters.prefill import cache_argument, can_prefill, prefill_by_length
-from workers.adapters.stacked import stacked_lora
+from workers.adapters.stacked import can_stack, stacked_lora
 from workers.adapters.stops import Stops, stop_tokens
 from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.jobspecs import BASE_KEY, CompareSpec, GenerationParams, PromptRow
@@ -71,6 +76,10 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
     else:
         reasons = refusals or ref_refusals(spec.adapters)
         reporter.log("Sequential, one column after another: " + "; ".join(reasons), level="warning")
+    weights, decoding = prepare_generation(
+        model, encode_prompts(tokenizer, spec.prompts, spec.generation.chat_template), columns, spec.generation,
+        batched=batched, batch_size=spec.batch_size, reporter=reporter,
+    )  # fmt: skip
     reporter.flush()
     stream = _OutputStream(reporter)
     generating = time.monotonic()
@@ -86,6 +95,7 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         on_text=stream.add,
         should_stop=stream.poll,
         stream_interval=reporter.flush_interval,
+        cache=decoding,
     )
     stream.send()
     seconds = time.monotonic() - generating
@@ -112,7 +122,36 @@ def _compare(spec: CompareSpec, reporter: Reporter, store: ArtifactStore) -> dic
         "dtype": device.dtype_name,
         "base_precision": precision_label(spec.load, device),
         "stop_tokens": stops.as_json(),
+        "decoding": decoding.describe(),
+        "base_weights": weights or None,
     }
+
+
+def prepare_generation(
+    model: Any,
+    prompt_ids: list[list[int]],
+    columns: list[str],
+    params: GenerationParams,
+    *,
+    batched: bool,
+    batch_size: int,
+    reporter: Reporter | None = None,
+) -> tuple[str, Decoding]:
+    """Before a job's generation: a 4-bit base dequantized once where the GPU has room for it beside the largest
+    call's KV cache (`dequantize_for_generation`), then the KV cache and decode step (`plan_decoding`, auto).
+    Both are said in the job's log; returns (what became of 4-bit weights, "" for none; the decoding plan, its
+    static cache sized for the longest prompt)."""
+    rows = min(batch_size, len(prompt_ids)) * (len(columns) if batched else 1)
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    weights = dequantize_for_generation(model, kv_cache_bytes(model, rows, longest + params.max_new_tokens))
+    decoding = plan_decoding(model, columns, "auto", batched)
+    if decoding.static:  # the job's calls (an evaluation's chunks too) share one cache length
+        decoding = replace(decoding, length=_static_length(longest, params.max_new_tokens))
+    if reporter is not None:
+        if weights:
+            reporter.log(weights)
+        reporter.log(f"Decoding: {decoding.describe()}")
+    return weights, decoding
 
 
 def answer_stops(model: Any, tokenizer: Any, reporter: Reporter) -> Stops:
@@ -209,11 +248,12 @@ def generate_text_grid(
     on_text: Callable[[int, str, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     stream_interval: float = 0.0,
+    cache: str | Decoding = "auto",
 ) -> tuple[dict[Cell, str], dict[Cell, list[int]]]:
     """`generate_grid` that also returns each cell's generated token ids (up to and including its stop).
 
     `stops`: where answers end (by default `stop_tokens(tokenizer, model)`). `stream_interval`: the least seconds
-    between two rounds of on_text calls (0: every decode step)."""
+    between two rounds of on_text calls (0: every decode step). `cache`: as in `generate_token_grid`."""
     if stops is None:
         stops = stop_tokens(tokenizer, model)
     stream = TextStream(on_text, stops, stream_interval) if on_text is not None else None
@@ -228,6 +268,7 @@ def generate_text_grid(
         batch_size=batch_size,
         on_step=stream.step if stream is not None else None,
         should_stop=should_stop,
+        cache=cache,
     )
     texts = {cell: stops.text(cell_ids) for cell, cell_ids in ids.items()}
     if stream is not None:
@@ -250,6 +291,7 @@ def generate_token_grid(
     should_stop: Callable[[], bool] | None = None,
     stacked: bool = True,
     prefill: bool = True,
+    cache: str | Decoding = "auto",
 ) -> dict[Cell, list[int]]:
     """The token level of `generate_grid`: prompts as token ids, answers as token ids (cut after their stop:
     `stops.cut`; `min_new_tokens` holds back single-token stops only).
@@ -259,9 +301,15 @@ def generate_token_grid(
     so greedy answers agree. Batched LoRA layers compute all columns' adapters in two batched matmuls
     (`stacked_lora`) where they can, else through PEFT's `adapter_names`; `stacked=False` forces the latter.
     `prefill=False` leaves the prompts' pass to generate() (over the padding too) instead of `prefill_by_length`.
+    `cache`: the KV cache and decode step (`plan_decoding`: "auto", "dynamic", "static"), or a plan made already.
     """
     _check_columns(model, columns, batched)
     import torch
+
+    decoding = cache if isinstance(cache, Decoding) else plan_decoding(model, columns, cache, batched, stacked)
+    # One static cache length for every call: a compiled step then compiles again only for a smaller last batch.
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    cache_length = max(decoding.length, _static_length(longest, params.max_new_tokens)) if decoding.static else None
 
     torch.manual_seed(params.seed)
     options = {**generation_options(params, pad_token_id, min_new_tokens), **stops.generate_options()}
@@ -283,7 +331,8 @@ def generate_token_grid(
             with context:
                 generated = generate_rows(
                     model, rows, cells, pad_token_id, options, row_names, on_step, should_stop, criteria,
-                    columns=(len(columns) if batched else 1) if prefill else 0,
+                    columns=(len(columns) if batched else 1) if prefill else 0, decoding=decoding,
+                    cache_length=cache_length,
                 )
             for cell, row_ids in zip(cells, generated, strict=True):
                 results[cell] = stops.cut(row_ids)
@@ -341,6 +390,101 @@ def generation_options(params: GenerationParams, pad_token_id: int, min_new_toke
     return options
 
 
+CACHE_MODES = ("auto", "dynamic", "static")
+# A static cache's length is rounded up to this many positions, so that jobs of nearby prompt lengths share one
+# compiled step; more would cost memory at large batches (8B shape, 512 rows: 64 MB a position).
+STATIC_CACHE_STEP = 64
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How generate() keeps the KV cache and runs a decode step (`plan_decoding`); `describe()` is for job logs."""
+
+    static: bool = False  # a StaticCache (written in place) instead of a DynamicCache (grown by concatenation)
+    compiled: bool = False  # the decode step through torch.compile (reduce-overhead: CUDA graphs), static only
+    why: str = ""  # why not static or not compiled, where that is not what was asked for
+    length: int = 0  # a static cache's positions for every call (a job's longest prompt); 0: the calls' own
+
+    def describe(self) -> str:
+        cache = "static KV cache" if self.static else "dynamic KV cache"
+        step = "compiled decode step (torch.compile, CUDA graphs)" if self.compiled else "eager decode step"
+        return f"{cache}, {step}" + (f" ({self.why})" if self.why else "")
+
+    def generate_options(self, device_type: str) -> dict[str, Any]:
+        """generate()'s switches for this plan; transformers compiles a static cache's decode step on CUDA itself."""
+        if not self.static:
+            return {}
+        if not self.compiled:
+            return {"disable_compile": True}
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=False, mode="reduce-overhead")
+        if device_type != "cuda":  # transformers compiles on CUDA only unless told; a test compiles on the CPU
+            config._compile_all_devices = True  # type: ignore[assignment]  # declared None in transformers
+        return {"compile_config": config}
+
+
+def plan_decoding(
+    model: Any, columns: list[str], cache: str = "auto", batched: bool = True, stacked: bool = True
+) -> Decoding:
+    """The KV cache and decode step of `generate_token_grid` for these columns (the same arguments).
+
+    "dynamic": transformers' default, the cache grown by concatenation at every step. "static": a preallocated
+    cache written in place, its decode step compiled where transformers and this path allow it (CUDA, a model
+    transformers compiles, no 4-bit layers, one graph for every call), else run eagerly. "auto": static and
+    compiled where it can be compiled, dynamic elsewhere (the CPU, sequential columns, PEFT's mixed batches):
+    a static cache without CUDA graphs is not measured to be faster. Static caches combine with
+    `prefill_by_length` (it fills one). A model that cannot hold a static cache gets the dynamic one."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    if cache == "dynamic":
+        return Decoding()
+    refusal = _static_refusal(model)
+    if refusal:
+        return Decoding(why=refusal)
+    not_compiled = _compile_refusal(model, columns, batched, stacked)
+    if cache == "static":
+        return Decoding(static=True, compiled=not not_compiled, why=not_compiled)
+    return Decoding(why=not_compiled) if not_compiled else Decoding(static=True, compiled=True)
+
+
+def _inner_model(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _static_refusal(model: Any) -> str:
+    inner = _inner_model(model)
+    if getattr(inner.config, "is_encoder_decoder", False) or not inner._supports_default_dynamic_cache():
+        return "this model keeps no plain KV cache"
+    if any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values()):
+        return "virtual tokens of a prompt-learning adapter"
+    return ""
+
+
+def _compile_refusal(model: Any, columns: list[str], batched: bool, stacked: bool) -> str:
+    """Why the decode step is not compiled here; empty where it is."""
+    from peft import PeftModel
+
+    inner = _inner_model(model)
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        return "transformers compiles no 4-bit or 8-bit bitsandbytes layers"
+    if not getattr(inner, "_can_compile_fullgraph", False):
+        return f"transformers does not compile {type(inner).__name__}"
+    if isinstance(model, PeftModel) and not batched:
+        return "one column after another: every adapter switch would compile the step again"
+    if isinstance(model, PeftModel) and not (stacked and can_stack(model, columns)):
+        return "PEFT's mixed batches (adapter_names) are not compiled"
+    if next(model.parameters()).device.type != "cuda":  # last: the reasons above hold on a GPU too
+        return "the decode step is compiled on CUDA only"
+    return ""
+
+
+def _static_length(width: int, max_new_tokens: int) -> int:
+    """The positions of a static cache for prompts left-padded to `width` and `max_new_tokens` new tokens."""
+    return -(-(width + max_new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+
+
 def generate_rows(
     model: Any,
     rows: list[list[int]],
@@ -352,12 +496,16 @@ def generate_rows(
     should_stop: Callable[[], bool] | None,
     criteria: list[Any],
     columns: int = 1,
+    decoding: Decoding = Decoding(),
+    cache_length: int | None = None,
 ) -> list[list[int]]:
     """One generate() call over left-padded rows; returns each row's generated ids.
 
     `columns`: the rows are that many equal column blocks of the same prompts (the stacked layout); 0 turns the
     prefill off. Where the prompts differ in length, their KV cache is filled first by `prefill_by_length`, so
     that the prompts' pass does not compute the padding; generate() then starts from the prompts' last token.
+    `decoding`: its switches; where static, the cache (the prefill's, or one generate() makes) has `cache_length`
+    positions, at least the longest row and its new tokens.
     """
     import torch
     from transformers import StoppingCriteriaList
@@ -372,9 +520,12 @@ def generate_rows(
     hooks = [_StepHook(cells, width, on_step, should_stop)] if on_step is not None or should_stop is not None else []
     if hooks or criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList([*hooks, *criteria])
+    kwargs.update(decoding.generate_options(device.type))
     with _attention_backends(device):
         if columns and adapter_names is None and can_prefill(model, rows):
-            kwargs[cache_argument(model)] = prefill_by_length(model, rows, columns, pad_token_id)
+            kwargs[cache_argument(model)] = prefill_by_length(model, rows, columns, pad_token_id, cache_length)
+        elif decoding.static:
+            kwargs.update(cache_implementation="static", max_cache_len=cache_length)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return [list(map(int, row)) for row in output[:, width:].tolist()]
 

@@ -1,12 +1,15 @@
 """A base model and its adapters loaded for generation: the base once, each adapter attached under its key.
 
-Also which adapters can share a mixed-adapter batch (`can_batch`, `mixed_batch_refusals`).
+Also which adapters can share a mixed-adapter batch (`can_batch`, `mixed_batch_refusals`), and a 4-bit base's
+weights dequantized once for generation (`dequantize_for_generation`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +222,110 @@ def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> li
     if any(layer.merged for layer in layers):
         reasons.append("an adapter is merged into the base weights; mixed batches need unmerged adapters")
     return reasons
+
+
+# --- 4-bit bases: dequantized once for generation ---------------------------------------------------------
+
+GENERATION_SLACK_BYTES = 2 * 2**30  # activations and allocator slack beyond the weights and the KV cache
+
+
+def kv_cache_bytes(model: Any, rows: int, positions: int) -> int:
+    """Bytes of a KV cache of `rows` rows and `positions` positions for this model, in its compute dtype."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * rows * positions * itemsize
+
+
+def dequantize_for_generation(model: Any, reserve_bytes: int = 0, force: bool | None = None) -> str:
+    """Replace every bitsandbytes 4-bit Linear by an `nn.Linear` holding its weight dequantized once in its compute
+    dtype, where the GPU has room; returns what was done, with sizes, for the job's log ("" for no 4-bit layers).
+
+    A 4-bit layer dequantizes its weight at every call (on the GPU a kernel and a full-size write per layer and
+    decode step); dequantized once, a step reads the compute-dtype weights and nothing else, and transformers can
+    compile the step (it compiles no bitsandbytes layers, so the quantization config goes as in its own
+    `dequantize()`). The values are bitsandbytes' own (`dequantize_4bit` of the stored blocks), so answers do not
+    change. A LoRA layer keeps its type (and stays stackable): its `base_layer` is what is replaced.
+
+    force=None: on CUDA where the free memory exceeds the dequantized size + `reserve_bytes` (the KV cache) +
+    GENERATION_SLACK_BYTES, never on the CPU (bitsandbytes' CPU 4-bit matmul does not pay that cost per step);
+    True / False: always / never (benchmarks, tests)."""
+    import torch
+
+    from workers.formatting import size
+
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit bases either
+        return ""
+    layers: list[tuple[str, Any]] = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return ""
+    if any(getattr(module.weight.quant_state, "packing_format_for_cpu", False) for _, module in layers):
+        # On a CPU with AVX512-BF16, a first forward repacks the weights with bfloat16 scales: the blocks are gone.
+        return "Kept 4-bit weights: bitsandbytes repacked them for its CPU kernel, so they cannot be dequantized"
+    dtype = _compute_dtype(layers[0][1])
+    needed = sum(math.prod(module.weight.quant_state.shape) for _, module in layers) * dtype.itemsize
+    device = layers[0][1].weight.device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, unused
+        room = f"{size(free)} free"
+        wanted = needed + reserve_bytes + GENERATION_SLACK_BYTES
+        if force is None:
+            force = free > wanted
+        if not force:
+            return f"Kept 4-bit weights, dequantized at every step: {room}, {size(wanted)} needed to dequantize once"
+    elif not force:
+        return "Kept 4-bit weights (bitsandbytes' own 4-bit matmul on the CPU)"
+    else:
+        room = "on the CPU"
+    for name, module in layers:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _dequantized(module))
+    quantizer = getattr(_unwrapped(model), "hf_quantizer", None)
+    if quantizer is not None:  # no bitsandbytes layer is left: transformers' own dequantize() does the same
+        quantizer.remove_quantization_config(_unwrapped(model))
+    label = str(dtype).removeprefix("torch.")
+    return f"Dequantized {size(needed)} of 4-bit weights once into {label} ({len(layers)} layers; {room})"
+
+
+def _unwrapped(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _compute_dtype(layer: Any) -> Any:
+    """The dtype a 4-bit layer computes in: its compute_dtype, else the dtype its weights were quantized from."""
+    return layer.compute_dtype or layer.weight.quant_state.dtype
+
+
+@cache
+def _dequantized_linear() -> type:
+    """The nn.Linear that stands for a dequantized 4-bit layer (made on first use: torch is imported lazily)."""
+    import torch
+
+    class DequantizedLinear(torch.nn.Linear):
+        """A 4-bit layer's weight dequantized once; computes as bitsandbytes does: in the weight's dtype."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    return DequantizedLinear
+
+
+def _dequantized(layer: Any) -> Any:
+    """An nn.Linear computing what the 4-bit `layer` computes: input cast to the compute dtype, output back."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    dtype = _compute_dtype(layer)
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+    linear = _dequantized_linear()(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+    return linear

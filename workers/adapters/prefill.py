@@ -56,19 +56,25 @@ def length_buckets(lengths: list[int], step_cost: int = BUCKET_COST) -> list[lis
     return groups[::-1]
 
 
-def prefill_by_length(model: Any, rows: list[list[int]], columns: int, pad_token_id: int) -> Any:
+def prefill_by_length(
+    model: Any, rows: list[list[int]], columns: int, pad_token_id: int, max_cache_len: int | None = None
+) -> Any:
     """The KV cache of every row's prompt but its last token, laid out as generate() expects for the rows
     left-padded to the longest (padding positions stay zero and are masked), computed a length bucket at a time.
 
     The rows are `columns` equal blocks of the same prompts; a bucket takes its prompts in every block, in block
     order, so that a stacked LoRA layer still finds its columns as equal slices of the batch.
+
+    `max_cache_len`: a StaticCache of that many positions (the compiled decode step's fixed shapes), the buckets
+    written straight into its buffers (no second copy of the cache); None: a DynamicCache.
     """
     import torch
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     device = next(model.parameters()).device
     prompts = len(rows) // columns
     width = max(len(r) for r in rows) - 1  # the cached positions: every prompt token but the last
+    static: Any = StaticCache(config=model.config, max_cache_len=max_cache_len) if max_cache_len is not None else None
     keys: list[Any] = []
     values: list[Any] = []
     for bucket in length_buckets([len(r) - 1 for r in rows[:prompts]], BUCKET_COST // columns):
@@ -83,14 +89,29 @@ def prefill_by_length(model: Any, rows: list[list[int]], columns: int, pad_token
             model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                   **{cache_argument(model): cache})
         rows_at = torch.tensor(index, device=device)
-        for layer, cached in enumerate(cache.layers):
+        bucket_layers: list[Any] = cache.layers  # full-attention layers (can_prefill): keys and values
+        for layer, cached in enumerate(bucket_layers):
             if layer == len(keys):
-                shape = (len(rows), *cached.keys.shape[1:2], width, cached.keys.shape[-1])
-                keys.append(cached.keys.new_zeros(shape))
-                values.append(cached.values.new_zeros((*shape[:3], cached.values.shape[-1])))
-            keys[layer][rows_at, :, width - span :] = cached.keys
-            values[layer][rows_at, :, width - span :] = cached.values
+                if static is not None:  # its buffers: every row, max_cache_len positions, zeros
+                    target = static.layers[layer]
+                    target.lazy_initialization(_rows_like(cached.keys, len(rows)), _rows_like(cached.values, len(rows)))
+                    keys.append(target.keys)
+                    values.append(target.values)
+                else:
+                    keys.append(cached.keys.new_zeros((len(rows), cached.keys.shape[1], width, cached.keys.shape[-1])))
+                    values.append(cached.values.new_zeros((*keys[-1].shape[:3], cached.values.shape[-1])))
+            keys[layer][rows_at, :, width - span : width] = cached.keys
+            values[layer][rows_at, :, width - span : width] = cached.values
+    if static is not None:
+        for target in static.layers:
+            target.cumulative_length.fill_(width)  # in place: the compiled step reads it at a fixed address
+        return static
     full = DynamicCache(config=model.config)
     for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
         full.update(k, v, layer)
     return full
+
+
+def _rows_like(states: Any, rows: int) -> Any:
+    """A (rows, heads, 1, head dim) view of a bucket's states: the shape, dtype and device a static layer takes."""
+    return states[:1, :, :1].expand(rows, -1, -1, -1)

@@ -25,15 +25,34 @@ def stacked_lora(model: Any, columns: list[str]) -> Iterator[bool]:
         yield False
         return
     try:
-        for layer, stack in layers:
-            layer.forward = _StackedForward(layer, stack, len(columns))
+        for layer, present in layers:
+            layer.forward = _stacked_forward(layer, present, len(columns))
         yield True
     finally:
         for layer, _ in layers:
             layer.__dict__.pop("forward", None)
 
 
-def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack | None]] | None:
+def can_stack(model: Any, columns: list[str]) -> bool:
+    """Whether `stacked_lora(model, columns)` stacks (yields True)."""
+    return _stackable_layers(model, columns) is not None
+
+
+def _stacked_forward(layer: Any, present: list[tuple[int, str]], columns: int) -> _StackedForward:
+    """The layer's stacked forward for these columns: the one made last time where the columns and the adapters'
+    weights are the same. A compiled decode step guards on the object (torch.compile traces through it, no graph
+    break, as tested on the CPU): a new one at every call would compile the step again."""
+    weights = tuple((layer.lora_A[n].weight.data_ptr(), layer.lora_B[n].weight.data_ptr()) for _, n in present)
+    key = (columns, tuple(present), weights, id(layer.base_layer))
+    kept = layer.__dict__.get("_stacked_forward")
+    if kept is None or kept[0] != key:
+        kept = (key, _StackedForward(layer, _Stack.of(layer, present) if present else None, columns))
+        layer.__dict__["_stacked_forward"] = kept
+    return kept[1]
+
+
+def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, list[tuple[int, str]]]] | None:
+    """Every LoRA layer and its columns' adapters (column index, PEFT name); None where a layer is not stackable."""
     from peft import PeftModel, PeftType
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -53,7 +72,7 @@ def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack 
     if any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
         return None
     names = [None if column == BASE_KEY else peft_adapter_name(column) for column in columns]
-    layers: list[tuple[Any, _Stack | None]] = []
+    layers: list[tuple[Any, list[tuple[int, str]]]] = []
     for module in model.modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             return None
@@ -68,7 +87,7 @@ def _stackable_layers(model: Any, columns: list[str]) -> list[tuple[Any, _Stack 
         )
         if not plain:
             return None
-        layers.append((module, _Stack.of(module, present) if present else None))
+        layers.append((module, present))
     return layers
 
 
@@ -83,6 +102,10 @@ class _Stack:
         first = columns[0]
         self.span = (first, first + len(columns)) if columns == list(range(first, first + len(columns))) else None
         self.index = torch.tensor(columns, device=a.device)
+        # Fixed addresses, like the weights: a compiled step under CUDA graphs would otherwise copy these tensors
+        # (attributes of a plain object, not parameters) into its own buffers at every replay.
+        for tensor in (self.a_t, self.b_t, self.scale, self.index):
+            torch._dynamo.mark_static_address(tensor)
 
     @classmethod
     def of(cls, layer: Any, present: list[tuple[int, str]]) -> _Stack:
