@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from webapp.api import access
 from webapp.api.adapters import job_error, request_body
 from webapp.api.common import NamedRef, Ref, VisibleObjectMixin
+from webapp.api.comparisons import checked_base
 from webapp.api.events import EventStreamRenderer
 from webapp.api.idempotency import idempotent, run_idempotent
 from webapp.api.negotiation import FirstRenderer
@@ -186,10 +187,7 @@ class ChatSessionViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             body = ChatCreateSerializer(data=request.data, context={"request": request})
             body.is_valid(raise_exception=True)
             data = body.validated_data
-            base = data.get("base_model")
-            wrong = [a for a in data["adapters"] if base is not None and a.base_model_id != base.pk]
-            if wrong:
-                raise ValidationError({"adapters": [f"{a} was trained on {a.base_model}, not {base}" for a in wrong]})
+            base = checked_base(data)
             try:
                 session = chat.start_session(
                     request.user, list(dict.fromkeys(data["adapters"])), include_base=data["include_base"],

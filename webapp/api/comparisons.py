@@ -173,6 +173,15 @@ class ComparisonDetailSerializer(ComparisonSerializer):
         return comparison.win_rates()
 
 
+def checked_base(data: dict[str, Any]) -> BaseModel | None:
+    """The body's `base_model`, where given, after checking that every adapter was trained on it."""
+    base = data.get("base_model")
+    wrong = [a for a in data.get("adapters") or [] if base is not None and a.base_model_id != base.pk]
+    if wrong:
+        raise ValidationError({"adapters": [f"{a} was trained on {a.base_model}, not {base}" for a in wrong]})
+    return base
+
+
 def _new_prompt_set(user: Any, data: dict[str, Any], name: str) -> PromptSet:
     """A prompt set from typed prompts (each with an optional reference) or from a dataset's first rows."""
     if data.get("dataset"):
@@ -344,10 +353,7 @@ class ComparisonViewSet(VisibleObjectMixin, viewsets.ReadOnlyModelViewSet):
             body = CompareCreateSerializer(data=request.data, context={"request": request})
             body.is_valid(raise_exception=True)
             data = body.validated_data
-            base = data.get("base_model")
-            wrong = [a for a in data["adapters"] if base is not None and a.base_model_id != base.pk]
-            if wrong:
-                raise ValidationError({"adapters": [f"{a} was trained on {a.base_model}, not {base}" for a in wrong]})
+            checked_base(data)
             try:
                 with transaction.atomic():
                     comparison = services.start_compare(

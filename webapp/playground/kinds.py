@@ -43,14 +43,20 @@ def restart_comparison(job: AdapterJob) -> None:
     comparison.cells.all().delete()
 
 
-def fold_streamed_text(job: AdapterJob, events: list[dict[str, Any]]) -> None:
-    """Append streamed text to the comparison's cells, so a page opened mid-run shows it at once."""
+def streamed_deltas(events: list[dict[str, Any]]) -> dict[tuple[int, str], str]:
+    """The text the `output` events of a batch add to each (row, column), joined in order."""
     deltas: dict[tuple[int, str], str] = {}
     for event in events:
         data = event.get("data") or {}
         if event.get("kind") == "output" and "row" in data and "column" in data:
             key = (int(data["row"]), str(data["column"])[:64])
             deltas[key] = deltas.get(key, "") + str(data.get("text", ""))
+    return deltas
+
+
+def fold_streamed_text(job: AdapterJob, events: list[dict[str, Any]]) -> None:
+    """Append streamed text to the comparison's cells, so a page opened mid-run shows it at once."""
+    deltas = streamed_deltas(events)
     if not deltas:
         return
     cells = job.comparison.cells
@@ -138,12 +144,7 @@ def fold_chat(job: AdapterJob, events: list[dict[str, Any]]) -> None:
     """A chat's streamed text appended to its answers; a turn's final texts and figures stored when it ends
     (see playground.chat)."""
     session_id = (job.params or {}).get("session_id")
-    deltas: dict[tuple[int, str], str] = {}
-    for event in events:
-        data = event.get("data") or {}
-        if event.get("kind") == "output" and "row" in data and "column" in data:
-            key = (int(data["row"]), str(data["column"])[:64])
-            deltas[key] = deltas.get(key, "") + str(data.get("text", ""))
+    deltas = streamed_deltas(events)
     answers = _chat_model(job, "ChatAnswer").objects.filter(message__session_id=session_id)
     for (index, column), text in deltas.items():
         answers.filter(message__index=index, column=column, done=False).update(text=Concat(F("text"), Value(text)))
