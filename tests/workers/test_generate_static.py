@@ -143,6 +143,29 @@ def test_a_compiled_decode_step_traces_the_stacked_layers_and_gives_the_same_ans
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+class UnbuildableStep(Decoding):
+    """A compiled decode step whose compiler cannot be found: a real torch.compile failure, at the first step."""
+
+    def generate_options(self, device_type: str) -> dict[str, Any]:
+        options = super().generate_options(device_type)
+        options["compile_config"].backend = "no-such-backend"
+        return options
+
+
+def test_a_compiled_step_that_fails_falls_back_to_the_eager_path_with_the_same_answers(
+    adapted: tuple[Any, Any],
+) -> None:
+    import torch
+
+    model, tokenizer = adapted
+    prompt_ids = prompts(tokenizer)[:6]
+    dynamic = grid(model, tokenizer, prompt_ids, COLUMNS, cache="dynamic")
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed.*dynamic KV cache and an eager step"):
+        fallen = grid(model, tokenizer, prompt_ids, COLUMNS, cache=UnbuildableStep(static=True, compiled=True))
+    assert fallen == dynamic
+
+
 # --- 4-bit bases dequantized once -----------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ base once where the GPU has room (`prepare_generation`), and says both in its lo
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -526,7 +527,17 @@ def generate_rows(
             kwargs[cache_argument(model)] = prefill_by_length(model, rows, columns, pad_token_id, cache_length)
         elif decoding.static:
             kwargs.update(cache_implementation="static", max_cache_len=cache_length)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        try:
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        except RuntimeError as exc:  # torch.compile's and CUDA graphs' errors are RuntimeErrors (OOM too)
+            if not decoding.compiled:
+                raise
+            # A compiled step that cannot be built or captured costs this call its speed, never its answers:
+            # it runs again as before, with a dynamic cache, eagerly (the job's log gets the warning).
+            warnings.warn(f"The compiled decode step failed ({type(exc).__name__}: {str(exc)[:300]}); generation "
+                          "goes on with a dynamic KV cache and an eager step", RuntimeWarning, stacklevel=2)
+            return generate_rows(model, rows, cells, pad_token_id, options, adapter_names, on_step, should_stop,
+                                 criteria, columns, Decoding(why="the compiled step failed"))
     return [list(map(int, row)) for row in output[:, width:].tolist()]
 
 
