@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.generate import Decoding, encode_prompts, generate_token_grid, plan_decoding
+from workers.adapters.generate import AUTO_DYNAMIC, Decoding, encode_prompts, generate_token_grid, plan_decoding
 from workers.adapters.inference import load_for_inference
 from workers.adapters.stops import stop_tokens
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
@@ -59,7 +59,7 @@ def test_the_cpu_plans_a_dynamic_cache_and_static_when_asked(adapted: tuple[Any,
     model, _ = adapted
     auto = plan_decoding(model, COLUMNS)
     assert (auto.static, auto.compiled) == (False, False)
-    assert auto.describe() == "dynamic KV cache, eager decode step (the decode step is compiled on CUDA only)"
+    assert auto.describe() == f"dynamic KV cache, eager decode step ({AUTO_DYNAMIC})"
     static = plan_decoding(model, COLUMNS, "static")
     assert (static.static, static.compiled) == (True, False)
     assert static.describe().startswith("static KV cache, eager decode step")
@@ -246,7 +246,7 @@ def test_a_comparison_logs_its_4bit_weights_and_decoding(tiny_model_dir: Path, t
     result = run_compare(spec, reporter, store)
 
     assert result is not None, reporter.states[-1]
-    expected = "dynamic KV cache, eager decode step (transformers compiles no 4-bit or 8-bit bitsandbytes layers)"
+    expected = f"dynamic KV cache, eager decode step ({AUTO_DYNAMIC})"
     assert result["decoding"] == expected and f"Decoding: {expected}" in reporter.logs
     assert result["base_weights"] == "Kept 4-bit weights (bitsandbytes' own 4-bit matmul on the CPU)"
     assert result["base_weights"] in reporter.logs
