@@ -44,6 +44,10 @@ def test_a_new_chat_starts_loading_and_its_page_escapes_what_people_typed(team: 
     assert client.get(f"/jobs/{session.job_id}/").status_code == 200
     assert "chat" in client.get("/jobs/").content.decode().lower()
     assert client.get("/chat/").status_code == 200
+    # An adapter's page leads to a new chat with it chosen.
+    a = session.adapters.get()
+    assert f'href="/chat/?adapters={a.pk}"' in client.get(f"/adapters/{a.pk}/").content.decode()
+    assert f'<option value="{a.pk}" selected>' in client.get(f"/chat/?adapters={a.pk}").content.decode()
 
 
 def test_refusals_name_what_is_wrong_and_keep_what_was_stored(team: Any, client: Client) -> None:
