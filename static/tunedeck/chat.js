@@ -89,6 +89,7 @@
   // --- drawing ------------------------------------------------------------------------------------------------
   function figures(answer) {
     if (!answer.done) return "writing…";
+    if (answer.error) return `not answered: ${answer.error}`;
     const parts = [`${answer.tokens} token${answer.tokens === 1 ? "" : "s"}`];
     if (answer.first_token_s != null) parts.push(`first token ${answer.first_token_s.toFixed(2)} s`);
     if (answer.seconds != null && answer.seconds > 0 && answer.tokens) parts.push(`${(answer.tokens / answer.seconds).toFixed(1)} tok/s`);
@@ -181,6 +182,7 @@
       setText(body, answer.text);
       box.classList.toggle("writing", !answer.done);
       box.classList.toggle("stopped", answer.stopped);
+      box.classList.toggle("refused", Boolean(answer.error));
       box.querySelector(".figures").textContent = figures(answer);
       drawThumbs(box, answer.thumbs, answer.done);
     });

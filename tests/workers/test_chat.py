@@ -19,10 +19,10 @@ COLUMNS = [BASE_KEY, "add", "double"]
 GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 
 
-def chat_spec(model_dir: Path, uris: dict[str, str], idle: int = 600) -> ChatSpec:
+def chat_spec(model_dir: Path, uris: dict[str, str], idle: int = 600, include_base: bool = True) -> ChatSpec:
     return ChatSpec(job_id=1, attempt=1, base_model=ModelRef(source=str(model_dir)),
                     adapters=[AdapterRef(key=task, label=f"{task} adapter", uri=uri) for task, uri in uris.items()],
-                    idle_timeout_s=idle)
+                    idle_timeout_s=idle, include_base=include_base)
 
 
 def turn(index: int, conversations: dict[str, list[dict[str, str]]], **generation: Any) -> dict[str, Any]:
@@ -104,6 +104,8 @@ def test_the_users_stop_ends_the_answers_early_and_the_session_goes_on(  # type:
     first, second = answered(reporter)
     stopped = first["answers"][BASE_KEY]
     assert stopped["stopped"] and 1 <= stopped["tokens"] < 400
+    # 400 new tokens do not fit beside the message in the tiny model's 256 positions: they are capped, said so.
+    assert any(line.startswith("Turn 1: at most ") and "256-token context" in line for line in reporter.logs)
     assert streamed(reporter)[(1, BASE_KEY)] == stopped["text"]
     # The next message is answered in full: a stop holds for its own turn only.
     assert not second["answers"][BASE_KEY]["stopped"] and second["answers"][BASE_KEY]["tokens"] == 4
@@ -125,3 +127,28 @@ def test_a_session_with_too_many_columns_is_refused(tiny_model_dir: Path, task_a
     assert run_chat(spec, reporter, store) is None
     state, _, error = reporter.states[-1]
     assert state == "failed" and "at most 5 columns" in error
+
+
+def test_a_conversation_longer_than_the_context_leaves_out_its_oldest_exchanges(  # type: ignore[no-untyped-def]
+    tiny_model_dir: Path, task_adapters: Adapters
+) -> None:
+    store, uris = task_adapters
+    # The tiny model holds 256 positions: ten earlier exchanges do not fit beside 16 new tokens.
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(10):
+        history += [{"role": "user", "content": f"What is {i} + {i}? Say it twice, then once more."},
+                    {"role": "assistant", "content": f"{2 * i} {2 * i} {2 * i}"}]
+    long = [*history, {"role": "user", "content": "What is 23 + 41?"}]
+    huge = [{"role": "user", "content": " ".join(["seven"] * 400)}]
+    reporter = MemoryReporter(turns=[turn(1, {"add": long}, max_new_tokens=16),
+                                     turn(2, {"add": huge}, max_new_tokens=16),
+                                     turn(3, {"add": [{"role": "user", "content": "What is 2 + 3?"}]})])
+    result = run_chat(chat_spec(tiny_model_dir, {"add": uris["add"]}, include_base=False), reporter, store)
+    assert result is not None and result["turns"] == 3, reporter.logs
+    first, second, third = answered(reporter)
+    left_out = [line for line in reporter.logs if line.startswith("Turn 1: the ")]
+    assert left_out and "oldest exchanges left out to fit the model's 256-token context" in left_out[0]
+    assert first["answers"]["add"]["first_token_s"] is not None and not first["answers"]["add"].get("error")
+    assert "does not fit the model's 256-token context" in second["answers"]["add"]["error"]
+    assert second["answers"]["add"]["text"] == ""
+    assert third["answers"]["add"]["first_token_s"] is not None  # the session goes on

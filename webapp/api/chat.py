@@ -67,6 +67,8 @@ class ChatAnswerSerializer(serializers.Serializer):
     first_token_s = serializers.FloatField(allow_null=True, help_text="Seconds from the message's arrival at the "
                                            "worker to this answer's first token.")
     seconds = serializers.FloatField(allow_null=True)
+    error = serializers.CharField(allow_blank=True, help_text="Why the column did not answer (e.g. the message is "
+                                  "longer than the model's context); empty otherwise.")
     thumbs = serializers.DictField(required=False, help_text="{up, down, mine}")
 
 

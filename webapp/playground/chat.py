@@ -266,7 +266,8 @@ def status(session: ChatSession) -> dict[str, Any]:
 
 def answer_json(answer: ChatAnswer) -> dict[str, Any]:
     return {"column": answer.column, "text": answer.text, "done": answer.done, "stopped": answer.stopped,
-            "tokens": answer.tokens, "first_token_s": answer.first_token_s, "seconds": answer.seconds}
+            "tokens": answer.tokens, "first_token_s": answer.first_token_s, "seconds": answer.seconds,
+            "error": answer.error}
 
 
 def message_json(message: ChatMessage, thumbs: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def fold_chat(job: AdapterJob, events: list[dict[str, Any]]) -> None:
             answers.filter(message__index=int(data["turn"]), column=str(column)[:64]).update(
                 text=str(answer.get("text", "")), tokens=max(0, int(answer.get("tokens") or 0)),
                 first_token_s=_seconds(answer.get("first_token_s")), seconds=_seconds(answer.get("seconds")),
-                stopped=bool(answer.get("stopped")), done=True,
+                stopped=bool(answer.get("stopped")), error=str(answer.get("error") or "")[:2000], done=True,
             )
 
 

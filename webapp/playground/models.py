@@ -441,6 +441,7 @@ class ChatAnswer(models.Model):
     tokens = models.PositiveIntegerField(default=0)
     first_token_s = models.FloatField(null=True, blank=True)
     seconds = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)  # why it was not answered (e.g. longer than the model's context)
 
     class Meta:
         ordering = ["message__index", "id"]

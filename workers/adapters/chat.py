@@ -13,6 +13,7 @@ user's stop reaches the worker in the replies to its batches (`stop_turn`: the n
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -83,6 +84,8 @@ class ChatSession:
         if len(self.columns) > 1 and not self.batched:
             reporter.log("Columns answer one after another: " + "; ".join(refusals or ref_refusals(spec.adapters)),
                          level="warning")
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        self.context = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: unknown, nothing is left out
         load_s = time.monotonic() - started
         reporter.chat(f"Ready: loaded in {duration(load_s)} ({precision_label(spec.load, device)} on {device.kind}); "
                       f"released after {duration(spec.idle_timeout_s)} without a message",
@@ -116,8 +119,25 @@ class ChatSession:
         reporter, index = self.reporter, int(turn["index"])
         received = time.monotonic()
         params = GenerationParams(**{**turn.get("generation", {}), "chat_template": True})
-        conversations = turn["conversations"]
-        rows = [prompt_ids(self.tokenizer, PromptRow(turns=conversations[c]), True) for c in self.columns]
+        fitted = {c: self.fit(turn["conversations"][c], params.max_new_tokens) for c in self.columns}
+        refused = {c: why for c, (_, _, _, why) in fitted.items() if why}
+        if refused:  # the message alone does not fit the model's context: said on the answers, the session goes on
+            answers = {c: {"text": "", "tokens": 0, "first_token_s": None, "seconds": 0.0, "stopped": False,
+                           "error": refused.get(c) or "not answered: another column's conversation does not fit"}
+                       for c in self.columns}
+            reporter.chat(f"Turn {index}: {next(iter(refused.values()))}", state="answered", turn=index,
+                          answers=answers)
+            reporter.flush()
+            return
+        rows = [fitted[c][0] for c in self.columns]
+        dropped = max(fitted[c][1] for c in self.columns)
+        if dropped:
+            reporter.log(f"Turn {index}: the {plural(dropped, 'oldest exchange')} left out to fit the model's "
+                         f"{self.context:,}-token context with {params.max_new_tokens:,} new tokens")
+        room = min(fitted[c][2] for c in self.columns)
+        if room < params.max_new_tokens:
+            reporter.log(f"Turn {index}: at most {room:,} new tokens fit the model's {self.context:,}-token context")
+            params = dataclasses.replace(params, max_new_tokens=room)
         first_token: dict[str, float] = {}
         stream = TextStream(lambda row, column, text: reporter.output(row, column, text), self.stops,
                             reporter.flush_interval)
@@ -178,6 +198,26 @@ class ChatSession:
                       f"({figure(tokens / max(elapsed, 1e-9))} tokens/s{first}){' · stopped' if stopped else ''}",
                       state="answered", turn=index, answers=answers)
         reporter.flush()
+
+    def fit(self, turns: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int, int, str]:
+        """A conversation's prompt ids within the model's context, with room for the new tokens where there is:
+        the oldest exchanges (a message and its answer; the system prompt stays) are left out first, then the new
+        tokens capped. Returns (ids, exchanges left out, new tokens that fit, "" or why the message cannot be
+        answered at all: it fills the context by itself)."""
+        start = 1 if turns and turns[0]["role"] == "system" else 0
+        dropped = 0
+        while True:
+            ids = prompt_ids(self.tokenizer, PromptRow(turns=turns), True)
+            if not self.context or len(ids) + max_new_tokens <= self.context:
+                return ids, dropped, max_new_tokens, ""
+            if len(turns) - start <= 1:
+                room = self.context - len(ids)
+                if room > 0:
+                    return ids, dropped, room, ""
+                return ids, dropped, 0, (f"the message takes {len(ids):,} tokens: it does not fit the model's "
+                                         f"{self.context:,}-token context")
+            turns = turns[:start] + turns[start + 2 :]
+            dropped += 1
 
     def _ended(self, ids: list[int], params: GenerationParams) -> bool:
         """Whether an answer ended by itself (its stop, or the token limit) rather than by the user's stop."""
