@@ -124,3 +124,32 @@ def test_an_answer_left_by_a_failed_job_does_not_block_the_chat(team: Any, clien
     assert session.job.state == "queued" and AdapterJob.objects.filter(kind="chat").count() == 2
     first = ChatAnswer.objects.filter(message__index=1)
     assert all(a.done and a.stopped for a in first)  # never answered: closed, not waiting for ever
+
+
+def test_a_nul_in_model_output_is_stored_as_a_replacement_character_and_refused_in_typed_text(
+    team: Any, client: Client
+) -> None:
+    """PostgreSQL's text and jsonb hold no NUL, and a model may write any byte: the worker API stores U+FFFD in its
+    place (in events and in a job's result) instead of refusing the batch; people are told not to type one."""
+    login(client, "owner")
+    session = new_chat(client, team)
+    worker, token = make_worker()
+    job = session.job
+    AdapterJob.objects.filter(pk=job.pk).update(state="running", worker=worker, attempt=1)
+    chat.send(session, "hi")
+    events = [{"seq": 1, "kind": "output", "data": {"row": 1, "column": BASE_KEY, "text": "a\x00b"}},
+              {"seq": 2, "kind": "log", "message": "line with \x00 in it"},
+              {"seq": 3, "kind": "chat", "data": {"state": "answered", "turn": 1, "answers": {
+                  BASE_KEY: {"text": "a\x00bc", "tokens": 3, "first_token_s": 0.1, "seconds": 0.2, "stopped": False}}}}]
+    reply = api(client, token, job, "events", {"attempt": 1, "events": events})
+    assert reply.status_code == 200, reply.content[:500]
+    answer = ChatAnswer.objects.get(column=BASE_KEY)
+    assert answer.text == "a\ufffdbc" and answer.done
+    assert job.events.get(seq=2).message == "line with \ufffd in it"
+    done = api(client, token, job, "status", {"attempt": 1, "state": "succeeded",
+                                             "result": {"turns": 1, "closed": "idle\x00"}, "error": ""})
+    assert done.status_code == 200, done.content[:500]
+    assert AdapterJob.objects.get(pk=job.pk).result["closed"] == "idle\ufffd"
+    typed = client.post(f"/chat/{session.pk}/send/", {"content": "bad \x00 byte"})
+    assert typed.status_code == 400 and "NUL" in typed.json()["errors"]["content"]
+    assert client.post(f"/chat/{session.pk}/settings/", {"system_prompt": "\x00"}).json()["errors"]["system_prompt"]

@@ -100,7 +100,8 @@ def status(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> d
     attempt = _attempt(payload)
     model = worker_paths()[path]
     job = ledger.fenced_job(worker, model, job_id, attempt)
-    ledger.record_status(job, attempt, str(payload["state"]), payload.get("result") or {}, str(payload.get("error", "")))
+    ledger.record_status(job, attempt, str(payload["state"]), storable(payload.get("result") or {}),
+                         storable(str(payload.get("error", ""))))
     return ledger.worker_flags(model.objects.get(pk=job.pk))
 
 
@@ -257,7 +258,20 @@ OUTPUT_FIELDS = {"row": "integer", "column": "string", "text": "string"}
 def _events(value: Any) -> list[dict[str, Any]]:
     """A batch of events, every one checked before any is stored: a malformed one is named by its index and
     seq and field, and the whole batch is refused (the worker's retry would otherwise store half of it)."""
-    return [_event(event, i) for i, event in enumerate(_list(value, "events"))]
+    return [_event(storable(event), i) for i, event in enumerate(_list(value, "events"))]
+
+
+def storable(value: Any) -> Any:
+    """`value` with every NUL character in its strings (keys too) replaced by U+FFFD: PostgreSQL's text and jsonb
+    cannot hold one, and a model's output may be any byte (a random-weight model writes NULs), so a log line or a
+    streamed answer holding one would otherwise refuse its whole batch."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    return value
 
 
 def _event(event: Any, index: int) -> dict[str, Any]:

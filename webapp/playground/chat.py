@@ -47,6 +47,13 @@ def idle_timeout() -> int:
 # --- settings ----------------------------------------------------------------------------------------------
 
 
+def _no_nul(errors: dict[str, str], **texts: str | None) -> None:
+    """A NUL character cannot be stored (PostgreSQL) nor typed: refused by field, as Django's forms do."""
+    for field, text in texts.items():
+        if text and "\x00" in text:
+            errors[field] = "must not contain NUL characters (\\x00)"
+
+
 def generation_values(values: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sampling settings of a session from what was given over `current` (or the defaults), checked:
     JobError naming the field otherwise."""
@@ -90,6 +97,10 @@ def start_session(
         raise JobError({"include_base": "with no adapter, the base itself must answer"})
     if base_precision not in jobspecs.BASE_PRECISIONS:
         raise JobError({"base_precision": f"must be one of {', '.join(jobspecs.BASE_PRECISIONS)}"})
+    refused: dict[str, str] = {}
+    _no_nul(refused, system_prompt=system_prompt, title=title)
+    if refused:
+        raise JobError(refused)
     base_load(adapters, base_precision)  # refused here, not at the first message
     values = generation_values(generation or {})
     with transaction.atomic():
@@ -106,6 +117,10 @@ def start_session(
 def update_settings(session: ChatSession, system_prompt: str | None = None,
                     generation: dict[str, Any] | None = None, title: str | None = None) -> ChatSession:
     """New settings apply from the next message on; the answers given stay as they were made."""
+    refused: dict[str, str] = {}
+    _no_nul(refused, system_prompt=system_prompt, title=title)
+    if refused:
+        raise JobError(refused)
     if generation:
         session.generation = generation_values(generation, session.generation)
     if system_prompt is not None:
@@ -159,6 +174,10 @@ def send(session: ChatSession, content: str) -> ChatMessage:
         raise JobError({"content": "type a message"})
     if len(content) > MAX_MESSAGE_CHARS:
         raise JobError({"content": f"at most {MAX_MESSAGE_CHARS:,} characters, got {len(content):,}"})
+    refused: dict[str, str] = {}
+    _no_nul(refused, content=content)
+    if refused:
+        raise JobError(refused)
     with transaction.atomic():
         locked = ChatSession.objects.select_for_update().get(pk=session.pk)
         pending = ChatAnswer.objects.filter(message__session=locked, done=False)
