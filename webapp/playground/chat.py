@@ -373,7 +373,9 @@ def turn_snapshot(session_id: int, index: int) -> dict[str, Any] | None:
     if session is None:
         return None
     answers = [answer_json(a) for a in ChatAnswer.objects.filter(message__session=session, message__index=index)]
-    return {"answers": answers, "live": live_job(session) is not None, "status": status(session)}
+    live = live_job(session) is not None
+    # The status (a query of the job's events) only matters once no job can answer: not at every look.
+    return {"answers": answers, "live": live, "status": None if live else status(session)}
 
 
 async def turn_stream(session_id: int, index: int) -> AsyncIterator[str]:

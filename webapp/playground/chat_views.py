@@ -216,7 +216,7 @@ def stream_batch(job_id: int, after: int, known_state: str | None = None) -> Bat
         return [], after, "deleted", True
     if events:
         after = events[-1].id
-    session = chat.session_of(job) or ChatSession.objects.filter(pk=(job.params or {}).get("session_id")).first()
+    session = ChatSession.objects.filter(pk=(job.params or {}).get("session_id")).first()
     if session is None:
         return [], after, "deleted", True
     touched = {int(e.data.get("row", e.data.get("turn", 0)) or 0) for e in events if e.kind in ("output", "chat")}
