@@ -30,10 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.compare_adapters import BOS, EOS, PAD, add_adapters, build_model  # noqa: E402
-from workers.contract.jobspecs import BASE_KEY, PromptRow  # noqa: E402
-from workers.contract.reporter import MemoryReporter  # noqa: E402
-from workers.data.prompts import prompt_ids  # noqa: E402
+from bench.compare_adapters import BOS, EOS, PAD, add_adapters, build_model
+from workers.contract.jobspecs import BASE_KEY, PromptRow
+from workers.contract.reporter import MemoryReporter
+from workers.data.prompts import prompt_ids
 
 TEMPLATE = (
     "{% for m in messages %}<|start|> {{ m['role'] }} <|sep|> {{ m['content'] }} <|eot|> {% endfor %}"
@@ -56,9 +56,14 @@ def tokenizer(vocab_size: int) -> Any:
         del vocab[f"t{vocab_size - 1 - offset}"]
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=special[PAD], bos_token=special[BOS],
-                                   eos_token=special[EOS], unk_token="<unk>",
-                                   additional_special_tokens=[special[4], special[5], special[6]])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=special[PAD],
+        bos_token=special[BOS],
+        eos_token=special[EOS],
+        unk_token="<unk>",
+        additional_special_tokens=[special[4], special[5], special[6]],
+    )
     fast.chat_template = TEMPLATE
     return fast
 
@@ -90,8 +95,16 @@ class ChatUser(MemoryReporter):
     """The control plane's side of a session: the next message arrives only once the previous turn is answered,
     carrying every column's conversation with its own earlier answers."""
 
-    def __init__(self, columns: list[str], turns: int, message_tokens: int, generation: dict[str, Any],
-                 vocab: int, system: str, tok: Any) -> None:
+    def __init__(
+        self,
+        columns: list[str],
+        turns: int,
+        message_tokens: int,
+        generation: dict[str, Any],
+        vocab: int,
+        system: str,
+        tok: Any,
+    ) -> None:
         super().__init__(turns=[])
         self.close_when_done = True
         self.rng, self.tok = random.Random(0), tok
@@ -102,7 +115,7 @@ class ChatUser(MemoryReporter):
 
     def next_turn(self, after: int, wait: float) -> dict[str, Any]:
         done = [e["data"] for e in self.events if e["kind"] == "chat" and e["data"].get("state") == "answered"]
-        for turn in done[self.answered:]:
+        for turn in done[self.answered :]:
             for column, answer in turn["answers"].items():
                 self.conversations[column].append({"role": "assistant", "content": answer["text"]})
         self.answered = len(done)
@@ -113,8 +126,13 @@ class ChatUser(MemoryReporter):
             conversation.append({"role": "user", "content": text})
         first = next(iter(self.conversations.values()))
         self.prompt_tokens[after + 1] = len(prompt_ids(self.tok, PromptRow(turns=first), True))
-        return {"turn": {"index": after + 1, "generation": self.generation,
-                         "conversations": {c: list(v) for c, v in self.conversations.items()}}}
+        return {
+            "turn": {
+                "index": after + 1,
+                "generation": self.generation,
+                "conversations": {c: list(v) for c, v in self.conversations.items()},
+            }
+        }
 
 
 def main() -> None:
@@ -142,16 +160,23 @@ def main() -> None:
         adapter_dirs = save_model(folder, args.tiny, args.adapters)
         store = ArtifactStore(folder)
         vocab = tokenizer(512 if args.tiny else 128256).vocab_size
-        spec = ChatSpec(job_id=1, attempt=1, base_model=ModelRef(source=str(folder / "model")),
-                        adapters=[AdapterRef(key=f"a{i}", label=f"adapter {i}", uri=f"store://{d}")
-                                  for i, d in enumerate(adapter_dirs)],
-                        include_base=not args.no_base, idle_timeout_s=600,
-                        load=LoadParams(quantization=args.quantization))
+        spec = ChatSpec(
+            job_id=1,
+            attempt=1,
+            base_model=ModelRef(source=str(folder / "model")),
+            adapters=[
+                AdapterRef(key=f"a{i}", label=f"adapter {i}", uri=f"store://{d}") for i, d in enumerate(adapter_dirs)
+            ],
+            include_base=not args.no_base,
+            idle_timeout_s=600,
+            load=LoadParams(quantization=args.quantization),
+        )
         columns = ([BASE_KEY] if not args.no_base else []) + [a.key for a in spec.adapters]
         generation = {"max_new_tokens": args.new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0}
         system = message(random.Random(1), vocab, args.system_tokens)
-        reporter = ChatUser(columns, args.turns, args.message_tokens, generation, vocab, system,
-                            tokenizer(512 if args.tiny else 128256))
+        reporter = ChatUser(
+            columns, args.turns, args.message_tokens, generation, vocab, system, tokenizer(512 if args.tiny else 128256)
+        )
         t0 = time.perf_counter()
         result = run_chat(spec, reporter, store)
         total = time.perf_counter() - t0
@@ -161,8 +186,10 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
     chats = [e["data"] for e in reporter.events if e["kind"] == "chat"]
     turns = [c for c in chats if c.get("state") == "answered"]
-    print(f"\n{device}, torch {torch.__version__}; {len(columns)} columns ({', '.join(columns)}), "
-          f"quantization {args.quantization}; load {result['load_s']:.1f} s; session {total:.1f} s")
+    print(
+        f"\n{device}, torch {torch.__version__}; {len(columns)} columns ({', '.join(columns)}), "
+        f"quantization {args.quantization}; load {result['load_s']:.1f} s; session {total:.1f} s"
+    )
     for line in reporter.logs:
         if "dequantiz" in line.lower() or "compile" in line.lower():
             print("  log:", line)
@@ -175,16 +202,39 @@ def main() -> None:
         tokens = sum(a["tokens"] for a in answers)
         seconds = max(a["seconds"] for a in answers)
         prompt = reporter.prompt_tokens[turn["turn"]]
-        rows.append({"turn": turn["turn"], "prompt_tokens": prompt, "first_token_s": min(firsts), "slowest_first_token_s": max(firsts),
-                     "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)})
-        print(f"| {turn['turn']} | {prompt:,} | {min(firsts):.3f} s | {max(firsts):.3f} s | {seconds:.2f} | "
-              f"{tokens / max(seconds, 1e-9):,.0f} |")
+        rows.append(
+            {
+                "turn": turn["turn"],
+                "prompt_tokens": prompt,
+                "first_token_s": min(firsts),
+                "slowest_first_token_s": max(firsts),
+                "seconds": seconds,
+                "tokens": tokens,
+                "tokens_per_s": tokens / max(seconds, 1e-9),
+            }
+        )
+        print(
+            f"| {turn['turn']} | {prompt:,} | {min(firsts):.3f} s | {max(firsts):.3f} s | {seconds:.2f} | "
+            f"{tokens / max(seconds, 1e-9):,.0f} |"
+        )
     later = [r["first_token_s"] for r in rows[1:]] or [rows[0]["first_token_s"]]
-    print(f"\ntime to first token after the first message: median {statistics.median(later):.3f} s, "
-          f"max {max(later):.3f} s (goal <= 1 s on the GPU for an 8B model)")
+    print(
+        f"\ntime to first token after the first message: median {statistics.median(later):.3f} s, "
+        f"max {max(later):.3f} s (goal <= 1 s on the GPU for an 8B model)"
+    )
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"device": device, "columns": columns, "load_s": result["load_s"],
-                                                   "quantization": args.quantization, "turns": rows}, indent=1))
+        Path(args.json_out).write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "columns": columns,
+                    "load_s": result["load_s"],
+                    "quantization": args.quantization,
+                    "turns": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":
