@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,18 @@ def random_adapter(model_dir: Path, store: Path) -> str:
     return uri
 
 
+def long_context_copy(model_dir: Path) -> Path:
+    """The tiny model with a 4,096-token context (rotary positions: the weights are unchanged), so that an answer
+    stopped by the user is still being written when Stop is clicked, however fast the machine."""
+    folder = model_dir.parent / "tiny-llama-4k"
+    if not folder.exists():
+        shutil.copytree(model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["max_position_embeddings"] = 4096
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def answers_of(session: ChatSession, index: int) -> dict[str, ChatAnswer]:
     return {a.column: a for a in ChatAnswer.objects.filter(message__session=session, message__index=index)}
 
@@ -40,6 +53,8 @@ def test_two_columns_stream_stop_and_a_reload_resumes(  # type: ignore[no-untype
     page, demo, worker_process, scheduler, screenshot, tiny_model_dir, shared_store
 ) -> None:
     user, base, dataset, config = demo
+    base.source, base.max_positions = str(long_context_copy(tiny_model_dir)), 4096
+    base.save()
     run = make_run(user, base, dataset, config)
     TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
     adapter = Adapter.objects.create(name="chatty", owner=user, base_model=base, run=run, rank=8,
@@ -75,7 +90,7 @@ def test_two_columns_stream_stop_and_a_reload_resumes(  # type: ignore[no-untype
         expect(columns.nth(i).locator(".text")).to_have_text(answers[column].text)
         assert answers[column].first_token_s is not None and answers[column].first_token_s > 0
 
-    # A long answer, stopped while it streams: the random base never ends by itself.
+    # A long answer (up to ~4,000 tokens), stopped while it streams: the random base never ends by itself.
     page.locator("summary", has_text="Settings").click()
     page.locator(".settings-form").get_by_label("Max new tokens").fill("4096")
     page.get_by_role("button", name="Save settings").click()
