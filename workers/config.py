@@ -175,3 +175,40 @@ def queue_for(worker_name: str) -> str:
 def label_queue(label: str) -> str:
     """A queue every worker with this label consumes (besides its own)."""
     return f"tunedeck.label.{label}"
+
+
+WORKER_STORES = ("auto", "local", "remote")
+
+
+def worker_store_mode() -> str:
+    """How a worker has its artifacts (TUNEDECK_WORKER_STORE): `local`, the store shared with the web server
+    (ARTIFACT_STORE, or var/artifacts on the web server's machine); `remote`, its own folder, everything moved
+    through the worker API; `auto` (the default): local where ARTIFACT_STORE is set or var/artifacts exists."""
+    mode = env_str("TUNEDECK_WORKER_STORE", "auto").lower()
+    if mode not in WORKER_STORES:
+        raise ConfigError(f"TUNEDECK_WORKER_STORE={mode!r} must be one of {', '.join(WORKER_STORES)}")
+    if mode == "auto":
+        return "local" if env_str("ARTIFACT_STORE") or (var_dir() / "artifacts").is_dir() else "remote"
+    return mode
+
+
+def worker_artifacts_dir() -> Path:
+    """A remote-mode worker's own artifact folder (TUNEDECK_WORKER_DIR; default var/worker-artifacts)."""
+    return Path(env_str("TUNEDECK_WORKER_DIR") or var_dir() / "worker-artifacts").expanduser().resolve()
+
+
+def worker_cache_dir() -> Path:
+    """A remote-mode worker's cache of read-only inputs by sha256 (TUNEDECK_WORKER_CACHE; default var/worker-cache)."""
+    return Path(env_str("TUNEDECK_WORKER_CACHE") or var_dir() / "worker-cache").expanduser().resolve()
+
+
+def worker_cache_bytes() -> int:
+    """The cache's bound (TUNEDECK_WORKER_CACHE_GB, default 50): the least recently used inputs go first."""
+    raw = env_str("TUNEDECK_WORKER_CACHE_GB", "50")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"TUNEDECK_WORKER_CACHE_GB={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"TUNEDECK_WORKER_CACHE_GB={value} must be at least 0")
+    return int(value * 2**30)

@@ -34,14 +34,24 @@ class WorkerClient:
 
     def _post(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """POST with retries on transport errors and 5xx; posts are idempotent on the server side."""
+        response = self.request("POST", path, json=payload, **({"timeout": timeout} if timeout else {}))
+        response.raise_for_status()
+        return dict(response.json())
+
+    def request(self, method: str, path: str, accept: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
+        """A call of the worker API with retries on transport errors and 5xx (every call is idempotent on the server
+        side). 409 raises StaleAttempt (or CancelledBeforeStart), 403/404 NotAssigned, unless `accept` names the
+        status; other answers are returned as they are."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                response = self._http.post(path, json=payload, **({"timeout": timeout} if timeout else {}))
+                response = self._http.request(method, path, **kwargs)
             except httpx.TransportError:
                 if attempt == self.retries:
                     raise
             else:
+                if response.status_code in accept:
+                    return response
                 if response.status_code == 409:
                     body = response.json()
                     refusal = CancelledBeforeStart if body.get("code") == "cancelled" else StaleAttempt
@@ -49,11 +59,14 @@ class WorkerClient:
                 if response.status_code in (403, 404):
                     raise NotAssigned(response.json().get("detail", "not assigned"))
                 if response.status_code < 500 or attempt == self.retries:
-                    response.raise_for_status()
-                    return dict(response.json())
+                    return response
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
+
+    def stream(self, path: str, **kwargs: Any) -> Any:
+        """A streamed GET (a context manager of an httpx.Response), with no retries: the caller resumes by Range."""
+        return self._http.stream("GET", path, **kwargs)
 
     # Training runs are under /jobs/, adapter jobs (compare, merge, combine, evaluate, push) under /adapter-jobs/.
     def claim(self, run_id: int, attempt: int, path: str = "jobs") -> dict[str, Any]:

@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Any
 
-from workers.config import artifact_store_root
 from workers.contract.refusals import CancelledBeforeStart, NotAssigned, StaleAttempt
 from workers.runtime.celeryapp import app
 from workers.runtime.client import HttpReporter, process_client
@@ -58,15 +57,17 @@ def run_job(job_id: int, attempt: int) -> None:
     use_gpus(claimed.get("gpu_indices"))  # before the ML stack is imported
 
     from workers.contract.spec import TrainSpec
-    from workers.contract.store import ArtifactStore
     from workers.runtime.launch import run_training_job
+    from workers.runtime.remote import job_reporter, job_store
 
     spec = TrainSpec.from_dict(claimed["spec"])
     log.info("job %s attempt %s claimed", job_id, attempt)
-    reporter = HttpReporter(process_client(), job_id, attempt)
+    reporter = job_reporter(process_client(), job_id, attempt, "jobs", spec)
     with running_job("jobs", job_id, attempt, reporter):
         try:
-            run_training_job(spec, lambda: reporter, ArtifactStore(artifact_store_root()))
+            store = job_store(reporter)
+            if store is not None:
+                run_training_job(spec, lambda: reporter, store)
         except StaleAttempt as exc:
             log.warning("job %s attempt %s superseded: %s", job_id, attempt, exc)
     log.info("job %s attempt %s done", job_id, attempt)
@@ -82,7 +83,7 @@ def run_adapter_job(job_id: int, attempt: int) -> None:
     import importlib
 
     from workers.contract.kinds import KINDS, spec_from_dict
-    from workers.contract.store import ArtifactStore
+    from workers.runtime.remote import job_reporter, job_store
 
     kind = str(claimed.get("kind"))
     reporter = HttpReporter(process_client(), job_id, attempt, path="adapter-jobs")
@@ -94,12 +95,15 @@ def run_adapter_job(job_id: int, attempt: int) -> None:
         reporter.log(f"This worker cannot run this {kind} job: {exc}", level="error")
         reporter.finish("failed", error=f"the worker cannot read this {kind} job: {exc}")
         return
+    reporter = job_reporter(process_client(), job_id, attempt, "adapter-jobs", spec)
     reporter.flush_interval = decl.flush_interval
     log.info("%s job %s attempt %s claimed", kind, job_id, attempt)
     runner = getattr(importlib.import_module(decl.runner_module), decl.runner_function)
     with running_job("adapter-jobs", job_id, attempt, reporter):
         try:
-            runner(spec, reporter, ArtifactStore(artifact_store_root()))
+            store = job_store(reporter)
+            if store is not None:
+                runner(spec, reporter, store)
         except StaleAttempt as exc:
             log.warning("adapter job %s attempt %s superseded: %s", job_id, attempt, exc)
     log.info("%s job %s attempt %s done", kind, job_id, attempt)
