@@ -1,6 +1,6 @@
 from django.urls import path
 
-from webapp.fleet import api, views
+from webapp.fleet import api, artifacts, views
 from webapp.jobs.registry import worker_paths
 
 urlpatterns = [
@@ -21,4 +21,22 @@ urlpatterns += [
     path(f"api/worker/v1/{kind}/<int:job_id>/{name}", view, {"path": kind}, name=f"worker-{kind}-{name}")
     for kind in worker_paths()
     for name, view in (("claim", api.claim), ("events", api.events), ("status", api.status))
+]
+# The artifact calls of a worker without the shared store (protocol: workers.contract.artifacts).
+ARTIFACT_CALLS = (
+    ("manifest", artifacts.manifest),
+    ("file", artifacts.file),
+    ("offset", artifacts.offset),
+    ("upload", artifacts.upload),
+    ("commit", artifacts.commit),
+)
+urlpatterns += [
+    path(
+        f"api/worker/v1/{kind}/<int:job_id>/artifacts/{name}",
+        view,
+        {"path": kind},
+        name=f"worker-{kind}-artifacts-{name}",
+    )
+    for kind in worker_paths()
+    for name, view in ARTIFACT_CALLS
 ]
