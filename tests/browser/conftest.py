@@ -130,10 +130,11 @@ def worker_process(transactional_db, asgi_server: str, server_env: dict[str, str
     since the database (and so the worker's row) is flushed between tests.
     """
     from tests.webapp.factories import make_worker
+    from tests.webapp.fleetprocs import with_worker_store
 
     make_worker(WORKER_NAME, token=WORKER_TOKEN)
-    env = {**server_env, "TUNEDECK_SERVER": asgi_server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
-           "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
+    env = with_worker_store({**server_env, "TUNEDECK_SERVER": asgi_server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
+                             "TUNEDECK_HEARTBEAT_INTERVAL": "2"}, shared_store, tmp_path / "worker")
     for name in ("DATABASE_URL", "SECRET_KEY"):  # a worker never sees database credentials
         env.pop(name, None)
     log_path = tmp_path / "worker.log"

@@ -19,10 +19,12 @@ from webapp.training.models import TrainingRun
 
 
 class Fleet:
-    """Worker processes started with `tunedeck worker` against the live server, sharing one artifact store."""
+    """Worker processes started with `tunedeck worker` against the live server, sharing one artifact store, or
+    (`remote`) each with a folder and cache of its own, artifacts moved through the worker API."""
 
-    def __init__(self, server: str, store: Path, env: dict[str, str] | None = None):
+    def __init__(self, server: str, store: Path, env: dict[str, str] | None = None, remote: bool | None = None):
         self.server, self.store, self.env = server, store, env or {}
+        self.remote = remote_by_default() if remote is None else remote
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
@@ -32,14 +34,20 @@ class Fleet:
         if not Worker.objects.filter(name=name).exists():
             make_worker(name, token=token)
         Worker.objects.filter(name=name).update(token_hash=hash_token(token), labels=list(labels))
-        env = {**os.environ, **self.env, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": token,
-               "ARTIFACT_STORE": str(self.store), "TUNEDECK_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1"}
+        env = with_worker_store(
+            {**os.environ, **self.env, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": token,
+             "TUNEDECK_HEARTBEAT_INTERVAL": "1", "OMP_NUM_THREADS": "1"},
+            self.store, self.worker_dir(name), self.remote)
         self.logs[name] = self.store / f"worker-{name}-{len(self.procs)}.log"
         with open(self.logs[name], "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
+
+    def worker_dir(self, name: str) -> Path:
+        """A remote worker's own folder, beside the control plane's store (never inside it)."""
+        return self.store.parent / f"{self.store.name}-{name}"
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
@@ -55,6 +63,26 @@ class Fleet:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+
+
+def remote_by_default() -> bool:
+    """Whether the test run's workers have no shared store (TUNEDECK_TEST_WORKERS=remote: CI runs so)."""
+    return os.environ.get("TUNEDECK_TEST_WORKERS", "") == "remote"
+
+
+def with_worker_store(env: dict[str, str], store: Path, folder: Path, remote: bool | None = None) -> dict[str, str]:
+    """`env` for a test worker: the control plane's `store` shared, or (`remote`, by default as the test run asks)
+    `folder` of its own, with no ARTIFACT_STORE at all."""
+    env = {k: v for k, v in env.items() if k != "ARTIFACT_STORE"}
+    if remote_by_default() if remote is None else remote:
+        return {**env, **remote_worker_env(folder)}
+    return {**env, "ARTIFACT_STORE": str(store)}
+
+
+def remote_worker_env(folder: Path) -> dict[str, str]:
+    """A worker with no shared store: its artifacts in `folder`/artifacts, its input cache in `folder`/cache."""
+    return {"TUNEDECK_WORKER_STORE": "remote", "TUNEDECK_WORKER_DIR": str(folder / "artifacts"),
+            "TUNEDECK_WORKER_CACHE": str(folder / "cache")}
 
 
 def until(check: Callable[[], Any], timeout: float, describe: Callable[[], Any] = lambda: "", tick: bool = False) -> Any:

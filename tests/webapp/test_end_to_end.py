@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.webapp.factories import demo_objects, make_worker
+from tests.webapp.fleetprocs import with_worker_store
 from webapp.catalog.models import BaseModel
 from webapp.fleet.scheduler import schedule_once
 from webapp.training.models import RunEvent, TrainingRun
@@ -42,8 +43,8 @@ class WorkerProcess:
 
     def start(self) -> subprocess.Popen[bytes]:
         if self.proc is None:
-            env = {**os.environ, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
-                   "ARTIFACT_STORE": str(self.store), "TUNEDECK_HEARTBEAT_INTERVAL": "2"}
+            env = with_worker_store({**os.environ, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
+                                     "TUNEDECK_HEARTBEAT_INTERVAL": "2"}, self.store, self.store.parent / f"{self.store.name}-worker")
             self.proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=self.log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc

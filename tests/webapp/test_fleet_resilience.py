@@ -36,11 +36,12 @@ HP = {"max_steps": 160, "save_steps": 10, "keep_checkpoints": 2, "logging_steps"
 
 
 @pytest.fixture
-def fleet(live_server, tmp_path, settings) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
-    settings.ARTIFACT_STORE = tmp_path
+def fleet(live_server, tmp_path, settings, request) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    settings.ARTIFACT_STORE = tmp_path / "store"
+    settings.ARTIFACT_STORE.mkdir()
     settings.WORKER_OFFLINE_AFTER = 6
     settings.DISPATCH_RESEND_AFTER = 3
-    fleet = Fleet(live_server.url, tmp_path)
+    fleet = Fleet(live_server.url, tmp_path / "store", remote=getattr(request, "param", "local") == "remote")
     yield fleet
     fleet.stop()
 
@@ -49,10 +50,13 @@ def lr_by_step(run: TrainingRun) -> dict[int, float]:
     return {p["step"]: p["learning_rate"] for p in run.metric_points if "learning_rate" in p}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize(("objective", "fleet"), [("sft", "local"), ("dpo", "local"), ("sft", "remote")],
+                         indirect=["fleet"])
 def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_checkpoint(
     fleet: Fleet, tiny_model_dir: Path, objective: str
 ) -> None:
+    """Remote: each worker has its own folder; the checkpoints reach the control plane by upload, and the
+    survivor downloads the latest complete one."""
     user, base, dataset, config = demo_objects(tiny_model_dir)
     if objective == "dpo":  # preference pairs, trained against the reference (the adapter switched off)
         from webapp.catalog.services import register_dataset

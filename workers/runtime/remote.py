@@ -280,7 +280,9 @@ class RemoteReporter(HttpReporter):
         if listing["kind"] == "missing":
             if latest_checkpoint or uri in self.artifacts.carried:
                 return 0
-            raise TransferError(f"{uri} is not in the control plane's store")
+            if uri.startswith(MODEL_SCHEME):
+                raise TransferError(f"the base model folder {uri[len(MODEL_SCHEME):]} does not exist on the control plane")
+            raise TransferError(f"{uri} does not exist in the control plane's store")
         files = listing["files"]
         missing = [f for f in files if not (cached and self.cache.get(f["sha256"], int(f["size"])))]
         total = sum(int(f["size"]) for f in missing)
