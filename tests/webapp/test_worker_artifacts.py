@@ -12,6 +12,7 @@ import pytest
 from django.test import Client
 
 from tests.webapp.factories import demo_objects, make_run, make_worker
+from webapp.fleet import artifacts
 from webapp.jobs import ledger
 from webapp.training.models import Adapter, TrainingRun
 from workers.contract.store import sha256_of
@@ -369,6 +370,7 @@ def test_a_stale_attempt_can_neither_upload_nor_commit(world) -> None:  # type: 
     assert second.offset(output(run, 2), "a.bin") == 0
     assert second.put(uri, "a.bin", 0, b"x").status_code == 403
     assert second.send(output(run, 2), {"a.bin": b"x"})["size"] == 1
+    assert not list((world["store"] / ".uploads").iterdir())  # the first attempt's half upload is gone too
 
 
 def test_an_adapter_job_uses_its_own_path(world) -> None:  # type: ignore[no-untyped-def]
@@ -380,3 +382,16 @@ def test_problem_bodies_are_json(world) -> None:  # type: ignore[no-untyped-def]
     refused = world["api"].put(output(world["run"]), "a", 0, b"a", digest="0" * 64)
     assert refused["Content-Type"] == "application/problem+json"
     assert json.loads(refused.content)["status"] == 422
+
+
+def test_a_chunk_larger_than_django_buffers_is_streamed_and_one_over_the_limit_refused(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    api, uri = world["api"], output(world["run"])
+    big = bytes(range(256)) * (3 << 12)  # 3 MiB: over Django's 2.5 MB cap on request.body
+    assert api.put(uri, "big.bin", 0, big).json() == {"offset": len(big)}
+    monkeypatch.setattr(artifacts, "MAX_CHUNK_BYTES", 1000)
+    refused = api.put(uri, "big.bin", len(big), b"x" * 1001)
+    assert refused.status_code == 413
+    assert api.offset(uri, "big.bin") == len(big)
+    committed = api.commit(uri, {"big.bin": big})
+    assert committed.status_code == 200
+    assert (world["store"] / uri.removeprefix("store://") / "big.bin").read_bytes() == big

@@ -492,6 +492,16 @@ def prune_checkpoints(checkpoints: Path, keep: set[str], committed: str) -> None
                 shutil.rmtree(folder)
 
 
+def drop_older_attempts(access: Access) -> None:
+    """What older attempts of the job left staged (a worker killed mid-upload): they are fenced out for good."""
+    uploads = access.store.root / UPLOADS
+    older = re.compile(rf"{re.escape(access.path)}-{access.job.pk}-a(\d+)")
+    for folder in uploads.iterdir() if uploads.is_dir() else []:
+        match = older.fullmatch(folder.name)
+        if match and int(match.group(1)) < access.attempt:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @worker_endpoint
 def commit(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> dict[str, Any]:
     access = fenced(worker, path, job_id, payload["attempt"])
@@ -515,4 +525,5 @@ def commit(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> d
         shutil.rmtree(folder)
     with contextlib.suppress(OSError):
         access.staging().rmdir()  # the attempt's staging folder, once nothing else is staged in it
+    drop_older_attempts(access)
     return {"uri": uri, "size": size_of(target), "sha256": sha256_of(target)}
