@@ -73,7 +73,7 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
     # Kill the victim's worker once the run has saved its second checkpoint (and well before it ends).
     def checkpointed() -> bool:
         victim.refresh_from_db()
-        assert victim.state not in ("succeeded", "failed"), "the run ended before the kill"
+        assert victim.state not in ("succeeded", "failed"), f"the run ended before the kill: {victim.error} {[e.message for e in victim.events.order_by('id')][-40:]}"
         return RunEvent.objects.filter(run=victim, kind="checkpoint", attempt=1, data__step__gte=20).exists()
 
     until(checkpointed, 300, lambda: [e.message for e in victim.events.order_by("id")][-8:], tick=True)

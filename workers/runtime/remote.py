@@ -227,7 +227,7 @@ class RemoteReporter(HttpReporter):
         self.cache = cache or InputCache(worker_cache_dir(), worker_cache_bytes())
         self.transfers = Transfers(client, path, job_id, attempt, self)
         self._uploads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self._pending: list[tuple[concurrent.futures.Future[Any], int, dict[str, Any]]] = []
+        self._pending: list[tuple[concurrent.futures.Future[Any], int, dict[str, Any], Path]] = []
         self._has_started = False
 
     # --- the job's start: its inputs --------------------------------------------------------------------------
@@ -316,30 +316,50 @@ class RemoteReporter(HttpReporter):
 
     # --- checkpoints, in the background -----------------------------------------------------------------------
 
-    def _event(self, kind: str, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+    def _event(self, kind: str, message: str = "", level: str = "info", data: dict[str, Any] | None = None) -> None:
         if kind == "checkpoint" and self.artifacts.checkpoints and data and "step" in data:
-            step = int(data["step"])
-            uri = f"{self.artifacts.checkpoints.rstrip('/')}/checkpoint-{step}"
-            keep = [f"checkpoint-{k}" for k in data.get("kept") or [step]]
-            future = self._uploads.submit(self._upload_checkpoint, uri, keep)
-            self._pending.append((future, step, dict(data)))
+            self._queue_checkpoint(int(data["step"]), dict(data))
             return
         super()._event(kind, message, level, data)
 
-    def _upload_checkpoint(self, uri: str, keep: list[str]) -> float:
-        return float(self.transfers.upload(uri, self.local.path(uri), keep=keep, quiet=True)["seconds"])
+    def _queue_checkpoint(self, step: int, data: dict[str, Any]) -> None:
+        """Upload checkpoint-`step` in the background, from hard links made now: the trainer may delete the folder
+        (keep_checkpoints) before its upload ends. Where checkpoints come faster than they upload, a newer one
+        replaces those still waiting: a resumed attempt needs only the latest."""
+        uri = f"{self.artifacts.checkpoints.rstrip('/')}/checkpoint-{step}"
+        snapshot = self.local.root / ".uploading" / f"checkpoint-{step}"
+        shutil.rmtree(snapshot, ignore_errors=True)
+        folder = self.local.path(uri)
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                place(file, snapshot / file.relative_to(folder))
+        for future, _, _, older in self._pending:
+            if future.cancel():
+                shutil.rmtree(older, ignore_errors=True)
+        keep = [f"checkpoint-{k}" for k in data.get("kept") or [step]]
+        future = self._uploads.submit(self._upload_checkpoint, uri, snapshot, keep)
+        self._pending.append((future, step, data, snapshot))
+
+    def _upload_checkpoint(self, uri: str, snapshot: Path, keep: list[str]) -> float:
+        try:
+            return float(self.transfers.upload(uri, snapshot, keep=keep, quiet=True)["seconds"])
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
 
     def _report_uploaded(self, wait: bool) -> None:
         """The checkpoint events of finished uploads, in order (all of them, waiting, with `wait`)."""
         while self._pending and (wait or self._pending[0][0].done()):
-            future, step, data = self._pending.pop(0)
+            future, step, data, _ = self._pending.pop(0)
+            if future.cancelled():  # replaced by a newer one before its upload began
+                continue
             try:
                 seconds = future.result()
             except Exception as exc:  # the next checkpoint is tried all the same; this one is not resumable
                 super()._event("log", f"Checkpoint at step {step} could not be uploaded: {exc}", "warning")
                 continue
-            super()._event("checkpoint", f"Checkpoint saved at step {step} (uploaded in {duration(seconds)})",
-                           "info", data)
+            super()._event(
+                "checkpoint", f"Checkpoint saved at step {step} (uploaded in {duration(seconds)})", "info", data
+            )
 
     def flush(self) -> None:
         self._report_uploaded(wait=False)
