@@ -287,6 +287,9 @@ def _timed(event: dict[str, Any]) -> dict[str, Any]:
 
 
 INTERRUPTED = "interrupted"  # a worker's report: it was shut down, saved a checkpoint, and hands the job back
+# A worker's report: the job could not run on this worker (its disk is full, the control plane out of reach while
+# fetching the inputs), which another attempt may not meet: a failed attempt, requeued until MAX_ATTEMPTS.
+REQUEUE = "requeue"
 
 
 def record_status(job: Any, attempt: int, state: str, result: dict[str, Any], error: str) -> None:
@@ -295,6 +298,12 @@ def record_status(job: Any, attempt: int, state: str, result: dict[str, Any], er
     if state == INTERRUPTED:
         if job.state in ACTIVE_STATES:
             requeue_or_fail(job, error or f"Worker {job.worker} shut down", max_attempts=0, failure=False)
+        return
+    if state == REQUEUE:
+        if job.state in ACTIVE_STATES:
+            from django.conf import settings
+
+            requeue_or_fail(job, error or f"Worker {job.worker} could not run it", settings.MAX_ATTEMPTS)
         return
     allowed_from = [s for s, targets in WORKER_TRANSITIONS.items() if state in targets]
     if not allowed_from:

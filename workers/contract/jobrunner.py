@@ -22,6 +22,7 @@ from workers.contract.refusals import StaleAttempt
 from workers.contract.reporter import Reporter
 
 INTERRUPTED = "interrupted"  # the final report of an attempt that hands its job back
+REQUEUE = "requeue"  # the final report of an attempt this worker could not run (its disk full): run it again
 FORWARDED_LOGGERS = ("transformers", "peft", "trl", "accelerate", "bitsandbytes")
 
 

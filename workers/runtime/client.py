@@ -17,13 +17,15 @@ _clients: dict[int, WorkerClient] = {}
 
 
 class WorkerClient:
-    def __init__(self, server: str, token: str, timeout: float = 30.0, retries: int = 4):
+    def __init__(self, server: str, token: str, timeout: float = 30.0, retries: int = 4,
+                 transport: httpx.BaseTransport | None = None):
         self.server = server.rstrip("/")
         self.retries = retries
         self._http = httpx.Client(
             base_url=self.server + API_PREFIX,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "tunedeck-worker"},
             timeout=timeout,
+            transport=transport,
         )
 
     def __repr__(self) -> str:  # never show the token

@@ -15,6 +15,7 @@ its outputs and checkpoints uploaded back (protocol: workers.contract.artifacts)
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from workers.config import (
     worker_store_mode,
 )
 from workers.contract.artifacts import MODEL_SCHEME, JobArtifacts, job_artifacts
+from workers.contract.jobrunner import REQUEUE
 from workers.contract.store import COPY_BYTES, ArtifactStore, sha256_of, sha256_stream
 from workers.formatting import duration, plural, size
 from workers.runtime.client import HttpReporter, WorkerClient
@@ -44,7 +46,12 @@ PROGRESS_S = 5.0  # a large transfer logs its progress this often
 
 
 class TransferError(RuntimeError):
-    """An artifact could not be moved: the message says which, and why."""
+    """An artifact could not be moved: the message says which, and why. `retryable`: another attempt (on another
+    worker, or later) may succeed where this one did not: a full disk, the control plane out of reach."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class InputCache:
@@ -119,6 +126,7 @@ class Transfers:
         part.parent.mkdir(parents=True, exist_ok=True)
         if part.exists() and part.stat().st_size > total:
             part.unlink()
+        part.touch()  # an empty file has nothing to download, but is a file all the same
         params = {"attempt": self.attempt, "uri": uri, "path": entry["path"]}
         for _ in range(DOWNLOAD_RETRIES):
             have = part.stat().st_size if part.exists() else 0
@@ -134,8 +142,9 @@ class Transfers:
                             for piece in response.iter_bytes(COPY_BYTES):
                                 out.write(piece)
                 except (OSError, httpx.TransportError) as exc:
-                    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-                        raise TransferError(f"the worker's disk is full while downloading {uri}: {exc}") from exc
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                        raise TransferError(f"the worker's disk is full ({part.parent}) while downloading {uri} "
+                                            f"({size(total)})", retryable=True) from exc
                     time.sleep(1.0)
                     continue
             with part.open("rb") as fh:
@@ -179,7 +188,7 @@ class Transfers:
             while offset < entry["size"]:
                 fh.seek(offset)
                 chunk = fh.read(CHUNK_BYTES)
-                offset = self._send_chunk(uri, entry["path"], offset, chunk)
+                offset = self.send_chunk(uri, entry["path"], offset, chunk)
                 sent += len(chunk)
                 if not quiet and time.monotonic() - last_said >= PROGRESS_S:
                     last_said = time.monotonic()
@@ -194,7 +203,8 @@ class Transfers:
         _check(response, f"resuming the upload of {uri}")
         return int(response.json()["offset"])
 
-    def _send_chunk(self, uri: str, path: str, offset: int, chunk: bytes) -> int:
+    def send_chunk(self, uri: str, path: str, offset: int, chunk: bytes) -> int:
+        """One chunk of a file at `offset`, sent again where it arrived damaged; the server's offset after it."""
         digest = hashlib.sha256(chunk).hexdigest()
         for _ in range(CHUNK_RETRIES):
             try:
@@ -245,9 +255,14 @@ class RemoteReporter(HttpReporter):
             return self.local  # the runner reports the cancel before loading anything
         try:
             self.fetch(self.artifacts)
-        except (TransferError, OSError) as exc:
-            self.log(f"Failed: {exc}", level="error")
-            self.finish("failed", error=str(exc))
+        except (TransferError, OSError, httpx.TransportError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                exc = TransferError(f"the worker's disk is full ({self.local.root}): {exc}", retryable=True)
+            elif isinstance(exc, httpx.TransportError):
+                exc = TransferError(f"the control plane could not be reached: {exc}", retryable=True)
+            retry = isinstance(exc, TransferError) and exc.retryable
+            self.log(f"{'Handed back' if retry else 'Failed'}: {exc}", level="error")
+            self.finish(REQUEUE if retry else "failed", error=str(exc))
             return None
         return self.local
 
