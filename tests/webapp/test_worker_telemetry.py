@@ -88,3 +88,27 @@ def test_the_worker_page_has_a_gpu_use_section_fed_by_the_json(team, client: Cli
     assert '<p class="gpu-empty">No GPU telemetry yet: quiet\'s heartbeats have carried no GPU samples.</p>' in body
     cpu = Worker.objects.create(name="cpu")
     assert "(a worker without GPUs sends none)" in client.get(f"/workers/{cpu.pk}/").content.decode()
+
+
+def test_the_workers_pages_show_how_each_worker_has_its_artifacts_and_its_cache_use(team, client: Client) -> None:  # type: ignore[no-untyped-def]
+    from tests.webapp.factories import make_worker
+    from workers.runtime.telemetry import sample
+
+    remote, remote_token = make_worker("far-away")
+    shared, shared_token = make_worker("next-door")
+
+    def beat(token: str, artifacts: Any) -> Any:
+        return Client().post("/api/worker/v1/heartbeat", {"telemetry": {"gpus": [], "artifacts": artifacts}},
+                             content_type="application/json", headers={"Authorization": f"Bearer {token}"})
+
+    assert beat(remote_token, {"mode": "remote", "cache_used": 3 * GIB // 2, "cache_max": 50 * GIB}).status_code == 200
+    assert beat(shared_token, {"mode": "local"}).status_code == 200
+    bad = beat(remote_token, {"mode": "remote", "cache_used": "lots"})
+    assert bad.status_code == 400 and "telemetry.artifacts.cache_used" in bad.json()["detail"]
+    staff = login(client, "staff")
+    page = staff.get("/workers/").content.decode()
+    assert "own folder, through the worker API · cache 1.5 GiB of 50.0 GiB" in page and "shared store" in page
+    detail = staff.get(f"/workers/{remote.pk}/").content.decode()
+    assert "cache 1.5 GiB of 50.0 GiB" in detail
+    # What a worker's own sample says (this test process is configured like a worker with the shared store).
+    assert sample()["artifacts"]["mode"] in ("local", "remote")

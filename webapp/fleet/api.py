@@ -231,6 +231,12 @@ def _sample(value: Any) -> dict[str, Any] | None:
     for key in ("memory_available", "memory_total"):
         _number(sample.get(key), f"telemetry.{key}", integer=True)
     _gpus(sample.get("gpus", []), "telemetry.gpus")
+    artifacts = sample.get("artifacts")
+    if artifacts is not None:
+        artifacts = _object(artifacts, "telemetry.artifacts")
+        _typed(artifacts.get("mode"), "string", "telemetry.artifacts.mode")
+        for key in ("cache_used", "cache_max"):
+            _number(artifacts.get(key), f"telemetry.artifacts.{key}", integer=True)
     return {**sample, "gpus": sample.get("gpus", [])}
 
 
@@ -315,6 +321,8 @@ def _typed(value: Any, kind: str, field: str) -> None:
 def _with_live_values(inventory: Any, sample: dict[str, Any]) -> dict[str, Any]:
     """The inventory with each GPU's memory, utilisation and temperature from the latest sample, so that what
     the scheduler and the workers page read is current between full inventories."""
+    if isinstance(inventory, dict) and isinstance(sample.get("artifacts"), dict):
+        inventory = {**inventory, "artifacts": sample["artifacts"]}
     if not isinstance(inventory, dict) or not isinstance(inventory.get("gpus"), list):
         return inventory if isinstance(inventory, dict) else {}
     live = {gpu.get("index"): gpu for gpu in sample["gpus"] if gpu.get("index") is not None}

@@ -24,6 +24,7 @@ from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_POST
 
 from webapp.fleet.forms import RegisterWorkerForm, WorkerSettingsForm
+from workers.formatting import size
 from webapp.fleet.models import Worker, WorkerState
 from webapp.jobs.models import ACTIVE_STATES
 from webapp.jobs.registry import job_models
@@ -161,7 +162,22 @@ def _worker_rows(workers: QuerySet[Worker]) -> list[Worker]:
         inventory = worker.inventory if isinstance(worker.inventory, dict) else {}
         worker.host = {k: inventory.get(k) for k in ("hostname", "cpus", "python", "torch") if inventory.get(k)}  # type: ignore[attr-defined]
         worker.busy = bool(worker.current_run_id or worker.current_job_id)  # type: ignore[attr-defined]
+        worker.artifacts = artifacts_line(inventory.get("artifacts"))  # type: ignore[attr-defined]
     return rows
+
+
+def artifacts_line(artifacts: Any) -> str:
+    """How the worker has its artifacts, from its latest heartbeat: the shared store, or its own folder (remote)
+    with its input cache's use."""
+    if not isinstance(artifacts, dict):
+        return ""
+    if artifacts.get("mode") == "local":
+        return "shared store"
+    if artifacts.get("mode") != "remote":
+        return str(artifacts.get("error") or "")
+    used, bound = artifacts.get("cache_used"), artifacts.get("cache_max")
+    cache = f" · cache {size(used)} of {size(bound)}" if isinstance(used, int) and isinstance(bound, int) else ""
+    return f"own folder, through the worker API{cache}"
 
 
 @staff_required

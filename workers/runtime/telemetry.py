@@ -61,11 +61,28 @@ def inventory() -> dict[str, Any]:
 def sample() -> dict[str, Any]:
     """The live part: per GPU its memory, utilisation and temperature; the host's available memory."""
     memory = host_memory()
-    result: dict[str, Any] = {"memory_available": memory.get("available"), "memory_total": memory.get("total"), "gpus": []}
+    result: dict[str, Any] = {"memory_available": memory.get("available"), "memory_total": memory.get("total"), "gpus": [],
+                              "artifacts": artifact_store()}
     nvml = _nvml()
     if nvml is not None:
         result["gpus"] = [{"index": index, **_live(nvml, handle)} for index, handle in _devices(nvml)]
     return result
+
+
+def artifact_store() -> dict[str, Any]:
+    """How this worker has its artifacts: {"mode": "local"} (the store shared with the web server) or
+    {"mode": "remote", "cache_used", "cache_max"} (its own folder; the input cache's bytes and bound)."""
+    from workers.config import ConfigError, worker_cache_bytes, worker_cache_dir, worker_store_mode
+
+    try:
+        mode = worker_store_mode()
+        if mode == "local":
+            return {"mode": mode}
+        blobs = worker_cache_dir() / "blobs"
+        used = sum(p.stat().st_size for p in blobs.iterdir() if p.is_file()) if blobs.is_dir() else 0
+        return {"mode": mode, "cache_used": used, "cache_max": worker_cache_bytes()}
+    except (ConfigError, OSError) as exc:
+        return {"mode": "unknown", "error": str(exc)}
 
 
 def gpu_count() -> int:
