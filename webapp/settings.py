@@ -207,6 +207,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "webapp.streaming.stream_asynchronously",  # outermost: a streamed body is sent as it is read, under ASGI too
     "webapp.health.HealthMiddleware",  # /healthz and /readyz, before anything that could fail
     "webapp.errors.ErrorShapesMiddleware",  # sees every response: API errors in their API's shape
     "django.middleware.security.SecurityMiddleware",
