@@ -15,10 +15,10 @@ import pytest
 from tests.webapp.factories import demo_objects, make_run, make_worker
 from webapp.jobs import ledger
 from webapp.training.models import TrainingRun
-from workers.contract.refusals import NotAssigned, StaleAttempt
+from workers.contract.refusals import StaleAttempt
 from workers.contract.store import ArtifactStore, sha256_of
 from workers.runtime.client import WorkerClient
-from workers.runtime.remote import InputCache, RemoteReporter
+from workers.runtime.remote import InputCache, RemoteReporter, TransferError
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
 
@@ -130,10 +130,10 @@ def test_an_upload_cut_off_mid_way_never_shows_and_the_next_attempt_resumes_from
     old_output = TrainingRun.objects.get(pk=run.pk).output_uri(1)
     store.path(old_output).mkdir(parents=True)
     (store.path(old_output) / "adapter_config.json").write_text("{}")
-    with pytest.raises(NotAssigned, match="may not write"):
+    with pytest.raises(TransferError, match="403: this job may not write"):
         second.transfers.upload(old_output, store.path(old_output))
     other, _ = dispatched_run(plane)
-    with pytest.raises(NotAssigned, match="may not read"):
+    with pytest.raises(TransferError, match="403: this job may not read"):
         second.transfers.manifest(other.output_uri(1))
 
 

@@ -62,6 +62,17 @@ def test_a_hub_model_is_not_fetched_and_adapter_jobs_read_their_adapters() -> No
     assert job_artifacts(push).inputs == ["store://jobs/1/output"]
 
 
+def test_a_spec_in_its_json_form_has_the_same_artifacts() -> None:
+    """The control plane holds an adapter job's spec as JSON (its params): the rules must read it alike."""
+    import dataclasses
+
+    merge = MergeSpec(job_id=1, attempt=1, base_model=ModelRef(source="/models/tiny"),
+                      adapter=AdapterRef(key="a", uri="store://adapters/a"), output_uri="store://jobs/1/output")
+    assert job_artifacts(dataclasses.asdict(merge)) == job_artifacts(merge)
+    assert job_artifacts(dataclasses.asdict(train_spec())) == job_artifacts(train_spec())
+    assert job_artifacts(dataclasses.asdict(merge)).inputs == ["store://adapters/a"]
+
+
 @pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b", "a\\b", "a\x00b"])
 def test_file_paths_cannot_leave_their_artifact(path: str) -> None:
     with pytest.raises(ValueError, match="bad file path"):

@@ -80,7 +80,8 @@ def is_local_model(source: str) -> bool:
 
 
 def job_artifacts(spec: Any) -> JobArtifacts:
-    """Every store URI in a job spec (a TrainSpec or an adapter job's spec), by what the job does with it."""
+    """Every store URI in a job spec (a TrainSpec or an adapter job's spec, as a dataclass or in its JSON form),
+    by what the job does with it."""
     found = JobArtifacts()
     for name, value in _fields(spec):
         if not isinstance(value, str) or not value:
@@ -101,6 +102,8 @@ def job_artifacts(spec: Any) -> JobArtifacts:
 def _fields(value: Any, name: str = "") -> list[tuple[str, Any]]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [pair for f in dataclasses.fields(value) for pair in _fields(getattr(value, f.name), f.name)]
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in _fields(item, str(key))]
     if isinstance(value, list):
         return [pair for item in value for pair in _fields(item, name)]
     return [(name, value)]
