@@ -96,7 +96,11 @@ def _prepare_embedded() -> tuple[dict[str, str], list[str]]:
     worker = Worker.objects.filter(name=LOCAL_WORKER).first() or Worker(name=LOCAL_WORKER, labels=[LOCAL_WORKER])
     token = worker.set_new_token()  # a fresh token each start: the old local process is gone
     worker.save()
-    return {"TUNEDECK_WORKER_TOKEN": token}, notes
+    from django.conf import settings
+
+    # The local worker shares this machine's store: it reads and writes it directly.
+    store = {"TUNEDECK_WORKER_STORE": "local", "ARTIFACT_STORE": str(settings.ARTIFACT_STORE)}
+    return {"TUNEDECK_WORKER_TOKEN": token, **store}, notes
 
 
 def _local_worker_grace() -> float:
