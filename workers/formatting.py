@@ -173,6 +173,8 @@ def elapsed(value: Any, now: datetime | None = None) -> str:
     return duration(round(((now or datetime.now(UTC)) - moment).total_seconds()))
 
 
-def plural(amount: str, noun: str) -> str:
-    """A formatted amount and its noun: plural("1", "epoch") is "1 epoch", plural("2.5", "epoch") "2.5 epochs"."""
-    return f"{amount} {noun}" if amount == "1" else f"{amount} {noun}s"
+def plural(amount: str | int, noun: str) -> str:
+    """An amount and its noun: plural("1", "epoch") is "1 epoch", plural("2.5", "epoch") "2.5 epochs", plural(1200,
+    "file") "1,200 files" (an integer is formatted here)."""
+    text = f"{amount:,}" if isinstance(amount, int) and not isinstance(amount, bool) else str(amount)
+    return f"{text} {noun}" if text == "1" else f"{text} {noun}s"

@@ -75,6 +75,8 @@ def test_times_are_utc_to_the_minute_with_the_full_value_for_machines() -> None:
 def test_plural_follows_the_written_amount() -> None:
     assert f.plural("1", "epoch") == "1 epoch"
     assert f.plural("2.33", "epoch") == "2.33 epochs" and f.plural("4,000", "step") == "4,000 steps"
+    # A count as an integer (a log's "1 files" and a chat's "1 adapters" before).
+    assert f.plural(1, "file") == "1 file" and f.plural(1200, "file") == "1,200 files" and f.plural(0, "file") == "0 files"
 
 
 def test_the_module_imports_neither_django_nor_the_ml_stack() -> None:

@@ -372,9 +372,7 @@ class RemoteReporter(HttpReporter):
             except Exception as exc:  # the next checkpoint is tried all the same; this one is not resumable
                 super()._event("log", f"Checkpoint at step {step} could not be uploaded: {exc}", "warning")
                 continue
-            super()._event(
-                "checkpoint", f"Checkpoint saved at step {step} (uploaded in {duration(seconds)})", "info", data
-            )
+            super()._event("checkpoint", f"Checkpoint saved at step {step}", "info", {**data, "upload_s": round(seconds, 2)})
 
     def flush(self) -> None:
         self._report_uploaded(wait=False)
