@@ -15,12 +15,16 @@ its outputs and checkpoints uploaded back (protocol: workers.contract.artifacts)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ CHUNK_BYTES = 8 << 20  # an upload's chunk: what is sent again when one is refus
 CHUNK_RETRIES = 4  # sends of one chunk before the upload gives up
 DOWNLOAD_RETRIES = 6  # resumed downloads of one file before the fetch gives up
 PROGRESS_S = 5.0  # a large transfer logs its progress this often
+BLOB = re.compile(r"[0-9a-f]{64}")
 
 
 class TransferError(RuntimeError):
@@ -80,11 +85,26 @@ class InputCache:
         self.evict(keep=blob)
         return blob
 
+    @contextlib.contextmanager
+    def lock(self, sha256: str) -> Iterator[None]:
+        """Held while one blob is looked up and downloaded: two jobs of this worker needing the same input download
+        it once, the second waiting for the first."""
+        with (self.blobs / f"{sha256}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def stored(self) -> list[Path]:
+        """The complete blobs (not downloads in progress, nor locks)."""
+        return [p for p in self.blobs.iterdir() if BLOB.fullmatch(p.name) and p.is_file()]
+
     def used_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.blobs.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.stored())
 
     def evict(self, keep: Path | None = None) -> list[Path]:
-        blobs = sorted((p for p in self.blobs.iterdir() if p.is_file() and p != keep), key=lambda p: p.stat().st_mtime)
+        blobs = sorted((p for p in self.stored() if p != keep), key=lambda p: p.stat().st_mtime)
         used, gone = self.used_bytes(), []
         for blob in blobs:
             if used <= self.max_bytes:
@@ -308,13 +328,14 @@ class RemoteReporter(HttpReporter):
         for entry in files:
             local = target / entry["path"] if entry["path"] else target
             if cached:
-                blob = self.cache.get(entry["sha256"], int(entry["size"]))
-                if blob is None:
-                    part = self.cache.partial(entry["sha256"])
-                    self.transfers.download(uri, entry, part)
-                    blob = self.cache.put(part, entry["sha256"])
-                    done += int(entry["size"])
-                place(blob, local)
+                with self.cache.lock(entry["sha256"]):
+                    blob = self.cache.get(entry["sha256"], int(entry["size"]))
+                    if blob is None:
+                        part = self.cache.partial(entry["sha256"])
+                        self.transfers.download(uri, entry, part)
+                        blob = self.cache.put(part, entry["sha256"])
+                        done += int(entry["size"])
+                    place(blob, local)
             else:
                 part = local.with_name(local.name + ".part")
                 self.transfers.download(uri, entry, part)

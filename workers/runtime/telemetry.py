@@ -78,9 +78,10 @@ def artifact_store() -> dict[str, Any]:
         mode = worker_store_mode()
         if mode == "local":
             return {"mode": mode}
-        blobs = worker_cache_dir() / "blobs"
-        used = sum(p.stat().st_size for p in blobs.iterdir() if p.is_file()) if blobs.is_dir() else 0
-        return {"mode": mode, "cache_used": used, "cache_max": worker_cache_bytes()}
+        from workers.runtime.remote import InputCache
+
+        cache = InputCache(worker_cache_dir(), worker_cache_bytes())
+        return {"mode": mode, "cache_used": cache.used_bytes(), "cache_max": cache.max_bytes}
     except (ConfigError, OSError) as exc:
         return {"mode": "unknown", "error": str(exc)}
 
