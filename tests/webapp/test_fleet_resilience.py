@@ -58,6 +58,9 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
     """Remote: each worker has its own folder; the checkpoints reach the control plane by upload, and the
     survivor downloads the latest complete one."""
     user, base, dataset, config = demo_objects(tiny_model_dir)
+    # A remote worker's checkpoints are reported once uploaded (a second or so behind): a longer run leaves the
+    # test time to see one reported well before the end.
+    hp = {**HP, "max_steps": 2 * HP["max_steps"]} if fleet.remote else HP
     if objective == "dpo":  # preference pairs, trained against the reference (the adapter switched off)
         from webapp.catalog.services import register_dataset
         from workers.training.demo import preference_rows
@@ -67,8 +70,8 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
     fleet.start("w-alpha")
     fleet.start("w-beta")
     fleet.wait_ready("w-alpha", "w-beta")
-    reference = make_run(user, base, dataset, config, objective=objective, **HP)
-    victim = make_run(user, base, dataset, config, objective=objective, **HP)
+    reference = make_run(user, base, dataset, config, objective=objective, **hp)
+    victim = make_run(user, base, dataset, config, objective=objective, **hp)
 
     # Kill the victim's worker once the run has saved its second checkpoint (and well before it ends).
     def checkpointed() -> bool:
@@ -99,9 +102,9 @@ def test_a_worker_killed_mid_run_hands_its_run_to_another_that_resumes_from_the_
     assert resumed is not None and 20 <= resumed <= step_at_kill + 50, (resumed, step_at_kill)
     # The resumed run ends where the uninterrupted one does: same step count, same learning-rate schedule,
     # the same loss within a small tolerance (the data order and the RNG state are restored with the checkpoint).
-    assert victim.adapter.metrics["steps"] == reference.adapter.metrics["steps"] == HP["max_steps"]
+    assert victim.adapter.metrics["steps"] == reference.adapter.metrics["steps"] == hp["max_steps"]
     ref_lr, vic_lr = lr_by_step(reference), lr_by_step(victim)
-    assert sorted(vic_lr) == sorted(ref_lr) == list(range(1, HP["max_steps"] + 1))
+    assert sorted(vic_lr) == sorted(ref_lr) == list(range(1, hp["max_steps"] + 1))
     assert all(abs(vic_lr[s] - ref_lr[s]) <= 1e-9 + 1e-6 * abs(ref_lr[s]) for s in ref_lr)
     ref_loss, vic_loss = reference.adapter.final_loss, victim.adapter.final_loss
     assert abs(vic_loss - ref_loss) <= 0.02 * abs(ref_loss) + 0.005, (vic_loss, ref_loss)

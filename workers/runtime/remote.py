@@ -200,15 +200,17 @@ class Transfers:
 
     def _upload_file(self, uri: str, entry: dict[str, Any], local: Path, sent: int, total: int, started: float,
                      quiet: bool) -> int:
-        offset = self._offset(uri, entry["path"])
-        if offset > entry["size"]:
-            raise TransferError(f"{uri} {entry['path']}: the server holds more than the file ({offset} bytes)")
+        # From the start: where the server holds part of the file already (an upload resumed), it answers the
+        # first chunk with its offset and the upload goes on from there; a fresh file costs no extra call.
+        offset = 0
         last_said = time.monotonic()
         with local.open("rb") as fh:
             while offset < entry["size"]:
                 fh.seek(offset)
                 chunk = fh.read(CHUNK_BYTES)
                 offset = self.send_chunk(uri, entry["path"], offset, chunk)
+                if offset > entry["size"]:
+                    raise TransferError(f"{uri} {entry['path']}: the server holds more than the file ({offset} bytes)")
                 sent += len(chunk)
                 if not quiet and time.monotonic() - last_said >= PROGRESS_S:
                     last_said = time.monotonic()
