@@ -196,10 +196,14 @@ def resolve_plan(
     fused = FUSED_LORA and lora.method == "lora" and not lora.use_dora and not train.sharded
     compile_auto = cuda and mode == "throughput" and train.objective in COMPILED_OBJECTIVES and not train.distributed \
         and not prompt_method
-    # Compiling paid 2% a step with PEFT's LoRA layers; with the fused ones (12% on their own) it is not measured,
-    # and they run outside the compiled graph (fusedlora): "auto" leaves it off there.
+    # Compiling paid 2% a step with PEFT's LoRA layers, the fused ones 12% on their own: "auto" keeps the fused
+    # layers and leaves compiling off. Compiling asked for trains through PEFT's layers: a compiled model's
+    # backward failed around the fused layers on an H100 ("wrong number of dimensions" in Inductor's code).
     long_enough = steps >= COMPILE_MIN_STEPS
     compile_ = _switch(train.torch_compile, compile_auto and long_enough and not fused)
+    if compile_ and fused:
+        fused = False
+        notes.append("LoRA layers: PEFT's (the fused ones do not compile)")
     if train.torch_compile == "auto" and compile_auto and steps:
         notes.append(f"compile {'on' if compile_ else 'off'}: " + (
             f"{steps} steps" if compile_ else
