@@ -83,6 +83,20 @@ def test_compare_adapters_tiny_prints_every_mode_and_same_answers() -> None:
     assert "Goal at k = 2" in run.stdout
 
 
+def test_chat_latency_tiny_answers_every_turn_with_every_column() -> None:
+    run = subprocess.run(
+        [sys.executable, "bench/chat_latency.py", "--tiny", "--adapters", "2", "--turns", "3", "--new-tokens", "8"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    assert "3 columns (__base__, a0, a1)" in run.stdout
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3"]
+    # Each turn's prompt holds the conversation so far: it grows from turn to turn.
+    prompts = [int(row.split("|")[2].replace(",", "")) for row in rows]
+    assert prompts == sorted(prompts) and len(set(prompts)) == 3
+    assert "time to first token after the first message" in run.stdout
+
+
 def test_merge_memory_tiny_merges_both_ways_and_checks() -> None:
     run = subprocess.run(
         [sys.executable, "bench/merge_memory.py", "--tiny"], cwd=ROOT, check=True, capture_output=True, text=True,

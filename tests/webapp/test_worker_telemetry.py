@@ -95,7 +95,7 @@ def test_the_workers_pages_show_how_each_worker_has_its_artifacts_and_its_cache_
     from workers.runtime.telemetry import sample
 
     remote, remote_token = make_worker("far-away")
-    shared, shared_token = make_worker("next-door")
+    _shared, shared_token = make_worker("next-door")
 
     def beat(token: str, artifacts: Any) -> Any:
         return Client().post("/api/worker/v1/heartbeat", {"telemetry": {"gpus": [], "artifacts": artifacts}},

@@ -24,10 +24,10 @@ from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_POST
 
 from webapp.fleet.forms import RegisterWorkerForm, WorkerSettingsForm
-from workers.formatting import size
 from webapp.fleet.models import Worker, WorkerState
 from webapp.jobs.models import ACTIVE_STATES
 from webapp.jobs.registry import job_models
+from workers.formatting import size
 
 POLL_SECONDS = 10
 # The GPU charts ask for a worker's telemetry this often while their page shows; a heartbeat adds a sample
