@@ -19,8 +19,6 @@ import argparse
 import os
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from page_speed import ensure_database, free_port, live_world, setup_django
+from page_speed import ensure_database, free_port, live_world, setup_django, start_web_server
 
 BLOCK = 64 << 20
 
@@ -65,7 +63,6 @@ def main() -> int:
     os.environ["ARTIFACT_STORE"] = str(scratch / "store")
     ensure_database(args.db, reseed=False)
     setup_django(args.db)
-    from webapp.cli import _web_argv
     from webapp.training.models import TrainingRun
     from workers.contract.reporter import MemoryReporter
     from workers.contract.store import ArtifactStore
@@ -88,16 +85,8 @@ def main() -> int:
     (scratch / "copy.bin").unlink()
 
     port = free_port()
-    server = subprocess.Popen(_web_argv("127.0.0.1", port), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    server = start_web_server(port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
         server_before = peak_kib(server.pid)
         client_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         transfers = Transfers(WorkerClient(f"http://127.0.0.1:{port}", world.token, timeout=120), "jobs", run.pk, 1,

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from page_speed import ensure_database, free_port, live_world, p, setup_django
+from page_speed import ensure_database, free_port, live_world, p, setup_django, start_web_server
 
 
 def prepare() -> tuple[int, str, str]:
@@ -109,20 +106,8 @@ def main() -> int:
     setup_django(args.db)
     run_id, token, session = prepare()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # The same server `tunedeck web` runs (webapp.cli._web_argv), on a free local port.
-    from webapp.cli import _web_argv
-
-    server = subprocess.Popen(_web_argv("127.0.0.1", port), cwd=ROOT, env=env)
+    server = start_web_server(port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
         print(f"uvicorn on port {port}; run {run_id}", flush=True)
         latencies = asyncio.run(run_bench(f"http://127.0.0.1:{port}", run_id, token, session,
                                           args.connections, args.lines, args.interval))

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -59,6 +60,23 @@ def setup_django(db: str, url: str = "") -> None:
     from django.core.management import call_command
 
     call_command("migrate", interactive=False, verbosity=0)
+
+
+def start_web_server(port: int) -> subprocess.Popen[bytes]:
+    """The same server `tunedeck web` runs (webapp.cli._web_argv) on a local port, once it accepts connections."""
+    from webapp.cli import _web_argv
+
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(_web_argv("127.0.0.1", port), cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.terminate()
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
 
 
 def free_port() -> int:
