@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from page_speed import SERVER_URL, ensure_database, free_port, live_world, p, setup_django
+from page_speed import SERVER_URL, ensure_database, free_port, listening, live_world, p, setup_django
 
 APP_NAME = "tunedeck-load-bench"
 RUNS = 50
@@ -187,15 +186,7 @@ def start_server(tree: Path, db: str, port: int) -> subprocess.Popen[bytes]:
     # The same server `tunedeck web` runs (webapp.cli._web_argv), on a free local port.
     argv = [sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--host", "127.0.0.1", "--port", str(port),
             "--no-access-log", "--timeout-graceful-shutdown", "3"]
-    server = subprocess.Popen(argv, cwd=tree, env=env)
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return server
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server did not start")
-        time.sleep(0.2)
+    return listening(subprocess.Popen(argv, cwd=tree, env=env), port)
 
 
 def report(phases: list[Phase], requests: int) -> None:

@@ -68,6 +68,11 @@ def start_web_server(port: int) -> subprocess.Popen[bytes]:
 
     root = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(_web_argv("127.0.0.1", port), cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    return listening(server, port)
+
+
+def listening(server: subprocess.Popen[bytes], port: int) -> subprocess.Popen[bytes]:
+    """`server` once it accepts connections on `port` (stopped, and the bench ended, if it does not in 60 s)."""
     deadline = time.monotonic() + 60
     while True:
         with socket.socket() as sock:
