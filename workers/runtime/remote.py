@@ -47,6 +47,7 @@ CHUNK_BYTES = 8 << 20  # an upload's chunk: what is sent again when one is refus
 CHUNK_RETRIES = 4  # sends of one chunk before the upload gives up
 DOWNLOAD_RETRIES = 6  # resumed downloads of one file before the fetch gives up
 PROGRESS_S = 5.0  # a large transfer logs its progress this often
+MANIFEST_TIMEOUT_S = 900.0
 BLOB = re.compile(r"[0-9a-f]{64}")
 
 
@@ -135,7 +136,8 @@ class Transfers:
         self.base = f"/{path}/{job_id}/artifacts"
 
     def manifest(self, uri: str, latest_checkpoint: bool = False) -> dict[str, Any]:
-        response = self.client.request("POST", f"{self.base}/manifest", accept=(403,),
+        # The first listing of a large local base model hashes it on the server (about 2 s a GB): minutes.
+        response = self.client.request("POST", f"{self.base}/manifest", accept=(403,), timeout=MANIFEST_TIMEOUT_S,
                                        json={"attempt": self.attempt, "uri": uri, "latest_checkpoint": latest_checkpoint})
         _check(response, f"listing {uri}")
         return dict(response.json())
