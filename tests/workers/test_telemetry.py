@@ -67,11 +67,13 @@ def test_the_heartbeat_stores_the_inventory_and_keeps_the_last_60_samples() -> N
     worker.labels = ["a100", "team-nlp"]
     worker.save()
     inventory = telemetry.inventory()
-    reply = beat(token, {"inventory": inventory, "telemetry": telemetry.sample(), "running": []})
+    sample = telemetry.sample()
+    reply = beat(token, {"inventory": inventory, "telemetry": sample, "running": []})
     assert reply.status_code == 200, reply.content
     assert reply.json()["labels"] == ["a100", "team-nlp"] and reply.json()["stop"] == []
     worker.refresh_from_db()
-    assert worker.inventory == inventory and worker.telemetry[0]["gpus"] == []
+    # The inventory as sent, with how the worker has its artifacts from the latest sample (the workers pages').
+    assert worker.inventory == {**inventory, "artifacts": sample["artifacts"]} and worker.telemetry[0]["gpus"] == []
     assert isinstance(worker.telemetry[0]["t"], int)
 
     gpu_inventory = {**inventory, "gpus": [{"index": 0, "name": "H100", "uuid": "GPU-1", "memory_total": 80 * 2**30,
