@@ -19,7 +19,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -433,7 +432,7 @@ def _check(response: Any, doing: str) -> None:
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail") or response.text
-        except (ValueError, json.JSONDecodeError):
+        except ValueError:  # not JSON (a proxy's page)
             detail = response.text
         raise TransferError(f"{doing}: the control plane answered {response.status_code}: {detail}")
 
