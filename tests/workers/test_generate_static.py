@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.generate import AUTO_DYNAMIC, Decoding, encode_prompts, generate_token_grid, plan_decoding
+from workers.adapters.generate import Decoding, encode_prompts, generate_token_grid, plan_decoding
 from workers.adapters.inference import load_for_inference
 from workers.adapters.stops import stop_tokens
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
@@ -58,8 +58,12 @@ def grid(model: Any, tokenizer: Any, prompt_ids: list[list[int]], columns: list[
 def test_the_cpu_plans_a_dynamic_cache_and_static_when_asked(adapted: tuple[Any, Any]) -> None:
     model, _ = adapted
     auto = plan_decoding(model, COLUMNS)
-    assert (auto.static, auto.compiled) == (False, False)
-    assert auto.describe() == f"dynamic KV cache, eager decode step ({AUTO_DYNAMIC})"
+    assert (auto.static, auto.loop, auto.graphs, auto.compiled) == (True, True, False, False)
+    assert auto.describe() == "static KV cache, Tunedeck's decode loop (each step run eagerly; CUDA graphs on GPUs only)"
+    assert plan_decoding(model, COLUMNS, "graph") == auto
+    mixed = plan_decoding(model, COLUMNS, stacked=False)
+    assert mixed == Decoding(why="PEFT's mixed batches (adapter_names) go through generate()")
+    assert mixed.describe() == "dynamic KV cache, eager decode step (PEFT's mixed batches (adapter_names) go through generate())"
     static = plan_decoding(model, COLUMNS, "static")
     assert (static.static, static.compiled) == (True, False)
     assert static.describe().startswith("static KV cache, eager decode step")
@@ -67,7 +71,7 @@ def test_the_cpu_plans_a_dynamic_cache_and_static_when_asked(adapted: tuple[Any,
     sequential = plan_decoding(model, COLUMNS, "static", batched=False)
     assert sequential.why == "one column after another: every adapter switch would compile the step again"
     assert plan_decoding(model, COLUMNS, "static", stacked=False).why.startswith("PEFT's mixed batches")
-    with pytest.raises(ValueError, match="cache must be one of auto, dynamic, static"):
+    with pytest.raises(ValueError, match="cache must be one of auto, dynamic, static, graph"):
         plan_decoding(model, COLUMNS, "paged")
 
 
@@ -246,7 +250,7 @@ def test_a_comparison_logs_its_4bit_weights_and_decoding(tiny_model_dir: Path, t
     result = run_compare(spec, reporter, store)
 
     assert result is not None, reporter.states[-1]
-    expected = f"dynamic KV cache, eager decode step ({AUTO_DYNAMIC})"
+    expected = "static KV cache, Tunedeck's decode loop (each step run eagerly; CUDA graphs on GPUs only)"
     assert result["decoding"] == expected and f"Decoding: {expected}" in reporter.logs
     assert result["base_weights"] == "Kept 4-bit weights (bitsandbytes' own 4-bit matmul on the CPU)"
     assert result["base_weights"] in reporter.logs

@@ -317,13 +317,15 @@ def generate_token_grid(
     criteria = stops.criteria()
     chunks = [list(range(i, min(i + batch_size, len(prompt_ids)))) for i in range(0, len(prompt_ids), batch_size)]
     calls: list[tuple[list[Cell], AbstractContextManager[Any]]]
+    base_only = all(column == BASE_KEY for column in columns)  # batched: every adapter off, no mixed batch
     if batched:
-        calls = [([(row, col) for col in columns for row in chunk], nullcontext()) for chunk in chunks]
+        calls = [([(row, col) for col in columns for row in chunk],
+                  column_context(model, BASE_KEY) if base_only else nullcontext()) for chunk in chunks]  # fmt: skip
     else:
         calls = [([(row, col) for row in chunk], column_context(model, col)) for col in columns for chunk in chunks]
     results: dict[Cell, list[int]] = {}
     with stacked_lora(model, columns) if batched and stacked else nullcontext(False) as stacking:
-        names = _adapter_names(model, columns) if batched and not stacking else None
+        names = _adapter_names(model, columns) if batched and not stacking and not base_only else None
         for cells, context in calls:
             if should_stop is not None and should_stop():
                 break
@@ -391,8 +393,7 @@ def generation_options(params: GenerationParams, pad_token_id: int, min_new_toke
     return options
 
 
-CACHE_MODES = ("auto", "dynamic", "static")
-AUTO_DYNAMIC = "a compiled static step measured slower for batched adapters, see bench/README.md"
+CACHE_MODES = ("auto", "dynamic", "static", "graph")
 # A static cache's length is rounded up to this many positions, so that jobs of nearby prompt lengths share one
 # compiled step; more would cost memory at large batches (8B shape, 512 rows: 64 MB a position).
 STATIC_CACHE_STEP = 64
@@ -400,21 +401,26 @@ STATIC_CACHE_STEP = 64
 
 @dataclass(frozen=True)
 class Decoding:
-    """How generate() keeps the KV cache and runs a decode step (`plan_decoding`); `describe()` is for job logs."""
+    """How the KV cache is kept and a decode step runs (`plan_decoding`); `describe()` is for job logs."""
 
     static: bool = False  # a StaticCache (written in place) instead of a DynamicCache (grown by concatenation)
-    compiled: bool = False  # the decode step through torch.compile (reduce-overhead: CUDA graphs), static only
-    why: str = ""  # why not static or not compiled, where that is not what was asked for
+    compiled: bool = False  # generate()'s decode step through torch.compile (reduce-overhead: CUDA graphs)
+    loop: bool = False  # Tunedeck's decode loop (workers.adapters.decode) instead of generate(); static
+    graphs: bool = False  # the loop's step captured as a CUDA graph (CUDA only)
+    why: str = ""  # why not the loop, static or compiled, where that is not what was asked for
     length: int = 0  # a static cache's positions for every call (a job's longest prompt); 0: the calls' own
 
     def describe(self) -> str:
+        if self.loop:
+            step = "each step one CUDA graph replay" if self.graphs else "each step run eagerly"
+            return f"static KV cache, Tunedeck's decode loop ({step}" + (f"; {self.why})" if self.why else ")")
         cache = "static KV cache" if self.static else "dynamic KV cache"
         step = "compiled decode step (torch.compile, CUDA graphs)" if self.compiled else "eager decode step"
         return f"{cache}, {step}" + (f" ({self.why})" if self.why else "")
 
     def generate_options(self, device_type: str) -> dict[str, Any]:
         """generate()'s switches for this plan; transformers compiles a static cache's decode step on CUDA itself."""
-        if not self.static:
+        if not self.static or self.loop:
             return {}
         if not self.compiled:
             return {"disable_compile": True}
@@ -431,25 +437,39 @@ def plan_decoding(
 ) -> Decoding:
     """The KV cache and decode step of `generate_token_grid` for these columns (the same arguments).
 
-    "dynamic": transformers' default, the cache grown by concatenation at every step. "static": a preallocated
-    cache written in place, its decode step compiled where transformers and this path allow it (CUDA, a model
-    transformers compiles, no 4-bit layers, one graph for every call), else run eagerly. "auto", what jobs use:
-    the dynamic cache, as measured (AUTO_DYNAMIC: on an H200 the compiled static step was 1.17x faster for the
-    base alone but 0.58x for eight adapters batched, and changed bf16 greedy answers). Static caches combine with
-    `prefill_by_length` (it fills one). A model that cannot hold a static cache gets the dynamic one."""
+    "graph", what "auto" picks wherever it can: Tunedeck's decode loop (workers.adapters.decode), a static cache
+    filled by `prefill_by_length` and each step one CUDA graph replay on CUDA (run eagerly elsewhere). Where the
+    loop cannot run (`loop_refusal`; PEFT's mixed batches, which the prefill does not take), generate() with a
+    dynamic cache. "dynamic": generate()'s default, the cache grown by concatenation at every step. "static":
+    generate() with a preallocated cache, its decode step compiled where transformers and this path allow it
+    (CUDA, a model transformers compiles, no 4-bit layers, one graph for every call), else eager; measured slower
+    than the dynamic cache for eight adapters batched on an H200 (bench/README.md)."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if cache == "dynamic":
         return Decoding()
-    if cache == "auto":
-        return Decoding(why=AUTO_DYNAMIC)
+    if cache in ("auto", "graph"):
+        refusal = _loop_refusal(model, columns, batched, stacked)
+        if refusal:
+            return Decoding(why=refusal)
+        cuda = next(model.parameters()).device.type == "cuda"
+        return Decoding(static=True, loop=True, graphs=cuda, why="" if cuda else "CUDA graphs on GPUs only")
     refusal = _static_refusal(model)
     if refusal:
         return Decoding(why=refusal)
     not_compiled = _compile_refusal(model, columns, batched, stacked)
-    if cache == "static":
-        return Decoding(static=True, compiled=not not_compiled, why=not_compiled)
-    return Decoding(why=not_compiled) if not_compiled else Decoding(static=True, compiled=True)
+    return Decoding(static=True, compiled=not not_compiled, why=not_compiled)
+
+
+def _loop_refusal(model: Any, columns: list[str], batched: bool, stacked: bool) -> str:
+    from peft import PeftModel
+
+    from workers.adapters.decode import loop_refusal
+
+    base_only = all(column == BASE_KEY for column in columns)
+    if isinstance(model, PeftModel) and batched and not base_only and not (stacked and can_stack(model, columns)):
+        return "PEFT's mixed batches (adapter_names) go through generate()"
+    return _static_refusal(model) or loop_refusal(model)
 
 
 def _inner_model(model: Any) -> Any:
@@ -514,14 +534,25 @@ def generate_rows(
     import torch
     from transformers import StoppingCriteriaList
 
+    from workers.adapters.decode import Sampling, decode_rows, rows_refusal
+
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
+    hooks = [_StepHook(cells, width, on_step, should_stop)] if on_step is not None or should_stop is not None else []
+    if decoding.loop:
+        if columns and adapter_names is None and not rows_refusal(rows):
+            with _attention_backends(device):
+                generated, _ = decode_rows(
+                    model, rows, columns, pad_token_id, Sampling.of(options), [*hooks, *criteria],
+                    cache_length or _static_length(width, options["max_new_tokens"]), decoding.graphs,
+                )  # fmt: skip
+            return generated
+        decoding = Decoding()  # this call's prompts go through generate(), as before the loop
     input_ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     kwargs = dict(options)
     if adapter_names is not None:
         kwargs["adapter_names"] = adapter_names
-    hooks = [_StepHook(cells, width, on_step, should_stop)] if on_step is not None or should_stop is not None else []
     if hooks or criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList([*hooks, *criteria])
     kwargs.update(decoding.generate_options(device.type))

@@ -9,18 +9,28 @@ BUCKET_COST = 1024  # what one more forward call costs, in padded token position
 
 
 def can_prefill(model: Any, rows: list[list[int]]) -> bool:
-    """Whether the prompts' pass goes by length buckets: prompts of several lengths, a model whose cache is a
-    plain KV cache with full attention in every layer (no sliding windows, no recurrent state) and no adapter
-    of virtual tokens (prompt or prefix tuning)."""
+    """Whether the prompts' pass goes by length buckets: prompts of several lengths, each of two tokens or more,
+    and a model that allows it (`prefill_refusal`)."""
     if len({len(r) for r in rows}) < 2 or min(len(r) for r in rows) < 2:
         return False
+    return not prefill_refusal(model)
+
+
+def prefill_refusal(model: Any) -> str:
+    """Why `prefill_by_length` cannot fill this model's cache (empty where it can): it needs a plain KV cache with
+    full attention in every layer (no sliding windows, no recurrent state) and no adapter of virtual tokens
+    (prompt or prefix tuning, whose tokens go before the prompt, in the cache too)."""
     if any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values()):
-        return False  # virtual tokens go before the prompt, in the cache too
+        return "virtual tokens of a prompt-learning adapter"
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if text is None or getattr(text, "is_encoder_decoder", False) or getattr(text, "sliding_window", None):
-        return False
-    return all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"])
+    if text is None or getattr(text, "is_encoder_decoder", False):
+        return "this model keeps no plain KV cache"
+    if getattr(text, "sliding_window", None) or not all(
+        kind == "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"]
+    ):
+        return "this model has layers of sliding-window or linear attention"
+    return ""
 
 
 def cache_argument(model: Any) -> str:
