@@ -198,10 +198,12 @@ def parse_args() -> argparse.Namespace:
         help="every mode leaves the prompts' pass to generate(), over the padding (before prefill_by_length)",
     )  # fmt: skip
     parser.add_argument("--profile", action="store_true",
-                        help="after the table: torch.profiler over 8 decode steps of base alone and batched at the "
-                             "largest k (GPU busy time against wall time, top kernels)")  # fmt: skip
+                        help="after the table: torch.profiler over a run of 8 new tokens of base alone and batched at "
+                             "the largest k, on the last --cache path (GPU busy time against wall time, top "
+                             "kernels)")  # fmt: skip
     parser.add_argument("--cache", default="dynamic",
-                        help="KV caches to measure, comma-separated (dynamic, static, auto); the first is the old path")
+                        help="KV caches to measure, comma-separated (dynamic, static, graph, auto); the first is the "
+                             "old path")
     parser.add_argument("--dequantize", default="off",
                         help="4-bit weights dequantized once before the runs: off, on, or both comma-separated "
                              "(the first is the old path); on has no effect without --quantization 4bit")
@@ -209,7 +211,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT adapter_names mode (slowest)")
     args = parser.parse_args()
     args.ks = sorted({int(k) for k in args.k.split(",")})
-    args.caches = _choices(parser, "--cache", args.cache, ("dynamic", "static", "auto"))
+    args.caches = _choices(parser, "--cache", args.cache, ("dynamic", "static", "graph", "auto"))
     args.dequantize_modes = _choices(parser, "--dequantize", args.dequantize, ("off", "on"))
     args.new_tokens = args.new_tokens or (16 if args.tiny else 64)
     args.prompt_median = args.prompt_median or (12 if args.tiny else 80)
@@ -304,8 +306,9 @@ def run_paths(args: argparse.Namespace, dtype: Any, dequantize: str, old: tuple[
             same = sum(batched.output[cell] == loop.output[cell] for cell in batched.output) / len(batched.output) if loop else 0
             runs[cache].rows.append((k, batched, peft, loop, batched_peak, same))
     if args.profile and dequantize == old[1]:
-        profile(model, prompts, [BASE_KEY], args, "base alone", old[0])
-        profile(peft_model, prompts, keys[: max(args.ks)], args, f"batched, k = {max(args.ks)}", old[0])
+        profile(model, prompts, [BASE_KEY], args, f"base alone, cache={args.caches[-1]}", args.caches[-1])
+        profile(peft_model, prompts, keys[: max(args.ks)], args, f"batched, k = {max(args.ks)}, cache={args.caches[-1]}",
+                args.caches[-1])
     return runs
 
 

@@ -396,6 +396,7 @@ def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int
 def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded_pass(
     loaded: Loaded, rows: Rows, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import workers.adapters.decode as decode
     import workers.adapters.generate as generate
     import workers.adapters.prefill as prefill
 
@@ -412,6 +413,7 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
         return original(model, rows, columns, pad_token_id, *static)
 
     monkeypatch.setattr(generate, "prefill_by_length", counted)
+    monkeypatch.setattr(decode, "prefill_by_length", counted)  # the decode loop's prefill
 
     def grid(prefill: bool) -> Grid:
         return generate_token_grid(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -519,6 +520,29 @@ def test_score_model_judges_with_a_real_model_loaded_once(tiny_model_dir: Path) 
     # a random-weight judge mostly writes garbage: each answer without a number in range is reported
     assert len(grader.errors) == readings.count(None)
     assert grader.load()[0] is model
+    # the engine of compare jobs: generate()'s own answers with a dynamic cache, through the loop
+    from workers.adapters.generate import plan_decoding
+    from workers.contract.jobspecs import BASE_KEY
+
+    assert plan_decoding(model, [BASE_KEY]).loop
+    tokenizer = grader.loaded[1]
+    dynamic = generate_grid_texts(model, tokenizer, conversations[:2], 6) + generate_grid_texts(
+        model, tokenizer, conversations[2:], 6)  # fmt: skip
+    assert answers == dynamic
+
+
+def generate_grid_texts(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], tokens: int) -> list[str]:
+    from workers.adapters.generate import generate_token_grid
+    from workers.adapters.stops import stop_tokens
+    from workers.contract.jobspecs import BASE_KEY, GenerationParams
+    from workers.data.prompts import chat_ids
+
+    stops = stop_tokens(tokenizer, model)
+    ids = generate_token_grid(
+        model, [chat_ids(tokenizer, c, add_generation_prompt=True) for c in conversations], [BASE_KEY],
+        GenerationParams(max_new_tokens=tokens), pad_token_id=tokenizer.pad_token_id, stops=stops, cache="dynamic",
+    )  # fmt: skip
+    return [stops.text(ids[(row, BASE_KEY)]) for row in range(len(conversations))]
 
 
 @pytest.mark.parametrize(

@@ -122,18 +122,20 @@ class ScoreModel(BaseGrader):
         return score
 
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        """The judge's greedy answers, one batch, left-padded so that every row continues from its last token."""
-        import torch
+        """The judge's greedy answers to one batch, through the generation engine of compare and evaluate jobs
+        (workers.adapters.generate: the decode loop, answers ending at EOS or the template's turn end)."""
+        from workers.adapters.generate import generate_token_grid
+        from workers.adapters.stops import stop_tokens
+        from workers.contract.jobspecs import BASE_KEY, GenerationParams
 
         model, tokenizer = self.load()
-        rows = [{"input_ids": chat_ids(tokenizer, turns, add_generation_prompt=True)} for turns in conversations]
-        batch = tokenizer.pad(rows, return_tensors="pt").to(model.device)
-        with torch.inference_mode():
-            output = model.generate(
-                **batch, do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id
-            )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        stops = stop_tokens(tokenizer, model)
+        ids = generate_token_grid(
+            model, [chat_ids(tokenizer, turns, add_generation_prompt=True) for turns in conversations], [BASE_KEY],
+            GenerationParams(max_new_tokens=self.max_new_tokens), pad_token_id=tokenizer.pad_token_id, stops=stops,
+            batch_size=max(1, len(conversations)),
+        )  # fmt: skip
+        return [stops.text(ids[(row, BASE_KEY)]) for row in range(len(conversations))]
 
     def load(self) -> tuple[Any, Any]:
         """The judge and its tokenizer, loaded once: on the GPU in bf16 where there is one, else on the CPU."""
@@ -155,7 +157,8 @@ class ScoreModel(BaseGrader):
         if self.adapter:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, self.adapter, autocast_adapter_dtype=False)
+            # Merged: the judge only answers, and a plain model generates faster than one with LoRA side paths.
+            model = PeftModel.from_pretrained(model, self.adapter, autocast_adapter_dtype=False).merge_and_unload()
         model = model.to("cuda" if cuda else "cpu").eval()
         self.loaded = (model, tokenizer)
         return self.loaded
