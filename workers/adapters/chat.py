@@ -23,6 +23,7 @@ from workers.adapters.generate import (
     column_context,
     generate_rows,
     generation_options,
+    plan_decoding,
 )
 from workers.adapters.inference import (
     can_batch,
@@ -84,6 +85,8 @@ class ChatSession:
         if len(self.columns) > 1 and not self.batched:
             reporter.log("Columns answer one after another: " + "; ".join(refusals or ref_refusals(spec.adapters)),
                          level="warning")
+        self.decoding = plan_decoding(self.model, self.columns, "auto", self.batched)
+        reporter.log(f"Decoding: {self.decoding.describe()}")
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0)  # 0: unknown, nothing is left out
         load_s = time.monotonic() - started
@@ -164,7 +167,7 @@ class ChatSession:
             with stacked_lora(self.model, self.columns) as stacking:
                 names = None if stacking else [c if c == BASE_KEY else peft_adapter_name(c) for c in self.columns]
                 generated = generate_rows(self.model, rows, cells, self.tokenizer.pad_token_id, options, names, on_step,
-                                      should_stop, criteria, columns=0)
+                                          should_stop, criteria, columns=len(self.columns), decoding=self.decoding)
             for column, row_ids in zip(self.columns, generated, strict=True):
                 ids[column], seconds[column] = self.stops.cut(row_ids), time.monotonic() - received
         else:
@@ -174,8 +177,9 @@ class ChatSession:
                     continue
                 begun = time.monotonic()
                 with column_context(self.model, column):
-                    generated = generate_rows(self.model, [row], [(index, column)], self.tokenizer.pad_token_id, options,
-                                          None, on_step, should_stop, criteria, columns=0)
+                    generated = generate_rows(self.model, [row], [(index, column)], self.tokenizer.pad_token_id,
+                                              options, None, on_step, should_stop, criteria, columns=1,
+                                              decoding=self.decoding)
                 ids[column], seconds[column] = self.stops.cut(generated[0]), time.monotonic() - begun
         stopped = should_stop()
         texts = {(index, column): self.stops.text(ids[column]) for column in self.columns}
