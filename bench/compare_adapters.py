@@ -3,7 +3,7 @@
 A Llama-shaped model with random weights is built in memory (Llama-3.1-8B shape in bf16 on the GPU; `--tiny` for
 a small one on the CPU), k random LoRA adapters are added (r 16 on all 7 projections, random B so they differ),
 and the same prompts (random token ids, lengths lognormal with median 80 and sigma 0.6, clipped to [16, 384],
-seed 0, left-padded) are answered three ways, through the code a compare job runs (workers/adapters/generate.py):
+seed 0, left-padded) are answered three ways, through the engine a compare job runs (workers/generation/engine.py):
 
   base alone   the prompts once, on the model without adapters                  (prompts rows per call)
   batched      every adapter's answer to a prompt in the same generate() call   (prompts x k rows per call),
@@ -99,7 +99,7 @@ def add_adapters(model: Any, count: int) -> tuple[Any, list[str]]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from workers.adapters.inference import peft_adapter_name
+    from workers.generation.columns import peft_adapter_name
 
     keys = [f"a{i}" for i in range(count)]
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
@@ -132,9 +132,9 @@ class Timing:
 
 def measure(model: Any, prompts: list[list[int]], columns: list[str], batched: bool, args: argparse.Namespace,
             stacked: bool = True, cache: str = "dynamic") -> Timing:  # fmt: skip
-    from workers.adapters.generate import generate_token_grid
-    from workers.adapters.stops import stop_tokens
     from workers.contract.jobspecs import GenerationParams
+    from workers.generation.engine import generate_token_grid
+    from workers.generation.stops import stop_tokens
 
     def run(tokens: int) -> dict[tuple[int, str], list[int]]:
         return generate_token_grid(
@@ -258,7 +258,7 @@ class PathRun:
     base: Timing
     base_peak: str
     rows: list[tuple]  # (k, batched, peft, loop, batched peak, share of answers batched = loop)
-    decoding: str  # workers.adapters.generate.plan_decoding's description
+    decoding: str  # workers.generation.engine.plan_decoding's description
     weights: str  # what became of the 4-bit weights
 
 
@@ -270,9 +270,9 @@ def run_paths(args: argparse.Namespace, dtype: Any, dequantize: str, old: tuple[
 
     import torch
 
-    from workers.adapters.generate import plan_decoding
     from workers.adapters.inference import dequantize_for_generation
     from workers.contract.jobspecs import BASE_KEY
+    from workers.generation.engine import plan_decoding
 
     gc.collect()
     if args.device == "cuda":
@@ -361,9 +361,9 @@ def profile(model: Any, prompts: list[list[int]], columns: list[str], args: argp
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from workers.adapters.generate import generate_token_grid
-    from workers.adapters.stops import stop_tokens
     from workers.contract.jobspecs import GenerationParams
+    from workers.generation.engine import generate_token_grid
+    from workers.generation.stops import stop_tokens
 
     def run() -> None:
         generate_token_grid(
@@ -409,7 +409,7 @@ def print_table(args: argparse.Namespace, base: Timing, base_peak: str, rows: li
         )
     print()
     print("base alone: the prompts on the model without adapters. batched: prompts x k rows in one generate() call, "
-          "the adapters stacked per layer (workers.adapters.stacked.stacked_lora, what a compare job uses); the same through "
+          "the adapters stacked per layer (workers.generation.stacked.stacked_lora, what a compare job uses); the same through "
           "PEFT's adapter_names for reference. loop: k calls, set_adapter between them. In brackets: seconds of a "
           "run of 1 new token (the prompts' forward pass). tok/s: answer tokens of all rows per second. Same "
           "answers: greedy token ids equal (float32 gives 100%; bf16 kernels may round differently by batch shape).")  # fmt: skip

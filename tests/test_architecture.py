@@ -22,7 +22,7 @@ PACKAGES = ("webapp", "workers", "tunedeck_cli")
 
 # Lowest first: an app may import itself and the apps before it, never one after it.
 APP_LAYERS = ("jobs", "catalog", "fleet", "training", "playground", "sweeps", "api", "dashboard")
-WORKER_LAYERS = ("config", "formatting", "contract", "data", "grading", "training", "adapters", "runtime")
+WORKER_LAYERS = ("config", "formatting", "contract", "data", "generation", "grading", "training", "adapters", "runtime")
 
 
 def module_name(path: Path) -> str:

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from workers.adapters.chat import run_chat
-from workers.adapters.generate import generate_grid
 from workers.adapters.inference import load_for_inference
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, ChatSpec, GenerationParams, LoadParams, PromptRow
 from workers.contract.reporter import MemoryReporter
 from workers.contract.spec import ModelRef
 from workers.contract.store import ArtifactStore
+from workers.generation.engine import generate_grid
 
 Adapters = tuple[ArtifactStore, dict[str, str]]
 COLUMNS = [BASE_KEY, "add", "double"]

@@ -13,18 +13,14 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.generate import (
-    encode_prompts,
-    generate_grid,
-    generate_token_grid,
-    run_compare,
-)
+from workers.adapters.generate import run_compare
 from workers.adapters.inference import load_for_inference
-from workers.adapters.stops import END_OF_TURN, Stop, decode, stop_tokens
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, CompareSpec, GenerationParams, LoadParams, PromptRow
 from workers.contract.reporter import MemoryReporter
 from workers.contract.spec import ModelRef
 from workers.contract.store import ArtifactStore
+from workers.generation.engine import encode_prompts, generate_grid, generate_token_grid
+from workers.generation.stops import END_OF_TURN, Stop, decode, stop_tokens
 from workers.training.demo import build_tiny_llama, double_rows, toy_rows
 
 Adapters = tuple[ArtifactStore, dict[str, str]]  # the task_adapters fixture: (store, {task: adapter URI})
@@ -339,7 +335,7 @@ def test_a_4bit_base_is_batched_by_stacking_and_matches_sequential(
 ) -> None:
     """QLoRA adapters are compared on the 4-bit base they were trained on: the stacked path covers bitsandbytes
     layers too (the base layer runs quantized, the deltas are added), with the same answers as one by one."""
-    from workers.adapters.stacked import stacked_lora
+    from workers.generation.stacked import stacked_lora
 
     store, uris = task_adapters
     refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
@@ -378,7 +374,7 @@ def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int
     import itertools
     import random
 
-    from workers.adapters.prefill import length_buckets
+    from workers.generation.prefill import length_buckets
 
     rng = random.Random(seed)
     lengths = [rng.randint(2, 300) for _ in range(rng.randint(1, 11))]
@@ -396,9 +392,9 @@ def test_length_buckets_cover_every_row_once_at_the_least_padding_cost(seed: int
 def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded_pass(
     loaded: Loaded, rows: Rows, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.adapters.decode as decode
-    import workers.adapters.generate as generate
-    import workers.adapters.prefill as prefill
+    import workers.generation.decode as decode
+    import workers.generation.engine as generate
+    import workers.generation.prefill as prefill
 
     model, tokenizer = loaded
     # Prompts of very different lengths (1 to 6 questions) so that padding would be most of one padded pass.
@@ -430,7 +426,7 @@ def test_the_prompts_pass_by_length_buckets_gives_the_same_answers_as_one_padded
 
 
 def test_models_with_sliding_windows_or_single_length_prompts_are_not_prefilled(loaded: Loaded) -> None:
-    from workers.adapters.prefill import can_prefill
+    from workers.generation.prefill import can_prefill
 
     model, _ = loaded
     assert can_prefill(model, [[1, 2, 3], [1, 2, 3, 4]])

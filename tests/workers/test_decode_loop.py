@@ -1,20 +1,21 @@
-"""Tunedeck's decode loop (workers.adapters.decode): the answers of generate() with a dynamic cache, token for
+"""Tunedeck's decode loop (workers.generation.decode): the answers of generate() with a dynamic cache, token for
 token in float32 on the tiny random Llama — greedy and sampled, the base, stacked adapters, one column after
 another, stops (EOS, stop strings, min_new_tokens), streaming and cancel. On CUDA the step is a CUDA graph
 replay: the last test compares it with the eager loop there. No mocks, no network."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from workers.adapters.generate import encode_prompts, generate_token_grid, plan_decoding
 from workers.adapters.inference import load_for_inference
-from workers.adapters.stops import Stop, Stops, stop_tokens
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
 from workers.contract.spec import ModelRef
+from workers.generation.engine import encode_prompts, generate_token_grid, plan_decoding
+from workers.generation.stops import Stop, Stops, stop_tokens
 from workers.training.demo import double_rows, toy_rows
 
 Adapters = tuple[Any, dict[str, str]]
@@ -38,7 +39,7 @@ def prompts(tokenizer: Any, count: int = 12) -> list[list[int]]:
     return ids
 
 
-def grid(model: Any, tokenizer: Any, prompt_ids: list[list[int]], columns: list[str], cache: str, **options: Any) -> Grid:
+def grid(model: Any, tokenizer: Any, prompt_ids: list[list[int]], columns: list[str], cache: Any, **options: Any) -> Grid:
     options.setdefault("params", GenerationParams(max_new_tokens=12))
     options.setdefault("stops", stop_tokens(tokenizer, model))
     options.setdefault("batch_size", 5)
@@ -121,10 +122,14 @@ def test_one_token_prompts_go_through_generate(adapted: tuple[Any, Any]) -> None
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="CUDA graphs need a CUDA GPU")
 def test_on_cuda_the_step_is_a_graph_replay_with_the_eager_loop_s_answers(tiny_model_dir: Path) -> None:
+    """The base alone and two random adapters stacked, in float32 on the GPU: the graph replays give the eager
+    loop's greedy answers, and the loop says it ran as a graph."""
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.adapters.decode import Sampling, decode_rows
+    from workers.generation.decode import Sampling, decode_rows
+    from workers.generation.engine import Decoding
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda().eval()
@@ -134,3 +139,20 @@ def test_on_cuda_the_step_is_a_graph_replay_with_the_eager_loop_s_answers(tiny_m
     graphed, how = decode_rows(model, rows, 1, tokenizer.pad_token_id, sampling, [], 64, graphs=True)
     assert (how_eager, how) == ("eager", "graph")
     assert graphed == eager
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, config, adapter_name="one")
+    peft_model.add_adapter("two", config)
+    columns = [BASE_KEY, "one", "two"]
+    assert plan_decoding(peft_model, columns).graphs
+
+    def run(graphs: bool) -> Grid:
+        plan = Decoding(static=True, loop=True, graphs=graphs)
+        with warnings.catch_warnings():  # a capture that fails falls back to eager steps: an error here
+            warnings.filterwarnings("error", message="The decode step could not be captured")
+            return grid(peft_model, tokenizer, rows, columns, plan, min_new_tokens=12)
+
+    stacked = run(graphs=True)
+    assert stacked == run(graphs=False)
+    assert sum(stacked[(i, "one")] != stacked[(i, "two")] for i in range(len(rows))) >= len(rows) // 2

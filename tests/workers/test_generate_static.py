@@ -1,4 +1,4 @@
-"""Static KV cache and compiled decode step (workers.adapters.generate.plan_decoding): the same greedy answers as
+"""Static KV cache and compiled decode step (workers.generation.engine.plan_decoding): the same greedy answers as
 the dynamic cache, on the tiny random Llama in float32, for the base, stacked LoRA adapters and prompts of
 different lengths (the static cache filled by prefill_by_length). No mocks, no network."""
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.generate import Decoding, encode_prompts, generate_token_grid, plan_decoding
 from workers.adapters.inference import load_for_inference
-from workers.adapters.stops import stop_tokens
 from workers.contract.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
 from workers.contract.spec import ModelRef
+from workers.generation.engine import Decoding, encode_prompts, generate_token_grid, plan_decoding
+from workers.generation.stops import stop_tokens
 from workers.training.demo import double_rows, toy_rows
 
 Adapters = tuple[Any, dict[str, str]]  # the task_adapters fixture: (store, {task: adapter URI})
@@ -93,7 +93,7 @@ def test_static_cache_gives_the_dynamic_cache_s_greedy_answers_on_the_base(
 
 @pytest.mark.parametrize("prefill", [True, False])
 def test_static_cache_gives_the_same_answers_with_two_stacked_adapters(adapted: tuple[Any, Any], prefill: bool) -> None:
-    from workers.adapters.stacked import can_stack
+    from workers.generation.stacked import can_stack
 
     model, tokenizer = adapted
     assert can_stack(model, COLUMNS)
@@ -110,7 +110,7 @@ def test_the_prefill_fills_a_static_cache_with_the_dynamic_one_s_states(adapted:
     import torch
     from transformers import StaticCache
 
-    from workers.adapters.prefill import can_prefill, prefill_by_length
+    from workers.generation.prefill import can_prefill, prefill_by_length
 
     model, tokenizer = adapted
     rows = prompts(tokenizer)[:5]
@@ -198,7 +198,7 @@ def test_a_4bit_base_dequantized_once_gives_the_same_answers_and_stays_stackable
     from peft.tuners.lora import LoraLayer
 
     from workers.adapters.inference import dequantize_for_generation
-    from workers.adapters.stacked import can_stack
+    from workers.generation.stacked import can_stack
 
     model, tokenizer = load_4bit(tiny_model_dir, task_adapters)
     prompt_ids = prompts(tokenizer)

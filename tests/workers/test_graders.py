@@ -521,8 +521,8 @@ def test_score_model_judges_with_a_real_model_loaded_once(tiny_model_dir: Path) 
     assert len(grader.errors) == readings.count(None)
     assert grader.load()[0] is model
     # the engine of compare jobs: generate()'s own answers with a dynamic cache, through the loop
-    from workers.adapters.generate import plan_decoding
     from workers.contract.jobspecs import BASE_KEY
+    from workers.generation.engine import plan_decoding
 
     assert plan_decoding(model, [BASE_KEY]).loop
     tokenizer = grader.loaded[1]
@@ -532,10 +532,10 @@ def test_score_model_judges_with_a_real_model_loaded_once(tiny_model_dir: Path) 
 
 
 def generate_grid_texts(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], tokens: int) -> list[str]:
-    from workers.adapters.generate import generate_token_grid
-    from workers.adapters.stops import stop_tokens
     from workers.contract.jobspecs import BASE_KEY, GenerationParams
     from workers.data.prompts import chat_ids
+    from workers.generation.engine import generate_token_grid
+    from workers.generation.stops import stop_tokens
 
     stops = stop_tokens(tokenizer, model)
     ids = generate_token_grid(

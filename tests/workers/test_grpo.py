@@ -283,3 +283,32 @@ def test_placement_counts_the_generation_cache_of_a_grpo_run() -> None:
     assert reinforced.activations == 3 * plain.activations  # the answer's 1,024 tokens after the prompt's 512
     print(f"8B QLoRA, 8 x 512 tokens: sft {plain.device_total / 2**30:.1f} GiB, grpo with 1,024-token answers "
           f"{reinforced.device_total / 2**30:.1f} GiB")
+
+
+def test_grpo_samples_through_the_generation_engine_as_trl_would(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The policy's completions from the decode loop are trl's own generate() samples, token for token in float32
+    on the CPU, for the same seed: the same temperature and top-p, the same draws, cut after the first EOS."""
+    import torch
+    from trl import GRPOTrainer
+
+    from workers.generation.engine import plan_decoding
+    from workers.training.objectives.grpo import engine_refusal
+
+    trainer, _ = built_trainer(tiny_model_dir, tmp_path, SEVENS_GRADER)
+    trainer.temperature, trainer.top_p = 1.2, 0.9
+    trainer.generation_config.temperature, trainer.generation_config.top_p = 1.2, 0.9
+    trainer.generation_kwargs.update(temperature=1.2, top_p=0.9)
+    assert engine_refusal(trainer, None, {}) == ""
+    assert plan_decoding(trainer.model, [], batched=False).loop
+    tokenizer = trainer.processing_class
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in ("What is 3 + 4?", "Double 12, please", "Say seven")]  # fmt: skip
+    groups = [ids for ids in prompts for _ in range(4)]  # as trl's sampler repeats each prompt num_generations times
+    torch.manual_seed(11)
+    ours, logprobs = trainer._generate_single_turn(groups, None, {}, 4)
+    torch.manual_seed(11)
+    theirs, _ = GRPOTrainer._generate_single_turn(trainer, groups, None, {}, 4)
+    assert logprobs is None and ours == theirs
+    assert len({tuple(c) for c in ours}) > 3  # sampled: a group's answers differ
+    torch.manual_seed(12)
+    assert trainer._generate_single_turn(groups, None, {}, 4)[0] != ours

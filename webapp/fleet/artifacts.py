@@ -33,12 +33,18 @@ from webapp.fleet.models import Worker
 from webapp.jobs import ledger
 from webapp.jobs.registry import worker_paths
 from webapp.problem_details import PROBLEM_CONTENT_TYPE, problem_body
-from workers.contract.artifacts import CHECKPOINT, MODEL_SCHEME, JobArtifacts, job_artifacts, relative_file
+from workers.contract.artifacts import (
+    CHECKPOINT,
+    MODEL_SCHEME,
+    JobArtifacts,
+    job_artifacts,
+    latest_checkpoint,
+    relative_file,
+)
 from workers.contract.store import COPY_BYTES, ArtifactStore, sha256_of, sha256_stream, size_of
 
 MAX_CHUNK_BYTES = 64 << 20  # the largest upload chunk taken
 UPLOADS, HASHES = ".uploads", ".hashes"  # the store's staging and digest-cache folders: never listed
-COMPLETE_MARK = "trainer_state.json"  # a checkpoint folder holding it was written whole
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -182,22 +188,6 @@ def listing(store: ArtifactStore, target: Path, in_store: bool, prefix: str = ""
         size, digest = cached_sha256(store, path)
         files.append({"path": f"{prefix}{relative}", "size": size, "sha256": digest})
     return "dir", files
-
-
-def checkpoint_number(name: str) -> int | None:
-    return int(name.split("-", 1)[1]) if CHECKPOINT.fullmatch(name) else None
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint-N folder (largest N holding trainer_state.json)."""
-    if not folder.is_dir():
-        return None
-    complete = [
-        (checkpoint_number(p.name), p)
-        for p in folder.iterdir()
-        if checkpoint_number(p.name) is not None and p.is_dir() and (p / COMPLETE_MARK).is_file()
-    ]
-    return max(complete, key=lambda pair: pair[0] or 0)[1] if complete else None
 
 
 @worker_endpoint

@@ -17,32 +17,25 @@ import dataclasses
 import time
 from typing import Any
 
-from workers.adapters.generate import (
-    TextStream,
-    answer_stops,
-    column_context,
-    generate_rows,
-    generation_options,
-    plan_decoding,
-)
+from workers.adapters.generate import answer_stops
 from workers.adapters.inference import (
     can_batch,
     dequantize_for_generation,
     kv_cache_bytes,
     load_for_inference,
-    mixed_batch_refusals,
-    peft_adapter_name,
     precision_label,
     ref_refusals,
 )
-from workers.adapters.stacked import stacked_lora
-from workers.adapters.stops import Stops
 from workers.contract.jobrunner import RunnerError, check_cancel, run_reported
 from workers.contract.jobspecs import BASE_KEY, ChatSpec, GenerationParams, PromptRow
 from workers.contract.reporter import Reporter
 from workers.contract.store import ArtifactStore
 from workers.data.prompts import prompt_ids
 from workers.formatting import duration, figure, plural
+from workers.generation.columns import mixed_batch_refusals, peft_adapter_name
+from workers.generation.engine import TextStream, column_context, generate_rows, generation_options, plan_decoding
+from workers.generation.stacked import stacked_lora
+from workers.generation.stops import Stops
 from workers.training.modelinfo import ModelNotFound
 
 POLL_WAIT_S = 20.0  # the longest a long poll for the next message waits before asking again

@@ -13,7 +13,7 @@ as for comparisons drawn from a dataset). Prompts are tokenized the way training
 rows (alpaca, messages, sharegpt) through the chat template, plain prompt/completion rows as raw text with
 EOS after the completion; the same prompt tokens feed the loss and the generation
 (GenerationParams.chat_template is not used). Answers end at EOS or where the chat template ends an
-assistant's turn (workers.adapters.stops).
+assistant's turn (workers.generation.stops).
 
 `completion_loss(model, tokenizer, rows)` is the loss part alone, for instruction/output rows.
 """
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.adapters.scoring import exact_match, rouge_l
-from workers.adapters.stops import Stops
 from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.jobspecs import BASE_KEY, EvaluateSpec, PromptRow
 from workers.contract.reporter import Reporter
@@ -35,6 +34,7 @@ from workers.contract.store import ArtifactStore
 from workers.data.datasets import DatasetError, load_trl_rows, to_trl_row
 from workers.data.prompts import chat_ids, prompt_ids
 from workers.data.splits import eval_rows, held_out_indices
+from workers.generation.stops import Stops
 from workers.training.modelinfo import ModelNotFound
 
 SAMPLE_ROWS = 20
@@ -260,7 +260,7 @@ def _evaluate(spec: EvaluateSpec, reporter: Reporter, store: ArtifactStore) -> d
 
 
 def _loss_of(model: Any, tokenizer: Any, encoded: list[Encoded], column: str, label: str, progress: _Progress) -> dict:
-    from workers.adapters.generate import column_context
+    from workers.generation.engine import column_context
 
     with column_context(model, column):
         total, count = reference_nll(
@@ -306,8 +306,9 @@ def _answers(
     progress: _Progress,
 ) -> tuple[dict[tuple[int, str], str], dict[tuple[int, str], int]]:
     """Every column's answer to every row (text, and its length in tokens without its stop)."""
-    from workers.adapters.generate import generate_token_grid, prepare_generation
-    from workers.adapters.inference import mixed_batch_refusals
+    from workers.adapters.generate import prepare_generation
+    from workers.generation.columns import mixed_batch_refusals
+    from workers.generation.engine import generate_token_grid
 
     reporter = progress.reporter
     refusals = mixed_batch_refusals(model, labels)

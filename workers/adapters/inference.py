@@ -6,7 +6,6 @@ weights dequantized once for generation (`dequantize_for_generation`).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from functools import cache
@@ -19,6 +18,7 @@ from workers.contract.reporter import Reporter
 from workers.contract.spec import PROMPT_LEARNING_METHODS, LoraParams, ModelRef
 from workers.contract.store import ArtifactStore
 from workers.data.prompts import FALLBACK_CHAT_TEMPLATE
+from workers.generation.columns import peft_adapter_name, peft_type_name
 from workers.training.device import Device, pick_device
 from workers.training.modelinfo import check_source
 from workers.training.peftsetup import quantization_config, quantization_label
@@ -76,17 +76,13 @@ def _check_one_peft_type(adapters: list[AdapterRef], folders: dict[str, Path]) -
     types: dict[str, list[str]] = {}
     for ref in adapters:
         try:
-            peft_type = _peft_type_name(PeftConfig.from_pretrained(str(folders[ref.key])))
+            peft_type = peft_type_name(PeftConfig.from_pretrained(str(folders[ref.key])))
         except Exception as exc:  # PEFT raises several kinds for a broken config
             raise RunnerError(f"adapter {_name(ref)}: unreadable adapter_config.json: {exc}") from exc
         types.setdefault(peft_type, []).append(ref.label or ref.key)
     if len(types) > 1:
         kinds = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in types.items())
         raise RunnerError(f"adapters: PEFT holds adapters of one type per model, these mix several ({kinds})")
-
-
-def _peft_type_name(config: Any) -> str:
-    return str(getattr(config.peft_type, "value", config.peft_type)).lower()
 
 
 def _load_tokenizer(base: ModelRef, reporter: Reporter | None) -> Any:
@@ -153,22 +149,6 @@ def _attach_adapter(model: Any, ref: AdapterRef, folder: Path, base: ModelRef) -
     return model
 
 
-def peft_adapter_name(key: str) -> str:
-    """The name an adapter key is loaded under in PEFT: the key itself, unless torch or PEFT would trip on it.
-
-    PEFT keeps adapters in ModuleDicts, so a key like "double" or "train" (an nn.Module method) cannot be a name,
-    and a name inside a PEFT weight prefix ("lo" in "lora_") can get its weights re-initialised on loading."""
-    import torch
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-
-    clashes = (
-        "." in key
-        or hasattr(torch.nn.ModuleDict(), key)
-        or any(key in prefix for prefix in PEFT_TYPE_TO_PREFIX_MAPPING.values())
-    )
-    return f"adapter_{hashlib.sha1(key.encode()).hexdigest()[:12]}" if clashes else key
-
-
 def _load_failure(exc: Exception) -> str:
     """The first concrete line of a PEFT/torch loading error (size mismatches come one per line)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -197,31 +177,6 @@ def ref_refusals(adapters: list[AdapterRef]) -> list[str]:
         for ref in adapters
         if ref.method != "lora"
     ]
-
-
-def mixed_batch_refusals(model: Any, labels: dict[str, str] | None = None) -> list[str]:
-    """Why PEFT would refuse (or silently misapply) `adapter_names` on this loaded model; empty when it can batch.
-
-    `labels` (adapter key -> label) names the adapters in the reasons; by default they go by their PEFT names."""
-    from peft import PeftModel, PeftType
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(model, PeftModel):
-        return []
-    names = {peft_adapter_name(key): label for key, label in (labels or {}).items()}
-    reasons = [
-        f"{names.get(name, name)}: {_peft_type_name(config)} adapters cannot be mixed in one batch"
-        for name, config in model.peft_config.items()
-        if config.peft_type != PeftType.LORA
-    ]
-    if reasons:
-        return reasons
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    dora = sorted({name for layer in layers for name, on in layer.use_dora.items() if on})
-    reasons += [f"{names.get(name, name)}: DoRA adapters cannot be mixed in one batch (PEFT)" for name in dora]
-    if any(layer.merged for layer in layers):
-        reasons.append("an adapter is merged into the base weights; mixed batches need unmerged adapters")
-    return reasons
 
 
 # --- 4-bit bases: dequantized once for generation ---------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers.adapters.stops import stop_tokens
+from workers.generation.stops import stop_tokens
 
 # Ollama takes safetensors adapters (ADAPTER) only for these base architectures (its import docs).
 ADAPTER_BASES = "Llama (Llama 2, 3, 3.1, 3.2), Mistral (Mistral 1, 2, Mixtral) and Gemma (Gemma 1, 2)"
@@ -309,7 +309,7 @@ def detect_family(tokenizer: Any) -> Detected | None:
 
 
 def stop_strings(tokenizer: Any, generation_config: Any, family: Family | None) -> list[str]:
-    """PARAMETER stop values: every EOS and the template's turn end (workers.adapters.stops), then the family's."""
+    """PARAMETER stop values: every EOS and the template's turn end (workers.generation.stops), then the family's."""
     model = type("Model", (), {"generation_config": generation_config})()
     found = [stop.text for stop in stop_tokens(tokenizer, model).stops]
     return list(dict.fromkeys([*found, *(family.stops if family else ())]))

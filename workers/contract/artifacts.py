@@ -38,13 +38,34 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from workers.contract.store import SCHEME
 
 MODEL_SCHEME = "model:"  # a base model given by a local path on the control plane's machine
 CHECKPOINT = re.compile(r"checkpoint-\d+")
+COMPLETE_MARK = "trainer_state.json"  # the trainer writes it last: a checkpoint folder holding it is whole
+
+
+def checkpoint_number(name: str) -> int | None:
+    """N of a checkpoint-N folder's name; None for any other name."""
+    return int(name.split("-", 1)[1]) if CHECKPOINT.fullmatch(name) else None
+
+
+def saved_checkpoints(folder: Path) -> dict[int, Path]:
+    """Each complete checkpoint-N folder inside `folder` by its N, in order. The one rule of both planes: the
+    trainer resumes from the newest, and the control plane lists only the newest to a remote worker."""
+    if not folder.is_dir():
+        return {}
+    done = {checkpoint_number(p.name): p for p in folder.iterdir() if p.is_dir() and (p / COMPLETE_MARK).is_file()}
+    return {n: done[n] for n in sorted(n for n in done if n is not None)}
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint-N folder (largest N), or None."""
+    saved = saved_checkpoints(folder)
+    return saved[max(saved)] if saved else None
 
 
 @dataclass

@@ -123,10 +123,10 @@ class ScoreModel(BaseGrader):
 
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[str]:
         """The judge's greedy answers to one batch, through the generation engine of compare and evaluate jobs
-        (workers.adapters.generate: the decode loop, answers ending at EOS or the template's turn end)."""
-        from workers.adapters.generate import generate_token_grid
-        from workers.adapters.stops import stop_tokens
+        (workers.generation.engine: the decode loop, answers ending at EOS or the template's turn end)."""
         from workers.contract.jobspecs import BASE_KEY, GenerationParams
+        from workers.generation.engine import generate_token_grid
+        from workers.generation.stops import stop_tokens
 
         model, tokenizer = self.load()
         stops = stop_tokens(tokenizer, model)

@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
+from workers.contract.artifacts import checkpoint_number, latest_checkpoint, saved_checkpoints
 from workers.contract.jobrunner import Cancelled, RunnerError, check_cancel, run_reported
 from workers.contract.reporter import Reporter
 from workers.contract.spec import ANSWER_OBJECTIVES, TrainSpec
@@ -146,8 +147,8 @@ def _train(spec: TrainSpec, reporter: Reporter, store: ArtifactStore) -> dict[st
         "train_loss": output.training_loss,
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "steps": trainer.state.global_step,
-        "trained_tokens": trained_tokens(trainer, _step_of(resume) if resume else None),
-        "resumed_from_step": _step_of(resume) if resume else None,
+        "trained_tokens": trained_tokens(trainer, checkpoint_number(resume.name) if resume else None),
+        "resumed_from_step": checkpoint_number(resume.name) if resume else None,
         "runtime_s": round(time.monotonic() - started, 2),
         "device": device.kind,
         "dtype": device.dtype_name,
@@ -380,25 +381,6 @@ def _estimator(config: Any, spec: TrainSpec) -> Any:
             return None
 
     return safe
-
-
-def saved_checkpoints(directory: Path) -> dict[int, Path]:
-    """Each complete checkpoint-N folder by its step (the trainer state is written last)."""
-    if not directory.is_dir():
-        return {}
-    done = {_step_of(p): p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()}
-    return {step: done[step] for step in sorted(s for s in done if s is not None)}
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint-N folder."""
-    saved = saved_checkpoints(directory)
-    return saved[max(saved)] if saved else None
-
-
-def _step_of(path: Path) -> int | None:
-    tail = path.name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else None
 
 
 def _peak_memory(device: Device) -> dict[str, Any]:

@@ -78,14 +78,12 @@ class GroupRelativePolicy:
         self, spec: TrainSpec, plan: Plan, model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any,
         callbacks: list[Any], args: Any,
     ) -> Any:
-        from trl import GRPOTrainer
-
         definition = spec.train.graders
         rewards = reward_plan(definition, run_grader(definition, row_fields(train_dataset)))
         # First, so that the runner's callbacks find the samples in the logs of the same step.
         callbacks = [SampleCallback(rewards), *callbacks]
         reward_funcs: list[Any] = list(rewards.functions)  # trl's type names no callable class
-        return GRPOTrainer(
+        return sampling_trainer()(
             reward_funcs=reward_funcs,
             **trainer_inputs(spec, model, tokenizer, train_dataset, eval_dataset, callbacks, args),
         )
@@ -107,6 +105,69 @@ class GroupRelativePolicy:
             "activations": parts.get("activations", 0) * answer // prompt,
             "logits": answer_logits - parts.get("logits", 0) + (answer_logits if train.kl_coef > 0 else 0),
         }
+
+
+def sampling_trainer() -> type:
+    """trl's GRPOTrainer whose sampling runs through the generation engine of compare and evaluate jobs
+    (workers.generation: the prompts' pass by length buckets, then the decode loop, each step one CUDA graph replay
+    on a GPU), where trl would call generate() on the policy itself. Sampling is trl's: temperature, top-k and
+    top-p as its generation config sets them, drawn from the same generator in the same order, answers cut after
+    their first EOS. vLLM, continuous batching, images and the settings the loop does not apply (min_p, a
+    repetition penalty, extra generation_kwargs) stay on trl's path."""
+    from trl import GRPOTrainer
+
+    class SamplingTrainer(GRPOTrainer):  # type: ignore[misc]  # trl is untyped
+        def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any, num_generations: int,
+                                  has_tool_images: bool = False) -> tuple[list[list[int]], Any]:  # fmt: skip
+            if engine_refusal(self, images, multimodal_fields):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)  # fmt: skip
+            return engine_samples(self, prompt_ids), None
+
+    return SamplingTrainer
+
+
+def engine_refusal(trainer: Any, images: Any, multimodal_fields: Any) -> str:
+    """Why this sampling stays on trl's path (empty where the engine samples)."""
+    args = trainer.args
+    if trainer.use_vllm or getattr(trainer, "use_transformers_continuous_batching", False):
+        return "vLLM or continuous batching"
+    if trainer._is_vlm or multimodal_fields or (images is not None and any(i is not None for i in images)):
+        return "images"
+    if trainer.min_p is not None or trainer.repetition_penalty != 1.0 or args.generation_kwargs:
+        return "a sampling setting the decode loop does not apply"
+    return ""
+
+
+def engine_samples(trainer: Any, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each prompt's sampled completion ids (up to and including its first EOS) from the policy as trl unwraps it
+    for generation (gradient checkpointing off, DeepSpeed/FSDP parameters gathered)."""
+    import torch
+    from trl.models import unwrap_model_for_generation
+
+    from workers.generation.engine import generate_rows, plan_decoding
+
+    args = trainer.args
+    eos = [int(i) for i in trainer.eos_token_ids]
+    options = {"max_new_tokens": trainer.max_completion_length, "min_new_tokens": 0, "do_sample": True,
+               "temperature": trainer.temperature, "top_k": trainer.top_k or 0, "top_p": trainer.top_p,
+               "eos_token_id": eos}  # fmt: skip
+    rows = [[int(i) for i in ids] for ids in prompt_ids]
+    with (
+        unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation,
+            generation_kwargs=trainer.generation_kwargs,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        ) as model,
+        torch.no_grad(),
+        trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False),
+    ):  # fmt: skip
+        decoding = plan_decoding(model, [], "auto", batched=False)  # the policy's own adapter, one column
+        generated = generate_rows(model, rows, [(i, "policy") for i in range(len(rows))],
+                                  trainer._tokenizer.pad_token_id, options, None, None, None, [], columns=1,
+                                  decoding=decoding)  # fmt: skip
+    stop = set(eos)
+    return [ids[: next((n + 1 for n, t in enumerate(ids) if t in stop), len(ids))] for ids in generated]
 
 
 def run_grader(definition: dict[str, Any], fields: set[str] | None = None) -> Grader:

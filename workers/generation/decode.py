@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers.adapters.prefill import cache_argument, prefill_by_length
+from workers.generation.prefill import cache_argument, prefill_by_length
 
 Criterion = Callable[[Any, Any], Any]  # transformers' StoppingCriteria: (ids so far, scores) -> finished rows
 
@@ -41,6 +41,7 @@ class Sampling:
     min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
+    top_k: int = 0  # 0: every token
     top_p: float = 1.0
     eos: tuple[int, ...] = ()
 
@@ -53,6 +54,7 @@ class Sampling:
             min_new_tokens=int(options.get("min_new_tokens") or 0),
             do_sample=bool(options.get("do_sample")),
             temperature=float(options.get("temperature") or 1.0),
+            top_k=int(options.get("top_k") or 0),
             top_p=float(options.get("top_p") or 1.0),
             eos=tuple(int(i) for i in eos),
         )
@@ -68,6 +70,8 @@ class Sampling:
             return torch.argmax(scores, dim=-1)
         if self.temperature != 1.0:  # TemperatureLogitsWarper
             scores = scores / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:  # TopKLogitsWarper
+            scores = scores.masked_fill(scores < torch.topk(scores, self.top_k)[0][..., -1, None], -float("inf"))
         if self.top_p < 1.0:  # TopPLogitsWarper
             ordered, order = torch.sort(scores, descending=False)
             cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
@@ -83,7 +87,7 @@ def loop_refusal(model: Any) -> str:
     transformers' StaticLayer keeping its position in a tensor."""
     from transformers.cache_utils import StaticLayer
 
-    from workers.adapters.prefill import prefill_refusal
+    from workers.generation.prefill import prefill_refusal
 
     refusal = prefill_refusal(model)
     if refusal:

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from workers.adapters.inference import peft_adapter_name
 from workers.contract.jobspecs import BASE_KEY
+from workers.generation.columns import peft_adapter_name
 
 
 @contextmanager
