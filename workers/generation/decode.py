@@ -162,7 +162,9 @@ class _Graph:
         torch.cuda.current_stream().wait_stream(stream)
         step.rewind()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the step's kernels; runs none of them
+        # Records the step's kernels and runs none of them. thread_local: CUDA calls that other threads of the
+        # worker make meanwhile (telemetry, a chat's long poll) neither break the capture nor fail.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = step()
 
     def __call__(self) -> Any:
