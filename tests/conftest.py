@@ -33,6 +33,20 @@ def store_dir(tmp_path: Path, settings) -> Path:  # type: ignore[no-untyped-def]
     return Path(settings.ARTIFACT_STORE)
 
 
+@pytest.fixture(scope="module")
+def adapted(tiny_model_dir: Path, task_adapters):  # type: ignore[no-untyped-def]
+    """The tiny base with the "add" and "double" LoRA adapters of `task_adapters`, as a compare job loads them:
+    (model, tokenizer), one per test module."""
+    from workers.adapters.inference import load_for_inference
+    from workers.contract.jobspecs import AdapterRef, LoadParams
+    from workers.contract.spec import ModelRef
+
+    store, uris = task_adapters
+    refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
+    model, tokenizer, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), refs, LoadParams(), store)
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def task_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Two LoRA adapters of the tiny model, trained on different toy tasks ("add" and "double").

@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.inference import load_for_inference
-from workers.contract.jobspecs import BASE_KEY, AdapterRef, GenerationParams, LoadParams
-from workers.contract.spec import ModelRef
+from workers.contract.jobspecs import BASE_KEY, GenerationParams
 from workers.generation.engine import encode_prompts, generate_token_grid, plan_decoding
 from workers.generation.stops import Stop, Stops, stop_tokens
 from workers.training.demo import double_rows, toy_rows
@@ -21,14 +19,6 @@ from workers.training.demo import double_rows, toy_rows
 Adapters = tuple[Any, dict[str, str]]
 Grid = dict[tuple[int, str], list[int]]
 COLUMNS = [BASE_KEY, "add", "double"]
-
-
-@pytest.fixture(scope="module")
-def adapted(tiny_model_dir: Path, task_adapters: Adapters) -> tuple[Any, Any]:
-    store, uris = task_adapters
-    refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
-    model, tokenizer, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), refs, LoadParams(), store)
-    return model, tokenizer
 
 
 def prompts(tokenizer: Any, count: int = 12) -> list[list[int]]:

@@ -23,15 +23,6 @@ GREEDY = GenerationParams(max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")
-def adapted(tiny_model_dir: Path, task_adapters: Adapters) -> tuple[Any, Any]:
-    """The tiny base with the "add" and "double" LoRA adapters, as a compare job loads them."""
-    store, uris = task_adapters
-    refs = [AdapterRef(key=task, label=task, uri=uri) for task, uri in uris.items()]
-    model, tokenizer, _ = load_for_inference(ModelRef(source=str(tiny_model_dir)), refs, LoadParams(), store)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     from workers.contract.store import ArtifactStore
 
