@@ -171,3 +171,27 @@ def test_a_full_disk_hands_the_job_back_to_be_run_again(plane) -> None:  # type:
     assert run.state == "queued" and run.failures == 1, (run.state, run.error)
     assert "disk is full" in run.attempt_log[-1]["reason"], run.attempt_log
     assert any("disk is full" in m for m in run.events.values_list("message", flat=True))
+
+
+@pytest.mark.parametrize("state", ["failed", "cancelled"])
+def test_a_failed_or_cancelled_attempt_keeps_its_trackers_files_and_no_output(plane, state: str) -> None:  # type: ignore[no-untyped-def]
+    run, attempt = dispatched_run(plane)
+    reporter = reporter_for(plane, run, attempt, "worker")
+    store = reporter.prepare()
+    assert store is not None
+    tracking = run.tracking_uri()
+    assert reporter.artifacts.carried == [tracking]
+    events = store.path(tracking) / "tensorboard" / "events.out.tfevents.1"
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"loss at step 1..3" * 100)
+    output = reporter.artifacts.outputs[0]
+    store.path(output).mkdir(parents=True)
+    (store.path(output) / "adapter_config.json").write_text("{}")  # half-written: must not reach the store
+
+    reporter.finish(state, error="stopped at step 3" if state == "failed" else "")
+
+    server = plane["store"]
+    assert (server.path(tracking) / "tensorboard" / "events.out.tfevents.1").read_bytes() == events.read_bytes()
+    assert not server.path(output).exists()
+    run.refresh_from_db()
+    assert run.state == state, (run.state, run.error)

@@ -415,6 +415,15 @@ class RemoteReporter(HttpReporter):
             except (TransferError, OSError) as exc:
                 state, error = "failed", f"the job's outputs could not be uploaded to the control plane: {exc}"
                 self.log(f"Failed: {error}", level="error")
+        elif state != REQUEUE:  # (a requeue is a full disk or an unreachable control plane: nothing to try)
+            # A failed or cancelled attempt's trackers' files (TensorBoard, MLflow, W&B offline) are what shows
+            # how it went: kept as on a worker with the shared store. Its outputs are not (never half-written).
+            for uri in self.artifacts.carried:
+                try:
+                    if self.local.path(uri).exists():
+                        self.transfers.upload(uri, self.local.path(uri))
+                except (TransferError, OSError) as exc:
+                    self.log(f"The trackers' files ({uri}) could not be uploaded: {exc}", level="warning")
         super().finish(state, result, error)
 
 
