@@ -395,3 +395,31 @@ def test_a_chunk_larger_than_django_buffers_is_streamed_and_one_over_the_limit_r
     committed = api.commit(uri, {"big.bin": big})
     assert committed.status_code == 200
     assert (world["store"] / uri.removeprefix("store://") / "big.bin").read_bytes() == big
+
+
+# --- housekeeping -------------------------------------------------------------------------------------------
+
+
+def test_the_store_sweep_removes_staging_of_ended_attempts_and_stale_digests(world) -> None:  # type: ignore[no-untyped-def]
+    api, store, run = world["api"], world["store"], world["run"]
+    # The running attempt stages a file and is cut off before its commit; the manifest caches the dataset's digest.
+    assert api.put(output(run), "adapter_model.safetensors", 0, b"x" * 100).status_code == 200
+    assert api.manifest(world["dataset"].uri).status_code == 200
+    staged = store / artifacts.UPLOADS / f"jobs-{run.pk}-a1"
+    digests = list((store / artifacts.HASHES).glob("*/*.json"))
+    assert staged.is_dir() and digests
+    stray = store / artifacts.UPLOADS / "not-a-staging-folder"
+    stray.mkdir()
+
+    # While the attempt runs, nothing of it goes; a changed file's digest does.
+    assert artifacts.sweep_store(force=True) == {"staging": 0, "digests": 0}
+    assert artifacts.sweep_store() == {}  # the scheduler's passes sweep every SWEEP_EVERY_S at most
+    dataset_file = store / world["dataset"].uri.removeprefix("store://")
+    dataset_file.write_bytes(dataset_file.read_bytes() + b"\n")
+    assert artifacts.sweep_store(force=True) == {"staging": 0, "digests": 1}
+    assert staged.is_dir()
+
+    # Once the attempt has ended (here: failed for good), its staging is garbage.
+    TrainingRun.objects.filter(pk=run.pk).update(state="failed")
+    assert artifacts.sweep_store(force=True) == {"staging": 1, "digests": 0}
+    assert not staged.exists() and stray.is_dir()  # what the API did not make is left alone

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -490,6 +491,59 @@ def drop_older_attempts(access: Access) -> None:
         match = older.fullmatch(folder.name)
         if match and int(match.group(1)) < access.attempt:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- housekeeping: what no attempt will commit, digests of files that are gone ------------------------------
+
+SWEEP_EVERY_S = 600.0  # the scheduler's passes run this often at most
+_last_sweep = 0.0
+
+
+def sweep_store(force: bool = False) -> dict[str, int]:
+    """Remove what the worker API left in the store that nothing will use: an attempt's staging folder once that
+    attempt has ended (the job finished, was requeued to a newer attempt, or is gone; a worker killed mid-upload
+    leaves one), and digest-cache entries of files that no longer exist or have changed. A scheduler pass runs it
+    at most every SWEEP_EVERY_S; returns how many of each were removed."""
+    global _last_sweep
+    if not force and time.monotonic() - _last_sweep < SWEEP_EVERY_S:
+        return {}
+    _last_sweep = time.monotonic()
+    store = ArtifactStore(settings.ARTIFACT_STORE)
+    return {"staging": _sweep_staging(store.root / UPLOADS), "digests": _sweep_digests(store.root / HASHES)}
+
+
+STAGED = re.compile(r"(?P<path>[a-z-]+)-(?P<job>\d+)-a(?P<attempt>\d+)")
+
+
+def _sweep_staging(uploads: Path) -> int:
+    kinds = worker_paths()
+    removed = 0
+    for folder in sorted(uploads.iterdir()) if uploads.is_dir() else []:
+        match = STAGED.fullmatch(folder.name)
+        if not match or match["path"] not in kinds:
+            continue
+        job = kinds[match["path"]].objects.filter(pk=int(match["job"])).only("state", "attempt").first()
+        live = job is not None and not job.is_final and job.attempt == int(match["attempt"])
+        if live:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _sweep_digests(hashes: Path) -> int:
+    removed = 0
+    for entry in hashes.glob("*/*.json") if hashes.is_dir() else []:
+        try:
+            stamp = json.loads(entry.read_text())["stamp"]
+            now = Path(stamp[0]).stat()
+            current = [now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino] == stamp[1:]
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            current = False
+        if not current:
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @worker_endpoint

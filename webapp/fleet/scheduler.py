@@ -226,5 +226,16 @@ def run_extra_passes() -> None:
             log.exception("scheduler pass %s failed; retrying next pass", name)
 
 
+def _sweep_store() -> None:
+    from webapp.fleet.artifacts import sweep_store
+
+    removed = sweep_store()
+    if any(removed.values()):
+        log.info("store sweep removed %s", removed)
+
+
+register_pass("store", _sweep_store)  # staging left by ended attempts, digests of files gone (every 10 min)
+
+
 def schedule_once() -> dict[str, int]:
     return {"lost_workers": mark_lost_workers(), "resent": resend_unclaimed(), "dispatched": dispatch_queued()}
