@@ -35,7 +35,7 @@ def problem_body(status: int, detail: str, errors: dict[str, list[str]] | None =
 
 
 def problem_response(status: int, detail: str, instance: str | None = None, code: str | None = None,
-                     headers: dict[str, str] | None = None) -> JsonResponse:
+                     headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JsonResponse:
     """A problem as a plain Django response, outside DRF's rendering."""
-    return JsonResponse(problem_body(status, detail, code=code, instance=instance), status=status, headers=headers,
-                        content_type=PROBLEM_CONTENT_TYPE)
+    return JsonResponse(problem_body(status, detail, code=code, instance=instance, extra=extra), status=status,
+                        headers=headers, content_type=PROBLEM_CONTENT_TYPE)

@@ -13,10 +13,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import Q
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods
 
 from webapp.fleet.models import Worker, WorkerState, hash_token
 from webapp.jobs import ledger
@@ -27,8 +27,9 @@ from webapp.problem_details import problem_response
 Handler = Callable[..., dict[str, Any]]
 
 
-def _error(request: HttpRequest, status: int, detail: str, code: str = "") -> JsonResponse:
-    return problem_response(status, detail, instance=request.path, code=code or None)
+def _error(request: HttpRequest, status: int, detail: str, code: str = "",
+           extra: dict[str, Any] | None = None) -> JsonResponse:
+    return problem_response(status, detail, instance=request.path, code=code or None, extra=extra)
 
 
 def authenticate(request: HttpRequest) -> Worker | None:
@@ -45,25 +46,41 @@ def authenticate(request: HttpRequest) -> Worker | None:
     return Worker.objects.filter(current | previous).first()
 
 
-def worker_endpoint(handler: Handler) -> Callable[..., JsonResponse]:
-    """Authenticate the bearer token, parse the JSON body, map ledger rejections to statuses."""
+def worker_call(method: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """A worker API view of this HTTP method: authenticate the bearer token (401), then call
+    `handler(request, worker, **kwargs)` and map what it raises to a problem response (400 for a malformed call,
+    a ledger rejection's own status, code and fields)."""
 
-    @csrf_exempt
-    @require_POST
+    def decorate(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @csrf_exempt
+        @require_http_methods([method])
+        @wraps(handler)
+        def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+            worker = authenticate(request)
+            if worker is None:
+                return _error(request, 401, "invalid worker token")
+            try:
+                return handler(request, worker, **kwargs)
+            except (ValueError, KeyError, TypeError) as exc:
+                return _error(request, 400, f"bad request: {exc}")
+            except ledger.Rejected as exc:
+                return _error(request, exc.status, exc.detail, exc.code, exc.extra)
+
+        return view
+
+    return decorate
+
+
+def worker_endpoint(handler: Handler) -> Callable[..., HttpResponse]:
+    """A worker API call that is JSON in and out (POST): `handler(worker, payload, **kwargs)` returns the reply."""
+
+    @worker_call("POST")
     @wraps(handler)
-    def view(request: HttpRequest, **kwargs: Any) -> JsonResponse:
-        worker = authenticate(request)
-        if worker is None:
-            return _error(request, 401, "invalid worker token")
-        try:
-            payload = json.loads(request.body or b"{}")
-            if not isinstance(payload, dict):
-                raise ValueError("the body must be a JSON object")
-            return JsonResponse(handler(worker, payload, **kwargs))
-        except (ValueError, KeyError, TypeError) as exc:
-            return _error(request, 400, f"bad request: {exc}")
-        except ledger.Rejected as exc:
-            return _error(request, exc.status, exc.detail, exc.code)
+    def view(request: HttpRequest, worker: Worker, **kwargs: Any) -> JsonResponse:
+        payload = json.loads(request.body or b"{}")
+        if not isinstance(payload, dict):
+            raise ValueError("the body must be a JSON object")
+        return JsonResponse(handler(worker, payload, **kwargs))
 
     return view
 

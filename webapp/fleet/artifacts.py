@@ -18,18 +18,15 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import wraps
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from django.conf import settings
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_http_methods
 
-from webapp.fleet.api import authenticate, worker_endpoint
+from webapp.fleet.api import worker_call, worker_endpoint
 from webapp.fleet.models import Worker
 from webapp.jobs import ledger
 from webapp.jobs.registry import worker_paths
@@ -50,19 +47,7 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-class Problem(ledger.Rejected):
-    """A refused artifact call, with fields to add to the problem body (the offset of a 416)."""
-
-    def __init__(self, status: int, detail: str, code: str = "", extra: dict[str, Any] | None = None):
-        super().__init__(status, detail, code)
-        self.extra = extra or {}
-
-
-def problem(
-    request: HttpRequest, status: int, detail: str, code: str = "", extra: dict[str, Any] | None = None
-) -> JsonResponse:
-    body = problem_body(status, detail, code=code or None, instance=request.path, extra=extra)
-    return JsonResponse(body, status=status, content_type=PROBLEM_CONTENT_TYPE)
+Problem = ledger.Rejected  # a refused artifact call: status, detail, code, and fields for the problem body
 
 
 # --- the job, its store and what it may touch ---------------------------------------------------------------
@@ -216,39 +201,13 @@ def manifest(worker: Worker, payload: dict[str, Any], job_id: int, path: str) ->
 RANGE_FROM = re.compile(r"bytes=(\d+)-")
 
 
-def raw_endpoint(method: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
-    """Like `worker_endpoint` for the calls that are not JSON in and out (a download, an upload's chunk):
-    authenticate, map refusals to problems."""
-
-    def decorate(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-        @csrf_exempt
-        @require_http_methods([method])
-        @wraps(handler)
-        def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
-            worker = authenticate(request)
-            if worker is None:
-                return problem(request, 401, "invalid worker token")
-            try:
-                return handler(request, worker, **kwargs)
-            except Problem as exc:
-                return problem(request, exc.status, exc.detail, exc.code, exc.extra)
-            except ledger.Rejected as exc:
-                return problem(request, exc.status, exc.detail, exc.code)
-            except (ValueError, KeyError, TypeError) as exc:
-                return problem(request, 400, f"bad request: {exc}")
-
-        return view
-
-    return decorate
-
-
 def query(request: HttpRequest, name: str) -> str:
     if name not in request.GET:
         raise KeyError(name)
     return request.GET[name]
 
 
-@raw_endpoint("GET")
+@worker_call("GET")
 def file(request: HttpRequest, worker: Worker, job_id: int, path: str) -> HttpResponse:
     """A file of an input, streamed; `Range: bytes=N-` answers 206 from byte N (other ranges: the whole file)."""
     access = fenced(worker, path, job_id, query(request, "attempt"))
@@ -321,7 +280,7 @@ def offset(worker: Worker, payload: dict[str, Any], job_id: int, path: str) -> d
     return {"offset": part.stat().st_size if part.is_file() else 0}
 
 
-@raw_endpoint("PUT")
+@worker_call("PUT")
 def upload(request: HttpRequest, worker: Worker, job_id: int, path: str) -> HttpResponse:
     """A chunk of a file, appended to its staged copy if it starts where that ends and its sha256 checks out."""
     access = fenced(worker, path, job_id, query(request, "attempt"))

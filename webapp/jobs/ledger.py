@@ -208,9 +208,10 @@ class Rejected(Exception):
     """A worker's request refused: the HTTP status, what is wrong, and a code a worker can act on (e.g.
     `cancelled`: skip the job, it is no failure)."""
 
-    def __init__(self, status: int, detail: str, code: str = ""):
+    def __init__(self, status: int, detail: str, code: str = "", extra: dict[str, Any] | None = None):
         super().__init__(detail)
         self.status, self.detail, self.code = status, detail, code
+        self.extra = extra or {}  # fields added to the problem body (the server's offset of a 416)
 
 
 def fenced_job(worker: Any, model: type[LedgerJob], job_id: int, attempt: int) -> Any:
