@@ -726,3 +726,40 @@ def test_a_requeue_or_a_retry_restarts_the_wait_and_an_old_retried_run_does_not_
     before = timezone.now()
     assert ledger.requeue_or_fail(lost, "Worker pair stopped answering", max_attempts=3) == "queued"
     assert fresh(lost)[0].queued_at >= before
+
+
+def test_a_job_handed_back_by_its_worker_goes_elsewhere_if_another_worker_can_take_it(team: Any, settings: Any) -> None:
+    """A worker that could not run a job (a full disk: it reports `requeue`) does not get it straight back while
+    another worker could take it; with no other worker able to, it may."""
+    settings.MAX_ATTEMPTS = 5
+    worker("w1", gpus=(80,))
+    worker("w2", gpus=(80,))
+    run = job(team)
+    schedule_once()
+    assert where(run)[0] == "w1"
+
+    def hand_back() -> None:
+        (current,) = fresh(run)
+        ledger.record_status(current, current.attempt, ledger.REQUEUE, {}, "the worker's disk is full")
+
+    hand_back()
+    (queued,) = fresh(run)
+    assert queued.state == "queued" and queued.attempt_log[-1]["outcome"] == "could not run"
+    blocker = job(team, owner="mate")  # w2 busy: the job waits for it rather than going back to w1
+    Worker.objects.filter(name="w1").update(state="draining")
+    schedule_once()
+    Worker.objects.filter(name="w1").update(state="online")
+    assert where(blocker)[0] == "w2"
+    schedule_once()
+    assert where(run) == (None, []) and fresh(run)[0].state == "queued"
+    finish(blocker)
+    schedule_once()
+    assert where(run)[0] == "w2"
+
+    hand_back()  # and from w2, back to w1
+    schedule_once()
+    assert where(run)[0] == "w1"
+    Worker.objects.filter(name="w2").update(state="draining")  # the only worker left is the one it failed on
+    hand_back()
+    schedule_once()
+    assert where(run)[0] == "w1" and fresh(run)[0].failures == 3

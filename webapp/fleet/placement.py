@@ -136,6 +136,7 @@ class Job:
     wait_reason: str = ""  # as stored: written again only when it changes
     queued: float | None = None  # epoch seconds it last entered the queue (requeued, retried); None: `created`
     noun: str = "job"  # how reasons name it: "run 12", "job 5"
+    failed_on: str = ""  # the worker its last attempt failed on (lost, or handed back: a full disk, say)
 
     @property
     def name(self) -> str:
@@ -342,6 +343,16 @@ def held_back(reservation: Reservation) -> str:
     return f"waiting: {what} kept for {reservation.job.name}, which {needs(reservation.job)}"
 
 
+def candidates(job: Job, slots: Sequence[Slot]) -> Sequence[Slot]:
+    """The workers a job may go to: all of them, but the one its last attempt failed on while another online worker
+    could take it (when idle). A job that failed for what its worker lacks (a full disk, a GPU that ran out of
+    memory) would otherwise go straight back and spend its attempts there."""
+    if not job.failed_on:
+        return slots
+    others = [slot for slot in slots if slot.name != job.failed_on]
+    return others if others and misfit(job, others) is None else slots
+
+
 def plan(jobs: Sequence[Job], slots: Sequence[Slot], active: dict[int, int], last_served: dict[int, float],
          now: float = 0.0, reserve_after: float | None = None) -> Plan:
     """Place what fits now, in order; give every job left queued its reason. `slots` are updated as
@@ -349,7 +360,9 @@ def plan(jobs: Sequence[Job], slots: Sequence[Slot], active: dict[int, int], las
     be placed reserves a worker (None: no reservations)."""
     result = Plan()
     ahead = 0
+    every_slot = slots
     for job in order(jobs, active, last_served):
+        slots = candidates(job, every_slot)
         reason = misfit(job, slots)
         if reason is not None:
             result.reasons[job.key] = reason

@@ -131,15 +131,22 @@ def queued_jobs() -> list[placement.Job]:
     for model in job_models():
         rows = model.objects.filter(state=RunState.QUEUED).values_list(
             "pk", "owner_id", "created_at", "priority", "queue_order", "needs_labels", "needs_gpu_bytes", "needs_gpus",
-            "wait_reason", "queued_at")
-        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason, queued_at in rows:
+            "wait_reason", "queued_at", "attempt_log")
+        for pk, owner, created, priority, queue_order, labels, gpu_bytes, gpus, reason, queued_at, log in rows:
             jobs.append(placement.Job(
                 key=(model.__name__, pk), owner=owner, created=_timestamp(created), priority=priority,
                 queue_order=queue_order, needs_labels=tuple(str(x) for x in labels or []),
                 needs_gpu_bytes=gpu_bytes, needs_gpus=gpus, wait_reason=reason, queued=queued_at.timestamp() if queued_at else None,
-                noun=model.NOUN,
+                noun=model.NOUN, failed_on=failed_on(log),
             ))
     return jobs
+
+
+def failed_on(attempt_log: list[dict[str, Any]] | None) -> str:
+    """The worker the job's last attempt failed on (it went silent, or handed the job back as unable to run it),
+    or "" when its last attempt ended otherwise (handed over at a shutdown, paused)."""
+    last = (attempt_log or [{}])[-1]
+    return str(last.get("worker") or "") if last.get("outcome") in ledger.FAILED_OUTCOMES else ""
 
 
 def owners_history(owners: set[int]) -> tuple[dict[int, int], dict[int, float]]:

@@ -68,12 +68,16 @@ def attempt_entry(job: Any, outcome: str, reason: str) -> dict[str, Any]:
     }
 
 
-def requeue_or_fail(job: Any, reason: str, max_attempts: int, failure: bool = True) -> str:
+FAILED_OUTCOMES = ("lost", "could not run")  # attempt_log outcomes of an attempt that failed on its worker
+
+
+def requeue_or_fail(job: Any, reason: str, max_attempts: int, failure: bool = True, outcome: str = "lost") -> str:
     """Take an active job back from its worker: requeue it (or hold it, paused, if its owner asked for a pause),
     or fail it once it has failed max_attempts times.
 
     A lost worker is a failure; a graceful handover (the worker was shut down or the job paused, and it
-    checkpointed first) is not, and always requeues."""
+    checkpointed first) is not, and always requeues. `outcome`: how the attempt log names a failed attempt
+    ("lost", or "could not run" for a worker that handed the job back as unable to run it)."""
     failures = job.failures + (1 if failure else 0)
     with transaction.atomic():
         # The flags as they are now: a pause or a resume may have come since the caller read the job.
@@ -87,7 +91,8 @@ def requeue_or_fail(job: Any, reason: str, max_attempts: int, failure: bool = Tr
             target, error = RunState.PAUSED, ""
         else:
             target, error = RunState.QUEUED, ""
-        outcome = "lost" if failure else ("paused" if target == RunState.PAUSED else "handed over")
+        if not failure:
+            outcome = "paused" if target == RunState.PAUSED else "handed over"
         fields: dict[str, Any] = {
             "state": target, "worker": None, "gpu_indices": [], "error": error, "failures": failures,
             "pause_requested": False, "attempt_log": [*job.attempt_log, attempt_entry(job, outcome, reason)],
@@ -304,7 +309,8 @@ def record_status(job: Any, attempt: int, state: str, result: dict[str, Any], er
         if job.state in ACTIVE_STATES:
             from django.conf import settings
 
-            requeue_or_fail(job, error or f"Worker {job.worker} could not run it", settings.MAX_ATTEMPTS)
+            requeue_or_fail(job, error or f"Worker {job.worker} could not run it", settings.MAX_ATTEMPTS,
+                            outcome="could not run")
         return
     allowed_from = [s for s, targets in WORKER_TRANSITIONS.items() if state in targets]
     if not allowed_from:
