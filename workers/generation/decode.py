@@ -155,6 +155,12 @@ class _Graph:
     def __init__(self, step: _Step) -> None:
         import torch
 
+        with torch.cuda.device(step.ids.device):  # the model's GPU, whichever is current
+            self._capture(step)
+
+    def _capture(self, step: _Step) -> None:
+        import torch
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
