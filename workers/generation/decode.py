@@ -117,10 +117,12 @@ class _Step:
         self.model, self.cache, self.argument = model, cache, cache_argument(model)
         self.ids = torch.tensor([[r[-1]] for r in rows], device=device)
         self.positions = torch.tensor([[len(r) - 1] for r in rows], device=device)
-        lowest = torch.finfo(dtype).min
-        self.mask = torch.full((len(rows), 1, 1, cache_length), lowest, dtype=dtype, device=device)
-        for i, r in enumerate(rows):  # the prompt's cached tokens: every one but the last, left-padded to width
-            self.mask[i, :, :, width + 1 - len(r) : width] = 0
+        # The prompt's cached tokens (every one but the last, left-padded to width) are open; the rest masked.
+        first = torch.tensor([width + 1 - len(r) for r in rows], device=device).view(-1, 1)
+        where = torch.arange(cache_length, device=device).view(1, -1)
+        cached = (where >= first) & (where < width)
+        self.mask = torch.zeros(cached.shape, dtype=dtype, device=device).masked_fill_(~cached, torch.finfo(dtype).min)
+        self.mask = self.mask.view(len(rows), 1, 1, cache_length)
         self.counter = cache.layers[0].cumulative_length  # the position this step writes, advanced by the cache
         self.start, self.width = self.positions.clone(), width
 
@@ -214,9 +216,8 @@ def decode_rows(
                               f"{str(exc)[:300]}); it runs eagerly", RuntimeWarning, stacklevel=2)
                 how = f"eager: {type(exc).__name__}"
                 step.rewind()
-        sequence = torch.full((len(rows), width + 1 + sampling.max_new_tokens), pad_token_id, device=device)
-        for i, r in enumerate(rows):
-            sequence[i, width + 1 - len(r) : width + 1] = torch.tensor(r, device=device)
+        padded = [[pad_token_id] * (width + 1 - len(r)) + r + [pad_token_id] * sampling.max_new_tokens for r in rows]
+        sequence = torch.tensor(padded, device=device)  # one transfer, not one per row
         eos = torch.tensor(sampling.eos, device=device) if sampling.eos else None
         unfinished = torch.ones(len(rows), dtype=torch.bool, device=device)
         steps = 0
