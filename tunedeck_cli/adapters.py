@@ -271,11 +271,15 @@ def merge(args: argparse.Namespace, api: Api) -> int:
 
 
 def export(args: argparse.Namespace, api: Api) -> int:
-    body: dict[str, Any] = {"target": "ollama", "form": args.form, "name": args.name, "quantize": args.quantize or "",
-                            "system": args.system or "", "base_name": args.base_name or ""}
+    body: dict[str, Any] = {"target": args.target, "form": args.form, "name": args.name}
+    if args.target == "vllm":
+        body.update(check_prompts=args.prompts or [], max_new_tokens=args.max_new_tokens)
+    else:
+        body.update(quantize=args.quantize or "", system=args.system or "", base_name=args.base_name or "")
     job, job_id, code = _start_job(args, api, "export", body)
     if not args.json:
         made = job.get("merged_model")
-        print(f"Export job {job_id} {job.get('state')}" + (
-            f"; download merges/{made}/download/, then: ollama create {args.name} -f Modelfile" if made else ""))
+        then = ("see its vllm-check.json and README for vllm serve" if args.target == "vllm"
+                else f"ollama create {args.name} -f Modelfile")
+        print(f"Export job {job_id} {job.get('state')}" + (f"; download merges/{made}/download/, then: {then}" if made else ""))
     return code

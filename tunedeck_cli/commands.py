@@ -233,11 +233,16 @@ def _register_adapters(sub: Any) -> None:
 
     chat.register(sub, _leaf)
 
-    export = _leaf(sub, "export", adapters.export, "Export an adapter for Ollama: a folder with a Modelfile (a job).")
+    export = _leaf(sub, "export", adapters.export, "Export an adapter for Ollama (a folder with a Modelfile) or for "
+                   "vLLM (the folder vLLM serves, checked in vLLM on a worker that has it): a job.")
     export.add_argument("adapter_id", type=int)
+    export.add_argument("--target", choices=["ollama", "vllm"], default="ollama", help="The runtime (default ollama).")
+    export.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                        help="vllm: a check prompt (repeat it; default: three short general ones).")
+    export.add_argument("--max-new-tokens", type=int, default=32, help="vllm: tokens per check answer.")
     export.add_argument("--form", choices=["merged", "adapter"], default="merged",
                         help="merged: the base with the adapter merged (FROM .); adapter: FROM the base, ADAPTER.")
-    export.add_argument("--name", default="tunedeck-model", help="The model's name in Ollama.")
+    export.add_argument("--name", default="tunedeck-model", help="The model's name in Ollama (vllm: the LoRA module's).")
     export.add_argument("--quantize", choices=["q8_0", "q4_K_S", "q4_K_M"], help="For ollama create --quantize.")
     export.add_argument("--system", help="A default system prompt.")
     export.add_argument("--base-name", help="Adapter form: the name Ollama knows the base by.")

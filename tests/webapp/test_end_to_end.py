@@ -36,15 +36,16 @@ WORKER_TOKEN = f"tdw_{uuid.uuid4().hex}"
 class WorkerProcess:
     """One `tunedeck worker` for the module, started once its token is registered (a refused token stops it)."""
 
-    def __init__(self, server: str, store: Any):
-        self.server, self.store = server, store
+    def __init__(self, server: str, store: Any, env: dict[str, str] | None = None):
+        self.server, self.store, self.env = server, store, dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = open(store / "worker.log", "wb")
 
     def start(self) -> subprocess.Popen[bytes]:
         if self.proc is None:
             env = with_worker_store({**os.environ, "TUNEDECK_SERVER": self.server, "TUNEDECK_WORKER_TOKEN": WORKER_TOKEN,
-                                     "TUNEDECK_HEARTBEAT_INTERVAL": "2"}, self.store, self.store.parent / f"{self.store.name}-worker")
+                                     "TUNEDECK_HEARTBEAT_INTERVAL": "2", **self.env},
+                                    self.store, self.store.parent / f"{self.store.name}-worker")
             self.proc = subprocess.Popen([sys.executable, "-m", "webapp.cli", "worker"], env=env, stdout=self.log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc

@@ -167,3 +167,50 @@ def test_deleting_the_run_removes_its_exports_with_their_folders(  # type: ignor
         deletion.delete_run(adapter.run)
     assert not folder.exists() and not MergedModel.objects.filter(pk=made.pk).exists()
     assert not AdapterJob.objects.filter(pk=made.job_id).exists()
+
+
+def test_a_vllm_export_waits_for_a_worker_that_reports_vllm_and_goes_to_it(
+    client: Client, team: Team, store_dir: Path
+) -> None:
+    from tests.webapp.factories import make_worker
+    from webapp.fleet.scheduler import schedule_once
+
+    adapter = adapter_of(team, store_dir)
+    raw = key_for(team.mate)
+    url = f"/api/v1/adapters/{adapter.pk}/export/"
+    body = {"target": "vllm", "form": "adapter", "name": "support", "check_prompts": ["Hi", "What is 2 + 3?"],
+            "max_new_tokens": 16}
+    response = post(client, url, body, raw)
+    assert response.status_code == 201, response.content
+    job = AdapterJob.objects.get(pk=response.json()["id"])
+    assert job.needs_labels == ["runtime:vllm"]
+    spec = spec_from_dict("export", job.job_spec())
+    assert (spec.target, spec.form, spec.check_prompts, spec.max_new_tokens) == ("vllm", "adapter", ["Hi", "What is 2 + 3?"], 16)
+    refused = problem_of(post(client, url, {"target": "vllm", "check_prompts": ["ok", " "]}, raw), 400)
+    assert list(refused["errors"]) == ["check_prompts.1"], refused  # the blank one, by its index
+    assert "only an Ollama export" in problem_of(post(client, url, {"target": "vllm", "quantize": "q8_0"}, raw),
+                                                 400)["errors"]["quantize"][0]
+
+    plain, _ = make_worker("plain")  # no vLLM in its inventory: the job is not placed there, and says why
+    plain.inventory = {"gpus": [], "torch": "2.13.0", "vllm": None}
+    plain.save()
+    schedule_once()
+    job.refresh_from_db()
+    assert job.state == "queued" and job.worker is None
+    assert "needs a worker with vLLM installed; no online worker reports it" in job.wait_reason
+    client.force_login(team.owner)
+    page = client.get(f"/adapters/{adapter.pk}/").content.decode()
+    assert "No online worker reports vLLM" in page
+
+    served, _ = make_worker("served")
+    served.inventory = {"gpus": [], "torch": "2.13.0", "vllm": "0.11.0"}
+    served.save()
+    assert "Workers with vLLM: served." in client.get(f"/adapters/{adapter.pk}/").content.decode()
+    schedule_once()
+    job.refresh_from_db()
+    assert job.state == "dispatched" and job.worker.name == "served"
+    from django.contrib.auth import get_user_model
+
+    client.force_login(get_user_model().objects.create_user("ops", password="x", is_staff=True))
+    workers_page = client.get("/workers/").content.decode()
+    assert "vllm</span> 0.11.0" in workers_page

@@ -149,3 +149,69 @@ def test_the_adapter_form_on_a_base_ollama_takes_no_adapters_for_says_so(store: 
     reporter = MemoryReporter()
     assert run_export(export_spec(gpt2, "store://exports/gpt2", form="adapter"), reporter, store) is not None
     assert "this base is a gpt2: export the merged form instead" in logs(reporter)
+
+
+# --- vLLM: the folder vLLM serves, checked by vLLM (its test double: tests/doubles/README.md) ---------------------
+
+VLLM_SITE = Path(__file__).resolve().parents[1] / "doubles" / "vllm_site"
+ADD_PROMPTS = ["What is 23 + 41?", "What is 2 + 3?", "What is 10 + 7?"]  # the "add" adapter's task
+
+
+@pytest.fixture
+def with_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.syspath_prepend(str(VLLM_SITE))
+    yield
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+def test_a_vllm_export_of_the_adapter_is_served_by_vllm_with_tunedeck_s_answers(
+    tiny_model_dir: Path, store: ArtifactStore, with_vllm: None
+) -> None:
+    import json
+
+    reporter = MemoryReporter()
+    result = run_export(export_spec(tiny_model_dir, "store://exports/vllm-adapter", target="vllm", form="adapter",
+                                    name="adder", check_prompts=ADD_PROMPTS, max_new_tokens=12), reporter, store)
+    assert result is not None, (reporter.states[-1], logs(reporter))
+    folder = store.path("store://exports/vllm-adapter")
+    assert {p.name for p in (folder / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    report = json.loads((folder / "vllm-check.json").read_text())
+    assert report["vllm_version"] == "0.0.0+test" and report["total"] == 3
+    # Greedy in float32 on both sides: every answer is the same, token for token, and none is empty.
+    assert report["agree"] == 3 and all(row["agree"] and row["tunedeck"] == row["vllm"] for row in report["answers"])
+    assert all(row["tunedeck"] for row in report["answers"])
+    assert result["vllm"] == {"vllm_version": "0.0.0+test", "dtype": "float32", "agree": 3, "total": 3}
+    readme = (folder / "README.md").read_text()
+    assert f"vllm serve {tiny_model_dir} --enable-lora --max-lora-rank 8" in readme and "adder=./adapter" in readme
+    assert "3 of 3 equal Tunedeck's token for token" in logs(reporter)
+
+
+def test_a_merged_vllm_export_is_loaded_by_vllm_from_its_folder(
+    tiny_model_dir: Path, store: ArtifactStore, with_vllm: None
+) -> None:
+    reporter = MemoryReporter()
+    spec = export_spec(tiny_model_dir, "store://exports/vllm-merged", target="vllm", form="merged",
+                       check_prompts=ADD_PROMPTS[:2], max_new_tokens=8)
+    result = run_export(spec, reporter, store)
+    assert result is not None, (reporter.states[-1], logs(reporter))
+    assert result["verified"] is True and result["vllm"]["total"] == 2 and result["vllm"]["agree"] == 2
+    folder = store.path("store://exports/vllm-merged")
+    assert (folder / "config.json").is_file() and (folder / "vllm-check.json").is_file()
+    assert "vllm serve ./" in (folder / "README.md").read_text()
+
+
+def test_a_vllm_export_on_a_worker_without_vllm_fails_saying_so(tiny_model_dir: Path, store: ArtifactStore) -> None:
+    reporter = MemoryReporter()
+    assert run_export(export_spec(tiny_model_dir, "store://exports/no-vllm", target="vllm", form="adapter"),
+                      reporter, store) is None
+    assert "vLLM is not installed on this worker" in str(reporter.states[-1])
+
+
+def test_a_vllm_export_refuses_ollama_s_settings_and_bad_prompts(tiny_model_dir: Path) -> None:
+    spec = export_spec(tiny_model_dir, "store://x", target="vllm", quantize="q8_0", check_prompts=["ok", "  "],
+                       max_new_tokens=0)
+    assert set(spec.validate()) == {"quantize", "check_prompts", "max_new_tokens"}
+    assert "prompt 2 is empty" in spec.validate()["check_prompts"]

@@ -105,8 +105,12 @@ class MergeSerializer(serializers.Serializer):
 
 
 class ExportSerializer(serializers.Serializer):
-    target = serializers.ChoiceField(choices=list(jobspecs.EXPORT_TARGETS), default="ollama",
-                                     help_text="The runtime the folder is for.")
+    target = serializers.ChoiceField(
+        choices=list(jobspecs.EXPORT_TARGETS), default="ollama",
+        help_text="The runtime the folder is for. ollama: a folder with a Modelfile. vllm: the folder vLLM serves, "
+        "checked on a worker that has vLLM installed (vLLM loads it and answers `prompts` beside Tunedeck; the "
+        "job waits for such a worker).",
+    )
     form = serializers.ChoiceField(
         choices=list(jobspecs.EXPORT_FORMS), default="merged",
         help_text="merged: the base with the adapter merged, in safetensors (Modelfile FROM .). adapter: the "
@@ -126,6 +130,12 @@ class ExportSerializer(serializers.Serializer):
                                    help_text="PARAMETER top_p, only if set (above 0).")
     dtype = serializers.ChoiceField(choices=list(jobspecs.MERGE_DTYPES), default="auto",
                                     help_text="Merged form: dtype of the merged weights.")
+    check_prompts = serializers.ListField(
+        child=serializers.CharField(max_length=4000), required=False, max_length=jobspecs.VLLM_MAX_PROMPTS,
+        help_text="vllm: the check's prompts (user turns; default: three short general ones).",
+    )
+    max_new_tokens = serializers.IntegerField(default=32, min_value=1, max_value=512,
+                                              help_text="vllm: tokens per check answer.")
 
 
 class PushSerializer(serializers.Serializer):
@@ -196,8 +206,8 @@ class AdapterViewSet(LabelsMixin, VisibleObjectMixin, viewsets.ReadOnlyModelView
         return job_answer(request.user, job.pk)
 
     @extend_schema(request=ExportSerializer, responses={201: JobSerializer},
-                   description="Export the adapter for Ollama (an export job; its folder, with a Modelfile and a "
-                   "README, appears under merges/ with its target and form).")
+                   description="Export the adapter for Ollama or vLLM (an export job; its folder, with a Modelfile or "
+                   "vLLM's check report, and a README, appears under merges/ with its target and form).")
     @action(detail=True, methods=["post"])
     @idempotent
     def export(self, request: Request, pk: str) -> Response:

@@ -70,6 +70,23 @@ GPU_MARGIN_BYTES = 512 * MiB
 CPU_MAX_BYTES = 2 * GiB
 
 
+# Runtimes a worker may have beside the ML stack, by the package its inventory reports, and their names. A worker
+# that reports one carries the label runtime_label(package) for placement; jobs that run in it need that label.
+RUNTIMES = {"vllm": "vLLM"}
+RUNTIME_PREFIX = "runtime:"
+
+
+def runtime_label(package: str) -> str:
+    return RUNTIME_PREFIX + package
+
+
+def runtime_labels(inventory: object) -> frozenset[str]:
+    """The runtime labels of a worker's inventory (the packages of RUNTIMES it reports a version of)."""
+    if not isinstance(inventory, dict):
+        return frozenset()
+    return frozenset(runtime_label(name) for name in RUNTIMES if isinstance(inventory.get(name), str))
+
+
 def gib(value: float) -> str:
     """Bytes as GiB for a wait reason: "38 GiB", "23.5 GiB"."""
     text = f"{value / GiB:.1f}"
@@ -230,6 +247,15 @@ def misfit(job: Job, slots: Sequence[Slot]) -> str | None:
     if not slots:
         return "no worker is online"
     if job.needs_labels and not any(set(job.needs_labels) <= s.labels for s in slots):
+        runtimes = [RUNTIMES.get(label.removeprefix(RUNTIME_PREFIX), label) for label in job.needs_labels
+                    if label.startswith(RUNTIME_PREFIX)]
+        labels = [label for label in job.needs_labels if not label.startswith(RUNTIME_PREFIX)]
+        if runtimes and not any(set(labels) <= s.labels for s in slots):
+            return (f"needs a worker with {' and '.join(runtimes)} installed and labels {', '.join(labels)}; "
+                    "no online worker has them all")
+        if runtimes:
+            return (f"needs a worker with {' and '.join(runtimes)} installed; no online worker reports it "
+                    f"(install it on a GPU worker: its next heartbeat says so)")
         return f"needs labels {', '.join(job.needs_labels)}; no online worker has them all"
     matching = [s for s in slots if set(job.needs_labels) <= s.labels]
     where = "an online worker with those labels" if job.needs_labels else "an online worker"

@@ -87,6 +87,12 @@ def online_workers() -> list[Worker]:
     return list(Worker.objects.filter(state=WorkerState.ONLINE, last_heartbeat__gte=cutoff).order_by("name"))
 
 
+def runtime_workers(package: str) -> list[str]:
+    """Names of the online workers whose inventory reports the runtime `package` (placement.RUNTIMES)."""
+    label = placement.runtime_label(package)
+    return [w.name for w in online_workers() if label in placement.runtime_labels(w.inventory)]
+
+
 def _active_jobs(worker_ids: list[int]) -> list[tuple[int, int, list[Any], int]]:
     """(worker id, owner id, held GPU indices, GPUs needed) of every active job on these workers."""
     rows: list[tuple[int, int, list[Any], int]] = []
@@ -98,7 +104,8 @@ def _active_jobs(worker_ids: list[int]) -> list[tuple[int, int, list[Any], int]]
 
 def _slot(worker: Worker, active: list[tuple[int, int, list[Any], int]]) -> placement.Slot:
     slot = placement.Slot(
-        id=worker.pk, name=worker.name, labels=frozenset(str(label) for label in worker.labels or []),
+        id=worker.pk, name=worker.name,
+        labels=frozenset(str(label) for label in worker.labels or []) | placement.runtime_labels(worker.inventory),
         gpus=inventory_gpus(worker.inventory), max_gpu_bytes=worker.max_gpu_bytes, max_jobs=worker.max_jobs,
     )
     unknown = 0

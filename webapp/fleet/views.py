@@ -23,6 +23,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_POST
 
+from webapp.fleet import placement
 from webapp.fleet.forms import RegisterWorkerForm, WorkerSettingsForm
 from webapp.fleet.models import Worker, WorkerState
 from webapp.jobs.models import ACTIVE_STATES
@@ -160,7 +161,8 @@ def _worker_rows(workers: QuerySet[Worker]) -> list[Worker]:
         sampled = any(sample["gpus"] for sample in _samples(worker.telemetry))
         worker.telemetry_url = reverse("worker-telemetry", args=[worker.pk]) if sampled else ""  # type: ignore[attr-defined]
         inventory = worker.inventory if isinstance(worker.inventory, dict) else {}
-        worker.host = {k: inventory.get(k) for k in ("hostname", "cpus", "python", "torch") if inventory.get(k)}  # type: ignore[attr-defined]
+        worker.host = {k: inventory.get(k) for k in ("hostname", "cpus", "python", "torch", *placement.RUNTIMES)  # type: ignore[attr-defined]
+                       if inventory.get(k)}
         worker.busy = bool(worker.current_run_id or worker.current_job_id)  # type: ignore[attr-defined]
         worker.artifacts = artifacts_line(inventory.get("artifacts"))  # type: ignore[attr-defined]
     return rows

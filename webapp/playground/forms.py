@@ -158,6 +158,26 @@ class ExportForm(forms.Form):
                                 help_text="Adapter form: the name Ollama knows the base by (default: the base's source).")
 
 
+class VllmExportForm(forms.Form):
+    form = forms.ChoiceField(
+        choices=[("adapter", "adapter on its base (--enable-lora)"), ("merged", "merged model")], initial="adapter",
+        help_text="adapter: vLLM serves the base with this adapter as a LoRA module. merged: the base with the "
+        "adapter merged, served as a model of its own.",
+    )
+    name = forms.CharField(max_length=200, initial="tunedeck-model", help_text="The LoRA module's name in vLLM.")
+    check_prompts = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}), required=False, max_length=40_000,
+        help_text="The check's prompts, one per line (default: three short general ones).",
+    )
+    max_new_tokens = forms.IntegerField(min_value=1, max_value=512, initial=32, help_text="Tokens per check answer.")
+
+    def clean_check_prompts(self) -> list[str]:
+        lines = [line.strip() for line in self.cleaned_data["check_prompts"].splitlines() if line.strip()]
+        if len(lines) > jobspecs.VLLM_MAX_PROMPTS:
+            raise forms.ValidationError(f"at most {jobspecs.VLLM_MAX_PROMPTS} prompts ({len(lines)} given)")
+        return lines
+
+
 class PushForm(forms.Form):
     repo_id = forms.RegexField(
         regex=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$",

@@ -16,6 +16,7 @@ from django.db import transaction
 
 from webapp.catalog.models import BaseModel, Dataset
 from webapp.fleet.needs import adapter_job_needs
+from webapp.fleet.placement import runtime_label
 from webapp.jobs import ledger
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, Comparison, PromptSet
@@ -65,9 +66,11 @@ def queue_job(
     adapters: list[Adapter],
     notes: tuple[str, ...] = (),
     extra: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
 ) -> AdapterJob:
     """The queued job of a checked spec. `extra`: what the server keeps in the job's params beside the worker's
-    spec (a choice the spec holds only resolved, names for its pages), stored with the row in one write."""
+    spec (a choice the spec holds only resolved, names for its pages), stored with the row in one write.
+    `labels`: the worker labels the job needs (placement)."""
     problems = spec.validate()
     if problems:
         raise JobError(problems)
@@ -77,7 +80,7 @@ def queue_job(
     params.update(extra or {})
     with transaction.atomic():
         job = AdapterJob.objects.create(kind=kind, owner=owner, base_model=base, params=params,
-                                        **adapter_job_needs(kind, base))
+                                        needs_labels=list(labels or []), **adapter_job_needs(kind, base))
         job.adapters.set(adapters)
         if "output_uri" in params:  # known only once the row has its id
             job.params["output_uri"] = job.output_uri()
@@ -148,15 +151,20 @@ def start_export(
     temperature: float | None = None,
     top_p: float | None = None,
     target: str = "ollama",
+    check_prompts: list[str] | None = None,
+    max_new_tokens: int = 32,
 ) -> AdapterJob:
-    """An export job: a folder Ollama imports (jobspecs.ExportSpec says what each choice does)."""
+    """An export job: a folder Ollama imports, or one vLLM serves, checked on a worker that has vLLM (the job
+    needs the worker label placement.RUNTIME_LABELS gives such workers). jobspecs.ExportSpec says what each
+    choice does."""
     base = common_base([adapter])
     spec = jobspecs.ExportSpec(
         job_id=0, attempt=0, base_model=base.model_ref(), adapter=adapter.ref(), output_uri="pending", target=target,
         form=form, name=name, base_name=base_name, quantize=quantize, system=system, temperature=temperature,
-        top_p=top_p, dtype=dtype,
+        top_p=top_p, dtype=dtype, check_prompts=list(check_prompts or []), max_new_tokens=max_new_tokens,
     )
-    return queue_job(JobKind.EXPORT, owner, base, spec, [adapter])
+    labels = [runtime_label("vllm")] if target == "vllm" else []
+    return queue_job(JobKind.EXPORT, owner, base, spec, [adapter], labels=labels)
 
 
 def start_combine(

@@ -16,12 +16,21 @@ from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
 from webapp.catalog.models import Dataset
+from webapp.fleet.scheduler import runtime_workers
 from webapp.ids import whole
 from webapp.jobs import views as job_views
 from webapp.jobs.downloads import zip_response
 from webapp.jobs.stream import batch_reader, sse
 from webapp.playground import deletion, services, thumbs, votedata, votes
-from webapp.playground.forms import CombineForm, CompareForm, EvaluateForm, ExportForm, MergeForm, PushForm
+from webapp.playground.forms import (
+    CombineForm,
+    CompareForm,
+    EvaluateForm,
+    ExportForm,
+    MergeForm,
+    PushForm,
+    VllmExportForm,
+)
 from webapp.playground.kinds import JobKind
 from webapp.playground.models import AdapterJob, Comparison, JobEvent, MergedModel, PromptSet
 from webapp.training.models import Adapter, TrainingRun
@@ -65,6 +74,8 @@ def adapter_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "jobs": adapter.jobs.select_related("owner").order_by("-id")[:20],
         "merge_form": MergeForm(),
         "export_form": ExportForm(),
+        "vllm_form": VllmExportForm(),
+        "vllm_workers": runtime_workers("vllm"),
         "push_form": PushForm() if settings.HF_TOKEN else None,
         "can_act": request.user.is_staff or adapter.owner_id == request.user.pk,  # type: ignore[union-attr]
     }
@@ -100,14 +111,19 @@ def adapter_merge(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def adapter_export(request: HttpRequest, pk: int) -> HttpResponse:
     adapter = get_object_or_404(Adapter.objects.select_related("base_model"), pk=pk)
-    form = ExportForm(request.POST)
+    vllm = request.POST.get("target") == "vllm"
+    form = VllmExportForm(request.POST) if vllm else ExportForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"Export refused: {form.errors.as_text()}")
         return redirect("adapter-detail", pk=pk)
     data = form.cleaned_data
     try:
-        job = services.start_export(request.user, adapter, data["form"], data["name"], data["quantize"],
-                                    data["system"], data["base_name"])
+        if vllm:
+            job = services.start_export(request.user, adapter, data["form"], data["name"], target="vllm",
+                                        check_prompts=data["check_prompts"], max_new_tokens=data["max_new_tokens"])
+        else:
+            job = services.start_export(request.user, adapter, data["form"], data["name"], data["quantize"],
+                                        data["system"], data["base_name"])
     except services.JobError as exc:
         messages.error(request, f"Export refused: {exc}")
         return redirect("adapter-detail", pk=pk)

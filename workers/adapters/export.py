@@ -1,4 +1,5 @@
-"""The export job: a folder that Ollama imports with `ollama create <name> -f Modelfile`.
+"""The export job: a folder that Ollama imports with `ollama create <name> -f Modelfile`, or one that vLLM serves,
+checked in vLLM (workers.adapters.vllm_check).
 
 `run_export(spec, reporter, store)` has the merge runner's contract. The merged form is a merge job's output
 (workers.adapters.merge.job, checked as a merge is) with a Modelfile that says `FROM .`; the adapter form copies
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.adapters import ollama
+from workers.adapters import ollama, vllm_check
 from workers.adapters.merge.checkpoint import EXPECTED_ERRORS, output_dir
 from workers.adapters.merge.job import check_cancel, merge_and_check
 from workers.adapters.merge.lora import adapter_folder, adapter_label
@@ -31,7 +32,7 @@ ADAPTER_MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "gemma2")  # conf
 
 
 def run_export(spec: ExportSpec, reporter: Reporter, store: ArtifactStore) -> dict[str, Any] | None:
-    """Write spec.adapter on spec.base_model as an Ollama import folder at spec.output_uri."""
+    """Write spec.adapter on spec.base_model as an Ollama import folder (or a checked vLLM folder) at spec.output_uri."""
     return run_reported(reporter, lambda: _export(spec, reporter, store), expected=(*EXPECTED_ERRORS, ollama.UnknownTemplate))
 
 
@@ -42,6 +43,8 @@ def _export(spec: ExportSpec, reporter: Reporter, store: ArtifactStore) -> dict[
         raise RunnerError("; ".join(f"{name}: {message}" for name, message in problems.items()))
     check_source(spec.base_model.source)
     adapter_dir = adapter_folder(spec.adapter, store)
+    if spec.target == "vllm":
+        return vllm_check.export_for_vllm(spec, reporter, store, adapter_dir, _merge_spec(spec), copy_adapter)
     tokenizer = load_tokenizer(spec, adapter_dir)
     detected = ollama.detect_family(tokenizer)
     log_template(detected, reporter)

@@ -31,7 +31,10 @@ SVD_COMBINATIONS = tuple(c for c in COMBINATIONS if c == "svd" or c.endswith("_s
 # Types that combine the adapters' A and B factors entry-wise (not the deltas): equal ranks needed.
 EQUAL_RANK_COMBINATIONS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-EXPORT_TARGETS = ("ollama",)
+EXPORT_TARGETS = ("ollama", "vllm")
+# What a vLLM check generates from when it is given no prompts of its own.
+VLLM_CHECK_PROMPTS = ("Say hello in one short sentence.", "What is 2 + 3?", "Name three colours.")
+VLLM_MAX_PROMPTS = 32
 EXPORT_FORMS = ("merged", "adapter")
 OLLAMA_QUANTIZE = ("q8_0", "q4_K_S", "q4_K_M")  # what `ollama create --quantize` takes for a safetensors import
 # Ollama's model names: [namespace/]name[:tag] of letters, digits, - _ .
@@ -225,7 +228,9 @@ class ExportSpec:
     base_model: ModelRef
     adapter: AdapterRef
     output_uri: str
-    target: str = "ollama"  # the runtime the folder is for; only Ollama for now
+    # ollama: a folder with a Modelfile. vllm: the folder vLLM serves (the adapter, or the merged model), checked on
+    # a worker that has vLLM: vLLM loads it and answers `prompts`, beside Tunedeck's own answers.
+    target: str = "ollama"
     # merged: the base with the adapter merged, in safetensors (FROM .); adapter: FROM the base, ADAPTER ./adapter.
     form: str = "merged"
     name: str = "tunedeck-model"  # the model's name in the README's `ollama create` and `ollama run`
@@ -236,9 +241,24 @@ class ExportSpec:
     top_p: float | None = None  # PARAMETER top_p, only if set
     dtype: str = "auto"  # as a merge's
     max_shard_size: str = "2GB"
+    check_prompts: list[str] = field(default_factory=list)  # vllm: the check's prompts (default VLLM_CHECK_PROMPTS)
+    max_new_tokens: int = 32  # vllm: tokens per check answer
+
+    def prompts_to_check(self) -> list[str]:
+        return list(self.check_prompts) or list(VLLM_CHECK_PROMPTS)
 
     def validate(self) -> dict[str, str]:
         errors: dict[str, str] = {}
+        if self.target == "vllm":
+            if self.quantize:
+                errors["quantize"] = "only an Ollama export is quantized (vLLM serves the folder as it is)"
+            if len(self.check_prompts) > VLLM_MAX_PROMPTS:
+                errors["check_prompts"] = f"at most {VLLM_MAX_PROMPTS} prompts ({len(self.check_prompts)} given)"
+            elif any(not isinstance(p, str) or not p.strip() for p in self.check_prompts):
+                empty = next(i for i, p in enumerate(self.check_prompts) if not isinstance(p, str) or not p.strip())
+                errors["check_prompts"] = f"prompt {empty + 1} is empty"
+            if not 1 <= self.max_new_tokens <= 512:
+                errors["max_new_tokens"] = "must be between 1 and 512"
         if self.target not in EXPORT_TARGETS:
             errors["target"] = f"must be one of {', '.join(EXPORT_TARGETS)}"
         if self.form not in EXPORT_FORMS:
@@ -260,7 +280,8 @@ class ExportSpec:
         if self.dtype not in MERGE_DTYPES:
             errors["dtype"] = f"must be one of {', '.join(MERGE_DTYPES)}"
         if self.adapter.method != "lora":
-            errors["adapter"] = f"Ollama imports LoRA adapters only ({self.adapter.method} is not one)"
+            runtime = "vLLM serves" if self.target == "vllm" else "Ollama imports"
+            errors["adapter"] = f"{runtime} LoRA adapters only ({self.adapter.method} is not one)"
         return errors
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The ML stack, and the trackers runs may report to (None where a package is missing).
-PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "tensorboard", "mlflow-skinny", "wandb")
+# The ML stack, the trackers runs may report to, and the runtimes jobs may check exports in (None where a package is
+# missing; the control plane places vLLM exports on workers that report vllm).
+PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "tensorboard", "mlflow-skinny", "wandb", "vllm")
 MEMINFO = Path("/proc/meminfo")
 
 _nvml_lock = threading.Lock()
