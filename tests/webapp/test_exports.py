@@ -137,18 +137,27 @@ def test_the_cli_starts_an_export_through_the_api(  # type: ignore[no-untyped-de
 
     from tunedeck_cli import adapters
     from tunedeck_cli.api import Api
+    from tunedeck_cli.commands import register
     from tunedeck_cli.config import Settings
 
     team = make_team(tiny_model_dir)
     adapter = adapter_of(team, store_dir)
     api = Api(Settings(server=live_server.url, api_key=key_for(team.mate), source="test"))
-    args = argparse.Namespace(adapter_id=adapter.pk, form="adapter", name="team/support:v1", quantize=None,
-                              system="Be brief.", base_name="llama3.2:1b", wait=False, quiet=True, json=False)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["export", str(adapter.pk), "--form", "adapter", "--name", "team/support:v1",
+                              "--system", "Be brief.", "--base-name", "llama3.2:1b", "--quiet"])
     assert adapters.export(args, api) == 0
     job = AdapterJob.objects.get(kind="export")
     assert f"Export job {job.pk} queued" in capsys.readouterr().out
-    assert (job.params["form"], job.params["name"], job.params["base_name"], job.params["quantize"]) == (
-        "adapter", "team/support:v1", "llama3.2:1b", "")
+    assert (job.params["target"], job.params["form"], job.params["name"], job.params["base_name"],
+            job.params["quantize"]) == ("ollama", "adapter", "team/support:v1", "llama3.2:1b", "")
+    args = parser.parse_args(["export", str(adapter.pk), "--target", "vllm", "--form", "adapter", "--name", "support",
+                              "--prompt", "What is 2 + 3?", "--prompt", "Hi", "--max-new-tokens", "12", "--quiet"])
+    assert adapters.export(args, api) == 0
+    job = AdapterJob.objects.filter(kind="export").latest("pk")
+    assert (job.params["target"], job.params["check_prompts"], job.params["max_new_tokens"], job.needs_labels) == (
+        "vllm", ["What is 2 + 3?", "Hi"], 12, ["runtime:vllm"])
 
 
 def test_deleting_the_run_removes_its_exports_with_their_folders(  # type: ignore[no-untyped-def]
