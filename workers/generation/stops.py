@@ -8,7 +8,8 @@ its EOS, so a generation that waits for EOS alone runs on past the answer, into 
 message, plus every EOS id (the model's generation config and the tokenizer's). A turn end that is one token of
 the vocabulary (an added token) stops a row as EOS does (generate()'s eos_token_id). One that is several tokens
 here (the fallback template on a tokenizer without ChatML's tokens) is a stop string: matched on the decoded text
-(transformers' StopStringCriteria), cut from the answer, and held back from the stream while it may be starting.
+(transformers' StopStringCriteria, or DecodedStopStrings for a vocabulary it cannot read), cut from the answer, and
+held back from the stream while it may be starting.
 """
 
 from __future__ import annotations
@@ -64,12 +65,17 @@ class Stops:
         return {"eos_token_id": list(self.token_ids) or None}  # a copy: the cached list stays as it is
 
     def criteria(self) -> list[Any]:
-        """Stopping criteria of the stop strings (each row stops once its text ends in one)."""
+        """Stopping criteria of the stop strings (each row stops once its text ends in one): transformers'
+        StopStringCriteria, or, for a vocabulary it cannot read (it raises ValueError for a word-level one),
+        `DecodedStopStrings`."""
         if not self.strings:
             return []
         from transformers import StopStringCriteria
 
-        return [StopStringCriteria(self.tokenizer, self.strings)]
+        try:
+            return [StopStringCriteria(self.tokenizer, self.strings)]
+        except ValueError:  # it probes how the tokenizer spells text it may have no tokens for
+            return [DecodedStopStrings(self.tokenizer, self.strings)]
 
     def cut(self, ids: list[int]) -> list[int]:
         """`ids` up to and including the token that ends the answer (what follows is padding or run-on)."""
@@ -165,6 +171,27 @@ class Stops:
     def _without_partial_string(self, text: str) -> str:
         held = max((j for s in self.strings for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
         return text[: len(text) - held]
+
+
+class DecodedStopStrings:
+    """A stopping criterion that matches stop strings on decoded text: a row stops at the step whose new token
+    completes one (a stop string that ended earlier, in the prompt, does not count). For any tokenizer that
+    decodes; it decodes each row's last tokens twice a step, where StopStringCriteria compares token ids."""
+
+    def __init__(self, tokenizer: Any, strings: list[str]):
+        self.tokenizer, self.strings = tokenizer, list(strings)
+        # Tokens enough to spell the longest string: each decodes to a character at least, but for special ones.
+        self.window = max(len(s) for s in self.strings) + 8
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        tails = input_ids[:, -self.window :].tolist()
+        ended = []
+        for tail in tails:
+            text, before = decode(self.tokenizer, tail), decode(self.tokenizer, tail[:-1])
+            ended.append(any(text.rfind(s) >= 0 and text.rfind(s) + len(s) > len(before) for s in self.strings))
+        return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
