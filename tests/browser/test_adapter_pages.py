@@ -107,3 +107,24 @@ def test_adapter_pages_render_without_errors(page, demo, screenshot) -> None:  #
     expect(page.locator("#job-state")).to_have_text("queued")
     screenshot(page, "merge-job-queued")
     assert errors == [], errors
+
+
+def test_a_vllm_export_from_the_adapter_page_waits_for_a_worker_with_vllm(page, demo, scheduler, screenshot) -> None:  # type: ignore[no-untyped-def]
+    user, base, _, _ = demo
+    add, _ = adapters(user, base)
+    make_worker("no-vllm")  # online, but its inventory reports no vLLM
+    errors = console_errors(page)
+    page.goto(f"/adapters/{add.pk}/")
+    card = page.locator("#vllm-form")
+    expect(card).to_contain_text("No online worker reports vLLM")
+    card.get_by_label("Form").select_option("adapter")
+    card.get_by_label("Name").fill("adder")
+    card.get_by_label("Check prompts").fill("What is 2 + 3?\n\nDouble 4\n")
+    screenshot(page, "adapter-vllm-export")
+    card.get_by_role("button", name="Export and check in vLLM").click()
+    expect(page.locator("#job-state")).to_have_text("queued")
+    expect(page.locator("main")).to_contain_text("needs a worker with vLLM installed", timeout=15_000)  # live
+    screenshot(page, "vllm-export-waiting")
+    job = services.AdapterJob.objects.get(kind="export")
+    assert (job.params["target"], job.params["check_prompts"]) == ("vllm", ["What is 2 + 3?", "Double 4"])
+    assert errors == [], errors
