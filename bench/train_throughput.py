@@ -9,6 +9,9 @@ same 4-bit NF4 + double-quant base, bf16 compute. One process, one GPU, recipes 
   (c) first-fit packing into 2048-token rows with per-sample position ids (block-diagonal mask), batch 4,
       Liger kernels incl. fused linear cross-entropy
   (d) Tunedeck's runner (workers/training/engine.py through trl's SFTTrainer), throughput and memory modes
+  unsloth (--peer-unsloth, where Unsloth is installed): its loader, kernels and offloaded checkpointing on (c)'s
+      packed rows, a step's 4 rows as one padding-free sequence; in a child process, since importing it patches
+      transformers, peft and trl
 
 Prints real tokens/s (tokens that carry a label), padded tokens/s (all positions computed),
 peak memory allocated/reserved, step time, MFU and the ratios of (d) to (a), (b), (c).
@@ -16,6 +19,7 @@ peak memory allocated/reserved, step time, MFU and the ratios of (d) to (a), (b)
     python bench/train_throughput.py                 # Llama-3.1-8B shape on the GPU
     python bench/train_throughput.py --tiny          # a tiny Llama on the CPU, in seconds
     python bench/train_throughput.py --probe-max-len c,d-throughput   # longest batch-1 sequence
+    python bench/train_throughput.py --recipes c,d-throughput,d-memory --peer-unsloth   # Unsloth beside them
 """
 
 from __future__ import annotations
@@ -358,6 +362,91 @@ def _run_standard(name: str, model_dir: Path, examples: list[list[int]], args: a
     return res
 
 
+# --- the peer: Unsloth, in a process of its own ----------------------------------------------------
+
+
+UNSLOTH = "unsloth"
+UNSLOTH_ROWS = 4  # packed rows of --row-len per step, as (c)
+
+
+def run_unsloth_peer(args: argparse.Namespace) -> Result:
+    """Unsloth on (c)'s packed rows, run in a child process: importing unsloth patches transformers, peft and
+    trl for the whole process, which must not change the other recipes. The child writes its Result as JSON."""
+    import subprocess
+
+    out = args.out / "unsloth-result.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--unsloth-child", "--json-out", str(out),
+               "--model-dir", str(args.model_dir), "--out", str(args.out), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--row-len", str(args.row_len), "--d-rows", str(args.d_rows),
+               "--d-accum", str(args.d_accum), "--d-memory-rows", str(args.d_memory_rows),
+               "--d-memory-accum", str(args.d_memory_accum)]
+    command += ["--tiny"] if args.tiny else []
+    command += ["--expandable-segments"] if args.expandable_segments else []
+    child = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(child.stdout[-4000:], end="", flush=True)
+    if not out.exists():
+        last = [line for line in child.stdout.splitlines() if line.strip()][-1:] or [f"exit {child.returncode}"]
+        return Result(recipe=UNSLOTH, error=last[0][:200])
+    return Result(**json.loads(out.read_text()))
+
+
+def unsloth_rows(examples: list[list[int]], row_len: int) -> list[dict[str, Any]]:
+    """(c)'s packed rows, a step's UNSLOTH_ROWS of them as one sequence (trl's padding-free packing, which is how
+    Unsloth trains packed data): documents back to back, positions restarting at each, no padding. Unsloth reads
+    the documents' bounds from the positions of a batch of one (it then attends within each document)."""
+    packed = first_fit_pack(examples, row_len)
+    steps = len(packed) // UNSLOTH_ROWS
+    return [{"docs": [doc for row in packed[k * UNSLOTH_ROWS : (k + 1) * UNSLOTH_ROWS] for doc in row]}
+            for k in range(steps)]
+
+
+def collate_flat(features: list[dict[str, Any]]) -> dict[str, Any]:
+    """One sequence of documents: input ids, positions per document, labels (none across a boundary)."""
+    import torch
+
+    (feature,) = features
+    docs = feature["docs"]
+    ids = torch.tensor([token for doc in docs for token in doc]).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(doc)) for doc in docs]).unsqueeze(0)
+    labels = ids.clone()
+    starts = torch.tensor([0, *[len(doc) for doc in docs[:-1]]]).cumsum(0)
+    labels[0, starts] = -100
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def run_unsloth_child(model_dir: Path, examples: list[list[int]], args: argparse.Namespace) -> Result:
+    """In the child process, unsloth imported first: its loader (4-bit NF4), LoRA r16 on the 7 projections, its
+    offloaded gradient checkpointing, trained by transformers' Trainer as it patches it, on `unsloth_rows`."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+    from unsloth import FastLanguageModel
+
+    n_base, n_lora = matmul_params(model_dir)
+    meter = Meter(args.warmup, args.warmup + args.steps)
+    fresh_gpu()
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=args.row_len * UNSLOTH_ROWS, dtype=torch.bfloat16, load_in_4bit=True,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=0,
+    )
+    fresh_gpu()
+    trainer = Trainer(
+        model=model, args=_standard_args(args.out / UNSLOTH, 1, args.warmup + args.steps),
+        train_dataset=Dataset.from_list(unsloth_rows(examples, args.row_len)),
+        data_collator=counting(collate_flat, meter), callbacks=[meter_callback(meter)],
+    )
+    trainer.train()
+    import unsloth
+
+    return summarise(UNSLOTH, meter, n_base, n_lora, plan=f"unsloth {getattr(unsloth, '__version__', '?')}, "
+                     f"{UNSLOTH_ROWS} x {args.row_len} packed as one sequence, offloaded checkpointing")
+
+
 # --- Tunedeck's runner (d) ------------------------------------------------------------------------
 
 
@@ -688,11 +777,12 @@ def print_table(results: list[Result]) -> None:
             f"{r.peak_allocated / gib:.1f} | {r.peak_reserved / gib:.1f} | "
             f"{(r.extra.get('estimate_bytes') or 0) / gib:.1f} | {r.mfu:.1%} |"
         )
-    base = {r.recipe: r for r in results if r.recipe.partition("@")[0] in ("a", "b", "c") and not r.error}
+    base = {r.recipe: r for r in results if r.recipe.partition("@")[0] in ("a", "b", "c", UNSLOTH) and not r.error}
     for r in results:
-        if r.recipe.startswith("d") and not r.error:
+        if (r.recipe.startswith("d") or r.recipe == UNSLOTH) and not r.error:
             ratios = ", ".join(
-                f"(d)/({k}) = {r.real_tokens_per_s / b.real_tokens_per_s:.2f}x" for k, b in base.items()
+                f"({r.recipe})/({k}) = {r.real_tokens_per_s / b.real_tokens_per_s:.2f}x"
+                for k, b in base.items() if k != r.recipe
             )
             print(f"{r.recipe}: {ratios}   [{r.plan}]")
 
@@ -724,7 +814,15 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--expandable-segments", action="store_true",
                         help="PyTorch's expandable-segments allocator (what Tunedeck workers use) for every recipe")
+    parser.add_argument("--peer-unsloth", action="store_true",
+                        help="also run Unsloth (where it is installed) on (c)'s packed rows, in a process of its own")
+    parser.add_argument("--unsloth-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.unsloth_child:
+        try:
+            import unsloth  # noqa: F401  (first: it patches transformers, peft and trl as they are imported)
+        except Exception as exc:  # not installed, or no GPU it can use (it refuses a CPU-only machine)
+            raise SystemExit(f"Unsloth cannot run here: {type(exc).__name__}: {str(exc)[:160]}") from None
     # As on a worker (workers/runtime/hubkernels.py): no kernels fetched from the Hub by transformers' `kernels`
     # integration, for every recipe (a fetch needs the network and a trust decision; the recipes compare local code).
     os.environ.setdefault("USE_HUB_KERNELS", "NO")
@@ -746,13 +844,22 @@ def main() -> None:
     if args.tiny:
         extra.setdefault("liger_kernels", "off")
 
+    if args.unsloth_child:
+        result = run_unsloth_child(model_dir, examples, args)
+        args.json_out.write_text(json.dumps(result.__dict__))
+        return
+    recipes = [r for r in args.recipes.split(",") if r]
+    if args.peer_unsloth and UNSLOTH not in recipes:
+        recipes.append(UNSLOTH)
     results: list[Result] = []
-    for recipe in [r for r in args.recipes.split(",") if r]:
+    for recipe in recipes:
         print(f"== recipe {recipe}", flush=True)
         t0 = time.perf_counter()
         try:
             if recipe.partition("@")[0] in ("a", "b", "c"):
                 res = run_standard(recipe, model_dir, examples, args)
+            elif recipe == UNSLOTH:
+                res = run_unsloth_peer(args)
             elif recipe.startswith("d-"):
                 budget = float(recipe_options(recipe).get("budget", 0))
                 res = run_tunedeck(recipe, d_spec(recipe, model_dir, args, extra), model_dir, examples, args, budget)

@@ -175,3 +175,41 @@ def test_page_speed_measures_the_experiments_pages_on_sqlite(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr[-3000:]
     for page in ("compare page (10 runs x 5k events)", "compare curves JSON", "sweep page (100 trials)"):
         assert page in run.stdout, run.stdout
+
+
+def test_the_unsloth_peer_trains_c_s_documents_padding_free_and_says_where_it_cannot_run(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_throughput import UNSLOTH_ROWS, collate_flat, first_fit_pack, synthetic_examples, unsloth_rows
+
+    examples = synthetic_examples(300, 512, 256)
+    packed, rows = first_fit_pack(examples, 256), unsloth_rows(examples, 256)
+    assert len(rows) == len(packed) // UNSLOTH_ROWS
+    assert rows[1]["docs"] == [doc for row in packed[UNSLOTH_ROWS : 2 * UNSLOTH_ROWS] for doc in row]  # (c)'s step 2
+    batch = collate_flat([rows[1]])
+    docs = rows[1]["docs"]
+    assert batch["input_ids"].shape == (1, sum(len(d) for d in docs))
+    starts = [i for i, p in enumerate(batch["position_ids"][0].tolist()) if p == 0]
+    assert len(starts) == len(docs) and [batch["labels"][0, i].item() for i in starts] == [-100] * len(docs)
+    # The tokens that carry a label are (c)'s: every document's but its first.
+    assert int((batch["labels"] != -100).sum()) == sum(len(d) - 1 for d in docs)
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--tiny", "--steps", "1", "--warmup", "1", "--recipes", "c",
+         "--peer-unsloth", "--model-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out"),
+         "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = {r["recipe"]: r for r in json.loads(out.read_text())["results"]}
+    assert not results["c"]["error"] and results["c"]["steps"] == 1
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("unsloth") is None or not torch.cuda.is_available():
+        # Not installed, or no GPU (it refuses a CPU-only machine): the row says why, the other recipes' rows stand.
+        assert results["unsloth"]["error"].startswith("Unsloth cannot run here"), results["unsloth"]
+        assert "| unsloth | failed: Unsloth cannot run here" in run.stdout
+    else:
+        assert not results["unsloth"]["error"] and results["unsloth"]["steps"] == 1
