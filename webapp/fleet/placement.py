@@ -255,7 +255,8 @@ def misfit(job: Job, slots: Sequence[Slot]) -> str | None:
                     "no online worker has them all")
         if runtimes:
             return (f"needs a worker with {' and '.join(runtimes)} installed; no online worker reports it "
-                    f"(install it on a GPU worker: its next heartbeat says so)")
+                    "(pip install it on a GPU worker: the worker's inventory, sent every 30 heartbeats and at its "
+                    "start, then reports it)")
         return f"needs labels {', '.join(job.needs_labels)}; no online worker has them all"
     matching = [s for s in slots if set(job.needs_labels) <= s.labels]
     where = "an online worker with those labels" if job.needs_labels else "an online worker"
