@@ -73,7 +73,10 @@ def test_a_vllm_export_waits_for_the_worker_that_reports_vllm_and_records_its_ch
     assert job.state == "succeeded", job.error
     made = MergedModel.objects.get(job=job)
     assert (made.target, made.form, made.name) == ("vllm", "adapter", "adder")
-    assert "2 of 2 equal Tunedeck&#x27;s token for token" in client.get(f"/jobs/{job.pk}/").text
+    page = client.get(f"/jobs/{job.pk}/").text
+    assert "2 of 2 equal Tunedeck&#x27;s token for token" in page  # the log
+    assert "checked with vLLM 0.0.0+test in float32: <strong id=\"vllm-agree\">2 of 2</strong>" in page
+    assert "ollama create" not in page
     report = json.loads(client.get(f"/merged/{made.pk}/files/vllm-check.json").text)
     assert (report["agree"], report["total"], report["vllm_version"]) == (2, 2, "0.0.0+test")
     assert [row["prompt"] for row in report["answers"]] == ["What is 23 + 41?", "What is 2 + 3?"]
