@@ -429,6 +429,7 @@ def run_unsloth_child(model_dir: Path, examples: list[list[int]], args: argparse
     fresh_gpu()
     model, _ = FastLanguageModel.from_pretrained(
         model_name=str(model_dir), max_seq_length=args.row_len * UNSLOTH_ROWS, dtype=torch.bfloat16, load_in_4bit=True,
+        fix_tokenizer=False,  # the bench's word-level tokenizer only names ids: nothing to fix
     )
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none",
