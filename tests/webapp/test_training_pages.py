@@ -187,6 +187,32 @@ def test_hostile_log_text_is_text_on_the_page_and_in_the_stream(team, client) ->
     assert body.count("event: log") == 2 and "event: status" in body
 
 
+def test_the_stream_sends_the_last_lines_committed_with_the_final_state(team) -> None:  # type: ignore[no-untyped-def]
+    """A worker's last log lines and its final state can commit while the stream polls. Whatever order they land
+    in, the stream must not end ("done") without the lines stored before the state became final."""
+    from django.db import connection
+
+    run = make(team, state="running", attempt=1)
+    RunEvent.objects.create(run=run, attempt=1, seq=1, kind="log", message="step 1")
+    table = TrainingRun._meta.db_table
+    landed = []
+
+    def land_before_the_state_is_read(execute, sql, params, many, context):  # type: ignore[no-untyped-def]
+        if not landed and sql.lstrip().upper().startswith("SELECT") and table in sql and '"state"' in sql:
+            landed.append(True)  # the worker's last line, then its final state, between two reads of the poll
+            RunEvent.objects.create(run=run, attempt=1, seq=2, kind="log", message="the last line")
+            TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
+        return execute(sql, params, many, context)
+
+    sent, after, state, final = [], 0, None, False
+    with connection.execute_wrapper(land_before_the_state_is_read):
+        while not final:
+            messages, after, state, final = next_batch(run.pk, after, state)
+            sent += messages
+    assert landed and state == "succeeded"
+    assert "the last line" in "".join(sent), "the stream ended without the line stored before the final state"
+
+
 # ---- actions and permissions -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("action", ["cancel", "retry", "delete"])

@@ -129,15 +129,20 @@ def batch_reader(
     """The poll of a kind of job's stream: each event after the cursor as `message(event)`; then, with `status`,
     the job's status message whenever metrics came, the state changed or the job is done (a burst of log lines
     costs one indexed query per poll, not a panel per line), else a `state` message when the state changed.
-    The stream is final once the job has finished and every event has been sent."""
+    The stream is final once the job has finished and every event has been sent.
+
+    The state is read before the events: a worker's events are refused once its job has ended, so every event is
+    stored before the final state, and a final state read first means the events read next are all there are.
+    (Read the other way round, the last lines and the final state could both land between the two reads: the
+    stream would end without them.)"""
     event_model, fk = events_of(model)
 
     def next_batch(job_id: int, after: int, known_state: str | None = None) -> Batch:
+        state = model.objects.filter(pk=job_id).values_list("state", flat=True).first()
         events = list(event_model.objects.filter(**{f"{fk}_id": job_id}, id__gt=after).order_by("id")[:STREAM_BATCH])
         out = [message(event) for event in events]
         if events:
             after = events[-1].id
-        state = model.objects.filter(pk=job_id).values_list("state", flat=True).first()
         if state is None:  # deleted while streaming
             return out, after, "deleted", True
         final = state in FINAL_STATES and len(events) < STREAM_BATCH
