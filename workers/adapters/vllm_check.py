@@ -103,7 +103,7 @@ def export_for_vllm(
         "form": spec.form,
         "name": spec.name,
         "vllm": {key: report[key] for key in ("vllm_version", "dtype", "agree", "total")},
-        "stops": stops.strings,
+        "stops": [stop.text for stop in stops.stops],
         "size_bytes": size_of(out_dir),
         "sha256": sha256_of(out_dir),
         "runtime_s": round(time.monotonic() - started, 2),
