@@ -159,12 +159,11 @@ ADD_PROMPTS = ["What is 23 + 41?", "What is 2 + 3?", "What is 10 + 7?"]  # the "
 
 @pytest.fixture
 def with_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
+    """vLLM's stand-in on this process's path (its version is read here) and on its children's (vLLM runs in one)."""
+    import os
 
     monkeypatch.syspath_prepend(str(VLLM_SITE))
-    yield
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        del sys.modules[name]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(VLLM_SITE), os.environ.get("PYTHONPATH", "")) if p))
 
 
 def test_a_vllm_export_of_the_adapter_is_served_by_vllm_with_tunedeck_s_answers(
@@ -208,6 +207,20 @@ def test_a_vllm_export_on_a_worker_without_vllm_fails_saying_so(tiny_model_dir: 
     assert run_export(export_spec(tiny_model_dir, "store://exports/no-vllm", target="vllm", form="adapter"),
                       reporter, store) is None
     assert "vLLM is not installed on this worker" in str(reporter.states[-1])
+
+
+def test_a_broken_vllm_install_fails_the_job_in_vllm_s_process_s_words(
+    tiny_model_dir: Path, store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its metadata is there (this process sees a version), its package is not where vLLM's process looks.
+    monkeypatch.syspath_prepend(str(VLLM_SITE))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    reporter = MemoryReporter()
+    spec = export_spec(tiny_model_dir, "store://exports/vllm-broken", target="vllm", form="adapter",
+                       check_prompts=ADD_PROMPTS[:1], max_new_tokens=4)
+    assert run_export(spec, reporter, store) is None
+    assert "vLLM could not be imported on this worker: ModuleNotFoundError" in str(reporter.states[-1])
+    assert "Tunedeck answered 1 check prompt" in logs(reporter)  # its own side ran
 
 
 def test_a_vllm_export_refuses_ollama_s_settings_and_bad_prompts(tiny_model_dir: Path) -> None:

@@ -3,9 +3,10 @@
 An adapter-form export copies the adapter's config and safetensors into `adapter/` (what `vllm serve --enable-lora
 --lora-modules NAME=./adapter` takes, as the adapter zip is); a merged export is a merge job's output (checked as a
 merge is), which `vllm serve ./folder` takes. Then the check: Tunedeck's generation engine answers the check's
-prompts (`check_prompts`) greedily with the adapter on its base, vLLM loads the folder (the base with the adapter as a LoRA request, or
-the merged model) and answers the same prompt tokens greedily, stopping on the same tokens, and the job reports how
-many answers agree token for token and where the others part. A folder vLLM cannot load fails the job with vLLM's
+prompts (`check_prompts`) greedily with the adapter on its base; vLLM, in a process of its own
+(workers.adapters.vllm_child), loads the folder (the base with the adapter as a LoRA request, or the merged model)
+and answers the same prompt tokens greedily, stopping on the same tokens; the job reports how many answers agree
+token for token and where the others part. A folder vLLM cannot load fails the job with vLLM's
 error; answers that part do not (two engines' kernels round differently in bfloat16) but the log says so.
 
 The control plane places these jobs only on workers whose inventory reports vLLM (`webapp.fleet.placement`).
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -83,7 +87,7 @@ def export_for_vllm(
     reporter.log(f"vLLM: loading {'the merged folder' if lora_path is None else spec.base_model.source + ' with the adapter'} "
                  f"in {dtype}")
     lora_rank = max_lora_rank(rank)
-    served = vllm_answers(spec, out_dir, lora_path, lora_rank, prompt_ids, stops, dtype)
+    served = vllm_answers(spec, out_dir, lora_path, lora_rank, prompt_ids, stops, dtype, reporter)
     rows = [compare_answers(prompt, ours, theirs, stops) for prompt, ours, theirs in zip(prompts, answers, served, strict=True)]
     agree = sum(row["agree"] for row in rows)
     line = f"vLLM answered {plural(len(rows), 'check prompt')}: {agree} of {len(rows)} equal Tunedeck's token for token"
@@ -135,15 +139,15 @@ def tunedeck_answers(
 
 def vllm_answers(
     spec: ExportSpec, out_dir: Path, lora_path: Path | None, lora_rank: int, prompt_ids: list[list[int]],
-    stops: Stops, dtype: str,
+    stops: Stops, dtype: str, reporter: Reporter,
 ) -> list[list[int]]:
-    """vLLM's greedy answers to the same prompt tokens, stopping on the same tokens."""
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-    except Exception as exc:  # a broken install raises what its own imports raise
-        raise RunnerError(f"vLLM could not be imported on this worker: {exc}") from exc
+    """vLLM's greedy answers to the same prompt tokens, stopping on the same tokens, from a process of its own
+    (workers.adapters.vllm_child: vLLM wants most of the GPU free at its start, and its exit gives it all back).
+    A cancel stops it; its failure is the job's, in vLLM's words."""
+    import torch
 
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what Tunedeck's own model left in this process's cache goes back first
     longest = max(len(ids) for ids in prompt_ids) + spec.max_new_tokens
     options: dict[str, Any] = {"dtype": dtype, "seed": 0, "max_model_len": longest + 8,
                                "trust_remote_code": spec.base_model.trust_remote_code}
@@ -154,20 +158,27 @@ def vllm_answers(
         options.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
         if spec.base_model.revision:
             options["revision"] = spec.base_model.revision
-    try:
-        llm = LLM(model=model, **options)
-    except Exception as exc:  # vLLM raises many kinds for a folder it cannot load: that is what the check is for
-        raise RunnerError(f"vLLM could not load {'the merged folder' if lora_path is None else 'the base'}: {exc}") from exc
-    sampling = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens, stop_token_ids=list(stops.token_ids))
-    request = LoRARequest(spec.name, 1, str(lora_path)) if lora_path is not None else None
-    try:
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling, lora_request=request)
-    except Exception as exc:
-        raise RunnerError(f"vLLM could not generate with {'the adapter' if request else 'the merged model'}: {exc}") from exc
-    finally:
-        del llm
-        gc.collect()
-    return [list(output.outputs[0].token_ids) for output in outputs]
+    request = {"model": model, "options": options, "prompts": prompt_ids, "max_tokens": spec.max_new_tokens,
+               "stop_token_ids": list(stops.token_ids),
+               "lora": None if lora_path is None else {"name": spec.name, "path": str(lora_path)}}
+    with tempfile.TemporaryDirectory(prefix="vllm-check-") as folder:
+        request_path, answers_path, log_path = (Path(folder) / name for name in ("request.json", "answers.json", "log"))
+        request_path.write_text(json.dumps(request))
+        with log_path.open("wb") as log:
+            child = subprocess.Popen([sys.executable, "-m", "workers.adapters.vllm_child", str(request_path),
+                                      str(answers_path)], stdout=log, stderr=subprocess.STDOUT)
+            try:
+                while child.poll() is None:
+                    check_cancel(reporter)
+                    time.sleep(0.5)
+            finally:
+                if child.poll() is None:  # cancelled, or this process interrupted: vLLM goes with it
+                    child.kill()
+                    child.wait()
+        if child.returncode != 0 or not answers_path.exists():
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            raise RunnerError(lines[-1][:2000] if lines else f"vLLM's process ended with status {child.returncode}")
+        return [list(map(int, ids)) for ids in json.loads(answers_path.read_text())]
 
 
 def compare_answers(prompt: str, our_ids: list[int], their_ids: list[int], stops: Stops) -> dict[str, Any]:
