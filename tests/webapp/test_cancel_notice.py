@@ -36,7 +36,7 @@ def test_the_cancel_notice_is_in_the_live_status_panel_and_goes_once_the_run_is_
 
     # The worker stops at its next step and reports it: the panel the stream sends now replaces the notice.
     TrainingRun.objects.filter(pk=run.pk).update(state="cancelled")
-    messages, _, state, final = next_batch(run.pk, 0, "running")
+    messages, _, (state, _), final = next_batch(run.pk, 0, ("running", ""))
     panel = next(m for m in messages if m.startswith("event: status"))
     assert state == "cancelled" and final
     assert "Cancel requested" not in panel and 'id="run-state">cancelled<' in panel

@@ -204,13 +204,32 @@ def test_the_stream_sends_the_last_lines_committed_with_the_final_state(team) ->
             TrainingRun.objects.filter(pk=run.pk).update(state="succeeded")
         return execute(sql, params, many, context)
 
-    sent, after, state, final = [], 0, None, False
+    sent, after, mark, final = [], 0, None, False
     with connection.execute_wrapper(land_before_the_state_is_read):
         while not final:
-            messages, after, state, final = next_batch(run.pk, after, state)
+            messages, after, mark, final = next_batch(run.pk, after, mark)
             sent += messages
-    assert landed and state == "succeeded"
+    assert landed and mark == ("succeeded", "")
     assert "the last line" in "".join(sent), "the stream ended without the line stored before the final state"
+
+
+def test_a_queued_run_s_page_follows_its_wait_reason_live(team) -> None:  # type: ignore[no-untyped-def]
+    """The scheduler changes a queued job's wait reason, not its state nor its events: the feed and the stream
+    must see that too, or the page keeps saying why it waited when it opened."""
+    from webapp.jobs.live import Watch, signatures
+
+    run = make(team)  # queued
+    messages, after, mark, final = next_batch(run.pk, 0)
+    assert not final and mark == ("queued", "")
+    watch = Watch(after)
+    watch.read(mark, after)
+    assert not watch.behind(signatures(TrainingRun, [run.pk])[run.pk])
+    TrainingRun.objects.filter(pk=run.pk).update(wait_reason="needs labels a100; no online worker has them all")
+    assert watch.behind(signatures(TrainingRun, [run.pk])[run.pk])  # the stream is woken
+    messages, _, mark, _ = next_batch(run.pk, after, mark)
+    panel = "".join(m for m in messages if m.startswith("event: status"))
+    assert "needs labels a100; no online worker has them all" in panel
+    assert mark == ("queued", "needs labels a100; no online worker has them all")
 
 
 # ---- actions and permissions -----------------------------------------------------------------------

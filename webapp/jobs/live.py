@@ -4,11 +4,12 @@ job, and a stream reads its job only when the feed saw it change.
 A stream used to poll its job every 0.2 s and keep the connection it had opened for its request: each open
 page held one of PostgreSQL's connections (about 90 open pages took the server down) and 500 open pages
 made 5,000 queries a second. Now the feed asks, five times a second, one query for all watched jobs of a
-kind: their state and their newest event id. A stream whose job is ahead of what it has read is woken and
+kind: their state, their wait reason and their newest event id. A stream whose job is ahead of what it has read is woken and
 reads what is new
 (`next_batch`) on a pooled connection it gives back at once; an idle stream costs nothing but its share of
 that one query. Writers need no hook: whatever changes a job (the worker API, the scheduler in its own
-process, a cancel) changes its state or adds an event, which the feed sees.
+process, a cancel) changes its state or its wait reason (the scheduler's, for a queued job) or adds an event,
+which the feed sees.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from django.db.models import OuterRef, Subquery
 log = logging.getLogger(__name__)
 
 FEED_POLL_S = 0.2
-Signature = tuple[str, int | None] | None  # (state, newest event id); None: the job is gone
+Mark = tuple[str, str]  # a job's state and its wait reason, as a stream last read them
+Signature = tuple[Mark, int | None] | None  # (state and wait reason, newest event id); None: the job is gone
 
 
 def released(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,8 +54,9 @@ def signatures(model: Any, ids: list[int]) -> dict[int, Signature]:
     event_model, fk = related.rel.related_model, related.field.name
     newest = (event_model.objects.filter(**{f"{fk}_id__gte": OuterRef("pk"), f"{fk}_id__lte": OuterRef("pk")})
               .order_by(f"-{fk}_id", "-id").values("id")[:1])
-    rows = model.objects.filter(pk__in=ids).annotate(newest=Subquery(newest)).values_list("pk", "state", "newest")
-    found: dict[int, Signature] = {pk: (state, last) for pk, state, last in rows}
+    rows = (model.objects.filter(pk__in=ids).annotate(newest=Subquery(newest))
+            .values_list("pk", "state", "wait_reason", "newest"))
+    found: dict[int, Signature] = {pk: ((state, reason or ""), last) for pk, state, reason, last in rows}
     return {pk: found.get(pk) for pk in ids}
 
 
@@ -63,17 +66,17 @@ class Watch:
 
     def __init__(self, after: int) -> None:
         self.changed = asyncio.Event()
-        self.state: str | None = None
+        self.mark: Mark | None = None
         self.after = after
 
-    def read(self, state: str, after: int) -> None:
-        self.state, self.after = state, after
+    def read(self, mark: Mark, after: int) -> None:
+        self.mark, self.after = mark, after
 
     def behind(self, signature: Signature) -> bool:
         if signature is None:  # the job is gone: the stream reads that and ends
             return True
-        state, newest = signature
-        return state != self.state or (newest or 0) > self.after
+        mark, newest = signature
+        return mark != self.mark or (newest or 0) > self.after
 
 
 class _Watchers:

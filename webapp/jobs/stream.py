@@ -19,7 +19,7 @@ from django.http import HttpRequest, StreamingHttpResponse
 from webapp.health import database_unavailable
 from webapp.ids import whole
 from webapp.jobs.ledger import events_of
-from webapp.jobs.live import feed_for, released
+from webapp.jobs.live import Mark, feed_for, released
 from webapp.jobs.models import FINAL_STATES, LedgerEvent, LedgerJob
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 STREAM_PING_S = 15.0
 STREAM_BATCH = 500  # events read per poll
 
-# (messages, cursor, state, final) after the cursor: what a stream sends next.
-Batch = tuple[list[str], int, str, bool]
-NextBatch = Callable[[int, int, str | None], Batch]
+# (messages, cursor, mark, final) after the cursor: what a stream sends next; the mark is the job's state and
+# wait reason as read (live.Mark), handed back at the next poll.
+Batch = tuple[list[str], int, Mark, bool]
+NextBatch = Callable[[int, int, Mark | None], Batch]
 
 
 def sse(event: str, data: str, event_id: int | None = None) -> str:
@@ -80,7 +81,7 @@ def page_cursor(request: HttpRequest) -> int:
 
 
 async def event_stream(next_batch: NextBatch, model: type[LedgerJob], job_id: int, after: int) -> AsyncIterator[str]:
-    """The SSE loop of a job: `next_batch(job_id, after, state)` returns (messages, cursor, state, final).
+    """The SSE loop of a job: `next_batch(job_id, after, mark)` returns (messages, cursor, mark, final).
 
     An open stream holds no database connection: it gives back its request's before the first message, and
     reads only when the process's feed saw the job change (live.py), each read on a pooled connection given
@@ -90,18 +91,18 @@ async def event_stream(next_batch: NextBatch, model: type[LedgerJob], job_id: in
     await sync_to_async(connections.close_all)()  # the request's own: its session, key and job lookups
     yield "retry: 2000\n\n"
     poll = sync_to_async(released(next_batch), thread_sensitive=False)
-    state: str | None = None
+    mark: Mark | None = None
     async with feed_for(model).watch(job_id, after) as watch:
         while True:
             watch.changed.clear()
             try:
-                messages, after, state, final = await poll(job_id, after, state)
+                messages, after, mark, final = await poll(job_id, after, mark)
             except DatabaseError as exc:
                 if not database_unavailable(exc):
                     raise
                 log.warning("stream of %s %s ended: %s", model.__name__, job_id, exc)
                 return
-            watch.read(state, after)
+            watch.read(mark, after)
             for message in messages:
                 yield message
             if final:
@@ -127,8 +128,9 @@ def batch_reader(
     related: tuple[str, ...] = (),
 ) -> NextBatch:
     """The poll of a kind of job's stream: each event after the cursor as `message(event)`; then, with `status`,
-    the job's status message whenever metrics came, the state changed or the job is done (a burst of log lines
-    costs one indexed query per poll, not a panel per line), else a `state` message when the state changed.
+    the job's status message whenever metrics came, the state or the wait reason changed (a queued job's page says
+    why it waits, live) or the job is done (a burst of log lines costs one indexed query per poll, not a panel per
+    line), else a `state` message when the state changed.
     The stream is final once the job has finished and every event has been sent.
 
     The state is read before the events: a worker's events are refused once its job has ended, so every event is
@@ -137,23 +139,25 @@ def batch_reader(
     stream would end without them.)"""
     event_model, fk = events_of(model)
 
-    def next_batch(job_id: int, after: int, known_state: str | None = None) -> Batch:
-        state = model.objects.filter(pk=job_id).values_list("state", flat=True).first()
+    def next_batch(job_id: int, after: int, known: Mark | None = None) -> Batch:
+        row = model.objects.filter(pk=job_id).values_list("state", "wait_reason").first()
         events = list(event_model.objects.filter(**{f"{fk}_id": job_id}, id__gt=after).order_by("id")[:STREAM_BATCH])
         out = [message(event) for event in events]
         if events:
             after = events[-1].id
-        if state is None:  # deleted while streaming
-            return out, after, "deleted", True
+        if row is None:  # deleted while streaming
+            return out, after, ("deleted", ""), True
+        mark: Mark = (row[0], row[1] or "")
+        state = mark[0]
         final = state in FINAL_STATES and len(events) < STREAM_BATCH
         if status is None:
-            if state != known_state:
+            if known is None or state != known[0]:
                 out.append(sse("state", json.dumps({"state": state}, separators=(",", ":"))))
-        elif final or state != known_state or any(event.kind == "metric" for event in events):
+        elif final or mark != known or any(event.kind == "metric" for event in events):
             job = model.objects.select_related(*related).filter(pk=job_id).first()
             if job is None:
-                return out, after, "deleted", True
+                return out, after, ("deleted", ""), True
             out.append(sse("status", status(job)))
-        return out, after, state, final
+        return out, after, mark, final
 
     return next_batch

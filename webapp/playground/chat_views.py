@@ -17,6 +17,7 @@ from django.views.decorators.http import require_POST
 from webapp.catalog.models import BaseModel
 from webapp.ids import whole
 from webapp.jobs import views as job_views
+from webapp.jobs.live import Mark
 from webapp.jobs.models import FINAL_STATES
 from webapp.jobs.stream import Batch, sse
 from webapp.playground import chat, votedata
@@ -207,27 +208,29 @@ def chat_to_dataset(request: HttpRequest, pk: int) -> HttpResponse:
 # --- the live stream ---------------------------------------------------------------------------------------
 
 
-def stream_batch(job_id: int, after: int, known_state: str | None = None) -> Batch:
+def stream_batch(job_id: int, after: int, known: Mark | None = None) -> Batch:
     """The answers of the messages the job's new events touched (whole texts: a page that reconnects, or opened
-    mid-answer, is right at once), and the session's status whenever something changed."""
-    events = list(JobEvent.objects.filter(job_id=job_id, id__gt=after).order_by("id")[:500])
+    mid-answer, is right at once), and the session's status whenever something changed. The job is read before
+    its events, as stream.batch_reader does (a final state read first means every event is there)."""
     job = AdapterJob.objects.filter(pk=job_id).first()
     if job is None:
-        return [], after, "deleted", True
+        return [], after, ("deleted", ""), True
+    events = list(JobEvent.objects.filter(job_id=job_id, id__gt=after).order_by("id")[:500])
     if events:
         after = events[-1].id
     session = ChatSession.objects.filter(pk=(job.params or {}).get("session_id")).first()
     if session is None:
-        return [], after, "deleted", True
+        return [], after, ("deleted", ""), True
     touched = {int(e.data.get("row", e.data.get("turn", 0)) or 0) for e in events if e.kind in ("output", "chat")}
     out = []
     if touched:
         rows = session.messages.filter(index__in=touched).prefetch_related("answers")
         out.append(sse("answers", json.dumps([chat.message_json(m) for m in rows], separators=(",", ":"))))
     final = job.state in FINAL_STATES and len(events) < 500
-    if events or job.state != known_state or final:
+    mark: Mark = (job.state, job.wait_reason or "")
+    if events or mark != known or final:
         out.append(sse("status", json.dumps(chat.status(session), separators=(",", ":"))))
-    return out, after, job.state, final
+    return out, after, mark, final
 
 
 async def chat_stream(request: HttpRequest, pk: int) -> HttpResponseBase:
