@@ -108,7 +108,7 @@ class ExportSerializer(serializers.Serializer):
     target = serializers.ChoiceField(
         choices=list(jobspecs.EXPORT_TARGETS), default="ollama",
         help_text="The runtime the folder is for. ollama: a folder with a Modelfile. vllm: the folder vLLM serves, "
-        "checked on a worker that has vLLM installed (vLLM loads it and answers `prompts` beside Tunedeck; the "
+        "checked on a worker that has vLLM installed (vLLM loads it and answers `check_prompts` beside Tunedeck; the "
         "job waits for such a worker).",
     )
     form = serializers.ChoiceField(

@@ -155,7 +155,7 @@ def start_export(
     max_new_tokens: int = 32,
 ) -> AdapterJob:
     """An export job: a folder Ollama imports, or one vLLM serves, checked on a worker that has vLLM (the job
-    needs the worker label placement.RUNTIME_LABELS gives such workers). jobspecs.ExportSpec says what each
+    needs the worker label placement.runtime_label("vllm"), which such workers carry). jobspecs.ExportSpec says what each
     choice does."""
     base = common_base([adapter])
     spec = jobspecs.ExportSpec(

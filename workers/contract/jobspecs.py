@@ -229,7 +229,7 @@ class ExportSpec:
     adapter: AdapterRef
     output_uri: str
     # ollama: a folder with a Modelfile. vllm: the folder vLLM serves (the adapter, or the merged model), checked on
-    # a worker that has vLLM: vLLM loads it and answers `prompts`, beside Tunedeck's own answers.
+    # a worker that has vLLM: vLLM loads it and answers `check_prompts`, beside Tunedeck's own answers.
     target: str = "ollama"
     # merged: the base with the adapter merged, in safetensors (FROM .); adapter: FROM the base, ADAPTER ./adapter.
     form: str = "merged"
@@ -254,8 +254,8 @@ class ExportSpec:
                 errors["quantize"] = "only an Ollama export is quantized (vLLM serves the folder as it is)"
             if len(self.check_prompts) > VLLM_MAX_PROMPTS:
                 errors["check_prompts"] = f"at most {VLLM_MAX_PROMPTS} prompts ({len(self.check_prompts)} given)"
-            elif any(not isinstance(p, str) or not p.strip() for p in self.check_prompts):
-                empty = next(i for i, p in enumerate(self.check_prompts) if not isinstance(p, str) or not p.strip())
+            elif (empty := next((i for i, p in enumerate(self.check_prompts)
+                                 if not isinstance(p, str) or not p.strip()), None)) is not None:
                 errors["check_prompts"] = f"prompt {empty + 1} is empty"
             if not 1 <= self.max_new_tokens <= 512:
                 errors["max_new_tokens"] = "must be between 1 and 512"
